@@ -1,0 +1,51 @@
+# attnkit: `make test` and `make bench` set up .venv on first use, then run.
+#
+#   make test        every CPU test (Triton kernels under TRITON_INTERPRET=1)
+#   make bench       the benchmark suite vs PyTorch on whatever device is here
+#   make cuda-check  build attnkit._C_cuda (needs nvcc, not a GPU) and import it
+#   make test-gpu    the GPU suite, in the given Python: make test-gpu PYTHON=python3
+#                    (installs nothing from the network: for machines without one)
+
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+# One architecture keeps local and CI builds short; a plain `pip install`
+# outside make compiles for the broader default list in setup.py.
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+export MAX_JOBS ?= 2
+PYTEST_ARGS ?=
+
+NATIVE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/include/attnkit/*.h)
+STAMP := $(VENV)/.attnkit-installed
+
+.PHONY: test bench cuda-check test-gpu setup clean
+
+setup: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade pip "setuptools>=77" wheel ninja pybind11
+	$(VPY) -m pip install "$(TORCH_SPEC)"
+
+# Reinstalled when a native source changes, so the extensions are rebuilt.
+$(STAMP): $(VENV)/bin/python $(NATIVE_SOURCES)
+	$(VPY) -m pip install --no-build-isolation -e ".[test,bench]"
+	touch $@
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(VPY) -m pytest -m "not gpu and not cuda_build" tests $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VPY) benchmarks/run.py $(BENCH_ARGS)
+
+cuda-check: $(STAMP)
+	ATTNKIT_REQUIRE_CUDA=1 $(VPY) -m pip install --no-build-isolation --no-deps -e .
+	$(VPY) -c "import attnkit._C_cuda as m; print('attnkit._C_cuda imports:', m.__file__)"
+	$(VPY) -m pytest -m cuda_build tests $(PYTEST_ARGS)
+
+test-gpu:
+	$(PYTHON) -m pytest -m "gpu or cuda_build" tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf build dist python/*.egg-info python/attnkit/*.so python/attnkit/_build_info.json $(STAMP)

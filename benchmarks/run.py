@@ -1,0 +1,80 @@
+"""Runs the benchmark families on the device present and prints one table each:
+attnkit vs the PyTorch baseline, measured in the same run on the same inputs.
+
+    python benchmarks/run.py [--full] [--only lstm_cell] [--device cpu|cuda] [--dtype float32] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+FAMILIES = ["lstm_cell"]
+
+
+def machine_info(device: torch.device) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit or "unknown",
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def print_table(title: str, rows: list) -> None:
+    print(f"\n## {title}\n")
+    print("| case | shape | backend | attnkit ms | baseline ms | speedup (>1: attnkit faster) | max err |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        speedup = r["baseline_ms"] / r["ours_ms"]
+        print(
+            f"| {r['case']} | {r['shape']} | {r['backend']} | {r['ours_ms']:.3f} | {r['baseline_ms']:.3f} "
+            f"| {speedup:.2f}x | {r['max_err']:.1e} |"
+        )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="larger shapes (default: quick)")
+    parser.add_argument("--only", choices=FAMILIES, action="append", help="run only these families")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    parser.add_argument("--json", help="also write the results here (default: bench-results/<date>.json)")
+    args = parser.parse_args(argv)
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    info = machine_info(device)
+    print(f"attnkit benchmarks on {info.get('gpu', info['cpu'])}, {args.dtype}, commit {info['commit']}, {info['date']}")
+    results = {"machine": info, "dtype": args.dtype, "families": {}}
+    for name in args.only or FAMILIES:
+        module = importlib.import_module(name)
+        rows = module.run(device, dtype, quick=not args.full)
+        print_table(module.TITLE, rows)
+        results["families"][name] = rows
+
+    path = args.json or os.path.join("bench-results", f"{info['date'][:10]}-{device.type}.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

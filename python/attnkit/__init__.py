@@ -1,0 +1,38 @@
+"""attnkit: fused attention (Triton) and LSTM/GRU (C++/CUDA) kernels for PyTorch.
+
+    import attnkit
+    attnkit.available_backends()          # what this install can run, and why not
+    h, c = attnkit.ops.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+    with attnkit.use_backend("reference"):  # force one backend
+        ...
+    print(attnkit.explain("lstm_cell", x, (h, c), w_ih, w_hh))
+"""
+from ._dispatch import (
+    BACKENDS,
+    BackendStatus,
+    Decision,
+    available_backends,
+    explain,
+    last_dispatch,
+    refresh,
+    set_backend,
+    use_backend,
+)
+from . import nn, ops, reference  # noqa: E402  (registers the ops)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendStatus",
+    "Decision",
+    "available_backends",
+    "explain",
+    "last_dispatch",
+    "nn",
+    "ops",
+    "reference",
+    "refresh",
+    "set_backend",
+    "use_backend",
+]

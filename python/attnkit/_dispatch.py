@@ -1,0 +1,287 @@
+"""Backend dispatch: each op has implementations in several backends; every call
+picks the first that supports it, or the one the user forced.
+
+Backends, in order of preference:
+  GPU tensors: triton -> cuda -> cpp -> reference
+  CPU tensors: cpp -> reference -> triton (CPU tensors only under TRITON_INTERPRET=1)
+
+An implementation states why it cannot serve a call (xformers'
+`not_supported_reasons`); the dispatcher keeps those reasons so that
+`attnkit.explain(...)`, `attnkit.last_dispatch(op)` and the debug log
+(`logging.getLogger("attnkit.dispatch")`) can say which backend ran and why the
+others were skipped.
+
+Forcing, strongest first: `with attnkit.use_backend(name[, op=...])`,
+`attnkit.set_backend(name[, op=...])`, the ATTNKIT_BACKEND environment
+variable (`cpp`, or per op: `lstm_cell=cpp,flash_attention=triton`).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+
+import torch
+
+from . import _extensions
+
+BACKENDS = ("triton", "cuda", "cpp", "reference")
+_ORDER_BY_DEVICE = {
+    "cuda": ("triton", "cuda", "cpp", "reference"),
+    "cpu": ("cpp", "reference", "triton", "cuda"),
+}
+_ALL_OPS = "*"  # key under which a backend forced for every op is stored
+
+log = logging.getLogger("attnkit.dispatch")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    """What this install can run: `available` with a note, or the reason it cannot."""
+
+    name: str
+    available: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name:9s} {'yes' if self.available else 'no '}  {self.reason}"
+
+
+def _probe_triton() -> BackendStatus:
+    try:
+        import triton
+    except Exception as exc:  # ImportError, or a broken install
+        return BackendStatus("triton", False, f"triton is not importable ({exc})")
+    if torch.cuda.is_available():
+        return BackendStatus("triton", True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}")
+    if interpreter_active():
+        return BackendStatus("triton", True, f"triton {triton.__version__}, interpreter on CPU (TRITON_INTERPRET=1)")
+    return BackendStatus("triton", False, f"triton {triton.__version__} imports, but there is no GPU and TRITON_INTERPRET is not 1")
+
+
+def _probe_cuda() -> BackendStatus:
+    ext, reason = _extensions.load("_C_cuda")
+    if ext is None:
+        return BackendStatus("cuda", False, reason)
+    if not torch.cuda.is_available():
+        return BackendStatus("cuda", False, "attnkit._C_cuda is built, but torch sees no CUDA GPU")
+    return BackendStatus("cuda", True, f"attnkit._C_cuda on {torch.cuda.get_device_name()}")
+
+
+def _probe_cpp() -> BackendStatus:
+    ext, reason = _extensions.load("_C")
+    if ext is None:
+        return BackendStatus("cpp", False, reason)
+    return BackendStatus("cpp", True, f"attnkit._C, {ext.num_threads()} threads")
+
+
+_PROBES: Dict[str, Callable[[], BackendStatus]] = {
+    "triton": _probe_triton,
+    "cuda": _probe_cuda,
+    "cpp": _probe_cpp,
+    "reference": lambda: BackendStatus("reference", True, "plain PyTorch, always available"),
+}
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _status(name: str) -> BackendStatus:
+    return _PROBES[name]()
+
+
+def available_backends() -> Dict[str, BackendStatus]:
+    """Every backend with whether this install can run it, and why not."""
+    return {name: _status(name) for name in BACKENDS}
+
+
+def refresh() -> None:
+    """Forget cached probes (after building an extension or changing TRITON_INTERPRET)."""
+    _status.cache_clear()
+    _extensions.forget()
+
+
+# --------------------------------------------------------------------------- forcing
+
+_forced_by_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("attnkit_backend", default={})
+_forced_globally: Dict[str, str] = {}
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"attnkit: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def set_backend(name: Optional[str], op: Optional[str] = None) -> None:
+    """Force backend `name` for `op` (all ops when None); `name=None` lifts it."""
+    key = op or _ALL_OPS
+    if name is None:
+        _forced_globally.pop(key, None)
+    else:
+        _forced_globally[key] = _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
+    """Force backend `name` for `op` (all ops when None) inside the block."""
+    forced = dict(_forced_by_context.get())
+    forced[op or _ALL_OPS] = _check_name(name)
+    token = _forced_by_context.set(forced)
+    try:
+        yield
+    finally:
+        _forced_by_context.reset(token)
+
+
+def _forced_by_env() -> Dict[str, str]:
+    value = os.environ.get("ATTNKIT_BACKEND", "").strip()
+    forced: Dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        op, _, name = item.rpartition("=")
+        if name not in BACKENDS:
+            raise ValueError(
+                f"attnkit: ATTNKIT_BACKEND={value!r} names unknown backend {name!r}; "
+                f"expected one of {', '.join(BACKENDS)}, optionally as op=backend"
+            )
+        forced[op.strip() or _ALL_OPS] = name
+    return forced
+
+
+def forced_backend(op: str) -> Optional[tuple]:
+    """(backend, who forced it) for `op`, or None when the choice is automatic."""
+    for source, forced in (
+        ("use_backend", _forced_by_context.get()),
+        ("set_backend", _forced_globally),
+        ("ATTNKIT_BACKEND", _forced_by_env()),
+    ):
+        for key in (op, _ALL_OPS):
+            if key in forced:
+                return forced[key], source
+    return None
+
+
+# --------------------------------------------------------------------------- per-op dispatch
+
+
+class Implementation:
+    """One backend's implementation of one op. Subclasses set `backend` and
+    override `not_supported_reasons`; the op calls their methods."""
+
+    backend: str = ""
+
+    def not_supported_reasons(self, call: Mapping[str, Any]) -> List[str]:
+        return []
+
+
+def device_reasons(call: Mapping[str, Any], backend: str) -> List[str]:
+    """Reasons a backend cannot take tensors on `call['device']`."""
+    device = call["device"].type
+    if backend == "cpp" and device != "cpu":
+        return [f"tensors are on {device}; the cpp backend runs on CPU"]
+    if backend == "cuda" and device != "cuda":
+        return [f"tensors are on {device}; the cuda backend runs on CUDA GPUs"]
+    if backend == "triton" and device == "cpu" and not interpreter_active():
+        return ["tensors are on cpu; Triton runs CPU tensors only under TRITON_INTERPRET=1"]
+    if backend == "triton" and device not in ("cpu", "cuda"):
+        return [f"tensors are on {device}; Triton runs on CUDA GPUs"]
+    return []
+
+
+@dataclasses.dataclass
+class Decision:
+    """Which backend serves a call, and why each other one was skipped."""
+
+    op: str
+    backend: Optional[str]
+    skipped: Dict[str, List[str]]
+    forced_by: Optional[str] = None
+
+    def __str__(self) -> str:
+        how = f"forced by {self.forced_by}" if self.forced_by else "automatic"
+        lines = [f"{self.op}: {self.backend} ({how})"]
+        lines += [f"  skipped {name}: {'; '.join(reasons)}" for name, reasons in self.skipped.items()]
+        return "\n".join(lines)
+
+
+_last_decisions: Dict[str, Decision] = {}
+
+
+class Op:
+    """The backends of one op and the choice among them."""
+
+    def __init__(self, name: str, implementations: List[Implementation]):
+        self.name = name
+        self.implementations = {impl.backend: impl for impl in implementations}
+        _OPS[name] = self
+
+    def reasons(self, backend: str, call: Mapping[str, Any]) -> List[str]:
+        status = _status(backend)
+        if not status.available:
+            return [status.reason]
+        impl = self.implementations.get(backend)
+        if impl is None:
+            return [f"no {self.name} implementation in the {backend} backend"]
+        return device_reasons(call, backend) + impl.not_supported_reasons(call)
+
+    def decide(self, call: Mapping[str, Any]) -> Decision:
+        order = _ORDER_BY_DEVICE.get(call["device"].type, BACKENDS)
+        forced = forced_backend(self.name)
+        skipped: Dict[str, List[str]] = {}
+        if forced is not None:
+            name, source = forced
+            reasons = self.reasons(name, call)
+            if reasons:
+                raise RuntimeError(
+                    f"attnkit: backend {name!r} was forced (by {source}) for {self.name} but cannot run this call: "
+                    + "; ".join(reasons)
+                )
+            for other in order:
+                if other != name:
+                    skipped[other] = [f"{name!r} forced by {source}"]
+            return Decision(self.name, name, skipped, source)
+        chosen = None
+        for name in order:
+            reasons = self.reasons(name, call)
+            if chosen is None and not reasons:
+                chosen = name
+            else:
+                skipped[name] = reasons or [f"{chosen} comes first in the order for {call['device'].type} tensors"]
+        if chosen is None:  # the reference serves every call, so only a bug gets here
+            raise RuntimeError(f"attnkit: no backend can run {self.name}: {skipped}")
+        return Decision(self.name, chosen, skipped)
+
+    def select(self, call: Mapping[str, Any]) -> Implementation:
+        decision = self.decide(call)
+        _last_decisions[self.name] = decision
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s", decision)
+        return self.implementations[decision.backend]
+
+
+_OPS: Dict[str, Op] = {}
+# op name -> function mapping the public op's arguments to a call description
+_DESCRIBERS: Dict[str, Callable[..., Dict[str, Any]]] = {}
+
+
+def register_describer(op: str, describe: Callable[..., Dict[str, Any]]) -> None:
+    _DESCRIBERS[op] = describe
+
+
+def explain(op: str, *args: Any, **kwargs: Any) -> Decision:
+    """The backend that a call of `op` with these arguments would run, and why
+    the others would be skipped; runs nothing."""
+    if op not in _OPS:
+        raise ValueError(f"attnkit.explain: unknown op {op!r}; known ops: {', '.join(sorted(_OPS))}")
+    return _OPS[op].decide(_DESCRIBERS[op](*args, **kwargs))
+
+
+def last_dispatch(op: str) -> Optional[Decision]:
+    """The decision of the most recent call of `op` in this process (None before any)."""
+    return _last_decisions.get(op)

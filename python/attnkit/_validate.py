@@ -1,0 +1,36 @@
+"""Argument checks at the op boundary: every error names the argument and
+what was expected, and is raised before any kernel runs."""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(op: str, name: str, value, ndim: Optional[int] = None, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(value.shape)}")
+    if value.dtype not in dtypes:
+        expected = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} has dtype {str(value.dtype).replace('torch.', '')}; expected one of {expected}")
+    return value
+
+
+def shape(op: str, name: str, value: torch.Tensor, expected: Sequence[int], meaning: str) -> None:
+    if tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{op}: {name} must have shape {tuple(expected)} ({meaning}), got {tuple(value.shape)}")
+
+
+def same_dtype_and_device(op: str, named: Iterable[tuple]) -> None:
+    """`named`: (name, tensor or None) pairs; the first tensor sets the expectation."""
+    present = [(n, t) for n, t in named if t is not None]
+    first_name, first = present[0]
+    for name, value in present[1:]:
+        if value.device != first.device:
+            raise RuntimeError(f"{op}: {name} is on {value.device} but {first_name} is on {first.device}; expected one device")
+        if value.dtype != first.dtype:
+            raise TypeError(f"{op}: {name} has dtype {value.dtype} but {first_name} has {first.dtype}; expected one dtype")

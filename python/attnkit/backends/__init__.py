@@ -1,0 +1,1 @@
+"""One module per op family: each backend's implementation of the family's ops."""

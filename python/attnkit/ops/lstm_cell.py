@@ -1,0 +1,143 @@
+"""`attnkit.ops.lstm_cell`: one fused LSTM step, as torch.lstm_cell computes it.
+
+Registered as torch.library custom ops (`attnkit::lstm_cell_forward` and
+`attnkit::lstm_cell_backward`) with fake (meta) implementations and an autograd
+formula, so torch.compile traces calls as single nodes without graph breaks.
+The backend is chosen inside the op at run time (see attnkit._dispatch).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch, _validate
+from ..backends.lstm_cell import LSTM_CELL
+
+OP = "attnkit.ops.lstm_cell"
+
+
+@torch.library.custom_op("attnkit::lstm_cell_forward", mutates_args=())
+def _lstm_cell_forward(
+    x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
+) -> Tuple[Tensor, Tensor, Tensor]:
+    impl = LSTM_CELL.select(_describe_tensors(x))
+    return tuple(t.contiguous() for t in impl.forward(x, h, c, w_ih, w_hh, b_ih, b_hh))
+
+
+@_lstm_cell_forward.register_fake
+def _(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    return torch.empty_like(c), torch.empty_like(c), x.new_empty((x.shape[0], w_ih.shape[0]))
+
+
+@torch.library.custom_op("attnkit::lstm_cell_backward", mutates_args=())
+def _lstm_cell_backward(
+    grad_h: Tensor, grad_c: Tensor, x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, gates: Tensor, c_new: Tensor
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = LSTM_CELL.select(_describe_tensors(x))
+    grads = impl.backward(grad_h, grad_c, x, h, c, w_ih, w_hh, gates, c_new)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_lstm_cell_backward.register_fake
+def _(grad_h, grad_c, x, h, c, w_ih, w_hh, gates, c_new):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(h),
+        torch.empty_like(c),
+        torch.empty_like(w_ih),
+        torch.empty_like(w_hh),
+        w_ih.new_empty((w_ih.shape[0],)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, h, c, w_ih, w_hh, b_ih, b_hh = inputs
+    _, c_new, gates = output
+    ctx.save_for_backward(x, h, c, w_ih, w_hh, gates, c_new)
+    ctx.bias_present = (b_ih is not None, b_hh is not None)
+    ctx.mark_non_differentiable(gates)
+
+
+def _backward(ctx, grad_h, grad_c, _grad_gates):
+    x, h, c, w_ih, w_hh, gates, c_new = ctx.saved_tensors
+    # An output that did not reach the loss comes back as None.
+    grad_h = torch.zeros_like(c_new) if grad_h is None else grad_h.contiguous()
+    grad_c = torch.zeros_like(c_new) if grad_c is None else grad_c.contiguous()
+    dx, dh, dc, dw_ih, dw_hh, db = _lstm_cell_backward(grad_h, grad_c, x, h, c, w_ih, w_hh, gates, c_new)
+    has_b_ih, has_b_hh = ctx.bias_present
+    return dx, dh, dc, dw_ih, dw_hh, db if has_b_ih else None, db if has_b_hh else None
+
+
+_lstm_cell_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _describe_tensors(x: Tensor) -> dict:
+    return {"device": x.device, "dtype": x.dtype}
+
+
+def _validated(input, hx, w_ih, w_hh, b_ih, b_hh):
+    x = _validate.tensor(OP, "input", input, ndim=2)
+    _validate.tensor(OP, "w_ih", w_ih, ndim=2)
+    _validate.tensor(OP, "w_hh", w_hh, ndim=2)
+    gate_rows, hidden = w_hh.shape
+    if gate_rows != 4 * hidden:
+        raise ValueError(f"{OP}: w_hh must have shape (4*hidden_size, hidden_size), got {tuple(w_hh.shape)}")
+    if w_ih.shape[0] != 4 * hidden:
+        raise ValueError(f"{OP}: w_ih must have 4*hidden_size = {4 * hidden} rows like w_hh, got shape {tuple(w_ih.shape)}")
+    if x.shape[1] != w_ih.shape[1]:
+        raise ValueError(
+            f"{OP}: input has {x.shape[1]} features but w_ih expects input_size {w_ih.shape[1]} "
+            f"(input shape {tuple(x.shape)}, w_ih shape {tuple(w_ih.shape)})"
+        )
+    for name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if bias is not None:
+            _validate.tensor(OP, name, bias, ndim=1)
+            _validate.shape(OP, name, bias, (4 * hidden,), "4*hidden_size")
+    if hx is None:
+        zeros = x.new_zeros((x.shape[0], hidden))
+        h, c = zeros, zeros
+    else:
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError(f"{OP}: hx must be a tuple (h, c) of two tensors, got {type(hx).__name__}")
+        h = _validate.tensor(OP, "hx[0]", hx[0], ndim=2)
+        c = _validate.tensor(OP, "hx[1]", hx[1], ndim=2)
+        _validate.shape(OP, "hx[0]", h, (x.shape[0], hidden), "batch, hidden_size")
+        _validate.shape(OP, "hx[1]", c, (x.shape[0], hidden), "batch, hidden_size")
+    named = [("input", x), ("hx[0]", h), ("hx[1]", c), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)]
+    _validate.same_dtype_and_device(OP, named)
+    return [None if t is None else t.contiguous() for _, t in named]
+
+
+def lstm_cell(
+    input: Tensor,
+    hx: Optional[Tuple[Tensor, Tensor]],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """One LSTM time step, fused; the arguments of `torch.lstm_cell`.
+
+    Args:
+        input: (B, input_size).
+        hx: (h, c), each (B, hidden_size); None means zeros.
+        w_ih: (4*hidden_size, input_size), gate rows in PyTorch's order i, f, g, o.
+        w_hh: (4*hidden_size, hidden_size).
+        b_ih, b_hh: (4*hidden_size,) or None.
+
+    Returns:
+        (h_new, c_new), each (B, hidden_size), in the dtype of `input`.
+    """
+    args = _validated(input, hx, w_ih, w_hh, b_ih, b_hh)
+    h_new, c_new, _ = _lstm_cell_forward(*args)
+    return h_new, c_new
+
+
+def _describe_call(input, hx=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None):
+    x = _validated(input, hx, w_ih, w_hh, b_ih, b_hh)[0]
+    return _describe_tensors(x)
+
+
+_dispatch.register_describer("lstm_cell", _describe_call)

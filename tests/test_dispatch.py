@@ -1,0 +1,129 @@
+"""Backend dispatch: automatic choice, forcing (set_backend, use_backend,
+ATTNKIT_BACKEND), errors with reasons, explain and last_dispatch."""
+import logging
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import _dispatch
+from attnkit.ops import lstm_cell
+
+
+def test_available_backends_lists_every_backend_with_a_reason():
+    status = attnkit.available_backends()
+    assert list(status) == list(attnkit.BACKENDS)
+    assert status["reference"].available
+    assert status["cpp"].available, status["cpp"].reason  # built by the install
+    for s in status.values():
+        assert isinstance(s, attnkit.BackendStatus) and s.reason
+    if not torch.cuda.is_available():
+        assert not status["cuda"].available
+        assert "GPU" in status["cuda"].reason or "not built" in status["cuda"].reason
+
+
+def test_automatic_choice_on_cpu_is_cpp_and_explained(cell_args):
+    lstm_cell(*cell_args)
+    decision = attnkit.last_dispatch("lstm_cell")
+    assert decision.backend == "cpp" and decision.forced_by is None
+    assert set(decision.skipped) == {"reference", "triton", "cuda"}
+    assert decision.skipped["triton"] and decision.skipped["cuda"]
+    assert "cpp comes first" in decision.skipped["reference"][0]
+    explained = attnkit.explain("lstm_cell", *cell_args)
+    assert explained.backend == "cpp"
+    assert "lstm_cell: cpp (automatic)" in str(explained)
+
+
+def test_set_backend_forces_and_resets(cell_args):
+    attnkit.set_backend("reference")
+    lstm_cell(*cell_args)
+    assert attnkit.last_dispatch("lstm_cell").backend == "reference"
+    assert attnkit.last_dispatch("lstm_cell").forced_by == "set_backend"
+    attnkit.set_backend(None)
+    lstm_cell(*cell_args)
+    assert attnkit.last_dispatch("lstm_cell").backend == "cpp"
+
+
+def test_set_backend_for_one_op_only(cell_args):
+    attnkit.set_backend("reference", op="lstm_cell")
+    assert attnkit.explain("lstm_cell", *cell_args).backend == "reference"
+    attnkit.set_backend("cpp", op="some_other_op")
+    assert attnkit.explain("lstm_cell", *cell_args).backend == "reference"
+
+
+def test_context_manager_overrides_set_backend_and_restores(cell_args):
+    attnkit.set_backend("cpp")
+    with attnkit.use_backend("reference"):
+        assert attnkit.explain("lstm_cell", *cell_args).forced_by == "use_backend"
+        assert attnkit.explain("lstm_cell", *cell_args).backend == "reference"
+    assert attnkit.explain("lstm_cell", *cell_args).backend == "cpp"
+
+
+def test_environment_variable(monkeypatch, cell_args):
+    monkeypatch.setenv("ATTNKIT_BACKEND", "reference")
+    decision = attnkit.explain("lstm_cell", *cell_args)
+    assert (decision.backend, decision.forced_by) == ("reference", "ATTNKIT_BACKEND")
+    monkeypatch.setenv("ATTNKIT_BACKEND", "flash_attention=triton, lstm_cell=reference")
+    assert attnkit.explain("lstm_cell", *cell_args).backend == "reference"
+    monkeypatch.setenv("ATTNKIT_BACKEND", "flash_attention=triton")
+    assert attnkit.explain("lstm_cell", *cell_args).backend == "cpp"
+    attnkit.set_backend("cpp")  # set_backend beats the environment
+    monkeypatch.setenv("ATTNKIT_BACKEND", "reference")
+    assert attnkit.explain("lstm_cell", *cell_args).backend == "cpp"
+
+
+def test_environment_variable_unknown_backend(monkeypatch, cell_args):
+    monkeypatch.setenv("ATTNKIT_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="ATTNKIT_BACKEND='fastest' names unknown backend 'fastest'"):
+        lstm_cell(*cell_args)
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'; expected one of triton, cuda, cpp, reference"):
+        attnkit.set_backend("cudnn")
+    with pytest.raises(ValueError, match="unknown backend"):
+        with attnkit.use_backend("nope"):
+            pass
+
+
+def test_forcing_a_backend_that_cannot_serve_raises_with_reasons(cell_args):
+    with attnkit.use_backend("cuda"):
+        with pytest.raises(RuntimeError, match=r"backend 'cuda' was forced \(by use_backend\) for lstm_cell") as info:
+            lstm_cell(*cell_args)
+    assert "cuda" in str(info.value)
+    with attnkit.use_backend("triton"):
+        with pytest.raises(RuntimeError, match=r"backend 'triton' was forced .* for lstm_cell but cannot run this call"):
+            lstm_cell(*cell_args)
+
+
+def test_forced_backend_not_built(monkeypatch, cell_args):
+    """A backend whose extension is missing reports the build's reason."""
+    missing = attnkit.BackendStatus("cpp", False, "attnkit._C is not built (test)")
+    monkeypatch.setitem(_dispatch._PROBES, "cpp", lambda: missing)
+    _dispatch.refresh()
+    try:
+        assert attnkit.explain("lstm_cell", *cell_args).backend == "reference"
+        attnkit.set_backend("cpp")
+        with pytest.raises(RuntimeError, match=r"attnkit._C is not built \(test\)"):
+            lstm_cell(*cell_args)
+    finally:
+        monkeypatch.undo()
+        _dispatch.refresh()
+
+
+def test_debug_log_names_the_backend(caplog, cell_args):
+    with caplog.at_level(logging.DEBUG, logger="attnkit.dispatch"):
+        lstm_cell(*cell_args)
+    assert "lstm_cell: cpp (automatic)" in caplog.text
+
+
+def test_explain_unknown_op():
+    with pytest.raises(ValueError, match="unknown op 'flash'"):
+        attnkit.explain("flash")
+
+
+def test_explain_validates_arguments(cell_args):
+    args = list(cell_args)
+    args[0] = args[0][None]
+    with pytest.raises(ValueError, match="input must be 2-D"):
+        attnkit.explain("lstm_cell", *args)
