@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 NATIVE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/include/attnkit/*.h)
 STAMP := $(VENV)/.attnkit-installed
 
-.PHONY: test bench cuda-check test-gpu setup clean
+.PHONY: test bench cuda-check test-gpu setup build clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ $(VENV)/bin/python:
 $(STAMP): $(VENV)/bin/python $(NATIVE_SOURCES)
 	$(VPY) -m pip install --no-build-isolation -e ".[test,bench]"
 	touch $@
+
+# Incremental in-place rebuild of the extensions while developing (ninja).
+build: $(STAMP)
+	$(VPY) setup.py -q build_ext --inplace
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -m "not gpu and not cuda_build" tests $(PYTEST_ARGS)
