@@ -19,6 +19,7 @@ from ._dispatch import (
     use_backend,
 )
 from . import nn, ops, reference  # noqa: E402  (registers the ops)
+from .functional import scaled_dot_product_attention  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "ops",
     "reference",
     "refresh",
+    "scaled_dot_product_attention",
     "set_backend",
     "use_backend",
 ]

@@ -1,0 +1,140 @@
+"""Implementations of attention (dense and varlen). Every backend honours one contract:
+
+forward(call) -> (out, lse)            lse fp32 (fp64 for fp64 inputs), -inf for empty rows;
+                                       dense (B, H, Nq), varlen (H, total_q)
+backward(call, grad_out, out, lse) -> (dq, dk, dv)
+
+where `call` is an AttentionCall holding validated, normalized arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .._dispatch import Implementation, Op
+from ..reference import attention as ref
+
+MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass
+class AttentionCall:
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    cu_seqlens_q: Optional[Tensor]  # int32 (B+1,) for varlen, else None
+    cu_seqlens_k: Optional[Tensor]
+    max_seqlen_q: int
+    max_seqlen_k: int
+    attn_mask: Optional[Tensor]  # bool or float, expanded (stride 0) to (B, H, Nq, Nk)
+    key_padding_mask: Optional[Tensor]  # bool (B, Nk), True = padding
+    window: Tuple[int, int]
+    bottom_right: bool
+    softcap: float
+    scale: float
+    dropout_p: float
+    seed: int
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    @property
+    def batch(self) -> int:
+        return self.cu_seqlens_q.numel() - 1 if self.varlen else self.q.shape[0]
+
+    def describe(self) -> dict:
+        return describe(self.q, self.v, self.varlen)
+
+
+def describe(q: Tensor, v: Tensor, varlen: bool) -> dict:
+    return {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "head_dim_v": v.shape[-1], "varlen": varlen}
+
+
+class Triton(Implementation):
+    backend = "triton"
+
+    def not_supported_reasons(self, call: Mapping[str, Any]) -> List[str]:
+        if max(call["head_dim"], call["head_dim_v"]) > MAX_HEAD_DIM:
+            return [f"head dim {max(call['head_dim'], call['head_dim_v'])} > {MAX_HEAD_DIM}"]
+        return []
+
+    @staticmethod
+    def _kwargs(c: AttentionCall) -> dict:
+        mask = c.attn_mask
+        if mask is not None and mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)  # same bytes; Triton loads uint8 more portably than i1
+        pad = c.key_padding_mask.view(torch.uint8) if c.key_padding_mask is not None else None
+        return dict(
+            cu_q=c.cu_seqlens_q, cu_k=c.cu_seqlens_k, max_q=c.max_seqlen_q, max_k=c.max_seqlen_k, mask=mask, pad=pad,
+            bottom_right=c.bottom_right, window=c.window, softcap=c.softcap, scale=c.scale, dropout_p=c.dropout_p,
+            seed=c.seed,
+        )
+
+    def forward(self, c: AttentionCall):
+        from ..triton_kernels import flash_attention_launch as launch
+
+        return launch.forward(c.q, c.k, c.v, **self._kwargs(c))
+
+    def backward(self, c: AttentionCall, grad_out: Tensor, out: Tensor, lse: Tensor):
+        from ..triton_kernels import flash_attention_launch as launch
+
+        return launch.backward(grad_out, c.q, c.k, c.v, out, lse, **self._kwargs(c))
+
+
+class Reference(Implementation):
+    backend = "reference"
+
+    @staticmethod
+    def _sequences(c: AttentionCall, *extra: Tensor):
+        """Per sequence: (q, k, v, *extra, options) as dense (1, H, n, D) tensors."""
+        keep = None
+        if c.dropout_p > 0:
+            keep = ref.dropout_keep_mask(c.seed, c.batch, c.q.shape[1], c.max_seqlen_q, c.max_seqlen_k, c.dropout_p,
+                                         c.q.device)
+        options = dict(window=c.window, bottom_right=c.bottom_right, softcap=c.softcap, scale=c.scale,
+                       dropout_p=c.dropout_p)
+        if not c.varlen:
+            n_q, n_k = c.q.shape[2], c.k.shape[2]
+            yield (c.q, c.k, c.v, *extra), dict(options, attn_mask=c.attn_mask, key_padding_mask=c.key_padding_mask,
+                                                 dropout_keep=None if keep is None else keep[:, :, :n_q, :n_k])
+            return
+        cu_q, cu_k = c.cu_seqlens_q, c.cu_seqlens_k
+        parts = [ref.split_varlen(t, cu_q) for t in (c.q, *extra)]
+        kv = [ref.split_varlen(t, cu_k) for t in (c.k, c.v)]
+        for b in range(c.batch):
+            q_b, *extra_b = (p[b] for p in parts)
+            n_q, n_k = q_b.shape[2], kv[0][b].shape[2]
+            seq_keep = None if keep is None else keep[b : b + 1, :, :n_q, :n_k]
+            yield (q_b, kv[0][b], kv[1][b], *extra_b), dict(options, dropout_keep=seq_keep)
+
+    def forward(self, c: AttentionCall):
+        outs, lses = [], []
+        for (q, k, v), options in self._sequences(c):
+            out, lse = ref.attention(q, k, v, **options)
+            outs.append(out)
+            lses.append(lse)
+        if not c.varlen:
+            return outs[0], lses[0].to(_stat_dtype(c.q))
+        return ref.join_varlen(outs), torch.cat([x.squeeze(0) for x in lses], dim=1).to(_stat_dtype(c.q))
+
+    def backward(self, c: AttentionCall, grad_out: Tensor, out: Tensor, lse: Tensor):
+        grads = []
+        for (q, k, v, do, o), options in self._sequences(c, grad_out, out):
+            grads.append(ref.attention_backward(do, q, k, v, o, **options))
+        if not c.varlen:
+            return grads[0]
+        dq = ref.join_varlen([g[0] for g in grads])
+        dk = ref.join_varlen([g[1] for g in grads])
+        dv = ref.join_varlen([g[2] for g in grads])
+        return dq, dk, dv
+
+
+def _stat_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+ATTENTION = Op("flash_attention", [Triton(), Reference()])

@@ -1,0 +1,192 @@
+"""`attnkit.ops.flash_attention` and `flash_attention_varlen`: tiled attention in
+O(N) memory with causal/window/mask/padding/softcap/GQA/dropout, forward and
+backward, on the backend the dispatcher picks (Triton on GPUs).
+
+Both are one pair of torch.library custom ops (`attnkit::attention_forward`,
+`attnkit::attention_backward`) with fake implementations and an autograd
+formula, so torch.compile traces them without graph breaks.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from ..backends.attention import ATTENTION, AttentionCall, describe
+from . import attention_validation as check
+
+OP = "attnkit.ops.flash_attention"
+OP_VARLEN = "attnkit.ops.flash_attention_varlen"
+_ALIGNMENTS = ("bottom_right", "top_left")
+
+
+def _call(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, window_left, window_right, bottom_right, softcap, scale,
+          dropout_p, seed) -> AttentionCall:
+    return AttentionCall(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, (window_left, window_right), bottom_right,
+                         softcap, scale, dropout_p, 0 if seed is None else int(seed))
+
+
+@torch.library.custom_op("attnkit::attention_forward", mutates_args=())
+def _attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+    max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+    window_left: int, window_right: int, bottom_right: bool, softcap: float, scale: float, dropout_p: float,
+    seed: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    call = _call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
+                 window_left, window_right, bottom_right, softcap, scale, dropout_p, seed)
+    out, lse = ATTENTION.select(call.describe()).forward(call)
+    return out.contiguous(), lse.contiguous()
+
+
+@_attention_forward.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
+      window_left, window_right, bottom_right, softcap, scale, dropout_p, seed):
+    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else q.shape[:-1]
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(lse_shape, dtype=stat_dtype)
+
+
+@torch.library.custom_op("attnkit::attention_backward", mutates_args=())
+def _attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor],
+    key_padding_mask: Optional[Tensor], window_left: int, window_right: int, bottom_right: bool, softcap: float,
+    scale: float, dropout_p: float, seed: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    call = _call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
+                 window_left, window_right, bottom_right, softcap, scale, dropout_p, seed)
+    grads = ATTENTION.select(call.describe()).backward(call, grad_out, out, lse)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, window_left, window_right, bottom_right, softcap, scale, dropout_p,
+     seed) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask, pad, seed)
+    ctx.scalars = (max_q, max_k, window_left, window_right, bottom_right, softcap, scale, dropout_p)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_q, cu_k, mask, pad, seed = ctx.saved_tensors
+    max_q, max_k, window_left, window_right, bottom_right, softcap, scale, dropout_p = ctx.scalars
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _attention_backward(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, pad,
+                                     window_left, window_right, bottom_right, softcap, scale, dropout_p, seed)
+    return (dq, dk, dv) + (None,) * 13
+
+
+_attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _seed(dropout_p: float, generator: Optional[torch.Generator]) -> Optional[Tensor]:
+    if dropout_p == 0:
+        return None
+    device = generator.device if generator is not None else "cpu"
+    # 40 random bits, times 2^20 so that the per-(batch, head) streams of two calls never overlap.
+    return torch.randint(0, 1 << 40, (), generator=generator, device=device, dtype=torch.int64).cpu() << 20
+
+
+def _window(op: str, causal: bool, window_size: Sequence[int]) -> Tuple[int, int]:
+    if not isinstance(causal, bool):
+        raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
+    left, right = check.window(op, window_size)
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def _finish(out: Tensor, lse: Tensor, return_lse: bool):
+    return (out, lse) if return_lse else out
+
+
+def flash_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, attn_mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+    scale: Optional[float] = None, dropout_p: float = 0.0, generator: Optional[torch.Generator] = None,
+    return_lse: bool = False, deterministic: bool = False, causal_alignment: str = "bottom_right",
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Attention softmax(q k^T * scale + masks) v without materializing the scores.
+
+    Args:
+        q: (B, H, Nq, D); k: (B, H_kv, Nk, D); v: (B, H_kv, Nk, Dv). H must be a multiple of
+            H_kv (GQA/MQA; K/V are never repeated in memory). D, Dv in 1..256. fp16, bf16, fp32, fp64.
+        causal: query i sees keys j <= i + (Nk - Nq) (bottom-right aligned, as FlashAttention),
+            or j <= i with causal_alignment="top_left" (as SDPA's is_causal).
+        attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
+            (B, H, Nq, Nk). Receives no gradient.
+        key_padding_mask: bool (B, Nk), True marks padding keys (ignored), as nn.MultiheadAttention;
+            no (Nq, Nk) tensor is built for it.
+        window_size: (left, right): query i sees keys j with -left <= j - i - diag <= right;
+            -1 = unbounded. Combined with causal, right becomes 0.
+        softcap: if > 0, scores become softcap * tanh(scores / softcap) before masks (Gemma 2).
+        scale: multiplies q k^T; default 1/sqrt(D).
+        dropout_p: dropout on the attention probabilities (Philox; the backward redraws the
+            same mask). The seed comes from `generator` (default: torch's CPU generator), so
+            torch.manual_seed makes it reproducible.
+        return_lse: also return the log-sum-exp (B, H, Nq) in fp32 (-inf for rows with no
+            visible key), without gradient.
+        deterministic: accepted for API compatibility: the backward never uses atomics, so
+            it is always deterministic.
+
+    Returns:
+        out (B, H, Nq, Dv) in q's dtype; rows with no visible key are 0 (gradient 0).
+    """
+    attn_mask, key_padding_mask = check.dense(OP, q, k, v, attn_mask, key_padding_mask)
+    softcap, scale, dropout_p = check.scalars(OP, softcap, scale, dropout_p, q.shape[-1])
+    if causal_alignment not in _ALIGNMENTS:
+        raise ValueError(f"{OP}: causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}")
+    left, right = _window(OP, causal, window_size)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out, lse = _attention_forward(q, k, v, None, None, q.shape[2], k.shape[2], attn_mask, key_padding_mask, left, right,
+                                  causal_alignment == "bottom_right", softcap, scale, dropout_p,
+                                  _seed(dropout_p, generator))
+    return _finish(out, lse, return_lse)
+
+
+def flash_attention_varlen(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, *, causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+    scale: Optional[float] = None, dropout_p: float = 0.0, generator: Optional[torch.Generator] = None,
+    return_lse: bool = False, deterministic: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Attention over a packed batch of variable-length sequences, as FlashAttention's varlen API.
+
+    Args:
+        q: (total_q, H, D); k: (total_k, H_kv, D); v: (total_k, H_kv, Dv): the sequences
+            concatenated. cu_seqlens_q / cu_seqlens_k: int32 (B + 1,) cumulative lengths
+            starting at 0. max_seqlen_q / max_seqlen_k: the longest sequence of each.
+        The rest as flash_attention; causal is bottom-right aligned per sequence.
+
+    Returns:
+        out (total_q, H, Dv); with return_lse also lse (H, total_q) fp32.
+    """
+    check.varlen(OP_VARLEN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    softcap, scale, dropout_p = check.scalars(OP_VARLEN, softcap, scale, dropout_p, q.shape[-1])
+    left, right = _window(OP_VARLEN, causal, window_size)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out, lse = _attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None, left,
+                                  right, True, softcap, scale, dropout_p, _seed(dropout_p, generator))
+    return _finish(out, lse, return_lse)
+
+
+def _describe_call(q, k, v, **kwargs):
+    check.dense(OP, q, k, v, kwargs.get("attn_mask"), kwargs.get("key_padding_mask"))
+    return describe(q, v, varlen=False)
+
+
+_dispatch.register_describer("flash_attention", _describe_call)

@@ -1,0 +1,139 @@
+"""The one validator of attention arguments, shared by the dense and varlen ops
+and so by every backend: errors name the argument and say what was expected,
+before any kernel runs."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _validate
+from ..backends.attention import MAX_HEAD_DIM
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _same_dtype_device(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
+    _validate.same_dtype_and_device(op, [("q", q), ("k", k), ("v", v)])
+
+
+def _head_dims(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{op}: q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    for name, dim in (("q/k", q.shape[-1]), ("v", v.shape[-1])):
+        if not 1 <= dim <= MAX_HEAD_DIM:
+            raise ValueError(f"{op}: head dim of {name} must be between 1 and {MAX_HEAD_DIM}, got {dim}")
+
+
+def _heads(op: str, heads_q: int, heads_k: int, heads_v: int) -> None:
+    if heads_k != heads_v:
+        raise ValueError(f"{op}: k and v must have the same number of heads, got {heads_k} and {heads_v}")
+    if heads_k == 0 or heads_q % heads_k != 0:
+        raise ValueError(f"{op}: q heads ({heads_q}) must be a multiple of k/v heads ({heads_k}) for GQA/MQA")
+
+
+def window(op: str, window_size: Sequence[int]) -> Tuple[int, int]:
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"{op}: window_size must be a pair (left, right) of ints, got {window_size!r}")
+    left, right = window_size
+    for name, side in (("left", left), ("right", right)):
+        if isinstance(side, bool) or not isinstance(side, int) or side < -1:
+            raise ValueError(f"{op}: window_size {name} must be an int >= -1 (-1 = unbounded), got {side!r}")
+    return int(left), int(right)
+
+
+def scalars(op: str, softcap: float, scale: Optional[float], dropout_p: float, head_dim: int) -> Tuple[float, float, float]:
+    for name, value in (("softcap", softcap), ("dropout_p", dropout_p)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
+    if softcap < 0:
+        raise ValueError(f"{op}: softcap must be >= 0 (0 = off), got {softcap}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is None:
+        scale = head_dim**-0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+    return float(softcap), float(scale), float(dropout_p)
+
+
+def dense(op: str, q, k, v, attn_mask, key_padding_mask) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Checks dense (B, H, N, D) inputs; returns the masks ready for the kernels:
+    attn_mask expanded (as a view) to (B, H, Nq, Nk), key_padding_mask bool (B, Nk)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _validate.tensor(op, name, t, ndim=4, dtypes=FLOAT_DTYPES)
+    _same_dtype_device(op, q, k, v)
+    batch, heads, n_q, _ = q.shape
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"{op}: q, k, v must have the same batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"{op}: k and v must have the same sequence length, got {k.shape[2]} and {v.shape[2]}")
+    _heads(op, heads, k.shape[1], v.shape[1])
+    _head_dims(op, q, k, v)
+    n_k = k.shape[2]
+    target = (batch, heads, n_q, n_k)
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"{op}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"{op}: attn_mask must be bool (True = attend) or floating (added to scores), got {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise RuntimeError(f"{op}: attn_mask is on {attn_mask.device} but q is on {q.device}")
+        try:
+            if attn_mask.dim() > 4 or torch.broadcast_shapes(attn_mask.shape, target) != target:
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(
+                f"{op}: attn_mask of shape {tuple(attn_mask.shape)} cannot broadcast to (B, H, Nq, Nk) = {target}"
+            ) from None
+        if attn_mask.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError(f"{op}: gradients with respect to attn_mask are not implemented; pass attn_mask.detach()")
+        attn_mask = attn_mask.expand(target)
+    if key_padding_mask is not None:
+        _validate.tensor(op, "key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,))
+        if tuple(key_padding_mask.shape) != (batch, n_k):
+            raise ValueError(
+                f"{op}: key_padding_mask must have shape (B, Nk) = {(batch, n_k)} (True = padding), "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise RuntimeError(f"{op}: key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+        key_padding_mask = key_padding_mask.contiguous()
+    return attn_mask, key_padding_mask
+
+
+def varlen(op: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+    """Checks packed (total, H, D) inputs and their int32 cu_seqlens."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _validate.tensor(op, name, t, ndim=3, dtypes=FLOAT_DTYPES)
+    _same_dtype_device(op, q, k, v)
+    if v.shape[0] != k.shape[0]:
+        raise ValueError(f"{op}: k and v must have the same total length, got {k.shape[0]} and {v.shape[0]}")
+    _heads(op, q.shape[1], k.shape[1], v.shape[1])
+    _head_dims(op, q, k, v)
+    sizes = []
+    for name, cu, total, max_seqlen in (
+        ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+        ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),
+    ):
+        _validate.tensor(op, name, cu, ndim=1, dtypes=(torch.int32,))
+        if cu.device != q.device:
+            raise RuntimeError(f"{op}: {name} is on {cu.device} but q is on {q.device}")
+        if cu.numel() < 2:
+            raise ValueError(f"{op}: {name} must have batch + 1 >= 2 entries, got {cu.numel()}")
+        max_name = name.replace("cu_seqlens", "max_seqlen")
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+            raise TypeError(f"{op}: {max_name} must be a non-negative int, got {max_seqlen!r}")
+        if not torch.compiler.is_compiling():  # reading values syncs; skipped when traced
+            values = cu.tolist()
+            if values[0] != 0 or values[-1] != total:
+                raise ValueError(f"{op}: {name} must start at 0 and end at the packed length {total}, got {values[0]}..{values[-1]}")
+            lengths = [b - a for a, b in zip(values[:-1], values[1:])]
+            if min(lengths) < 0:
+                raise ValueError(f"{op}: {name} must be non-decreasing, got {values}")
+            if max(lengths) > max_seqlen:
+                raise ValueError(f"{op}: {max_name} = {max_seqlen} is smaller than the longest sequence ({max(lengths)})")
+        sizes.append(cu.numel())
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must describe the same batch, got {sizes[0]} and {sizes[1]} entries")

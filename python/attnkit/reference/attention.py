@@ -1,0 +1,184 @@
+"""Reference attention in plain PyTorch: materializes the (Nq, Nk) scores, so it
+is slow and O(N^2) in memory, but short enough to check by eye. Every backend
+of attnkit.ops.flash_attention is tested against it.
+
+Conventions (the kernels follow them; see triton_kernels/flash_attention.py):
+- q (B, H, Nq, D), k (B, H_kv, Nk, D), v (B, H_kv, Nk, Dv); H divisible by H_kv.
+- Query i sits at key position i + diag, diag = Nk - Nq when `bottom_right`
+  (FlashAttention's causal alignment) else 0 (SDPA's). Key j is visible iff
+  -left <= j - (i + diag) <= right for window (left, right), -1 = unbounded.
+- attn_mask: bool (True = attend) or additive float, broadcastable to (B, H, Nq, Nk).
+- key_padding_mask: bool (B, Nk), True = padding (ignored), as nn.MultiheadAttention.
+- softcap > 0: scores become softcap * tanh(scores / softcap) before masks.
+- A row with no visible key gives output 0 and log-sum-exp -inf.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+# Philox 4x32-10 constants, as Triton's tl.randint.
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: int, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """High and low 32 bits of a * b for a constant a and uint32 values in an int64 tensor."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    low = a_lo * b_lo
+    mid = a_hi * b_lo + a_lo * b_hi
+    rest = (mid << 16) + low  # < 2^50: no int64 overflow
+    return a_hi * b_hi + (rest >> 32), rest & _MASK32
+
+
+def philox_randint(seed: Tensor, offsets: Tensor) -> Tensor:
+    """Triton's tl.randint(seed, offsets) for int32 offsets, as uint32 values in int64."""
+    c0 = offsets.to(torch.int64) & _MASK32
+    c1 = torch.zeros_like(c0)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0 = seed.to(torch.int64) & _MASK32
+    k1 = (seed.to(torch.int64) >> 32) & _MASK32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0
+
+
+def dropout_keep_mask(seed: int, batch: int, heads: int, max_q: int, max_k: int, dropout_p: float, device=None) -> Tensor:
+    """The keep mask (B, H, max_q, max_k) every backend draws for `seed`:
+    keep (i, j) of head stream s = seed + b * H + h iff
+    philox(s, i * max_k + j) >> 8 >= round(dropout_p * 2^24)."""
+    threshold = int(round(dropout_p * (1 << 24)))
+    rows = torch.arange(max_q, device=device, dtype=torch.int64)[:, None]
+    cols = torch.arange(max_k, device=device, dtype=torch.int64)[None, :]
+    offsets = (rows * max_k + cols) & _MASK32  # int32 wrap-around, as the kernel's
+    streams = seed + torch.arange(batch * heads, device=device, dtype=torch.int64).view(batch, heads, 1, 1)
+    bits = philox_randint(streams, offsets.expand(batch, heads, max_q, max_k))
+    return (bits >> 8) >= threshold
+
+
+def visible_keys(
+    batch: int, heads: int, n_q: int, n_k: int, window: Tuple[int, int], bottom_right: bool,
+    attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], device,
+) -> Tensor:
+    """Boolean (B, H, Nq, Nk): which key each query may attend to."""
+    diag = n_k - n_q if bottom_right else 0
+    rel = torch.arange(n_k, device=device)[None, :] - (torch.arange(n_q, device=device)[:, None] + diag)
+    left, right = window
+    visible = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        visible &= rel >= -left
+    if right >= 0:
+        visible &= rel <= right
+    visible = visible.expand(batch, heads, n_q, n_k)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        visible = visible & attn_mask
+    if key_padding_mask is not None:
+        visible = visible & ~key_padding_mask[:, None, None, :]
+    return visible
+
+
+def _scores(q, k, scale, softcap, attn_mask):
+    """Scaled, soft-capped scores (+ additive mask) in the compute dtype, and the tanh for the soft-cap derivative."""
+    s = (q @ k.transpose(-1, -2)) * scale
+    t = None
+    if softcap > 0:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        s = s + attn_mask.to(s.dtype)
+    return s, t
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _expand_kv(t: Tensor, heads: int) -> Tensor:
+    return t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, *, window: Tuple[int, int] = (-1, -1), bottom_right: bool = True,
+    attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None, softcap: float = 0.0,
+    scale: Optional[float] = None, dropout_p: float = 0.0, dropout_keep: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """(out, lse) of dense attention; differentiable with autograd (in q, k, v).
+    `dropout_keep` (B, H, Nq, Nk) bool says which probabilities survive dropout."""
+    batch, heads, n_q, dim = q.shape
+    n_k = k.shape[2]
+    scale = dim**-0.5 if scale is None else scale
+    work = _compute_dtype(q.dtype)
+    qc, kc, vc = q.to(work), _expand_kv(k, heads).to(work), _expand_kv(v, heads).to(work)
+    s, _ = _scores(qc, kc, scale, softcap, attn_mask)
+    visible = visible_keys(batch, heads, n_q, n_k, window, bottom_right, attn_mask, key_padding_mask, q.device)
+    s = s.masked_fill(~visible, float("-inf"))
+    # Shift by the row max (a constant for autograd: softmax is shift-invariant);
+    # rows with nothing visible keep e = 0, so p = 0 and no NaN reaches a gradient.
+    row_max = s.amax(-1, keepdim=True).detach()
+    row_max = row_max.masked_fill(torch.isinf(row_max), 0.0)
+    e = torch.exp(s - row_max)
+    denom = e.sum(-1, keepdim=True)
+    p = e / denom.masked_fill(denom == 0, 1.0)
+    lse = (row_max + torch.log(denom)).squeeze(-1).detach()
+    if dropout_keep is not None and dropout_p > 0:
+        p = p * dropout_keep / (1.0 - dropout_p)
+    out = p @ vc
+    return out.to(q.dtype), lse
+
+
+def attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, window: Tuple[int, int] = (-1, -1),
+    bottom_right: bool = True, attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+    softcap: float = 0.0, scale: Optional[float] = None, dropout_p: float = 0.0, dropout_keep: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) by the formulas the kernels use (recomputing the probabilities)."""
+    batch, heads, n_q, dim = q.shape
+    n_k, heads_kv = k.shape[2], k.shape[1]
+    scale = dim**-0.5 if scale is None else scale
+    work = _compute_dtype(q.dtype)
+    qc, kc, vc = q.to(work), _expand_kv(k, heads).to(work), _expand_kv(v, heads).to(work)
+    do, oc = grad_out.to(work), out.to(work)
+    s, t = _scores(qc, kc, scale, softcap, attn_mask)
+    visible = visible_keys(batch, heads, n_q, n_k, window, bottom_right, attn_mask, key_padding_mask, q.device)
+    s = s.masked_fill(~visible, float("-inf"))
+    row_max = s.amax(-1, keepdim=True)
+    row_max = row_max.masked_fill(torch.isinf(row_max), 0.0)
+    e = torch.exp(s - row_max)
+    denom = e.sum(-1, keepdim=True)
+    p = e / denom.masked_fill(denom == 0, 1.0)
+    dp = do @ vc.transpose(-1, -2)
+    p_out = p
+    if dropout_keep is not None and dropout_p > 0:
+        p_out = p * dropout_keep / (1.0 - dropout_p)
+        dp = dp * dropout_keep / (1.0 - dropout_p)
+    dv = p_out.transpose(-1, -2) @ do
+    delta = (do * oc).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    if t is not None:
+        ds = ds * (1 - t * t)
+    dq = (ds @ kc) * scale
+    dk = (ds.transpose(-1, -2) @ qc) * scale
+    group = heads // heads_kv
+    dk = dk.view(batch, heads_kv, group, n_k, dim).sum(2)
+    dv = dv.view(batch, heads_kv, group, n_k, v.shape[-1]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def split_varlen(packed: Tensor, cu_seqlens: Tensor):
+    """The sequences of a packed (total, H, D) tensor, each as (1, H, n, D)."""
+    bounds = cu_seqlens.tolist()
+    return [packed[a:b].transpose(0, 1).unsqueeze(0) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def join_varlen(parts) -> Tensor:
+    """Inverse of split_varlen for outputs (1, H, n, D) -> (total, H, D)."""
+    return torch.cat([p.squeeze(0).transpose(0, 1) for p in parts], dim=0)

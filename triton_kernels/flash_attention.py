@@ -1,0 +1,344 @@
+"""Flash attention in Triton: forward and backward, tiled, online softmax.
+
+One kernel family serves dense (B, H, N, D) and packed variable-length
+(total, H, D) inputs: a varlen call reads each sequence's start from
+cu_seqlens and passes a zero batch stride, a dense call starts every sequence
+at 0. Scores of a tile are made by one helper, `_tile_scores`, shared by the
+forward and both backward kernels, so masking, windows, soft-capping and
+dropout are defined once.
+
+Conventions (shared with the reference and every backend):
+- `diag` aligns query i with key i + diag: Nk - Nq for bottom-right causal
+  (FlashAttention's), 0 for top-left (SDPA's is_causal). Key j is inside the
+  window of query i iff -left <= j - (i + diag) <= right; causal is right = 0.
+- Softmax statistics accumulate in fp32 (fp64 for fp64 inputs); the forward
+  stores the natural-log log-sum-exp, -inf for a row with no visible key,
+  whose output and gradients are 0.
+- Dropout keeps probability (i, j) of head stream s = seed + b * H + h iff
+  philox(s, i * max_seqlen_k + j) >> 8 >= threshold (24-bit), see
+  attnkit.reference.attention.dropout_keep_mask.
+- Backward: dK/dV in one kernel (a program per key block, looping over the
+  query heads of its GQA group and the query blocks), dQ in another (a program
+  per query block): no atomics, so it is deterministic.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+NO_LIMIT = 1 << 30  # a window side of -1 (unbounded) becomes this
+
+
+@triton.jit
+def _tile_scores(
+    qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
+    mask_base, stride_mask_m, stride_mask_n, pad_base,
+    USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr,
+):
+    """Scaled, soft-capped, masked scores of one (BLOCK_M, BLOCK_N) tile in
+    natural-log units (-inf where masked), and tanh of the soft-cap argument
+    (for its derivative; 0 without soft-capping)."""
+    s = qk * scale
+    t = s * 0
+    if SOFTCAP:
+        t = 2 * tl.sigmoid(2 * s / softcap) - 1  # tanh, portable across Triton versions
+        s = softcap * t
+    valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
+    if USE_WINDOW:
+        rel = offs_n[None, :] - (offs_m[:, None] + diag)
+        valid = valid & (rel <= window_right) & (rel >= -window_left)
+    if MASK_KIND == 1:  # boolean, True (nonzero) = attend
+        keep = tl.load(mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=valid, other=0)
+        valid = valid & (keep != 0)
+    if MASK_KIND == 2:  # additive
+        bias = tl.load(mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=valid, other=0)
+        s = s + bias.to(s.dtype)
+    if HAS_PADDING:  # True (nonzero) = padding, ignored
+        pad = tl.load(pad_base + offs_n, mask=offs_n < k_len, other=1)
+        valid = valid & (pad == 0)[None, :]
+    s = tl.where(valid, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _dropout_keep(seed_bh, offs_m, offs_n, max_seqlen_k, threshold):
+    offsets = offs_m[:, None] * max_seqlen_k + offs_n[None, :]
+    bits = tl.randint(seed_bh, offsets.to(tl.int32)).to(tl.uint32, bitcast=True)
+    return (bits >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
+    """(q_start, q_len, k_start, k_len, diag) of sequence b."""
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        q_len = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        k_len = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = 0
+        q_len = max_q
+        k_start = 0
+        k_len = max_k
+    if BOTTOM_RIGHT:
+        diag = k_len - q_len
+    else:
+        diag = q_len * 0
+    return q_start, q_len, k_start, k_len, diag
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, MASK, PAD, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_lm,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_pb,
+    H, GROUP, max_q, max_k, scale, softcap, window_left, window_right, seed, drop_threshold, drop_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_start, q_len, k_start, k_len, diag = _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN, BOTTOM_RIGHT)
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+    kvh = h // GROUP
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + (q_start + offs_m[:, None]) * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), other=0)
+    k_base = K + b * stride_kb + kvh * stride_kh + k_start * stride_kn
+    v_base = V + b * stride_vb + kvh * stride_vh + k_start * stride_vn
+    mask_base = MASK + b * stride_mb + h * stride_mh
+    pad_base = PAD + b * stride_pb
+    seed_bh = seed + b * H + h
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC_DTYPE)
+    lo = 0
+    hi = k_len
+    if USE_WINDOW:  # skip key blocks that no query of this block can see
+        lo = tl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(m0 + BLOCK_M + diag + window_right, k_len)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + offs_n0
+        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+                    mask=(offs_n[None, :] < k_len) & (offs_d[:, None] < HEAD_DIM), other=0)
+        qk = tl.dot(q, k, acc=tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), input_precision=DOT_PRECISION)
+        s, _ = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
+                            mask_base, stride_mm, stride_mn, pad_base, USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING)
+        s = s * LOG2E
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # the normalizer l_i counts every probability; only the output is dropped
+            keep = _dropout_keep(seed_bh, offs_m, offs_n, max_k, drop_threshold)
+            p = tl.where(keep, p * drop_scale, 0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc=acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
+    o_ptrs = O + b * stride_ob + h * stride_oh + (q_start + offs_m[:, None]) * stride_om + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V))
+    lse_ptrs = LSE + b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_lm
+    tl.store(lse_ptrs, lse.to(LSE.dtype.element_ty), mask=offs_m < q_len)
+
+
+@triton.jit
+def _attn_bwd_delta(
+    O, DO, DELTA, CU_Q, CU_K,
+    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
+    H, max_q, max_k,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    VARLEN: tl.constexpr,
+):
+    """delta_i = sum_d dO_id * O_id, the row term of the softmax backward."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_start, q_len, _, _, _ = _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN, False)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    inside = (offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V)
+    rows = (q_start + offs_m[:, None])
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_om + offs_dv[None, :], mask=inside, other=0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :], mask=inside, other=0)
+    delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1)
+    tl.store(DELTA + b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_lm, delta, mask=offs_m < q_len)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, PAD, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_pb,
+    H_KV, GROUP, max_q, max_k, scale, softcap, window_left, window_right, seed, drop_threshold, drop_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_KV
+    kvh = pid_bh % H_KV
+    q_start, q_len, k_start, k_len, diag = _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN, BOTTOM_RIGHT)
+    n0 = pid_n * BLOCK_N
+    if n0 >= k_len:
+        return
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_inside = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
+    v_inside = (offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V)
+    k = tl.load(K + b * stride_kb + kvh * stride_kh + (k_start + offs_n[:, None]) * stride_kn + offs_d[None, :],
+                mask=k_inside, other=0)
+    v = tl.load(V + b * stride_vb + kvh * stride_vh + (k_start + offs_n[:, None]) * stride_vn + offs_dv[None, :],
+                mask=v_inside, other=0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC_DTYPE)
+    lo = 0
+    hi = q_len
+    if USE_WINDOW:  # the queries whose window reaches this key block
+        lo = tl.maximum(n0 - diag - window_right, 0) // BLOCK_M * BLOCK_M
+        hi = tl.minimum(n0 + BLOCK_N - diag + window_left, q_len)
+    for g in range(0, GROUP):
+        h = kvh * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
+        do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
+        stat_base = b * stride_lb + h * stride_lh + q_start * stride_lm
+        mask_base = MASK + b * stride_mb + h * stride_mh
+        seed_bh = seed + b * (H_KV * GROUP) + h
+        for m0 in range(lo, hi, BLOCK_M):
+            offs_m = m0 + offs_m0
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+                        mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), other=0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                         mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
+            lse = tl.load(LSE + stat_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
+            delta = tl.load(DELTA + stat_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
+            qk = tl.dot(q, tl.trans(k), acc=tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE),
+                        input_precision=DOT_PRECISION)
+            s, t = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
+                                mask_base, stride_mm, stride_mn, PAD + b * stride_pb,
+                                USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING)
+            lse = tl.where(lse == float("-inf"), 0.0, lse).to(ACC_DTYPE)  # such rows are all -inf: p = 0
+            p = tl.exp2((s - lse[:, None]) * LOG2E)
+            dp = tl.dot(do, tl.trans(v), acc=tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE),
+                        input_precision=DOT_PRECISION)
+            p_out = p
+            if DROPOUT:
+                keep = _dropout_keep(seed_bh, offs_m, offs_n, max_k, drop_threshold)
+                p_out = tl.where(keep, p * drop_scale, 0.0)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            dv = tl.dot(tl.trans(p_out.to(do.dtype)), do, acc=dv, input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None].to(ACC_DTYPE))
+            if SOFTCAP:
+                ds = ds * (1 - t * t)
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, acc=dk, input_precision=DOT_PRECISION)
+    dk = dk * scale
+    tl.store(DK + b * stride_dkb + kvh * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=k_inside)
+    tl.store(DV + b * stride_dvb + kvh * stride_dvh + (k_start + offs_n[:, None]) * stride_dvn + offs_dv[None, :],
+             dv.to(DV.dtype.element_ty), mask=v_inside)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, PAD, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm, stride_dqb, stride_dqh, stride_dqm,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_pb,
+    H, GROUP, max_q, max_k, scale, softcap, window_left, window_right, seed, drop_threshold, drop_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_start, q_len, k_start, k_len, diag = _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN, BOTTOM_RIGHT)
+    m0 = pid_m * BLOCK_M
+    if m0 >= q_len:
+        return
+    kvh = h // GROUP
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_inside = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + (q_start + offs_m[:, None]) * stride_qm + offs_d[None, :],
+                mask=q_inside, other=0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + (q_start + offs_m[:, None]) * stride_dom + offs_dv[None, :],
+                 mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
+    stat_ptrs = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_lm
+    lse = tl.load(LSE + stat_ptrs, mask=offs_m < q_len, other=0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse).to(ACC_DTYPE)
+    delta = tl.load(DELTA + stat_ptrs, mask=offs_m < q_len, other=0).to(ACC_DTYPE)
+    k_base = K + b * stride_kb + kvh * stride_kh + k_start * stride_kn
+    v_base = V + b * stride_vb + kvh * stride_vh + k_start * stride_vn
+    mask_base = MASK + b * stride_mb + h * stride_mh
+    seed_bh = seed + b * H + h
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+    lo = 0
+    hi = k_len
+    if USE_WINDOW:
+        lo = tl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(m0 + BLOCK_M + diag + window_right, k_len)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + offs_n0
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM), other=0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
+        qk = tl.dot(q, tl.trans(k), acc=tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), input_precision=DOT_PRECISION)
+        s, t = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
+                            mask_base, stride_mm, stride_mn, PAD + b * stride_pb,
+                            USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING)
+        p = tl.exp2((s - lse[:, None]) * LOG2E)
+        dp = tl.dot(do, tl.trans(v), acc=tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed_bh, offs_m, offs_n, max_k, drop_threshold)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1 - t * t)
+        dq = tl.dot(ds.to(k.dtype), k, acc=dq, input_precision=DOT_PRECISION)
+    dq = dq * scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_inside)
+
+
+@triton.jit
+def _dropout_keep_mask_kernel(OUT, H, max_q, max_k, seed, drop_threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes the dropout keep mask (B, H, max_q, max_k) as uint8: for tests."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed + pid_bh, offs_m, offs_n, max_k, drop_threshold)
+    ptrs = OUT + pid_bh * max_q * max_k + offs_m[:, None] * max_k + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.uint8), mask=(offs_m[:, None] < max_q) & (offs_n[None, :] < max_k))
+
+

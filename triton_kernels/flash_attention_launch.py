@@ -1,0 +1,163 @@
+"""Launchers of the flash attention kernels: strides, grids, block sizes.
+
+Tensors arrive validated (attnkit.ops): dense q (B, H, Nq, D), k/v (B, H_kv, Nk, D/Dv),
+or packed varlen (total, H, D) with int32 cu_seqlens; the last dim contiguous.
+Block sizes come from autotune on a GPU and one small fixed config under the
+interpreter (autotuning there would only multiply the run time).
+"""
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .flash_attention import NO_LIMIT, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd, _dropout_keep_mask_kernel
+
+INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(block_d: int):
+    configs = []
+    for block_m, block_n, warps, stages in [
+        (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 32, 4, 2), (64, 128, 8, 2),
+    ]:
+        if block_d >= 256 and block_m * block_n > 64 * 64:
+            continue  # keeps register and shared-memory use in bounds at D = 256
+        configs.append(triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n), num_warps=warps, num_stages=stages))
+    return configs
+
+
+_TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "max_q", "max_k", "MASK_KIND", "USE_WINDOW", "DROPOUT", "VARLEN"]
+_tuned = {}
+
+
+def _kernel(kernel, block_d: int):
+    """The kernel as launched here: autotuned on a GPU, fixed under the interpreter."""
+    if _interpreting():
+        return kernel, dict(INTERPRETER_BLOCKS)
+    key = (kernel, block_d >= 256)
+    if key not in _tuned:
+        _tuned[key] = triton.autotune(configs=_configs(block_d), key=_TUNE_KEY)(kernel)
+    return _tuned[key], {}
+
+
+def _block_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+class _Layout:
+    """Strides (batch, head, row) of a dense (B, H, N, D) or packed (total, H, D) tensor."""
+
+    @staticmethod
+    def of(t: torch.Tensor, varlen: bool):
+        if varlen:
+            return 0, t.stride(1), t.stride(0)
+        return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _stat_strides(stat: torch.Tensor, varlen: bool):
+    # Dense statistics are (B, H, Nq); varlen ones (H, total_q).
+    if varlen:
+        return 0, stat.stride(0), stat.stride(1)
+    return stat.stride(0), stat.stride(1), stat.stride(2)
+
+
+def _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed):
+    varlen = cu_q is not None
+    batch = cu_q.numel() - 1 if varlen else q.shape[0]
+    heads = q.shape[1] if varlen else q.shape[1]
+    heads_kv = k.shape[1]
+    window_left, window_right = window
+    use_window = window_left >= 0 or window_right >= 0
+    mask_kind = 0 if mask is None else (1 if mask.dtype == torch.uint8 else 2)
+    dummy = q
+    scalars = dict(
+        scale=scale, softcap=softcap,
+        window_left=NO_LIMIT if window_left < 0 else window_left,
+        window_right=NO_LIMIT if window_right < 0 else window_right,
+        seed=seed, drop_threshold=int(round(dropout_p * (1 << 24))),
+        drop_scale=1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
+    )
+    flags = dict(
+        HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_D=_block_dim(q.shape[-1]), BLOCK_DV=_block_dim(v.shape[-1]),
+        ACC_DTYPE=tl.float64 if q.dtype == torch.float64 else tl.float32,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
+        VARLEN=varlen, BOTTOM_RIGHT=bottom_right, USE_WINDOW=use_window, SOFTCAP=softcap > 0,
+        MASK_KIND=mask_kind, HAS_PADDING=pad is not None, DROPOUT=dropout_p > 0,
+    )
+    mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
+    pad_stride = pad.stride(0) if pad is not None else 0
+    cu_q = cu_q if varlen else dummy
+    cu_k = cu_k if varlen else dummy
+    return dict(
+        varlen=varlen, batch=batch, heads=heads, heads_kv=heads_kv, group=heads // heads_kv, scalars=scalars,
+        flags=flags, mask=mask if mask is not None else dummy, pad=pad if pad is not None else dummy,
+        mask_strides=mask_strides, pad_stride=pad_stride, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
+    )
+
+
+def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor], max_q: int, max_k: int,
+            mask, pad, bottom_right: bool, window, softcap: float, scale: float, dropout_p: float, seed: int):
+    """Returns (out, lse); lse is fp32 (fp64 for fp64 inputs), (B, H, Nq) or varlen (H, total_q)."""
+    c = _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed)
+    varlen = c["varlen"]
+    out_shape = q.shape[:-1] + (v.shape[-1],)
+    out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
+    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.empty((q.shape[1], q.shape[0]) if varlen else q.shape[:-1], dtype=stat_dtype, device=q.device)
+    kernel, blocks = _kernel(_attn_fwd, c["flags"]["BLOCK_D"])
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
+    kernel[grid](
+        q, k, v, out, lse, c["mask"], c["pad"], c["cu_q"], c["cu_k"],
+        *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(out, varlen),
+        *_stat_strides(lse, varlen), *c["mask_strides"], c["pad_stride"],
+        c["heads"], c["group"], max_q, max_k, **c["scalars"], **c["flags"], **blocks,
+    )
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask, pad, bottom_right: bool, window,
+             softcap: float, scale: float, dropout_p: float, seed: int):
+    """Returns (dq, dk, dv); deterministic (no atomics)."""
+    c = _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed)
+    varlen, flags = c["varlen"], c["flags"]
+    delta = torch.empty_like(lse)
+    delta_blocks = 16 if _interpreting() else 64
+    _attn_bwd_delta[(triton.cdiv(max_q, delta_blocks), c["batch"] * c["heads"])](
+        out, do, delta, c["cu_q"], c["cu_k"], *_Layout.of(out, varlen), *_Layout.of(do, varlen),
+        *_stat_strides(lse, varlen), c["heads"], max_q, max_k,
+        HEAD_DIM_V=flags["HEAD_DIM_V"], BLOCK_DV=flags["BLOCK_DV"], BLOCK_M=delta_blocks,
+        ACC_DTYPE=flags["ACC_DTYPE"], VARLEN=varlen,
+    )
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    shared = (*c["mask_strides"], c["pad_stride"])
+    kernel, blocks = _kernel(_attn_bwd_dkdv, flags["BLOCK_D"])
+    grid = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), c["batch"] * c["heads_kv"])  # noqa: E731
+    kernel[grid](
+        q, k, v, do, lse, delta, dk, dv, c["mask"], c["pad"], c["cu_q"], c["cu_k"],
+        *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(do, varlen),
+        *_stat_strides(lse, varlen), *_Layout.of(dk, varlen), *_Layout.of(dv, varlen), *shared,
+        c["heads_kv"], c["group"], max_q, max_k, **c["scalars"], **flags, **blocks,
+    )
+    kernel, blocks = _kernel(_attn_bwd_dq, flags["BLOCK_D"])
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
+    kernel[grid](
+        q, k, v, do, lse, delta, dq, c["mask"], c["pad"], c["cu_q"], c["cu_k"],
+        *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(do, varlen),
+        *_stat_strides(lse, varlen), *_Layout.of(dq, varlen), *shared,
+        c["heads"], c["group"], max_q, max_k, **c["scalars"], **flags, **blocks,
+    )
+    return dq, dk, dv
+
+
+def dropout_keep_mask(batch: int, heads: int, max_q: int, max_k: int, dropout_p: float, seed: int, device) -> torch.Tensor:
+    """The keep mask (B, H, max_q, max_k) the kernels use for this seed (bool)."""
+    out = torch.empty((batch, heads, max_q, max_k), dtype=torch.uint8, device=device)
+    grid = (triton.cdiv(max_q, 16), triton.cdiv(max_k, 16), batch * heads)
+    _dropout_keep_mask_kernel[grid](out, heads, max_q, max_k, seed, int(round(dropout_p * (1 << 24))), BLOCK_M=16, BLOCK_N=16)
+    return out.bool()
