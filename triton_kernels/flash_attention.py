@@ -29,6 +29,16 @@ NO_LIMIT = 1 << 30  # a window side of -1 (unbounded) becomes this
 
 
 @triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b + acc. UPCAST (interpreter + bf16 only): Triton's interpreter
+    computes bf16 dots wrongly, so its operands go through fp32 there."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _tile_scores(
     qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
     mask_base, stride_mask_m, stride_mask_n, pad_base,
@@ -94,7 +104,7 @@ def _attn_fwd(
     stride_mb, stride_mh, stride_mm, stride_mn, stride_pb,
     H, GROUP, max_q, max_k, scale, softcap, window_left, window_right, seed, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr,
 ):
@@ -131,7 +141,7 @@ def _attn_fwd(
         offs_n = n0 + offs_n0
         k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
                     mask=(offs_n[None, :] < k_len) & (offs_d[:, None] < HEAD_DIM), other=0)
-        qk = tl.dot(q, k, acc=tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), input_precision=DOT_PRECISION)
+        qk = _dot(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         s, _ = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
                             mask_base, stride_mm, stride_mn, pad_base, USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING)
         s = s * LOG2E
@@ -146,7 +156,7 @@ def _attn_fwd(
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc=acc, input_precision=DOT_PRECISION)
+        acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
         m_i = m_new
 
     empty = l_i == 0
@@ -191,7 +201,7 @@ def _attn_bwd_dkdv(
     stride_mb, stride_mh, stride_mm, stride_mn, stride_pb,
     H_KV, GROUP, max_q, max_k, scale, softcap, window_left, window_right, seed, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr,
 ):
@@ -235,25 +245,23 @@ def _attn_bwd_dkdv(
                          mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
             lse = tl.load(LSE + stat_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
             delta = tl.load(DELTA + stat_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
-            qk = tl.dot(q, tl.trans(k), acc=tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE),
-                        input_precision=DOT_PRECISION)
+            qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
             s, t = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
                                 mask_base, stride_mm, stride_mn, PAD + b * stride_pb,
                                 USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING)
             lse = tl.where(lse == float("-inf"), 0.0, lse).to(ACC_DTYPE)  # such rows are all -inf: p = 0
             p = tl.exp2((s - lse[:, None]) * LOG2E)
-            dp = tl.dot(do, tl.trans(v), acc=tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE),
-                        input_precision=DOT_PRECISION)
+            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
             p_out = p
             if DROPOUT:
                 keep = _dropout_keep(seed_bh, offs_m, offs_n, max_k, drop_threshold)
                 p_out = tl.where(keep, p * drop_scale, 0.0)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
-            dv = tl.dot(tl.trans(p_out.to(do.dtype)), do, acc=dv, input_precision=DOT_PRECISION)
+            dv = _dot(tl.trans(p_out.to(do.dtype)), do, dv, DOT_PRECISION, UPCAST)
             ds = p * (dp - delta[:, None].to(ACC_DTYPE))
             if SOFTCAP:
                 ds = ds * (1 - t * t)
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, acc=dk, input_precision=DOT_PRECISION)
+            dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, DOT_PRECISION, UPCAST)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=k_inside)
@@ -269,7 +277,7 @@ def _attn_bwd_dq(
     stride_mb, stride_mh, stride_mm, stride_mn, stride_pb,
     H, GROUP, max_q, max_k, scale, softcap, window_left, window_right, seed, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr,
 ):
@@ -311,19 +319,19 @@ def _attn_bwd_dq(
                     mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM), other=0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
-        qk = tl.dot(q, tl.trans(k), acc=tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), input_precision=DOT_PRECISION)
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         s, t = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
                             mask_base, stride_mm, stride_mn, PAD + b * stride_pb,
                             USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING)
         p = tl.exp2((s - lse[:, None]) * LOG2E)
-        dp = tl.dot(do, tl.trans(v), acc=tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), input_precision=DOT_PRECISION)
+        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         if DROPOUT:
             keep = _dropout_keep(seed_bh, offs_m, offs_n, max_k, drop_threshold)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1 - t * t)
-        dq = tl.dot(ds.to(k.dtype), k, acc=dq, input_precision=DOT_PRECISION)
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_inside)

@@ -87,6 +87,7 @@ def _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, 
         HEAD_DIM=q.shape[-1], HEAD_DIM_V=v.shape[-1], BLOCK_D=_block_dim(q.shape[-1]), BLOCK_DV=_block_dim(v.shape[-1]),
         ACC_DTYPE=tl.float64 if q.dtype == torch.float64 else tl.float32,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
+        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
         VARLEN=varlen, BOTTOM_RIGHT=bottom_right, USE_WINDOW=use_window, SOFTCAP=softcap > 0,
         MASK_KIND=mask_kind, HAS_PADDING=pad is not None, DROPOUT=dropout_p > 0,
     )

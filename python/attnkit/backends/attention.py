@@ -58,8 +58,9 @@ class Triton(Implementation):
     backend = "triton"
 
     def not_supported_reasons(self, call: Mapping[str, Any]) -> List[str]:
-        if max(call["head_dim"], call["head_dim_v"]) > MAX_HEAD_DIM:
-            return [f"head dim {max(call['head_dim'], call['head_dim_v'])} > {MAX_HEAD_DIM}"]
+        head_dim = max(call.get("head_dim", 0), call.get("head_dim_v", 0))
+        if head_dim > MAX_HEAD_DIM:
+            return [f"head dim {head_dim} > {MAX_HEAD_DIM}"]
         return []
 
     @staticmethod

@@ -1,0 +1,127 @@
+"""attnkit.ops.flash_attention on every backend against the float64 reference
+(values, log-sum-exp and gradients), and against SDPA where SDPA has the feature.
+Triton runs here on CPU tensors under TRITON_INTERPRET=1."""
+import pytest
+import torch
+import torch.nn.functional as F
+from attention_cases import Shape, Features, assert_close, case_params, ground_truth, make_inputs
+from helpers import backend_params, forced
+
+import attnkit
+from attnkit.ops import flash_attention
+
+OP = "flash_attention"
+BACKENDS = backend_params(OP)
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def run(q, k, v, kwargs, grad_out, **extra):
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out, lse = flash_attention(*leaves, **kwargs, **extra, return_lse=True)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    return out, lse, grads
+
+
+def check_against_truth(q, k, v, kwargs, dtype, **extra):
+    grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64).to(dtype=dtype, device=q.device)
+    out, lse, grads = run(q, k, v, kwargs, grad_out, **extra)
+    out_t, lse_t, grads_t = ground_truth(q, k, v, kwargs, grad_out)
+    assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(out, out_t, TOL[dtype], "out")
+    assert_close(lse, lse_t, TOL[dtype], "lse")
+    for name, g, g_t in zip("qkv", grads, grads_t):
+        assert_close(g, g_t, TOL[dtype] * 4, f"d{name}")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("shape,features", case_params())
+def test_matches_reference_fp32(backend, device, shape, features):
+    with forced(OP, backend, device) as dev:
+        q, k, v, kwargs = make_inputs(shape, features, torch.float32, dev)
+        check_against_truth(q, k, v, kwargs, torch.float32)
+        assert attnkit.last_dispatch(OP).backend == backend
+
+
+HALF_CASES = [
+    (Shape(2, 2, 1, 33, 40, 64, 64), Features(causal=True)),
+    (Shape(1, 2, 2, 17, 17, 80, 80), Features(softcap=4.0, padding=True)),
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,features", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in HALF_CASES])
+def test_half_precision(backend, device, dtype, shape, features):
+    with forced(OP, backend, device, dtype) as dev:
+        q, k, v, kwargs = make_inputs(shape, features, dtype, dev)
+        check_against_truth(q, k, v, kwargs, dtype)
+
+
+GRADCHECK_CASES = [
+    (Shape(1, 2, 1, 3, 5, 4, 3), Features(causal=True)),
+    (Shape(2, 1, 1, 4, 4, 3, 3), Features(softcap=1.5, mask="float")),
+    (Shape(2, 2, 2, 5, 3, 2, 2), Features(window=(1, 1), padding=True, pad_whole_sequence=True)),
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("shape,features", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in GRADCHECK_CASES])
+def test_gradcheck_float64(backend, device, shape, features):
+    with forced(OP, backend, device, torch.float64) as dev:
+        q, k, v, kwargs = make_inputs(shape, features, torch.float64, dev)
+        leaves = [t.requires_grad_(True) for t in (q, k, v)]
+        assert torch.autograd.gradcheck(lambda q, k, v: flash_attention(q, k, v, **kwargs), leaves)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_fully_masked_rows_give_zero_output_and_gradient(backend, device):
+    with forced(OP, backend, device) as dev:
+        q, k, v = (torch.randn(1, 2, 6, 16, device=dev, requires_grad=True) for _ in range(3))
+        mask = torch.ones(6, 6, dtype=torch.bool, device=dev)
+        mask[2] = False  # query row 2 sees no key
+        out, lse = flash_attention(q, k, v, attn_mask=mask, return_lse=True)
+        (dq,) = torch.autograd.grad(out.sum(), [q])
+    assert torch.isfinite(out).all() and torch.isfinite(dq).all()
+    assert torch.equal(out[:, :, 2], torch.zeros_like(out[:, :, 2]))
+    assert torch.equal(dq[:, :, 2], torch.zeros_like(dq[:, :, 2]))
+    assert torch.isinf(lse[:, :, 2]).all() and (lse[:, :, 2] < 0).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_dropin_matches_sdpa(backend, device, is_causal, gqa):
+    """attnkit.scaled_dot_product_attention vs F.scaled_dot_product_attention:
+    top-left causal with Nq != Nk, GQA, custom scale, gradients."""
+    with forced(OP, backend, device) as dev:
+        gen = torch.Generator().manual_seed(1)
+        q = torch.randn(2, 4, 9, 32, generator=gen).to(dev).requires_grad_(True)
+        k = torch.randn(2, 2 if gqa else 4, 13, 32, generator=gen).to(dev).requires_grad_(True)
+        v = torch.randn(2, 2 if gqa else 4, 13, 24, generator=gen).to(dev).requires_grad_(True)
+        args = dict(is_causal=is_causal, scale=0.2, enable_gqa=gqa)
+        out = attnkit.scaled_dot_product_attention(q, k, v, **args)
+        grads = torch.autograd.grad(out.square().sum(), [q, k, v])
+    expected = F.scaled_dot_product_attention(q, k, v, **args)
+    grads_expected = torch.autograd.grad(expected.square().sum(), [q, k, v])
+    assert_close(out, expected, 1e-4, "out")
+    for g, g_e in zip(grads, grads_expected):
+        assert_close(g, g_e, 4e-4, "grad")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "bool-3d"])
+def test_dropin_masks_match_sdpa(backend, device, mask_kind):
+    with forced(OP, backend, device) as dev:
+        gen = torch.Generator().manual_seed(2)
+        if mask_kind == "bool-3d":  # (N, L, E) inputs with an (N, L, S) mask
+            q, k, v = (torch.randn(3, 11, 16, generator=gen).to(dev) for _ in range(3))
+            mask = torch.rand(3, 11, 11, generator=gen).to(dev) > 0.4
+            mask[..., 0] = True  # SDPA gives NaN on fully masked rows; keep every row alive here
+        else:
+            q, k, v = (torch.randn(2, 2, 11, 16, generator=gen).to(dev) for _ in range(3))
+            mask = torch.rand(11, 11, generator=gen).to(dev)
+            if mask_kind == "bool":
+                mask = mask > 0.4
+                mask[:, 0] = True
+        out = attnkit.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), 1e-4, "out")

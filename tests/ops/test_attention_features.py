@@ -1,0 +1,148 @@
+"""flash_attention features beyond the shared cases: dropout (Philox, reproducible,
+same mask in the backward), varlen packed batches, torch.compile and opcheck."""
+import pytest
+import torch
+from attention_cases import Features, Shape, assert_close, ground_truth, make_inputs
+from helpers import backend_params, forced
+
+import attnkit
+from attnkit.ops import flash_attention, flash_attention_varlen
+from attnkit.reference import attention as ref
+
+OP = "flash_attention"
+BACKENDS = backend_params(OP)
+
+
+def test_reference_philox_matches_triton_randint():
+    """The reference's Philox reproduces tl.randint bit for bit (so every backend draws one mask)."""
+    pytest.importorskip("triton")
+    if not attnkit.available_backends()["triton"].available:
+        pytest.skip(attnkit.available_backends()["triton"].reason)
+    from attnkit.triton_kernels import flash_attention_launch as launch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for seed in (0, 12345 << 20, (1 << 40) - 3):
+        expected = ref.dropout_keep_mask(seed, 2, 3, 19, 37, 0.3, device)
+        assert torch.equal(launch.dropout_keep_mask(2, 3, 19, 37, 0.3, seed, device), expected)
+    keep = ref.dropout_keep_mask(7, 4, 4, 64, 64, 0.25)
+    assert abs(1 - keep.float().mean().item() - 0.25) < 0.02
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_matches_reference_with_the_same_mask(backend, device, causal):
+    shape, features = Shape(2, 4, 2, 17, 23, 32, 32), Features(causal=causal)
+    with forced(OP, backend, device) as dev:
+        q, k, v, kwargs = make_inputs(shape, features, torch.float32, dev)
+        leaves = [t.requires_grad_(True) for t in (q, k, v)]
+        gen = torch.Generator(device="cpu").manual_seed(5)
+        out = flash_attention(*leaves, **kwargs, dropout_p=0.3, generator=gen)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        gen.manual_seed(5)
+        out_again = flash_attention(*leaves, **kwargs, dropout_p=0.3, generator=gen)
+    assert torch.equal(out, out_again), "same generator state, same dropout mask"
+    seed = int(torch.randint(0, 1 << 40, (), generator=torch.Generator().manual_seed(5))) << 20
+    keep = ref.dropout_keep_mask(seed, 2, 4, 17, 23, 0.3)
+    out_t, _, grads_t = ground_truth(q, k, v, kwargs, grad_out, dropout_p=0.3, dropout_keep=keep)
+    assert_close(out, out_t, 1e-4, "out")
+    for g, g_t in zip(grads, grads_t):
+        assert_close(g, g_t, 4e-4, "grad")
+    plain = flash_attention(q, k, v, **kwargs)
+    assert not torch.allclose(out, plain), "dropout changed nothing"
+
+
+def test_dropout_uses_torch_manual_seed():
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    with attnkit.use_backend("reference"):
+        torch.manual_seed(3)
+        a = flash_attention(q, k, v, dropout_p=0.5)
+        b = flash_attention(q, k, v, dropout_p=0.5)
+        torch.manual_seed(3)
+        c = flash_attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, c) and not torch.equal(a, b)
+
+
+def pack(lengths, heads, dim, dtype, device, gen):
+    total = sum(lengths)
+    packed = torch.randn(total, heads, dim, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
+    return packed, cu
+
+
+VARLEN_CASES = [
+    dict(lengths_q=[5, 1, 17], lengths_k=[5, 1, 17], heads=2, heads_kv=2, dim=16, kwargs={}),
+    dict(lengths_q=[3, 17, 8], lengths_k=[9, 17, 4], heads=4, heads_kv=2, dim=32, kwargs=dict(causal=True)),
+    dict(lengths_q=[20, 0, 7], lengths_k=[16, 5, 7], heads=2, heads_kv=1, dim=80, kwargs=dict(window_size=(4, 2))),
+    dict(lengths_q=[33, 12], lengths_k=[33, 40], heads=2, heads_kv=2, dim=24, kwargs=dict(softcap=2.0, causal=True)),
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: f"{c['lengths_q']}x{c['lengths_k']}-{c['kwargs']}")
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_varlen_matches_dense_per_sequence(backend, device, case, dropout_p):
+    gen = torch.Generator().manual_seed(11)
+    with forced(OP, backend, device) as dev:
+        q, cu_q = pack(case["lengths_q"], case["heads"], case["dim"], torch.float32, dev, gen)
+        k, cu_k = pack(case["lengths_k"], case["heads_kv"], case["dim"], torch.float32, dev, gen)
+        v, _ = pack(case["lengths_k"], case["heads_kv"], case["dim"], torch.float32, dev, gen)
+        leaves = [t.requires_grad_(True) for t in (q, k, v)]
+        max_q, max_k = max(case["lengths_q"]), max(case["lengths_k"])
+        drop_gen = torch.Generator().manual_seed(9)
+        out, lse = flash_attention_varlen(*leaves, cu_q, cu_k, max_q, max_k, **case["kwargs"], dropout_p=dropout_p,
+                                          generator=drop_gen, return_lse=True)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    assert out.shape == q.shape and lse.shape == (case["heads"], q.shape[0])
+    keep = None
+    if dropout_p:
+        seed = int(torch.randint(0, 1 << 40, (), generator=torch.Generator().manual_seed(9))) << 20
+        keep = ref.dropout_keep_mask(seed, len(case["lengths_q"]), case["heads"], max_q, max_k, dropout_p)
+    outs, lses, grad_parts = [], [], []
+    for b, (q_b, k_b, v_b, do_b) in enumerate(zip(ref.split_varlen(q, cu_q), ref.split_varlen(k, cu_k),
+                                                   ref.split_varlen(v, cu_k), ref.split_varlen(grad_out, cu_q))):
+        keep_b = None if keep is None else keep[b : b + 1, :, : q_b.shape[2], : k_b.shape[2]]
+        o, l, g = ground_truth(q_b, k_b, v_b, case["kwargs"], do_b, dropout_p=dropout_p, dropout_keep=keep_b)
+        outs.append(o)
+        lses.append(l.squeeze(0))
+        grad_parts.append(g)
+    assert_close(out, ref.join_varlen(outs), 1e-4, "out")
+    assert_close(lse, torch.cat(lses, dim=1), 1e-4, "lse")
+    for i, name in enumerate("qkv"):
+        assert_close(grads[i], ref.join_varlen([g[i] for g in grad_parts]), 4e-4, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", ["reference"])
+def test_opcheck(backend):
+    q, k, v, kwargs = make_inputs(Shape(1, 2, 1, 5, 7, 8, 8), Features(causal=True, mask="float"), torch.float32, "cpu")
+    q.requires_grad_(True)
+    mask = kwargs["attn_mask"].expand(1, 2, 5, 7)
+    with attnkit.use_backend(backend):
+        args = (q, k, v, None, None, 5, 7, mask, None, -1, 0, True, 0.0, 0.35, 0.0, None)
+        torch.library.opcheck(torch.ops.attnkit.attention_forward.default, args)
+
+
+def test_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+    q, k, v, kwargs = make_inputs(Shape(2, 2, 1, 9, 9, 16, 16), Features(causal=True, padding=True), torch.float32, "cpu")
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+
+    def attend(q, k, v, key_padding_mask):
+        return flash_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask).square().sum()
+
+    with attnkit.use_backend("reference"):
+        loss = torch.compile(attend, fullgraph=True, backend="aot_eager")(*leaves, kwargs["key_padding_mask"])
+        grads = torch.autograd.grad(loss, leaves)
+        loss_eager = attend(*leaves, kwargs["key_padding_mask"])
+        grads_eager = torch.autograd.grad(loss_eager, leaves)
+    torch.testing.assert_close(loss, loss_eager)
+    for g, g_e in zip(grads, grads_eager):
+        torch.testing.assert_close(g, g_e)
+
+
+def test_explain_on_cpu_says_why_each_backend_was_skipped():
+    q = torch.randn(1, 1, 4, 16)
+    decision = attnkit.explain("flash_attention", q, q, q)
+    assert decision.backend == "reference"
+    assert decision.skipped["cpp"] and decision.skipped["triton"] and decision.skipped["cuda"]

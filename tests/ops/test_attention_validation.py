@@ -1,0 +1,88 @@
+"""Bad input to the attention ops: a clear error naming the argument, before any kernel runs."""
+import pytest
+import torch
+
+import attnkit
+from attnkit.ops import flash_attention, flash_attention_varlen
+
+
+def qkv(b=2, h=4, h_kv=2, n_q=5, n_k=7, d=16, dv=16, dtype=torch.float32):
+    return torch.randn(b, h, n_q, d, dtype=dtype), torch.randn(b, h_kv, n_k, d, dtype=dtype), torch.randn(b, h_kv, n_k, dv, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "mutate,error,match",
+    [
+        (lambda q, k, v: (q[0], k, v), ValueError, "q must be 4-D"),
+        (lambda q, k, v: (q.tolist(), k, v), TypeError, "q must be a torch.Tensor"),
+        (lambda q, k, v: (q.long(), k, v), TypeError, "q has dtype int64"),
+        (lambda q, k, v: (q, k.double(), v), TypeError, "k has dtype torch.float64 but q has torch.float32"),
+        (lambda q, k, v: (q, k[:1], v[:1]), ValueError, "same batch size"),
+        (lambda q, k, v: (q, k[..., :8], v), ValueError, "same head dim"),
+        (lambda q, k, v: (q, k, v[:, :, :3]), ValueError, "k and v must have the same sequence length"),
+        (lambda q, k, v: (q[:, :3], k, v), ValueError, r"q heads \(3\) must be a multiple of k/v heads \(2\)"),
+        (lambda q, k, v: (q, k, v[:, :1]), ValueError, "k and v must have the same number of heads"),
+        (lambda q, k, v: (torch.randn(1, 1, 2, 300),) * 3, ValueError, "head dim of q/k must be between 1 and 256"),
+        (lambda q, k, v: (q, k, v.to("meta")), RuntimeError, "v is on meta but q is on cpu"),
+    ],
+)
+def test_tensor_errors(mutate, error, match):
+    with pytest.raises(error, match=match):
+        flash_attention(*mutate(*qkv()))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(attn_mask=torch.ones(3, 7, dtype=torch.bool)), ValueError, r"attn_mask of shape \(3, 7\) cannot broadcast to \(B, H, Nq, Nk\) = \(2, 4, 5, 7\)"),
+        (dict(attn_mask=torch.ones(1, 1, 1, 2, 5, 7)), ValueError, "cannot broadcast"),
+        (dict(attn_mask=torch.ones(5, 7, dtype=torch.int32)), TypeError, "attn_mask must be bool"),
+        (dict(attn_mask=torch.zeros(5, 7, requires_grad=True)), NotImplementedError, "gradients with respect to attn_mask"),
+        (dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)), ValueError, r"key_padding_mask must have shape \(B, Nk\) = \(2, 7\)"),
+        (dict(key_padding_mask=torch.zeros(2, 7)), TypeError, "key_padding_mask has dtype float32"),
+        (dict(window_size=(2,)), TypeError, "window_size must be a pair"),
+        (dict(window_size=(-2, 0)), ValueError, "window_size left must be an int >= -1"),
+        (dict(softcap=-1.0), ValueError, "softcap must be >= 0"),
+        (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+        (dict(scale="x"), TypeError, "scale must be a float"),
+        (dict(causal=1), TypeError, "causal must be a bool"),
+        (dict(causal_alignment="left"), ValueError, "causal_alignment must be one of"),
+    ],
+)
+def test_argument_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        flash_attention(*qkv(), **kwargs)
+
+
+def packed():
+    q, k, v = torch.randn(10, 4, 16), torch.randn(12, 2, 16), torch.randn(12, 2, 16)
+    return q, k, v, torch.tensor([0, 4, 10], dtype=torch.int32), torch.tensor([0, 5, 12], dtype=torch.int32)
+
+
+@pytest.mark.parametrize(
+    "mutate,error,match",
+    [
+        (lambda a: a[:3] + (a[3].long(), a[4], 6, 7), TypeError, "cu_seqlens_q has dtype int64"),
+        (lambda a: a[:3] + (torch.tensor([0, 6, 4, 10], dtype=torch.int32), torch.tensor([0, 5, 6, 12], dtype=torch.int32), 6, 7), ValueError, "cu_seqlens_q must be non-decreasing"),
+        (lambda a: a[:3] + (torch.tensor([0, 4, 9], dtype=torch.int32), a[4], 6, 7), ValueError, "must start at 0 and end at the packed length 10"),
+        (lambda a: a[:3] + (torch.tensor([1, 4, 10], dtype=torch.int32), a[4], 6, 7), ValueError, "must start at 0"),
+        (lambda a: a + (5, 7), ValueError, r"max_seqlen_q = 5 is smaller than the longest sequence \(6\)"),
+        (lambda a: a + (6, 7.0), TypeError, "max_seqlen_k must be a non-negative int"),
+        (lambda a: a[:3] + (a[3], torch.tensor([0, 12], dtype=torch.int32), 6, 12), ValueError, "same batch"),
+        (lambda a: (a[0][None],) + a[1:] + (6, 7), ValueError, "q must be 3-D"),
+    ],
+)
+def test_varlen_errors(mutate, error, match):
+    with pytest.raises(error, match=match):
+        flash_attention_varlen(*mutate(packed()))
+
+
+def test_sdpa_dropin_errors():
+    q, k, v = qkv(h_kv=4)
+    with pytest.raises(ValueError, match="either attn_mask or is_causal"):
+        attnkit.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool), is_causal=True)
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="pass enable_gqa=True"):
+        attnkit.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(ValueError, match="must be 3-D"):
+        attnkit.scaled_dot_product_attention(q[0, 0], k[0, 0], v[0, 0])
