@@ -34,6 +34,7 @@ class Features:
     mask: str = ""  # "", "bool", "float", "bool-2d"
     padding: bool = False
     pad_whole_sequence: bool = False  # one batch entry entirely padding: fully masked rows
+    alibi: str = ""  # "", "heads" (H,), "batch" (B, H)
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
     def __str__(self):
@@ -50,6 +51,8 @@ class Features:
             parts.append(f"mask-{self.mask}")
         if self.padding:
             parts.append("pad-all" if self.pad_whole_sequence else "pad")
+        if self.alibi:
+            parts.append(f"alibi-{self.alibi}")
         return "+".join(parts) or "plain"
 
 
@@ -75,6 +78,9 @@ CASES = [
     (S(2, 2, 1, 17, 29, 16, 16), Features(padding=True, pad_whole_sequence=True, causal=True)),
     (S(2, 4, 2, 33, 33, 96, 96), Features(causal=True, softcap=3.0, padding=True, mask="float")),
     (S(1, 2, 2, 65, 70, 160, 160), Features(window=(8, 8), softcap=1.5)),
+    (S(2, 4, 4, 17, 23, 32, 32), Features(alibi="heads")),
+    (S(2, 4, 2, 23, 17, 32, 32), Features(alibi="batch", causal=True, softcap=2.0)),
+    (S(1, 2, 2, 33, 33, 256, 256), Features(causal=True, alibi="heads", window=(6, -1))),
 ]
 
 
@@ -103,6 +109,10 @@ def make_inputs(shape: Shape, features: Features, dtype, device, seed=0):
         kwargs["attn_mask"] = (torch.rand(shape.n_q, shape.n_k, generator=gen) > 0.2).to(device)
     elif features.mask == "float":
         kwargs["attn_mask"] = randn(shape.batch, shape.heads, shape.n_q, shape.n_k)
+    if features.alibi == "heads":
+        kwargs["alibi_slopes"] = torch.rand(shape.heads, generator=gen).to(device)
+    elif features.alibi == "batch":
+        kwargs["alibi_slopes"] = torch.rand(shape.batch, shape.heads, generator=gen).to(device)
     if features.padding:
         lengths = torch.randint(1, shape.n_k + 1, (shape.batch,), generator=gen)
         if features.pad_whole_sequence:
@@ -119,8 +129,14 @@ def reference_options(kwargs, n_q=None):
     return dict(
         window=(left, right), bottom_right=kwargs.get("causal_alignment", "bottom_right") == "bottom_right",
         attn_mask=kwargs.get("attn_mask"), key_padding_mask=kwargs.get("key_padding_mask"),
-        softcap=kwargs.get("softcap", 0.0), scale=kwargs.get("scale"),
+        softcap=kwargs.get("softcap", 0.0), scale=kwargs.get("scale"), alibi_slopes=_slopes(kwargs.get("alibi_slopes")),
     )
+
+
+def _slopes(slopes):
+    if slopes is None or slopes.dim() == 2:
+        return slopes
+    return slopes[None]
 
 
 def ground_truth(q, k, v, kwargs, grad_out, dropout_p=0.0, dropout_keep=None):

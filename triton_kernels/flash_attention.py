@@ -11,6 +11,7 @@ Conventions (shared with the reference and every backend):
 - `diag` aligns query i with key i + diag: Nk - Nq for bottom-right causal
   (FlashAttention's), 0 for top-left (SDPA's is_causal). Key j is inside the
   window of query i iff -left <= j - (i + diag) <= right; causal is right = 0.
+- ALiBi adds -slope[b, h] * |j - (i + diag)| to the score, after soft-capping.
 - Softmax statistics accumulate in fp32 (fp64 for fp64 inputs); the forward
   stores the natural-log log-sum-exp, -inf for a row with no visible key,
   whose output and gradients are 0.
@@ -41,8 +42,9 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _tile_scores(
     qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
-    mask_base, stride_mask_m, stride_mask_n, pad_base,
+    mask_base, stride_mask_m, stride_mask_n, pad_base, slope,
     USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     """Scaled, soft-capped, masked scores of one (BLOCK_M, BLOCK_N) tile in
     natural-log units (-inf where masked), and tanh of the soft-cap argument
@@ -52,9 +54,11 @@ def _tile_scores(
     if SOFTCAP:
         t = 2 * tl.sigmoid(2 * s / softcap) - 1  # tanh, portable across Triton versions
         s = softcap * t
+    rel = offs_n[None, :] - (offs_m[:, None] + diag)  # key position relative to the query's diagonal
+    if ALIBI:  # after soft-capping: the bias is not capped
+        s = s - slope * tl.abs(rel).to(s.dtype)
     valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
     if USE_WINDOW:
-        rel = offs_n[None, :] - (offs_m[:, None] + diag)
         valid = valid & (rel <= window_right) & (rel >= -window_left)
     if MASK_KIND == 1:  # boolean, True (nonzero) = attend
         keep = tl.load(mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=valid, other=0)
@@ -98,15 +102,15 @@ def _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN: tl.constexpr, BOTTOM_R
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, MASK, PAD, CU_Q, CU_K,
+    Q, K, V, O, LSE, MASK, PAD, SLOPES, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_lm,
-    stride_mb, stride_mh, stride_mm, stride_mn, stride_pb,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_pb, stride_ab,
     H, GROUP, max_q, max_k, scale, softcap, window_left, window_right, seed, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -128,6 +132,7 @@ def _attn_fwd(
     mask_base = MASK + b * stride_mb + h * stride_mh
     pad_base = PAD + b * stride_pb
     seed_bh = seed + b * H + h
+    slope = tl.load(SLOPES + b * stride_ab + h) if ALIBI else 0.0
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
@@ -143,7 +148,8 @@ def _attn_fwd(
                     mask=(offs_n[None, :] < k_len) & (offs_d[:, None] < HEAD_DIM), other=0)
         qk = _dot(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         s, _ = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
-                            mask_base, stride_mm, stride_mn, pad_base, USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING)
+                            mask_base, stride_mm, stride_mn, pad_base, slope, USE_WINDOW, SOFTCAP, MASK_KIND,
+                            HAS_PADDING, ALIBI)
         s = s * LOG2E
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
@@ -194,16 +200,16 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, PAD, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, PAD, SLOPES, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    stride_mb, stride_mh, stride_mm, stride_mn, stride_pb,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_pb, stride_ab,
     H_KV, GROUP, max_q, max_k, scale, softcap, window_left, window_right, seed, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -237,6 +243,7 @@ def _attn_bwd_dkdv(
         stat_base = b * stride_lb + h * stride_lh + q_start * stride_lm
         mask_base = MASK + b * stride_mb + h * stride_mh
         seed_bh = seed + b * (H_KV * GROUP) + h
+        slope = tl.load(SLOPES + b * stride_ab + h) if ALIBI else 0.0
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + offs_m0
             q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
@@ -247,8 +254,8 @@ def _attn_bwd_dkdv(
             delta = tl.load(DELTA + stat_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
             qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
             s, t = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
-                                mask_base, stride_mm, stride_mn, PAD + b * stride_pb,
-                                USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING)
+                                mask_base, stride_mm, stride_mn, PAD + b * stride_pb, slope,
+                                USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, ALIBI)
             lse = tl.where(lse == float("-inf"), 0.0, lse).to(ACC_DTYPE)  # such rows are all -inf: p = 0
             p = tl.exp2((s - lse[:, None]) * LOG2E)
             dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
@@ -271,15 +278,15 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, PAD, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, PAD, SLOPES, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm, stride_dqb, stride_dqh, stride_dqm,
-    stride_mb, stride_mh, stride_mm, stride_mn, stride_pb,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_pb, stride_ab,
     H, GROUP, max_q, max_k, scale, softcap, window_left, window_right, seed, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -307,6 +314,7 @@ def _attn_bwd_dq(
     v_base = V + b * stride_vb + kvh * stride_vh + k_start * stride_vn
     mask_base = MASK + b * stride_mb + h * stride_mh
     seed_bh = seed + b * H + h
+    slope = tl.load(SLOPES + b * stride_ab + h) if ALIBI else 0.0
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
     lo = 0
     hi = k_len
@@ -321,8 +329,8 @@ def _attn_bwd_dq(
                     mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         s, t = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
-                            mask_base, stride_mm, stride_mn, PAD + b * stride_pb,
-                            USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING)
+                            mask_base, stride_mm, stride_mn, PAD + b * stride_pb, slope,
+                            USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, ALIBI)
         p = tl.exp2((s - lse[:, None]) * LOG2E)
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         if DROPOUT:

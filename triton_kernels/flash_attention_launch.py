@@ -67,7 +67,8 @@ def _stat_strides(stat: torch.Tensor, varlen: bool):
     return stat.stride(0), stat.stride(1), stat.stride(2)
 
 
-def _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed):
+def _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed,
+            alibi_slopes):
     varlen = cu_q is not None
     batch = cu_q.numel() - 1 if varlen else q.shape[0]
     heads = q.shape[1] if varlen else q.shape[1]
@@ -89,23 +90,27 @@ def _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, 
         DOT_PRECISION="ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
         UPCAST=_interpreting() and q.dtype == torch.bfloat16,
         VARLEN=varlen, BOTTOM_RIGHT=bottom_right, USE_WINDOW=use_window, SOFTCAP=softcap > 0,
-        MASK_KIND=mask_kind, HAS_PADDING=pad is not None, DROPOUT=dropout_p > 0,
+        MASK_KIND=mask_kind, HAS_PADDING=pad is not None, DROPOUT=dropout_p > 0, ALIBI=alibi_slopes is not None,
     )
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     pad_stride = pad.stride(0) if pad is not None else 0
+    slopes_stride = alibi_slopes.stride(0) if alibi_slopes is not None else 0
     cu_q = cu_q if varlen else dummy
     cu_k = cu_k if varlen else dummy
     return dict(
         varlen=varlen, batch=batch, heads=heads, heads_kv=heads_kv, group=heads // heads_kv, scalars=scalars,
         flags=flags, mask=mask if mask is not None else dummy, pad=pad if pad is not None else dummy,
-        mask_strides=mask_strides, pad_stride=pad_stride, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
+        slopes=alibi_slopes if alibi_slopes is not None else dummy,
+        mask_strides=mask_strides, pad_stride=pad_stride, slopes_stride=slopes_stride, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
     )
 
 
 def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor], max_q: int, max_k: int,
-            mask, pad, bottom_right: bool, window, softcap: float, scale: float, dropout_p: float, seed: int):
+            mask, pad, bottom_right: bool, window, softcap: float, scale: float, dropout_p: float, seed: int,
+            alibi_slopes=None):
     """Returns (out, lse); lse is fp32 (fp64 for fp64 inputs), (B, H, Nq) or varlen (H, total_q)."""
-    c = _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed)
+    c = _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed,
+                alibi_slopes)
     varlen = c["varlen"]
     out_shape = q.shape[:-1] + (v.shape[-1],)
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
@@ -114,18 +119,19 @@ def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tenso
     kernel, blocks = _kernel(_attn_fwd, c["flags"]["BLOCK_D"])
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
     kernel[grid](
-        q, k, v, out, lse, c["mask"], c["pad"], c["cu_q"], c["cu_k"],
+        q, k, v, out, lse, c["mask"], c["pad"], c["slopes"], c["cu_q"], c["cu_k"],
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(out, varlen),
-        *_stat_strides(lse, varlen), *c["mask_strides"], c["pad_stride"],
+        *_stat_strides(lse, varlen), *c["mask_strides"], c["pad_stride"], c["slopes_stride"],
         c["heads"], c["group"], max_q, max_k, **c["scalars"], **c["flags"], **blocks,
     )
     return out, lse
 
 
 def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask, pad, bottom_right: bool, window,
-             softcap: float, scale: float, dropout_p: float, seed: int):
+             softcap: float, scale: float, dropout_p: float, seed: int, alibi_slopes=None):
     """Returns (dq, dk, dv); deterministic (no atomics)."""
-    c = _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed)
+    c = _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed,
+                alibi_slopes)
     varlen, flags = c["varlen"], c["flags"]
     delta = torch.empty_like(lse)
     delta_blocks = 16 if _interpreting() else 64
@@ -136,11 +142,11 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
         ACC_DTYPE=flags["ACC_DTYPE"], VARLEN=varlen,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    shared = (*c["mask_strides"], c["pad_stride"])
+    shared = (*c["mask_strides"], c["pad_stride"], c["slopes_stride"])
     kernel, blocks = _kernel(_attn_bwd_dkdv, flags["BLOCK_D"])
     grid = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), c["batch"] * c["heads_kv"])  # noqa: E731
     kernel[grid](
-        q, k, v, do, lse, delta, dk, dv, c["mask"], c["pad"], c["cu_q"], c["cu_k"],
+        q, k, v, do, lse, delta, dk, dv, c["mask"], c["pad"], c["slopes"], c["cu_q"], c["cu_k"],
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(do, varlen),
         *_stat_strides(lse, varlen), *_Layout.of(dk, varlen), *_Layout.of(dv, varlen), *shared,
         c["heads_kv"], c["group"], max_q, max_k, **c["scalars"], **flags, **blocks,
@@ -148,7 +154,7 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
     kernel, blocks = _kernel(_attn_bwd_dq, flags["BLOCK_D"])
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
     kernel[grid](
-        q, k, v, do, lse, delta, dq, c["mask"], c["pad"], c["cu_q"], c["cu_k"],
+        q, k, v, do, lse, delta, dq, c["mask"], c["pad"], c["slopes"], c["cu_q"], c["cu_k"],
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(do, varlen),
         *_stat_strides(lse, varlen), *_Layout.of(dq, varlen), *shared,
         c["heads"], c["group"], max_q, max_k, **c["scalars"], **flags, **blocks,

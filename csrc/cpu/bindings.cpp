@@ -3,10 +3,15 @@
 #include <torch/extension.h>
 
 #include "attnkit/lstm_cell.h"
+#include "attnkit/rnn.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "attnkit CPU kernels";
   m.def("lstm_cell_forward", &attnkit::cpu::lstm_cell_forward, "LSTM cell step, forward (CPU)");
   m.def("lstm_cell_backward", &attnkit::cpu::lstm_cell_backward, "LSTM cell step, backward (CPU)");
+  m.def("lstm_forward", &attnkit::cpu::lstm_forward, "whole-sequence LSTM layer, forward (CPU)");
+  m.def("lstm_backward", &attnkit::cpu::lstm_backward, "whole-sequence LSTM layer, backward (CPU)");
+  m.def("gru_forward", &attnkit::cpu::gru_forward, "whole-sequence GRU layer, forward (CPU)");
+  m.def("gru_backward", &attnkit::cpu::gru_backward, "whole-sequence GRU layer, backward (CPU)");
   m.def("num_threads", [] { return at::get_num_threads(); }, "threads at::parallel_for may use");
 }

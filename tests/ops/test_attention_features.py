@@ -75,6 +75,7 @@ VARLEN_CASES = [
     dict(lengths_q=[3, 17, 8], lengths_k=[9, 17, 4], heads=4, heads_kv=2, dim=32, kwargs=dict(causal=True)),
     dict(lengths_q=[20, 0, 7], lengths_k=[16, 5, 7], heads=2, heads_kv=1, dim=80, kwargs=dict(window_size=(4, 2))),
     dict(lengths_q=[33, 12], lengths_k=[33, 40], heads=2, heads_kv=2, dim=24, kwargs=dict(softcap=2.0, causal=True)),
+    dict(lengths_q=[7, 12], lengths_k=[9, 12], heads=2, heads_kv=2, dim=16, kwargs=dict(alibi_slopes=torch.tensor([0.5, 0.25]))),
 ]
 
 
@@ -90,7 +91,8 @@ def test_varlen_matches_dense_per_sequence(backend, device, case, dropout_p):
         leaves = [t.requires_grad_(True) for t in (q, k, v)]
         max_q, max_k = max(case["lengths_q"]), max(case["lengths_k"])
         drop_gen = torch.Generator().manual_seed(9)
-        out, lse = flash_attention_varlen(*leaves, cu_q, cu_k, max_q, max_k, **case["kwargs"], dropout_p=dropout_p,
+        kwargs = {key: value.to(dev) if torch.is_tensor(value) else value for key, value in case["kwargs"].items()}
+        out, lse = flash_attention_varlen(*leaves, cu_q, cu_k, max_q, max_k, **kwargs, dropout_p=dropout_p,
                                           generator=drop_gen, return_lse=True)
         grad_out = torch.randn_like(out)
         grads = torch.autograd.grad(out, leaves, grad_out)
@@ -103,7 +105,7 @@ def test_varlen_matches_dense_per_sequence(backend, device, case, dropout_p):
     for b, (q_b, k_b, v_b, do_b) in enumerate(zip(ref.split_varlen(q, cu_q), ref.split_varlen(k, cu_k),
                                                    ref.split_varlen(v, cu_k), ref.split_varlen(grad_out, cu_q))):
         keep_b = None if keep is None else keep[b : b + 1, :, : q_b.shape[2], : k_b.shape[2]]
-        o, l, g = ground_truth(q_b, k_b, v_b, case["kwargs"], do_b, dropout_p=dropout_p, dropout_keep=keep_b)
+        o, l, g = ground_truth(q_b, k_b, v_b, kwargs, do_b, dropout_p=dropout_p, dropout_keep=keep_b)
         outs.append(o)
         lses.append(l.squeeze(0))
         grad_parts.append(g)
@@ -119,7 +121,7 @@ def test_opcheck(backend):
     q.requires_grad_(True)
     mask = kwargs["attn_mask"].expand(1, 2, 5, 7)
     with attnkit.use_backend(backend):
-        args = (q, k, v, None, None, 5, 7, mask, None, -1, 0, True, 0.0, 0.35, 0.0, None)
+        args = (q, k, v, None, None, 5, 7, mask, None, -1, 0, True, 0.0, 0.35, 0.0, None, torch.rand(1, 2))
         torch.library.opcheck(torch.ops.attnkit.attention_forward.default, args)
 
 

@@ -47,6 +47,9 @@ def test_tensor_errors(mutate, error, match):
         (dict(scale="x"), TypeError, "scale must be a float"),
         (dict(causal=1), TypeError, "causal must be a bool"),
         (dict(causal_alignment="left"), ValueError, "causal_alignment must be one of"),
+        (dict(alibi_slopes=torch.rand(3)), ValueError, r"alibi_slopes must have shape \(H,\) = \(4,\) or \(B, H\)"),
+        (dict(alibi_slopes=torch.rand(4, dtype=torch.float64)), TypeError, "alibi_slopes has dtype float64"),
+        (dict(alibi_slopes=torch.rand(4, requires_grad=True)), NotImplementedError, "alibi_slopes"),
     ],
 )
 def test_argument_errors(kwargs, error, match):

@@ -1,8 +1,11 @@
 // Gate math of the recurrent cells, written once and shared by the CPU (C++)
-// and CUDA kernels. Gate order follows PyTorch: LSTM (i, f, g, o).
+// and CUDA kernels. Gate order follows PyTorch: LSTM (i, f, g, o), GRU (r, z, n).
 //
 // Every function works on one hidden unit in the accumulation type (float or
-// double); callers load/store their storage type around it.
+// double); callers load/store their storage type around it. On the host the
+// same templates also take `vfloat8` (8 float lanes, GCC vector extension), so
+// the CPU kernels evaluate eight units at once with the very same formulas;
+// constants are written as float literals (not T(1)) for that reason.
 #pragma once
 
 #include <cmath>
@@ -45,10 +48,44 @@ ATTNKIT_HOST_DEVICE double tanh_(double x) {
 #endif
 }
 
+#if !defined(__CUDACC__)
+// Host SIMD: 8 float lanes. std::exp is a libm call per element that no
+// compiler vectorizes, so the lanes use Cephes' expf polynomial (relative
+// error ~1e-7) with the exponent set by bit arithmetic.
+typedef float vfloat8 __attribute__((vector_size(32)));
+typedef int vint8 __attribute__((vector_size(32)));
+
+inline vfloat8 exp_(vfloat8 x) {
+  // Clamped so 2^n stays a normal float: e^x saturates at ~1.6e38 / ~1.6e-38.
+  x = x < -87.0f ? vfloat8{} - 87.0f : x;
+  x = x > 88.0f ? vfloat8{} + 88.0f : x;
+  const vfloat8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const vfloat8 r = x - n * 0.693359375f + n * 2.12194440e-4f;                // x - n ln 2, two parts
+  const vfloat8 p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
+                      4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
+  const vint8 bits = (__builtin_convertvector(n, vint8) + 127) << 23;  // 2^n
+  vfloat8 scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return (p * r * r + r + 1.0f) * scale;
+}
+
+inline vfloat8 tanh_(vfloat8 x) {
+  // Small |x|: Cephes' odd polynomial (no cancellation); else 1 - 2/(e^2|x| + 1).
+  const vfloat8 ax = x < 0.0f ? -x : x;
+  const vfloat8 e = exp_(-2.0f * ax);
+  vfloat8 large = (1.0f - e) / (1.0f + e);
+  large = x < 0.0f ? -large : large;
+  const vfloat8 z = x * x;
+  const vfloat8 small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
+                          1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
+  return ax < 0.625f ? small : large;
+}
+#endif
+
 // 1 / (1 + e^-x) overflows gracefully: e^-x -> inf gives 0, never NaN.
 template <typename T>
 ATTNKIT_HOST_DEVICE T sigmoid(T x) {
-  return T(1) / (T(1) + exp_(-x));
+  return 1.0f / (1.0f + exp_(-x));
 }
 
 // Activated LSTM gates of one hidden unit.
@@ -86,13 +123,54 @@ template <typename T>
 ATTNKIT_HOST_DEVICE LstmUnitGrad<T> lstm_backward(const LstmGates<T>& a, T c_prev, T c_new,
                                                   T grad_h, T grad_c) {
   const T tanh_c = tanh_(c_new);
-  const T grad_c_total = grad_c + grad_h * a.o * (T(1) - tanh_c * tanh_c);
+  const T grad_c_total = grad_c + grad_h * a.o * (1.0f - tanh_c * tanh_c);
   LstmUnitGrad<T> d;
-  d.pre_o = grad_h * tanh_c * a.o * (T(1) - a.o);
-  d.pre_i = grad_c_total * a.g * a.i * (T(1) - a.i);
-  d.pre_f = grad_c_total * c_prev * a.f * (T(1) - a.f);
-  d.pre_g = grad_c_total * a.i * (T(1) - a.g * a.g);
+  d.pre_o = grad_h * tanh_c * a.o * (1.0f - a.o);
+  d.pre_i = grad_c_total * a.g * a.i * (1.0f - a.i);
+  d.pre_f = grad_c_total * c_prev * a.f * (1.0f - a.f);
+  d.pre_g = grad_c_total * a.i * (1.0f - a.g * a.g);
   d.c_prev = grad_c_total * a.f;
+  return d;
+}
+
+// GRU, one unit. PyTorch's formulation: the hidden part of the candidate,
+// hn = W_hn h + b_hn, is multiplied by the reset gate (b_hn inside the product):
+//   r = sigmoid(gi_r + gh_r), z = sigmoid(gi_z + gh_z), n = tanh(gi_n + r * hn),
+//   h' = (1 - z) * n + z * h.
+// hn is kept with the activated gates: the backward needs it for dr.
+template <typename T>
+struct GruGates {
+  T r, z, n, hn;
+};
+
+template <typename T>
+ATTNKIT_HOST_DEVICE GruGates<T> gru_activate(T gi_r, T gi_z, T gi_n, T gh_r, T gh_z, T gh_n) {
+  const T r = sigmoid(gi_r + gh_r);
+  return {r, sigmoid(gi_z + gh_z), tanh_(gi_n + r * gh_n), gh_n};
+}
+
+template <typename T>
+ATTNKIT_HOST_DEVICE T gru_hidden_state(const GruGates<T>& a, T h_prev) {
+  return a.n + a.z * (h_prev - a.n);
+}
+
+// Gradients of the input-side pre-activations (gi_r, gi_z, gi_n), of the
+// hidden-side ones (gh_r = gi_r, gh_z = gi_z, gh_n = gi_n * r, returned as
+// gh_n) and the direct part of dh_prev (through z; the part through W_hh is a GEMM).
+template <typename T>
+struct GruUnitGrad {
+  T gi_r, gi_z, gi_n, gh_n, h_prev;
+};
+
+template <typename T>
+ATTNKIT_HOST_DEVICE GruUnitGrad<T> gru_backward(const GruGates<T>& a, T h_prev, T grad_h) {
+  const T grad_n = grad_h * (1.0f - a.z);
+  GruUnitGrad<T> d;
+  d.gi_n = grad_n * (1.0f - a.n * a.n);
+  d.gh_n = d.gi_n * a.r;
+  d.gi_r = d.gi_n * a.hn * a.r * (1.0f - a.r);
+  d.gi_z = grad_h * (h_prev - a.n) * a.z * (1.0f - a.z);
+  d.h_prev = grad_h * a.z;
   return d;
 }
 

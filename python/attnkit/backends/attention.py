@@ -37,6 +37,7 @@ class AttentionCall:
     scale: float
     dropout_p: float
     seed: int
+    alibi_slopes: Optional[Tensor] = None  # fp32 (B, H) contiguous: bias -slope * |j - (i + diag)|
 
     @property
     def varlen(self) -> bool:
@@ -72,7 +73,7 @@ class Triton(Implementation):
         return dict(
             cu_q=c.cu_seqlens_q, cu_k=c.cu_seqlens_k, max_q=c.max_seqlen_q, max_k=c.max_seqlen_k, mask=mask, pad=pad,
             bottom_right=c.bottom_right, window=c.window, softcap=c.softcap, scale=c.scale, dropout_p=c.dropout_p,
-            seed=c.seed,
+            seed=c.seed, alibi_slopes=c.alibi_slopes,
         )
 
     def forward(self, c: AttentionCall):
@@ -101,7 +102,8 @@ class Reference(Implementation):
         if not c.varlen:
             n_q, n_k = c.q.shape[2], c.k.shape[2]
             yield (c.q, c.k, c.v, *extra), dict(options, attn_mask=c.attn_mask, key_padding_mask=c.key_padding_mask,
-                                                 dropout_keep=None if keep is None else keep[:, :, :n_q, :n_k])
+                                                 dropout_keep=None if keep is None else keep[:, :, :n_q, :n_k],
+                                                 alibi_slopes=c.alibi_slopes)
             return
         cu_q, cu_k = c.cu_seqlens_q, c.cu_seqlens_k
         parts = [ref.split_varlen(t, cu_q) for t in (c.q, *extra)]
@@ -110,7 +112,8 @@ class Reference(Implementation):
             q_b, *extra_b = (p[b] for p in parts)
             n_q, n_k = q_b.shape[2], kv[0][b].shape[2]
             seq_keep = None if keep is None else keep[b : b + 1, :, :n_q, :n_k]
-            yield (q_b, kv[0][b], kv[1][b], *extra_b), dict(options, dropout_keep=seq_keep)
+            slopes = None if c.alibi_slopes is None else c.alibi_slopes[b : b + 1]
+            yield (q_b, kv[0][b], kv[1][b], *extra_b), dict(options, dropout_keep=seq_keep, alibi_slopes=slopes)
 
     def forward(self, c: AttentionCall):
         outs, lses = [], []

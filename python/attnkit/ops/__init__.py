@@ -1,5 +1,6 @@
 """Public functional ops: autograd-aware, torch.compile-traceable, backend-dispatched."""
 from .attention import flash_attention, flash_attention_varlen
 from .lstm_cell import lstm_cell
+from .rnn import gru, lstm
 
-__all__ = ["flash_attention", "flash_attention_varlen", "lstm_cell"]
+__all__ = ["flash_attention", "flash_attention_varlen", "gru", "lstm", "lstm_cell"]

@@ -23,9 +23,9 @@ _ALIGNMENTS = ("bottom_right", "top_left")
 
 
 def _call(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, window_left, window_right, bottom_right, softcap, scale,
-          dropout_p, seed) -> AttentionCall:
+          dropout_p, seed, alibi_slopes) -> AttentionCall:
     return AttentionCall(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, (window_left, window_right), bottom_right,
-                         softcap, scale, dropout_p, 0 if seed is None else int(seed))
+                         softcap, scale, dropout_p, 0 if seed is None else int(seed), alibi_slopes)
 
 
 @torch.library.custom_op("attnkit::attention_forward", mutates_args=())
@@ -33,17 +33,17 @@ def _attention_forward(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
     window_left: int, window_right: int, bottom_right: bool, softcap: float, scale: float, dropout_p: float,
-    seed: Optional[Tensor],
+    seed: Optional[Tensor], alibi_slopes: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     call = _call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
-                 window_left, window_right, bottom_right, softcap, scale, dropout_p, seed)
+                 window_left, window_right, bottom_right, softcap, scale, dropout_p, seed, alibi_slopes)
     out, lse = ATTENTION.select(call.describe()).forward(call)
     return out.contiguous(), lse.contiguous()
 
 
 @_attention_forward.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
-      window_left, window_right, bottom_right, softcap, scale, dropout_p, seed):
+      window_left, window_right, bottom_right, softcap, scale, dropout_p, seed, alibi_slopes):
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else q.shape[:-1]
     return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(lse_shape, dtype=stat_dtype)
@@ -54,10 +54,10 @@ def _attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor],
     cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor],
     key_padding_mask: Optional[Tensor], window_left: int, window_right: int, bottom_right: bool, softcap: float,
-    scale: float, dropout_p: float, seed: Optional[Tensor],
+    scale: float, dropout_p: float, seed: Optional[Tensor], alibi_slopes: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor]:
     call = _call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
-                 window_left, window_right, bottom_right, softcap, scale, dropout_p, seed)
+                 window_left, window_right, bottom_right, softcap, scale, dropout_p, seed, alibi_slopes)
     grads = ATTENTION.select(call.describe()).backward(call, grad_out, out, lse)
     return tuple(g.contiguous() for g in grads)
 
@@ -69,21 +69,22 @@ def _(grad_out, q, k, v, out, lse, *args):
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, window_left, window_right, bottom_right, softcap, scale, dropout_p,
-     seed) = inputs
+     seed, alibi_slopes) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask, pad, seed)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask, pad, seed, alibi_slopes)
     ctx.scalars = (max_q, max_k, window_left, window_right, bottom_right, softcap, scale, dropout_p)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, cu_q, cu_k, mask, pad, seed = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, mask, pad, seed, alibi_slopes = ctx.saved_tensors
     max_q, max_k, window_left, window_right, bottom_right, softcap, scale, dropout_p = ctx.scalars
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = _attention_backward(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, pad,
-                                     window_left, window_right, bottom_right, softcap, scale, dropout_p, seed)
-    return (dq, dk, dv) + (None,) * 13
+                                     window_left, window_right, bottom_right, softcap, scale, dropout_p, seed,
+                                     alibi_slopes)
+    return (dq, dk, dv) + (None,) * 14
 
 
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -119,6 +120,7 @@ def flash_attention(
     key_padding_mask: Optional[Tensor] = None, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
     scale: Optional[float] = None, dropout_p: float = 0.0, generator: Optional[torch.Generator] = None,
     return_lse: bool = False, deterministic: bool = False, causal_alignment: str = "bottom_right",
+    alibi_slopes: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Attention softmax(q k^T * scale + masks) v without materializing the scores.
 
@@ -134,6 +136,8 @@ def flash_attention(
         window_size: (left, right): query i sees keys j with -left <= j - i - diag <= right;
             -1 = unbounded. Combined with causal, right becomes 0.
         softcap: if > 0, scores become softcap * tanh(scores / softcap) before masks (Gemma 2).
+        alibi_slopes: fp32 (H,) or (B, H): adds -slope * |j - i - diag| to the scores, computed in
+            the kernel (no (Nq, Nk) bias tensor); attnkit.nn.alibi_slopes(H) gives the paper's slopes.
         scale: multiplies q k^T; default 1/sqrt(D).
         dropout_p: dropout on the attention probabilities (Philox; the backward redraws the
             same mask). The seed comes from `generator` (default: torch's CPU generator), so
@@ -151,10 +155,11 @@ def flash_attention(
     if causal_alignment not in _ALIGNMENTS:
         raise ValueError(f"{OP}: causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}")
     left, right = _window(OP, causal, window_size)
+    slopes = check.alibi(OP, alibi_slopes, q.shape[0], q.shape[1], q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse = _attention_forward(q, k, v, None, None, q.shape[2], k.shape[2], attn_mask, key_padding_mask, left, right,
                                   causal_alignment == "bottom_right", softcap, scale, dropout_p,
-                                  _seed(dropout_p, generator))
+                                  _seed(dropout_p, generator), slopes)
     return _finish(out, lse, return_lse)
 
 
@@ -162,7 +167,7 @@ def flash_attention_varlen(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
     max_seqlen_k: int, *, causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
     scale: Optional[float] = None, dropout_p: float = 0.0, generator: Optional[torch.Generator] = None,
-    return_lse: bool = False, deterministic: bool = False,
+    return_lse: bool = False, deterministic: bool = False, alibi_slopes: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Attention over a packed batch of variable-length sequences, as FlashAttention's varlen API.
 
@@ -178,9 +183,10 @@ def flash_attention_varlen(
     check.varlen(OP_VARLEN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     softcap, scale, dropout_p = check.scalars(OP_VARLEN, softcap, scale, dropout_p, q.shape[-1])
     left, right = _window(OP_VARLEN, causal, window_size)
+    slopes = check.alibi(OP_VARLEN, alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse = _attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None, left,
-                                  right, True, softcap, scale, dropout_p, _seed(dropout_p, generator))
+                                  right, True, softcap, scale, dropout_p, _seed(dropout_p, generator), slopes)
     return _finish(out, lse, return_lse)
 
 

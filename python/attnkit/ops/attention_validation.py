@@ -137,3 +137,17 @@ def varlen(op: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         sizes.append(cu.numel())
     if sizes[0] != sizes[1]:
         raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must describe the same batch, got {sizes[0]} and {sizes[1]} entries")
+
+
+def alibi(op: str, slopes: Optional[Tensor], batch: int, heads: int, device) -> Optional[Tensor]:
+    """ALiBi slopes (H,) or (B, H), fp32, as FlashAttention; returned as (B, H) contiguous."""
+    if slopes is None:
+        return None
+    _validate.tensor(op, "alibi_slopes", slopes, dtypes=(torch.float32,))
+    if tuple(slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"{op}: alibi_slopes must have shape (H,) = ({heads},) or (B, H) = {(batch, heads)}, got {tuple(slopes.shape)}")
+    if slopes.device != device:
+        raise RuntimeError(f"{op}: alibi_slopes is on {slopes.device} but q is on {device}")
+    if slopes.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(f"{op}: gradients with respect to alibi_slopes are not implemented; pass alibi_slopes.detach()")
+    return slopes.expand(batch, heads).contiguous()

@@ -1,5 +1,5 @@
 """Plain PyTorch versions of every op: readable, slow, the ground truth of the tests."""
 from . import attention
-from .rnn import lstm_cell, lstm_cell_backward
+from .rnn import gru, gru_cell, lstm, lstm_cell, lstm_cell_backward
 
-__all__ = ["attention", "lstm_cell", "lstm_cell_backward"]
+__all__ = ["attention", "gru", "gru_cell", "lstm", "lstm_cell", "lstm_cell_backward"]

@@ -10,6 +10,7 @@ Conventions (the kernels follow them; see triton_kernels/flash_attention.py):
 - attn_mask: bool (True = attend) or additive float, broadcastable to (B, H, Nq, Nk).
 - key_padding_mask: bool (B, Nk), True = padding (ignored), as nn.MultiheadAttention.
 - softcap > 0: scores become softcap * tanh(scores / softcap) before masks.
+- alibi_slopes (B, H) fp32: -slope * |j - (i + diag)| is added after soft-capping.
 - A row with no visible key gives output 0 and log-sum-exp -inf.
 """
 from __future__ import annotations
@@ -86,13 +87,23 @@ def visible_keys(
     return visible
 
 
-def _scores(q, k, scale, softcap, attn_mask):
-    """Scaled, soft-capped scores (+ additive mask) in the compute dtype, and the tanh for the soft-cap derivative."""
+def alibi_bias(slopes: Tensor, n_q: int, n_k: int, bottom_right: bool) -> Tensor:
+    """(B, H, Nq, Nk) ALiBi bias -slope * |j - (i + diag)|."""
+    diag = n_k - n_q if bottom_right else 0
+    distance = torch.arange(n_k, device=slopes.device)[None, :] - (torch.arange(n_q, device=slopes.device)[:, None] + diag)
+    return -slopes[:, :, None, None] * distance.abs()
+
+
+def _scores(q, k, scale, softcap, attn_mask, alibi_slopes=None, bottom_right=True):
+    """Scaled, soft-capped scores (+ ALiBi, + additive mask) in the compute dtype,
+    and the tanh for the soft-cap derivative."""
     s = (q @ k.transpose(-1, -2)) * scale
     t = None
     if softcap > 0:
         t = torch.tanh(s / softcap)
         s = softcap * t
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes.to(s.dtype), q.shape[2], k.shape[2], bottom_right)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         s = s + attn_mask.to(s.dtype)
     return s, t
@@ -110,6 +121,7 @@ def attention(
     q: Tensor, k: Tensor, v: Tensor, *, window: Tuple[int, int] = (-1, -1), bottom_right: bool = True,
     attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None, softcap: float = 0.0,
     scale: Optional[float] = None, dropout_p: float = 0.0, dropout_keep: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """(out, lse) of dense attention; differentiable with autograd (in q, k, v).
     `dropout_keep` (B, H, Nq, Nk) bool says which probabilities survive dropout."""
@@ -118,7 +130,7 @@ def attention(
     scale = dim**-0.5 if scale is None else scale
     work = _compute_dtype(q.dtype)
     qc, kc, vc = q.to(work), _expand_kv(k, heads).to(work), _expand_kv(v, heads).to(work)
-    s, _ = _scores(qc, kc, scale, softcap, attn_mask)
+    s, _ = _scores(qc, kc, scale, softcap, attn_mask, alibi_slopes, bottom_right)
     visible = visible_keys(batch, heads, n_q, n_k, window, bottom_right, attn_mask, key_padding_mask, q.device)
     s = s.masked_fill(~visible, float("-inf"))
     # Shift by the row max (a constant for autograd: softmax is shift-invariant);
@@ -139,6 +151,7 @@ def attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, window: Tuple[int, int] = (-1, -1),
     bottom_right: bool = True, attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
     softcap: float = 0.0, scale: Optional[float] = None, dropout_p: float = 0.0, dropout_keep: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) by the formulas the kernels use (recomputing the probabilities)."""
     batch, heads, n_q, dim = q.shape
@@ -147,7 +160,7 @@ def attention_backward(
     work = _compute_dtype(q.dtype)
     qc, kc, vc = q.to(work), _expand_kv(k, heads).to(work), _expand_kv(v, heads).to(work)
     do, oc = grad_out.to(work), out.to(work)
-    s, t = _scores(qc, kc, scale, softcap, attn_mask)
+    s, t = _scores(qc, kc, scale, softcap, attn_mask, alibi_slopes, bottom_right)
     visible = visible_keys(batch, heads, n_q, n_k, window, bottom_right, attn_mask, key_padding_mask, q.device)
     s = s.masked_fill(~visible, float("-inf"))
     row_max = s.amax(-1, keepdim=True)

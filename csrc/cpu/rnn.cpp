@@ -1,0 +1,230 @@
+// Whole-sequence LSTM / GRU on the CPU: the time loop of
+// attnkit/rnn_sequence.h (GEMMs through ATen -> MKL/BLAS) with the fused
+// elementwise steps below, parallel over batch rows with at::parallel_for
+// and vectorized within a row (csrc/cpu/rnn_rows.h). float32 and float64.
+#include "attnkit/rnn.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <type_traits>
+
+#include "attnkit/gate_math.h"
+#include "attnkit/rnn_sequence.h"
+
+namespace attnkit {
+namespace cpu {
+namespace {
+
+// The row kernels twice: for AVX2+FMA CPUs and for any x86-64 / other CPU.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define ATTNKIT_HAVE_AVX2_ROWS 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "rnn_rows.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+namespace generic {
+#include "rnn_rows.h"
+}  // namespace generic
+
+bool use_avx2() {
+#ifdef ATTNKIT_HAVE_AVX2_ROWS
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+#ifdef ATTNKIT_HAVE_AVX2_ROWS
+#define ATTNKIT_ROWS(fn) (use_avx2() ? avx2::fn : generic::fn)
+#else
+#define ATTNKIT_ROWS(fn) (generic::fn)
+#endif
+
+// Rows per task: small steps run on one thread, the fork/join costs more.
+int64_t grain_rows(int64_t units_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, units_per_row)); }
+
+inline bool active(const int64_t* len, int64_t b, int64_t t) { return len == nullptr || t < len[b]; }
+
+template <typename S>
+S* ptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<S>() : nullptr;
+}
+
+// The device kernels of rnn_sequence.h's time loop; `len` is the lengths
+// tensor (undefined when every row runs all T steps), `t` the step.
+struct Kernels {
+  static at::Tensor device_lengths(const c10::optional<at::Tensor>& lengths, const at::Tensor&) {
+    return rnn::present(lengths) ? *lengths : at::Tensor();
+  }
+
+  static void lstm_forward_step(at::Tensor& pre, at::Tensor& c, const at::Tensor& h, const at::Tensor& out,
+                                const at::Tensor& cs, const at::Tensor& hc, const at::Tensor& len, int64_t t) {
+    const int64_t B = c.size(0), H = c.size(1);
+    const int64_t* lp = ptr<int64_t>(len);
+    AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "attnkit_lstm_forward_step", [&] {
+      auto row = ATTNKIT_ROWS(lstm_forward_row<scalar_t>);
+      scalar_t *pre_p = ptr<scalar_t>(pre), *c_p = ptr<scalar_t>(c), *h_p = ptr<scalar_t>(h);
+      scalar_t *out_p = ptr<scalar_t>(out), *cs_p = ptr<scalar_t>(cs), *hc_p = ptr<scalar_t>(hc);
+      at::parallel_for(0, B, grain_rows(4 * H), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t o = b * H;
+          if (active(lp, b, t)) {
+            row(pre_p + 4 * o, c_p + o, h_p ? h_p + o : nullptr, out_p ? out_p + o : nullptr,
+                cs_p ? cs_p + o : nullptr, hc_p ? hc_p + o : nullptr, H);
+            continue;
+          }
+          // Stopped: keep the state, output 0 (hc 0 makes the projection 0).
+          if (cs_p) std::copy(c_p + o, c_p + o + H, cs_p + o);
+          if (out_p) std::fill(out_p + o, out_p + o + H, scalar_t(0));
+          if (hc_p) std::fill(hc_p + o, hc_p + o + H, scalar_t(0));
+        }
+      });
+    });
+  }
+
+  static void lstm_backward_step(const at::Tensor& gates, const at::Tensor& c_prev, const at::Tensor& c_new,
+                                 const at::Tensor& dh, at::Tensor& dc, at::Tensor& gpre, const at::Tensor& len,
+                                 int64_t t) {
+    const int64_t B = dc.size(0), H = dc.size(1);
+    const int64_t* lp = ptr<int64_t>(len);
+    AT_DISPATCH_FLOATING_TYPES(dc.scalar_type(), "attnkit_lstm_backward_step", [&] {
+      auto row = ATTNKIT_ROWS(lstm_backward_row<scalar_t>);
+      const scalar_t *g_p = ptr<scalar_t>(gates), *cp_p = ptr<scalar_t>(c_prev), *cn_p = ptr<scalar_t>(c_new);
+      const scalar_t* dh_p = ptr<scalar_t>(dh);
+      scalar_t *dc_p = ptr<scalar_t>(dc), *gp_p = ptr<scalar_t>(gpre);
+      at::parallel_for(0, B, grain_rows(4 * H), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t o = b * H;
+          if (active(lp, b, t)) {
+            row(g_p + 4 * o, cp_p + o, cn_p + o, dh_p + o, dc_p + o, gp_p + 4 * o, H);
+          } else {
+            std::fill(gp_p + 4 * o, gp_p + 4 * o + 4 * H, scalar_t(0));  // dc passes through
+          }
+        }
+      });
+    });
+  }
+
+  static void gru_forward_step(const at::Tensor& gi, const at::Tensor& gh, at::Tensor& h, const at::Tensor& out,
+                               const at::Tensor& gates, const at::Tensor& len, int64_t t) {
+    const int64_t B = h.size(0), H = h.size(1);
+    const int64_t* lp = ptr<int64_t>(len);
+    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "attnkit_gru_forward_step", [&] {
+      auto row = ATTNKIT_ROWS(gru_forward_row<scalar_t>);
+      const scalar_t *gi_p = ptr<scalar_t>(gi), *gh_p = ptr<scalar_t>(gh);
+      scalar_t *h_p = ptr<scalar_t>(h), *out_p = ptr<scalar_t>(out), *g_p = ptr<scalar_t>(gates);
+      at::parallel_for(0, B, grain_rows(4 * H), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t o = b * H;
+          if (active(lp, b, t)) {
+            row(gi_p + 3 * o, gh_p + 3 * o, h_p + o, out_p + o, g_p + 4 * o, H);
+          } else {
+            std::fill(out_p + o, out_p + o + H, scalar_t(0));
+          }
+        }
+      });
+    });
+  }
+
+  static void gru_backward_step(const at::Tensor& gates, const at::Tensor& h_prev, const at::Tensor& grad_out,
+                                at::Tensor& dh, const at::Tensor& dgi, at::Tensor& dgh, const at::Tensor& len,
+                                int64_t t) {
+    const int64_t B = dh.size(0), H = dh.size(1);
+    const int64_t* lp = ptr<int64_t>(len);
+    AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "attnkit_gru_backward_step", [&] {
+      auto row = ATTNKIT_ROWS(gru_backward_row<scalar_t>);
+      const scalar_t *g_p = ptr<scalar_t>(gates), *hp_p = ptr<scalar_t>(h_prev), *go_p = ptr<scalar_t>(grad_out);
+      scalar_t *dh_p = ptr<scalar_t>(dh), *dgi_p = ptr<scalar_t>(dgi), *dgh_p = ptr<scalar_t>(dgh);
+      at::parallel_for(0, B, grain_rows(4 * H), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t o = b * H;
+          if (active(lp, b, t)) {
+            row(g_p + 4 * o, hp_p + o, go_p + o, dh_p + o, dgi_p + 3 * o, dgh_p + 3 * o, H);
+          } else {  // dh passes through; the output was a constant 0
+            std::fill(dgi_p + 3 * o, dgi_p + 3 * o + 3 * H, scalar_t(0));
+            std::fill(dgh_p + 3 * o, dgh_p + 3 * o + 3 * H, scalar_t(0));
+          }
+        }
+      });
+    });
+  }
+
+  // Row-masked helpers on (B, N) tensors: dst = src / dst += src / dst = 0 on running rows.
+  enum class RowOp { kCopy, kAdd, kZero };
+
+  static void rows_op(RowOp op, at::Tensor& dst, const at::Tensor& src, const at::Tensor& len, int64_t t) {
+    const int64_t B = dst.size(0), N = dst.size(1);
+    const int64_t* lp = ptr<int64_t>(len);
+    AT_DISPATCH_FLOATING_TYPES(dst.scalar_type(), "attnkit_rnn_rows", [&] {
+      scalar_t* d = dst.data_ptr<scalar_t>();
+      const scalar_t* s = ptr<scalar_t>(src);
+      for (int64_t b = 0; b < B; ++b) {
+        if (!active(lp, b, t)) continue;
+        scalar_t* dr = d + b * N;
+        const scalar_t* sr = s ? s + b * N : nullptr;
+        for (int64_t j = 0; j < N; ++j) dr[j] = op == RowOp::kCopy ? sr[j] : op == RowOp::kAdd ? dr[j] + sr[j] : 0;
+      }
+    });
+  }
+  static void copy_active_rows(at::Tensor& dst, const at::Tensor& src, const at::Tensor& len, int64_t t) {
+    rows_op(RowOp::kCopy, dst, src, len, t);
+  }
+  static void add_active_rows(at::Tensor& dst, const at::Tensor& src, const at::Tensor& len, int64_t t) {
+    rows_op(RowOp::kAdd, dst, src, len, t);
+  }
+  static void zero_active_rows(at::Tensor& dst, const at::Tensor& len, int64_t t) {
+    rows_op(RowOp::kZero, dst, at::Tensor(), len, t);
+  }
+};
+
+void check_cpu(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "attnkit._C rnn: x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "attnkit._C rnn: x must be float32 or float64, got ", x.scalar_type());
+}
+
+}  // namespace
+
+std::vector<at::Tensor> lstm_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                     const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                     const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+                                     const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& lengths,
+                                     bool save) {
+  check_cpu(x);
+  return rnn::lstm_forward<Kernels>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save);
+}
+
+std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_hn,
+                                      const at::Tensor& grad_cn, const at::Tensor& x, const at::Tensor& h0,
+                                      const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                      const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& lengths,
+                                      const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cs,
+                                      const at::Tensor& hc) {
+  check_cpu(x);
+  return rnn::lstm_backward<Kernels>(grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, w_hr, lengths, output,
+                                     gates, cs, hc);
+}
+
+std::vector<at::Tensor> gru_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                                    const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& lengths,
+                                    bool save) {
+  check_cpu(x);
+  return rnn::gru_forward<Kernels>(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save);
+}
+
+std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_hn, const at::Tensor& x,
+                                     const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                     const c10::optional<at::Tensor>& lengths, const at::Tensor& output,
+                                     const at::Tensor& gates) {
+  check_cpu(x);
+  return rnn::gru_backward<Kernels>(grad_output, grad_hn, x, h0, w_ih, w_hh, lengths, output, gates);
+}
+
+}  // namespace cpu
+}  // namespace attnkit

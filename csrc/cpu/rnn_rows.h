@@ -1,0 +1,117 @@
+// The fused elementwise passes of the CPU LSTM / GRU, one batch row each.
+// No include guard on purpose: csrc/cpu/rnn.cpp includes this file twice,
+// into namespace `avx2` under `#pragma GCC target("avx2,fma")` and into
+// namespace `generic`, and picks one at run time by what the CPU supports.
+//
+// float rows run 8 units per iteration as `vfloat8` through the gate math of
+// gate_math.h (the same templates the CUDA kernels use); the tail and double
+// run unit by unit.
+
+template <typename V, typename S>
+inline V ld(const S* p) {
+  if constexpr (std::is_same_v<V, S>) {
+    return *p;
+  } else {
+    V v;
+    __builtin_memcpy(&v, p, sizeof(V));
+    return v;
+  }
+}
+
+template <typename V, typename S>
+inline void st(S* p, V v) {
+  if constexpr (std::is_same_v<V, S>) {
+    *p = v;
+  } else {
+    __builtin_memcpy(p, &v, sizeof(V));
+  }
+}
+
+// Calls body(V{}, j) over j in [0, n): 8 lanes at a time for float.
+template <typename S, typename F>
+inline void for_units(int64_t n, F&& body) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<S, float>) {
+    for (; j + 8 <= n; j += 8) body(gates::vfloat8{}, j);
+  }
+  for (; j < n; ++j) body(S{}, j);
+}
+
+// pre: (4H) pre-activations in, activated gates out. c carries the cell state.
+// Without projection h and out get the new hidden state; with it (h == null)
+// hc gets o * tanh(c) for the projection GEMM. cs (may be null) keeps c.
+template <typename S>
+void lstm_forward_row(S* pre, S* c, S* h, S* out, S* cs, S* hc, int64_t H) {
+  for_units<S>(H, [&](auto lanes, int64_t j) {
+    using V = decltype(lanes);
+    const auto a = gates::lstm_activate<V>(ld<V>(pre + j), ld<V>(pre + H + j), ld<V>(pre + 2 * H + j),
+                                           ld<V>(pre + 3 * H + j));
+    const V c_new = gates::lstm_cell_state<V>(a, ld<V>(c + j));
+    const V h_new = gates::lstm_hidden_state<V>(a, c_new);
+    st(pre + j, a.i);
+    st(pre + H + j, a.f);
+    st(pre + 2 * H + j, a.g);
+    st(pre + 3 * H + j, a.o);
+    st(c + j, c_new);
+    if (cs != nullptr) st(cs + j, c_new);
+    if (h != nullptr) {
+      st(h + j, h_new);
+      st(out + j, h_new);
+    } else {
+      st(hc + j, h_new);
+    }
+  });
+}
+
+// gpre gets d(pre-activations) (4H); dc: dL/dc_t in, dL/dc_{t-1} out.
+template <typename S>
+void lstm_backward_row(const S* gates, const S* c_prev, const S* c_new, const S* dh, S* dc, S* gpre, int64_t H) {
+  for_units<S>(H, [&](auto lanes, int64_t j) {
+    using V = decltype(lanes);
+    const gates::LstmGates<V> a{ld<V>(gates + j), ld<V>(gates + H + j), ld<V>(gates + 2 * H + j),
+                                ld<V>(gates + 3 * H + j)};
+    const auto d = gates::lstm_backward<V>(a, ld<V>(c_prev + j), ld<V>(c_new + j), ld<V>(dh + j), ld<V>(dc + j));
+    st(gpre + j, d.pre_i);
+    st(gpre + H + j, d.pre_f);
+    st(gpre + 2 * H + j, d.pre_g);
+    st(gpre + 3 * H + j, d.pre_o);
+    st(dc + j, d.c_prev);
+  });
+}
+
+// gi, gh: (3H) input and hidden projections (biases in); h: state in/out;
+// gates (4H) gets r, z, n, hn.
+template <typename S>
+void gru_forward_row(const S* gi, const S* gh, S* h, S* out, S* gates, int64_t H) {
+  for_units<S>(H, [&](auto lanes, int64_t j) {
+    using V = decltype(lanes);
+    const auto a = gates::gru_activate<V>(ld<V>(gi + j), ld<V>(gi + H + j), ld<V>(gi + 2 * H + j), ld<V>(gh + j),
+                                          ld<V>(gh + H + j), ld<V>(gh + 2 * H + j));
+    const V h_new = gates::gru_hidden_state<V>(a, ld<V>(h + j));
+    st(gates + j, a.r);
+    st(gates + H + j, a.z);
+    st(gates + 2 * H + j, a.n);
+    st(gates + 3 * H + j, a.hn);
+    st(h + j, h_new);
+    st(out + j, h_new);
+  });
+}
+
+// dh: dL/dh_t minus the output's share in, the part of dL/dh_{t-1} through z
+// out; dgi / dgh (3H) get the gradients of the two projections.
+template <typename S>
+void gru_backward_row(const S* gates, const S* h_prev, const S* grad_out, S* dh, S* dgi, S* dgh, int64_t H) {
+  for_units<S>(H, [&](auto lanes, int64_t j) {
+    using V = decltype(lanes);
+    const gates::GruGates<V> a{ld<V>(gates + j), ld<V>(gates + H + j), ld<V>(gates + 2 * H + j),
+                               ld<V>(gates + 3 * H + j)};
+    const auto d = gates::gru_backward<V>(a, ld<V>(h_prev + j), ld<V>(dh + j) + ld<V>(grad_out + j));
+    st(dgi + j, d.gi_r);
+    st(dgi + H + j, d.gi_z);
+    st(dgi + 2 * H + j, d.gi_n);
+    st(dgh + j, d.gi_r);
+    st(dgh + H + j, d.gi_z);
+    st(dgh + 2 * H + j, d.gh_n);
+    st(dh + j, d.h_prev);
+  });
+}

@@ -1,0 +1,274 @@
+// The time loop of the whole-sequence LSTM / GRU, shared by the CPU and CUDA
+// code: the GEMMs go through ATen (BLAS / cuBLAS); the fused elementwise step
+// comes from `K`, the device's kernels (see csrc/cpu/rnn.cpp for the contract).
+//
+// Forward: the input projection of all T steps is one GEMM; each step is one
+// GEMM on the recurrent weight (into the projection's slice, in place) plus
+// one fused pass. Backward: walks time in reverse with one GEMM and one fused
+// pass per step; the weight gradients are whole-sequence GEMMs at the end.
+// With sorted (non-increasing) lengths, as PackedSequence gives, each step's
+// GEMMs cover only the rows still running.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace attnkit {
+namespace rnn {
+
+inline at::Tensor none_like(const at::Tensor& x) { return at::empty({0}, x.options()); }
+
+inline bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// ---------------------------------------------------------------- argument checks
+
+inline void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t dim) {
+  TORCH_CHECK(t.defined(), name, " must be a tensor");
+  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " has dtype ", t.scalar_type(), " but x has ",
+              x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+// Checks the forward arguments; `gates` is 4 (LSTM) or 3 (GRU).
+inline void check_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor* c0, const at::Tensor& w_ih,
+                          const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                          const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& w_hr,
+                          const c10::optional<at::Tensor>& lengths, int64_t gates) {
+  TORCH_CHECK(x.dim() == 3, "x must be 3-D (T, B, input_size), got ", x.sizes());
+  TORCH_CHECK(x.size(0) >= 1, "x must have at least one time step");
+  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point, got ", x.scalar_type());
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
+  check_tensor(w_hh, "w_hh", x, 2);
+  const int64_t P = w_hh.size(1), H = w_hh.size(0) / gates;
+  TORCH_CHECK(w_hh.size(0) == gates * H && H > 0, "w_hh must have ", gates, "*hidden_size rows, got ", w_hh.sizes());
+  check_tensor(w_ih, "w_ih", x, 2);
+  check_shape(w_ih, "w_ih", {gates * H, I});
+  if (present(w_hr)) {
+    check_tensor(*w_hr, "w_hr", x, 2);
+    check_shape(*w_hr, "w_hr", {P, H});
+  } else {
+    TORCH_CHECK(P == H, "w_hh must have shape (", gates, "*hidden_size, hidden_size), got ", w_hh.sizes());
+  }
+  check_tensor(h0, "h0", x, 2);
+  check_shape(h0, "h0", {B, P});
+  if (c0 != nullptr) {
+    check_tensor(*c0, "c0", x, 2);
+    check_shape(*c0, "c0", {B, H});
+  }
+  if (present(b_ih)) {
+    check_tensor(*b_ih, "b_ih", x, 1);
+    check_shape(*b_ih, "b_ih", {gates * H});
+  }
+  if (present(b_hh)) {
+    check_tensor(*b_hh, "b_hh", x, 1);
+    check_shape(*b_hh, "b_hh", {gates * H});
+  }
+  if (present(lengths)) {
+    const at::Tensor& len = *lengths;
+    TORCH_CHECK(len.scalar_type() == at::kLong && len.device().is_cpu() && len.dim() == 1 && len.size(0) == B,
+                "lengths must be a 1-D int64 CPU tensor of size batch = ", B, ", got ", len.scalar_type(), " ",
+                len.sizes(), " on ", len.device());
+    TORCH_CHECK(len.is_contiguous(), "lengths must be contiguous");
+    if (B > 0) {
+      TORCH_CHECK(len.min().item<int64_t>() >= 0 && len.max().item<int64_t>() <= T,
+                  "lengths must lie in [0, T = ", T, "]");
+    }
+  }
+}
+
+inline void check_grad(const at::Tensor& g, const char* name, const at::Tensor& x, at::IntArrayRef shape) {
+  check_tensor(g, name, x, static_cast<int64_t>(shape.size()));
+  check_shape(g, name, shape);
+}
+
+// Rows of the batch that step t must compute: all of them, or with sorted
+// lengths the prefix still running.
+inline std::vector<int64_t> active_rows(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B) {
+  std::vector<int64_t> rows(T, B);
+  if (!present(lengths) || B == 0) return rows;
+  const int64_t* len = lengths->data_ptr<int64_t>();
+  for (int64_t b = 1; b < B; ++b) {
+    if (len[b] > len[b - 1]) return rows;  // unsorted: every row, masked in the fused pass
+  }
+  int64_t running = B;
+  for (int64_t t = 0; t < T; ++t) {
+    while (running > 0 && len[running - 1] <= t) --running;
+    rows[t] = running;
+  }
+  return rows;
+}
+
+// ---------------------------------------------------------------- LSTM
+
+template <typename K>
+std::vector<at::Tensor> lstm_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                     const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                     const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+                                     const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& lengths,
+                                     bool save) {
+  check_forward(x, h0, &c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, 4);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(0) / 4, P = w_hh.size(1);
+  const bool proj = present(w_hr);
+  const std::vector<int64_t> rows = active_rows(lengths, T, B);
+  const at::Tensor len = K::device_lengths(lengths, x);
+
+  // Input projection of every step, both biases folded in; the steps turn it
+  // into the activated gates in place.
+  at::Tensor gates;
+  const at::Tensor x2 = x.view({T * B, I});
+  if (present(b_ih) || present(b_hh)) {
+    const at::Tensor bias = present(b_ih) && present(b_hh) ? *b_ih + *b_hh : (present(b_ih) ? *b_ih : *b_hh);
+    gates = at::addmm(bias, x2, w_ih.t()).view({T, B, 4 * H});
+  } else {
+    gates = at::mm(x2, w_ih.t()).view({T, B, 4 * H});
+  }
+  at::Tensor output = at::empty({T, B, P}, x.options());
+  at::Tensor h = h0.clone(), c = c0.clone();
+  at::Tensor cs = save ? at::empty({T, B, H}, x.options()) : none_like(x);
+  at::Tensor hc = proj ? (save ? at::empty({T, B, H}, x.options()) : at::empty({1, B, H}, x.options())) : none_like(x);
+  const at::Tensor w_hh_t = w_hh.t();
+  for (int64_t t = 0; t < T; ++t) {
+    at::Tensor pre = gates[t];
+    if (rows[t] > 0) pre.narrow(0, 0, rows[t]).addmm_(h.narrow(0, 0, rows[t]), w_hh_t);
+    at::Tensor hc_t = proj ? hc[save ? t : 0] : at::Tensor();
+    K::lstm_forward_step(pre, c, proj ? at::Tensor() : h, proj ? at::Tensor() : output[t],
+                         save ? cs[t] : at::Tensor(), hc_t, len, t);
+    if (proj) {
+      at::Tensor out_t = output[t];
+      at::mm_out(out_t, hc_t, w_hr->t());  // rows that stopped have hc = 0, so output 0
+      K::copy_active_rows(h, out_t, len, t);
+    }
+  }
+  return {output, h, c, save ? gates : none_like(x), cs, save ? hc : none_like(x)};
+}
+
+template <typename K>
+std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_hn,
+                                      const at::Tensor& grad_cn, const at::Tensor& x, const at::Tensor& h0,
+                                      const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                      const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& lengths,
+                                      const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cs,
+                                      const at::Tensor& hc) {
+  check_forward(x, h0, &c0, w_ih, w_hh, c10::nullopt, c10::nullopt, w_hr, lengths, 4);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(0) / 4, P = w_hh.size(1);
+  const bool proj = present(w_hr);
+  check_grad(grad_output, "grad_output", x, {T, B, P});
+  check_grad(grad_hn, "grad_hn", x, {B, P});
+  check_grad(grad_cn, "grad_cn", x, {B, H});
+  check_grad(output, "output", x, {T, B, P});
+  check_grad(gates, "gates", x, {T, B, 4 * H});
+  check_grad(cs, "cs", x, {T, B, H});
+  if (proj) check_grad(hc, "hc", x, {T, B, H});
+  const std::vector<int64_t> rows = active_rows(lengths, T, B);
+  const at::Tensor len = K::device_lengths(lengths, x);
+
+  at::Tensor grad_pre = at::empty_like(gates);
+  at::Tensor dh = grad_hn.clone(), dc = grad_cn.clone();
+  at::Tensor grad_h_all = proj ? at::empty({T, B, P}, x.options()) : none_like(x);  // dL/dh_t, for dw_hr
+  at::Tensor dhc = proj ? at::empty({B, H}, x.options()) : at::Tensor();
+  for (int64_t t = T - 1; t >= 0; --t) {
+    K::add_active_rows(dh, grad_output[t], len, t);  // dh = dL/dh_t
+    if (proj) {
+      grad_h_all[t].copy_(dh);
+      at::mm_out(dhc, dh, *w_hr);
+    }
+    at::Tensor gp = grad_pre[t];
+    K::lstm_backward_step(gates[t], t > 0 ? cs[t - 1] : c0, cs[t], proj ? dhc : dh, dc, gp, len, t);
+    // dh_{t-1}: through W_hh for running rows, carried unchanged for stopped ones.
+    if (!len.defined()) {
+      at::mm_out(dh, gp, w_hh);
+    } else {
+      K::zero_active_rows(dh, len, t);
+      if (rows[t] > 0) dh.narrow(0, 0, rows[t]).addmm_(gp.narrow(0, 0, rows[t]), w_hh);
+    }
+  }
+  const at::Tensor gp2 = grad_pre.view({T * B, 4 * H});
+  at::Tensor dx = at::mm(gp2, w_ih).view({T, B, I});
+  at::Tensor dw_ih = at::mm(gp2.t(), x.view({T * B, I}));
+  at::Tensor dw_hh = at::mm(grad_pre[0].t(), h0);
+  if (T > 1) {
+    dw_hh.addmm_(grad_pre.narrow(0, 1, T - 1).reshape({-1, 4 * H}).t(),
+                 output.narrow(0, 0, T - 1).reshape({-1, P}));  // h_{t-1} = output[t-1] while running
+  }
+  at::Tensor db = gp2.sum(0);
+  at::Tensor dw_hr = proj ? at::mm(grad_h_all.view({T * B, P}).t(), hc.view({T * B, H})) : none_like(x);
+  return {dx, dh, dc, dw_ih, dw_hh, db, dw_hr};
+}
+
+// ---------------------------------------------------------------- GRU
+
+template <typename K>
+std::vector<at::Tensor> gru_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                                    const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& lengths,
+                                    bool save) {
+  check_forward(x, h0, nullptr, w_ih, w_hh, b_ih, b_hh, c10::nullopt, lengths, 3);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
+  const std::vector<int64_t> rows = active_rows(lengths, T, B);
+  const at::Tensor len = K::device_lengths(lengths, x);
+
+  const at::Tensor x2 = x.view({T * B, I});
+  const at::Tensor gi = (present(b_ih) ? at::addmm(*b_ih, x2, w_ih.t()) : at::mm(x2, w_ih.t())).view({T, B, 3 * H});
+  at::Tensor gh = at::empty({B, 3 * H}, x.options());
+  at::Tensor gates = at::empty({save ? T : 1, B, 4 * H}, x.options());
+  at::Tensor output = at::empty({T, B, H}, x.options());
+  at::Tensor h = h0.clone();
+  const at::Tensor w_hh_t = w_hh.t();
+  for (int64_t t = 0; t < T; ++t) {
+    if (rows[t] > 0) {
+      at::Tensor gh_rows = gh.narrow(0, 0, rows[t]);
+      const at::Tensor h_rows = h.narrow(0, 0, rows[t]);
+      if (present(b_hh)) {
+        at::addmm_out(gh_rows, *b_hh, h_rows, w_hh_t);
+      } else {
+        at::mm_out(gh_rows, h_rows, w_hh_t);
+      }
+    }
+    K::gru_forward_step(gi[t], gh, h, output[t], gates[save ? t : 0], len, t);
+  }
+  return {output, h, save ? gates : none_like(x)};
+}
+
+template <typename K>
+std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_hn, const at::Tensor& x,
+                                     const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                     const c10::optional<at::Tensor>& lengths, const at::Tensor& output,
+                                     const at::Tensor& gates) {
+  check_forward(x, h0, nullptr, w_ih, w_hh, c10::nullopt, c10::nullopt, c10::nullopt, lengths, 3);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
+  check_grad(grad_output, "grad_output", x, {T, B, H});
+  check_grad(grad_hn, "grad_hn", x, {B, H});
+  check_grad(output, "output", x, {T, B, H});
+  check_grad(gates, "gates", x, {T, B, 4 * H});
+  const std::vector<int64_t> rows = active_rows(lengths, T, B);
+  const at::Tensor len = K::device_lengths(lengths, x);
+
+  at::Tensor dgi = at::empty({T, B, 3 * H}, x.options());
+  at::Tensor dgh = at::empty({T, B, 3 * H}, x.options());
+  at::Tensor dh = grad_hn.clone();
+  for (int64_t t = T - 1; t >= 0; --t) {
+    at::Tensor dgh_t = dgh[t];
+    // Leaves in dh the part of dh_{t-1} through z (or all of it for stopped rows).
+    K::gru_backward_step(gates[t], t > 0 ? output[t - 1] : h0, grad_output[t], dh, dgi[t], dgh_t, len, t);
+    if (rows[t] > 0) dh.narrow(0, 0, rows[t]).addmm_(dgh_t.narrow(0, 0, rows[t]), w_hh);
+  }
+  const at::Tensor dgi2 = dgi.view({T * B, 3 * H}), dgh2 = dgh.view({T * B, 3 * H});
+  at::Tensor dx = at::mm(dgi2, w_ih).view({T, B, I});
+  at::Tensor dw_ih = at::mm(dgi2.t(), x.view({T * B, I}));
+  at::Tensor dw_hh = at::mm(dgh[0].t(), h0);
+  if (T > 1) {
+    dw_hh.addmm_(dgh.narrow(0, 1, T - 1).reshape({-1, 3 * H}).t(), output.narrow(0, 0, T - 1).reshape({-1, H}));
+  }
+  return {dx, dh, dw_ih, dw_hh, dgi2.sum(0), dgh2.sum(0)};
+}
+
+}  // namespace rnn
+}  // namespace attnkit

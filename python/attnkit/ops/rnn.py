@@ -1,0 +1,306 @@
+"""`attnkit.ops.lstm` / `attnkit.ops.gru`: one LSTM or GRU layer, one
+direction, over a whole time-major sequence, fused (see csrc/include/attnkit/rnn.h).
+Multi-layer, bidirectional and batch-first stacks are attnkit.nn.LSTM / GRU.
+
+Registered as torch.library custom ops (`attnkit::lstm_forward`, ...) with
+fake implementations and autograd formulas, like attnkit.ops.lstm_cell; the
+backend is chosen inside the op at run time (see attnkit._dispatch).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch, _validate
+from ..backends.rnn import GRU, LSTM
+
+LSTM_OP, GRU_OP = "attnkit.ops.lstm", "attnkit.ops.gru"
+
+
+def _describe_tensors(x: Tensor) -> dict:
+    return {"device": x.device, "dtype": x.dtype}
+
+
+def _zeros_if_none(grad, like):
+    return torch.zeros_like(like) if grad is None else grad.contiguous()
+
+
+def _or_none(t: Tensor) -> Optional[Tensor]:
+    return None if t.numel() == 0 else t
+
+
+# --------------------------------------------------------------------------- LSTM custom ops
+
+
+@torch.library.custom_op("attnkit::lstm_forward", mutates_args=())
+def _lstm_forward(
+    x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+    w_hr: Optional[Tensor], lengths: Optional[Tensor], save: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = LSTM.select(_describe_tensors(x))
+    return tuple(t.contiguous() for t in impl.forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save))
+
+
+@_lstm_forward.register_fake
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save):
+    (T, B, _), H = x.shape, c0.shape[1]
+    P = h0.shape[1]
+    saved = lambda *shape: x.new_empty(shape if save else (0,))  # noqa: E731
+    hc = saved(T, B, H) if w_hr is not None else x.new_empty((0,))
+    return x.new_empty((T, B, P)), torch.empty_like(h0), torch.empty_like(c0), saved(T, B, 4 * H), saved(T, B, H), hc
+
+
+@torch.library.custom_op("attnkit::lstm_backward", mutates_args=())
+def _lstm_backward(
+    grad_output: Tensor, grad_hn: Tensor, grad_cn: Tensor, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor,
+    w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
+    output: Tensor, gates: Tensor, cs: Tensor, hc: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = LSTM.select(_describe_tensors(x))
+    grads = impl.backward(
+        grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, output, gates, cs, hc
+    )
+    return tuple(g.contiguous() for g in grads)
+
+
+@_lstm_backward.register_fake
+def _(grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, output, gates, cs, hc):
+    dw_hr = torch.empty_like(w_hr) if w_hr is not None else x.new_empty((0,))
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
+            torch.empty_like(w_hh), w_ih.new_empty((w_ih.shape[0],)), dw_hr)
+
+
+def _lstm_setup_context(ctx, inputs, output):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, _ = inputs
+    out, _, _, gates, cs, hc = output
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cs, hc)
+    ctx.mark_non_differentiable(gates, cs, hc)
+
+
+def _lstm_autograd(ctx, grad_output, grad_hn, grad_cn, *_saved_grads):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cs, hc = ctx.saved_tensors
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _lstm_backward(
+        _zeros_if_none(grad_output, out), _zeros_if_none(grad_hn, h0), _zeros_if_none(grad_cn, c0),
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cs, hc,
+    )
+    db_ih = db if b_ih is not None else None
+    db_hh = db if b_hh is not None else None
+    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr if w_hr is not None else None, None, None
+
+
+_lstm_forward.register_autograd(_lstm_autograd, setup_context=_lstm_setup_context)
+
+
+# --------------------------------------------------------------------------- GRU custom ops
+
+
+@torch.library.custom_op("attnkit::gru_forward", mutates_args=())
+def _gru_forward(
+    x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+    lengths: Optional[Tensor], save: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    impl = GRU.select(_describe_tensors(x))
+    return tuple(t.contiguous() for t in impl.forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save))
+
+
+@_gru_forward.register_fake
+def _(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save):
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    gates = x.new_empty((T, B, 4 * H) if save else (0,))
+    return x.new_empty((T, B, H)), torch.empty_like(h0), gates
+
+
+@torch.library.custom_op("attnkit::gru_backward", mutates_args=())
+def _gru_backward(
+    grad_output: Tensor, grad_hn: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+    b_hh: Optional[Tensor], lengths: Optional[Tensor], output: Tensor, gates: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = GRU.select(_describe_tensors(x))
+    grads = impl.backward(grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output, gates)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_gru_backward.register_fake
+def _(grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output, gates):
+    rows = (w_ih.shape[0],)
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih), torch.empty_like(w_hh),
+            w_ih.new_empty(rows), w_ih.new_empty(rows))
+
+
+def _gru_setup_context(ctx, inputs, output):
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, _ = inputs
+    out, _, gates = output
+    ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, out, gates)
+    ctx.mark_non_differentiable(gates)
+
+
+def _gru_autograd(ctx, grad_output, grad_hn, _grad_gates):
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, out, gates = ctx.saved_tensors
+    dx, dh0, dw_ih, dw_hh, db_ih, db_hh = _gru_backward(
+        _zeros_if_none(grad_output, out), _zeros_if_none(grad_hn, h0), x, h0, w_ih, w_hh, b_ih, b_hh, lengths, out, gates
+    )
+    return dx, dh0, dw_ih, dw_hh, db_ih if b_ih is not None else None, db_hh if b_hh is not None else None, None, None
+
+
+_gru_forward.register_autograd(_gru_autograd, setup_context=_gru_setup_context)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _validated_lengths(op, lengths, T, B):
+    if lengths is None:
+        return None
+    if isinstance(lengths, Tensor):
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise TypeError(f"{op}: lengths must hold integers, got dtype {lengths.dtype}")
+        # Under torch.compile the values are data: the kernels' TORCH_CHECK checks them.
+        values = None if torch.compiler.is_compiling() else lengths.tolist()
+        lengths = lengths.detach().to("cpu", torch.int64)
+    else:
+        try:
+            values = [int(v) for v in lengths]
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{op}: lengths must be a tensor or sequence of integers ({exc})") from None
+        lengths = torch.tensor(values, dtype=torch.int64)
+    if lengths.dim() != 1 or lengths.shape[0] != B:
+        raise ValueError(f"{op}: lengths must have shape ({B},) (one per batch row), got {tuple(lengths.shape)}")
+    if values is not None and any(v < 0 or v > T for v in values):
+        raise ValueError(f"{op}: lengths must lie in [0, {T}] (the sequence length), got {values}")
+    return lengths.contiguous()
+
+
+def _validated(op, gates, input, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
+    """Checks every argument before any kernel runs; returns the contiguous
+    (x, h0, c0 or None, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)."""
+    x = _validate.tensor(op, "input", input, ndim=3)
+    if x.shape[0] == 0:
+        raise ValueError(f"{op}: input must have at least one time step, got shape {tuple(x.shape)}")
+    T, B, I = x.shape
+    _validate.tensor(op, "w_ih", w_ih, ndim=2)
+    _validate.tensor(op, "w_hh", w_hh, ndim=2)
+    rows, P = w_hh.shape
+    if rows % gates or rows == 0:
+        raise ValueError(f"{op}: w_hh must have {gates}*hidden_size rows, got shape {tuple(w_hh.shape)}")
+    H = rows // gates
+    if w_hr is not None:
+        _validate.tensor(op, "w_hr", w_hr, ndim=2)
+        _validate.shape(op, "w_hr", w_hr, (P, H), "proj_size, hidden_size")
+    elif P != H:
+        raise ValueError(f"{op}: w_hh must have shape ({gates}*hidden_size, hidden_size), got {tuple(w_hh.shape)}")
+    if w_ih.shape[0] != rows:
+        raise ValueError(f"{op}: w_ih must have {gates}*hidden_size = {rows} rows like w_hh, got shape {tuple(w_ih.shape)}")
+    if w_ih.shape[1] != I:
+        raise ValueError(
+            f"{op}: input has {I} features but w_ih expects input_size {w_ih.shape[1]} "
+            f"(input shape {tuple(x.shape)}, w_ih shape {tuple(w_ih.shape)})"
+        )
+    for name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if bias is not None:
+            _validate.tensor(op, name, bias, ndim=1)
+            _validate.shape(op, name, bias, (rows,), f"{gates}*hidden_size")
+    lstm = gates == 4
+    if hx is None:
+        h0 = x.new_zeros((B, P))
+        c0 = x.new_zeros((B, H)) if lstm else None
+    elif lstm:
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError(f"{op}: hx must be a tuple (h0, c0) of two tensors, got {type(hx).__name__}")
+        h0 = _validate.tensor(op, "hx[0]", hx[0], ndim=2)
+        c0 = _validate.tensor(op, "hx[1]", hx[1], ndim=2)
+        _validate.shape(op, "hx[0]", h0, (B, P), "batch, proj_size or hidden_size")
+        _validate.shape(op, "hx[1]", c0, (B, H), "batch, hidden_size")
+    else:
+        h0 = _validate.tensor(op, "hx", hx, ndim=2)
+        _validate.shape(op, "hx", h0, (B, H), "batch, hidden_size")
+        c0 = None
+    named = [("input", x), ("hx[0]" if lstm else "hx", h0), ("hx[1]", c0), ("w_ih", w_ih), ("w_hh", w_hh),
+             ("b_ih", b_ih), ("b_hh", b_hh), ("w_hr", w_hr)]
+    _validate.same_dtype_and_device(op, named)
+    lengths = _validated_lengths(op, lengths, T, B)
+    return [None if t is None else t.contiguous() for _, t in named] + [lengths]
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+Lengths = Union[Tensor, Sequence[int], None]
+
+
+def lstm(
+    input: Tensor,
+    hx: Optional[Tuple[Tensor, Tensor]],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    *,
+    w_hr: Optional[Tensor] = None,
+    lengths: Lengths = None,
+) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """One LSTM layer over a whole sequence, fused; torch.nn.LSTM's math.
+
+    Args:
+        input: (T, B, input_size), time-major; T >= 1.
+        hx: (h0, c0), h0 (B, proj_size or hidden_size), c0 (B, hidden_size); None means zeros.
+        w_ih: (4*hidden_size, input_size), gate rows in PyTorch's order i, f, g, o.
+        w_hh: (4*hidden_size, proj_size or hidden_size).
+        b_ih, b_hh: (4*hidden_size,) or None.
+        w_hr: (proj_size, hidden_size) or None: the projection h = W_hr (o * tanh c).
+        lengths: None, or (B,) integers in [0, T]: row b runs lengths[b] steps,
+            then keeps its state and outputs zeros (PackedSequence semantics).
+
+    Returns:
+        (output (T, B, P), (h_n (B, P), c_n (B, hidden_size))), P = proj_size or hidden_size.
+    """
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths = _validated(
+        LSTM_OP, 4, input, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths
+    )
+    save = _needs_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+    output, h_n, c_n, *_ = _lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save)
+    return output, (h_n, c_n)
+
+
+def gru(
+    input: Tensor,
+    hx: Optional[Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    *,
+    lengths: Lengths = None,
+) -> Tuple[Tensor, Tensor]:
+    """One GRU layer over a whole sequence, fused; torch.nn.GRU's math (gates
+    r, z, n; b_hn inside the reset product: n = tanh(W_in x + b_in + r * (W_hn h + b_hn))).
+
+    Args:
+        input: (T, B, input_size), time-major; T >= 1.
+        hx: h0 (B, hidden_size) or None (zeros).
+        w_ih: (3*hidden_size, input_size); w_hh: (3*hidden_size, hidden_size).
+        b_ih, b_hh: (3*hidden_size,) or None.
+        lengths: as for `lstm`.
+
+    Returns:
+        (output (T, B, hidden_size), h_n (B, hidden_size)).
+    """
+    x, h0, _, w_ih, w_hh, b_ih, b_hh, _, lengths = _validated(GRU_OP, 3, input, hx, w_ih, w_hh, b_ih, b_hh, None, lengths)
+    save = _needs_grad((x, h0, w_ih, w_hh, b_ih, b_hh))
+    output, h_n, _ = _gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save)
+    return output, h_n
+
+
+def _describe_lstm(input, hx=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None, *, w_hr=None, lengths=None):
+    return _describe_tensors(_validated(LSTM_OP, 4, input, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)[0])
+
+
+def _describe_gru(input, hx=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None, *, lengths=None):
+    return _describe_tensors(_validated(GRU_OP, 3, input, hx, w_ih, w_hh, b_ih, b_hh, None, lengths)[0])
+
+
+_dispatch.register_describer("lstm", _describe_lstm)
+_dispatch.register_describer("gru", _describe_gru)

@@ -1,0 +1,273 @@
+"""attnkit.ops.lstm / attnkit.ops.gru on every backend against the plain-PyTorch
+reference (differentiated by autograd) and torch.nn.LSTM / GRU."""
+import pytest
+import torch
+from helpers import TOLERANCES, backend_params, forced
+
+import attnkit
+from attnkit import reference
+from attnkit.ops import gru, lstm
+
+LENGTHS = {"full": None, "sorted": [5, 3, 1], "unsorted": [2, 5, 0]}  # for B = 3, T = 5
+
+
+def make_lstm(T, B, I, H, P, dtype, device, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+        return t.to(dtype=dtype, device=device).requires_grad_(True)
+
+    x, h0, c0 = rand(T, B, I), rand(B, P), rand(B, H)
+    w_ih, w_hh = rand(4 * H, I, scale=0.5), rand(4 * H, P, scale=0.5)
+    b_ih, b_hh = (rand(4 * H), rand(4 * H)) if bias else (None, None)
+    w_hr = rand(P, H, scale=0.5) if P != H else None
+    return x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
+
+
+def make_gru(T, B, I, H, dtype, device, bias=True, seed=0):
+    x, h0, _, _, _, _, _, _ = make_lstm(T, B, I, H, H, dtype, device, bias, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    rand = lambda *s: (torch.randn(*s, generator=gen, dtype=torch.float64) * 0.5).to(device=device, dtype=dtype).requires_grad_(True)  # noqa: E731
+    return x, h0, rand(3 * H, I), rand(3 * H, H), *((rand(3 * H), rand(3 * H)) if bias else (None, None))
+
+
+def weighted_loss(tensors):
+    """A loss that gives every output element a different gradient."""
+    return sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype, device=t.device).view_as(t)).sum() for t in tensors)
+
+
+def check_against(outs, outs_ref, leaves, dtype, grad_scale=10):
+    atol, rtol = TOLERANCES[dtype]
+    for o, r in zip(outs, outs_ref):
+        torch.testing.assert_close(o, r, atol=atol, rtol=rtol)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(weighted_loss(outs), present)
+    grads_ref = torch.autograd.grad(weighted_loss(outs_ref), present)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, atol=atol * grad_scale, rtol=rtol * grad_scale)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("lstm"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(5, 3, 4, 6, 6), (5, 3, 9, 11, 4), (1, 3, 2, 17, 17), (5, 3, 3, 1, 1)], ids=str
+)  # (T, B, I, H, P): odd sizes, vector lanes + tail, projection, T = 1, H = 1
+@pytest.mark.parametrize("lengths", list(LENGTHS), ids=str)
+def test_lstm_matches_reference(backend, device, dtype, shape, lengths):
+    T, B, I, H, P = shape
+    lengths = None if T == 1 else LENGTHS[lengths]
+    with forced("lstm", backend, device, dtype) as dev:
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args = make_lstm(T, B, I, H, P, dtype, dev)
+        out, (h_n, c_n) = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, lengths=lengths)
+        assert attnkit.last_dispatch("lstm").backend == backend
+        assert out.shape == (T, B, P) and h_n.shape == (B, P) and c_n.shape == (B, H)
+        ref = reference.lstm(*args, None if lengths is None else torch.tensor(lengths))[:3]
+        check_against((out, h_n, c_n), ref, args, dtype)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("gru"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(5, 3, 4, 6), (5, 3, 9, 11), (1, 3, 2, 17), (5, 3, 3, 1)], ids=str)
+@pytest.mark.parametrize("lengths", list(LENGTHS), ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gru_matches_reference(backend, device, dtype, shape, lengths, bias):
+    T, B, I, H = shape
+    lengths = None if T == 1 else LENGTHS[lengths]
+    with forced("gru", backend, device, dtype) as dev:
+        args = make_gru(T, B, I, H, dtype, dev, bias)
+        out, h_n = gru(*args, lengths=lengths)
+        assert attnkit.last_dispatch("gru").backend == backend
+        ref = reference.gru(*args, None if lengths is None else torch.tensor(lengths))[:2]
+        check_against((out, h_n), ref, args, dtype)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_reference_and_ops_match_torch_nn(backend):
+    """The ground truth itself: one layer of torch.nn.LSTM (with projection) / GRU."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 5, dtype=torch.float64)
+    m = torch.nn.LSTM(5, 7, proj_size=3, dtype=torch.float64)
+    h0, c0 = torch.randn(1, 2, 3, dtype=torch.float64), torch.randn(1, 2, 7, dtype=torch.float64)
+    out_ref, (h_ref, c_ref) = m(x, (h0, c0))
+    with attnkit.use_backend(backend):
+        out, (h, c) = lstm(x, (h0[0], c0[0]), m.weight_ih_l0, m.weight_hh_l0, m.bias_ih_l0, m.bias_hh_l0, w_hr=m.weight_hr_l0)
+    torch.testing.assert_close((out, h, c), (out_ref, h_ref[0], c_ref[0]))
+    g = torch.nn.GRU(5, 7, dtype=torch.float64)
+    out_ref, h_ref = g(x, h0.new_ones(1, 2, 7))
+    with attnkit.use_backend(backend):
+        out, h = gru(x, h0.new_ones(2, 7), g.weight_ih_l0, g.weight_hh_l0, g.bias_ih_l0, g.bias_hh_l0)
+    torch.testing.assert_close((out, h), (out_ref, h_ref[0]))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("lengths", [None, [3, 1], [2, 3]], ids=str)
+@pytest.mark.parametrize("proj", [False, True], ids=["noproj", "proj"])
+def test_gradcheck_float64(backend, lengths, proj):
+    args = make_lstm(3, 2, 3, 4, 2 if proj else 4, torch.float64, "cpu")
+    gargs = make_gru(3, 2, 3, 4, torch.float64, "cpu")
+    with attnkit.use_backend(backend):
+        def run_lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *w_hr):
+            out, (h, c) = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, w_hr=w_hr[0] if w_hr else None, lengths=lengths)
+            return out, h, c
+
+        assert torch.autograd.gradcheck(run_lstm, [a for a in args if a is not None])
+        assert torch.autograd.gradcheck(lambda *a: gru(*a, lengths=lengths), gargs)
+
+
+def test_inference_saves_nothing_and_matches_training():
+    args = make_lstm(4, 3, 5, 8, 8, torch.float32, "cpu")
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = args
+    with torch.no_grad():
+        out, h, c, gates, cs, hc = torch.ops.attnkit.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, False)
+        assert gates.numel() == cs.numel() == hc.numel() == 0
+    out_train, (h_train, c_train) = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+    torch.testing.assert_close((out, h, c), (out_train, h_train, c_train), atol=0, rtol=0)
+
+
+def test_only_some_outputs_used():
+    """Outputs that never reach the loss (h_n, c_n here) come back as None grads."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = make_lstm(3, 2, 3, 4, 4, torch.float64, "cpu")
+    out, _ = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+    (gx,) = torch.autograd.grad(out.sum(), [x])
+    ref = reference.lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh)[0]
+    torch.testing.assert_close(gx, torch.autograd.grad(ref.sum(), [x])[0])
+
+
+def test_half_precision_falls_back_to_reference_on_cpu():
+    x, h0, w_ih, w_hh, b_ih, b_hh = (t.detach().bfloat16() for t in make_gru(3, 2, 3, 4, torch.float32, "cpu"))
+    out, _ = gru(x, h0, w_ih, w_hh, b_ih, b_hh)
+    decision = attnkit.last_dispatch("gru")
+    assert decision.backend == "reference"
+    assert "float32, float64, got bfloat16" in "; ".join(decision.skipped["cpp"])
+    ref = reference.gru(*(t.float() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)))[0]
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    with pytest.raises(RuntimeError, match="'cpp' was forced .* take float32, float64"):
+        with attnkit.use_backend("cpp"):
+            gru(x, h0, w_ih, w_hh, b_ih, b_hh)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params("lstm") if "cuda" in p.id])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_gpu(backend, device, dtype):
+    with forced("lstm", backend, device, dtype) as dev:
+        args = make_lstm(6, 4, 8, 16, 16, torch.float32, dev)
+        low = [None if a is None else a.detach().to(dtype).requires_grad_() for a in args]
+        out, (h, c) = lstm(low[0], (low[1], low[2]), *low[3:7])
+        out_ref, (h_ref, c_ref) = lstm(args[0], (args[1], args[2]), *args[3:7])
+        torch.testing.assert_close(out.float(), out_ref, atol=2e-2, rtol=2e-2)
+        gout, gh = gru(low[0], low[1], low[3][: 48], low[4][:48])
+        out.float().sum().backward()
+        assert all(a.grad is not None and torch.isfinite(a.grad).all() for a in low if a is not None)
+
+
+def test_zero_batch_and_extreme_inputs():
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = make_lstm(2, 3, 3, 4, 4, torch.float32, "cpu")
+    out, (h, c) = lstm(x[:, :0], (h0[:0], c0[:0]), w_ih, w_hh, b_ih, b_hh)
+    assert out.shape == (2, 0, 4) and h.shape == (0, 4)
+    big = (x * 1e4).detach().requires_grad_()
+    out, (h, c) = lstm(big, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+    ref = reference.lstm(big, h0, c0, w_ih, w_hh, b_ih, b_hh)[:3]
+    torch.testing.assert_close((out, h, c), ref)
+    assert torch.isfinite(torch.autograd.grad(out.sum(), [big, w_ih])[1]).all()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_opcheck(backend):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = make_lstm(3, 2, 3, 4, 2, torch.float32, "cpu")
+    gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh = make_gru(3, 2, 3, 4, torch.float32, "cpu")
+    lengths = torch.tensor([3, 1])
+    with attnkit.use_backend(backend):
+        torch.library.opcheck(
+            torch.ops.attnkit.lstm_forward.default, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, True)
+        )
+        torch.library.opcheck(torch.ops.attnkit.gru_forward.default, (gx, gh0, gw_ih, gw_hh, gb_ih, gb_hh, None, True))
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    args = make_gru(4, 2, 3, 5, torch.float32, "cpu")
+
+    def loss(x, h0, w_ih, w_hh, b_ih, b_hh):
+        out, h = gru(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=[4, 2])
+        return (out * out).sum() + h.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    grads = torch.autograd.grad(compiled(*args), args)
+    grads_ref = torch.autograd.grad(loss(*args), args)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r)
+
+
+class TestBadInput:
+    def lstm_args(self):
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = make_lstm(3, 2, 3, 4, 4, torch.float32, "cpu")
+        return [x, (h0, c0), w_ih, w_hh, b_ih, b_hh]
+
+    @pytest.mark.parametrize(
+        "change,error,match",
+        [
+            (lambda a: a.__setitem__(0, a[0][0]), ValueError, "input must be 3-D"),
+            (lambda a: a.__setitem__(0, a[0][:0]), ValueError, "at least one time step"),
+            (lambda a: a.__setitem__(0, a[0].long()), TypeError, "input has dtype int64"),
+            (lambda a: a.__setitem__(2, a[2][:, :2]), ValueError, "input has 3 features but w_ih expects input_size 2"),
+            (lambda a: a.__setitem__(3, a[3][:15]), ValueError, "w_hh must have 4\\*hidden_size rows"),
+            (lambda a: a.__setitem__(3, a[3][:, :3]), ValueError, "w_hh must have shape"),
+            (lambda a: a.__setitem__(2, a[2][:12]), ValueError, "w_ih must have 4\\*hidden_size = 16 rows"),
+            (lambda a: a.__setitem__(4, a[4][:5]), ValueError, "b_ih must have shape"),
+            (lambda a: a.__setitem__(1, a[1][0]), TypeError, "hx must be a tuple"),
+            (lambda a: a.__setitem__(1, (a[1][0][:1], a[1][1])), ValueError, r"hx\[0\] must have shape \(2, 4\)"),
+            (lambda a: a.__setitem__(1, (a[1][0], a[1][1][:, :3])), ValueError, r"hx\[1\] must have shape \(2, 4\)"),
+            (lambda a: a.__setitem__(3, a[3].double()), TypeError, "w_hh has dtype torch.float64 but input"),
+            (lambda a: a.__setitem__(2, a[2].to("meta")), RuntimeError, "w_ih is on meta but input is on cpu"),
+        ],
+    )
+    def test_lstm(self, change, error, match):
+        args = self.lstm_args()
+        change(args)
+        with pytest.raises(error, match=match):
+            lstm(*args)
+
+    def test_w_hr_shape(self):
+        args = self.lstm_args()
+        with pytest.raises(ValueError, match="w_hr must have shape \\(4, 4\\)"):
+            lstm(*args, w_hr=torch.randn(4, 3))
+
+    @pytest.mark.parametrize(
+        "lengths,error,match",
+        [
+            ([3], ValueError, "lengths must have shape \\(2,\\)"),
+            ([4, 1], ValueError, "lengths must lie in \\[0, 3\\]"),
+            ([-1, 1], ValueError, "lengths must lie in"),
+            (torch.tensor([1.0, 2.0]), TypeError, "lengths must hold integers"),
+            ("ab", TypeError, "lengths must be a tensor or sequence of integers"),
+        ],
+    )
+    def test_lengths(self, lengths, error, match):
+        with pytest.raises(error, match=match):
+            lstm(*self.lstm_args(), lengths=lengths)
+
+    def test_gru_hx(self):
+        x, h0, w_ih, w_hh, b_ih, b_hh = make_gru(3, 2, 3, 4, torch.float32, "cpu")
+        with pytest.raises(ValueError, match="hx must have shape \\(2, 4\\)"):
+            gru(x, h0[:, :3], w_ih, w_hh, b_ih, b_hh)
+        with pytest.raises(ValueError, match="w_hh must have 3\\*hidden_size rows"):
+            gru(x, h0, w_ih, w_hh[:10], b_ih, b_hh)
+
+    def test_cpp_entry_points_check_arguments(self):
+        """Called directly, bypassing Python validation, the C++ raises, never crashes."""
+        from attnkit import _extensions
+
+        ext, reason = _extensions.load("_C")
+        if ext is None:
+            pytest.skip(reason)
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = (None if t is None else t.detach() for t in make_lstm(3, 2, 3, 4, 4, torch.float32, "cpu"))
+        with pytest.raises(RuntimeError, match="h0 must have shape"):
+            ext.lstm_forward(x, h0[:1], c0, w_ih, w_hh, b_ih, b_hh, None, None, False)
+        with pytest.raises(RuntimeError, match="lengths must lie in"):
+            ext.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, torch.tensor([9, 1]), False)
+        with pytest.raises(RuntimeError, match="w_ih has dtype"):
+            ext.gru_forward(x, h0, w_ih[:12].double(), w_hh[:12], None, None, None, False)
+        with pytest.raises(RuntimeError, match="gates must have shape"):
+            out = torch.zeros(3, 2, 4)
+            ext.gru_backward(out, h0, x, h0, w_ih[:12], w_hh[:12], None, out, out)
