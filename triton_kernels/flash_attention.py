@@ -25,7 +25,7 @@ Conventions (shared with the reference and every backend):
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 NO_LIMIT = 1 << 30  # a window side of -1 (unbounded) becomes this
 
 

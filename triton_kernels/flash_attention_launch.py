@@ -21,29 +21,40 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs(block_d: int):
-    configs = []
-    for block_m, block_n, warps, stages in [
-        (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 32, 4, 2), (64, 128, 8, 2),
-    ]:
-        if block_d >= 256 and block_m * block_n > 64 * 64:
-            continue  # keeps register and shared-memory use in bounds at D = 256
-        configs.append(triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n), num_warps=warps, num_stages=stages))
-    return configs
+def _configs(block_d: int, elem_bytes: int):
+    """Autotune candidates, the first one fitting the shared memory of an A100
+    (163 KB) for every kernel (checked by compile_check); larger ones are
+    skipped by the autotuner where they do not fit."""
+    if elem_bytes > 2:  # fp32/fp64: tiles twice or four times the bytes
+        shapes = [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 1)]
+    elif block_d >= 256:
+        shapes = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)]
+    else:
+        shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 128, 8, 2)]
+    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in shapes]
 
 
 _TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "max_q", "max_k", "MASK_KIND", "USE_WINDOW", "DROPOUT", "VARLEN"]
 _tuned = {}
 
 
-def _kernel(kernel, block_d: int):
+def _kernel(kernel, block_d: int, elem_bytes: int):
     """The kernel as launched here: autotuned on a GPU, fixed under the interpreter."""
     if _interpreting():
         return kernel, dict(INTERPRETER_BLOCKS)
-    key = (kernel, block_d >= 256)
+    key = (kernel, block_d >= 256, elem_bytes > 2)
     if key not in _tuned:
-        _tuned[key] = triton.autotune(configs=_configs(block_d), key=_TUNE_KEY)(kernel)
+        _tuned[key] = triton.autotune(configs=_configs(block_d, elem_bytes), key=_TUNE_KEY)(kernel)
     return _tuned[key], {}
+
+
+def _run(kernel, grid, args, kwargs, launch):
+    """Launches, or hands the launch to `launch(kernel, grid, args, kwargs)`
+    (compile_check uses that to compile every kernel ahead of time)."""
+    if launch is None:
+        kernel[grid](*args, **kwargs)
+    else:
+        launch(kernel, grid, args, kwargs)
 
 
 def _block_dim(d: int) -> int:
@@ -107,7 +118,7 @@ def _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, 
 
 def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor], max_q: int, max_k: int,
             mask, pad, bottom_right: bool, window, softcap: float, scale: float, dropout_p: float, seed: int,
-            alibi_slopes=None):
+            alibi_slopes=None, launch=None):
     """Returns (out, lse); lse is fp32 (fp64 for fp64 inputs), (B, H, Nq) or varlen (H, total_q)."""
     c = _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed,
                 alibi_slopes)
@@ -116,49 +127,54 @@ def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tenso
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty((q.shape[1], q.shape[0]) if varlen else q.shape[:-1], dtype=stat_dtype, device=q.device)
-    kernel, blocks = _kernel(_attn_fwd, c["flags"]["BLOCK_D"])
+    kernel, blocks = _kernel(_attn_fwd, c["flags"]["BLOCK_D"], q.element_size())
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
-    kernel[grid](
+    args = (
         q, k, v, out, lse, c["mask"], c["pad"], c["slopes"], c["cu_q"], c["cu_k"],
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(out, varlen),
         *_stat_strides(lse, varlen), *c["mask_strides"], c["pad_stride"], c["slopes_stride"],
-        c["heads"], c["group"], max_q, max_k, **c["scalars"], **c["flags"], **blocks,
+        c["heads"], c["group"], max_q, max_k, *c["scalars"].values(),
     )
+    _run(kernel, grid, args, dict(**c["flags"], **blocks), launch)
     return out, lse
 
 
 def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask, pad, bottom_right: bool, window,
-             softcap: float, scale: float, dropout_p: float, seed: int, alibi_slopes=None):
+             softcap: float, scale: float, dropout_p: float, seed: int, alibi_slopes=None, launch=None):
     """Returns (dq, dk, dv); deterministic (no atomics)."""
     c = _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed,
                 alibi_slopes)
     varlen, flags = c["varlen"], c["flags"]
     delta = torch.empty_like(lse)
     delta_blocks = 16 if _interpreting() else 64
-    _attn_bwd_delta[(triton.cdiv(max_q, delta_blocks), c["batch"] * c["heads"])](
-        out, do, delta, c["cu_q"], c["cu_k"], *_Layout.of(out, varlen), *_Layout.of(do, varlen),
-        *_stat_strides(lse, varlen), c["heads"], max_q, max_k,
-        HEAD_DIM_V=flags["HEAD_DIM_V"], BLOCK_DV=flags["BLOCK_DV"], BLOCK_M=delta_blocks,
-        ACC_DTYPE=flags["ACC_DTYPE"], VARLEN=varlen,
+    _run(
+        _attn_bwd_delta, (triton.cdiv(max_q, delta_blocks), c["batch"] * c["heads"]),
+        (out, do, delta, c["cu_q"], c["cu_k"], *_Layout.of(out, varlen), *_Layout.of(do, varlen),
+         *_stat_strides(lse, varlen), c["heads"], max_q, max_k),
+        dict(HEAD_DIM_V=flags["HEAD_DIM_V"], BLOCK_DV=flags["BLOCK_DV"], BLOCK_M=delta_blocks,
+             ACC_DTYPE=flags["ACC_DTYPE"], VARLEN=varlen),
+        launch,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     shared = (*c["mask_strides"], c["pad_stride"], c["slopes_stride"])
-    kernel, blocks = _kernel(_attn_bwd_dkdv, flags["BLOCK_D"])
+    kernel, blocks = _kernel(_attn_bwd_dkdv, flags["BLOCK_D"], q.element_size())
     grid = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), c["batch"] * c["heads_kv"])  # noqa: E731
-    kernel[grid](
+    args = (
         q, k, v, do, lse, delta, dk, dv, c["mask"], c["pad"], c["slopes"], c["cu_q"], c["cu_k"],
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(do, varlen),
         *_stat_strides(lse, varlen), *_Layout.of(dk, varlen), *_Layout.of(dv, varlen), *shared,
-        c["heads_kv"], c["group"], max_q, max_k, **c["scalars"], **flags, **blocks,
+        c["heads_kv"], c["group"], max_q, max_k, *c["scalars"].values(),
     )
-    kernel, blocks = _kernel(_attn_bwd_dq, flags["BLOCK_D"])
+    _run(kernel, grid, args, dict(**flags, **blocks), launch)
+    kernel, blocks = _kernel(_attn_bwd_dq, flags["BLOCK_D"], q.element_size())
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
-    kernel[grid](
+    args = (
         q, k, v, do, lse, delta, dq, c["mask"], c["pad"], c["slopes"], c["cu_q"], c["cu_k"],
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(do, varlen),
         *_stat_strides(lse, varlen), *_Layout.of(dq, varlen), *shared,
-        c["heads"], c["group"], max_q, max_k, **c["scalars"], **flags, **blocks,
+        c["heads"], c["group"], max_q, max_k, *c["scalars"].values(),
     )
+    _run(kernel, grid, args, dict(**flags, **blocks), launch)
     return dq, dk, dv
 
 

@@ -1,0 +1,127 @@
+"""Compiles every flash-attention kernel ahead of time for a CUDA target, with no
+GPU: `python -m attnkit.triton_kernels.compile_check [--arch 90] [--all-configs]`.
+
+The interpreter runs the kernels' arithmetic on the CPU but not Triton's GPU
+compiler, which rejects things the interpreter accepts (non-constexpr globals,
+unsupported dot shapes or dtypes, shared memory over the limit). This runs the
+real launchers on meta tensors, intercepts each launch and compiles it to a
+cubin instead. Must run without TRITON_INTERPRET=1.
+"""
+import argparse
+import inspect
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import flash_attention_launch as launch
+
+_POINTER_TYPES = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+    torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1",
+}
+
+# (name, dtype, head dim, varlen, options)
+COMBOS = [
+    ("bf16-d128-every-feature", torch.bfloat16, 128, False,
+     dict(window=(64, 0), softcap=30.0, mask="bool", pad=True, dropout_p=0.1, alibi=True)),
+    ("fp16-d64-varlen-causal-dropout", torch.float16, 64, True, dict(window=(-1, 0), dropout_p=0.1)),
+    ("fp32-d80-float-mask", torch.float32, 80, False, dict(mask="float")),
+    ("bf16-d256-causal", torch.bfloat16, 256, False, dict(window=(-1, 0))),
+    ("fp64-d32-plain", torch.float64, 32, False, dict()),
+]
+
+
+def _type_of(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(1 << 31) <= value < (1 << 31) else "i64"
+    return "fp32"
+
+
+# Shared memory one block may use: sm_80 163 KB, sm_90 227 KB.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+class Compiler:
+    def __init__(self, arch: int, all_configs: bool):
+        self.target = GPUTarget("cuda", arch, 32)
+        self.all_configs = all_configs
+        self.compiled = []
+
+    def __call__(self, kernel, grid, args, kwargs):
+        configs = [None]
+        if isinstance(kernel, triton.runtime.Autotuner):
+            configs = kernel.configs if self.all_configs else kernel.configs[:1]
+            kernel = kernel.fn
+        names = list(inspect.signature(kernel.fn).parameters)
+        for config in configs:
+            constexprs = dict(kwargs, **(config.kwargs if config else {}))
+            values = dict(zip(names, args), **constexprs)
+            signature = {n: "constexpr" if n in constexprs else _type_of(values[n]) for n in names}
+            options = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config else {}
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=self.target, options=options)
+            self.compiled.append((kernel.fn.__name__, constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N"),
+                                  compiled.metadata.shared))
+
+
+def _inputs(dtype, dim, varlen, options):
+    meta = dict(device="meta", dtype=dtype)
+    batch, heads, heads_kv, n = 2, 4, 2, 512
+    if varlen:
+        q, k, v = (torch.empty(batch * n, h, dim, **meta) for h in (heads, heads_kv, heads_kv))
+        cu = torch.empty(batch + 1, device="meta", dtype=torch.int32)
+    else:
+        q, k, v = (torch.empty(batch, h, n, dim, **meta) for h in (heads, heads_kv, heads_kv))
+        cu = None
+    mask = None
+    if options.get("mask") == "bool":
+        mask = torch.empty(n, n, device="meta", dtype=torch.uint8).expand(batch, heads, n, n)
+    elif options.get("mask") == "float":
+        mask = torch.empty(batch, 1, n, n, device="meta", dtype=dtype).expand(batch, heads, n, n)
+    pad = torch.empty(batch, n, device="meta", dtype=torch.uint8) if options.get("pad") else None
+    slopes = torch.empty(batch, heads, device="meta", dtype=torch.float32) if options.get("alibi") else None
+    kwargs = dict(cu_q=cu, cu_k=cu, max_q=n, max_k=n, mask=mask, pad=pad, bottom_right=True,
+                  window=options.get("window", (-1, -1)), softcap=options.get("softcap", 0.0), scale=dim**-0.5,
+                  dropout_p=options.get("dropout_p", 0.0), seed=1 << 20, alibi_slopes=slopes)
+    return q, k, v, kwargs
+
+
+def check(arch: int = 90, all_configs: bool = False, verbose: bool = True) -> list:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("compile_check needs TRITON_INTERPRET unset: the interpreter replaces the compiler")
+    compiler = Compiler(arch, all_configs)
+    for name, dtype, dim, varlen, options in COMBOS:
+        start = time.time()
+        q, k, v, kwargs = _inputs(dtype, dim, varlen, options)
+        out, lse = launch.forward(q, k, v, **kwargs, launch=compiler)
+        launch.backward(torch.empty_like(out), q, k, v, out, lse, **kwargs, launch=compiler)
+        if verbose:
+            print(f"sm_{arch} {name}: ok in {time.time() - start:.1f} s")
+    return compiler.compiled
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (80 = A100, 90 = H100)")
+    parser.add_argument("--all-configs", action="store_true", help="every autotune config, not just the first")
+    args = parser.parse_args(argv)
+    limit = SHARED_LIMIT.get(args.arch)
+    over = 0
+    for kernel, block_m, block_n, shared in check(args.arch, args.all_configs):
+        fits = limit is None or shared <= limit
+        over += not fits
+        print(f"  {kernel:18s} BLOCK_M={block_m} BLOCK_N={block_n} shared={shared} B{'' if fits else '  OVER THE LIMIT'}")
+    return 1 if over and not args.all_configs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
