@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-FAMILIES = ["lstm_cell"]
+FAMILIES = ["lstm_cell", "attention"]
 
 
 def cpu_name() -> str:
@@ -49,15 +49,19 @@ def machine_info(device: torch.device) -> dict:
 
 
 def print_table(title: str, rows: list) -> None:
+    """One markdown table; optional columns (TFLOP/s, peak memory) appear when the family reports them."""
     print(f"\n## {title}\n")
-    print("| case | shape | backend | attnkit ms | baseline ms | speedup (>1: attnkit faster) | max err |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    if not rows:
+        return
+    extra = [key for key in ("ours_tflops", "baseline_tflops", "ours_peak_mb", "baseline_peak_mb") if rows and key in rows[0]]
+    header = ["case", "shape", "backend", "attnkit ms", "baseline ms", "speedup (>1: attnkit faster)", "max err"]
+    print("| " + " | ".join(header + [key.replace("_", " ") for key in extra]) + " |")
+    print("|---|---|---|" + "---:|" * (len(header) - 3 + len(extra)))
     for r in rows:
-        speedup = r["baseline_ms"] / r["ours_ms"]
-        print(
-            f"| {r['case']} | {r['shape']} | {r['backend']} | {r['ours_ms']:.3f} | {r['baseline_ms']:.3f} "
-            f"| {speedup:.2f}x | {r['max_err']:.1e} |"
-        )
+        cells = [r["case"], r["shape"], r["backend"], f"{r['ours_ms']:.3f}", f"{r['baseline_ms']:.3f}",
+                 f"{r['baseline_ms'] / r['ours_ms']:.2f}x", f"{r['max_err']:.1e}"]
+        cells += [f"{r[key]:.1f}" for key in extra]
+        print("| " + " | ".join(cells) + " |")
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,101 @@
+"""Flash attention on the GPU: attnkit's Triton kernel vs every SDPA backend
+(flash, efficient, cuDNN where available) and FlexAttention, bf16, causal and
+not, D = 64/128, N = 512..16k: forward, backward and forward+backward TFLOP/s.
+
+Needs a CUDA GPU; on a CPU machine it reports that and returns no rows (the
+CPU attention benchmark is `attention_cpu`). Plots: `python benchmarks/run.py --only attention`
+writes bench-results/attention-*.png when matplotlib is installed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timing import max_error, median_ms
+
+import attnkit
+
+TITLE = "Flash attention (GPU): attnkit Triton vs SDPA backends and FlexAttention"
+QUICK = [(64, 1024), (128, 4096)]  # (head dim, sequence length)
+FULL = [(d, n) for d in (64, 128) for n in (512, 1024, 2048, 4096, 8192, 16384)]
+TOKENS = 16384  # batch * sequence length, so every size does comparable work
+
+
+def flops(batch, heads, n, dim, causal, mode):
+    forward = 4 * batch * heads * n * n * dim * (0.5 if causal else 1.0)
+    return {"forward": forward, "backward": 2.5 * forward, "fwd+bwd": 3.5 * forward}[mode]
+
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    if hasattr(SDPBackend, "CUDNN_ATTENTION"):
+        names["cudnn"] = SDPBackend.CUDNN_ATTENTION
+    return {name: (lambda backend: (lambda q, k, v, c: _with(sdpa_kernel(backend), q, k, v, c)))(b) for name, b in names.items()}
+
+
+def _with(context, q, k, v, causal):
+    with context:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _flex():
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    compiled = torch.compile(flex_attention)
+
+    def run(q, k, v, causal):
+        mask = None
+        if causal:
+            mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, q.shape[2], k.shape[2], device=q.device)
+        return compiled(q, k, v, block_mask=mask)
+
+    return run
+
+
+def _time(fn, q, k, v, causal, mode, device):
+    if mode == "forward":
+        with torch.no_grad():
+            return median_ms(lambda: fn(q, k, v, causal), device)
+    out = fn(q, k, v, causal)
+    grad = torch.randn_like(out)
+    if mode == "backward":
+        return median_ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True), device)
+    return median_ms(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), grad), device)
+
+
+def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
+    if device.type != "cuda":
+        print("  (skipped: needs a CUDA GPU; see the attention_cpu family for the CPU backend)")
+        return []
+    dtype = torch.bfloat16 if dtype == torch.float32 else dtype  # the GPU comparison is in half precision
+    heads = 16
+    baselines = dict(_sdpa_backends())
+    flex = _flex()
+    if flex is not None:
+        baselines["flex"] = flex
+    ours = lambda q, k, v, causal: attnkit.ops.flash_attention(q, k, v, causal=causal)  # noqa: E731
+    rows = []
+    for dim, n in QUICK if quick else FULL:
+        batch = max(1, TOKENS // n)
+        q, k, v = (torch.randn(batch, heads, n, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        for causal in (False, True):
+            reference = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            error = max_error(ours(q, k, v, causal), reference)
+            for mode in ("forward", "backward", "fwd+bwd"):
+                t_ours = _time(ours, q, k, v, causal, mode, device)
+                for name, fn in baselines.items():
+                    try:
+                        t_base = _time(fn, q, k, v, causal, mode, device)
+                    except RuntimeError as exc:  # a backend that refuses this shape/dtype
+                        print(f"  {name} skipped at D={dim} N={n}: {str(exc).splitlines()[0]}")
+                        continue
+                    work = flops(batch, heads, n, dim, causal, mode)
+                    rows.append(dict(
+                        case=f"{mode}{' causal' if causal else ''} vs {name}", shape=f"B={batch} H={heads} N={n} D={dim}",
+                        backend=attnkit.last_dispatch("flash_attention").backend, ours_ms=t_ours, baseline_ms=t_base,
+                        max_err=error, ours_tflops=work / t_ours / 1e9, baseline_tflops=work / t_base / 1e9,
+                    ))
+    return rows
