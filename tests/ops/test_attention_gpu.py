@@ -1,0 +1,54 @@
+"""Large attention cases for a GPU (`make test-gpu`): long sequences and big head
+dims in bf16 against SDPA, which the interpreter cannot afford."""
+import pytest
+import torch
+import torch.nn.functional as F
+from attention_cases import assert_close
+
+import attnkit
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("n", [1024, 4096, 16384])
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_sequences_bf16_forward_vs_sdpa(dim, n, causal):
+    torch.manual_seed(0)
+    batch = max(1, 16384 // n)
+    q, k, v = (torch.randn(batch, 8, n, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with attnkit.use_backend("triton"):
+        out = attnkit.ops.flash_attention(q, k, v, causal=causal)
+    assert_close(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal), 2e-2, "out")
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_backward_bf16_vs_sdpa(dim, gqa):
+    torch.manual_seed(0)
+    n, heads, heads_kv = 2048, 8, 2 if gqa else 8
+    q = torch.randn(2, heads, n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, heads_kv, n, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    with attnkit.use_backend("triton"):
+        out = attnkit.ops.flash_attention(q, k, v, causal=True)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    leaves = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=gqa)
+    grads_expected = torch.autograd.grad(expected, leaves, grad.float())
+    for g, g_e in zip(grads, grads_expected):
+        assert_close(g, g_e, 5e-2, "grad")
+
+
+def test_deterministic_backward():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with attnkit.use_backend("triton"):
+        out = attnkit.ops.flash_attention(q, k, v, causal=True, deterministic=True)
+        first = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
+        second = torch.autograd.grad(out.sum(), (q, k, v))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
