@@ -2,6 +2,7 @@
 // and validation live in Python (attnkit.ops), so these are thin.
 #include <torch/extension.h>
 
+#include "attnkit/attention.h"
 #include "attnkit/lstm_cell.h"
 #include "attnkit/rnn.h"
 
@@ -13,5 +14,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_backward", &attnkit::cpu::lstm_backward, "whole-sequence LSTM layer, backward (CPU)");
   m.def("gru_forward", &attnkit::cpu::gru_forward, "whole-sequence GRU layer, forward (CPU)");
   m.def("gru_backward", &attnkit::cpu::gru_backward, "whole-sequence GRU layer, backward (CPU)");
+  m.def("attention_forward", &attnkit::cpu::attention_forward, "flash attention forward, dense or varlen (CPU)");
+  m.def("attention_backward", &attnkit::cpu::attention_backward, "flash attention backward, dense or varlen (CPU)");
+  m.def("attention_dropout_keep_mask", &attnkit::cpu::attention_dropout_keep_mask,
+        "the attention dropout keep mask (B, H, max_q, max_k) the kernels draw (CPU)");
   m.def("num_threads", [] { return at::get_num_threads(); }, "threads at::parallel_for may use");
 }

@@ -14,6 +14,7 @@ from typing import Any, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _extensions
 from .._dispatch import Implementation, Op
 from ..reference import attention as ref
 
@@ -87,6 +88,31 @@ class Triton(Implementation):
         return launch.backward(grad_out, c.q, c.k, c.v, out, lse, **self._kwargs(c))
 
 
+class Cpp(Implementation):
+    """csrc/cpu/attention.cpp: tiled flash attention in C++ (attnkit._C), every feature but fused RoPE."""
+
+    backend = "cpp"
+    extension = "_C"
+
+    def not_supported_reasons(self, call: Mapping[str, Any]) -> List[str]:
+        if call.get("rotary"):
+            return ["fused RoPE is not implemented in the cpp backend"]
+        return []
+
+    @staticmethod
+    def _args(c: AttentionCall) -> tuple:
+        return (c.cu_seqlens_q, c.cu_seqlens_k, c.max_seqlen_q, c.max_seqlen_k, c.attn_mask, c.key_padding_mask,
+                c.alibi_slopes, c.window[0], c.window[1], c.bottom_right, c.softcap, c.scale, c.dropout_p, c.seed)
+
+    def forward(self, c: AttentionCall):
+        ext, _ = _extensions.load(self.extension)
+        return tuple(ext.attention_forward(c.q, c.k, c.v, *self._args(c)))
+
+    def backward(self, c: AttentionCall, grad_out: Tensor, out: Tensor, lse: Tensor):
+        ext, _ = _extensions.load(self.extension)
+        return tuple(ext.attention_backward(grad_out, c.q, c.k, c.v, out, lse, *self._args(c)))
+
+
 class Reference(Implementation):
     backend = "reference"
 
@@ -141,4 +167,4 @@ def _stat_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-ATTENTION = Op("flash_attention", [Triton(), Reference()])
+ATTENTION = Op("flash_attention", [Triton(), Cpp(), Reference()])

@@ -1,0 +1,720 @@
+// Flash attention on the CPU: the structure of triton_kernels/flash_attention.py
+// with BLAS GEMMs on tiles instead of tl.dot.
+//
+// Forward: one task per (batch, head, block of BM queries) walks the visible key
+// blocks with an online softmax; S = scale * Q K^T and acc += P V are GEMMs into
+// per-thread buffers, the row passes (max, exp, soft-cap) are vectorized
+// (attention_rows.cpp). Backward recomputes P from the saved log-sum-exp. With
+// enough (batch, kv-head) pairs to keep every thread busy, one task per pair
+// walks its key blocks and also accumulates dQ of the group's heads (5 GEMMs per
+// tile, no race: the task owns those rows). Otherwise dK/dV run one task per
+// key block and dQ one per query block (7 GEMMs per tile). No atomics either
+// way, and a fixed summation order, so the result is deterministic.
+//
+// Statistics and accumulators are float (double for double inputs); fp16/bf16
+// tiles go through BLAS's mixed-precision GEMMs (16-bit operands, fp32 result).
+#include "attnkit/attention.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "attention_rows.h"
+
+// BLAS as linked into libtorch_cpu (MKL on x86 builds). Weak, so that a torch
+// without these symbols still loads the extension and falls back to ATen.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+// MKL's CBLAS mixed-precision GEMMs; enum arguments passed as their int values.
+void cblas_gemm_bf16bf16f32(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
+                            float*, int) __attribute__((weak));
+void cblas_gemm_f16f16f32(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
+                          float*, int) __attribute__((weak));
+}
+
+namespace attnkit {
+namespace cpu {
+
+namespace {
+
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
+constexpr int64_t kUnbounded = int64_t(1) << 40;  // a window side of -1
+
+// ------------------------------------------------------------------ GEMM on row-major tiles
+// C (m x n) = alpha * op(A) op(B) + beta * C; op(A) is m x k; all row-major with leading dims.
+
+template <typename T, typename C>
+void aten_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const T* a, int64_t lda, const T* b,
+               int64_t ldb, float beta, C* c, int64_t ldc) {
+  const auto in = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto out = at::TensorOptions().dtype(c10::CppTypeToScalarType<C>::value);
+  at::Tensor A = at::from_blob(const_cast<T*>(a), {ta ? k : m, ta ? m : k}, {lda, 1}, in);
+  at::Tensor B = at::from_blob(const_cast<T*>(b), {tb ? n : k, tb ? k : n}, {ldb, 1}, in);
+  at::Tensor Ct = at::from_blob(c, {m, n}, {ldc, 1}, out);
+  at::Tensor prod = at::mm((ta ? A.t() : A).to(out.dtype()), (tb ? B.t() : B).to(out.dtype()));
+  if (beta == 0) {
+    Ct.copy_(prod.mul_(alpha));
+  } else {
+    Ct.mul_(beta).add_(prod, alpha);
+  }
+}
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+          int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (sgemm_ == nullptr) return aten_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  // Column-major BLAS sees each row-major matrix transposed: C^T = op(B)^T op(A)^T.
+  const char tA = ta ? 'T' : 'N', tB = tb ? 'T' : 'N';
+  const int M = int(n), N = int(m), K = int(k), LA = int(ldb), LB = int(lda), LC = int(ldc);
+  sgemm_(&tB, &tA, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
+}
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+          const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  if (dgemm_ == nullptr) {
+    const auto opts = at::TensorOptions().dtype(at::kDouble);
+    at::Tensor A = at::from_blob(const_cast<double*>(a), {ta ? k : m, ta ? m : k}, {lda, 1}, opts);
+    at::Tensor B = at::from_blob(const_cast<double*>(b), {tb ? n : k, tb ? k : n}, {ldb, 1}, opts);
+    at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+    at::Tensor prod = at::mm(ta ? A.t() : A, tb ? B.t() : B);
+    beta == 0 ? C.copy_(prod.mul_(alpha)) : C.mul_(beta).add_(prod, alpha);
+    return;
+  }
+  const char tA = ta ? 'T' : 'N', tB = tb ? 'T' : 'N';
+  const int M = int(n), N = int(m), K = int(k), LA = int(ldb), LB = int(lda), LC = int(ldc);
+  dgemm_(&tB, &tA, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
+}
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const at::BFloat16* a, int64_t lda,
+          const at::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (cblas_gemm_bf16bf16f32 == nullptr) return aten_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  cblas_gemm_bf16bf16f32(kCblasRowMajor, ta ? kCblasTrans : kCblasNoTrans, tb ? kCblasTrans : kCblasNoTrans, int(m),
+                         int(n), int(k), alpha, reinterpret_cast<const uint16_t*>(a), int(lda),
+                         reinterpret_cast<const uint16_t*>(b), int(ldb), beta, c, int(ldc));
+}
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const at::Half* a, int64_t lda,
+          const at::Half* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (cblas_gemm_f16f16f32 == nullptr) return aten_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  cblas_gemm_f16f16f32(kCblasRowMajor, ta ? kCblasTrans : kCblasNoTrans, tb ? kCblasTrans : kCblasNoTrans, int(m),
+                       int(n), int(k), alpha, reinterpret_cast<const uint16_t*>(a), int(lda),
+                       reinterpret_cast<const uint16_t*>(b), int(ldb), beta, c, int(ldc));
+}
+
+// ------------------------------------------------------------------ layouts and the call
+
+// Rows of a dense (B, H, N, D) or packed (total, H, D) tensor; D contiguous.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t sb, sh, sm;
+  T* at(int64_t b, int64_t h, int64_t row) const { return data + b * sb + h * sh + row * sm; }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t, bool varlen) {
+  T* data = static_cast<T*>(t.data_ptr());
+  // BLAS wants a leading dim >= the row length; a single row's stride is free.
+  const int64_t row = varlen ? 0 : 2;
+  const int64_t sm = t.size(row) <= 1 ? std::max<int64_t>(t.stride(row), t.size(-1)) : t.stride(row);
+  if (varlen) return {data, 0, t.stride(1), sm};
+  return {data, t.stride(0), t.stride(1), sm};
+}
+
+// lse / delta: dense (B, H, Nq), varlen (H, total_q).
+template <typename T>
+Rows<T> stats_of(const at::Tensor& t, bool varlen) {
+  T* data = static_cast<T*>(t.data_ptr());
+  if (varlen) return {data, 0, t.stride(0), t.stride(1)};
+  return {data, t.stride(0), t.stride(1), t.stride(2)};
+}
+
+struct Seq {
+  int64_t q_start, q_len, k_start, k_len, diag;
+};
+
+struct Spec {
+  bool varlen = false;
+  int64_t batch = 0, heads = 0, heads_kv = 0, group = 1, dim = 0, dim_v = 0, max_q = 0, max_k = 0;
+  const int32_t* cu_q = nullptr;
+  const int32_t* cu_k = nullptr;
+  bool bottom_right = true;
+  int64_t left = kUnbounded, right = kUnbounded;
+  double softcap = 0, scale = 1;
+  const uint8_t* keep_mask = nullptr;  // bool attn_mask, nonzero = attend
+  const void* add_mask = nullptr;      // additive attn_mask in the accumulation type
+  int64_t mask_stride[4] = {0, 0, 0, 0};
+  const uint8_t* pad = nullptr;  // (B, Nk) contiguous, nonzero = padding
+  const float* alibi = nullptr;  // (B, H) contiguous
+  bool dropout = false;
+  uint32_t threshold = 0;
+  double drop_scale = 1;
+  uint64_t seed = 0;
+
+  Seq seq(int64_t b) const {
+    Seq s{0, max_q, 0, max_k, 0};
+    if (varlen) {
+      s = {cu_q[b], cu_q[b + 1] - cu_q[b], cu_k[b], cu_k[b + 1] - cu_k[b], 0};
+    }
+    s.diag = bottom_right ? s.k_len - s.q_len : 0;
+    return s;
+  }
+  // Keys [lo, hi) inside the window of some query of [m0, m0 + rows).
+  std::pair<int64_t, int64_t> key_range(const Seq& s, int64_t m0, int64_t rows) const {
+    return {std::max<int64_t>(m0 + s.diag - left, 0), std::min<int64_t>(m0 + rows + s.diag + right, s.k_len)};
+  }
+  // Queries [lo, hi) whose window reaches some key of [n0, n0 + cols).
+  std::pair<int64_t, int64_t> query_range(const Seq& s, int64_t n0, int64_t cols) const {
+    return {std::max<int64_t>(n0 - s.diag - right, 0), std::min<int64_t>(n0 + cols - s.diag + left, s.q_len)};
+  }
+};
+
+// The inputs as the kernels read them, with the tensors that back Spec's pointers.
+struct Call {
+  at::Tensor q, k, v, cu_q, cu_k, add_mask, keep_mask, pad, alibi;
+  Spec spec;
+};
+
+// ------------------------------------------------------------------ tiles
+
+// Turns scale * Q K^T of a (rows x cols) tile into the scores of
+// reference.attention: soft-cap (tanh kept in t), ALiBi, additive mask, then
+// -inf outside the window, where the bool mask is False and on padding keys.
+template <typename acc_t>
+void tile_scores(const Spec& sp, const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t n0,
+                 int64_t cols, acc_t* s, acc_t* t, int64_t ld) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t* ms = sp.mask_stride;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = m0 + r;
+    acc_t* row = s + r * ld;
+    if (sp.softcap > 0) attn_rows::softcap(row, t + r * ld, cols, acc_t(sp.softcap));
+    if (sp.alibi != nullptr) {
+      const acc_t slope = sp.alibi[b * sp.heads + h];
+      const int64_t rel0 = n0 - (i + sq.diag);
+      for (int64_t j = 0; j < cols; ++j) row[j] -= slope * acc_t(std::abs(rel0 + j));
+    }
+    if (sp.add_mask != nullptr) {
+      const acc_t* add = static_cast<const acc_t*>(sp.add_mask) + b * ms[0] + h * ms[1] + i * ms[2] + n0 * ms[3];
+      for (int64_t j = 0; j < cols; ++j) row[j] += add[j * ms[3]];
+    }
+    const int64_t lo = std::clamp<int64_t>(i + sq.diag - sp.left - n0, 0, cols);
+    const int64_t hi = std::clamp<int64_t>(i + sq.diag + sp.right + 1 - n0, lo, cols);
+    std::fill(row, row + lo, neg_inf);
+    std::fill(row + hi, row + cols, neg_inf);
+    if (sp.keep_mask != nullptr) {
+      const uint8_t* keep = sp.keep_mask + b * ms[0] + h * ms[1] + i * ms[2] + n0 * ms[3];
+      for (int64_t j = lo; j < hi; ++j) row[j] = keep[j * ms[3]] ? row[j] : neg_inf;
+    }
+    if (sp.pad != nullptr) {
+      const uint8_t* pad = sp.pad + b * sp.max_k + n0;
+      for (int64_t j = lo; j < hi; ++j) row[j] = pad[j] ? neg_inf : row[j];
+    }
+  }
+}
+
+uint64_t stream_of(const Spec& sp, int64_t b, int64_t h) { return sp.seed + uint64_t(b * sp.heads + h); }
+
+// x[j] *= drop_scale where kept, 0 where dropped.
+template <typename acc_t>
+void apply_dropout(acc_t* x, const uint8_t* keep, int64_t n, acc_t drop_scale) {
+  for (int64_t j = 0; j < n; ++j) x[j] = keep[j] ? x[j] * drop_scale : acc_t(0);
+}
+
+template <typename scalar_t, typename acc_t>
+void to_input_type(scalar_t* dst, const acc_t* src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+}
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename scalar_t>
+constexpr bool kSameType = std::is_same_v<scalar_t, acc_type<scalar_t>>;
+
+struct Blocks {
+  int64_t m, n;  // queries x keys per tile
+};
+
+// ------------------------------------------------------------------ forward
+
+template <typename scalar_t>
+void forward_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t> k, Rows<const scalar_t> v,
+                    Rows<scalar_t> out, Rows<acc_type<scalar_t>> lse, Blocks blk) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t BM = blk.m, BN = blk.n, D = sp.dim, DV = sp.dim_v;
+  const int64_t m_blocks = (sp.max_q + BM - 1) / BM;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  at::parallel_for(0, sp.batch * sp.heads * m_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> s(BM * BN), t(sp.softcap > 0 ? BM * BN : 0), acc(BM * DV), m(BM), l(BM);
+    std::vector<scalar_t> low(kSameType<scalar_t> ? 0 : BM * BN);
+    std::vector<uint8_t> keep(BN);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t mb = task % m_blocks, b = task / m_blocks / sp.heads, h = task / m_blocks % sp.heads;
+      const Seq sq = sp.seq(b);
+      const int64_t m0 = mb * BM;
+      if (m0 >= sq.q_len) continue;
+      const int64_t rows = std::min(BM, sq.q_len - m0), kvh = h / sp.group;
+      const scalar_t* qt = q.at(b, h, sq.q_start + m0);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(l.begin(), l.end(), acc_t(0));
+      const auto [k_lo, k_hi] = sp.key_range(sq, m0, rows);
+      for (int64_t n0 = k_lo; n0 < k_hi; n0 += BN) {
+        const int64_t cols = std::min(BN, k_hi - n0);
+        gemm(false, true, rows, cols, D, acc_t(sp.scale), qt, q.sm, k.at(b, kvh, sq.k_start + n0), k.sm, acc_t(0),
+             s.data(), BN);
+        tile_scores(sp, sq, b, h, m0, rows, n0, cols, s.data(), t.data(), BN);
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* row = s.data() + r * BN;
+          const acc_t m_new = std::max(m[r], attn_rows::row_max(row, cols));
+          const acc_t m_use = m_new == neg_inf ? acc_t(0) : m_new;  // nothing visible yet
+          const acc_t sum = attn_rows::exp_shift_sum(row, cols, m_use);
+          const acc_t alpha = std::exp(m[r] - m_use);
+          l[r] = l[r] * alpha + sum;  // counts every probability; dropout only touches the output
+          m[r] = m_new;
+          if (alpha != acc_t(1)) {
+            for (int64_t d = 0; d < DV; ++d) acc[r * DV + d] *= alpha;
+          }
+          if (sp.dropout) {
+            attn_rows::dropout_keep(keep.data(), stream_of(sp, b, h), m0 + r, n0, cols, sp.max_k, sp.threshold);
+            apply_dropout(row, keep.data(), cols, acc_t(sp.drop_scale));
+          }
+          if constexpr (!kSameType<scalar_t>) to_input_type(low.data() + r * BN, row, cols);
+        }
+        const scalar_t* p = nullptr;
+        if constexpr (kSameType<scalar_t>) p = s.data(); else p = low.data();
+        gemm(false, false, rows, DV, cols, acc_t(1), p, BN, v.at(b, kvh, sq.k_start + n0), v.sm, acc_t(1), acc.data(),
+             DV);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool empty = l[r] == acc_t(0);
+        const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];
+        scalar_t* o = out.at(b, h, sq.q_start + m0 + r);
+        for (int64_t d = 0; d < DV; ++d) o[d] = static_cast<scalar_t>(acc[r * DV + d] * inv);
+        *lse.at(b, h, sq.q_start + m0 + r) = empty ? neg_inf : m[r] + std::log(l[r]);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward
+
+// What both backward kernels share: the buffers of one thread and the tile step.
+template <typename scalar_t>
+struct BackwardTile {
+  using acc_t = acc_type<scalar_t>;
+  const Spec& sp;
+  int64_t BN;
+  std::vector<acc_t> s, t, dp, ds;
+  std::vector<scalar_t> low;
+  std::vector<uint8_t> keep;
+
+  BackwardTile(const Spec& spec, Blocks blk)
+      : sp(spec), BN(blk.n), s(blk.m * blk.n), t(spec.softcap > 0 ? blk.m * blk.n : 0), dp(blk.m * blk.n),
+        ds(blk.m * blk.n), low(kSameType<scalar_t> ? 0 : blk.m * blk.n), keep(blk.n) {}
+
+  // P (in s) and dP (in dp, dropout applied) of a (rows x cols) tile; with
+  // `p_out`, also the dropped-out P for the dV GEMM (returned as its operand).
+  const scalar_t* probabilities(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t n0,
+                                int64_t cols, const scalar_t* qt, int64_t ldq, const scalar_t* kt, int64_t ldk,
+                                const scalar_t* dot, int64_t lddo, const scalar_t* vt, int64_t ldv,
+                                const Rows<acc_t>& lse, bool p_out) {
+    gemm(false, true, rows, cols, sp.dim, acc_t(sp.scale), qt, ldq, kt, ldk, acc_t(0), s.data(), BN);
+    tile_scores(sp, sq, b, h, m0, rows, n0, cols, s.data(), t.data(), BN);
+    gemm(false, true, rows, cols, sp.dim_v, acc_t(1), dot, lddo, vt, ldv, acc_t(0), dp.data(), BN);
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t* row = s.data() + r * BN;
+      acc_t stat = *lse.at(b, h, sq.q_start + m0 + r);
+      stat = std::isinf(stat) ? acc_t(0) : stat;  // an empty row's scores are all -inf: P = 0
+      attn_rows::exp_shift_sum(row, cols, stat);
+      acc_t* out_row = ds.data() + r * BN;  // ds holds the dropped-out P until dS is formed
+      if (sp.dropout) {
+        attn_rows::dropout_keep(keep.data(), stream_of(sp, b, h), m0 + r, n0, cols, sp.max_k, sp.threshold);
+        apply_dropout(dp.data() + r * BN, keep.data(), cols, acc_t(sp.drop_scale));
+        if (p_out) {
+          std::copy(row, row + cols, out_row);
+          apply_dropout(out_row, keep.data(), cols, acc_t(sp.drop_scale));
+        }
+      }
+      if constexpr (!kSameType<scalar_t>) {
+        if (p_out) to_input_type(low.data() + r * BN, sp.dropout ? out_row : row, cols);
+      }
+    }
+    if constexpr (kSameType<scalar_t>) return sp.dropout ? ds.data() : s.data();
+    else return low.data();
+  }
+
+  // dS = P * (dP - delta) (* soft-cap derivative), as the GEMMs' operand.
+  const scalar_t* score_grad(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t cols,
+                             const Rows<acc_t>& delta) {
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t* out_row = ds.data() + r * BN;
+      attn_rows::softmax_grad(out_row, s.data() + r * BN, dp.data() + r * BN, t.empty() ? nullptr : t.data() + r * BN,
+                              cols, *delta.at(b, h, sq.q_start + m0 + r));
+      if constexpr (!kSameType<scalar_t>) to_input_type(low.data() + r * BN, out_row, cols);
+    }
+    if constexpr (kSameType<scalar_t>) return ds.data();
+    else return low.data();
+  }
+};
+
+// dK, dV (and dQ when `dq_acc` is given, owning whole (batch, kv-head) pairs).
+template <typename scalar_t>
+void backward_dkdv_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t> k, Rows<const scalar_t> v,
+                          Rows<const scalar_t> dout, Rows<acc_type<scalar_t>> lse, Rows<acc_type<scalar_t>> delta,
+                          Rows<scalar_t> dk, Rows<scalar_t> dv, Rows<acc_type<scalar_t>>* dq_acc, Blocks blk) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t BM = blk.m, BN = blk.n, D = sp.dim, DV = sp.dim_v;
+  const int64_t n_blocks = dq_acc != nullptr ? 1 : (sp.max_k + BN - 1) / BN;
+  at::parallel_for(0, sp.batch * sp.heads_kv * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    BackwardTile<scalar_t> tile(sp, blk);
+    std::vector<acc_t> dk_acc(BN * D), dv_acc(BN * DV);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t nb = task % n_blocks, b = task / n_blocks / sp.heads_kv, kvh = task / n_blocks % sp.heads_kv;
+      const Seq sq = sp.seq(b);
+      const int64_t first = nb * BN, last = dq_acc != nullptr ? sq.k_len : std::min(first + BN, sq.k_len);
+      for (int64_t n0 = first; n0 < last; n0 += BN) {
+        const int64_t cols = std::min(BN, sq.k_len - n0);
+        const scalar_t* kt = k.at(b, kvh, sq.k_start + n0);
+        const scalar_t* vt = v.at(b, kvh, sq.k_start + n0);
+        std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
+        std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
+        const auto [q_lo, q_hi] = sp.query_range(sq, n0, cols);
+        for (int64_t h = kvh * sp.group; h < (kvh + 1) * sp.group; ++h) {
+          for (int64_t m0 = q_lo; m0 < q_hi; m0 += BM) {
+            const int64_t rows = std::min(BM, q_hi - m0);
+            const scalar_t* qt = q.at(b, h, sq.q_start + m0);
+            const scalar_t* dot = dout.at(b, h, sq.q_start + m0);
+            const scalar_t* p = tile.probabilities(sq, b, h, m0, rows, n0, cols, qt, q.sm, kt, k.sm, dot, dout.sm, vt,
+                                                   v.sm, lse, true);
+            gemm(true, false, cols, DV, rows, acc_t(1), p, BN, dot, dout.sm, acc_t(1), dv_acc.data(), DV);
+            const scalar_t* dst = tile.score_grad(sq, b, h, m0, rows, cols, delta);
+            gemm(true, false, cols, D, rows, acc_t(1), dst, BN, qt, q.sm, acc_t(1), dk_acc.data(), D);
+            if (dq_acc != nullptr) {
+              gemm(false, false, rows, D, cols, acc_t(1), dst, BN, kt, k.sm, acc_t(1),
+                   dq_acc->at(b, h, sq.q_start + m0), dq_acc->sm);
+            }
+          }
+        }
+        for (int64_t c = 0; c < cols; ++c) {
+          scalar_t* dk_row = dk.at(b, kvh, sq.k_start + n0 + c);
+          scalar_t* dv_row = dv.at(b, kvh, sq.k_start + n0 + c);
+          for (int64_t d = 0; d < D; ++d) dk_row[d] = static_cast<scalar_t>(dk_acc[c * D + d] * acc_t(sp.scale));
+          for (int64_t d = 0; d < DV; ++d) dv_row[d] = static_cast<scalar_t>(dv_acc[c * DV + d]);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_dq_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t> k, Rows<const scalar_t> v,
+                        Rows<const scalar_t> dout, Rows<acc_type<scalar_t>> lse, Rows<acc_type<scalar_t>> delta,
+                        Rows<scalar_t> dq, Blocks blk) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t BM = blk.m, BN = blk.n, D = sp.dim;
+  const int64_t m_blocks = (sp.max_q + BM - 1) / BM;
+  at::parallel_for(0, sp.batch * sp.heads * m_blocks, 1, [&](int64_t begin, int64_t end) {
+    BackwardTile<scalar_t> tile(sp, blk);
+    std::vector<acc_t> dq_acc(BM * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t mb = task % m_blocks, b = task / m_blocks / sp.heads, h = task / m_blocks % sp.heads;
+      const Seq sq = sp.seq(b);
+      const int64_t m0 = mb * BM;
+      if (m0 >= sq.q_len) continue;
+      const int64_t rows = std::min(BM, sq.q_len - m0), kvh = h / sp.group;
+      const scalar_t* qt = q.at(b, h, sq.q_start + m0);
+      const scalar_t* dot = dout.at(b, h, sq.q_start + m0);
+      std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
+      const auto [k_lo, k_hi] = sp.key_range(sq, m0, rows);
+      for (int64_t n0 = k_lo; n0 < k_hi; n0 += BN) {
+        const int64_t cols = std::min(BN, k_hi - n0);
+        const scalar_t* kt = k.at(b, kvh, sq.k_start + n0);
+        tile.probabilities(sq, b, h, m0, rows, n0, cols, qt, q.sm, kt, k.sm, dot, dout.sm,
+                           v.at(b, kvh, sq.k_start + n0), v.sm, lse, false);
+        const scalar_t* dst = tile.score_grad(sq, b, h, m0, rows, cols, delta);
+        gemm(false, false, rows, D, cols, acc_t(1), dst, BN, kt, k.sm, acc_t(1), dq_acc.data(), D);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        scalar_t* dq_row = dq.at(b, h, sq.q_start + m0 + r);
+        for (int64_t d = 0; d < D; ++d) dq_row[d] = static_cast<scalar_t>(dq_acc[r * D + d] * acc_t(sp.scale));
+      }
+    }
+  });
+}
+
+// delta_i = sum_d dO_id O_id, the row term of the softmax backward.
+template <typename scalar_t>
+void backward_delta(const Spec& sp, Rows<const scalar_t> out, Rows<const scalar_t> dout, Rows<acc_type<scalar_t>> delta) {
+  using acc_t = acc_type<scalar_t>;
+  at::parallel_for(0, sp.batch * sp.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / sp.heads, h = task % sp.heads;
+      const Seq sq = sp.seq(b);
+      for (int64_t i = sq.q_start; i < sq.q_start + sq.q_len; ++i) {
+        const scalar_t* o = out.at(b, h, i);
+        const scalar_t* g = dout.at(b, h, i);
+        acc_t sum = 0;
+        for (int64_t d = 0; d < sp.dim_v; ++d) sum += acc_t(o[d]) * acc_t(g[d]);
+        *delta.at(b, h, i) = sum;
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ tile sizes
+
+Blocks forward_blocks(const Spec& sp) {
+  // Measured on AMD EPYC (2 cores), D = 64, N = 256..4096 (benchmarks/attention_cpu.py).
+  return {std::min<int64_t>(64, std::max<int64_t>(sp.max_q, 1)), sp.dim > 128 ? 128 : 256};
+}
+
+Blocks backward_blocks(const Spec& sp) {
+  return {64, sp.dim > 128 ? 64 : 128};
+}
+
+// ------------------------------------------------------------------ argument checks
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Makes rows addressable with a BLAS leading dimension: last dim contiguous and
+// rows not overlapping (an expanded k, say, is copied).
+at::Tensor rows_ready(const at::Tensor& t, int64_t row_dim) {
+  if (t.stride(-1) != 1 || (t.size(row_dim) > 1 && t.stride(row_dim) < t.size(-1))) return t.contiguous();
+  return t;
+}
+
+void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen) {
+  TORCH_CHECK(cu.device().is_cpu() && cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 2,
+              "attention: ", name, " must be a 1-D int32 CPU tensor of batch + 1 >= 2 entries");
+  const at::Tensor c = cu.contiguous();
+  const int32_t* p = c.data_ptr<int32_t>();
+  TORCH_CHECK(p[0] == 0 && p[cu.numel() - 1] == total, "attention: ", name, " must run from 0 to ", total);
+  for (int64_t b = 0; b + 1 < cu.numel(); ++b) {
+    TORCH_CHECK(p[b + 1] >= p[b], "attention: ", name, " must be non-decreasing");
+    TORCH_CHECK(p[b + 1] - p[b] <= max_seqlen, "attention: a sequence of ", name, " is longer than max_seqlen ",
+                max_seqlen);
+  }
+}
+
+Call prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_q,
+             const c10::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
+             const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& key_padding_mask,
+             const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right,
+             bool bottom_right, double softcap, double scale, double dropout_p, int64_t seed) {
+  TORCH_CHECK(q.defined() && k.defined() && v.defined(), "attention: q, k and v must be tensors");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "attention: tensors must be on the CPU");
+  TORCH_CHECK(is_float_type(q.scalar_type()), "attention: q must be float16, bfloat16, float32 or float64, got ",
+              q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "attention: q, k and v must have one dtype");
+  TORCH_CHECK(cu_q.has_value() == cu_k.has_value(), "attention: give both cu_seqlens_q and cu_seqlens_k or neither");
+  Call c;
+  Spec& sp = c.spec;
+  sp.varlen = cu_q.has_value();
+  const int64_t ndim = sp.varlen ? 3 : 4, heads_dim = 1, row_dim = sp.varlen ? 0 : 2;
+  TORCH_CHECK(q.dim() == ndim && k.dim() == ndim && v.dim() == ndim, "attention: q, k, v must be ", ndim,
+              "-D (", sp.varlen ? "packed (total, H, D)" : "(B, H, N, D)", ")");
+  sp.heads = q.size(heads_dim);
+  sp.heads_kv = k.size(heads_dim);
+  TORCH_CHECK(v.size(heads_dim) == sp.heads_kv && sp.heads_kv > 0 && sp.heads % sp.heads_kv == 0,
+              "attention: q heads must be a multiple of k/v heads, and k, v must have the same heads");
+  sp.group = sp.heads / sp.heads_kv;
+  sp.dim = q.size(-1);
+  sp.dim_v = v.size(-1);
+  TORCH_CHECK(k.size(-1) == sp.dim && sp.dim >= 1 && sp.dim_v >= 1, "attention: q and k need one head dim >= 1");
+  TORCH_CHECK(k.size(row_dim) == v.size(row_dim), "attention: k and v must have the same length");
+  TORCH_CHECK(max_q >= 0 && max_k >= 0 && max_q < INT_MAX && max_k < INT_MAX, "attention: bad max_seqlen");
+  if (sp.varlen) {
+    check_cu_seqlens(*cu_q, "cu_seqlens_q", q.size(0), max_q);
+    check_cu_seqlens(*cu_k, "cu_seqlens_k", k.size(0), max_k);
+    TORCH_CHECK(cu_q->numel() == cu_k->numel(), "attention: cu_seqlens_q and cu_seqlens_k differ in batch");
+    TORCH_CHECK(!attn_mask.has_value() && !key_padding_mask.has_value(),
+                "attention: attn_mask and key_padding_mask are dense-only");
+    c.cu_q = cu_q->contiguous();
+    c.cu_k = cu_k->contiguous();
+    sp.cu_q = c.cu_q.data_ptr<int32_t>();
+    sp.cu_k = c.cu_k.data_ptr<int32_t>();
+    sp.batch = cu_q->numel() - 1;
+  } else {
+    sp.batch = q.size(0);
+    TORCH_CHECK(k.size(0) == sp.batch && v.size(0) == sp.batch, "attention: q, k, v must have one batch size");
+    TORCH_CHECK(max_q == q.size(2) && max_k == k.size(2), "attention: dense max_seqlen must be Nq and Nk");
+  }
+  sp.max_q = max_q;
+  sp.max_k = max_k;
+  c.q = rows_ready(q, row_dim);
+  c.k = rows_ready(k, row_dim);
+  c.v = rows_ready(v, row_dim);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (attn_mask.has_value()) {
+    const at::Tensor& mask = *attn_mask;
+    TORCH_CHECK(mask.device().is_cpu() && mask.dim() == 4 &&
+                    mask.sizes() == at::IntArrayRef({sp.batch, sp.heads, max_q, max_k}),
+                "attention: attn_mask must be a CPU tensor of shape (B, H, Nq, Nk), usually an expanded view");
+    if (mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte) {
+      c.keep_mask = mask.scalar_type() == at::kBool ? mask.view(at::kByte) : mask;
+      sp.keep_mask = c.keep_mask.data_ptr<uint8_t>();
+    } else {
+      TORCH_CHECK(is_float_type(mask.scalar_type()), "attention: attn_mask must be bool, uint8 or floating");
+      // Convert only the distinct values (broadcast dims narrowed to 1), then
+      // broadcast again: never an (Nq, Nk) copy per batch and head.
+      at::Tensor compact = mask;
+      for (int64_t d = 0; d < 4; ++d) {
+        if (compact.stride(d) == 0) compact = compact.narrow(d, 0, 1);
+      }
+      c.add_mask = compact.to(acc).expand(mask.sizes());
+      sp.add_mask = c.add_mask.data_ptr();
+    }
+    const at::Tensor& used = c.keep_mask.defined() ? c.keep_mask : c.add_mask;
+    for (int64_t d = 0; d < 4; ++d) sp.mask_stride[d] = used.size(d) == 1 ? 0 : used.stride(d);
+  }
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& pad = *key_padding_mask;
+    TORCH_CHECK(pad.device().is_cpu() && (pad.scalar_type() == at::kBool || pad.scalar_type() == at::kByte) &&
+                    pad.sizes() == at::IntArrayRef({sp.batch, max_k}),
+                "attention: key_padding_mask must be a bool CPU tensor of shape (B, Nk)");
+    c.pad = (pad.scalar_type() == at::kBool ? pad.view(at::kByte) : pad).contiguous();
+    sp.pad = c.pad.data_ptr<uint8_t>();
+  }
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& slopes = *alibi_slopes;
+    TORCH_CHECK(slopes.device().is_cpu() && slopes.scalar_type() == at::kFloat &&
+                    slopes.sizes() == at::IntArrayRef({sp.batch, sp.heads}),
+                "attention: alibi_slopes must be a float32 CPU tensor of shape (B, H)");
+    c.alibi = slopes.contiguous();
+    sp.alibi = c.alibi.data_ptr<float>();
+  }
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, "attention: window sides must be >= -1");
+  sp.left = window_left < 0 ? kUnbounded : window_left;
+  sp.right = window_right < 0 ? kUnbounded : window_right;
+  sp.bottom_right = bottom_right;
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "attention: softcap must be finite and >= 0");
+  TORCH_CHECK(std::isfinite(scale), "attention: scale must be finite");
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "attention: dropout_p must be in [0, 1)");
+  sp.softcap = softcap;
+  sp.scale = scale;
+  sp.dropout = dropout_p > 0;
+  sp.threshold = static_cast<uint32_t>(std::nearbyint(dropout_p * double(1 << 24)));  // Python's round
+  sp.drop_scale = sp.dropout ? 1.0 / (1.0 - dropout_p) : 1.0;
+  sp.seed = static_cast<uint64_t>(seed);
+  return c;
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& q, int64_t dim_v) {
+  std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end());
+  shape.back() = dim_v;
+  return shape;
+}
+
+std::vector<int64_t> stat_shape(const Spec& sp, const at::Tensor& q) {
+  if (sp.varlen) return {sp.heads, q.size(0)};
+  return {sp.batch, sp.heads, sp.max_q};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens_q,
+    const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& key_padding_mask,
+    const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, bool bottom_right,
+    double softcap, double scale, double dropout_p, int64_t seed) {
+  Call c = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
+                   alibi_slopes, window_left, window_right, bottom_right, softcap, scale, dropout_p, seed);
+  const Spec& sp = c.spec;
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty(out_shape(q, sp.dim_v), q.options());
+  at::Tensor lse = at::empty(stat_shape(sp, q), q.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    forward_kernel<scalar_t>(sp, rows_of<const scalar_t>(c.q, sp.varlen), rows_of<const scalar_t>(c.k, sp.varlen),
+                             rows_of<const scalar_t>(c.v, sp.varlen), rows_of<scalar_t>(out, sp.varlen),
+                             stats_of<acc_t>(lse, sp.varlen), forward_blocks(sp));
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, const c10::optional<at::Tensor>& attn_mask,
+    const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& alibi_slopes,
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap, double scale, double dropout_p,
+    int64_t seed) {
+  Call c = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
+                   alibi_slopes, window_left, window_right, bottom_right, softcap, scale, dropout_p, seed);
+  const Spec& sp = c.spec;
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto o_shape = out_shape(q, sp.dim_v);
+  TORCH_CHECK(grad_out.defined() && out.defined() && grad_out.sizes() == at::IntArrayRef(o_shape) &&
+                  out.sizes() == at::IntArrayRef(o_shape),
+              "attention_backward: grad_out and out must have the output's shape");
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type() &&
+                  grad_out.device().is_cpu() && out.device().is_cpu(),
+              "attention_backward: grad_out and out must be CPU tensors of q's dtype");
+  TORCH_CHECK(lse.defined() && lse.device().is_cpu() && lse.scalar_type() == acc &&
+                  lse.sizes() == at::IntArrayRef(stat_shape(sp, q)),
+              "attention_backward: lse must be the forward's log-sum-exp (", acc, ")");
+  const int64_t row_dim = sp.varlen ? 0 : 2;
+  const at::Tensor dout_r = rows_ready(grad_out, row_dim), out_r = rows_ready(out, row_dim);
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor delta = at::empty(stat_shape(sp, q), q.options().dtype(acc));
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
+             dv = at::empty(v.sizes(), v.options());
+  // One task per (batch, kv-head) when there are enough of them for the threads.
+  const bool fused = sp.batch * sp.heads_kv >= 4 * at::get_num_threads();
+  at::Tensor dq_acc;
+  if (fused) dq_acc = q.scalar_type() == acc ? dq.zero_() : at::zeros(q.sizes(), q.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const bool vl = sp.varlen;
+    const auto qr = rows_of<const scalar_t>(c.q, vl), kr = rows_of<const scalar_t>(c.k, vl),
+               vr = rows_of<const scalar_t>(c.v, vl), dor = rows_of<const scalar_t>(dout_r, vl);
+    const auto lse_r = stats_of<acc_t>(lse_c, vl), delta_r = stats_of<acc_t>(delta, vl);
+    backward_delta<scalar_t>(sp, rows_of<const scalar_t>(out_r, vl), dor, delta_r);
+    auto dq_rows = fused ? rows_of<acc_t>(dq_acc, vl) : Rows<acc_t>{};
+    backward_dkdv_kernel<scalar_t>(sp, qr, kr, vr, dor, lse_r, delta_r, rows_of<scalar_t>(dk, vl),
+                                   rows_of<scalar_t>(dv, vl), fused ? &dq_rows : nullptr, backward_blocks(sp));
+    if (!fused) {
+      backward_dq_kernel<scalar_t>(sp, qr, kr, vr, dor, lse_r, delta_r, rows_of<scalar_t>(dq, vl),
+                                   backward_blocks(sp));
+    }
+  });
+  if (fused) {
+    dq_acc.mul_(scale);
+    if (!dq_acc.is_same(dq)) dq.copy_(dq_acc);
+  }
+  return {dq, dk, dv};
+}
+
+at::Tensor attention_dropout_keep_mask(int64_t batch, int64_t heads, int64_t max_q, int64_t max_k, double dropout_p,
+                                       int64_t seed) {
+  TORCH_CHECK(batch >= 0 && heads >= 0 && max_q >= 0 && max_k >= 0, "attention_dropout_keep_mask: negative size");
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "attention_dropout_keep_mask: dropout_p must be in [0, 1)");
+  const uint32_t threshold = static_cast<uint32_t>(std::nearbyint(dropout_p * double(1 << 24)));
+  at::Tensor keep = at::empty({batch, heads, max_q, max_k}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* p = keep.data_ptr<uint8_t>();
+  at::parallel_for(0, batch * heads * max_q, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      attn_rows::dropout_keep(p + row * max_k, static_cast<uint64_t>(seed) + uint64_t(row / max_q), row % max_q, 0,
+                              max_k, max_k, threshold);
+    }
+  });
+  return keep.view(at::kBool);
+}
+
+}  // namespace cpu
+}  // namespace attnkit

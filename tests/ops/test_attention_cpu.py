@@ -1,0 +1,158 @@
+"""The cpp attention backend beyond the shared suite: shapes larger than the
+interpreter can afford (several tiles per row and column, both backward
+schedules), strided layouts, Philox bit equality, determinism and argument
+checks of the C++ entry points."""
+import pytest
+import torch
+from attention_cases import Features, Shape, assert_close, ground_truth, make_inputs
+from helpers import forced
+
+import attnkit
+from attnkit import _extensions
+from attnkit.ops import flash_attention, flash_attention_varlen
+from attnkit.reference import attention as ref
+
+OP = "flash_attention"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 4e-2}
+
+
+def _ext():
+    ext, reason = _extensions.load("_C")
+    if ext is None:
+        pytest.skip(reason)
+    return ext
+
+
+def _run(q, k, v, kwargs, grad_out):
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out, lse = flash_attention(*leaves, **kwargs, return_lse=True)
+    return out, lse, torch.autograd.grad(out, leaves, grad_out)
+
+
+# B * H_kv = 1 takes the split backward (dK/dV per key block, dQ per query block),
+# B * H_kv = 32 the fused one (one task per (batch, kv-head) pair), with up to 8 threads.
+LARGE_CASES = [
+    (Shape(1, 2, 1, 257, 257, 64, 64), Features(causal=True)),
+    (Shape(1, 1, 1, 1000, 1000, 64, 64), Features()),
+    (Shape(4, 8, 8, 257, 300, 64, 64), Features(causal=True)),
+    (Shape(4, 16, 8, 300, 257, 64, 64), Features(window=(100, 20), softcap=5.0, padding=True)),
+    (Shape(1, 2, 2, 1000, 700, 64, 32), Features(causal=True, mask="float", alibi="heads")),
+    (Shape(2, 2, 2, 300, 300, 64, 64), Features(mask="bool", window=(-1, 40))),
+]
+
+
+@pytest.mark.parametrize("shape,features", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in LARGE_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_shapes_match_reference(shape, features, dtype):
+    with forced(OP, "cpp", "cpu", dtype):
+        q, k, v, kwargs = make_inputs(shape, features, dtype, "cpu")
+        grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64).to(dtype)
+        out, lse, grads = _run(q, k, v, kwargs, grad_out)
+        assert attnkit.last_dispatch(OP).backend == "cpp"
+    out_t, lse_t, grads_t = ground_truth(q, k, v, kwargs, grad_out)
+    assert_close(out, out_t, TOL[dtype], "out")
+    assert_close(lse, lse_t, TOL[dtype], "lse")
+    for name, g, g_t in zip("qkv", grads, grads_t):
+        assert_close(g, g_t, TOL[dtype] * 4, f"d{name}")
+
+
+def test_strided_layouts():
+    """(B, N, H, D) inputs transposed to (B, H, N, D), and K/V expanded over the sequence (stride 0)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 70, 4, 32, generator=gen)
+    q = x.transpose(1, 2)
+    k = torch.randn(2, 2, 1, 32, generator=gen).expand(2, 2, 50, 32)
+    v = torch.randn(2, 50, 2, 32, generator=gen).transpose(1, 2)
+    with forced(OP, "cpp", "cpu"):
+        out = flash_attention(q, k, v, causal=True)
+    expected, _ = ref.attention(q.double(), k.double(), v.double(), window=(-1, 0))
+    assert_close(out, expected, 1e-4, "out")
+
+
+def test_backward_is_deterministic():
+    q, k, v, kwargs = make_inputs(Shape(4, 8, 8, 200, 200, 64, 64), Features(causal=True), torch.float32, "cpu")
+    grad_out = torch.randn(q.shape)
+    with forced(OP, "cpp", "cpu"):
+        first = _run(q, k, v, kwargs, grad_out)[2]
+        second = _run(q, k, v, kwargs, grad_out)[2]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_dropout_mask_is_the_reference_philox_bit_for_bit():
+    """Through the op: with q = k = 0 every probability is 1 / Nk and v = I makes
+    out[i, j] = keep(i, j) / (Nk (1 - p)), so out != 0 is the keep mask itself."""
+    batch, heads, n_q, n_k, p = 2, 3, 19, 37, 0.3
+    q = torch.zeros(batch, heads, n_q, 8)
+    k = torch.zeros(batch, heads, n_k, 8)
+    v = torch.eye(n_k).expand(batch, heads, n_k, n_k)
+    gen = torch.Generator().manual_seed(21)
+    with forced(OP, "cpp", "cpu"):
+        out = flash_attention(q, k, v, dropout_p=p, generator=gen)
+    seed = int(torch.randint(0, 1 << 40, (), generator=torch.Generator().manual_seed(21))) << 20
+    keep = ref.dropout_keep_mask(seed, batch, heads, n_q, n_k, p)
+    assert torch.equal(out != 0, keep)
+    assert torch.allclose(out[keep], torch.full_like(out[keep], 1 / (n_k * (1 - p))))
+
+
+def test_dropout_mask_varlen_streams_match_the_reference():
+    """Varlen offsets use max_seqlen_k and sequence-local positions, as the reference's mask."""
+    lengths_q, lengths_k, heads, p = [5, 11], [7, 13], 2, 0.4
+    cu_q = torch.tensor([0, 5, 16], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7, 20], dtype=torch.int32)
+    q = torch.zeros(16, heads, 4)
+    k = torch.zeros(20, heads, 4)
+    v = torch.zeros(20, heads, 13)
+    for b, (start, n) in enumerate(zip([0, 7], lengths_k)):
+        v[start : start + n, :, :n] = torch.eye(n)[:, None, :]
+    gen = torch.Generator().manual_seed(4)
+    with forced(OP, "cpp", "cpu"):
+        out = flash_attention_varlen(q, k, v, cu_q, cu_k, 11, 13, dropout_p=p, generator=gen)
+    seed = int(torch.randint(0, 1 << 40, (), generator=torch.Generator().manual_seed(4))) << 20
+    keep = ref.dropout_keep_mask(seed, 2, heads, 11, 13, p)
+    for b, (start, n_q, n_k) in enumerate(zip([0, 5], lengths_q, lengths_k)):
+        got = (out[start : start + n_q, :, :n_k] != 0).transpose(0, 1)
+        assert torch.equal(got, keep[b, :, :n_q, :n_k])
+
+
+@pytest.mark.parametrize("seed", [0, 12345 << 20, (1 << 60) - 3])
+def test_keep_mask_entry_point_matches_reference(seed):
+    ext = _ext()
+    assert torch.equal(ext.attention_dropout_keep_mask(2, 3, 19, 37, 0.3, seed), ref.dropout_keep_mask(seed, 2, 3, 19, 37, 0.3))
+
+
+def test_entry_points_reject_bad_arguments():
+    """The C++ functions check what they read (they are reachable without the op's validator)."""
+    ext = _ext()
+    q = torch.randn(2, 2, 8, 16)
+    base = (None, None, 8, 8, None, None, None, -1, -1, True, 0.0, 0.25, 0.0, 0)
+    bad_calls = [
+        ((q, q[:, :1, :, :8], q), base),  # head dims differ
+        ((q, q, q.double()), base),  # dtypes differ
+        ((q, q, q), (None, None, 9, 8) + base[4:]),  # dense max_seqlen != N
+        ((q, q, q), base[:4] + (torch.ones(2, 2, 8, 7, dtype=torch.bool),) + base[5:]),  # mask shape
+        ((q, q, q), base[:5] + (torch.ones(2, 9, dtype=torch.bool),) + base[6:]),  # padding shape
+        ((q, q, q), base[:6] + (torch.ones(2, 2, dtype=torch.float64),) + base[7:]),  # alibi dtype
+        ((q, q, q), base[:12] + (1.0, 0)),  # dropout_p = 1
+    ]
+    packed = torch.randn(10, 2, 16)
+    for cu in ([0, 4, 11], [0, 6, 4, 10], [1, 10]):
+        cu = torch.tensor(cu, dtype=torch.int32)
+        bad_calls.append(((packed, packed, packed), (cu, cu, 10, 10) + base[4:]))
+    for tensors, args in bad_calls:
+        with pytest.raises(RuntimeError, match="attention"):
+            ext.attention_forward(*tensors, *args)
+    out, lse = ext.attention_forward(q, q, q, *base)
+    with pytest.raises(RuntimeError, match="lse"):
+        ext.attention_backward(out, q, q, q, out, lse[:, :, :4], *base)
+
+
+def test_opcheck_cpp():
+    q, k, v, kwargs = make_inputs(Shape(1, 2, 1, 5, 7, 8, 8), Features(causal=True, mask="float"), torch.float32, "cpu")
+    q.requires_grad_(True)
+    mask = kwargs["attn_mask"].expand(1, 2, 5, 7)
+    with forced(OP, "cpp", "cpu"):
+        schema = torch.ops.attnkit.attention_forward.default._schema
+        args = [q, k, v, None, None, 5, 7, mask, None, -1, 0, True, 0.0, 0.35, 0.0, None]
+        args += [None] * (len(schema.arguments) - len(args))  # optional arguments added later (ALiBi, RoPE)
+        torch.library.opcheck(torch.ops.attnkit.attention_forward.default, tuple(args))
