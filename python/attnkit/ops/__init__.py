@@ -2,5 +2,6 @@
 from .attention import flash_attention, flash_attention_varlen
 from .lstm_cell import lstm_cell
 from .rnn import gru, lstm
+from .rotary import apply_rotary
 
-__all__ = ["flash_attention", "flash_attention_varlen", "gru", "lstm", "lstm_cell"]
+__all__ = ["apply_rotary", "flash_attention", "flash_attention_varlen", "gru", "lstm", "lstm_cell"]

@@ -1,0 +1,40 @@
+"""Implementations of the rotary embedding. Every backend honours one contract:
+
+apply(x, cos, sin, offsets, offset, interleaved, conjugate, out) -> None
+
+writes x rotated into `out`, which is a fresh tensor or x itself (in place);
+x (B, N, H, D) any strides, cos/sin (S, R/2) or (B, S, R/2) contiguous,
+offsets (B,) int32/int64 or None (then `offset` for every sequence).
+"""
+from __future__ import annotations
+
+from typing import Any, List, Mapping
+
+from .._dispatch import Implementation, Op
+from ..reference import rotary as ref
+
+MAX_HEAD_DIM = 1024  # one program holds a (rows, head dim) tile
+
+
+class Triton(Implementation):
+    backend = "triton"
+
+    def not_supported_reasons(self, call: Mapping[str, Any]) -> List[str]:
+        if call.get("head_dim", 0) > MAX_HEAD_DIM:
+            return [f"head dim {call['head_dim']} > {MAX_HEAD_DIM}"]
+        return []
+
+    def apply(self, x, cos, sin, offsets, offset, interleaved, conjugate, out):
+        from ..triton_kernels import rotary as kernels
+
+        kernels.rotary(x, cos, sin, offsets, offset, interleaved, conjugate, out)
+
+
+class Reference(Implementation):
+    backend = "reference"
+
+    def apply(self, x, cos, sin, offsets, offset, interleaved, conjugate, out):
+        out.copy_(ref.rotary(x, cos, sin, offsets, offset, interleaved, conjugate))
+
+
+ROTARY = Op("rotary", [Triton(), Reference()])

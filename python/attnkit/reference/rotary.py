@@ -1,0 +1,49 @@
+"""Reference rotary position embedding (RoPE) in plain PyTorch, the ground truth
+of attnkit.ops.apply_rotary's backends. Semantics of FlashAttention's
+`flash_attn.layers.rotary.apply_rotary_emb`:
+
+- x (B, N, H, D); cos, sin (S, R/2) shared by the batch, or (B, S, R/2) per
+  sequence; R = rotary_dim <= D. Only x[..., :R] is rotated, the rest passes through.
+- Row n of sequence b sits at position p = n + offset[b]; rows whose position
+  falls outside [0, S) are left unrotated (FlashAttention's kernel does the same).
+- Non-interleaved (GPT-NeoX/Llama) pairs dim i with i + R/2; interleaved (GPT-J)
+  pairs 2i with 2i + 1. A pair (x0, x1) with angle index i becomes
+  (x0 cos - x1 sin, x0 sin + x1 cos); `conjugate` rotates by -angle (the backward).
+- Arithmetic in fp32 (fp64 for fp64 x), the result rounded once to x's dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def _tables_at(table: Tensor, positions: Tensor) -> Tensor:
+    """table (S, R/2) or (B, S, R/2) read at positions (B, N): (B, N, R/2)."""
+    if table.dim() == 2:
+        return table[positions]
+    index = positions[..., None].expand(-1, -1, table.shape[-1])
+    return torch.gather(table, 1, index)
+
+
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor] = None, offset: int = 0,
+           interleaved: bool = False, conjugate: bool = False) -> Tensor:
+    """x rotated; `offsets` (B,) int when given, else every sequence starts at `offset`."""
+    batch, seqlen, _, _ = x.shape
+    seqlen_ro, half = cos.shape[-2], cos.shape[-1]
+    rotary_dim = 2 * half
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    shift = offsets.to(torch.int64)[:, None] if offsets is not None else torch.full((batch, 1), offset)
+    positions = torch.arange(seqlen, device=x.device)[None, :] + shift.to(x.device)  # (B, N)
+    inside = ((positions >= 0) & (positions < seqlen_ro))[..., None]
+    positions = positions.clamp(0, seqlen_ro - 1)
+    c = torch.where(inside, _tables_at(cos, positions).to(compute), 1.0)[:, :, None, :]  # (B, N, 1, R/2)
+    s = torch.where(inside, _tables_at(sin, positions).to(compute), 0.0)[:, :, None, :]
+    if conjugate:
+        s = -s
+    rot = x[..., :rotary_dim].to(compute)
+    x0, x1 = (rot[..., 0::2], rot[..., 1::2]) if interleaved else (rot[..., :half], rot[..., half:])
+    o0, o1 = x0 * c - x1 * s, x0 * s + x1 * c
+    rotated = torch.stack((o0, o1), dim=-1).flatten(-2) if interleaved else torch.cat((o0, o1), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
