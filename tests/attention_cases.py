@@ -35,6 +35,7 @@ class Features:
     padding: bool = False
     pad_whole_sequence: bool = False  # one batch entry entirely padding: fully masked rows
     alibi: str = ""  # "", "heads" (H,), "batch" (B, H)
+    rotary: str = ""  # "", "half" (halves, rotary_dim = D), "interleaved", "partial" (rotary_dim < D, per-batch offsets)
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
     def __str__(self):
@@ -53,6 +54,8 @@ class Features:
             parts.append("pad-all" if self.pad_whole_sequence else "pad")
         if self.alibi:
             parts.append(f"alibi-{self.alibi}")
+        if self.rotary:
+            parts.append(f"rope-{self.rotary}")
         return "+".join(parts) or "plain"
 
 
@@ -81,6 +84,9 @@ CASES = [
     (S(2, 4, 4, 17, 23, 32, 32), Features(alibi="heads")),
     (S(2, 4, 2, 23, 17, 32, 32), Features(alibi="batch", causal=True, softcap=2.0)),
     (S(1, 2, 2, 33, 33, 256, 256), Features(causal=True, alibi="heads", window=(6, -1))),
+    (S(2, 2, 2, 17, 23, 32, 32), Features(rotary="half")),
+    (S(2, 4, 2, 9, 20, 16, 16), Features(rotary="interleaved", causal=True)),
+    (S(2, 2, 1, 17, 17, 80, 80), Features(rotary="partial", causal=True, softcap=2.0)),
 ]
 
 
@@ -113,6 +119,14 @@ def make_inputs(shape: Shape, features: Features, dtype, device, seed=0):
         kwargs["alibi_slopes"] = torch.rand(shape.heads, generator=gen).to(device)
     elif features.alibi == "batch":
         kwargs["alibi_slopes"] = torch.rand(shape.batch, shape.heads, generator=gen).to(device)
+    if features.rotary:
+        rotary_dim = shape.dim if features.rotary != "partial" else shape.dim // 2 - (shape.dim // 2) % 2
+        offsets = torch.tensor([3, 0][: shape.batch] + [1] * max(0, shape.batch - 2), dtype=torch.int32)
+        positions = torch.arange(shape.n_k + 8, dtype=torch.float64)[:, None]
+        angles = positions * 10000.0 ** (-torch.arange(rotary_dim // 2, dtype=torch.float64) * 2 / rotary_dim)
+        kwargs.update(rotary_cos=angles.cos().to(dtype=dtype, device=device), rotary_sin=angles.sin().to(dtype=dtype, device=device),
+                      rotary_interleaved=features.rotary == "interleaved",
+                      rotary_seqlen_offsets=offsets.to(device) if features.rotary == "partial" else 2)
     if features.padding:
         lengths = torch.randint(1, shape.n_k + 1, (shape.batch,), generator=gen)
         if features.pad_whole_sequence:
@@ -142,12 +156,28 @@ def _slopes(slopes):
 def ground_truth(q, k, v, kwargs, grad_out, dropout_p=0.0, dropout_keep=None):
     """(out, lse, (dq, dk, dv)) in float64 by autograd through the reference."""
     leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    q_used, k_used = rotated(leaves[0], leaves[1], kwargs)
     options = reference_options(kwargs)
     if options["attn_mask"] is not None and options["attn_mask"].is_floating_point():
         options["attn_mask"] = options["attn_mask"].double()
-    out, lse = ref.attention(*leaves, **options, dropout_p=dropout_p, dropout_keep=dropout_keep)
+    out, lse = ref.attention(q_used, k_used, leaves[2], **options, dropout_p=dropout_p, dropout_keep=dropout_keep)
     grads = torch.autograd.grad(out, leaves, grad_out.double())
     return out, lse, grads
+
+
+def rotated(q, k, kwargs):
+    """q, k rotated in plain PyTorch as the fused RoPE does (differentiable)."""
+    if kwargs.get("rotary_cos") is None:
+        return q, k
+    offsets = kwargs.get("rotary_seqlen_offsets", 0)
+    offsets = torch.as_tensor(offsets).long().reshape(-1, 1).to(q.device)
+    diag = k.shape[2] - q.shape[2] if kwargs.get("causal_alignment", "bottom_right") == "bottom_right" else 0
+    positions_q = torch.arange(q.shape[2], device=q.device)[None, :] + diag + offsets
+    positions_k = torch.arange(k.shape[2], device=q.device)[None, :] + offsets
+    cos, sin = kwargs["rotary_cos"].double(), kwargs["rotary_sin"].double()
+    spin = dict(interleaved=kwargs.get("rotary_interleaved", False))
+    return (ref.rotate(q, cos, sin, positions_q.expand(q.shape[0], -1), **spin),
+            ref.rotate(k, cos, sin, positions_k.expand(k.shape[0], -1), **spin))
 
 
 def assert_close(actual, expected, tol, what=""):

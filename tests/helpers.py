@@ -31,10 +31,10 @@ def backend_params(op: str):
 
 
 @contextlib.contextmanager
-def forced(op: str, backend: str, device: str, dtype=torch.float32):
+def forced(op: str, backend: str, device: str, dtype=torch.float32, **call):
     """Runs the block with `backend` forced for `op`, or skips the test when
-    this machine cannot run it (saying why)."""
-    reasons = _dispatch._OPS[op].reasons(backend, {"device": torch.device(device), "dtype": dtype})
+    this machine (or this backend, for the features in `call`) cannot run it."""
+    reasons = _dispatch._OPS[op].reasons(backend, {"device": torch.device(device), "dtype": dtype, **call})
     if reasons:
         pytest.skip(f"{backend} on {device}: {'; '.join(reasons)}")
     with attnkit.use_backend(backend, op=op):

@@ -12,6 +12,9 @@ Conventions (shared with the reference and every backend):
   (FlashAttention's), 0 for top-left (SDPA's is_causal). Key j is inside the
   window of query i iff -left <= j - (i + diag) <= right; causal is right = 0.
 - ALiBi adds -slope[b, h] * |j - (i + diag)| to the score, after soft-capping.
+- RoPE (rotary_dim > 0) rotates q row i at position i + diag + offset[b] and k row j at
+  j + offset[b] as tiles are loaded (cos/sin tables (positions, rotary_dim / 2)); the
+  backward rotates dQ and dK back afterwards.
 - Softmax statistics accumulate in fp32 (fp64 for fp64 inputs); the forward
   stores the natural-log log-sum-exp, -inf for a row with no visible key,
   whose output and gradients are 0.
@@ -101,16 +104,78 @@ def _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN: tl.constexpr, BOTTOM_R
 
 
 @triton.jit
+def _load_rows(base, rows, stride_row, row_ok, positions, COS, SIN, stride_rot, sin_sign,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
+               ACC_DTYPE: tl.constexpr):
+    """A (rows, BLOCK_D) tile of q or k, rotated by RoPE at `positions` when
+    ROTARY_DIM > 0 (sin_sign = -1: the inverse rotation, for gradients). Each
+    element pairs with a partner (the other half, or the odd/even neighbour when
+    INTERLEAVED) loaded alongside, so rotation costs one more load, no shuffle."""
+    offs_d = tl.arange(0, BLOCK_D)
+    x = tl.load(base + rows[:, None] * stride_row + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0)
+    if ROTARY_DIM > 0:
+        if INTERLEAVED:
+            first = (offs_d % 2) == 0
+            partner = offs_d ^ 1
+            freq = offs_d // 2
+        else:
+            first = offs_d < ROTARY_DIM // 2
+            partner = tl.where(first, offs_d + ROTARY_DIM // 2, offs_d - ROTARY_DIM // 2)
+            freq = tl.where(first, offs_d, offs_d - ROTARY_DIM // 2)
+        inside = row_ok[:, None] & (offs_d < ROTARY_DIM)[None, :]
+        x_partner = tl.load(base + rows[:, None] * stride_row + partner[None, :], mask=inside, other=0)
+        cos = tl.load(COS + positions[:, None] * stride_rot + freq[None, :], mask=inside, other=1.0)
+        sin = tl.load(SIN + positions[:, None] * stride_rot + freq[None, :], mask=inside, other=0.0)
+        sign = tl.where(first, -sin_sign, sin_sign)  # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+        rotated = x.to(ACC_DTYPE) * cos.to(ACC_DTYPE) + x_partner.to(ACC_DTYPE) * (sign[None, :] * sin.to(ACC_DTYPE))
+        x = rotated.to(x.dtype)
+    return x
+
+
+@triton.jit
+def _rotary_rows_inplace(
+    X, COS, SIN, ROT_OFF, CU_Q, CU_K, stride_xb, stride_xh, stride_xm, stride_rot, H, max_q, max_k,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ROTARY_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr, ACC_DTYPE: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    QUERIES: tl.constexpr,
+):
+    """Undoes the RoPE rotation of dQ (QUERIES) or dK in place: the kernels
+    compute gradients with respect to the rotated q and k."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_start, q_len, k_start, k_len, diag = _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN, BOTTOM_RIGHT)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    shift = tl.load(ROT_OFF + b)
+    if QUERIES:
+        start = q_start
+        length = q_len
+        shift = shift + diag
+    else:
+        start = k_start
+        length = k_len
+    base = X + b * stride_xb + h * stride_xh + start * stride_xm
+    x = _load_rows(base, rows, stride_xm, rows < length, rows + shift, COS, SIN, stride_rot, -1.0,
+                   HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
+    tl.store(base + rows[:, None] * stride_xm + offs_d[None, :], x,
+             mask=(rows[:, None] < length) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, MASK, PAD, SLOPES, CU_Q, CU_K,
+    Q, K, V, O, LSE, MASK, PAD, SLOPES, COS, SIN, ROT_OFF, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_lm,
-    stride_mb, stride_mh, stride_mm, stride_mn, stride_pb, stride_ab,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_pb, stride_ab, stride_rot,
     H, GROUP, max_q, max_k, scale, softcap, window_left, window_right, seed, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -125,8 +190,10 @@ def _attn_fwd(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + (q_start + offs_m[:, None]) * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), other=0)
+    rot_off = tl.load(ROT_OFF + b) if ROTARY_DIM > 0 else 0
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, offs_m, stride_qm, offs_m < q_len,
+                   offs_m + diag + rot_off, COS, SIN, stride_rot, 1.0, HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED,
+                   ACC_DTYPE)
     k_base = K + b * stride_kb + kvh * stride_kh + k_start * stride_kn
     v_base = V + b * stride_vb + kvh * stride_vh + k_start * stride_vn
     mask_base = MASK + b * stride_mb + h * stride_mh
@@ -144,9 +211,9 @@ def _attn_fwd(
         hi = tl.minimum(m0 + BLOCK_M + diag + window_right, k_len)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + offs_n0
-        k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                    mask=(offs_n[None, :] < k_len) & (offs_d[:, None] < HEAD_DIM), other=0)
-        qk = _dot(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+        k = _load_rows(k_base, offs_n, stride_kn, offs_n < k_len, offs_n + rot_off, COS, SIN, stride_rot, 1.0,
+                       HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         s, _ = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
                             mask_base, stride_mm, stride_mn, pad_base, slope, USE_WINDOW, SOFTCAP, MASK_KIND,
                             HAS_PADDING, ALIBI)
@@ -200,16 +267,17 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, PAD, SLOPES, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, PAD, SLOPES, COS, SIN, ROT_OFF, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    stride_mb, stride_mh, stride_mm, stride_mn, stride_pb, stride_ab,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_pb, stride_ab, stride_rot,
     H_KV, GROUP, max_q, max_k, scale, softcap, window_left, window_right, seed, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -225,8 +293,9 @@ def _attn_bwd_dkdv(
     offs_dv = tl.arange(0, BLOCK_DV)
     k_inside = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
     v_inside = (offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V)
-    k = tl.load(K + b * stride_kb + kvh * stride_kh + (k_start + offs_n[:, None]) * stride_kn + offs_d[None, :],
-                mask=k_inside, other=0)
+    rot_off = tl.load(ROT_OFF + b) if ROTARY_DIM > 0 else 0
+    k = _load_rows(K + b * stride_kb + kvh * stride_kh + k_start * stride_kn, offs_n, stride_kn, offs_n < k_len,
+                   offs_n + rot_off, COS, SIN, stride_rot, 1.0, HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
     v = tl.load(V + b * stride_vb + kvh * stride_vh + (k_start + offs_n[:, None]) * stride_vn + offs_dv[None, :],
                 mask=v_inside, other=0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
@@ -246,8 +315,8 @@ def _attn_bwd_dkdv(
         slope = tl.load(SLOPES + b * stride_ab + h) if ALIBI else 0.0
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + offs_m0
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
-                        mask=(offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM), other=0)
+            q = _load_rows(q_base, offs_m, stride_qm, offs_m < q_len, offs_m + diag + rot_off, COS, SIN, stride_rot,
+                           1.0, HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
             do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :],
                          mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
             lse = tl.load(LSE + stat_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
@@ -278,15 +347,16 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, PAD, SLOPES, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, PAD, SLOPES, COS, SIN, ROT_OFF, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm, stride_dqb, stride_dqh, stride_dqm,
-    stride_mb, stride_mh, stride_mm, stride_mn, stride_pb, stride_ab,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_pb, stride_ab, stride_rot,
     H, GROUP, max_q, max_k, scale, softcap, window_left, window_right, seed, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -302,8 +372,10 @@ def _attn_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_inside = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + (q_start + offs_m[:, None]) * stride_qm + offs_d[None, :],
-                mask=q_inside, other=0)
+    rot_off = tl.load(ROT_OFF + b) if ROTARY_DIM > 0 else 0
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, offs_m, stride_qm, offs_m < q_len,
+                   offs_m + diag + rot_off, COS, SIN, stride_rot, 1.0, HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED,
+                   ACC_DTYPE)
     do = tl.load(DO + b * stride_dob + h * stride_doh + (q_start + offs_m[:, None]) * stride_dom + offs_dv[None, :],
                  mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
     stat_ptrs = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_lm
@@ -323,8 +395,8 @@ def _attn_bwd_dq(
         hi = tl.minimum(m0 + BLOCK_M + diag + window_right, k_len)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + offs_n0
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=(offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM), other=0)
+        k = _load_rows(k_base, offs_n, stride_kn, offs_n < k_len, offs_n + rot_off, COS, SIN, stride_rot, 1.0,
+                       HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)

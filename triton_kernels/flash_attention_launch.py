@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_attention import NO_LIMIT, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd, _dropout_keep_mask_kernel
+from .flash_attention import (
+    NO_LIMIT, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd, _dropout_keep_mask_kernel, _rotary_rows_inplace,
+)
 
 INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16)
 
@@ -30,7 +32,8 @@ def _configs(block_d: int, elem_bytes: int):
     elif block_d >= 256:
         shapes = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)]
     else:
-        shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 128, 8, 2)]
+        shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 128, 8, 2),
+                  (64, 32, 4, 2)]  # the last one fits even with fused RoPE's extra tiles
     return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in shapes]
 
 
@@ -79,7 +82,7 @@ def _stat_strides(stat: torch.Tensor, varlen: bool):
 
 
 def _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed,
-            alibi_slopes):
+            alibi_slopes, rotary):
     varlen = cu_q is not None
     batch = cu_q.numel() - 1 if varlen else q.shape[0]
     heads = q.shape[1] if varlen else q.shape[1]
@@ -102,6 +105,7 @@ def _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, 
         UPCAST=_interpreting() and q.dtype == torch.bfloat16,
         VARLEN=varlen, BOTTOM_RIGHT=bottom_right, USE_WINDOW=use_window, SOFTCAP=softcap > 0,
         MASK_KIND=mask_kind, HAS_PADDING=pad is not None, DROPOUT=dropout_p > 0, ALIBI=alibi_slopes is not None,
+        ROTARY_DIM=2 * rotary[0].shape[1] if rotary else 0, INTERLEAVED=bool(rotary and rotary[3]),
     )
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     pad_stride = pad.stride(0) if pad is not None else 0
@@ -112,16 +116,19 @@ def _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, 
         varlen=varlen, batch=batch, heads=heads, heads_kv=heads_kv, group=heads // heads_kv, scalars=scalars,
         flags=flags, mask=mask if mask is not None else dummy, pad=pad if pad is not None else dummy,
         slopes=alibi_slopes if alibi_slopes is not None else dummy,
+        rotary=(rotary[0], rotary[1], rotary[2]) if rotary else (dummy, dummy, dummy),
+        rot_stride=rotary[0].stride(0) if rotary else 0,
         mask_strides=mask_strides, pad_stride=pad_stride, slopes_stride=slopes_stride, cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k,
     )
 
 
 def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor], max_q: int, max_k: int,
             mask, pad, bottom_right: bool, window, softcap: float, scale: float, dropout_p: float, seed: int,
-            alibi_slopes=None, launch=None):
-    """Returns (out, lse); lse is fp32 (fp64 for fp64 inputs), (B, H, Nq) or varlen (H, total_q)."""
+            alibi_slopes=None, rotary=None, launch=None):
+    """Returns (out, lse); lse is fp32 (fp64 for fp64 inputs), (B, H, Nq) or varlen (H, total_q).
+    rotary: None or (cos, sin, offsets (B,) int32, interleaved)."""
     c = _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed,
-                alibi_slopes)
+                alibi_slopes, rotary)
     varlen = c["varlen"]
     out_shape = q.shape[:-1] + (v.shape[-1],)
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
@@ -130,9 +137,9 @@ def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tenso
     kernel, blocks = _kernel(_attn_fwd, c["flags"]["BLOCK_D"], q.element_size())
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
     args = (
-        q, k, v, out, lse, c["mask"], c["pad"], c["slopes"], c["cu_q"], c["cu_k"],
+        q, k, v, out, lse, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"],
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(out, varlen),
-        *_stat_strides(lse, varlen), *c["mask_strides"], c["pad_stride"], c["slopes_stride"],
+        *_stat_strides(lse, varlen), *c["mask_strides"], c["pad_stride"], c["slopes_stride"], c["rot_stride"],
         c["heads"], c["group"], max_q, max_k, *c["scalars"].values(),
     )
     _run(kernel, grid, args, dict(**c["flags"], **blocks), launch)
@@ -140,10 +147,10 @@ def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tenso
 
 
 def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask, pad, bottom_right: bool, window,
-             softcap: float, scale: float, dropout_p: float, seed: int, alibi_slopes=None, launch=None):
+             softcap: float, scale: float, dropout_p: float, seed: int, alibi_slopes=None, rotary=None, launch=None):
     """Returns (dq, dk, dv); deterministic (no atomics)."""
     c = _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed,
-                alibi_slopes)
+                alibi_slopes, rotary)
     varlen, flags = c["varlen"], c["flags"]
     delta = torch.empty_like(lse)
     delta_blocks = 16 if _interpreting() else 64
@@ -156,11 +163,11 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
         launch,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    shared = (*c["mask_strides"], c["pad_stride"], c["slopes_stride"])
+    shared = (*c["mask_strides"], c["pad_stride"], c["slopes_stride"], c["rot_stride"])
     kernel, blocks = _kernel(_attn_bwd_dkdv, flags["BLOCK_D"], q.element_size())
     grid = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), c["batch"] * c["heads_kv"])  # noqa: E731
     args = (
-        q, k, v, do, lse, delta, dk, dv, c["mask"], c["pad"], c["slopes"], c["cu_q"], c["cu_k"],
+        q, k, v, do, lse, delta, dk, dv, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"],
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(do, varlen),
         *_stat_strides(lse, varlen), *_Layout.of(dk, varlen), *_Layout.of(dv, varlen), *shared,
         c["heads_kv"], c["group"], max_q, max_k, *c["scalars"].values(),
@@ -169,12 +176,23 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
     kernel, blocks = _kernel(_attn_bwd_dq, flags["BLOCK_D"], q.element_size())
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
     args = (
-        q, k, v, do, lse, delta, dq, c["mask"], c["pad"], c["slopes"], c["cu_q"], c["cu_k"],
+        q, k, v, do, lse, delta, dq, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"],
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(do, varlen),
         *_stat_strides(lse, varlen), *_Layout.of(dq, varlen), *shared,
         c["heads"], c["group"], max_q, max_k, *c["scalars"].values(),
     )
     _run(kernel, grid, args, dict(**flags, **blocks), launch)
+    if flags["ROTARY_DIM"]:  # the kernels produced gradients of the rotated q and k
+        for grad, heads, queries in ((dq, c["heads"], True), (dk, c["heads_kv"], False)):
+            rows = 16 if _interpreting() else 64
+            _run(
+                _rotary_rows_inplace, (triton.cdiv(max_q if queries else max_k, rows), c["batch"] * heads),
+                (grad, *c["rotary"], c["cu_q"], c["cu_k"], *_Layout.of(grad, varlen), c["rot_stride"], heads, max_q, max_k),
+                dict(HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"], BLOCK_M=rows, ROTARY_DIM=flags["ROTARY_DIM"],
+                     INTERLEAVED=flags["INTERLEAVED"], ACC_DTYPE=flags["ACC_DTYPE"], VARLEN=varlen,
+                     BOTTOM_RIGHT=flags["BOTTOM_RIGHT"], QUERIES=queries),
+                launch,
+            )
     return dq, dk, dv
 
 

@@ -36,7 +36,7 @@ def check_against_truth(q, k, v, kwargs, dtype, **extra):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("shape,features", case_params())
 def test_matches_reference_fp32(backend, device, shape, features):
-    with forced(OP, backend, device) as dev:
+    with forced(OP, backend, device, rotary=bool(features.rotary)) as dev:
         q, k, v, kwargs = make_inputs(shape, features, torch.float32, dev)
         check_against_truth(q, k, v, kwargs, torch.float32)
         assert attnkit.last_dispatch(OP).backend == backend

@@ -39,6 +39,10 @@ class AttentionCall:
     dropout_p: float
     seed: int
     alibi_slopes: Optional[Tensor] = None  # fp32 (B, H) contiguous: bias -slope * |j - (i + diag)|
+    rotary_cos: Optional[Tensor] = None  # (max_position, rotary_dim / 2), contiguous; RoPE fused when given
+    rotary_sin: Optional[Tensor] = None
+    rotary_offsets: Optional[Tensor] = None  # int32 (B,): position of each sequence's first key
+    rotary_interleaved: bool = False
 
     @property
     def varlen(self) -> bool:
@@ -49,11 +53,12 @@ class AttentionCall:
         return self.cu_seqlens_q.numel() - 1 if self.varlen else self.q.shape[0]
 
     def describe(self) -> dict:
-        return describe(self.q, self.v, self.varlen)
+        return describe(self.q, self.v, self.varlen, self.rotary_cos is not None)
 
 
-def describe(q: Tensor, v: Tensor, varlen: bool) -> dict:
-    return {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "head_dim_v": v.shape[-1], "varlen": varlen}
+def describe(q: Tensor, v: Tensor, varlen: bool, rotary: bool = False) -> dict:
+    return {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "head_dim_v": v.shape[-1], "varlen": varlen,
+            "rotary": rotary}
 
 
 class Triton(Implementation):
@@ -75,6 +80,7 @@ class Triton(Implementation):
             cu_q=c.cu_seqlens_q, cu_k=c.cu_seqlens_k, max_q=c.max_seqlen_q, max_k=c.max_seqlen_k, mask=mask, pad=pad,
             bottom_right=c.bottom_right, window=c.window, softcap=c.softcap, scale=c.scale, dropout_p=c.dropout_p,
             seed=c.seed, alibi_slopes=c.alibi_slopes,
+            rotary=None if c.rotary_cos is None else (c.rotary_cos, c.rotary_sin, c.rotary_offsets, c.rotary_interleaved),
         )
 
     def forward(self, c: AttentionCall):
@@ -141,9 +147,23 @@ class Reference(Implementation):
             slopes = None if c.alibi_slopes is None else c.alibi_slopes[b : b + 1]
             yield (q_b, kv[0][b], kv[1][b], *extra_b), dict(options, dropout_keep=seq_keep, alibi_slopes=slopes)
 
+    @staticmethod
+    def _rotated(c: AttentionCall, b: int, q: Tensor, k: Tensor, inverse: bool = False):
+        """q, k of sequence b rotated (or rotated back) by the fused RoPE, if any."""
+        if c.rotary_cos is None:
+            return q, k
+        offsets = (c.rotary_offsets[b : b + 1] if c.varlen else c.rotary_offsets).long()[:, None]
+        diag = k.shape[2] - q.shape[2] if c.bottom_right else 0
+        positions_q = torch.arange(q.shape[2], device=q.device)[None, :] + diag + offsets
+        positions_k = torch.arange(k.shape[2], device=k.device)[None, :] + offsets
+        spin = dict(interleaved=c.rotary_interleaved, inverse=inverse)
+        return (ref.rotate(q, c.rotary_cos, c.rotary_sin, positions_q, **spin),
+                ref.rotate(k, c.rotary_cos, c.rotary_sin, positions_k, **spin))
+
     def forward(self, c: AttentionCall):
         outs, lses = [], []
-        for (q, k, v), options in self._sequences(c):
+        for b, ((q, k, v), options) in enumerate(self._sequences(c)):
+            q, k = self._rotated(c, b, q, k)
             out, lse = ref.attention(q, k, v, **options)
             outs.append(out)
             lses.append(lse)
@@ -153,8 +173,11 @@ class Reference(Implementation):
 
     def backward(self, c: AttentionCall, grad_out: Tensor, out: Tensor, lse: Tensor):
         grads = []
-        for (q, k, v, do, o), options in self._sequences(c, grad_out, out):
-            grads.append(ref.attention_backward(do, q, k, v, o, **options))
+        for b, ((q, k, v, do, o), options) in enumerate(self._sequences(c, grad_out, out)):
+            q, k = self._rotated(c, b, q, k)
+            dq, dk, dv = ref.attention_backward(do, q, k, v, o, **options)
+            dq, dk = self._rotated(c, b, dq, dk, inverse=True)
+            grads.append((dq, dk, dv))
         if not c.varlen:
             return grads[0]
         dq = ref.join_varlen([g[0] for g in grads])

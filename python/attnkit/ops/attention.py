@@ -23,9 +23,10 @@ _ALIGNMENTS = ("bottom_right", "top_left")
 
 
 def _call(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, window_left, window_right, bottom_right, softcap, scale,
-          dropout_p, seed, alibi_slopes) -> AttentionCall:
+          dropout_p, seed, alibi_slopes, rotary_cos, rotary_sin, rotary_offsets, rotary_interleaved) -> AttentionCall:
     return AttentionCall(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, (window_left, window_right), bottom_right,
-                         softcap, scale, dropout_p, 0 if seed is None else int(seed), alibi_slopes)
+                         softcap, scale, dropout_p, 0 if seed is None else int(seed), alibi_slopes, rotary_cos,
+                         rotary_sin, rotary_offsets, rotary_interleaved)
 
 
 @torch.library.custom_op("attnkit::attention_forward", mutates_args=())
@@ -33,17 +34,19 @@ def _attention_forward(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
     window_left: int, window_right: int, bottom_right: bool, softcap: float, scale: float, dropout_p: float,
-    seed: Optional[Tensor], alibi_slopes: Optional[Tensor],
+    seed: Optional[Tensor], alibi_slopes: Optional[Tensor], rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor],
+    rotary_offsets: Optional[Tensor], rotary_interleaved: bool,
 ) -> Tuple[Tensor, Tensor]:
     call = _call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
-                 window_left, window_right, bottom_right, softcap, scale, dropout_p, seed, alibi_slopes)
+                 window_left, window_right, bottom_right, softcap, scale, dropout_p, seed, alibi_slopes, rotary_cos,
+                 rotary_sin, rotary_offsets, rotary_interleaved)
     out, lse = ATTENTION.select(call.describe()).forward(call)
     return out.contiguous(), lse.contiguous()
 
 
 @_attention_forward.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
-      window_left, window_right, bottom_right, softcap, scale, dropout_p, seed, alibi_slopes):
+      window_left, window_right, bottom_right, softcap, scale, dropout_p, seed, *rest):
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else q.shape[:-1]
     return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(lse_shape, dtype=stat_dtype)
@@ -55,9 +58,11 @@ def _attention_backward(
     cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor],
     key_padding_mask: Optional[Tensor], window_left: int, window_right: int, bottom_right: bool, softcap: float,
     scale: float, dropout_p: float, seed: Optional[Tensor], alibi_slopes: Optional[Tensor],
+    rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor], rotary_offsets: Optional[Tensor], rotary_interleaved: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     call = _call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
-                 window_left, window_right, bottom_right, softcap, scale, dropout_p, seed, alibi_slopes)
+                 window_left, window_right, bottom_right, softcap, scale, dropout_p, seed, alibi_slopes, rotary_cos,
+                 rotary_sin, rotary_offsets, rotary_interleaved)
     grads = ATTENTION.select(call.describe()).backward(call, grad_out, out, lse)
     return tuple(g.contiguous() for g in grads)
 
@@ -69,22 +74,24 @@ def _(grad_out, q, k, v, out, lse, *args):
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, window_left, window_right, bottom_right, softcap, scale, dropout_p,
-     seed, alibi_slopes) = inputs
+     seed, alibi_slopes, rotary_cos, rotary_sin, rotary_offsets, rotary_interleaved) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask, pad, seed, alibi_slopes)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, mask, pad, seed, alibi_slopes, rotary_cos, rotary_sin,
+                          rotary_offsets)
     ctx.scalars = (max_q, max_k, window_left, window_right, bottom_right, softcap, scale, dropout_p)
+    ctx.rotary_interleaved = rotary_interleaved
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, cu_q, cu_k, mask, pad, seed, alibi_slopes = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, mask, pad, seed, alibi_slopes, cos, sin, rot_offsets = ctx.saved_tensors
     max_q, max_k, window_left, window_right, bottom_right, softcap, scale, dropout_p = ctx.scalars
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = _attention_backward(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, pad,
                                      window_left, window_right, bottom_right, softcap, scale, dropout_p, seed,
-                                     alibi_slopes)
-    return (dq, dk, dv) + (None,) * 14
+                                     alibi_slopes, cos, sin, rot_offsets, ctx.rotary_interleaved)
+    return (dq, dk, dv) + (None,) * 18
 
 
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -120,7 +127,8 @@ def flash_attention(
     key_padding_mask: Optional[Tensor] = None, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
     scale: Optional[float] = None, dropout_p: float = 0.0, generator: Optional[torch.Generator] = None,
     return_lse: bool = False, deterministic: bool = False, causal_alignment: str = "bottom_right",
-    alibi_slopes: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None, rotary_sin: Optional[Tensor] = None,
+    rotary_interleaved: bool = False, rotary_seqlen_offsets: Union[int, Tensor] = 0,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Attention softmax(q k^T * scale + masks) v without materializing the scores.
 
@@ -138,6 +146,11 @@ def flash_attention(
         softcap: if > 0, scores become softcap * tanh(scores / softcap) before masks (Gemma 2).
         alibi_slopes: fp32 (H,) or (B, H): adds -slope * |j - i - diag| to the scores, computed in
             the kernel (no (Nq, Nk) bias tensor); attnkit.nn.alibi_slopes(H) gives the paper's slopes.
+        rotary_cos, rotary_sin: (positions, rotary_dim / 2) tables: RoPE fused into the kernel,
+            q and k rotated as their tiles load (FlashAttention's apply_rotary_emb convention: the
+            first rotary_dim dims rotate as halves, or even/odd pairs when rotary_interleaved).
+            Key j sits at position j + offset, query i at i + diag + offset (diag = Nk - Nq
+            bottom-right, 0 top-left); rotary_seqlen_offsets: int or int32 (B,) offset (KV cache).
         scale: multiplies q k^T; default 1/sqrt(D).
         dropout_p: dropout on the attention probabilities (Philox; the backward redraws the
             same mask). The seed comes from `generator` (default: torch's CPU generator), so
@@ -156,10 +169,14 @@ def flash_attention(
         raise ValueError(f"{OP}: causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}")
     left, right = _window(OP, causal, window_size)
     slopes = check.alibi(OP, alibi_slopes, q.shape[0], q.shape[1], q.device)
+    bottom_right = causal_alignment == "bottom_right"
+    batch = q.shape[0]
+    cos, sin, offsets = check.rotary(OP, rotary_cos, rotary_sin, rotary_seqlen_offsets, q.shape[-1], batch,
+                                     [q.shape[2]] * batch, [k.shape[2]] * batch, bottom_right, q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse = _attention_forward(q, k, v, None, None, q.shape[2], k.shape[2], attn_mask, key_padding_mask, left, right,
-                                  causal_alignment == "bottom_right", softcap, scale, dropout_p,
-                                  _seed(dropout_p, generator), slopes)
+                                  bottom_right, softcap, scale, dropout_p, _seed(dropout_p, generator), slopes, cos, sin,
+                                  offsets, bool(rotary_interleaved))
     return _finish(out, lse, return_lse)
 
 
@@ -168,6 +185,8 @@ def flash_attention_varlen(
     max_seqlen_k: int, *, causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
     scale: Optional[float] = None, dropout_p: float = 0.0, generator: Optional[torch.Generator] = None,
     return_lse: bool = False, deterministic: bool = False, alibi_slopes: Optional[Tensor] = None,
+    rotary_cos: Optional[Tensor] = None, rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = False,
+    rotary_seqlen_offsets: Union[int, Tensor] = 0,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Attention over a packed batch of variable-length sequences, as FlashAttention's varlen API.
 
@@ -183,10 +202,17 @@ def flash_attention_varlen(
     check.varlen(OP_VARLEN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     softcap, scale, dropout_p = check.scalars(OP_VARLEN, softcap, scale, dropout_p, q.shape[-1])
     left, right = _window(OP_VARLEN, causal, window_size)
-    slopes = check.alibi(OP_VARLEN, alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device)
+    batch = cu_seqlens_q.numel() - 1
+    slopes = check.alibi(OP_VARLEN, alibi_slopes, batch, q.shape[1], q.device)
+    lengths_q = lengths_k = []
+    if rotary_cos is not None and not torch.compiler.is_compiling():
+        lengths_q, lengths_k = cu_seqlens_q.diff().tolist(), cu_seqlens_k.diff().tolist()
+    cos, sin, offsets = check.rotary(OP_VARLEN, rotary_cos, rotary_sin, rotary_seqlen_offsets, q.shape[-1], batch,
+                                     lengths_q, lengths_k, True, q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse = _attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None, left,
-                                  right, True, softcap, scale, dropout_p, _seed(dropout_p, generator), slopes)
+                                  right, True, softcap, scale, dropout_p, _seed(dropout_p, generator), slopes, cos, sin,
+                                  offsets, bool(rotary_interleaved))
     return _finish(out, lse, return_lse)
 
 

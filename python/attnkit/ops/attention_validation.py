@@ -151,3 +151,46 @@ def alibi(op: str, slopes: Optional[Tensor], batch: int, heads: int, device) -> 
     if slopes.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(f"{op}: gradients with respect to alibi_slopes are not implemented; pass alibi_slopes.detach()")
     return slopes.expand(batch, heads).contiguous()
+
+
+def rotary(op: str, cos: Optional[Tensor], sin: Optional[Tensor], offsets, head_dim: int, batch: int,
+           lengths_q: Sequence[int], lengths_k: Sequence[int], bottom_right: bool, device):
+    """Fused-RoPE tables and offsets: returns (cos, sin, offsets int32 (B,)) or Nones.
+    `lengths_q/k` are the sequence lengths (one pair per sequence) used to bound positions."""
+    if cos is None and sin is None:
+        return None, None, None
+    if cos is None or sin is None:
+        raise ValueError(f"{op}: pass both rotary_cos and rotary_sin, or neither")
+    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
+        _validate.tensor(op, name, t, ndim=2, dtypes=FLOAT_DTYPES)
+        if t.device != device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but q is on {device}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError(f"{op}: gradients with respect to {name} are not implemented; pass {name}.detach()")
+    if cos.shape != sin.shape or cos.dtype != sin.dtype:
+        raise ValueError(f"{op}: rotary_cos and rotary_sin must match, got {tuple(cos.shape)} {cos.dtype} and "
+                         f"{tuple(sin.shape)} {sin.dtype}")
+    rotary_dim = 2 * cos.shape[1]
+    if not 2 <= rotary_dim <= head_dim:
+        raise ValueError(f"{op}: rotary_cos has shape (positions, rotary_dim / 2) = {tuple(cos.shape)}, so rotary_dim = "
+                         f"{rotary_dim}, which must be between 2 and the head dim {head_dim}")
+    if isinstance(offsets, bool) or not isinstance(offsets, (int, Tensor)):
+        raise TypeError(f"{op}: rotary_seqlen_offsets must be an int or an int32 tensor (B,), got {type(offsets).__name__}")
+    if isinstance(offsets, int):
+        offsets = torch.full((batch,), offsets, dtype=torch.int32, device=device)
+    else:
+        _validate.tensor(op, "rotary_seqlen_offsets", offsets, ndim=1, dtypes=(torch.int32,))
+        if offsets.shape[0] != batch or offsets.device != device:
+            raise ValueError(f"{op}: rotary_seqlen_offsets must be ({batch},) int32 on {device}, got "
+                             f"{tuple(offsets.shape)} on {offsets.device}")
+    if not torch.compiler.is_compiling():
+        for b, (n_q, n_k, offset) in enumerate(zip(lengths_q, lengths_k, offsets.tolist())):
+            first_q = offset + (n_k - n_q if bottom_right else 0)
+            if offset < 0 or (n_q > 0 and first_q < 0):
+                raise ValueError(f"{op}: fused RoPE needs non-negative positions; sequence {b} has Nq = {n_q} > Nk = "
+                                 f"{n_k} with bottom-right alignment and offset {offset}")
+            last = max(offset + n_k, first_q + n_q) - 1
+            if last >= cos.shape[0]:
+                raise ValueError(f"{op}: rotary_cos/rotary_sin cover {cos.shape[0]} positions but sequence {b} reaches "
+                                 f"position {last}")
+    return cos.contiguous(), sin.contiguous(), offsets.contiguous()

@@ -11,6 +11,8 @@ Conventions (the kernels follow them; see triton_kernels/flash_attention.py):
 - key_padding_mask: bool (B, Nk), True = padding (ignored), as nn.MultiheadAttention.
 - softcap > 0: scores become softcap * tanh(scores / softcap) before masks.
 - alibi_slopes (B, H) fp32: -slope * |j - (i + diag)| is added after soft-capping.
+- RoPE, when fused: q row i is rotated at position i + diag + offset, k row j at j + offset
+  (`rotate`, FlashAttention's apply_rotary_emb convention).
 - A row with no visible key gives output 0 and log-sum-exp -inf.
 """
 from __future__ import annotations
@@ -64,6 +66,27 @@ def dropout_keep_mask(seed: int, batch: int, heads: int, max_q: int, max_k: int,
     streams = seed + torch.arange(batch * heads, device=device, dtype=torch.int64).view(batch, heads, 1, 1)
     bits = philox_randint(streams, offsets.expand(batch, heads, max_q, max_k))
     return (bits >> 8) >= threshold
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool = False,
+           inverse: bool = False) -> Tensor:
+    """RoPE on the last dim of x (B, H, N, D) at `positions` (N,) or (B, N): cos/sin are
+    (max_position, rotary_dim / 2); the first rotary_dim dims rotate, as pairs of
+    halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), or of even/odd
+    neighbours when interleaved; `inverse` rotates back (the transpose)."""
+    rotary_dim = 2 * cos.shape[1]
+    c = cos[positions].to(x.dtype)
+    s = sin[positions].to(x.dtype) * (-1 if inverse else 1)
+    if positions.dim() == 2:  # per-batch positions broadcast over heads
+        c, s = c[:, None], s[:, None]
+    head, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if interleaved:
+        x1, x2 = head[..., 0::2], head[..., 1::2]
+        rotated = torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).flatten(-2)
+    else:
+        x1, x2 = head.chunk(2, dim=-1)
+        rotated = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return torch.cat([rotated, rest], dim=-1)
 
 
 def visible_keys(
