@@ -1,0 +1,264 @@
+"""Positional encodings: RotaryEmbedding (RoPE tables + attnkit.ops.apply_rotary),
+ALiBi slopes for attnkit.ops.flash_attention, the sinusoidal encoding of
+Vaswani et al. and learned absolute position embeddings (BERT, GPT-2, OPT).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.rotary import apply_rotary
+
+_SCALINGS = {None: None, "default": None, "linear": "linear", "dynamic": "dynamic_ntk", "dynamic_ntk": "dynamic_ntk",
+             "yarn": "yarn"}
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer) with cached cos/sin tables, numerically as
+    Hugging Face's LlamaRotaryEmbedding (rope_type default, linear, dynamic, yarn).
+
+    Args:
+        dim: rotary dim R (even); heads of size D >= R rotate their first R dims.
+        base: rope_theta.
+        scaling: None, "linear" (positions / factor), "dynamic_ntk" (base grows with the
+            longest sequence seen past max_position_embeddings, statefully as HF's
+            `dynamic_rope_update`) or "yarn" (also HF's names "default", "dynamic").
+        scaling_factor: HF's rope_parameters["factor"]; for yarn None means
+            max_position_embeddings / original_max_position_embeddings.
+        max_position_embeddings, original_max_position_embeddings (yarn, default
+            max_position_embeddings), beta_fast, beta_slow, mscale, mscale_all_dim,
+            attention_factor, truncate: as HF's rope_parameters.
+        interleaved: rotate pairs (2i, 2i + 1) (GPT-J) instead of halves (Llama, GPT-NeoX).
+
+    Tables are float32, computed on first use per (device, dtype) and grown on demand.
+    """
+
+    def __init__(self, dim: int, base: float = 10000.0, scaling: Optional[str] = None, scaling_factor: Optional[float] = 1.0,
+                 max_position_embeddings: int = 2048, original_max_position_embeddings: Optional[int] = None,
+                 beta_fast: float = 32.0, beta_slow: float = 1.0, mscale: Optional[float] = None,
+                 mscale_all_dim: Optional[float] = None, attention_factor: Optional[float] = None, truncate: bool = True,
+                 interleaved: bool = False, device=None):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
+            raise ValueError(f"RotaryEmbedding: dim (the rotary dim) must be an even int >= 2, got {dim!r}")
+        if scaling not in _SCALINGS:
+            raise ValueError(f"RotaryEmbedding: scaling must be one of None, 'linear', 'dynamic_ntk', 'yarn', got {scaling!r}")
+        self.scaling = _SCALINGS[scaling]
+        if self.scaling is not None and not (scaling_factor is None and self.scaling == "yarn"):
+            if not isinstance(scaling_factor, (int, float)) or scaling_factor <= 0:
+                raise ValueError(f"RotaryEmbedding: scaling_factor must be a positive number, got {scaling_factor!r}")
+        self.dim, self.base, self.factor, self.interleaved = dim, base, scaling_factor, interleaved
+        self.max_position_embeddings = max_position_embeddings
+        self.original_max_position_embeddings = original_max_position_embeddings or max_position_embeddings
+        self.yarn_options = dict(beta_fast=beta_fast, beta_slow=beta_slow, mscale=mscale, mscale_all_dim=mscale_all_dim,
+                                 attention_factor=attention_factor, truncate=truncate)
+        inv_freq, self.attention_scaling = self._initial_inv_freq()
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self._dynamic_len = max_position_embeddings  # HF's max_seq_len_cached
+        self._tables: Dict[Tuple[torch.device, torch.dtype], Tuple[Tensor, Tensor]] = {}
+
+    def _exponents(self) -> Tensor:
+        return torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim
+
+    def _initial_inv_freq(self) -> Tuple[Tensor, float]:
+        """HF's rope init functions (modeling_rope_utils), operation for operation so
+        that the float32 rounding, and so the tables, are the same."""
+        if self.scaling is None:
+            return 1.0 / (self.base ** self._exponents()), 1.0
+        if self.scaling == "linear":
+            return 1.0 / (self.base ** self._exponents()) / self.factor, 1.0
+        if self.scaling == "dynamic_ntk":
+            length = self.max_position_embeddings
+            base = self.base * ((self.factor * length / length) - (self.factor - 1)) ** (self.dim / (self.dim - 2))
+            return 1.0 / (base ** self._exponents()), 1.0
+        return self._yarn()
+
+    def _dynamic_inv_freq(self, seq_len: int) -> Tensor:
+        # HF passes seq_len as a tensor here, so the new base is computed in float32.
+        seq = torch.tensor(max(seq_len, self.max_position_embeddings))
+        base = self.base * ((self.factor * seq / self.max_position_embeddings) - (self.factor - 1)) ** (
+            self.dim / (self.dim - 2))
+        return 1.0 / (base ** self._exponents())
+
+    def _yarn(self) -> Tuple[Tensor, float]:
+        o = self.yarn_options
+        original = self.original_max_position_embeddings
+        factor = self.factor if self.factor is not None else self.max_position_embeddings / original
+
+        def mscale_of(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention = o["attention_factor"]
+        if attention is None:
+            if o["mscale"] and o["mscale_all_dim"]:
+                attention = float(mscale_of(factor, o["mscale"]) / mscale_of(factor, o["mscale_all_dim"]))
+            else:
+                attention = mscale_of(factor)
+
+        def correction_dim(rotations):  # the dim whose wavelength makes `rotations` turns over `original`
+            return (self.dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(self.base))
+
+        low, high = correction_dim(o["beta_fast"] or 32), correction_dim(o["beta_slow"] or 1)
+        if o["truncate"]:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, self.dim - 1)
+        if low == high:
+            high += 0.001  # as HF: avoids dividing by zero
+        ramp = torch.clamp((torch.arange(self.dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        pos_freqs = self.base ** (torch.arange(0, self.dim, 2).float() / self.dim)
+        extrapolation = 1 - ramp
+        inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+        return inv_freq, attention
+
+    def _update_dynamic(self, seq_len: int) -> None:
+        """HF's dynamic_frequency_update: grow past the longest length seen, reset to the
+        original frequencies for a sequence shorter than max_position_embeddings."""
+        previous = self._dynamic_len
+        if seq_len > previous:
+            self.inv_freq = self._dynamic_inv_freq(seq_len).to(self.inv_freq.device)
+            self._dynamic_len = seq_len
+            self._tables.clear()
+        if seq_len < self.max_position_embeddings and previous > self.max_position_embeddings:
+            self.inv_freq = self._initial_inv_freq()[0].to(self.inv_freq.device)
+            self._dynamic_len = self.max_position_embeddings
+            self._tables.clear()
+
+    def cos_sin(self, seq_len: int, device=None, dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
+        """cos, sin tables (seq_len, dim / 2) for positions 0..seq_len-1, attention scaling included
+        (HF's forward returns them repeated twice along the last dim)."""
+        device = torch.device(device) if device is not None else self.inv_freq.device
+        if self.scaling == "dynamic_ntk":
+            self._update_dynamic(seq_len)
+        key = (device, dtype)
+        if key not in self._tables or self._tables[key][0].shape[0] < seq_len:
+            cached = self._tables.get(key)
+            length = max(seq_len, 2 * cached[0].shape[0] if cached is not None else 0)
+            positions = torch.arange(length, device=device, dtype=torch.float32)
+            freqs = positions[:, None] * self.inv_freq.to(device=device, dtype=torch.float32)[None, :]
+            scale = self.attention_scaling
+            self._tables[key] = ((freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype))
+        cos, sin = self._tables[key]
+        return cos[:seq_len], sin[:seq_len]
+
+    def forward(self, q: Tensor, k: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                seqlen_offset: Union[int, Tensor] = 0, layout: str = "bnhd") -> Tuple[Tensor, Optional[Tensor]]:
+        """(q, k) rotated by attnkit.ops.apply_rotary (k may have fewer heads, or be None).
+
+        q, k: (B, N, H, D), or (B, H, N, D) with layout="bhnd" (HF's). Positions are
+        position_ids (B, N) or (N,) when given (any values, as HF's), else n + seqlen_offset
+        (an int or a (B,) int tensor, as a KV cache gives). Reading the largest position costs
+        a device sync for tensor positions (needed to size the tables, and for dynamic NTK).
+        """
+        seq_dim = 2 if layout == "bhnd" else 1
+        length = q.shape[seq_dim]
+        if position_ids is not None:
+            if position_ids.dim() == 2 and position_ids.shape[0] == 1:
+                position_ids = position_ids[0]  # shared by the batch: one (N, R/2) table
+            cos, sin = self.cos_sin(int(position_ids.max()) + 1, q.device)
+            cos, sin, offsets = cos[position_ids], sin[position_ids], 0
+        else:
+            longest = int(seqlen_offset.max()) if isinstance(seqlen_offset, Tensor) else seqlen_offset
+            cos, sin = self.cos_sin(longest + length, q.device)
+            offsets = seqlen_offset
+        rotate = lambda t: apply_rotary(t, cos, sin, interleaved=self.interleaved, seqlen_offsets=offsets,  # noqa: E731
+                                        layout=layout)
+        return rotate(q), None if k is None else rotate(k)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, base={self.base}, scaling={self.scaling}, factor={self.factor}"
+
+
+def alibi_slopes(n_heads: int, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """ALiBi's head slopes (Press et al.): 2^(-8 i / n) for i = 1..n when n is a power of two;
+    otherwise those of the nearest lower power of two p, then every other slope of 2p
+    (the paper's reference code, HF BLOOM's build_alibi_tensor). (n_heads,) float32."""
+    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
+        raise ValueError(f"alibi_slopes: n_heads must be a positive int, got {n_heads!r}")
+
+    def power_of_two(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** int(math.floor(math.log2(n_heads)))
+    slopes = power_of_two(closest)
+    if closest < n_heads:
+        slopes += power_of_two(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+class ALiBi(nn.Module):
+    """ALiBi slopes as a (non-persistent) buffer: `flash_attention(q, k, v, alibi_slopes=alibi())`.
+
+    The bias of query i and key j is -slope * |j - (i + diag)|, diag = Nk - Nq (bottom-right,
+    as FlashAttention; for causal attention this is the paper's -slope * (i - j))."""
+
+    def __init__(self, n_heads: int, device=None):
+        super().__init__()
+        self.n_heads = n_heads
+        self.register_buffer("slopes", alibi_slopes(n_heads, device=device), persistent=False)
+
+    def forward(self, batch_size: Optional[int] = None) -> Tensor:
+        """The slopes, (H,) or expanded to (batch_size, H)."""
+        return self.slopes if batch_size is None else self.slopes.expand(batch_size, self.n_heads)
+
+    def bias(self, q_len: int, k_len: int, bottom_right: bool = True) -> Tensor:
+        """The (H, q_len, k_len) float32 bias, for attention that takes an additive mask."""
+        diag = k_len - q_len if bottom_right else 0
+        rel = torch.arange(k_len, device=self.slopes.device)[None, :] - (
+            torch.arange(q_len, device=self.slopes.device)[:, None] + diag)
+        return -self.slopes[:, None, None] * rel.abs().to(self.slopes.dtype)[None]
+
+    def extra_repr(self) -> str:
+        return f"n_heads={self.n_heads}"
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """x + PE then dropout, PE(pos, 2i) = sin(pos / 10000^(2i / d)), PE(pos, 2i + 1) = cos(...)
+    (Vaswani et al.), as the PyTorch transformer tutorial's PositionalEncoding, with the same
+    `pe` buffer (max_len, 1, d_model). x is (N, B, d_model), or (B, N, d_model) with batch_first;
+    `offset` shifts the positions (incremental decoding)."""
+
+    def __init__(self, d_model: int, max_len: int = 5000, dropout: float = 0.1, batch_first: bool = False):
+        super().__init__()
+        self.dropout = nn.Dropout(p=dropout)
+        self.batch_first = batch_first
+        position = torch.arange(max_len).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
+        pe = torch.zeros(max_len, 1, d_model)
+        pe[:, 0, 0::2] = torch.sin(position * div_term)
+        pe[:, 0, 1::2] = torch.cos(position * div_term[: d_model // 2])  # odd d_model: one cos fewer
+        self.register_buffer("pe", pe)
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        seq_dim = 1 if self.batch_first else 0
+        length = x.shape[seq_dim]
+        if offset + length > self.pe.shape[0]:
+            raise ValueError(f"SinusoidalPositionalEncoding: positions up to {offset + length} exceed max_len = "
+                             f"{self.pe.shape[0]}; build it with a larger max_len")
+        pe = self.pe[offset:offset + length]
+        return self.dropout(x + (pe.transpose(0, 1) if self.batch_first else pe))
+
+
+class LearnedPositionalEmbedding(nn.Embedding):
+    """A learned table of absolute positions (BERT's position_embeddings, GPT-2's wpe), an
+    nn.Embedding whose state_dict is `weight`. `offset` reserves that many leading rows
+    (OPT stores positions at index + 2); `padding_idx` as nn.Embedding."""
+
+    def __init__(self, num_positions: int, dim: int, offset: int = 0, padding_idx: Optional[int] = None,
+                 device=None, dtype=None):
+        super().__init__(num_positions + offset, dim, padding_idx=padding_idx, device=device, dtype=dtype)
+        self.num_positions, self.offset = num_positions, offset
+
+    def forward(self, input: Tensor, past_length: int = 0, position_ids: Optional[Tensor] = None) -> Tensor:
+        """Embeddings of positions past_length .. past_length + N - 1, (1, N, dim), for an input
+        (B, N, ...) such as input_ids; or of position_ids (B, N) when given, (B, N, dim)."""
+        if position_ids is None:
+            length = input.shape[1] if input.dim() > 1 else input.shape[0]
+            if past_length + length > self.num_positions:
+                raise ValueError(f"LearnedPositionalEmbedding: positions up to {past_length + length} exceed "
+                                 f"num_positions = {self.num_positions}")
+            position_ids = torch.arange(past_length, past_length + length, device=self.weight.device)[None]
+        return super().forward(position_ids + self.offset)
