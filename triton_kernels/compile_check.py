@@ -35,6 +35,8 @@ COMBOS = [
     ("fp32-d80-float-mask", torch.float32, 80, False, dict(mask="float")),
     ("bf16-d256-causal", torch.bfloat16, 256, False, dict(window=(-1, 0))),
     ("fp64-d32-plain", torch.float64, 32, False, dict()),
+    ("bf16-d128-fused-rope-causal", torch.bfloat16, 128, False, dict(window=(-1, 0), rotary=(128, False))),
+    ("fp16-d80-varlen-fused-rope-interleaved", torch.float16, 80, True, dict(rotary=(64, True), alibi=True)),
 ]
 
 
@@ -53,15 +55,20 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
 class Compiler:
+    """Compiles each intercepted launch. By default it walks an autotuned
+    kernel's configs in order and keeps the first that fits the target's shared
+    memory (the autotuner skips the ones that do not); `all_configs` compiles every one."""
+
     def __init__(self, arch: int, all_configs: bool):
         self.target = GPUTarget("cuda", arch, 32)
+        self.limit = SHARED_LIMIT.get(arch, 1 << 30)
         self.all_configs = all_configs
         self.compiled = []
 
     def __call__(self, kernel, grid, args, kwargs):
         configs = [None]
         if isinstance(kernel, triton.runtime.Autotuner):
-            configs = kernel.configs if self.all_configs else kernel.configs[:1]
+            configs = kernel.configs
             kernel = kernel.fn
         names = list(inspect.signature(kernel.fn).parameters)
         for config in configs:
@@ -70,8 +77,12 @@ class Compiler:
             signature = {n: "constexpr" if n in constexprs else _type_of(values[n]) for n in names}
             options = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config else {}
             compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=self.target, options=options)
-            self.compiled.append((kernel.fn.__name__, constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N"),
-                                  compiled.metadata.shared))
+            shared = compiled.metadata.shared
+            fits = shared <= self.limit
+            if self.all_configs or fits or config is configs[-1]:
+                self.compiled.append((kernel.fn.__name__, constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N"), shared))
+            if fits and not self.all_configs:
+                return
 
 
 def _inputs(dtype, dim, varlen, options):
@@ -90,7 +101,12 @@ def _inputs(dtype, dim, varlen, options):
         mask = torch.empty(batch, 1, n, n, device="meta", dtype=dtype).expand(batch, heads, n, n)
     pad = torch.empty(batch, n, device="meta", dtype=torch.uint8) if options.get("pad") else None
     slopes = torch.empty(batch, heads, device="meta", dtype=torch.float32) if options.get("alibi") else None
-    kwargs = dict(cu_q=cu, cu_k=cu, max_q=n, max_k=n, mask=mask, pad=pad, bottom_right=True,
+    rotary = None
+    if options.get("rotary"):
+        rotary_dim, interleaved = options["rotary"]
+        table = torch.empty(4 * n, rotary_dim // 2, device="meta", dtype=torch.float32)
+        rotary = (table, table, torch.empty(batch, device="meta", dtype=torch.int32), interleaved)
+    kwargs = dict(rotary=rotary, cu_q=cu, cu_k=cu, max_q=n, max_k=n, mask=mask, pad=pad, bottom_right=True,
                   window=options.get("window", (-1, -1)), softcap=options.get("softcap", 0.0), scale=dim**-0.5,
                   dropout_p=options.get("dropout_p", 0.0), seed=1 << 20, alibi_slopes=slopes)
     return q, k, v, kwargs
