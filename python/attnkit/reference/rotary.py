@@ -34,12 +34,16 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor] = None
     seqlen_ro, half = cos.shape[-2], cos.shape[-1]
     rotary_dim = 2 * half
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    shift = offsets.to(torch.int64)[:, None] if offsets is not None else torch.full((batch, 1), offset)
-    positions = torch.arange(seqlen, device=x.device)[None, :] + shift.to(x.device)  # (B, N)
-    inside = ((positions >= 0) & (positions < seqlen_ro))[..., None]
-    positions = positions.clamp(0, seqlen_ro - 1)
-    c = torch.where(inside, _tables_at(cos, positions).to(compute), 1.0)[:, :, None, :]  # (B, N, 1, R/2)
-    s = torch.where(inside, _tables_at(sin, positions).to(compute), 0.0)[:, :, None, :]
+    if offsets is None and cos.dim() == 2 and 0 <= offset and offset + seqlen <= seqlen_ro:  # one slice for all
+        c = cos[offset:offset + seqlen, None, :].to(compute)  # (N, 1, R/2)
+        s = sin[offset:offset + seqlen, None, :].to(compute)
+    else:
+        shift = offsets.to(torch.int64)[:, None] if offsets is not None else torch.full((batch, 1), offset)
+        positions = torch.arange(seqlen, device=x.device)[None, :] + shift.to(x.device)  # (B, N)
+        inside = ((positions >= 0) & (positions < seqlen_ro))[..., None]
+        positions = positions.clamp(0, seqlen_ro - 1)
+        c = torch.where(inside, _tables_at(cos, positions).to(compute), 1.0)[:, :, None, :]  # (B, N, 1, R/2)
+        s = torch.where(inside, _tables_at(sin, positions).to(compute), 0.0)[:, :, None, :]
     if conjugate:
         s = -s
     rot = x[..., :rotary_dim].to(compute)

@@ -1,0 +1,67 @@
+"""Rotary embedding (attnkit.ops.apply_rotary, automatic backend) vs the plain
+PyTorch rotation that Hugging Face models run (x * cos + rotate_half(x) * sin),
+forward, in place, and forward+backward, on the same inputs. On CPU the
+automatic backend is the reference (plain PyTorch too): there is no C++ kernel."""
+from __future__ import annotations
+
+import torch
+from timing import max_error, median_ms
+
+import attnkit
+
+TITLE = "Rotary embedding: attnkit.ops.apply_rotary vs PyTorch x*cos + rotate_half(x)*sin"
+# (batch, seqlen, heads, head dim, per-sequence offsets): prefill and KV-cache decoding, (B, N, H, D) layout.
+QUICK_SHAPES = [(1, 512, 16, 64, False), (4, 1024, 32, 128, False), (32, 1, 32, 128, True)]
+FULL_SHAPES = QUICK_SHAPES + [(1, 8192, 32, 128, False), (128, 1, 32, 128, True)]
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def torch_rotary(x, cos, sin, offsets):
+    positions = offsets[:, None].long() + torch.arange(x.shape[1], device=x.device)[None, :]
+    cos = torch.cat((cos, cos), dim=-1)[positions][:, :, None].to(x.dtype)  # (B, N, 1, D)
+    sin = torch.cat((sin, sin), dim=-1)[positions][:, :, None].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def inputs(batch, seqlen, heads, dim, per_sequence, device, dtype):
+    x = torch.randn(batch, seqlen, heads, dim, device=device, dtype=dtype, requires_grad=True)
+    angles = torch.arange(4096, device=device, dtype=torch.float32)[:, None] * 10000 ** (
+        -torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    offsets = (torch.randint(0, 4000, (batch,), device=device, dtype=torch.int32) if per_sequence
+               else torch.zeros(batch, device=device, dtype=torch.int32))
+    return x, angles.cos(), angles.sin(), offsets
+
+
+def fwd_bwd(fn):
+    def step():
+        fn().sum().backward()
+
+    return step
+
+
+def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
+    rows = []
+    for batch, seqlen, heads, dim, per_sequence in QUICK_SHAPES if quick else FULL_SHAPES:
+        x, cos, sin, offsets = inputs(batch, seqlen, heads, dim, per_sequence, device, dtype)
+        shift = offsets if per_sequence else 0  # an int offset: what prefill passes
+        ours = lambda: attnkit.ops.apply_rotary(x, cos, sin, seqlen_offsets=shift)  # noqa: E731
+        theirs = lambda: torch_rotary(x, cos, sin, offsets)  # noqa: E731
+        error = max_error(ours(), theirs())
+        backend = attnkit.last_dispatch("rotary").backend
+        shape = f"B={batch} N={seqlen} H={heads} D={dim}" + (" offsets" if per_sequence else "")
+        with torch.no_grad():
+            t_ours, t_theirs = median_ms(ours, device), median_ms(theirs, device)
+            rows.append(dict(case="forward", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs,
+                             max_err=error))
+            y = x.detach().clone()
+            t_ours = median_ms(lambda: attnkit.ops.apply_rotary(y, cos, sin, seqlen_offsets=shift, inplace=True), device)
+            rows.append(dict(case="in place", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs,
+                             max_err=error))
+        t_ours, t_theirs = median_ms(fwd_bwd(ours), device), median_ms(fwd_bwd(theirs), device)
+        rows.append(dict(case="fwd+bwd", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs,
+                         max_err=error))
+    return rows
