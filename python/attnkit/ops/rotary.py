@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import _dispatch, _validate
 from ..backends.rotary import ROTARY
+from ..reference import rotary as ref
 
 OP = "attnkit.ops.apply_rotary"
 LAYOUTS = ("bnhd", "bhnd")
@@ -37,15 +38,20 @@ def _(x, cos, sin, offsets, offset, interleaved, conjugate):
 
 
 def _setup_context(ctx, inputs, output):
-    _, cos, sin, offsets, offset, interleaved, conjugate = inputs
-    ctx.save_for_backward(cos, sin, offsets)
+    x, cos, sin, offsets, offset, interleaved, conjugate = inputs
+    ctx.table_grads = cos.requires_grad or sin.requires_grad
+    ctx.save_for_backward(cos, sin, offsets, x if ctx.table_grads else None)
     ctx.options = (offset, interleaved, conjugate)
 
 
 def _backward(ctx, grad):
-    cos, sin, offsets = ctx.saved_tensors
+    cos, sin, offsets, x = ctx.saved_tensors
     offset, interleaved, conjugate = ctx.options
-    return _rotary(grad, cos, sin, offsets, offset, interleaved, not conjugate), None, None, None, None, None, None
+    dx = _rotary(grad, cos, sin, offsets, offset, interleaved, not conjugate)
+    d_cos = d_sin = None
+    if ctx.table_grads:  # learned tables are rare and small: plain PyTorch, on every backend
+        d_cos, d_sin = ref.table_grads(grad, x, cos, sin, offsets, offset, interleaved, conjugate)
+    return dx, d_cos, d_sin, None, None, None, None
 
 
 _rotary.register_autograd(_backward, setup_context=_setup_context)
@@ -101,8 +107,9 @@ def _validated(x, cos, sin, interleaved, seqlen_offsets, inplace, layout):
             raise TypeError(f"{OP}: {name} has dtype {table.dtype}; expected x's dtype ({x.dtype}) or float32")
         if table.device != x.device:
             raise RuntimeError(f"{OP}: {name} is on {table.device} but x is on {x.device}")
-        if table.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError(f"{OP}: gradients with respect to {name} are not implemented; pass {name}.detach()")
+        if inplace and table.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError(f"{OP}: gradients with respect to {name} are not implemented in place (x is "
+                                      f"overwritten); pass inplace=False or {name}.detach()")
     if sin.shape != cos.shape or sin.dtype != cos.dtype:
         raise ValueError(f"{OP}: sin must match cos in shape and dtype, got sin {tuple(sin.shape)} {sin.dtype} "
                          f"and cos {tuple(cos.shape)} {cos.dtype}")
@@ -140,8 +147,8 @@ def apply_rotary(
             layout="bhnd", (B, H, N, D) as SDPA and attnkit.ops.flash_attention take. Any strides.
         cos, sin: (seqlen_ro, rotary_dim / 2), or (B, seqlen_ro, rotary_dim / 2) for a table per
             sequence (arbitrary position ids); x's dtype or float32. rotary_dim <= D; dims past it
-            pass through unchanged. No gradient flows to cos/sin (passing ones that require grad
-            raises NotImplementedError).
+            pass through unchanged. Gradients flow to cos/sin when they require grad (computed in
+            plain PyTorch, not by the kernel), except with inplace=True (NotImplementedError).
         interleaved: False rotates the pairs (i, i + rotary_dim/2) (GPT-NeoX, Llama); True the
             pairs (2i, 2i + 1) (GPT-J).
         seqlen_offsets: int, or an int32/int64 (B,) tensor: row n of sequence b takes position

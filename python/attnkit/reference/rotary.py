@@ -51,3 +51,35 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor] = None
     o0, o1 = x0 * c - x1 * s, x0 * s + x1 * c
     rotated = torch.stack((o0, o1), dim=-1).flatten(-2) if interleaved else torch.cat((o0, o1), dim=-1)
     return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
+
+
+def table_grads(grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor] = None, offset: int = 0,
+                interleaved: bool = False, conjugate: bool = False):
+    """Gradients of rotary(x, cos, sin, ...) with respect to cos and sin, for upstream `grad`:
+    summed over heads per row, then over the rows that read each table entry."""
+    batch, seqlen = x.shape[:2]
+    seqlen_ro, half = cos.shape[-2], cos.shape[-1]
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def pairs(t):
+        t = t[..., :2 * half].to(compute)
+        return (t[..., 0::2], t[..., 1::2]) if interleaved else (t[..., :half], t[..., half:])
+
+    (g0, g1), (x0, x1) = pairs(grad), pairs(x)
+    d_cos = (g0 * x0 + g1 * x1).sum(dim=2)  # out0 = x0 c - x1 s, out1 = x0 s + x1 c; (B, N, R/2)
+    d_sin = (g1 * x0 - g0 * x1).sum(dim=2)
+    if conjugate:
+        d_sin = -d_sin
+    shift = offsets.to(torch.int64)[:, None] if offsets is not None else torch.full((batch, 1), offset)
+    positions = torch.arange(seqlen, device=x.device)[None, :] + shift.to(x.device)
+    inside = ((positions >= 0) & (positions < seqlen_ro))[..., None]
+    positions = positions.clamp(0, seqlen_ro - 1)
+    grads = []
+    for d, table in ((d_cos, cos), (d_sin, sin)):
+        d = torch.where(inside, d, 0.0)
+        if table.dim() == 2:
+            total = d.new_zeros(seqlen_ro, half).index_add_(0, positions.flatten(), d.flatten(0, 1))
+        else:
+            total = d.new_zeros(batch, seqlen_ro, half).scatter_add_(1, positions[..., None].expand(-1, -1, half), d)
+        grads.append(total.to(table.dtype))
+    return tuple(grads)
