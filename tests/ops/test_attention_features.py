@@ -76,6 +76,9 @@ VARLEN_CASES = [
     dict(lengths_q=[20, 0, 7], lengths_k=[16, 5, 7], heads=2, heads_kv=1, dim=80, kwargs=dict(window_size=(4, 2))),
     dict(lengths_q=[33, 12], lengths_k=[33, 40], heads=2, heads_kv=2, dim=24, kwargs=dict(softcap=2.0, causal=True)),
     dict(lengths_q=[7, 12], lengths_k=[9, 12], heads=2, heads_kv=2, dim=16, kwargs=dict(alibi_slopes=torch.tensor([0.5, 0.25]))),
+    dict(lengths_q=[4, 9, 1], lengths_k=[6, 9, 11], heads=2, heads_kv=1, dim=16,
+         kwargs=dict(causal=True, rotary_cos=torch.rand(32, 6), rotary_sin=torch.rand(32, 6), rotary_interleaved=True,
+                     rotary_seqlen_offsets=torch.tensor([2, 0, 5], dtype=torch.int32))),
 ]
 
 
@@ -84,7 +87,7 @@ VARLEN_CASES = [
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_varlen_matches_dense_per_sequence(backend, device, case, dropout_p):
     gen = torch.Generator().manual_seed(11)
-    with forced(OP, backend, device) as dev:
+    with forced(OP, backend, device, rotary="rotary_cos" in case["kwargs"]) as dev:
         q, cu_q = pack(case["lengths_q"], case["heads"], case["dim"], torch.float32, dev, gen)
         k, cu_k = pack(case["lengths_k"], case["heads_kv"], case["dim"], torch.float32, dev, gen)
         v, _ = pack(case["lengths_k"], case["heads_kv"], case["dim"], torch.float32, dev, gen)
@@ -105,7 +108,10 @@ def test_varlen_matches_dense_per_sequence(backend, device, case, dropout_p):
     for b, (q_b, k_b, v_b, do_b) in enumerate(zip(ref.split_varlen(q, cu_q), ref.split_varlen(k, cu_k),
                                                    ref.split_varlen(v, cu_k), ref.split_varlen(grad_out, cu_q))):
         keep_b = None if keep is None else keep[b : b + 1, :, : q_b.shape[2], : k_b.shape[2]]
-        o, l, g = ground_truth(q_b, k_b, v_b, kwargs, do_b, dropout_p=dropout_p, dropout_keep=keep_b)
+        kwargs_b = dict(kwargs)
+        if torch.is_tensor(kwargs.get("rotary_seqlen_offsets")):
+            kwargs_b["rotary_seqlen_offsets"] = kwargs["rotary_seqlen_offsets"][b]
+        o, l, g = ground_truth(q_b, k_b, v_b, kwargs_b, do_b, dropout_p=dropout_p, dropout_keep=keep_b)
         outs.append(o)
         lses.append(l.squeeze(0))
         grad_parts.append(g)

@@ -89,3 +89,32 @@ def test_sdpa_dropin_errors():
         attnkit.scaled_dot_product_attention(q, k, v)
     with pytest.raises(ValueError, match="must be 3-D"):
         attnkit.scaled_dot_product_attention(q[0, 0], k[0, 0], v[0, 0])
+
+
+def tables(positions=16, half=4, dtype=torch.float32):
+    return torch.rand(positions, half, dtype=dtype), torch.rand(positions, half, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(rotary_cos=tables()[0]), ValueError, "pass both rotary_cos and rotary_sin"),
+        (dict(rotary_cos=torch.rand(16), rotary_sin=torch.rand(16)), ValueError, "rotary_cos must be 2-D"),
+        (dict(rotary_cos=tables(half=9)[0], rotary_sin=tables(half=9)[1]), ValueError, "rotary_dim = 18, which must be between 2 and the head dim 16"),
+        (dict(rotary_cos=tables()[0], rotary_sin=tables(half=3)[1]), ValueError, "rotary_cos and rotary_sin must match"),
+        (dict(rotary_cos=torch.ones(16, 4, dtype=torch.int32), rotary_sin=tables()[1]), TypeError, "rotary_cos has dtype int32"),
+        (dict(rotary_cos=tables(positions=6)[0], rotary_sin=tables(positions=6)[1]), ValueError, "cover 6 positions but sequence 0 reaches position 6"),
+        (dict(rotary_cos=tables()[0], rotary_sin=tables()[1], rotary_seqlen_offsets=torch.zeros(3, dtype=torch.int32)), ValueError, r"rotary_seqlen_offsets must be \(2,\) int32"),
+        (dict(rotary_cos=tables()[0], rotary_sin=tables()[1], rotary_seqlen_offsets=1.5), TypeError, "rotary_seqlen_offsets must be an int"),
+        (dict(rotary_cos=tables()[0].requires_grad_(True), rotary_sin=tables()[1]), NotImplementedError, "rotary_cos"),
+    ],
+)
+def test_rotary_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        flash_attention(*qkv(), **kwargs)
+
+
+def test_rotary_needs_non_negative_positions():
+    cos, sin = tables()
+    with pytest.raises(ValueError, match="non-negative positions"):
+        flash_attention(*qkv(n_q=7, n_k=5), rotary_cos=cos, rotary_sin=sin)
