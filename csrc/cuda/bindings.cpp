@@ -3,9 +3,14 @@
 #include <torch/extension.h>
 
 #include "attnkit/lstm_cell.h"
+#include "attnkit/rnn.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "attnkit CUDA kernels";
   m.def("lstm_cell_forward", &attnkit::cuda::lstm_cell_forward, "LSTM cell step, forward (CUDA)");
   m.def("lstm_cell_backward", &attnkit::cuda::lstm_cell_backward, "LSTM cell step, backward (CUDA)");
+  m.def("lstm_forward", &attnkit::cuda::lstm_forward, "whole-sequence LSTM layer, forward (CUDA)");
+  m.def("lstm_backward", &attnkit::cuda::lstm_backward, "whole-sequence LSTM layer, backward (CUDA)");
+  m.def("gru_forward", &attnkit::cuda::gru_forward, "whole-sequence GRU layer, forward (CUDA)");
+  m.def("gru_backward", &attnkit::cuda::gru_backward, "whole-sequence GRU layer, backward (CUDA)");
 }

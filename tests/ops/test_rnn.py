@@ -271,3 +271,13 @@ class TestBadInput:
         with pytest.raises(RuntimeError, match="gates must have shape"):
             out = torch.zeros(3, 2, 4)
             ext.gru_backward(out, h0, x, h0, w_ih[:12], w_hh[:12], None, out, out)
+
+
+@pytest.mark.cuda_build
+def test_cuda_extension_exports_the_rnn_kernels():
+    from attnkit import _extensions
+
+    ext, reason = _extensions.load("_C_cuda")
+    assert ext is not None, reason
+    for name in ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward"):
+        assert callable(getattr(ext, name))

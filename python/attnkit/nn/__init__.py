@@ -1,6 +1,7 @@
 """Drop-in replacements for torch.nn modules, backed by attnkit ops."""
+from .rnn import GRU, LSTM, GRUCell
 from .positional import ALiBi, LearnedPositionalEmbedding, RotaryEmbedding, SinusoidalPositionalEncoding, alibi_slopes
 from .rnn_cell import LSTMCell
 
-__all__ = ["ALiBi", "LSTMCell", "LearnedPositionalEmbedding", "RotaryEmbedding", "SinusoidalPositionalEncoding",
-           "alibi_slopes"]
+__all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell",
+           "ALiBi", "LearnedPositionalEmbedding", "RotaryEmbedding", "SinusoidalPositionalEncoding", "alibi_slopes"]

@@ -1,0 +1,232 @@
+"""Drop-in `torch.nn.LSTM`, `torch.nn.GRU` and `torch.nn.GRUCell` running the
+fused attnkit ops (attnkit.ops.lstm / gru: one layer, one direction each).
+
+Subclasses, so parameters, flat weights, state_dict keys, initialisation,
+argument checks and error messages stay exactly torch.nn's. The forward
+follows torch.nn's step by step and replaces only the `_VF.lstm` / `_VF.gru`
+call by `_stack`, which composes layers and directions:
+- PackedSequence input is unpacked to a padded, time-major batch in the
+  packed (sorted) order; each sequence's length goes to the kernels, which
+  stop that row there (no padding steps are computed into the state), and
+  the output is packed again;
+- the reverse direction runs on each sequence reversed within its length;
+- dropout (training only) goes between layers, as torch.nn does.
+"""
+from __future__ import annotations
+
+import copy
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .. import ops
+
+
+def _reverse(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """x (T, B, N) with each sequence reversed within its length (steps past
+    a length stay where they are); its own inverse."""
+    if lengths is None:
+        return x.flip(0)
+    steps = torch.arange(x.shape[0]).unsqueeze(1)
+    index = torch.where(steps < lengths, lengths - 1 - steps, steps).to(x.device)
+    return x.gather(0, index.unsqueeze(2).expand_as(x))
+
+
+def _unpack(data: Tensor, batch_sizes: Tensor):
+    """Packed data -> (padded (T, B, N) in packed order, lengths (B,) int64 CPU)."""
+    padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes, None, None))
+    return padded, lengths
+
+
+def _stack(module, run_layer, input: Tensor, batch_sizes: Optional[Tensor], states: List[Tensor]):
+    """Runs every layer and direction. `run_layer(x, states_at_index, weights,
+    lengths)` -> (output, final states); `states` are (L*D, B, N) tensors.
+    Returns (output in the input's layout, list of final (L*D, B, N) states)."""
+    if batch_sizes is not None:
+        x, lengths = _unpack(input, batch_sizes)
+    else:
+        x, lengths = (input.transpose(0, 1) if module.batch_first else input), None
+    directions = 2 if module.bidirectional else 1
+    finals: List[List[Tensor]] = [[] for _ in states]
+    layer_input = x
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            seq = layer_input if direction == 0 else _reverse(layer_input, lengths)
+            out, final = run_layer(seq.contiguous(), [s[index] for s in states], module.all_weights[index], lengths)
+            outputs.append(out if direction == 0 else _reverse(out, lengths))
+            for kept, state in zip(finals, final):
+                kept.append(state)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, 2)
+        if module.dropout and module.training and layer < module.num_layers - 1:
+            layer_input = F.dropout(layer_input, module.dropout, training=True)
+    output = layer_input
+    if batch_sizes is not None:
+        output = pack_padded_sequence(output, lengths).data
+    elif module.batch_first:
+        output = output.transpose(0, 1)
+    return output, [torch.stack(kept) for kept in finals]
+
+
+class LSTM(torch.nn.LSTM):
+    """torch.nn.LSTM with the fused attnkit kernels; same arguments and semantics."""
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.LSTM) -> "LSTM":
+        """An attnkit.nn.LSTM sharing `module`'s configuration and Parameter objects."""
+        if not isinstance(module, torch.nn.LSTM):
+            raise TypeError(f"LSTM.from_torch: expected a torch.nn.LSTM, got {type(module).__name__}")
+        return _adopt(cls, module)
+
+    def _run_layer(self, x, state, weights, lengths):
+        w_ih, w_hh, *rest = weights
+        b_ih, b_hh = (rest[0], rest[1]) if self.bias else (None, None)
+        w_hr = rest[-1] if self.proj_size > 0 else None
+        out, (h, c) = ops.lstm(x, (state[0], state[1]), w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, lengths=lengths)
+        return out, (h, c)
+
+    def forward(self, input, hx=None):  # follows torch.nn.LSTM.forward
+        orig_input = input
+        batch_sizes = None
+        num_directions = 2 if self.bidirectional else 1
+        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = int(batch_sizes[0])
+            if hx is None:
+                hx = self._zeros(input, max_batch_size, real_hidden_size), self._zeros(input, max_batch_size, self.hidden_size)
+            else:
+                hx = self.permute_hidden(hx, sorted_indices)
+            self.check_forward_args(input, hx, batch_sizes)
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+            sorted_indices = unsorted_indices = None
+            if hx is None:
+                hx = self._zeros(input, max_batch_size, real_hidden_size), self._zeros(input, max_batch_size, self.hidden_size)
+            else:
+                if is_batched and (hx[0].dim() != 3 or hx[1].dim() != 3):
+                    raise RuntimeError(
+                        "For batched 3-D input, hx and cx should "
+                        f"also be 3-D but got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                    )
+                if not is_batched:
+                    if hx[0].dim() != 2 or hx[1].dim() != 2:
+                        raise RuntimeError(
+                            "For unbatched 2-D input, hx and cx should "
+                            f"also be 2-D but got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                        )
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            self.check_forward_args(input, hx, batch_sizes)
+
+        output, (h_n, c_n) = _stack(self, self._run_layer, input, batch_sizes, list(hx))
+        hidden = (h_n, c_n)
+        if isinstance(orig_input, PackedSequence):
+            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), self.permute_hidden(
+                hidden, unsorted_indices
+            )
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (h_n.squeeze(1), c_n.squeeze(1))
+        return output, self.permute_hidden(hidden, unsorted_indices)
+
+    def _zeros(self, input, batch, size):
+        directions = 2 if self.bidirectional else 1
+        return torch.zeros(self.num_layers * directions, batch, size, dtype=input.dtype, device=input.device)
+
+
+class GRU(torch.nn.GRU):
+    """torch.nn.GRU with the fused attnkit kernels; same arguments and semantics."""
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.GRU) -> "GRU":
+        """An attnkit.nn.GRU sharing `module`'s configuration and Parameter objects."""
+        if not isinstance(module, torch.nn.GRU):
+            raise TypeError(f"GRU.from_torch: expected a torch.nn.GRU, got {type(module).__name__}")
+        return _adopt(cls, module)
+
+    def _run_layer(self, x, state, weights, lengths):
+        w_ih, w_hh, *rest = weights
+        b_ih, b_hh = (rest[0], rest[1]) if self.bias else (None, None)
+        out, h = ops.gru(x, state[0], w_ih, w_hh, b_ih, b_hh, lengths=lengths)
+        return out, (h,)
+
+    def forward(self, input, hx=None):  # follows torch.nn.GRU.forward
+        orig_input = input
+        directions = 2 if self.bidirectional else 1
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = int(batch_sizes[0])
+            if hx is None:
+                hx = torch.zeros(self.num_layers * directions, max_batch_size, self.hidden_size,
+                                 dtype=input.dtype, device=input.device)
+            else:
+                hx = self.permute_hidden(hx, sorted_indices)
+        else:
+            batch_sizes = None
+            if input.dim() not in (2, 3):
+                raise ValueError(f"GRU: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+                if hx is not None:
+                    if hx.dim() != 2:
+                        raise RuntimeError(f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor")
+                    hx = hx.unsqueeze(1)
+            elif hx is not None and hx.dim() != 3:
+                raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+            sorted_indices = unsorted_indices = None
+            if hx is None:
+                hx = torch.zeros(self.num_layers * directions, max_batch_size, self.hidden_size,
+                                 dtype=input.dtype, device=input.device)
+        self.check_forward_args(input, hx, batch_sizes)
+
+        output, (hidden,) = _stack(self, self._run_layer, input, batch_sizes, [hx])
+        if isinstance(orig_input, PackedSequence):
+            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), self.permute_hidden(
+                hidden, unsorted_indices
+            )
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = hidden.squeeze(1)
+        return output, self.permute_hidden(hidden, unsorted_indices)
+
+
+class GRUCell(torch.nn.GRUCell):
+    """torch.nn.GRUCell as one step of the fused GRU op; same arguments and state_dict."""
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"GRUCell: input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(f"GRUCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        batched = input.dim() == 2
+        if not batched:
+            input = input.unsqueeze(0)
+            hx = None if hx is None else hx.unsqueeze(0)
+        _, h = ops.gru(input.unsqueeze(0), hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return h if batched else h.squeeze(0)
+
+
+def _adopt(cls, module):
+    """A `cls` instance with `module`'s attributes and the same Parameter objects
+    (so optimizers holding them keep working)."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[key] = copy.copy(module.__dict__[key])
+    new._init_flat_weights()
+    return new

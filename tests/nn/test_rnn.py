@@ -1,0 +1,211 @@
+"""attnkit.nn.LSTM / GRU / GRUCell are drop-ins for torch.nn's: same parameters
+and state_dict, same outputs and gradients with copied weights."""
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import attnkit
+
+F64 = torch.float64
+# (num_layers, bidirectional, batch_first, bias, proj_size): every argument on
+# and off at least once, in few combinations.
+CONFIGS = [
+    (1, False, False, True, 0),
+    (2, True, True, True, 0),
+    (2, False, False, False, 3),
+    (3, True, False, True, 2),
+    (1, True, True, False, 0),
+]
+INPUTS = ["padded", "padded_h0", "unbatched", "packed_sorted", "packed_unsorted"]
+
+
+def pair(kind, config, dtype=F64, seed=0):
+    layers, bidirectional, batch_first, bias, proj = config
+    kwargs = dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias, dtype=dtype)
+    if kind == "LSTM":
+        kwargs["proj_size"] = proj
+    torch.manual_seed(seed)
+    ours = getattr(attnkit.nn, kind)(5, 6, **kwargs)
+    theirs = getattr(torch.nn, kind)(5, 6, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def make_input(module, how, T=6, B=3):
+    gen = torch.Generator().manual_seed(1)
+    shape = (B, T, 5) if module.batch_first else (T, B, 5)
+    x = torch.randn(*shape, generator=gen, dtype=F64, requires_grad=True)
+    directions = 2 if module.bidirectional else 1
+    out_size = getattr(module, "proj_size", 0) or module.hidden_size
+    leaves = [x]
+    hx = None
+    if how == "unbatched":
+        x = x[0] if module.batch_first else x[:, 0]
+    if how in ("padded_h0", "unbatched", "packed_unsorted"):
+        batch = () if how == "unbatched" else (B,)
+        h0 = torch.randn(module.num_layers * directions, *batch, out_size, generator=gen, dtype=F64, requires_grad=True)
+        leaves.append(h0)
+        hx = h0
+        if isinstance(module, torch.nn.LSTM):
+            c0 = torch.randn(module.num_layers * directions, *batch, 6, generator=gen, dtype=F64, requires_grad=True)
+            leaves.append(c0)
+            hx = (h0, c0)
+    if how.startswith("packed"):
+        lengths = [6, 4, 1] if how == "packed_sorted" else [2, 6, 4]
+        x = pack_padded_sequence(x, lengths, batch_first=module.batch_first, enforce_sorted=how == "packed_sorted")
+    return x, hx, leaves
+
+
+def flatten(result):
+    output, hidden = result
+    out = [output.data if isinstance(output, PackedSequence) else output]
+    return out + (list(hidden) if isinstance(hidden, tuple) else [hidden])
+
+
+def weighted_sum(tensors):
+    return sum((t * torch.linspace(-1, 2, t.numel(), dtype=t.dtype).view_as(t)).sum() for t in tensors)
+
+
+def assert_same_run(ours, theirs, x, hx, leaves):
+    got, expected = flatten(ours(x, hx)), flatten(theirs(x, hx))
+    assert [t.shape for t in got] == [t.shape for t in expected]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    wrt = leaves + list(ours.parameters())
+    grads = torch.autograd.grad(weighted_sum(got), wrt, retain_graph=True)
+    grads_ref = torch.autograd.grad(weighted_sum(expected), leaves + list(theirs.parameters()), retain_graph=True)
+    for g, e in zip(grads, grads_ref):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("how", INPUTS)
+def test_outputs_and_all_gradients_match_torch(kind, config, how):
+    if kind == "GRU" and config[4]:
+        config = config[:4] + (0,)
+    ours, theirs = pair(kind, config)
+    x, hx, leaves = make_input(ours, how)
+    assert_same_run(ours, theirs, x, hx, leaves)
+    assert attnkit.last_dispatch(kind.lower()).backend == "cpp"
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("T,B", [(1, 1), (1, 4), (7, 1)])
+def test_sequence_length_one_and_batch_one(kind, T, B):
+    ours, theirs = pair(kind, (2, True, False, True, 0))
+    x = torch.randn(T, B, 5, dtype=F64, requires_grad=True)
+    assert_same_run(ours, theirs, x, None, [x])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_float32(kind):
+    ours, theirs = pair(kind, (2, True, True, True, 0), dtype=torch.float32)
+    x = torch.randn(4, 9, 5, requires_grad=True)
+    got, expected = flatten(ours(x)), flatten(theirs(x))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_dropout_between_layers_in_training_only(kind):
+    ours, theirs = pair(kind, (3, True, False, True, 0))
+    ours.dropout = theirs.dropout = 1.0  # every inter-layer activation dropped: deterministic
+    x = torch.randn(5, 2, 5, dtype=F64, requires_grad=True)
+    assert_same_run(ours.train(), theirs.train(), x, None, [x])
+    assert_same_run(ours.eval(), theirs.eval(), x, None, [x])  # no dropout in eval
+    ours.dropout = 0.5
+    ours.train()
+    a, b = ours(x)[0], ours(x)[0]
+    assert not torch.equal(a, b)  # random masks differ between calls
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_gradcheck_cpp_path(kind):
+    ours, _ = pair(kind, (2, True, False, True, 2 if kind == "LSTM" else 0))
+    x = torch.randn(4, 3, 5, dtype=F64, requires_grad=True)
+    params = list(ours.parameters())
+
+    def run(x, *weights):
+        packed = pack_padded_sequence(x, [2, 4, 3], enforce_sorted=False)
+        with torch.nn.utils.stateless._reparametrize_module(ours, dict(zip(dict(ours.named_parameters()), weights))):
+            return tuple(flatten(ours(packed)))
+
+    with attnkit.use_backend("cpp"):
+        assert torch.autograd.gradcheck(run, (x, *params))
+
+
+def test_state_dict_and_parameters_are_torchs():
+    ours, theirs = pair("LSTM", (2, True, False, True, 3))
+    assert isinstance(ours, torch.nn.LSTM)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    other = torch.nn.LSTM(5, 6, num_layers=2, bidirectional=True, proj_size=3, dtype=F64)
+    ours.load_state_dict(other.state_dict())  # a torch.nn checkpoint loads as is
+    x = torch.randn(4, 2, 5, dtype=F64)
+    torch.testing.assert_close(flatten(ours(x)), flatten(other(x)))
+    gru = attnkit.nn.GRU(5, 6, num_layers=2)
+    gru.load_state_dict(torch.nn.GRU(5, 6, num_layers=2).state_dict())
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_from_torch_shares_parameters(kind):
+    _, theirs = pair(kind, (2, True, True, True, 0))
+    ours = getattr(attnkit.nn, kind).from_torch(theirs)
+    assert type(ours) is getattr(attnkit.nn, kind)
+    assert all(a is b for a, b in zip(ours.parameters(), theirs.parameters()))
+    x = torch.randn(3, 4, 5, dtype=F64, requires_grad=True)
+    assert_same_run(ours, theirs, x, None, [x])
+    with pytest.raises(TypeError, match="expected a torch.nn"):
+        getattr(attnkit.nn, kind).from_torch(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("with_state", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gru_cell_matches_torch(batched, with_state, bias):
+    torch.manual_seed(0)
+    ours = attnkit.nn.GRUCell(5, 7, bias=bias, dtype=F64)
+    theirs = torch.nn.GRUCell(5, 7, bias=bias, dtype=F64)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(*((3, 5) if batched else (5,)), dtype=F64, requires_grad=True)
+    hx = torch.randn(*((3, 7) if batched else (7,)), dtype=F64, requires_grad=True) if with_state else None
+    h, h_ref = ours(x, hx), theirs(x, hx)
+    torch.testing.assert_close(h, h_ref)
+    leaves = [x] + ([hx] if with_state else [])
+    grads = torch.autograd.grad(weighted_sum([h]), leaves + list(ours.parameters()))
+    grads_ref = torch.autograd.grad(weighted_sum([h_ref]), leaves + list(theirs.parameters()))
+    for g, e in zip(grads, grads_ref):
+        torch.testing.assert_close(g, e)
+
+
+class TestErrorsLikeTorch:
+    @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+    def test_wrong_input_size(self, kind):
+        ours, theirs = pair(kind, CONFIGS[0])
+        x = torch.randn(3, 2, 4, dtype=F64)
+        for module in (ours, theirs):
+            with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size. Expected 5, got 4"):
+                module(x)
+
+    def test_wrong_hidden_shape(self):
+        ours, theirs = pair("LSTM", CONFIGS[1])
+        x = torch.randn(2, 3, 5, dtype=F64)
+        hx = (torch.zeros(4, 3, 6, dtype=F64), torch.zeros(4, 3, 6, dtype=F64))
+        for module in (ours, theirs):
+            with pytest.raises(RuntimeError, match="Expected hidden\\[0\\] size \\(4, 2, 6\\), got \\[4, 3, 6\\]"):
+                module(x, hx)
+
+    @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+    def test_wrong_rank(self, kind):
+        ours, _ = pair(kind, CONFIGS[0])
+        with pytest.raises(ValueError, match=f"{kind}: Expected input to be 2D or 3D, got 4D instead"):
+            ours(torch.randn(1, 2, 3, 5, dtype=F64))
+        with pytest.raises(RuntimeError, match="For batched 3-D input, hx"):
+            hx = torch.zeros(1, 6, dtype=F64)
+            ours(torch.randn(3, 2, 5, dtype=F64), (hx, hx) if kind == "LSTM" else hx)
+
+    def test_dtype_mismatch(self):
+        ours, _ = pair("GRU", CONFIGS[0])
+        with pytest.raises(ValueError, match="input dtype \\(torch.float32\\) does not match weight dtype"):
+            ours(torch.randn(3, 2, 5))
