@@ -127,26 +127,27 @@ def check(arch: int = 90, all_configs: bool = False, verbose: bool = True) -> li
     return compiler.compiled
 
 
-# (name, x dtype, cos/sin dtype, head dim, rotary dim, interleaved, per-sequence offsets, in place)
+# (name, x dtype, cos/sin dtype, head dim, rotary dim, interleaved, per-sequence offsets, in place, varlen)
 ROTARY_COMBOS = [
-    ("bf16-d128-halves", torch.bfloat16, torch.bfloat16, 128, 128, False, False, False),
-    ("fp16-d80-r64-interleaved-offsets", torch.float16, torch.float32, 80, 64, True, True, False),
-    ("fp32-d64-r32-inplace", torch.float32, torch.float32, 64, 32, False, True, True),
-    ("fp64-d256-interleaved", torch.float64, torch.float64, 256, 256, True, False, False),
+    ("bf16-d128-halves", torch.bfloat16, torch.bfloat16, 128, 128, False, False, False, False),
+    ("fp16-d80-r64-interleaved-offsets", torch.float16, torch.float32, 80, 64, True, True, False, False),
+    ("fp32-d64-r32-inplace-varlen", torch.float32, torch.float32, 64, 32, False, True, True, True),
+    ("fp64-d256-interleaved", torch.float64, torch.float64, 256, 256, True, False, False, False),
 ]
 
 
 def check_rotary(compiler: "Compiler", verbose: bool = True) -> None:
     """The rotary kernel (forward and conjugate/backward) for each combo; printed as
     'compiled', not 'ok', so the attention combos keep their own count."""
-    for name, dtype, table_dtype, dim, rotary_dim, interleaved, per_sequence, inplace in ROTARY_COMBOS:
+    for name, dtype, table_dtype, dim, rotary_dim, interleaved, per_sequence, inplace, varlen in ROTARY_COMBOS:
         start = time.time()
-        x = torch.empty(2, 512, 8, dim, device="meta", dtype=dtype)
+        x = torch.empty(*((1024,) if varlen else (2, 512)), 8, dim, device="meta", dtype=dtype)
+        cu = torch.empty(3, device="meta", dtype=torch.int32) if varlen else None
         cos, sin = (torch.empty(1024, rotary_dim // 2, device="meta", dtype=table_dtype) for _ in range(2))
         offsets = torch.empty(2, device="meta", dtype=torch.int32) if per_sequence else None
         for conjugate in (False, True):
             out = x if inplace else torch.empty_like(x)
-            rotary.rotary(x, cos, sin, offsets, 0, interleaved, conjugate, out, launch=compiler)
+            rotary.rotary(x, cos, sin, offsets, 0, interleaved, conjugate, out, cu, 512, launch=compiler)
         if verbose:
             print(f"sm_{compiler.target.arch} rotary {name}: compiled in {time.time() - start:.1f} s")
 

@@ -1,8 +1,10 @@
 """Rotary position embedding (RoPE) in Triton: one kernel serves the forward,
 the backward (`CONJUGATE`: rotation by the opposite angle) and the in-place
 form (OUT is X). Semantics as attnkit.reference.rotary (FlashAttention's):
-x (B, N, H, D) with any strides, cos/sin (S, R/2) or (B, S, R/2), the first
-R dims rotated, rows at positions outside [0, S) left as they are.
+x (B, N, H, D) with any strides, or packed (total, H, D) with cu_seqlens
+(VARLEN: a zero batch stride, each sequence starting at its cu_seqlens row),
+cos/sin (S, R/2) or (B, S, R/2), the first R dims rotated, rows at positions
+outside [0, S) left as they are.
 
 A program takes BLOCK_M rows of one sequence and BLOCK_H heads: it loads the
 cos/sin rows once and reuses them for every head. Each output element needs
@@ -19,16 +21,21 @@ import triton.language as tl
 
 @triton.jit
 def _rotary_kernel(
-    OUT, X, COS, SIN, OFFSETS,
+    OUT, X, COS, SIN, OFFSETS, CU_SEQLENS,
     stride_ob, stride_on, stride_oh, stride_od, stride_xb, stride_xn, stride_xh, stride_xd,
     stride_cb, stride_cn, seqlen, heads, seqlen_ro, offset,
     HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, STORE_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr,
-    OFFSETS_TENSOR: tl.constexpr, COMPUTE: tl.constexpr,
+    OFFSETS_TENSOR: tl.constexpr, VARLEN: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)  # b * stride may pass 2^31 elements
     pid_h = tl.program_id(2)
+    if VARLEN:
+        start = tl.load(CU_SEQLENS + b)
+        seqlen = tl.load(CU_SEQLENS + b + 1) - start
+        X += start.to(tl.int64) * stride_xn
+        OUT += start.to(tl.int64) * stride_on
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     if OFFSETS_TENSOR:
@@ -70,15 +77,25 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def rotary(x, cos, sin, offsets, offset: int, interleaved: bool, conjugate: bool, out, launch=None):
+def rotary(x, cos, sin, offsets, offset: int, interleaved: bool, conjugate: bool, out, cu_seqlens=None,
+           max_seqlen: int = 0, launch=None):
     """Writes x rotated into `out` (which may be x itself: in place).
 
-    x, out (B, N, H, D), any strides; cos, sin (S, R/2) or (B, S, R/2) with the last dim
-    contiguous; offsets int32/int64 (B,) or None (then every sequence starts at `offset`).
+    x, out (B, N, H, D), or (total, H, D) with int32 cu_seqlens (B + 1,) and max_seqlen; any
+    strides. cos, sin (S, R/2) or (B, S, R/2) with the last dim contiguous; offsets int32/int64
+    (B,) or None (then every sequence starts at `offset`).
     `launch(kernel, grid, args, kwargs)` replaces the launch (compile_check).
     """
-    batch, seqlen, heads, head_dim = x.shape
+    varlen = cu_seqlens is not None
+    if varlen:  # a zero batch stride: the kernel adds each sequence's start row
+        batch, seqlen, (heads, head_dim) = cu_seqlens.numel() - 1, max_seqlen, x.shape[1:]
+        x_strides, out_strides = (0, *x.stride()), (0, *out.stride())
+    else:
+        batch, seqlen, heads, head_dim = x.shape
+        x_strides, out_strides = x.stride(), out.stride()
     rotary_dim = 2 * cos.shape[-1]
+    if x.numel() == 0 or seqlen == 0:
+        return out
     block_d = max(16, triton.next_power_of_2(head_dim))
     if _interpreting():  # few, large programs: each costs Python time there
         block_m, block_h = max(16, min(64, triton.next_power_of_2(seqlen))), max(1, heads)
@@ -87,14 +104,14 @@ def rotary(x, cos, sin, offsets, offset: int, interleaved: bool, conjugate: bool
     grid = (triton.cdiv(seqlen, block_m), batch, triton.cdiv(heads, block_h))
     batched = cos.dim() == 3
     args = (
-        out, x, cos, sin, offsets if offsets is not None else cos,
-        *out.stride(), *x.stride(), cos.stride(0) if batched else 0, cos.stride(-2),
+        out, x, cos, sin, offsets if offsets is not None else cos, cu_seqlens if varlen else cos,
+        *out_strides, *x_strides, cos.stride(0) if batched else 0, cos.stride(-2),
         seqlen, heads, cos.shape[-2], offset,
     )
     kwargs = dict(
         HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, STORE_DIM=rotary_dim if out is x else head_dim,
         BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_H=block_h, INTERLEAVED=interleaved, CONJUGATE=conjugate,
-        OFFSETS_TENSOR=offsets is not None, COMPUTE=tl.float64 if x.dtype == torch.float64 else tl.float32,
+        OFFSETS_TENSOR=offsets is not None, VARLEN=varlen, COMPUTE=tl.float64 if x.dtype == torch.float64 else tl.float32,
     )
     if launch is None:
         _rotary_kernel[grid](*args, **kwargs)

@@ -189,6 +189,50 @@ def test_positions_past_the_table_are_left_unrotated(backend, device):
         torch.testing.assert_close(out[1, :2].cpu(), plain_rotary(x[1:, :2].cpu(), cos.cpu(), sin.cpu(), False, 3)[0])
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("interleaved,per_sequence", [(False, False), (True, True)])
+def test_varlen_matches_each_sequence(backend, device, interleaved, per_sequence):
+    with forced(OP, backend, device) as dev:
+        lengths = [3, 0, 5]
+        cu = torch.tensor([0, 3, 3, 8], dtype=torch.int32, device=dev)
+        x = torch.randn(8, 2, 12, device=dev)
+        cos, sin = tables(9, 8, device=dev)
+        offsets = torch.tensor([4, 1, 2], dtype=torch.int32, device=dev)
+        if per_sequence:  # one table per sequence, no offsets
+            cos, sin = (t[None].repeat(3, 1, 1) for t in (cos, sin))
+            offsets = 0
+        leaf = x.clone().requires_grad_()
+        out = apply_rotary(leaf, cos, sin, interleaved=interleaved, seqlen_offsets=offsets, cu_seqlens=cu, max_seqlen=5)
+        grad = torch.randn_like(x)
+        (dx,) = torch.autograd.grad(out, leaf, grad)
+        start = 0
+        for b, n in enumerate(lengths):
+            seq = slice(start, start + n)
+            shift = offsets[b:b + 1].cpu() if isinstance(offsets, torch.Tensor) else 0
+            table = (cos[b], sin[b]) if per_sequence else (cos, sin)
+            x_b = x[seq][None].cpu().requires_grad_()
+            want = plain_rotary(x_b, *(t.cpu() for t in table), interleaved, shift)
+            (want_dx,) = torch.autograd.grad(want, x_b, grad[seq][None].cpu())
+            torch.testing.assert_close(out[seq].cpu(), want[0])
+            torch.testing.assert_close(dx[seq].cpu(), want_dx[0])
+            start += n
+        y = x.clone()
+        apply_rotary(y, cos, sin, interleaved=interleaved, seqlen_offsets=offsets, cu_seqlens=cu, max_seqlen=5,
+                     inplace=True)
+        torch.testing.assert_close(y, out.detach(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_varlen_gradcheck_with_table_gradients(backend, device):
+    with forced(OP, backend, device, torch.float64) as dev:
+        x = torch.randn(5, 1, 4, dtype=torch.float64, device=dev, requires_grad=True)
+        cos, sin = (t.requires_grad_() for t in tables(4, 4, torch.float64, dev))
+        cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=dev)
+        offsets = torch.tensor([2, 1], dtype=torch.int64, device=dev)  # sequence 0's second row is past cos
+        fn = lambda x, c, s: apply_rotary(x, c, s, seqlen_offsets=offsets, cu_seqlens=cu, max_seqlen=3)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, cos, sin), fast_mode=True)
+
+
 def test_compiles_without_graph_breaks():
     x = torch.randn(2, 5, 3, 16, requires_grad=True)
     cos, sin = tables(8, 16)
@@ -207,8 +251,10 @@ def test_custom_ops_pass_opcheck():
     cos, sin = tables(4, 6)
     offsets = torch.tensor([0, 1], dtype=torch.int32)
     with attnkit.use_backend("reference", op=OP):
-        torch.library.opcheck(module._rotary, (x, cos, sin, offsets, 0, True, False))
-        torch.library.opcheck(module._rotary_, (x.detach().clone(), cos, sin, None, 1, False))
+        torch.library.opcheck(module._rotary, (x, cos, sin, offsets, 0, True, False, None, 0))
+        torch.library.opcheck(module._rotary_, (x.detach().clone(), cos, sin, None, 1, False, None, 0))
+        packed, cu = torch.randn(5, 2, 8, requires_grad=True), torch.tensor([0, 2, 5], dtype=torch.int32)
+        torch.library.opcheck(module._rotary, (packed, cos, sin, offsets, 0, False, False, cu, 3))
 
 
 def test_explain_names_the_backend():
@@ -244,6 +290,19 @@ BAD_INPUT = [
     ("x int", _bad(x=torch.ones(2, 4, 3, 16, dtype=torch.int32)), TypeError, "x has dtype"),
     ("bad layout", _bad(layout="nbhd"), ValueError, "layout"),
     ("inplace not bool", _bad(inplace=1), TypeError, "inplace"),
+    ("cu_seqlens int64", _bad(x=torch.randn(5, 3, 16), cu_seqlens=torch.tensor([0, 5]), max_seqlen=5), TypeError,
+     "cu_seqlens has dtype"),
+    ("cu_seqlens not ending at total", _bad(x=torch.randn(5, 3, 16), cu_seqlens=torch.tensor([0, 4], dtype=torch.int32),
+                                            max_seqlen=5), ValueError, "cu_seqlens must rise"),
+    ("max_seqlen too small", _bad(x=torch.randn(5, 3, 16), cu_seqlens=torch.tensor([0, 1, 5], dtype=torch.int32),
+                                  max_seqlen=3), ValueError, "max_seqlen = 3"),
+    ("max_seqlen missing", _bad(x=torch.randn(5, 3, 16), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)),
+     TypeError, "max_seqlen"),
+    ("max_seqlen without cu_seqlens", _bad(max_seqlen=4), ValueError, "max_seqlen goes with cu_seqlens"),
+    ("packed x with bhnd layout", _bad(x=torch.randn(5, 3, 16), cu_seqlens=torch.tensor([0, 5], dtype=torch.int32),
+                                       max_seqlen=5, layout="bhnd"), ValueError, "layout"),
+    ("packed x 4-D", _bad(cu_seqlens=torch.tensor([0, 2], dtype=torch.int32), max_seqlen=4), ValueError,
+     "x must be 3-D"),
     ("cos requires grad in place", _bad(cos=torch.randn(6, 4, requires_grad=True), inplace=True), NotImplementedError,
      "cos"),
 ]

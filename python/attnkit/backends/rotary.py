@@ -1,10 +1,11 @@
 """Implementations of the rotary embedding. Every backend honours one contract:
 
-apply(x, cos, sin, offsets, offset, interleaved, conjugate, out) -> None
+apply(x, cos, sin, offsets, offset, interleaved, conjugate, out, cu_seqlens, max_seqlen) -> None
 
 writes x rotated into `out`, which is a fresh tensor or x itself (in place);
-x (B, N, H, D) any strides, cos/sin (S, R/2) or (B, S, R/2) contiguous,
-offsets (B,) int32/int64 or None (then `offset` for every sequence).
+x (B, N, H, D) any strides, or packed (total, H, D) with int32 cu_seqlens (B + 1,)
+(else None), cos/sin (S, R/2) or (B, S, R/2) contiguous, offsets (B,) int32/int64
+or None (then `offset` for every sequence).
 """
 from __future__ import annotations
 
@@ -24,17 +25,20 @@ class Triton(Implementation):
             return [f"head dim {call['head_dim']} > {MAX_HEAD_DIM}"]
         return []
 
-    def apply(self, x, cos, sin, offsets, offset, interleaved, conjugate, out):
+    def apply(self, x, cos, sin, offsets, offset, interleaved, conjugate, out, cu_seqlens, max_seqlen):
         from ..triton_kernels import rotary as kernels
 
-        kernels.rotary(x, cos, sin, offsets, offset, interleaved, conjugate, out)
+        kernels.rotary(x, cos, sin, offsets, offset, interleaved, conjugate, out, cu_seqlens, max_seqlen)
 
 
 class Reference(Implementation):
     backend = "reference"
 
-    def apply(self, x, cos, sin, offsets, offset, interleaved, conjugate, out):
-        out.copy_(ref.rotary(x, cos, sin, offsets, offset, interleaved, conjugate))
+    def apply(self, x, cos, sin, offsets, offset, interleaved, conjugate, out, cu_seqlens, max_seqlen):
+        if cu_seqlens is None:
+            out.copy_(ref.rotary(x, cos, sin, offsets, offset, interleaved, conjugate))
+        else:
+            out.copy_(ref.varlen(ref.rotary, cu_seqlens, x, cos, sin, offsets, offset, interleaved, conjugate))
 
 
 ROTARY = Op("rotary", [Triton(), Reference()])

@@ -26,78 +26,114 @@ LAYOUTS = ("bnhd", "bhnd")
 
 @torch.library.custom_op("attnkit::rotary", mutates_args=())
 def _rotary(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor], offset: int, interleaved: bool,
-            conjugate: bool) -> Tensor:
+            conjugate: bool, cu_seqlens: Optional[Tensor], max_seqlen: int) -> Tensor:
     out = torch.empty_like(x)
-    ROTARY.select(_describe_tensors(x)).apply(x, cos, sin, offsets, offset, interleaved, conjugate, out)
+    ROTARY.select(_describe_tensors(x)).apply(x, cos, sin, offsets, offset, interleaved, conjugate, out, cu_seqlens,
+                                              max_seqlen)
     return out
 
 
 @_rotary.register_fake
-def _(x, cos, sin, offsets, offset, interleaved, conjugate):
+def _(x, cos, sin, offsets, offset, interleaved, conjugate, cu_seqlens, max_seqlen):
     return torch.empty_like(x)
 
 
 def _setup_context(ctx, inputs, output):
-    x, cos, sin, offsets, offset, interleaved, conjugate = inputs
+    x, cos, sin, offsets, offset, interleaved, conjugate, cu_seqlens, max_seqlen = inputs
     ctx.table_grads = cos.requires_grad or sin.requires_grad
-    ctx.save_for_backward(cos, sin, offsets, x if ctx.table_grads else None)
-    ctx.options = (offset, interleaved, conjugate)
+    ctx.save_for_backward(cos, sin, offsets, cu_seqlens, x if ctx.table_grads else None)
+    ctx.options = (offset, interleaved, conjugate, max_seqlen)
+
+
+def _table_grads(grad, x, cos, sin, offsets, offset, interleaved, conjugate, cu_seqlens):
+    if cu_seqlens is None:
+        return ref.table_grads(grad, x, cos, sin, offsets, offset, interleaved, conjugate)
+    return ref.varlen(ref.table_grads, cu_seqlens, x, cos, sin, offsets, offset, interleaved, conjugate, others=(grad,))
 
 
 def _backward(ctx, grad):
-    cos, sin, offsets, x = ctx.saved_tensors
-    offset, interleaved, conjugate = ctx.options
-    dx = _rotary(grad, cos, sin, offsets, offset, interleaved, not conjugate)
+    cos, sin, offsets, cu_seqlens, x = ctx.saved_tensors
+    offset, interleaved, conjugate, max_seqlen = ctx.options
+    dx = _rotary(grad, cos, sin, offsets, offset, interleaved, not conjugate, cu_seqlens, max_seqlen)
     d_cos = d_sin = None
     if ctx.table_grads:  # learned tables are rare and small: plain PyTorch, on every backend
-        d_cos, d_sin = ref.table_grads(grad, x, cos, sin, offsets, offset, interleaved, conjugate)
-    return dx, d_cos, d_sin, None, None, None, None
+        d_cos, d_sin = _table_grads(grad, x, cos, sin, offsets, offset, interleaved, conjugate, cu_seqlens)
+    return (dx, d_cos, d_sin) + (None,) * 6
 
 
 _rotary.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("attnkit::rotary_", mutates_args=("x",))
-def _rotary_(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor], offset: int, interleaved: bool) -> None:
-    ROTARY.select(_describe_tensors(x)).apply(x, cos, sin, offsets, offset, interleaved, False, x)
+def _rotary_(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor], offset: int, interleaved: bool,
+             cu_seqlens: Optional[Tensor], max_seqlen: int) -> None:
+    ROTARY.select(_describe_tensors(x)).apply(x, cos, sin, offsets, offset, interleaved, False, x, cu_seqlens,
+                                              max_seqlen)
 
 
 @_rotary_.register_fake
-def _(x, cos, sin, offsets, offset, interleaved):
+def _(x, cos, sin, offsets, offset, interleaved, cu_seqlens, max_seqlen):
     return None
 
 
 class _RotaryInplace(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, cos, sin, offsets, offset, interleaved):
-        _rotary_(x, cos, sin, offsets, offset, interleaved)
+    def forward(ctx, x, cos, sin, offsets, offset, interleaved, cu_seqlens, max_seqlen):
+        _rotary_(x, cos, sin, offsets, offset, interleaved, cu_seqlens, max_seqlen)
         ctx.mark_dirty(x)
-        ctx.save_for_backward(cos, sin, offsets)
-        ctx.options = (offset, interleaved)
+        ctx.save_for_backward(cos, sin, offsets, cu_seqlens)
+        ctx.options = (offset, interleaved, max_seqlen)
         return x
 
     @staticmethod
     def backward(ctx, grad):
-        cos, sin, offsets = ctx.saved_tensors
-        offset, interleaved = ctx.options
-        return _rotary(grad, cos, sin, offsets, offset, interleaved, True), None, None, None, None, None
+        cos, sin, offsets, cu_seqlens = ctx.saved_tensors
+        offset, interleaved, max_seqlen = ctx.options
+        return (_rotary(grad, cos, sin, offsets, offset, interleaved, True, cu_seqlens, max_seqlen),) + (None,) * 7
 
 
 def _describe_tensors(x: Tensor) -> dict:
     return {"device": x.device, "dtype": x.dtype, "head_dim": x.shape[-1]}
 
 
-def _validated(x, cos, sin, interleaved, seqlen_offsets, inplace, layout):
-    """(x as a (B, N, H, D) view, cos, sin, offsets tensor or None, int offset)."""
+def _packed(x, cu_seqlens, max_seqlen, layout) -> int:
+    """Checks packed x (total, H, D) and its cu_seqlens; returns the batch size."""
+    if layout != "bnhd":
+        raise ValueError(f"{OP}: layout applies to dense x; packed x (with cu_seqlens) is (total, H, D)")
+    _validate.tensor(OP, "x", x, ndim=3)
+    _validate.tensor(OP, "cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
+    if cu_seqlens.device != x.device:
+        raise RuntimeError(f"{OP}: cu_seqlens is on {cu_seqlens.device} but x is on {x.device}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"{OP}: cu_seqlens must have batch + 1 >= 2 entries, got {cu_seqlens.numel()}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise TypeError(f"{OP}: max_seqlen must be a non-negative int with cu_seqlens, got {max_seqlen!r}")
+    if not torch.compiler.is_compiling():  # reading values syncs; skipped when traced
+        bounds = cu_seqlens.tolist()
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        if bounds[0] != 0 or bounds[-1] != x.shape[0] or min(lengths) < 0:
+            raise ValueError(f"{OP}: cu_seqlens must rise from 0 to the packed length {x.shape[0]}, got {bounds}")
+        if max(lengths) > max_seqlen:
+            raise ValueError(f"{OP}: max_seqlen = {max_seqlen} is smaller than the longest sequence ({max(lengths)})")
+    return cu_seqlens.numel() - 1
+
+
+def _validated(x, cos, sin, interleaved, seqlen_offsets, inplace, layout, cu_seqlens, max_seqlen):
+    """(x, as a (B, N, H, D) view when dense, cos, sin, offsets tensor or None, int offset, max_seqlen)."""
     for name, flag in (("interleaved", interleaved), ("inplace", inplace)):
         if not isinstance(flag, bool):
             raise TypeError(f"{OP}: {name} must be a bool, got {type(flag).__name__}")
     if layout not in LAYOUTS:
         raise ValueError(f"{OP}: layout must be one of {LAYOUTS} (batch, seq, heads, dim order), got {layout!r}")
-    _validate.tensor(OP, "x", x, ndim=4)
-    if layout == "bhnd":
-        x = x.transpose(1, 2)
-    batch, seqlen, _, head_dim = x.shape
+    if cu_seqlens is not None:
+        batch, seqlen = _packed(x, cu_seqlens, max_seqlen, layout), max_seqlen
+    else:
+        if max_seqlen is not None:
+            raise ValueError(f"{OP}: max_seqlen goes with cu_seqlens (packed x); dense x has its own length")
+        _validate.tensor(OP, "x", x, ndim=4)
+        x = x.transpose(1, 2) if layout == "bhnd" else x
+        batch, seqlen, max_seqlen = x.shape[0], x.shape[1], 0
+    head_dim = x.shape[-1]
     for name, table in (("cos", cos), ("sin", sin)):
         _validate.tensor(OP, name, table)
         if table.dim() not in (2, 3) or (table.dim() == 3 and table.shape[0] != batch):
@@ -132,12 +168,13 @@ def _validated(x, cos, sin, interleaved, seqlen_offsets, inplace, layout):
     else:
         raise TypeError(f"{OP}: seqlen_offsets must be an int or an int32/int64 (B,) tensor, got "
                         f"{type(seqlen_offsets).__name__}")
-    return x, cos.contiguous(), sin.contiguous(), offsets, offset
+    return x, cos.contiguous(), sin.contiguous(), offsets, offset, max_seqlen
 
 
 def apply_rotary(
     x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False,
     seqlen_offsets: Union[int, Tensor] = 0, inplace: bool = False, layout: str = "bnhd",
+    cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None,
 ) -> Tensor:
     """Rotary position embedding of the first rotary_dim dims of x (RoFormer), as
     FlashAttention's `apply_rotary_emb`.
@@ -157,26 +194,30 @@ def apply_rotary(
             unrotated (as FlashAttention; checking would cost a device sync).
         inplace: rotate x in place and return it; the gradient still flows through.
         layout: "bnhd" (default) or "bhnd".
+        cu_seqlens, max_seqlen: packed x (total, H, D) of B sequences, as FlashAttention's varlen:
+            int32 cumulative lengths (B + 1,) from 0, and the longest length (offsets, per-sequence
+            tables and the seqlen_ro check apply per sequence).
 
     Returns:
         x rotated, same shape, dtype and layout (x itself when inplace). Computed in fp32
         (fp64 for fp64 x): out[:R] = x cos + rotate_half(x) sin per pair.
     """
     original = x
-    x, cos, sin, offsets, offset = _validated(x, cos, sin, interleaved, seqlen_offsets, inplace, layout)
+    x, cos, sin, offsets, offset, max_seqlen = _validated(x, cos, sin, interleaved, seqlen_offsets, inplace, layout,
+                                                          cu_seqlens, max_seqlen)
     if inplace:
         if torch.is_grad_enabled() and x.requires_grad:
-            _RotaryInplace.apply(x, cos, sin, offsets, offset, interleaved)
+            _RotaryInplace.apply(x, cos, sin, offsets, offset, interleaved, cu_seqlens, max_seqlen)
         else:
-            _rotary_(x, cos, sin, offsets, offset, interleaved)
+            _rotary_(x, cos, sin, offsets, offset, interleaved, cu_seqlens, max_seqlen)
         return original
-    out = _rotary(x, cos, sin, offsets, offset, interleaved, False)
+    out = _rotary(x, cos, sin, offsets, offset, interleaved, False, cu_seqlens, max_seqlen)
     return out.transpose(1, 2) if layout == "bhnd" else out
 
 
 def _describe_call(x, cos, sin, **kwargs) -> dict:
-    keys = ("interleaved", "seqlen_offsets", "inplace", "layout")
-    defaults = dict(interleaved=False, seqlen_offsets=0, inplace=False, layout="bnhd")
+    keys = ("interleaved", "seqlen_offsets", "inplace", "layout", "cu_seqlens", "max_seqlen")
+    defaults = dict(interleaved=False, seqlen_offsets=0, inplace=False, layout="bnhd", cu_seqlens=None, max_seqlen=None)
     x = _validated(x, cos, sin, *(kwargs.get(k, defaults[k]) for k in keys))[0]
     return _describe_tensors(x)
 

@@ -10,10 +10,12 @@ of attnkit.ops.apply_rotary's backends. Semantics of FlashAttention's
   pairs 2i with 2i + 1. A pair (x0, x1) with angle index i becomes
   (x0 cos - x1 sin, x0 sin + x1 cos); `conjugate` rotates by -angle (the backward).
 - Arithmetic in fp32 (fp64 for fp64 x), the result rounded once to x's dtype.
+- Varlen: x packed (total, H, D) with cu_seqlens (B + 1,): `varlen` applies a
+  dense function to each sequence as a batch of one.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -83,3 +85,22 @@ def table_grads(grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, offsets: Opti
             total = d.new_zeros(batch, seqlen_ro, half).scatter_add_(1, positions[..., None].expand(-1, -1, half), d)
         grads.append(total.to(table.dtype))
     return tuple(grads)
+
+
+def varlen(fn: Callable, cu_seqlens: Tensor, x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor],
+           offset: int, *rest, others=()):
+    """fn(x_b, cos_b, sin_b, offsets_b, offset, *rest) per sequence b of packed x (total, H, D),
+    with `others` (packed like x) split alongside and passed first; x-shaped results are joined
+    back into (total, H, D), table-shaped ones summed (shared tables) or stacked (per sequence)."""
+    bounds = cu_seqlens.tolist()
+    results = []
+    for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        tables = (cos, sin) if cos.dim() == 2 else (cos[b:b + 1], sin[b:b + 1])
+        seq_offsets = None if offsets is None else offsets[b:b + 1]
+        split = [t[start:end][None] for t in (*others, x)]
+        results.append(fn(*split, *tables, seq_offsets, offset, *rest))
+    if isinstance(results[0], Tensor):
+        return torch.cat([r[0] for r in results])
+    if cos.dim() == 2:
+        return tuple(torch.stack(parts).sum(0) for parts in zip(*results))
+    return tuple(torch.cat(parts) for parts in zip(*results))
