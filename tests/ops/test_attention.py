@@ -61,7 +61,7 @@ GRADCHECK_CASES = [
     (Shape(1, 2, 1, 3, 5, 4, 3), Features(causal=True)),
     (Shape(2, 1, 1, 4, 4, 3, 3), Features(softcap=1.5, mask="float")),
     (Shape(2, 2, 2, 5, 3, 2, 2), Features(window=(1, 1), padding=True, pad_whole_sequence=True)),
-    (Shape(2, 2, 1, 3, 5, 4, 4), Features(rotary="partial", causal=True)),
+    (Shape(2, 1, 1, 2, 3, 4, 4), Features(rotary="partial", causal=True)),
 ]
 
 
@@ -71,7 +71,9 @@ def test_gradcheck_float64(backend, device, shape, features):
     with forced(OP, backend, device, torch.float64, rotary=bool(features.rotary)) as dev:
         q, k, v, kwargs = make_inputs(shape, features, torch.float64, dev)
         leaves = [t.requires_grad_(True) for t in (q, k, v)]
-        assert torch.autograd.gradcheck(lambda q, k, v: flash_attention(q, k, v, **kwargs), leaves)
+        # The interpreter is slow: Triton gets gradcheck's fast mode (random projections), the others the full one.
+        assert torch.autograd.gradcheck(lambda q, k, v: flash_attention(q, k, v, **kwargs), leaves,
+                                        fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
