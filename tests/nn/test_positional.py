@@ -96,6 +96,29 @@ def test_tables_are_cached_per_device_and_dtype_and_grown():
     torch.testing.assert_close(longer[:10], cos, atol=0, rtol=0)
 
 
+def test_tables_survive_half_and_inference_mode():
+    rope = RotaryEmbedding(16, scaling="dynamic_ntk", scaling_factor=2.0, max_position_embeddings=8)
+    cos, sin = (t.clone() for t in rope.cos_sin(40))
+    rope.half()  # rounds the inv_freq buffer; the tables are still made from float32 frequencies
+    rope._tables.clear()
+    torch.testing.assert_close(rope.cos_sin(40)[0], cos, atol=0, rtol=0)
+    with torch.inference_mode():
+        rope._tables.clear()
+        rope.cos_sin(40)
+    q = torch.randn(1, 4, 2, 16, requires_grad=True)
+    rope(q)[0].sum().backward()  # would fail on a table made under inference_mode
+    assert q.grad is not None
+
+
+def test_forward_packed_matches_dense():
+    rope = RotaryEmbedding(8)
+    q = torch.randn(2, 5, 3, 8)
+    cu = torch.tensor([0, 5, 10], dtype=torch.int32)
+    packed, _ = rope(q.reshape(10, 3, 8), cu_seqlens=cu, max_seqlen=5, seqlen_offset=torch.tensor([0, 4]))
+    dense, _ = rope(q, seqlen_offset=torch.tensor([0, 4]))
+    torch.testing.assert_close(packed, dense.reshape(10, 3, 8), atol=0, rtol=0)
+
+
 def test_rotary_embedding_bad_arguments():
     with pytest.raises(ValueError, match="dim"):
         RotaryEmbedding(7)

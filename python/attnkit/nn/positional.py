@@ -113,6 +113,14 @@ class RotaryEmbedding(nn.Module):
         inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
         return inv_freq, attention
 
+    def _inv_freq_fp32(self) -> Tensor:
+        """inv_freq, recomputed when a module-wide .half()/.bfloat16() has rounded the buffer."""
+        if self.inv_freq.dtype == torch.float32:
+            return self.inv_freq
+        if self.scaling == "dynamic_ntk" and self._dynamic_len > self.max_position_embeddings:
+            return self._dynamic_inv_freq(self._dynamic_len)
+        return self._initial_inv_freq()[0]
+
     def _update_dynamic(self, seq_len: int) -> None:
         """HF's dynamic_frequency_update: grow past the longest length seen, reset to the
         original frequencies for a sequence shorter than max_position_embeddings."""
@@ -133,28 +141,33 @@ class RotaryEmbedding(nn.Module):
         if self.scaling == "dynamic_ntk":
             self._update_dynamic(seq_len)
         key = (device, dtype)
-        if key not in self._tables or self._tables[key][0].shape[0] < seq_len:
-            cached = self._tables.get(key)
+        cached = self._tables.get(key)
+        # Tables made under inference_mode cannot be saved for a backward later: remake them.
+        stale = cached is not None and cached[0].is_inference() and not torch.is_inference_mode_enabled()
+        if cached is None or stale or cached[0].shape[0] < seq_len:
             length = max(seq_len, 2 * cached[0].shape[0] if cached is not None else 0)
             positions = torch.arange(length, device=device, dtype=torch.float32)
-            freqs = positions[:, None] * self.inv_freq.to(device=device, dtype=torch.float32)[None, :]
+            freqs = positions[:, None] * self._inv_freq_fp32().to(device)[None, :]
             scale = self.attention_scaling
             self._tables[key] = ((freqs.cos() * scale).to(dtype), (freqs.sin() * scale).to(dtype))
         cos, sin = self._tables[key]
         return cos[:seq_len], sin[:seq_len]
 
     def forward(self, q: Tensor, k: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                seqlen_offset: Union[int, Tensor] = 0, layout: str = "bnhd") -> Tuple[Tensor, Optional[Tensor]]:
+                seqlen_offset: Union[int, Tensor] = 0, layout: str = "bnhd", cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """(q, k) rotated by attnkit.ops.apply_rotary (k may have fewer heads, or be None).
 
-        q, k: (B, N, H, D), or (B, H, N, D) with layout="bhnd" (HF's). Positions are
+        q, k: (B, N, H, D), or (B, H, N, D) with layout="bhnd" (HF's), or packed (total, H, D)
+        with cu_seqlens and max_seqlen (as flash_attention_varlen). Positions are
         position_ids (B, N) or (N,) when given (any values, as HF's), else n + seqlen_offset
         (an int or a (B,) int tensor, as a KV cache gives). Reading the largest position costs
         a device sync for tensor positions (needed to size the tables, and for dynamic NTK).
         """
-        seq_dim = 2 if layout == "bhnd" else 1
-        length = q.shape[seq_dim]
+        length = max_seqlen if cu_seqlens is not None else q.shape[2 if layout == "bhnd" else 1]
         if position_ids is not None:
+            if cu_seqlens is not None:
+                raise ValueError("RotaryEmbedding: position_ids are for dense q/k; packed q/k take seqlen_offset")
             if position_ids.dim() == 2 and position_ids.shape[0] == 1:
                 position_ids = position_ids[0]  # shared by the batch: one (N, R/2) table
             cos, sin = self.cos_sin(int(position_ids.max()) + 1, q.device)
@@ -164,7 +177,7 @@ class RotaryEmbedding(nn.Module):
             cos, sin = self.cos_sin(longest + length, q.device)
             offsets = seqlen_offset
         rotate = lambda t: apply_rotary(t, cos, sin, interleaved=self.interleaved, seqlen_offsets=offsets,  # noqa: E731
-                                        layout=layout)
+                                        layout=layout, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return rotate(q), None if k is None else rotate(k)
 
     def extra_repr(self) -> str:
