@@ -63,6 +63,7 @@ S = Shape
 CASES = [
     (S(1, 1, 1, 1, 1, 16, 16), Features()),
     (S(1, 1, 1, 1, 1, 16, 16), Features(causal=True)),
+    (S(2, 2, 2, 2, 2, 32, 32), Features(causal=True, softcap=1.0)),
     (S(2, 2, 2, 17, 17, 32, 32), Features()),
     (S(2, 2, 2, 17, 17, 32, 32), Features(causal=True)),
     (S(1, 2, 2, 64, 64, 16, 16), Features(causal=True, scale=0.3)),
