@@ -111,7 +111,8 @@ def rotary(x, cos, sin, offsets, offset: int, interleaved: bool, conjugate: bool
     kwargs = dict(
         HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, STORE_DIM=rotary_dim if out is x else head_dim,
         BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_H=block_h, INTERLEAVED=interleaved, CONJUGATE=conjugate,
-        OFFSETS_TENSOR=offsets is not None, VARLEN=varlen, COMPUTE=tl.float64 if x.dtype == torch.float64 else tl.float32,
+        OFFSETS_TENSOR=offsets is not None, VARLEN=varlen,
+        COMPUTE=tl.float64 if x.dtype == torch.float64 else tl.float32,
     )
     if launch is None:
         _rotary_kernel[grid](*args, **kwargs)

@@ -233,6 +233,21 @@ def test_varlen_gradcheck_with_table_gradients(backend, device):
         assert torch.autograd.gradcheck(fn, (x, cos, sin), fast_mode=True)
 
 
+@pytest.mark.gpu
+def test_compiles_with_inductor_on_the_triton_backend():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    x = torch.randn(2, 64, 4, 64, device="cuda", requires_grad=True)
+    cos, sin = tables(80, 48, device="cuda")
+    fn = torch.compile(lambda x: apply_rotary(x, cos, sin, seqlen_offsets=5, interleaved=True) * 2, fullgraph=True)
+    with attnkit.use_backend("triton", op=OP):
+        out = fn(x)
+        out.sum().backward()
+    assert attnkit.last_dispatch(OP).backend == "triton"
+    torch.testing.assert_close(out.cpu(), 2 * plain_rotary(x.detach().cpu(), cos.cpu(), sin.cpu(), True, 5))
+    torch.testing.assert_close(x.grad.cpu(), 2 * plain_rotary(torch.ones(2, 64, 4, 64), cos.cpu(), -sin.cpu(), True, 5))
+
+
 def test_compiles_without_graph_breaks():
     x = torch.randn(2, 5, 3, 16, requires_grad=True)
     cos, sin = tables(8, 16)

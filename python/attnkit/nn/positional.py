@@ -36,16 +36,18 @@ class RotaryEmbedding(nn.Module):
     Tables are float32, computed on first use per (device, dtype) and grown on demand.
     """
 
-    def __init__(self, dim: int, base: float = 10000.0, scaling: Optional[str] = None, scaling_factor: Optional[float] = 1.0,
-                 max_position_embeddings: int = 2048, original_max_position_embeddings: Optional[int] = None,
-                 beta_fast: float = 32.0, beta_slow: float = 1.0, mscale: Optional[float] = None,
-                 mscale_all_dim: Optional[float] = None, attention_factor: Optional[float] = None, truncate: bool = True,
-                 interleaved: bool = False, device=None):
+    def __init__(self, dim: int, base: float = 10000.0, scaling: Optional[str] = None,
+                 scaling_factor: Optional[float] = 1.0, max_position_embeddings: int = 2048,
+                 original_max_position_embeddings: Optional[int] = None, beta_fast: float = 32.0,
+                 beta_slow: float = 1.0, mscale: Optional[float] = None, mscale_all_dim: Optional[float] = None,
+                 attention_factor: Optional[float] = None, truncate: bool = True, interleaved: bool = False,
+                 device=None):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
             raise ValueError(f"RotaryEmbedding: dim (the rotary dim) must be an even int >= 2, got {dim!r}")
         if scaling not in _SCALINGS:
-            raise ValueError(f"RotaryEmbedding: scaling must be one of None, 'linear', 'dynamic_ntk', 'yarn', got {scaling!r}")
+            raise ValueError(f"RotaryEmbedding: scaling must be one of None, 'linear', 'dynamic_ntk', 'yarn', "
+                             f"got {scaling!r}")
         self.scaling = _SCALINGS[scaling]
         if self.scaling is not None and not (scaling_factor is None and self.scaling == "yarn"):
             if not isinstance(scaling_factor, (int, float)) or scaling_factor <= 0:
