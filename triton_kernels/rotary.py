@@ -7,10 +7,10 @@ cos/sin (S, R/2) or (B, S, R/2), the first R dims rotated, rows at positions
 outside [0, S) left as they are.
 
 A program takes BLOCK_M rows of one sequence and BLOCK_H heads: it loads the
-cos/sin rows once and reuses them for every head. Each output element needs
-its own value and its pair partner's (i +- R/2, or i ^ 1 interleaved), so both
-are loaded with the same contiguous tile shape and combined as
-out = x * cos + partner * (+-sin); dims past R get cos = 1, sin = 0.
+cos/sin rows once and reuses them for every head. Tiles run over the pair
+index k < R/2: one thread loads both members of a pair (k and k + R/2, or 2k
+and 2k + 1) and stores both results, so rotating in place never races with
+another thread reading the old value. Out of place, dims R..D are copied.
 """
 import os
 
@@ -24,7 +24,7 @@ def _rotary_kernel(
     OUT, X, COS, SIN, OFFSETS, CU_SEQLENS,
     stride_ob, stride_on, stride_oh, stride_od, stride_xb, stride_xn, stride_xh, stride_xd,
     stride_cb, stride_cn, seqlen, heads, seqlen_ro, offset,
-    HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, STORE_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr,
     OFFSETS_TENSOR: tl.constexpr, VARLEN: tl.constexpr, COMPUTE: tl.constexpr,
 ):
@@ -37,40 +37,37 @@ def _rotary_kernel(
         X += start.to(tl.int64) * stride_xn
         OUT += start.to(tl.int64) * stride_on
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     if OFFSETS_TENSOR:
         shift = tl.load(OFFSETS + b).to(tl.int32)
     else:
         shift = offset
     positions = rows + shift
-    if INTERLEAVED:  # pairs (2i, 2i + 1), angle i
-        first = (offs_d % 2) == 0
-        partner = offs_d ^ 1
-        freq = offs_d // 2
-    else:  # pairs (i, i + R/2), angle i
-        first = offs_d < ROTARY_DIM // 2
-        partner = tl.where(first, offs_d + ROTARY_DIM // 2, offs_d - ROTARY_DIM // 2)
-        freq = tl.where(first, offs_d, offs_d - ROTARY_DIM // 2)
-    row_ok = rows < seqlen
-    rotate = (row_ok & (positions >= 0) & (positions < seqlen_ro))[:, None] & (offs_d < ROTARY_DIM)[None, :]
-    table = b * stride_cb + positions[:, None] * stride_cn + freq[None, :]
-    cos = tl.load(COS + table, mask=rotate, other=1.0).to(COMPUTE)
-    sin = tl.load(SIN + table, mask=rotate, other=0.0).to(COMPUTE)
-    # (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin): the first of a pair takes -sin.
-    sign = tl.where(first, -1.0, 1.0)
+    k = tl.arange(0, BLOCK_K)  # pair index = angle index
+    if INTERLEAVED:
+        first, second = 2 * k, 2 * k + 1
+    else:
+        first, second = k, k + ROTARY_DIM // 2
+    pair_ok = (rows < seqlen)[:, None] & (k < ROTARY_DIM // 2)[None, :]
+    in_table = pair_ok & ((positions >= 0) & (positions < seqlen_ro))[:, None]
+    table = b * stride_cb + positions[:, None] * stride_cn + k[None, :]
+    cos = tl.load(COS + table, mask=in_table, other=1.0).to(COMPUTE)  # outside the table: identity
+    sin = tl.load(SIN + table, mask=in_table, other=0.0).to(COMPUTE)
     if CONJUGATE:
-        sign = -sign
-    sin = sin * sign[None, :].to(COMPUTE)
-    keep = row_ok[:, None] & (offs_d < STORE_DIM)[None, :]
+        sin = -sin
     for i in range(BLOCK_H):
         h = pid_h * BLOCK_H + i
-        head_ok = h < heads
+        ok = pair_ok & (h < heads)
         x_row = X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xn
-        x = tl.load(x_row + offs_d[None, :] * stride_xd, mask=keep & head_ok, other=0.0).to(COMPUTE)
-        pair = tl.load(x_row + partner[None, :] * stride_xd, mask=rotate & head_ok, other=0.0).to(COMPUTE)
-        out = x * cos + pair * sin
         o_row = OUT + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
-        tl.store(o_row + offs_d[None, :] * stride_od, out.to(OUT.dtype.element_ty), mask=keep & head_ok)
+        x0 = tl.load(x_row + first[None, :] * stride_xd, mask=ok, other=0.0).to(COMPUTE)
+        x1 = tl.load(x_row + second[None, :] * stride_xd, mask=ok, other=0.0).to(COMPUTE)
+        tl.store(o_row + first[None, :] * stride_od, (x0 * cos - x1 * sin).to(OUT.dtype.element_ty), mask=ok)
+        tl.store(o_row + second[None, :] * stride_od, (x0 * sin + x1 * cos).to(OUT.dtype.element_ty), mask=ok)
+        if BLOCK_TAIL > 0:  # out of place with rotary_dim < head dim: copy the rest
+            tail = ROTARY_DIM + tl.arange(0, BLOCK_TAIL)
+            tail_ok = (rows < seqlen)[:, None] & (tail < HEAD_DIM)[None, :] & (h < heads)
+            rest = tl.load(x_row + tail[None, :] * stride_xd, mask=tail_ok)
+            tl.store(o_row + tail[None, :] * stride_od, rest, mask=tail_ok)
 
 
 def _interpreting() -> bool:
@@ -96,11 +93,13 @@ def rotary(x, cos, sin, offsets, offset: int, interleaved: bool, conjugate: bool
     rotary_dim = 2 * cos.shape[-1]
     if x.numel() == 0 or seqlen == 0:
         return out
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_k = max(16, triton.next_power_of_2(rotary_dim // 2))
+    copy_tail = out is not x and rotary_dim < head_dim
+    block_tail = max(16, triton.next_power_of_2(head_dim - rotary_dim)) if copy_tail else 0
     if _interpreting():  # few, large programs: each costs Python time there
         block_m, block_h = max(16, min(64, triton.next_power_of_2(seqlen))), max(1, heads)
     else:
-        block_m, block_h = (4 if block_d > 128 else 8), 4
+        block_m, block_h = (4 if block_k > 64 else 8), 4
     grid = (triton.cdiv(seqlen, block_m), batch, triton.cdiv(heads, block_h))
     batched = cos.dim() == 3
     args = (
@@ -109,10 +108,9 @@ def rotary(x, cos, sin, offsets, offset: int, interleaved: bool, conjugate: bool
         seqlen, heads, cos.shape[-2], offset,
     )
     kwargs = dict(
-        HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, STORE_DIM=rotary_dim if out is x else head_dim,
-        BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_H=block_h, INTERLEAVED=interleaved, CONJUGATE=conjugate,
-        OFFSETS_TENSOR=offsets is not None, VARLEN=varlen,
-        COMPUTE=tl.float64 if x.dtype == torch.float64 else tl.float32,
+        HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, BLOCK_K=block_k, BLOCK_TAIL=block_tail, BLOCK_M=block_m,
+        BLOCK_H=block_h, INTERLEAVED=interleaved, CONJUGATE=conjugate, OFFSETS_TENSOR=offsets is not None,
+        VARLEN=varlen, COMPUTE=tl.float64 if x.dtype == torch.float64 else tl.float32,
     )
     if launch is None:
         _rotary_kernel[grid](*args, **kwargs)
