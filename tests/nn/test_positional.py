@@ -86,6 +86,23 @@ def test_forward_with_offsets_matches_position_ids(backend, device):
     torch.testing.assert_close(by_int, by_offsets[1:], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("n_q,interleaved", [(6, False), (1, True)])
+def test_rotary_op_then_attention_equals_fused_rope(n_q, interleaved):
+    # The standalone op and flash_attention(rotary_cos=...) share one convention: the same
+    # tables give the same attention (queries sit at the bottom-right positions, as the decode step).
+    rope = RotaryEmbedding(16, interleaved=interleaved)
+    q, k, v = torch.randn(2, 4, n_q, 24), torch.randn(2, 2, 6, 24), torch.randn(2, 2, 6, 24)
+    offsets = torch.tensor([0, 3], dtype=torch.int32)
+    cos, sin = rope.cos_sin(16)
+    with attnkit.use_backend("reference"):
+        fused = attnkit.ops.flash_attention(q, k, v, causal=True, rotary_cos=cos, rotary_sin=sin,
+                                            rotary_interleaved=interleaved, rotary_seqlen_offsets=offsets)
+        q_rot, _ = rope(q, seqlen_offset=offsets + (6 - n_q), layout="bhnd")
+        k_rot, _ = rope(k, seqlen_offset=offsets, layout="bhnd")
+        unfused = attnkit.ops.flash_attention(q_rot, k_rot, v, causal=True)
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
+
+
 def test_tables_are_cached_per_device_and_dtype_and_grown():
     rope = RotaryEmbedding(8)
     cos, _ = rope.cos_sin(10)
