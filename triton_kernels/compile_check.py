@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import flash_attention_launch as launch
-from . import rotary
+from . import decode, rotary
 
 _POINTER_TYPES = {
     torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
@@ -124,6 +124,7 @@ def check(arch: int = 90, all_configs: bool = False, verbose: bool = True) -> li
         if verbose:
             print(f"sm_{arch} {name}: ok in {time.time() - start:.1f} s")
     check_rotary(compiler, verbose)
+    check_decode(compiler, verbose)
     return compiler.compiled
 
 
@@ -150,6 +151,28 @@ def check_rotary(compiler: "Compiler", verbose: bool = True) -> None:
             rotary.rotary(x, cos, sin, offsets, 0, interleaved, conjugate, out, cu, 512, launch=compiler)
         if verbose:
             print(f"sm_{compiler.target.arch} rotary {name}: compiled in {time.time() - start:.1f} s")
+
+
+# (name, dtype, heads, kv heads, new tokens, head dim, options)
+DECODE_COMBOS = [
+    ("bf16-gqa8-d128", torch.bfloat16, 32, 4, 1, 128, dict()),
+    ("fp16-mqa-d64-3tokens-window-alibi-softcap", torch.float16, 16, 1, 3, 64, dict(window_left=256, alibi=True, softcap=30.0)),
+    ("fp32-d80", torch.float32, 8, 8, 1, 80, dict()),
+]
+
+
+def check_decode(compiler: "Compiler", verbose: bool = True) -> None:
+    """The split-K decoding kernels; printed as 'compiled', like the rotary ones."""
+    for name, dtype, heads, heads_kv, n_q, dim, options in DECODE_COMBOS:
+        start = time.time()
+        q = torch.empty(4, heads, n_q, dim, device="meta", dtype=dtype)
+        cache = torch.empty(4, heads_kv, 8192, dim, device="meta", dtype=dtype)
+        slopes = torch.empty(4, heads, device="meta", dtype=torch.float32) if options.get("alibi") else None
+        decode.decode(q, cache, cache, torch.empty(4, device="meta", dtype=torch.int32), scale=dim**-0.5,
+                      softcap=options.get("softcap", 0.0), window_left=options.get("window_left", -1),
+                      alibi_slopes=slopes, splits=16, launch=compiler)
+        if verbose:
+            print(f"sm_{compiler.target.arch} decode {name}: compiled in {time.time() - start:.1f} s")
 
 
 def main(argv=None) -> int:

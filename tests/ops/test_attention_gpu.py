@@ -52,3 +52,16 @@ def test_deterministic_backward():
         second = torch.autograd.grad(out.sum(), (q, k, v))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("heads_kv", [1, 8, 32])
+def test_decode_long_cache_bf16_vs_reference(heads_kv):
+    torch.manual_seed(0)
+    q = torch.randn(4, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(4, heads_kv, 16384, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.tensor([16384, 1, 9000, 4097], dtype=torch.int32, device="cuda")
+    with attnkit.use_backend("triton"):
+        out = attnkit.ops.attention_decode(q, k, v, lengths)
+    from attnkit.reference import attention as ref
+
+    assert_close(out, ref.decode(q.float(), k.float(), v.float(), lengths)[0], 2e-2, "out")

@@ -18,7 +18,7 @@ def _same_dtype_device(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
     _validate.same_dtype_and_device(op, [("q", q), ("k", k), ("v", v)])
 
 
-def _head_dims(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
+def check_head_dims(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"{op}: q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
     for name, dim in (("q/k", q.shape[-1]), ("v", v.shape[-1])):
@@ -26,7 +26,7 @@ def _head_dims(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(f"{op}: head dim of {name} must be between 1 and {MAX_HEAD_DIM}, got {dim}")
 
 
-def _heads(op: str, heads_q: int, heads_k: int, heads_v: int) -> None:
+def check_heads(op: str, heads_q: int, heads_k: int, heads_v: int) -> None:
     if heads_k != heads_v:
         raise ValueError(f"{op}: k and v must have the same number of heads, got {heads_k} and {heads_v}")
     if heads_k == 0 or heads_q % heads_k != 0:
@@ -69,8 +69,8 @@ def dense(op: str, q, k, v, attn_mask, key_padding_mask) -> Tuple[Optional[Tenso
         raise ValueError(f"{op}: q, k, v must have the same batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"{op}: k and v must have the same sequence length, got {k.shape[2]} and {v.shape[2]}")
-    _heads(op, heads, k.shape[1], v.shape[1])
-    _head_dims(op, q, k, v)
+    check_heads(op, heads, k.shape[1], v.shape[1])
+    check_head_dims(op, q, k, v)
     n_k = k.shape[2]
     target = (batch, heads, n_q, n_k)
     if attn_mask is not None:
@@ -110,8 +110,8 @@ def varlen(op: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     _same_dtype_device(op, q, k, v)
     if v.shape[0] != k.shape[0]:
         raise ValueError(f"{op}: k and v must have the same total length, got {k.shape[0]} and {v.shape[0]}")
-    _heads(op, q.shape[1], k.shape[1], v.shape[1])
-    _head_dims(op, q, k, v)
+    check_heads(op, q.shape[1], k.shape[1], v.shape[1])
+    check_head_dims(op, q, k, v)
     sizes = []
     for name, cu, total, max_seqlen in (
         ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),

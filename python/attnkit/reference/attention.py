@@ -218,3 +218,22 @@ def split_varlen(packed: Tensor, cu_seqlens: Tensor):
 def join_varlen(parts) -> Tensor:
     """Inverse of split_varlen for outputs (1, H, n, D) -> (total, H, D)."""
     return torch.cat([p.squeeze(0).transpose(0, 1) for p in parts], dim=0)
+
+
+def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *, scale: Optional[float] = None,
+           softcap: float = 0.0, window_left: int = -1, alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Attention of q (B, H, Nq, D) against the first cache_seqlens[b] cache positions, the new
+    queries at the last Nq positions (bottom-right causal). Returns (out, lse)."""
+    outs, lses = [], []
+    for b, length in enumerate(cache_seqlens.tolist()):
+        q_b = q[b : b + 1]
+        if length == 0:  # nothing cached: every row is empty
+            outs.append(q_b.new_zeros(q_b.shape[:-1] + (v_cache.shape[-1],)))
+            lses.append(torch.full(q_b.shape[:-1], float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device))
+            continue
+        out, lse = attention(q_b, k_cache[b : b + 1, :, :length], v_cache[b : b + 1, :, :length],
+                             window=(window_left, 0), bottom_right=True, softcap=softcap, scale=scale,
+                             alibi_slopes=None if alibi_slopes is None else alibi_slopes[b : b + 1])
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)

@@ -1,0 +1,41 @@
+"""Implementations of attention_decode (inference only):
+forward(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, alibi_slopes) -> (out, lse)."""
+from __future__ import annotations
+
+from typing import Any, List, Mapping
+
+from .._dispatch import Implementation, Op
+from ..reference import attention as ref
+
+MAX_HEAD_DIM = 256
+
+
+class Triton(Implementation):
+    backend = "triton"
+
+    def not_supported_reasons(self, call: Mapping[str, Any]) -> List[str]:
+        from ..triton_kernels.decode import MAX_ROWS
+
+        reasons = []
+        if call.get("rows", 0) > MAX_ROWS:
+            reasons.append(f"{call['rows']} query rows per KV head (GQA group x new tokens) > {MAX_ROWS}: use flash_attention")
+        if max(call.get("head_dim", 0), call.get("head_dim_v", 0)) > MAX_HEAD_DIM:
+            reasons.append(f"head dim > {MAX_HEAD_DIM}")
+        return reasons
+
+    def forward(self, q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, alibi_slopes):
+        from ..triton_kernels.decode import decode
+
+        return decode(q, k_cache, v_cache, cache_seqlens, scale=scale, softcap=softcap, window_left=window_left,
+                      alibi_slopes=alibi_slopes)
+
+
+class Reference(Implementation):
+    backend = "reference"
+
+    def forward(self, q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, alibi_slopes):
+        return ref.decode(q, k_cache, v_cache, cache_seqlens, scale=scale, softcap=softcap, window_left=window_left,
+                          alibi_slopes=alibi_slopes)
+
+
+DECODE = Op("attention_decode", [Triton(), Reference()])

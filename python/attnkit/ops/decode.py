@@ -1,0 +1,90 @@
+"""`attnkit.ops.attention_decode`: attention of the newest query tokens against a
+KV cache (generation), split over the keys ("flash-decoding") on GPUs.
+Inference only: it has no backward (use flash_attention to train)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch, _validate
+from ..backends.decode import DECODE
+from . import attention_validation as check
+
+OP = "attnkit.ops.attention_decode"
+
+
+def _describe(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> dict:
+    group = q.shape[1] // k_cache.shape[1]
+    return {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "head_dim_v": v_cache.shape[-1],
+            "rows": group * q.shape[2]}
+
+
+@torch.library.custom_op("attnkit::attention_decode", mutates_args=())
+def _attention_decode(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float, softcap: float, window_left: int,
+    alibi_slopes: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
+    impl = DECODE.select(_describe(q, k_cache, v_cache))
+    out, lse = impl.forward(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, alibi_slopes)
+    return out.contiguous(), lse.contiguous()
+
+
+@_attention_decode.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, alibi_slopes):
+    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape[:-1] + (v_cache.shape[-1],)), q.new_empty(q.shape[:-1], dtype=stat_dtype)
+
+
+def attention_decode(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *, scale: Optional[float] = None,
+    softcap: float = 0.0, window_left: int = -1, alibi_slopes: Optional[Tensor] = None, return_lse: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Attention of new query tokens against a preallocated KV cache.
+
+    Args:
+        q: (B, H, Nq, D), the Nq newest tokens (usually 1); their keys/values already written
+            to the caches at positions cache_seqlens[b] - Nq .. cache_seqlens[b] - 1.
+        k_cache, v_cache: (B, H_kv, N_max, D) / (B, H_kv, N_max, Dv); H a multiple of H_kv.
+        cache_seqlens: int32 (B,): valid cache length per sequence (ragged batches).
+        scale, softcap, alibi_slopes: as flash_attention. window_left: sliding window, -1 = none.
+        Query i attends to valid keys j <= cache_seqlens[b] - Nq + i (causal among new tokens).
+
+    Returns:
+        out (B, H, Nq, Dv); with return_lse also lse (B, H, Nq).
+    """
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _validate.tensor(OP, name, t, ndim=4, dtypes=check.FLOAT_DTYPES)
+    _validate.same_dtype_and_device(OP, [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)])
+    batch, heads, _, dim = q.shape
+    if k_cache.shape[0] != batch or v_cache.shape[0] != batch:
+        raise ValueError(f"{OP}: q, k_cache, v_cache must have the same batch size, got {batch}, {k_cache.shape[0]}, "
+                         f"{v_cache.shape[0]}")
+    if k_cache.shape[2] != v_cache.shape[2]:
+        raise ValueError(f"{OP}: k_cache and v_cache must have the same length, got {k_cache.shape[2]} and {v_cache.shape[2]}")
+    check.check_heads(OP, heads, k_cache.shape[1], v_cache.shape[1])
+    check.check_head_dims(OP, q, k_cache, v_cache)
+    _validate.tensor(OP, "cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,))
+    if cache_seqlens.shape[0] != batch or cache_seqlens.device != q.device:
+        raise ValueError(f"{OP}: cache_seqlens must be ({batch},) int32 on {q.device}, got {tuple(cache_seqlens.shape)} "
+                         f"on {cache_seqlens.device}")
+    if not torch.compiler.is_compiling():
+        lengths = cache_seqlens.tolist()
+        if min(lengths) < 0 or max(lengths) > k_cache.shape[2]:
+            raise ValueError(f"{OP}: cache_seqlens must be within [0, {k_cache.shape[2]}] (the cache length), got {lengths}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        raise NotImplementedError(f"{OP} is inference-only (no backward); use attnkit.ops.flash_attention to train")
+    softcap, scale, _ = check.scalars(OP, softcap, scale, 0.0, dim)
+    left, _ = check.window(OP, (window_left, -1))
+    slopes = check.alibi(OP, alibi_slopes, batch, heads, q.device)
+    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
+    out, lse = _attention_decode(q, k_cache, v_cache, cache_seqlens.contiguous(), scale, softcap, left, slopes)
+    return (out, lse) if return_lse else out
+
+
+def _describe_call(q, k_cache, v_cache, cache_seqlens=None, **kwargs):
+    return _describe(q, k_cache, v_cache)
+
+
+_dispatch.register_describer("attention_decode", _describe_call)

@@ -1,0 +1,74 @@
+"""attnkit.ops.attention_decode (split-K decoding against a KV cache) on every
+backend against the float64 reference, and against flash_attention on a full cache."""
+import pytest
+import torch
+from attention_cases import assert_close
+from helpers import backend_params, forced
+
+import attnkit
+from attnkit.ops import attention_decode, flash_attention
+from attnkit.reference import attention as ref
+
+OP = "attention_decode"
+BACKENDS = backend_params(OP)
+
+CASES = [  # (B, H, H_kv, Nq, N_max, D, lengths, options)
+    (1, 1, 1, 1, 1, 16, [1], {}),
+    (3, 4, 2, 1, 40, 16, [40, 17, 1], {}),
+    (2, 8, 1, 1, 70, 64, [0, 70], dict(softcap=3.0)),  # MQA, an empty cache
+    (3, 4, 2, 3, 33, 80, [33, 2, 9], dict(window_left=4)),  # 3 new tokens, one cache shorter than them
+    (2, 4, 4, 2, 50, 32, [50, 23], dict(alibi=True, scale=0.3)),
+]
+
+
+def make(case, dtype, device):
+    batch, heads, heads_kv, n_q, n_max, dim, lengths, options = case
+    gen = torch.Generator().manual_seed(batch * 100 + n_max)
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)  # noqa: E731
+    q, k, v = rand(batch, heads, n_q, dim), rand(batch, heads_kv, n_max, dim), rand(batch, heads_kv, n_max, dim)
+    kwargs = {key: value for key, value in options.items() if key != "alibi"}
+    if options.get("alibi"):
+        kwargs["alibi_slopes"] = torch.rand(heads, generator=gen).to(device)
+    return q, k, v, torch.tensor(lengths, dtype=torch.int32, device=device), kwargs
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}-q{c[3]}-N{c[4]}-D{c[5]}-{c[6]}-{c[7]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matches_reference(backend, device, case, dtype):
+    with forced(OP, backend, device, dtype) as dev:
+        q, k, v, lengths, kwargs = make(case, dtype, dev)
+        out, lse = attention_decode(q, k, v, lengths, **kwargs, return_lse=True)
+        assert attnkit.last_dispatch(OP).backend == backend
+    slopes = kwargs.get("alibi_slopes")
+    options = dict(kwargs, alibi_slopes=None if slopes is None else slopes.expand(q.shape[0], -1))
+    out_t, lse_t = ref.decode(q.double(), k.double(), v.double(), lengths, **options)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert_close(out, out_t, tol, "out")
+    assert_close(lse, lse_t, tol, "lse")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_full_cache_equals_causal_flash_attention(backend, device):
+    with forced(OP, backend, device) as dev:
+        q, k, v = torch.randn(2, 4, 3, 32, device=dev), torch.randn(2, 2, 45, 32, device=dev), torch.randn(2, 2, 45, 32, device=dev)
+        out = attention_decode(q, k, v, torch.full((2,), 45, dtype=torch.int32, device=dev))
+    assert_close(out, flash_attention(q, k, v, causal=True), 1e-4, "out")
+
+
+@pytest.mark.parametrize(
+    "mutate,error,match",
+    [
+        (lambda a: (a[0][0],) + a[1:], ValueError, "q must be 4-D"),
+        (lambda a: a[:3] + (a[3].long(),), TypeError, "cache_seqlens has dtype int64"),
+        (lambda a: a[:3] + (torch.tensor([5, 41], dtype=torch.int32),), ValueError, r"cache_seqlens must be within \[0, 40\]"),
+        (lambda a: a[:3] + (torch.tensor([5], dtype=torch.int32),), ValueError, r"cache_seqlens must be \(2,\) int32"),
+        (lambda a: (a[0], a[1][:, :, :30]) + a[2:], ValueError, "k_cache and v_cache must have the same length"),
+        (lambda a: (a[0][:, :3],) + a[1:], ValueError, "must be a multiple of k/v heads"),
+        (lambda a: (a[0].requires_grad_(True),) + a[1:], NotImplementedError, "inference-only"),
+    ],
+)
+def test_errors(mutate, error, match):
+    args = (torch.randn(2, 4, 1, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16), torch.tensor([5, 40], dtype=torch.int32))
+    with pytest.raises(error, match=match):
+        attention_decode(*mutate(args))
