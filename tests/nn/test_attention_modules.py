@@ -1,0 +1,266 @@
+"""attnkit.nn.MultiheadAttention against torch.nn.MultiheadAttention with the same weights."""
+import pickle
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnkit
+from attnkit.nn import MultiheadAttention
+
+E, H, B, L, S = 16, 4, 2, 5, 7
+ATOL = 2e-5
+
+
+def pair(**kw):
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(E, H, **kw)
+    torch.manual_seed(0)
+    ours = MultiheadAttention(E, H, **kw)
+    return theirs, ours
+
+
+def inputs(batch_first=False, kdim=E, vdim=E, batched=True, grad=True):
+    gen = torch.Generator().manual_seed(1)
+
+    def make(n, d):
+        shape = ((B, n, d) if batch_first else (n, B, d)) if batched else (n, d)
+        return torch.randn(shape, generator=gen).requires_grad_(grad)
+
+    return make(L, E), make(S, kdim), make(S, vdim)
+
+
+def check_same(theirs, ours, q, k, v, **call):
+    """Forward outputs, weights and gradients (inputs and parameters) of both modules."""
+    out_t, w_t = theirs(q, k, v, **call)
+    grads_t = torch.autograd.grad(out_t.square().sum(), [q, k, v] + list(theirs.parameters()), allow_unused=True)
+    out_o, w_o = ours(q, k, v, **call)
+    grads_o = torch.autograd.grad(out_o.square().sum(), [q, k, v] + list(ours.parameters()), allow_unused=True)
+    torch.testing.assert_close(out_o, out_t, atol=ATOL, rtol=ATOL)
+    if w_t is None:
+        assert w_o is None
+    else:
+        torch.testing.assert_close(w_o, w_t, atol=ATOL, rtol=ATOL)
+    for g_o, g_t in zip(grads_o, grads_t):
+        if g_t is None:
+            assert g_o is None or not g_o.any()
+        else:
+            torch.testing.assert_close(g_o, g_t, atol=ATOL, rtol=ATOL)
+
+
+CONFIGS = [dict(), dict(batch_first=True), dict(bias=False), dict(add_bias_kv=True), dict(add_zero_attn=True),
+           dict(kdim=6, vdim=5), dict(kdim=6, vdim=5, add_bias_kv=True, add_zero_attn=True, batch_first=True)]
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: ",".join(kw) or "default")
+def test_state_dict_and_parameters_are_torchs(kw):
+    theirs, ours = pair(**kw)
+    assert isinstance(ours, torch.nn.MultiheadAttention)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key  # same initialisation under the same seed
+    back = torch.nn.MultiheadAttention(E, H, **kw)
+    back.load_state_dict(ours.state_dict())
+    assert ours._qkv_same_embed_dim == theirs._qkv_same_embed_dim
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: ",".join(kw) or "default")
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_outputs_and_gradients(kw, need_weights):
+    theirs, ours = pair(**kw)
+    q, k, v = inputs(kw.get("batch_first", False), kw.get("kdim", E), kw.get("vdim", E))
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[0, -2:] = True
+    check_same(theirs, ours, q, k, v, key_padding_mask=pad, need_weights=need_weights)
+
+
+def test_self_attention_unbatched_and_per_head_weights():
+    theirs, ours = pair()
+    x = torch.randn(L, E, requires_grad=True)
+    check_same(theirs, ours, x, x, x, average_attn_weights=False)
+    x = torch.randn(L, B, E, requires_grad=True)
+    check_same(theirs, ours, x, x, x)
+    q, k, _ = inputs()
+    check_same(theirs, ours, q, k, k, need_weights=False)  # key is value: the packed k/v projection
+
+
+def _masks(kind, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(2)
+    shape = (L, S) if kind == "2d" else (B * H, L, S)
+    blocked = torch.rand(shape, generator=gen) < 0.3
+    blocked[..., 0] = False  # every row keeps a key: torch gives NaN for empty rows, attnkit 0
+    return blocked, torch.randn(shape, generator=gen).masked_fill(blocked, float("-inf")).to(dtype)
+
+
+@pytest.mark.parametrize("kind", ["2d", "3d"])
+@pytest.mark.parametrize("mask_type", ["bool", "float"])
+@pytest.mark.parametrize("pad_type", [None, "bool", "float"])
+def test_masks(kind, mask_type, pad_type):
+    theirs, ours = pair(batch_first=True)
+    q, k, v = inputs(batch_first=True)
+    blocked, additive = _masks(kind)
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[1, 3:] = True
+    if pad_type == "float":
+        pad = torch.zeros(B, S).masked_fill(pad, float("-inf"))
+    mask = blocked if mask_type == "bool" else additive
+    with pytest.warns() if pad_type and pad_type != mask_type else _no_warning():
+        check_same(theirs, ours, q, k, v, attn_mask=mask, key_padding_mask=None if pad_type is None else pad)
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_is_causal_top_left(need_weights):
+    theirs, ours = pair()
+    q, k, v = inputs()
+    causal = torch.triu(torch.full((L, S), float("-inf")), diagonal=1)
+    check_same(theirs, ours, q, k, v, attn_mask=causal, is_causal=True, need_weights=need_weights)
+    out, _ = ours(q, k, v, is_causal=True, need_weights=False)  # no mask needed here (torch requires one)
+    torch.testing.assert_close(out, ours(q, k, v, attn_mask=causal, need_weights=False)[0], atol=ATOL, rtol=ATOL)
+
+
+def test_fully_masked_row_is_zero_not_nan():
+    _, ours = pair()
+    q, k, v = inputs()
+    mask = torch.zeros(L, S, dtype=torch.bool)
+    mask[2] = True
+    out, weights = ours(q, k, v, attn_mask=mask, average_attn_weights=False)
+    assert not out.isnan().any() and not weights.isnan().any()
+    assert (weights[:, :, 2] == 0).all()
+    out.sum().backward()
+    assert not q.grad.isnan().any()
+
+
+@pytest.mark.parametrize("call, error", [
+    (dict(attn_mask=torch.zeros(L, S + 1, dtype=torch.bool)), RuntimeError),
+    (dict(attn_mask=torch.zeros(B, L, S, dtype=torch.bool)), RuntimeError),     # (B, L, S) is not (B * H, L, S)
+    (dict(attn_mask=torch.zeros(1, 1, L, S)), AssertionError),
+    (dict(attn_mask=torch.zeros(L, S, dtype=torch.int64)), AssertionError),
+    (dict(key_padding_mask=torch.zeros(B, S + 1, dtype=torch.bool)), AssertionError),
+    (dict(key_padding_mask=torch.zeros(1, S, dtype=torch.bool)), AssertionError),  # no broadcast over the batch
+    (dict(key_padding_mask=torch.zeros(B, S, dtype=torch.int32)), AssertionError),
+])
+def test_bad_masks_raise_like_torch(call, error):
+    theirs, ours = pair()
+    q, k, v = inputs(grad=False)
+    with pytest.raises(error):
+        theirs(q, k, v, **call)
+    with pytest.raises(error):
+        ours(q, k, v, **call)
+
+
+def test_bad_shapes_raise_like_torch():
+    theirs, ours = pair()
+    q, k, v = inputs(grad=False)
+    for args in [(q, k[:, :1], v), (q[..., :8], k, v), (q, k[0], v[0]), (q[None], k, v)]:
+        with pytest.raises(AssertionError):
+            theirs(*args)
+        with pytest.raises(AssertionError):
+            ours(*args)
+
+
+def test_dropout_in_training_weights_match_output():
+    _, ours = pair(dropout=0.5)
+    q, k, v = inputs(grad=False)
+    torch.manual_seed(3)
+    out, weights = ours(q, k, v, average_attn_weights=False)
+    assert (weights == 0).any()
+    ours.eval()
+    assert (ours(q, k, v)[1] > 0).all()
+    out_nw, none = ours.train()(q, k, v, need_weights=False)
+    assert none is None and out_nw.shape == out.shape
+
+
+def _expanded_torch(ours, groups):
+    """torch.nn.MultiheadAttention computing `ours` (GQA) with K/V weights repeated per head."""
+    theirs = torch.nn.MultiheadAttention(E, H, kdim=E + 1, vdim=E + 1, batch_first=True)  # separate q/k/v weights
+    theirs.kdim = theirs.vdim = E
+    rep = lambda w: w.view(ours.num_kv_heads, -1, *w.shape[1:]).repeat_interleave(groups, 0).reshape(E, *w.shape[1:])  # noqa: E731
+    b_q, b_k, b_v = ours.in_proj_bias.split([E, E // groups, E // groups])
+    with torch.no_grad():
+        theirs.q_proj_weight = torch.nn.Parameter(ours.q_proj_weight.clone())
+        theirs.k_proj_weight = torch.nn.Parameter(rep(ours.k_proj_weight))
+        theirs.v_proj_weight = torch.nn.Parameter(rep(ours.v_proj_weight))
+        theirs.in_proj_bias.copy_(torch.cat([b_q, rep(b_k), rep(b_v)]))
+        theirs.out_proj.load_state_dict(ours.out_proj.state_dict())
+    return theirs
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2])
+def test_gqa_equals_repeated_heads(num_kv_heads):
+    ours = MultiheadAttention(E, H, num_kv_heads=num_kv_heads, batch_first=True)
+    kv = E // H * num_kv_heads
+    assert ours.k_proj_weight.shape == (kv, E) and ours.in_proj_bias.shape == (E + 2 * kv,)
+    assert ours.in_proj_weight is None and not ours._qkv_same_embed_dim
+    theirs = _expanded_torch(ours, H // num_kv_heads)
+    q, k, v = inputs(batch_first=True, grad=False)
+    out_t, w_t = theirs(q, k, v)
+    out_o, w_o = ours(q, k, v)
+    torch.testing.assert_close(out_o, out_t, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(w_o, w_t, atol=ATOL, rtol=ATOL)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        MultiheadAttention(E, H, num_kv_heads=3)
+
+
+def test_window_and_alibi_match_explicit_masks():
+    ours = MultiheadAttention(E, H, window_size=(2, 1), alibi=True)
+    theirs = torch.nn.MultiheadAttention(E, H)
+    theirs.load_state_dict(ours.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    q, k, v = inputs()
+    rel = torch.arange(S)[None, :] - torch.arange(L)[:, None]
+    slopes = attnkit.nn.alibi_slopes(H)
+    bias = -slopes[:, None, None] * rel.abs() + torch.zeros(L, S).masked_fill((rel < -2) | (rel > 1), float("-inf"))
+    out_o, w_o = ours(q, k, v, average_attn_weights=False)
+    out_t, w_t = theirs(q, k, v, attn_mask=bias.repeat(B, 1, 1), average_attn_weights=False)
+    torch.testing.assert_close(out_o, out_t, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(w_o, w_t, atol=ATOL, rtol=ATOL)
+
+
+def test_rotary_matches_explicit_rope():
+    ours = MultiheadAttention(E, H, rotary=True, batch_first=True)
+    q_in, k_in, v_in = inputs(batch_first=True, grad=False)
+    out, weights = ours(q_in, k_in, v_in, average_attn_weights=False)
+    # Explicit: project, rotate with the reference RoPE at positions 0.., then softmax attention.
+    w_q, w_k, w_v = ours.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = ours.in_proj_bias.chunk(3)
+    heads = lambda x: x.view(B, -1, H, E // H).transpose(1, 2)  # noqa: E731
+    cos, sin = ours.rotary.cos_sin(S)
+    rope = attnkit.reference.attention.rotate
+    q = rope(heads(F.linear(q_in, w_q, b_q)), cos, sin, torch.arange(L))
+    k = rope(heads(F.linear(k_in, w_k, b_k)), cos, sin, torch.arange(S))
+    p = torch.softmax(q @ k.transpose(-1, -2) / (E // H) ** 0.5, -1)
+    expected = ours.out_proj(((p @ heads(F.linear(v_in, w_v, b_v))).transpose(1, 2).reshape(B, L, E)))
+    torch.testing.assert_close(weights, p, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        MultiheadAttention(E, H, rotary=True, add_bias_kv=True)
+
+
+def test_from_torch_shares_parameters_and_pickles():
+    theirs = torch.nn.MultiheadAttention(E, H)
+    ours = MultiheadAttention.from_torch(theirs)
+    assert ours.in_proj_weight is theirs.in_proj_weight and ours.out_proj is theirs.out_proj
+    assert type(theirs) is torch.nn.MultiheadAttention  # the original is untouched
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    q, k, v = inputs(grad=False)
+    torch.testing.assert_close(loaded(q, k, v)[0], theirs(q, k, v)[0], atol=ATOL, rtol=ATOL)
+    assert pickle.loads(pickle.dumps(ours)).num_kv_heads == H
+
+
+def test_kernel_runs_the_attention():
+    _, ours = pair()
+    q, k, v = inputs(grad=False)
+    ours(q, k, v, need_weights=False)
+    assert attnkit.last_dispatch("flash_attention") is not None
