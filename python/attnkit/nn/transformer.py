@@ -1,0 +1,208 @@
+"""Drop-in torch.nn Transformer modules whose attention is attnkit.nn.MultiheadAttention.
+
+Subclasses of the torch.nn classes built by torch.nn's own constructors (same
+arguments, initialisation under the same seed, state_dict keys), with each
+self_attn / multihead_attn then switched to attnkit's MultiheadAttention (sharing
+its parameters). torch's inference fast path (torch._transformer_encoder_layer_fwd,
+nested tensors) is never taken for dense tensors: the layers always run the
+documented block math, so outputs and gradients equal torch.nn's slow path.
+
+Padded batches: TransformerEncoder given a bool src_key_padding_mask with some
+padding (and no mask, or a causal one) packs the real tokens once, runs every
+layer on them (projections, feed-forward and flash_attention_varlen: no work on
+padding) and scatters back; padded positions come out as torch's nested-tensor
+fast path gives them: 0 before the final norm. Positions (RoPE, ALiBi, windows)
+restart at 0 in each packed sequence. A single layer, the decoder and float
+padding masks use key_padding_mask in the dense kernel instead (outputs at padded
+positions as torch.nn's slow path).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
+
+from .attention import MultiheadAttention, _mask_dtype_check
+
+
+def _share(cls, module):
+    """A `cls` instance with `module`'s attributes and the same Parameter / submodule objects."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[key] = dict(module.__dict__[key])
+    return new
+
+
+def _swap_attention(layer) -> None:
+    for name in ("self_attn", "multihead_attn"):
+        attn = layer._modules.get(name)
+        if type(attn) is torch.nn.MultiheadAttention:
+            layer._modules[name] = MultiheadAttention.from_torch(attn)
+
+
+class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _swap_attention(self)
+
+    @classmethod
+    def from_torch(cls, layer: torch.nn.TransformerEncoderLayer) -> "TransformerEncoderLayer":
+        """An attnkit layer sharing `layer`'s configuration and parameters (`layer` is untouched)."""
+        new = _share(cls, layer)
+        _swap_attention(new)
+        return new
+
+    def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
+                is_causal: bool = False) -> Tensor:
+        if src.is_nested:  # only torch's fast path takes nested tensors
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+            x = self.norm2(x + self._ff_block(x))
+        return x
+
+    def packed_forward(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool = False) -> Tensor:
+        """The layer on packed tokens x (total, d_model) of sequences delimited by int32 cu_seqlens."""
+        def attend(y):
+            return self.dropout1(self.self_attn.packed_self_attention(y, cu_seqlens, max_seqlen, causal))
+
+        if self.norm_first:
+            x = x + attend(self.norm1(x))
+            return x + self._ff_block(self.norm2(x))
+        x = self.norm1(x + attend(x))
+        return self.norm2(x + self._ff_block(x))
+
+
+class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
+    """torch.nn's forward (it has no fast path) with attnkit attention in both blocks."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _swap_attention(self)
+
+    @classmethod
+    def from_torch(cls, layer: torch.nn.TransformerDecoderLayer) -> "TransformerDecoderLayer":
+        new = _share(cls, layer)
+        _swap_attention(new)
+        return new
+
+
+def _adopt_layers(layers, torch_cls, cls) -> torch.nn.ModuleList:
+    return torch.nn.ModuleList(cls.from_torch(layer) if type(layer) is torch_cls else layer for layer in layers)
+
+
+class TransformerEncoder(torch.nn.TransformerEncoder):
+    """torch.nn.TransformerEncoder; torch.nn layers passed in are cloned as attnkit layers."""
+
+    def __init__(self, encoder_layer, num_layers: int, norm=None, enable_nested_tensor: bool = True,
+                 mask_check: bool = True) -> None:
+        with warnings.catch_warnings():  # torch's warning about its nested-tensor path, which is never used here
+            warnings.simplefilter("ignore")
+            super().__init__(encoder_layer, num_layers, norm, enable_nested_tensor, mask_check)
+        self.layers = _adopt_layers(self.layers, torch.nn.TransformerEncoderLayer, TransformerEncoderLayer)
+        self.use_nested_tensor = False
+
+    @classmethod
+    def from_torch(cls, encoder: torch.nn.TransformerEncoder) -> "TransformerEncoder":
+        new = _share(cls, encoder)
+        new._modules["layers"] = _adopt_layers(encoder.layers, torch.nn.TransformerEncoderLayer, TransformerEncoderLayer)
+        new.use_nested_tensor = False
+        return new
+
+    def forward(self, src: Tensor, mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
+                is_causal: Optional[bool] = None) -> Tensor:
+        _mask_dtype_check(src_key_padding_mask, "src_key_padding_mask")
+        _mask_dtype_check(mask, "mask")
+        batch_first = self.layers[0].self_attn.batch_first
+        if is_causal is None and mask is not None:  # torch's detection compares against its float causal mask
+            is_causal = _detect_is_causal_mask(F._canonical_mask(mask, "mask", None, "", src.dtype, False), None,
+                                               _get_seq_len(src, batch_first))
+        is_causal = bool(is_causal)
+        if self._packable(src, mask, src_key_padding_mask, is_causal):
+            output = self._packed(src, src_key_padding_mask, is_causal, batch_first)
+        else:
+            output = src
+            for layer in self.layers:
+                output = layer(output, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)
+        return output if self.norm is None else self.norm(output)
+
+    def _packable(self, src, mask, pad, is_causal) -> bool:
+        if pad is None or pad.dtype != torch.bool or src.dim() != 3 or src.is_nested or (mask is not None and not is_causal):
+            return False
+        if torch.compiler.is_compiling():  # the packed length depends on the mask's values
+            return False
+        for layer in self.layers:
+            attn = getattr(layer, "self_attn", None)
+            if type(layer) is not TransformerEncoderLayer or type(attn) is not MultiheadAttention or \
+                    attn.bias_k is not None or attn.add_zero_attn:
+                return False
+        return bool(pad.any())
+
+    def _packed(self, src: Tensor, pad: Tensor, causal: bool, batch_first: bool) -> Tensor:
+        x = src if batch_first else src.transpose(0, 1)
+        batch, length, width = x.shape
+        if tuple(pad.shape) != (batch, length):
+            raise AssertionError(f"Expected src_key_padding_mask of shape {(batch, length)} (N, S), "
+                                 f"but got {tuple(pad.shape)}")
+        keep = ~pad
+        lengths = keep.sum(dim=1, dtype=torch.int32)
+        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        index = keep.reshape(-1).nonzero().squeeze(1)
+        packed = x.reshape(batch * length, width).index_select(0, index)
+        max_seqlen = int(lengths.max())
+        for layer in self.layers:
+            packed = layer.packed_forward(packed, cu_seqlens, max_seqlen, causal)
+        out = packed.new_zeros(batch * length, width).index_copy(0, index, packed).view(batch, length, width)
+        return out if batch_first else out.transpose(0, 1)
+
+
+class TransformerDecoder(torch.nn.TransformerDecoder):
+    """torch.nn.TransformerDecoder (its forward has no fast path); torch.nn layers become attnkit layers."""
+
+    def __init__(self, decoder_layer, num_layers: int, norm=None) -> None:
+        super().__init__(decoder_layer, num_layers, norm)
+        self.layers = _adopt_layers(self.layers, torch.nn.TransformerDecoderLayer, TransformerDecoderLayer)
+
+    @classmethod
+    def from_torch(cls, decoder: torch.nn.TransformerDecoder) -> "TransformerDecoder":
+        new = _share(cls, decoder)
+        new._modules["layers"] = _adopt_layers(decoder.layers, torch.nn.TransformerDecoderLayer, TransformerDecoderLayer)
+        return new
+
+
+class Transformer(torch.nn.Transformer):
+    """torch.nn.Transformer built from the attnkit encoder and decoder (custom ones are kept as given)."""
+
+    def __init__(self, d_model: int = 512, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
+                 dim_feedforward: int = 2048, dropout: float = 0.1, activation=F.relu, custom_encoder=None,
+                 custom_decoder=None, layer_norm_eps: float = 1e-5, batch_first: bool = False, norm_first: bool = False,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        kw = dict(device=device, dtype=dtype)
+        layer_args = (d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first, bias)
+        # Built in torch.nn.Transformer's order, so the same seed gives the same weights.
+        if custom_encoder is None:
+            custom_encoder = TransformerEncoder(TransformerEncoderLayer(*layer_args, **kw), num_encoder_layers,
+                                                torch.nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **kw))
+        if custom_decoder is None:
+            custom_decoder = TransformerDecoder(TransformerDecoderLayer(*layer_args, **kw), num_decoder_layers,
+                                                torch.nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **kw))
+        super().__init__(d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout, activation,
+                         custom_encoder, custom_decoder, layer_norm_eps, batch_first, norm_first, bias, **kw)
+
+    @classmethod
+    def from_torch(cls, model: torch.nn.Transformer) -> "Transformer":
+        new = _share(cls, model)
+        if type(model.encoder) is torch.nn.TransformerEncoder:
+            new._modules["encoder"] = TransformerEncoder.from_torch(model.encoder)
+        if type(model.decoder) is torch.nn.TransformerDecoder:
+            new._modules["decoder"] = TransformerDecoder.from_torch(model.decoder)
+        return new
