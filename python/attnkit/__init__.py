@@ -20,6 +20,7 @@ from ._dispatch import (
 )
 from . import nn, ops, reference  # noqa: E402  (registers the ops)
 from .functional import scaled_dot_product_attention  # noqa: E402
+from .patch import PatchReport, patch, patched, unpatch  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -27,14 +28,18 @@ __all__ = [
     "BACKENDS",
     "BackendStatus",
     "Decision",
+    "PatchReport",
     "available_backends",
     "explain",
     "last_dispatch",
     "nn",
     "ops",
+    "patch",
+    "patched",
     "reference",
     "refresh",
     "scaled_dot_product_attention",
     "set_backend",
+    "unpatch",
     "use_backend",
 ]

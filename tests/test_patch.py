@@ -1,0 +1,104 @@
+"""attnkit.patch / unpatch / patched on a model mixing supported and unsupported modules."""
+import pytest
+import torch
+
+import attnkit
+from attnkit import nn as ak
+
+D, H = 16, 4
+
+
+class MyAttention(torch.nn.MultiheadAttention):
+    """A user subclass: may change forward, so patch must leave it alone."""
+
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(8, D)
+        self.encoder = torch.nn.TransformerEncoder(
+            torch.nn.TransformerEncoderLayer(D, H, 32, dropout=0.0, batch_first=True), 2, enable_nested_tensor=False)
+        self.attn = torch.nn.MultiheadAttention(D, H, batch_first=True)
+        self.blocks = torch.nn.ModuleList([torch.nn.Sequential(MyAttention(D, H)), torch.nn.GELU()])
+        self.lstm = torch.nn.LSTM(D, D, batch_first=True)
+        self.head = torch.nn.Linear(D, 3)
+
+    def forward(self, x, pad):
+        h = self.encoder(self.embed(x), src_key_padding_mask=pad)
+        h = h + self.attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
+        h, _ = self.lstm(h)
+        return self.head(h)
+
+
+def inputs():
+    gen = torch.Generator().manual_seed(0)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    return torch.randn(2, 5, 8, generator=gen), pad
+
+
+def test_patch_replaces_supported_and_reports_skipped():
+    torch.manual_seed(0)
+    model = Model().eval()
+    params = {name: p for name, p in model.named_parameters()}
+    x, pad = inputs()
+    with torch.no_grad():
+        expected = model(x, pad)
+    report = attnkit.patch(model)
+    replaced = {name for name, _, _ in report.replaced}
+    assert {"encoder", "attn"} <= replaced
+    assert ("lstm" in replaced) == hasattr(ak, "LSTM")
+    assert type(model.encoder) is ak.TransformerEncoder
+    assert type(model.encoder.layers[1].self_attn) is ak.MultiheadAttention
+    assert type(model.attn) is ak.MultiheadAttention
+    assert type(model.blocks[0][0]) is MyAttention  # subclass: skipped, with the reason
+    assert any(name == "blocks.0.0" and "subclasses" in reason for name, reason in report.skipped)
+    assert "replaced" in str(report)
+    # Same Parameter objects (optimizers keep working), same training flag, same outputs.
+    assert all(p is params[name] for name, p in model.named_parameters())
+    assert not model.encoder.training and not model.attn.training
+    with torch.no_grad():
+        out = model(x, pad)
+    real = ~pad
+    torch.testing.assert_close(out[real], expected[real], atol=1e-5, rtol=1e-5)
+
+    restored = attnkit.unpatch(model)
+    assert set(restored) == replaced
+    assert type(model.encoder) is torch.nn.TransformerEncoder and type(model.attn) is torch.nn.MultiheadAttention
+    assert type(model.encoder.layers[0].self_attn) is torch.nn.MultiheadAttention
+
+
+def test_patched_context_keeps_gradients_flowing_to_the_same_parameters():
+    torch.manual_seed(0)
+    model = Model().train()
+    x, pad = inputs()
+    model(x, pad)[~pad].sum().backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    with attnkit.patched(model, modules=["MultiheadAttention", torch.nn.TransformerEncoder]) as report:
+        assert type(model.attn) is ak.MultiheadAttention and model.attn.training
+        assert all(name != "lstm" for name, _, _ in report.replaced)
+        model(x, pad)[~pad].sum().backward()
+    assert type(model.attn) is torch.nn.MultiheadAttention
+    for name, p in model.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_patch_keeps_dtype_and_device_and_shared_modules():
+    attn = torch.nn.MultiheadAttention(D, H).double()
+    model = torch.nn.ModuleDict({"a": attn, "b": attn})  # one module under two names
+    report = attnkit.patch(model)
+    assert len(report.replaced) == 2 and model["a"] is model["b"]
+    assert model["a"].in_proj_weight.dtype == torch.float64
+    x = torch.randn(3, 2, D, dtype=torch.float64)
+    torch.testing.assert_close(model["a"](x, x, x)[0], attn(x, x, x)[0])
+
+
+def test_patch_errors_and_root():
+    with pytest.raises(ValueError, match="supported"):
+        attnkit.patch(torch.nn.Linear(2, 2), modules=["Linear"])
+    with pytest.raises(TypeError):
+        attnkit.patch(object())
+    report = attnkit.patch(torch.nn.MultiheadAttention(D, H))
+    assert report.replaced == [] and "from_torch" in report.skipped[0][1]
