@@ -2,6 +2,7 @@
 from .rnn import GRU, LSTM, GRUCell
 from .positional import ALiBi, LearnedPositionalEmbedding, RotaryEmbedding, SinusoidalPositionalEncoding, alibi_slopes
 from .rnn_cell import LSTMCell
+from . import hf  # imports transformers only when hf.register() is called
 from .attention import MultiheadAttention
 from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
                           TransformerEncoderLayer)

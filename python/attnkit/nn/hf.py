@@ -1,0 +1,74 @@
+"""Hugging Face transformers integration: `attnkit.nn.hf.register()` adds an "attnkit"
+attention function to transformers' AttentionInterface and a mask function to its
+AttentionMaskInterface, so that
+
+    attnkit.nn.hf.register()
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="attnkit")
+
+runs attention through attnkit.ops.flash_attention in every model that uses those
+interfaces (Llama, Mistral, Qwen, Gemma, BERT, ...). transformers is imported only
+when register() is called: attnkit never needs it.
+
+The mask function is transformers' SDPA one: None when the pattern is plain causal
+(or plain bidirectional) without padding, which the kernel then applies itself, else
+a (B, 1, Q, K) bool mask, True = attend (padding, sliding windows, chunks, packed
+sequences), which the kernel reads through a stride-0 head dimension. Without a
+registered mask function transformers would pass no mask at all and silently lose
+causal masking. Query rows that see no key (left padding) give 0, where eager gives
+a uniform average: those are padding positions.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..ops.attention import flash_attention
+
+NAME = "attnkit"
+
+
+def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Optional[Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                      is_causal: Optional[bool] = None, softcap: Optional[float] = None,
+                      sliding_window: Optional[int] = None, **kwargs) -> Tuple[Tensor, None]:
+    """transformers' attention-function signature: q (B, H, Q, D), k/v (B, H_kv, K, D) ->
+    ((B, Q, H, D), None). K/V heads are never repeated (GQA in the kernel)."""
+    if kwargs.get("position_bias") is not None:
+        raise NotImplementedError("attnkit attention: position_bias (T5-style learned bias) is not supported; "
+                                  "use attn_implementation='eager' or 'sdpa' for this model")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    window = (-1, -1)
+    if attention_mask is not None:
+        causal = False  # the mask holds the whole pattern
+        if attention_mask.dim() == 4:
+            attention_mask = attention_mask[:, :, :, :kv_len]
+    elif causal and sliding_window:
+        window = (sliding_window - 1, -1)  # transformers: kv_idx > q_idx - sliding_window
+    causal = bool(causal) and q_len > 1
+    out = flash_attention(query, key, value, causal=causal, attn_mask=attention_mask, window_size=window,
+                          softcap=float(softcap or 0.0), scale=scaling, dropout_p=float(dropout))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def mask_function(*args, **kwargs):
+    """transformers' sdpa_mask: None when the kernel's own causal/full attention suffices,
+    else a (B, 1, Q, K) bool mask (True = attend)."""
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+def register(name: str = NAME) -> str:
+    """Registers the attention and mask functions under `name` (idempotent); returns `name`."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as error:
+        raise ImportError("attnkit.nn.hf.register needs transformers with AttentionInterface and "
+                          "AttentionMaskInterface (>= 4.53): pip install 'attnkit[hf]'") from error
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, mask_function)
+    return name

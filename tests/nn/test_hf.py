@@ -1,0 +1,124 @@
+"""attn_implementation="attnkit" in small random transformers models against "eager"."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+import attnkit.nn.hf as hf  # noqa: E402
+
+ATOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    hf.register()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the attnkit attention calls (so a test cannot pass on another implementation)."""
+    seen = []
+    kernel = hf.flash_attention
+    monkeypatch.setattr(hf, "flash_attention", lambda *a, **k: seen.append((a[0].shape, k)) or kernel(*a, **k))
+    return seen
+
+
+def run(model, impl, **inputs):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(**inputs)
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def left_padded(batch=3, length=7, vocab=64):
+    ids = torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, :1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def test_llama_gqa_left_padding(calls):
+    model = tiny_llama()
+    ids, mask = left_padded()
+    eager = run(model, "eager", input_ids=ids, attention_mask=mask).logits
+    ours = run(model, "attnkit", input_ids=ids, attention_mask=mask).logits
+    assert len(calls) == 2 and calls[0][0][1] == 4  # one per layer; K/V passed with 2 heads, not repeated
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], eager[real], atol=ATOL, rtol=ATOL)
+    # No padding: no mask tensor at all, the kernel's causal masking.
+    calls.clear()
+    eager = run(model, "eager", input_ids=ids[:1]).logits
+    ours = run(model, "attnkit", input_ids=ids[:1]).logits
+    assert calls[0][1]["causal"] and calls[0][1]["attn_mask"] is None
+    torch.testing.assert_close(ours, eager, atol=ATOL, rtol=ATOL)
+
+
+def test_llama_generate_with_kv_cache_and_from_pretrained(tmp_path, calls):
+    tiny_llama().save_pretrained(tmp_path)
+    eager = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ours = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="attnkit").eval()
+    assert ours.config._attn_implementation == "attnkit"
+    ids, mask = left_padded()
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected, got = eager.generate(ids, **kw), ours.generate(ids, **kw)
+    assert torch.equal(got, expected)
+    assert any(shape[2] == 1 for shape, _ in calls)  # decoding steps ran through attnkit
+
+
+def test_llama_gradients():
+    model = tiny_llama().train()
+    ids, mask = left_padded()
+    real = mask.bool()
+    grads = {}
+    for impl in ("eager", "attnkit"):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=mask).logits[real].square().sum().backward()
+        grads[impl] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    for name, grad in grads["eager"].items():
+        torch.testing.assert_close(grads["attnkit"][name], grad, atol=ATOL, rtol=1e-3, msg=name)
+
+
+def test_bert_padding(calls):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32)
+    model = transformers.BertModel(config).eval()
+    ids, mask = left_padded()
+    mask = mask.flip(1)  # BERT pads on the right
+    eager = run(model, "eager", input_ids=ids, attention_mask=mask).last_hidden_state
+    ours = run(model, "attnkit", input_ids=ids, attention_mask=mask).last_hidden_state
+    assert len(calls) == 2 and not calls[0][1]["causal"]
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], eager[real], atol=ATOL, rtol=ATOL)
+
+
+def test_gemma2_softcap_and_sliding_window(calls):
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                                       max_position_embeddings=64, sliding_window=3, attn_logit_softcapping=20.0,
+                                       pad_token_id=0)
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    ids, mask = left_padded()
+    eager = run(model, "eager", input_ids=ids, attention_mask=mask).logits
+    ours = run(model, "attnkit", input_ids=ids, attention_mask=mask).logits
+    assert calls and all(k["softcap"] == 20.0 for _, k in calls)
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], eager[real], atol=ATOL, rtol=ATOL)
+
+
+def test_importing_attnkit_does_not_import_transformers():
+    code = "import sys, attnkit, attnkit.nn.hf; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
