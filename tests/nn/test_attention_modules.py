@@ -264,3 +264,11 @@ def test_kernel_runs_the_attention():
     q, k, v = inputs(grad=False)
     ours(q, k, v, need_weights=False)
     assert attnkit.last_dispatch("flash_attention") is not None
+
+
+def test_head_dim_beyond_the_kernel_runs_the_explicit_path():
+    torch.manual_seed(0)
+    theirs = torch.nn.MultiheadAttention(260, 1)
+    ours = MultiheadAttention.from_torch(theirs)
+    x = torch.randn(3, 2, 260, requires_grad=True)
+    check_same(theirs, ours, x, x, x, need_weights=False)
