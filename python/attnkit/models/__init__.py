@@ -1,0 +1,6 @@
+"""Models built on attnkit's ops, loadable from (and savable as) Hugging Face checkpoints.
+Importing this package never imports transformers."""
+from .bert import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
+from .loading import CheckpointError
+
+__all__ = ["BertConfig", "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "CheckpointError"]

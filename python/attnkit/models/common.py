@@ -1,0 +1,35 @@
+"""Pieces BERT and GPT-2 share: activations by their Hugging Face names, input checks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact (erf), as transformers' "gelu"
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def check_ids(name: str, ids: Tensor, limit: int, what: str) -> None:
+    """Token / type ids must index their embedding table: a clear error instead of an index error."""
+    if ids.dtype not in (torch.long, torch.int32):
+        raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= limit):
+        raise ValueError(f"{name} must be in [0, {limit}) ({what}), got values in [{int(ids.min())}, {int(ids.max())}]")
+
+
+def check_length(length: int, limit: int, config_field: str) -> None:
+    if length > limit:
+        raise ValueError(f"sequence length {length} exceeds the position table ({config_field} = {limit})")
+

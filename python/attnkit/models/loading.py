@@ -1,0 +1,154 @@
+"""Hugging Face checkpoints <-> attnkit models: reading a local directory (config.json +
+model.safetensors / pytorch_model.bin, sharded or not), the explicit name mapping each
+model declares, and writing a directory transformers loads back. Never touches the network
+and never imports transformers."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+from torch import Tensor
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: wrong architecture, missing or unexpected weights."""
+
+
+def read_checkpoint(path: str) -> Tuple[dict, Dict[str, Tensor]]:
+    """(config dict, state dict with Hugging Face names) from a local directory."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a directory (from_pretrained reads a local checkpoint directory; "
+                                f"it never downloads)")
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"no config.json in {path!r}")
+    with open(config_file) as f:
+        config = json.load(f)
+    return config, _read_weights(path)
+
+
+def _read_weights(path: str) -> Dict[str, Tensor]:
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if os.path.isfile(os.path.join(path, single)):
+            return _load_file(os.path.join(path, single))
+        if os.path.isfile(os.path.join(path, index_name)):  # sharded: weight_map names the shard of each tensor
+            with open(os.path.join(path, index_name)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            state = {}
+            for shard in shards:
+                state.update(_load_file(os.path.join(path, shard)))
+            return state
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or a sharded index) in {path!r}")
+
+
+def _load_file(file: str) -> Dict[str, Tensor]:
+    if file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(file)
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def check_model_type(config: dict, expected: str, cls_name: str, where: str) -> None:
+    found = config.get("model_type")
+    if found != expected:
+        raise CheckpointError(f"{where} holds a {found!r} checkpoint (config.json model_type), but {cls_name} loads "
+                              f"{expected!r} checkpoints")
+
+
+def config_from_dict(config_cls, config: dict):
+    """The dataclass fields present in a Hugging Face config dict (whose names they share)."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in config.items() if k in names})
+
+
+def convert(hf_state: Dict[str, Tensor], mapping: Dict[str, List[str]], transposed: Iterable[str],
+            ignored: Iterable[str], where: str) -> Dict[str, Tensor]:
+    """Our state dict from Hugging Face tensors. mapping: our name -> the HF names whose tensors
+    (transposed for the names in `transposed`, GPT-2's Conv1D) are concatenated along dim 0
+    (fused q/k/v). Keys matching an `ignored` regex (buffers, tied copies, unused heads) are
+    dropped; any other leftover or absent key is an error."""
+    transposed, used, ours, missing = set(transposed), set(), {}, []
+    for name, sources in mapping.items():
+        if any(s not in hf_state for s in sources):
+            missing += [s for s in sources if s not in hf_state]
+            continue
+        parts = [hf_state[s].t() if name in transposed else hf_state[s] for s in sources]
+        ours[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        used.update(sources)
+    unexpected = [k for k in hf_state if k not in used and not any(re.fullmatch(p, k) for p in ignored)]
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: the checkpoint does not match the model: missing keys {sorted(missing)}, "
+                              f"unexpected keys {sorted(unexpected)}")
+    return ours
+
+
+def unconvert(state: Dict[str, Tensor], mapping: Dict[str, List[str]], transposed: Iterable[str]) -> Dict[str, Tensor]:
+    """The inverse of `convert`: Hugging Face names, fused tensors split back, contiguous copies."""
+    transposed, hf = set(transposed), {}
+    for name, sources in mapping.items():
+        parts = state[name].detach().chunk(len(sources), dim=0)
+        for source, part in zip(sources, parts):
+            hf[source] = (part.t() if name in transposed else part).contiguous().clone()
+    return hf
+
+
+def write_checkpoint(path: str, config: dict, hf_state: Dict[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    save_file(hf_state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+class PretrainedMixin:
+    """from_pretrained / from_hf / save_pretrained for a model class that defines
+    config_class, model_type, hf_mapping() -> (mapping, transposed, ignored) and hf_config()."""
+
+    @classmethod
+    def from_pretrained(cls, path: str, **overrides):
+        config, state = read_checkpoint(path)
+        return cls._from_state(config, state, f"{cls.__name__}.from_pretrained({path!r})", overrides)
+
+    @classmethod
+    def from_hf(cls, hf_model, **overrides):
+        """Converts a loaded transformers model (its weights are copied)."""
+        config = hf_model.config.to_dict()
+        return cls._from_state(config, hf_model.state_dict(), f"{cls.__name__}.from_hf({type(hf_model).__name__})",
+                               overrides)
+
+    @classmethod
+    def _from_state(cls, config: dict, state: Dict[str, Tensor], where: str, overrides: dict):
+        check_model_type(config, cls.model_type, cls.__name__, where)
+        model = cls(config_from_dict(cls.config_class, {**cls.config_class.normalize(config), **overrides}))
+        mapping, transposed, ignored = model.hf_mapping()
+        state = _adjust_prefix(state, mapping, model.base_prefix)
+        ours = convert(state, mapping, transposed, ignored, where)
+        dtype = next(iter(ours.values())).dtype if ours else torch.float32
+        model.to(dtype)
+        result = model.load_state_dict(ours, strict=False)
+        # Keys our mapping leaves out are tied weights (lm head = embeddings) or non-persistent buffers.
+        assert not result.unexpected_keys, result.unexpected_keys
+        return model.eval()
+
+    def save_pretrained(self, path: str) -> None:
+        mapping, transposed, _ = self.hf_mapping()
+        write_checkpoint(path, self.hf_config(), unconvert(self.state_dict(), mapping, transposed))
+
+
+def _adjust_prefix(state: Dict[str, Tensor], mapping: Dict[str, List[str]], prefix: str) -> Dict[str, Tensor]:
+    """Base models load the body of a task checkpoint ("bert.", "transformer." prefix, head
+    dropped) and task models load a bare base checkpoint (prefix added; the head is then missing)."""
+    wants_prefix = any(s.startswith(prefix) for sources in mapping.values() for s in sources)
+    has_prefix = any(k.startswith(prefix) for k in state)
+    if wants_prefix and not has_prefix:
+        return {prefix + k: v for k, v in state.items()}
+    if not wants_prefix and has_prefix:
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state

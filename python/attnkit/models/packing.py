@@ -1,0 +1,60 @@
+"""Unpadding: a padded (B, N) batch becomes the packed real tokens plus cu_seqlens, so
+that every layer (and flash_attention_varlen) works on real tokens only, as
+FlashAttention's BERT does; `unpack` re-pads with zeros at the end."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class Packing:
+    batch: int
+    length: int
+    index: Optional[Tensor]  # flat (B * N) indices of the real tokens; None when nothing is padded
+    cu_seqlens: Tensor  # int32 (B + 1,)
+    max_seqlen: int
+
+    @classmethod
+    def from_mask(cls, attention_mask: Optional[Tensor], batch: int, length: int, device) -> "Packing":
+        """attention_mask (B, N): 1/True = real token, 0/False = padding (transformers' convention)."""
+        if attention_mask is None or bool(attention_mask.all()):
+            cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
+            return cls(batch, length, None, cu, length)
+        if tuple(attention_mask.shape) != (batch, length):
+            raise ValueError(f"attention_mask must have shape {(batch, length)} like input_ids, got "
+                             f"{tuple(attention_mask.shape)}")
+        keep = attention_mask.bool()
+        lengths = keep.sum(dim=1, dtype=torch.int32)
+        cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        index = keep.reshape(-1).nonzero().squeeze(1)
+        return cls(batch, length, index, cu, int(lengths.max()))
+
+    @property
+    def total(self) -> int:
+        return int(self.cu_seqlens[-1]) if self.index is not None else self.batch * self.length
+
+    def pack(self, t: Tensor) -> Tensor:
+        """(B, N, ...) -> (total, ...): the real tokens in order."""
+        flat = t.reshape(self.batch * self.length, *t.shape[2:])
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+    def unpack(self, t: Tensor) -> Tensor:
+        """(total, ...) -> (B, N, ...), zeros at the padding."""
+        if self.index is not None:
+            t = t.new_zeros(self.batch * self.length, *t.shape[1:]).index_copy(0, self.index, t)
+        return t.view(self.batch, self.length, *t.shape[1:])
+
+    def rows(self) -> Tensor:
+        """(total,) the batch row of each packed token."""
+        lengths = self.cu_seqlens.diff().long()
+        return torch.repeat_interleave(torch.arange(self.batch, device=lengths.device), lengths)
+
+    def offsets(self) -> Tensor:
+        """(total,) each packed token's index among its row's real tokens (its KV-cache slot)."""
+        starts = self.cu_seqlens[:-1].long()
+        return torch.arange(self.total, device=starts.device) - starts[self.rows()]
