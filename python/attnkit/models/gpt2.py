@@ -1,0 +1,302 @@
+"""GPT-2 (Radford et al. 2019) on attnkit, Hugging Face `GPT2LMHeadModel` compatible,
+with KV-cache generation.
+
+Full sequences (training, scoring, the prompt of `generate`) are unpadded (packing.Packing)
+and run through causal flash_attention_varlen. Generation writes each prompt's real tokens
+to the front of a preallocated cache (so left or right padding leaves no holes in it), then
+decodes one token per step with attention_decode against the ragged cache lengths.
+Parameter names follow transformers (as nanoGPT does), in nn.Linear layout: GPT-2's Conv1D
+weights are transposed on load and save.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..ops import attention_decode, flash_attention_varlen
+from .common import activation, check_ids, check_length
+from .loading import PretrainedMixin
+from .packing import Packing
+
+
+@dataclass
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: Optional[int] = None  # default 4 * n_embd
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    bos_token_id: Optional[int] = 50256
+    eos_token_id: Optional[int] = 50256
+    pad_token_id: Optional[int] = None
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+
+    @staticmethod
+    def normalize(config: dict) -> dict:
+        if config.get("add_cross_attention"):
+            raise ValueError("GPT-2 with cross-attention (add_cross_attention) is not supported")
+        return config
+
+    def to_hf(self, architecture: str) -> dict:
+        return {**self.__dict__, "model_type": "gpt2", "architectures": [architecture]}
+
+
+class KVCache:
+    """Preallocated keys/values (n_layer, B, H, max_len, D), updated in place; `lengths` (B,)
+    int32 counts the valid slots of each row (rows are ragged)."""
+
+    def __init__(self, config: GPT2Config, batch: int, max_len: int, device, dtype):
+        shape = (config.n_layer, batch, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.max_len = max_len
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__()
+        self.n_head, self.layer_idx, self.dropout_p = config.n_head, layer_idx, config.attn_pdrop
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        head_dim = config.n_embd // config.n_head
+        self.scale = head_dim ** -0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer_idx + 1
+
+    def forward(self, x: Tensor, packing: Optional[Packing], cache: Optional[KVCache], slots) -> Tensor:
+        """x: packed (total, C) with `packing`, or (B, n, C) new tokens when decoding from `cache`.
+        slots: where the new keys go in the cache, (rows, offsets) for packed tokens, or the
+        valid cache lengths after this step (B,) int32 when decoding."""
+        c = x.shape[-1]
+        q, k, v = self.c_attn(x).view(*x.shape[:-1], 3, self.n_head, c // self.n_head).unbind(-3)
+        if packing is not None:
+            if cache is not None:  # prompt: each row's real tokens fill its first cache slots
+                rows, offsets = slots
+                cache.k[self.layer_idx, rows, :, offsets] = k
+                cache.v[self.layer_idx, rows, :, offsets] = v
+            y = flash_attention_varlen(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_seqlen,
+                                       packing.max_seqlen, causal=True, scale=self.scale,
+                                       dropout_p=self.dropout_p if self.training else 0.0)
+        else:
+            batch, n = x.shape[:2]
+            rows = torch.arange(batch, device=x.device)
+            for i in range(n):  # decode: write the new keys at each row's own length
+                offsets = (slots - n + i).long()
+                cache.k[self.layer_idx, rows, :, offsets] = k[:, i]
+                cache.v[self.layer_idx, rows, :, offsets] = v[:, i]
+            y = attention_decode(q.transpose(1, 2), cache.k[self.layer_idx], cache.v[self.layer_idx], slots,
+                                 scale=self.scale).transpose(1, 2)
+        return self.resid_dropout(self.c_proj(y.reshape(*x.shape[:-1], c)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        inner = config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, inner)
+        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.act = activation(config.activation_function)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, packing, cache, slots) -> Tensor:
+        x = x + self.attn(self.ln_1(x), packing, cache, slots)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(PretrainedMixin, nn.Module):
+    config_class, model_type, base_prefix = GPT2Config, "gpt2", "transformer."
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None) -> Tensor:
+        """input_ids (B, N); attention_mask (B, N) 1 = token, 0 = padding; position_ids default
+        0..N-1 as transformers' forward (pass cumsum(mask) - 1 for left padding, as generate does).
+        Returns the final hidden states (B, N, C), zeros at padding."""
+        packing = Packing.from_mask(attention_mask, *input_ids.shape, input_ids.device)
+        return packing.unpack(self.forward_packed(input_ids, packing, position_ids))
+
+    def forward_packed(self, input_ids: Tensor, packing: Packing, position_ids: Optional[Tensor] = None,
+                       cache: Optional[KVCache] = None) -> Tensor:
+        """Hidden states of the real tokens, packed (total, C); fills `cache` when given."""
+        batch, length = self._check(input_ids, position_ids)
+        if position_ids is None:
+            position_ids = torch.arange(length, device=input_ids.device)
+        pack = lambda t: packing.pack(t.expand(batch, length))  # noqa: E731
+        x = self.drop(self.wte(pack(input_ids)) + self.wpe(pack(position_ids)))
+        slots = None
+        if cache is not None:
+            slots = (packing.rows(), packing.offsets())
+            cache.lengths.copy_(packing.cu_seqlens.diff())
+        for block in self.h:
+            x = block(x, packing, cache, slots)
+        return self.ln_f(x)
+
+    def forward_decode(self, input_ids: Tensor, cache: KVCache) -> Tensor:
+        """New tokens (B, n) after what `cache` holds; position of row b's token i is
+        cache.lengths[b] + i. Returns hidden states (B, n, C) and advances cache.lengths."""
+        batch, n = input_ids.shape
+        lengths = cache.lengths + n
+        if int(lengths.max()) > cache.max_len:
+            raise ValueError(f"the KV cache holds {cache.max_len} tokens; this step needs {int(lengths.max())}")
+        positions = (cache.lengths[:, None] + torch.arange(n, device=input_ids.device)).long()
+        self._check(input_ids, positions)
+        x = self.drop(self.wte(input_ids) + self.wpe(positions))
+        for block in self.h:
+            x = block(x, None, cache, lengths)
+        cache.lengths.copy_(lengths)
+        return self.ln_f(x)
+
+    def _check(self, input_ids: Tensor, position_ids: Optional[Tensor]) -> Tuple[int, int]:
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        check_ids("input_ids", input_ids, cfg.vocab_size, "vocab_size")
+        if position_ids is None:
+            check_length(input_ids.shape[1], cfg.n_positions, "n_positions")
+        else:
+            check_ids("position_ids", position_ids, cfg.n_positions, "n_positions: sequence longer than the position table")
+        return input_ids.shape
+
+    def hf_config(self) -> dict:
+        return self.config.to_hf(type(self).__name__)
+
+    def hf_mapping(self, prefix: str = "") -> Tuple[Dict[str, List[str]], List[str], List[str]]:
+        """(ours -> HF names, our names whose HF tensor is transposed (Conv1D), HF keys ignored)."""
+        mapping = {name: [prefix + name] for name, _ in self.named_parameters()}
+        transposed = [name for name in mapping if name.endswith(".weight") and ".c_" in name]
+        # attn.bias / attn.masked_bias: causal-mask buffers older checkpoints saved.
+        return mapping, transposed, [r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias", r"lm_head\.weight"]
+
+
+class GPT2LMHeadModel(PretrainedMixin, nn.Module):
+    config_class, model_type, base_prefix = GPT2Config, "gpt2", "transformer."
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None) -> Tensor:
+        """Logits (B, N, vocab_size); zeros at padding."""
+        return self.lm_head(self.transformer(input_ids, attention_mask, position_ids))
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+                 attention_mask: Optional[Tensor] = None, pad_token_id: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        """The prompts followed by up to max_new_tokens tokens, (B, N + new), as transformers'
+        generate: rows that emitted eos_token_id continue with pad_token_id (default eos), and
+        generation stops early once every row has. Prompts of different lengths: pad them (left,
+        as transformers expects, or right) and pass attention_mask."""
+        steps = list(self.stream(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                                 attention_mask, pad_token_id, generator))
+        return torch.cat([input_ids] + [t[:, None] for t in steps], dim=1)
+
+    @torch.no_grad()
+    def stream(self, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+               top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+               attention_mask: Optional[Tensor] = None, pad_token_id: Optional[int] = None,
+               generator: Optional[torch.Generator] = None) -> Iterator[Tensor]:
+        """generate() one step at a time: yields the next token of every row, (B,)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        batch, length = input_ids.shape
+        packing = Packing.from_mask(attention_mask, batch, length, input_ids.device)
+        lengths = packing.cu_seqlens.diff()
+        if int(lengths.min()) == 0:
+            raise ValueError("every prompt needs at least one token (a row of attention_mask is all 0)")
+        longest = int(lengths.max()) + max_new_tokens
+        check_length(longest, self.config.n_positions, "n_positions: prompt + max_new_tokens")
+        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+        cache = KVCache(self.config, batch, longest, input_ids.device, self.lm_head.weight.dtype)
+        # Positions count real tokens only, as transformers' generate (cumsum of the mask).
+        position_ids = None if packing.index is None else (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        hidden = self.transformer.forward_packed(input_ids, packing, position_ids, cache)
+        logits = self.lm_head(hidden[packing.cu_seqlens[1:].long() - 1])  # each row's last real token
+        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            token = next_token(logits.float(), do_sample, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                token = token.masked_fill(done, pad)
+                done |= token == eos_token_id
+            yield token
+            if step + 1 == max_new_tokens or bool(done.all()):
+                return
+            logits = self.lm_head(self.transformer.forward_decode(token[:, None], cache)[:, -1])
+
+    def hf_config(self) -> dict:
+        return self.config.to_hf(type(self).__name__)
+
+    def hf_mapping(self):
+        mapping, transposed, ignored = self.transformer.hf_mapping("transformer.")
+        mapping = {"transformer." + k: v for k, v in mapping.items()}
+        transposed = ["transformer." + k for k in transposed]
+        if not self.config.tie_word_embeddings:  # tied: lm_head is wte, which transformers does not save twice
+            mapping["lm_head.weight"] = ["lm_head.weight"]
+            ignored = ignored[:-1]
+        return mapping, transposed, ignored
+
+
+def next_token(logits: Tensor, do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float],
+               generator: Optional[torch.Generator]) -> Tensor:
+    """(B, V) logits -> (B,) tokens: argmax, or a sample after temperature, top-k and top-p
+    (nucleus) filtering, in that order, as transformers' logits warpers."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1)  # ascending: drop the low tail whose mass is <= 1 - top_p
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -1,0 +1,110 @@
+"""GPT2LMHeadModel.generate (KV cache, attention_decode) vs transformers' generate."""
+import pytest
+import torch
+import transformers
+
+import attnkit.models.gpt2 as gpt2
+from attnkit.models import GPT2LMHeadModel
+from attnkit.models.gpt2 import next_token
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=89, n_positions=48, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                     eos_token_id=1, initializer_range=0.3)  # large weights: varied greedy output
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(path)
+    return hf, GPT2LMHeadModel.from_pretrained(str(path)), path
+
+
+def left_padded(lengths, n):
+    ids = torch.randint(2, 89, (len(lengths), n))
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, n - length:] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def test_greedy_matches_transformers_token_for_token(models):
+    hf, ours, _ = models
+    torch.manual_seed(1)
+    ids, mask = left_padded([9, 4, 1, 7], 9)
+    out = ours.generate(ids, 24, attention_mask=mask)
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    assert len(set(out[0, 9:].tolist())) > 3  # a non-degenerate continuation
+
+
+def test_eos_stops_rows_and_pads_them(models):
+    hf, ours, _ = models
+    torch.manual_seed(2)
+    ids, mask = left_padded([6, 3], 6)
+    free = ours.generate(ids, 16, attention_mask=mask)
+    eos = int(free[0, 8])  # a token row 0 emits: use it as eos
+    out = ours.generate(ids, 16, attention_mask=mask, eos_token_id=eos, pad_token_id=5)
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=eos, pad_token_id=5)
+    assert torch.equal(out, ref)
+    after = out[0, 6:].tolist()
+    assert after[after.index(eos) + 1:] == [5] * (len(after) - after.index(eos) - 1)
+
+
+def test_right_padding_gives_the_same_tokens_as_left_padding(models):
+    _, ours, _ = models
+    torch.manual_seed(3)
+    ids, mask = left_padded([5, 2], 5)
+    right_ids = torch.stack([ids[0], torch.cat([ids[1, 3:], ids[1, :3]])])
+    right_mask = torch.stack([mask[0], torch.cat([mask[1, 3:], mask[1, :3]])])
+    assert torch.equal(ours.generate(ids, 8, attention_mask=mask)[:, 5:],
+                       ours.generate(right_ids, 8, attention_mask=right_mask)[:, 5:])
+
+
+def test_decoding_uses_attention_decode_on_one_preallocated_cache(models, monkeypatch):
+    _, ours, _ = models
+    calls = []
+    kernel = gpt2.attention_decode
+    monkeypatch.setattr(gpt2, "attention_decode",
+                        lambda q, k, v, lens, **kw: calls.append((k.data_ptr(), lens.tolist())) or kernel(q, k, v, lens, **kw))
+    ids, mask = left_padded([4, 2], 4)
+    ours.generate(ids, 5, attention_mask=mask)
+    assert len(calls) == 4 * 2  # 4 decode steps (the first token comes from the prompt pass) x 2 layers
+    assert len({ptr for ptr, _ in calls[::2]}) == 1  # layer 0 reads the same cache storage every step
+    assert [lens for _, lens in calls[::2]] == [[5, 3], [6, 4], [7, 5], [8, 6]]
+
+
+def test_sampling(models):
+    hf, ours, _ = models
+    ids, mask = left_padded([5, 3], 5)
+    greedy = ours.generate(ids, 6, attention_mask=mask)
+    assert torch.equal(ours.generate(ids, 6, do_sample=True, top_k=1, attention_mask=mask), greedy)
+    a = ours.generate(ids, 6, do_sample=True, temperature=0.8, top_p=0.9, attention_mask=mask,
+                      generator=torch.Generator().manual_seed(0))
+    b = ours.generate(ids, 6, do_sample=True, temperature=0.8, top_p=0.9, attention_mask=mask,
+                      generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == (2, 11)
+
+
+def test_next_token_filters_as_transformers():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 30)
+    k_top = logits.topk(3).indices
+    for _ in range(20):
+        token = next_token(logits, True, 0.7, 3, None, None)
+        assert all(t in row for t, row in zip(token.tolist(), k_top.tolist()))
+    # top_p: the smallest set of most likely tokens whose mass exceeds p, as transformers' TopPLogitsWarper
+    warped = transformers.TopPLogitsWarper(0.6)(None, logits.clone())
+    allowed = [set(torch.nonzero(row > float("-inf")).flatten().tolist()) for row in warped]
+    for _ in range(30):
+        token = next_token(logits, True, 1.0, None, 0.6, None)
+        assert all(t in ok for t, ok in zip(token.tolist(), allowed))
+
+
+def test_generate_input_errors(models):
+    _, ours, _ = models
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        ours.generate(torch.ones(1, 3, dtype=torch.long), 2, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="at least one token"):
+        ours.generate(torch.ones(2, 3, dtype=torch.long), 2, attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]]))
+    with pytest.raises(ValueError, match=r"input_ids must be in \[0, 89\)"):
+        ours.generate(torch.tensor([[3, 200]]), 2)
