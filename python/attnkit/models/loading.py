@@ -75,12 +75,12 @@ def convert(hf_state: Dict[str, Tensor], mapping: Dict[str, List[str]], transpos
     dropped; any other leftover or absent key is an error."""
     transposed, used, ours, missing = set(transposed), set(), {}, []
     for name, sources in mapping.items():
+        used.update(sources)  # claimed even when a sibling is missing: reported once, as missing
         if any(s not in hf_state for s in sources):
             missing += [s for s in sources if s not in hf_state]
             continue
         parts = [hf_state[s].t() if name in transposed else hf_state[s] for s in sources]
         ours[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        used.update(sources)
     unexpected = [k for k in hf_state if k not in used and not any(re.fullmatch(p, k) for p in ignored)]
     if missing or unexpected:
         raise CheckpointError(f"{where}: the checkpoint does not match the model: missing keys {sorted(missing)}, "
