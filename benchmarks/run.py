@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-FAMILIES = ["lstm_cell", "attention", "positional"]
+FAMILIES = ["lstm_cell", "attention", "attention_cpu", "positional"]
 
 
 def cpu_name() -> str:

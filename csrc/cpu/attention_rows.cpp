@@ -1,7 +1,6 @@
-// Row passes of the CPU attention kernels (see attention_rows.h). Written as
-// plain loops that GCC vectorizes; `omp simd` allows the reductions to be
-// reordered. exp is a Cephes-style polynomial (about 2 ulp) because std::exp
-// does not vectorize without -ffast-math; double keeps std::exp (fp64 is for
+// Row passes of the CPU attention kernels (see attention_rows.h). The float
+// passes use GCC vector types (exp as a Cephes-style polynomial: std::exp does
+// not vectorize); double keeps plain loops and std::exp (fp64 is for
 // gradcheck, not speed).
 #include "attention_rows.h"
 
@@ -23,32 +22,82 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp(x) for x <= 88; 0 below -87.3 (so exp(-inf) is exactly 0).
-inline float exp_poly(float x) {
-  const float clamped = std::fmax(std::fmin(x, 88.0f), -87.0f);
-  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
-  float r = clamped - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
+// 16 floats as a GCC vector: each target clone lowers it to its own registers
+// (one zmm, two ymm or four xmm), where the auto-vectorizer gave up on exp.
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+constexpr int64_t W = 16;
+
+// Inlined into each target clone: an out-of-line helper would be compiled for baseline x86-64.
+#define ATTNKIT_INLINE inline __attribute__((always_inline))
+
+ATTNKIT_INLINE vf splat(float a) { return vf{} + a; }
+
+ATTNKIT_INLINE vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+ATTNKIT_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+// The last n < W elements, padded with `fill`.
+ATTNKIT_INLINE vf load_tail(const float* p, int64_t n, float fill) {
+  float buf[W];
+  for (int64_t j = 0; j < W; ++j) buf[j] = j < n ? p[j] : fill;
+  return load(buf);
+}
+
+ATTNKIT_INLINE void store_tail(float* p, vf v, int64_t n) {
+  float buf[W];
+  store(buf, v);
+  for (int64_t j = 0; j < n; ++j) p[j] = buf[j];
+}
+
+ATTNKIT_INLINE float hsum(vf v) {
+  float s = 0;
+  for (int64_t j = 0; j < W; ++j) s += v[j];
+  return s;
+}
+
+// exp(x), Cephes-style (about 2 ulp) for x <= 88; exactly 0 below -87 (so exp(-inf) = 0).
+ATTNKIT_INLINE vf vexp(vf x) {
+  vf c = x < splat(88.0f) ? x : splat(88.0f);
+  c = c > splat(-87.0f) ? c : splat(-87.0f);
+  const vf y0 = c * 1.44269504088896341f + 0.5f;
+  const vf t = __builtin_convertvector(__builtin_convertvector(y0, vi), vf);  // truncation
+  const vf n = t > y0 ? t - 1.0f : t;                                            // floor
+  const vf r = c - n * 0.693359375f + n * 2.12194440e-4f;
+  vf y = splat(1.9875691500e-4f);
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : y * scale;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  return x < splat(-87.0f) ? splat(0.0f) : y * (vf)bits;
 }
+
+// tanh(y) = 1 - 2 / (exp(2y) + 1): exact limits +-1, absolute error ~1e-7.
+ATTNKIT_INLINE vf vtanh(vf y) { return 1.0f - 2.0f / (vexp(y * 2.0f) + 1.0f); }
 
 }  // namespace
 
 ATTNKIT_SIMD_CLONES float row_max(const float* x, int64_t n) {
-  float m = kNegInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-  return m;
+  vf m = splat(kNegInf);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const vf v = load(x + j);
+    m = v > m ? v : m;
+  }
+  if (j < n) {
+    const vf v = load_tail(x + j, n - j, kNegInf);
+    m = v > m ? v : m;
+  }
+  float best = kNegInf;
+  for (int64_t l = 0; l < W; ++l) best = m[l] > best ? m[l] : best;
+  return best;
 }
 
 double row_max(const double* x, int64_t n) {
@@ -58,14 +107,19 @@ double row_max(const double* x, int64_t n) {
 }
 
 ATTNKIT_SIMD_CLONES float exp_shift_sum(float* x, int64_t n, float shift) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    const float e = exp_poly(x[j] - shift);
-    x[j] = e;
+  vf sum = splat(0.0f);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const vf e = vexp(load(x + j) - shift);
+    store(x + j, e);
     sum += e;
   }
-  return sum;
+  if (j < n) {
+    const vf e = vexp(load_tail(x + j, n - j, kNegInf) - shift);  // padding gives 0
+    store_tail(x + j, e, n - j);
+    sum += e;
+  }
+  return hsum(sum);
 }
 
 double exp_shift_sum(double* x, int64_t n, double shift) {
@@ -78,13 +132,17 @@ double exp_shift_sum(double* x, int64_t n, double shift) {
 }
 
 ATTNKIT_SIMD_CLONES void softcap(float* s, float* t, int64_t n, float cap) {
-  const float two_over_cap = 2.0f / cap;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    // tanh(y) = 1 - 2 / (exp(2y) + 1): exact limits +-1, absolute error ~1e-7.
-    const float th = 1.0f - 2.0f / (exp_poly(s[j] * two_over_cap) + 1.0f);
-    t[j] = th;
-    s[j] = cap * th;
+  const float inv = 1.0f / cap;
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const vf th = vtanh(load(s + j) * inv);
+    store(t + j, th);
+    store(s + j, th * cap);
+  }
+  if (j < n) {
+    const vf th = vtanh(load_tail(s + j, n - j, 0.0f) * inv);
+    store_tail(t + j, th, n - j);
+    store_tail(s + j, th * cap, n - j);
   }
 }
 

@@ -1,0 +1,145 @@
+"""Flash attention on the CPU: attnkit's cpp backend (automatic dispatch) vs
+SDPA on CPU (PyTorch's own flash kernel) for plain and causal attention, and vs
+the materialized reference (attnkit's `reference` backend, O(N^2) memory) for
+sliding window, soft-capping and ALiBi, which SDPA cannot fuse. B=4, H=8, D=64.
+
+Peak memory (`*_peak_mb`) is the rise of the process's peak resident set
+(VmHWM, reset through /proc/self/clear_refs) over one forward+backward call, in
+a fresh subprocess per measurement so that earlier cases do not hide it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from timing import max_error, median_ms
+
+import attnkit
+from attnkit.ops import flash_attention
+
+TITLE = "Flash attention (CPU): attnkit cpp vs SDPA (plain, causal) and vs the materialized reference (window, softcap, ALiBi)"
+BATCH, HEADS, DIM = 4, 8, 64
+QUICK_N, FULL_N = [256, 1024], [256, 512, 1024, 2048, 4096]
+QUICK_FEATURE_N, FULL_FEATURE_N = [1024], [1024, 2048]  # the reference needs ~10 (N, N) fp32 tensors per head
+QUICK_MEMORY_N, FULL_MEMORY_N = [2048], [1024, 2048, 4096, 8192]
+MEMORY_BATCH, MEMORY_HEADS = 1, 2  # keeps the reference's fwd+bwd at N = 8192 within a few GB
+FEATURES = {
+    "window 256": dict(causal=True, window_size=(256, 0)),
+    "softcap 30": dict(softcap=30.0),
+    "alibi": dict(causal=True, alibi=True),
+}
+
+
+def _inputs(batch, heads, n, dtype, grad, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, n, DIM, generator=gen).to(dtype).requires_grad_(grad) for _ in range(3)]
+
+
+def _kwargs(features: dict, heads: int) -> dict:
+    kwargs = {k: v for k, v in features.items() if k != "alibi"}
+    if features.get("alibi"):
+        kwargs["alibi_slopes"] = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)  # the ALiBi paper's slopes
+    return kwargs
+
+
+def _fwd_bwd(fn):
+    def step():
+        fn().sum().backward()
+
+    return step
+
+
+def _attnkit(q, k, v, kwargs, backend=None):
+    if backend is None:
+        return lambda: flash_attention(q, k, v, **kwargs)
+
+    def call():
+        with attnkit.use_backend(backend, op="flash_attention"):
+            return flash_attention(q, k, v, **kwargs)
+
+    return call
+
+
+def _pair(rows, case, shape, backend, ours, theirs, device, repeats=15, warmup=3):
+    """Forward and forward+backward rows for one case."""
+    with torch.no_grad():
+        error = max_error(ours(), theirs())
+        t_ours = median_ms(ours, device, warmup, repeats)
+        t_theirs = median_ms(theirs, device, warmup, repeats)
+    rows.append(dict(case=f"{case} forward", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs,
+                     max_err=error))
+    t_ours = median_ms(_fwd_bwd(ours), device, warmup, repeats)
+    t_theirs = median_ms(_fwd_bwd(theirs), device, warmup, repeats)
+    rows.append(dict(case=f"{case} fwd+bwd", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs,
+                     max_err=error))
+
+
+def peak_mb(backend: str, n: int, dtype: torch.dtype, feature: str) -> float:
+    """Peak resident-memory rise (MiB) of one forward+backward, measured in a subprocess."""
+    spec = json.dumps(dict(backend=backend, n=n, dtype=str(dtype).split(".")[-1], feature=feature))
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--peak", spec], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    if done.returncode != 0:
+        raise RuntimeError(f"peak-memory subprocess failed: {done.stderr[-2000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def _measure_peak(spec: dict) -> float:
+    dtype = getattr(torch, spec["dtype"])
+    kwargs = _kwargs(FEATURES[spec["feature"]], MEMORY_HEADS)
+    _fwd_bwd(_attnkit(*_inputs(1, MEMORY_HEADS, 64, dtype, grad=True), kwargs, spec["backend"]))()  # loads libraries
+    q, k, v = _inputs(MEMORY_BATCH, MEMORY_HEADS, spec["n"], dtype, grad=True)
+    step = _fwd_bwd(_attnkit(q, k, v, kwargs, spec["backend"]))
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    before = status("VmRSS:")
+    step()
+    return (status("VmHWM:") - before) / 1024
+
+
+def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
+    if device.type != "cpu":
+        return []  # the GPU attention benchmark is `attention`
+    rows = []
+    for n in QUICK_N if quick else FULL_N:
+        q, k, v = _inputs(BATCH, HEADS, n, dtype, grad=True)
+        shape = f"B={BATCH} H={HEADS} N={n} D={DIM}"
+        for causal in (False, True):
+            ours = _attnkit(q, k, v, dict(causal=causal))
+            ours()
+            backend = attnkit.last_dispatch("flash_attention").backend
+            theirs = lambda c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c)  # noqa: E731
+            _pair(rows, "causal vs SDPA" if causal else "plain vs SDPA", shape, backend, ours, theirs, device)
+    for n in QUICK_FEATURE_N if quick else FULL_FEATURE_N:
+        q, k, v = _inputs(BATCH, HEADS, n, dtype, grad=True)
+        shape = f"B={BATCH} H={HEADS} N={n} D={DIM}"
+        for name, features in FEATURES.items():
+            kwargs = _kwargs(features, HEADS)
+            ours = _attnkit(q, k, v, kwargs)
+            ours()
+            backend = attnkit.last_dispatch("flash_attention").backend
+            _pair(rows, f"{name} vs reference", shape, backend, ours, _attnkit(q, k, v, kwargs, "reference"), device,
+                  repeats=3, warmup=1)
+    for n in QUICK_MEMORY_N if quick else FULL_MEMORY_N:
+        feature = "window 256"
+        ours_mb, ref_mb = peak_mb("cpp", n, dtype, feature), peak_mb("reference", n, dtype, feature)
+        rows.append(dict(case=f"{feature} fwd+bwd peak memory", shape=f"B={MEMORY_BATCH} H={MEMORY_HEADS} N={n} D={DIM}",
+                         backend="cpp", ours_ms=float("nan"), baseline_ms=float("nan"), max_err=float("nan"),
+                         ours_peak_mb=ours_mb, baseline_peak_mb=ref_mb))
+    return rows
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--peak":
+        print(_measure_peak(json.loads(sys.argv[2])))
+    else:
+        sys.exit("usage: python benchmarks/run.py --only attention_cpu  (this module is a benchmark family)")
