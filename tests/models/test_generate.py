@@ -1,4 +1,7 @@
 """GPT2LMHeadModel.generate (KV cache, attention_decode) vs transformers' generate."""
+import subprocess
+import sys
+
 import pytest
 import torch
 import transformers
@@ -108,3 +111,60 @@ def test_generate_input_errors(models):
         ours.generate(torch.ones(2, 3, dtype=torch.long), 2, attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]]))
     with pytest.raises(ValueError, match=r"input_ids must be in \[0, 89\)"):
         ours.generate(torch.tensor([[3, 200]]), 2)
+
+
+def run_cli(*args):
+    result = subprocess.run([sys.executable, "-m", "attnkit.generate", *map(str, args)], capture_output=True,
+                            text=True, timeout=120)
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_cli_streams_the_greedy_tokens(models):
+    _, ours, path = models
+    code, out, err = run_cli("--model", path, "--prompt-ids", 5, 6, 7, "--max-new-tokens", 6, "--eos-token-id", 88)
+    assert code == 0, err
+    expected = ours.generate(torch.tensor([[5, 6, 7]]), 6, eos_token_id=88)[0, 3:].tolist()
+    assert [int(t) for t in out.split()] == expected
+
+
+def cli_main(capsys, *args):
+    """The entry point in-process (subprocesses cost seconds each on a loaded machine)."""
+    from attnkit.generate import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_text_prompt_with_a_local_tokenizer(models, tmp_path, capsys):
+    hf, _, path = models
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(87)]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+    model_dir = tmp_path / "with_tokenizer"
+    hf.save_pretrained(model_dir)
+    fast.save_pretrained(model_dir)
+    code, out, err = cli_main(capsys, "--model", model_dir, "--prompt", "w3 w4 w5", "--max-new-tokens", 5, "--eos-token-id", 88)
+    assert code == 0, err
+    ids = GPT2LMHeadModel.from_pretrained(str(model_dir)).generate(torch.tensor([[3 + 2, 4 + 2, 5 + 2]]), 5,
+                                                                     eos_token_id=88)[0, 3:].tolist()
+    assert out.split() == [words[i] for i in ids]
+
+
+def test_cli_errors(models, tmp_path, capsys):
+    _, _, path = models
+    code, _, err = cli_main(capsys, "--model", path, "--prompt-ids", 3, 500)
+    assert code == 2 and "input_ids must be in [0, 89)" in err
+    code, _, err = cli_main(capsys, "--model", path, "--prompt", "hello")
+    assert code == 2 and "needs a tokenizer" in err
+    tiny = transformers.BertModel(transformers.BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=8))
+    tiny.save_pretrained(tmp_path / "bert")
+    code, _, err = cli_main(capsys, "--model", tmp_path / "bert", "--prompt-ids", 1)
+    assert code == 2 and "holds a 'bert' checkpoint" in err

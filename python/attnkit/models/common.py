@@ -25,6 +25,8 @@ def check_ids(name: str, ids: Tensor, limit: int, what: str) -> None:
     """Token / type ids must index their embedding table: a clear error instead of an index error."""
     if ids.dtype not in (torch.long, torch.int32):
         raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if name == "input_ids" and (ids.dim() != 2 or ids.shape[1] == 0):
+        raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(ids.shape)}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= limit):
         raise ValueError(f"{name} must be in [0, {limit}) ({what}), got values in [{int(ids.min())}, {int(ids.max())}]")
 
