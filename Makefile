@@ -2,9 +2,12 @@
 #
 #   make test        every CPU test (Triton kernels under TRITON_INTERPRET=1)
 #   make bench       the benchmark suite vs PyTorch on whatever device is here
+#                    (python -m attnkit.bench; BENCH_ARGS="--full --only rnn")
 #   make cuda-check  build attnkit._C_cuda (needs nvcc, not a GPU) and import it
 #   make test-gpu    the GPU suite, in the given Python: make test-gpu PYTHON=python3
 #                    (installs nothing from the network: for machines without one)
+#   make gpu-check   on a GPU machine, in the given Python: build, GPU suite, full
+#                    GPU benchmarks, one report in bench-results/gpu-report.md
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +22,7 @@ PYTEST_ARGS ?=
 NATIVE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/include/attnkit/*.h)
 STAMP := $(VENV)/.attnkit-installed
 
-.PHONY: test bench cuda-check test-gpu setup build clean
+.PHONY: test bench cuda-check test-gpu gpu-check setup build clean
 
 setup: $(STAMP)
 
@@ -41,7 +44,7 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -m "not gpu and not cuda_build" tests $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(VPY) benchmarks/run.py $(BENCH_ARGS)
+	$(VPY) -m attnkit.bench $(BENCH_ARGS)
 
 cuda-check: $(STAMP)
 	ATTNKIT_REQUIRE_CUDA=1 $(VPY) -m pip install --no-build-isolation --no-deps -e .
@@ -50,6 +53,12 @@ cuda-check: $(STAMP)
 
 test-gpu:
 	$(PYTHON) -m pytest -m "gpu or cuda_build" tests $(PYTEST_ARGS)
+
+# Installs attnkit into PYTHON first when it is missing there (no network
+# needed); gpu_check then rebuilds it with the CUDA extension required.
+gpu-check:
+	$(PYTHON) -c "import attnkit.bench" 2>/dev/null || $(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	$(PYTHON) -m attnkit.bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dist python/*.egg-info python/attnkit/*.so python/attnkit/_build_info.json $(STAMP)

@@ -140,9 +140,10 @@ class BuildExtensionReportingCuda(BuildExtension):
 
 setup(
     # triton_kernels/ is installed inside attnkit: a top-level package of that
-    # name belongs to another project.
-    packages=find_packages(where="python") + ["attnkit.triton_kernels"],
-    package_dir={"": "python", "attnkit.triton_kernels": "triton_kernels"},
+    # name belongs to another project. benchmarks/ likewise, as the benchmark
+    # families `python -m attnkit.bench` runs.
+    packages=find_packages(where="python") + ["attnkit.triton_kernels", "attnkit.benchmarks"],
+    package_dir={"": "python", "attnkit.triton_kernels": "triton_kernels", "attnkit.benchmarks": "benchmarks"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtensionReportingCuda.with_options(use_ninja=True)},
     zip_safe=False,

@@ -2,14 +2,38 @@
 CUDA work is synchronized around each repeat."""
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Callable
 
 import torch
 
+# Interceptors installed by the runner (progress, peak memory) and by the
+# pytest-benchmark suite (which times one chosen call itself); innermost last.
+_interceptors: list = []
+
+
+@contextlib.contextmanager
+def intercept(hook):
+    """While active, median_ms(fn, device, warmup, repeats) returns
+    hook(fn, device, warmup, repeats, measure) instead, where measure() does
+    the normal timing. Families need no change to be observed this way."""
+    _interceptors.append(hook)
+    try:
+        yield hook
+    finally:
+        _interceptors.remove(hook)
+
 
 def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 15) -> float:
+    if _interceptors:
+        hook = _interceptors[-1]
+        return hook(fn, device, warmup, repeats, lambda: _median_ms(fn, device, warmup, repeats))
+    return _median_ms(fn, device, warmup, repeats)
+
+
+def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -28,3 +52,16 @@ def max_error(ours, theirs) -> float:
     if isinstance(ours, torch.Tensor):
         ours, theirs = [ours], [theirs]
     return max((a.double() - b.double()).abs().max().item() for a, b in zip(ours, theirs))
+
+
+def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory allocated during one call of fn, above what was allocated
+    before it, in MiB; None where the device keeps no allocator statistics (CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20

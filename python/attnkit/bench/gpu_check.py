@@ -1,0 +1,201 @@
+"""python -m attnkit.bench.gpu_check (`make gpu-check`): the one command for a
+machine with a GPU. Rebuilds attnkit with the CUDA extension required (from a
+source checkout), runs the GPU test suite (`pytest -m "gpu or cuda_build"`)
+and the full benchmarks on the GPU, and writes one report: <out>/gpu-report.md,
+gpu-report.json and the plots, within a time budget (10 minutes by default).
+
+Without a GPU it runs as a dry run on the CPU (Triton under the interpreter,
+the GPU-marked tests skip, the quick benchmarks), so the pipeline itself can
+be checked anywhere; the report says so at the top.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import torch
+
+from . import core, report
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _run(command, seconds, env=None, cwd=None):
+    """(status, seconds taken, combined output); status "passed", "failed (rc N)" or "timed out"."""
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=max(seconds, 1), env=env, cwd=cwd)
+        status = "passed" if done.returncode == 0 else f"failed (rc {done.returncode})"
+        output = done.stdout + done.stderr
+    except subprocess.TimeoutExpired as exc:
+        status = f"timed out after {seconds:.0f} s"
+        parts = (exc.stdout, exc.stderr)
+        output = "".join(part.decode() if isinstance(part, bytes) else (part or "") for part in parts)
+    return status, time.perf_counter() - started, output
+
+
+def build(root, seconds):
+    env = dict(os.environ, ATTNKIT_REQUIRE_CUDA="1")
+    env.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
+    if torch.cuda.is_available() and "TORCH_CUDA_ARCH_LIST" not in env:
+        major, minor = torch.cuda.get_device_capability()
+        env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # this GPU only: a short build
+    command = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", root]
+    return _run(command, seconds, env=env, cwd=root)
+
+
+def test_counts(junit_path):
+    """{passed, failed, errors, skipped} and the failing test ids, from pytest's JUnit XML."""
+    counts, failures = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}, []
+    try:
+        root = ET.parse(junit_path).getroot()
+    except (OSError, ET.ParseError):
+        return None, []
+    for case in root.iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        if case.find("failure") is not None:
+            counts["failed"] += 1
+            failures.append(name)
+        elif case.find("error") is not None:
+            counts["errors"] += 1
+            failures.append(name)
+        elif case.find("skipped") is not None:
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+    return counts, failures
+
+
+def run_tests(root, out_dir, seconds, paths, extra):
+    junit = os.path.join(out_dir, "gpu-tests.xml")
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"  # the dry run: Triton kernels on CPU tensors
+    command = [sys.executable, "-m", "pytest", "-m", "gpu or cuda_build", "-q", "-p", "no:cacheprovider",
+               f"--junitxml={junit}", *paths, *extra]
+    status, taken, output = _run(command, seconds, env=env, cwd=root or os.getcwd())
+    counts, failures = test_counts(junit)
+    if status.startswith("failed (rc 5)"):  # pytest: nothing selected; not a failure of the code
+        status = "no tests selected"
+    return status, taken, output, counts, failures
+
+
+def run_bench(out_dir, seconds, device, full, only, dtype):
+    path = os.path.join(out_dir, "gpu-report.json")
+    command = [sys.executable, "-m", "attnkit.bench", "--device", str(device), "--dtype", dtype,
+               "--json", path, "--out", out_dir, "--no-progress", "--full" if full else "--quick"]
+    for name in only or []:
+        command += ["--only", name]
+    status, taken, output = _run(command, seconds)
+    try:
+        with open(path) as f:
+            document = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        document = None
+    return status, taken, output, document
+
+
+def write_report(path, info, dry_run, steps, tests, bench_doc, bench_output):
+    lines = ["# attnkit GPU check", ""]
+    if dry_run:
+        lines += ["**Dry run: no CUDA GPU visible.** Tests marked `gpu` skip and the benchmarks are the quick "
+                  "CPU suite; this checks the pipeline, not the GPU code.", ""]
+    lines += [f"Machine: {core.describe_machine(info)}.", "", "| step | status | seconds |", "|---|---|---:|"]
+    lines += [f"| {name} | {status} | {taken:.0f} |" for name, status, taken in steps]
+    counts, failures, output = tests
+    lines += ["", "## Tests", ""]
+    if counts is None:
+        lines += ["(no test results were recorded)", ""]
+    else:
+        lines += [", ".join(f"{n} {k}" for k, n in counts.items()), ""]
+    if failures:
+        lines += ["Failing:", ""] + [f"- `{name}`" for name in failures] + [""]
+    if failures or counts is None:
+        lines += ["```", _tail(output), "```", ""]
+    lines += ["## Benchmarks", ""]
+    if bench_doc is None:
+        lines += ["(the benchmark run wrote no results)", "", "```", _tail(bench_output), "```"]
+    else:
+        lines.append(f"`python -m attnkit.bench --{bench_doc['mode']} --device {bench_doc['device']} "
+                     f"--dtype {bench_doc['dtype']}`, {bench_doc['seconds']:.0f} s. Speedup > 1: attnkit faster.")
+        for name, result in bench_doc["families"].items():
+            lines += ["", report.format_family(name, result).rstrip()]
+            plots = [p for p in (f"{name}-time.png", f"{name}-memory.png")
+                     if os.path.exists(os.path.join(os.path.dirname(path), p))]
+            if plots and result["rows"]:
+                lines += [""] + [f"![{p}]({p})" for p in plots]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m attnkit.bench.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench-results", help="report directory (default bench-results/)")
+    parser.add_argument("--budget", type=float, default=600, help="seconds for the whole check (default 600)")
+    parser.add_argument("--no-build", action="store_true", help="use the installed attnkit as it is")
+    parser.add_argument("--quick", action="store_true", help="quick benchmarks (the default on a dry run)")
+    parser.add_argument("--only", action="append", metavar="FAMILY", help="benchmark only this family (repeatable)")
+    parser.add_argument("--dtype", default="float32", choices=core.DTYPES)
+    parser.add_argument("--tests", nargs="*", default=None, metavar="PATH",
+                        help="test paths (default: the checkout's tests/; none: skip the tests)")
+    parser.add_argument("--pytest-args", default="", help="extra pytest arguments, one string")
+    args = parser.parse_args(argv)
+    families = core.families()
+    for name in args.only or []:
+        if name not in families:
+            parser.error(f"unknown family {name!r}; valid: {', '.join(families)}")
+
+    deadline = time.perf_counter() + args.budget
+    left = lambda: deadline - time.perf_counter()  # noqa: E731
+    os.makedirs(args.out, exist_ok=True)
+    root = core.repo_root()
+    dry_run = not torch.cuda.is_available()
+    device = torch.device("cpu" if dry_run else "cuda")
+    steps = []
+
+    if args.no_build or root is None:
+        steps.append(("build", "skipped" + (" (not a source checkout)" if root is None else ""), 0.0))
+    else:
+        print("gpu-check: building attnkit with the CUDA extension required ...", flush=True)
+        status, taken, output = build(root, min(300, left() * 0.5))
+        steps.append(("build", status, taken))
+        with open(os.path.join(args.out, "gpu-build.log"), "w") as f:
+            f.write(output)
+        if status != "passed":
+            print(_tail(output), file=sys.stderr)
+
+    paths = args.tests if args.tests is not None else ([os.path.join(root, "tests")] if root else [])
+    tests = (None, [], "")
+    if paths:
+        print(f"gpu-check: pytest -m 'gpu or cuda_build' {' '.join(paths)} ...", flush=True)
+        status, taken, output, counts, failures = run_tests(root, args.out, min(300, left() * 0.5), paths,
+                                                            args.pytest_args.split())
+        steps.append(("GPU tests", status, taken))
+        tests = (counts, failures, output)
+        print(_tail(output, 3), flush=True)
+    else:
+        steps.append(("GPU tests", "skipped (no test paths)", 0.0))
+
+    full = not (args.quick or dry_run)
+    print(f"gpu-check: {'full' if full else 'quick'} benchmarks on {device} ({left():.0f} s left) ...", flush=True)
+    status, taken, bench_output, bench_doc = run_bench(args.out, left() - 5, device, full, args.only, args.dtype)
+    steps.append((f"benchmarks ({'full' if full else 'quick'}, {device})", status, taken))
+
+    info = core.machine_info(device)
+    path = os.path.join(args.out, "gpu-report.md")
+    write_report(path, info, dry_run, steps, tests, bench_doc, bench_output)
+    print(f"gpu-check: wrote {path}")
+    ok = all(status in ("passed", "no tests selected") or status.startswith("skipped") for _, status, _ in steps)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The benchmark runner (python -m attnkit.bench), its tables, JSON and plots,
+the pytest-benchmark bridge and the GPU check's dry run. Families run at tiny
+sizes (monkeypatched) so this takes seconds."""
+import json
+import os
+
+import pytest
+import torch
+
+from attnkit.bench import cli, core, gpu_check, report
+
+TINY = [(2, 8, 8), (4, 8, 8)]  # lstm_cell (batch, input, hidden): the cheapest family
+
+
+@pytest.fixture
+def tiny_lstm_cell(monkeypatch):
+    monkeypatch.setattr(core.load_family("lstm_cell"), "QUICK_SHAPES", TINY)
+
+
+def test_cli_one_family_prints_table_and_writes_json_and_plots(tiny_lstm_cell, tmp_path, capsys):
+    path = tmp_path / "out.json"
+    assert cli.main(["--only", "lstm_cell", "--json", str(path), "--out", str(tmp_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "## LSTM cell step" in printed
+    assert "| case | shape | backend | attnkit ms | baseline ms | speedup (>1: attnkit faster) | max err |" in printed
+    assert printed.count("| forward | B=") == len(TINY) and printed.count("| fwd+bwd | B=") == len(TINY)
+
+    document = json.loads(path.read_text())
+    assert document["schema"] == 1 and document["mode"] == "quick"
+    assert document["device"] == "cpu" and document["dtype"] == "float32" and document["seconds"] > 0
+    machine = document["machine"]
+    for key in ("date", "commit", "dirty", "cpu", "cores", "logical_cpus", "threads", "torch", "triton", "cuda", "gpu"):
+        assert key in machine, key
+    assert machine["torch"] == torch.__version__ and machine["cores"] >= 1 and machine["gpu"] is None
+    assert list(document["families"]) == ["lstm_cell"]
+    family = document["families"]["lstm_cell"]
+    assert family["error"] is None and family["title"].startswith("LSTM cell step")
+    rows = family["rows"]
+    assert len(rows) == 2 * len(TINY)
+    for row in rows:
+        assert row["ours_ms"] > 0 and row["baseline_ms"] > 0 and row["max_err"] < 1e-4
+        assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["ours_ms"])
+        assert "ours_peak_mb" not in row  # the CPU keeps no allocator statistics
+
+    if report_has_matplotlib():
+        png = tmp_path / "lstm_cell-time.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert not (tmp_path / "lstm_cell-memory.png").exists()
+
+
+def report_has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_plots_skipped_with_a_message_without_matplotlib(monkeypatch, tmp_path, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    results = {"x": {"title": "t", "rows": [dict(case="c", shape="N=1", ours_ms=1.0, baseline_ms=2.0)]}}
+    assert cli.write_plots(results, str(tmp_path), "cpu") == []
+    assert "plots skipped: matplotlib is not installed" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "no_such_family"], "invalid choice: 'no_such_family' (choose from 'lstm_cell'"),
+    (["--device", "tpu"], "unknown device 'tpu'; valid here: cpu"),
+    (["--dtype", "int8"], "invalid choice: 'int8' (choose from 'float32', 'float16', 'bfloat16', 'float64')"),
+])
+def test_bad_input_lists_the_valid_choices(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--device", "cuda"])
+    assert "device 'cuda' is not available; valid here: cpu (no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_a_failing_family_is_reported_and_the_others_still_run(tiny_lstm_cell, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(core, "families", lambda: ["lstm_cell", "no_such_module"])
+    argv = ["--only", "no_such_module", "--only", "lstm_cell", "--out", str(tmp_path), "--no-plots", "--no-progress"]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "FAILED (no_such_module): ModuleNotFoundError" in captured.out
+    assert captured.out.count("| forward | B=") == len(TINY)
+    assert "FAILED: no_such_module" in captured.out
+    document = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert document["families"]["no_such_module"]["rows"] == []
+    assert "ModuleNotFoundError" in document["families"]["no_such_module"]["error"]
+
+
+def test_table_formatting_optional_columns_and_missing_baseline():
+    rows = [
+        dict(case="forward vs flash", shape="B=1 N=8", backend="triton", ours_ms=1.0, baseline_ms=2.0, max_err=3e-3,
+             ours_tflops=10.0, baseline_tflops=5.0, ours_peak_mb=1.5, baseline_peak_mb=3.0),
+        dict(case="forward vs flash-attn", shape="B=1 N=8", backend="triton", ours_ms=1.0, baseline_ms=None,
+             max_err=None, note="flash-attn is not installed"),
+    ]
+    lines = report.format_table(rows).splitlines()
+    assert lines[0] == ("| case | shape | backend | attnkit ms | baseline ms | speedup (>1: attnkit faster) | "
+                        "attnkit peak MB | baseline peak MB | attnkit TFLOP/s | baseline TFLOP/s | max err | note |")
+    assert lines[1] == "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    assert lines[2] == ("| forward vs flash | B=1 N=8 | triton | 1.000 | 2.000 | 2.00x | 1.5 | 3.0 | 10.0 | 5.0 | "
+                        "3.0e-03 |  |")
+    assert lines[3] == ("| forward vs flash-attn | B=1 N=8 | triton | 1.000 | n/a | - | - | - | - | - | - | "
+                        "flash-attn is not installed |")
+    plain = report.format_table([dict(case="c", shape="s", backend="cpp", ours_ms=4.0, baseline_ms=1.0, max_err=0.0)])
+    assert plain.splitlines()[0].endswith("| speedup (>1: attnkit faster) | max err |")
+    assert "| 0.25x | 0.0e+00 |" in plain
+
+
+def test_peak_memory_comes_from_the_timed_call_the_row_reports():
+    peaks = {1.25: 10.0, 2.5: 40.0}
+    row = core._complete_row(dict(case="c", shape="s", ours_ms=1.25, baseline_ms=2.5), peaks)
+    assert (row["ours_peak_mb"], row["baseline_peak_mb"], row["speedup"]) == (10.0, 40.0, 2.0)
+    own = core._complete_row(dict(case="c", shape="s", ours_ms=1.25, baseline_ms=2.5, ours_peak_mb=7.0), peaks)
+    assert own["ours_peak_mb"] == 7.0  # a family's own measurement wins
+
+
+def test_plot_axis_is_the_one_varying_parameter():
+    assert report._x_axis(["B=4 N=512 D=64", "B=4 N=2048 D=64"]) == ("N", [512.0, 2048.0])
+    assert report._x_axis(["B=4 N=512", "B=2 N=1024"]) is None  # several vary: shapes become categories
+    assert report._x_axis(["B=4 N=512"]) is None
+    assert report._split_case("fwd+bwd causal vs cudnn") == ("fwd+bwd causal", "cudnn")
+    assert report.baseline_label("LSTM cell step: attnkit.ops.lstm_cell vs torch.lstm_cell") == "torch.lstm_cell"
+
+
+def test_plot_panels_for_several_baselines(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [dict(case=f"forward vs {b}", shape=f"B=1 N={n}", backend="triton", ours_ms=n / 100, baseline_ms=n / 50,
+                 max_err=0.0, ours_peak_mb=n / 10, baseline_peak_mb=n / 5) for b in ("flash", "efficient")
+            for n in (512, 1024, 4096)]
+    paths = report.plot_family("fake", {"title": "Fake: attnkit vs SDPA", "rows": rows}, str(tmp_path), "test")
+    assert [os.path.basename(p) for p in paths] == ["fake-time.png", "fake-memory.png"]
+    assert report._groups(rows, "SDPA")["forward"].keys() == {"attnkit", "flash", "efficient"}
+
+
+def test_pytest_benchmark_bridge_times_each_call_on_the_family_inputs(tiny_lstm_cell):
+    cases = core.enumerate_cases("lstm_cell", torch.device("cpu"), torch.float32)
+    assert len(cases) == 4 * len(TINY)  # forward and fwd+bwd, attnkit and torch, per shape
+    assert cases[0] == (1, "forward", "B=2 I=8 H=8", "attnkit")
+    assert cases[1] == (2, "forward", "B=2 I=8 H=8", "baseline")
+    assert cases[-1] == (len(cases), "fwd+bwd", "B=4 I=8 H=8", "baseline")
+
+    seen = []
+
+    def timer(fn):
+        seen.append(torch.is_grad_enabled())
+        return fn()
+
+    h, c = core.call_case("lstm_cell", 5, torch.device("cpu"), torch.float32, timer)  # forward, B=4, attnkit
+    assert h.shape == (4, 8) and seen == [False]  # the family times the forward under no_grad
+    core.call_case("lstm_cell", 3, torch.device("cpu"), torch.float32, timer)  # fwd+bwd
+    assert seen == [False, True]
+    with pytest.raises(LookupError):
+        core.call_case("lstm_cell", len(cases) + 1, torch.device("cpu"), torch.float32, timer)
+
+
+def test_families_come_from_benchmarks_run_and_import_as_siblings():
+    import attnkit.benchmarks.run as run
+
+    assert core.families() == run.FAMILIES and "lstm_cell" in run.FAMILIES
+    assert os.path.samefile(core.benchmarks_dir(), os.path.dirname(run.__file__))
+    module = core.load_family("lstm_cell")
+    assert module.median_ms.__module__ == "timing" and core.timing_module().median_ms is module.median_ms
+
+
+def test_gpu_check_dry_run_writes_one_report(tiny_lstm_cell, monkeypatch, tmp_path):
+    tests = tmp_path / "gpu_suite" / "test_fake_gpu.py"
+    tests.parent.mkdir()
+    tests.write_text("import pytest\n\n@pytest.mark.gpu\ndef test_ok():\n    pass\n\n"
+                     "@pytest.mark.gpu\ndef test_broken():\n    assert False\n\ndef test_unmarked():\n    pass\n")
+
+    def bench_in_process(out_dir, seconds, device, full, only, dtype):
+        # The real step runs `python -m attnkit.bench` in a subprocess, where the tiny sizes would not apply.
+        path = os.path.join(out_dir, "gpu-report.json")
+        argv = ["--device", str(device), "--json", path, "--out", out_dir, "--no-progress", "--only", "lstm_cell"]
+        rc = cli.main(argv + (["--full"] if full else []))
+        return ("passed" if rc == 0 else f"failed (rc {rc})"), 1.0, "", json.loads(open(path).read())
+
+    monkeypatch.setattr(gpu_check, "run_bench", bench_in_process)
+    out = tmp_path / "report"
+    rc = gpu_check.main(["--no-build", "--tests", str(tests), "--out", str(out), "--budget", "120"])
+    assert rc == 1  # test_broken fails
+    text = (out / "gpu-report.md").read_text()
+    if not torch.cuda.is_available():
+        assert "**Dry run: no CUDA GPU visible.**" in text
+        assert "| benchmarks (quick, cpu) | passed |" in text
+    assert "| build | skipped | 0 |" in text
+    assert "1 passed, 1 failed, 0 errors, 0 skipped" in text  # test_unmarked is deselected by -m
+    assert "- `test_fake_gpu::test_broken`" in text
+    assert "## LSTM cell step" in text and "| forward | B=2 I=8 H=8 | cpp |" in text
+    if report_has_matplotlib():
+        assert "![lstm_cell-time.png](lstm_cell-time.png)" in text
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(capsys):
+    progress = core.Progress(["lstm_cell", "rnn"])
+    assert progress.bar is None  # captured stderr is no terminal: lines, not a tqdm bar
+    progress.start("rnn")
+    for _ in range(3):
+        progress.tick()
+    progress.finish("6 rows")
+    progress.close()
+    err = capsys.readouterr().err
+    assert err.startswith("[2/2] rnn ...") and " 6 rows, 3 timings, " in err and err.endswith(" s\n")
