@@ -37,15 +37,17 @@ inline void for_units(int64_t n, F&& body) {
   for (; j < n; ++j) body(S{}, j);
 }
 
-// pre: (4H) pre-activations in, activated gates out. c carries the cell state.
+// pre: (4H) input projection in, activated gates out; gh (4H): the recurrent
+// projection, added here. c carries the cell state.
 // Without projection h and out get the new hidden state; with it (h == null)
 // hc gets o * tanh(c) for the projection GEMM. cs (may be null) keeps c.
 template <typename S>
-void lstm_forward_row(S* pre, S* c, S* h, S* out, S* cs, S* hc, int64_t H) {
+void lstm_forward_row(S* pre, const S* gh, S* c, S* h, S* out, S* cs, S* hc, int64_t H) {
   for_units<S>(H, [&](auto lanes, int64_t j) {
     using V = decltype(lanes);
-    const auto a = gates::lstm_activate<V>(ld<V>(pre + j), ld<V>(pre + H + j), ld<V>(pre + 2 * H + j),
-                                           ld<V>(pre + 3 * H + j));
+    const auto a = gates::lstm_activate<V>(ld<V>(pre + j) + ld<V>(gh + j), ld<V>(pre + H + j) + ld<V>(gh + H + j),
+                                           ld<V>(pre + 2 * H + j) + ld<V>(gh + 2 * H + j),
+                                           ld<V>(pre + 3 * H + j) + ld<V>(gh + 3 * H + j));
     const V c_new = gates::lstm_cell_state<V>(a, ld<V>(c + j));
     const V h_new = gates::lstm_hidden_state<V>(a, c_new);
     st(pre + j, a.i);
@@ -114,4 +116,31 @@ void gru_backward_row(const S* gates, const S* h_prev, const S* grad_out, S* dh,
     st(dgh + 2 * H + j, d.gh_n);
     st(dh + j, d.h_prev);
   });
+}
+
+// out[m, n] = a[m, :] . w[n, :] (+ bias[n]) for n in [n0, n1): the GEMV-like
+// products of small-batch steps, where a BLAS / oneDNN call costs more than
+// the arithmetic. w rows are contiguous, so each dot product streams one row.
+template <typename S>
+void small_linear_cols(const S* a, const S* w, const S* bias, S* out, int64_t M, int64_t K, int64_t N, int64_t n0,
+                       int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const S* wr = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const S* ar = a + m * K;
+      S sum = 0;
+      int64_t k = 0;
+      if constexpr (std::is_same_v<S, float>) {
+        gates::vfloat8 acc0{}, acc1{};
+        for (; k + 16 <= K; k += 16) {
+          acc0 += ld<gates::vfloat8>(ar + k) * ld<gates::vfloat8>(wr + k);
+          acc1 += ld<gates::vfloat8>(ar + k + 8) * ld<gates::vfloat8>(wr + k + 8);
+        }
+        acc0 += acc1;
+        for (int i = 0; i < 8; ++i) sum += acc0[i];
+      }
+      for (; k < K; ++k) sum += ar[k] * wr[k];
+      out[m * N + n] = bias != nullptr ? sum + bias[n] : sum;
+    }
+  }
 }

@@ -30,7 +30,7 @@ __device__ __forceinline__ bool running(const int64_t* len, int64_t b, int64_t t
 }
 
 template <typename S>
-__global__ void lstm_forward_kernel(S* __restrict__ pre, S* __restrict__ c, S* __restrict__ h, S* __restrict__ out,
+__global__ void lstm_forward_kernel(S* __restrict__ pre, const S* __restrict__ gh, S* __restrict__ c, S* __restrict__ h, S* __restrict__ out,
                                     S* __restrict__ cs, S* __restrict__ hc, const int64_t* __restrict__ len,
                                     int64_t t, int64_t B, int64_t H) {
   using acc_t = at::opmath_type<S>;
@@ -42,7 +42,11 @@ __global__ void lstm_forward_kernel(S* __restrict__ pre, S* __restrict__ c, S* _
       if (hc) hc[u] = S(0);
       continue;
     }
-    const auto a = gates::lstm_activate<acc_t>(pre[row], pre[row + H], pre[row + 2 * H], pre[row + 3 * H]);
+    const auto a = gates::lstm_activate<acc_t>(
+        static_cast<acc_t>(pre[row]) + static_cast<acc_t>(gh[row]),
+        static_cast<acc_t>(pre[row + H]) + static_cast<acc_t>(gh[row + H]),
+        static_cast<acc_t>(pre[row + 2 * H]) + static_cast<acc_t>(gh[row + 2 * H]),
+        static_cast<acc_t>(pre[row + 3 * H]) + static_cast<acc_t>(gh[row + 3 * H]));
     const acc_t c_new = gates::lstm_cell_state<acc_t>(a, static_cast<acc_t>(c[u]));
     const acc_t h_new = gates::lstm_hidden_state<acc_t>(a, c_new);
     pre[row] = a.i;
@@ -162,13 +166,19 @@ struct Kernels {
     return rnn::present(lengths) ? lengths->to(x.device()) : at::Tensor();
   }
 
-  static void lstm_forward_step(at::Tensor& pre, at::Tensor& c, const at::Tensor& h, const at::Tensor& out,
+  // a w^T + bias on cuBLAS.
+  static at::Tensor linear(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+    return rnn::present(bias) ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
+  }
+
+  static void lstm_forward_step(at::Tensor& pre, const at::Tensor& gh, at::Tensor& c, const at::Tensor& h,
+                                const at::Tensor& out,
                                 const at::Tensor& cs, const at::Tensor& hc, const at::Tensor& len, int64_t t) {
     const int64_t B = c.size(0), H = c.size(1);
     if (B * H == 0) return;
     ATTNKIT_DISPATCH(c.scalar_type(), "attnkit_lstm_forward_step_cuda", [&] {
       lstm_forward_kernel<scalar_t><<<num_blocks(B * H), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          ptr<scalar_t>(pre), ptr<scalar_t>(c), ptr<scalar_t>(h), ptr<scalar_t>(out), ptr<scalar_t>(cs),
+          ptr<scalar_t>(pre), ptr<scalar_t>(gh), ptr<scalar_t>(c), ptr<scalar_t>(h), ptr<scalar_t>(out), ptr<scalar_t>(cs),
           ptr<scalar_t>(hc), ptr<int64_t>(len), t, B, H);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -281,3 +281,22 @@ def test_cuda_extension_exports_the_rnn_kernels():
     assert ext is not None, reason
     for name in ("lstm_forward", "lstm_backward", "gru_forward", "gru_backward"):
         assert callable(getattr(ext, name))
+
+
+@pytest.mark.parametrize("lengths", [None, "sorted", "unsorted"])
+def test_larger_batch_float32_cpp(lengths):
+    """Batches of 16+ rows take the oneDNN GEMMs, 1-4 the small-batch dot products."""
+    T, B = 6, 20
+    if lengths is not None:
+        lengths = torch.arange(B, 0, -1).clamp(max=T) if lengths == "sorted" else torch.randint(0, T + 1, (B,))
+    for make, op, name in ((make_lstm, lstm, "lstm"), (make_gru, gru, "gru")):
+        args = make(T, B, 24, 32, 32, torch.float32, "cpu")[:-1] if name == "lstm" else make(T, B, 24, 32, torch.float32, "cpu")
+        with attnkit.use_backend("cpp"):
+            if name == "lstm":
+                x, h0, c0, w_ih, w_hh, b_ih, b_hh = args
+                out, (h, c) = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, lengths=lengths)
+                outs, ref = (out, h, c), reference.lstm(*args, None, lengths)[:3]
+            else:
+                out, h = gru(*args, lengths=lengths)
+                outs, ref = (out, h), reference.gru(*args, lengths)[:2]
+        check_against(outs, ref, args, torch.float32)

@@ -1,10 +1,10 @@
 // The time loop of the whole-sequence LSTM / GRU, shared by the CPU and CUDA
-// code: the GEMMs go through ATen (BLAS / cuBLAS); the fused elementwise step
-// comes from `K`, the device's kernels (see csrc/cpu/rnn.cpp for the contract).
+// code. The GEMMs are `K::linear(a, w, bias)` = a w^T + bias (the device
+// picks oneDNN / BLAS / cuBLAS); the fused elementwise steps also come from
+// `K`, the device's kernels (see csrc/cpu/rnn.cpp for the contract).
 //
 // Forward: the input projection of all T steps is one GEMM; each step is one
-// GEMM on the recurrent weight (into the projection's slice, in place) plus
-// one fused pass. Backward: walks time in reverse with one GEMM and one fused
+// GEMM on the recurrent weight plus one fused pass that adds the two. Backward: walks time in reverse with one GEMM and one fused
 // pass per step; the weight gradients are whole-sequence GEMMs at the end.
 // With sorted (non-increasing) lengths, as PackedSequence gives, each step's
 // GEMMs cover only the rows still running.
@@ -122,28 +122,25 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& x, const at::Tensor& h0, 
 
   // Input projection of every step, both biases folded in; the steps turn it
   // into the activated gates in place.
-  at::Tensor gates;
-  const at::Tensor x2 = x.view({T * B, I});
+  c10::optional<at::Tensor> bias;
   if (present(b_ih) || present(b_hh)) {
-    const at::Tensor bias = present(b_ih) && present(b_hh) ? *b_ih + *b_hh : (present(b_ih) ? *b_ih : *b_hh);
-    gates = at::addmm(bias, x2, w_ih.t()).view({T, B, 4 * H});
-  } else {
-    gates = at::mm(x2, w_ih.t()).view({T, B, 4 * H});
+    bias = present(b_ih) && present(b_hh) ? *b_ih + *b_hh : (present(b_ih) ? *b_ih : *b_hh);
   }
+  at::Tensor gates = K::linear(x.view({T * B, I}), w_ih, bias).view({T, B, 4 * H});
   at::Tensor output = at::empty({T, B, P}, x.options());
   at::Tensor h = h0.clone(), c = c0.clone();
   at::Tensor cs = save ? at::empty({T, B, H}, x.options()) : none_like(x);
   at::Tensor hc = proj ? (save ? at::empty({T, B, H}, x.options()) : at::empty({1, B, H}, x.options())) : none_like(x);
-  const at::Tensor w_hh_t = w_hh.t();
   for (int64_t t = 0; t < T; ++t) {
     at::Tensor pre = gates[t];
-    if (rows[t] > 0) pre.narrow(0, 0, rows[t]).addmm_(h.narrow(0, 0, rows[t]), w_hh_t);
+    // Rows past rows[t] have stopped: the step does not read their gh.
+    const at::Tensor gh = rows[t] > 0 ? K::linear(h.narrow(0, 0, rows[t]), w_hh, c10::nullopt) : at::Tensor();
     at::Tensor hc_t = proj ? hc[save ? t : 0] : at::Tensor();
-    K::lstm_forward_step(pre, c, proj ? at::Tensor() : h, proj ? at::Tensor() : output[t],
+    K::lstm_forward_step(pre, gh, c, proj ? at::Tensor() : h, proj ? at::Tensor() : output[t],
                          save ? cs[t] : at::Tensor(), hc_t, len, t);
     if (proj) {
       at::Tensor out_t = output[t];
-      at::mm_out(out_t, hc_t, w_hr->t());  // rows that stopped have hc = 0, so output 0
+      out_t.copy_(K::linear(hc_t, *w_hr, c10::nullopt));  // rows that stopped have hc = 0, so output 0
       K::copy_active_rows(h, out_t, len, t);
     }
   }
@@ -173,25 +170,28 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
   at::Tensor grad_pre = at::empty_like(gates);
   at::Tensor dh = grad_hn.clone(), dc = grad_cn.clone();
   at::Tensor grad_h_all = proj ? at::empty({T, B, P}, x.options()) : none_like(x);  // dL/dh_t, for dw_hr
-  at::Tensor dhc = proj ? at::empty({B, H}, x.options()) : at::Tensor();
+  // a W = linear(a, W^T): the transposed weights, laid out once.
+  const at::Tensor w_hh_t = w_hh.t().contiguous(), w_ih_t = w_ih.t().contiguous();
+  const at::Tensor w_hr_t = proj ? w_hr->t().contiguous() : at::Tensor();
   for (int64_t t = T - 1; t >= 0; --t) {
     K::add_active_rows(dh, grad_output[t], len, t);  // dh = dL/dh_t
+    at::Tensor dhc = dh;
     if (proj) {
       grad_h_all[t].copy_(dh);
-      at::mm_out(dhc, dh, *w_hr);
+      dhc = K::linear(dh, w_hr_t, c10::nullopt);
     }
     at::Tensor gp = grad_pre[t];
-    K::lstm_backward_step(gates[t], t > 0 ? cs[t - 1] : c0, cs[t], proj ? dhc : dh, dc, gp, len, t);
+    K::lstm_backward_step(gates[t], t > 0 ? cs[t - 1] : c0, cs[t], dhc, dc, gp, len, t);
     // dh_{t-1}: through W_hh for running rows, carried unchanged for stopped ones.
     if (!len.defined()) {
-      at::mm_out(dh, gp, w_hh);
+      dh = K::linear(gp, w_hh_t, c10::nullopt);
     } else {
       K::zero_active_rows(dh, len, t);
-      if (rows[t] > 0) dh.narrow(0, 0, rows[t]).addmm_(gp.narrow(0, 0, rows[t]), w_hh);
+      if (rows[t] > 0) dh.narrow(0, 0, rows[t]).add_(K::linear(gp.narrow(0, 0, rows[t]), w_hh_t, c10::nullopt));
     }
   }
   const at::Tensor gp2 = grad_pre.view({T * B, 4 * H});
-  at::Tensor dx = at::mm(gp2, w_ih).view({T, B, I});
+  at::Tensor dx = K::linear(gp2, w_ih_t, c10::nullopt).view({T, B, I});
   at::Tensor dw_ih = at::mm(gp2.t(), x.view({T * B, I}));
   at::Tensor dw_hh = at::mm(grad_pre[0].t(), h0);
   if (T > 1) {
@@ -215,23 +215,13 @@ std::vector<at::Tensor> gru_forward(const at::Tensor& x, const at::Tensor& h0, c
   const std::vector<int64_t> rows = active_rows(lengths, T, B);
   const at::Tensor len = K::device_lengths(lengths, x);
 
-  const at::Tensor x2 = x.view({T * B, I});
-  const at::Tensor gi = (present(b_ih) ? at::addmm(*b_ih, x2, w_ih.t()) : at::mm(x2, w_ih.t())).view({T, B, 3 * H});
-  at::Tensor gh = at::empty({B, 3 * H}, x.options());
+  const at::Tensor gi = K::linear(x.view({T * B, I}), w_ih, b_ih).view({T, B, 3 * H});
   at::Tensor gates = at::empty({save ? T : 1, B, 4 * H}, x.options());
   at::Tensor output = at::empty({T, B, H}, x.options());
   at::Tensor h = h0.clone();
-  const at::Tensor w_hh_t = w_hh.t();
   for (int64_t t = 0; t < T; ++t) {
-    if (rows[t] > 0) {
-      at::Tensor gh_rows = gh.narrow(0, 0, rows[t]);
-      const at::Tensor h_rows = h.narrow(0, 0, rows[t]);
-      if (present(b_hh)) {
-        at::addmm_out(gh_rows, *b_hh, h_rows, w_hh_t);
-      } else {
-        at::mm_out(gh_rows, h_rows, w_hh_t);
-      }
-    }
+    // Rows past rows[t] have stopped: the step does not read their gh.
+    const at::Tensor gh = rows[t] > 0 ? K::linear(h.narrow(0, 0, rows[t]), w_hh, b_hh) : at::Tensor();
     K::gru_forward_step(gi[t], gh, h, output[t], gates[save ? t : 0], len, t);
   }
   return {output, h, save ? gates : none_like(x)};
@@ -254,14 +244,15 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Te
   at::Tensor dgi = at::empty({T, B, 3 * H}, x.options());
   at::Tensor dgh = at::empty({T, B, 3 * H}, x.options());
   at::Tensor dh = grad_hn.clone();
+  const at::Tensor w_hh_t = w_hh.t().contiguous(), w_ih_t = w_ih.t().contiguous();
   for (int64_t t = T - 1; t >= 0; --t) {
     at::Tensor dgh_t = dgh[t];
     // Leaves in dh the part of dh_{t-1} through z (or all of it for stopped rows).
     K::gru_backward_step(gates[t], t > 0 ? output[t - 1] : h0, grad_output[t], dh, dgi[t], dgh_t, len, t);
-    if (rows[t] > 0) dh.narrow(0, 0, rows[t]).addmm_(dgh_t.narrow(0, 0, rows[t]), w_hh);
+    if (rows[t] > 0) dh.narrow(0, 0, rows[t]).add_(K::linear(dgh_t.narrow(0, 0, rows[t]), w_hh_t, c10::nullopt));
   }
   const at::Tensor dgi2 = dgi.view({T * B, 3 * H}), dgh2 = dgh.view({T * B, 3 * H});
-  at::Tensor dx = at::mm(dgi2, w_ih).view({T, B, I});
+  at::Tensor dx = K::linear(dgi2, w_ih_t, c10::nullopt).view({T, B, I});
   at::Tensor dw_ih = at::mm(dgi2.t(), x.view({T * B, I}));
   at::Tensor dw_hh = at::mm(dgh[0].t(), h0);
   if (T > 1) {
