@@ -1,0 +1,65 @@
+"""Whole-sequence LSTM / GRU (attnkit.nn.LSTM / GRU, automatic backend) vs
+torch.nn.LSTM / GRU with the same weights, forward (no grad) and
+forward+backward, on the same inputs; plus a training step on an unsorted
+PackedSequence. On CPU torch.nn.LSTM runs oneDNN (fp32): a strong baseline."""
+from __future__ import annotations
+
+import torch
+from timing import max_error, median_ms
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import attnkit
+
+TITLE = "LSTM / GRU layer over a sequence: attnkit.nn vs torch.nn"
+QUICK_SHAPES = [(32, 128, 256), (64, 100, 512), (1, 256, 128)]  # (batch, time, input = hidden)
+FULL_SHAPES = QUICK_SHAPES + [(8, 256, 256), (128, 64, 1024)]
+
+
+def modules(kind, hidden, device, dtype):
+    ours = getattr(attnkit.nn, kind)(hidden, hidden, device=device, dtype=dtype)
+    theirs = getattr(torch.nn, kind)(hidden, hidden, device=device, dtype=dtype)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def training_step(module, x, lengths=None):
+    """zero_grad, forward, backward; with `lengths`, packs x (unsorted) first."""
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        out, _ = module(x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False))
+        data = out.data if hasattr(out, "batch_sizes") else out
+        data.sum().backward()
+
+    return step
+
+
+def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
+    rows = []
+    for batch, time, hidden in QUICK_SHAPES if quick else FULL_SHAPES:
+        shape = f"B={batch} T={time} I=H={hidden}"
+        x = torch.randn(time, batch, hidden, device=device, dtype=dtype, requires_grad=True)
+        for kind in ("LSTM", "GRU"):
+            ours, theirs = modules(kind, hidden, device, dtype)
+            with torch.no_grad():
+                error = max_error(ours(x)[0], theirs(x)[0])
+                backend = attnkit.last_dispatch(kind.lower()).backend
+                t_ours = median_ms(lambda: ours(x), device, repeats=7)
+                t_theirs = median_ms(lambda: theirs(x), device, repeats=7)
+            common = dict(shape=shape, backend=backend, max_err=error)
+            rows.append(dict(case=f"{kind} forward", ours_ms=t_ours, baseline_ms=t_theirs, **common))
+            t_ours = median_ms(training_step(ours, x), device, repeats=7)
+            t_theirs = median_ms(training_step(theirs, x), device, repeats=7)
+            rows.append(dict(case=f"{kind} fwd+bwd", ours_ms=t_ours, baseline_ms=t_theirs, **common))
+        if batch > 1:  # training on an unsorted PackedSequence of lengths spread over [T/4, T]
+            lengths = torch.randint(time // 4, time + 1, (batch,))
+            lengths[0] = time
+            packed = pack_padded_sequence(x.detach(), lengths, enforce_sorted=False)
+            ours, theirs = modules("LSTM", hidden, device, dtype)
+            error = max_error(ours(packed)[0].data, theirs(packed)[0].data)
+            backend = attnkit.last_dispatch("lstm").backend
+            t_ours = median_ms(training_step(ours, x.detach(), lengths), device, repeats=7)
+            t_theirs = median_ms(training_step(theirs, x.detach(), lengths), device, repeats=7)
+            rows.append(dict(case="LSTM fwd+bwd, unsorted PackedSequence", shape=shape, backend=backend,
+                             ours_ms=t_ours, baseline_ms=t_theirs, max_err=error))
+    return rows
