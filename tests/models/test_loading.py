@@ -12,10 +12,11 @@ from attnkit.models import (BertForMaskedLM, BertForSequenceClassification, Bert
                             GPT2LMHeadModel, GPT2Model)
 
 
-def tiny_bert(cls=transformers.BertModel, **extra):
+def tiny_bert(cls=transformers.BertModel, add_pooling_layer=None, **extra):
     torch.manual_seed(0)
-    return cls(transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=24, max_position_embeddings=20, **extra)).eval()
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=24, max_position_embeddings=20, **extra)
+    return (cls(config) if add_pooling_layer is None else cls(config, add_pooling_layer=add_pooling_layer)).eval()
 
 
 def tiny_gpt2(cls=transformers.GPT2LMHeadModel):
@@ -112,3 +113,16 @@ def test_importing_attnkit_models_does_not_import_transformers():
     code = "import sys, attnkit, attnkit.models; assert 'transformers' not in sys.modules; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_bert_without_pooler(tmp_path):
+    hf = tiny_bert(add_pooling_layer=False)
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"missing keys \['pooler.dense.bias', 'pooler.dense.weight'\]"):
+        BertModel.from_pretrained(str(tmp_path))
+    ours = BertModel.from_pretrained(str(tmp_path), add_pooling_layer=False)
+    ids = torch.randint(0, 50, (1, 5))
+    with torch.no_grad():
+        hidden, pooled = ours(ids)
+    assert pooled is None
+    torch.testing.assert_close(hidden, hf(ids).last_hidden_state, atol=1e-5, rtol=0)

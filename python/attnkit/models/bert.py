@@ -158,7 +158,7 @@ class BertModel(PretrainedMixin, nn.Module):
                 mapping[ours + "fc_in." + kind] = [f"{hf}intermediate.dense.{kind}"]
                 mapping[ours + "fc_out." + kind] = [f"{hf}output.dense.{kind}"]
                 mapping[ours + "ln_out." + kind] = [f"{hf}output.LayerNorm.{kind}"]
-        if self.pooler is not None:
+        if self.pooler is not None:  # a checkpoint without one: from_pretrained(path, add_pooling_layer=False)
             mapping.update({"pooler.weight": [prefix + "pooler.dense.weight"], "pooler.bias": [prefix + "pooler.dense.bias"]})
         # position_ids: a buffer older checkpoints saved; the pooler / heads of checkpoints whose body we load.
         ignored = [r"(bert\.)?embeddings\.position_ids", r"cls\..*", r"classifier\..*"]

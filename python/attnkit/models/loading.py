@@ -112,21 +112,22 @@ class PretrainedMixin:
     config_class, model_type, hf_mapping() -> (mapping, transposed, ignored) and hf_config()."""
 
     @classmethod
-    def from_pretrained(cls, path: str, **overrides):
+    def from_pretrained(cls, path: str, **kwargs):
+        """The model saved in a local directory; kwargs go to the constructor (add_pooling_layer)."""
         config, state = read_checkpoint(path)
-        return cls._from_state(config, state, f"{cls.__name__}.from_pretrained({path!r})", overrides)
+        return cls._from_state(config, state, f"{cls.__name__}.from_pretrained({path!r})", kwargs)
 
     @classmethod
-    def from_hf(cls, hf_model, **overrides):
+    def from_hf(cls, hf_model, **kwargs):
         """Converts a loaded transformers model (its weights are copied)."""
         config = hf_model.config.to_dict()
         return cls._from_state(config, hf_model.state_dict(), f"{cls.__name__}.from_hf({type(hf_model).__name__})",
-                               overrides)
+                               kwargs)
 
     @classmethod
-    def _from_state(cls, config: dict, state: Dict[str, Tensor], where: str, overrides: dict):
+    def _from_state(cls, config: dict, state: Dict[str, Tensor], where: str, kwargs: dict):
         check_model_type(config, cls.model_type, cls.__name__, where)
-        model = cls(config_from_dict(cls.config_class, {**cls.config_class.normalize(config), **overrides}))
+        model = cls(config_from_dict(cls.config_class, cls.config_class.normalize(config)), **kwargs)
         mapping, transposed, ignored = model.hf_mapping()
         state = _adjust_prefix(state, mapping, model.base_prefix)
         ours = convert(state, mapping, transposed, ignored, where)
