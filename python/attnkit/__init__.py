@@ -19,6 +19,7 @@ from ._dispatch import (
     use_backend,
 )
 from . import nn, ops, reference  # noqa: E402  (registers the ops)
+from . import models  # noqa: E402  (BERT, GPT-2; imports neither transformers nor safetensors)
 from .functional import scaled_dot_product_attention  # noqa: E402
 from .patch import PatchReport, patch, patched, unpatch  # noqa: E402
 
@@ -32,6 +33,7 @@ __all__ = [
     "available_backends",
     "explain",
     "last_dispatch",
+    "models",
     "nn",
     "ops",
     "patch",

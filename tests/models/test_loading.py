@@ -110,7 +110,8 @@ def test_checkpoint_dtype_is_kept(tmp_path):
 
 
 def test_importing_attnkit_models_does_not_import_transformers():
-    code = "import sys, attnkit, attnkit.models; assert 'transformers' not in sys.modules; print('ok')"
+    code = ("import sys, attnkit, attnkit.models; assert 'transformers' not in sys.modules; "
+            "assert 'safetensors' not in sys.modules; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
