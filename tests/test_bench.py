@@ -220,3 +220,26 @@ def test_progress_lines_when_stderr_is_not_a_terminal(capsys):
     progress.close()
     err = capsys.readouterr().err
     assert err.startswith("[2/2] rnn ...") and " 6 rows, 3 timings, " in err and err.endswith(" s\n")
+
+
+def test_panels_share_attnkit_only_where_it_is_one_measurement():
+    gpu_style = [dict(case=f"forward vs {b}", shape="N=8", ours_ms=1.0, baseline_ms=2.0) for b in ("flash", "flex")]
+    assert list(report._groups(gpu_style, "SDPA")) == ["forward"]
+    cpu_style = [dict(case=f"plain vs SDPA {mode}", shape="N=8", ours_ms=t, baseline_ms=2.0)
+                 for mode, t in (("forward", 1.0), ("fwd+bwd", 3.0))]
+    groups = report._groups(cpu_style, "SDPA")
+    assert list(groups) == ["plain vs SDPA forward", "plain vs SDPA fwd+bwd"]
+    assert groups["plain vs SDPA fwd+bwd"]["attnkit"]["N=8"][1]["ours_ms"] == 3.0
+
+
+def test_rows_without_a_time_are_tables_and_json_safe(tmp_path):
+    nan = float("nan")
+    row = core._complete_row(dict(case="peak memory vs sdpa", shape="N=2048", backend="cpp", ours_ms=nan,
+                                  baseline_ms=nan, max_err=nan, ours_peak_mb=5.5, baseline_peak_mb=7.5), {})
+    assert row["ours_ms"] is None and row["speedup"] is None
+    json.dumps(row, allow_nan=False)
+    assert "| peak memory vs sdpa | N=2048 | cpp | n/a | n/a | - | 5.5 | 7.5 | - |" in report.format_table([row])
+    if report_has_matplotlib():
+        timed = dict(case="forward", shape="N=2048", backend="cpp", ours_ms=1.0, baseline_ms=2.0, max_err=0.0)
+        paths = report.plot_family("mixed", {"title": "Mixed vs x", "rows": [timed, row]}, str(tmp_path), "cpu")
+        assert [os.path.basename(p) for p in paths] == ["mixed-time.png", "mixed-memory.png"]

@@ -215,12 +215,13 @@ def run_family(name: str, device: torch.device, dtype: torch.dtype, quick: bool 
 
 
 def _complete_row(row: dict, peaks: dict) -> dict:
-    row = dict(row)
+    # NaN (a family's "not measured") becomes None: JSON has no NaN.
+    row = {key: None if isinstance(value, float) and value != value else value for key, value in row.items()}
     for side in ("ours", "baseline"):
         if f"{side}_peak_mb" not in row and row.get(f"{side}_ms") in peaks:
             row[f"{side}_peak_mb"] = peaks[row[f"{side}_ms"]]
     ours, base = row.get("ours_ms"), row.get("baseline_ms")
-    row["speedup"] = base / ours if ours and base else None
+    row["speedup"] = base / ours if ours and base is not None else None
     return row
 
 

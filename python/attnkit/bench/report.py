@@ -8,12 +8,16 @@ import re
 SPEEDUP = "speedup (>1: attnkit faster)"
 
 
+def _missing(value) -> bool:
+    return value is None or value != value  # NaN: a family's "not measured"
+
+
 def _ms(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+    return "n/a" if _missing(value) else f"{value:.3f}"
 
 
 def _num(value, spec) -> str:
-    return "-" if value is None else format(value, spec)
+    return "-" if _missing(value) else format(value, spec)
 
 
 def format_table(rows: list) -> str:
@@ -45,7 +49,7 @@ def format_table(rows: list) -> str:
 
 def _speedup(row):
     ours, base = row.get("ours_ms"), row.get("baseline_ms")
-    return base / ours if ours and base else None
+    return None if _missing(ours) or _missing(base) or not ours else base / ours
 
 
 def format_family(name: str, result: dict) -> str:
@@ -88,14 +92,30 @@ def _x_axis(shapes: list):
     return varying[0], [p[varying[0]] for p in params]
 
 
+def _value(row, key):
+    value = row.get(key)
+    return value if isinstance(value, (int, float)) and value == value and value > 0 else None  # not NaN
+
+
 def _groups(rows: list, family_baseline: str) -> dict:
-    """{case: {series: {shape: row}}} in first-seen order; series "attnkit" and one per baseline."""
+    """{panel: {series: {shape: (side, row)}}} in first-seen order; series
+    "attnkit" and one per baseline. "forward vs flash" and "forward vs
+    flex" share the panel "forward" only where attnkit's time is the same
+    number in both (one attnkit measurement against several baselines);
+    otherwise each case keeps its own panel."""
+    shared = {}
+    for row in rows:
+        head, baseline = _split_case(str(row["case"]))
+        if baseline is not None:
+            shared.setdefault((head, row["shape"]), set()).add(row.get("ours_ms"))
     groups = {}
     for row in rows:
-        case, baseline = _split_case(str(row["case"]))
-        series = groups.setdefault(case, {})
+        head, baseline = _split_case(str(row["case"]))
+        if baseline is None or len(shared[(head, row["shape"])]) > 1:
+            head, baseline = str(row["case"]), baseline or family_baseline
+        series = groups.setdefault(head, {})
         series.setdefault("attnkit", {}).setdefault(row["shape"], ("ours", row))
-        series.setdefault(baseline or family_baseline, {}).setdefault(row["shape"], ("baseline", row))
+        series.setdefault(baseline, {}).setdefault(row["shape"], ("baseline", row))
     return groups
 
 
@@ -108,14 +128,13 @@ def plot_family(name: str, result: dict, out_dir: str, device_label: str) -> lis
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
-    if not rows:
-        return []
-    groups = _groups(rows, baseline_label(result["title"]))
     paths = []
     for metric, unit, label in (("ms", "ms", "time"), ("peak_mb", "MiB", "memory")):
-        if metric == "peak_mb" and not any(r.get("ours_peak_mb") is not None for r in rows):
+        # Rows that measured only memory (or only time) stay out of the other figure.
+        rows = [r for r in result["rows"] if _value(r, f"ours_{metric}") or _value(r, f"baseline_{metric}")]
+        if not rows:
             continue
+        groups = _groups(rows, baseline_label(result["title"]))
         ncols = min(3, len(groups))
         nrows = math.ceil(len(groups) / ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 4.4 * nrows), squeeze=False)
@@ -124,7 +143,7 @@ def plot_family(name: str, result: dict, out_dir: str, device_label: str) -> lis
         for ax in list(axes.flat)[len(groups):]:
             ax.set_visible(False)
         fig.suptitle(f"{result['title']}\n{label} on {device_label}", fontsize=11)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / (4.4 * nrows)))  # keep the two-line title clear of the panels
         path = os.path.join(out_dir, f"{name}-{label}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -136,22 +155,28 @@ def _panel(ax, case, series, metric, unit, label):
     shapes = list(dict.fromkeys(shape for points in series.values() for shape in points))
     axis = _x_axis(shapes)
     positions = axis[1] if axis else list(range(len(shapes)))
-    values = []
+    values, width = [], 0.8 / len(series)
     for index, (name, points) in enumerate(series.items()):
         xs, ys = [], []
         for x, shape in zip(positions, shapes):
             if shape in points:
                 side, row = points[shape]
-                y = row.get(f"{side}_{metric}")
-                if y is not None and y > 0:
+                y = _value(row, f"{side}_{metric}")
+                if y is not None:
                     xs.append(x)
                     ys.append(y)
         if not ys:
             continue
         values += ys
         ours = name == "attnkit"
-        ax.plot(xs, ys, marker="o" if ours else "s", linestyle="-" if ours else "--", linewidth=2.2 if ours else 1.6,
-                color="C0" if ours else f"C{index}", label=name, zorder=3 if ours else 2)
+        color = "C0" if ours else f"C{index}"
+        if axis:  # a real sweep: lines show the trend
+            ax.plot(xs, ys, marker="o" if ours else "s", linestyle="-" if ours else "--",
+                    linewidth=2.2 if ours else 1.6, color=color, label=name, zorder=3 if ours else 2)
+        else:  # unrelated shapes: side-by-side bars, no line implying a trend between them
+            offset = (index - (len(series) - 1) / 2) * width
+            ax.bar([x + offset for x in xs], ys, width=width, color=color, label=name,
+                   edgecolor="black" if ours else None, linewidth=0.6)
     ax.set_title(case, fontsize=10)
     ax.set_ylabel(f"{label} ({unit}, lower is better)")
     if values and max(values) / min(values) > 10:
@@ -167,4 +192,5 @@ def _panel(ax, case, series, metric, unit, label):
         ax.set_xticks(positions, [s.replace(" ", "\n") for s in shapes], fontsize=8)
         ax.set_xlim(-0.5, len(shapes) - 0.5)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    if values:
+        ax.legend(fontsize=8, loc="best")
