@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-FAMILIES = ["lstm_cell", "attention", "attention_cpu", "positional", "transformer", "models"]
+FAMILIES = ["lstm_cell", "attention", "attention_cpu", "positional", "rnn", "transformer", "models"]
 
 
 def main(argv=None) -> int:
