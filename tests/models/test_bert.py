@@ -77,6 +77,7 @@ def test_masked_lm_logits_match(tmp_path, tie):
         logits = ours(ids, mask, types)
         ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
     torch.testing.assert_close(logits[mask.bool()], ref[mask.bool()], atol=ATOL, rtol=0)
+    assert logits[~mask.bool()].abs().max() == 0  # the vocabulary projection skipped the padding
 
 
 def test_sequence_classification_logits_match(tmp_path):
@@ -122,5 +123,7 @@ def test_bad_input_errors(tmp_path):
         ours(torch.tensor([[1, 2]]), token_type_ids=torch.tensor([[0, 3]]))
     with pytest.raises(ValueError, match="exceeds the position table"):
         ours(torch.ones(1, 25, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, length\)"):
+        ours(torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         ours(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long).index_fill(1, torch.tensor([0]), 0))

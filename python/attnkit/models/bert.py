@@ -118,6 +118,14 @@ class BertModel(PretrainedMixin, nn.Module):
         token_type_ids, position_ids (B, N) default 0 and 0..N-1.
         Returns (last_hidden_state (B, N, C), zeros at padding; pooled (B, C) or None).
         The pooler reads position 0, as transformers: with left padding that is a pad (zeros here)."""
+        packing = Packing.for_ids(input_ids, attention_mask)
+        hidden = packing.unpack(self.forward_packed(input_ids, packing, token_type_ids, position_ids))
+        pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
+        return hidden, pooled
+
+    def forward_packed(self, input_ids: Tensor, packing: Packing, token_type_ids: Optional[Tensor] = None,
+                       position_ids: Optional[Tensor] = None) -> Tensor:
+        """Hidden states of the real tokens only, packed (total, C)."""
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -130,14 +138,11 @@ class BertModel(PretrainedMixin, nn.Module):
             check_length(length, cfg.max_position_embeddings, "max_position_embeddings")
             position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
         check_ids("position_ids", position_ids, cfg.max_position_embeddings, "max_position_embeddings")
-        packing = Packing.from_mask(attention_mask, batch, length, input_ids.device)
         pack = lambda t: packing.pack(t.expand(batch, length))  # noqa: E731
         x = self.embeddings(pack(input_ids), pack(token_type_ids), pack(position_ids))
         for layer in self.layers:
             x = layer(x, packing)
-        hidden = packing.unpack(x)
-        pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
-        return hidden, pooled
+        return x
 
     def hf_config(self) -> dict:
         return self.config.to_hf(type(self).__name__)
@@ -183,9 +188,10 @@ class BertForMaskedLM(PretrainedMixin, nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
-        """Logits (B, N, vocab_size); zeros plus the decoder bias at padding."""
-        hidden, _ = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
-        return self.decoder(self.ln(self.act(self.transform(hidden))))
+        """Logits (B, N, vocab_size), zeros at padding (the head runs on real tokens only)."""
+        packing = Packing.for_ids(input_ids, attention_mask)
+        hidden = self.bert.forward_packed(input_ids, packing, token_type_ids, position_ids)
+        return packing.unpack(self.decoder(self.ln(self.act(self.transform(hidden)))))
 
     def hf_config(self) -> dict:
         return self.config.to_hf(type(self).__name__)

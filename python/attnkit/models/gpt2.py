@@ -170,7 +170,7 @@ class GPT2Model(PretrainedMixin, nn.Module):
         """input_ids (B, N); attention_mask (B, N) 1 = token, 0 = padding; position_ids default
         0..N-1 as transformers' forward (pass cumsum(mask) - 1 for left padding, as generate does).
         Returns the final hidden states (B, N, C), zeros at padding."""
-        packing = Packing.from_mask(attention_mask, *input_ids.shape, input_ids.device)
+        packing = Packing.for_ids(input_ids, attention_mask)
         return packing.unpack(self.forward_packed(input_ids, packing, position_ids))
 
     def forward_packed(self, input_ids: Tensor, packing: Packing, position_ids: Optional[Tensor] = None,
@@ -240,8 +240,9 @@ class GPT2LMHeadModel(PretrainedMixin, nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None) -> Tensor:
-        """Logits (B, N, vocab_size); zeros at padding."""
-        return self.lm_head(self.transformer(input_ids, attention_mask, position_ids))
+        """Logits (B, N, vocab_size); zeros at padding (the head runs on real tokens only)."""
+        packing = Packing.for_ids(input_ids, attention_mask)
+        return packing.unpack(self.lm_head(self.transformer.forward_packed(input_ids, packing, position_ids)))
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
@@ -266,8 +267,8 @@ class GPT2LMHeadModel(PretrainedMixin, nn.Module):
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        packing = Packing.for_ids(input_ids, attention_mask)
         batch, length = input_ids.shape
-        packing = Packing.from_mask(attention_mask, batch, length, input_ids.device)
         lengths = packing.cu_seqlens.diff()
         if int(lengths.min()) == 0:
             raise ValueError("every prompt needs at least one token (a row of attention_mask is all 0)")

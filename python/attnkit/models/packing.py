@@ -34,6 +34,12 @@ class Packing:
         index = keep.reshape(-1).nonzero().squeeze(1)
         return cls(batch, length, index, cu, int(lengths.max()))
 
+    @classmethod
+    def for_ids(cls, input_ids: Tensor, attention_mask: Optional[Tensor]) -> "Packing":
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids.shape)}")
+        return cls.from_mask(attention_mask, *input_ids.shape, input_ids.device)
+
     @property
     def total(self) -> int:
         return int(self.cu_seqlens[-1]) if self.index is not None else self.batch * self.length
