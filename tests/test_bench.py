@@ -243,3 +243,17 @@ def test_rows_without_a_time_are_tables_and_json_safe(tmp_path):
         timed = dict(case="forward", shape="N=2048", backend="cpp", ours_ms=1.0, baseline_ms=2.0, max_err=0.0)
         paths = report.plot_family("mixed", {"title": "Mixed vs x", "rows": [timed, row]}, str(tmp_path), "cpu")
         assert [os.path.basename(p) for p in paths] == ["mixed-time.png", "mixed-memory.png"]
+
+
+def test_gpu_check_bench_step_survives_a_family_that_cannot_run(tmp_path):
+    # A real subprocess per family; this one exits at argument parsing.
+    status, taken, output, document = gpu_check.run_bench(str(tmp_path), 60, torch.device("cpu"), False,
+                                                          ["no_such_family"], "float32")
+    assert status == "failed: no family wrote results" and document is None
+    assert "invalid choice: 'no_such_family'" in output
+    # Out of time: the family is not started at all.
+    status, _, output, _ = gpu_check.run_bench(str(tmp_path), 0, torch.device("cpu"), False, ["lstm_cell"], "float32")
+    json_path = tmp_path / "gpu-report-lstm_cell.json"
+    assert status == "failed: no family wrote results"
+    assert output == (f"$ -m attnkit.bench --device cpu --dtype float32 --only lstm_cell --json {json_path} "
+                      f"--out {tmp_path} --no-progress --quick\n")

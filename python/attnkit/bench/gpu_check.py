@@ -88,18 +88,36 @@ def run_tests(root, out_dir, seconds, paths, extra):
 
 
 def run_bench(out_dir, seconds, device, full, only, dtype):
-    path = os.path.join(out_dir, "gpu-report.json")
-    command = [sys.executable, "-m", "attnkit.bench", "--device", str(device), "--dtype", dtype,
-               "--json", path, "--out", out_dir, "--no-progress", "--full" if full else "--quick"]
-    for name in only or []:
-        command += ["--only", name]
-    status, taken, output = _run(command, seconds)
-    try:
-        with open(path) as f:
-            document = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        document = None
-    return status, taken, output, document
+    """One subprocess per family, so a family that crashes the process or
+    overruns the budget loses only its own table; merged into gpu-report.json."""
+    started = time.perf_counter()
+    base, families, outputs = None, {}, []
+    for name in only or core.families():
+        left = seconds - (time.perf_counter() - started)
+        path = os.path.join(out_dir, f"gpu-report-{name}.json")
+        if os.path.exists(path):
+            os.remove(path)  # never report a previous run's numbers
+        command = [sys.executable, "-m", "attnkit.bench", "--device", str(device), "--dtype", dtype, "--only", name,
+                   "--json", path, "--out", out_dir, "--no-progress", "--full" if full else "--quick"]
+        status, _, output = _run(command, left) if left > 1 else ("not run: out of time", 0.0, "")
+        outputs.append(f"$ {' '.join(command[1:])}\n{output}")
+        try:
+            with open(path) as f:
+                document = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            document = None
+        base = base or document
+        # No results file: the process died or ran out of time; the status says which.
+        families[name] = (document or {}).get("families", {}).get(name) or {
+            "title": name, "rows": [], "seconds": None, "error": status}
+    taken = time.perf_counter() - started
+    if base is None:
+        return "failed: no family wrote results", taken, "\n".join(outputs), None
+    merged = dict(base, families=families, mode="full" if full else "quick", seconds=round(taken, 2))
+    with open(os.path.join(out_dir, "gpu-report.json"), "w") as f:
+        json.dump(merged, f, indent=1)
+    failed = [name for name, family in families.items() if family.get("error")]
+    return ("passed" if not failed else f"failed: {', '.join(failed)}"), taken, "\n".join(outputs), merged
 
 
 def write_report(path, info, dry_run, steps, tests, bench_doc, bench_output):
@@ -109,6 +127,7 @@ def write_report(path, info, dry_run, steps, tests, bench_doc, bench_output):
                   "CPU suite; this checks the pipeline, not the GPU code.", ""]
     lines += [f"Machine: {core.describe_machine(info)}.", "", "| step | status | seconds |", "|---|---|---:|"]
     lines += [f"| {name} | {status} | {taken:.0f} |" for name, status, taken in steps]
+    lines += ["", "Full output: gpu-build.log (when built), gpu-tests.log, gpu-tests.xml, gpu-bench.log."]
     counts, failures, output = tests
     lines += ["", "## Tests", ""]
     if counts is None:
@@ -126,7 +145,7 @@ def write_report(path, info, dry_run, steps, tests, bench_doc, bench_output):
         lines.append(f"`python -m attnkit.bench --{bench_doc['mode']} --device {bench_doc['device']} "
                      f"--dtype {bench_doc['dtype']}`, {bench_doc['seconds']:.0f} s. Speedup > 1: attnkit faster.")
         for name, result in bench_doc["families"].items():
-            lines += ["", report.format_family(name, result).rstrip()]
+            lines += ["", "#" + report.format_family(name, result).rstrip()]  # one level below "Benchmarks"
             plots = [p for p in (f"{name}-time.png", f"{name}-memory.png")
                      if os.path.exists(os.path.join(os.path.dirname(path), p))]
             if plots and result["rows"]:
@@ -188,6 +207,9 @@ def main(argv=None) -> int:
     print(f"gpu-check: {'full' if full else 'quick'} benchmarks on {device} ({left():.0f} s left) ...", flush=True)
     status, taken, bench_output, bench_doc = run_bench(args.out, left() - 5, device, full, args.only, args.dtype)
     steps.append((f"benchmarks ({'full' if full else 'quick'}, {device})", status, taken))
+    for log, text in (("gpu-tests.log", tests[2]), ("gpu-bench.log", bench_output)):
+        with open(os.path.join(args.out, log), "w") as f:
+            f.write(text)
 
     info = core.machine_info(device)
     path = os.path.join(args.out, "gpu-report.md")
