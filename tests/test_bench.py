@@ -257,3 +257,16 @@ def test_gpu_check_bench_step_survives_a_family_that_cannot_run(tmp_path):
     assert status == "failed: no family wrote results"
     assert output == (f"$ -m attnkit.bench --device cpu --dtype float32 --only lstm_cell --json {json_path} "
                       f"--out {tmp_path} --no-progress --quick\n")
+
+
+def test_progress_bar_with_tqdm_on_a_terminal(monkeypatch, capsys):
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    progress = core.Progress(["lstm_cell"])
+    assert progress.bar is not None and progress.bar.total == 1
+    progress.start("lstm_cell")
+    progress.tick()
+    progress.finish("2 rows")
+    assert progress.bar.n == 1
+    progress.close()
+    assert "lstm_cell: 2 rows, 1 timings, " in capsys.readouterr().err
