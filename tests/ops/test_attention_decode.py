@@ -36,7 +36,7 @@ def make(case, dtype, device):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}-q{c[3]}-N{c[4]}-D{c[5]}-{c[6]}-{c[7]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matches_reference(backend, device, case, dtype):
-    with forced(OP, backend, device, dtype) as dev:
+    with forced(OP, backend, device, dtype, alibi=bool(case[7].get("alibi"))) as dev:
         q, k, v, lengths, kwargs = make(case, dtype, dev)
         out, lse = attention_decode(q, k, v, lengths, **kwargs, return_lse=True)
         assert attnkit.last_dispatch(OP).backend == backend

@@ -15,10 +15,10 @@ from . import attention_validation as check
 OP = "attnkit.ops.attention_decode"
 
 
-def _describe(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> dict:
+def _describe(q: Tensor, k_cache: Tensor, v_cache: Tensor, alibi_slopes: Optional[Tensor] = None) -> dict:
     group = q.shape[1] // k_cache.shape[1]
     return {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "head_dim_v": v_cache.shape[-1],
-            "rows": group * q.shape[2]}
+            "rows": group * q.shape[2], "alibi": alibi_slopes is not None}
 
 
 @torch.library.custom_op("attnkit::attention_decode", mutates_args=())
@@ -26,7 +26,7 @@ def _attention_decode(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float, softcap: float, window_left: int,
     alibi_slopes: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
-    impl = DECODE.select(_describe(q, k_cache, v_cache))
+    impl = DECODE.select(_describe(q, k_cache, v_cache, alibi_slopes))
     out, lse = impl.forward(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, alibi_slopes)
     return out.contiguous(), lse.contiguous()
 
@@ -84,7 +84,7 @@ def attention_decode(
 
 
 def _describe_call(q, k_cache, v_cache, cache_seqlens=None, **kwargs):
-    return _describe(q, k_cache, v_cache)
+    return _describe(q, k_cache, v_cache, kwargs.get("alibi_slopes"))
 
 
 _dispatch.register_describer("attention_decode", _describe_call)
