@@ -35,6 +35,9 @@ def training_step(module, x, lengths=None):
 
 
 def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
+    # Quick mode keeps the shapes but times fewer repeats: a training step
+    # at (64, 100, 512) takes seconds on a 2-core CPU.
+    timing = dict(warmup=1, repeats=3) if quick else dict(repeats=7)
     rows = []
     for batch, time, hidden in QUICK_SHAPES if quick else FULL_SHAPES:
         shape = f"B={batch} T={time} I=H={hidden}"
@@ -44,12 +47,12 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
             with torch.no_grad():
                 error = max_error(ours(x)[0], theirs(x)[0])
                 backend = attnkit.last_dispatch(kind.lower()).backend
-                t_ours = median_ms(lambda: ours(x), device, repeats=7)
-                t_theirs = median_ms(lambda: theirs(x), device, repeats=7)
+                t_ours = median_ms(lambda: ours(x), device, **timing)
+                t_theirs = median_ms(lambda: theirs(x), device, **timing)
             common = dict(shape=shape, backend=backend, max_err=error)
             rows.append(dict(case=f"{kind} forward", ours_ms=t_ours, baseline_ms=t_theirs, **common))
-            t_ours = median_ms(training_step(ours, x), device, repeats=7)
-            t_theirs = median_ms(training_step(theirs, x), device, repeats=7)
+            t_ours = median_ms(training_step(ours, x), device, **timing)
+            t_theirs = median_ms(training_step(theirs, x), device, **timing)
             rows.append(dict(case=f"{kind} fwd+bwd", ours_ms=t_ours, baseline_ms=t_theirs, **common))
         if batch > 1:  # training on an unsorted PackedSequence of lengths spread over [T/4, T]
             lengths = torch.randint(time // 4, time + 1, (batch,))
@@ -58,8 +61,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
             ours, theirs = modules("LSTM", hidden, device, dtype)
             error = max_error(ours(packed)[0].data, theirs(packed)[0].data)
             backend = attnkit.last_dispatch("lstm").backend
-            t_ours = median_ms(training_step(ours, x.detach(), lengths), device, repeats=7)
-            t_theirs = median_ms(training_step(theirs, x.detach(), lengths), device, repeats=7)
+            t_ours = median_ms(training_step(ours, x.detach(), lengths), device, **timing)
+            t_theirs = median_ms(training_step(theirs, x.detach(), lengths), device, **timing)
             rows.append(dict(case="LSTM fwd+bwd, unsorted PackedSequence", shape=shape, backend=backend,
                              ours_ms=t_ours, baseline_ms=t_theirs, max_err=error))
     return rows
