@@ -37,7 +37,9 @@ def _configs(block_d: int, elem_bytes: int):
     return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in shapes]
 
 
-_TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "max_q", "max_k", "MASK_KIND", "USE_WINDOW", "DROPOUT", "VARLEN"]
+# Keyed on a power-of-two length bucket, not the exact lengths: varlen batches
+# change max_seqlen every step, and re-tuning each time would cost more than it saves.
+_TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "LENGTH_BUCKET", "MASK_KIND", "USE_WINDOW", "DROPOUT", "VARLEN"]
 _tuned = {}
 
 
@@ -106,6 +108,7 @@ def _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, 
         VARLEN=varlen, BOTTOM_RIGHT=bottom_right, USE_WINDOW=use_window, SOFTCAP=softcap > 0,
         MASK_KIND=mask_kind, HAS_PADDING=pad is not None, DROPOUT=dropout_p > 0, ALIBI=alibi_slopes is not None,
         ROTARY_DIM=2 * rotary[0].shape[1] if rotary else 0, INTERLEAVED=bool(rotary and rotary[3]),
+        LENGTH_BUCKET=min(max(triton.next_power_of_2(max(max_q, max_k, 1)), 128), 16384),
     )
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     pad_stride = pad.stride(0) if pad is not None else 0
