@@ -34,3 +34,19 @@ def same_dtype_and_device(op: str, named: Iterable[tuple]) -> None:
             raise RuntimeError(f"{op}: {name} is on {value.device} but {first_name} is on {first.device}; expected one device")
         if value.dtype != first.dtype:
             raise TypeError(f"{op}: {name} has dtype {value.dtype} but {first_name} has {first.dtype}; expected one dtype")
+
+
+def rnn_input_weights(op: str, x, w_ih, b_ih, b_hh, rows: int, gates: int) -> None:
+    """Checks shared by every RNN op once w_hh fixed `rows` = gates * hidden_size:
+    w_ih has those rows and x's feature width, each bias has `rows` entries."""
+    if w_ih.shape[0] != rows:
+        raise ValueError(f"{op}: w_ih must have {gates}*hidden_size = {rows} rows like w_hh, got shape {tuple(w_ih.shape)}")
+    if x.shape[-1] != w_ih.shape[1]:
+        raise ValueError(
+            f"{op}: input has {x.shape[-1]} features but w_ih expects input_size {w_ih.shape[1]} "
+            f"(input shape {tuple(x.shape)}, w_ih shape {tuple(w_ih.shape)})"
+        )
+    for name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if bias is not None:
+            tensor(op, name, bias, ndim=1)
+            shape(op, name, bias, (rows,), f"{gates}*hidden_size")

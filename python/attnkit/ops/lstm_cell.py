@@ -84,17 +84,7 @@ def _validated(input, hx, w_ih, w_hh, b_ih, b_hh):
     gate_rows, hidden = w_hh.shape
     if gate_rows != 4 * hidden:
         raise ValueError(f"{OP}: w_hh must have shape (4*hidden_size, hidden_size), got {tuple(w_hh.shape)}")
-    if w_ih.shape[0] != 4 * hidden:
-        raise ValueError(f"{OP}: w_ih must have 4*hidden_size = {4 * hidden} rows like w_hh, got shape {tuple(w_ih.shape)}")
-    if x.shape[1] != w_ih.shape[1]:
-        raise ValueError(
-            f"{OP}: input has {x.shape[1]} features but w_ih expects input_size {w_ih.shape[1]} "
-            f"(input shape {tuple(x.shape)}, w_ih shape {tuple(w_ih.shape)})"
-        )
-    for name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):
-        if bias is not None:
-            _validate.tensor(OP, name, bias, ndim=1)
-            _validate.shape(OP, name, bias, (4 * hidden,), "4*hidden_size")
+    _validate.rnn_input_weights(OP, x, w_ih, b_ih, b_hh, 4 * hidden, 4)
     if hx is None:
         zeros = x.new_zeros((x.shape[0], hidden))
         h, c = zeros, zeros

@@ -179,7 +179,7 @@ def _validated(op, gates, input, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
     x = _validate.tensor(op, "input", input, ndim=3)
     if x.shape[0] == 0:
         raise ValueError(f"{op}: input must have at least one time step, got shape {tuple(x.shape)}")
-    T, B, I = x.shape
+    T, B, _ = x.shape
     _validate.tensor(op, "w_ih", w_ih, ndim=2)
     _validate.tensor(op, "w_hh", w_hh, ndim=2)
     rows, P = w_hh.shape
@@ -191,17 +191,7 @@ def _validated(op, gates, input, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
         _validate.shape(op, "w_hr", w_hr, (P, H), "proj_size, hidden_size")
     elif P != H:
         raise ValueError(f"{op}: w_hh must have shape ({gates}*hidden_size, hidden_size), got {tuple(w_hh.shape)}")
-    if w_ih.shape[0] != rows:
-        raise ValueError(f"{op}: w_ih must have {gates}*hidden_size = {rows} rows like w_hh, got shape {tuple(w_ih.shape)}")
-    if w_ih.shape[1] != I:
-        raise ValueError(
-            f"{op}: input has {I} features but w_ih expects input_size {w_ih.shape[1]} "
-            f"(input shape {tuple(x.shape)}, w_ih shape {tuple(w_ih.shape)})"
-        )
-    for name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):
-        if bias is not None:
-            _validate.tensor(op, name, bias, ndim=1)
-            _validate.shape(op, name, bias, (rows,), f"{gates}*hidden_size")
+    _validate.rnn_input_weights(op, x, w_ih, b_ih, b_hh, rows, gates)
     lstm = gates == 4
     if hx is None:
         h0 = x.new_zeros((B, P))
