@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .flash_attention import LOG2E, _dot
+from .flash_attention_launch import _interpreting, _run
 
 
 @triton.jit
@@ -111,12 +112,6 @@ def _decode_combine(
     tl.store(LSE + row, lse)
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 MAX_ROWS = 128  # query rows (GQA group x new tokens) one program holds
 
 
@@ -159,16 +154,9 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, scale: float, softcap: float, 
         DOT_PRECISION="ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
         UPCAST=_interpreting() and q.dtype == torch.bfloat16,
     )
-    _launch(_decode_partial, (batch * heads_kv, splits), partial_args, partial_kwargs, launch)
+    _run(_decode_partial, (batch * heads_kv, splits), partial_args, partial_kwargs, launch)
     combine_args = (part_o, part_m, part_l, out, lse, out.stride(0), out.stride(1), out.stride(2), heads, n_q)
     combine_kwargs = dict(SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), HEAD_DIM_V=dim_v,
                           BLOCK_DV=block_dv)
-    _launch(_decode_combine, (batch * heads * n_q,), combine_args, combine_kwargs, launch)
+    _run(_decode_combine, (batch * heads * n_q,), combine_args, combine_kwargs, launch)
     return out, lse
-
-
-def _launch(kernel, grid, args, kwargs, launch):
-    if launch is None:
-        kernel[grid](*args, **kwargs)
-    else:
-        launch(kernel, grid, args, kwargs)
