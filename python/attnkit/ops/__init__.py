@@ -1,8 +1,9 @@
 """Public functional ops: autograd-aware, torch.compile-traceable, backend-dispatched."""
+from .additive_attention import additive_attention
 from .attention import flash_attention, flash_attention_varlen
 from .decode import attention_decode
 from .lstm_cell import lstm_cell
 from .rnn import gru, lstm
 from .rotary import apply_rotary
 
-__all__ = ["apply_rotary", "attention_decode", "flash_attention", "flash_attention_varlen", "gru", "lstm", "lstm_cell"]
+__all__ = ["additive_attention", "apply_rotary", "attention_decode", "flash_attention", "flash_attention_varlen", "gru", "lstm", "lstm_cell"]

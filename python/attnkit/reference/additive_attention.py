@@ -26,7 +26,17 @@ def scores(query: Tensor, keys: Tensor, W_q: Tensor, W_k: Tensor, v_a: Tensor) -
 def additive_attention(query: Tensor, keys: Tensor, values: Tensor, W_q: Tensor, W_k: Tensor, v_a: Tensor,
                        mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Returns (context (B, Tq, Dv), weights (B, Tq, Tk))."""
-    s = scores(query, keys, W_q, W_k, v_a)
+    context, weights, _ = attend(query @ W_q.t(), keys @ W_k.t(), values, v_a, mask)
+    return context, weights
+
+
+def attend(projected_query: Tensor, projected_keys: Tensor, values: Tensor, v_a: Tensor,
+           mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """additive_attention from the projections W_q q (B, Tq, A) and W_k k (B, Tk, A),
+    which the op computes once with GEMMs before its kernels. Returns (context,
+    weights, log-sum-exp of the scores (B, Tq), -inf on a fully masked row)."""
+    projected = projected_query[:, :, None, :] + projected_keys[:, None, :, :]  # (B, Tq, Tk, A)
+    s = torch.tanh(projected) @ v_a
     stat_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
     s = s.to(stat_dtype)
     if mask is not None:
@@ -35,6 +45,8 @@ def additive_attention(query: Tensor, keys: Tensor, values: Tensor, W_q: Tensor,
     row_max = s.amax(dim=-1, keepdim=True)
     empty = torch.isneginf(row_max)
     e = torch.exp(s - torch.where(empty, torch.zeros_like(row_max), row_max))
-    weights = e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(stat_dtype).tiny)
+    total = e.sum(dim=-1, keepdim=True)
+    weights = e / total.clamp_min(torch.finfo(stat_dtype).tiny)
     weights = weights.masked_fill(empty, 0.0).to(values.dtype)
-    return weights @ values, weights
+    lse = (row_max + torch.log(total)).squeeze(-1)  # -inf + log(0) stays -inf on an empty row
+    return weights @ values, weights, lse

@@ -1,0 +1,55 @@
+"""Implementations of the fused additive-attention core. The op projects once
+with GEMMs (Qp = query W_q^T, Kp = keys W_k^T) and hands the backends:
+
+forward(qp, kp, values, v_a, mask, return_weights) -> (context, lse, weights or None)
+backward(grad_context, grad_weights, delta, qp, kp, values, v_a, mask, lse) -> (d_qp, d_kp, d_values, d_v_a)
+
+qp (B, Tq, A), kp (B, Tk, A), values (B, Tk, Dv) and v_a (A,) share one dtype;
+mask (B, Tk) bool (True = real key) or None; lse (B, Tq) fp32 (fp64 for fp64),
+-inf on a fully masked row; grad_weights (B, Tq, Tk) or None; delta (B, Tq) in
+lse's dtype = rowsum(grad_context * context) + rowsum(weights * grad_weights),
+flash attention's delta, so that dS = P * (dP - delta).
+Gradients come back in the inputs' dtype.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .._dispatch import Implementation, Op
+from ..reference.additive_attention import attend
+
+
+class Reference(Implementation):
+    """The plain-PyTorch reference on the projections, and the backward written
+    out in plain PyTorch; both build (B, Tq, Tk, A) tensors."""
+
+    backend = "reference"
+
+    def forward(self, qp, kp, values, v_a, mask, return_weights):
+        context, weights, lse = attend(qp, kp, values, v_a, mask)
+        return context, lse, weights if return_weights else None
+
+    def backward(self, grad_context, grad_weights, delta, qp, kp, values, v_a, mask, lse):
+        stat, dtypes = lse.dtype, (qp.dtype, kp.dtype, values.dtype, v_a.dtype)
+        qp, kp, values, v_a, grad_context = (t.to(stat) for t in (qp, kp, values, v_a, grad_context))
+        t = torch.tanh(qp[:, :, None, :] + kp[:, None, :, :])  # (B, Tq, Tk, A)
+        p = torch.exp(t @ v_a - lse[:, :, None])
+        if mask is not None:
+            p = p.masked_fill(~mask[:, None, :], 0.0)
+        p = p.masked_fill(torch.isneginf(lse)[:, :, None], 0.0)  # a fully masked row has no weights
+        d_p = grad_context @ values.transpose(1, 2)
+        if grad_weights is not None:
+            d_p = d_p + grad_weights.to(stat)
+        d_s = p * (d_p - delta[:, :, None])  # d loss / d score
+        d_pre = d_s[..., None] * (1 - t * t) * v_a  # d loss / d (qp_i + kp_j)
+        grads = (d_pre.sum(2), d_pre.sum(1), p.transpose(1, 2) @ grad_context, (d_s[..., None] * t).sum((0, 1, 2)))
+        return tuple(g.to(dtype) for g, dtype in zip(grads, dtypes))
+
+
+ADDITIVE_ATTENTION = Op("additive_attention", [Reference()])
+
+
+def describe(qp, values) -> Mapping[str, Any]:
+    return {"device": qp.device, "dtype": qp.dtype, "hidden": qp.shape[-1], "head_dim_v": values.shape[-1]}
