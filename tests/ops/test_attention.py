@@ -8,7 +8,8 @@ from attention_cases import Shape, Features, assert_close, case_params, ground_t
 from helpers import backend_params, forced
 
 import attnkit
-from attnkit.ops import flash_attention
+from attnkit.ops import flash_attention, flash_attention_varlen
+from attnkit.reference import attention as ref
 
 OP = "flash_attention"
 BACKENDS = backend_params(OP)
@@ -128,3 +129,27 @@ def test_dropin_masks_match_sdpa(backend, device, mask_kind):
                 mask[:, 0] = True
         out = attnkit.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), 1e-4, "out")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_queries_with_no_keys_at_all(backend, device):
+    """Nk = 0 (dense), and a varlen sequence with queries but no keys: empty rows (0, lse -inf,
+    gradient 0). The reference raised IndexError here (amax over an empty dim)."""
+    with forced(OP, backend, device) as dev:
+        q = torch.randn(1, 2, 3, 8, device=dev, requires_grad=True)
+        empty = torch.randn(1, 2, 0, 8, device=dev, requires_grad=True)
+        out, lse = flash_attention(q, empty, empty, return_lse=True)
+        (dq,) = torch.autograd.grad(out.sum(), [q])
+        cu_q = torch.tensor([0, 2, 5], dtype=torch.int32, device=dev)
+        cu_k = torch.tensor([0, 0, 4], dtype=torch.int32, device=dev)  # sequence 0 has no keys
+        packed_q = torch.randn(5, 2, 8, device=dev, requires_grad=True)
+        packed_kv = torch.randn(4, 2, 8, device=dev)
+        out_v, lse_v = flash_attention_varlen(packed_q, packed_kv, packed_kv, cu_q, cu_k, 3, 4, return_lse=True)
+        (dq_v,) = torch.autograd.grad(out_v.sum(), [packed_q])
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(dq, torch.zeros_like(dq))
+    assert torch.isinf(lse).all() and (lse < 0).all()
+    assert torch.equal(out_v[:2], torch.zeros_like(out_v[:2])) and torch.equal(dq_v[:2], torch.zeros_like(dq_v[:2]))
+    assert torch.isneginf(lse_v[:, :2]).all() and torch.isfinite(lse_v[:, 2:]).all()
+    expected, _ = ref.attention(packed_q[2:].detach().transpose(0, 1)[None].double(),
+                                *(packed_kv.transpose(0, 1)[None].double(),) * 2)
+    assert_close(out_v[2:], expected[0].transpose(0, 1), 1e-4, "out of the sequence with keys")

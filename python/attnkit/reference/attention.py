@@ -132,6 +132,14 @@ def _scores(q, k, scale, softcap, attn_mask, alibi_slopes=None, bottom_right=Tru
     return s, t
 
 
+def _row_max(s: Tensor) -> Tensor:
+    """Max over the keys, -inf for zero keys (amax refuses an empty dim; a varlen
+    sequence may have queries and no keys): such rows are empty rows."""
+    if s.shape[-1] == 0:
+        return s.new_full(s.shape[:-1] + (1,), float("-inf"))
+    return s.amax(-1, keepdim=True)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -158,7 +166,7 @@ def attention(
     s = s.masked_fill(~visible, float("-inf"))
     # Shift by the row max (a constant for autograd: softmax is shift-invariant);
     # rows with nothing visible keep e = 0, so p = 0 and no NaN reaches a gradient.
-    row_max = s.amax(-1, keepdim=True).detach()
+    row_max = _row_max(s).detach()
     row_max = row_max.masked_fill(torch.isinf(row_max), 0.0)
     e = torch.exp(s - row_max)
     denom = e.sum(-1, keepdim=True)
@@ -186,7 +194,7 @@ def attention_backward(
     s, t = _scores(qc, kc, scale, softcap, attn_mask, alibi_slopes, bottom_right)
     visible = visible_keys(batch, heads, n_q, n_k, window, bottom_right, attn_mask, key_padding_mask, q.device)
     s = s.masked_fill(~visible, float("-inf"))
-    row_max = s.amax(-1, keepdim=True)
+    row_max = _row_max(s)
     row_max = row_max.masked_fill(torch.isinf(row_max), 0.0)
     e = torch.exp(s - row_max)
     denom = e.sum(-1, keepdim=True)
