@@ -276,7 +276,8 @@ void forward_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t>
         tile_scores(sp, sq, b, h, m0, rows, n0, cols, s.data(), t.data(), BN);
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* row = s.data() + r * BN;
-          const acc_t m_new = std::max(m[r], attn_rows::row_max(row, cols));
+          const acc_t tile_max = attn_rows::row_max(row, cols);  // NaN propagates: std::max would drop it
+          const acc_t m_new = std::isnan(tile_max) ? tile_max : std::max(m[r], tile_max);
           const acc_t m_use = m_new == neg_inf ? acc_t(0) : m_new;  // nothing visible yet
           const acc_t sum = attn_rows::exp_shift_sum(row, cols, m_use);
           const acc_t alpha = std::exp(m[r] - m_use);

@@ -76,7 +76,8 @@ ATTNKIT_INLINE vf vexp(vf x) {
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
   const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  return x < splat(-87.0f) ? splat(0.0f) : y * (vf)bits;
+  const vf e = x < splat(-87.0f) ? splat(0.0f) : y * (vf)bits;
+  return x != x ? x : e;  // NaN stays NaN (the clamps above would turn it into exp(88))
 }
 
 // tanh(y) = 1 - 2 / (exp(2y) + 1): exact limits +-1, absolute error ~1e-7.
@@ -87,22 +88,23 @@ ATTNKIT_INLINE vf vtanh(vf y) { return 1.0f - 2.0f / (vexp(y * 2.0f) + 1.0f); }
 ATTNKIT_SIMD_CLONES float row_max(const float* x, int64_t n) {
   vf m = splat(kNegInf);
   int64_t j = 0;
+  // A NaN score wins and stays (v > NaN is false), so a NaN input gives a NaN row as in the reference.
   for (; j + W <= n; j += W) {
     const vf v = load(x + j);
-    m = v > m ? v : m;
+    m = (v > m) | (v != v) ? v : m;
   }
   if (j < n) {
     const vf v = load_tail(x + j, n - j, kNegInf);
-    m = v > m ? v : m;
+    m = (v > m) | (v != v) ? v : m;
   }
   float best = kNegInf;
-  for (int64_t l = 0; l < W; ++l) best = m[l] > best ? m[l] : best;
+  for (int64_t l = 0; l < W; ++l) best = m[l] > best || m[l] != m[l] ? m[l] : best;
   return best;
 }
 
 double row_max(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m || std::isnan(x[j]) ? x[j] : m;
   return m;
 }
 

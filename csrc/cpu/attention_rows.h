@@ -11,7 +11,7 @@ namespace attnkit {
 namespace cpu {
 namespace attn_rows {
 
-// max over x[0, n); -inf for n = 0.
+// max over x[0, n); -inf for n = 0, NaN if any x is NaN.
 float row_max(const float* x, int64_t n);
 double row_max(const double* x, int64_t n);
 

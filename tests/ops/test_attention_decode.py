@@ -64,7 +64,7 @@ def test_full_cache_equals_causal_flash_attention(backend, device):
         (lambda a: a[:3] + (torch.tensor([5, 41], dtype=torch.int32),), ValueError, r"cache_seqlens must be within \[0, 40\]"),
         (lambda a: a[:3] + (torch.tensor([5], dtype=torch.int32),), ValueError, r"cache_seqlens must be \(2,\) int32"),
         (lambda a: (a[0], a[1][:, :, :30]) + a[2:], ValueError, "k_cache and v_cache must have the same length"),
-        (lambda a: (a[0][:, :3],) + a[1:], ValueError, "must be a multiple of k/v heads"),
+        (lambda a: (a[0][:, :3],) + a[1:], ValueError, "must be a multiple of k_cache/v_cache heads"),
         (lambda a: (a[0].requires_grad_(True),) + a[1:], NotImplementedError, "inference-only"),
     ],
 )

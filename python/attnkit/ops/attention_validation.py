@@ -18,19 +18,23 @@ def _same_dtype_device(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
     _validate.same_dtype_and_device(op, [("q", q), ("k", k), ("v", v)])
 
 
-def check_head_dims(op: str, q: Tensor, k: Tensor, v: Tensor) -> None:
+def check_head_dims(op: str, q: Tensor, k: Tensor, v: Tensor, names: Sequence[str] = ("q", "k", "v")) -> None:
+    nq, nk, nv = names
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"{op}: q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
-    for name, dim in (("q/k", q.shape[-1]), ("v", v.shape[-1])):
+        raise ValueError(f"{op}: {nq} and {nk} must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    for name, dim in ((f"{nq}/{nk}", q.shape[-1]), (nv, v.shape[-1])):
         if not 1 <= dim <= MAX_HEAD_DIM:
             raise ValueError(f"{op}: head dim of {name} must be between 1 and {MAX_HEAD_DIM}, got {dim}")
 
 
-def check_heads(op: str, heads_q: int, heads_k: int, heads_v: int) -> None:
+def check_heads(op: str, heads_q: int, heads_k: int, heads_v: int, names: Sequence[str] = ("q", "k", "v")) -> None:
+    nq, nk, nv = names
     if heads_k != heads_v:
-        raise ValueError(f"{op}: k and v must have the same number of heads, got {heads_k} and {heads_v}")
+        raise ValueError(f"{op}: {nk} and {nv} must have the same number of heads, got {heads_k} and {heads_v}")
+    if heads_q == 0:  # kernels index head 0; nothing to compute is still a caller mistake worth naming
+        raise ValueError(f"{op}: {nq} must have at least one head, got 0")
     if heads_k == 0 or heads_q % heads_k != 0:
-        raise ValueError(f"{op}: q heads ({heads_q}) must be a multiple of k/v heads ({heads_k}) for GQA/MQA")
+        raise ValueError(f"{op}: {nq} heads ({heads_q}) must be a multiple of {nk}/{nv} heads ({heads_k}) for GQA/MQA")
 
 
 def window(op: str, window_size: Sequence[int]) -> Tuple[int, int]:

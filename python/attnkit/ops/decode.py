@@ -63,8 +63,9 @@ def attention_decode(
                          f"{v_cache.shape[0]}")
     if k_cache.shape[2] != v_cache.shape[2]:
         raise ValueError(f"{OP}: k_cache and v_cache must have the same length, got {k_cache.shape[2]} and {v_cache.shape[2]}")
-    check.check_heads(OP, heads, k_cache.shape[1], v_cache.shape[1])
-    check.check_head_dims(OP, q, k_cache, v_cache)
+    names = ("q", "k_cache", "v_cache")
+    check.check_heads(OP, heads, k_cache.shape[1], v_cache.shape[1], names)
+    check.check_head_dims(OP, q, k_cache, v_cache, names)
     _validate.tensor(OP, "cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,))
     if cache_seqlens.shape[0] != batch or cache_seqlens.device != q.device:
         raise ValueError(f"{OP}: cache_seqlens must be ({batch},) int32 on {q.device}, got {tuple(cache_seqlens.shape)} "

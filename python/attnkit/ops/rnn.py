@@ -157,6 +157,8 @@ def _validated_lengths(op, lengths, T, B):
     if isinstance(lengths, Tensor):
         if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
             raise TypeError(f"{op}: lengths must hold integers, got dtype {lengths.dtype}")
+        if lengths.is_meta:
+            raise ValueError(f"{op}: lengths must hold values (a CPU tensor or on input's device), got a meta tensor")
         # Under torch.compile the values are data: the kernels' TORCH_CHECK checks them.
         values = None if torch.compiler.is_compiling() else lengths.tolist()
         lengths = lengths.detach().to("cpu", torch.int64)

@@ -133,6 +133,10 @@ def _validated(x, cos, sin, interleaved, seqlen_offsets, inplace, layout, cu_seq
         _validate.tensor(OP, "x", x, ndim=4)
         x = x.transpose(1, 2) if layout == "bhnd" else x
         batch, seqlen, max_seqlen = x.shape[0], x.shape[1], 0
+    if inplace and any(st == 0 and n > 1 for st, n in zip(x.stride(), x.shape)):
+        # Several elements share memory: the kernels would rotate each of them once, racing.
+        raise ValueError(f"{OP}: x is expanded (a stride is 0), so inplace=True would write one element many "
+                         f"times; pass x.clone() or inplace=False")
     head_dim = x.shape[-1]
     for name, table in (("cos", cos), ("sin", sin)):
         _validate.tensor(OP, name, table)
