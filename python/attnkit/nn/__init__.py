@@ -6,8 +6,9 @@ from . import hf  # imports transformers only when hf.register() is called
 from .attention import MultiheadAttention
 from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
                           TransformerEncoderLayer)
+from .seq2seq_attention import BahdanauAttention, LuongAttention
 
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell",
            "ALiBi", "LearnedPositionalEmbedding", "RotaryEmbedding", "SinusoidalPositionalEncoding", "alibi_slopes",
            "MultiheadAttention", "Transformer", "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder",
-           "TransformerEncoderLayer"]
+           "TransformerEncoderLayer", "BahdanauAttention", "LuongAttention"]
