@@ -5,6 +5,7 @@
 #include "attnkit/attention.h"
 #include "attnkit/lstm_cell.h"
 #include "attnkit/rnn.h"
+#include "attnkit/rotary.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "attnkit CPU kernels";
@@ -18,5 +19,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_backward", &attnkit::cpu::attention_backward, "flash attention backward, dense or varlen (CPU)");
   m.def("attention_dropout_keep_mask", &attnkit::cpu::attention_dropout_keep_mask,
         "the attention dropout keep mask (B, H, max_q, max_k) the kernels draw (CPU)");
+  m.def("rotary_apply", &attnkit::cpu::rotary_apply, "rotary position embedding into out, dense or varlen (CPU)");
+  m.def("attention_rotary_forward", &attnkit::cpu::attention_rotary_forward,
+        "flash attention forward with fused RoPE on q and k (CPU)");
+  m.def("attention_rotary_backward", &attnkit::cpu::attention_rotary_backward,
+        "flash attention backward with fused RoPE on q and k (CPU)");
   m.def("num_threads", [] { return at::get_num_threads(); }, "threads at::parallel_for may use");
 }

@@ -95,28 +95,29 @@ class Triton(Implementation):
 
 
 class Cpp(Implementation):
-    """csrc/cpu/attention.cpp: tiled flash attention in C++ (attnkit._C), every feature but fused RoPE."""
+    """csrc/cpu/attention.cpp: tiled flash attention in C++ (attnkit._C); with fused RoPE,
+    csrc/cpu/attention_rotary.cpp rotates q and k once per call into buffers first."""
 
     backend = "cpp"
     extension = "_C"
 
-    def not_supported_reasons(self, call: Mapping[str, Any]) -> List[str]:
-        if call.get("rotary"):
-            return ["fused RoPE is not implemented in the cpp backend"]
-        return []
-
     @staticmethod
     def _args(c: AttentionCall) -> tuple:
-        return (c.cu_seqlens_q, c.cu_seqlens_k, c.max_seqlen_q, c.max_seqlen_k, c.attn_mask, c.key_padding_mask,
+        args = (c.cu_seqlens_q, c.cu_seqlens_k, c.max_seqlen_q, c.max_seqlen_k, c.attn_mask, c.key_padding_mask,
                 c.alibi_slopes, c.window[0], c.window[1], c.bottom_right, c.softcap, c.scale, c.dropout_p, c.seed)
+        if c.rotary_cos is None:
+            return args
+        return args + (c.rotary_cos, c.rotary_sin, c.rotary_offsets, c.rotary_interleaved)
 
     def forward(self, c: AttentionCall):
         ext, _ = _extensions.load(self.extension)
-        return tuple(ext.attention_forward(c.q, c.k, c.v, *self._args(c)))
+        kernel = ext.attention_forward if c.rotary_cos is None else ext.attention_rotary_forward
+        return tuple(kernel(c.q, c.k, c.v, *self._args(c)))
 
     def backward(self, c: AttentionCall, grad_out: Tensor, out: Tensor, lse: Tensor):
         ext, _ = _extensions.load(self.extension)
-        return tuple(ext.attention_backward(grad_out, c.q, c.k, c.v, out, lse, *self._args(c)))
+        kernel = ext.attention_backward if c.rotary_cos is None else ext.attention_rotary_backward
+        return tuple(kernel(grad_out, c.q, c.k, c.v, out, lse, *self._args(c)))
 
 
 class Reference(Implementation):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, List, Mapping
 
+from .. import _extensions
 from .._dispatch import Implementation, Op
 from ..reference import rotary as ref
 
@@ -31,6 +32,16 @@ class Triton(Implementation):
         kernels.rotary(x, cos, sin, offsets, offset, interleaved, conjugate, out, cu_seqlens, max_seqlen)
 
 
+class Cpp(Implementation):
+    """csrc/cpu/rotary.cpp (attnkit._C): one task per row of positions, vectorized pairs."""
+
+    backend = "cpp"
+
+    def apply(self, x, cos, sin, offsets, offset, interleaved, conjugate, out, cu_seqlens, max_seqlen):
+        ext, _ = _extensions.load("_C")
+        ext.rotary_apply(x, cos, sin, offsets, offset, interleaved, conjugate, out, cu_seqlens)
+
+
 class Reference(Implementation):
     backend = "reference"
 
@@ -41,4 +52,4 @@ class Reference(Implementation):
             out.copy_(ref.varlen(ref.rotary, cu_seqlens, x, cos, sin, offsets, offset, interleaved, conjugate))
 
 
-ROTARY = Op("rotary", [Triton(), Reference()])
+ROTARY = Op("rotary", [Triton(), Cpp(), Reference()])

@@ -1,0 +1,201 @@
+// Rotary position embedding on the CPU (see attnkit/rotary.h).
+//
+// One task per row of positions (b, n): its cos/sin table row is read once,
+// converted to the accumulation type (sign flipped for the conjugate), and
+// shared by the row's H heads. Each head's pairs go through at::vec::Vectorized
+// (x0 c - x1 s, x0 s + x1 c); an interleaved pair is the same loop with a
+// stride of 2, so neither layout needs a shuffle. Both halves of a chunk are
+// loaded before either is stored, so out may be x itself (in place).
+#include "attnkit/rotary.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+// torch's vec headers carry `#pragma unroll`, which GCC does not know (-Wall warns).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
+#include <ATen/cpu/vec/vec.h>
+#pragma GCC diagnostic pop
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace attnkit {
+namespace cpu {
+
+namespace {
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// n <= size() elements p[0], p[stride], ... as a vector of A (zeros past n).
+template <typename A, typename T>
+inline at::vec::Vectorized<A> load(const T* p, int64_t stride, int64_t n) {
+  using V = at::vec::Vectorized<A>;
+  if constexpr (std::is_same_v<A, T>) {
+    if (stride == 1) return V::loadu(p, n);
+  }
+  __at_align__ A buf[V::size()];
+  for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<A>(p[j * stride]);
+  return V::loadu(buf, n);
+}
+
+template <typename A, typename T>
+inline void store(T* p, int64_t stride, const at::vec::Vectorized<A>& v, int64_t n) {
+  using V = at::vec::Vectorized<A>;
+  if constexpr (std::is_same_v<A, T>) {
+    if (stride == 1) return v.store(p, n);
+  }
+  __at_align__ A buf[V::size()];
+  v.store(buf, n);
+  for (int64_t j = 0; j < n; ++j) p[j * stride] = static_cast<T>(buf[j]);
+}
+
+// The first 2 * half dims of one head row: x (dim stride xs) rotated into o (stride os).
+template <typename acc_t, typename scalar_t>
+void rotate_row(const scalar_t* x, int64_t xs, scalar_t* o, int64_t os, const acc_t* c, const acc_t* s, int64_t half,
+                bool interleaved) {
+  using V = at::vec::Vectorized<acc_t>;
+  const int64_t xstep = interleaved ? 2 * xs : xs, ostep = interleaved ? 2 * os : os;
+  const scalar_t* x1 = x + (interleaved ? xs : half * xs);
+  scalar_t* o1 = o + (interleaved ? os : half * os);
+  for (int64_t i = 0; i < half; i += V::size()) {
+    const int64_t n = std::min<int64_t>(V::size(), half - i);
+    const V a = load<acc_t>(x + i * xstep, xstep, n), b = load<acc_t>(x1 + i * xstep, xstep, n);
+    const V cv = V::loadu(c + i, n), sv = V::loadu(s + i, n);
+    store(o + i * ostep, ostep, a * cv - b * sv, n);
+    store(o1 + i * ostep, ostep, a * sv + b * cv, n);
+  }
+}
+
+// Element strides of x or out seen as (B, N, H, D); packed (total, H, D) has sb = 0, sn = the row stride.
+struct Layout {
+  int64_t sb, sn, sh, sd;
+};
+
+Layout layout_of(const at::Tensor& t, bool varlen) {
+  if (varlen) return {0, t.stride(0), t.stride(1), t.stride(2)};
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+struct Spec {
+  int64_t batch, seqlen, rows, heads, dim, half, seqlen_ro;
+  bool per_sequence_tables, interleaved, conjugate, inplace;
+  const int64_t* offsets;  // (B,) or nullptr: then `offset` for every sequence
+  int64_t offset;
+  const int32_t* cu;  // (B + 1,) for packed x, else nullptr
+};
+
+template <typename scalar_t, typename table_t>
+void rotary_kernel(const Spec& sp, const scalar_t* x, Layout xl, scalar_t* out, Layout ol, const table_t* cos,
+                   const table_t* sin) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, sp.heads * sp.dim));
+  at::parallel_for(0, sp.rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> c(sp.half), s(sp.half);
+    // Packed rows: the sequence holding `begin`, then walked forward (empty sequences skipped).
+    int64_t b = sp.cu ? std::upper_bound(sp.cu, sp.cu + sp.batch + 1, int32_t(begin)) - sp.cu - 1 : 0;
+    for (int64_t row = begin; row < end; ++row) {
+      int64_t n;
+      const scalar_t* xr;
+      scalar_t* orow;
+      if (sp.cu) {
+        while (row >= sp.cu[b + 1]) ++b;
+        n = row - sp.cu[b];
+        xr = x + row * xl.sn;
+        orow = out + row * ol.sn;
+      } else {
+        b = row / sp.seqlen;
+        n = row % sp.seqlen;
+        xr = x + b * xl.sb + n * xl.sn;
+        orow = out + b * ol.sb + n * ol.sn;
+      }
+      const int64_t pos = n + (sp.offsets ? sp.offsets[b] : sp.offset);
+      const bool inside = pos >= 0 && pos < sp.seqlen_ro;
+      if (inside) {
+        const int64_t at = ((sp.per_sequence_tables ? b * sp.seqlen_ro : 0) + pos) * sp.half;
+        const acc_t sign = sp.conjugate ? acc_t(-1) : acc_t(1);
+        for (int64_t i = 0; i < sp.half; ++i) {
+          c[i] = static_cast<acc_t>(cos[at + i]);
+          s[i] = sign * static_cast<acc_t>(sin[at + i]);
+        }
+      }
+      for (int64_t h = 0; h < sp.heads; ++h) {
+        const scalar_t* xh = xr + h * xl.sh;
+        scalar_t* oh = orow + h * ol.sh;
+        if (inside) rotate_row<acc_t>(xh, xl.sd, oh, ol.sd, c.data(), s.data(), sp.half, sp.interleaved);
+        if (sp.inplace) continue;
+        // Past rotary_dim, or the whole head when the position is outside the table: copied.
+        for (int64_t d = inside ? 2 * sp.half : 0; d < sp.dim; ++d) oh[d * ol.sd] = xh[d * xl.sd];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void rotary_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                  const c10::optional<at::Tensor>& offsets, int64_t offset, bool interleaved, bool conjugate,
+                  const at::Tensor& out, const c10::optional<at::Tensor>& cu_seqlens) {
+  const bool varlen = cu_seqlens.has_value();
+  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu() && cos.device().is_cpu() && sin.device().is_cpu(),
+              "rotary: tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == (varlen ? 3 : 4), "rotary: x must be ", varlen ? "packed (total, H, D)" : "(B, N, H, D)");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(), "rotary: out must match x");
+  const bool inplace = out.data_ptr() == x.data_ptr();
+  TORCH_CHECK(!inplace || out.strides() == x.strides(), "rotary: out must be x itself or not overlap it");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.scalar_type() == sin.scalar_type() &&
+                  (cos.dim() == 2 || cos.dim() == 3),
+              "rotary: cos and sin must both be (S, R/2) or (B, S, R/2)");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() || cos.scalar_type() == at::kFloat,
+              "rotary: cos/sin must have x's dtype or float32");
+  Spec sp{};
+  sp.heads = x.size(-2);
+  sp.dim = x.size(-1);
+  sp.half = cos.size(-1);
+  sp.seqlen_ro = cos.size(-2);
+  TORCH_CHECK(sp.half >= 1 && 2 * sp.half <= sp.dim, "rotary: rotary_dim = 2 * cos.size(-1) must be in [2, D]");
+  at::Tensor cu;
+  if (varlen) {
+    cu = cu_seqlens->contiguous();
+    TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 2 && cu.device().is_cpu(),
+                "rotary: cu_seqlens must be a 1-D int32 CPU tensor of B + 1 >= 2 entries");
+    sp.cu = cu.data_ptr<int32_t>();
+    sp.batch = cu.numel() - 1;
+    sp.rows = x.size(0);
+    TORCH_CHECK(sp.cu[0] == 0 && sp.cu[sp.batch] == sp.rows, "rotary: cu_seqlens must run from 0 to ", sp.rows);
+    for (int64_t b = 0; b < sp.batch; ++b) TORCH_CHECK(sp.cu[b + 1] >= sp.cu[b], "rotary: cu_seqlens must rise");
+  } else {
+    sp.batch = x.size(0);
+    sp.seqlen = x.size(1);
+    sp.rows = sp.batch * sp.seqlen;
+  }
+  TORCH_CHECK(cos.dim() == 2 || cos.size(0) == sp.batch, "rotary: per-sequence cos/sin must have B = ", sp.batch);
+  at::Tensor shifts;
+  if (offsets.has_value()) {
+    shifts = offsets->to(at::kLong).contiguous();
+    TORCH_CHECK(shifts.dim() == 1 && shifts.numel() == sp.batch, "rotary: offsets must be (B,) with B = ", sp.batch);
+    sp.offsets = shifts.data_ptr<int64_t>();
+  }
+  sp.offset = offset;
+  sp.per_sequence_tables = cos.dim() == 3;
+  sp.interleaved = interleaved;
+  sp.conjugate = conjugate;
+  sp.inplace = inplace;
+  if (sp.rows == 0 || sp.heads == 0) return;
+  const at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  const Layout xl = layout_of(x, varlen), ol = layout_of(out, varlen);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rotary_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    if (c.scalar_type() == x.scalar_type()) {
+      rotary_kernel<scalar_t>(sp, xp, xl, op, ol, c.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>());
+    } else {
+      rotary_kernel<scalar_t>(sp, xp, xl, op, ol, c.const_data_ptr<float>(), s.const_data_ptr<float>());
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace attnkit

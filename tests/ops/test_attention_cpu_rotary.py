@@ -1,0 +1,141 @@
+"""Fused RoPE in the cpp attention backend beyond the shared suite: several tiles
+per row and column and both backward schedules, half precision, top-left
+alignment, strided q/k, varlen, equality with "apply_rotary then attend", and the
+argument checks of the C++ entry points (csrc/cpu/rotary.cpp, attention_rotary.cpp)."""
+import pytest
+import torch
+from attention_cases import Features, Shape, assert_close, ground_truth, make_inputs
+from helpers import forced
+
+import attnkit
+from attnkit import _extensions
+from attnkit.ops import apply_rotary, flash_attention, flash_attention_varlen
+
+OP = "flash_attention"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 4e-2, torch.float16: 1e-2}
+
+
+def _run(q, k, v, kwargs, grad_out):
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out, lse = flash_attention(*leaves, **kwargs, return_lse=True)
+    return out, lse, torch.autograd.grad(out, leaves, grad_out)
+
+
+def _tables(positions, rotary_dim, dtype=torch.float32):
+    angles = torch.arange(positions, dtype=torch.float64)[:, None] * 10000.0 ** (
+        -torch.arange(rotary_dim // 2, dtype=torch.float64) * 2 / rotary_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+# B * H_kv = 1 takes the split backward, B * H_kv = 32 the fused one (up to 8 threads);
+# Nk = 600 > 512 gives the forward two key blocks, Nq = 257 five query blocks.
+LARGE_CASES = [
+    (Shape(1, 2, 1, 257, 600, 64, 64), Features(rotary="partial", causal=True)),
+    (Shape(4, 8, 8, 130, 200, 64, 64), Features(rotary="half", causal=True)),
+    (Shape(4, 8, 4, 150, 220, 64, 64), Features(rotary="interleaved", window=(40, 10), softcap=3.0)),
+]
+
+
+@pytest.mark.parametrize("shape,features", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in LARGE_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_shapes_match_reference(shape, features, dtype):
+    with forced(OP, "cpp", "cpu", dtype, rotary=True):
+        q, k, v, kwargs = make_inputs(shape, features, dtype, "cpu")
+        grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64).to(dtype)
+        out, lse, grads = _run(q, k, v, kwargs, grad_out)
+        assert attnkit.last_dispatch(OP).backend == "cpp"
+    out_t, lse_t, grads_t = ground_truth(q, k, v, kwargs, grad_out)
+    assert_close(out, out_t, TOL[dtype], "out")
+    assert_close(lse, lse_t, TOL[dtype], "lse")
+    for name, g, g_t in zip("qkv", grads, grads_t):
+        assert_close(g, g_t, TOL[dtype] * 4, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype,table_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+                                               (torch.float32, torch.float64)], ids=str)
+def test_table_dtypes(dtype, table_dtype):
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 33, 32, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3))
+    cos, sin = _tables(40, 24, table_dtype)
+    kwargs = dict(causal=True, rotary_cos=cos, rotary_sin=sin, rotary_seqlen_offsets=5)
+    grad_out = torch.randn(q.shape, dtype=torch.float64).to(dtype)
+    with forced(OP, "cpp", "cpu", dtype, rotary=True):
+        out, lse, grads = _run(q, k, v, kwargs, grad_out)
+    out_t, lse_t, grads_t = ground_truth(q, k, v, kwargs, grad_out)
+    assert_close(out, out_t, TOL.get(dtype, 1e-4), "out")
+    for name, g, g_t in zip("qkv", grads, grads_t):
+        assert_close(g, g_t, TOL.get(dtype, 1e-4) * 4, f"d{name}")
+
+
+@pytest.mark.parametrize("interleaved,alignment", [(False, "bottom_right"), (True, "top_left")])
+def test_fused_equals_rotate_then_attend(interleaved, alignment):
+    """Fused RoPE against apply_rotary (cpp) followed by the plain cpp attention, on strided
+    q/k/v views of a packed (B, N, 3, H, D) projection, Nq < Nk."""
+    gen = torch.Generator().manual_seed(8)
+    qkv = torch.randn(2, 60, 3, 4, 32, generator=gen)
+    q, k, v = (qkv[:, :45 if i == 0 else 60, i].transpose(1, 2) for i in range(3))  # (B, H, N, D) views
+    cos, sin = _tables(80, 16)
+    offsets = torch.tensor([7, 0], dtype=torch.int32)
+    grad_out = torch.randn(2, 4, 45, 32, generator=gen)
+    kwargs = dict(causal=True, causal_alignment=alignment)
+    with attnkit.use_backend("cpp"):
+        fused = _run(q, k, v, dict(kwargs, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved,
+                                    rotary_seqlen_offsets=offsets), grad_out)
+        assert attnkit.last_dispatch(OP).backend == "cpp"
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        spin = dict(interleaved=interleaved, layout="bhnd")
+        shift_q = offsets + (15 if alignment == "bottom_right" else 0)
+        q_rot = apply_rotary(leaves[0], cos, sin, seqlen_offsets=shift_q, **spin)
+        out = flash_attention(q_rot, apply_rotary(leaves[1], cos, sin, seqlen_offsets=offsets, **spin), leaves[2],
+                              **kwargs)
+        assert attnkit.last_dispatch("rotary").backend == "cpp"
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    torch.testing.assert_close(fused[0], out, atol=1e-5, rtol=1e-5)
+    for g_fused, g in zip(fused[2], grads):
+        torch.testing.assert_close(g_fused, g, atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_fused_equals_rotate_then_attend():
+    gen = torch.Generator().manual_seed(9)
+    cu_q = torch.tensor([0, 70, 70, 75], dtype=torch.int32)
+    cu_k = torch.tensor([0, 90, 93, 93 + 130], dtype=torch.int32)
+    q = torch.randn(75, 4, 48, generator=gen, requires_grad=True)
+    k, v = (torch.randn(223, 2, 48, generator=gen, requires_grad=True) for _ in range(2))
+    cos, sin = _tables(200, 32)
+    offsets = torch.tensor([3, 0, 60], dtype=torch.int32)
+    grad_out = torch.randn(75, 4, 48, generator=gen)
+    with attnkit.use_backend("cpp"):
+        out = flash_attention_varlen(q, k, v, cu_q, cu_k, 70, 130, causal=True, rotary_cos=cos, rotary_sin=sin,
+                                     rotary_seqlen_offsets=offsets)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        # Bottom-right: query i of sequence b sits at key position i + Nk_b - Nq_b.
+        shift_q = offsets + (cu_k.diff() - cu_q.diff())
+        q_rot = apply_rotary(q, cos, sin, seqlen_offsets=shift_q, cu_seqlens=cu_q, max_seqlen=70)
+        k_rot = apply_rotary(k, cos, sin, seqlen_offsets=offsets, cu_seqlens=cu_k, max_seqlen=130)
+        expected = flash_attention_varlen(q_rot, k_rot, v, cu_q, cu_k, 70, 130, causal=True)
+        expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for g, g_e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, g_e, atol=1e-5, rtol=1e-5)
+
+
+def test_entry_points_reject_bad_arguments():
+    ext, reason = _extensions.load("_C")
+    if ext is None:
+        pytest.skip(reason)
+    x = torch.randn(2, 5, 3, 8)
+    cos, sin = _tables(6, 8)
+    bad_rotary = [
+        (x, cos.double(), sin.double(), None, 0, False, False, torch.empty_like(x), None),  # table dtype
+        (x, cos, sin[:, :3], None, 0, False, False, torch.empty_like(x), None),  # cos/sin differ
+        (x, cos, sin, None, 0, False, False, torch.empty(2, 5, 3, 7), None),  # out shape
+        (x, cos, sin, torch.zeros(3, dtype=torch.int32), 0, False, False, torch.empty_like(x), None),  # offsets
+        (x[0], cos, sin, None, 0, False, False, torch.empty_like(x[0]), torch.tensor([0, 4], dtype=torch.int32)),
+    ]
+    for args in bad_rotary:
+        with pytest.raises(RuntimeError, match="rotary"):
+            ext.rotary_apply(*args)
+    q = torch.randn(2, 2, 8, 16)
+    base = (None, None, 8, 8, None, None, None, -1, -1, True, 0.0, 0.25, 0.0, 0)
+    with pytest.raises(RuntimeError, match="rotary_cos"):
+        ext.attention_rotary_forward(q, q, q, *base, cos[0], sin[0], torch.zeros(2, dtype=torch.int32), False)
