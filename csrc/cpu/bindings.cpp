@@ -2,6 +2,7 @@
 // and validation live in Python (attnkit.ops), so these are thin.
 #include <torch/extension.h>
 
+#include "attnkit/additive_attention.h"
 #include "attnkit/attention.h"
 #include "attnkit/lstm_cell.h"
 #include "attnkit/rnn.h"
@@ -24,5 +25,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "flash attention forward with fused RoPE on q and k (CPU)");
   m.def("attention_rotary_backward", &attnkit::cpu::attention_rotary_backward,
         "flash attention backward with fused RoPE on q and k (CPU)");
+  m.def("additive_attention_forward", &attnkit::cpu::additive_attention_forward,
+        "additive (Bahdanau) attention on the projections, forward (CPU)");
+  m.def("additive_attention_backward", &attnkit::cpu::additive_attention_backward,
+        "additive (Bahdanau) attention on the projections, backward (CPU)");
   m.def("num_threads", [] { return at::get_num_threads(); }, "threads at::parallel_for may use");
 }

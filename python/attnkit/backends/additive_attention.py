@@ -13,12 +13,66 @@ Gradients come back in the inputs' dtype.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, List, Mapping
 
 import torch
 
+from .. import _extensions
 from .._dispatch import Implementation, Op
 from ..reference.additive_attention import attend
+
+
+MAX_VALUE_DIM = 256
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Triton(Implementation):
+    """triton_kernels/additive_attention.py: online softmax over key tiles, tanh
+    summed over A in chunks; GPUs, and CPU tensors under TRITON_INTERPRET=1."""
+
+    backend = "triton"
+
+    def not_supported_reasons(self, call: Mapping[str, Any]) -> List[str]:
+        reasons = []
+        if call.get("dtype") == torch.float64:
+            reasons.append("float64: the kernel accumulates in float32 (use the cpp or reference backend)")
+        if call.get("head_dim_v", 0) > MAX_VALUE_DIM:
+            reasons.append(f"value dim {call['head_dim_v']} > {MAX_VALUE_DIM} (one register tile per query block)")
+        return reasons
+
+    def forward(self, qp, kp, values, v_a, mask, return_weights):
+        from ..triton_kernels import additive_attention as kernels
+
+        return kernels.forward(qp, kp, values, v_a, mask, return_weights)
+
+    def backward(self, grad_context, grad_weights, delta, qp, kp, values, v_a, mask, lse):
+        from ..triton_kernels import additive_attention as kernels
+
+        return kernels.backward(grad_context, grad_weights, delta, qp, kp, values, v_a, mask, lse)
+
+
+class Cpp(Implementation):
+    """csrc/cpu/additive_attention.cpp: tanh recomputed pair by pair, never stored;
+    half inputs are upcast to float32 (the kernel computes in float or double)."""
+
+    backend = "cpp"
+
+    def forward(self, qp, kp, values, v_a, mask, return_weights):
+        ext, _ = _extensions.load("_C")
+        compute = _compute_dtype(qp.dtype)
+        context, weights, lse = ext.additive_attention_forward(*(t.to(compute) for t in (qp, kp, values, v_a)), mask)
+        return context.to(values.dtype), lse, weights.to(values.dtype) if return_weights else None
+
+    def backward(self, grad_context, grad_weights, delta, qp, kp, values, v_a, mask, lse):
+        ext, _ = _extensions.load("_C")
+        compute = _compute_dtype(qp.dtype)
+        up = lambda t: None if t is None else t.to(compute).contiguous()  # noqa: E731
+        grads = ext.additive_attention_backward(up(grad_context), up(grad_weights), up(delta), up(qp), up(kp),
+                                                up(values), up(v_a), mask, up(lse))
+        return tuple(g.to(like.dtype) for g, like in zip(grads, (qp, kp, values, v_a)))
 
 
 class Reference(Implementation):
@@ -48,7 +102,7 @@ class Reference(Implementation):
         return tuple(g.to(dtype) for g, dtype in zip(grads, dtypes))
 
 
-ADDITIVE_ATTENTION = Op("additive_attention", [Reference()])
+ADDITIVE_ATTENTION = Op("additive_attention", [Triton(), Cpp(), Reference()])
 
 
 def describe(qp, values) -> Mapping[str, Any]:

@@ -1,0 +1,334 @@
+// Additive attention on the CPU (see attnkit/additive_attention.h).
+//
+// The cost is tanh: Tq * Tk * A of them. Forward: one task per (batch, block of
+// queries) scores its rows block of keys by block of keys (the key block stays
+// in cache across the queries), softmaxes each row in place in the weights
+// output and keeps its log-sum-exp; context = weights @ values is one bmm.
+// Backward: one task per (batch, slice of keys) recomputes t = tanh(qp_i + kp_j)
+// pair by pair, once: p from the saved lse, dS = p (dP - delta) with
+// dP = grad_context @ values^T (+ grad_weights) from one bmm, then
+// d_qp_i += dS v_a (1 - t^2), d_kp_j += the same, d_v_a += dS t. A task owns
+// its keys' d_kp; its d_qp and d_v_a go to per-slice buffers summed at the end
+// (one slice per batch element when the batch alone keeps the threads busy).
+//
+// The extension is built without -march flags, so at::vec falls back to scalar
+// std::tanh; the float passes use GCC vector types compiled for AVX-512, AVX2
+// and baseline x86-64 (target_clones, picked at load time, as attention_rows.cpp
+// does). double (for gradcheck) keeps plain loops and std::tanh.
+#include "attnkit/additive_attention.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "attention_rows.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define ATTNKIT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ATTNKIT_SIMD_CLONES
+#endif
+// Inlined into each target clone: an out-of-line helper would be compiled for baseline x86-64.
+#define ATTNKIT_INLINE inline __attribute__((always_inline))
+
+namespace attnkit {
+namespace cpu {
+
+namespace {
+
+constexpr int64_t kQueryBlock = 16;  // queries per forward task
+constexpr int64_t kKeyBlock = 32;    // keys scored against one query before the next (kept in L1/L2)
+
+// ----------------------------------------------------------------------------- float, vectorized
+
+typedef float vf __attribute__((vector_size(64)));
+constexpr int64_t W = 16;
+
+ATTNKIT_INLINE vf splat(float a) { return vf{} + a; }
+
+ATTNKIT_INLINE vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+ATTNKIT_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+ATTNKIT_INLINE vf load_tail(const float* p, int64_t n) {
+  float buf[W] = {};
+  for (int64_t j = 0; j < n; ++j) buf[j] = p[j];
+  return load(buf);
+}
+
+ATTNKIT_INLINE void store_tail(float* p, vf v, int64_t n) {
+  float buf[W];
+  store(buf, v);
+  for (int64_t j = 0; j < n; ++j) p[j] = buf[j];
+}
+
+ATTNKIT_INLINE float hsum(vf v) {
+  float s = 0;
+  for (int64_t j = 0; j < W; ++j) s += v[j];
+  return s;
+}
+
+// tanh(x) as a [13/6] rational minimax approximation on |x| <= 7.905 (the
+// coefficients of Eigen's fast float tanh; a few ulp, checked against
+// std::tanh by the tests), x itself below 4e-4, +-1 past the clamp.
+ATTNKIT_INLINE vf vtanh(vf x) {
+  const vf c = x < splat(-7.90531110763549805f) ? splat(-7.90531110763549805f)
+               : x > splat(7.90531110763549805f) ? splat(7.90531110763549805f)
+                                                 : x;
+  const vf x2 = c * c;
+  vf p = splat(-2.76076847742355e-16f);
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 - 8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  vf q = splat(1.19825839466702e-06f);
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  const vf r = c * p / q;
+  const vf ax = x < splat(0.0f) ? -x : x;
+  return ax < splat(4e-4f) ? x : r;
+}
+
+// s[j] = v_a . tanh(q + k_j) for the n keys k_j = k + j * A; -inf where live[j] == 0.
+ATTNKIT_SIMD_CLONES void score_block(const float* q, const float* k, int64_t n, int64_t A, const float* va,
+                                     const bool* live, float* s) {
+  const int64_t body = A - A % W;
+  for (int64_t j = 0; j < n; ++j) {
+    if (live != nullptr && !live[j]) {
+      s[j] = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    const float* kj = k + j * A;
+    vf acc = splat(0.0f);
+    for (int64_t a = 0; a < body; a += W) acc += load(va + a) * vtanh(load(q + a) + load(kj + a));
+    if (body < A) acc += load_tail(va + body, A - body) * vtanh(load_tail(q + body, A - body) + load_tail(kj + body, A - body));
+    s[j] = hsum(acc);
+  }
+}
+
+// One query against n keys in the backward: p[j] = exp(v_a . t - lse) with
+// t = tanh(q + k_j) (0 where live[j] == 0), dS = p (dp[j] - delta), then
+// dq += dS v_a (1 - t^2), dk_j += the same, dva += dS t. t: A floats of scratch.
+ATTNKIT_SIMD_CLONES void backward_pairs(const float* q, const float* k, int64_t n, int64_t A, const float* va,
+                                        const bool* live, float lse, float delta, const float* dp, float* p, float* dq,
+                                        float* dk, float* dva, float* t) {
+  const int64_t body = A - A % W, rest = A - body;
+  for (int64_t j = 0; j < n; ++j) {
+    if (live != nullptr && !live[j]) {
+      p[j] = 0.0f;
+      continue;
+    }
+    const float* kj = k + j * A;
+    vf acc = splat(0.0f);
+    for (int64_t a = 0; a < body; a += W) {
+      const vf tv = vtanh(load(q + a) + load(kj + a));
+      store(t + a, tv);
+      acc += load(va + a) * tv;
+    }
+    if (rest) {
+      const vf tv = vtanh(load_tail(q + body, rest) + load_tail(kj + body, rest));
+      store_tail(t + body, tv, rest);
+      acc += load_tail(va + body, rest) * tv;
+    }
+    const float pj = std::exp(hsum(acc) - lse);
+    const float ds = pj * (dp[j] - delta);
+    p[j] = pj;
+    if (ds == 0.0f) continue;
+    float* dkj = dk + j * A;
+    const vf dsv = splat(ds);
+    for (int64_t a = 0; a < body; a += W) {
+      const vf tv = load(t + a);
+      const vf u = dsv * load(va + a) * (splat(1.0f) - tv * tv);
+      store(dq + a, load(dq + a) + u);
+      store(dkj + a, load(dkj + a) + u);
+      store(dva + a, load(dva + a) + dsv * tv);
+    }
+    for (int64_t a = body; a < A; ++a) {
+      const float u = ds * va[a] * (1.0f - t[a] * t[a]);
+      dq[a] += u;
+      dkj[a] += u;
+      dva[a] += ds * t[a];
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- double, plain loops
+
+void score_block(const double* q, const double* k, int64_t n, int64_t A, const double* va, const bool* live,
+                 double* s) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (live != nullptr && !live[j]) {
+      s[j] = -std::numeric_limits<double>::infinity();
+      continue;
+    }
+    double acc = 0;
+    for (int64_t a = 0; a < A; ++a) acc += va[a] * std::tanh(q[a] + k[j * A + a]);
+    s[j] = acc;
+  }
+}
+
+void backward_pairs(const double* q, const double* k, int64_t n, int64_t A, const double* va, const bool* live,
+                    double lse, double delta, const double* dp, double* p, double* dq, double* dk, double* dva,
+                    double* t) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (live != nullptr && !live[j]) {
+      p[j] = 0.0;
+      continue;
+    }
+    double s = 0;
+    for (int64_t a = 0; a < A; ++a) {
+      t[a] = std::tanh(q[a] + k[j * A + a]);
+      s += va[a] * t[a];
+    }
+    p[j] = std::exp(s - lse);
+    const double ds = p[j] * (dp[j] - delta);
+    for (int64_t a = 0; a < A; ++a) {
+      const double u = ds * va[a] * (1.0 - t[a] * t[a]);
+      dq[a] += u;
+      dk[j * A + a] += u;
+      dva[a] += ds * t[a];
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- drivers
+
+template <typename T>
+void forward_kernel(const T* qp, const T* kp, const T* va, const bool* mask, T* weights, T* lse, int64_t B, int64_t Tq,
+                    int64_t Tk, int64_t A) {
+  const int64_t blocks = (Tq + kQueryBlock - 1) / kQueryBlock;
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, i0 = (task % blocks) * kQueryBlock, i1 = std::min(Tq, i0 + kQueryBlock);
+      const bool* live = mask ? mask + b * Tk : nullptr;
+      for (int64_t j0 = 0; j0 < Tk; j0 += kKeyBlock) {
+        const int64_t n = std::min(kKeyBlock, Tk - j0);
+        for (int64_t i = i0; i < i1; ++i) {
+          score_block(qp + (b * Tq + i) * A, kp + (b * Tk + j0) * A, n, A, va, live ? live + j0 : nullptr,
+                      weights + (b * Tq + i) * Tk + j0);
+        }
+      }
+      for (int64_t i = i0; i < i1; ++i) {  // softmax of the finished rows, in place
+        T* row = weights + (b * Tq + i) * Tk;
+        const T top = attn_rows::row_max(row, Tk);
+        if (top == -std::numeric_limits<T>::infinity()) {  // every key masked: weights 0, context 0
+          std::fill(row, row + Tk, T(0));
+          lse[b * Tq + i] = top;
+          continue;
+        }
+        const T total = attn_rows::exp_shift_sum(row, Tk, top);
+        const T inv = T(1) / total;
+        for (int64_t j = 0; j < Tk; ++j) row[j] *= inv;
+        lse[b * Tq + i] = top + std::log(total);
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_kernel(const T* qp, const T* kp, const T* va, const bool* mask, const T* lse, const T* delta,
+                     const T* dp, T* p, T* dq_part, T* dk, T* dva_part, int64_t B, int64_t Tq, int64_t Tk, int64_t A,
+                     int64_t slices) {
+  const int64_t key_blocks = (Tk + kKeyBlock - 1) / kKeyBlock;
+  at::parallel_for(0, B * slices, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> t(A);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / slices, slice = task % slices;
+      const int64_t j_begin = std::min(Tk, (key_blocks * slice / slices) * kKeyBlock);
+      const int64_t j_end = std::min(Tk, (key_blocks * (slice + 1) / slices) * kKeyBlock);
+      const bool* live = mask ? mask + b * Tk : nullptr;
+      T* dq = dq_part + task * Tq * A;
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += kKeyBlock) {
+        const int64_t n = std::min(kKeyBlock, j_end - j0);
+        for (int64_t i = 0; i < Tq; ++i) {
+          const int64_t row = b * Tq + i;
+          if (lse[row] == -std::numeric_limits<T>::infinity()) continue;  // no real key: p and every gradient 0
+          backward_pairs(qp + row * A, kp + (b * Tk + j0) * A, n, A, va, live ? live + j0 : nullptr, lse[row],
+                         delta[row], dp + row * Tk + j0, p + row * Tk + j0, dq + i * A, dk + (b * Tk + j0) * A,
+                         dva_part + task * A, t.data());
+        }
+      }
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& qp, const at::Tensor& kp, const at::Tensor& values, const at::Tensor& v_a,
+                  const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(qp.dim() == 3 && kp.dim() == 3 && values.dim() == 3 && v_a.dim() == 1, "additive_attention: bad ranks");
+  TORCH_CHECK(qp.size(2) == kp.size(2) && qp.size(2) == v_a.size(0), "additive_attention: hidden sizes differ");
+  TORCH_CHECK(qp.size(0) == kp.size(0) && kp.size(0) == values.size(0) && kp.size(1) == values.size(1),
+              "additive_attention: batch or key length differ");
+  for (const at::Tensor* t : {&qp, &kp, &values, &v_a}) {
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == qp.scalar_type() && t->device().is_cpu(),
+                "additive_attention: expected contiguous CPU tensors of one dtype");
+  }
+  if (mask) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->dim() == 2 &&
+                    mask->size(0) == qp.size(0) && mask->size(1) == kp.size(1),
+                "additive_attention: mask must be contiguous bool (B, Tk)");
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> additive_attention_forward(const at::Tensor& qp, const at::Tensor& kp, const at::Tensor& values,
+                                                   const at::Tensor& v_a, const c10::optional<at::Tensor>& mask) {
+  check_inputs(qp, kp, values, v_a, mask);
+  const int64_t B = qp.size(0), Tq = qp.size(1), A = qp.size(2), Tk = kp.size(1);
+  at::Tensor weights = at::empty({B, Tq, Tk}, qp.options());
+  at::Tensor lse = at::empty({B, Tq}, qp.options());
+  const bool* mask_ptr = mask ? mask->data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(qp.scalar_type(), "additive_attention_forward", [&] {
+    forward_kernel<scalar_t>(qp.data_ptr<scalar_t>(), kp.data_ptr<scalar_t>(), v_a.data_ptr<scalar_t>(), mask_ptr,
+                             weights.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), B, Tq, Tk, A);
+  });
+  return {at::bmm(weights, values), weights, lse};
+}
+
+std::vector<at::Tensor> additive_attention_backward(const at::Tensor& grad_context,
+                                                    const c10::optional<at::Tensor>& grad_weights,
+                                                    const at::Tensor& delta, const at::Tensor& qp, const at::Tensor& kp,
+                                                    const at::Tensor& values, const at::Tensor& v_a,
+                                                    const c10::optional<at::Tensor>& mask, const at::Tensor& lse) {
+  check_inputs(qp, kp, values, v_a, mask);
+  const int64_t B = qp.size(0), Tq = qp.size(1), A = qp.size(2), Tk = kp.size(1);
+  TORCH_CHECK(grad_context.is_contiguous() && grad_context.scalar_type() == qp.scalar_type() &&
+                  lse.scalar_type() == qp.scalar_type() && delta.scalar_type() == qp.scalar_type() &&
+                  lse.is_contiguous() && delta.is_contiguous(),
+              "additive_attention_backward: grad_context, lse, delta must be contiguous in the inputs' dtype");
+  at::Tensor dp = at::bmm(grad_context, values.transpose(1, 2));
+  if (grad_weights) dp.add_(*grad_weights);
+  // Slice the keys only as far as needed to give every thread work (each slice holds its own d_qp).
+  const int64_t key_blocks = (Tk + kKeyBlock - 1) / kKeyBlock;
+  const int64_t wanted = (2 * at::get_num_threads() + B - 1) / B;
+  const int64_t slices = std::max<int64_t>(1, std::min(wanted, key_blocks));
+  at::Tensor p = at::zeros({B, Tq, Tk}, qp.options());  // rows with no real key are skipped
+  at::Tensor dq_part = at::zeros({B, slices, Tq, A}, qp.options());
+  at::Tensor dk = at::zeros({B, Tk, A}, qp.options());
+  at::Tensor dva_part = at::zeros({B * slices, A}, qp.options());
+  const bool* mask_ptr = mask ? mask->data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(qp.scalar_type(), "additive_attention_backward", [&] {
+    backward_kernel<scalar_t>(qp.data_ptr<scalar_t>(), kp.data_ptr<scalar_t>(), v_a.data_ptr<scalar_t>(), mask_ptr,
+                              lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), dp.data_ptr<scalar_t>(),
+                              p.data_ptr<scalar_t>(), dq_part.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+                              dva_part.data_ptr<scalar_t>(), B, Tq, Tk, A, slices);
+  });
+  at::Tensor dq = slices == 1 ? dq_part.squeeze(1) : dq_part.sum(1);
+  return {dq, dk, at::bmm(p.transpose(1, 2), grad_context), dva_part.sum(0)};
+}
+
+}  // namespace cpu
+}  // namespace attnkit
