@@ -5,10 +5,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GPT-2's tanh approximation of GELU (a named function: a lambda would make models unpicklable)."""
+    return F.gelu(x, approximate="tanh")
+
+
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf), as transformers' "gelu"
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's tanh approximation
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
     "relu": F.relu,
     "silu": F.silu,
     "swish": F.silu,
@@ -27,7 +32,8 @@ def check_ids(name: str, ids: Tensor, limit: int, what: str) -> None:
         raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
     if name == "input_ids" and (ids.dim() != 2 or ids.shape[1] == 0):
         raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(ids.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= limit):
+    # Reading the values syncs and is data-dependent: skipped when traced (torch.compile).
+    if ids.numel() and not torch.compiler.is_compiling() and (int(ids.min()) < 0 or int(ids.max()) >= limit):
         raise ValueError(f"{name} must be in [0, {limit}) ({what}), got values in [{int(ids.min())}, {int(ids.max())}]")
 
 

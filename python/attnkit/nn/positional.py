@@ -145,7 +145,9 @@ class RotaryEmbedding(nn.Module):
         key = (device, dtype)
         cached = self._tables.get(key)
         # Tables made under inference_mode cannot be saved for a backward later: remake them.
-        stale = cached is not None and cached[0].is_inference() and not torch.is_inference_mode_enabled()
+        # (Dynamo cannot trace is_inference(); a compiled graph builds no inference tensors.)
+        stale = (cached is not None and not torch.compiler.is_compiling() and cached[0].is_inference()
+                 and not torch.is_inference_mode_enabled())
         if cached is None or stale or cached[0].shape[0] < seq_len:
             length = max(seq_len, 2 * cached[0].shape[0] if cached is not None else 0)
             positions = torch.arange(length, device=device, dtype=torch.float32)

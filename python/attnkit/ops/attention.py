@@ -69,7 +69,8 @@ def _attention_backward(
 
 @_attention_backward.register_fake
 def _(grad_out, q, k, v, out, lse, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Contiguous like the real gradients (q may be a strided view: empty_like would copy its strides).
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
