@@ -14,6 +14,11 @@ others were skipped.
 Forcing, strongest first: `with attnkit.use_backend(name[, op=...])`,
 `attnkit.set_backend(name[, op=...])`, the ATTNKIT_BACKEND environment
 variable (`cpp`, or per op: `lstm_cell=cpp,flash_attention=triton`).
+
+Threads: `use_backend` is a contextvar, so it holds in its own thread (or asyncio
+task) only; a new thread starts without it (submit `contextvars.copy_context().run`
+to carry it). `set_backend` is process-wide. `last_dispatch` is the latest call
+from any thread. Ops themselves may be called from several threads at once.
 """
 from __future__ import annotations
 
