@@ -1,7 +1,20 @@
+import os
+
 import pytest
 import torch
 
 from attnkit import _dispatch
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests (minutes on a 2-core CPU) run only when asked for: `-m slow` (or any -m
+    naming them) or ATTNKIT_SLOW=1; `make test` skips them."""
+    if "slow" in (config.getoption("markexpr") or "") or os.environ.get("ATTNKIT_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with `-m slow` or ATTNKIT_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

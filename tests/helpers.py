@@ -35,27 +35,34 @@ ATTENTION_TOL = {
 }
 GRAD_TOL_FACTOR = 4
 
-# STABILITY_TOL: extreme inputs (tests/test_stability.py) against the float64 reference, same
-# measure as ATTENTION_TOL. Logits x1e4 make the softmax one-hot up to near-ties; a score of
-# size 1e4 in fp32 carries an absolute error of ~1e-3 (eps x |s|), so lse (itself ~1e4) is
-# compared relative to its size and the output (a convex combination of v) to 1e-3.
-# Near-overflow half inputs are compared with the dtype's ATTENTION_TOL relative to the largest
-# output (the measure scales with max |expected|).
+# STABILITY_TOL: extreme logits (tests/test_stability.py) against the float64 reference, same
+# measure as ATTENTION_TOL, fp32 inputs. Scores ~1e4 make the softmax one-hot up to near-ties;
+# such a score carries an absolute fp32 error of ~1e-3 (eps x |s|): the output (a convex
+# combination of v) within 1e-3, lse (itself ~1e4) within 1e-6 relative to its size, and the
+# gradients, where that error passes through P (1 - P) of the near-tied keys and is multiplied
+# by |q| ~ 1e4, within 5e-2 (measured: ~1e-2 on cpp, ~6e-3 on the fp32 reference backend).
+# Scores ~1e-4 give a ~uniform softmax: errors of a few eps, 1e-5.
+# Half inputs near overflow use ATTENTION_TOL of their dtype (the measure scales with max |expected|).
+# LSTM/GRU inputs x1e4 (saturated gates), fp32: weight gradients relative to their largest entry
+# within 2e-3; torch.nn's own fp32 LSTM/GRU is off by as much (1e-4..5e-4 measured) from float64.
 STABILITY_TOL = {
     "attention_out_large_logits": 1e-3,
-    "attention_lse_large_logits": 1e-6,  # relative: |lse| ~ 1e4, fp32 eps ~ 6e-8 per op
-    "attention_small_logits": 1e-5,  # scores ~1e-4: the softmax is ~uniform, errors ~eps
+    "attention_lse_large_logits": 1e-6,
+    "attention_grad_large_logits": 5e-2,
+    "attention_small_logits": 1e-5,
+    "rnn_saturated_grad_fp32": 2e-3,
 }
 
-# LONG_SEQUENCE_TOL: N = 32k attention (cpp, fp32) against float64 rows computed exactly, and
-# T = 10k LSTM/GRU (cpp, fp32) against torch.nn in float64. Attention sums 32k terms per row in
-# fp32 (error ~ sqrt(N) eps); the RNNs are contractive with the weights drawn (scale 1/sqrt(H)),
-# so the error stays near one step's, it does not grow with T. Gradients: x10 (backward through
-# 10k steps accumulates dW over every step).
+# LONG_SEQUENCE_TOL: attention at N = 32k / 8k (cpp, fp32) against float64 rows computed
+# exactly (max abs error; outputs are O(1)): a row sums N terms in fp32, error ~ sqrt(N) eps
+# = 1e-5 at N = 32k (measured ~5e-7); gradients GRAD_TOL_FACTOR x that. LSTM/GRU at T = 10k
+# (cpp, fp32) against torch.nn in float64: the recurrences are contractive with torch's
+# initialization, so the output error stays at one step's (~1e-7 measured; 1e-5 allowed) and
+# does not grow with T; weight gradients sum T steps (~4e-5 relative measured at T = 10k; 5e-4).
 LONG_SEQUENCE_TOL = {
-    "attention": 2e-4,
-    "rnn": 1e-4,
-    "rnn_grad": 1e-3,
+    "attention": 1e-5,
+    "rnn": 1e-5,
+    "rnn_grad": 5e-4,
 }
 
 
