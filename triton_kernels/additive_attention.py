@@ -22,12 +22,13 @@ import triton.language as tl
 
 from .flash_attention_launch import _interpreting, _run
 
-BLOCK_M, BLOCK_N, BLOCK_A, NUM_WARPS = 32, 32, 8, 4
-LOG2E = 1.4426950408889634
+BLOCK_M, BLOCK_N, BLOCK_A = 32, 32, 8  # Triton's default 4 warps
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
 def _tanh(x):
+    x = tl.minimum(tl.maximum(x, -15.0), 15.0)  # tanh(15) rounds to 1; exp(-2x) stays finite
     return 2 * tl.sigmoid(2 * x) - 1
 
 
@@ -158,7 +159,7 @@ def _block_dv(dv: int) -> int:
 
 
 def _mask_bytes(mask):
-    return None if mask is None else mask.to(torch.int8).contiguous()
+    return None if mask is None else mask.to(torch.uint8).contiguous()
 
 
 def forward(qp, kp, values, v_a, mask, return_weights, launch=None):
@@ -172,7 +173,7 @@ def forward(qp, kp, values, v_a, mask, return_weights, launch=None):
     grid = (triton.cdiv(n_q, BLOCK_M), batch)
     args = (qp, kp, values, v_a, mask8 if mask8 is not None else lse, out, lse, scores, n_q, n_k, hidden, d_v)
     kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_A=BLOCK_A, BLOCK_DV=_block_dv(d_v), HAS_MASK=mask is not None,
-                  STORE_SCORES=return_weights, num_warps=NUM_WARPS)
+                  STORE_SCORES=return_weights)
     _run(_forward, grid, args, kwargs, launch)
     weights = None
     if return_weights:  # exp(s - lse); masked scores are -inf (weight 0); a row with no live key is all 0
@@ -197,6 +198,6 @@ def backward(grad_context, grad_weights, delta, qp, kp, values, v_a, mask, lse, 
             grad_context, grad_weights if grad_weights is not None else lse, d_qp, d_kp, d_values, d_va, n_q, n_k,
             hidden, d_v, n_key_blocks)
     kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_A=BLOCK_A, BLOCK_DV=_block_dv(d_v), HAS_MASK=mask is not None,
-                  HAS_DW=grad_weights is not None, num_warps=NUM_WARPS)
+                  HAS_DW=grad_weights is not None)
     _run(_backward, grid, args, kwargs, launch)
     return d_qp.to(qp.dtype), d_kp.to(kp.dtype), d_values.to(values.dtype), d_va.sum((0, 1)).to(v_a.dtype)

@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import flash_attention_launch as launch
-from . import decode, rotary
+from . import additive_attention, decode, rotary
 
 _POINTER_TYPES = {
     torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
@@ -125,6 +125,7 @@ def check(arch: int = 90, all_configs: bool = False, verbose: bool = True) -> li
             print(f"sm_{arch} {name}: ok in {time.time() - start:.1f} s")
     check_rotary(compiler, verbose)
     check_decode(compiler, verbose)
+    check_additive(compiler, verbose)
     return compiler.compiled
 
 
@@ -191,3 +192,27 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# (name, dtype, hidden size A, value dim, mask, weights asked for)
+ADDITIVE_COMBOS = [
+    ("bf16-a256-dv256-mask-weights", torch.bfloat16, 256, 256, True, True),
+    ("fp32-a80-dv48", torch.float32, 80, 48, False, False),
+    ("fp16-a96-dv128-mask", torch.float16, 96, 128, True, False),
+]
+
+
+def check_additive(compiler: "Compiler", verbose: bool = True) -> None:
+    """The additive-attention forward and backward kernels; printed as 'compiled'."""
+    for name, dtype, hidden, d_v, masked, weights in ADDITIVE_COMBOS:
+        start = time.time()
+        qp = torch.empty(4, 300, hidden, device="meta", dtype=dtype)
+        kp = torch.empty(4, 200, hidden, device="meta", dtype=dtype)
+        values = torch.empty(4, 200, d_v, device="meta", dtype=dtype)
+        v_a = torch.empty(hidden, device="meta", dtype=dtype)
+        mask = torch.empty(4, 200, device="meta", dtype=torch.bool) if masked else None
+        out, lse, w = additive_attention.forward(qp, kp, values, v_a, mask, weights, launch=compiler)
+        additive_attention.backward(torch.empty_like(out), w, torch.empty_like(lse), qp, kp, values, v_a, mask, lse,
+                                    launch=compiler)
+        if verbose:
+            print(f"sm_{compiler.target.arch} additive attention {name}: compiled in {time.time() - start:.1f} s")

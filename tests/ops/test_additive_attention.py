@@ -85,6 +85,20 @@ def test_context_only_gradients_match_reference(backend, device):
         torch.testing.assert_close(g.cpu(), g_ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("scale", [1e-5, 30.0], ids=["tiny", "saturated"])
+def test_tanh_extremes_match_reference(backend, device, scale):
+    """Pre-activations far past tanh's saturation, or tiny: each branch of the kernels' tanh."""
+    tensors, mask = make(CASES[2], torch.float64)
+    tensors[3], tensors[4] = tensors[3] * scale, tensors[4] * scale
+    context_ref, weights_ref = ref(*tensors, mask)
+    with forced(OP, backend, device) as dev:
+        context, weights = additive_attention(*(t.float().to(dev) for t in tensors), mask.to(dev),
+                                              return_weights=True)
+    torch.testing.assert_close(context.cpu().double(), context_ref, atol=5e-5, rtol=5e-5)
+    torch.testing.assert_close(weights.cpu().double(), weights_ref, atol=5e-5, rtol=5e-5)
+
+
 @pytest.mark.parametrize("backend,device", CPU_BACKENDS)
 def test_gradcheck_float64(backend, device):
     with forced(OP, backend, device, torch.float64):
