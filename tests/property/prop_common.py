@@ -42,6 +42,9 @@ class AttentionProblem:
     dead_rows: Tuple[int, ...]  # query rows whose mask hides every key
     key_lengths: Optional[Tuple[int, ...]]  # key_padding_mask: keys >= length are padding (0: whole entry)
     seed: int
+    rotary: str = ""  # fused RoPE: "", "half", "interleaved"
+    rotary_dim: int = 0
+    rotary_offsets: str = ""  # "int" (one offset) or "tensor" (one per sequence)
 
     @property
     def heads(self) -> int:
@@ -71,6 +74,13 @@ class AttentionProblem:
         if self.key_lengths is not None:
             lengths = torch.tensor(self.key_lengths)
             kwargs["key_padding_mask"] = (torch.arange(self.n_k)[None, :] >= lengths[:, None]).to(device)
+        if self.rotary:  # tables long enough for the last key at the largest offset
+            offsets = torch.randint(0, 5, (self.batch,), generator=gen, dtype=torch.int32)
+            angles = torch.rand(self.n_k + 5, self.rotary_dim // 2, generator=gen, dtype=torch.float64) * 6.3
+            kwargs.update(rotary_cos=angles.cos().to(dtype=dtype, device=device),
+                          rotary_sin=angles.sin().to(dtype=dtype, device=device),
+                          rotary_interleaved=self.rotary == "interleaved",
+                          rotary_seqlen_offsets=offsets.to(device) if self.rotary_offsets == "tensor" else int(offsets[0]))
         if self.alibi == "heads":
             kwargs["alibi_slopes"] = torch.rand(self.heads, generator=gen).to(device)
         elif self.alibi == "batch":
@@ -79,7 +89,7 @@ class AttentionProblem:
 
 
 @st.composite
-def attention_problems(draw, max_batch=3, max_kv_heads=2, max_group=3, max_n=40, dims=HEAD_DIMS):
+def attention_problems(draw, max_batch=3, max_kv_heads=2, max_group=3, max_n=40, dims=HEAD_DIMS, rotary=True):
     batch = draw(st.integers(1, max_batch))
     n_q, n_k = draw(st.integers(1, max_n)), draw(st.integers(1, max_n))
     dim = draw(st.sampled_from(dims))
@@ -97,4 +107,8 @@ def attention_problems(draw, max_batch=3, max_kv_heads=2, max_group=3, max_n=40,
         dead_rows=tuple(draw(st.sets(st.integers(0, n_q - 1), max_size=2))) if mask else (),
         key_lengths=draw(st.one_of(st.none(), st.tuples(*[st.integers(0, n_k)] * batch))),
         seed=draw(seeds),
+        # Fused RoPE (bottom-right) needs non-negative query positions: Nq <= Nk.
+        **(dict(rotary=draw(st.sampled_from(["", "", "half", "interleaved"])),
+                rotary_dim=2 * draw(st.integers(1, dim // 2)), rotary_offsets=draw(st.sampled_from(["int", "tensor"])))
+           if rotary and dim >= 2 and n_q <= n_k else {}),
     )

@@ -1,7 +1,7 @@
 """Property tests: flash_attention / flash_attention_varlen / attention_decode on random
 problems (shapes incl. length 1 and odd head dims, GQA ratios, causal, windows, softcap,
-ALiBi, bool/float masks with fully masked rows, key padding incl. whole padded entries,
-varlen splits incl. empty sequences) against the float64 reference."""
+ALiBi, fused RoPE, bool/float masks with fully masked rows, key padding incl. whole padded
+entries, varlen splits incl. empty sequences) against the float64 reference."""
 import torch
 from attention_cases import assert_close, ground_truth
 from helpers import ATTENTION_TOL, GRAD_TOL_FACTOR, forced
@@ -18,7 +18,7 @@ ALL_DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torc
 
 
 def check_dense(backend, problem, dtype, with_grads):
-    with forced(OP, backend, "cpu", dtype):
+    with forced(OP, backend, "cpu", dtype, rotary=bool(problem.rotary)):
         q, k, v, kwargs = problem.inputs(dtype)
         leaves = [t.requires_grad_(with_grads) for t in (q, k, v)]
         out, lse = flash_attention(*leaves, **kwargs, return_lse=True)

@@ -108,9 +108,9 @@ DTYPES = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfl
 
 
 @examples(40)
-@given(p=rotary_problems(), dtype=DTYPES)
-def test_reference_backend_matches_complex_rotation(p, dtype):
-    check("reference", p, dtype)
+@given(p=rotary_problems(), dtype=DTYPES, backend=st.sampled_from(["cpp", "reference"]))
+def test_cpu_backends_match_complex_rotation(p, dtype, backend):
+    check(backend, p, dtype)
 
 
 @examples(8)
