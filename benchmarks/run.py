@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-FAMILIES = ["lstm_cell", "attention", "attention_cpu", "positional", "rnn", "transformer", "models"]
+FAMILIES = ["lstm_cell", "attention", "attention_cpu", "positional", "rnn", "transformer", "models", "additive_attention"]
 
 
 def main(argv=None) -> int:
