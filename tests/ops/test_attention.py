@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from attention_cases import Shape, Features, assert_close, case_params, ground_truth, make_inputs
-from helpers import backend_params, forced
+from helpers import ATTENTION_TOL, GRAD_TOL_FACTOR, backend_params, forced
 
 import attnkit
 from attnkit.ops import flash_attention, flash_attention_varlen
@@ -13,7 +13,7 @@ from attnkit.reference import attention as ref
 
 OP = "flash_attention"
 BACKENDS = backend_params(OP)
-TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+TOL = ATTENTION_TOL  # tests/helpers.py: every tolerance in one place
 
 
 def run(q, k, v, kwargs, grad_out, **extra):
@@ -31,7 +31,7 @@ def check_against_truth(q, k, v, kwargs, dtype, **extra):
     assert_close(out, out_t, TOL[dtype], "out")
     assert_close(lse, lse_t, TOL[dtype], "lse")
     for name, g, g_t in zip("qkv", grads, grads_t):
-        assert_close(g, g_t, TOL[dtype] * 4, f"d{name}")
+        assert_close(g, g_t, TOL[dtype] * GRAD_TOL_FACTOR, f"d{name}")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

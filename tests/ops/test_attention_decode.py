@@ -3,7 +3,7 @@ backend against the float64 reference, and against flash_attention on a full cac
 import pytest
 import torch
 from attention_cases import assert_close
-from helpers import backend_params, forced
+from helpers import ATTENTION_TOL, backend_params, forced
 
 import attnkit
 from attnkit.ops import attention_decode, flash_attention
@@ -43,7 +43,7 @@ def test_matches_reference(backend, device, case, dtype):
     slopes = kwargs.get("alibi_slopes")
     options = dict(kwargs, alibi_slopes=None if slopes is None else slopes.expand(q.shape[0], -1))
     out_t, lse_t = ref.decode(q.double(), k.double(), v.double(), lengths, **options)
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    tol = ATTENTION_TOL[dtype]
     assert_close(out, out_t, tol, "out")
     assert_close(lse, lse_t, tol, "lse")
 
