@@ -41,9 +41,11 @@ inline void for_units(int64_t n, F&& body) {
 // projection, added here. c carries the cell state.
 // Without projection h and out get the new hidden state; with it (h == null)
 // hc gets o * tanh(c) for the projection GEMM. cs (may be null) keeps c.
+// `units` (H for a whole row) runs a slice of the row: pointers offset to its first
+// unit, H still the distance between gates.
 template <typename S>
-void lstm_forward_row(S* pre, const S* gh, S* c, S* h, S* out, S* cs, S* hc, int64_t H) {
-  for_units<S>(H, [&](auto lanes, int64_t j) {
+void lstm_forward_row(S* pre, const S* gh, S* c, S* h, S* out, S* cs, S* hc, int64_t H, int64_t units) {
+  for_units<S>(units, [&](auto lanes, int64_t j) {
     using V = decltype(lanes);
     const auto a = gates::lstm_activate<V>(ld<V>(pre + j) + ld<V>(gh + j), ld<V>(pre + H + j) + ld<V>(gh + H + j),
                                            ld<V>(pre + 2 * H + j) + ld<V>(gh + 2 * H + j),
@@ -67,8 +69,9 @@ void lstm_forward_row(S* pre, const S* gh, S* c, S* h, S* out, S* cs, S* hc, int
 
 // gpre gets d(pre-activations) (4H); dc: dL/dc_t in, dL/dc_{t-1} out.
 template <typename S>
-void lstm_backward_row(const S* gates, const S* c_prev, const S* c_new, const S* dh, S* dc, S* gpre, int64_t H) {
-  for_units<S>(H, [&](auto lanes, int64_t j) {
+void lstm_backward_row(const S* gates, const S* c_prev, const S* c_new, const S* dh, S* dc, S* gpre, int64_t H,
+                       int64_t units) {
+  for_units<S>(units, [&](auto lanes, int64_t j) {
     using V = decltype(lanes);
     const gates::LstmGates<V> a{ld<V>(gates + j), ld<V>(gates + H + j), ld<V>(gates + 2 * H + j),
                                 ld<V>(gates + 3 * H + j)};

@@ -171,6 +171,24 @@ struct Kernels {
     return rnn::present(bias) ? at::addmm(*bias, a, w.t()) : at::mm(a, w.t());
   }
 
+  // cuBLAS takes the plain weight: nothing to prepare.
+  static at::Tensor step_weight(const at::Tensor&, int64_t) { return at::Tensor(); }
+  static at::Tensor step_linear(const at::Tensor& a, const at::Tensor& w, const at::Tensor&,
+                                const c10::optional<at::Tensor>& bias) {
+    return linear(a, w, bias);
+  }
+
+  // The CPU's small-batch time loops (csrc/cpu/rnn_small_batch.h); a
+  // persistent CUDA kernel would go here.
+  static bool lstm_forward_small_batch(at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                                       const at::Tensor&, const at::Tensor&) {
+    return false;
+  }
+  static bool lstm_backward_small_batch(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) {
+    return false;
+  }
+
   static void lstm_forward_step(at::Tensor& pre, const at::Tensor& gh, at::Tensor& c, const at::Tensor& h,
                                 const at::Tensor& out,
                                 const at::Tensor& cs, const at::Tensor& hc, const at::Tensor& len, int64_t t) {

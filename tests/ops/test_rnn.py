@@ -300,3 +300,24 @@ def test_larger_batch_float32_cpp(lengths):
                 out, h = gru(*args, lengths=lengths)
                 outs, ref = (out, h), reference.gru(*args, lengths)[:2]
         check_against(outs, ref, args, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("lengths", [None, [7, 2], [3, 7]], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_small_batch_time_loop_cpp(dtype, lengths, threads):
+    """Batches of 1-4 run the whole LSTM time loop in one OpenMP team, threads
+    splitting the hidden units (rnn_small_batch.h): H = 70 gives a vector tail
+    in each thread's slice, and the lengths stop rows mid-sequence."""
+    T, B, H = 7, 2, 70
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        args = make_lstm(T, B, 5, H, H, dtype, "cpu")[:-1]
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh = args
+        with attnkit.use_backend("cpp"):
+            out, (h, c) = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, lengths=lengths)
+        ref = reference.lstm(*args, None, None if lengths is None else torch.tensor(lengths))[:3]
+        check_against((out, h, c), ref, args, dtype)
+    finally:
+        torch.set_num_threads(old)

@@ -131,10 +131,12 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& x, const at::Tensor& h0, 
   at::Tensor h = h0.clone(), c = c0.clone();
   at::Tensor cs = save ? at::empty({T, B, H}, x.options()) : none_like(x);
   at::Tensor hc = proj ? (save ? at::empty({T, B, H}, x.options()) : at::empty({1, B, H}, x.options())) : none_like(x);
-  for (int64_t t = 0; t < T; ++t) {
+  const bool fused_loop = !proj && K::lstm_forward_small_batch(gates, w_hh, h, c, output, cs, len);
+  const at::Tensor w_hh_step = fused_loop ? at::Tensor() : K::step_weight(w_hh, B);
+  for (int64_t t = 0; t < T && !fused_loop; ++t) {
     at::Tensor pre = gates[t];
     // Rows past rows[t] have stopped: the step does not read their gh.
-    const at::Tensor gh = rows[t] > 0 ? K::linear(h.narrow(0, 0, rows[t]), w_hh, c10::nullopt) : at::Tensor();
+    const at::Tensor gh = rows[t] > 0 ? K::step_linear(h.narrow(0, 0, rows[t]), w_hh, w_hh_step, c10::nullopt) : at::Tensor();
     at::Tensor hc_t = proj ? hc[save ? t : 0] : at::Tensor();
     K::lstm_forward_step(pre, gh, c, proj ? at::Tensor() : h, proj ? at::Tensor() : output[t],
                          save ? cs[t] : at::Tensor(), hc_t, len, t);
@@ -173,7 +175,10 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
   // a W = linear(a, W^T): the transposed weights, laid out once.
   const at::Tensor w_hh_t = w_hh.t().contiguous(), w_ih_t = w_ih.t().contiguous();
   const at::Tensor w_hr_t = proj ? w_hr->t().contiguous() : at::Tensor();
-  for (int64_t t = T - 1; t >= 0; --t) {
+  const bool fused_loop =
+      !proj && K::lstm_backward_small_batch(gates, cs, c0, grad_output, w_hh, dh, dc, grad_pre, len);
+  const at::Tensor w_hh_t_step = fused_loop ? at::Tensor() : K::step_weight(w_hh_t, B);
+  for (int64_t t = T - 1; t >= 0 && !fused_loop; --t) {
     K::add_active_rows(dh, grad_output[t], len, t);  // dh = dL/dh_t
     at::Tensor dhc = dh;
     if (proj) {
@@ -184,10 +189,12 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
     K::lstm_backward_step(gates[t], t > 0 ? cs[t - 1] : c0, cs[t], dhc, dc, gp, len, t);
     // dh_{t-1}: through W_hh for running rows, carried unchanged for stopped ones.
     if (!len.defined()) {
-      dh = K::linear(gp, w_hh_t, c10::nullopt);
+      dh = K::step_linear(gp, w_hh_t, w_hh_t_step, c10::nullopt);
     } else {
       K::zero_active_rows(dh, len, t);
-      if (rows[t] > 0) dh.narrow(0, 0, rows[t]).add_(K::linear(gp.narrow(0, 0, rows[t]), w_hh_t, c10::nullopt));
+      if (rows[t] > 0) {
+        dh.narrow(0, 0, rows[t]).add_(K::step_linear(gp.narrow(0, 0, rows[t]), w_hh_t, w_hh_t_step, c10::nullopt));
+      }
     }
   }
   const at::Tensor gp2 = grad_pre.view({T * B, 4 * H});
@@ -219,9 +226,10 @@ std::vector<at::Tensor> gru_forward(const at::Tensor& x, const at::Tensor& h0, c
   at::Tensor gates = at::empty({save ? T : 1, B, 4 * H}, x.options());
   at::Tensor output = at::empty({T, B, H}, x.options());
   at::Tensor h = h0.clone();
+  const at::Tensor w_hh_step = K::step_weight(w_hh, B);
   for (int64_t t = 0; t < T; ++t) {
     // Rows past rows[t] have stopped: the step does not read their gh.
-    const at::Tensor gh = rows[t] > 0 ? K::linear(h.narrow(0, 0, rows[t]), w_hh, b_hh) : at::Tensor();
+    const at::Tensor gh = rows[t] > 0 ? K::step_linear(h.narrow(0, 0, rows[t]), w_hh, w_hh_step, b_hh) : at::Tensor();
     K::gru_forward_step(gi[t], gh, h, output[t], gates[save ? t : 0], len, t);
   }
   return {output, h, save ? gates : none_like(x)};
@@ -245,11 +253,14 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Te
   at::Tensor dgh = at::empty({T, B, 3 * H}, x.options());
   at::Tensor dh = grad_hn.clone();
   const at::Tensor w_hh_t = w_hh.t().contiguous(), w_ih_t = w_ih.t().contiguous();
+  const at::Tensor w_hh_t_step = K::step_weight(w_hh_t, B);
   for (int64_t t = T - 1; t >= 0; --t) {
     at::Tensor dgh_t = dgh[t];
     // Leaves in dh the part of dh_{t-1} through z (or all of it for stopped rows).
     K::gru_backward_step(gates[t], t > 0 ? output[t - 1] : h0, grad_output[t], dh, dgi[t], dgh_t, len, t);
-    if (rows[t] > 0) dh.narrow(0, 0, rows[t]).add_(K::linear(dgh_t.narrow(0, 0, rows[t]), w_hh_t, c10::nullopt));
+    if (rows[t] > 0) {
+      dh.narrow(0, 0, rows[t]).add_(K::step_linear(dgh_t.narrow(0, 0, rows[t]), w_hh_t, w_hh_t_step, c10::nullopt));
+    }
   }
   const at::Tensor dgi2 = dgi.view({T * B, 3 * H}), dgh2 = dgh.view({T * B, 3 * H});
   at::Tensor dx = K::linear(dgi2, w_ih_t, c10::nullopt).view({T, B, I});
