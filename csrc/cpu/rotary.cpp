@@ -1,25 +1,21 @@
 // Rotary position embedding on the CPU (see attnkit/rotary.h).
 //
-// One task per row of positions (b, n): its cos/sin table row is read once,
-// converted to the accumulation type (sign flipped for the conjugate), and
-// shared by the row's H heads. Each head's pairs go through at::vec::Vectorized
-// (x0 c - x1 s, x0 s + x1 c); an interleaved pair is the same loop with a
-// stride of 2, so neither layout needs a shuffle. Both halves of a chunk are
-// loaded before either is stored, so out may be x itself (in place).
+// One unit of work per head row (b, n, h), walked in x's memory order (n
+// fastest for an SDPA-layout (B, H, N, D) view, h fastest for (B, N, H, D)) so
+// that reads and writes stream. A row's pairs go through at::vec::Vectorized
+// (x0 c - x1 s, x0 s + x1 c) reading cos/sin straight from the table; an
+// interleaved pair is the same loop with a stride of 2, so neither layout needs
+// a shuffle. Both halves of a chunk are loaded before either is stored, so out
+// may be x itself (in place).
 #include "attnkit/rotary.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-// torch's vec headers carry `#pragma unroll`, which GCC does not know (-Wall warns).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunknown-pragmas"
 #include <ATen/cpu/vec/vec.h>
-#pragma GCC diagnostic pop
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
-#include <vector>
 
 namespace attnkit {
 namespace cpu {
@@ -29,43 +25,47 @@ namespace {
 template <typename T>
 using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-// n <= size() elements p[0], p[stride], ... as a vector of A (zeros past n).
-template <typename A, typename T>
+// n <= size() elements p[0], p[stride], ... as a vector of A (zeros past n); kUnit: stride is 1.
+template <typename A, bool kUnit, typename T>
 inline at::vec::Vectorized<A> load(const T* p, int64_t stride, int64_t n) {
   using V = at::vec::Vectorized<A>;
-  if constexpr (std::is_same_v<A, T>) {
-    if (stride == 1) return V::loadu(p, n);
+  if constexpr (kUnit && std::is_same_v<A, T>) {
+    return n == V::size() ? V::loadu(p) : V::loadu(p, n);
+  } else {
+    __at_align__ A buf[V::size()] = {};
+    for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<A>(p[j * stride]);
+    return V::loadu(buf);
   }
-  __at_align__ A buf[V::size()];
-  for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<A>(p[j * stride]);
-  return V::loadu(buf, n);
 }
 
-template <typename A, typename T>
+template <typename A, bool kUnit, typename T>
 inline void store(T* p, int64_t stride, const at::vec::Vectorized<A>& v, int64_t n) {
   using V = at::vec::Vectorized<A>;
-  if constexpr (std::is_same_v<A, T>) {
-    if (stride == 1) return v.store(p, n);
+  if constexpr (kUnit && std::is_same_v<A, T>) {
+    n == V::size() ? v.store(p) : v.store(p, n);
+  } else {
+    __at_align__ A buf[V::size()];
+    v.store(buf);
+    for (int64_t j = 0; j < n; ++j) p[j * stride] = static_cast<T>(buf[j]);
   }
-  __at_align__ A buf[V::size()];
-  v.store(buf, n);
-  for (int64_t j = 0; j < n; ++j) p[j * stride] = static_cast<T>(buf[j]);
 }
 
-// The first 2 * half dims of one head row: x (dim stride xs) rotated into o (stride os).
-template <typename acc_t, typename scalar_t>
-void rotate_row(const scalar_t* x, int64_t xs, scalar_t* o, int64_t os, const acc_t* c, const acc_t* s, int64_t half,
-                bool interleaved) {
+// The first 2 * half dims of one head row: x (dim stride xs) rotated into o (stride os)
+// by the table rows c, s (sin times `sign`). kUnit: both pair halves are contiguous.
+template <typename acc_t, bool kUnit, typename scalar_t, typename table_t>
+void rotate_row(const scalar_t* x, int64_t xs, scalar_t* o, int64_t os, const table_t* c, const table_t* s,
+                acc_t sign, int64_t half, bool interleaved) {
   using V = at::vec::Vectorized<acc_t>;
   const int64_t xstep = interleaved ? 2 * xs : xs, ostep = interleaved ? 2 * os : os;
   const scalar_t* x1 = x + (interleaved ? xs : half * xs);
   scalar_t* o1 = o + (interleaved ? os : half * os);
+  const V flip(sign);
   for (int64_t i = 0; i < half; i += V::size()) {
     const int64_t n = std::min<int64_t>(V::size(), half - i);
-    const V a = load<acc_t>(x + i * xstep, xstep, n), b = load<acc_t>(x1 + i * xstep, xstep, n);
-    const V cv = V::loadu(c + i, n), sv = V::loadu(s + i, n);
-    store(o + i * ostep, ostep, a * cv - b * sv, n);
-    store(o1 + i * ostep, ostep, a * sv + b * cv, n);
+    const V a = load<acc_t, kUnit>(x + i * xstep, xstep, n), b = load<acc_t, kUnit>(x1 + i * xstep, xstep, n);
+    const V cv = load<acc_t, true>(c + i, 1, n), sv = load<acc_t, true>(s + i, 1, n) * flip;
+    store<acc_t, kUnit>(o + i * ostep, ostep, a * cv - b * sv, n);
+    store<acc_t, kUnit>(o1 + i * ostep, ostep, a * sv + b * cv, n);
   }
 }
 
@@ -91,43 +91,55 @@ template <typename scalar_t, typename table_t>
 void rotary_kernel(const Spec& sp, const scalar_t* x, Layout xl, scalar_t* out, Layout ol, const table_t* cos,
                    const table_t* sin) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, sp.heads * sp.dim));
-  at::parallel_for(0, sp.rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> c(sp.half), s(sp.half);
-    // Packed rows: the sequence holding `begin`, then walked forward (empty sequences skipped).
-    int64_t b = sp.cu ? std::upper_bound(sp.cu, sp.cu + sp.batch + 1, int32_t(begin)) - sp.cu - 1 : 0;
-    for (int64_t row = begin; row < end; ++row) {
+  const acc_t sign = sp.conjugate ? acc_t(-1) : acc_t(1);
+  const bool heads_outer = xl.sh > xl.sn;  // e.g. a (B, H, N, D) tensor seen as (B, N, H, D)
+  const bool unit = !sp.interleaved && xl.sd == 1 && ol.sd == 1;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, sp.dim));
+  at::parallel_for(0, sp.rows * sp.heads, grain, [&](int64_t begin, int64_t end) {
+    // The unit of work `task` is (b, h, n) or (b, n, h) with the last fastest, packed rows
+    // (h, t) or (t, h); split once per chunk, then stepped without divisions.
+    const int64_t inner = heads_outer ? (sp.cu ? sp.rows : sp.seqlen) : sp.heads;
+    const int64_t middle = sp.cu ? (heads_outer ? sp.heads : sp.rows) : (heads_outer ? sp.heads : sp.seqlen);
+    int64_t i = begin % inner, m = (begin / inner) % middle, outer = begin / inner / middle;
+    int64_t b = 0;  // packed rows: the sequence of the current row, searched again only when left
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = heads_outer ? m : i;
       int64_t n;
-      const scalar_t* xr;
-      scalar_t* orow;
+      const scalar_t* xh;
+      scalar_t* oh;
       if (sp.cu) {
-        while (row >= sp.cu[b + 1]) ++b;
+        const int64_t row = heads_outer ? i : m;
+        if (row < sp.cu[b] || row >= sp.cu[b + 1]) {  // upper_bound skips empty sequences
+          b = std::upper_bound(sp.cu, sp.cu + sp.batch + 1, int32_t(row)) - sp.cu - 1;
+        }
         n = row - sp.cu[b];
-        xr = x + row * xl.sn;
-        orow = out + row * ol.sn;
+        xh = x + row * xl.sn + h * xl.sh;
+        oh = out + row * ol.sn + h * ol.sh;
       } else {
-        b = row / sp.seqlen;
-        n = row % sp.seqlen;
-        xr = x + b * xl.sb + n * xl.sn;
-        orow = out + b * ol.sb + n * ol.sn;
+        b = outer;
+        n = heads_outer ? i : m;
+        xh = x + b * xl.sb + n * xl.sn + h * xl.sh;
+        oh = out + b * ol.sb + n * ol.sn + h * ol.sh;
       }
       const int64_t pos = n + (sp.offsets ? sp.offsets[b] : sp.offset);
       const bool inside = pos >= 0 && pos < sp.seqlen_ro;
       if (inside) {
         const int64_t at = ((sp.per_sequence_tables ? b * sp.seqlen_ro : 0) + pos) * sp.half;
-        const acc_t sign = sp.conjugate ? acc_t(-1) : acc_t(1);
-        for (int64_t i = 0; i < sp.half; ++i) {
-          c[i] = static_cast<acc_t>(cos[at + i]);
-          s[i] = sign * static_cast<acc_t>(sin[at + i]);
+        if (unit) {
+          rotate_row<acc_t, true>(xh, 1, oh, 1, cos + at, sin + at, sign, sp.half, false);
+        } else {
+          rotate_row<acc_t, false>(xh, xl.sd, oh, ol.sd, cos + at, sin + at, sign, sp.half, sp.interleaved);
         }
       }
-      for (int64_t h = 0; h < sp.heads; ++h) {
-        const scalar_t* xh = xr + h * xl.sh;
-        scalar_t* oh = orow + h * ol.sh;
-        if (inside) rotate_row<acc_t>(xh, xl.sd, oh, ol.sd, c.data(), s.data(), sp.half, sp.interleaved);
-        if (sp.inplace) continue;
-        // Past rotary_dim, or the whole head when the position is outside the table: copied.
+      if (!sp.inplace) {  // past rotary_dim, or the whole row when its position is outside the table: copied
         for (int64_t d = inside ? 2 * sp.half : 0; d < sp.dim; ++d) oh[d * ol.sd] = xh[d * xl.sd];
+      }
+      if (++i == inner) {
+        i = 0;
+        if (++m == middle) {
+          m = 0;
+          ++outer;
+        }
       }
     }
   });

@@ -139,3 +139,29 @@ def test_entry_points_reject_bad_arguments():
     base = (None, None, 8, 8, None, None, None, -1, -1, True, 0.0, 0.25, 0.0, 0)
     with pytest.raises(RuntimeError, match="rotary_cos"):
         ext.attention_rotary_forward(q, q, q, *base, cos[0], sin[0], torch.zeros(2, dtype=torch.int32), False)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_apply_rotary_cpp_walks_any_layout(interleaved):
+    """The cpp rotary kernel walks heads outer for SDPA-layout views (dense and packed),
+    heads inner otherwise, and takes a strided last dim; rows past the table stay as they are."""
+    gen = torch.Generator().manual_seed(12)
+    cos, sin = _tables(20, 12)
+    offsets = torch.tensor([2, 15], dtype=torch.int32)  # sequence 1 runs past the table
+    cu = torch.tensor([0, 7, 16], dtype=torch.int32)
+    cases = [
+        dict(x=torch.randn(2, 3, 9, 16, generator=gen), layout="bhnd", seqlen_offsets=offsets),
+        dict(x=torch.randn(2, 9, 3, 32, generator=gen)[..., ::2], seqlen_offsets=offsets),
+        dict(x=torch.randn(3, 16, 16, generator=gen).transpose(0, 1), cu_seqlens=cu, max_seqlen=9,
+             seqlen_offsets=offsets),
+    ]
+    for case in cases:
+        x = case.pop("x")
+        with attnkit.use_backend("reference", op="rotary"):
+            expected = apply_rotary(x, cos, sin, interleaved=interleaved, **case)
+        with attnkit.use_backend("cpp", op="rotary"):
+            out = apply_rotary(x, cos, sin, interleaved=interleaved, **case)
+            y = x.clone()
+            apply_rotary(y, cos, sin, interleaved=interleaved, inplace=True, **case)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(y, expected, atol=1e-6, rtol=1e-6)
