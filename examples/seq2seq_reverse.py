@@ -24,7 +24,9 @@ from attnkit.models import Seq2Seq, Seq2SeqConfig
 PAD, BOS, EOS, FIRST = 0, 1, 2, 3  # symbol i is token FIRST + i
 
 
-def sample(rng: random.Random, count: int, symbols: int, min_len: int, max_len: int, exclude=frozenset()) -> List[tuple]:
+def sample(rng: random.Random, count: int, symbols: int, min_len: int, max_len: int,
+           exclude=frozenset()) -> List[tuple]:
+    """`count` random strings (tuples of symbol indices), none of them in `exclude`."""
     out = []
     while len(out) < count:
         s = tuple(rng.randrange(symbols) for _ in range(rng.randint(min_len, max_len)))
