@@ -6,6 +6,8 @@
 #   make cuda-check  build attnkit._C_cuda (needs nvcc, not a GPU) and import it
 #   make test-gpu    the GPU suite, in the given Python: make test-gpu PYTHON=python3
 #                    (installs nothing from the network: for machines without one)
+#   make test-asan   attnkit._C built with ASan + UBSan into build/asan (the
+#                    in-place extension untouched), the C++-backed tests under it
 #   make gpu-check   on a GPU machine, in the given Python: build, GPU suite, full
 #                    GPU benchmarks, one report in bench-results/gpu-report.md
 
@@ -22,7 +24,7 @@ PYTEST_ARGS ?=
 NATIVE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/include/attnkit/*.h)
 STAMP := $(VENV)/.attnkit-installed
 
-.PHONY: test bench cuda-check test-gpu gpu-check setup build clean
+.PHONY: test test-asan bench cuda-check test-gpu gpu-check setup build clean
 
 setup: $(STAMP)
 
@@ -42,6 +44,22 @@ build: $(STAMP)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -m "not gpu and not cuda_build" tests $(PYTEST_ARGS)
+
+# Python is not built with ASan, so the runtime is preloaded; leak checking is off
+# (the interpreter itself leaks by design); any UBSan report stops the run.
+ASAN_DIR ?= build/asan
+# Without TRITON_INTERPRET the Triton cases skip: only the C++ kernels run here.
+ASAN_TESTS ?= tests/ops/test_attention.py tests/ops/test_attention_cpu.py tests/ops/test_attention_cpu_rotary.py \
+	tests/ops/test_attention_features.py tests/ops/test_attention_decode.py tests/ops/test_rnn.py tests/ops/test_rotary.py \
+	tests/ops/test_additive_attention.py \
+	tests/ops/test_lstm_cell.py tests/ops/test_lstm_cell_registration.py tests/test_fuzz_inputs.py tests/test_threads.py
+SANITIZER_ENV = LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+
+test-asan: $(STAMP)
+	$(SANITIZER_ENV) $(VPY) tests/sanitize/build.py $(ASAN_DIR)
+	$(SANITIZER_ENV) ATTNKIT_EXTENSION_DIR=$(ASAN_DIR) ATTNKIT_FUZZ_BACKENDS=cpp \
+		$(VPY) -m pytest -m "not gpu and not cuda_build" $(ASAN_TESTS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VPY) -m attnkit.bench $(BENCH_ARGS)

@@ -1,10 +1,16 @@
 """Loads the compiled extensions lazily, keeping the reason when one is missing
-so that the package imports everywhere and the dispatcher can explain."""
+so that the package imports everywhere and the dispatcher can explain.
+
+ATTNKIT_EXTENSION_DIR=<dir> loads them from <dir>/<name>*.so instead of the
+package (`make test-asan` uses it for a sanitized build kept out of the tree)."""
 from __future__ import annotations
 
+import glob
 import importlib
+import importlib.util
 import json
 import os
+import sys
 from types import ModuleType
 from typing import Dict, Optional, Tuple
 
@@ -28,8 +34,26 @@ def load(name: str) -> Tuple[Optional[ModuleType], str]:
     return _loaded[name]
 
 
+def _import_from(directory: str, full_name: str) -> ModuleType:
+    short = full_name.rpartition(".")[2]
+    found = sorted(glob.glob(os.path.join(directory, f"{short}.*so")))
+    if not found:
+        raise ImportError(f"ATTNKIT_EXTENSION_DIR={directory!r} holds no {short}*.so", name=full_name)
+    spec = importlib.util.spec_from_file_location(full_name, found[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[full_name] = module
+    return module
+
+
 def _import(name: str) -> Tuple[Optional[ModuleType], str]:
     full_name = f"attnkit.{name}"
+    directory = os.environ.get("ATTNKIT_EXTENSION_DIR")
+    if directory and name == "_C":  # only the CPU extension has a sanitized build
+        try:
+            return _import_from(directory, full_name), ""
+        except ImportError as exc:
+            return None, f"{full_name} failed to import from ATTNKIT_EXTENSION_DIR: {exc}"
     try:
         return importlib.import_module(full_name), ""
     except ImportError as exc:
