@@ -1,7 +1,8 @@
 """Rotary embedding (attnkit.ops.apply_rotary, automatic backend) vs the plain
 PyTorch rotation that Hugging Face models run (x * cos + rotate_half(x) * sin),
 forward, in place, and forward+backward, on the same inputs. On CPU the
-automatic backend is the reference (plain PyTorch too): there is no C++ kernel."""
+automatic backend is cpp (csrc/cpu/rotary.cpp); RoPE fused into attention is
+benchmarks/rope_attention.py."""
 from __future__ import annotations
 
 import torch
