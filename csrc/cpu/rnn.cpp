@@ -22,33 +22,53 @@ namespace attnkit {
 namespace cpu {
 namespace {
 
-// The row kernels twice: for AVX2+FMA CPUs and for any x86-64 / other CPU.
+// Without AVX the generic rows' vectors are emulated and inlined (templates
+// instantiate at the end of the file, so this cannot be scoped): the
+// vector-ABI note gcc prints for them is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// The row kernels three times: for AVX-512 and AVX2+FMA CPUs and for any
+// other CPU, picked at run time. GemvVec is the small-batch GEMV's vector.
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define ATTNKIT_HAVE_AVX2_ROWS 1
+#define ATTNKIT_HAVE_X86_ROWS 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx2,fma")
+namespace avx512 {
+typedef float GemvVec __attribute__((vector_size(64)));
+#include "rnn_rows.h"
+#include "rnn_small_batch.h"
+}  // namespace avx512
+#pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
+typedef float GemvVec __attribute__((vector_size(32)));
 #include "rnn_rows.h"
 #include "rnn_small_batch.h"
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
 namespace generic {
+typedef float GemvVec __attribute__((vector_size(32)));
 #include "rnn_rows.h"
 #include "rnn_small_batch.h"
 }  // namespace generic
 
-bool use_avx2() {
-#ifdef ATTNKIT_HAVE_AVX2_ROWS
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+Isa isa() {
+#ifdef ATTNKIT_HAVE_X86_ROWS
+  static const Isa best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? Isa::kAvx512
+                          : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")       ? Isa::kAvx2
+                                                                                                  : Isa::kGeneric;
+  return best;
 #else
-  return false;
+  return Isa::kGeneric;
 #endif
 }
 
-#ifdef ATTNKIT_HAVE_AVX2_ROWS
-#define ATTNKIT_ROWS(fn) (use_avx2() ? avx2::fn : generic::fn)
+#ifdef ATTNKIT_HAVE_X86_ROWS
+#define ATTNKIT_ROWS(fn) (isa() == Isa::kAvx512 ? avx512::fn : isa() == Isa::kAvx2 ? avx2::fn : generic::fn)
 #else
 #define ATTNKIT_ROWS(fn) (generic::fn)
 #endif

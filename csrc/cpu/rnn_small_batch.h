@@ -10,46 +10,49 @@
 // GEMV-shaped product over a K x N weight laid out so that columns are
 // contiguous. Lanes run along n and each k broadcasts a[m, k]: no horizontal
 // sums, and 8 independent accumulators (VECS vectors per row of a) hide the
-// FMA latency.
+// FMA latency. GemvVec, the vector type, comes from the includer (16 lanes
+// where AVX-512 is compiled in: twice the FMAs and loads per instruction).
+constexpr int64_t kGemvLanes = sizeof(GemvVec) / sizeof(float);
+
 template <typename S, int M, int VECS>
 inline void gemv_block(const S* a, int64_t lda, const S* wt, int64_t K, int64_t N, S* out, int64_t ldo, int64_t n) {
-  using V = gates::vfloat8;
-  V acc[M][VECS] = {};
+  GemvVec acc[M][VECS] = {};
   for (int64_t k = 0; k < K; ++k) {
     const S* w = wt + k * N + n;
-    V wv[VECS];
-    for (int v = 0; v < VECS; ++v) wv[v] = ld<V>(w + 8 * v);
+    GemvVec wv[VECS];
+    for (int v = 0; v < VECS; ++v) wv[v] = ld<GemvVec>(w + kGemvLanes * v);
     for (int m = 0; m < M; ++m) {
       const S am = a[m * lda + k];
       for (int v = 0; v < VECS; ++v) acc[m][v] += am * wv[v];
     }
   }
   for (int m = 0; m < M; ++m) {
-    for (int v = 0; v < VECS; ++v) st(out + m * ldo + n + 8 * v, acc[m][v]);
+    for (int v = 0; v < VECS; ++v) st(out + m * ldo + n + kGemvLanes * v, acc[m][v]);
   }
 }
 
 template <typename S>
 void gemv_cols(const S* a, int64_t M, int64_t K, const S* wt, int64_t N, S* out, int64_t n0, int64_t n1) {
+  constexpr int64_t L = kGemvLanes;
   int64_t n = n0;
   if constexpr (std::is_same_v<S, float>) {
-    // Full blocks of 8 accumulators; M is at most 4 here.
+    // Blocks of 8 accumulators first; M is at most 4 here.
     switch (M) {
       case 1:
-        for (; n + 64 <= n1; n += 64) gemv_block<S, 1, 8>(a, K, wt, K, N, out, N, n);
-        for (; n + 16 <= n1; n += 16) gemv_block<S, 1, 2>(a, K, wt, K, N, out, N, n);
+        for (; n + 8 * L <= n1; n += 8 * L) gemv_block<S, 1, 8>(a, K, wt, K, N, out, N, n);
+        for (; n + 2 * L <= n1; n += 2 * L) gemv_block<S, 1, 2>(a, K, wt, K, N, out, N, n);
         break;
       case 2:
-        for (; n + 32 <= n1; n += 32) gemv_block<S, 2, 4>(a, K, wt, K, N, out, N, n);
+        for (; n + 4 * L <= n1; n += 4 * L) gemv_block<S, 2, 4>(a, K, wt, K, N, out, N, n);
         break;
       case 3:
-        for (; n + 16 <= n1; n += 16) gemv_block<S, 3, 2>(a, K, wt, K, N, out, N, n);
+        for (; n + 2 * L <= n1; n += 2 * L) gemv_block<S, 3, 2>(a, K, wt, K, N, out, N, n);
         break;
       default:
-        for (; n + 16 <= n1; n += 16) gemv_block<S, 4, 2>(a, K, wt, K, N, out, N, n);
+        for (; n + 2 * L <= n1; n += 2 * L) gemv_block<S, 4, 2>(a, K, wt, K, N, out, N, n);
         break;
     }
-    for (; n + 8 <= n1; n += 8) {
+    for (; n + L <= n1; n += L) {
       for (int64_t m = 0; m < M; ++m) gemv_block<S, 1, 1>(a + m * K, K, wt, K, N, out + m * N, N, n);
     }
   }
@@ -62,9 +65,9 @@ void gemv_cols(const S* a, int64_t M, int64_t K, const S* wt, int64_t N, S* out,
   }
 }
 
-// [u0, u1): thread `tid`'s units, in multiples of 8 (one vfloat8).
+// [u0, u1): thread `tid`'s units, in whole vectors.
 inline void unit_slice(int64_t H, int threads, int tid, int64_t& u0, int64_t& u1) {
-  const int64_t chunk = ((H + threads - 1) / threads + 7) / 8 * 8;
+  const int64_t chunk = ((H + threads - 1) / threads + kGemvLanes - 1) / kGemvLanes * kGemvLanes;
   u0 = std::min<int64_t>(H, tid * chunk);
   u1 = std::min<int64_t>(H, u0 + chunk);
 }
