@@ -33,7 +33,7 @@ class Triton(Implementation):
 
 
 class Cpp(Implementation):
-    """csrc/cpu/rotary.cpp (attnkit._C): one task per row of positions, vectorized pairs."""
+    """csrc/cpu/rotary.cpp (attnkit._C): head rows walked in memory order, at::vec pairs."""
 
     backend = "cpp"
 
