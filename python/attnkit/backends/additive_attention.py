@@ -105,5 +105,6 @@ class Reference(Implementation):
 ADDITIVE_ATTENTION = Op("additive_attention", [Triton(), Cpp(), Reference()])
 
 
-def describe(qp, values) -> Mapping[str, Any]:
-    return {"device": qp.device, "dtype": qp.dtype, "hidden": qp.shape[-1], "head_dim_v": values.shape[-1]}
+def describe(v_a, values) -> Mapping[str, Any]:
+    """The call as the backends' not_supported_reasons see it."""
+    return {"device": v_a.device, "dtype": v_a.dtype, "hidden": v_a.shape[0], "head_dim_v": values.shape[-1]}

@@ -30,7 +30,7 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("attnkit::additive_attention_forward", mutates_args=())
 def _forward(qp: Tensor, kp: Tensor, values: Tensor, v_a: Tensor, mask: Optional[Tensor],
              return_weights: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    impl = ADDITIVE_ATTENTION.select(describe(qp, values))
+    impl = ADDITIVE_ATTENTION.select(describe(v_a, values))
     context, lse, weights = impl.forward(qp, kp, values, v_a, mask, return_weights)
     if weights is None:  # a custom op returns a fixed number of tensors: an empty one stands for "not asked"
         weights = qp.new_empty((0,), dtype=values.dtype)
@@ -48,7 +48,7 @@ def _(qp, kp, values, v_a, mask, return_weights):
 @torch.library.custom_op("attnkit::additive_attention_backward", mutates_args=())
 def _backward_op(grad_context: Tensor, grad_weights: Optional[Tensor], delta: Tensor, qp: Tensor, kp: Tensor,
                  values: Tensor, v_a: Tensor, mask: Optional[Tensor], lse: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = ADDITIVE_ATTENTION.select(describe(qp, values))
+    impl = ADDITIVE_ATTENTION.select(describe(v_a, values))
     grads = impl.backward(grad_context, grad_weights, delta, qp, kp, values, v_a, mask, lse)
     return tuple(g.contiguous() for g in grads)
 
@@ -146,7 +146,7 @@ def additive_attention(
 
 def _describe_call(query, keys, values, W_q, W_k, v_a, mask=None, **kwargs) -> dict:
     _validated(query, keys, values, W_q, W_k, v_a, mask)
-    return dict(describe(query.new_empty((0, 0, v_a.shape[0])), values))
+    return dict(describe(v_a, values))
 
 
 _dispatch.register_describer("additive_attention", _describe_call)
