@@ -6,6 +6,7 @@
 #include "attnkit/attention.h"
 #include "attnkit/lstm_cell.h"
 #include "attnkit/rnn.h"
+#include "attnkit/rnn_layernorm.h"
 #include "attnkit/rotary.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -16,6 +17,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_backward", &attnkit::cpu::lstm_backward, "whole-sequence LSTM layer, backward (CPU)");
   m.def("gru_forward", &attnkit::cpu::gru_forward, "whole-sequence GRU layer, forward (CPU)");
   m.def("gru_backward", &attnkit::cpu::gru_backward, "whole-sequence GRU layer, backward (CPU)");
+  m.def("ln_lstm_forward", &attnkit::cpu::ln_lstm_forward, "layer-normalized LSTM layer with zoneout, forward (CPU)");
+  m.def("ln_lstm_backward", &attnkit::cpu::ln_lstm_backward, "layer-normalized LSTM layer, backward (CPU)");
+  m.def("ln_gru_forward", &attnkit::cpu::ln_gru_forward, "layer-normalized GRU layer with zoneout, forward (CPU)");
+  m.def("ln_gru_backward", &attnkit::cpu::ln_gru_backward, "layer-normalized GRU layer, backward (CPU)");
   m.def("attention_forward", &attnkit::cpu::attention_forward, "flash attention forward, dense or varlen (CPU)");
   m.def("attention_backward", &attnkit::cpu::attention_backward, "flash attention backward, dense or varlen (CPU)");
   m.def("attention_dropout_keep_mask", &attnkit::cpu::attention_dropout_keep_mask,
