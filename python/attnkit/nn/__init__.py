@@ -1,5 +1,6 @@
 """Drop-in replacements for torch.nn modules, backed by attnkit ops."""
 from .rnn import GRU, LSTM, GRUCell
+from .rnn_layernorm import LayerNormGRU, LayerNormLSTM
 from .positional import ALiBi, LearnedPositionalEmbedding, RotaryEmbedding, SinusoidalPositionalEncoding, alibi_slopes
 from .rnn_cell import LSTMCell
 from . import hf  # imports transformers only when hf.register() is called
@@ -8,7 +9,7 @@ from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLay
                           TransformerEncoderLayer)
 from .seq2seq_attention import BahdanauAttention, LuongAttention
 
-__all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell",
+__all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "LayerNormGRU", "LayerNormLSTM",
            "ALiBi", "LearnedPositionalEmbedding", "RotaryEmbedding", "SinusoidalPositionalEncoding", "alibi_slopes",
            "MultiheadAttention", "Transformer", "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder",
            "TransformerEncoderLayer", "BahdanauAttention", "LuongAttention"]

@@ -4,6 +4,7 @@ from .attention import flash_attention, flash_attention_varlen
 from .decode import attention_decode
 from .lstm_cell import lstm_cell
 from .rnn import gru, lstm
+from .rnn_layernorm import layer_norm_gru, layer_norm_lstm
 from .rotary import apply_rotary
 
-__all__ = ["additive_attention", "apply_rotary", "attention_decode", "flash_attention", "flash_attention_varlen", "gru", "lstm", "lstm_cell"]
+__all__ = ["additive_attention", "apply_rotary", "attention_decode", "flash_attention", "flash_attention_varlen", "gru", "layer_norm_gru", "layer_norm_lstm", "lstm", "lstm_cell"]
