@@ -1,6 +1,8 @@
 // Fused LSTM cell step on the CPU: the two GEMMs go to ATen (MKL/BLAS), the
 // gate nonlinearities and state update run as one fused pass over the
-// (batch x hidden) units with at::parallel_for.
+// (batch x hidden) units with at::parallel_for: for float and double the
+// vectorized row kernels of the whole-sequence LSTM (lstm_rows.h), for half
+// types the unit loop below.
 #include "attnkit/lstm_cell.h"
 
 #include <ATen/OpMathType.h>
@@ -8,6 +10,7 @@
 #include <ATen/Dispatch.h>
 
 #include "attnkit/gate_math.h"
+#include "lstm_rows.h"
 
 namespace attnkit {
 namespace cpu {
@@ -80,6 +83,17 @@ std::vector<at::Tensor> lstm_cell_forward(const at::Tensor& x, const at::Tensor&
                                           const at::Tensor& w_hh,
                                           const c10::optional<at::Tensor>& b_ih,
                                           const c10::optional<at::Tensor>& b_hh) {
+  check_lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh);
+  if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) {
+    // The row kernel adds the two projections, so they stay two plain GEMMs.
+    const bool has_ih = b_ih.has_value() && b_ih->defined(), has_hh = b_hh.has_value() && b_hh->defined();
+    at::Tensor gates = has_ih || has_hh
+                           ? at::addmm(has_ih && has_hh ? *b_ih + *b_hh : (has_ih ? *b_ih : *b_hh), x, w_ih.t())
+                           : at::mm(x, w_ih.t());
+    at::Tensor c_new = c.clone(), h_new = at::empty_like(c);
+    lstm_rows_forward(gates, at::mm(h, w_hh.t()), c_new, h_new);
+    return {h_new, c_new, gates};
+  }
   at::Tensor pre = linear_gates(x, h, w_ih, w_hh, b_ih, b_hh);
   at::Tensor gates = at::empty_like(pre);
   at::Tensor h_new = at::empty_like(c);
@@ -94,7 +108,13 @@ std::vector<at::Tensor> lstm_cell_backward(const at::Tensor& grad_h, const at::T
                                            const at::Tensor& c, const at::Tensor& w_ih,
                                            const at::Tensor& w_hh, const at::Tensor& gates,
                                            const at::Tensor& c_new) {
+  check_lstm_cell_backward(grad_h, grad_c, x, h, c, w_ih, w_hh, gates, c_new);
   at::Tensor grad_pre = at::empty_like(gates);
+  if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) {
+    at::Tensor grad_c_prev = grad_c.clone();
+    lstm_rows_backward(gates, c, c_new, grad_h, grad_c_prev, grad_pre);
+    return linear_gates_backward(grad_pre, grad_c_prev, x, h, w_ih, w_hh);
+  }
   at::Tensor grad_c_prev = at::empty_like(c);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lstm_cell_backward_cpu", [&] {
     lstm_pointwise_backward<scalar_t>(gates, c, c_new, grad_h, grad_c, grad_pre, grad_c_prev);

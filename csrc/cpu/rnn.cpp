@@ -17,6 +17,7 @@
 
 #include "attnkit/gate_math.h"
 #include "attnkit/rnn_sequence.h"
+#include "lstm_rows.h"
 
 namespace attnkit {
 namespace cpu {
@@ -332,6 +333,37 @@ void check_cpu(const at::Tensor& x) {
 }
 
 }  // namespace
+
+void lstm_rows_forward(at::Tensor& pre, const at::Tensor& gh, at::Tensor& c, at::Tensor& h) {
+  const int64_t B = c.size(0), H = c.size(1);
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "attnkit_lstm_rows_forward", [&] {
+    auto row = ATTNKIT_ROWS(lstm_forward_row<scalar_t>);
+    scalar_t *pre_p = pre.data_ptr<scalar_t>(), *c_p = c.data_ptr<scalar_t>(), *h_p = h.data_ptr<scalar_t>();
+    const scalar_t* gh_p = gh.data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain_rows(4 * H), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        row(pre_p + 4 * b * H, gh_p + 4 * b * H, c_p + b * H, h_p + b * H, h_p + b * H, nullptr, nullptr, H, H);
+      }
+    });
+  });
+}
+
+void lstm_rows_backward(const at::Tensor& gates, const at::Tensor& c_prev, const at::Tensor& c_new,
+                        const at::Tensor& dh, at::Tensor& dc, at::Tensor& gpre) {
+  const int64_t B = dc.size(0), H = dc.size(1);
+  AT_DISPATCH_FLOATING_TYPES(dc.scalar_type(), "attnkit_lstm_rows_backward", [&] {
+    auto row = ATTNKIT_ROWS(lstm_backward_row<scalar_t>);
+    const scalar_t *g_p = gates.data_ptr<scalar_t>(), *cp_p = c_prev.data_ptr<scalar_t>();
+    const scalar_t *cn_p = c_new.data_ptr<scalar_t>(), *dh_p = dh.data_ptr<scalar_t>();
+    scalar_t *dc_p = dc.data_ptr<scalar_t>(), *gp_p = gpre.data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain_rows(4 * H), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t o = b * H;
+        row(g_p + 4 * o, cp_p + o, cn_p + o, dh_p + o, dc_p + o, gp_p + 4 * o, H, H);
+      }
+    });
+  });
+}
 
 std::vector<at::Tensor> lstm_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                      const at::Tensor& w_ih, const at::Tensor& w_hh,
