@@ -52,8 +52,8 @@ void spin(const Rope& r, const at::Tensor& x, const at::Tensor& shifts, const c1
 
 using OptTensor = c10::optional<at::Tensor>;
 
-std::pair<at::Tensor, at::Tensor> rotated(const Rope& r, const at::Tensor& q, const at::Tensor& k, const OptTensor& cu_q,
-                                          const OptTensor& cu_k) {
+std::pair<at::Tensor, at::Tensor> rotated(const Rope& r, const at::Tensor& q, const at::Tensor& k,
+                                          const OptTensor& cu_q, const OptTensor& cu_k) {
   at::Tensor q_rot = at::empty(q.sizes(), q.options()), k_rot = at::empty(k.sizes(), k.options());
   spin(r, q, r.offsets_q, cu_q, false, q_rot);
   spin(r, k, r.offsets_k, cu_k, false, k_rot);

@@ -57,10 +57,12 @@ inline void store(T* p, int64_t stride, const at::vec::Vectorized<A>& v, int64_t
 }
 
 // The first 2 * half dims of one head row: x (dim stride xs) rotated into o (stride os)
-// by the table rows c, s (sin times `sign`). kUnit: both pair halves are contiguous.
+// by the table rows c, s (sin times `sign`). kUnit: both pair halves are contiguous. Always
+// inlined, so that each target clone of rotate_row_float compiles it for its own ISA.
 template <typename acc_t, bool kUnit, typename scalar_t, typename table_t>
-inline __attribute__((always_inline)) void rotate_row(const scalar_t* x, int64_t xs, scalar_t* o, int64_t os, const table_t* c, const table_t* s,
-                acc_t sign, int64_t half, bool interleaved) {
+inline __attribute__((always_inline)) void rotate_row(const scalar_t* x, int64_t xs, scalar_t* o, int64_t os,
+                                                      const table_t* c, const table_t* s, acc_t sign, int64_t half,
+                                                      bool interleaved) {
   using V = at::vec::Vectorized<acc_t>;
   const int64_t xstep = interleaved ? 2 * xs : xs, ostep = interleaved ? 2 * os : os;
   const scalar_t* x1 = x + (interleaved ? xs : half * xs);
@@ -77,7 +79,7 @@ inline __attribute__((always_inline)) void rotate_row(const scalar_t* x, int64_t
 
 // rotate_row for unit-stride float rows and float tables, the common case, compiled for AVX-512,
 // AVX2 and baseline x86-64 and picked at load time: the extension has no -march flags, so
-// at::vec is its generic 8-lane code, which each clone lowers to its own registers (about 3x).
+// at::vec is its generic 8-lane code, which each clone lowers to its own registers (1.5x with AVX2).
 ATTNKIT_SIMD_CLONES void rotate_row_float(const float* x, float* o, const float* c, const float* s, float sign,
                                           int64_t half) {
   rotate_row<float, true>(x, 1, o, 1, c, s, sign, half, false);
