@@ -165,3 +165,22 @@ def test_apply_rotary_cpp_walks_any_layout(interleaved):
             apply_rotary(y, cos, sin, interleaved=interleaved, inplace=True, **case)
         torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(y, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_opcheck_on_cpp():
+    """The custom ops (fake kernels, autograd registration, schema) with RoPE on the cpp backend."""
+    gen = torch.Generator().manual_seed(13)
+    q = torch.randn(2, 4, 5, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, 2, 7, 8, generator=gen, requires_grad=True) for _ in range(2))
+    cos, sin = _tables(12, 6)
+    offsets = torch.tensor([0, 3], dtype=torch.int32)
+    with attnkit.use_backend("cpp"):
+        schema = torch.ops.attnkit.attention_forward.default._schema
+        args = [q, k, v, None, None, 5, 7, None, None, -1, 0, True, 0.0, 0.35, 0.0, None, None, cos, sin, offsets, True]
+        assert len(args) == len(schema.arguments)
+        torch.library.opcheck(torch.ops.attnkit.attention_forward.default, tuple(args))
+        assert attnkit.last_dispatch(OP).backend == "cpp"
+        x = torch.randn(2, 5, 3, 8, generator=gen, requires_grad=True)
+        torch.library.opcheck(torch.ops.attnkit.rotary.default, (x, cos, sin, offsets, 0, True, False, None, 0))
+        torch.library.opcheck(torch.ops.attnkit.rotary_.default, (x.detach().clone(), cos, sin, None, 2, False, None, 0))
+        assert attnkit.last_dispatch("rotary").backend == "cpp"
