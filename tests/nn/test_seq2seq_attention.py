@@ -127,7 +127,7 @@ def test_bahdanau_runs_the_additive_op(monkeypatch):
         module = modules()[name]
         q, k, v, mask = inputs(module.key_size)
         module(q, k, v, mask)
-    assert calls == [{"return_weights": True}] * 2
+    assert calls == [{"return_weights": True, "projected_keys": None}] * 2
 
 
 def test_parameters_and_state_dict_round_trip():
@@ -183,3 +183,21 @@ def test_bad_input_errors():
 
 def test_exported():
     assert attnkit.nn.BahdanauAttention is BahdanauAttention and attnkit.nn.LuongAttention is LuongAttention
+
+
+@pytest.mark.parametrize("name", ["bahdanau", "concat"])
+def test_projected_keys_match_projecting_every_call(name):
+    module = modules()[name]
+    q, k, v, mask = inputs(DK)
+    direct = module(q, k, v, mask)
+    cached = module(q, k, v, mask, projected_keys=module.project_keys(k))
+    for a, b in zip(direct, cached):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["dot", "general"])
+def test_projected_keys_refused_by_multiplicative_scores(name):
+    module = modules()[name]
+    q, k, v, mask = inputs(DK if name == "general" else DQ)
+    with pytest.raises(ValueError, match="projected_keys"):
+        module(q, k, v, mask, projected_keys=k)

@@ -226,3 +226,29 @@ def test_compile_fullgraph_forward_backward(backend):
     torch.testing.assert_close(loss, loss_ref)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", CPU_BACKENDS)
+def test_projected_keys_give_the_same_values_and_gradients(backend, device):
+    """keys @ W_k.T computed by the caller (once per source, for a decoder) and passed as
+    projected_keys: same context/weights, and gradients reach keys and W_k through it."""
+    case = (2, 3, 7, 6, 5, 4, 8, "padded")
+    with forced(OP, backend, device, torch.float64):
+        (query, keys, values, w_q, w_k, v_a), mask = make(case)
+        leaves = [t.requires_grad_() for t in (query, keys, values, w_q, w_k, v_a)]
+        direct = additive_attention(query, keys, values, w_q, w_k, v_a, mask, return_weights=True)
+        projected = additive_attention(query, keys, values, w_q, w_k, v_a, mask, return_weights=True,
+                                       projected_keys=keys @ w_k.t())
+        for a, b in zip(direct, projected):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+        loss = lambda out: (out[0] * out[0].detach().sin()).sum() + (out[1] * out[1].detach().cos()).sum()  # noqa: E731
+        for a, b in zip(torch.autograd.grad(loss(direct), leaves), torch.autograd.grad(loss(projected), leaves)):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_projected_keys_bad_shape_or_dtype():
+    (query, keys, values, w_q, w_k, v_a), mask = make(CASES[0])
+    with pytest.raises(ValueError, match="projected_keys"):
+        additive_attention(query, keys, values, w_q, w_k, v_a, projected_keys=(keys @ w_k.t())[:, :-1])
+    with pytest.raises((TypeError, ValueError), match="projected_keys"):
+        additive_attention(query, keys, values, w_q, w_k, v_a, projected_keys=(keys @ w_k.t()).float())

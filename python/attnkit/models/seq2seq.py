@@ -151,8 +151,16 @@ class Seq2Seq(nn.Module):
 
     # -- decoder -------------------------------------------------------------------------------
 
-    def decode_step(self, tokens: Tensor, state: List, feed: Tensor, memory: Tensor, mask: Tensor):
-        """One decoder step for tokens (B,): returns (logits (B, V), new state, h~ (B, H), weights (B, S))."""
+    def project_memory(self, memory: Tensor) -> Optional[Tensor]:
+        """The encoder states projected for additive attention, once per source (None for the
+        multiplicative scores): every decode_step would otherwise redo this GEMM."""
+        additive = isinstance(self.attention, BahdanauAttention) or self.attention.score == "concat"
+        return self.attention.project_keys(memory) if additive else None
+
+    def decode_step(self, tokens: Tensor, state: List, feed: Tensor, memory: Tensor, mask: Tensor,
+                    projected_memory: Optional[Tensor] = None):
+        """One decoder step for tokens (B,): returns (logits (B, V), new state, h~ (B, H), weights (B, S)).
+        projected_memory: `project_memory(memory)`, or None to project here."""
         x = self.dropout(self.tgt_embed(tokens))
         if self.config.input_feeding:
             x = torch.cat([x, feed], dim=1)
@@ -162,7 +170,8 @@ class Seq2Seq(nn.Module):
             new_state.append(s)
             top = s[0] if isinstance(s, tuple) else s
             x = self.dropout(top) if layer + 1 < len(self.decoder_cells) else top
-        context, weights = self.attention(top, memory, mask=mask)
+        kwargs = {} if projected_memory is None else {"projected_keys": projected_memory}
+        context, weights = self.attention(top, memory, mask=mask, **kwargs)
         attended = torch.tanh(self.combine(torch.cat([context, top], dim=1)))
         return self.out(self.dropout(attended)), new_state, attended, weights
 
@@ -173,10 +182,11 @@ class Seq2Seq(nn.Module):
             raise ValueError(f"tgt_input must be (batch, length) with src's batch {src.shape[0]}, "
                              f"got shape {tuple(tgt_input.shape)}")
         memory, mask, state = self.encode(src, src_mask)
+        projected = self.project_memory(memory)
         feed = memory.new_zeros(src.shape[0], self.config.hidden_size)
         logits, attentions = [], []
         for t in range(tgt_input.shape[1]):
-            step_logits, state, feed, weights = self.decode_step(tgt_input[:, t], state, feed, memory, mask)
+            step_logits, state, feed, weights = self.decode_step(tgt_input[:, t], state, feed, memory, mask, projected)
             logits.append(step_logits)
             attentions.append(weights)
         return Seq2SeqOutput(torch.stack(logits, 1), torch.stack(attentions, 1))
@@ -207,8 +217,9 @@ class Seq2Seq(nn.Module):
         feed = memory.new_zeros(batch, c.hidden_size)
         finished = torch.zeros(batch, dtype=torch.bool, device=src.device)
         out, attentions = [], []
+        projected = self.project_memory(memory)
         for _ in range(max_len):
-            logits, state, feed, weights = self.decode_step(tokens, state, feed, memory, mask)
+            logits, state, feed, weights = self.decode_step(tokens, state, feed, memory, mask, projected)
             tokens = logits.argmax(-1).masked_fill(finished, c.pad_token_id)
             out.append(tokens)
             attentions.append(weights)
@@ -248,8 +259,9 @@ class Seq2Seq(nn.Module):
         frozen = torch.full((vocab,), float("-inf"), dtype=stat, device=device)
         frozen[c.pad_token_id] = 0.0  # a finished hypothesis's only continuation
         offsets = torch.arange(batch, device=device)[:, None] * k
+        projected = self.project_memory(memory)
         for _ in range(max_len):
-            logits, state, feed, _ = self.decode_step(tokens, state, feed, memory, mask)
+            logits, state, feed, _ = self.decode_step(tokens, state, feed, memory, mask, projected)
             log_probs = torch.log_softmax(logits.to(stat), dim=-1).view(batch, k, vocab)
             log_probs = torch.where(finished[..., None], frozen, log_probs)
             candidates = scores[..., None] + log_probs  # (batch, k, vocab)

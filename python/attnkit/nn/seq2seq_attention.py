@@ -16,9 +16,9 @@ mask: note nn.MultiheadAttention's key_padding_mask is the opposite). Returns
 query with no real key gets weights 0 and context 0, never NaN.
 
 Neither projection has a bias: Bahdanau's formula has none, and attnkit.ops.additive_attention
-(which runs both additive scores) takes none. The op takes the keys, not their projection, so
-W_k k is recomputed on every call (every decoder step): a (B*Tk, Dk) x (Dk, A) GEMM per step
-that a decoder could hoist out of its loop if the op accepted projected keys (it does not yet).
+(which runs both additive scores) takes none. A decoder attending to the same source at every
+step projects the keys once (`project_keys`) and passes them as `projected_keys`: the projection,
+a (B*Tk, Dk) x (Dk, A) GEMM, costs Dk times the scoring it feeds.
 """
 from __future__ import annotations
 
@@ -89,9 +89,14 @@ class _AdditiveParameters(nn.Module):
         bound = 1.0 / math.sqrt(attention_size)  # as a Linear(attention_size, 1) would be
         nn.init.uniform_(self.v, -bound, bound)
 
-    def _additive(self, query: Tensor, keys: Tensor, values: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    def project_keys(self, keys: Tensor) -> Tensor:
+        """keys (B, Tk, Dk) -> W_k keys (B, Tk, A), for `forward(..., projected_keys=)`."""
+        return keys @ self.key_proj.weight.t()
+
+    def _additive(self, query: Tensor, keys: Tensor, values: Tensor, mask: Optional[Tensor],
+                  projected_keys: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         return additive_attention(query, keys, values, self.query_proj.weight, self.key_proj.weight, self.v, mask,
-                                  return_weights=True)
+                                  return_weights=True, projected_keys=projected_keys)
 
 
 def _positive(name: str, arg: str, value) -> int:
@@ -118,10 +123,11 @@ class BahdanauAttention(_AdditiveParameters):
                                         query_size if attention_size is None else attention_size)
         self._init_additive(self.query_size, self.key_size, self.attention_size, device, dtype)
 
-    def forward(self, query: Tensor, keys: Tensor, values: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def forward(self, query: Tensor, keys: Tensor, values: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                projected_keys: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """projected_keys: `project_keys(keys)`, computed once per source by a decoder, or None."""
         q, single = _check("BahdanauAttention", query, keys, values, mask, self.query_size, self.key_size)
-        context, weights = self._additive(q, keys, keys if values is None else values, mask)
+        context, weights = self._additive(q, keys, keys if values is None else values, mask, projected_keys)
         return (context.squeeze(1), weights.squeeze(1)) if single else (context, weights)
 
     def extra_repr(self) -> str:
@@ -164,12 +170,15 @@ class LuongAttention(_AdditiveParameters):
                                             query_size if attention_size is None else attention_size)
             self._init_additive(self.query_size, self.key_size, self.attention_size, device, dtype)
 
-    def forward(self, query: Tensor, keys: Tensor, values: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def forward(self, query: Tensor, keys: Tensor, values: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                projected_keys: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """projected_keys: `project_keys(keys)` for score="concat" (computed once per source), or None."""
         q, single = _check("LuongAttention", query, keys, values, mask, self.query_size, self.key_size)
         values = keys if values is None else values
+        if projected_keys is not None and self.score != "concat":
+            raise ValueError(f"LuongAttention: projected_keys is only used by score='concat', got score={self.score!r}")
         if self.score == "concat":
-            context, weights = self._additive(q, keys, values, mask)
+            context, weights = self._additive(q, keys, values, mask, projected_keys)
         else:
             # general: q . (W k) = (q W) . k, so W meets the Tq queries, not the Tk keys.
             q_k = q if self.score == "dot" else q @ self.proj.weight  # (B, Tq, Dk)

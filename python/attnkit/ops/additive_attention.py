@@ -116,7 +116,7 @@ def _validated(query, keys, values, W_q, W_k, v_a, mask) -> None:
 
 def additive_attention(
     query: Tensor, keys: Tensor, values: Tensor, W_q: Tensor, W_k: Tensor, v_a: Tensor,
-    mask: Optional[Tensor] = None, *, return_weights: bool = False,
+    mask: Optional[Tensor] = None, *, return_weights: bool = False, projected_keys: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Additive (Bahdanau) attention, fused: the (B, Tq, Tk, A) tanh tensor is never built.
 
@@ -129,6 +129,10 @@ def additive_attention(
         mask: (B, Tk) bool, True = a real key (a source padding mask), or None. A query whose
             keys are all masked gets weights 0, context 0 and gradient 0 (never NaN).
         return_weights: also return the attention weights (differentiable).
+        projected_keys: (B, Tk, A), keys @ W_k.T computed by the caller, or None. A decoder
+            attending to the same source at every step projects it once and passes it here
+            (the projection costs Dk times the scoring); the scores then use it instead of
+            keys and W_k, and gradients reach keys and W_k through it.
 
     Returns:
         context (B, Tq, Dv) in the input dtype; with return_weights, (context, weights (B, Tq, Tk)).
@@ -137,8 +141,13 @@ def additive_attention(
     if not isinstance(return_weights, bool):
         raise TypeError(f"{OP}: return_weights must be a bool, got {type(return_weights).__name__}")
     _validated(query, keys, values, W_q, W_k, v_a, mask)
+    if projected_keys is not None:
+        _validate.tensor(OP, "projected_keys", projected_keys, ndim=3)
+        _validate.same_dtype_and_device(OP, [("keys", keys), ("projected_keys", projected_keys)])
+        _validate.shape(OP, "projected_keys", projected_keys, (keys.shape[0], keys.shape[1], v_a.shape[0]),
+                        "(batch, key length, attention hidden size A): keys @ W_k.T")
     qp = query @ W_q.t()
-    kp = keys @ W_k.t()
+    kp = keys @ W_k.t() if projected_keys is None else projected_keys
     context, _, weights = _forward(qp.contiguous(), kp.contiguous(), values.contiguous(), v_a.contiguous(),
                                    None if mask is None else mask.contiguous(), return_weights)
     return (context, weights) if return_weights else context
