@@ -7,8 +7,9 @@ Each case starts from a small valid call and breaks or bends one argument:
 wrong ndim, one size off by one, a zero size, another dtype (int, bool, complex,
 another float), the meta device, not a tensor, None, non-contiguous and expanded
 (stride 0) layouts, NaN/Inf entries. The call runs on BACKEND and on the
-reference; the verdict is one JSON line per case (after a "START id" line, so a
-crash names its case):
+reference, forward and backward (gradients of the outputs' sum w.r.t. the positional
+tensors; forward only for NaN/Inf, decode and in-place rotation). The verdict is
+one JSON line per case, after a "START id" line so that a crash names its case:
   ok     both raise a clear error (allowed type, message naming the argument),
          or both return the same values (same NaN/Inf pattern), or BACKEND
          declines the call with the dispatcher's reasons;
@@ -216,11 +217,29 @@ def cases(op_name: str):
 # --------------------------------------------------------------------------- running and judging
 
 
-def _run(fn, args, kwargs, backend, op_name):
+def _with_grad(value):
+    """Floating tensors (tuple members too) as leaves requiring grad, strides kept."""
+    if isinstance(value, tuple):
+        return tuple(_with_grad(v) for v in value)
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.is_meta:
+        return value.detach().requires_grad_()
+    return value
+
+
+def _run(fn, args, kwargs, backend, op_name, grad):
+    """("ok", outputs + gradients of their sum) or ("raised", exception); forward and
+    backward both run on `backend` (the backward of a call is dispatched again)."""
     args, kwargs = copy.deepcopy((args, kwargs)) if not _has_meta(args, kwargs) else (args, kwargs)
+    if grad:  # positional tensors only: masks, ALiBi slopes and lengths take no gradient
+        args = [_with_grad(a) for a in args]
     try:
         with attnkit.use_backend(backend, op=op_name):
             out = fn(*args, **kwargs)
+            leaves = [t for t in _flat(args) if t.requires_grad]
+            outputs = [o for o in _flat(out) if o.requires_grad]
+            if grad and leaves and outputs:
+                grads = torch.autograd.grad(sum(o.sum() for o in outputs), leaves, allow_unused=True)
+                out = _flat(out) + [torch.zeros(0) if g is None else g for g in grads]
         return "ok", out
     except BaseException as exc:  # judged below; KeyboardInterrupt would end the batch anyway
         return "raised", exc
@@ -235,6 +254,8 @@ def _has_meta(args, kwargs):
 def _flat(out):
     if isinstance(out, torch.Tensor):
         return [out]
+    if isinstance(out, dict):
+        return _flat(list(out.values()))
     return [t for o in out for t in _flat(o)] if isinstance(out, (tuple, list)) else []
 
 
@@ -264,8 +285,13 @@ def _names_argument(message: str, arg: str) -> bool:
 
 
 def judge(case_id, fn, args, kwargs, arg, mutation, names, backend, op_name) -> dict:
-    status, got = _run(fn, args, kwargs, backend, op_name)
-    ref_status, want = _run(fn, args, kwargs, "reference", op_name) if backend != "reference" else (status, got)
+    # Gradients too, except for the inference-only decode and in-place rotation, and
+    # with NaN/Inf inputs (the outputs' NaN/Inf pattern is compared; the gradients'
+    # depends on each backend's order of operations, e.g. 0 * inf in a GEMM).
+    grad = (op_name != "attention_decode" and not kwargs.get("inplace", False)
+            and mutation not in ("nan", "inf", "-inf"))
+    status, got = _run(fn, args, kwargs, backend, op_name, grad)
+    ref_status, want = _run(fn, args, kwargs, "reference", op_name, grad) if backend != "reference" else (status, got)
     result = {"id": case_id, "verdict": "ok", "detail": ""}
 
     def fail(detail):
