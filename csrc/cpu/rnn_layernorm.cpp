@@ -251,9 +251,10 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& h
       });
     }
   });
-  if (!save) {
-    const at::Tensor none = at::empty({0}, x.options());
-    return {output, h, c, none, none, none, none, none, none};
+  if (!save) {  // distinct empties: outputs of a custom op may not alias each other
+    std::vector<at::Tensor> out{output, h, c};
+    for (int k = 0; k < 6; ++k) out.push_back(at::empty({0}, x.options()));
+    return out;
   }
   return {output, h, c, xhat, hhat, gates, cs, chat, rstd};
 }
@@ -417,8 +418,9 @@ std::vector<at::Tensor> ln_gru_forward(const at::Tensor& x, const at::Tensor& h0
     }
   });
   if (!save) {
-    const at::Tensor none = at::empty({0}, x.options());
-    return {output, h, none, none, none, none};
+    std::vector<at::Tensor> out{output, h};
+    for (int k = 0; k < 4; ++k) out.push_back(at::empty({0}, x.options()));
+    return out;
   }
   return {output, h, xhat, hhat, gates, rstd};
 }

@@ -11,9 +11,9 @@ ln_gru forward(x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, lengths,
 ln_gru backward(grad_output, grad_hn, <the forward's inputs but save>, output, <saved>)
     -> (dx, dh0, dw_ih, dw_hh, db_ih, db_hh, dg_ih, dg_hh)
 
-The saved tensors are the cpp kernels' (see csrc/include/attnkit/rnn_layernorm.h);
-the reference saves nothing (empty tensors) and its backward differentiates its
-forward again, so it can take the backward of any forward. In the LSTM all of
+The saved tensors are the same on both backends (csrc/include/attnkit/rnn_layernorm.h,
+attnkit.reference.rnn_layernorm), so a forward of one and a backward of the other
+agree; the reference backward differentiates its forward again and ignores them. In the LSTM all of
 b_ih, b_hh, be_ih and be_hh enter the pre-activations as one sum: `db` is the
 gradient of each. In the GRU db_ih is also be_ih's gradient and db_hh be_hh's.
 
@@ -72,10 +72,10 @@ class ReferenceLayerNormLstm(Implementation):
     backend = "reference"
 
     def forward(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, g_c, be_c, lengths, zoneout, save):
-        output, h_n, c_n = ref.layer_norm_lstm(
+        out = ref.layer_norm_lstm(
             x, h0, c0, w_ih, w_hh, b_ih, b_hh, (g_ih, be_ih), (g_hh, be_hh), (g_c, be_c), lengths, zoneout
         )
-        return (output, h_n, c_n) + tuple(_empty(x) for _ in range(6))
+        return out if save else out[:3] + tuple(_empty(x) for _ in range(6))
 
     def backward(self, grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh,
                  g_c, be_c, lengths, zoneout, output, *saved):
@@ -87,7 +87,7 @@ class ReferenceLayerNormLstm(Implementation):
 
         def fn(x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, be_c):
             return ref.layer_norm_lstm(x, h0, c0, w_ih, w_hh, bias, None, (g_ih, zero), (g_hh, zero), (g_c, be_c),
-                                       lengths, zoneout)
+                                       lengths, zoneout)[:3]
 
         return tuple(_vjp(fn, [x, h0, c0, w_ih, w_hh, bias, g_ih, g_hh, g_c, be_c], [grad_output, grad_hn, grad_cn]))
 
@@ -96,8 +96,8 @@ class ReferenceLayerNormGru(Implementation):
     backend = "reference"
 
     def forward(self, x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, lengths, zoneout, save):
-        output, h_n = ref.layer_norm_gru(x, h0, w_ih, w_hh, b_ih, b_hh, (g_ih, be_ih), (g_hh, be_hh), lengths, zoneout)
-        return (output, h_n) + tuple(_empty(x) for _ in range(4))
+        out = ref.layer_norm_gru(x, h0, w_ih, w_hh, b_ih, b_hh, (g_ih, be_ih), (g_hh, be_hh), lengths, zoneout)
+        return out if save else out[:2] + tuple(_empty(x) for _ in range(4))
 
     def backward(self, grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, lengths, zoneout,
                  output, *saved):
@@ -106,7 +106,7 @@ class ReferenceLayerNormGru(Implementation):
         zero = torch.zeros_like(be_ih)
 
         def fn(x, h0, w_ih, w_hh, bias_i, bias_h, g_ih, g_hh):
-            return ref.layer_norm_gru(x, h0, w_ih, w_hh, bias_i, bias_h, (g_ih, zero), (g_hh, zero), lengths, zoneout)
+            return ref.layer_norm_gru(x, h0, w_ih, w_hh, bias_i, bias_h, (g_ih, zero), (g_hh, zero), lengths, zoneout)[:2]
 
         return tuple(_vjp(fn, [x, h0, w_ih, w_hh, bias_i, bias_h, g_ih, g_hh], [grad_output, grad_hn]))
 

@@ -14,17 +14,12 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _validate
-from ..backends.rnn_layernorm import LAYER_NORM_GRU, LAYER_NORM_LSTM, ReferenceLayerNormGru, ReferenceLayerNormLstm
+from ..backends.rnn_layernorm import LAYER_NORM_GRU, LAYER_NORM_LSTM
 from .rnn import Lengths, _describe_tensors, _needs_grad, _validated, _zeros_if_none
 
 LSTM_OP, GRU_OP = "attnkit.ops.layer_norm_lstm", "attnkit.ops.layer_norm_gru"
 
 LayerNormParams = Sequence[Tensor]  # (gamma, beta)
-
-
-def _backward_impl(select, reference, saved: Tensor):
-    # The reference saves nothing: its forward's backward must be the reference too.
-    return reference if saved.numel() == 0 else select
 
 
 # --------------------------------------------------------------------------- LSTM custom ops
@@ -45,7 +40,6 @@ def _ln_lstm_forward(
 def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, g_c, be_c, lengths, zoneout, save):
     (T, B, _), H = x.shape, h0.shape[1]
     saved = lambda *shape: x.new_empty(shape if save else (0,))  # noqa: E731
-    # The fake follows the cpp kernels' layout; the reference returns empties the same shape a save=False call has.
     return (x.new_empty((T, B, H)), torch.empty_like(h0), torch.empty_like(c0), saved(T, B, 4 * H),
             saved(T, B, 4 * H), saved(T, B, 4 * H), saved(T, B, H), saved(T, B, H), saved(T, B, 3))
 
@@ -57,7 +51,7 @@ def _ln_lstm_backward(
     be_hh: Tensor, g_c: Tensor, be_c: Tensor, lengths: Optional[Tensor], zoneout: Optional[Tensor], output: Tensor,
     xhat: Tensor, hhat: Tensor, gates: Tensor, cs: Tensor, chat: Tensor, rstd: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = _backward_impl(LAYER_NORM_LSTM.select(_describe_tensors(x)), ReferenceLayerNormLstm(), xhat)
+    impl = LAYER_NORM_LSTM.select(_describe_tensors(x))
     grads = impl.backward(grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh,
                           g_c, be_c, lengths, zoneout, output, xhat, hhat, gates, cs, chat, rstd)
     return tuple(g.contiguous() for g in grads)
@@ -121,7 +115,7 @@ def _ln_gru_backward(
     b_hh: Optional[Tensor], g_ih: Tensor, be_ih: Tensor, g_hh: Tensor, be_hh: Tensor, lengths: Optional[Tensor],
     zoneout: Optional[Tensor], output: Tensor, xhat: Tensor, hhat: Tensor, gates: Tensor, rstd: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = _backward_impl(LAYER_NORM_GRU.select(_describe_tensors(x)), ReferenceLayerNormGru(), xhat)
+    impl = LAYER_NORM_GRU.select(_describe_tensors(x))
     grads = impl.backward(grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, lengths,
                           zoneout, output, xhat, hhat, gates, rstd)
     return tuple(g.contiguous() for g in grads)

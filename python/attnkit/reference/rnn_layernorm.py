@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 EPS = 1e-5
@@ -31,8 +30,11 @@ EPS = 1e-5
 LayerNormParams = Tuple[Tensor, Tensor]  # (gamma, beta)
 
 
-def _ln(v: Tensor, params: LayerNormParams) -> Tensor:
-    return F.layer_norm(v, v.shape[-1:], params[0], params[1], EPS)
+def _normalized(v: Tensor) -> Tuple[Tensor, Tensor]:
+    """(v - mean) / sqrt(var + eps) over the last dim, and 1 / sqrt(var + eps)."""
+    mean = v.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(v.var(-1, unbiased=False, keepdim=True) + EPS)
+    return (v - mean) * rstd, rstd.squeeze(-1)
 
 
 def _step_state(run, zone, new, prev):
@@ -49,41 +51,58 @@ def layer_norm_lstm(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
     ln_ih: LayerNormParams, ln_hh: LayerNormParams, ln_c: LayerNormParams,
     lengths: Optional[Tensor] = None, zoneout: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, ...]:
     """x (T, B, I), h0/c0 (B, H), w_ih (4H, I), w_hh (4H, H), biases (4H,) or None,
-    ln_* (gamma, beta) pairs of (4H,), (4H,), (H,). Returns (output (T, B, H), h_n, c_n)."""
-    gx = _ln(x @ w_ih.t(), ln_ih)  # all steps at once
+    ln_* (gamma, beta) pairs of (4H,), (4H,), (H,).
+    Returns (output (T, B, H), h_n, c_n, xhat, hhat, gates, cs, chat, rstd): after the
+    first three, what the kernels save for the backward (normalized projections
+    (T, B, 4H), activated gates i, f, g, o (T, B, 4H), cell states and normalized cell
+    states (T, B, H), the three LNs' 1/std (T, B, 3))."""
+    xhat, rstd_x = _normalized(x @ w_ih.t())  # all steps at once
+    gx = ln_ih[0] * xhat + ln_ih[1]
     for b in (b_ih, b_hh):
         gx = gx if b is None else gx + b
     h, c = h0, c0
-    outputs = []
+    outputs, hhats, all_gates, cells, chats, rstds = [], [], [], [], [], []
     for t in range(x.shape[0]):
-        pre = gx[t] + _ln(h @ w_hh.t(), ln_hh)
+        hhat, rstd_h = _normalized(h @ w_hh.t())
+        pre = gx[t] + ln_hh[0] * hhat + ln_hh[1]
         i, f, g, o = pre.chunk(4, dim=1)
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
         c_new = f * c + i * g
-        h_new = o * torch.tanh(_ln(c_new, ln_c))
+        chat, rstd_c = _normalized(c_new)
+        h_new = o * torch.tanh(ln_c[0] * chat + ln_c[1])
         run = _running(lengths, t, x)
         h = _step_state(run, None if zoneout is None else zoneout[t], h_new, h)
         c = c_new if run is None else torch.where(run, c_new, c)
         outputs.append(h if run is None else torch.where(run, h, 0.0))
-    return torch.stack(outputs), h, c
+        hhats.append(hhat)
+        all_gates.append(torch.cat([i, f, g, o], dim=1))
+        cells.append(c)
+        chats.append(chat)
+        rstds.append(torch.stack([rstd_x[t], rstd_h, rstd_c], dim=1))
+    saved = [torch.stack(v) for v in (hhats, all_gates, cells, chats, rstds)]
+    return (torch.stack(outputs), h, c, xhat, *saved)
 
 
 def layer_norm_gru(
     x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
     ln_ih: LayerNormParams, ln_hh: LayerNormParams,
     lengths: Optional[Tensor] = None, zoneout: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+) -> Tuple[Tensor, ...]:
     """x (T, B, I), h0 (B, H), w_ih (3H, I), w_hh (3H, H), biases (3H,) or None,
-    ln_* (gamma, beta) pairs of (3H,). Returns (output (T, B, H), h_n)."""
-    gi_all = _ln(x @ w_ih.t(), ln_ih)
+    ln_* (gamma, beta) pairs of (3H,). Returns (output (T, B, H), h_n, xhat, hhat,
+    gates, rstd): normalized projections (T, B, 3H), gates r, z, n, hn (T, B, 4H) with
+    hn = LN_hh(W_hn h) + b_hn, the two LNs' 1/std (T, B, 2), as the kernels save them."""
+    xhat, rstd_x = _normalized(x @ w_ih.t())
+    gi_all = ln_ih[0] * xhat + ln_ih[1]
     if b_ih is not None:
         gi_all = gi_all + b_ih
     h = h0
-    outputs = []
+    outputs, hhats, all_gates, rstds = [], [], [], []
     for t in range(x.shape[0]):
-        gh = _ln(h @ w_hh.t(), ln_hh)
+        hhat, rstd_h = _normalized(h @ w_hh.t())
+        gh = ln_hh[0] * hhat + ln_hh[1]
         if b_hh is not None:
             gh = gh + b_hh
         i_r, i_z, i_n = gi_all[t].chunk(3, dim=1)
@@ -95,4 +114,7 @@ def layer_norm_gru(
         run = _running(lengths, t, x)
         h = _step_state(run, None if zoneout is None else zoneout[t], h_new, h)
         outputs.append(h if run is None else torch.where(run, h, 0.0))
-    return torch.stack(outputs), h
+        hhats.append(hhat)
+        all_gates.append(torch.cat([r, z, n, h_n], dim=1))
+        rstds.append(torch.stack([rstd_x[t], rstd_h], dim=1))
+    return torch.stack(outputs), h, xhat, torch.stack(hhats), torch.stack(all_gates), torch.stack(rstds)
