@@ -156,6 +156,15 @@ def _calls():
         "gru": (lambda x, h, *w: ops.gru(x, h, *w)[0], (x, h, *w3)),
         "lstm_cell": (lambda x, h, c, *w: ops.lstm_cell(x, (h, c), *w), (x[0], h, c, *w4)),
     }
+    ln4 = tuple(_randn(n, seed=10 + i, **f64) for i, n in enumerate((16, 16, 16, 16, 4, 4)))
+    ln3 = tuple(_randn(12, seed=20 + i, **f64) for i in range(4))
+    zoneout = torch.full((3, 2, 4), 0.25, dtype=torch.float64)
+    calls["layer_norm_lstm"] = (
+        lambda x, h, c, *w: ops.layer_norm_lstm(x, (h, c), *w[:3], ln_ih=w[3:5], ln_hh=w[5:7], ln_c=w[7:9],
+                                                lengths=[3, 2], zoneout=zoneout)[0],
+        (x, h, c, *w4, *ln4))
+    calls["layer_norm_gru"] = (
+        lambda x, h, *w: ops.layer_norm_gru(x, h, *w[:3], ln_ih=w[3:5], ln_hh=w[5:7])[0], (x, h, *w3, *ln3))
     if hasattr(ops, "additive_attention"):
         w_q, w_k, v_a = _randn(5, 4, seed=7, **f64), _randn(5, 4, seed=8, **f64), _randn(5, seed=9, **f64)
         calls["additive_attention"] = (lambda q, k, v: ops.additive_attention(q, k, v, w_q, w_k, v_a),
@@ -215,7 +224,7 @@ def test_opcheck_every_custom_op(backend):
 # The reference LSTM/GRU backwards differentiate the forward loop with torch.func.vjp,
 # which fails under opcheck's schema-checking dispatch mode ("Cannot access storage of
 # TensorWrapper"); the automatic (cpp) run above checks these ops.
-VJP_BACKWARDS = ("lstm_backward", "gru_backward")
+VJP_BACKWARDS = ("lstm_backward", "gru_backward", "ln_lstm_backward", "ln_gru_backward")
 
 
 def test_reference_vjp_backwards_fail_under_a_dispatch_mode():
