@@ -14,7 +14,8 @@
 // The extension is built without -march flags, so at::vec falls back to scalar
 // std::tanh; the float passes use GCC vector types compiled for AVX-512, AVX2
 // and baseline x86-64 (target_clones, picked at load time, as attention_rows.cpp
-// does). double (for gradcheck) keeps plain loops and std::tanh.
+// does) with the rational tanh of fast_tanh.h. double (for gradcheck) keeps
+// plain loops and std::tanh.
 #include "attnkit/additive_attention.h"
 
 #include <ATen/Dispatch.h>
@@ -28,6 +29,7 @@
 #include <vector>
 
 #include "attention_rows.h"
+#include "fast_tanh.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define ATTNKIT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -47,7 +49,7 @@ constexpr int64_t kKeyBlock = 32;    // keys scored against one query before the
 
 // ----------------------------------------------------------------------------- float, vectorized
 
-typedef float vf __attribute__((vector_size(64)));
+using vf = simd::vf16;
 constexpr int64_t W = 16;
 
 ATTNKIT_INLINE vf splat(float a) { return vf{} + a; }
@@ -78,30 +80,6 @@ ATTNKIT_INLINE float hsum(vf v) {
   return s;
 }
 
-// tanh(x) as a [13/6] rational minimax approximation on |x| <= 7.905 (the
-// coefficients of Eigen's fast float tanh; a few ulp, checked against
-// std::tanh by the tests), x itself below 4e-4, +-1 past the clamp.
-ATTNKIT_INLINE vf vtanh(vf x) {
-  const vf c = x < splat(-7.90531110763549805f) ? splat(-7.90531110763549805f)
-               : x > splat(7.90531110763549805f) ? splat(7.90531110763549805f)
-                                                 : x;
-  const vf x2 = c * c;
-  vf p = splat(-2.76076847742355e-16f);
-  p = p * x2 + 2.00018790482477e-13f;
-  p = p * x2 - 8.60467152213735e-11f;
-  p = p * x2 + 5.12229709037114e-08f;
-  p = p * x2 + 1.48572235717979e-05f;
-  p = p * x2 + 6.37261928875436e-04f;
-  p = p * x2 + 4.89352455891786e-03f;
-  vf q = splat(1.19825839466702e-06f);
-  q = q * x2 + 1.18534705686654e-04f;
-  q = q * x2 + 2.26843463243900e-03f;
-  q = q * x2 + 4.89352518554385e-03f;
-  const vf r = c * p / q;
-  const vf ax = x < splat(0.0f) ? -x : x;
-  return ax < splat(4e-4f) ? x : r;
-}
-
 // s[j] = v_a . tanh(q + k_j) for the n keys k_j = k + j * A; -inf where live[j] == 0.
 ATTNKIT_SIMD_CLONES void score_block(const float* q, const float* k, int64_t n, int64_t A, const float* va,
                                      const bool* live, float* s) {
@@ -113,8 +91,11 @@ ATTNKIT_SIMD_CLONES void score_block(const float* q, const float* k, int64_t n, 
     }
     const float* kj = k + j * A;
     vf acc = splat(0.0f);
-    for (int64_t a = 0; a < body; a += W) acc += load(va + a) * vtanh(load(q + a) + load(kj + a));
-    if (body < A) acc += load_tail(va + body, A - body) * vtanh(load_tail(q + body, A - body) + load_tail(kj + body, A - body));
+    for (int64_t a = 0; a < body; a += W) acc += load(va + a) * simd::fast_tanh(load(q + a) + load(kj + a));
+    if (body < A) {
+      const int64_t rest = A - body;
+      acc += load_tail(va + body, rest) * simd::fast_tanh(load_tail(q + body, rest) + load_tail(kj + body, rest));
+    }
     s[j] = hsum(acc);
   }
 }
@@ -134,12 +115,12 @@ ATTNKIT_SIMD_CLONES void backward_pairs(const float* q, const float* k, int64_t 
     const float* kj = k + j * A;
     vf acc = splat(0.0f);
     for (int64_t a = 0; a < body; a += W) {
-      const vf tv = vtanh(load(q + a) + load(kj + a));
+      const vf tv = simd::fast_tanh(load(q + a) + load(kj + a));
       store(t + a, tv);
       acc += load(va + a) * tv;
     }
     if (rest) {
-      const vf tv = vtanh(load_tail(q + body, rest) + load_tail(kj + body, rest));
+      const vf tv = simd::fast_tanh(load_tail(q + body, rest) + load_tail(kj + body, rest));
       store_tail(t + body, tv, rest);
       acc += load_tail(va + body, rest) * tv;
     }

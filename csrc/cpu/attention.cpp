@@ -187,8 +187,9 @@ struct Call {
 // ------------------------------------------------------------------ tiles
 
 // Turns scale * Q K^T of a (rows x cols) tile into the scores of
-// reference.attention: soft-cap (tanh kept in t), ALiBi, additive mask, then
-// -inf outside the window, where the bool mask is False and on padding keys.
+// reference.attention: soft-cap (tanh kept in t for the backward; the forward
+// passes t = nullptr), ALiBi, additive mask, then -inf outside the window,
+// where the bool mask is False and on padding keys.
 template <typename acc_t>
 void tile_scores(const Spec& sp, const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t n0,
                  int64_t cols, acc_t* s, acc_t* t, int64_t ld) {
@@ -197,7 +198,7 @@ void tile_scores(const Spec& sp, const Seq& sq, int64_t b, int64_t h, int64_t m0
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = m0 + r;
     acc_t* row = s + r * ld;
-    if (sp.softcap > 0) attn_rows::softcap(row, t + r * ld, cols, acc_t(sp.softcap));
+    if (sp.softcap > 0) attn_rows::softcap(row, t == nullptr ? nullptr : t + r * ld, cols, acc_t(sp.softcap));
     if (sp.alibi != nullptr) {
       const acc_t slope = sp.alibi[b * sp.heads + h];
       const int64_t rel0 = n0 - (i + sq.diag);
@@ -255,7 +256,7 @@ void forward_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t>
   const int64_t m_blocks = (sp.max_q + BM - 1) / BM;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, sp.batch * sp.heads * m_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s(BM * BN), t(sp.softcap > 0 ? BM * BN : 0), acc(BM * DV), m(BM), l(BM);
+    std::vector<acc_t> s(BM * BN), acc(BM * DV), m(BM), l(BM);
     std::vector<scalar_t> low(kSameType<scalar_t> ? 0 : BM * BN);
     std::vector<uint8_t> keep(BN);
     for (int64_t task = begin; task < end; ++task) {
@@ -273,7 +274,7 @@ void forward_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t>
         const int64_t cols = std::min(BN, k_hi - n0);
         gemm(false, true, rows, cols, D, acc_t(sp.scale), qt, q.sm, k.at(b, kvh, sq.k_start + n0), k.sm, acc_t(0),
              s.data(), BN);
-        tile_scores(sp, sq, b, h, m0, rows, n0, cols, s.data(), t.data(), BN);
+        tile_scores(sp, sq, b, h, m0, rows, n0, cols, s.data(), static_cast<acc_t*>(nullptr), BN);  // no tanh kept
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* row = s.data() + r * BN;
           const acc_t tile_max = attn_rows::row_max(row, cols);  // NaN propagates: std::max would drop it

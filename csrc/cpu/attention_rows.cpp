@@ -1,8 +1,10 @@
 // Row passes of the CPU attention kernels (see attention_rows.h). The float
 // passes use GCC vector types (exp as a Cephes-style polynomial: std::exp does
-// not vectorize); double keeps plain loops and std::exp (fp64 is for
-// gradcheck, not speed).
+// not vectorize; tanh from fast_tanh.h); double keeps plain loops and std::exp
+// (fp64 is for gradcheck, not speed).
 #include "attention_rows.h"
+
+#include "fast_tanh.h"
 
 #include <cmath>
 #include <cstring>
@@ -24,7 +26,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // 16 floats as a GCC vector: each target clone lowers it to its own registers
 // (one zmm, two ymm or four xmm), where the auto-vectorizer gave up on exp.
-typedef float vf __attribute__((vector_size(64)));
+using vf = simd::vf16;
 typedef int32_t vi __attribute__((vector_size(64)));
 constexpr int64_t W = 16;
 
@@ -80,9 +82,6 @@ ATTNKIT_INLINE vf vexp(vf x) {
   return x != x ? x : e;  // NaN stays NaN (the clamps above would turn it into exp(88))
 }
 
-// tanh(y) = 1 - 2 / (exp(2y) + 1): exact limits +-1, absolute error ~1e-7.
-ATTNKIT_INLINE vf vtanh(vf y) { return 1.0f - 2.0f / (vexp(y * 2.0f) + 1.0f); }
-
 }  // namespace
 
 ATTNKIT_SIMD_CLONES float row_max(const float* x, int64_t n) {
@@ -137,21 +136,22 @@ ATTNKIT_SIMD_CLONES void softcap(float* s, float* t, int64_t n, float cap) {
   const float inv = 1.0f / cap;
   int64_t j = 0;
   for (; j + W <= n; j += W) {
-    const vf th = vtanh(load(s + j) * inv);
-    store(t + j, th);
+    const vf th = simd::fast_tanh(load(s + j) * inv);
+    if (t != nullptr) store(t + j, th);
     store(s + j, th * cap);
   }
   if (j < n) {
-    const vf th = vtanh(load_tail(s + j, n - j, 0.0f) * inv);
-    store_tail(t + j, th, n - j);
+    const vf th = simd::fast_tanh(load_tail(s + j, n - j, 0.0f) * inv);
+    if (t != nullptr) store_tail(t + j, th, n - j);
     store_tail(s + j, th * cap, n - j);
   }
 }
 
 void softcap(double* s, double* t, int64_t n, double cap) {
   for (int64_t j = 0; j < n; ++j) {
-    t[j] = std::tanh(s[j] / cap);
-    s[j] = cap * t[j];
+    const double th = std::tanh(s[j] / cap);
+    if (t != nullptr) t[j] = th;
+    s[j] = cap * th;
   }
 }
 

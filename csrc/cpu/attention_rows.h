@@ -19,7 +19,8 @@ double row_max(const double* x, int64_t n);
 float exp_shift_sum(float* x, int64_t n, float shift);
 double exp_shift_sum(double* x, int64_t n, double shift);
 
-// t = tanh(s / cap), s = cap * t (Gemma 2's soft-capping; t kept for the backward).
+// t = tanh(s / cap), s = cap * t (Gemma 2's soft-capping; t kept for the backward,
+// not stored when t = nullptr).
 void softcap(float* s, float* t, int64_t n, float cap);
 void softcap(double* s, double* t, int64_t n, double cap);
 
