@@ -1,7 +1,9 @@
 """Whole-sequence LSTM / GRU (attnkit.nn.LSTM / GRU, automatic backend) vs
 torch.nn.LSTM / GRU with the same weights, forward (no grad) and
 forward+backward, on the same inputs; plus a training step on an unsorted
-PackedSequence. On CPU torch.nn.LSTM runs oneDNN (fp32): a strong baseline."""
+PackedSequence. On CPU torch.nn.LSTM runs oneDNN (fp32): a strong baseline.
+attnkit.nn.LayerNormLSTM has no torch.nn counterpart: it is timed against the
+same module on the plain-PyTorch reference backend."""
 from __future__ import annotations
 
 import torch
@@ -65,4 +67,31 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
             t_theirs = median_ms(training_step(theirs, x.detach(), lengths), device, **timing)
             rows.append(dict(case="LSTM fwd+bwd, unsorted PackedSequence", shape=shape, backend=backend,
                              ours_ms=t_ours, baseline_ms=t_theirs, max_err=error))
+    rows += layer_norm_rows(device, dtype, quick, timing)
+    return rows
+
+
+def forced_reference(fn):
+    def call():
+        with attnkit.use_backend("reference", op="layer_norm_lstm"):
+            return fn()
+    return call
+
+
+def layer_norm_rows(device, dtype, quick, timing):
+    batch, time, hidden = (16, 64, 128) if quick else (32, 128, 256)
+    shape = f"B={batch} T={time} I=H={hidden} zoneout=0.1 (eval)"
+    x = torch.randn(time, batch, hidden, device=device, dtype=dtype, requires_grad=True)
+    module = attnkit.nn.LayerNormLSTM(hidden, hidden, zoneout=0.1, device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        out = module(x)[0]
+        backend = attnkit.last_dispatch("layer_norm_lstm").backend
+        error = max_error(out, forced_reference(lambda: module(x))()[0])
+        t_ours = median_ms(lambda: module(x), device, **timing)
+        t_ref = median_ms(forced_reference(lambda: module(x)), device, **timing)
+    common = dict(shape=shape, backend=backend, max_err=error)
+    rows = [dict(case="LayerNormLSTM forward vs reference", ours_ms=t_ours, baseline_ms=t_ref, **common)]
+    t_ours = median_ms(training_step(module, x), device, **timing)
+    t_ref = median_ms(forced_reference(training_step(module, x)), device, **timing)
+    rows.append(dict(case="LayerNormLSTM fwd+bwd vs reference", ours_ms=t_ours, baseline_ms=t_ref, **common))
     return rows
