@@ -17,6 +17,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <climits>
@@ -108,6 +109,26 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
   cblas_gemm_f16f16f32(kCblasRowMajor, ta ? kCblasTrans : kCblasNoTrans, tb ? kCblasTrans : kCblasNoTrans, int(m),
                        int(n), int(k), alpha, reinterpret_cast<const uint16_t*>(a), int(lda),
                        reinterpret_cast<const uint16_t*>(b), int(ldb), beta, c, int(ldc));
+}
+
+// C (m x n) = A B (+ C when `add`), row-major, no transposes, float. oneDNN's
+// batch-reduce GEMM where torch's headers declare it (CPUBLAS_BRGEMM_F32F32F32;
+// else BLAS): on the AMD EPYC of BENCHMARKS.md, 16.8 us vs MKL sgemm's 41 us for
+// a 64 x 512 x 64 tile, 1 thread (MKL seems to take a slower path off Intel CPUs).
+void gemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, bool add,
+             float* c, int64_t ldc) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, /*is_vnni=*/false);
+#else
+  gemm(false, false, m, n, k, 1.0f, a, lda, b, ldb, add ? 1.0f : 0.0f, c, ldc);
+#endif
+}
+
+// Ends a thread's brgemm use (frees hardware state on CPUs where it holds any).
+void gemm_nn_release() {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+#endif
 }
 
 // ------------------------------------------------------------------ layouts and the call
@@ -248,16 +269,21 @@ struct Blocks {
 
 // ------------------------------------------------------------------ forward
 
+// float and double only (fp16/bf16 inputs arrive converted to float). For
+// float, `kt` holds scale * K^T, columns = keys, so that both tile products are
+// plain A B GEMMs (gemm_nn); double uses k and BLAS's transposes.
 template <typename scalar_t>
-void forward_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t> k, Rows<const scalar_t> v,
-                    Rows<scalar_t> out, Rows<acc_type<scalar_t>> lse, Blocks blk) {
+void forward_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t> k, Rows<const scalar_t> kt,
+                    int64_t ld_kt, Rows<const scalar_t> v, Rows<scalar_t> out, Rows<acc_type<scalar_t>> lse,
+                    Blocks blk) {
+  static_assert(kSameType<scalar_t>, "forward_kernel runs in the accumulation type");
   using acc_t = acc_type<scalar_t>;
+  constexpr bool kNN = std::is_same_v<scalar_t, float>;
   const int64_t BM = blk.m, BN = blk.n, D = sp.dim, DV = sp.dim_v;
   const int64_t m_blocks = (sp.max_q + BM - 1) / BM;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, sp.batch * sp.heads * m_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> s(BM * BN), acc(BM * DV), m(BM), l(BM);
-    std::vector<scalar_t> low(kSameType<scalar_t> ? 0 : BM * BN);
     std::vector<uint8_t> keep(BN);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % m_blocks, b = task / m_blocks / sp.heads, h = task / m_blocks % sp.heads;
@@ -272,8 +298,12 @@ void forward_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t>
       const auto [k_lo, k_hi] = sp.key_range(sq, m0, rows);
       for (int64_t n0 = k_lo; n0 < k_hi; n0 += BN) {
         const int64_t cols = std::min(BN, k_hi - n0);
-        gemm(false, true, rows, cols, D, acc_t(sp.scale), qt, q.sm, k.at(b, kvh, sq.k_start + n0), k.sm, acc_t(0),
-             s.data(), BN);
+        if constexpr (kNN) {
+          gemm_nn(rows, cols, D, qt, q.sm, kt.at(b, kvh, sq.k_start + n0), ld_kt, false, s.data(), BN);
+        } else {
+          gemm(false, true, rows, cols, D, acc_t(sp.scale), qt, q.sm, k.at(b, kvh, sq.k_start + n0), k.sm, acc_t(0),
+               s.data(), BN);
+        }
         tile_scores(sp, sq, b, h, m0, rows, n0, cols, s.data(), static_cast<acc_t*>(nullptr), BN);  // no tanh kept
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* row = s.data() + r * BN;
@@ -291,12 +321,13 @@ void forward_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t>
             attn_rows::dropout_keep(keep.data(), stream_of(sp, b, h), m0 + r, n0, cols, sp.max_k, sp.threshold);
             apply_dropout(row, keep.data(), cols, acc_t(sp.drop_scale));
           }
-          if constexpr (!kSameType<scalar_t>) to_input_type(low.data() + r * BN, row, cols);
         }
-        const scalar_t* p = nullptr;
-        if constexpr (kSameType<scalar_t>) p = s.data(); else p = low.data();
-        gemm(false, false, rows, DV, cols, acc_t(1), p, BN, v.at(b, kvh, sq.k_start + n0), v.sm, acc_t(1), acc.data(),
-             DV);
+        if constexpr (kNN) {
+          gemm_nn(rows, DV, cols, s.data(), BN, v.at(b, kvh, sq.k_start + n0), v.sm, true, acc.data(), DV);
+        } else {
+          gemm(false, false, rows, DV, cols, acc_t(1), s.data(), BN, v.at(b, kvh, sq.k_start + n0), v.sm, acc_t(1),
+               acc.data(), DV);
+        }
       }
       for (int64_t r = 0; r < rows; ++r) {
         const bool empty = l[r] == acc_t(0);
@@ -306,6 +337,7 @@ void forward_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t>
         *lse.at(b, h, sq.q_start + m0 + r) = empty ? neg_inf : m[r] + std::log(l[r]);
       }
     }
+    if constexpr (kNN) gemm_nn_release();
   });
 }
 
@@ -629,6 +661,28 @@ std::vector<int64_t> stat_shape(const Spec& sp, const at::Tensor& q) {
   return {sp.batch, sp.heads, sp.max_q};
 }
 
+// factor * x^T per head as float, keys as columns: dense (B, H, D, N), varlen
+// (H, D, total). One O(N D) pass per call, so that tile products need no transposes.
+at::Tensor transposed(const at::Tensor& x, bool varlen, double factor) {
+  const at::Tensor view = varlen ? x.permute({1, 2, 0}) : x.transpose(2, 3);
+  at::Tensor t = at::empty(view.sizes(), x.options().dtype(at::kFloat));
+  t.copy_(view);
+  if (factor != 1.0) t.mul_(factor);
+  return t;
+}
+
+// Rows<> addressing column `key` of head (b, h) in transposed(), and its leading dim.
+template <typename T>
+Rows<T> columns_of(const at::Tensor& t, bool varlen) {
+  T* data = static_cast<T*>(t.data_ptr());
+  if (varlen) return {data, 0, t.stride(0), 1};
+  return {data, t.stride(0), t.stride(1), 1};
+}
+
+int64_t column_ld(const at::Tensor& t) { return t.stride(-2); }
+
+at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
 }  // namespace
 
 std::vector<at::Tensor> attention_forward(
@@ -643,12 +697,21 @@ std::vector<at::Tensor> attention_forward(
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty(out_shape(q, sp.dim_v), q.options());
   at::Tensor lse = at::empty(stat_shape(sp, q), q.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_forward_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    forward_kernel<scalar_t>(sp, rows_of<const scalar_t>(c.q, sp.varlen), rows_of<const scalar_t>(c.k, sp.varlen),
-                             rows_of<const scalar_t>(c.v, sp.varlen), rows_of<scalar_t>(out, sp.varlen),
-                             stats_of<acc_t>(lse, sp.varlen), forward_blocks(sp));
-  });
+  const bool vl = sp.varlen;
+  if (acc == at::kDouble) {
+    forward_kernel<double>(sp, rows_of<const double>(c.q, vl), rows_of<const double>(c.k, vl), {}, 0,
+                           rows_of<const double>(c.v, vl), rows_of<double>(out, vl), stats_of<double>(lse, vl),
+                           forward_blocks(sp));
+    return {out, lse};
+  }
+  // fp16/bf16 run as float: converting q, v (and k, transposed anyway) once
+  // beats BLAS's 16-bit GEMMs, which widen every tile to float themselves.
+  const at::Tensor qf = as_float(c.q), vf = as_float(c.v), kt = transposed(c.k, vl, scale);
+  at::Tensor outf = q.scalar_type() == at::kFloat ? out : at::empty(out.sizes(), out.options().dtype(at::kFloat));
+  forward_kernel<float>(sp, rows_of<const float>(qf, vl), {}, columns_of<const float>(kt, vl), column_ld(kt),
+                        rows_of<const float>(vf, vl), rows_of<float>(outf, vl), stats_of<float>(lse, vl),
+                        forward_blocks(sp));
+  if (!outf.is_same(out)) out.copy_(outf);
   return {out, lse};
 }
 
