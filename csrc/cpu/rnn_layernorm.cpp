@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "attnkit/gate_math.h"
 
@@ -90,6 +91,39 @@ const scalar_t* opt_ptr(const c10::optional<at::Tensor>& t) {
 inline bool active(const int64_t* len, int64_t b, int64_t t) { return len == nullptr || t < len[b]; }
 
 int64_t grain(int64_t width) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, width)); }
+
+// float rows run 8 units at a time as gates::vfloat8 through the same gate-math
+// templates (the tail and double unit by unit), as csrc/cpu/rnn_rows.h does.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+template <typename V, typename S>
+inline V ld(const S* p) {
+  if constexpr (std::is_same_v<V, S>) {
+    return *p;
+  } else {
+    V v;
+    __builtin_memcpy(&v, p, sizeof(V));
+    return v;
+  }
+}
+
+template <typename V, typename S>
+inline void st(S* p, V v) {
+  if constexpr (std::is_same_v<V, S>) {
+    *p = v;
+  } else {
+    __builtin_memcpy(p, &v, sizeof(V));
+  }
+}
+
+template <typename S, typename F>
+inline void for_units(int64_t n, F&& body) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<S, float>) {
+    for (; j + 8 <= n; j += 8) body(gates::vfloat8{}, j);
+  }
+  for (; j < n; ++j) body(S{}, j);
+}
 
 // --------------------------------------------------------------------------- row layer norm
 
@@ -227,26 +261,34 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& h
           scalar_t* ch = save ? chat.data_ptr<scalar_t>() + row * H : sc + 2 * G + H;
           r[row * 3 + 1] = ln_row(ahp + b * G, hh, G);
           const scalar_t* xr = xh + row * G;
-          for (int64_t j = 0; j < H; ++j) {
-            scalar_t pre[4];
+          for_units<scalar_t>(H, [&](auto lanes, int64_t j) {
+            using V = decltype(lanes);
+            V pre[4];
             for (int q = 0; q < 4; ++q) {
               const int64_t k = q * H + j;
-              pre[q] = gi[k] * xr[k] + gh[k] * hh[k] + bs[k];
+              pre[q] = ld<V>(gi + k) * ld<V>(xr + k) + ld<V>(gh + k) * ld<V>(hh + k) + ld<V>(bs + k);
             }
-            const auto a = gates::lstm_activate<scalar_t>(pre[0], pre[1], pre[2], pre[3]);
-            ga[j] = a.i, ga[H + j] = a.f, ga[2 * H + j] = a.g, ga[3 * H + j] = a.o;
-            cn[j] = gates::lstm_cell_state(a, cp[b * H + j]);
-          }
+            const auto a = gates::lstm_activate<V>(pre[0], pre[1], pre[2], pre[3]);
+            st(ga + j, a.i), st(ga + H + j, a.f), st(ga + 2 * H + j, a.g), st(ga + 3 * H + j, a.o);
+            st(cn + j, gates::lstm_cell_state<V>(a, ld<V>(cp + b * H + j)));
+          });
           r[row * 3 + 2] = ln_row(cn, ch, H);
           const scalar_t* m = zo ? zo + row * H : nullptr;
-          for (int64_t j = 0; j < H; ++j) {
-            const gates::LstmGates<scalar_t> a{ga[j], ga[H + j], ga[2 * H + j], ga[3 * H + j]};
-            const scalar_t h_new = gates::lstm_hidden_state(a, gc[j] * ch[j] + bc[j]);
-            scalar_t& hs = hp[b * H + j];
-            hs = m ? m[j] * hs + (1 - m[j]) * h_new : h_new;
-            cp[b * H + j] = cn[j];
-            out[row * H + j] = hs;
-          }
+          for_units<scalar_t>(H, [&](auto lanes, int64_t j) {
+            using V = decltype(lanes);
+            const gates::LstmGates<V> a{ld<V>(ga + j), ld<V>(ga + H + j), ld<V>(ga + 2 * H + j), ld<V>(ga + 3 * H + j)};
+            const V h_new = gates::lstm_hidden_state<V>(a, ld<V>(gc + j) * ld<V>(ch + j) + ld<V>(bc + j));
+            V hs = ld<V>(hp + b * H + j);
+            if (m) {
+              const V mj = ld<V>(m + j);
+              hs = mj * hs + (1.0f - mj) * h_new;
+            } else {
+              hs = h_new;
+            }
+            st(hp + b * H + j, hs);
+            st(cp + b * H + j, ld<V>(cn + j));
+            st(out + row * H + j, hs);
+          });
         }
       });
     }
@@ -399,20 +441,27 @@ std::vector<at::Tensor> ln_gru_forward(const at::Tensor& x, const at::Tensor& h0
           r[row * 2 + 1] = ln_row(ahp + b * G, hh, G);
           const scalar_t* xr = xh + row * G;
           const scalar_t* m = zo ? zo + row * H : nullptr;
-          for (int64_t j = 0; j < H; ++j) {
-            scalar_t in[3], hid[3];
+          for_units<scalar_t>(H, [&](auto lanes, int64_t j) {
+            using V = decltype(lanes);
+            V in[3], hid[3];
             for (int q = 0; q < 3; ++q) {
               const int64_t k = q * H + j;
-              in[q] = gi[k] * xr[k] + bi[k];
-              hid[q] = gh[k] * hh[k] + bh[k];
+              in[q] = ld<V>(gi + k) * ld<V>(xr + k) + ld<V>(bi + k);
+              hid[q] = ld<V>(gh + k) * ld<V>(hh + k) + ld<V>(bh + k);
             }
-            const auto a = gates::gru_activate<scalar_t>(in[0], in[1], in[2], hid[0], hid[1], hid[2]);
-            ga[j] = a.r, ga[H + j] = a.z, ga[2 * H + j] = a.n, ga[3 * H + j] = a.hn;
-            scalar_t& hs = hp[b * H + j];
-            const scalar_t h_new = gates::gru_hidden_state(a, hs);
-            hs = m ? m[j] * hs + (1 - m[j]) * h_new : h_new;
-            out[row * H + j] = hs;
-          }
+            const auto a = gates::gru_activate<V>(in[0], in[1], in[2], hid[0], hid[1], hid[2]);
+            st(ga + j, a.r), st(ga + H + j, a.z), st(ga + 2 * H + j, a.n), st(ga + 3 * H + j, a.hn);
+            V hs = ld<V>(hp + b * H + j);
+            const V h_new = gates::gru_hidden_state<V>(a, hs);
+            if (m) {
+              const V mj = ld<V>(m + j);
+              hs = mj * hs + (1.0f - mj) * h_new;
+            } else {
+              hs = h_new;
+            }
+            st(hp + b * H + j, hs);
+            st(out + row * H + j, hs);
+          });
         }
       });
     }

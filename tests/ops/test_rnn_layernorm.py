@@ -11,7 +11,8 @@ from attnkit.ops import layer_norm_gru, layer_norm_lstm
 from attnkit.reference import rnn_layernorm as ref
 
 LENGTHS = {"full": None, "sorted": [5, 3, 1], "unsorted": [2, 5, 0]}  # for B = 3, T = 5
-SHAPES = [(5, 3, 4, 6), (1, 3, 2, 5), (5, 1, 3, 7), (5, 3, 3, 1)]  # (T, B, I, H): odd, T = 1, B = 1, H = 1
+SHAPES = [(5, 3, 4, 6), (5, 3, 4, 11), (1, 3, 2, 17), (5, 1, 3, 7), (5, 3, 3, 1)]  # (T, B, I, H): odd; 8-lane
+# float vectors + tail (11, 17); T = 1; B = 1; H = 1
 
 
 def make(cell, T, B, I, H, dtype=torch.float64, device="cpu", bias=True, seed=0):
