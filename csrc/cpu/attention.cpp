@@ -1,8 +1,8 @@
 // Flash attention on the CPU: the structure of triton_kernels/flash_attention.py
-// with BLAS GEMMs on tiles instead of tl.dot.
+// with GEMMs on tiles instead of tl.dot.
 //
 // Forward: one task per (batch, head, block of BM queries) walks the visible key
-// blocks with an online softmax; S = scale * Q K^T and acc += P V are GEMMs into
+// blocks with an online softmax; S = Q (scale K^T) and acc += P V are GEMMs into
 // per-thread buffers, the row passes (max, exp, soft-cap) are vectorized
 // (attention_rows.cpp). Backward recomputes P from the saved log-sum-exp. With
 // enough (batch, kv-head) pairs to keep every thread busy, one task per pair
@@ -11,8 +11,11 @@
 // key block and dQ one per query block (7 GEMMs per tile). No atomics either
 // way, and a fixed summation order, so the result is deterministic.
 //
-// Statistics and accumulators are float (double for double inputs); fp16/bf16
-// tiles go through BLAS's mixed-precision GEMMs (16-bit operands, fp32 result).
+// Every tile product is a plain row-major A B (gemm_nn: oneDNN's brgemm, BLAS
+// for double): operands that would need a transpose (K^T, V^T, Q^T, dO^T) are
+// transposed once per call, O(N D). Statistics, accumulators and GEMMs are
+// float (double for double inputs); fp16/bf16 inputs are converted to float
+// once per call and the results back.
 #include "attnkit/attention.h"
 
 #include <ATen/Dispatch.h>
@@ -24,7 +27,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "attention_rows.h"
@@ -36,11 +38,6 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
             const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-// MKL's CBLAS mixed-precision GEMMs; enum arguments passed as their int values.
-void cblas_gemm_bf16bf16f32(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
-                            float*, int) __attribute__((weak));
-void cblas_gemm_f16f16f32(int, int, int, int, int, int, float, const uint16_t*, int, const uint16_t*, int, float,
-                          float*, int) __attribute__((weak));
 }
 
 namespace attnkit {
@@ -48,7 +45,6 @@ namespace cpu {
 
 namespace {
 
-constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
 constexpr int64_t kUnbounded = int64_t(1) << 40;  // a window side of -1
 
 // ------------------------------------------------------------------ GEMM on row-major tiles
@@ -70,8 +66,9 @@ void aten_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, c
   }
 }
 
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
-          int64_t ldb, float beta, float* c, int64_t ldc) {
+// Unused where gemm_nn has brgemm.
+[[maybe_unused]] void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (sgemm_ == nullptr) return aten_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   // Column-major BLAS sees each row-major matrix transposed: C^T = op(B)^T op(A)^T.
   const char tA = ta ? 'T' : 'N', tB = tb ? 'T' : 'N';
@@ -95,22 +92,6 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const
   dgemm_(&tB, &tA, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
 }
 
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const at::BFloat16* a, int64_t lda,
-          const at::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (cblas_gemm_bf16bf16f32 == nullptr) return aten_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  cblas_gemm_bf16bf16f32(kCblasRowMajor, ta ? kCblasTrans : kCblasNoTrans, tb ? kCblasTrans : kCblasNoTrans, int(m),
-                         int(n), int(k), alpha, reinterpret_cast<const uint16_t*>(a), int(lda),
-                         reinterpret_cast<const uint16_t*>(b), int(ldb), beta, c, int(ldc));
-}
-
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const at::Half* a, int64_t lda,
-          const at::Half* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (cblas_gemm_f16f16f32 == nullptr) return aten_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  cblas_gemm_f16f16f32(kCblasRowMajor, ta ? kCblasTrans : kCblasNoTrans, tb ? kCblasTrans : kCblasNoTrans, int(m),
-                       int(n), int(k), alpha, reinterpret_cast<const uint16_t*>(a), int(lda),
-                       reinterpret_cast<const uint16_t*>(b), int(ldb), beta, c, int(ldc));
-}
-
 // C (m x n) = A B (+ C when `add`), row-major, no transposes, float. oneDNN's
 // batch-reduce GEMM where torch's headers declare it (CPUBLAS_BRGEMM_F32F32F32;
 // else BLAS): on the AMD EPYC of BENCHMARKS.md, 16.8 us vs MKL sgemm's 41 us for
@@ -122,6 +103,11 @@ void gemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
 #else
   gemm(false, false, m, n, k, 1.0f, a, lda, b, ldb, add ? 1.0f : 0.0f, c, ldc);
 #endif
+}
+
+void gemm_nn(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb, bool add,
+             double* c, int64_t ldc) {
+  gemm(false, false, m, n, k, 1.0, a, lda, b, ldb, add ? 1.0 : 0.0, c, ldc);
 }
 
 // Ends a thread's brgemm use (frees hardware state on CPUs where it holds any).
@@ -252,33 +238,19 @@ void apply_dropout(acc_t* x, const uint8_t* keep, int64_t n, acc_t drop_scale) {
   for (int64_t j = 0; j < n; ++j) x[j] = keep[j] ? x[j] * drop_scale : acc_t(0);
 }
 
-template <typename scalar_t, typename acc_t>
-void to_input_type(scalar_t* dst, const acc_t* src, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j]);
-}
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-template <typename scalar_t>
-constexpr bool kSameType = std::is_same_v<scalar_t, acc_type<scalar_t>>;
-
 struct Blocks {
   int64_t m, n;  // queries x keys per tile
 };
 
 // ------------------------------------------------------------------ forward
 
-// float and double only (fp16/bf16 inputs arrive converted to float). For
-// float, `kt` holds scale * K^T, columns = keys, so that both tile products are
-// plain A B GEMMs (gemm_nn); double uses k and BLAS's transposes.
+// In the accumulation type (fp16/bf16 inputs arrive converted to float). `kt`
+// holds scale * K^T, keys as columns, so that both tile products are plain A B
+// GEMMs (gemm_nn).
 template <typename scalar_t>
-void forward_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t> k, Rows<const scalar_t> kt,
-                    int64_t ld_kt, Rows<const scalar_t> v, Rows<scalar_t> out, Rows<acc_type<scalar_t>> lse,
-                    Blocks blk) {
-  static_assert(kSameType<scalar_t>, "forward_kernel runs in the accumulation type");
-  using acc_t = acc_type<scalar_t>;
-  constexpr bool kNN = std::is_same_v<scalar_t, float>;
+void forward_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t> kt, int64_t ld_kt,
+                    Rows<const scalar_t> v, Rows<scalar_t> out, Rows<scalar_t> lse, Blocks blk) {
+  using acc_t = scalar_t;
   const int64_t BM = blk.m, BN = blk.n, D = sp.dim, DV = sp.dim_v;
   const int64_t m_blocks = (sp.max_q + BM - 1) / BM;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -298,12 +270,7 @@ void forward_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t>
       const auto [k_lo, k_hi] = sp.key_range(sq, m0, rows);
       for (int64_t n0 = k_lo; n0 < k_hi; n0 += BN) {
         const int64_t cols = std::min(BN, k_hi - n0);
-        if constexpr (kNN) {
-          gemm_nn(rows, cols, D, qt, q.sm, kt.at(b, kvh, sq.k_start + n0), ld_kt, false, s.data(), BN);
-        } else {
-          gemm(false, true, rows, cols, D, acc_t(sp.scale), qt, q.sm, k.at(b, kvh, sq.k_start + n0), k.sm, acc_t(0),
-               s.data(), BN);
-        }
+        gemm_nn(rows, cols, D, qt, q.sm, kt.at(b, kvh, sq.k_start + n0), ld_kt, false, s.data(), BN);
         tile_scores(sp, sq, b, h, m0, rows, n0, cols, s.data(), static_cast<acc_t*>(nullptr), BN);  // no tanh kept
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* row = s.data() + r * BN;
@@ -322,12 +289,7 @@ void forward_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t>
             apply_dropout(row, keep.data(), cols, acc_t(sp.drop_scale));
           }
         }
-        if constexpr (kNN) {
-          gemm_nn(rows, DV, cols, s.data(), BN, v.at(b, kvh, sq.k_start + n0), v.sm, true, acc.data(), DV);
-        } else {
-          gemm(false, false, rows, DV, cols, acc_t(1), s.data(), BN, v.at(b, kvh, sq.k_start + n0), v.sm, acc_t(1),
-               acc.data(), DV);
-        }
+        gemm_nn(rows, DV, cols, s.data(), BN, v.at(b, kvh, sq.k_start + n0), v.sm, true, acc.data(), DV);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const bool empty = l[r] == acc_t(0);
@@ -337,169 +299,159 @@ void forward_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t>
         *lse.at(b, h, sq.q_start + m0 + r) = empty ? neg_inf : m[r] + std::log(l[r]);
       }
     }
-    if constexpr (kNN) gemm_nn_release();
+    gemm_nn_release();
   });
 }
 
 // ------------------------------------------------------------------ backward
+// In the accumulation type throughout (fp16/bf16 arrive converted). Every tile
+// product is a plain A B GEMM (gemm_nn) on operands transposed once per call
+// (Operands): dV and dK are accumulated transposed, dV^T += dO^T P and
+// dK^T += Q^T dS, so no tile is ever transposed.
+
+template <typename T>
+struct Operands {
+  Rows<const T> q, k, dout;         // rows, as given (k for dQ += dS K)
+  Rows<const T> qT, kT, vT, doutT;  // columns of the transposed copies (kT holds scale * K^T)
+  int64_t ld_q, ld_k, ld_v, ld_do;  // their leading dims
+};
 
 // What both backward kernels share: the buffers of one thread and the tile step.
-template <typename scalar_t>
+template <typename T>
 struct BackwardTile {
-  using acc_t = acc_type<scalar_t>;
   const Spec& sp;
+  const Operands<T>& op;
   int64_t BN;
-  std::vector<acc_t> s, t, dp, ds;
-  std::vector<scalar_t> low;
+  std::vector<T> s, t, dp, ds;
   std::vector<uint8_t> keep;
 
-  BackwardTile(const Spec& spec, Blocks blk)
-      : sp(spec), BN(blk.n), s(blk.m * blk.n), t(spec.softcap > 0 ? blk.m * blk.n : 0), dp(blk.m * blk.n),
-        ds(blk.m * blk.n), low(kSameType<scalar_t> ? 0 : blk.m * blk.n), keep(blk.n) {}
+  BackwardTile(const Spec& spec, const Operands<T>& ops, Blocks blk)
+      : sp(spec), op(ops), BN(blk.n), s(blk.m * blk.n), t(spec.softcap > 0 ? blk.m * blk.n : 0), dp(blk.m * blk.n),
+        ds(blk.m * blk.n), keep(blk.n) {}
 
   // P (in s) and dP (in dp, dropout applied) of a (rows x cols) tile; with
-  // `p_out`, also the dropped-out P for the dV GEMM (returned as its operand).
-  const scalar_t* probabilities(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t n0,
-                                int64_t cols, const scalar_t* qt, int64_t ldq, const scalar_t* kt, int64_t ldk,
-                                const scalar_t* dot, int64_t lddo, const scalar_t* vt, int64_t ldv,
-                                const Rows<acc_t>& lse, bool p_out) {
-    gemm(false, true, rows, cols, sp.dim, acc_t(sp.scale), qt, ldq, kt, ldk, acc_t(0), s.data(), BN);
+  // `p_out`, also the dropped-out P for the dV GEMM (returned).
+  const T* probabilities(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t n0, int64_t cols,
+                         const Rows<T>& lse, bool p_out) {
+    const int64_t kvh = h / sp.group, i0 = sq.q_start + m0, j0 = sq.k_start + n0;
+    gemm_nn(rows, cols, sp.dim, op.q.at(b, h, i0), op.q.sm, op.kT.at(b, kvh, j0), op.ld_k, false, s.data(), BN);
     tile_scores(sp, sq, b, h, m0, rows, n0, cols, s.data(), t.data(), BN);
-    gemm(false, true, rows, cols, sp.dim_v, acc_t(1), dot, lddo, vt, ldv, acc_t(0), dp.data(), BN);
+    gemm_nn(rows, cols, sp.dim_v, op.dout.at(b, h, i0), op.dout.sm, op.vT.at(b, kvh, j0), op.ld_v, false, dp.data(),
+            BN);
     for (int64_t r = 0; r < rows; ++r) {
-      acc_t* row = s.data() + r * BN;
-      acc_t stat = *lse.at(b, h, sq.q_start + m0 + r);
-      stat = std::isinf(stat) ? acc_t(0) : stat;  // an empty row's scores are all -inf: P = 0
+      T* row = s.data() + r * BN;
+      T stat = *lse.at(b, h, i0 + r);
+      stat = std::isinf(stat) ? T(0) : stat;  // an empty row's scores are all -inf: P = 0
       attn_rows::exp_shift_sum(row, cols, stat);
-      acc_t* out_row = ds.data() + r * BN;  // ds holds the dropped-out P until dS is formed
       if (sp.dropout) {
+        T* out_row = ds.data() + r * BN;  // ds holds the dropped-out P until dS is formed
         attn_rows::dropout_keep(keep.data(), stream_of(sp, b, h), m0 + r, n0, cols, sp.max_k, sp.threshold);
-        apply_dropout(dp.data() + r * BN, keep.data(), cols, acc_t(sp.drop_scale));
+        apply_dropout(dp.data() + r * BN, keep.data(), cols, T(sp.drop_scale));
         if (p_out) {
           std::copy(row, row + cols, out_row);
-          apply_dropout(out_row, keep.data(), cols, acc_t(sp.drop_scale));
+          apply_dropout(out_row, keep.data(), cols, T(sp.drop_scale));
         }
       }
-      if constexpr (!kSameType<scalar_t>) {
-        if (p_out) to_input_type(low.data() + r * BN, sp.dropout ? out_row : row, cols);
-      }
     }
-    if constexpr (kSameType<scalar_t>) return sp.dropout ? ds.data() : s.data();
-    else return low.data();
+    return sp.dropout ? ds.data() : s.data();
   }
 
-  // dS = P * (dP - delta) (* soft-cap derivative), as the GEMMs' operand.
-  const scalar_t* score_grad(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t cols,
-                             const Rows<acc_t>& delta) {
+  // dS = P * (dP - delta) (* soft-cap derivative).
+  const T* score_grad(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t cols,
+                      const Rows<T>& delta) {
     for (int64_t r = 0; r < rows; ++r) {
-      acc_t* out_row = ds.data() + r * BN;
-      attn_rows::softmax_grad(out_row, s.data() + r * BN, dp.data() + r * BN, t.empty() ? nullptr : t.data() + r * BN,
-                              cols, *delta.at(b, h, sq.q_start + m0 + r));
-      if constexpr (!kSameType<scalar_t>) to_input_type(low.data() + r * BN, out_row, cols);
+      attn_rows::softmax_grad(ds.data() + r * BN, s.data() + r * BN, dp.data() + r * BN,
+                              t.empty() ? nullptr : t.data() + r * BN, cols, *delta.at(b, h, sq.q_start + m0 + r));
     }
-    if constexpr (kSameType<scalar_t>) return ds.data();
-    else return low.data();
+    return ds.data();
   }
 };
 
 // dK, dV (and dQ when `dq_acc` is given, owning whole (batch, kv-head) pairs).
-template <typename scalar_t>
-void backward_dkdv_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t> k, Rows<const scalar_t> v,
-                          Rows<const scalar_t> dout, Rows<acc_type<scalar_t>> lse, Rows<acc_type<scalar_t>> delta,
-                          Rows<scalar_t> dk, Rows<scalar_t> dv, Rows<acc_type<scalar_t>>* dq_acc, Blocks blk) {
-  using acc_t = acc_type<scalar_t>;
+template <typename T>
+void backward_dkdv_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Rows<T> delta, Rows<T> dk, Rows<T> dv,
+                          Rows<T>* dq_acc, Blocks blk) {
   const int64_t BM = blk.m, BN = blk.n, D = sp.dim, DV = sp.dim_v;
   const int64_t n_blocks = dq_acc != nullptr ? 1 : (sp.max_k + BN - 1) / BN;
   at::parallel_for(0, sp.batch * sp.heads_kv * n_blocks, 1, [&](int64_t begin, int64_t end) {
-    BackwardTile<scalar_t> tile(sp, blk);
-    std::vector<acc_t> dk_acc(BN * D), dv_acc(BN * DV);
+    BackwardTile<T> tile(sp, op, blk);
+    std::vector<T> dkT(D * BN), dvT(DV * BN);  // (D x cols), leading dim BN
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nb = task % n_blocks, b = task / n_blocks / sp.heads_kv, kvh = task / n_blocks % sp.heads_kv;
       const Seq sq = sp.seq(b);
       const int64_t first = nb * BN, last = dq_acc != nullptr ? sq.k_len : std::min(first + BN, sq.k_len);
       for (int64_t n0 = first; n0 < last; n0 += BN) {
         const int64_t cols = std::min(BN, sq.k_len - n0);
-        const scalar_t* kt = k.at(b, kvh, sq.k_start + n0);
-        const scalar_t* vt = v.at(b, kvh, sq.k_start + n0);
-        std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
-        std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
+        std::fill(dkT.begin(), dkT.end(), T(0));
+        std::fill(dvT.begin(), dvT.end(), T(0));
         const auto [q_lo, q_hi] = sp.query_range(sq, n0, cols);
         for (int64_t h = kvh * sp.group; h < (kvh + 1) * sp.group; ++h) {
           for (int64_t m0 = q_lo; m0 < q_hi; m0 += BM) {
-            const int64_t rows = std::min(BM, q_hi - m0);
-            const scalar_t* qt = q.at(b, h, sq.q_start + m0);
-            const scalar_t* dot = dout.at(b, h, sq.q_start + m0);
-            const scalar_t* p = tile.probabilities(sq, b, h, m0, rows, n0, cols, qt, q.sm, kt, k.sm, dot, dout.sm, vt,
-                                                   v.sm, lse, true);
-            gemm(true, false, cols, DV, rows, acc_t(1), p, BN, dot, dout.sm, acc_t(1), dv_acc.data(), DV);
-            const scalar_t* dst = tile.score_grad(sq, b, h, m0, rows, cols, delta);
-            gemm(true, false, cols, D, rows, acc_t(1), dst, BN, qt, q.sm, acc_t(1), dk_acc.data(), D);
+            const int64_t rows = std::min(BM, q_hi - m0), i0 = sq.q_start + m0;
+            const T* p = tile.probabilities(sq, b, h, m0, rows, n0, cols, lse, true);
+            gemm_nn(DV, cols, rows, op.doutT.at(b, h, i0), op.ld_do, p, BN, true, dvT.data(), BN);
+            const T* dst = tile.score_grad(sq, b, h, m0, rows, cols, delta);
+            gemm_nn(D, cols, rows, op.qT.at(b, h, i0), op.ld_q, dst, BN, true, dkT.data(), BN);
             if (dq_acc != nullptr) {
-              gemm(false, false, rows, D, cols, acc_t(1), dst, BN, kt, k.sm, acc_t(1),
-                   dq_acc->at(b, h, sq.q_start + m0), dq_acc->sm);
+              gemm_nn(rows, D, cols, dst, BN, op.k.at(b, kvh, sq.k_start + n0), op.k.sm, true, dq_acc->at(b, h, i0),
+                      dq_acc->sm);
             }
           }
         }
         for (int64_t c = 0; c < cols; ++c) {
-          scalar_t* dk_row = dk.at(b, kvh, sq.k_start + n0 + c);
-          scalar_t* dv_row = dv.at(b, kvh, sq.k_start + n0 + c);
-          for (int64_t d = 0; d < D; ++d) dk_row[d] = static_cast<scalar_t>(dk_acc[c * D + d] * acc_t(sp.scale));
-          for (int64_t d = 0; d < DV; ++d) dv_row[d] = static_cast<scalar_t>(dv_acc[c * DV + d]);
+          T* dk_row = dk.at(b, kvh, sq.k_start + n0 + c);
+          T* dv_row = dv.at(b, kvh, sq.k_start + n0 + c);
+          for (int64_t d = 0; d < D; ++d) dk_row[d] = dkT[d * BN + c] * T(sp.scale);
+          for (int64_t d = 0; d < DV; ++d) dv_row[d] = dvT[d * BN + c];
         }
       }
     }
+    gemm_nn_release();
   });
 }
 
-template <typename scalar_t>
-void backward_dq_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t> k, Rows<const scalar_t> v,
-                        Rows<const scalar_t> dout, Rows<acc_type<scalar_t>> lse, Rows<acc_type<scalar_t>> delta,
-                        Rows<scalar_t> dq, Blocks blk) {
-  using acc_t = acc_type<scalar_t>;
+template <typename T>
+void backward_dq_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Rows<T> delta, Rows<T> dq, Blocks blk) {
   const int64_t BM = blk.m, BN = blk.n, D = sp.dim;
   const int64_t m_blocks = (sp.max_q + BM - 1) / BM;
   at::parallel_for(0, sp.batch * sp.heads * m_blocks, 1, [&](int64_t begin, int64_t end) {
-    BackwardTile<scalar_t> tile(sp, blk);
-    std::vector<acc_t> dq_acc(BM * D);
+    BackwardTile<T> tile(sp, op, blk);
+    std::vector<T> dq_acc(BM * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % m_blocks, b = task / m_blocks / sp.heads, h = task / m_blocks % sp.heads;
       const Seq sq = sp.seq(b);
       const int64_t m0 = mb * BM;
       if (m0 >= sq.q_len) continue;
       const int64_t rows = std::min(BM, sq.q_len - m0), kvh = h / sp.group;
-      const scalar_t* qt = q.at(b, h, sq.q_start + m0);
-      const scalar_t* dot = dout.at(b, h, sq.q_start + m0);
-      std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
+      std::fill(dq_acc.begin(), dq_acc.end(), T(0));
       const auto [k_lo, k_hi] = sp.key_range(sq, m0, rows);
       for (int64_t n0 = k_lo; n0 < k_hi; n0 += BN) {
         const int64_t cols = std::min(BN, k_hi - n0);
-        const scalar_t* kt = k.at(b, kvh, sq.k_start + n0);
-        tile.probabilities(sq, b, h, m0, rows, n0, cols, qt, q.sm, kt, k.sm, dot, dout.sm,
-                           v.at(b, kvh, sq.k_start + n0), v.sm, lse, false);
-        const scalar_t* dst = tile.score_grad(sq, b, h, m0, rows, cols, delta);
-        gemm(false, false, rows, D, cols, acc_t(1), dst, BN, kt, k.sm, acc_t(1), dq_acc.data(), D);
+        tile.probabilities(sq, b, h, m0, rows, n0, cols, lse, false);
+        const T* dst = tile.score_grad(sq, b, h, m0, rows, cols, delta);
+        gemm_nn(rows, D, cols, dst, BN, op.k.at(b, kvh, sq.k_start + n0), op.k.sm, true, dq_acc.data(), D);
       }
       for (int64_t r = 0; r < rows; ++r) {
-        scalar_t* dq_row = dq.at(b, h, sq.q_start + m0 + r);
-        for (int64_t d = 0; d < D; ++d) dq_row[d] = static_cast<scalar_t>(dq_acc[r * D + d] * acc_t(sp.scale));
+        T* dq_row = dq.at(b, h, sq.q_start + m0 + r);
+        for (int64_t d = 0; d < D; ++d) dq_row[d] = dq_acc[r * D + d] * T(sp.scale);
       }
     }
+    gemm_nn_release();
   });
 }
 
 // delta_i = sum_d dO_id O_id, the row term of the softmax backward.
-template <typename scalar_t>
-void backward_delta(const Spec& sp, Rows<const scalar_t> out, Rows<const scalar_t> dout, Rows<acc_type<scalar_t>> delta) {
-  using acc_t = acc_type<scalar_t>;
+template <typename T>
+void backward_delta(const Spec& sp, Rows<const T> out, Rows<const T> dout, Rows<T> delta) {
   at::parallel_for(0, sp.batch * sp.heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / sp.heads, h = task % sp.heads;
       const Seq sq = sp.seq(b);
       for (int64_t i = sq.q_start; i < sq.q_start + sq.q_len; ++i) {
-        const scalar_t* o = out.at(b, h, i);
-        const scalar_t* g = dout.at(b, h, i);
-        acc_t sum = 0;
-        for (int64_t d = 0; d < sp.dim_v; ++d) sum += acc_t(o[d]) * acc_t(g[d]);
+        const T* o = out.at(b, h, i);
+        const T* g = dout.at(b, h, i);
+        T sum = 0;
+        for (int64_t d = 0; d < sp.dim_v; ++d) sum += o[d] * g[d];
         *delta.at(b, h, i) = sum;
       }
     }
@@ -661,11 +613,11 @@ std::vector<int64_t> stat_shape(const Spec& sp, const at::Tensor& q) {
   return {sp.batch, sp.heads, sp.max_q};
 }
 
-// factor * x^T per head as float, keys as columns: dense (B, H, D, N), varlen
+// factor * x^T per head in `dtype`, rows as columns: dense (B, H, D, N), varlen
 // (H, D, total). One O(N D) pass per call, so that tile products need no transposes.
-at::Tensor transposed(const at::Tensor& x, bool varlen, double factor) {
+at::Tensor transposed(const at::Tensor& x, bool varlen, double factor, at::ScalarType dtype) {
   const at::Tensor view = varlen ? x.permute({1, 2, 0}) : x.transpose(2, 3);
-  at::Tensor t = at::empty(view.sizes(), x.options().dtype(at::kFloat));
+  at::Tensor t = at::empty(view.sizes(), x.options().dtype(dtype));
   t.copy_(view);
   if (factor != 1.0) t.mul_(factor);
   return t;
@@ -681,7 +633,7 @@ Rows<T> columns_of(const at::Tensor& t, bool varlen) {
 
 int64_t column_ld(const at::Tensor& t) { return t.stride(-2); }
 
-at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
 }  // namespace
 
@@ -698,20 +650,16 @@ std::vector<at::Tensor> attention_forward(
   at::Tensor out = at::empty(out_shape(q, sp.dim_v), q.options());
   at::Tensor lse = at::empty(stat_shape(sp, q), q.options().dtype(acc));
   const bool vl = sp.varlen;
-  if (acc == at::kDouble) {
-    forward_kernel<double>(sp, rows_of<const double>(c.q, vl), rows_of<const double>(c.k, vl), {}, 0,
-                           rows_of<const double>(c.v, vl), rows_of<double>(out, vl), stats_of<double>(lse, vl),
-                           forward_blocks(sp));
-    return {out, lse};
-  }
   // fp16/bf16 run as float: converting q, v (and k, transposed anyway) once
   // beats BLAS's 16-bit GEMMs, which widen every tile to float themselves.
-  const at::Tensor qf = as_float(c.q), vf = as_float(c.v), kt = transposed(c.k, vl, scale);
-  at::Tensor outf = q.scalar_type() == at::kFloat ? out : at::empty(out.sizes(), out.options().dtype(at::kFloat));
-  forward_kernel<float>(sp, rows_of<const float>(qf, vl), {}, columns_of<const float>(kt, vl), column_ld(kt),
-                        rows_of<const float>(vf, vl), rows_of<float>(outf, vl), stats_of<float>(lse, vl),
-                        forward_blocks(sp));
-  if (!outf.is_same(out)) out.copy_(outf);
+  const at::Tensor qa = as_type(c.q, acc), va = as_type(c.v, acc), kt = transposed(c.k, vl, scale, acc);
+  at::Tensor outa = q.scalar_type() == acc ? out : at::empty(out.sizes(), out.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "attention_forward_cpu", [&] {
+    forward_kernel<scalar_t>(sp, rows_of<const scalar_t>(qa, vl), columns_of<const scalar_t>(kt, vl), column_ld(kt),
+                             rows_of<const scalar_t>(va, vl), rows_of<scalar_t>(outa, vl),
+                             stats_of<scalar_t>(lse, vl), forward_blocks(sp));
+  });
+  if (!outa.is_same(out)) out.copy_(outa);
   return {out, lse};
 }
 
@@ -740,31 +688,31 @@ std::vector<at::Tensor> attention_backward(
   const at::Tensor dout_r = rows_ready(grad_out, row_dim), out_r = rows_ready(out, row_dim);
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor delta = at::empty(stat_shape(sp, q), q.options().dtype(acc));
-  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
-             dv = at::empty(v.sizes(), v.options());
+  const bool vl = sp.varlen, same = q.scalar_type() == acc;
+  // fp16/bf16 run as float (see attention_forward); the gradients are computed in acc and converted at the end.
+  const at::Tensor qa = as_type(c.q, acc), ka = as_type(c.k, acc), doa = as_type(dout_r, acc), oa = as_type(out_r, acc);
+  const at::Tensor qT = transposed(c.q, vl, 1.0, acc), kT = transposed(c.k, vl, scale, acc),
+                   vT = transposed(c.v, vl, 1.0, acc), doT = transposed(dout_r, vl, 1.0, acc);
+  const auto acc_opts = q.options().dtype(acc);
+  at::Tensor dq = at::empty(q.sizes(), acc_opts), dk = at::empty(k.sizes(), acc_opts),
+             dv = at::empty(v.sizes(), acc_opts);
   // One task per (batch, kv-head) when there are enough of them for the threads.
   const bool fused = sp.batch * sp.heads_kv >= 4 * at::get_num_threads();
-  at::Tensor dq_acc;
-  if (fused) dq_acc = q.scalar_type() == acc ? dq.zero_() : at::zeros(q.sizes(), q.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_backward_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const bool vl = sp.varlen;
-    const auto qr = rows_of<const scalar_t>(c.q, vl), kr = rows_of<const scalar_t>(c.k, vl),
-               vr = rows_of<const scalar_t>(c.v, vl), dor = rows_of<const scalar_t>(dout_r, vl);
-    const auto lse_r = stats_of<acc_t>(lse_c, vl), delta_r = stats_of<acc_t>(delta, vl);
-    backward_delta<scalar_t>(sp, rows_of<const scalar_t>(out_r, vl), dor, delta_r);
-    auto dq_rows = fused ? rows_of<acc_t>(dq_acc, vl) : Rows<acc_t>{};
-    backward_dkdv_kernel<scalar_t>(sp, qr, kr, vr, dor, lse_r, delta_r, rows_of<scalar_t>(dk, vl),
-                                   rows_of<scalar_t>(dv, vl), fused ? &dq_rows : nullptr, backward_blocks(sp));
-    if (!fused) {
-      backward_dq_kernel<scalar_t>(sp, qr, kr, vr, dor, lse_r, delta_r, rows_of<scalar_t>(dq, vl),
-                                   backward_blocks(sp));
-    }
+  if (fused) dq.zero_();
+  AT_DISPATCH_FLOATING_TYPES(acc, "attention_backward_cpu", [&] {
+    using T = scalar_t;
+    const Operands<T> op{rows_of<const T>(qa, vl),    rows_of<const T>(ka, vl),    rows_of<const T>(doa, vl),
+                         columns_of<const T>(qT, vl), columns_of<const T>(kT, vl), columns_of<const T>(vT, vl),
+                         columns_of<const T>(doT, vl), column_ld(qT), column_ld(kT), column_ld(vT), column_ld(doT)};
+    const auto lse_r = stats_of<T>(lse_c, vl), delta_r = stats_of<T>(delta, vl);
+    backward_delta<T>(sp, rows_of<const T>(oa, vl), op.dout, delta_r);
+    auto dq_rows = rows_of<T>(dq, vl);
+    backward_dkdv_kernel<T>(sp, op, lse_r, delta_r, rows_of<T>(dk, vl), rows_of<T>(dv, vl),
+                            fused ? &dq_rows : nullptr, backward_blocks(sp));
+    if (!fused) backward_dq_kernel<T>(sp, op, lse_r, delta_r, dq_rows, backward_blocks(sp));
   });
-  if (fused) {
-    dq_acc.mul_(scale);
-    if (!dq_acc.is_same(dq)) dq.copy_(dq_acc);
-  }
+  if (fused) dq.mul_(scale);
+  if (!same) return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
   return {dq, dk, dv};
 }
 
