@@ -86,19 +86,27 @@ ATTNKIT_INLINE vf vexp(vf x) {
 
 ATTNKIT_SIMD_CLONES float row_max(const float* x, int64_t n) {
   vf m = splat(kNegInf);
+  vi nan = vi{};
   int64_t j = 0;
-  // A NaN score wins and stays (v > NaN is false), so a NaN input gives a NaN row as in the reference.
+  // A NaN score makes the row NaN, as in the reference. Tracked apart from the
+  // max: GCC lowers a select on an OR of two vector compares to per-lane scalar code.
   for (; j + W <= n; j += W) {
     const vf v = load(x + j);
-    m = (v > m) | (v != v) ? v : m;
+    m = v > m ? v : m;
+    nan |= v != v;
   }
   if (j < n) {
     const vf v = load_tail(x + j, n - j, kNegInf);
-    m = (v > m) | (v != v) ? v : m;
+    m = v > m ? v : m;
+    nan |= v != v;
   }
   float best = kNegInf;
-  for (int64_t l = 0; l < W; ++l) best = m[l] > best || m[l] != m[l] ? m[l] : best;
-  return best;
+  int32_t any_nan = 0;
+  for (int64_t l = 0; l < W; ++l) {
+    best = m[l] > best ? m[l] : best;
+    any_nan |= nan[l];
+  }
+  return any_nan ? std::numeric_limits<float>::quiet_NaN() : best;
 }
 
 double row_max(const double* x, int64_t n) {
