@@ -176,24 +176,6 @@ def check_decode(compiler: "Compiler", verbose: bool = True) -> None:
             print(f"sm_{compiler.target.arch} decode {name}: compiled in {time.time() - start:.1f} s")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (80 = A100, 90 = H100)")
-    parser.add_argument("--all-configs", action="store_true", help="every autotune config, not just the first")
-    args = parser.parse_args(argv)
-    limit = SHARED_LIMIT.get(args.arch)
-    over = 0
-    for kernel, block_m, block_n, shared in check(args.arch, args.all_configs):
-        fits = limit is None or shared <= limit
-        over += not fits
-        print(f"  {kernel:18s} BLOCK_M={block_m} BLOCK_N={block_n} shared={shared} B{'' if fits else '  OVER THE LIMIT'}")
-    return 1 if over and not args.all_configs else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # (name, dtype, hidden size A, value dim, mask, weights asked for)
 ADDITIVE_COMBOS = [
     ("bf16-a256-dv256-mask-weights", torch.bfloat16, 256, 256, True, True),
@@ -216,3 +198,21 @@ def check_additive(compiler: "Compiler", verbose: bool = True) -> None:
                                     launch=compiler)
         if verbose:
             print(f"sm_{compiler.target.arch} additive attention {name}: compiled in {time.time() - start:.1f} s")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (80 = A100, 90 = H100)")
+    parser.add_argument("--all-configs", action="store_true", help="every autotune config, not just the first")
+    args = parser.parse_args(argv)
+    limit = SHARED_LIMIT.get(args.arch)
+    over = 0
+    for kernel, block_m, block_n, shared in check(args.arch, args.all_configs):
+        fits = limit is None or shared <= limit
+        over += not fits
+        print(f"  {kernel:18s} BLOCK_M={block_m} BLOCK_N={block_n} shared={shared} B{'' if fits else '  OVER THE LIMIT'}")
+    return 1 if over and not args.all_configs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
