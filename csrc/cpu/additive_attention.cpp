@@ -14,7 +14,7 @@
 // The extension is built without -march flags, so at::vec falls back to scalar
 // std::tanh; the float passes use GCC vector types compiled for AVX-512, AVX2
 // and baseline x86-64 (target_clones, picked at load time, as attention_rows.cpp
-// does) with the rational tanh of fast_tanh.h. double (for gradcheck) keeps
+// does) with the rational tanh of simd.h. double (for gradcheck) keeps
 // plain loops and std::tanh.
 #include "attnkit/additive_attention.h"
 
@@ -29,15 +29,7 @@
 #include <vector>
 
 #include "attention_rows.h"
-#include "fast_tanh.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define ATTNKIT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ATTNKIT_SIMD_CLONES
-#endif
-// Inlined into each target clone: an out-of-line helper would be compiled for baseline x86-64.
-#define ATTNKIT_INLINE inline __attribute__((always_inline))
+#include "simd.h"
 
 namespace attnkit {
 namespace cpu {
@@ -49,36 +41,7 @@ constexpr int64_t kKeyBlock = 32;    // keys scored against one query before the
 
 // ----------------------------------------------------------------------------- float, vectorized
 
-using vf = simd::vf16;
-constexpr int64_t W = 16;
-
-ATTNKIT_INLINE vf splat(float a) { return vf{} + a; }
-
-ATTNKIT_INLINE vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-ATTNKIT_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-
-ATTNKIT_INLINE vf load_tail(const float* p, int64_t n) {
-  float buf[W] = {};
-  for (int64_t j = 0; j < n; ++j) buf[j] = p[j];
-  return load(buf);
-}
-
-ATTNKIT_INLINE void store_tail(float* p, vf v, int64_t n) {
-  float buf[W];
-  store(buf, v);
-  for (int64_t j = 0; j < n; ++j) p[j] = buf[j];
-}
-
-ATTNKIT_INLINE float hsum(vf v) {
-  float s = 0;
-  for (int64_t j = 0; j < W; ++j) s += v[j];
-  return s;
-}
+using namespace simd;  // vf, W, load/store, fast_tanh
 
 // s[j] = v_a . tanh(q + k_j) for the n keys k_j = k + j * A; -inf where live[j] == 0.
 ATTNKIT_SIMD_CLONES void score_block(const float* q, const float* k, int64_t n, int64_t A, const float* va,
@@ -94,7 +57,8 @@ ATTNKIT_SIMD_CLONES void score_block(const float* q, const float* k, int64_t n, 
     for (int64_t a = 0; a < body; a += W) acc += load(va + a) * simd::fast_tanh(load(q + a) + load(kj + a));
     if (body < A) {
       const int64_t rest = A - body;
-      acc += load_tail(va + body, rest) * simd::fast_tanh(load_tail(q + body, rest) + load_tail(kj + body, rest));
+      acc += load_tail(va + body, rest, 0.0f) *
+             fast_tanh(load_tail(q + body, rest, 0.0f) + load_tail(kj + body, rest, 0.0f));
     }
     s[j] = hsum(acc);
   }
@@ -120,9 +84,9 @@ ATTNKIT_SIMD_CLONES void backward_pairs(const float* q, const float* k, int64_t 
       acc += load(va + a) * tv;
     }
     if (rest) {
-      const vf tv = simd::fast_tanh(load_tail(q + body, rest) + load_tail(kj + body, rest));
+      const vf tv = simd::fast_tanh(load_tail(q + body, rest, 0.0f) + load_tail(kj + body, rest, 0.0f));
       store_tail(t + body, tv, rest);
-      acc += load_tail(va + body, rest) * tv;
+      acc += load_tail(va + body, rest, 0.0f) * tv;
     }
     const float pj = std::exp(hsum(acc) - lse);
     const float ds = pj * (dp[j] - delta);

@@ -1,20 +1,14 @@
 // Row passes of the CPU attention kernels (see attention_rows.h). The float
 // passes use GCC vector types (exp as a Cephes-style polynomial: std::exp does
-// not vectorize; tanh from fast_tanh.h); double keeps plain loops and std::exp
+// not vectorize; tanh from simd.h); double keeps plain loops and std::exp
 // (fp64 is for gradcheck, not speed).
 #include "attention_rows.h"
 
-#include "fast_tanh.h"
+#include "simd.h"
 
 #include <cmath>
 #include <cstring>
 #include <limits>
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define ATTNKIT_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ATTNKIT_SIMD_CLONES
-#endif
 
 namespace attnkit {
 namespace cpu {
@@ -24,43 +18,8 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// 16 floats as a GCC vector: each target clone lowers it to its own registers
-// (one zmm, two ymm or four xmm), where the auto-vectorizer gave up on exp.
-using vf = simd::vf16;
+using namespace simd;  // vf (16 floats: one zmm, two ymm or four xmm per clone), W, load/store, fast_tanh
 typedef int32_t vi __attribute__((vector_size(64)));
-constexpr int64_t W = 16;
-
-// Inlined into each target clone: an out-of-line helper would be compiled for baseline x86-64.
-#define ATTNKIT_INLINE inline __attribute__((always_inline))
-
-ATTNKIT_INLINE vf splat(float a) { return vf{} + a; }
-
-ATTNKIT_INLINE vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-ATTNKIT_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-
-// The last n < W elements, padded with `fill`.
-ATTNKIT_INLINE vf load_tail(const float* p, int64_t n, float fill) {
-  float buf[W];
-  for (int64_t j = 0; j < W; ++j) buf[j] = j < n ? p[j] : fill;
-  return load(buf);
-}
-
-ATTNKIT_INLINE void store_tail(float* p, vf v, int64_t n) {
-  float buf[W];
-  store(buf, v);
-  for (int64_t j = 0; j < n; ++j) p[j] = buf[j];
-}
-
-ATTNKIT_INLINE float hsum(vf v) {
-  float s = 0;
-  for (int64_t j = 0; j < W; ++j) s += v[j];
-  return s;
-}
 
 // exp(x), Cephes-style (about 2 ulp) for x <= 88; exactly 0 below -87 (so exp(-inf) = 0).
 ATTNKIT_INLINE vf vexp(vf x) {
