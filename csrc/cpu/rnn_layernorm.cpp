@@ -96,34 +96,7 @@ int64_t grain(int64_t width) { return std::max<int64_t>(1, 8192 / std::max<int64
 // templates (the tail and double unit by unit), as csrc/cpu/rnn_rows.h does.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-template <typename V, typename S>
-inline V ld(const S* p) {
-  if constexpr (std::is_same_v<V, S>) {
-    return *p;
-  } else {
-    V v;
-    __builtin_memcpy(&v, p, sizeof(V));
-    return v;
-  }
-}
-
-template <typename V, typename S>
-inline void st(S* p, V v) {
-  if constexpr (std::is_same_v<V, S>) {
-    *p = v;
-  } else {
-    __builtin_memcpy(p, &v, sizeof(V));
-  }
-}
-
-template <typename S, typename F>
-inline void for_units(int64_t n, F&& body) {
-  int64_t j = 0;
-  if constexpr (std::is_same_v<S, float>) {
-    for (; j + 8 <= n; j += 8) body(gates::vfloat8{}, j);
-  }
-  for (; j < n; ++j) body(S{}, j);
-}
+#include "rnn_units.h"
 
 // --------------------------------------------------------------------------- row layer norm
 

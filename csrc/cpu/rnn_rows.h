@@ -1,41 +1,14 @@
 // The fused elementwise passes of the CPU LSTM / GRU, one batch row each.
-// No include guard on purpose: csrc/cpu/rnn.cpp includes this file twice,
-// into namespace `avx2` under `#pragma GCC target("avx2,fma")` and into
-// namespace `generic`, and picks one at run time by what the CPU supports.
+// No include guard on purpose: csrc/cpu/rnn.cpp includes this file three
+// times, into namespaces `avx512` and `avx2` under `#pragma GCC target(...)`
+// and into namespace `generic`, and picks one at run time by what the CPU
+// supports.
 //
 // float rows run 8 units per iteration as `vfloat8` through the gate math of
 // gate_math.h (the same templates the CUDA kernels use); the tail and double
 // run unit by unit.
 
-template <typename V, typename S>
-inline V ld(const S* p) {
-  if constexpr (std::is_same_v<V, S>) {
-    return *p;
-  } else {
-    V v;
-    __builtin_memcpy(&v, p, sizeof(V));
-    return v;
-  }
-}
-
-template <typename V, typename S>
-inline void st(S* p, V v) {
-  if constexpr (std::is_same_v<V, S>) {
-    *p = v;
-  } else {
-    __builtin_memcpy(p, &v, sizeof(V));
-  }
-}
-
-// Calls body(V{}, j) over j in [0, n): 8 lanes at a time for float.
-template <typename S, typename F>
-inline void for_units(int64_t n, F&& body) {
-  int64_t j = 0;
-  if constexpr (std::is_same_v<S, float>) {
-    for (; j + 8 <= n; j += 8) body(gates::vfloat8{}, j);
-  }
-  for (; j < n; ++j) body(S{}, j);
-}
+#include "rnn_units.h"
 
 // pre: (4H) input projection in, activated gates out; gh (4H): the recurrent
 // projection, added here. c carries the cell state.
