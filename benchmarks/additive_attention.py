@@ -15,12 +15,10 @@ fresh subprocess per measurement.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import torch
-from timing import max_error, median_ms
+from timing import max_error, median_ms, rss_rise_mb, rss_rise_mb_in_subprocess
 
 import attnkit
 from attnkit.ops import additive_attention
@@ -70,12 +68,7 @@ def _ours(tensors, mask, backend=None):
 
 def peak_mb(side: str, batch: int, n: int, dtype: torch.dtype) -> float:
     """Peak resident-memory rise (MiB) of one forward+backward, measured in a subprocess."""
-    spec = json.dumps(dict(side=side, batch=batch, n=n, dtype=str(dtype).split(".")[-1]))
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--peak", spec], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
-    if done.returncode != 0:
-        raise RuntimeError(f"peak-memory subprocess failed: {done.stderr[-2000:]}")
-    return float(done.stdout.strip().splitlines()[-1])
+    return rss_rise_mb_in_subprocess(__file__, dict(side=side, batch=batch, n=n, dtype=str(dtype).split(".")[-1]))
 
 
 def _measure_peak(spec: dict) -> float:
@@ -85,16 +78,7 @@ def _measure_peak(spec: dict) -> float:
     _fwd_bwd(lambda: plain(*warm, warm_mask))()
     tensors, mask = _inputs(spec["batch"], spec["n"], dtype, "cpu")
     step = _fwd_bwd(_ours(tensors, mask) if spec["side"] == "ours" else lambda: plain(*tensors, mask))
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key))
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident size
-    before = status("VmRSS:")
-    step()
-    return (status("VmHWM:") - before) / 1024
+    return rss_rise_mb(step)
 
 
 def run(device: torch.device, dtype: torch.dtype, quick: bool = True):

@@ -11,13 +11,11 @@ a fresh subprocess per measurement so that earlier cases do not hide it.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
-from timing import max_error, median_ms
+from timing import max_error, median_ms, rss_rise_mb, rss_rise_mb_in_subprocess
 
 import attnkit
 from attnkit.ops import flash_attention
@@ -82,12 +80,8 @@ def _pair(rows, case, shape, backend, ours, theirs, device, repeats=15, warmup=3
 
 def peak_mb(backend: str, n: int, dtype: torch.dtype, feature: str) -> float:
     """Peak resident-memory rise (MiB) of one forward+backward, measured in a subprocess."""
-    spec = json.dumps(dict(backend=backend, n=n, dtype=str(dtype).split(".")[-1], feature=feature))
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--peak", spec], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
-    if done.returncode != 0:
-        raise RuntimeError(f"peak-memory subprocess failed: {done.stderr[-2000:]}")
-    return float(done.stdout.strip().splitlines()[-1])
+    return rss_rise_mb_in_subprocess(__file__, dict(backend=backend, n=n, dtype=str(dtype).split(".")[-1],
+                                                    feature=feature))
 
 
 def _measure_peak(spec: dict) -> float:
@@ -101,16 +95,7 @@ def _measure_peak(spec: dict) -> float:
         step = _fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v))
     else:
         step = _fwd_bwd(_attnkit(q, k, v, kwargs, spec["backend"]))
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key))
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident size
-    before = status("VmRSS:")
-    step()
-    return (status("VmHWM:") - before) / 1024
+    return rss_rise_mb(step)
 
 
 def run(device: torch.device, dtype: torch.dtype, quick: bool = True):

@@ -65,3 +65,35 @@ def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def rss_rise_mb(step: Callable[[], object]) -> float:
+    """Rise of this process's peak resident set (MiB) over one call of step:
+    the CPU allocator keeps no statistics, so VmHWM is reset through
+    /proc/self/clear_refs and read back. Linux only."""
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    before = status("VmRSS:")
+    step()
+    return (status("VmHWM:") - before) / 1024
+
+
+def rss_rise_mb_in_subprocess(script: str, spec: dict) -> float:
+    """rss_rise_mb in a fresh process, so that earlier cases do not hide the
+    peak: runs `python script --peak <spec as JSON>`, whose main prints the
+    figure as its last line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, os.path.abspath(script), "--peak", json.dumps(spec)], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    if done.returncode != 0:
+        raise RuntimeError(f"peak-memory subprocess failed: {done.stderr[-2000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
