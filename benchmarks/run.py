@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 FAMILIES = ["lstm_cell", "attention", "attention_cpu", "positional", "rnn", "transformer", "models", "additive_attention",
-            "rope_attention"]
+            "rope_attention", "linear"]
 
 
 def main(argv=None) -> int:

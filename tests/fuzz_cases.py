@@ -99,6 +99,11 @@ def _additive_bases():
              ["query", "keys", "values", "W_q", "W_k", "v_a", "mask"])]
 
 
+def _linear_bases():
+    x, w, b = _randn(3, 6, seed=1), _randn(5, 6, seed=2), _randn(5, seed=3)
+    return [("bias", ops.linear, [x, w, b], {}, ["x", "weight", "bias"])]
+
+
 OPS = {
     "flash_attention": _attention_bases,
     "flash_attention_varlen": _varlen_bases,
@@ -108,6 +113,7 @@ OPS = {
     "gru": lambda: _rnn_bases(3),
     "lstm_cell": lambda: _rnn_bases(4, cell=True),
     "additive_attention": _additive_bases,
+    "linear": _linear_bases,
 }
 
 

@@ -155,6 +155,7 @@ def _calls():
         "lstm": (lambda x, h, c, *w: ops.lstm(x, (h, c), *w, lengths=[3, 2])[0], (x, h, c, *w4)),
         "gru": (lambda x, h, *w: ops.gru(x, h, *w)[0], (x, h, *w3)),
         "lstm_cell": (lambda x, h, c, *w: ops.lstm_cell(x, (h, c), *w), (x[0], h, c, *w4)),
+        "linear": (lambda x, w: ops.linear(x, w, w[:, 0]), (x[0], _randn(4, 3, seed=11, **f64))),
     }
     ln4 = tuple(_randn(n, seed=10 + i, **f64) for i, n in enumerate((16, 16, 16, 16, 4, 4)))
     ln3 = tuple(_randn(12, seed=20 + i, **f64) for i in range(4))

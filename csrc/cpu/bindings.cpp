@@ -4,6 +4,7 @@
 
 #include "attnkit/additive_attention.h"
 #include "attnkit/attention.h"
+#include "attnkit/linear.h"
 #include "attnkit/lstm_cell.h"
 #include "attnkit/rnn.h"
 #include "attnkit/rnn_layernorm.h"
@@ -34,5 +35,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "additive (Bahdanau) attention on the projections, forward (CPU)");
   m.def("additive_attention_backward", &attnkit::cpu::additive_attention_backward,
         "additive (Bahdanau) attention on the projections, backward (CPU)");
+  m.def("linear_few_rows", &attnkit::cpu::linear_few_rows, "x W^T + b for a few rows of x (CPU, fp32)");
   m.def("num_threads", [] { return at::get_num_threads(); }, "threads at::parallel_for may use");
 }

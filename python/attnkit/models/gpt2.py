@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..nn.linear import Linear
 from ..ops import attention_decode, flash_attention, flash_attention_varlen
 from .common import activation, check_ids, check_length
 from .loading import PretrainedMixin
@@ -93,8 +94,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
         self.n_head, self.layer_idx, self.dropout_p = config.n_head, layer_idx, config.attn_pdrop
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
         head_dim = config.n_embd // config.n_head
         self.scale = head_dim ** -0.5 if config.scale_attn_weights else 1.0
@@ -131,8 +132,8 @@ class MLP(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
         inner = config.n_inner or 4 * config.n_embd
-        self.c_fc = nn.Linear(config.n_embd, inner)
-        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.c_fc = Linear(config.n_embd, inner)
+        self.c_proj = Linear(inner, config.n_embd)
         self.act = activation(config.activation_function)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
@@ -233,10 +234,9 @@ class GPT2LMHeadModel(PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        self._head_t = None  # (key, (C, V) copy of lm_head.weight) for decoding on CPU; not in state_dict
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None) -> Tensor:
@@ -279,7 +279,7 @@ class GPT2LMHeadModel(PretrainedMixin, nn.Module):
         # Positions count real tokens only, as transformers' generate (cumsum of the mask).
         position_ids = None if packing.index is None else (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         hidden = self.transformer.forward_packed(input_ids, packing, position_ids, cache)
-        logits = self._logits(hidden[packing.cu_seqlens[1:].long() - 1])  # each row's last real token
+        logits = self.lm_head(hidden[packing.cu_seqlens[1:].long() - 1])  # each row's last real token
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
             token = next_token(logits.float(), do_sample, temperature, top_k, top_p, generator)
@@ -289,20 +289,7 @@ class GPT2LMHeadModel(PretrainedMixin, nn.Module):
             yield token
             if step + 1 == max_new_tokens or bool(done.all()):
                 return
-            logits = self._logits(self.transformer.forward_decode(token[:, None], cache)[:, -1])
-
-    def _logits(self, hidden: Tensor) -> Tensor:
-        """lm_head for a few rows. On CPU, x @ W^T with W (V, C) is a GEMV that reads W ~1.6x
-        slower than x @ W_t with a (C, V) copy (measured: GPT-2's 50257 x 768 head, 23 vs 14 ms),
-        and the head is most of a decode step; the copy (one more vocab x n_embd matrix) is kept
-        while the weight is unchanged (its version counter)."""
-        if hidden.device.type != "cpu":
-            return self.lm_head(hidden)
-        w = self.lm_head.weight
-        key = (w.data_ptr(), w._version, w.dtype)
-        if self._head_t is None or self._head_t[0] != key:
-            self._head_t = (key, w.detach().t().contiguous())
-        return hidden @ self._head_t[1]
+            logits = self.lm_head(self.transformer.forward_decode(token[:, None], cache)[:, -1])
 
     def hf_config(self) -> dict:
         return self.config.to_hf(type(self).__name__)

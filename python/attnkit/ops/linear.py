@@ -1,0 +1,76 @@
+"""`attnkit.ops.linear`: torch.nn.functional.linear (y = x W^T + b) with a CPU
+kernel for few rows, the matrix-vector products of a decoding step (GPT-2
+generation, beam search), which are bound by how fast W is read; other calls go
+to F.linear. A torch.library custom op with a fake implementation and an
+autograd formula, so it traces and trains like F.linear."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch, _validate
+from ..backends.linear import LINEAR
+
+OP = "attnkit.ops.linear"
+
+
+def _describe(x: Tensor, weight: Tensor) -> dict:
+    return {"device": x.device, "dtype": x.dtype, "rows": x.shape[0]}
+
+
+@torch.library.custom_op("attnkit::linear", mutates_args=())
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return LINEAR.select(_describe(x, weight)).forward(x, weight, bias)
+
+
+@_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x if weight.requires_grad else None, weight if x.requires_grad else None)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    dx = grad @ weight if ctx.needs_input_grad[0] else None
+    dw = grad.t() @ x if ctx.needs_input_grad[1] else None
+    db = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dw, db
+
+
+_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """As torch.nn.functional.linear: x (..., in_features), weight (out_features,
+    in_features), bias (out_features,) or None; returns (..., out_features).
+
+    On CPU in float32 with at most 16 rows (the product of x's leading dims) it runs
+    csrc/cpu/linear.cpp; everything else runs F.linear itself."""
+    _validate.tensor(OP, "x", x)
+    _validate.tensor(OP, "weight", weight, ndim=2)
+    if x.dim() == 0:
+        raise ValueError(f"{OP}: x must have at least 1 dimension (in_features), got a 0-D tensor")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{OP}: x has {x.shape[-1]} features (last dim) but weight is {tuple(weight.shape)}: "
+                         f"expected weight (out_features, {x.shape[-1]})")
+    if bias is not None:
+        _validate.tensor(OP, "bias", bias, ndim=1)
+        _validate.shape(OP, "bias", bias, (weight.shape[0],), "out_features")
+    _validate.same_dtype_and_device(OP, (("x", x), ("weight", weight), ("bias", bias)))
+    rows = math.prod(x.shape[:-1])
+    y = _linear(x.reshape(rows, x.shape[-1]).contiguous(), weight.contiguous(),
+                None if bias is None else bias.contiguous())
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+_dispatch.register_describer(
+    "linear", lambda x, weight, bias=None: {"device": x.device, "dtype": x.dtype,
+                                              "rows": math.prod(x.shape[:-1])})

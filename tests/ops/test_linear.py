@@ -1,0 +1,113 @@
+"""attnkit.ops.linear and attnkit.nn.Linear against torch.nn.functional.linear:
+values on both backends over odd shapes (1 to 16 rows and past the cpp limit,
+feature counts that are not a multiple of the 16-lane vector or of the 4-row
+block), gradients, gradcheck, opcheck, dispatch and bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import backend_params, forced
+
+import attnkit
+from attnkit.backends.linear import MAX_ROWS
+from attnkit.ops import linear
+
+OP = "linear"
+BACKENDS = backend_params(OP)
+
+SHAPES = [  # (leading dims of x, in_features, out_features)
+    ((1,), 1, 1), ((1,), 5, 3), ((2,), 16, 4), ((3,), 17, 5), ((4,), 80, 37), ((5,), 768, 9),
+    ((2, 3), 33, 64), ((7,), 96, 130), ((MAX_ROWS,), 48, 7), ((MAX_ROWS + 1,), 20, 6), ((), 24, 11), ((0,), 8, 3),
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("lead,k,n", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_values_match_f_linear(backend, device, lead, k, n, with_bias):
+    torch.manual_seed(0)
+    x, w = torch.randn(*lead, k), torch.randn(n, k)
+    b = torch.randn(n) if with_bias else None
+    with forced(OP, backend, device, rows=x.numel() // k if k else 0):
+        y = linear(x, w, b)
+    expected = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.shape == expected.shape and y.dtype == x.dtype
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+def test_runs_cpp_for_few_float32_rows_and_f_linear_otherwise():
+    w = torch.randn(8, 32)
+    for rows, dtype, backend in ((1, torch.float32, "cpp"), (MAX_ROWS, torch.float32, "cpp"),
+                                 (MAX_ROWS + 1, torch.float32, "reference"), (1, torch.float64, "reference")):
+        linear(torch.randn(rows, 32, dtype=dtype), w.to(dtype))
+        if attnkit.available_backends()["cpp"].available:
+            assert attnkit.last_dispatch(OP).backend == backend, (rows, dtype)
+
+
+def test_non_contiguous_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(40, 3)[::2].t()  # (3, 20) with strides (1, 6)
+    w = torch.randn(20, 9).t()  # (9, 20) transposed
+    b = torch.randn(18)[::2]
+    torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("rows", [1, 3, MAX_ROWS + 2])
+def test_gradients_match_f_linear(backend, device, rows):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(rows, 21), torch.randn(6, 21), torch.randn(6)
+    g = torch.randn(rows, 6)
+    grads = []
+    for fn in (linear, F.linear):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        with forced(OP, backend, device, rows=rows):
+            fn(*leaves).backward(g)
+        grads.append([t.grad for t in leaves])
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(linear, (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: linear(x, w), (x, w))
+
+
+def test_gradient_to_weight_only():
+    x, w = torch.randn(2, 5), torch.randn(3, 5, requires_grad=True)
+    linear(x, w).sum().backward()
+    torch.testing.assert_close(w.grad, x.sum(0).expand(3, 5))
+
+
+def test_opcheck():
+    for rows in (1, MAX_ROWS + 1):
+        args = (torch.randn(rows, 12), torch.randn(5, 12, requires_grad=True), torch.randn(5, requires_grad=True))
+        torch.library.opcheck(torch.ops.attnkit.linear.default, args)
+
+
+def test_nn_linear_is_a_drop_in():
+    torch.manual_seed(0)
+    theirs = torch.nn.Linear(24, 10)
+    ours = attnkit.nn.Linear(24, 10)
+    ours.load_state_dict(theirs.state_dict())
+    assert isinstance(ours, torch.nn.Linear) and ours.state_dict().keys() == theirs.state_dict().keys()
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    assert attnkit.nn.Linear(4, 2, bias=False).bias is None
+
+
+@pytest.mark.parametrize("args,error,match", [
+    ((torch.randn(2, 5), torch.randn(3, 4)), ValueError, "5 features"),
+    ((torch.randn(2, 5), torch.randn(3, 5), torch.randn(4)), ValueError, "bias"),
+    ((torch.randn(2, 5), torch.randn(3, 5, 1)), ValueError, "weight must be 2-D"),
+    ((torch.randn(2, 5), torch.randn(3, 5, dtype=torch.float64)), TypeError, "weight"),
+    (([1.0, 2.0], torch.randn(3, 2)), TypeError, "x must be a torch.Tensor"),
+    ((torch.tensor(1.0), torch.randn(3, 1)), ValueError, "at least 1 dimension"),
+    ((torch.randint(0, 3, (2, 5)), torch.randn(3, 5)), TypeError, "x has dtype"),
+])
+def test_bad_input(args, error, match):
+    with pytest.raises(error, match=match):
+        linear(*args)
