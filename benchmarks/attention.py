@@ -1,6 +1,7 @@
 """Flash attention on the GPU: attnkit's Triton kernel vs every SDPA backend
-(flash, efficient, cuDNN where available) and FlexAttention, bf16, causal and
-not, D = 64/128, N = 512..16k: forward, backward and forward+backward TFLOP/s.
+(flash, efficient, cuDNN where available), FlexAttention and the flash-attn
+package (FlashAttention-3's `flash_attn_interface` or FlashAttention-2's `flash_attn`,
+when installed; a note says so when not), bf16, causal and not, D = 64/128, N = 512..16k: forward, backward and forward+backward TFLOP/s.
 
 Needs a CUDA GPU; on a CPU machine it reports that and returns no rows (the
 CPU attention benchmark is `attention_cpu`). Plots: `python benchmarks/run.py --only attention`
@@ -55,6 +56,26 @@ def _flex():
     return run
 
 
+def _flash_attn_package():
+    """(name, fn) for the installed flash-attn package, else None. It takes (B, N, H, D):
+    the transposed views of our (B, H, N, D) tensors have a unit last stride, which is
+    all it asks, so no copy is timed."""
+    for module, name in (("flash_attn_interface", "flash-attn 3"), ("flash_attn", "flash-attn 2")):
+        try:
+            package = __import__(module)
+        except ImportError:
+            continue
+
+        def run(q, k, v, causal, package=package):
+            out = package.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+            out = out[0] if isinstance(out, tuple) else out  # FlashAttention-3 also returns the lse
+            return out.transpose(1, 2)
+
+        return name, run
+    print("  (flash-attn package not installed: that baseline is skipped; pip install flash-attn to add it)")
+    return None
+
+
 def _time(fn, q, k, v, causal, mode, device):
     if mode == "forward":
         with torch.no_grad():
@@ -76,6 +97,9 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
     flex = _flex()
     if flex is not None:
         baselines["flex"] = flex
+    package = _flash_attn_package()
+    if package is not None:
+        baselines[package[0]] = package[1]
     ours = lambda q, k, v, causal: attnkit.ops.flash_attention(q, k, v, causal=causal)  # noqa: E731
     rows = []
     for dim, n in QUICK if quick else FULL:

@@ -270,3 +270,34 @@ def test_progress_bar_with_tqdm_on_a_terminal(monkeypatch, capsys):
     assert progress.bar.n == 1
     progress.close()
     assert "lstm_cell: 2 rows, 1 timings, " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module,name", [("flash_attn_interface", "flash-attn 3"), ("flash_attn", "flash-attn 2")])
+def test_flash_attn_package_baseline_passes_its_layout(monkeypatch, module, name):
+    """The attention family's flash-attn baseline hands the package (B, N, H, D) views and
+    transposes back; a stand-in package (SDPA on its own layout) checks the round trip."""
+    import types
+
+    import torch.nn.functional as F
+
+    def flash_attn_func(q, k, v, causal=False):  # (B, N, H, D), as the real package takes
+        assert q.stride(-1) == 1
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=causal).transpose(1, 2)
+        return (out, None) if module == "flash_attn_interface" else out
+
+    for other in ("flash_attn_interface", "flash_attn"):
+        monkeypatch.setitem(__import__("sys").modules, other, None)  # import fails: not installed
+    monkeypatch.setitem(__import__("sys").modules, module, types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    found_name, run = core.load_family("attention")._flash_attn_package()
+    assert found_name == name
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    for causal in (False, True):
+        torch.testing.assert_close(run(q, k, v, causal), F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+
+
+def test_flash_attn_package_missing_is_a_note(monkeypatch, capsys):
+    for module in ("flash_attn_interface", "flash_attn"):
+        monkeypatch.setitem(__import__("sys").modules, module, None)
+    assert core.load_family("attention")._flash_attn_package() is None
+    assert "flash-attn package not installed" in capsys.readouterr().out
