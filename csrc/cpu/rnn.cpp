@@ -18,6 +18,7 @@
 #include "attnkit/gate_math.h"
 #include "attnkit/rnn_sequence.h"
 #include "lstm_rows.h"
+#include "rnn_fused.h"
 
 namespace attnkit {
 namespace cpu {
@@ -230,6 +231,23 @@ struct Kernels {
     });
     return true;
   }
+
+  // Batch 5+ in float without projection: one OpenMP team through all steps,
+  // each step's GEMM and gate math fused per unit chunk (rnn_fused.cpp).
+  static bool lstm_forward_fused(at::Tensor& gates, const at::Tensor& w_hh, at::Tensor& h, at::Tensor& c,
+                                 at::Tensor& output, const at::Tensor& cs, const at::Tensor& len,
+                                 const std::vector<int64_t>& rows) {
+    return cpu::lstm_forward_fused(gates, w_hh, h, c, output, cs, len, rows);
+  }
+  static bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& c0,
+                                  const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh,
+                                  at::Tensor& dc, at::Tensor& grad_pre, const at::Tensor& len,
+                                  const std::vector<int64_t>& rows) {
+    return cpu::lstm_backward_fused(gates, cs, c0, grad_output, w_hh, dh, dc, grad_pre, len, rows);
+  }
+
+  // a b (row-major, contiguous): the weight gradients' GEMMs.
+  static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return cpu::mm(a, b); }
 
   static void lstm_backward_step(const at::Tensor& gates, const at::Tensor& c_prev, const at::Tensor& c_new,
                                  const at::Tensor& dh, at::Tensor& dc, at::Tensor& gpre, const at::Tensor& len,

@@ -189,6 +189,18 @@ struct Kernels {
     return false;
   }
 
+  // The CPU's fused-step loops (csrc/cpu/rnn_fused.cpp): the per-step path here.
+  static bool lstm_forward_fused(at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, const std::vector<int64_t>&) {
+    return false;
+  }
+  static bool lstm_backward_fused(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
+                                  const std::vector<int64_t>&) {
+    return false;
+  }
+  static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
+
   static void lstm_forward_step(at::Tensor& pre, const at::Tensor& gh, at::Tensor& c, const at::Tensor& h,
                                 const at::Tensor& out,
                                 const at::Tensor& cs, const at::Tensor& hc, const at::Tensor& len, int64_t t) {

@@ -106,6 +106,17 @@ inline std::vector<int64_t> active_rows(const c10::optional<at::Tensor>& lengths
   return rows;
 }
 
+// [x | h_{t-1}]^T, (I + P, T * B): the A of the weight gradients [dw_ih | dw_hh]^T = A gp,
+// with h_{-1} = h0 and h_{t-1} = output[t-1] (equal while a row runs; a stopped row's gp is 0).
+inline at::Tensor inputs_transposed(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output) {
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), P = h0.size(1);
+  at::Tensor a = at::empty({I + P, T * B}, x.options());
+  a.narrow(0, 0, I).copy_(x.view({T * B, I}).t());
+  a.narrow(0, I, P).narrow(1, 0, B).copy_(h0.t());
+  if (T > 1) a.narrow(0, I, P).narrow(1, B, (T - 1) * B).copy_(output.narrow(0, 0, T - 1).reshape({-1, P}).t());
+  return a;
+}
+
 // ---------------------------------------------------------------- LSTM
 
 template <typename K>
@@ -131,7 +142,8 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& x, const at::Tensor& h0, 
   at::Tensor h = h0.clone(), c = c0.clone();
   at::Tensor cs = save ? at::empty({T, B, H}, x.options()) : none_like(x);
   at::Tensor hc = proj ? (save ? at::empty({T, B, H}, x.options()) : at::empty({1, B, H}, x.options())) : none_like(x);
-  const bool fused_loop = !proj && K::lstm_forward_small_batch(gates, w_hh, h, c, output, cs, len);
+  const bool fused_loop = !proj && (K::lstm_forward_small_batch(gates, w_hh, h, c, output, cs, len) ||
+                                    K::lstm_forward_fused(gates, w_hh, h, c, output, cs, len, rows));
   const at::Tensor w_hh_step = fused_loop ? at::Tensor() : K::step_weight(w_hh, B);
   for (int64_t t = 0; t < T && !fused_loop; ++t) {
     at::Tensor pre = gates[t];
@@ -176,7 +188,8 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
   const at::Tensor w_hh_t = w_hh.t().contiguous(), w_ih_t = w_ih.t().contiguous();
   const at::Tensor w_hr_t = proj ? w_hr->t().contiguous() : at::Tensor();
   const bool fused_loop =
-      !proj && K::lstm_backward_small_batch(gates, cs, c0, grad_output, w_hh, dh, dc, grad_pre, len);
+      !proj && (K::lstm_backward_small_batch(gates, cs, c0, grad_output, w_hh, dh, dc, grad_pre, len) ||
+                K::lstm_backward_fused(gates, cs, c0, grad_output, w_hh, dh, dc, grad_pre, len, rows));
   const at::Tensor w_hh_t_step = fused_loop ? at::Tensor() : K::step_weight(w_hh_t, B);
   for (int64_t t = T - 1; t >= 0 && !fused_loop; --t) {
     K::add_active_rows(dh, grad_output[t], len, t);  // dh = dL/dh_t
@@ -199,12 +212,9 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
   }
   const at::Tensor gp2 = grad_pre.view({T * B, 4 * H});
   at::Tensor dx = K::linear(gp2, w_ih_t, c10::nullopt).view({T, B, I});
-  at::Tensor dw_ih = at::mm(gp2.t(), x.view({T * B, I}));
-  at::Tensor dw_hh = at::mm(grad_pre[0].t(), h0);
-  if (T > 1) {
-    dw_hh.addmm_(grad_pre.narrow(0, 1, T - 1).reshape({-1, 4 * H}).t(),
-                 output.narrow(0, 0, T - 1).reshape({-1, P}));  // h_{t-1} = output[t-1] while running
-  }
+  // [dw_ih | dw_hh]^T = [x | h_{t-1}]^T gp: one GEMM on inputs transposed once (h_{t-1} = output[t-1] while running).
+  const at::Tensor dw_t = K::mm(inputs_transposed(x, h0, output), gp2);
+  at::Tensor dw_ih = dw_t.narrow(0, 0, I).t().contiguous(), dw_hh = dw_t.narrow(0, I, P).t().contiguous();
   at::Tensor db = gp2.sum(0);
   at::Tensor dw_hr = proj ? at::mm(grad_h_all.view({T * B, P}).t(), hc.view({T * B, H})) : none_like(x);
   return {dx, dh, dc, dw_ih, dw_hh, db, dw_hr};
@@ -264,11 +274,9 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Te
   }
   const at::Tensor dgi2 = dgi.view({T * B, 3 * H}), dgh2 = dgh.view({T * B, 3 * H});
   at::Tensor dx = K::linear(dgi2, w_ih_t, c10::nullopt).view({T, B, I});
-  at::Tensor dw_ih = at::mm(dgi2.t(), x.view({T * B, I}));
-  at::Tensor dw_hh = at::mm(dgh[0].t(), h0);
-  if (T > 1) {
-    dw_hh.addmm_(dgh.narrow(0, 1, T - 1).reshape({-1, 3 * H}).t(), output.narrow(0, 0, T - 1).reshape({-1, H}));
-  }
+  const at::Tensor xh_t = inputs_transposed(x, h0, output);
+  at::Tensor dw_ih = K::mm(xh_t.narrow(0, 0, I), dgi2).t().contiguous();
+  at::Tensor dw_hh = K::mm(xh_t.narrow(0, I, H), dgh2).t().contiguous();
   return {dx, dh, dw_ih, dw_hh, dgi2.sum(0), dgh2.sum(0)};
 }
 

@@ -1,0 +1,220 @@
+// Fused-step LSTM time loops for batch 5+ on the CPU (float32, no
+// projection), and the tiled brgemm GEMM of the backward's weight gradients.
+//
+// The per-step loop of rnn_sequence.h calls a GEMM (oneDNN), then a separate
+// elementwise pass over (B, 4H), with a fork/join around each. Here one
+// OpenMP team lives through the whole sequence: each thread owns a range of
+// hidden units, runs the recurrent GEMM for the four gate columns of one
+// chunk of its units straight into a small tile and the gate math on that tile
+// while it is in L1/L2, and the team meets at one barrier per step (the next
+// GEMM reads every unit of h). W_hh is repacked once per call so that a
+// chunk's four gate columns are one contiguous (H, 4 * chunk) matrix. The
+// backward splits the units the same way: dh_t[:, own units] = gp_{t+1}
+// W_hh[:, own units] (every thread reads all of gp_{t+1}, hence the barrier),
+// then the gate backward on the own units.
+#include "rnn_fused.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <type_traits>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "attnkit/gate_math.h"
+
+namespace attnkit {
+namespace cpu {
+namespace {
+
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+constexpr bool kHaveBrgemm = true;
+#else
+constexpr bool kHaveBrgemm = false;
+#endif
+
+// Units per forward chunk: a (B, 4 * 32) float tile is 16 KB at B = 32 (in
+// L1 for the gate math right after the GEMM).
+constexpr int64_t kChunk = 32;
+
+struct FusedForward {
+  float* gates;            // (T, B, 4H)
+  const float* w_packed;   // chunk k at 4 * k * kChunk * H: (H, 4 * units), gate columns i|f|g|o
+  float* h_bufs;           // (2, B, H): h_t in slot t % 2
+  float* c;                // (B, H)
+  float* out;              // (T, B, H)
+  float* cs;               // (T, B, H) or null
+  const int64_t* len;      // (B) or null
+  const int64_t* rows;     // (T)
+  int64_t T, B, H, chunk;
+};
+
+struct FusedBackward {
+  const float *gates, *cs, *c0, *grad_output, *w_hh;
+  float *grad_pre, *dh, *dc;
+  const int64_t* len;
+  const int64_t* rows;
+  bool unsorted;
+  int64_t T, B, H;
+};
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(CPUBLAS_BRGEMM_F32F32F32)
+#define ATTNKIT_HAVE_X86_FUSED 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx2,fma")
+namespace avx512 {
+#include "rnn_fused_rows.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "rnn_fused_rows.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+namespace generic {
+#include "rnn_fused_rows.h"
+}  // namespace generic
+#endif
+
+#ifdef ATTNKIT_HAVE_X86_FUSED
+#define ATTNKIT_FUSED(fn)                                                                                  \
+  (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? avx512::fn                   \
+   : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")       ? avx2::fn                     \
+                                                                            : generic::fn)
+#else
+#define ATTNKIT_FUSED(fn) (generic::fn)
+#endif
+
+// Threads of the team: each needs a few hundred thousand multiply-adds per
+// step to be worth a barrier, and at least one chunk (16 units backward).
+int team_size(int64_t B, int64_t H, int64_t parts) {
+#ifdef _OPENMP
+  if (omp_in_parallel()) return 1;  // called from inside a parallel region: no nested team
+#endif
+  const int64_t by_work = std::max<int64_t>(1, B * 4 * H * H / (1 << 18));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), by_work, parts})));
+}
+
+bool applies(const at::Tensor& t, int64_t B) {
+  return kHaveBrgemm && t.scalar_type() == at::kFloat && B > 4;
+}
+
+}  // namespace
+
+bool lstm_forward_fused(at::Tensor& gates, const at::Tensor& w_hh, at::Tensor& h, at::Tensor& c, at::Tensor& output,
+                        const at::Tensor& cs, const at::Tensor& len, const std::vector<int64_t>& rows) {
+  const int64_t T = gates.size(0), B = gates.size(1), H = c.size(1);
+  if (!applies(gates, B)) return false;
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  // W_hh (4H, H) -> per chunk of units, the (H, 4 * units) matrix of its gate columns.
+  const int64_t chunks = (H + kChunk - 1) / kChunk;
+  at::Tensor packed = at::empty({4 * H * H}, w_hh.options());
+  {
+    const at::Tensor w4 = w_hh.view({4, H, H});
+    for (int64_t k = 0; k < chunks; ++k) {
+      const int64_t u0 = k * kChunk, units = std::min(kChunk, H - u0);
+      // (4, units, H) -> (H, 4, units)
+      packed.narrow(0, 4 * u0 * H, 4 * units * H)
+          .view({H, 4, units})
+          .copy_(w4.narrow(1, u0, units).permute({2, 0, 1}));
+    }
+  }
+  at::Tensor h_bufs = at::empty({2, B, H}, h.options());
+  h_bufs[0].copy_(h);
+  const FusedForward f{gates.data_ptr<float>(), packed.data_ptr<float>(), h_bufs.data_ptr<float>(),
+                       c.data_ptr<float>(), output.data_ptr<float>(), cs.numel() > 0 ? cs.data_ptr<float>() : nullptr,
+                       len.defined() ? len.data_ptr<int64_t>() : nullptr, rows.data(), T, B, H, kChunk};
+  const int nt = team_size(B, H, chunks);
+  at::Tensor tiles = at::empty({nt, B * 4 * kChunk}, h.options());
+  auto run = ATTNKIT_FUSED(fused_lstm_forward_thread);
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    const int64_t k0 = chunks * tid / nt, k1 = chunks * (tid + 1) / nt;
+    run(f, k0, k1, tiles.data_ptr<float>() + tid * B * 4 * kChunk);
+    at::native::cpublas::brgemm_release(false);
+  }
+  h.copy_(h_bufs[T % 2]);
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& c0,
+                         const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dc,
+                         at::Tensor& grad_pre, const at::Tensor& len, const std::vector<int64_t>& rows) {
+  const int64_t T = gates.size(0), B = gates.size(1), H = dc.size(1);
+  if (!applies(gates, B)) return false;
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  bool unsorted = false;
+  if (len.defined()) {
+    const int64_t* lp = len.data_ptr<int64_t>();
+    for (int64_t b = 1; b < B; ++b) unsorted = unsorted || lp[b] > lp[b - 1];
+  }
+  const FusedBackward f{gates.data_ptr<float>(), cs.data_ptr<float>(), c0.data_ptr<float>(),
+                        grad_output.data_ptr<float>(), w_hh.data_ptr<float>(), grad_pre.data_ptr<float>(),
+                        dh.data_ptr<float>(), dc.data_ptr<float>(),
+                        len.defined() ? len.data_ptr<int64_t>() : nullptr, rows.data(), unsorted, T, B, H};
+  const int nt = team_size(B, H, (H + 15) / 16);
+  at::Tensor tiles = unsorted ? at::empty({nt, B * H}, dh.options()) : at::Tensor();
+  auto run = ATTNKIT_FUSED(fused_lstm_backward_thread);
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    // Units in multiples of 16 (whole vectors), the last thread takes the rest.
+    const int64_t per = (H / nt + 15) / 16 * 16;
+    const int64_t u0 = std::min<int64_t>(H, tid * per), u1 = tid + 1 == nt ? H : std::min<int64_t>(H, u0 + per);
+    run(f, u0, u1, unsorted ? tiles.data_ptr<float>() + tid * B * H : nullptr);
+    at::native::cpublas::brgemm_release(false);
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (!kHaveBrgemm || a.scalar_type() != at::kFloat || !a.is_contiguous() || !b.is_contiguous() || K == 0 ||
+      M * N * K < (1 << 18)) {
+    return at::mm(a, b);
+  }
+  at::Tensor out = at::empty({M, N}, a.options());
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  // Tiles of C with K in blocks, so a tile's slices of A and B stay in L2.
+  constexpr int64_t kM = 64, kN = 128, kK = 512;
+  const int64_t tm = (M + kM - 1) / kM, tn = (N + kN - 1) / kN;
+  const float *a_p = a.data_ptr<float>(), *b_p = b.data_ptr<float>();
+  float* c_p = out.data_ptr<float>();
+  at::parallel_for(0, tm * tn, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t m0 = (i % tm) * kM, n0 = (i / tm) * kN;
+      const int64_t m = std::min(kM, M - m0), n = std::min(kN, N - n0);
+      for (int64_t k0 = 0; k0 < K; k0 += kK) {
+        at::native::cpublas::brgemm(m, n, std::min(kK, K - k0), K, N, N, k0 > 0, a_p + m0 * K + k0,
+                                    b_p + k0 * N + n0, c_p + m0 * N + n0, false);
+      }
+    }
+    at::native::cpublas::brgemm_release(false);
+  });
+#endif
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace attnkit

@@ -1,0 +1,32 @@
+// The fused-step LSTM time loops of csrc/cpu/rnn_fused.cpp (float32, batch
+// 5+, no projection) and the weight-gradient GEMM, for rnn.cpp's Kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace attnkit {
+namespace cpu {
+
+// Forward steps over gates (T, B, 4H): x W_ih^T + biases in, activated gates
+// out. h, c (B, H): h0/c0 in, h_T/c_T out; output (T, B, H); cs (T, B, H) or
+// empty; len: lengths or undefined; rows[t]: rows of step t's GEMM (B, or the
+// running prefix of sorted lengths). Returns false (nothing done) where it
+// does not apply: the caller runs its own loop.
+bool lstm_forward_fused(at::Tensor& gates, const at::Tensor& w_hh, at::Tensor& h, at::Tensor& c, at::Tensor& output,
+                        const at::Tensor& cs, const at::Tensor& len, const std::vector<int64_t>& rows);
+
+// Backward steps: grad_pre (T, B, 4H) gets d(pre-activations); dh, dc (B, H):
+// dL/dh_T, dL/dc_T in, dL/dh0, dL/dc0 out. Same conditions as the forward.
+bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& c0,
+                         const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dc,
+                         at::Tensor& grad_pre, const at::Tensor& len, const std::vector<int64_t>& rows);
+
+// a b for contiguous row-major a (M, K), b (K, N): tiles through oneDNN's
+// brgemm for float (MKL's sgemm, which at::mm calls, runs 2-3x slower on the
+// AMD CPUs of BENCHMARKS.md); at::mm otherwise.
+at::Tensor mm(const at::Tensor& a, const at::Tensor& b);
+
+}  // namespace cpu
+}  // namespace attnkit

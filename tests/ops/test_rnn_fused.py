@@ -1,0 +1,91 @@
+"""The fused-step LSTM time loops of csrc/cpu/rnn_fused.cpp (float32, batch 5+,
+no projection: one OpenMP team, per-chunk GEMM + gate math, one barrier per
+step) and the brgemm weight-gradient GEMM, against the plain-PyTorch reference
+and torch.nn.LSTM: values and every gradient, sizes off the 32-unit chunks and
+8-lane vectors, lengths stopping rows, one and two threads."""
+import pytest
+import torch
+from test_rnn import check_against, make_gru, make_lstm
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import attnkit
+from attnkit import reference
+from attnkit.ops import gru, lstm
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+def lengths_for(kind, T, B):
+    if kind is None:
+        return None
+    gen = torch.Generator().manual_seed(B)
+    lengths = torch.randint(0, T + 1, (B,), generator=gen)
+    lengths[B // 2] = T
+    return lengths.sort(descending=True).values if kind == "sorted" else lengths
+
+
+@pytest.mark.parametrize("shape", [(4, 33, 7, 80), (3, 6, 5, 70), (1, 9, 3, 16), (5, 8, 12, 1)], ids=str)
+@pytest.mark.parametrize("lengths", [None, "sorted", "unsorted"], ids=str)
+def test_lstm_fused_matches_reference(shape, lengths, threads):
+    """(T, B, I, H): H = 80 ends in a 16-unit chunk, 70 in a 6-unit vector tail, H = 1 is all tail; T = 1."""
+    T, B, I, H = shape
+    lengths = lengths_for(lengths, T, B)
+    args = make_lstm(T, B, I, H, H, torch.float32, "cpu")[:-1]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = args
+    with attnkit.use_backend("cpp"):
+        out, (h, c) = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, lengths=lengths)
+    ref = reference.lstm(*args, None, lengths)[:3]
+    check_against((out, h, c), ref, args, torch.float32)
+
+
+@pytest.mark.parametrize("lengths", [None, "unsorted"], ids=str)
+def test_gru_weight_gradients_through_brgemm(lengths, threads):
+    """The GRU's weight gradients take the same tiled brgemm GEMM: K = T * B past one 512 block, M and N off the tiles."""
+    T, B, I, H = 9, 70, 67, 45
+    args = make_gru(T, B, I, H, torch.float32, "cpu")
+    with attnkit.use_backend("cpp"):
+        out, h = gru(*args, lengths=lengths_for(lengths, T, B))
+    ref = reference.gru(*args, lengths_for(lengths, T, B))[:2]
+    check_against((out, h), ref, args, torch.float32)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed_unsorted"])
+def test_module_matches_torch_nn(packed, threads):
+    """attnkit.nn.LSTM (2 layers, bidirectional) vs torch.nn.LSTM on the same weights: outputs, states and all gradients."""
+    torch.manual_seed(0)
+    T, B, H = 6, 11, 40
+    ours = attnkit.nn.LSTM(24, H, num_layers=2, bidirectional=True)
+    theirs = torch.nn.LSTM(24, H, num_layers=2, bidirectional=True)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(T, B, 24)
+    lengths = torch.tensor([3, 6, 1, 5, 6, 2, 4, 6, 3, 5, 1])
+    state = (torch.randn(4, B, H), torch.randn(4, B, H))
+    results = []
+    for module in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        inp = pack_padded_sequence(xi, lengths, enforce_sorted=False) if packed else xi
+        hs = [s.clone().requires_grad_(True) for s in state]
+        out, (h, c) = module(inp, tuple(hs))
+        out = out.data if packed else out
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + h.pow(2).sum() + c.sin().sum()
+        grads = torch.autograd.grad(loss, [xi, *hs, *module.parameters()])
+        results.append((out, h, c, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_projection_and_double_leave_the_fused_loop():
+    """proj_size and float64 take rnn_sequence.h's per-step loop: still equal to the reference."""
+    for P, dtype in ((5, torch.float32), (9, torch.float64)):
+        args = make_lstm(4, 10, 6, 9, P, dtype, "cpu")
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args
+        with attnkit.use_backend("cpp"):
+            out, (h, c) = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, w_hr=w_hr)
+        ref = reference.lstm(*args, None)[:3]
+        check_against((out, h, c), ref, [a for a in args if a is not None], dtype)
