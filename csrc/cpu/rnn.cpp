@@ -7,8 +7,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <type_traits>
 #include <vector>
 #ifdef _OPENMP
@@ -189,47 +192,15 @@ struct Kernels {
     });
   }
 
-  // Batch 1..4 without projection: the whole time loop in one OpenMP team
-  // (rnn_small_batch.h). Returns false to leave the call to the generic loop.
-  static constexpr int64_t kSmallBatch = 4;
-
-  static int small_batch_threads(int64_t B, int64_t H) {
-#ifdef _OPENMP
-    if (omp_in_parallel()) return 1;  // called from inside a parallel region: no nested team
-#endif
-    // A thread needs a few dozen units of work per step to be worth a barrier.
-    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * H / 48)));
+  // Batches of 1..4 without projection never reach rnn_sequence.h's loop:
+  // lstm_forward / lstm_backward below run them whole (small_batch_lstm_*).
+  static bool lstm_forward_small_batch(at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                                       const at::Tensor&, const at::Tensor&) {
+    return false;
   }
-
-  static bool lstm_forward_small_batch(at::Tensor& gates, const at::Tensor& w_hh, at::Tensor& h, at::Tensor& c,
-                                       at::Tensor& output, const at::Tensor& cs, const at::Tensor& len) {
-    const int64_t T = gates.size(0), B = gates.size(1), H = c.size(1);
-    if (B > kSmallBatch || B == 0) return false;
-    at::Tensor h_bufs = at::empty({2, B, H}, h.options());
-    h_bufs[0].copy_(h);
-    const at::Tensor w_hh_t = w_hh.t().contiguous();
-    AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "attnkit_lstm_forward_small_batch", [&] {
-      ATTNKIT_ROWS(lstm_forward_small_batch<scalar_t>)(
-          gates.data_ptr<scalar_t>(), w_hh_t.data_ptr<scalar_t>(), h_bufs.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
-          output.data_ptr<scalar_t>(), ptr<scalar_t>(cs), ptr<int64_t>(len), T, B, H, small_batch_threads(B, H));
-    });
-    h.copy_(h_bufs[T % 2]);
-    return true;
-  }
-
-  static bool lstm_backward_small_batch(const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& c0,
-                                        const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh,
-                                        at::Tensor& dc, at::Tensor& grad_pre, const at::Tensor& len) {
-    const int64_t T = gates.size(0), B = gates.size(1), H = dc.size(1);
-    if (B > kSmallBatch || B == 0) return false;
-    AT_DISPATCH_FLOATING_TYPES(dc.scalar_type(), "attnkit_lstm_backward_small_batch", [&] {
-      ATTNKIT_ROWS(lstm_backward_small_batch<scalar_t>)(
-          gates.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
-          grad_output.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(),
-          dc.data_ptr<scalar_t>(), grad_pre.data_ptr<scalar_t>(), ptr<int64_t>(len), T, B, H,
-          small_batch_threads(B, H));
-    });
-    return true;
+  static bool lstm_backward_small_batch(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) {
+    return false;
   }
 
   // Batch 5+ in float without projection: one OpenMP team through all steps,
@@ -344,6 +315,128 @@ struct Kernels {
   }
 };
 
+// ---------------------------------------------------------------- batch 1..4
+// Batch 1..4 without projection runs whole here: the time loops of
+// rnn_small_batch.h in one OpenMP team, the GEMMs below. Larger batches and
+// projections take rnn_sequence.h's generic loop.
+constexpr int64_t kSmallBatch = 4;
+
+bool small_batch(const at::Tensor& x, const c10::optional<at::Tensor>& w_hr) {
+  return !rnn::present(w_hr) && x.dim() == 3 && x.size(1) >= 1 && x.size(1) <= kSmallBatch;
+}
+
+int small_batch_threads(int64_t B, int64_t H) {
+#ifdef _OPENMP
+  if (omp_in_parallel()) return 1;  // called from inside a parallel region: no nested team
+#endif
+  // A thread needs a few dozen units of work per step to be worth a barrier.
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * H / 48)));
+}
+
+// C (m x n) = A B (+ C when `add`), row-major with leading dimensions, split
+// over threads by rows of C. float: oneDNN's brgemm (AVX-512 JIT), about twice
+// MKL's sgemm that at::mm calls on this AMD CPU (see attention.cpp's gemm_nn).
+template <typename S>
+void gemm_aten(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S* b, int64_t ldb, bool add, S* c,
+               int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
+  const at::Tensor A = at::from_blob(const_cast<S*>(a), {m, k}, {lda, 1}, opts);
+  const at::Tensor B = at::from_blob(const_cast<S*>(b), {k, n}, {ldb, 1}, opts);
+  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  add ? C.addmm_(A, B) : C.copy_(at::mm(A, B));
+}
+
+void rows_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, bool add,
+               float* c, int64_t ldc) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  constexpr int64_t kRows = 64;  // rows per brgemm call
+  at::parallel_for(0, (m + kRows - 1) / kRows, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t r = i0 * kRows; r < std::min(m, i1 * kRows); r += kRows) {
+      at::native::cpublas::brgemm(std::min(kRows, m - r), n, k, lda, ldb, ldc, add, a + r * lda, b, c + r * ldc,
+                                  /*is_vnni=*/false);
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  });
+#else
+  gemm_aten(m, n, k, a, lda, b, ldb, add, c, ldc);
+#endif
+}
+
+void rows_gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb, bool add,
+               double* c, int64_t ldc) {
+  gemm_aten(m, n, k, a, lda, b, ldb, add, c, ldc);
+}
+
+std::vector<at::Tensor> small_batch_lstm_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                                 const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                 const c10::optional<at::Tensor>& b_ih,
+                                                 const c10::optional<at::Tensor>& b_hh,
+                                                 const c10::optional<at::Tensor>& lengths, bool save) {
+  rnn::check_forward(x, h0, &c0, w_ih, w_hh, b_ih, b_hh, c10::nullopt, lengths, 4);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
+  c10::optional<at::Tensor> bias;
+  if (rnn::present(b_ih) || rnn::present(b_hh)) {
+    bias = rnn::present(b_ih) && rnn::present(b_hh) ? *b_ih + *b_hh : (rnn::present(b_ih) ? *b_ih : *b_hh);
+  }
+  // The input projection of every step (one GEMM), turned into the activated gates in place.
+  at::Tensor gates = Kernels::linear(x.view({T * B, I}), w_ih, bias).view({T, B, 4 * H});
+  at::Tensor output = at::empty({T, B, H}, x.options());
+  at::Tensor h_bufs = at::empty({2, B, H}, x.options());
+  h_bufs[0].copy_(h0);
+  at::Tensor c = c0.clone();
+  at::Tensor cs = save ? at::empty({T, B, H}, x.options()) : rnn::none_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attnkit_lstm_forward_small_batch", [&] {
+    ATTNKIT_ROWS(lstm_forward_small_batch<scalar_t>)(
+        gates.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), h_bufs.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
+        output.data_ptr<scalar_t>(), ptr<scalar_t>(cs), rnn::present(lengths) ? lengths->data_ptr<int64_t>() : nullptr,
+        T, B, H, small_batch_threads(B, H));
+  });
+  return {output, h_bufs[T % 2], c, save ? gates : rnn::none_like(x), cs, rnn::none_like(x)};
+}
+
+std::vector<at::Tensor> small_batch_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_hn,
+                                                  const at::Tensor& grad_cn, const at::Tensor& x, const at::Tensor& h0,
+                                                  const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                  const c10::optional<at::Tensor>& lengths, const at::Tensor& output,
+                                                  const at::Tensor& gates, const at::Tensor& cs) {
+  rnn::check_forward(x, h0, &c0, w_ih, w_hh, c10::nullopt, c10::nullopt, c10::nullopt, lengths, 4);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1), TB = T * B;
+  rnn::check_grad(grad_output, "grad_output", x, {T, B, H});
+  rnn::check_grad(grad_hn, "grad_hn", x, {B, H});
+  rnn::check_grad(grad_cn, "grad_cn", x, {B, H});
+  rnn::check_grad(output, "output", x, {T, B, H});
+  rnn::check_grad(gates, "gates", x, {T, B, 4 * H});
+  rnn::check_grad(cs, "cs", x, {T, B, H});
+  at::Tensor grad_pre = at::empty({T, B, 4 * H}, x.options());
+  // grad_pre transposed, written as the steps go (the weight gradients' A: no transpose afterwards). Rows
+  // padded to an odd number of cache lines: at a stride of 1 KB (T B = 256) each step's 4H stores
+  // shared 4 of L1's 64 sets, 1.2 us a step.
+  const int64_t per_line = 64 / x.element_size();
+  int64_t ld_t = (TB + per_line - 1) / per_line * per_line;
+  if ((ld_t / per_line) % 2 == 0) ld_t += per_line;
+  at::Tensor grad_pre_t = at::empty({4 * H, ld_t}, x.options());
+  at::Tensor db = at::empty({4 * H}, x.options());
+  at::Tensor dh = grad_hn.clone(), dc = grad_cn.clone();
+  at::Tensor dx = at::empty({T, B, I}, x.options());
+  at::Tensor dw_ih = at::empty({4 * H, I}, x.options()), dw_hh = at::empty({4 * H, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attnkit_lstm_backward_small_batch", [&] {
+    ATTNKIT_ROWS(lstm_backward_small_batch<scalar_t>)(
+        gates.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(),
+        w_hh.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), grad_pre.data_ptr<scalar_t>(),
+        grad_pre_t.data_ptr<scalar_t>(), ld_t, db.data_ptr<scalar_t>(),
+        rnn::present(lengths) ? lengths->data_ptr<int64_t>() : nullptr, T, B, H, small_batch_threads(B, H));
+    const scalar_t* gp = grad_pre.data_ptr<scalar_t>();
+    const scalar_t* gp_t = grad_pre_t.data_ptr<scalar_t>();
+    scalar_t* dw_hh_p = dw_hh.data_ptr<scalar_t>();
+    rows_gemm(TB, I, 4 * H, gp, 4 * H, w_ih.data_ptr<scalar_t>(), I, false, dx.data_ptr<scalar_t>(), I);
+    rows_gemm(4 * H, I, TB, gp_t, ld_t, x.data_ptr<scalar_t>(), I, false, dw_ih.data_ptr<scalar_t>(), I);
+    // dW_hh = sum_t grad_pre[t]^T h_{t-1}: h0, then output[t - 1] (0 for stopped rows, whose grad_pre is 0).
+    rows_gemm(4 * H, H, B, gp_t, ld_t, h0.data_ptr<scalar_t>(), H, false, dw_hh_p, H);
+    if (T > 1) rows_gemm(4 * H, H, TB - B, gp_t + B, ld_t, output.data_ptr<scalar_t>(), H, true, dw_hh_p, H);
+  });
+  return {dx, dh, dc, dw_ih, dw_hh, db, rnn::none_like(x)};
+}
+
 void check_cpu(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), "attnkit._C rnn: x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
@@ -389,6 +482,7 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& x, const at::Tensor& h0, 
                                      const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& lengths,
                                      bool save) {
   check_cpu(x);
+  if (small_batch(x, w_hr)) return small_batch_lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save);
   return rnn::lstm_forward<Kernels>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save);
 }
 
@@ -399,6 +493,9 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
                                       const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cs,
                                       const at::Tensor& hc) {
   check_cpu(x);
+  if (small_batch(x, w_hr)) {
+    return small_batch_lstm_backward(grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, lengths, output, gates, cs);
+  }
   return rnn::lstm_backward<Kernels>(grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, w_hr, lengths, output,
                                      gates, cs, hc);
 }

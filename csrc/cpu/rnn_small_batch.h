@@ -1,66 +1,86 @@
-// Small-batch (B <= 4) LSTM time loops: at batch 1..4 a step is a few
-// microseconds of arithmetic, and a GEMM call, a tensor per step and a
-// fork/join per pass cost as much again. Here one OpenMP team lives through
-// all T steps; each thread owns a slice of the hidden units (the four gate
-// rows of W_hh for those units stay in its cache) and the team meets at one
-// barrier per step. Included twice by csrc/cpu/rnn.cpp, like rnn_rows.h (no
-// include guard on purpose), after rnn_rows.h.
+// Small-batch (B <= 4) LSTM time loops: at batch 1..4 a step is a GEMV that
+// streams the whole recurrent weight (256 KB at H = 128) and a few
+// microseconds of arithmetic, so a GEMM call, a tensor per step or a fork/join
+// per pass cost as much again. Here one OpenMP team lives through all T steps;
+// each thread owns a slice of the hidden units, packs the columns of W_hh
+// its slice needs into panels once per call (first touched by that thread,
+// so they sit in its L2), and the team meets at one spin barrier per step.
+// Included three times by csrc/cpu/rnn.cpp, like rnn_rows.h (no include guard
+// on purpose), after rnn_rows.h.
 
-// out[m, n] = sum_k a[m, k] wt[k, n] for m < M (<= 4), n in [n0, n1): a
-// GEMV-shaped product over a K x N weight laid out so that columns are
-// contiguous. Lanes run along n and each k broadcasts a[m, k]: no horizontal
-// sums, and 8 independent accumulators (VECS vectors per row of a) hide the
-// FMA latency. GemvVec, the vector type, comes from the includer (16 lanes
-// where AVX-512 is compiled in: twice the FMAs and loads per instruction).
+// GemvVec, the vector type, comes from the includer (16 lanes where AVX-512 is
+// compiled in). A panel is kPanel columns of a K x N matrix with its K rows of
+// kPanel values contiguous: a step's product reads each panel front to back.
+// Measured at K = 128, N = 512 on the AMD EPYC of BENCHMARKS.md, 1 thread:
+// 1.32 us per product from panels vs 2.26 us from the row-major (K, N) weight.
 constexpr int64_t kGemvLanes = sizeof(GemvVec) / sizeof(float);
+constexpr int64_t kPanel = 4 * kGemvLanes;
 
-template <typename S, int M, int VECS>
-inline void gemv_block(const S* a, int64_t lda, const S* wt, int64_t K, int64_t N, S* out, int64_t ldo, int64_t n) {
-  GemvVec acc[M][VECS] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    const S* w = wt + k * N + n;
-    GemvVec wv[VECS];
-    for (int v = 0; v < VECS; ++v) wv[v] = ld<GemvVec>(w + kGemvLanes * v);
-    for (int m = 0; m < M; ++m) {
-      const S am = a[m * lda + k];
-      for (int v = 0; v < VECS; ++v) acc[m][v] += am * wv[v];
+inline int64_t panel_count(int64_t cols) { return (cols + kPanel - 1) / kPanel; }
+
+// P gets the panels of the K x cols matrix whose column c is col(c)[0],
+// col(c)[ks], ..., col(c)[(K - 1) ks]; columns past `cols` are zero.
+template <typename S, typename F>
+void pack_panels(S* P, int64_t K, int64_t cols, int64_t ks, F&& col) {
+  for (int64_t p = 0; p < panel_count(cols); ++p) {
+    S* panel = P + p * K * kPanel;
+    const int64_t c0 = p * kPanel, width = std::min(kPanel, cols - c0);
+    std::fill(panel, panel + K * kPanel, S(0));
+    if (ks == 1) {  // columns contiguous in the source: walk each one
+      for (int64_t c = 0; c < width; ++c) {
+        const S* src = col(c0 + c);
+        for (int64_t k = 0; k < K; ++k) panel[k * kPanel + c] = src[k];
+      }
+    } else {  // rows contiguous in the source: walk each row
+      for (int64_t k = 0; k < K; ++k) {
+        const S* src = col(c0) + k * ks;
+        std::copy(src, src + width, panel + k * kPanel);
+      }
     }
-  }
-  for (int m = 0; m < M; ++m) {
-    for (int v = 0; v < VECS; ++v) st(out + m * ldo + n + kGemvLanes * v, acc[m][v]);
   }
 }
 
-template <typename S>
-void gemv_cols(const S* a, int64_t M, int64_t K, const S* wt, int64_t N, S* out, int64_t n0, int64_t n1) {
-  constexpr int64_t L = kGemvLanes;
-  int64_t n = n0;
-  if constexpr (std::is_same_v<S, float>) {
-    // Blocks of 8 accumulators first; M is at most 4 here.
-    switch (M) {
-      case 1:
-        for (; n + 8 * L <= n1; n += 8 * L) gemv_block<S, 1, 8>(a, K, wt, K, N, out, N, n);
-        for (; n + 2 * L <= n1; n += 2 * L) gemv_block<S, 1, 2>(a, K, wt, K, N, out, N, n);
-        break;
-      case 2:
-        for (; n + 4 * L <= n1; n += 4 * L) gemv_block<S, 2, 4>(a, K, wt, K, N, out, N, n);
-        break;
-      case 3:
-        for (; n + 2 * L <= n1; n += 2 * L) gemv_block<S, 3, 2>(a, K, wt, K, N, out, N, n);
-        break;
-      default:
-        for (; n + 2 * L <= n1; n += 2 * L) gemv_block<S, 4, 2>(a, K, wt, K, N, out, N, n);
-        break;
-    }
-    for (; n + L <= n1; n += L) {
-      for (int64_t m = 0; m < M; ++m) gemv_block<S, 1, 1>(a + m * K, K, wt, K, N, out + m * N, N, n);
+// out[m, v0 L .. (v0 + V) L) of one panel, m < M: each k broadcasts a[m, k]
+// against V vectors of the panel row (no horizontal sums).
+template <int M, int V>
+inline void panel_block(const float* a, int64_t lda, const float* panel, int64_t K, float* out, int64_t ldo, int v0) {
+  GemvVec acc[M][V] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    GemvVec w[V];
+    for (int v = 0; v < V; ++v) w[v] = ld<GemvVec>(panel + k * kPanel + (v0 + v) * kGemvLanes);
+    for (int m = 0; m < M; ++m) {
+      const float am = a[m * lda + k];
+      for (int v = 0; v < V; ++v) acc[m][v] += am * w[v];
     }
   }
-  for (; n < n1; ++n) {  // the tail (and double)
-    for (int64_t m = 0; m < M; ++m) {
-      S sum = 0;
-      for (int64_t k = 0; k < K; ++k) sum += a[m * K + k] * wt[k * N + n];
-      out[m * N + n] = sum;
+  for (int m = 0; m < M; ++m) {
+    for (int v = 0; v < V; ++v) st(out + m * ldo + (v0 + v) * kGemvLanes, acc[m][v]);
+  }
+}
+
+// out[m, c] = sum_k a[m, k] P(k, c) for m < M (<= 4) and every column of the
+// `cols`-column panels P (out rows hold panel_count(cols) * kPanel values).
+template <typename S>
+void gemv_panels(const S* a, int64_t M, int64_t lda, const S* P, int64_t K, int64_t cols, S* out, int64_t ldo) {
+  for (int64_t p = 0; p < panel_count(cols); ++p) {
+    const S* panel = P + p * K * kPanel;
+    S* o = out + p * kPanel;
+    if constexpr (std::is_same_v<S, float>) {
+      switch (M) {  // at most 16 accumulators: registers even with AVX2's 16
+        case 1: panel_block<1, 4>(a, lda, panel, K, o, ldo, 0); break;
+        case 2: panel_block<2, 4>(a, lda, panel, K, o, ldo, 0); break;
+        case 3: panel_block<3, 2>(a, lda, panel, K, o, ldo, 0), panel_block<3, 2>(a, lda, panel, K, o, ldo, 2); break;
+        default: panel_block<4, 2>(a, lda, panel, K, o, ldo, 0), panel_block<4, 2>(a, lda, panel, K, o, ldo, 2); break;
+      }
+    } else {
+      for (int64_t m = 0; m < M; ++m) {
+        S acc[kPanel] = {};
+        for (int64_t k = 0; k < K; ++k) {
+          const S am = a[m * lda + k];
+          for (int64_t c = 0; c < kPanel; ++c) acc[c] += am * panel[k * kPanel + c];
+        }
+        std::copy(acc, acc + kPanel, o + m * ldo);
+      }
     }
   }
 }
@@ -72,29 +92,72 @@ inline void unit_slice(int64_t H, int threads, int tid, int64_t& u0, int64_t& u1
   u1 = std::min<int64_t>(H, u0 + chunk);
 }
 
-// Forward. w_hh_t (H, 4H): W_hh transposed. pre (T, B, 4H): input projections (biases in) in, activated gates
-// out; h_bufs (2, B, H): h0 in slot 0, h_T ends in slot T % 2; c (B, H): c0
-// in, c_T out; out (T, B, H); cs (T, B, H) or null. len: per-row lengths or
-// null; a stopped row keeps its state and outputs 0.
+// The team's once-per-step barrier: a counter and a generation, spinning
+// (yielding after a while, for an oversubscribed machine). An OpenMP barrier
+// cost 0.15 us more per step here, 40 us of a 256-step call.
+struct StepBarrier {
+  std::atomic<int> arrived{0};
+  std::atomic<unsigned> generation{0};
+
+  void wait(int team) {
+    if (team == 1) return;
+    const unsigned gen = generation.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == team - 1) {
+      arrived.store(0, std::memory_order_relaxed);
+      generation.store(gen + 1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation.load(std::memory_order_acquire) == gen; ++spins) {
+      if (spins < 1000) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+};
+
+inline void team_of(int& team, int& tid) {
+#ifdef _OPENMP
+  team = omp_get_num_threads(), tid = omp_get_thread_num();
+#else
+  team = 1, tid = 0;
+#endif
+}
+
+// Forward. w_hh (4H, H). pre (T, B, 4H): input projections (biases in) in,
+// activated gates out; h_bufs (2, B, H): h0 in slot 0, h_T ends in slot T % 2;
+// c (B, H): c0 in, c_T out; out (T, B, H); cs (T, B, H) or null. len: per-row
+// lengths or null; a stopped row keeps its state and outputs 0.
 template <typename S>
-void lstm_forward_small_batch(S* pre, const S* w_hh_t, S* h_bufs, S* c, S* out, S* cs, const int64_t* len, int64_t T,
+void lstm_forward_small_batch(S* pre, const S* w_hh, S* h_bufs, S* c, S* out, S* cs, const int64_t* len, int64_t T,
                               int64_t B, int64_t H, int threads) {
+  StepBarrier barrier;
 #pragma omp parallel num_threads(threads)
   {
-#ifdef _OPENMP
-    const int team = omp_get_num_threads(), tid = omp_get_thread_num();
-#else
-    const int team = 1, tid = 0;
-#endif
+    int team, tid;
+    team_of(team, tid);
     int64_t u0, u1;
     unit_slice(H, team, tid, u0, u1);
-    const int64_t n = u1 - u0;
-    std::vector<S> gh(B * 4 * H);  // this thread's slice of each gate, (B, 4H) layout
+    const int64_t n = u1 - u0, cols = 4 * n, width = panel_count(cols) * kPanel;
+    // Column g n + j of this thread's product is unit u0 + j of gate g: row g H + u0 + j of W_hh.
+    std::vector<S> panels(panel_count(cols) * H * kPanel), product(B * width), gh(B * 4 * H);
+    pack_panels(panels.data(), H, cols, 1, [&](int64_t col) { return w_hh + ((col / n) * H + u0 + col % n) * H; });
     for (int64_t t = 0; t < T; ++t) {
       const S* h_prev = h_bufs + (t & 1) * B * H;
       S* h_next = h_bufs + ((t + 1) & 1) * B * H;
-      // Stopped rows get a product too (their h is finite): cheaper than compacting the batch.
-      for (int64_t g = 0; g < 4 && n > 0; ++g) gemv_cols(h_prev, B, H, w_hh_t, 4 * H, gh.data(), g * H + u0, g * H + u1);
+      if (n > 0) {
+        // Stopped rows get a product too (their h is finite): cheaper than compacting the batch.
+        gemv_panels(h_prev, B, H, panels.data(), H, cols, product.data(), width);
+        for (int64_t b = 0; b < B; ++b) {  // to the (4H) layout the row kernel reads
+          for (int64_t g = 0; g < 4; ++g) {
+            const S* src = product.data() + b * width + g * n;
+            std::copy(src, src + n, gh.data() + b * 4 * H + g * H + u0);
+          }
+        }
+      }
       for (int64_t b = 0; b < B && n > 0; ++b) {
         const int64_t o = b * H;
         S* out_row = out + (t * B + b) * H;
@@ -108,51 +171,60 @@ void lstm_forward_small_batch(S* pre, const S* w_hh_t, S* h_bufs, S* c, S* out, 
         lstm_forward_row(pre + (t * B + b) * 4 * H + u0, gh.data() + b * 4 * H + u0, c + o + u0, h_next + o + u0,
                          out_row + u0, cs_row != nullptr ? cs_row + u0 : nullptr, static_cast<S*>(nullptr), H, n);
       }
-#pragma omp barrier
+      barrier.wait(team);
     }
   }
 }
 
 // Backward of the loop above, time reversed. gates (T, B, 4H) and cs saved by
 // the forward, c0 (B, H); dh / dc (B, H): dL/dh_T, dL/dc_T in, dL/dh_0,
-// dL/dc_0 out; grad_pre (T, B, 4H) gets d(pre-activations); w_hh (4H, H).
-// Each thread owns units [u0, u1) of dh and dc, so only grad_pre[t] crosses
-// threads: one barrier per step, between writing it and reading it.
+// dL/dc_0 out; grad_pre (T, B, 4H) and its transpose grad_pre_t (4H, T B;
+// row stride ld_t), for the weight gradients, get d(pre-activations); db (4H) their sum over
+// time and batch; w_hh (4H, H). Each thread owns units [u0, u1) of dh, dc and
+// of every gate, so only grad_pre[t] crosses threads: one barrier per step,
+// between writing it and reading it.
 template <typename S>
 void lstm_backward_small_batch(const S* gates, const S* cs, const S* c0, const S* grad_output, const S* w_hh, S* dh,
-                               S* dc, S* grad_pre, const int64_t* len, int64_t T, int64_t B, int64_t H, int threads) {
+                               S* dc, S* grad_pre, S* grad_pre_t, int64_t ld_t, S* db, const int64_t* len, int64_t T,
+                               int64_t B, int64_t H, int threads) {
+  StepBarrier barrier;
 #pragma omp parallel num_threads(threads)
   {
-#ifdef _OPENMP
-    const int team = omp_get_num_threads(), tid = omp_get_thread_num();
-#else
-    const int team = 1, tid = 0;
-#endif
+    int team, tid;
+    team_of(team, tid);
     int64_t u0, u1;
     unit_slice(H, team, tid, u0, u1);
-    const int64_t n = u1 - u0;
+    const int64_t n = u1 - u0, width = panel_count(n) * kPanel;
+    // Columns u0..u1 of W_hh (4H rows): dh_{t-1}[:, u0:u1] = grad_pre[t] W_hh[:, u0:u1].
+    std::vector<S> panels(panel_count(n) * 4 * H * kPanel), product(B * width);
+    pack_panels(panels.data(), 4 * H, n, H, [&](int64_t col) { return w_hh + u0 + col; });
+    for (int64_t g = 0; g < 4; ++g) std::fill(db + g * H + u0, db + g * H + u1, S(0));
     for (int64_t t = T - 1; t >= 0; --t) {
       for (int64_t b = 0; b < B && n > 0; ++b) {
-        const int64_t o = b * H, g = (t * B + b) * 4 * H;
+        const int64_t o = b * H, r = t * B + b;
+        S* gp = grad_pre + r * 4 * H;
         if (len != nullptr && t >= len[b]) {  // stopped: dh and dc pass through, no gradient to the gates
-          for (int64_t k = 0; k < 4; ++k) std::fill(grad_pre + g + k * H + u0, grad_pre + g + k * H + u1, S(0));
-          continue;
+          for (int64_t g = 0; g < 4; ++g) std::fill(gp + g * H + u0, gp + g * H + u1, S(0));
+        } else {
+          const S* go = grad_output + r * H;
+          for (int64_t j = u0; j < u1; ++j) dh[o + j] += go[j];
+          const S* c_prev = t > 0 ? cs + (r - B) * H : c0 + o;
+          lstm_backward_row(gates + r * 4 * H + u0, c_prev + u0, cs + r * H + u0, dh + o + u0, dc + o + u0, gp + u0,
+                            H, n);
         }
-        const S* go = grad_output + (t * B + b) * H;
-        for (int64_t j = u0; j < u1; ++j) dh[o + j] += go[j];
-        const S* c_prev = t > 0 ? cs + ((t - 1) * B + b) * H : c0 + o;
-        lstm_backward_row(gates + g + u0, c_prev + u0, cs + (t * B + b) * H + u0, dh + o + u0, dc + o + u0,
-                          grad_pre + g + u0, H, n);
+        for (int64_t g = 0; g < 4; ++g) {
+          for (int64_t j = g * H + u0; j < g * H + u1; ++j) {
+            grad_pre_t[j * ld_t + r] = gp[j];
+            db[j] += gp[j];
+          }
+        }
       }
-#pragma omp barrier
-      // dh_{t-1}[b, j] = grad_pre[t, b, :] . W_hh[:, j] for running rows; reads every thread's grad_pre[t],
-      // while the next step writes grad_pre[t - 1]: no second barrier needed.
-      if (len == nullptr) {
-        if (n > 0) gemv_cols(grad_pre + t * B * 4 * H, B, 4 * H, w_hh, H, dh, u0, u1);
-      } else {
-        for (int64_t b = 0; b < B && n > 0; ++b) {
-          if (t < len[b]) gemv_cols(grad_pre + (t * B + b) * 4 * H, 1, 4 * H, w_hh, H, dh + b * H, u0, u1);
-        }
+      barrier.wait(team);
+      // Reads every thread's grad_pre[t] while the next step writes grad_pre[t - 1]: no second barrier needed.
+      if (n == 0) continue;
+      gemv_panels(grad_pre + t * B * 4 * H, B, 4 * H, panels.data(), 4 * H, n, product.data(), width);
+      for (int64_t b = 0; b < B; ++b) {  // stopped rows carry dh unchanged
+        if (len == nullptr || t < len[b]) std::copy(product.data() + b * width, product.data() + b * width + n, dh + b * H + u0);
       }
     }
   }
