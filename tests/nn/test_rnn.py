@@ -209,3 +209,24 @@ class TestErrorsLikeTorch:
         ours, _ = pair("GRU", CONFIGS[0])
         with pytest.raises(ValueError, match="input dtype \\(torch.float32\\) does not match weight dtype"):
             ours(torch.randn(3, 2, 5))
+
+
+@pytest.mark.parametrize("how", ["padded", "packed_unsorted"])
+def test_batch_one_float32_matches_torch(how):
+    """Batch 1-2 in float32 at a hidden size with whole weight panels (issue 6's
+    B = 1 benchmark shape, shorter), bidirectional and 2 layers: outputs and
+    every gradient vs torch.nn.LSTM."""
+    torch.manual_seed(0)
+    kwargs = dict(num_layers=2, bidirectional=True)
+    ours, theirs = attnkit.nn.LSTM(32, 128, **kwargs), torch.nn.LSTM(32, 128, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    B = 1 if how == "padded" else 2
+    x = torch.randn(24, B, 32, requires_grad=True)
+    inp = x if how == "padded" else pack_padded_sequence(x, [11, 24], enforce_sorted=False)
+    got, expected = flatten(ours(inp)), flatten(theirs(inp))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=2e-5)
+    grads = torch.autograd.grad(weighted_sum(got), [x, *ours.parameters()], retain_graph=True)  # the packing is shared
+    grads_ref = torch.autograd.grad(weighted_sum(expected), [x, *theirs.parameters()])
+    for g, e in zip(grads, grads_ref):
+        torch.testing.assert_close(g, e, atol=2e-4, rtol=2e-4)

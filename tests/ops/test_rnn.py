@@ -321,3 +321,59 @@ def test_small_batch_time_loop_cpp(dtype, lengths, threads):
         check_against((out, h, c), ref, args, dtype)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_small_batch_every_size_cpp(dtype, B, threads):
+    """B = 1..4 run whole in rnn_small_batch.h (B = 5: the generic loop, the
+    boundary): values and all gradients (dh_n, dc_n fed too) vs the reference.
+    H = 1 (all padding), 17 (vector tail), 70 (each thread's slice ends in a
+    tail), 130 (several weight panels); T = 1 and 9; lengths stop rows
+    mid-sequence, one at 0 steps, unsorted."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for T, H in ((1, 17), (9, 1), (9, 70), (5, 130)):
+            for lengths in (None, [T, 0, max(T - 3, 1), 1, T][:B]):
+                args = make_lstm(T, B, 6, H, H, dtype, "cpu", seed=B + H)[:-1]
+                x, h0, c0, w_ih, w_hh, b_ih, b_hh = args
+                with attnkit.use_backend("cpp"):
+                    out, (h, c) = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, lengths=lengths)
+                ref = reference.lstm(*args, None, None if lengths is None else torch.tensor(lengths))[:3]
+                check_against((out, h, c), ref, args, dtype)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("lengths", [None, [4, 2]], ids=str)
+def test_small_batch_gradcheck_float64_cpp(lengths):
+    """gradcheck through the small-batch forward and backward (B = 2, no biases)."""
+    args = make_lstm(4, 2, 3, 5, 5, torch.float64, "cpu", bias=False)[:5]
+    with attnkit.use_backend("cpp"):
+        def run(x, h0, c0, w_ih, w_hh):
+            out, (h, c) = lstm(x, (h0, c0), w_ih, w_hh, lengths=lengths)
+            return out, h, c
+
+        assert torch.autograd.gradcheck(run, args)
+
+
+def test_small_batch_backward_takes_the_reference_forward():
+    """The small-batch backward kernel with the reference forward's saved tensors
+    (and the other way round) gives the reference gradients: the saved layout is shared."""
+    args = make_lstm(6, 3, 4, 9, 9, torch.float64, "cpu")[:-1]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = [a.detach() for a in args]
+    lengths = torch.tensor([6, 2, 4])
+    from attnkit.backends.rnn import CppLstm, ReferenceLstm
+
+    grads_in = [torch.randn(6, 3, 9, dtype=torch.float64), torch.randn(3, 9, dtype=torch.float64),
+                torch.randn(3, 9, dtype=torch.float64)]
+    results = []
+    for fwd, bwd in ((ReferenceLstm(), CppLstm()), (CppLstm(), ReferenceLstm()), (CppLstm(), CppLstm())):
+        saved = fwd.forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lengths, True)
+        out, _, _, gates, cs, hc = saved
+        results.append(bwd.backward(*grads_in, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lengths, out, gates, cs, hc))
+    for got in results[1:]:
+        for g, r in zip(got[:6], results[0][:6]):
+            torch.testing.assert_close(g, r)
