@@ -72,7 +72,7 @@ def gpt_rows(transformers, case, device, dtype, rounds, repeats):
                                 pad_token_id=0)
     a, b = ours_fn(), hf_fn()
     same = int((a == b).all(dim=1).sum())
-    op = "flash_attention" if device.type == "cpu" and gpt2.CPU_DECODE == "flash_attention" else "attention_decode"
+    op = "attention_decode"
     backend = f"{attnkit.last_dispatch(op).backend} ({op})"
     t_ours, t_theirs = paired_ms([ours_fn, hf_fn], device, rounds, repeats)
     tokens = case["batch"] * new

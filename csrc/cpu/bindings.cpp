@@ -4,6 +4,7 @@
 
 #include "attnkit/additive_attention.h"
 #include "attnkit/attention.h"
+#include "attnkit/attention_decode.h"
 #include "attnkit/linear.h"
 #include "attnkit/lstm_cell.h"
 #include "attnkit/rnn.h"
@@ -35,6 +36,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "additive (Bahdanau) attention on the projections, forward (CPU)");
   m.def("additive_attention_backward", &attnkit::cpu::additive_attention_backward,
         "additive (Bahdanau) attention on the projections, backward (CPU)");
+  m.def("attention_decode_forward", &attnkit::cpu::attention_decode_forward,
+        "attention of a few new tokens against a KV cache (CPU)");
   m.def("linear_few_rows", &attnkit::cpu::linear_few_rows, "x W^T + b for a few rows of x (CPU, fp32)");
   m.def("num_threads", [] { return at::get_num_threads(); }, "threads at::parallel_for may use");
 }

@@ -18,6 +18,8 @@ CASES = [  # (B, H, H_kv, Nq, N_max, D, lengths, options)
     (2, 8, 1, 1, 70, 64, [0, 70], dict(softcap=3.0)),  # MQA, an empty cache
     (3, 4, 2, 3, 33, 80, [33, 2, 9], dict(window_left=4)),  # 3 new tokens, one cache shorter than them
     (2, 4, 4, 2, 50, 32, [50, 23], dict(alibi=True, scale=0.3)),
+    (2, 8, 2, 1, 300, 80, [300, 129], dict(alibi=True, softcap=5.0, window_left=100)),  # GQA 4, D = 80
+    (1, 12, 12, 4, 20, 20, [3], dict(window_left=0)),  # each new token sees only itself; one row sees none
 ]
 
 
@@ -34,7 +36,7 @@ def make(case, dtype, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}H{c[1]}/{c[2]}-q{c[3]}-N{c[4]}-D{c[5]}-{c[6]}-{c[7]}")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_matches_reference(backend, device, case, dtype):
     with forced(OP, backend, device, dtype, alibi=bool(case[7].get("alibi"))) as dev:
         q, k, v, lengths, kwargs = make(case, dtype, dev)

@@ -6,9 +6,9 @@ from typing import Any, List, Mapping
 
 import torch
 
+from .. import _extensions
 from .._dispatch import Implementation, Op
 from ..reference import attention as ref
-from .attention import ATTENTION, AttentionCall
 
 MAX_HEAD_DIM = 256
 
@@ -34,28 +34,20 @@ class Triton(Implementation):
 
 
 class Cpp(Implementation):
-    """The C++ flash attention over the cache cut at the longest length, with a
-    (B, 1, Nq, N) visibility mask built from the lengths: the mask is tiny for a
-    few new tokens, and it avoids the reference's per-sequence Python loop."""
+    """csrc/cpu/attention_decode.cpp: one task per (sequence, KV head) reads its valid cache
+    rows once for all the query rows of its GQA group (exact two-pass softmax)."""
 
     backend = "cpp"
 
     def not_supported_reasons(self, call: Mapping[str, Any]) -> List[str]:
-        if call.get("alibi"):
-            return ["ALiBi distances depend on each cache length, which the cpp path does not pass"]
+        if call["dtype"] not in (torch.float32, torch.float16, torch.bfloat16):
+            return [f"dtype {call['dtype']}: the cpp decode kernel takes float32/float16/bfloat16"]
         return []
 
     def forward(self, q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, alibi_slopes):
-        batch, heads, n_q, _ = q.shape
-        n = max(int(cache_seqlens.max()), 1)
-        positions = cache_seqlens.long()[:, None] - n_q + torch.arange(n_q, device=q.device)  # (B, Nq)
-        keys = torch.arange(n, device=q.device)[None, None, :]
-        visible = keys <= positions[:, :, None]
-        if window_left >= 0:
-            visible &= keys >= positions[:, :, None] - window_left
-        call = AttentionCall(q, k_cache[:, :, :n], v_cache[:, :, :n], None, None, n_q, n,
-                             visible[:, None].expand(batch, heads, n_q, n), None, (-1, -1), True, softcap, scale, 0.0, 0)
-        return ATTENTION.implementations["cpp"].forward(call)
+        ext, _ = _extensions.load("_C")
+        return tuple(ext.attention_decode_forward(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left,
+                                                  alibi_slopes))
 
 
 class Reference(Implementation):

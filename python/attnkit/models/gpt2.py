@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..nn.linear import Linear
-from ..ops import attention_decode, flash_attention, flash_attention_varlen
+from ..ops import attention_decode, flash_attention_varlen
 from .common import activation, check_ids, check_length
 from .loading import PretrainedMixin
 from .packing import Packing
@@ -70,24 +70,10 @@ class KVCache:
         self.max_len = max_len
 
 
-# attention_decode runs its plain-PyTorch reference on CPU tensors (~20x slower than the C++
-# flash_attention there), so on CPU new tokens attend through flash_attention to the cache cut
-# at the longest row, with a mask built from the cache lengths. "attention_decode" forces the op.
-CPU_DECODE = "flash_attention"
-
-
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, scale: float) -> Tensor:
     """q (B, H, n, D), the newest n tokens of each row, already in the caches (B, H, N_max, D)
     whose valid lengths (int32 (B,)) include them; query i of row b sees keys j <= lengths[b] - n + i."""
-    if q.device.type != "cpu" or CPU_DECODE == "attention_decode":
-        return attention_decode(q, k_cache, v_cache, lengths, scale=scale)
-    n, sizes = q.shape[2], lengths.tolist()
-    longest = max(sizes)
-    if min(sizes) == longest:  # rows of equal length (one prompt, or no padding): plain causal, no mask
-        return flash_attention(q, k_cache[:, :, :longest], v_cache[:, :, :longest], causal=True, scale=scale)
-    last_visible = lengths[:, None].long() - n + torch.arange(n, device=q.device)  # (B, n)
-    mask = torch.arange(longest, device=q.device) <= last_visible[:, None, :, None]  # (B, 1, n, longest)
-    return flash_attention(q, k_cache[:, :, :longest], v_cache[:, :, :longest], attn_mask=mask, scale=scale)
+    return attention_decode(q, k_cache, v_cache, lengths, scale=scale)
 
 
 class CausalSelfAttention(nn.Module):

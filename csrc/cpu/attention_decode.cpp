@@ -1,0 +1,200 @@
+// Decoding attention against a KV cache (see attnkit/attention_decode.h). Why not the
+// flash attention kernel: with one query row per head its per-call setup (K transposed
+// and tiled once per call, a mask tensor for the ragged lengths) costs ~7x the work;
+// here each (sequence, KV head) task reads its valid cache rows once, for every query
+// row of its GQA group, computing exact scores, softmax and P V in two passes.
+#include "attnkit/attention_decode.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "simd.h"
+
+namespace attnkit {
+namespace cpu {
+namespace {
+
+using namespace simd;
+
+struct Rows {  // the query rows of one task and what each of them sees
+  int64_t count, D, Dv;
+  const float* q;      // (count, D), already scaled
+  const int64_t* lo;   // first visible key per row
+  const int64_t* hi;   // one past the last visible key per row (hi <= lo: nothing visible)
+  const int64_t* pos;  // the row's position (for ALiBi)
+  const float* slope;  // per row, or nullptr
+};
+
+ATTNKIT_INLINE float dot(const float* a, const float* b, int64_t n) {
+  vf acc = vf{};
+  int64_t d = 0;
+  for (; d + W <= n; d += W) acc += load(a + d) * load(b + d);
+  float s = hsum(acc);
+  for (; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// scores (count, L) -> probabilities in place; out (count, Dv) = P V / l; lse (count,).
+ATTNKIT_SIMD_CLONES
+void attend(const Rows& rows, const float* k, int64_t k_stride, const float* v, int64_t v_stride, float softcap,
+            float* scores, int64_t L, float* out, float* lse) {
+  const float inf = std::numeric_limits<float>::infinity();
+  int64_t first = L, last = 0;  // the keys any row sees
+  for (int64_t r = 0; r < rows.count; ++r) {
+    if (rows.hi[r] > rows.lo[r]) first = std::min(first, rows.lo[r]), last = std::max(last, rows.hi[r]);
+  }
+  for (int64_t j = first; j < last; ++j) {  // each cache row read once for the whole group
+    const float* kj = k + j * k_stride;
+    for (int64_t r = 0; r < rows.count; ++r)
+      if (j >= rows.lo[r] && j < rows.hi[r]) scores[r * L + j] = dot(rows.q + r * rows.D, kj, rows.D);
+  }
+  for (int64_t r = 0; r < rows.count; ++r) {
+    float* s = scores + r * L;
+    float* o = out + r * rows.Dv;
+    std::fill(o, o + rows.Dv, 0.f);
+    const int64_t lo = rows.lo[r], hi = rows.hi[r];
+    if (hi <= lo) {
+      lse[r] = -inf;
+      continue;
+    }
+    float m = -inf;
+    for (int64_t j = lo; j < hi; ++j) {
+      float x = s[j];
+      if (softcap > 0) x = softcap * std::tanh(x / softcap);
+      if (rows.slope) x -= rows.slope[r] * static_cast<float>(std::abs(j - rows.pos[r]));
+      s[j] = x;
+      m = (x > m || std::isnan(x)) ? x : m;  // NaN wins, as in the reference
+    }
+    const float shift = std::isinf(m) && m < 0 ? 0.f : m;
+    float l = 0;
+    for (int64_t j = lo; j < hi; ++j) l += (s[j] = std::exp(s[j] - shift));
+    lse[r] = shift + std::log(l);
+    if (l == 0) continue;  // every score -inf: nothing to average, output 0
+    const float inv = 1.f / l;
+    for (int64_t j = lo; j < hi; ++j) s[j] *= inv;
+  }
+  // P V with V rows read once: out[r] += p[r][j] * v_j.
+  for (int64_t j = first; j < last; ++j) {
+    const float* vj = v + j * v_stride;
+    for (int64_t r = 0; r < rows.count; ++r) {
+      if (j < rows.lo[r] || j >= rows.hi[r]) continue;
+      const float p = scores[r * L + j];
+      float* o = out + r * rows.Dv;
+      const vf pv = splat(p);
+      int64_t d = 0;
+      for (; d + W <= rows.Dv; d += W) store(o + d, load(o + d) + pv * load(vj + d));
+      for (; d < rows.Dv; ++d) o[d] += p * vj[d];
+    }
+  }
+}
+
+// Cache rows [0, L) of one (sequence, KV head) as float rows: the tensor itself when it
+// is float32, else converted into `scratch` (the task reads them all anyway).
+template <typename scalar_t>
+const float* float_rows(const scalar_t* base, int64_t row_stride, int64_t L, int64_t width,
+                        std::vector<float>& scratch, int64_t* out_stride) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    *out_stride = row_stride;
+    return base;
+  } else {
+    scratch.resize(static_cast<size_t>(L * width));
+    for (int64_t j = 0; j < L; ++j)
+      for (int64_t d = 0; d < width; ++d) scratch[j * width + d] = static_cast<float>(base[j * row_stride + d]);
+    *out_stride = width;
+    return scratch.data();
+  }
+}
+
+template <typename scalar_t>
+void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int32_t* lengths,
+            float scale, float softcap, int64_t window_left, const float* slopes, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Dv = v.size(3), group = H / Hkv, count = group * Nq;
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  float* lp = lse.data_ptr<float>();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qf(count * D), outf(count * Dv), lsef(count), scores, k_scratch, v_scratch, slope(count);
+    std::vector<int64_t> lo(count), hi(count), pos(count);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv, hk = t % Hkv, L = lengths[b];
+      for (int64_t r = 0; r < count; ++r) {  // row r: head hk * group + r / Nq, new token r % Nq
+        const int64_t h = hk * group + r / Nq, i = r % Nq;
+        const scalar_t* qrow = qp + b * q.stride(0) + h * q.stride(1) + i * q.stride(2);
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(qrow[d]) * scale;
+        pos[r] = L - Nq + i;
+        hi[r] = std::min(pos[r] + 1, L);
+        lo[r] = window_left >= 0 ? std::max<int64_t>(0, pos[r] - window_left) : 0;
+        if (slopes) slope[r] = slopes[b * H + h];
+      }
+      scores.resize(static_cast<size_t>(count * std::max<int64_t>(L, 1)));
+      int64_t ks, vs;
+      const float* kf = float_rows(kp + b * k.stride(0) + hk * k.stride(1), k.stride(2), L, D, k_scratch, &ks);
+      const float* vf_ = float_rows(vp + b * v.stride(0) + hk * v.stride(1), v.stride(2), L, Dv, v_scratch, &vs);
+      const Rows rows{count, D, Dv, qf.data(), lo.data(), hi.data(), pos.data(), slopes ? slope.data() : nullptr};
+      attend(rows, kf, ks, vf_, vs, softcap, scores.data(), L, outf.data(), lsef.data());
+      for (int64_t r = 0; r < count; ++r) {
+        const int64_t h = hk * group + r / Nq, i = r % Nq;
+        scalar_t* orow = op + ((b * H + h) * Nq + i) * Dv;
+        for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<scalar_t>(outf[r * Dv + d]);
+        lp[(b * H + h) * Nq + i] = lsef[r];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> attention_decode_forward(const at::Tensor& q, const at::Tensor& k_cache,
+                                                 const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                                 double scale, double softcap, int64_t window_left,
+                                                 const c10::optional<at::Tensor>& alibi_slopes) {
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
+              "attention_decode_forward: q, k_cache, v_cache must be 4-D");
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
+                  cache_seqlens.device().is_cpu(),
+              "attention_decode_forward: tensors must be on the CPU");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "attention_decode_forward: q, k_cache, v_cache must share a dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "attention_decode_forward: dtype must be float32, float16 or bfloat16, got ", q.scalar_type());
+  const int64_t B = q.size(0), H = q.size(1), Hkv = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(0) == B && v_cache.size(0) == B && v_cache.size(1) == Hkv && Hkv > 0 && H % Hkv == 0,
+              "attention_decode_forward: caches must be (B, H_kv, N, D) with H a multiple of H_kv");
+  TORCH_CHECK(k_cache.size(3) == q.size(3) && k_cache.size(2) == v_cache.size(2),
+              "attention_decode_forward: k_cache must be (B, H_kv, N, D) and v_cache (B, H_kv, N, Dv)");
+  TORCH_CHECK(q.stride(3) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "attention_decode_forward: q, k_cache, v_cache need a unit last stride");
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
+                  cache_seqlens.is_contiguous(),
+              "attention_decode_forward: cache_seqlens must be contiguous int32 (B,)");
+  const int32_t* lengths = cache_seqlens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lengths[b] >= 0 && lengths[b] <= k_cache.size(2), "attention_decode_forward: cache_seqlens[", b,
+                "] = ", lengths[b], " is outside [0, ", k_cache.size(2), "]");
+  const float* slopes = nullptr;
+  if (alibi_slopes.has_value()) {
+    TORCH_CHECK(alibi_slopes->scalar_type() == at::kFloat && alibi_slopes->is_contiguous() &&
+                    alibi_slopes->numel() == B * H && alibi_slopes->device().is_cpu(),
+                "attention_decode_forward: alibi_slopes must be contiguous float32 (B, H)");
+    slopes = alibi_slopes->data_ptr<float>();
+  }
+  at::Tensor out = at::empty({B, H, q.size(2), v_cache.size(3)}, q.options());
+  at::Tensor lse = at::empty({B, H, q.size(2)}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_decode_forward", [&] {
+    decode<scalar_t>(q, k_cache, v_cache, lengths, static_cast<float>(scale), static_cast<float>(softcap),
+                     window_left, slopes, out, lse);
+  });
+  return {out, lse};
+}
+
+}  // namespace cpu
+}  // namespace attnkit

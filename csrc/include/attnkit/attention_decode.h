@@ -1,0 +1,24 @@
+// Attention of a few new query tokens against a KV cache on the CPU
+// (csrc/cpu/attention_decode.cpp), the semantics of attnkit.reference.attention.decode:
+// q (B, H, Nq, D), k_cache/v_cache (B, H_kv, N_max, D/Dv), unit last stride, H a
+// multiple of H_kv; cache_seqlens int32 (B,); query i of sequence b sits at position
+// cache_seqlens[b] - Nq + i and sees keys j <= that position (and >= it - window_left
+// when window_left >= 0); alibi_slopes float32 (B, H) or none: score -= slope * |j - pos|,
+// after soft-capping. Rows that see no key give 0 and lse = -inf.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace attnkit {
+namespace cpu {
+
+// Returns {out (B, H, Nq, Dv) in q's dtype, lse (B, H, Nq) float32 (float64 for float64)}.
+std::vector<at::Tensor> attention_decode_forward(const at::Tensor& q, const at::Tensor& k_cache,
+                                                 const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                                 double scale, double softcap, int64_t window_left,
+                                                 const c10::optional<at::Tensor>& alibi_slopes);
+
+}  // namespace cpu
+}  // namespace attnkit
