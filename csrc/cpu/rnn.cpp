@@ -205,10 +205,11 @@ struct Kernels {
 
   // Batch 5+ in float without projection: one OpenMP team through all steps,
   // each step's GEMM and gate math fused per unit chunk (rnn_fused.cpp).
-  static bool lstm_forward_fused(at::Tensor& gates, const at::Tensor& w_hh, at::Tensor& h, at::Tensor& c,
-                                 at::Tensor& output, const at::Tensor& cs, const at::Tensor& len,
-                                 const std::vector<int64_t>& rows) {
-    return cpu::lstm_forward_fused(gates, w_hh, h, c, output, cs, len, rows);
+  static bool lstm_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& bias,
+                                 const at::Tensor& w_hh, at::Tensor& h, at::Tensor& c, at::Tensor& output,
+                                 at::Tensor& gates, const at::Tensor& cs, const at::Tensor& len,
+                                 const std::vector<int64_t>& rows, bool save) {
+    return cpu::lstm_forward_fused(x, w_ih, bias, w_hh, h, c, output, gates, cs, len, rows, save);
   }
   static bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& c0,
                                   const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh,

@@ -8,8 +8,11 @@
 // chunk of its units straight into a small tile and the gate math on that tile
 // while it is in L1/L2, and the team meets at one barrier per step (the next
 // GEMM reads every unit of h). W_hh is repacked once per call so that a
-// chunk's four gate columns are one contiguous (H, 4 * chunk) matrix. The
-// backward splits the units the same way: dh_t[:, own units] = gp_{t+1}
+// chunk's four gate columns are one contiguous (H, 4 * chunk) matrix (W_ih
+// too: every few steps a thread projects the next steps' inputs for its
+// chunks, so the step GEMM adds onto projections still in cache, instead of
+// one (T, B, 4H) GEMM up front whose output has left the cache when read).
+// The backward splits the units the same way: dh_t[:, own units] = gp_{t+1}
 // W_hh[:, own units] (every thread reads all of gp_{t+1}, hence the barrier),
 // then the gate backward on the own units.
 #include "rnn_fused.h"
@@ -40,15 +43,18 @@ constexpr bool kHaveBrgemm = false;
 constexpr int64_t kChunk = 32;
 
 struct FusedForward {
-  float* gates;            // (T, B, 4H)
-  const float* w_packed;   // chunk k at 4 * k * kChunk * H: (H, 4 * units), gate columns i|f|g|o
+  const float* x;          // (T, B, I)
+  const float* w_ih;       // packed like w_hh, (I, 4 * units) per chunk
+  const float* w_hh;       // chunk k at 4 * k * kChunk * H: (H, 4 * units), gate columns i|f|g|o
+  const float* bias;       // (4H) or null
+  float* gates;            // (T, B, 4H) activated, or null (not saved)
   float* h_bufs;           // (2, B, H): h_t in slot t % 2
   float* c;                // (B, H)
   float* out;              // (T, B, H)
   float* cs;               // (T, B, H) or null
   const int64_t* len;      // (B) or null
   const int64_t* rows;     // (T)
-  int64_t T, B, H, chunk;
+  int64_t T, B, I, H, chunk, block;
 };
 
 struct FusedBackward {
@@ -105,33 +111,43 @@ bool applies(const at::Tensor& t, int64_t B) {
   return kHaveBrgemm && t.scalar_type() == at::kFloat && B > 4;
 }
 
+// w (4H, K) -> per chunk of units, the (K, 4 * units) matrix of its gate columns i|f|g|o.
+at::Tensor pack_gate_columns(const at::Tensor& w, int64_t H) {
+  const int64_t K = w.size(1);
+  at::Tensor packed = at::empty({4 * H * K}, w.options());
+  const at::Tensor w4 = w.view({4, H, K});
+  for (int64_t u0 = 0; u0 < H; u0 += kChunk) {
+    const int64_t units = std::min(kChunk, H - u0);
+    packed.narrow(0, 4 * u0 * K, 4 * units * K).view({K, 4, units}).copy_(w4.narrow(1, u0, units).permute({2, 0, 1}));
+  }
+  return packed;
+}
+
 }  // namespace
 
-bool lstm_forward_fused(at::Tensor& gates, const at::Tensor& w_hh, at::Tensor& h, at::Tensor& c, at::Tensor& output,
-                        const at::Tensor& cs, const at::Tensor& len, const std::vector<int64_t>& rows) {
-  const int64_t T = gates.size(0), B = gates.size(1), H = c.size(1);
-  if (!applies(gates, B)) return false;
+bool lstm_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& bias,
+                        const at::Tensor& w_hh, at::Tensor& h, at::Tensor& c, at::Tensor& output, at::Tensor& gates,
+                        const at::Tensor& cs, const at::Tensor& len, const std::vector<int64_t>& rows, bool save) {
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = c.size(1);
+  if (!applies(x, B) || I == 0) return false;
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  // W_hh (4H, H) -> per chunk of units, the (H, 4 * units) matrix of its gate columns.
   const int64_t chunks = (H + kChunk - 1) / kChunk;
-  at::Tensor packed = at::empty({4 * H * H}, w_hh.options());
-  {
-    const at::Tensor w4 = w_hh.view({4, H, H});
-    for (int64_t k = 0; k < chunks; ++k) {
-      const int64_t u0 = k * kChunk, units = std::min(kChunk, H - u0);
-      // (4, units, H) -> (H, 4, units)
-      packed.narrow(0, 4 * u0 * H, 4 * units * H)
-          .view({H, 4, units})
-          .copy_(w4.narrow(1, u0, units).permute({2, 0, 1}));
-    }
-  }
+  const at::Tensor w_ih_p = pack_gate_columns(w_ih, H), w_hh_p = pack_gate_columns(w_hh, H);
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  gates = save ? at::empty({T, B, 4 * H}, x.options()) : at::Tensor();
   at::Tensor h_bufs = at::empty({2, B, H}, h.options());
   h_bufs[0].copy_(h);
-  const FusedForward f{gates.data_ptr<float>(), packed.data_ptr<float>(), h_bufs.data_ptr<float>(),
-                       c.data_ptr<float>(), output.data_ptr<float>(), cs.numel() > 0 ? cs.data_ptr<float>() : nullptr,
-                       len.defined() ? len.data_ptr<int64_t>() : nullptr, rows.data(), T, B, H, kChunk};
   const int nt = team_size(B, H, chunks);
-  at::Tensor tiles = at::empty({nt, B * 4 * kChunk}, h.options());
+  const int64_t per_thread = (chunks + nt - 1) / nt;
+  // Steps per input-projection block: ~256 KB of projections per thread.
+  const int64_t block = std::clamp<int64_t>((64 * 1024) / (B * 4 * kChunk * per_thread), 1, T);
+  const FusedForward f{x.data_ptr<float>(), w_ih_p.data_ptr<float>(), w_hh_p.data_ptr<float>(),
+                       b.defined() ? b.data_ptr<float>() : nullptr, save ? gates.data_ptr<float>() : nullptr,
+                       h_bufs.data_ptr<float>(), c.data_ptr<float>(), output.data_ptr<float>(),
+                       cs.numel() > 0 ? cs.data_ptr<float>() : nullptr,
+                       len.defined() ? len.data_ptr<int64_t>() : nullptr, rows.data(), T, B, I, H, kChunk, block};
+  const int64_t xp_size = per_thread * block * B * 4 * kChunk;
+  at::Tensor xp = at::empty({nt, xp_size}, x.options());
   auto run = ATTNKIT_FUSED(fused_lstm_forward_thread);
 #pragma omp parallel num_threads(nt)
   {
@@ -140,8 +156,8 @@ bool lstm_forward_fused(at::Tensor& gates, const at::Tensor& w_hh, at::Tensor& h
 #else
     const int tid = 0;
 #endif
-    const int64_t k0 = chunks * tid / nt, k1 = chunks * (tid + 1) / nt;
-    run(f, k0, k1, tiles.data_ptr<float>() + tid * B * 4 * kChunk);
+    const int64_t k0 = std::min(chunks, tid * per_thread), k1 = std::min(chunks, k0 + per_thread);
+    run(f, k0, k1, xp.data_ptr<float>() + tid * xp_size);
     at::native::cpublas::brgemm_release(false);
   }
   h.copy_(h_bufs[T % 2]);

@@ -9,13 +9,15 @@
 namespace attnkit {
 namespace cpu {
 
-// Forward steps over gates (T, B, 4H): x W_ih^T + biases in, activated gates
-// out. h, c (B, H): h0/c0 in, h_T/c_T out; output (T, B, H); cs (T, B, H) or
-// empty; len: lengths or undefined; rows[t]: rows of step t's GEMM (B, or the
-// running prefix of sorted lengths). Returns false (nothing done) where it
-// does not apply: the caller runs its own loop.
-bool lstm_forward_fused(at::Tensor& gates, const at::Tensor& w_hh, at::Tensor& h, at::Tensor& c, at::Tensor& output,
-                        const at::Tensor& cs, const at::Tensor& len, const std::vector<int64_t>& rows);
+// The whole forward: input projections (x W_ih^T + bias, bias = b_ih + b_hh
+// or none) and steps. h, c (B, H): h0/c0 in, h_T/c_T out; output (T, B, H);
+// gates gets the activated gates (T, B, 4H) when `save`; cs (T, B, H) or
+// empty; len: lengths or undefined; rows[t]: rows of step t's GEMM (B, or
+// the running prefix of sorted lengths). Returns false (nothing done) where
+// it does not apply: the caller runs its own loop.
+bool lstm_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& bias,
+                        const at::Tensor& w_hh, at::Tensor& h, at::Tensor& c, at::Tensor& output, at::Tensor& gates,
+                        const at::Tensor& cs, const at::Tensor& len, const std::vector<int64_t>& rows, bool save);
 
 // Backward steps: grad_pre (T, B, 4H) gets d(pre-activations); dh, dc (B, H):
 // dL/dh_T, dL/dc_T in, dL/dh0, dL/dc0 out. Same conditions as the forward.

@@ -8,22 +8,34 @@
 
 #include "rnn_units.h"
 
-// pre: a row's 4 gates at stride H (x W_ih^T + biases in, activated gates
-// out); gh: the chunk's h W_hh^T, its 4 gates at stride `ldg`. c: cell state
-// in/out; h_next and out get the new hidden state; cs (may be null) keeps c.
-inline void fused_forward_row(float* pre, int64_t H, const float* gh, int64_t ldg, float* c, float* h_next,
-                              float* out, float* cs, int64_t units) {
-  for_units<float>(units, [&](auto lanes, int64_t j) {
+// Calls body(V{}, j) over j in [0, n): 16 lanes at a time, then 8, then one.
+template <typename F>
+inline void for_lanes(int64_t n, F&& body) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) body(gates::vfloat16{}, j);
+  for (; j + 8 <= n; j += 8) body(gates::vfloat8{}, j);
+  for (; j < n; ++j) body(0.0f, j);
+}
+
+// One batch row of a unit chunk. pre: x W_ih^T + h W_hh^T, its 4 gates at
+// stride `ldp`; bias (4H, gates at stride H) or null. c: cell state in/out;
+// h_next and out get the new hidden state; act (4 gates at stride H) the
+// activated gates and cs the cell state, each unless null.
+inline void fused_forward_row(const float* pre, int64_t ldp, const float* bias, int64_t H, float* act, float* c,
+                              float* h_next, float* out, float* cs, int64_t units) {
+  for_lanes(units, [&](auto lanes, int64_t j) {
     using V = decltype(lanes);
-    const auto a = gates::lstm_activate<V>(ld<V>(pre + j) + ld<V>(gh + j), ld<V>(pre + H + j) + ld<V>(gh + ldg + j),
-                                           ld<V>(pre + 2 * H + j) + ld<V>(gh + 2 * ldg + j),
-                                           ld<V>(pre + 3 * H + j) + ld<V>(gh + 3 * ldg + j));
+    V p[4];
+    for (int g = 0; g < 4; ++g) p[g] = ld<V>(pre + g * ldp + j) + (bias != nullptr ? ld<V>(bias + g * H + j) : V{});
+    const auto a = gates::lstm_activate<V>(p[0], p[1], p[2], p[3]);
     const V c_new = gates::lstm_cell_state<V>(a, ld<V>(c + j));
     const V h_new = gates::lstm_hidden_state<V>(a, c_new);
-    st(pre + j, a.i);
-    st(pre + H + j, a.f);
-    st(pre + 2 * H + j, a.g);
-    st(pre + 3 * H + j, a.o);
+    if (act != nullptr) {
+      st(act + j, a.i);
+      st(act + H + j, a.f);
+      st(act + 2 * H + j, a.g);
+      st(act + 3 * H + j, a.o);
+    }
     st(c + j, c_new);
     if (cs != nullptr) st(cs + j, c_new);
     st(h_next + j, h_new);
@@ -35,7 +47,7 @@ inline void fused_forward_row(float* pre, int64_t H, const float* gh, int64_t ld
 // dc: dL/dc_t in, dL/dc_{t-1} out.
 inline void fused_backward_row(const float* gates, int64_t H, const float* c_prev, const float* c_new, const float* dh,
                                const float* dout, float* dc, float* gpre, int64_t units) {
-  for_units<float>(units, [&](auto lanes, int64_t j) {
+  for_lanes(units, [&](auto lanes, int64_t j) {
     using V = decltype(lanes);
     const gates::LstmGates<V> a{ld<V>(gates + j), ld<V>(gates + H + j), ld<V>(gates + 2 * H + j),
                                 ld<V>(gates + 3 * H + j)};
@@ -49,35 +61,50 @@ inline void fused_backward_row(const float* gates, int64_t H, const float* c_pre
   });
 }
 
-// Forward, one thread of the team: unit chunks [k0, k1) of FusedForward (rnn_fused.cpp).
-inline void fused_lstm_forward_thread(const FusedForward& f, int64_t k0, int64_t k1, float* tile) {
-  const int64_t T = f.T, B = f.B, H = f.H, nc = f.chunk;
-  for (int64_t t = 0; t < T; ++t) {
-    const float* h_prev = f.h_bufs + (t % 2) * B * H;
-    float* h_next = f.h_bufs + ((t + 1) % 2) * B * H;
-    float* pre_t = f.gates + t * B * 4 * H;
-    float* out_t = f.out + t * B * H;
-    float* cs_t = f.cs != nullptr ? f.cs + t * B * H : nullptr;
-    const int64_t m = f.rows[t];  // rows that run the GEMM: all, or the running prefix of sorted lengths
+// Forward, one thread of the team: unit chunks [k0, k1) of FusedForward
+// (rnn_fused.cpp). Every `block` steps it first projects those steps' inputs
+// for its chunks into `xp` (brgemm on the packed W_ih): they are in cache when
+// each step's GEMM adds h W_hh^T onto them, and no (T, B, 4H) tensor of
+// projections is written and read back.
+inline void fused_lstm_forward_thread(const FusedForward& f, int64_t k0, int64_t k1, float* xp) {
+  const int64_t T = f.T, B = f.B, H = f.H, I = f.I, nc = f.chunk, nb = f.block;
+  for (int64_t t0 = 0; t0 < T; t0 += nb) {
+    const int64_t steps = std::min(nb, T - t0);
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t u0 = k * nc, units = std::min(nc, H - u0), ldg = 4 * units;
-      if (m > 0) {
-        at::native::cpublas::brgemm(m, ldg, H, H, ldg, ldg, false, h_prev, f.w_packed + 4 * u0 * H, tile, false);
-      }
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t o = b * H + u0;
-        if (b < m && (f.len == nullptr || t < f.len[b])) {
-          fused_forward_row(pre_t + b * 4 * H + u0, H, tile + b * ldg, units, f.c + o, h_next + o, out_t + o,
-                            cs_t != nullptr ? cs_t + o : nullptr, units);
-          continue;
-        }
-        // Stopped: keep the state, output 0.
-        std::copy(h_prev + o, h_prev + o + units, h_next + o);
-        std::fill(out_t + o, out_t + o + units, 0.0f);
-        if (cs_t != nullptr) std::copy(f.c + o, f.c + o + units, cs_t + o);
-      }
+      const int64_t u0 = k * nc, ldp = 4 * std::min(nc, H - u0);
+      at::native::cpublas::brgemm(steps * B, ldp, I, I, ldp, ldp, false, f.x + t0 * B * I, f.w_ih + 4 * u0 * I,
+                                  xp + (k - k0) * nb * B * 4 * nc, false);
     }
+    for (int64_t t = t0; t < t0 + steps; ++t) {
+      const float* h_prev = f.h_bufs + (t % 2) * B * H;
+      float* h_next = f.h_bufs + ((t + 1) % 2) * B * H;
+      float* act_t = f.gates != nullptr ? f.gates + t * B * 4 * H : nullptr;
+      float* out_t = f.out + t * B * H;
+      float* cs_t = f.cs != nullptr ? f.cs + t * B * H : nullptr;
+      const int64_t m = f.rows[t];  // rows that run the GEMM: all, or the running prefix of sorted lengths
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t u0 = k * nc, units = std::min(nc, H - u0), ldp = 4 * units;
+        float* pre = xp + (k - k0) * nb * B * 4 * nc + (t - t0) * B * ldp;  // the block's rows are ldp apart
+        if (m > 0) at::native::cpublas::brgemm(m, ldp, H, H, ldp, ldp, true, h_prev, f.w_hh + 4 * u0 * H, pre, false);
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t o = b * H + u0;
+          if (b < m && (f.len == nullptr || t < f.len[b])) {
+            fused_forward_row(pre + b * ldp, units, f.bias != nullptr ? f.bias + u0 : nullptr, H,
+                              act_t != nullptr ? act_t + b * 4 * H + u0 : nullptr, f.c + o, h_next + o, out_t + o,
+                              cs_t != nullptr ? cs_t + o : nullptr, units);
+            continue;
+          }
+          // Stopped: keep the state, output 0; the saved gates 0 (no backward reads them).
+          std::copy(h_prev + o, h_prev + o + units, h_next + o);
+          for (int64_t g = 0; g < 4 && act_t != nullptr; ++g) {
+            std::fill(act_t + b * 4 * H + g * H + u0, act_t + b * 4 * H + g * H + u0 + units, 0.0f);
+          }
+          std::fill(out_t + o, out_t + o + units, 0.0f);
+          if (cs_t != nullptr) std::copy(f.c + o, f.c + o + units, cs_t + o);
+        }
+      }
 #pragma omp barrier
+    }
   }
 }
 

@@ -190,8 +190,9 @@ struct Kernels {
   }
 
   // The CPU's fused-step loops (csrc/cpu/rnn_fused.cpp): the per-step path here.
-  static bool lstm_forward_fused(at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
-                                 const at::Tensor&, const at::Tensor&, const std::vector<int64_t>&) {
+  static bool lstm_forward_fused(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                 const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, const std::vector<int64_t>&, bool) {
     return false;
   }
   static bool lstm_backward_fused(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

@@ -58,31 +58,42 @@ ATTNKIT_HOST_DEVICE double tanh_(double x) {
 typedef float vfloat8 __attribute__((vector_size(32)));
 typedef int vint8 __attribute__((vector_size(32)));
 
-inline vfloat8 exp_(vfloat8 x) {
+// The same formulas on 16 lanes (one zmm where AVX-512 is compiled in).
+typedef float vfloat16 __attribute__((vector_size(64)));
+typedef int vint16 __attribute__((vector_size(64)));
+
+template <typename V, typename VI>
+inline __attribute__((always_inline)) V vec_exp(V x) {
   // Clamped so 2^n stays a normal float: e^x saturates at ~1.6e38 / ~1.6e-38.
-  x = x < -87.0f ? vfloat8{} - 87.0f : x;
-  x = x > 88.0f ? vfloat8{} + 88.0f : x;
-  const vfloat8 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  const vfloat8 r = x - n * 0.693359375f + n * 2.12194440e-4f;                // x - n ln 2, two parts
-  const vfloat8 p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
-                      4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
-  const vint8 bits = (__builtin_convertvector(n, vint8) + 127) << 23;  // 2^n
-  vfloat8 scale;
+  x = x < -87.0f ? V{} - 87.0f : x;
+  x = x > 88.0f ? V{} + 88.0f : x;
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;                // x - n ln 2, two parts
+  const V p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+               1.6666665459e-1f) * r + 5.0000001201e-1f;
+  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;  // 2^n
+  V scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   return (p * r * r + r + 1.0f) * scale;
 }
 
-inline vfloat8 tanh_(vfloat8 x) {
+template <typename V, typename VI>
+inline __attribute__((always_inline)) V vec_tanh(V x) {
   // Small |x|: Cephes' odd polynomial (no cancellation); else 1 - 2/(e^2|x| + 1).
-  const vfloat8 ax = x < 0.0f ? -x : x;
-  const vfloat8 e = exp_(-2.0f * ax);
-  vfloat8 large = (1.0f - e) / (1.0f + e);
+  const V ax = x < 0.0f ? -x : x;
+  const V e = vec_exp<V, VI>(-2.0f * ax);
+  V large = (1.0f - e) / (1.0f + e);
   large = x < 0.0f ? -large : large;
-  const vfloat8 z = x * x;
-  const vfloat8 small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
-                          1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
+  const V z = x * x;
+  const V small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z + 1.33314422036e-1f) * z -
+                   3.33332819422e-1f) * z * x + x;
   return ax < 0.625f ? small : large;
 }
+
+inline vfloat8 exp_(vfloat8 x) { return vec_exp<vfloat8, vint8>(x); }
+inline vfloat8 tanh_(vfloat8 x) { return vec_tanh<vfloat8, vint8>(x); }
+inline vfloat16 exp_(vfloat16 x) { return vec_exp<vfloat16, vint16>(x); }
+inline vfloat16 tanh_(vfloat16 x) { return vec_tanh<vfloat16, vint16>(x); }
 #pragma GCC diagnostic pop
 #endif
 

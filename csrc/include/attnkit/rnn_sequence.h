@@ -137,13 +137,17 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& x, const at::Tensor& h0, 
   if (present(b_ih) || present(b_hh)) {
     bias = present(b_ih) && present(b_hh) ? *b_ih + *b_hh : (present(b_ih) ? *b_ih : *b_hh);
   }
-  at::Tensor gates = K::linear(x.view({T * B, I}), w_ih, bias).view({T, B, 4 * H});
   at::Tensor output = at::empty({T, B, P}, x.options());
   at::Tensor h = h0.clone(), c = c0.clone();
   at::Tensor cs = save ? at::empty({T, B, H}, x.options()) : none_like(x);
   at::Tensor hc = proj ? (save ? at::empty({T, B, H}, x.options()) : at::empty({1, B, H}, x.options())) : none_like(x);
-  const bool fused_loop = !proj && (K::lstm_forward_small_batch(gates, w_hh, h, c, output, cs, len) ||
-                                    K::lstm_forward_fused(gates, w_hh, h, c, output, cs, len, rows));
+  // The device may run the whole layer itself, input projections included (CPU float32, batch 5+).
+  at::Tensor gates;
+  if (!proj && K::lstm_forward_fused(x, w_ih, bias, w_hh, h, c, output, gates, cs, len, rows, save)) {
+    return {output, h, c, save ? gates : none_like(x), cs, none_like(x)};
+  }
+  gates = K::linear(x.view({T * B, I}), w_ih, bias).view({T, B, 4 * H});
+  const bool fused_loop = !proj && K::lstm_forward_small_batch(gates, w_hh, h, c, output, cs, len);
   const at::Tensor w_hh_step = fused_loop ? at::Tensor() : K::step_weight(w_hh, B);
   for (int64_t t = 0; t < T && !fused_loop; ++t) {
     at::Tensor pre = gates[t];
