@@ -16,6 +16,12 @@
 // transposed once per call, O(N D). Statistics, accumulators and GEMMs are
 // float (double for double inputs); fp16/bf16 inputs are converted to float
 // once per call and the results back.
+//
+// Fused RoPE (attention_rope.h, entered from attention_rotary.cpp) rotates q
+// and k in those same copies: K while scale * K^T is formed, each Q tile as a
+// forward task loads it, Q and K while the backward transposes them (K per key
+// block inside the dK/dV kernel on the one-task-per-pair schedule), and writes
+// dQ, dK rotated back where it scales them.
 #include "attnkit/attention.h"
 
 #include <ATen/Dispatch.h>
@@ -27,8 +33,10 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "attention_rope.h"
 #include "attention_rows.h"
 
 // BLAS as linked into libtorch_cpu (MKL on x86 builds). Weak, so that a torch
@@ -242,20 +250,72 @@ struct Blocks {
   int64_t m, n;  // queries x keys per tile
 };
 
+// ------------------------------------------------------------------ fused RoPE operands
+
+// n rows of x (leading dim x_ld) from position `pos` on, rotated by `rope` into
+// `rows` (leading dim rows_ld) and, times `factor`, stored as columns into
+// `col` (leading dim ld). What the unfused form does in two passes (rotate,
+// then transpose) is one here, the columns written from rows still in L1.
+template <typename A, typename T>
+void rotate_block(const rope::Rope<A>& rope, const T* x, int64_t x_ld, int64_t pos, int64_t n, int64_t D, A factor,
+                  A* rows, int64_t rows_ld, A* col, int64_t ld) {
+  constexpr int64_t kChunk = 16;  // rows per transposed store: 16 floats of a column, one cache line
+  for (int64_t j = 0; j < n; ++j) rope::row(rope, pos + j, false, x + j * x_ld, rows + j * rows_ld, D, A(1));
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    const int64_t m = std::min(kChunk, n - j0);
+    if constexpr (std::is_same_v<A, float>) {
+      if (m == kChunk && D % 8 == 0 && rows_ld == D) {
+        rope::columns16_f32(rows + j0 * D, D, col + j0, ld, factor);
+        continue;
+      }
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t j = j0; j < j0 + m; ++j) col[d * ld + j] = rows[j * rows_ld + d] * factor;
+    }
+  }
+}
+
+// One pass over q or k (`queries`: positions i + diag + offset, else j + offset):
+// times `factor`, the transposes of the rotated rows laid out as transposed()
+// does into `cols`, and the rotated rows themselves into `rows` when given.
+template <typename A, typename T>
+void rotate_to_columns(const Spec& sp, bool queries, Rows<const T> x, int64_t heads, const rope::Rope<A>& rope,
+                       A factor, Rows<A> cols, int64_t ld, const Rows<A>* rows) {
+  constexpr int64_t kChunk = 64;
+  const int64_t D = sp.dim;
+  at::parallel_for(0, sp.batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> tmp(rows == nullptr ? kChunk * D : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, h = task % heads;
+      const Seq sq = sp.seq(b);
+      const int64_t start = queries ? sq.q_start : sq.k_start, len = queries ? sq.q_len : sq.k_len;
+      const int64_t pos = (queries ? sq.diag : 0) + rope.offsets[b];
+      for (int64_t j0 = 0; j0 < len; j0 += kChunk) {
+        const int64_t i = start + j0;
+        rotate_block(rope, x.at(b, h, i), x.sm, pos + j0, std::min(kChunk, len - j0), D, factor,
+                     rows != nullptr ? rows->at(b, h, i) : tmp.data(), rows != nullptr ? rows->sm : D,
+                     cols.at(b, h, i), ld);
+      }
+    }
+  });
+}
+
 // ------------------------------------------------------------------ forward
 
 // In the accumulation type (fp16/bf16 inputs arrive converted to float). `kt`
 // holds scale * K^T, keys as columns, so that both tile products are plain A B
-// GEMMs (gemm_nn).
-template <typename scalar_t>
-void forward_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t> kt, int64_t ld_kt,
-                    Rows<const scalar_t> v, Rows<scalar_t> out, Rows<scalar_t> lse, Blocks blk) {
+// GEMMs (gemm_nn). With `rope`, each task rotates its Q tile (q in its own
+// dtype, q_t) into a BM x D buffer once, before its key loop; kt arrives rotated.
+template <typename scalar_t, typename q_t = scalar_t>
+void forward_kernel(const Spec& sp, Rows<const q_t> q, const rope::Rope<scalar_t>* rope, Rows<const scalar_t> kt,
+                    int64_t ld_kt, Rows<const scalar_t> v, Rows<scalar_t> out, Rows<scalar_t> lse, Blocks blk) {
   using acc_t = scalar_t;
+  TORCH_INTERNAL_ASSERT(rope != nullptr || (std::is_same_v<q_t, acc_t>), "attention: q must arrive in acc_t");
   const int64_t BM = blk.m, BN = blk.n, D = sp.dim, DV = sp.dim_v;
   const int64_t m_blocks = (sp.max_q + BM - 1) / BM;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, sp.batch * sp.heads * m_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s(BM * BN), acc(BM * DV), m(BM), l(BM);
+    std::vector<acc_t> s(BM * BN), acc(BM * DV), m(BM), l(BM), q_buf(rope != nullptr ? BM * D : 0);
     std::vector<uint8_t> keep(BN);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t mb = task % m_blocks, b = task / m_blocks / sp.heads, h = task / m_blocks % sp.heads;
@@ -263,14 +323,24 @@ void forward_kernel(const Spec& sp, Rows<const scalar_t> q, Rows<const scalar_t>
       const int64_t m0 = mb * BM;
       if (m0 >= sq.q_len) continue;
       const int64_t rows = std::min(BM, sq.q_len - m0), kvh = h / sp.group;
-      const scalar_t* qt = q.at(b, h, sq.q_start + m0);
+      const acc_t* qt = q_buf.data();
+      int64_t ld_q = D;
+      if (rope != nullptr) {
+        const int64_t pos = sq.diag + rope->offsets[b] + m0;
+        for (int64_t r = 0; r < rows; ++r) {
+          rope::row(*rope, pos + r, false, q.at(b, h, sq.q_start + m0 + r), q_buf.data() + r * D, D, acc_t(1));
+        }
+      } else if constexpr (std::is_same_v<q_t, acc_t>) {
+        qt = q.at(b, h, sq.q_start + m0);
+        ld_q = q.sm;
+      }
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), acc_t(0));
       const auto [k_lo, k_hi] = sp.key_range(sq, m0, rows);
       for (int64_t n0 = k_lo; n0 < k_hi; n0 += BN) {
         const int64_t cols = std::min(BN, k_hi - n0);
-        gemm_nn(rows, cols, D, qt, q.sm, kt.at(b, kvh, sq.k_start + n0), ld_kt, false, s.data(), BN);
+        gemm_nn(rows, cols, D, qt, ld_q, kt.at(b, kvh, sq.k_start + n0), ld_kt, false, s.data(), BN);
         tile_scores(sp, sq, b, h, m0, rows, n0, cols, s.data(), static_cast<acc_t*>(nullptr), BN);  // no tanh kept
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* row = s.data() + r * BN;
@@ -329,12 +399,13 @@ struct BackwardTile {
       : sp(spec), op(ops), BN(blk.n), s(blk.m * blk.n), t(spec.softcap > 0 ? blk.m * blk.n : 0), dp(blk.m * blk.n),
         ds(blk.m * blk.n), keep(blk.n) {}
 
-  // P (in s) and dP (in dp, dropout applied) of a (rows x cols) tile; with
-  // `p_out`, also the dropped-out P for the dV GEMM (returned).
+  // P (in s) and dP (in dp, dropout applied) of a (rows x cols) tile, `kt`
+  // holding its scale * K^T columns (leading dim ld_kt); with `p_out`, also the
+  // dropped-out P for the dV GEMM (returned).
   const T* probabilities(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t n0, int64_t cols,
-                         const Rows<T>& lse, bool p_out) {
+                         const T* kt, int64_t ld_kt, const Rows<T>& lse, bool p_out) {
     const int64_t kvh = h / sp.group, i0 = sq.q_start + m0, j0 = sq.k_start + n0;
-    gemm_nn(rows, cols, sp.dim, op.q.at(b, h, i0), op.q.sm, op.kT.at(b, kvh, j0), op.ld_k, false, s.data(), BN);
+    gemm_nn(rows, cols, sp.dim, op.q.at(b, h, i0), op.q.sm, kt, ld_kt, false, s.data(), BN);
     tile_scores(sp, sq, b, h, m0, rows, n0, cols, s.data(), t.data(), BN);
     gemm_nn(rows, cols, sp.dim_v, op.dout.at(b, h, i0), op.dout.sm, op.vT.at(b, kvh, j0), op.ld_v, false, dp.data(),
             BN);
@@ -368,40 +439,57 @@ struct BackwardTile {
 };
 
 // dK, dV (and dQ when `dq_acc` is given, owning whole (batch, kv-head) pairs).
+// With `rope`, dK is rotated back as it is written (the gradient of a rotation
+// is the opposite rotation), and with `k_raw` (k unrotated) each key block's
+// rotated K rows and scale * K^T are built here, once per block, instead of
+// read from op.k and op.kT.
 template <typename T>
 void backward_dkdv_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Rows<T> delta, Rows<T> dk, Rows<T> dv,
-                          Rows<T>* dq_acc, Blocks blk) {
+                          Rows<T>* dq_acc, const rope::Rope<T>* rope, const Rows<const T>* k_raw, Blocks blk) {
   const int64_t BM = blk.m, BN = blk.n, D = sp.dim, DV = sp.dim_v;
   const int64_t n_blocks = dq_acc != nullptr ? 1 : (sp.max_k + BN - 1) / BN;
   at::parallel_for(0, sp.batch * sp.heads_kv * n_blocks, 1, [&](int64_t begin, int64_t end) {
     BackwardTile<T> tile(sp, op, blk);
-    std::vector<T> dkT(D * BN), dvT(DV * BN);  // (D x cols), leading dim BN
+    std::vector<T> dkT(D * BN), dvT(DV * BN), dk_tmp(D);  // (D x cols), leading dim BN
+    std::vector<T> k_tile(k_raw != nullptr ? BN * D : 0), kt_tile(k_raw != nullptr ? D * BN : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nb = task % n_blocks, b = task / n_blocks / sp.heads_kv, kvh = task / n_blocks % sp.heads_kv;
       const Seq sq = sp.seq(b);
       const int64_t first = nb * BN, last = dq_acc != nullptr ? sq.k_len : std::min(first + BN, sq.k_len);
       for (int64_t n0 = first; n0 < last; n0 += BN) {
         const int64_t cols = std::min(BN, sq.k_len - n0);
+        const T* k_rows = op.k.at(b, kvh, sq.k_start + n0);
+        const T* kt = op.kT.at(b, kvh, sq.k_start + n0);
+        int64_t ld_k_rows = op.k.sm, ld_kt = op.ld_k;
+        if (k_raw != nullptr) {
+          rotate_block(*rope, k_raw->at(b, kvh, sq.k_start + n0), k_raw->sm, rope->offsets[b] + n0, cols, D,
+                       T(sp.scale), k_tile.data(), D, kt_tile.data(), BN);
+          k_rows = k_tile.data(), kt = kt_tile.data(), ld_k_rows = D, ld_kt = BN;
+        }
         std::fill(dkT.begin(), dkT.end(), T(0));
         std::fill(dvT.begin(), dvT.end(), T(0));
         const auto [q_lo, q_hi] = sp.query_range(sq, n0, cols);
         for (int64_t h = kvh * sp.group; h < (kvh + 1) * sp.group; ++h) {
           for (int64_t m0 = q_lo; m0 < q_hi; m0 += BM) {
             const int64_t rows = std::min(BM, q_hi - m0), i0 = sq.q_start + m0;
-            const T* p = tile.probabilities(sq, b, h, m0, rows, n0, cols, lse, true);
+            const T* p = tile.probabilities(sq, b, h, m0, rows, n0, cols, kt, ld_kt, lse, true);
             gemm_nn(DV, cols, rows, op.doutT.at(b, h, i0), op.ld_do, p, BN, true, dvT.data(), BN);
             const T* dst = tile.score_grad(sq, b, h, m0, rows, cols, delta);
             gemm_nn(D, cols, rows, op.qT.at(b, h, i0), op.ld_q, dst, BN, true, dkT.data(), BN);
             if (dq_acc != nullptr) {
-              gemm_nn(rows, D, cols, dst, BN, op.k.at(b, kvh, sq.k_start + n0), op.k.sm, true, dq_acc->at(b, h, i0),
-                      dq_acc->sm);
+              gemm_nn(rows, D, cols, dst, BN, k_rows, ld_k_rows, true, dq_acc->at(b, h, i0), dq_acc->sm);
             }
           }
         }
         for (int64_t c = 0; c < cols; ++c) {
           T* dk_row = dk.at(b, kvh, sq.k_start + n0 + c);
           T* dv_row = dv.at(b, kvh, sq.k_start + n0 + c);
-          for (int64_t d = 0; d < D; ++d) dk_row[d] = dkT[d * BN + c] * T(sp.scale);
+          if (rope != nullptr) {
+            for (int64_t d = 0; d < D; ++d) dk_tmp[d] = dkT[d * BN + c];
+            rope::row(*rope, rope->offsets[b] + n0 + c, true, dk_tmp.data(), dk_row, D, T(sp.scale));
+          } else {
+            for (int64_t d = 0; d < D; ++d) dk_row[d] = dkT[d * BN + c] * T(sp.scale);
+          }
           for (int64_t d = 0; d < DV; ++d) dv_row[d] = dvT[d * BN + c];
         }
       }
@@ -411,7 +499,8 @@ void backward_dkdv_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Ro
 }
 
 template <typename T>
-void backward_dq_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Rows<T> delta, Rows<T> dq, Blocks blk) {
+void backward_dq_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Rows<T> delta, Rows<T> dq,
+                        const rope::Rope<T>* rope, Blocks blk) {
   const int64_t BM = blk.m, BN = blk.n, D = sp.dim;
   const int64_t m_blocks = (sp.max_q + BM - 1) / BM;
   at::parallel_for(0, sp.batch * sp.heads * m_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -427,16 +516,37 @@ void backward_dq_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Rows
       const auto [k_lo, k_hi] = sp.key_range(sq, m0, rows);
       for (int64_t n0 = k_lo; n0 < k_hi; n0 += BN) {
         const int64_t cols = std::min(BN, k_hi - n0);
-        tile.probabilities(sq, b, h, m0, rows, n0, cols, lse, false);
+        tile.probabilities(sq, b, h, m0, rows, n0, cols, op.kT.at(b, kvh, sq.k_start + n0), op.ld_k, lse, false);
         const T* dst = tile.score_grad(sq, b, h, m0, rows, cols, delta);
         gemm_nn(rows, D, cols, dst, BN, op.k.at(b, kvh, sq.k_start + n0), op.k.sm, true, dq_acc.data(), D);
       }
       for (int64_t r = 0; r < rows; ++r) {
         T* dq_row = dq.at(b, h, sq.q_start + m0 + r);
-        for (int64_t d = 0; d < D; ++d) dq_row[d] = dq_acc[r * D + d] * T(sp.scale);
+        if (rope != nullptr) {
+          rope::row(*rope, sq.diag + rope->offsets[b] + m0 + r, true, dq_acc.data() + r * D, dq_row, D, T(sp.scale));
+        } else {
+          for (int64_t d = 0; d < D; ++d) dq_row[d] = dq_acc[r * D + d] * T(sp.scale);
+        }
       }
     }
     gemm_nn_release();
+  });
+}
+
+// dq *= scale, rotated back in the same pass: the end of the fused backward,
+// which accumulates dQ in place.
+template <typename T>
+void finish_dq_rope(const Spec& sp, Rows<T> dq, const rope::Rope<T>& rope) {
+  at::parallel_for(0, sp.batch * sp.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / sp.heads, h = task % sp.heads;
+      const Seq sq = sp.seq(b);
+      const int64_t pos = sq.diag + rope.offsets[b];
+      for (int64_t i = 0; i < sq.q_len; ++i) {
+        T* row = dq.at(b, h, sq.q_start + i);
+        rope::row(rope, pos + i, true, row, row, sp.dim, T(sp.scale));
+      }
+    }
   });
 }
 
@@ -636,6 +746,28 @@ int64_t column_ld(const at::Tensor& t) { return t.stride(-2); }
 
 at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
+// An empty tensor shaped as transposed(x) would make it.
+at::Tensor columns_like(const at::Tensor& x, bool varlen, at::ScalarType dtype) {
+  const at::Tensor view = varlen ? x.permute({1, 2, 0}) : x.transpose(2, 3);
+  return at::empty(view.sizes(), x.options().dtype(dtype));
+}
+
+// The caller's RoPE tables in the accumulation type (positions x R/2: small).
+struct RopeIn {
+  at::Tensor cos, sin, offsets;
+  bool interleaved;
+  RopeIn(const RopeTables& t, at::ScalarType acc)
+      : cos(t.cos.to(acc).contiguous()), sin(t.sin.to(acc).contiguous()), offsets(t.offsets.to(at::kLong).contiguous()),
+        interleaved(t.interleaved) {}
+  template <typename A>
+  rope::Rope<A> view() const {
+    return {cos.data_ptr<A>(), sin.data_ptr<A>(), cos.size(1), cos.size(0), interleaved, offsets.data_ptr<int64_t>()};
+  }
+};
+
+template <typename T>
+using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
 }  // namespace
 
 std::vector<at::Tensor> attention_forward(
@@ -644,6 +776,17 @@ std::vector<at::Tensor> attention_forward(
     const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& key_padding_mask,
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, bool bottom_right,
     double softcap, double scale, double dropout_p, int64_t seed) {
+  return attention_forward_rope(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask,
+                                key_padding_mask, alibi_slopes, window_left, window_right, bottom_right, softcap, scale,
+                                dropout_p, seed, nullptr);
+}
+
+std::vector<at::Tensor> attention_forward_rope(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens_q,
+    const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& key_padding_mask,
+    const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, bool bottom_right,
+    double softcap, double scale, double dropout_p, int64_t seed, const RopeTables* rope_tables) {
   Call c = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
                    alibi_slopes, window_left, window_right, bottom_right, softcap, scale, dropout_p, seed);
   const Spec& sp = c.spec;
@@ -653,13 +796,30 @@ std::vector<at::Tensor> attention_forward(
   const bool vl = sp.varlen;
   // fp16/bf16 run as float: converting q, v (and k, transposed anyway) once
   // beats BLAS's 16-bit GEMMs, which widen every tile to float themselves.
-  const at::Tensor qa = as_type(c.q, acc), va = as_type(c.v, acc), kt = transposed(c.k, vl, scale, acc);
+  const at::Tensor va = as_type(c.v, acc);
   at::Tensor outa = q.scalar_type() == acc ? out : at::empty(out.sizes(), out.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES(acc, "attention_forward_cpu", [&] {
-    forward_kernel<scalar_t>(sp, rows_of<const scalar_t>(qa, vl), columns_of<const scalar_t>(kt, vl), column_ld(kt),
-                             rows_of<const scalar_t>(va, vl), rows_of<scalar_t>(outa, vl),
-                             stats_of<scalar_t>(lse, vl), forward_blocks(sp));
-  });
+  if (rope_tables == nullptr) {
+    const at::Tensor qa = as_type(c.q, acc), kt = transposed(c.k, vl, scale, acc);
+    AT_DISPATCH_FLOATING_TYPES(acc, "attention_forward_cpu", [&] {
+      forward_kernel<scalar_t>(sp, rows_of<const scalar_t>(qa, vl), nullptr, columns_of<const scalar_t>(kt, vl),
+                               column_ld(kt), rows_of<const scalar_t>(va, vl), rows_of<scalar_t>(outa, vl),
+                               stats_of<scalar_t>(lse, vl), forward_blocks(sp));
+    });
+  } else {
+    // Fused RoPE: k rotated while scale * K^T is formed, q tile by tile in the
+    // kernel, straight from q's dtype (no rotated or converted copy of q).
+    const RopeIn rin(*rope_tables, acc);
+    const at::Tensor kt = columns_like(c.k, vl, acc);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_rope_forward_cpu", [&] {
+      using A = acc_of<scalar_t>;
+      const rope::Rope<A> r = rin.view<A>();
+      rotate_to_columns<A>(sp, false, rows_of<const scalar_t>(c.k, vl), sp.heads_kv, r, A(scale),
+                           columns_of<A>(kt, vl), column_ld(kt), nullptr);
+      forward_kernel<A, scalar_t>(sp, rows_of<const scalar_t>(c.q, vl), &r, columns_of<const A>(kt, vl),
+                                  column_ld(kt), rows_of<const A>(va, vl), rows_of<A>(outa, vl), stats_of<A>(lse, vl),
+                                  forward_blocks(sp));
+    });
+  }
   if (!outa.is_same(out)) out.copy_(outa);
   return {out, lse};
 }
@@ -671,6 +831,18 @@ std::vector<at::Tensor> attention_backward(
     const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& alibi_slopes,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap, double scale, double dropout_p,
     int64_t seed) {
+  return attention_backward_rope(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 attn_mask, key_padding_mask, alibi_slopes, window_left, window_right, bottom_right,
+                                 softcap, scale, dropout_p, seed, nullptr);
+}
+
+std::vector<at::Tensor> attention_backward_rope(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, const c10::optional<at::Tensor>& attn_mask,
+    const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& alibi_slopes,
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap, double scale, double dropout_p,
+    int64_t seed, const RopeTables* rope_tables) {
   Call c = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
                    alibi_slopes, window_left, window_right, bottom_right, softcap, scale, dropout_p, seed);
   const Spec& sp = c.spec;
@@ -691,28 +863,61 @@ std::vector<at::Tensor> attention_backward(
   at::Tensor delta = at::empty(stat_shape(sp, q), q.options().dtype(acc));
   const bool vl = sp.varlen, same = q.scalar_type() == acc;
   // fp16/bf16 run as float (see attention_forward); the gradients are computed in acc and converted at the end.
-  const at::Tensor qa = as_type(c.q, acc), ka = as_type(c.k, acc), doa = as_type(dout_r, acc), oa = as_type(out_r, acc);
-  const at::Tensor qT = transposed(c.q, vl, 1.0, acc), kT = transposed(c.k, vl, scale, acc),
-                   vT = transposed(c.v, vl, 1.0, acc), doT = transposed(dout_r, vl, 1.0, acc);
+  const at::Tensor doa = as_type(dout_r, acc), oa = as_type(out_r, acc);
+  const at::Tensor vT = transposed(c.v, vl, 1.0, acc), doT = transposed(dout_r, vl, 1.0, acc);
   const auto acc_opts = q.options().dtype(acc);
-  at::Tensor dq = at::empty(q.sizes(), acc_opts), dk = at::empty(k.sizes(), acc_opts),
-             dv = at::empty(v.sizes(), acc_opts);
   // One task per (batch, kv-head) when there are enough of them for the threads.
   const bool fused = sp.batch * sp.heads_kv >= 4 * at::get_num_threads();
+  // Fused RoPE on that schedule: the dK/dV kernel rotates each key block itself
+  // (k_raw), so rotated K and K^T are never materialized.
+  const bool k_tiles = rope_tables != nullptr && fused;
+  at::Tensor qa, ka, qT, kT, k_raw;
+  c10::optional<RopeIn> rin;
+  if (rope_tables == nullptr) {
+    qa = as_type(c.q, acc), ka = as_type(c.k, acc), qT = transposed(c.q, vl, 1.0, acc);
+    kT = transposed(c.k, vl, scale, acc);
+  } else {
+    // Fused RoPE: one pass over q (and one over k) writes the rotated rows and
+    // their transposes, where the plain backward converts and transposes.
+    rin.emplace(*rope_tables, acc);
+    qa = at::empty(c.q.sizes(), acc_opts), qT = columns_like(c.q, vl, acc);
+    if (k_tiles) {
+      ka = k_raw = as_type(c.k, acc), kT = k_raw;  // op.k/op.kT: placeholders, unread with k_raw
+    } else {
+      ka = at::empty(c.k.sizes(), acc_opts), kT = columns_like(c.k, vl, acc);
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_rope_operands_cpu", [&] {
+      using A = acc_of<scalar_t>;
+      const rope::Rope<A> r = rin->view<A>();
+      const Rows<A> q_rows = rows_of<A>(qa, vl), k_rows = rows_of<A>(ka, vl);
+      rotate_to_columns<A>(sp, true, rows_of<const scalar_t>(c.q, vl), sp.heads, r, A(1), columns_of<A>(qT, vl),
+                           column_ld(qT), &q_rows);
+      if (!k_tiles) {
+        rotate_to_columns<A>(sp, false, rows_of<const scalar_t>(c.k, vl), sp.heads_kv, r, A(scale),
+                             columns_of<A>(kT, vl), column_ld(kT), &k_rows);
+      }
+    });
+  }
+  at::Tensor dq = at::empty(q.sizes(), acc_opts), dk = at::empty(k.sizes(), acc_opts),
+             dv = at::empty(v.sizes(), acc_opts);
   if (fused) dq.zero_();
   AT_DISPATCH_FLOATING_TYPES(acc, "attention_backward_cpu", [&] {
     using T = scalar_t;
     const Operands<T> op{rows_of<const T>(qa, vl),    rows_of<const T>(ka, vl),    rows_of<const T>(doa, vl),
                          columns_of<const T>(qT, vl), columns_of<const T>(kT, vl), columns_of<const T>(vT, vl),
                          columns_of<const T>(doT, vl), column_ld(qT), column_ld(kT), column_ld(vT), column_ld(doT)};
+    const Rows<const T> k_raw_rows = k_tiles ? rows_of<const T>(k_raw, vl) : Rows<const T>{};
     const auto lse_r = stats_of<T>(lse_c, vl), delta_r = stats_of<T>(delta, vl);
     backward_delta<T>(sp, rows_of<const T>(oa, vl), op.dout, delta_r);
     auto dq_rows = rows_of<T>(dq, vl);
+    const rope::Rope<T> r = rin.has_value() ? rin->view<T>() : rope::Rope<T>{};
+    const rope::Rope<T>* rp = rin.has_value() ? &r : nullptr;
     backward_dkdv_kernel<T>(sp, op, lse_r, delta_r, rows_of<T>(dk, vl), rows_of<T>(dv, vl),
-                            fused ? &dq_rows : nullptr, backward_blocks(sp));
-    if (!fused) backward_dq_kernel<T>(sp, op, lse_r, delta_r, dq_rows, backward_blocks(sp));
+                            fused ? &dq_rows : nullptr, rp, k_tiles ? &k_raw_rows : nullptr, backward_blocks(sp));
+    if (!fused) backward_dq_kernel<T>(sp, op, lse_r, delta_r, dq_rows, rp, backward_blocks(sp));
+    if (fused && rp != nullptr) finish_dq_rope<T>(sp, dq_rows, *rp);
   });
-  if (fused) dq.mul_(scale);
+  if (fused && !rin.has_value()) dq.mul_(scale);
   if (!same) return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
   return {dq, dk, dv};
 }

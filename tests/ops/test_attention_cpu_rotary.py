@@ -1,7 +1,12 @@
 """Fused RoPE in the cpp attention backend beyond the shared suite: several tiles
 per row and column and both backward schedules, half precision, top-left
 alignment, strided q/k, varlen, equality with "apply_rotary then attend", and the
-argument checks of the C++ entry points (csrc/cpu/rotary.cpp, attention_rotary.cpp)."""
+argument checks of the C++ entry points (csrc/cpu/rotary.cpp, attention_rotary.cpp).
+The kernels rotate q and k where they copy them (Q tiles, K^T, the backward's
+transposed operands, per key block on the one-task-per-(batch, kv-head) backward
+schedule) and dq, dk back where they write them (attention.cpp, attention_rope.h)."""
+import contextlib
+
 import pytest
 import torch
 from attention_cases import Features, Shape, assert_close, ground_truth, make_inputs
@@ -184,3 +189,93 @@ def test_opcheck_on_cpp():
         torch.library.opcheck(torch.ops.attnkit.rotary.default, (x, cos, sin, offsets, 0, True, False, None, 0))
         torch.library.opcheck(torch.ops.attnkit.rotary_.default, (x.detach().clone(), cos, sin, None, 2, False, None, 0))
         assert attnkit.last_dispatch("rotary").backend == "cpp"
+
+
+@contextlib.contextmanager
+def _threads(n):
+    """The cpp backward takes one task per (batch, kv-head) when B * H_kv >= 4 * threads
+    (rotating K block by block in the dK/dV kernel), else the split dK/dV + dQ schedule."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# (shape, features, schedule): D = 80 and 64 take the float kernels' 8 x 8 transposes on
+# full 16-row chunks, D = 20 and odd N their scalar tails; Nq = 1, Nq > Nk (top-left), GQA.
+SCHEDULE_CASES = [
+    (Shape(1, 2, 1, 37, 70, 80, 80), Features(rotary="partial", causal=True), "split"),
+    (Shape(2, 4, 2, 37, 70, 80, 48), Features(rotary="partial", causal=True), "per-kv-head"),
+    (Shape(4, 4, 2, 1, 33, 20, 20), Features(rotary="interleaved", causal=True), "per-kv-head"),
+    (Shape(1, 3, 3, 1, 33, 20, 20), Features(rotary="interleaved"), "split"),
+    (Shape(2, 2, 2, 45, 40, 64, 64), Features(rotary="half", causal=True, extra=dict(causal_alignment="top_left")),
+     "per-kv-head"),
+    (Shape(1, 2, 2, 45, 40, 64, 64), Features(rotary="half", window=(9, 3), extra=dict(causal_alignment="top_left")),
+     "split"),
+]
+
+
+def _one_thread(shape, schedule):
+    assert (shape.batch * shape.heads_kv >= 4) == (schedule == "per-kv-head"), "case misses its schedule"
+    return _threads(1)
+
+
+@pytest.mark.parametrize("shape,features,schedule", [pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}")
+                                                     for c in SCHEDULE_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_both_backward_schedules_match_reference(shape, features, schedule, dtype):
+    with forced(OP, "cpp", "cpu", dtype, rotary=True), _one_thread(shape, schedule):
+        q, k, v, kwargs = make_inputs(shape, features, dtype, "cpu")
+        kwargs.update(features.extra)
+        grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64).to(dtype)
+        out, lse, grads = _run(q, k, v, kwargs, grad_out)
+        assert attnkit.last_dispatch(OP).backend == "cpp"
+    out_t, lse_t, grads_t = ground_truth(q, k, v, kwargs, grad_out)
+    assert_close(out, out_t, TOL[dtype], "out")
+    assert_close(lse, lse_t, TOL[dtype], "lse")
+    for name, g, g_t in zip("qkv", grads, grads_t):
+        assert_close(g, g_t, TOL[dtype] * 4, f"d{name}")
+
+
+@pytest.mark.parametrize("shape,features,schedule", [pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}")
+                                                     for c in SCHEDULE_CASES[2:5]])
+def test_gradcheck_float64_both_schedules(shape, features, schedule):
+    small = Shape(shape.batch, shape.heads, shape.heads_kv, min(shape.n_q, 5), min(shape.n_k, 7), 6, 4)
+    with forced(OP, "cpp", "cpu", torch.float64, rotary=True), _one_thread(small, schedule):
+        q, k, v, kwargs = make_inputs(small, features, torch.float64, "cpu")
+        kwargs.update(features.extra)
+        leaves = [t.requires_grad_(True) for t in (q, k, v)]
+        assert torch.autograd.gradcheck(lambda q, k, v: flash_attention(q, k, v, **kwargs), leaves)
+        assert attnkit.last_dispatch(OP).backend == "cpp"
+
+
+@pytest.mark.parametrize("threads", [1, 4], ids=["per-kv-head", "split"])
+def test_positions_past_the_table_stay_unrotated(threads):
+    """At the C++ entry points (no Python position check), a row whose position falls
+    outside the table is used unrotated, as rotary_apply leaves it."""
+    ext, reason = _extensions.load("_C")
+    if ext is None:
+        pytest.skip(reason)
+    gen = torch.Generator().manual_seed(21)
+    q, k, v, grad_out = (torch.randn(2, 2, 20, 16, generator=gen, dtype=torch.float64) for _ in range(4))
+    cos, sin = _tables(24, 12, torch.float64)
+    offsets = torch.tensor([0, 9], dtype=torch.int32)  # sequence 1: positions 9..28, the last 5 past the table
+    base = (None, None, 20, 20, None, None, None, -1, 0, True, 0.0, 0.25, 0.0, 0)
+    rope = (cos, sin, offsets, False)
+
+    def spin(x, conjugate=False):
+        out = torch.empty_like(x)
+        ext.rotary_apply(x.transpose(1, 2), cos, sin, offsets.long(), 0, False, conjugate, out.transpose(1, 2), None)
+        return out
+
+    with _threads(threads):
+        out, lse = ext.attention_rotary_forward(q, k, v, *base, *rope)
+        grads = ext.attention_rotary_backward(grad_out, q, k, v, out, lse, *base, *rope)
+        out_e, lse_e = ext.attention_forward(spin(q), spin(k), v, *base)
+        dq, dk, dv = ext.attention_backward(grad_out, spin(q), spin(k), v, out_e, lse_e, *base)
+    torch.testing.assert_close(out, out_e)
+    torch.testing.assert_close(lse, lse_e)
+    for g, g_e in zip(grads, (spin(dq, True), spin(dk, True), dv)):
+        torch.testing.assert_close(g, g_e)

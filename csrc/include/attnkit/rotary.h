@@ -24,7 +24,8 @@ void rotary_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
                   const c10::optional<at::Tensor>& offsets, int64_t offset, bool interleaved, bool conjugate,
                   const at::Tensor& out, const c10::optional<at::Tensor>& cu_seqlens);
 
-// attention_forward on q and k rotated once into per-call buffers. Returns {out, lse}.
+// attention_forward with q and k rotated inside the kernels: k while scale * K^T
+// is formed, each Q tile as its task loads it (csrc/cpu/attention_rope.h). Returns {out, lse}.
 std::vector<at::Tensor> attention_rotary_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens_q,
     const c10::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
@@ -33,8 +34,10 @@ std::vector<at::Tensor> attention_rotary_forward(
     double softcap, double scale, double dropout_p, int64_t seed, const at::Tensor& rotary_cos,
     const at::Tensor& rotary_sin, const at::Tensor& rotary_offsets, bool rotary_interleaved);
 
-// attention_backward on q and k rotated again, then dq and dk rotated back
-// (the gradient of a rotation is the opposite rotation). Returns {dq, dk, dv}.
+// attention_backward with q and k rotated where their transposed operands are
+// made (k per key block on the one-task-per-(batch, kv-head) schedule), dq and
+// dk rotated back as they are written (the gradient of a rotation is the
+// opposite rotation). Returns {dq, dk, dv}.
 std::vector<at::Tensor> attention_rotary_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,

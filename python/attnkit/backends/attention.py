@@ -96,7 +96,9 @@ class Triton(Implementation):
 
 class Cpp(Implementation):
     """csrc/cpu/attention.cpp: tiled flash attention in C++ (attnkit._C); with fused RoPE,
-    csrc/cpu/attention_rotary.cpp rotates q and k once per call into buffers first."""
+    q and k are rotated inside the kernels where they are already copied (Q tiles, K^T, the
+    backward's transposed operands) and dq, dk rotated back where they are written
+    (csrc/cpu/attention_rope.h)."""
 
     backend = "cpp"
     extension = "_C"
