@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -212,18 +213,25 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   }
   at::Tensor out = at::empty({M, N}, a.options());
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  // Tiles of C with K in blocks, so a tile's slices of A and B stay in L2.
-  constexpr int64_t kM = 64, kN = 128, kK = 512;
-  const int64_t tm = (M + kM - 1) / kM, tn = (N + kN - 1) / kN;
+  // Each task owns a column panel of C; per block of K it first copies that
+  // block of B into a contiguous buffer (B's rows are N apart, often 4 KB: a
+  // power-of-two stride that maps a panel's rows onto a few cache sets), then
+  // runs it against every row tile of A.
+  constexpr int64_t kM = 64, kN = 64, kK = 256;
+  const int64_t panels = (N + kN - 1) / kN;
   const float *a_p = a.data_ptr<float>(), *b_p = b.data_ptr<float>();
   float* c_p = out.data_ptr<float>();
-  at::parallel_for(0, tm * tn, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t m0 = (i % tm) * kM, n0 = (i / tm) * kN;
-      const int64_t m = std::min(kM, M - m0), n = std::min(kN, N - n0);
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> panel(kK * kN);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * kN, n = std::min(kN, N - n0);
       for (int64_t k0 = 0; k0 < K; k0 += kK) {
-        at::native::cpublas::brgemm(m, n, std::min(kK, K - k0), K, N, N, k0 > 0, a_p + m0 * K + k0,
-                                    b_p + k0 * N + n0, c_p + m0 * N + n0, false);
+        const int64_t k = std::min(kK, K - k0);
+        for (int64_t r = 0; r < k; ++r) std::copy(b_p + (k0 + r) * N + n0, b_p + (k0 + r) * N + n0 + n, panel.data() + r * n);
+        for (int64_t m0 = 0; m0 < M; m0 += kM) {
+          at::native::cpublas::brgemm(std::min(kM, M - m0), n, k, K, n, N, k0 > 0, a_p + m0 * K + k0, panel.data(),
+                                      c_p + m0 * N + n0, false);
+        }
       }
     }
     at::native::cpublas::brgemm_release(false);
