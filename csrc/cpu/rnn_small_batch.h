@@ -18,24 +18,69 @@ constexpr int64_t kPanel = 4 * kGemvLanes;
 
 inline int64_t panel_count(int64_t cols) { return (cols + kPanel - 1) / kPanel; }
 
-// P gets the panels of the K x cols matrix whose column c is col(c)[0],
-// col(c)[ks], ..., col(c)[(K - 1) ks]; columns past `cols` are zero.
-template <typename S, typename F>
-void pack_panels(S* P, int64_t K, int64_t cols, int64_t ks, F&& col) {
-  for (int64_t p = 0; p < panel_count(cols); ++p) {
-    S* panel = P + p * K * kPanel;
-    const int64_t c0 = p * kPanel, width = std::min(kPanel, cols - c0);
-    std::fill(panel, panel + K * kPanel, S(0));
-    if (ks == 1) {  // columns contiguous in the source: walk each one
-      for (int64_t c = 0; c < width; ++c) {
-        const S* src = col(c0 + c);
-        for (int64_t k = 0; k < K; ++k) panel[k * kPanel + c] = src[k];
+// dst[j * ldd + i] = src[i * lds + j] for an 8 x 8 float block: three rounds of
+// shuffles instead of 64 scalar stores strided across the panel.
+inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  typedef float V8 __attribute__((vector_size(32)));
+  typedef int I8 __attribute__((vector_size(32)));
+  V8 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = ld<V8>(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {  // interleave row pairs
+    t[i] = __builtin_shuffle(r[i], r[i + 1], I8{0, 8, 1, 9, 4, 12, 5, 13});
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], I8{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int i = 0; i < 8; i += 4) {  // then pairs of pairs
+    for (int j = 0; j < 2; ++j) {
+      r[i + 2 * j] = __builtin_shuffle(t[i + j], t[i + j + 2], I8{0, 1, 8, 9, 4, 5, 12, 13});
+      r[i + 2 * j + 1] = __builtin_shuffle(t[i + j], t[i + j + 2], I8{2, 3, 10, 11, 6, 7, 14, 15});
+    }
+  }
+  for (int j = 0; j < 4; ++j) {  // then halves: r[j] and r[j + 4] hold columns j and j + 4
+    st(dst + j * ldd, __builtin_shuffle(r[j], r[j + 4], I8{0, 1, 2, 3, 8, 9, 10, 11}));
+    st(dst + (j + 4) * ldd, __builtin_shuffle(r[j], r[j + 4], I8{4, 5, 6, 7, 12, 13, 14, 15}));
+  }
+}
+
+// The forward's panels: panel p holds units u0 + p L .. + L (L = kGemvLanes) of
+// the thread's slice, gate g in its vector g: column g L + l is row
+// g H + u0 + p L + l of w_hh (4H, H), transposed. Lanes past n are zero.
+template <typename S>
+void pack_gate_panels(S* P, const S* w_hh, int64_t H, int64_t u0, int64_t n) {
+  constexpr int64_t L = kGemvLanes;
+  for (int64_t p = 0; p * L < n; ++p) {
+    S* panel = P + p * H * kPanel;
+    const int64_t w = std::min(L, n - p * L);
+    if (w < L) std::fill(panel, panel + H * kPanel, S(0));
+    for (int64_t g = 0; g < 4; ++g) {
+      const S* rows = w_hh + (g * H + u0 + p * L) * H;
+      S* dst = panel + g * L;
+      int64_t l = 0, k = 0;
+      if constexpr (std::is_same_v<S, float>) {
+        for (; l + 8 <= w; l += 8) {
+          for (k = 0; k + 8 <= H; k += 8) transpose8(rows + l * H + k, H, dst + k * kPanel + l, kPanel);
+          for (; k < H; ++k) {
+            for (int64_t i = 0; i < 8; ++i) dst[k * kPanel + l + i] = rows[(l + i) * H + k];
+          }
+        }
       }
-    } else {  // rows contiguous in the source: walk each row
-      for (int64_t k = 0; k < K; ++k) {
-        const S* src = col(c0) + k * ks;
-        std::copy(src, src + width, panel + k * kPanel);
+      for (; l < w; ++l) {
+        for (k = 0; k < H; ++k) dst[k * kPanel + l] = rows[l * H + k];
       }
+    }
+  }
+}
+
+// The backward's panels: columns u0 .. u0 + n of w_hh (4H rows, K = 4H), copied
+// row by row; columns past n are zero.
+template <typename S>
+void pack_column_panels(S* P, const S* w_hh, int64_t H, int64_t u0, int64_t n) {
+  for (int64_t p = 0; p < panel_count(n); ++p) {
+    S* panel = P + p * 4 * H * kPanel;
+    const int64_t c0 = p * kPanel, width = std::min(kPanel, n - c0);
+    if (width < kPanel) std::fill(panel, panel + 4 * H * kPanel, S(0));
+    for (int64_t k = 0; k < 4 * H; ++k) {
+      const S* src = w_hh + k * H + u0 + c0;
+      std::copy(src, src + width, panel + k * kPanel);
     }
   }
 }
@@ -58,31 +103,51 @@ inline void panel_block(const float* a, int64_t lda, const float* panel, int64_t
   }
 }
 
-// out[m, c] = sum_k a[m, k] P(k, c) for m < M (<= 4) and every column of the
-// `cols`-column panels P (out rows hold panel_count(cols) * kPanel values).
+// out[m, c] = sum_k a[m, k] panel(k, c) for m < M (<= 4) and the panel's kPanel columns.
 template <typename S>
-void gemv_panels(const S* a, int64_t M, int64_t lda, const S* P, int64_t K, int64_t cols, S* out, int64_t ldo) {
-  for (int64_t p = 0; p < panel_count(cols); ++p) {
-    const S* panel = P + p * K * kPanel;
-    S* o = out + p * kPanel;
-    if constexpr (std::is_same_v<S, float>) {
-      switch (M) {  // at most 16 accumulators: registers even with AVX2's 16
-        case 1: panel_block<1, 4>(a, lda, panel, K, o, ldo, 0); break;
-        case 2: panel_block<2, 4>(a, lda, panel, K, o, ldo, 0); break;
-        case 3: panel_block<3, 2>(a, lda, panel, K, o, ldo, 0), panel_block<3, 2>(a, lda, panel, K, o, ldo, 2); break;
-        default: panel_block<4, 2>(a, lda, panel, K, o, ldo, 0), panel_block<4, 2>(a, lda, panel, K, o, ldo, 2); break;
+inline void panel_product(const S* a, int64_t M, int64_t lda, const S* panel, int64_t K, S* out, int64_t ldo) {
+  if constexpr (std::is_same_v<S, float>) {
+    switch (M) {  // at most 16 accumulators: registers even with AVX2's 16
+      case 1: panel_block<1, 4>(a, lda, panel, K, out, ldo, 0); break;
+      case 2: panel_block<2, 4>(a, lda, panel, K, out, ldo, 0); break;
+      case 3: panel_block<3, 2>(a, lda, panel, K, out, ldo, 0), panel_block<3, 2>(a, lda, panel, K, out, ldo, 2); break;
+      default: panel_block<4, 2>(a, lda, panel, K, out, ldo, 0), panel_block<4, 2>(a, lda, panel, K, out, ldo, 2); break;
+    }
+  } else {
+    for (int64_t m = 0; m < M; ++m) {
+      S acc[kPanel] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const S am = a[m * lda + k];
+        for (int64_t c = 0; c < kPanel; ++c) acc[c] += am * panel[k * kPanel + c];
       }
-    } else {
-      for (int64_t m = 0; m < M; ++m) {
-        S acc[kPanel] = {};
-        for (int64_t k = 0; k < K; ++k) {
-          const S am = a[m * lda + k];
-          for (int64_t c = 0; c < kPanel; ++c) acc[c] += am * panel[k * kPanel + c];
-        }
-        std::copy(acc, acc + kPanel, o + m * ldo);
-      }
+      std::copy(acc, acc + kPanel, out + m * ldo);
     }
   }
+}
+
+// One step's gate math on `w` units of a row, right after their panel's
+// product (its latency overlaps the next panel's loads): the formulas of
+// rnn_rows.h's lstm_forward_row, with the recurrent products gh kGemvLanes
+// apart per gate instead of H. pre: input projections in, activated gates out.
+template <typename S>
+inline void lstm_panel_units(S* pre, const S* gh, S* c, S* h, S* out, S* cs, int64_t H, int64_t w) {
+  constexpr int64_t L = kGemvLanes;
+  for_units<S>(w, [&](auto lanes, int64_t j) {
+    using V = decltype(lanes);
+    const auto a = gates::lstm_activate<V>(ld<V>(pre + j) + ld<V>(gh + j), ld<V>(pre + H + j) + ld<V>(gh + L + j),
+                                           ld<V>(pre + 2 * H + j) + ld<V>(gh + 2 * L + j),
+                                           ld<V>(pre + 3 * H + j) + ld<V>(gh + 3 * L + j));
+    const V c_new = gates::lstm_cell_state<V>(a, ld<V>(c + j));
+    const V h_new = gates::lstm_hidden_state<V>(a, c_new);
+    st(pre + j, a.i);
+    st(pre + H + j, a.f);
+    st(pre + 2 * H + j, a.g);
+    st(pre + 3 * H + j, a.o);
+    st(c + j, c_new);
+    st(h + j, h_new);
+    st(out + j, h_new);
+    if (cs != nullptr) st(cs + j, c_new);
+  });
 }
 
 // [u0, u1): thread `tid`'s units, in whole vectors.
@@ -141,35 +206,28 @@ void lstm_forward_small_batch(S* pre, const S* w_hh, S* h_bufs, S* c, S* out, S*
     team_of(team, tid);
     int64_t u0, u1;
     unit_slice(H, team, tid, u0, u1);
-    const int64_t n = u1 - u0, cols = 4 * n, width = panel_count(cols) * kPanel;
-    // Column g n + j of this thread's product is unit u0 + j of gate g: row g H + u0 + j of W_hh.
-    std::vector<S> panels(panel_count(cols) * H * kPanel), product(B * width), gh(B * 4 * H);
-    pack_panels(panels.data(), H, cols, 1, [&](int64_t col) { return w_hh + ((col / n) * H + u0 + col % n) * H; });
+    const int64_t n = u1 - u0, L = kGemvLanes;
+    std::vector<S> panels((n + L - 1) / L * H * kPanel), gh(B * kPanel);
+    pack_gate_panels(panels.data(), w_hh, H, u0, n);
     for (int64_t t = 0; t < T; ++t) {
       const S* h_prev = h_bufs + (t & 1) * B * H;
       S* h_next = h_bufs + ((t + 1) & 1) * B * H;
-      if (n > 0) {
+      for (int64_t p = 0; p * L < n; ++p) {
+        const int64_t j0 = u0 + p * L, w = std::min(L, n - p * L);
         // Stopped rows get a product too (their h is finite): cheaper than compacting the batch.
-        gemv_panels(h_prev, B, H, panels.data(), H, cols, product.data(), width);
-        for (int64_t b = 0; b < B; ++b) {  // to the (4H) layout the row kernel reads
-          for (int64_t g = 0; g < 4; ++g) {
-            const S* src = product.data() + b * width + g * n;
-            std::copy(src, src + n, gh.data() + b * 4 * H + g * H + u0);
+        panel_product(h_prev, B, H, panels.data() + p * H * kPanel, H, gh.data(), kPanel);
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t o = b * H + j0, r = t * B + b;
+          S* cs_row = cs != nullptr ? cs + r * H + j0 : nullptr;
+          if (len != nullptr && t >= len[b]) {  // stopped: keep the state, output 0
+            std::copy(h_prev + o, h_prev + o + w, h_next + o);
+            std::fill(out + r * H + j0, out + r * H + j0 + w, S(0));
+            if (cs_row != nullptr) std::copy(c + o, c + o + w, cs_row);
+            continue;
           }
+          lstm_panel_units(pre + r * 4 * H + j0, gh.data() + b * kPanel, c + o, h_next + o, out + r * H + j0, cs_row,
+                           H, w);
         }
-      }
-      for (int64_t b = 0; b < B && n > 0; ++b) {
-        const int64_t o = b * H;
-        S* out_row = out + (t * B + b) * H;
-        S* cs_row = cs != nullptr ? cs + (t * B + b) * H : nullptr;
-        if (len != nullptr && t >= len[b]) {
-          std::copy(h_prev + o + u0, h_prev + o + u1, h_next + o + u0);
-          std::fill(out_row + u0, out_row + u1, S(0));
-          if (cs_row != nullptr) std::copy(c + o + u0, c + o + u1, cs_row + u0);
-          continue;
-        }
-        lstm_forward_row(pre + (t * B + b) * 4 * H + u0, gh.data() + b * 4 * H + u0, c + o + u0, h_next + o + u0,
-                         out_row + u0, cs_row != nullptr ? cs_row + u0 : nullptr, static_cast<S*>(nullptr), H, n);
       }
       barrier.wait(team);
     }
@@ -197,7 +255,7 @@ void lstm_backward_small_batch(const S* gates, const S* cs, const S* c0, const S
     const int64_t n = u1 - u0, width = panel_count(n) * kPanel;
     // Columns u0..u1 of W_hh (4H rows): dh_{t-1}[:, u0:u1] = grad_pre[t] W_hh[:, u0:u1].
     std::vector<S> panels(panel_count(n) * 4 * H * kPanel), product(B * width);
-    pack_panels(panels.data(), 4 * H, n, H, [&](int64_t col) { return w_hh + u0 + col; });
+    pack_column_panels(panels.data(), w_hh, H, u0, n);
     for (int64_t g = 0; g < 4; ++g) std::fill(db + g * H + u0, db + g * H + u1, S(0));
     for (int64_t t = T - 1; t >= 0; --t) {
       for (int64_t b = 0; b < B && n > 0; ++b) {
@@ -222,7 +280,10 @@ void lstm_backward_small_batch(const S* gates, const S* cs, const S* c0, const S
       barrier.wait(team);
       // Reads every thread's grad_pre[t] while the next step writes grad_pre[t - 1]: no second barrier needed.
       if (n == 0) continue;
-      gemv_panels(grad_pre + t * B * 4 * H, B, 4 * H, panels.data(), 4 * H, n, product.data(), width);
+      for (int64_t p = 0; p < panel_count(n); ++p) {
+        panel_product(grad_pre + t * B * 4 * H, B, 4 * H, panels.data() + p * 4 * H * kPanel, 4 * H,
+                      product.data() + p * kPanel, width);
+      }
       for (int64_t b = 0; b < B; ++b) {  // stopped rows carry dh unchanged
         if (len == nullptr || t < len[b]) std::copy(product.data() + b * width, product.data() + b * width + n, dh + b * H + u0);
       }
