@@ -1,7 +1,9 @@
 """Attention with RoPE, causal, (B, H, N, D) q/k/v and Llama-style tables
 (rotary_dim = D, halves rotated): attnkit's fused form (flash_attention with
-rotary_cos/rotary_sin: the cpp backend on CPU rotates q and k once per call
-inside the C++ op) against two unfused forms on the same inputs:
+rotary_cos/rotary_sin: the cpp backend on CPU rotates q and k inside the
+attention kernels, where they are already copied) against two unfused forms on
+the same inputs (benchmarks/rope_paired.py times fused against the first
+alternately, on CPU time):
 
 - "apply_rotary + flash_attention": attnkit.ops.apply_rotary on q and k (its own
   op, autograd node and rotated copies kept for the backward), then the same
