@@ -42,6 +42,10 @@ constexpr bool kHaveBrgemm = false;
 // Units per forward chunk: a (B, 4 * 32) float tile is 16 KB at B = 32 (in
 // L1 for the gate math right after the GEMM).
 constexpr int64_t kChunk = 32;
+// Columns per W_hh panel of the backward's dh GEMM: a contiguous (4H, 64)
+// panel stays in L2 while the GEMM walks gp's rows (W_hh's own rows, H apart,
+// map a panel onto a few cache sets when H is a power of two).
+constexpr int64_t kPanel = 64;
 
 struct FusedForward {
   const float* x;          // (T, B, I)
@@ -59,7 +63,7 @@ struct FusedForward {
 };
 
 struct FusedBackward {
-  const float *gates, *cs, *c0, *grad_output, *w_hh;
+  const float *gates, *cs, *c0, *grad_output, *w_hh;  // w_hh in kPanel-column panels
   float *grad_pre, *dh, *dc;
   const int64_t* len;
   const int64_t* rows;
@@ -116,11 +120,21 @@ bool applies(const at::Tensor& t, int64_t B) {
 at::Tensor pack_gate_columns(const at::Tensor& w, int64_t H) {
   const int64_t K = w.size(1);
   at::Tensor packed = at::empty({4 * H * K}, w.options());
-  const at::Tensor w4 = w.view({4, H, K});
-  for (int64_t u0 = 0; u0 < H; u0 += kChunk) {
-    const int64_t units = std::min(kChunk, H - u0);
-    packed.narrow(0, 4 * u0 * K, 4 * units * K).view({K, 4, units}).copy_(w4.narrow(1, u0, units).permute({2, 0, 1}));
-  }
+  const float* src = w.data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, (H + kChunk - 1) / kChunk, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t u0 = k0 * kChunk; u0 < std::min(H, k1 * kChunk); u0 += kChunk) {
+      const int64_t units = std::min(kChunk, H - u0);
+      float* chunk = dst + 4 * u0 * K;
+      // Row (g, u) of w is column g * units + u of the chunk: each k's line is written by all its rows.
+      for (int64_t g = 0; g < 4; ++g) {
+        for (int64_t u = 0; u < units; ++u) {
+          const float* row = src + (g * H + u0 + u) * K;
+          for (int64_t k = 0; k < K; ++k) chunk[k * 4 * units + g * units + u] = row[k];
+        }
+      }
+    }
+  });
   return packed;
 }
 
@@ -179,11 +193,17 @@ bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at
     const int64_t* lp = len.data_ptr<int64_t>();
     for (int64_t b = 1; b < B; ++b) unsorted = unsorted || lp[b] > lp[b - 1];
   }
+  at::Tensor panels = at::empty({4 * H * H}, w_hh.options());
+  for (int64_t p0 = 0; p0 < H; p0 += kPanel) {
+    const int64_t n = std::min(kPanel, H - p0);
+    panels.narrow(0, 4 * H * p0, 4 * H * n).view({4 * H, n}).copy_(w_hh.narrow(1, p0, n));
+  }
   const FusedBackward f{gates.data_ptr<float>(), cs.data_ptr<float>(), c0.data_ptr<float>(),
-                        grad_output.data_ptr<float>(), w_hh.data_ptr<float>(), grad_pre.data_ptr<float>(),
+                        grad_output.data_ptr<float>(), panels.data_ptr<float>(), grad_pre.data_ptr<float>(),
                         dh.data_ptr<float>(), dc.data_ptr<float>(),
                         len.defined() ? len.data_ptr<int64_t>() : nullptr, rows.data(), unsorted, T, B, H};
-  const int nt = team_size(B, H, (H + 15) / 16);
+  const int64_t n_panels = (H + kPanel - 1) / kPanel;
+  const int nt = team_size(B, H, n_panels);
   at::Tensor tiles = unsorted ? at::empty({nt, B * H}, dh.options()) : at::Tensor();
   auto run = ATTNKIT_FUSED(fused_lstm_backward_thread);
 #pragma omp parallel num_threads(nt)
@@ -193,9 +213,8 @@ bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at
 #else
     const int tid = 0;
 #endif
-    // Units in multiples of 16 (whole vectors), the last thread takes the rest.
-    const int64_t per = (H / nt + 15) / 16 * 16;
-    const int64_t u0 = std::min<int64_t>(H, tid * per), u1 = tid + 1 == nt ? H : std::min<int64_t>(H, u0 + per);
+    // Whole panels per thread.
+    const int64_t u0 = std::min(H, n_panels * tid / nt * kPanel), u1 = std::min(H, n_panels * (tid + 1) / nt * kPanel);
     run(f, u0, u1, unsorted ? tiles.data_ptr<float>() + tid * B * H : nullptr);
     at::native::cpublas::brgemm_release(false);
   }
@@ -238,6 +257,29 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   });
 #endif
   return out;
+}
+
+void transpose_into(const at::Tensor& src, const at::Tensor& dst) {
+  const int64_t R = src.size(0), C = src.size(1);
+  if (src.scalar_type() != at::kFloat || dst.scalar_type() != at::kFloat || src.stride(1) != 1 ||
+      dst.stride(1) != 1 || R * C < 4096) {
+    dst.copy_(src.t());
+    return;
+  }
+  const float* s = src.data_ptr<float>();
+  float* d = dst.data_ptr<float>();
+  const int64_t lds = src.stride(0), ldd = dst.stride(0);
+  constexpr int64_t kB = 32;  // 32 x 32 blocks: both sides touch whole cache lines
+  const int64_t bc = (C + kB - 1) / kB;
+  at::parallel_for(0, ((R + kB - 1) / kB) * bc, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r0 = (i / bc) * kB, c0 = (i % bc) * kB;
+      const int64_t r1 = std::min(R, r0 + kB), c1 = std::min(C, c0 + kB);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t r = r0; r < r1; ++r) d[c * ldd + r] = s[r * lds + c];
+      }
+    }
+  });
 }
 
 }  // namespace cpu

@@ -109,16 +109,18 @@ inline void fused_lstm_forward_thread(const FusedForward& f, int64_t k0, int64_t
 }
 
 // dh[:, u0:u1) = gp (the first m rows) W_hh[:, u0:u1) for rows running at step t, whose gp it is; stopped
-// rows keep dh. `tile` (B x H) takes the product when lengths are unsorted.
+// rows keep dh. `tile` (B x H) takes the product when lengths are unsorted. W_hh comes in panels of
+// kPanel columns, each a contiguous (4H, kPanel) matrix (u0 is a multiple of kPanel).
 inline void fused_dh_gemm(const FusedBackward& f, int64_t t, int64_t u0, int64_t u1, float* tile) {
-  const int64_t B = f.B, H = f.H, m = f.rows[t], n = u1 - u0;
-  if (m == 0 || n == 0) return;
+  const int64_t B = f.B, H = f.H, m = f.rows[t];
+  if (m == 0) return;
   const float* gp = f.grad_pre + t * B * 4 * H;
-  if (!f.unsorted) {  // rows past m stopped at t: their dh is carried
-    at::native::cpublas::brgemm(m, n, 4 * H, 4 * H, H, H, false, gp, f.w_hh + u0, f.dh + u0, false);
-    return;
+  float* dst = f.unsorted ? tile : f.dh;  // sorted: rows past m stopped at t and keep their dh
+  for (int64_t p0 = u0; p0 < u1; p0 += kPanel) {
+    const int64_t n = std::min(kPanel, u1 - p0);
+    at::native::cpublas::brgemm(m, n, 4 * H, 4 * H, n, H, false, gp, f.w_hh + 4 * H * p0, dst + p0, false);
   }
-  at::native::cpublas::brgemm(m, n, 4 * H, 4 * H, H, H, false, gp, f.w_hh + u0, tile + u0, false);
+  if (!f.unsorted) return;
   for (int64_t b = 0; b < m; ++b) {
     if (t < f.len[b]) std::copy(tile + b * H + u0, tile + b * H + u1, f.dh + b * H + u0);
   }

@@ -201,6 +201,7 @@ struct Kernels {
     return false;
   }
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
+  static void transpose_into(const at::Tensor& src, const at::Tensor& dst) { dst.copy_(src.t()); }
 
   static void lstm_forward_step(at::Tensor& pre, const at::Tensor& gh, at::Tensor& c, const at::Tensor& h,
                                 const at::Tensor& out,

@@ -108,13 +108,22 @@ inline std::vector<int64_t> active_rows(const c10::optional<at::Tensor>& lengths
 
 // [x | h_{t-1}]^T, (I + P, T * B): the A of the weight gradients [dw_ih | dw_hh]^T = A gp,
 // with h_{-1} = h0 and h_{t-1} = output[t-1] (equal while a row runs; a stopped row's gp is 0).
-inline at::Tensor inputs_transposed(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output) {
+// K::transpose_into(src, dst) writes src^T into dst (2-D views).
+template <typename K>
+at::Tensor inputs_transposed(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output) {
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), P = h0.size(1);
   at::Tensor a = at::empty({I + P, T * B}, x.options());
-  a.narrow(0, 0, I).copy_(x.view({T * B, I}).t());
-  a.narrow(0, I, P).narrow(1, 0, B).copy_(h0.t());
-  if (T > 1) a.narrow(0, I, P).narrow(1, B, (T - 1) * B).copy_(output.narrow(0, 0, T - 1).reshape({-1, P}).t());
+  K::transpose_into(x.view({T * B, I}), a.narrow(0, 0, I));
+  K::transpose_into(h0, a.narrow(0, I, P).narrow(1, 0, B));
+  if (T > 1) K::transpose_into(output.narrow(0, 0, T - 1).reshape({-1, P}), a.narrow(0, I, P).narrow(1, B, (T - 1) * B));
   return a;
+}
+
+template <typename K>
+at::Tensor transposed(const at::Tensor& a) {
+  at::Tensor out = at::empty({a.size(1), a.size(0)}, a.options());
+  K::transpose_into(a, out);
+  return out;
 }
 
 // ---------------------------------------------------------------- LSTM
@@ -189,11 +198,12 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
   at::Tensor dh = grad_hn.clone(), dc = grad_cn.clone();
   at::Tensor grad_h_all = proj ? at::empty({T, B, P}, x.options()) : none_like(x);  // dL/dh_t, for dw_hr
   // a W = linear(a, W^T): the transposed weights, laid out once.
-  const at::Tensor w_hh_t = w_hh.t().contiguous(), w_ih_t = w_ih.t().contiguous();
+  const at::Tensor w_ih_t = transposed<K>(w_ih);
   const at::Tensor w_hr_t = proj ? w_hr->t().contiguous() : at::Tensor();
   const bool fused_loop =
       !proj && (K::lstm_backward_small_batch(gates, cs, c0, grad_output, w_hh, dh, dc, grad_pre, len) ||
                 K::lstm_backward_fused(gates, cs, c0, grad_output, w_hh, dh, dc, grad_pre, len, rows));
+  const at::Tensor w_hh_t = fused_loop ? at::Tensor() : w_hh.t().contiguous();
   const at::Tensor w_hh_t_step = fused_loop ? at::Tensor() : K::step_weight(w_hh_t, B);
   for (int64_t t = T - 1; t >= 0 && !fused_loop; --t) {
     K::add_active_rows(dh, grad_output[t], len, t);  // dh = dL/dh_t
@@ -217,8 +227,8 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
   const at::Tensor gp2 = grad_pre.view({T * B, 4 * H});
   at::Tensor dx = K::linear(gp2, w_ih_t, c10::nullopt).view({T, B, I});
   // [dw_ih | dw_hh]^T = [x | h_{t-1}]^T gp: one GEMM on inputs transposed once (h_{t-1} = output[t-1] while running).
-  const at::Tensor dw_t = K::mm(inputs_transposed(x, h0, output), gp2);
-  at::Tensor dw_ih = dw_t.narrow(0, 0, I).t().contiguous(), dw_hh = dw_t.narrow(0, I, P).t().contiguous();
+  const at::Tensor dw_t = K::mm(inputs_transposed<K>(x, h0, output), gp2);
+  at::Tensor dw_ih = transposed<K>(dw_t.narrow(0, 0, I)), dw_hh = transposed<K>(dw_t.narrow(0, I, P));
   at::Tensor db = gp2.sum(0);
   at::Tensor dw_hr = proj ? at::mm(grad_h_all.view({T * B, P}).t(), hc.view({T * B, H})) : none_like(x);
   return {dx, dh, dc, dw_ih, dw_hh, db, dw_hr};
@@ -278,9 +288,9 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Te
   }
   const at::Tensor dgi2 = dgi.view({T * B, 3 * H}), dgh2 = dgh.view({T * B, 3 * H});
   at::Tensor dx = K::linear(dgi2, w_ih_t, c10::nullopt).view({T, B, I});
-  const at::Tensor xh_t = inputs_transposed(x, h0, output);
-  at::Tensor dw_ih = K::mm(xh_t.narrow(0, 0, I), dgi2).t().contiguous();
-  at::Tensor dw_hh = K::mm(xh_t.narrow(0, I, H), dgh2).t().contiguous();
+  const at::Tensor xh_t = inputs_transposed<K>(x, h0, output);
+  at::Tensor dw_ih = transposed<K>(K::mm(xh_t.narrow(0, 0, I), dgi2));
+  at::Tensor dw_hh = transposed<K>(K::mm(xh_t.narrow(0, I, H), dgh2));
   return {dx, dh, dw_ih, dw_hh, dgi2.sum(0), dgh2.sum(0)};
 }
 

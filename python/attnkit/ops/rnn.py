@@ -77,6 +77,9 @@ def _lstm_setup_context(ctx, inputs, output):
     out, _, _, gates, cs, hc = output
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cs, hc)
     ctx.mark_non_differentiable(gates, cs, hc)
+    # Unused gradients come as None (made zeros below where needed), not as
+    # zero tensors the size of gates and cs: filling those cost ~5% of a training step.
+    ctx.set_materialize_grads(False)
 
 
 def _lstm_autograd(ctx, grad_output, grad_hn, grad_cn, *_saved_grads):
@@ -135,6 +138,7 @@ def _gru_setup_context(ctx, inputs, output):
     out, _, gates = output
     ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, out, gates)
     ctx.mark_non_differentiable(gates)
+    ctx.set_materialize_grads(False)  # as the LSTM's: no zero tensor the size of gates
 
 
 def _gru_autograd(ctx, grad_output, grad_hn, _grad_gates):
