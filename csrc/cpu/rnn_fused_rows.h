@@ -70,10 +70,22 @@ inline void fused_lstm_forward_thread(const FusedForward& f, int64_t k0, int64_t
   const int64_t T = f.T, B = f.B, H = f.H, I = f.I, nc = f.chunk, nb = f.block;
   for (int64_t t0 = 0; t0 < T; t0 += nb) {
     const int64_t steps = std::min(nb, T - t0);
+    const bool all_rows = f.rows[t0 + steps - 1] == B;  // else sorted lengths stop rows within the block
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t u0 = k * nc, ldp = 4 * std::min(nc, H - u0);
-      at::native::cpublas::brgemm(steps * B, ldp, I, I, ldp, ldp, false, f.x + t0 * B * I, f.w_ih + 4 * u0 * I,
-                                  xp + (k - k0) * nb * B * 4 * nc, false);
+      float* xp_k = xp + (k - k0) * nb * B * 4 * nc;
+      if (all_rows) {
+        at::native::cpublas::brgemm(steps * B, ldp, I, I, ldp, ldp, false, f.x + t0 * B * I, f.w_ih + 4 * u0 * I,
+                                    xp_k, false);
+        continue;
+      }
+      for (int64_t s = 0; s < steps; ++s) {  // only the rows still running (the others' rows are never read)
+        const int64_t m = f.rows[t0 + s];
+        if (m > 0) {
+          at::native::cpublas::brgemm(m, ldp, I, I, ldp, ldp, false, f.x + (t0 + s) * B * I, f.w_ih + 4 * u0 * I,
+                                      xp_k + s * B * ldp, false);
+        }
+      }
     }
     for (int64_t t = t0; t < t0 + steps; ++t) {
       const float* h_prev = f.h_bufs + (t % 2) * B * H;
