@@ -1,8 +1,8 @@
 """The fused-step LSTM time loops of csrc/cpu/rnn_fused.cpp (float32, batch 5+,
 no projection: one OpenMP team, per-chunk GEMM + gate math, one barrier per
 step) and the brgemm weight-gradient GEMM, against the plain-PyTorch reference
-and torch.nn.LSTM: values and every gradient, sizes off the 32-unit chunks and
-8-lane vectors, lengths stopping rows, one and two threads."""
+and torch.nn.LSTM: values and every gradient, sizes off the 16-unit chunks, 64-column
+panels and vector widths, lengths stopping rows, one and two threads."""
 import pytest
 import torch
 from test_rnn import check_against, make_gru, make_lstm
@@ -30,10 +30,14 @@ def lengths_for(kind, T, B):
     return lengths.sort(descending=True).values if kind == "sorted" else lengths
 
 
-@pytest.mark.parametrize("shape", [(4, 33, 7, 80), (3, 6, 5, 70), (1, 9, 3, 16), (5, 8, 12, 1)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(4, 33, 7, 80), (3, 6, 5, 70), (2, 7, 3, 40), (1, 9, 3, 16), (5, 8, 12, 1)], ids=str
+)
 @pytest.mark.parametrize("lengths", [None, "sorted", "unsorted"], ids=str)
 def test_lstm_fused_matches_reference(shape, lengths, threads):
-    """(T, B, I, H): H = 80 ends in a 16-unit chunk, 70 in a 6-unit vector tail, H = 1 is all tail; T = 1."""
+    """(T, B, I, H) against the 16-unit forward chunks (16-lane vectors) and 64-column backward panels:
+    H = 80 ends in a 16-column panel, 70 in a 6-unit chunk (scalar tail), 40 in an 8-unit one (8 lanes),
+    H = 1 is all tail; T = 1."""
     T, B, I, H = shape
     lengths = lengths_for(lengths, T, B)
     args = make_lstm(T, B, I, H, H, torch.float32, "cpu")[:-1]
