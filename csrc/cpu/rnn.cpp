@@ -393,7 +393,8 @@ std::vector<at::Tensor> small_batch_lstm_forward(const at::Tensor& x, const at::
         output.data_ptr<scalar_t>(), ptr<scalar_t>(cs), rnn::present(lengths) ? lengths->data_ptr<int64_t>() : nullptr,
         T, B, H, small_batch_threads(B, H));
   });
-  return {output, h_bufs[T % 2], c, save ? gates : rnn::none_like(x), cs, rnn::none_like(x)};
+  // A tensor of its own: a view into h_bufs would differ from the fake output (storage offset).
+  return {output, h_bufs[T % 2].clone(), c, save ? gates : rnn::none_like(x), cs, rnn::none_like(x)};
 }
 
 std::vector<at::Tensor> small_batch_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_hn,
