@@ -17,6 +17,11 @@
 // then the gate backward on the own units.
 #include "rnn_fused.h"
 
+// Without AVX the generic copy's 16-lane vectors are emulated and inlined
+// (gate_math.h's templates instantiate for them): the vector-ABI note gcc
+// prints is moot. Before the includes, where those templates are.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -72,7 +77,6 @@ struct FusedBackward {
   int64_t T, B, H;
 };
 
-#pragma GCC diagnostic ignored "-Wpsabi"
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(CPUBLAS_BRGEMM_F32F32F32)
 #define ATTNKIT_HAVE_X86_FUSED 1
 #pragma GCC push_options
@@ -108,6 +112,8 @@ namespace generic {
 int team_size(int64_t B, int64_t H, int64_t parts) {
 #ifdef _OPENMP
   if (omp_in_parallel()) return 1;  // called from inside a parallel region: no nested team
+#else
+  return 1;  // no OpenMP: the parallel region runs once, as thread 0
 #endif
   const int64_t by_work = std::max<int64_t>(1, B * 4 * H * H / (1 << 18));
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), by_work, parts})));
