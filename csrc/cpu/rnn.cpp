@@ -221,6 +221,9 @@ struct Kernels {
   // a b (row-major, contiguous): the weight gradients' GEMMs.
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return cpu::mm(a, b); }
   static void transpose_into(const at::Tensor& src, const at::Tensor& dst) { cpu::transpose_into(src, dst); }
+  static at::Tensor workspace(int slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+    return cpu::workspace(slot, sizes, opts);
+  }
 
   static void lstm_backward_step(const at::Tensor& gates, const at::Tensor& c_prev, const at::Tensor& c_new,
                                  const at::Tensor& dh, at::Tensor& dc, at::Tensor& gpre, const at::Tensor& len,

@@ -266,6 +266,21 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
+at::Tensor workspace(int slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  constexpr int64_t kMaxBytes = int64_t(256) << 20;
+  thread_local at::Tensor cache[2];
+  const int64_t numel = c10::multiply_integers(sizes);
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
+  if (slot < 0 || slot > 1 || !opts.device().is_cpu() || bytes > kMaxBytes) return at::empty(sizes, opts);
+  at::Tensor& c = cache[slot];
+  // Reused only when this thread holds the sole reference (no view from an earlier call is alive).
+  if (!c.defined() || c.dtype() != opts.dtype() || c.numel() < numel || c.storage().use_count() != 1 ||
+      c.use_count() != 1) {
+    c = at::empty({numel}, opts);
+  }
+  return c.narrow(0, 0, numel).view(sizes);
+}
+
 void transpose_into(const at::Tensor& src, const at::Tensor& dst) {
   const int64_t R = src.size(0), C = src.size(1);
   if (src.scalar_type() != at::kFloat || dst.scalar_type() != at::kFloat || src.stride(1) != 1 ||

@@ -34,5 +34,11 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b);
 // inner strides (ATen's transposing copy_ ran at ~1 GB/s here), copy_ otherwise.
 void transpose_into(const at::Tensor& src, const at::Tensor& dst);
 
+// An uninitialized tensor for a call's internal buffers (slot 0, 1), reused by
+// the next call on this thread when no tensor still refers to it: buffers past
+// glibc's mmap threshold (32 MB at most) otherwise come back as fresh pages,
+// one fault each, every call (~20 ms per 50 MB here). Up to 256 MB a slot.
+at::Tensor workspace(int slot, at::IntArrayRef sizes, const at::TensorOptions& opts);
+
 }  // namespace cpu
 }  // namespace attnkit

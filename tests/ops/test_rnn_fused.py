@@ -93,3 +93,18 @@ def test_projection_and_double_leave_the_fused_loop():
             out, (h, c) = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, w_hr=w_hr)
         ref = reference.lstm(*args, None)[:3]
         check_against((out, h, c), ref, [a for a in args if a is not None], dtype)
+
+
+def test_backward_workspace_reuse_gives_the_same_gradients():
+    """The backward's internal buffers are reused from call to call on a thread (rnn_fused.cpp workspace):
+    two backward passes over one graph (retain_graph), then a larger layer in between, give equal gradients."""
+    args = make_lstm(5, 12, 6, 20, 20, torch.float32, "cpu")[:-1]
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = args
+    with attnkit.use_backend("cpp"):
+        out, (h, c) = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+        first = torch.autograd.grad(out.sum() + h.sum(), args, retain_graph=True)
+        big = make_lstm(7, 16, 9, 40, 40, torch.float32, "cpu")[:-1]
+        lstm(big[0], (big[1], big[2]), *big[3:])[0].sum().backward()
+        second = torch.autograd.grad(out.sum() + h.sum(), args)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

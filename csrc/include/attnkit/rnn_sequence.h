@@ -108,11 +108,11 @@ inline std::vector<int64_t> active_rows(const c10::optional<at::Tensor>& lengths
 
 // [x | h_{t-1}]^T, (I + P, T * B): the A of the weight gradients [dw_ih | dw_hh]^T = A gp,
 // with h_{-1} = h0 and h_{t-1} = output[t-1] (equal while a row runs; a stopped row's gp is 0).
-// K::transpose_into(src, dst) writes src^T into dst (2-D views).
+// K::transpose_into(src, dst) writes src^T into dst (2-D views). Not returned: a workspace.
 template <typename K>
 at::Tensor inputs_transposed(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output) {
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), P = h0.size(1);
-  at::Tensor a = at::empty({I + P, T * B}, x.options());
+  at::Tensor a = K::workspace(1, {I + P, T * B}, x.options());
   K::transpose_into(x.view({T * B, I}), a.narrow(0, 0, I));
   K::transpose_into(h0, a.narrow(0, I, P).narrow(1, 0, B));
   if (T > 1) K::transpose_into(output.narrow(0, 0, T - 1).reshape({-1, P}), a.narrow(0, I, P).narrow(1, B, (T - 1) * B));
@@ -194,7 +194,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
   const std::vector<int64_t> rows = active_rows(lengths, T, B);
   const at::Tensor len = K::device_lengths(lengths, x);
 
-  at::Tensor grad_pre = at::empty_like(gates);
+  at::Tensor grad_pre = K::workspace(0, gates.sizes(), gates.options());  // internal: never returned
   at::Tensor dh = grad_hn.clone(), dc = grad_cn.clone();
   at::Tensor grad_h_all = proj ? at::empty({T, B, P}, x.options()) : none_like(x);  // dL/dh_t, for dw_hr
   // a W = linear(a, W^T): the transposed weights, laid out once.
