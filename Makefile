@@ -51,7 +51,7 @@ ASAN_DIR ?= build/asan
 # Without TRITON_INTERPRET the Triton cases skip: only the C++ kernels run here.
 ASAN_TESTS ?= tests/ops/test_attention.py tests/ops/test_attention_cpu.py tests/ops/test_attention_cpu_rotary.py \
 	tests/ops/test_attention_features.py tests/ops/test_attention_decode.py tests/ops/test_rnn.py tests/ops/test_rotary.py \
-	tests/ops/test_additive_attention.py \
+	tests/ops/test_additive_attention.py tests/ops/test_linear.py tests/ops/test_rnn_fused.py \
 	tests/ops/test_lstm_cell.py tests/ops/test_lstm_cell_registration.py tests/test_fuzz_inputs.py tests/test_threads.py
 SANITIZER_ENV = LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

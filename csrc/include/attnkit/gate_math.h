@@ -13,7 +13,10 @@
 #if defined(__CUDACC__)
 #define ATTNKIT_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define ATTNKIT_HOST_DEVICE inline
+// always_inline: the vector instantiations must inline into each target clone of their
+// callers; an out-of-line copy is compiled for baseline x86-64 and passes vectors
+// in memory, while an AVX/AVX-512 caller passes them in registers (seen at -O1).
+#define ATTNKIT_HOST_DEVICE inline __attribute__((always_inline))
 #endif
 
 namespace attnkit {
@@ -90,10 +93,10 @@ inline __attribute__((always_inline)) V vec_tanh(V x) {
   return ax < 0.625f ? small : large;
 }
 
-inline vfloat8 exp_(vfloat8 x) { return vec_exp<vfloat8, vint8>(x); }
-inline vfloat8 tanh_(vfloat8 x) { return vec_tanh<vfloat8, vint8>(x); }
-inline vfloat16 exp_(vfloat16 x) { return vec_exp<vfloat16, vint16>(x); }
-inline vfloat16 tanh_(vfloat16 x) { return vec_tanh<vfloat16, vint16>(x); }
+ATTNKIT_HOST_DEVICE vfloat8 exp_(vfloat8 x) { return vec_exp<vfloat8, vint8>(x); }
+ATTNKIT_HOST_DEVICE vfloat8 tanh_(vfloat8 x) { return vec_tanh<vfloat8, vint8>(x); }
+ATTNKIT_HOST_DEVICE vfloat16 exp_(vfloat16 x) { return vec_exp<vfloat16, vint16>(x); }
+ATTNKIT_HOST_DEVICE vfloat16 tanh_(vfloat16 x) { return vec_tanh<vfloat16, vint16>(x); }
 #pragma GCC diagnostic pop
 #endif
 
