@@ -194,14 +194,6 @@ struct Kernels {
 
   // Batches of 1..4 without projection never reach rnn_sequence.h's loop:
   // lstm_forward / lstm_backward below run them whole (small_batch_lstm_*).
-  static bool lstm_forward_small_batch(at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
-                                       const at::Tensor&, const at::Tensor&) {
-    return false;
-  }
-  static bool lstm_backward_small_batch(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) {
-    return false;
-  }
 
   // Batch 5+ in float without projection: one OpenMP team through all steps,
   // each step's GEMM and gate math fused per unit chunk (rnn_fused.cpp).

@@ -178,16 +178,7 @@ struct Kernels {
     return linear(a, w, bias);
   }
 
-  // The CPU's small-batch time loops (csrc/cpu/rnn_small_batch.h); a
-  // persistent CUDA kernel would go here.
-  static bool lstm_forward_small_batch(at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
-                                       const at::Tensor&, const at::Tensor&) {
-    return false;
-  }
-  static bool lstm_backward_small_batch(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&) {
-    return false;
-  }
+  // A persistent small-batch kernel (W_hh kept on chip across steps) is not built yet.
 
   // The CPU's fused-step loops (csrc/cpu/rnn_fused.cpp): the per-step path here.
   static bool lstm_forward_fused(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,

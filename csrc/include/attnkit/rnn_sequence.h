@@ -156,9 +156,8 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& x, const at::Tensor& h0, 
     return {output, h, c, save ? gates : none_like(x), cs, none_like(x)};
   }
   gates = K::linear(x.view({T * B, I}), w_ih, bias).view({T, B, 4 * H});
-  const bool fused_loop = !proj && K::lstm_forward_small_batch(gates, w_hh, h, c, output, cs, len);
-  const at::Tensor w_hh_step = fused_loop ? at::Tensor() : K::step_weight(w_hh, B);
-  for (int64_t t = 0; t < T && !fused_loop; ++t) {
+  const at::Tensor w_hh_step = K::step_weight(w_hh, B);
+  for (int64_t t = 0; t < T; ++t) {
     at::Tensor pre = gates[t];
     // Rows past rows[t] have stopped: the step does not read their gh.
     const at::Tensor gh = rows[t] > 0 ? K::step_linear(h.narrow(0, 0, rows[t]), w_hh, w_hh_step, c10::nullopt) : at::Tensor();
@@ -200,9 +199,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
   // a W = linear(a, W^T): the transposed weights, laid out once.
   const at::Tensor w_ih_t = transposed<K>(w_ih);
   const at::Tensor w_hr_t = proj ? w_hr->t().contiguous() : at::Tensor();
-  const bool fused_loop =
-      !proj && (K::lstm_backward_small_batch(gates, cs, c0, grad_output, w_hh, dh, dc, grad_pre, len) ||
-                K::lstm_backward_fused(gates, cs, c0, grad_output, w_hh, dh, dc, grad_pre, len, rows));
+  const bool fused_loop = !proj && K::lstm_backward_fused(gates, cs, c0, grad_output, w_hh, dh, dc, grad_pre, len, rows);
   const at::Tensor w_hh_t = fused_loop ? at::Tensor() : w_hh.t().contiguous();
   const at::Tensor w_hh_t_step = fused_loop ? at::Tensor() : K::step_weight(w_hh_t, B);
   for (int64_t t = T - 1; t >= 0 && !fused_loop; --t) {
