@@ -107,6 +107,15 @@ namespace generic {
 #define ATTNKIT_FUSED(fn) (generic::fn)
 #endif
 
+// This thread's number in the team (0 without OpenMP).
+int team_thread() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 // Threads of the team: each needs a few hundred thousand multiply-adds per
 // step to be worth a barrier, and at least one chunk (16 units backward).
 int team_size(int64_t B, int64_t H, int64_t parts) {
@@ -173,11 +182,7 @@ bool lstm_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::
   auto run = ATTNKIT_FUSED(fused_lstm_forward_thread);
 #pragma omp parallel num_threads(nt)
   {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
+    const int tid = team_thread();
     const int64_t k0 = std::min(chunks, tid * per_thread), k1 = std::min(chunks, k0 + per_thread);
     run(f, k0, k1, xp.data_ptr<float>() + tid * xp_size);
     at::native::cpublas::brgemm_release(false);
@@ -215,11 +220,7 @@ bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at
   auto run = ATTNKIT_FUSED(fused_lstm_backward_thread);
 #pragma omp parallel num_threads(nt)
   {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
+    const int tid = team_thread();
     // Whole panels per thread.
     const int64_t u0 = std::min(H, n_panels * tid / nt * kPanel), u1 = std::min(H, n_panels * (tid + 1) / nt * kPanel);
     run(f, u0, u1, unsorted ? tiles.data_ptr<float>() + tid * B * H : nullptr);

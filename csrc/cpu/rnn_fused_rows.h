@@ -8,22 +8,13 @@
 
 #include "rnn_units.h"
 
-// Calls body(V{}, j) over j in [0, n): 16 lanes at a time, then 8, then one.
-template <typename F>
-inline void for_lanes(int64_t n, F&& body) {
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) body(gates::vfloat16{}, j);
-  for (; j + 8 <= n; j += 8) body(gates::vfloat8{}, j);
-  for (; j < n; ++j) body(0.0f, j);
-}
-
 // One batch row of a unit chunk. pre: x W_ih^T + h W_hh^T, its 4 gates at
 // stride `ldp`; bias (4H, gates at stride H) or null. c: cell state in/out;
 // h_next and out get the new hidden state; act (4 gates at stride H) the
 // activated gates and cs the cell state, each unless null.
 inline void fused_forward_row(const float* pre, int64_t ldp, const float* bias, int64_t H, float* act, float* c,
                               float* h_next, float* out, float* cs, int64_t units) {
-  for_lanes(units, [&](auto lanes, int64_t j) {
+  for_wide_units<float>(units, [&](auto lanes, int64_t j) {
     using V = decltype(lanes);
     V p[4];
     for (int g = 0; g < 4; ++g) p[g] = ld<V>(pre + g * ldp + j) + (bias != nullptr ? ld<V>(bias + g * H + j) : V{});
@@ -47,7 +38,7 @@ inline void fused_forward_row(const float* pre, int64_t ldp, const float* bias, 
 // dc: dL/dc_t in, dL/dc_{t-1} out.
 inline void fused_backward_row(const float* gates, int64_t H, const float* c_prev, const float* c_new, const float* dh,
                                const float* dout, float* dc, float* gpre, int64_t units) {
-  for_lanes(units, [&](auto lanes, int64_t j) {
+  for_wide_units<float>(units, [&](auto lanes, int64_t j) {
     using V = decltype(lanes);
     const gates::LstmGates<V> a{ld<V>(gates + j), ld<V>(gates + H + j), ld<V>(gates + 2 * H + j),
                                 ld<V>(gates + 3 * H + j)};

@@ -129,20 +129,11 @@ inline void panel_product(const S* a, int64_t M, int64_t lda, const S* panel, in
 // product (its latency overlaps the next panel's loads): the formulas of
 // rnn_rows.h's lstm_forward_row, with the recurrent products gh kGemvLanes
 // apart per gate instead of H. pre: input projections in, activated gates out.
-// Whole 16-unit vectors where AVX-512 is compiled in (one zmm per gate), then for_units' 8 and 1.
-template <typename S, typename F>
-inline void for_panel_units(int64_t w, F&& body) {
-  int64_t j = 0;
-  if constexpr (std::is_same_v<S, float> && kGemvLanes == 16) {
-    for (; j + 16 <= w; j += 16) body(gates::vfloat16{}, j);
-  }
-  for_units<S>(w - j, [&](auto lanes, int64_t i) { body(lanes, j + i); });
-}
-
+// Whole 16-unit vectors where AVX-512 is compiled in (kGemvLanes == 16), then 8 and 1.
 template <typename S>
 inline void lstm_panel_units(S* pre, const S* gh, S* c, S* h, S* out, S* cs, int64_t H, int64_t w) {
   constexpr int64_t L = kGemvLanes;
-  for_panel_units<S>(w, [&](auto lanes, int64_t j) {
+  for_wide_units<S, kGemvLanes == 16>(w, [&](auto lanes, int64_t j) {
     using V = decltype(lanes);
     const auto a = gates::lstm_activate<V>(ld<V>(pre + j) + ld<V>(gh + j), ld<V>(pre + H + j) + ld<V>(gh + L + j),
                                            ld<V>(pre + 2 * H + j) + ld<V>(gh + 2 * L + j),
