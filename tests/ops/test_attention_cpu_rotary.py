@@ -26,6 +26,18 @@ def _run(q, k, v, kwargs, grad_out):
     return out, lse, torch.autograd.grad(out, leaves, grad_out)
 
 
+def _check_cpp_matches_ground_truth(q, k, v, kwargs, dtype):
+    """Output, lse and the q/k/v gradients of the cpp backend vs the float64 reference."""
+    grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64).to(dtype)
+    out, lse, grads = _run(q, k, v, kwargs, grad_out)
+    assert attnkit.last_dispatch(OP).backend == "cpp"
+    out_t, lse_t, grads_t = ground_truth(q, k, v, kwargs, grad_out)
+    assert_close(out, out_t, TOL[dtype], "out")
+    assert_close(lse, lse_t, TOL[dtype], "lse")
+    for name, g, g_t in zip("qkv", grads, grads_t):
+        assert_close(g, g_t, TOL[dtype] * 4, f"d{name}")
+
+
 def _tables(positions, rotary_dim, dtype=torch.float32):
     angles = torch.arange(positions, dtype=torch.float64)[:, None] * 10000.0 ** (
         -torch.arange(rotary_dim // 2, dtype=torch.float64) * 2 / rotary_dim)
@@ -46,14 +58,7 @@ LARGE_CASES = [
 def test_large_shapes_match_reference(shape, features, dtype):
     with forced(OP, "cpp", "cpu", dtype, rotary=True):
         q, k, v, kwargs = make_inputs(shape, features, dtype, "cpu")
-        grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64).to(dtype)
-        out, lse, grads = _run(q, k, v, kwargs, grad_out)
-        assert attnkit.last_dispatch(OP).backend == "cpp"
-    out_t, lse_t, grads_t = ground_truth(q, k, v, kwargs, grad_out)
-    assert_close(out, out_t, TOL[dtype], "out")
-    assert_close(lse, lse_t, TOL[dtype], "lse")
-    for name, g, g_t in zip("qkv", grads, grads_t):
-        assert_close(g, g_t, TOL[dtype] * 4, f"d{name}")
+        _check_cpp_matches_ground_truth(q, k, v, kwargs, dtype)
 
 
 @pytest.mark.parametrize("dtype,table_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32),
@@ -229,14 +234,7 @@ def test_both_backward_schedules_match_reference(shape, features, schedule, dtyp
     with forced(OP, "cpp", "cpu", dtype, rotary=True), _one_thread(shape, schedule):
         q, k, v, kwargs = make_inputs(shape, features, dtype, "cpu")
         kwargs.update(features.extra)
-        grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64).to(dtype)
-        out, lse, grads = _run(q, k, v, kwargs, grad_out)
-        assert attnkit.last_dispatch(OP).backend == "cpp"
-    out_t, lse_t, grads_t = ground_truth(q, k, v, kwargs, grad_out)
-    assert_close(out, out_t, TOL[dtype], "out")
-    assert_close(lse, lse_t, TOL[dtype], "lse")
-    for name, g, g_t in zip("qkv", grads, grads_t):
-        assert_close(g, g_t, TOL[dtype] * 4, f"d{name}")
+        _check_cpp_matches_ground_truth(q, k, v, kwargs, dtype)
 
 
 @pytest.mark.parametrize("shape,features,schedule", [pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}")
