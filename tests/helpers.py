@@ -81,6 +81,17 @@ def backend_params(op: str):
 
 
 @contextlib.contextmanager
+def num_threads(n: int):
+    """torch.set_num_threads(n) for the block, restored after (kernels pick schedules by it)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
 def forced(op: str, backend: str, device: str, dtype=torch.float32, **call):
     """Runs the block with `backend` forced for `op`, or skips the test when
     this machine (or this backend, for the features in `call`) cannot run it."""

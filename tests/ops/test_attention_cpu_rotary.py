@@ -5,12 +5,10 @@ argument checks of the C++ entry points (csrc/cpu/rotary.cpp, attention_rotary.c
 The kernels rotate q and k where they copy them (Q tiles, K^T, the backward's
 transposed operands, per key block on the one-task-per-(batch, kv-head) backward
 schedule) and dq, dk back where they write them (attention.cpp, attention_rope.h)."""
-import contextlib
-
 import pytest
 import torch
 from attention_cases import Features, Shape, assert_close, ground_truth, make_inputs
-from helpers import forced
+from helpers import forced, num_threads
 
 import attnkit
 from attnkit import _extensions
@@ -196,17 +194,8 @@ def test_opcheck_on_cpp():
         assert attnkit.last_dispatch("rotary").backend == "cpp"
 
 
-@contextlib.contextmanager
-def _threads(n):
-    """The cpp backward takes one task per (batch, kv-head) when B * H_kv >= 4 * threads
-    (rotating K block by block in the dK/dV kernel), else the split dK/dV + dQ schedule."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
+# The cpp backward takes one task per (batch, kv-head) when B * H_kv >= 4 * threads
+# (rotating K block by block in the dK/dV kernel), else the split dK/dV + dQ schedule.
 
 # (shape, features, schedule): D = 80 and 64 take the float kernels' 8 x 8 transposes on
 # full 16-row chunks, D = 20 and odd N their scalar tails; Nq = 1, Nq > Nk (top-left), GQA.
@@ -224,7 +213,7 @@ SCHEDULE_CASES = [
 
 def _one_thread(shape, schedule):
     assert (shape.batch * shape.heads_kv >= 4) == (schedule == "per-kv-head"), "case misses its schedule"
-    return _threads(1)
+    return num_threads(1)
 
 
 @pytest.mark.parametrize("shape,features,schedule", [pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}")
@@ -268,7 +257,7 @@ def test_positions_past_the_table_stay_unrotated(threads):
         ext.rotary_apply(x.transpose(1, 2), cos, sin, offsets.long(), 0, False, conjugate, out.transpose(1, 2), None)
         return out
 
-    with _threads(threads):
+    with num_threads(threads):
         out, lse = ext.attention_rotary_forward(q, k, v, *base, *rope)
         grads = ext.attention_rotary_backward(grad_out, q, k, v, out, lse, *base, *rope)
         out_e, lse_e = ext.attention_forward(spin(q), spin(k), v, *base)

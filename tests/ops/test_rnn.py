@@ -2,7 +2,7 @@
 reference (differentiated by autograd) and torch.nn.LSTM / GRU."""
 import pytest
 import torch
-from helpers import TOLERANCES, backend_params, forced
+from helpers import TOLERANCES, backend_params, forced, num_threads
 
 import attnkit
 from attnkit import reference
@@ -310,17 +310,13 @@ def test_small_batch_time_loop_cpp(dtype, lengths, threads):
     splitting the hidden units (rnn_small_batch.h): H = 70 gives a vector tail
     in each thread's slice, and the lengths stop rows mid-sequence."""
     T, B, H = 7, 2, 70
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         args = make_lstm(T, B, 5, H, H, dtype, "cpu")[:-1]
         x, h0, c0, w_ih, w_hh, b_ih, b_hh = args
         with attnkit.use_backend("cpp"):
             out, (h, c) = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, lengths=lengths)
         ref = reference.lstm(*args, None, None if lengths is None else torch.tensor(lengths))[:3]
         check_against((out, h, c), ref, args, dtype)
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -332,9 +328,7 @@ def test_small_batch_every_size_cpp(dtype, B, threads):
     H = 1 (all padding), 17 (vector tail), 70 (each thread's slice ends in a
     tail), 130 (several weight panels); T = 1 and 9; lengths stop rows
     mid-sequence, one at 0 steps, unsorted."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         for T, H in ((1, 17), (9, 1), (9, 70), (5, 130)):
             for lengths in (None, [T, 0, max(T - 3, 1), 1, T][:B]):
                 args = make_lstm(T, B, 6, H, H, dtype, "cpu", seed=B + H)[:-1]
@@ -343,8 +337,6 @@ def test_small_batch_every_size_cpp(dtype, B, threads):
                     out, (h, c) = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, lengths=lengths)
                 ref = reference.lstm(*args, None, None if lengths is None else torch.tensor(lengths))[:3]
                 check_against((out, h, c), ref, args, dtype)
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("lengths", [None, [4, 2]], ids=str)

@@ -5,6 +5,7 @@ and torch.nn.LSTM: values and every gradient, sizes off the 16-unit chunks, 64-c
 panels and vector widths, lengths stopping rows, one and two threads."""
 import pytest
 import torch
+from helpers import num_threads
 from test_rnn import check_against, make_gru, make_lstm
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -15,10 +16,8 @@ from attnkit.ops import gru, lstm
 
 @pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
 def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
+    with num_threads(request.param):
+        yield request.param
 
 
 def lengths_for(kind, T, B):
