@@ -5,6 +5,12 @@ import torch
 
 from attnkit import _dispatch
 
+# On a GPU the flash attention kernels launch with one fixed block config
+# instead of autotuning: the suite's many feature combinations would each
+# compile every kernel seven times. test_attention_gpu.py runs every config.
+if torch.cuda.is_available():
+    os.environ.setdefault("ATTNKIT_TRITON_CONFIG", "0")
+
 
 def pytest_collection_modifyitems(config, items):
     """`slow` tests (minutes on a 2-core CPU) run only when asked for: `-m slow` (or any -m

@@ -71,11 +71,16 @@ class Compiler:
             configs = kernel.configs
             kernel = kernel.fn
         names = list(inspect.signature(kernel.fn).parameters)
+        kwargs = dict(kwargs)
+        # Launch options given with the call (an ATTNKIT_TRITON_CONFIG launch) are options, not arguments.
+        launch_options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
+        is_constexpr = {param.name: param.is_constexpr for param in kernel.params}
         for config in configs:
-            constexprs = dict(kwargs, **(config.kwargs if config else {}))
-            values = dict(zip(names, args), **constexprs)
+            keyword_values = dict(kwargs, **(config.kwargs if config else {}))
+            constexprs = {n: value for n, value in keyword_values.items() if is_constexpr[n]}
+            values = dict(zip(names, args), **keyword_values)
             signature = {n: "constexpr" if n in constexprs else _type_of(values[n]) for n in names}
-            options = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config else {}
+            options = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config else launch_options
             compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=self.target, options=options)
             shared = compiled.metadata.shared
             fits = shared <= self.limit

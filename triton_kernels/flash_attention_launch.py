@@ -43,10 +43,36 @@ _TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "LENGTH_BUCKET", "MASK_KIND", "USE_WINDOW
 _tuned = {}
 
 
+def _fixed_config() -> Optional[int]:
+    """ATTNKIT_TRITON_CONFIG=i launches candidate i of _configs untuned. The GPU
+    test suite sets it: autotuning each of its feature combinations would
+    compile every kernel seven times over (tens of minutes); one test runs
+    each candidate in turn instead."""
+    value = os.environ.get("ATTNKIT_TRITON_CONFIG", "")
+    if value == "":
+        return None
+    if not value.isdigit():
+        raise ValueError(f"ATTNKIT_TRITON_CONFIG must be a config index (0, 1, ...), got {value!r}")
+    return int(value)
+
+
+def config_count(head_dim: int, dtype: torch.dtype) -> int:
+    """How many candidates ATTNKIT_TRITON_CONFIG can pick from at this head dim and dtype."""
+    return len(_configs(_block_dim(head_dim), dtype.itemsize))
+
+
 def _kernel(kernel, block_d: int, elem_bytes: int):
-    """The kernel as launched here: autotuned on a GPU, fixed under the interpreter."""
+    """The kernel as launched here: autotuned on a GPU, fixed under the
+    interpreter or by ATTNKIT_TRITON_CONFIG."""
     if _interpreting():
         return kernel, dict(INTERPRETER_BLOCKS)
+    fixed = _fixed_config()
+    if fixed is not None:
+        configs = _configs(block_d, elem_bytes)
+        if fixed >= len(configs):
+            raise ValueError(f"ATTNKIT_TRITON_CONFIG={fixed}: only {len(configs)} configs at this head dim and dtype")
+        config = configs[fixed]
+        return kernel, dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     key = (kernel, block_d >= 256, elem_bytes > 2)
     if key not in _tuned:
         _tuned[key] = triton.autotune(configs=_configs(block_d, elem_bytes), key=_TUNE_KEY)(kernel)

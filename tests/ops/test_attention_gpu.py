@@ -43,6 +43,43 @@ def test_backward_bf16_vs_sdpa(dim, gqa):
         assert_close(g, g_e, 5e-2, "grad")
 
 
+@pytest.mark.parametrize("dtype, dim", [(torch.bfloat16, 64), (torch.float16, 80), (torch.bfloat16, 128),
+                                        (torch.bfloat16, 256), (torch.float32, 64)])
+def test_every_block_config_matches_sdpa(monkeypatch, dtype, dim):
+    """The rest of the GPU suite runs one block config (tests/conftest.py);
+    the autotuner may pick any of them. Each one, forward and backward, with
+    lengths off the block grid, Nq != Nk (causal, bottom-right) and GQA."""
+    triton = pytest.importorskip("triton")
+    from attnkit.triton_kernels import flash_attention_launch
+
+    torch.manual_seed(0)
+    nq, nk, heads, heads_kv = 300, 333, 4, 2
+    q = torch.randn(2, heads, nq, dim, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, heads_kv, nk, dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    grad = torch.randn(2, heads, nq, dim, device="cuda", dtype=dtype)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    # Bottom-right causal: query i sees keys up to i + (nk - nq).
+    keep = torch.ones(nq, nk, dtype=torch.bool, device="cuda").tril(nk - nq)
+    expected = F.scaled_dot_product_attention(*leaves, attn_mask=keep, enable_gqa=True)
+    grads_expected = torch.autograd.grad(expected, leaves, grad.double())
+    tolerance = 1e-3 if dtype == torch.float32 else 2e-2
+    count, ran = flash_attention_launch.config_count(dim, dtype), []
+    assert count > 1
+    for index in range(count):
+        monkeypatch.setenv("ATTNKIT_TRITON_CONFIG", str(index))
+        try:
+            with attnkit.use_backend("triton"):
+                out = attnkit.ops.flash_attention(q, k, v, causal=True)
+            grads = torch.autograd.grad(out, (q, k, v), grad)
+        except triton.runtime.errors.OutOfResources:
+            continue  # too much shared memory here: the autotuner skips it too
+        ran.append(index)
+        assert_close(out, expected, tolerance, f"out, config {index}")
+        for name, g, g_e in zip("qkv", grads, grads_expected):
+            assert_close(g, g_e, 2 * tolerance, f"d{name}, config {index}")
+    assert ran[:1] == [0] and len(ran) > 1, f"configs that ran: {ran} of {count}"
+
+
 def test_deterministic_backward():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

@@ -118,3 +118,27 @@ def test_rotary_needs_non_negative_positions():
     cos, sin = tables()
     with pytest.raises(ValueError, match="non-negative positions"):
         flash_attention(*qkv(n_q=7, n_k=5), rotary_cos=cos, rotary_sin=sin)
+
+
+def test_triton_config_env_picks_a_fixed_config_or_names_what_is_wrong(monkeypatch):
+    """ATTNKIT_TRITON_CONFIG (set by the GPU suite) replaces autotuning by one
+    candidate; a bad value is an error naming the variable, not a silent autotune."""
+    launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter always takes its own small blocks
+    count = launch.config_count(128, torch.bfloat16)
+    assert count == len(launch._configs(128, 2)) > 1
+    for index in (0, count - 1):
+        monkeypatch.setenv("ATTNKIT_TRITON_CONFIG", str(index))
+        kernel, options = launch._kernel(launch._attn_fwd, 128, 2)
+        config = launch._configs(128, 2)[index]
+        assert kernel is launch._attn_fwd  # the plain kernel, not an Autotuner
+        assert options == dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    monkeypatch.setenv("ATTNKIT_TRITON_CONFIG", str(count))
+    with pytest.raises(ValueError, match=f"ATTNKIT_TRITON_CONFIG={count}: only {count} configs"):
+        launch._kernel(launch._attn_fwd, 128, 2)
+    monkeypatch.setenv("ATTNKIT_TRITON_CONFIG", "fast")
+    with pytest.raises(ValueError, match="ATTNKIT_TRITON_CONFIG must be a config index"):
+        launch._kernel(launch._attn_fwd, 128, 2)
+    monkeypatch.delenv("ATTNKIT_TRITON_CONFIG")
+    kernel, options = launch._kernel(launch._attn_fwd, 128, 2)
+    assert options == {} and kernel is not launch._attn_fwd  # autotuned
