@@ -301,3 +301,23 @@ def test_flash_attn_package_missing_is_a_note(monkeypatch, capsys):
         monkeypatch.setitem(__import__("sys").modules, module, None)
     assert core.load_family("attention")._flash_attn_package() is None
     assert "flash-attn package not installed" in capsys.readouterr().out
+
+
+def test_gpu_check_runs_one_pytest_per_selected_file_in_parallel(tmp_path):
+    suite = tmp_path / "gpu_suite"
+    suite.mkdir()
+    (suite / "test_a.py").write_text("import pytest\n\n@pytest.mark.gpu\ndef test_a1():\n    pass\n\n"
+                                     "@pytest.mark.gpu\ndef test_a2():\n    assert False\n")
+    (suite / "test_b.py").write_text("import pytest\n\n@pytest.mark.gpu\ndef test_b():\n    pass\n")
+    (suite / "test_unmarked.py").write_text("def test_c():\n    pass\n")  # nothing selected: no shard
+    out = tmp_path / "out"
+    out.mkdir()
+    status, _, output, counts, failures = gpu_check.run_tests(str(tmp_path), str(out), 120, [str(suite)], [], jobs=2)
+    assert counts == {"passed": 2, "failed": 1, "errors": 0, "skipped": 0}
+    assert status == "failed (rc 1)" and [f.split("::")[-1] for f in failures] == ["test_a2"]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-tests-0.xml", "gpu-tests-1.xml"]
+    assert output.count("$ -m pytest") == 2 and "gpu_suite/test_a.py" in output and "test_unmarked" not in output
+    # Out of time: shards still running are killed and reported, not waited for.
+    (suite / "test_b.py").write_text("import pytest, time\n\n@pytest.mark.gpu\ndef test_b():\n    time.sleep(60)\n")
+    status, taken, _, _, _ = gpu_check.run_tests(str(tmp_path), str(out), 20, [str(suite)], [], jobs=2)
+    assert status.startswith("failed (rc 1); timed out after ") and taken < 40

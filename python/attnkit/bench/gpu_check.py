@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 
@@ -51,40 +52,113 @@ def build(root, seconds):
     return _run(command, seconds, env=env, cwd=root)
 
 
-def test_counts(junit_path):
-    """{passed, failed, errors, skipped} and the failing test ids, from pytest's JUnit XML."""
-    counts, failures = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}, []
-    try:
-        root = ET.parse(junit_path).getroot()
-    except (OSError, ET.ParseError):
-        return None, []
-    for case in root.iter("testcase"):
-        name = f"{case.get('classname')}::{case.get('name')}"
-        if case.find("failure") is not None:
-            counts["failed"] += 1
-            failures.append(name)
-        elif case.find("error") is not None:
-            counts["errors"] += 1
-            failures.append(name)
-        elif case.find("skipped") is not None:
-            counts["skipped"] += 1
-        else:
-            counts["passed"] += 1
-    return counts, failures
+def test_counts(junit_paths):
+    """{passed, failed, errors, skipped} and the failing test ids, from pytest's JUnit XML files."""
+    counts, failures, read = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}, [], False
+    for junit_path in [junit_paths] if isinstance(junit_paths, str) else junit_paths:
+        try:
+            root = ET.parse(junit_path).getroot()
+        except (OSError, ET.ParseError):
+            continue
+        read = True
+        for case in root.iter("testcase"):
+            name = f"{case.get('classname')}::{case.get('name')}"
+            if case.find("failure") is not None:
+                counts["failed"] += 1
+                failures.append(name)
+            elif case.find("error") is not None:
+                counts["errors"] += 1
+                failures.append(name)
+            elif case.find("skipped") is not None:
+                counts["skipped"] += 1
+            else:
+                counts["passed"] += 1
+    return (counts if read else None), failures
 
 
-def run_tests(root, out_dir, seconds, paths, extra):
-    junit = os.path.join(out_dir, "gpu-tests.xml")
+MARKERS = "gpu or cuda_build"
+
+
+def _selected_files(root, paths, env, seconds):
+    """The test files holding selected tests, most tests first (None when collection fails)."""
+    # --rootdir: test ids relative to `root`, where the shards run.
+    command = [sys.executable, "-m", "pytest", "-m", MARKERS, "--collect-only", "-q", "-p", "no:cacheprovider",
+               "--rootdir", root, *paths]
+    status, _, output = _run(command, seconds, env=env, cwd=root)
+    if status != "passed":
+        return None
+    per_file = {}
+    for line in output.splitlines():
+        if "::" in line:
+            name = line.split("::", 1)[0]
+            per_file[name] = per_file.get(name, 0) + 1
+    if not all(os.path.isfile(os.path.join(root, name)) for name in per_file):
+        return None
+    return sorted(per_file, key=lambda name: -per_file[name])
+
+
+def run_tests(root, out_dir, seconds, paths, extra, jobs=None):
+    """pytest -m 'gpu or cuda_build' over `paths`. On a GPU, one pytest per test
+    file, `jobs` at a time: Triton compiles each kernel variant on one CPU core,
+    and the suite's compiles dominate its run time."""
+    cwd = root or os.getcwd()
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"  # the dry run: Triton kernels on CPU tensors
-    command = [sys.executable, "-m", "pytest", "-m", "gpu or cuda_build", "-q", "-p", "no:cacheprovider",
-               f"--junitxml={junit}", *paths, *extra]
-    status, taken, output = _run(command, seconds, env=env, cwd=root or os.getcwd())
-    counts, failures = test_counts(junit)
-    if status.startswith("failed (rc 5)"):  # pytest: nothing selected; not a failure of the code
+    if jobs is None:
+        jobs = max(1, min(8, (os.cpu_count() or 2) // 2)) if torch.cuda.is_available() else 1
+    started = time.perf_counter()
+    files = _selected_files(cwd, paths, env, min(120, seconds)) if jobs > 1 else None
+    shards = [[f] for f in files] if files else [list(paths)]
+    junits = [os.path.join(out_dir, f"gpu-tests-{i}.xml") for i in range(len(shards))]
+    commands = [[sys.executable, "-m", "pytest", "-m", MARKERS, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+                 *shard, *extra] for junit, shard in zip(junits, shards)]
+    for junit in junits:
+        if os.path.exists(junit):
+            os.remove(junit)  # never count a previous run's results
+    results = _run_parallel(commands, jobs, seconds - (time.perf_counter() - started), env, cwd)
+    counts, failures = test_counts(junits)
+    statuses = [status for status, _ in results]
+    if all(status.startswith("failed (rc 5)") for status in statuses):  # pytest: nothing selected
         status = "no tests selected"
-    return status, taken, output, counts, failures
+    else:
+        bad = [status for status in statuses if status != "passed" and not status.startswith("failed (rc 5)")]
+        status = "; ".join(dict.fromkeys(bad)) or "passed"  # each distinct outcome once, in shard order
+    output = "\n".join(f"$ {' '.join(command[1:])}\n{text}" for command, (_, text) in zip(commands, results))
+    return status, time.perf_counter() - started, output, counts, failures
+
+
+def _run_parallel(commands, jobs, seconds, env, cwd):
+    """[(status, output)] of each command, at most `jobs` running at once; any
+    still running at the deadline is killed ("timed out")."""
+    deadline = time.perf_counter() + max(seconds, 1)
+    pending, running, results = list(enumerate(commands)), {}, [None] * len(commands)
+    while pending or running:
+        while pending and len(running) < jobs and time.perf_counter() < deadline:
+            index, command = pending.pop(0)
+            log = tempfile.TemporaryFile(mode="w+")
+            running[index] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
+                                               cwd=cwd), log)
+        for index, (process, log) in list(running.items()):
+            timed_out = time.perf_counter() >= deadline
+            if process.poll() is None and not timed_out:
+                continue
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+                status = f"timed out after {seconds:.0f} s"
+            else:
+                status = "passed" if process.returncode == 0 else f"failed (rc {process.returncode})"
+            log.seek(0)
+            results[index] = (status, log.read())
+            log.close()
+            del running[index]
+        if pending and time.perf_counter() >= deadline:
+            for index, _ in pending:
+                results[index] = ("not run: out of time", "")
+            pending = []
+        time.sleep(0.05)
+    return results
 
 
 def run_bench(out_dir, seconds, device, full, only, dtype):
@@ -127,7 +201,7 @@ def write_report(path, info, dry_run, steps, tests, bench_doc, bench_output):
                   "CPU suite; this checks the pipeline, not the GPU code.", ""]
     lines += [f"Machine: {core.describe_machine(info)}.", "", "| step | status | seconds |", "|---|---|---:|"]
     lines += [f"| {name} | {status} | {taken:.0f} |" for name, status, taken in steps]
-    lines += ["", "Full output: gpu-build.log (when built), gpu-tests.log, gpu-tests.xml, gpu-bench.log."]
+    lines += ["", "Full output: gpu-build.log (when built), gpu-tests.log, gpu-tests-*.xml, gpu-bench.log."]
     counts, failures, output = tests
     lines += ["", "## Tests", ""]
     if counts is None:
