@@ -83,7 +83,7 @@ VARLEN_CASES = [
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: f"{c['lengths_q']}x{c['lengths_k']}-{c['kwargs']}")
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: f"{c['lengths_q']}x{c['lengths_k']}-{'+'.join(c['kwargs']) or 'plain'}")
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_varlen_matches_dense_per_sequence(backend, device, case, dropout_p):
     gen = torch.Generator().manual_seed(11)
