@@ -42,6 +42,7 @@ namespace avx512 {
 typedef float GemvVec __attribute__((vector_size(64)));
 #include "rnn_rows.h"
 #include "rnn_small_batch.h"
+#include "rnn_small_batch_gru.h"
 }  // namespace avx512
 #pragma GCC pop_options
 #pragma GCC push_options
@@ -50,6 +51,7 @@ namespace avx2 {
 typedef float GemvVec __attribute__((vector_size(32)));
 #include "rnn_rows.h"
 #include "rnn_small_batch.h"
+#include "rnn_small_batch_gru.h"
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
@@ -57,6 +59,7 @@ namespace generic {
 typedef float GemvVec __attribute__((vector_size(32)));
 #include "rnn_rows.h"
 #include "rnn_small_batch.h"
+#include "rnn_small_batch_gru.h"
 }  // namespace generic
 
 enum class Isa { kGeneric, kAvx2, kAvx512 };
@@ -193,7 +196,7 @@ struct Kernels {
   }
 
   // Batches of 1..4 without projection never reach rnn_sequence.h's loop:
-  // lstm_forward / lstm_backward below run them whole (small_batch_lstm_*).
+  // lstm_* / gru_* below run them whole (small_batch_lstm_* / small_batch_gru_*).
 
   // Batch 5+ in float without projection: one OpenMP team through all steps,
   // each step's GEMM and gate math fused per unit chunk (rnn_fused.cpp).
@@ -274,7 +277,7 @@ struct Kernels {
         for (int64_t b = begin; b < end; ++b) {
           const int64_t o = b * H;
           if (active(lp, b, t)) {
-            row(g_p + 4 * o, hp_p + o, go_p + o, dh_p + o, dgi_p + 3 * o, dgh_p + 3 * o, H);
+            row(g_p + 4 * o, hp_p + o, go_p + o, dh_p + o, dgi_p + 3 * o, dgh_p + 3 * o, H, H);
           } else {  // dh passes through; the output was a constant 0
             std::fill(dgi_p + 3 * o, dgi_p + 3 * o + 3 * H, scalar_t(0));
             std::fill(dgh_p + 3 * o, dgh_p + 3 * o + 3 * H, scalar_t(0));
@@ -314,8 +317,8 @@ struct Kernels {
 
 // ---------------------------------------------------------------- batch 1..4
 // Batch 1..4 without projection runs whole here: the time loops of
-// rnn_small_batch.h in one OpenMP team, the GEMMs below. Larger batches and
-// projections take rnn_sequence.h's generic loop.
+// rnn_small_batch.h (LSTM) and rnn_small_batch_gru.h in one OpenMP team, the
+// GEMMs below. Larger batches and projections take rnn_sequence.h's generic loop.
 constexpr int64_t kSmallBatch = 4;
 
 bool small_batch(const at::Tensor& x, const c10::optional<at::Tensor>& w_hr) {
@@ -364,6 +367,17 @@ void rows_gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, co
   gemm_aten(m, n, k, a, lda, b, ldb, add, c, ldc);
 }
 
+// Row stride of the gradients transposed (4H, T B) that the small-batch
+// backward loops write as the steps go (the weight gradients' A: no transpose
+// afterwards). Rows padded to an odd number of cache lines: at a stride of
+// 1 KB (T B = 256) each step's 4H stores shared 4 of L1's 64 sets, 1.2 us a step.
+int64_t transposed_stride(int64_t TB, int64_t element_size) {
+  const int64_t per_line = 64 / element_size;
+  int64_t ld_t = (TB + per_line - 1) / per_line * per_line;
+  if ((ld_t / per_line) % 2 == 0) ld_t += per_line;
+  return ld_t;
+}
+
 std::vector<at::Tensor> small_batch_lstm_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                                  const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                  const c10::optional<at::Tensor>& b_ih,
@@ -406,12 +420,7 @@ std::vector<at::Tensor> small_batch_lstm_backward(const at::Tensor& grad_output,
   rnn::check_grad(gates, "gates", x, {T, B, 4 * H});
   rnn::check_grad(cs, "cs", x, {T, B, H});
   at::Tensor grad_pre = at::empty({T, B, 4 * H}, x.options());
-  // grad_pre transposed, written as the steps go (the weight gradients' A: no transpose afterwards). Rows
-  // padded to an odd number of cache lines: at a stride of 1 KB (T B = 256) each step's 4H stores
-  // shared 4 of L1's 64 sets, 1.2 us a step.
-  const int64_t per_line = 64 / x.element_size();
-  int64_t ld_t = (TB + per_line - 1) / per_line * per_line;
-  if ((ld_t / per_line) % 2 == 0) ld_t += per_line;
+  const int64_t ld_t = transposed_stride(TB, x.element_size());
   at::Tensor grad_pre_t = at::empty({4 * H, ld_t}, x.options());
   at::Tensor db = at::empty({4 * H}, x.options());
   at::Tensor dh = grad_hn.clone(), dc = grad_cn.clone();
@@ -433,6 +442,67 @@ std::vector<at::Tensor> small_batch_lstm_backward(const at::Tensor& grad_output,
     if (T > 1) rows_gemm(4 * H, H, TB - B, gp_t + B, ld_t, output.data_ptr<scalar_t>(), H, true, dw_hh_p, H);
   });
   return {dx, dh, dc, dw_ih, dw_hh, db, rnn::none_like(x)};
+}
+
+std::vector<at::Tensor> small_batch_gru_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                                const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                                                const c10::optional<at::Tensor>& b_hh,
+                                                const c10::optional<at::Tensor>& lengths, bool save) {
+  rnn::check_forward(x, h0, nullptr, w_ih, w_hh, b_ih, b_hh, c10::nullopt, lengths, 3);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
+  // The input projection of every step (one GEMM); b_hh stays apart: its n part sits inside the reset product.
+  const at::Tensor gi = Kernels::linear(x.view({T * B, I}), w_ih, b_ih);
+  const at::Tensor bias_hh = rnn::present(b_hh) ? *b_hh : at::zeros({3 * H}, x.options());
+  at::Tensor output = at::empty({T, B, H}, x.options());
+  at::Tensor h_bufs = at::empty({2, B, H}, x.options());
+  h_bufs[0].copy_(h0);
+  at::Tensor gates = save ? at::empty({T, B, 4 * H}, x.options()) : rnn::none_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attnkit_gru_forward_small_batch", [&] {
+    ATTNKIT_ROWS(gru_forward_small_batch<scalar_t>)(
+        gi.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), bias_hh.data_ptr<scalar_t>(), h_bufs.data_ptr<scalar_t>(),
+        output.data_ptr<scalar_t>(), save ? gates.data_ptr<scalar_t>() : nullptr,
+        rnn::present(lengths) ? lengths->data_ptr<int64_t>() : nullptr, T, B, H, small_batch_threads(B, H));
+  });
+  return {output, h_bufs[T % 2].clone(), gates};
+}
+
+std::vector<at::Tensor> small_batch_gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_hn,
+                                                 const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                                 const at::Tensor& w_hh, const c10::optional<at::Tensor>& lengths,
+                                                 const at::Tensor& output, const at::Tensor& gates) {
+  rnn::check_forward(x, h0, nullptr, w_ih, w_hh, c10::nullopt, c10::nullopt, c10::nullopt, lengths, 3);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1), TB = T * B;
+  rnn::check_grad(grad_output, "grad_output", x, {T, B, H});
+  rnn::check_grad(grad_hn, "grad_hn", x, {B, H});
+  rnn::check_grad(output, "output", x, {T, B, H});
+  rnn::check_grad(gates, "gates", x, {T, B, 4 * H});
+  at::Tensor grad_gi = at::empty({T, B, 3 * H}, x.options());
+  at::Tensor grad_gh_bufs = at::empty({2, B, 3 * H}, x.options());
+  const int64_t ld_t = transposed_stride(TB, x.element_size());
+  at::Tensor grad_t = at::empty({4 * H, ld_t}, x.options());  // rows: recurrent r, z, n, then input-side n
+  at::Tensor db_ih = at::empty({3 * H}, x.options()), db_hh = at::empty({3 * H}, x.options());
+  at::Tensor dh = grad_hn.clone();
+  at::Tensor dx = at::empty({T, B, I}, x.options());
+  at::Tensor dw_ih = at::empty({3 * H, I}, x.options()), dw_hh = at::empty({3 * H, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attnkit_gru_backward_small_batch", [&] {
+    const scalar_t *h0_p = h0.data_ptr<scalar_t>(), *out_p = output.data_ptr<scalar_t>();
+    const scalar_t *x_p = x.data_ptr<scalar_t>(), *gt = grad_t.data_ptr<scalar_t>();
+    scalar_t *dw_ih_p = dw_ih.data_ptr<scalar_t>(), *dw_hh_p = dw_hh.data_ptr<scalar_t>();
+    ATTNKIT_ROWS(gru_backward_small_batch<scalar_t>)(
+        gates.data_ptr<scalar_t>(), h0_p, out_p, grad_output.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
+        dh.data_ptr<scalar_t>(), grad_gi.data_ptr<scalar_t>(), grad_gh_bufs.data_ptr<scalar_t>(),
+        grad_t.data_ptr<scalar_t>(), ld_t, db_ih.data_ptr<scalar_t>(), db_hh.data_ptr<scalar_t>(),
+        rnn::present(lengths) ? lengths->data_ptr<int64_t>() : nullptr, T, B, H, small_batch_threads(B, H));
+    rows_gemm(TB, I, 3 * H, grad_gi.data_ptr<scalar_t>(), 3 * H, w_ih.data_ptr<scalar_t>(), I, false,
+              dx.data_ptr<scalar_t>(), I);
+    // dW_ih: r and z from the recurrent rows (the same gradients), n from the input-side rows.
+    rows_gemm(2 * H, I, TB, gt, ld_t, x_p, I, false, dw_ih_p, I);
+    rows_gemm(H, I, TB, gt + 3 * H * ld_t, ld_t, x_p, I, false, dw_ih_p + 2 * H * I, I);
+    // dW_hh = sum_t grad_gh[t]^T h_{t-1}: h0, then output[t - 1] (0 for stopped rows, whose grad_gh is 0).
+    rows_gemm(3 * H, H, B, gt, ld_t, h0_p, H, false, dw_hh_p, H);
+    if (T > 1) rows_gemm(3 * H, H, TB - B, gt + B, ld_t, out_p, H, true, dw_hh_p, H);
+  });
+  return {dx, dh, dw_ih, dw_hh, db_ih, db_hh};
 }
 
 void check_cpu(const at::Tensor& x) {
@@ -503,6 +573,7 @@ std::vector<at::Tensor> gru_forward(const at::Tensor& x, const at::Tensor& h0, c
                                     const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& lengths,
                                     bool save) {
   check_cpu(x);
+  if (small_batch(x, c10::nullopt)) return small_batch_gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save);
   return rnn::gru_forward<Kernels>(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save);
 }
 
@@ -511,6 +582,9 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Te
                                      const c10::optional<at::Tensor>& lengths, const at::Tensor& output,
                                      const at::Tensor& gates) {
   check_cpu(x);
+  if (small_batch(x, c10::nullopt)) {
+    return small_batch_gru_backward(grad_output, grad_hn, x, h0, w_ih, w_hh, lengths, output, gates);
+  }
   return rnn::gru_backward<Kernels>(grad_output, grad_hn, x, h0, w_ih, w_hh, lengths, output, gates);
 }
 

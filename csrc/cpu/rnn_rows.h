@@ -76,10 +76,12 @@ void gru_forward_row(const S* gi, const S* gh, S* h, S* out, S* gates, int64_t H
 }
 
 // dh: dL/dh_t minus the output's share in, the part of dL/dh_{t-1} through z
-// out; dgi / dgh (3H) get the gradients of the two projections.
+// out; dgi / dgh (3H) get the gradients of the two projections. `units` as in
+// lstm_forward_row (H for a whole row).
 template <typename S>
-void gru_backward_row(const S* gates, const S* h_prev, const S* grad_out, S* dh, S* dgi, S* dgh, int64_t H) {
-  for_units<S>(H, [&](auto lanes, int64_t j) {
+void gru_backward_row(const S* gates, const S* h_prev, const S* grad_out, S* dh, S* dgi, S* dgh, int64_t H,
+                      int64_t units) {
+  for_units<S>(units, [&](auto lanes, int64_t j) {
     using V = decltype(lanes);
     const gates::GruGates<V> a{ld<V>(gates + j), ld<V>(gates + H + j), ld<V>(gates + 2 * H + j),
                                ld<V>(gates + 3 * H + j)};

@@ -1,4 +1,5 @@
-// Small-batch (B <= 4) LSTM time loops: at batch 1..4 a step is a GEMV that
+// Small-batch (B <= 4) LSTM time loops and the panels they share with the
+// GRU's (rnn_small_batch_gru.h): at batch 1..4 a step is a GEMV that
 // streams the whole recurrent weight (256 KB at H = 128) and a few
 // microseconds of arithmetic, so a GEMM call, a tensor per step or a fork/join
 // per pass cost as much again. Here one OpenMP team lives through all T steps;
@@ -9,8 +10,9 @@
 // on purpose), after rnn_rows.h.
 
 // GemvVec, the vector type, comes from the includer (16 lanes where AVX-512 is
-// compiled in). A panel is kPanel columns of a K x N matrix with its K rows of
-// kPanel values contiguous: a step's product reads each panel front to back.
+// compiled in). A panel is G vectors of columns of a K x N matrix with its K
+// rows of G * kGemvLanes values contiguous: a step's product reads each panel
+// front to back. G = 4 (kPanel columns) but for the GRU forward's 3 gates.
 // Measured at K = 128, N = 512 on the AMD EPYC of BENCHMARKS.md, 1 thread:
 // 1.32 us per product from panels vs 2.26 us from the row-major (K, N) weight.
 constexpr int64_t kGemvLanes = sizeof(GemvVec) / sizeof(float);
@@ -43,56 +45,57 @@ inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
 
 // The forward's panels: panel p holds units u0 + p L .. + L (L = kGemvLanes) of
 // the thread's slice, gate g in its vector g: column g L + l is row
-// g H + u0 + p L + l of w_hh (4H, H), transposed. Lanes past n are zero.
-template <typename S>
+// g H + u0 + p L + l of w_hh (G H, H), transposed. Lanes past n are zero.
+template <int G, typename S>
 void pack_gate_panels(S* P, const S* w_hh, int64_t H, int64_t u0, int64_t n) {
-  constexpr int64_t L = kGemvLanes;
+  constexpr int64_t L = kGemvLanes, W = G * L;
   for (int64_t p = 0; p * L < n; ++p) {
-    S* panel = P + p * H * kPanel;
+    S* panel = P + p * H * W;
     const int64_t w = std::min(L, n - p * L);
-    if (w < L) std::fill(panel, panel + H * kPanel, S(0));
-    for (int64_t g = 0; g < 4; ++g) {
+    if (w < L) std::fill(panel, panel + H * W, S(0));
+    for (int64_t g = 0; g < G; ++g) {
       const S* rows = w_hh + (g * H + u0 + p * L) * H;
       S* dst = panel + g * L;
       int64_t l = 0, k = 0;
       if constexpr (std::is_same_v<S, float>) {
         for (; l + 8 <= w; l += 8) {
-          for (k = 0; k + 8 <= H; k += 8) transpose8(rows + l * H + k, H, dst + k * kPanel + l, kPanel);
+          for (k = 0; k + 8 <= H; k += 8) transpose8(rows + l * H + k, H, dst + k * W + l, W);
           for (; k < H; ++k) {
-            for (int64_t i = 0; i < 8; ++i) dst[k * kPanel + l + i] = rows[(l + i) * H + k];
+            for (int64_t i = 0; i < 8; ++i) dst[k * W + l + i] = rows[(l + i) * H + k];
           }
         }
       }
       for (; l < w; ++l) {
-        for (k = 0; k < H; ++k) dst[k * kPanel + l] = rows[l * H + k];
+        for (k = 0; k < H; ++k) dst[k * W + l] = rows[l * H + k];
       }
     }
   }
 }
 
-// The backward's panels: columns u0 .. u0 + n of w_hh (4H rows, K = 4H), copied
-// row by row; columns past n are zero.
+// The backward's panels: columns u0 .. u0 + n of w_hh (K rows, H columns; K = 4H
+// for the LSTM, 3H for the GRU), kPanel at a time, copied row by row; columns
+// past n are zero.
 template <typename S>
-void pack_column_panels(S* P, const S* w_hh, int64_t H, int64_t u0, int64_t n) {
+void pack_column_panels(S* P, const S* w_hh, int64_t K, int64_t H, int64_t u0, int64_t n) {
   for (int64_t p = 0; p < panel_count(n); ++p) {
-    S* panel = P + p * 4 * H * kPanel;
+    S* panel = P + p * K * kPanel;
     const int64_t c0 = p * kPanel, width = std::min(kPanel, n - c0);
-    if (width < kPanel) std::fill(panel, panel + 4 * H * kPanel, S(0));
-    for (int64_t k = 0; k < 4 * H; ++k) {
+    if (width < kPanel) std::fill(panel, panel + K * kPanel, S(0));
+    for (int64_t k = 0; k < K; ++k) {
       const S* src = w_hh + k * H + u0 + c0;
       std::copy(src, src + width, panel + k * kPanel);
     }
   }
 }
 
-// out[m, v0 L .. (v0 + V) L) of one panel, m < M: each k broadcasts a[m, k]
-// against V vectors of the panel row (no horizontal sums).
-template <int M, int V>
+// out[m, v0 L .. (v0 + V) L) of one panel of G vectors, m < M: each k
+// broadcasts a[m, k] against V vectors of the panel row (no horizontal sums).
+template <int M, int V, int G>
 inline void panel_block(const float* a, int64_t lda, const float* panel, int64_t K, float* out, int64_t ldo, int v0) {
   GemvVec acc[M][V] = {};
   for (int64_t k = 0; k < K; ++k) {
     GemvVec w[V];
-    for (int v = 0; v < V; ++v) w[v] = ld<GemvVec>(panel + k * kPanel + (v0 + v) * kGemvLanes);
+    for (int v = 0; v < V; ++v) w[v] = ld<GemvVec>(panel + k * G * kGemvLanes + (v0 + v) * kGemvLanes);
     for (int m = 0; m < M; ++m) {
       const float am = a[m * lda + k];
       for (int v = 0; v < V; ++v) acc[m][v] += am * w[v];
@@ -103,24 +106,39 @@ inline void panel_block(const float* a, int64_t lda, const float* panel, int64_t
   }
 }
 
-// out[m, c] = sum_k a[m, k] panel(k, c) for m < M (<= 4) and the panel's kPanel columns.
-template <typename S>
+// M rows of a panel of G vectors: all G at once while the accumulators, the G
+// panel vectors and the broadcast a[m, k] fit AVX2's 16 registers, else half
+// the panel at a time (G = 4: M = 3, 4; G = 3 fits up to M = 4).
+template <int M, int G>
+inline void panel_rows(const float* a, int64_t lda, const float* panel, int64_t K, float* out, int64_t ldo) {
+  if constexpr (M * G + G + 1 <= 16) {
+    panel_block<M, G, G>(a, lda, panel, K, out, ldo, 0);
+  } else {
+    static_assert(G % 2 == 0, "a panel too wide for the registers splits in halves");
+    panel_block<M, G / 2, G>(a, lda, panel, K, out, ldo, 0);
+    panel_block<M, G / 2, G>(a, lda, panel, K, out, ldo, G / 2);
+  }
+}
+
+// out[m, c] = sum_k a[m, k] panel(k, c) for m < M (<= 4) and the panel's G kGemvLanes columns.
+template <int G, typename S>
 inline void panel_product(const S* a, int64_t M, int64_t lda, const S* panel, int64_t K, S* out, int64_t ldo) {
+  constexpr int64_t W = G * kGemvLanes;
   if constexpr (std::is_same_v<S, float>) {
-    switch (M) {  // at most 16 accumulators: registers even with AVX2's 16
-      case 1: panel_block<1, 4>(a, lda, panel, K, out, ldo, 0); break;
-      case 2: panel_block<2, 4>(a, lda, panel, K, out, ldo, 0); break;
-      case 3: panel_block<3, 2>(a, lda, panel, K, out, ldo, 0), panel_block<3, 2>(a, lda, panel, K, out, ldo, 2); break;
-      default: panel_block<4, 2>(a, lda, panel, K, out, ldo, 0), panel_block<4, 2>(a, lda, panel, K, out, ldo, 2); break;
+    switch (M) {
+      case 1: panel_rows<1, G>(a, lda, panel, K, out, ldo); break;
+      case 2: panel_rows<2, G>(a, lda, panel, K, out, ldo); break;
+      case 3: panel_rows<3, G>(a, lda, panel, K, out, ldo); break;
+      default: panel_rows<4, G>(a, lda, panel, K, out, ldo); break;
     }
   } else {
     for (int64_t m = 0; m < M; ++m) {
-      S acc[kPanel] = {};
+      S acc[W] = {};
       for (int64_t k = 0; k < K; ++k) {
         const S am = a[m * lda + k];
-        for (int64_t c = 0; c < kPanel; ++c) acc[c] += am * panel[k * kPanel + c];
+        for (int64_t c = 0; c < W; ++c) acc[c] += am * panel[k * W + c];
       }
-      std::copy(acc, acc + kPanel, out + m * ldo);
+      std::copy(acc, acc + W, out + m * ldo);
     }
   }
 }
@@ -209,14 +227,14 @@ void lstm_forward_small_batch(S* pre, const S* w_hh, S* h_bufs, S* c, S* out, S*
     unit_slice(H, team, tid, u0, u1);
     const int64_t n = u1 - u0, L = kGemvLanes;
     std::vector<S> panels((n + L - 1) / L * H * kPanel), gh(B * kPanel);
-    pack_gate_panels(panels.data(), w_hh, H, u0, n);
+    pack_gate_panels<4>(panels.data(), w_hh, H, u0, n);
     for (int64_t t = 0; t < T; ++t) {
       const S* h_prev = h_bufs + (t & 1) * B * H;
       S* h_next = h_bufs + ((t + 1) & 1) * B * H;
       for (int64_t p = 0; p * L < n; ++p) {
         const int64_t j0 = u0 + p * L, w = std::min(L, n - p * L);
         // Stopped rows get a product too (their h is finite): cheaper than compacting the batch.
-        panel_product(h_prev, B, H, panels.data() + p * H * kPanel, H, gh.data(), kPanel);
+        panel_product<4>(h_prev, B, H, panels.data() + p * H * kPanel, H, gh.data(), kPanel);
         for (int64_t b = 0; b < B; ++b) {
           const int64_t o = b * H + j0, r = t * B + b;
           S* cs_row = cs != nullptr ? cs + r * H + j0 : nullptr;
@@ -256,7 +274,7 @@ void lstm_backward_small_batch(const S* gates, const S* cs, const S* c0, const S
     const int64_t n = u1 - u0, width = panel_count(n) * kPanel;
     // Columns u0..u1 of W_hh (4H rows): dh_{t-1}[:, u0:u1] = grad_pre[t] W_hh[:, u0:u1].
     std::vector<S> panels(panel_count(n) * 4 * H * kPanel), product(B * width);
-    pack_column_panels(panels.data(), w_hh, H, u0, n);
+    pack_column_panels(panels.data(), w_hh, 4 * H, H, u0, n);
     for (int64_t g = 0; g < 4; ++g) std::fill(db + g * H + u0, db + g * H + u1, S(0));
     for (int64_t t = T - 1; t >= 0; --t) {
       for (int64_t b = 0; b < B && n > 0; ++b) {
@@ -282,7 +300,7 @@ void lstm_backward_small_batch(const S* gates, const S* cs, const S* c0, const S
       // Reads every thread's grad_pre[t] while the next step writes grad_pre[t - 1]: no second barrier needed.
       if (n == 0) continue;
       for (int64_t p = 0; p < panel_count(n); ++p) {
-        panel_product(grad_pre + t * B * 4 * H, B, 4 * H, panels.data() + p * 4 * H * kPanel, 4 * H,
+        panel_product<4>(grad_pre + t * B * 4 * H, B, 4 * H, panels.data() + p * 4 * H * kPanel, 4 * H,
                       product.data() + p * kPanel, width);
       }
       for (int64_t b = 0; b < B; ++b) {  // stopped rows carry dh unchanged
