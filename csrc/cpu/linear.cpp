@@ -22,16 +22,28 @@ constexpr int64_t kXRows = 4;
 
 // sums[r][m] = x[m] . W[n + r] for kWeightRows rows of W and MR <= kXRows rows of x.
 // A block past W's last row repeats that row (R of them are real), so the loop
-// has no row branch and the accumulators stay in registers.
+// has no row branch and the accumulators stay in registers. `next`: the next
+// block's first row (next_rows >= 1 of them), or null: prefetched while this
+// block computes, so that memory keeps streaming W while the FMAs run (and, past
+// 4 rows of x, while the later groups reread this block from L1). One thread:
+// 13 -> 21-26 GB/s at 4 rows, 11 -> 18-20 at 8, 10 -> 12.5 at 16, 1 row unchanged.
 template <int64_t MR>
-ATTNKIT_INLINE void block(const float* x, const float* w, int64_t R, int64_t K, float sums[][kXRows]) {
+ATTNKIT_INLINE void block(const float* x, const float* w, int64_t R, int64_t K, const float* next, int64_t next_rows,
+                          float sums[][kXRows]) {
   const float* wr[kWeightRows];
   for (int64_t r = 0; r < kWeightRows; ++r) wr[r] = w + std::min(r, R - 1) * K;
+  const float* pf[kWeightRows] = {};
+  if (next != nullptr) {
+    for (int64_t r = 0; r < kWeightRows; ++r) pf[r] = next + std::min(r, next_rows - 1) * K;
+  }
   vf acc[kWeightRows][MR];
   for (int64_t r = 0; r < kWeightRows; ++r)
     for (int64_t m = 0; m < MR; ++m) acc[r][m] = vf{};
   int64_t k = 0;
   for (; k + W <= K; k += W) {
+    if (next != nullptr) {
+      for (int64_t r = 0; r < kWeightRows; ++r) __builtin_prefetch(pf[r] + k, 0, 3);
+    }
     vf xv[MR];
     for (int64_t m = 0; m < MR; ++m) xv[m] = load(x + m * K + k);
     for (int64_t r = 0; r < kWeightRows; ++r) {
@@ -57,15 +69,18 @@ void rows(const float* x, int64_t M, const float* w, const float* bias, float* y
   float sums[kWeightRows][kXRows];
   for (int64_t n = n_begin; n < n_end; n += kWeightRows) {
     const int64_t R = std::min(kWeightRows, n_end - n);
+    const int64_t next_rows = std::min(kWeightRows, n_end - n - R);
     for (int64_t m0 = 0; m0 < M; m0 += kXRows) {
       const int64_t MR = std::min(kXRows, M - m0);
       const float* xm = x + m0 * K;
       const float* wn = w + n * K;
+      // The first group of rows prefetches the next block (its lines arrive while the rest compute).
+      const float* next = m0 == 0 && next_rows > 0 ? wn + R * K : nullptr;
       switch (MR) {
-        case 1: block<1>(xm, wn, R, K, sums); break;
-        case 2: block<2>(xm, wn, R, K, sums); break;
-        case 3: block<3>(xm, wn, R, K, sums); break;
-        default: block<4>(xm, wn, R, K, sums); break;
+        case 1: block<1>(xm, wn, R, K, next, next_rows, sums); break;
+        case 2: block<2>(xm, wn, R, K, next, next_rows, sums); break;
+        case 3: block<3>(xm, wn, R, K, next, next_rows, sums); break;
+        default: block<4>(xm, wn, R, K, next, next_rows, sums); break;
       }
       for (int64_t r = 0; r < R; ++r)
         for (int64_t m = 0; m < MR; ++m) y[(m0 + m) * N + n + r] = sums[r][m] + (bias ? bias[n + r] : 0.f);
