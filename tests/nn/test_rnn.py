@@ -211,14 +211,15 @@ class TestErrorsLikeTorch:
             ours(torch.randn(3, 2, 5))
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("how", ["padded", "packed_unsorted"])
-def test_batch_one_float32_matches_torch(how):
+def test_batch_one_float32_matches_torch(kind, how):
     """Batch 1-2 in float32 at a hidden size with whole weight panels (issue 6's
     B = 1 benchmark shape, shorter), bidirectional and 2 layers: outputs and
-    every gradient vs torch.nn.LSTM."""
+    every gradient vs torch.nn.LSTM / GRU."""
     torch.manual_seed(0)
     kwargs = dict(num_layers=2, bidirectional=True)
-    ours, theirs = attnkit.nn.LSTM(32, 128, **kwargs), torch.nn.LSTM(32, 128, **kwargs)
+    ours, theirs = getattr(attnkit.nn, kind)(32, 128, **kwargs), getattr(torch.nn, kind)(32, 128, **kwargs)
     theirs.load_state_dict(ours.state_dict())
     B = 1 if how == "padded" else 2
     x = torch.randn(24, B, 32, requires_grad=True)
