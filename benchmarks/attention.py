@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timing import max_error, median_ms
+from timing import max_error, median_ms, within_budget
 
 import attnkit
 
@@ -102,7 +102,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
         baselines[package[0]] = package[1]
     ours = lambda q, k, v, causal: attnkit.ops.flash_attention(q, k, v, causal=causal)  # noqa: E731
     rows = []
-    for dim, n in QUICK if quick else FULL:
+    for dim, n in within_budget(QUICK if quick else FULL, rows, lambda case: f"D={case[0]} N={case[1]}"):
         batch = max(1, TOKENS // n)
         q, k, v = (torch.randn(batch, heads, n, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         for causal in (False, True):

@@ -3,6 +3,7 @@ CUDA work is synchronized around each repeat."""
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 from typing import Callable
@@ -46,6 +47,25 @@ def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repe
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def out_of_time() -> bool:
+    """True once the wall clock passes ATTNKIT_BENCH_DEADLINE (seconds since the
+    epoch), which `make gpu-check` sets so that a long family stops between
+    shapes and keeps the rows it has, rather than being killed with none."""
+    deadline = os.environ.get("ATTNKIT_BENCH_DEADLINE")
+    return deadline is not None and time.time() >= float(deadline)
+
+
+def within_budget(cases, rows: list, describe: Callable[[object], str]):
+    """Yields cases until out_of_time(); then appends one untimed row saying
+    which case and those after it were not measured, and stops."""
+    for case in cases:
+        if out_of_time():
+            rows.append(dict(case="not measured: the time budget ran out", shape=f"{describe(case)} and later",
+                             backend="-", ours_ms=float("nan"), baseline_ms=float("nan"), max_err=float("nan")))
+            return
+        yield case
 
 
 def max_error(ours, theirs) -> float:

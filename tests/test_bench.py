@@ -3,6 +3,7 @@ the pytest-benchmark bridge and the GPU check's dry run. Families run at tiny
 sizes (monkeypatched) so this takes seconds."""
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -321,3 +322,18 @@ def test_gpu_check_runs_one_pytest_per_selected_file_in_parallel(tmp_path):
     (suite / "test_b.py").write_text("import pytest, time\n\n@pytest.mark.gpu\ndef test_b():\n    time.sleep(60)\n")
     status, taken, _, _, _ = gpu_check.run_tests(str(tmp_path), str(out), 20, [str(suite)], [], jobs=2)
     assert status.startswith("failed (rc 1); timed out after ") and taken < 40
+
+
+def test_families_stop_between_cases_at_the_gpu_check_deadline(monkeypatch):
+    timing = core.timing_module()
+    rows = []
+    monkeypatch.delenv("ATTNKIT_BENCH_DEADLINE", raising=False)
+    assert list(timing.within_budget([1, 2], rows, str)) == [1, 2] and rows == []
+    monkeypatch.setenv("ATTNKIT_BENCH_DEADLINE", str(time.time() + 3600))
+    cases = timing.within_budget([1, 2, 3], rows, lambda case: f"N={case}")
+    assert next(cases) == 1 and rows == []
+    monkeypatch.setenv("ATTNKIT_BENCH_DEADLINE", str(time.time() - 1))  # the budget runs out mid-family
+    assert list(cases) == [] and len(rows) == 1
+    assert rows[0]["case"] == "not measured: the time budget ran out" and rows[0]["shape"] == "N=2 and later"
+    row = core._complete_row(rows[0], {})
+    assert row["ours_ms"] is None and row["speedup"] is None  # an untimed row in the table, not a crash
