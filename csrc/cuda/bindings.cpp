@@ -4,6 +4,7 @@
 
 #include "attnkit/lstm_cell.h"
 #include "attnkit/rnn.h"
+#include "attnkit/rnn_persistent.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "attnkit CUDA kernels";
@@ -13,4 +14,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_backward", &attnkit::cuda::lstm_backward, "whole-sequence LSTM layer, backward (CUDA)");
   m.def("gru_forward", &attnkit::cuda::gru_forward, "whole-sequence GRU layer, forward (CUDA)");
   m.def("gru_backward", &attnkit::cuda::gru_backward, "whole-sequence GRU layer, backward (CUDA)");
+  m.def("rnn_persistent_unsupported", &attnkit::cuda::rnn_persistent_unsupported,
+        "why the persistent LSTM/GRU kernel cannot run (gates, batch, hidden, dtype, device); empty if it can");
+  m.def("lstm_forward_persistent", &attnkit::cuda::lstm_forward_persistent,
+        "whole-sequence LSTM forward, persistent kernel, inference (CUDA); [] when not taken");
+  m.def("gru_forward_persistent", &attnkit::cuda::gru_forward_persistent,
+        "whole-sequence GRU forward, persistent kernel, inference (CUDA); [] when not taken");
 }

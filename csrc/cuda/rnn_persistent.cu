@@ -1,0 +1,296 @@
+// Persistent small-batch LSTM / GRU forward (inference): ONE launch runs all T
+// steps. Block k owns hidden units [k U, k U + U) and keeps their rows of W_hh
+// (all 4 LSTM / 3 GRU gates) in shared memory for the whole sequence, so the
+// weights are read from HBM once instead of once per step (FlashRNN's idea).
+// Per step a block stages h_{t-1} (B x H, small) from global memory, computes
+// its slice of W_hh h_{t-1}, applies the gate math of attnkit/gate_math.h and
+// writes its slice of h_t; then the whole grid meets at a barrier.
+//
+// The barrier is cooperative_groups' grid.sync() under cudaLaunchCooperativeKernel,
+// not a hand-written generation counter: a cooperative launch is refused
+// (cudaErrorCooperativeLaunchTooLarge) when the grid cannot be co-resident,
+// where a hand-written barrier would hang the GPU; grid.sync() also carries the
+// memory fences that make every block's h_t writes visible to every block.
+//
+// h is double-buffered in global memory: step t reads buffer t & 1 and writes
+// buffer (t + 1) & 1. One barrier per step is enough: a block that runs ahead
+// into step t + 1 writes buffer t & 1 only after every block has passed the
+// barrier of step t, i.e. after every block finished reading it.
+// The h pointers are deliberately not __restrict__/const-qualified for the whole
+// kernel: buffers written by other blocks must not be read through the
+// non-coherent read-only cache.
+//
+// Batch 1..8, float32 / float16 / bfloat16 storage, float accumulation. The
+// host checks the shared-memory fit and co-residency first and reports "not
+// taken" (an empty result) so the caller can fall back to the per-step path.
+// Not yet run on a GPU: automatic selection is opt-in (backends/rnn.py).
+#include "attnkit/rnn_persistent.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
+
+#include <string>
+
+#include "attnkit/gate_math.h"
+#include "attnkit/rnn_sequence.h"
+
+namespace attnkit {
+namespace cuda {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxBatch = 8;  // accumulators per lane: one per batch row
+
+template <typename S>
+struct Params {
+  const S* w_hh;       // (G H, H)
+  const S* pre;        // (T, B, G H) input projections; LSTM: both biases folded in, GRU: b_ih
+  const S* b_hh;       // GRU: (3 H) or null (b_hn must stay inside r * (W_hn h + b_hn)); LSTM: null
+  S* h;                // (2, B, H): h_{t-1} and h_t, double-buffered; buffer 0 holds h0
+  float* c;            // LSTM: (B, H) cell state, each entry owned by one thread; GRU: null
+  S* out;              // (T, B, H)
+  const int64_t* len;  // (B,) on the device, or null
+  int T, B, H, U;      // U: units per block
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename S, int G>
+__global__ void __launch_bounds__(kThreads) rnn_persistent_kernel(Params<S> p) {
+  cg::grid_group grid = cg::this_grid();
+  const int H = p.H, B = p.B, U = p.U, GU = G * p.U;
+  const int j0 = blockIdx.x * U;
+  const int units = min(U, H - j0);  // the last block may own fewer than U units
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  // Shared memory: h_{t-1} as float (B H), this block's W_hh h (B G U), its W_hh rows (G U H).
+  extern __shared__ float4 smem_raw[];
+  float* h_s = reinterpret_cast<float*>(smem_raw);
+  float* gh_s = h_s + B * H;
+  S* w_s = reinterpret_cast<S*>(gh_s + B * GU);
+
+  // Row (g, u) of the slice is W_hh row g H + j0 + u; rows u >= units are never read.
+  for (int i = threadIdx.x; i < G * units * H; i += kThreads) {
+    const int g = i / (units * H), u = (i / H) % units, k = i % H;
+    w_s[(g * U + u) * H + k] = p.w_hh[(int64_t(g) * H + j0 + u) * H + k];
+  }
+
+  for (int t = 0; t < p.T; ++t) {
+    const S* h_prev = p.h + (t & 1) * B * H;
+    S* h_next = p.h + ((t + 1) & 1) * B * H;
+    for (int i = threadIdx.x; i < B * H; i += kThreads) h_s[i] = static_cast<float>(h_prev[i]);
+    __syncthreads();  // h_s complete (and, at t = 0, w_s loaded)
+
+    // W_hh h_{t-1} for this block's rows: one warp per row, all batch rows at once.
+    // The loop bounds depend on the warp only, so whole warps reach warp_sum.
+    for (int r = warp; r < GU; r += kWarps) {
+      if (r % U >= units) continue;
+      const S* w_row = w_s + r * H;
+      float acc[kMaxBatch] = {};
+      for (int k = lane; k < H; k += 32) {
+        const float w = static_cast<float>(w_row[k]);
+#pragma unroll
+        for (int b = 0; b < kMaxBatch; ++b) {
+          if (b < B) acc[b] += w * h_s[b * H + k];
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < kMaxBatch; ++b) {
+        if (b < B) {
+          const float v = warp_sum(acc[b]);
+          if (lane == 0) gh_s[b * GU + r] = v;
+        }
+      }
+    }
+    __syncthreads();  // gh_s complete
+
+    // Gate math, one thread per (batch row, unit); as rnn.cu's per-step kernels.
+    for (int i = threadIdx.x; i < B * units; i += kThreads) {
+      const int b = i / units, u = i % units, j = j0 + u, o = b * H + j;
+      S* out = p.out + int64_t(t) * B * H;
+      if (p.len != nullptr && t >= p.len[b]) {  // stopped: keep the state (c untouched), output 0
+        h_next[o] = h_prev[o];
+        out[o] = S(0);
+        continue;
+      }
+      const S* pre = p.pre + (int64_t(t) * B + b) * G * H;
+      const float* gh = gh_s + b * GU;
+      float h_new;
+      if constexpr (G == 4) {
+        const auto a = gates::lstm_activate<float>(
+            static_cast<float>(pre[j]) + gh[u], static_cast<float>(pre[H + j]) + gh[U + u],
+            static_cast<float>(pre[2 * H + j]) + gh[2 * U + u], static_cast<float>(pre[3 * H + j]) + gh[3 * U + u]);
+        const float c_new = gates::lstm_cell_state<float>(a, p.c[o]);
+        p.c[o] = c_new;
+        h_new = gates::lstm_hidden_state<float>(a, c_new);
+      } else {
+        float bh[3] = {0.f, 0.f, 0.f};
+        if (p.b_hh != nullptr) {
+          for (int g = 0; g < 3; ++g) bh[g] = static_cast<float>(p.b_hh[g * H + j]);
+        }
+        const auto a = gates::gru_activate<float>(static_cast<float>(pre[j]), static_cast<float>(pre[H + j]),
+                                                  static_cast<float>(pre[2 * H + j]), gh[u] + bh[0],
+                                                  gh[U + u] + bh[1], gh[2 * U + u] + bh[2]);
+        h_new = gates::gru_hidden_state<float>(a, h_s[o]);
+      }
+      // Rounded once: the output and the next step's input are the same value.
+      const S h_store = static_cast<S>(h_new);
+      h_next[o] = h_store;
+      out[o] = h_store;
+    }
+    // Every block's h_t written (and visible) before anyone reads it; also
+    // keeps h_s / gh_s of this step alive until the whole block is done.
+    if (t + 1 < p.T) grid.sync();
+  }
+}
+
+// Work split and fit for (G, B, H, dtype) on the current device; reason empty when it runs.
+struct Plan {
+  int units = 0, blocks = 0;
+  size_t smem = 0;
+  std::string reason;
+};
+
+template <typename S, int G>
+Plan make_plan(int64_t B, int64_t H) {
+  Plan plan;
+  if (B < 1 || B > kMaxBatch) {
+    plan.reason = "the persistent kernel takes batch 1.." + std::to_string(kMaxBatch) + ", got " + std::to_string(B);
+    return plan;
+  }
+  const int device = c10::cuda::current_device();
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
+  if (!prop->cooperativeLaunch) {
+    plan.reason = std::string("the device (") + prop->name + ") does not support cooperative launches";
+    return plan;
+  }
+  // One block per SM with as few units each as that allows: the smallest slice of W_hh per block.
+  const int64_t sms = prop->multiProcessorCount;
+  const int64_t units = (H + sms - 1) / sms;
+  plan.units = static_cast<int>(units);
+  plan.blocks = static_cast<int>((H + units - 1) / units);
+  plan.smem = sizeof(float) * (B * H + B * G * units) + sizeof(S) * G * units * H;
+  if (plan.smem > prop->sharedMemPerBlockOptin) {
+    plan.reason = "W_hh does not fit on chip: " + std::to_string(units) + " units per block over " +
+                  std::to_string(sms) + " SMs need " + std::to_string(plan.smem) +
+                  " bytes of shared memory per block, the device allows " +
+                  std::to_string(prop->sharedMemPerBlockOptin);
+    return plan;
+  }
+  const auto kernel = rnn_persistent_kernel<S, G>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan.smem));
+  if (int64_t(per_sm) * sms < plan.blocks) {
+    plan.reason = "the grid of " + std::to_string(plan.blocks) + " blocks cannot be co-resident (" +
+                  std::to_string(per_sm) + " per SM x " + std::to_string(sms) + " SMs)";
+  }
+  return plan;
+}
+
+template <int G, typename F>
+auto with_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(float{});
+    case at::kHalf:
+      return f(at::Half{});
+    case at::kBFloat16:
+      return f(at::BFloat16{});
+    default:
+      TORCH_CHECK(false, "attnkit persistent rnn: dtype must be float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+template <int G>
+Plan plan_for(at::ScalarType dtype, int64_t B, int64_t H) {
+  return with_dtype<G>(dtype, [&](auto s) { return make_plan<decltype(s), G>(B, H); });
+}
+
+// Runs the layer when the plan allows; returns {} (not taken) otherwise.
+template <int G>
+std::vector<at::Tensor> run(const at::Tensor& x, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
+                            const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                            const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(x.is_cuda(), "attnkit persistent rnn: x must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  rnn::check_forward(x, h0, G == 4 ? &*c0 : nullptr, w_ih, w_hh, b_ih, b_hh, c10::nullopt, lengths, G);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
+  TORCH_CHECK(T <= INT32_MAX && B * H <= INT32_MAX, "attnkit persistent rnn: sizes too large");
+  const Plan plan = plan_for<G>(x.scalar_type(), B, H);
+  if (!plan.reason.empty()) return {};
+
+  // The input projections of all steps: one cuBLAS GEMM (LSTM: both biases folded in).
+  c10::optional<at::Tensor> bias = b_ih;
+  if (G == 4 && rnn::present(b_hh)) bias = rnn::present(b_ih) ? *b_ih + *b_hh : *b_hh;
+  const at::Tensor x2 = x.view({T * B, I});
+  const at::Tensor pre = (rnn::present(bias) ? at::addmm(*bias, x2, w_ih.t()) : at::mm(x2, w_ih.t())).contiguous();
+  at::Tensor h = at::empty({2, B, H}, x.options());
+  h[0].copy_(h0);
+  // A copy even when c0 is float32 already: the kernel updates c in place.
+  at::Tensor c = G == 4 ? c0->to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous() : at::Tensor();
+  at::Tensor output = at::empty({T, B, H}, x.options());
+  const at::Tensor len = rnn::present(lengths) ? lengths->to(x.device()) : at::Tensor();
+
+  with_dtype<G>(x.scalar_type(), [&](auto s) {
+    using S = decltype(s);
+    Params<S> p{w_hh.data_ptr<S>(),
+                pre.data_ptr<S>(),
+                G == 3 && rnn::present(b_hh) ? b_hh->data_ptr<S>() : nullptr,
+                h.data_ptr<S>(),
+                c.defined() ? c.data_ptr<float>() : nullptr,
+                output.data_ptr<S>(),
+                len.defined() ? len.data_ptr<int64_t>() : nullptr,
+                static_cast<int>(T),
+                static_cast<int>(B),
+                static_cast<int>(H),
+                plan.units};
+    void* args[] = {&p};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(rnn_persistent_kernel<S, G>),
+                                               dim3(plan.blocks), dim3(kThreads), args, plan.smem,
+                                               at::cuda::getCurrentCUDAStream()));
+    return 0;
+  });
+  at::Tensor h_n = h[T & 1].clone();
+  if (G == 4) return {output, h_n, c.to(x.scalar_type())};
+  return {output, h_n};
+}
+
+}  // namespace
+
+std::string rnn_persistent_unsupported(int64_t gates, int64_t batch, int64_t hidden, at::ScalarType dtype,
+                                       at::Device device) {
+  TORCH_CHECK(device.is_cuda(), "attnkit persistent rnn: device must be a CUDA device, got ", device);
+  TORCH_CHECK(gates == 3 || gates == 4, "attnkit persistent rnn: gates must be 4 (LSTM) or 3 (GRU), got ", gates);
+  TORCH_CHECK(hidden >= 1 && hidden <= INT32_MAX, "attnkit persistent rnn: hidden_size must be >= 1, got ", hidden);
+  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) {
+    return std::string("the persistent kernel takes float32, float16, bfloat16, got ") + c10::toString(dtype);
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  return gates == 4 ? plan_for<4>(dtype, batch, hidden).reason : plan_for<3>(dtype, batch, hidden).reason;
+}
+
+std::vector<at::Tensor> lstm_forward_persistent(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                                const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                const c10::optional<at::Tensor>& b_ih,
+                                                const c10::optional<at::Tensor>& b_hh,
+                                                const c10::optional<at::Tensor>& lengths) {
+  return run<4>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths);
+}
+
+std::vector<at::Tensor> gru_forward_persistent(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                               const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                                               const c10::optional<at::Tensor>& b_hh,
+                                               const c10::optional<at::Tensor>& lengths) {
+  return run<3>(x, h0, c10::nullopt, w_ih, w_hh, b_ih, b_hh, lengths);
+}
+
+}  // namespace cuda
+}  // namespace attnkit

@@ -1,0 +1,32 @@
+// The persistent small-batch LSTM / GRU forward on CUDA (csrc/cuda/rnn_persistent.cu):
+// inference only, no projection, batch 1..8, float32 / float16 / bfloat16.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace attnkit {
+namespace cuda {
+
+// Why the kernel cannot run (gates = 4 LSTM, 3 GRU) on `device`; empty when it can:
+// W_hh must fit in the blocks' shared memory and the grid must be co-resident.
+std::string rnn_persistent_unsupported(int64_t gates, int64_t batch, int64_t hidden, at::ScalarType dtype,
+                                       at::Device device);
+
+// Arguments as attnkit::cuda::lstm_forward / gru_forward (no w_hr, no save). Return
+// {output, h_n, c_n} (LSTM) or {output, h_n} (GRU), or an empty list when not taken
+// (rnn_persistent_unsupported says why): the caller falls back to the per-step path.
+std::vector<at::Tensor> lstm_forward_persistent(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                                const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                const c10::optional<at::Tensor>& b_ih,
+                                                const c10::optional<at::Tensor>& b_hh,
+                                                const c10::optional<at::Tensor>& lengths);
+std::vector<at::Tensor> gru_forward_persistent(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                               const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                                               const c10::optional<at::Tensor>& b_hh,
+                                               const c10::optional<at::Tensor>& lengths);
+
+}  // namespace cuda
+}  // namespace attnkit
