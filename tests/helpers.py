@@ -73,7 +73,9 @@ def backend_params(op: str):
     for backend in attnkit.BACKENDS:
         if backend not in _dispatch._OPS[op].implementations:
             continue
-        devices = {"cpp": ["cpu"], "reference": ["cpu"], "triton": ["cpu", "cuda"], "cuda": ["cuda"]}[backend]
+        # cuda_persistent is inference only (no backward): tests/ops/test_rnn_persistent.py has its own.
+        devices = {"cpp": ["cpu"], "reference": ["cpu"], "triton": ["cpu", "cuda"], "cuda": ["cuda"],
+                   "cuda_persistent": []}[backend]
         for device in devices:
             marks = [pytest.mark.gpu] if device == "cuda" else []
             params.append(pytest.param(backend, device, marks=marks, id=f"{backend}-{device}"))

@@ -21,3 +21,22 @@ def test_cuda_backend_status_is_consistent():
     assert status.available == torch.cuda.is_available(), status
     if not torch.cuda.is_available():
         assert status.reason == "attnkit._C_cuda is built, but torch sees no CUDA GPU"
+
+
+def test_persistent_rnn_kernel_is_exported_and_checks_arguments():
+    ext, reason = _extensions.load("_C_cuda")
+    assert ext is not None, reason
+    for name in ("rnn_persistent_unsupported", "lstm_forward_persistent", "gru_forward_persistent"):
+        assert callable(getattr(ext, name)), name
+    # The checks that come before any device query run without a GPU.
+    cuda = torch.device("cuda")
+    with pytest.raises(RuntimeError, match="gates must be 4 \\(LSTM\\) or 3 \\(GRU\\)"):
+        ext.rnn_persistent_unsupported(5, 1, 64, torch.float32, cuda)
+    with pytest.raises(RuntimeError, match="device must be a CUDA device"):
+        ext.rnn_persistent_unsupported(4, 1, 64, torch.float32, torch.device("cpu"))
+    assert "got Double" in ext.rnn_persistent_unsupported(4, 1, 64, torch.float64, cuda)
+    x = torch.zeros(2, 1, 3)
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        ext.lstm_forward_persistent(x, x[0], x[0], x, x, None, None, None)
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        ext.gru_forward_persistent(x, x[0], x, x, None, None, None)

@@ -26,8 +26,8 @@ def test_automatic_choice_on_cpu_is_cpp_and_explained(cell_args):
     lstm_cell(*cell_args)
     decision = attnkit.last_dispatch("lstm_cell")
     assert decision.backend == "cpp" and decision.forced_by is None
-    assert set(decision.skipped) == {"reference", "triton", "cuda"}
-    assert decision.skipped["triton"] and decision.skipped["cuda"]
+    assert set(decision.skipped) == {"reference", "triton", "cuda_persistent", "cuda"}
+    assert decision.skipped["triton"] and decision.skipped["cuda"] and decision.skipped["cuda_persistent"]
     assert "cpp comes first" in decision.skipped["reference"][0]
     explained = attnkit.explain("lstm_cell", *cell_args)
     assert explained.backend == "cpp"
@@ -79,7 +79,7 @@ def test_environment_variable_unknown_backend(monkeypatch, cell_args):
 
 
 def test_unknown_backend_name():
-    with pytest.raises(ValueError, match="unknown backend 'cudnn'; expected one of triton, cuda, cpp, reference"):
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'; expected one of triton, cuda_persistent, cuda, cpp, reference"):
         attnkit.set_backend("cudnn")
     with pytest.raises(ValueError, match="unknown backend"):
         with attnkit.use_backend("nope"):

@@ -178,7 +178,7 @@ struct Kernels {
     return linear(a, w, bias);
   }
 
-  // A persistent small-batch kernel (W_hh kept on chip across steps) is not built yet.
+  // The persistent small-batch kernel (W_hh kept on chip across steps) is its own backend: rnn_persistent.cu.
 
   // The CPU's fused-step loops (csrc/cpu/rnn_fused.cpp): the per-step path here.
   static bool lstm_forward_fused(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,

@@ -2,8 +2,10 @@
 picks the first that supports it, or the one the user forced.
 
 Backends, in order of preference:
-  GPU tensors: triton -> cuda -> cpp -> reference
+  GPU tensors: triton -> cuda_persistent -> cuda -> cpp -> reference
   CPU tensors: cpp -> reference -> triton (CPU tensors only under TRITON_INTERPRET=1)
+cuda_persistent is the persistent small-batch LSTM/GRU kernel of attnkit._C_cuda
+(inference only; opt-in until validated on a GPU, see backends/rnn.py).
 
 An implementation states why it cannot serve a call (xformers'
 `not_supported_reasons`); the dispatcher keeps those reasons so that
@@ -34,10 +36,10 @@ import torch
 
 from . import _extensions
 
-BACKENDS = ("triton", "cuda", "cpp", "reference")
+BACKENDS = ("triton", "cuda_persistent", "cuda", "cpp", "reference")
 _ORDER_BY_DEVICE = {
-    "cuda": ("triton", "cuda", "cpp", "reference"),
-    "cpu": ("cpp", "reference", "triton", "cuda"),
+    "cuda": ("triton", "cuda_persistent", "cuda", "cpp", "reference"),
+    "cpu": ("cpp", "reference", "triton", "cuda_persistent", "cuda"),
 }
 _ALL_OPS = "*"  # key under which a backend forced for every op is stored
 
@@ -68,13 +70,13 @@ def _probe_triton() -> BackendStatus:
     return BackendStatus("triton", False, f"triton {triton.__version__} imports, but there is no GPU and TRITON_INTERPRET is not 1")
 
 
-def _probe_cuda() -> BackendStatus:
+def _probe_cuda(name: str = "cuda") -> BackendStatus:
     ext, reason = _extensions.load("_C_cuda")
     if ext is None:
-        return BackendStatus("cuda", False, reason)
+        return BackendStatus(name, False, reason)
     if not torch.cuda.is_available():
-        return BackendStatus("cuda", False, "attnkit._C_cuda is built, but torch sees no CUDA GPU")
-    return BackendStatus("cuda", True, f"attnkit._C_cuda on {torch.cuda.get_device_name()}")
+        return BackendStatus(name, False, "attnkit._C_cuda is built, but torch sees no CUDA GPU")
+    return BackendStatus(name, True, f"attnkit._C_cuda on {torch.cuda.get_device_name()}")
 
 
 def _probe_cpp() -> BackendStatus:
@@ -86,6 +88,7 @@ def _probe_cpp() -> BackendStatus:
 
 _PROBES: Dict[str, Callable[[], BackendStatus]] = {
     "triton": _probe_triton,
+    "cuda_persistent": lambda: _probe_cuda("cuda_persistent"),
     "cuda": _probe_cuda,
     "cpp": _probe_cpp,
     "reference": lambda: BackendStatus("reference", True, "plain PyTorch, always available"),
@@ -190,8 +193,8 @@ def device_reasons(call: Mapping[str, Any], backend: str) -> List[str]:
     device = call["device"].type
     if backend == "cpp" and device != "cpu":
         return [f"tensors are on {device}; the cpp backend runs on CPU"]
-    if backend == "cuda" and device != "cuda":
-        return [f"tensors are on {device}; the cuda backend runs on CUDA GPUs"]
+    if backend in ("cuda", "cuda_persistent") and device != "cuda":
+        return [f"tensors are on {device}; the {backend} backend runs on CUDA GPUs"]
     if backend == "triton" and device == "cpu" and not interpreter_active():
         return ["tensors are on cpu; Triton runs CPU tensors only under TRITON_INTERPRET=1"]
     if backend == "triton" and device not in ("cpu", "cuda"):

@@ -18,9 +18,11 @@ takes them to differentiate its forward again.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .. import _extensions, reference
+from .. import _dispatch, _extensions, reference
 from .._dispatch import Implementation, Op
 
 
@@ -80,6 +82,86 @@ class CppGru(_GruExtension):
 
 class CudaGru(_GruExtension):
     backend, extension, dtypes = "cuda", "_C_cuda", _CUDA_DTYPES
+
+
+# The persistent kernel has never run on a GPU: until a GPU run validates it, it is
+# chosen automatically only with ATTNKIT_RNN_PERSISTENT=1 (or when forced by name).
+PERSISTENT_ENV = "ATTNKIT_RNN_PERSISTENT"
+PERSISTENT_MAX_BATCH = 8
+_PERSISTENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class _Persistent(Implementation):
+    """csrc/cuda/rnn_persistent.cu: one launch for all T steps, each block keeping
+    its units' rows of W_hh in shared memory. Inference only (save=False), no
+    projection, batch 1..8; the kernel itself says when W_hh does not fit on chip."""
+
+    backend, extension = "cuda_persistent", "_C_cuda"
+    op, gates, entry, per_step = "", 0, "", None
+
+    def not_supported_reasons(self, call):
+        reasons = []
+        if call["dtype"] not in _PERSISTENT_DTYPES:
+            reasons.append(f"the persistent kernel takes float16, bfloat16, float32, got {str(call['dtype']).replace('torch.', '')}")
+        batch = call.get("batch")
+        if batch is None or not 1 <= batch <= PERSISTENT_MAX_BATCH:
+            reasons.append(f"the persistent kernel takes batch 1..{PERSISTENT_MAX_BATCH}, got {batch}")
+        if call.get("proj", False):
+            reasons.append("the persistent kernel has no proj_size (w_hr)")
+        if call.get("save", True):
+            reasons.append("the persistent kernel is inference only: this call keeps the gates for a backward (training)")
+        forced = _dispatch.forced_backend(self.op)
+        if os.environ.get(PERSISTENT_ENV, "0") != "1" and (forced is None or forced[0] != self.backend):
+            reasons.append(
+                f"the persistent kernel is opt-in until validated on a GPU: set {PERSISTENT_ENV}=1 or force "
+                f"use_backend('{self.backend}', op='{self.op}')"
+            )
+        if reasons:
+            return reasons
+        ext = self._ext()
+        if not hasattr(ext, self.entry):
+            return [f"attnkit._C_cuda was built without {self.entry}: rebuild it (make build)"]
+        why = ext.rnn_persistent_unsupported(self.gates, batch, call["hidden_size"], call["dtype"], call["device"])
+        return [why] if why else []
+
+    def _ext(self):
+        return _extensions.load(self.extension)[0]
+
+    def _check_inference(self, save, w_hr=None):
+        if save or w_hr is not None:
+            raise NotImplementedError(
+                f"attnkit {self.op}: the cuda_persistent backend is inference only (save=False) and has no proj_size"
+            )
+
+    def backward(self, *args):
+        raise NotImplementedError(
+            f"attnkit {self.op}: the cuda_persistent backend has no backward; training forwards (save=True) "
+            "never select it"
+        )
+
+
+class CudaPersistentLstm(_Persistent):
+    op, gates, entry, per_step = "lstm", 4, "lstm_forward_persistent", CudaLstm()
+
+    def forward(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save):
+        self._check_inference(save, w_hr)
+        result = self._ext().lstm_forward_persistent(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
+        if not result:  # not taken (W_hh off chip on this device): the per-step kernels
+            return self.per_step.forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save)
+        output, h_n, c_n = result
+        return output, h_n, c_n, _empty(x), _empty(x), _empty(x)
+
+
+class CudaPersistentGru(_Persistent):
+    op, gates, entry, per_step = "gru", 3, "gru_forward_persistent", CudaGru()
+
+    def forward(self, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save):
+        self._check_inference(save)
+        result = self._ext().gru_forward_persistent(x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
+        if not result:
+            return self.per_step.forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save)
+        output, h_n = result
+        return output, h_n, _empty(x)
 
 
 def _vjp(fn, inputs, grad_outputs):
@@ -142,5 +224,5 @@ class ReferenceGru(Implementation):
         return tuple(_vjp(fn, [x, h0, w_ih, w_hh, b_ih, b_hh], [grad_output, grad_hn]))
 
 
-LSTM = Op("lstm", [CudaLstm(), CppLstm(), ReferenceLstm()])
-GRU = Op("gru", [CudaGru(), CppGru(), ReferenceGru()])
+LSTM = Op("lstm", [CudaPersistentLstm(), CudaLstm(), CppLstm(), ReferenceLstm()])
+GRU = Op("gru", [CudaPersistentGru(), CudaGru(), CppGru(), ReferenceGru()])

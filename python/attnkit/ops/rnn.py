@@ -23,6 +23,13 @@ def _describe_tensors(x: Tensor) -> dict:
     return {"device": x.device, "dtype": x.dtype}
 
 
+def _describe_call(x: Tensor, w_hh: Tensor, gates: int, proj: bool, save: bool) -> dict:
+    """Device and dtype, plus what the inference-only persistent CUDA kernel looks at:
+    batch, hidden size, projection, and `save` (a training forward, or a backward)."""
+    return {**_describe_tensors(x), "batch": x.shape[1], "hidden_size": w_hh.shape[0] // gates, "proj": proj,
+            "save": save}
+
+
 def _zeros_if_none(grad, like):
     return torch.zeros_like(like) if grad is None else grad.contiguous()
 
@@ -39,7 +46,7 @@ def _lstm_forward(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
     w_hr: Optional[Tensor], lengths: Optional[Tensor], save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = LSTM.select(_describe_tensors(x))
+    impl = LSTM.select(_describe_call(x, w_hh, 4, w_hr is not None, save))
     return tuple(t.contiguous() for t in impl.forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save))
 
 
@@ -58,7 +65,7 @@ def _lstm_backward(
     w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
     output: Tensor, gates: Tensor, cs: Tensor, hc: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = LSTM.select(_describe_tensors(x))
+    impl = LSTM.select(_describe_call(x, w_hh, 4, w_hr is not None, save=True))
     grads = impl.backward(
         grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, output, gates, cs, hc
     )
@@ -104,7 +111,7 @@ def _gru_forward(
     x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
     lengths: Optional[Tensor], save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    impl = GRU.select(_describe_tensors(x))
+    impl = GRU.select(_describe_call(x, w_hh, 3, False, save))
     return tuple(t.contiguous() for t in impl.forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save))
 
 
@@ -121,7 +128,7 @@ def _gru_backward(
     grad_output: Tensor, grad_hn: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
     b_hh: Optional[Tensor], lengths: Optional[Tensor], output: Tensor, gates: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = GRU.select(_describe_tensors(x))
+    impl = GRU.select(_describe_call(x, w_hh, 3, False, save=True))
     grads = impl.backward(grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output, gates)
     return tuple(g.contiguous() for g in grads)
 
@@ -291,11 +298,13 @@ def gru(
 
 
 def _describe_lstm(input, hx=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None, *, w_hr=None, lengths=None):
-    return _describe_tensors(_validated(LSTM_OP, 4, input, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)[0])
+    args = _validated(LSTM_OP, 4, input, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+    return _describe_call(args[0], args[4], 4, w_hr is not None, _needs_grad(args[:8]))
 
 
 def _describe_gru(input, hx=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None, *, lengths=None):
-    return _describe_tensors(_validated(GRU_OP, 3, input, hx, w_ih, w_hh, b_ih, b_hh, None, lengths)[0])
+    args = _validated(GRU_OP, 3, input, hx, w_ih, w_hh, b_ih, b_hh, None, lengths)
+    return _describe_call(args[0], args[4], 3, False, _needs_grad(args[:7]))
 
 
 _dispatch.register_describer("lstm", _describe_lstm)
