@@ -3,11 +3,16 @@ torch.nn.LSTM / GRU with the same weights, forward (no grad) and
 forward+backward, on the same inputs; plus a training step on an unsorted
 PackedSequence. On CPU torch.nn.LSTM runs oneDNN (fp32): a strong baseline.
 attnkit.nn.LayerNormLSTM has no torch.nn counterpart: it is timed against the
-same module on the plain-PyTorch reference backend."""
+same module on the plain-PyTorch reference backend.
+
+On CUDA, also issue 6's inference figure: the persistent small-batch kernel
+(backend cuda_persistent, forced: it is opt-in until validated) against
+torch.nn (cuDNN) and against the per-step cuda backend, batch 1..8, T = 256,
+H = 256 / 512, in float16 and float32 whatever --dtype says."""
 from __future__ import annotations
 
 import torch
-from timing import max_error, median_ms
+from timing import max_error, median_ms, within_budget
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import attnkit
@@ -15,6 +20,8 @@ import attnkit
 TITLE = "LSTM / GRU layer over a sequence: attnkit.nn vs torch.nn"
 QUICK_SHAPES = [(32, 128, 256), (64, 100, 512), (1, 256, 128)]  # (batch, time, input = hidden)
 FULL_SHAPES = QUICK_SHAPES + [(8, 256, 256), (128, 64, 1024)]
+PERSISTENT_CASES = [(kind, dtype, batch, hidden) for kind in ("LSTM", "GRU") for dtype in (torch.float16, torch.float32)
+                    for hidden in (256, 512) for batch in (1, 2, 4, 8)]  # T = 256
 
 
 def modules(kind, hidden, device, dtype):
@@ -68,6 +75,40 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
             rows.append(dict(case="LSTM fwd+bwd, unsorted PackedSequence", shape=shape, backend=backend,
                              ours_ms=t_ours, baseline_ms=t_theirs, max_err=error))
     rows += layer_norm_rows(device, dtype, quick, timing)
+    if device.type == "cuda":
+        rows += persistent_rows(device, timing)
+    return rows
+
+
+def persistent_rows(device, timing, time=256):
+    rows = []
+    describe = lambda case: f"{case[0]} {str(case[1]).replace('torch.', '')} B={case[2]} H={case[3]}"  # noqa: E731
+    for kind, dtype, batch, hidden in within_budget(PERSISTENT_CASES, rows, describe):
+        op = kind.lower()
+        ours, theirs = modules(kind, hidden, device, dtype)
+        x = torch.randn(time, batch, hidden, device=device, dtype=dtype)
+        shape = f"B={batch} T={time} I=H={hidden} {str(dtype).replace('torch.', '')}"
+
+        def on(backend):
+            def call():
+                with attnkit.use_backend(backend, op=op):
+                    return ours(x)
+            return call
+
+        with torch.no_grad():
+            try:
+                error = max_error(on("cuda_persistent")()[0], theirs(x)[0])
+            except RuntimeError as exc:  # forced but refused (W_hh off chip on this GPU): say so
+                rows.append(dict(case=f"{kind} inference, persistent: not run ({exc})", shape=shape,
+                                 backend="cuda_persistent", ours_ms=float("nan"), baseline_ms=float("nan"),
+                                 max_err=float("nan")))
+                continue
+            t_persistent = median_ms(on("cuda_persistent"), device, **timing)
+            t_cudnn = median_ms(lambda: theirs(x), device, **timing)
+            t_per_step = median_ms(on("cuda"), device, **timing)
+        common = dict(shape=shape, backend="cuda_persistent", ours_ms=t_persistent, max_err=error)
+        rows.append(dict(case=f"{kind} inference, persistent vs cuDNN", baseline_ms=t_cudnn, **common))
+        rows.append(dict(case=f"{kind} inference, persistent vs per-step cuda", baseline_ms=t_per_step, **common))
     return rows
 
 
