@@ -255,7 +255,7 @@ struct Kernels {
         for (int64_t b = begin; b < end; ++b) {
           const int64_t o = b * H;
           if (active(lp, b, t)) {
-            row(gi_p + 3 * o, gh_p + 3 * o, h_p + o, out_p + o, g_p + 4 * o, H);
+            row(gi_p + 3 * o, gh_p + 3 * o, H, nullptr, h_p + o, h_p + o, out_p + o, g_p + 4 * o, H, H);
           } else {
             std::fill(out_p + o, out_p + o + H, scalar_t(0));
           }
@@ -422,7 +422,7 @@ std::vector<at::Tensor> small_batch_lstm_backward(const at::Tensor& grad_output,
   at::Tensor grad_pre = at::empty({T, B, 4 * H}, x.options());
   const int64_t ld_t = transposed_stride(TB, x.element_size());
   at::Tensor grad_pre_t = at::empty({4 * H, ld_t}, x.options());
-  at::Tensor db = at::empty({4 * H}, x.options());
+  at::Tensor db = at::zeros({4 * H}, x.options());  // summed into by the threads
   at::Tensor dh = grad_hn.clone(), dc = grad_cn.clone();
   at::Tensor dx = at::empty({T, B, I}, x.options());
   at::Tensor dw_ih = at::empty({4 * H, I}, x.options()), dw_hh = at::empty({4 * H, H}, x.options());
@@ -452,14 +452,14 @@ std::vector<at::Tensor> small_batch_gru_forward(const at::Tensor& x, const at::T
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
   // The input projection of every step (one GEMM); b_hh stays apart: its n part sits inside the reset product.
   const at::Tensor gi = Kernels::linear(x.view({T * B, I}), w_ih, b_ih);
-  const at::Tensor bias_hh = rnn::present(b_hh) ? *b_hh : at::zeros({3 * H}, x.options());
   at::Tensor output = at::empty({T, B, H}, x.options());
   at::Tensor h_bufs = at::empty({2, B, H}, x.options());
   h_bufs[0].copy_(h0);
   at::Tensor gates = save ? at::empty({T, B, 4 * H}, x.options()) : rnn::none_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attnkit_gru_forward_small_batch", [&] {
     ATTNKIT_ROWS(gru_forward_small_batch<scalar_t>)(
-        gi.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), bias_hh.data_ptr<scalar_t>(), h_bufs.data_ptr<scalar_t>(),
+        gi.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), rnn::present(b_hh) ? b_hh->data_ptr<scalar_t>() : nullptr,
+        h_bufs.data_ptr<scalar_t>(),
         output.data_ptr<scalar_t>(), save ? gates.data_ptr<scalar_t>() : nullptr,
         rnn::present(lengths) ? lengths->data_ptr<int64_t>() : nullptr, T, B, H, small_batch_threads(B, H));
   });
@@ -480,7 +480,7 @@ std::vector<at::Tensor> small_batch_gru_backward(const at::Tensor& grad_output, 
   at::Tensor grad_gh_bufs = at::empty({2, B, 3 * H}, x.options());
   const int64_t ld_t = transposed_stride(TB, x.element_size());
   at::Tensor grad_t = at::empty({4 * H, ld_t}, x.options());  // rows: recurrent r, z, n, then input-side n
-  at::Tensor db_ih = at::empty({3 * H}, x.options()), db_hh = at::empty({3 * H}, x.options());
+  at::Tensor db_ih = at::zeros({3 * H}, x.options()), db_hh = at::zeros({3 * H}, x.options());
   at::Tensor dh = grad_hn.clone();
   at::Tensor dx = at::empty({T, B, I}, x.options());
   at::Tensor dw_ih = at::empty({3 * H, I}, x.options()), dw_hh = at::empty({3 * H, H}, x.options());

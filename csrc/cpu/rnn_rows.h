@@ -57,19 +57,26 @@ void lstm_backward_row(const S* gates, const S* c_prev, const S* c_new, const S*
   });
 }
 
-// gi, gh: (3H) input and hidden projections (biases in); h: state in/out;
-// gates (4H) gets r, z, n, hn.
-template <typename S>
-void gru_forward_row(const S* gi, const S* gh, S* h, S* out, S* gates, int64_t H) {
-  for_units<S>(H, [&](auto lanes, int64_t j) {
+// gi (3H): input projection (b_ih in). gh: the hidden projection, its gates
+// `ldh` apart (H for a whole row), b_hh in, or added here from b_hh when not
+// null (before the reset product, as torch has it). h_prev -> h (may be the
+// same) and out; gates (4H, may be null) gets r, z, n, hn. `units` as in
+// lstm_forward_row; `wide` runs 16-lane vectors first (for_wide_units).
+template <typename S, bool wide = false>
+void gru_forward_row(const S* gi, const S* gh, int64_t ldh, const S* b_hh, const S* h_prev, S* h, S* out, S* gates,
+                     int64_t H, int64_t units) {
+  for_wide_units<S, wide>(units, [&](auto lanes, int64_t j) {
     using V = decltype(lanes);
-    const auto a = gates::gru_activate<V>(ld<V>(gi + j), ld<V>(gi + H + j), ld<V>(gi + 2 * H + j), ld<V>(gh + j),
-                                          ld<V>(gh + H + j), ld<V>(gh + 2 * H + j));
-    const V h_new = gates::gru_hidden_state<V>(a, ld<V>(h + j));
-    st(gates + j, a.r);
-    st(gates + H + j, a.z);
-    st(gates + 2 * H + j, a.n);
-    st(gates + 3 * H + j, a.hn);
+    V hg[3];
+    for (int g = 0; g < 3; ++g) hg[g] = ld<V>(gh + g * ldh + j) + (b_hh != nullptr ? ld<V>(b_hh + g * H + j) : V{});
+    const auto a = gates::gru_activate<V>(ld<V>(gi + j), ld<V>(gi + H + j), ld<V>(gi + 2 * H + j), hg[0], hg[1], hg[2]);
+    const V h_new = gates::gru_hidden_state<V>(a, ld<V>(h_prev + j));
+    if (gates != nullptr) {
+      st(gates + j, a.r);
+      st(gates + H + j, a.z);
+      st(gates + 2 * H + j, a.n);
+      st(gates + 3 * H + j, a.hn);
+    }
     st(h + j, h_new);
     st(out + j, h_new);
   });

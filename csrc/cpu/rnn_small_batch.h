@@ -91,7 +91,8 @@ void pack_column_panels(S* P, const S* w_hh, int64_t K, int64_t H, int64_t u0, i
 // out[m, v0 L .. (v0 + V) L) of one panel of G vectors, m < M: each k
 // broadcasts a[m, k] against V vectors of the panel row (no horizontal sums).
 template <int M, int V, int G>
-inline void panel_block(const float* a, int64_t lda, const float* panel, int64_t K, float* out, int64_t ldo, int v0) {
+inline __attribute__((always_inline)) void panel_block(const float* a, int64_t lda, const float* panel, int64_t K,
+                                                       float* out, int64_t ldo, int v0) {
   GemvVec acc[M][V] = {};
   for (int64_t k = 0; k < K; ++k) {
     GemvVec w[V];
@@ -108,9 +109,12 @@ inline void panel_block(const float* a, int64_t lda, const float* panel, int64_t
 
 // M rows of a panel of G vectors: all G at once while the accumulators, the G
 // panel vectors and the broadcast a[m, k] fit AVX2's 16 registers, else half
-// the panel at a time (G = 4: M = 3, 4; G = 3 fits up to M = 4).
+// the panel at a time (G = 4: M = 3, 4; G = 3 fits up to M = 4). Forced
+// inline, as gcc inlined the LSTM-only code (panel_product too): out-of-line
+// blocks cost the LSTM ~3%.
 template <int M, int G>
-inline void panel_rows(const float* a, int64_t lda, const float* panel, int64_t K, float* out, int64_t ldo) {
+inline __attribute__((always_inline)) void panel_rows(const float* a, int64_t lda, const float* panel, int64_t K,
+                                                      float* out, int64_t ldo) {
   if constexpr (M * G + G + 1 <= 16) {
     panel_block<M, G, G>(a, lda, panel, K, out, ldo, 0);
   } else {
@@ -122,7 +126,8 @@ inline void panel_rows(const float* a, int64_t lda, const float* panel, int64_t 
 
 // out[m, c] = sum_k a[m, k] panel(k, c) for m < M (<= 4) and the panel's G kGemvLanes columns.
 template <int G, typename S>
-inline void panel_product(const S* a, int64_t M, int64_t lda, const S* panel, int64_t K, S* out, int64_t ldo) {
+inline __attribute__((always_inline)) void panel_product(const S* a, int64_t M, int64_t lda, const S* panel,
+                                                         int64_t K, S* out, int64_t ldo) {
   constexpr int64_t W = G * kGemvLanes;
   if constexpr (std::is_same_v<S, float>) {
     switch (M) {
@@ -203,109 +208,145 @@ struct StepBarrier {
   }
 };
 
-inline void team_of(int& team, int& tid) {
+// A thread's share of the team: units [u0, u1) of H, n of them; `team` threads meet at the barrier.
+struct Slice {
+  int team;
+  int64_t u0, u1, n;
+};
+
+// The calling thread's slice, inside the team's parallel region. (A run_team(body)
+// helper taking a lambda cost the LSTM forward ~2%: the drivers below open the region themselves.)
+inline Slice team_slice(int64_t H) {
+  int team = 1, tid = 0;
 #ifdef _OPENMP
   team = omp_get_num_threads(), tid = omp_get_thread_num();
-#else
-  team = 1, tid = 0;
 #endif
+  int64_t u0, u1;
+  unit_slice(H, team, tid, u0, u1);
+  return Slice{team, u0, u1, u1 - u0};
 }
 
-// Forward. w_hh (4H, H). pre (T, B, 4H): input projections (biases in) in,
-// activated gates out; h_bufs (2, B, H): h0 in slot 0, h_T ends in slot T % 2;
-// c (B, H): c0 in, c_T out; out (T, B, H); cs (T, B, H) or null. len: per-row
-// lengths or null; a stopped row keeps its state and outputs 0.
-template <typename S>
-void lstm_forward_small_batch(S* pre, const S* w_hh, S* h_bufs, S* c, S* out, S* cs, const int64_t* len, int64_t T,
-                              int64_t B, int64_t H, int threads) {
+// The forward time loop of a G-gate cell (LSTM 4, GRU 3). w_hh (G H, H);
+// h_bufs (2, B, H): h0 in slot 0, h_T ends in slot T % 2; out (T, B, H). Each
+// step multiplies h_{t-1} by each of the thread's panels, then for units
+// j0 .. j0 + w of row b (r = t B + b, o = b H + j0) calls
+// cell(r, o, j0, w, gh, h_prev + o, h_next + o), gh the row's product (G
+// vectors of kGemvLanes, one per gate). len: per-row lengths or null; a
+// stopped row keeps its state, outputs 0 and gets stopped(r, o, j0, w).
+template <int G, typename S, typename Cell, typename Stopped>
+void forward_time_loop(const S* w_hh, S* h_bufs, S* out, const int64_t* len, int64_t T, int64_t B, int64_t H,
+                       int threads, Cell&& cell, Stopped&& stopped) {
+  constexpr int64_t L = kGemvLanes, W = G * L;
   StepBarrier barrier;
 #pragma omp parallel num_threads(threads)
   {
-    int team, tid;
-    team_of(team, tid);
-    int64_t u0, u1;
-    unit_slice(H, team, tid, u0, u1);
-    const int64_t n = u1 - u0, L = kGemvLanes;
-    std::vector<S> panels((n + L - 1) / L * H * kPanel), gh(B * kPanel);
-    pack_gate_panels<4>(panels.data(), w_hh, H, u0, n);
+    const Slice s = team_slice(H);
+    std::vector<S> panels((s.n + L - 1) / L * H * W), gh(B * W);
+    pack_gate_panels<G>(panels.data(), w_hh, H, s.u0, s.n);
     for (int64_t t = 0; t < T; ++t) {
       const S* h_prev = h_bufs + (t & 1) * B * H;
       S* h_next = h_bufs + ((t + 1) & 1) * B * H;
-      for (int64_t p = 0; p * L < n; ++p) {
-        const int64_t j0 = u0 + p * L, w = std::min(L, n - p * L);
+      for (int64_t p = 0; p * L < s.n; ++p) {
+        const int64_t j0 = s.u0 + p * L, w = std::min(L, s.n - p * L);
         // Stopped rows get a product too (their h is finite): cheaper than compacting the batch.
-        panel_product<4>(h_prev, B, H, panels.data() + p * H * kPanel, H, gh.data(), kPanel);
+        panel_product<G>(h_prev, B, H, panels.data() + p * H * W, H, gh.data(), W);
         for (int64_t b = 0; b < B; ++b) {
           const int64_t o = b * H + j0, r = t * B + b;
-          S* cs_row = cs != nullptr ? cs + r * H + j0 : nullptr;
           if (len != nullptr && t >= len[b]) {  // stopped: keep the state, output 0
             std::copy(h_prev + o, h_prev + o + w, h_next + o);
             std::fill(out + r * H + j0, out + r * H + j0 + w, S(0));
-            if (cs_row != nullptr) std::copy(c + o, c + o + w, cs_row);
+            stopped(r, o, j0, w);
             continue;
           }
-          lstm_panel_units(pre + r * 4 * H + j0, gh.data() + b * kPanel, c + o, h_next + o, out + r * H + j0, cs_row,
-                           H, w);
+          cell(r, o, j0, w, gh.data() + b * W, h_prev + o, h_next + o);
         }
       }
-      barrier.wait(team);
+      barrier.wait(s.team);
     }
   }
 }
 
-// Backward of the loop above, time reversed. gates (T, B, 4H) and cs saved by
-// the forward, c0 (B, H); dh / dc (B, H): dL/dh_T, dL/dc_T in, dL/dh_0,
-// dL/dc_0 out; grad_pre (T, B, 4H) and its transpose grad_pre_t (4H, T B;
-// row stride ld_t), for the weight gradients, get d(pre-activations); db (4H) their sum over
-// time and batch; w_hh (4H, H). Each thread owns units [u0, u1) of dh, dc and
-// of every gate, so only grad_pre[t] crosses threads: one barrier per step,
-// between writing it and reading it.
+// The backward time loop, t = T - 1 .. 0, of a cell whose dh_{t-1} takes
+// grad_gh(t) (B, K) times w_hh (K, H). step(t, slice) computes the thread's
+// units of step t's gradients, grad_gh(t) among them; after the barrier (all
+// of grad_gh(t) written), carry(b, slice, product) takes product[0 .. n) =
+// grad_gh(t)[b] w_hh[:, u0:u1] into dh for each running row b (stopped rows
+// carry dh unchanged). Each thread owns its units of dh and of every gate, so
+// only grad_gh(t) crosses threads: grad_gh(t - 1) must be another buffer,
+// written while the others still read grad_gh(t) (no second barrier).
+template <typename S, typename Step, typename GradGh, typename Carry>
+void backward_time_loop(const S* w_hh, int64_t K, const int64_t* len, int64_t T, int64_t B, int64_t H, int threads,
+                        Step&& step, GradGh&& grad_gh, Carry&& carry) {
+  StepBarrier barrier;
+#pragma omp parallel num_threads(threads)
+  {
+    const Slice s = team_slice(H);
+    const int64_t width = panel_count(s.n) * kPanel;
+    std::vector<S> panels(panel_count(s.n) * K * kPanel), product(B * width);
+    pack_column_panels(panels.data(), w_hh, K, H, s.u0, s.n);
+    for (int64_t t = T - 1; t >= 0; --t) {
+      if (s.n > 0) step(t, s);
+      barrier.wait(s.team);
+      if (s.n == 0) continue;
+      for (int64_t p = 0; p < panel_count(s.n); ++p) {
+        panel_product<4>(grad_gh(t), B, K, panels.data() + p * K * kPanel, K, product.data() + p * kPanel, width);
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        if (len == nullptr || t < len[b]) carry(b, s, product.data() + b * width);
+      }
+    }
+  }
+}
+
+// LSTM forward. w_hh (4H, H). pre (T, B, 4H): input projections (biases in)
+// in, activated gates out; h_bufs, out, len as in forward_time_loop; c (B, H):
+// c0 in, c_T out; cs (T, B, H) or null.
+template <typename S>
+void lstm_forward_small_batch(S* pre, const S* w_hh, S* h_bufs, S* c, S* out, S* cs, const int64_t* len, int64_t T,
+                              int64_t B, int64_t H, int threads) {
+  forward_time_loop<4>(
+      w_hh, h_bufs, out, len, T, B, H, threads,
+      [&](int64_t r, int64_t o, int64_t j0, int64_t w, const S* gh, const S*, S* h) {
+        S* cs_row = cs != nullptr ? cs + r * H + j0 : nullptr;
+        lstm_panel_units(pre + r * 4 * H + j0, gh, c + o, h, out + r * H + j0, cs_row, H, w);
+      },
+      [&](int64_t r, int64_t o, int64_t j0, int64_t w) {
+        if (cs != nullptr) std::copy(c + o, c + o + w, cs + r * H + j0);
+      });
+}
+
+// Backward of the loop above. gates (T, B, 4H) and cs saved by the forward,
+// c0 (B, H); dh / dc (B, H): dL/dh_T, dL/dc_T in, dL/dh_0, dL/dc_0 out;
+// grad_pre (T, B, 4H) and its transpose grad_pre_t (4H, T B; row stride ld_t),
+// for the weight gradients, get d(pre-activations); db (4H, zeros in) their
+// sum over time and batch; w_hh (4H, H). dh_{t-1} = grad_pre[t] W_hh.
 template <typename S>
 void lstm_backward_small_batch(const S* gates, const S* cs, const S* c0, const S* grad_output, const S* w_hh, S* dh,
                                S* dc, S* grad_pre, S* grad_pre_t, int64_t ld_t, S* db, const int64_t* len, int64_t T,
                                int64_t B, int64_t H, int threads) {
-  StepBarrier barrier;
-#pragma omp parallel num_threads(threads)
-  {
-    int team, tid;
-    team_of(team, tid);
-    int64_t u0, u1;
-    unit_slice(H, team, tid, u0, u1);
-    const int64_t n = u1 - u0, width = panel_count(n) * kPanel;
-    // Columns u0..u1 of W_hh (4H rows): dh_{t-1}[:, u0:u1] = grad_pre[t] W_hh[:, u0:u1].
-    std::vector<S> panels(panel_count(n) * 4 * H * kPanel), product(B * width);
-    pack_column_panels(panels.data(), w_hh, 4 * H, H, u0, n);
-    for (int64_t g = 0; g < 4; ++g) std::fill(db + g * H + u0, db + g * H + u1, S(0));
-    for (int64_t t = T - 1; t >= 0; --t) {
-      for (int64_t b = 0; b < B && n > 0; ++b) {
-        const int64_t o = b * H, r = t * B + b;
-        S* gp = grad_pre + r * 4 * H;
-        if (len != nullptr && t >= len[b]) {  // stopped: dh and dc pass through, no gradient to the gates
-          for (int64_t g = 0; g < 4; ++g) std::fill(gp + g * H + u0, gp + g * H + u1, S(0));
-        } else {
-          const S* go = grad_output + r * H;
-          for (int64_t j = u0; j < u1; ++j) dh[o + j] += go[j];
-          const S* c_prev = t > 0 ? cs + (r - B) * H : c0 + o;
-          lstm_backward_row(gates + r * 4 * H + u0, c_prev + u0, cs + r * H + u0, dh + o + u0, dc + o + u0, gp + u0,
-                            H, n);
-        }
-        for (int64_t g = 0; g < 4; ++g) {
-          for (int64_t j = g * H + u0; j < g * H + u1; ++j) {
-            grad_pre_t[j * ld_t + r] = gp[j];
-            db[j] += gp[j];
-          }
-        }
+  const auto step = [&](int64_t t, const Slice& s) {
+    const int64_t u0 = s.u0, u1 = s.u1;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t o = b * H, r = t * B + b;
+      S* gp = grad_pre + r * 4 * H;
+      if (len != nullptr && t >= len[b]) {  // stopped: dh and dc pass through, no gradient to the gates
+        for (int64_t g = 0; g < 4; ++g) std::fill(gp + g * H + u0, gp + g * H + u1, S(0));
+      } else {
+        const S* go = grad_output + r * H;
+        for (int64_t j = u0; j < u1; ++j) dh[o + j] += go[j];
+        const S* c_prev = t > 0 ? cs + (r - B) * H : c0 + o;
+        lstm_backward_row(gates + r * 4 * H + u0, c_prev + u0, cs + r * H + u0, dh + o + u0, dc + o + u0, gp + u0, H,
+                          s.n);
       }
-      barrier.wait(team);
-      // Reads every thread's grad_pre[t] while the next step writes grad_pre[t - 1]: no second barrier needed.
-      if (n == 0) continue;
-      for (int64_t p = 0; p < panel_count(n); ++p) {
-        panel_product<4>(grad_pre + t * B * 4 * H, B, 4 * H, panels.data() + p * 4 * H * kPanel, 4 * H,
-                      product.data() + p * kPanel, width);
-      }
-      for (int64_t b = 0; b < B; ++b) {  // stopped rows carry dh unchanged
-        if (len == nullptr || t < len[b]) std::copy(product.data() + b * width, product.data() + b * width + n, dh + b * H + u0);
+      for (int64_t g = 0; g < 4; ++g) {
+        for (int64_t j = g * H + u0; j < g * H + u1; ++j) {
+          grad_pre_t[j * ld_t + r] = gp[j];
+          db[j] += gp[j];
+        }
       }
     }
-  }
+  };
+  backward_time_loop(
+      w_hh, 4 * H, len, T, B, H, threads, step, [&](int64_t t) { return grad_pre + t * B * 4 * H; },
+      [&](int64_t b, const Slice& s, const S* product) { std::copy(product, product + s.n, dh + b * H + s.u0); });
 }
