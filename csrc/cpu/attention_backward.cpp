@@ -1,0 +1,321 @@
+// The backward of the CPU flash attention (the scheme: attention.cpp): the
+// dK/dV kernel (with dQ on the one-task-per-(batch, kv-head) schedule), the dQ
+// kernel, and the entry points, plain and with fused RoPE.
+#include "attnkit/attention.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "attention_kernel.h"
+#include "attention_rope.h"
+#include "attention_rows.h"
+
+namespace attnkit {
+namespace cpu {
+
+using namespace flash;  // attention_kernel.h
+
+namespace {
+
+// ------------------------------------------------------------------ backward
+// In the accumulation type throughout (fp16/bf16 arrive converted). Every tile
+// product is a plain A B GEMM (gemm_nn) on operands transposed once per call
+// (Operands): dV and dK are accumulated transposed, dV^T += dO^T P and
+// dK^T += Q^T dS, so no tile is ever transposed.
+
+template <typename T>
+struct Operands {
+  Rows<const T> q, k, dout;         // rows, as given (k for dQ += dS K)
+  Rows<const T> qT, kT, vT, doutT;  // columns of the transposed copies (kT holds scale * K^T)
+  int64_t ld_q, ld_k, ld_v, ld_do;  // their leading dims
+};
+
+// What both backward kernels share: the buffers of one thread and the tile step.
+template <typename T>
+struct BackwardTile {
+  const Spec& sp;
+  const Operands<T>& op;
+  int64_t BN;
+  std::vector<T> s, t, dp, ds;
+  std::vector<uint8_t> keep;
+
+  BackwardTile(const Spec& spec, const Operands<T>& ops, Blocks blk)
+      : sp(spec), op(ops), BN(blk.n), s(blk.m * blk.n), t(spec.softcap > 0 ? blk.m * blk.n : 0), dp(blk.m * blk.n),
+        ds(blk.m * blk.n), keep(blk.n) {}
+
+  // P (in s) and dP (in dp, dropout applied) of a (rows x cols) tile, `kt`
+  // holding its scale * K^T columns (leading dim ld_kt); with `p_out`, also the
+  // dropped-out P for the dV GEMM (returned).
+  const T* probabilities(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t n0, int64_t cols,
+                         const T* kt, int64_t ld_kt, const Rows<T>& lse, bool p_out) {
+    const int64_t kvh = h / sp.group, i0 = sq.q_start + m0, j0 = sq.k_start + n0;
+    gemm_nn(rows, cols, sp.dim, op.q.at(b, h, i0), op.q.sm, kt, ld_kt, false, s.data(), BN);
+    tile_scores(sp, sq, b, h, m0, rows, n0, cols, s.data(), t.data(), BN);
+    gemm_nn(rows, cols, sp.dim_v, op.dout.at(b, h, i0), op.dout.sm, op.vT.at(b, kvh, j0), op.ld_v, false, dp.data(),
+            BN);
+    for (int64_t r = 0; r < rows; ++r) {
+      T* row = s.data() + r * BN;
+      T stat = *lse.at(b, h, i0 + r);
+      stat = std::isinf(stat) ? T(0) : stat;  // an empty row's scores are all -inf: P = 0
+      attn_rows::exp_shift_sum(row, cols, stat);
+      if (sp.dropout) {
+        T* out_row = ds.data() + r * BN;  // ds holds the dropped-out P until dS is formed
+        attn_rows::dropout_keep(keep.data(), stream_of(sp, b, h), m0 + r, n0, cols, sp.max_k, sp.threshold);
+        apply_dropout(dp.data() + r * BN, keep.data(), cols, T(sp.drop_scale));
+        if (p_out) {
+          std::copy(row, row + cols, out_row);
+          apply_dropout(out_row, keep.data(), cols, T(sp.drop_scale));
+        }
+      }
+    }
+    return sp.dropout ? ds.data() : s.data();
+  }
+
+  // dS = P * (dP - delta) (* soft-cap derivative).
+  const T* score_grad(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t cols,
+                      const Rows<T>& delta) {
+    for (int64_t r = 0; r < rows; ++r) {
+      attn_rows::softmax_grad(ds.data() + r * BN, s.data() + r * BN, dp.data() + r * BN,
+                              t.empty() ? nullptr : t.data() + r * BN, cols, *delta.at(b, h, sq.q_start + m0 + r));
+    }
+    return ds.data();
+  }
+};
+
+// dK, dV (and dQ when `dq_acc` is given, owning whole (batch, kv-head) pairs).
+// With `rope`, dK is rotated back as it is written (the gradient of a rotation
+// is the opposite rotation), and with `k_raw` (k unrotated) each key block's
+// rotated K rows and scale * K^T are built here, once per block, instead of
+// read from op.k and op.kT.
+template <typename T>
+void backward_dkdv_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Rows<T> delta, Rows<T> dk, Rows<T> dv,
+                          Rows<T>* dq_acc, const rope::Rope<T>* rope, const Rows<const T>* k_raw, Blocks blk) {
+  const int64_t BM = blk.m, BN = blk.n, D = sp.dim, DV = sp.dim_v;
+  const int64_t n_blocks = dq_acc != nullptr ? 1 : (sp.max_k + BN - 1) / BN;
+  at::parallel_for(0, sp.batch * sp.heads_kv * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    BackwardTile<T> tile(sp, op, blk);
+    std::vector<T> dkT(D * BN), dvT(DV * BN), dk_tmp(D);  // (D x cols), leading dim BN
+    std::vector<T> k_tile(k_raw != nullptr ? BN * D : 0), kt_tile(k_raw != nullptr ? D * BN : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t nb = task % n_blocks, b = task / n_blocks / sp.heads_kv, kvh = task / n_blocks % sp.heads_kv;
+      const Seq sq = sp.seq(b);
+      const int64_t first = nb * BN, last = dq_acc != nullptr ? sq.k_len : std::min(first + BN, sq.k_len);
+      for (int64_t n0 = first; n0 < last; n0 += BN) {
+        const int64_t cols = std::min(BN, sq.k_len - n0);
+        const T* k_rows = op.k.at(b, kvh, sq.k_start + n0);
+        const T* kt = op.kT.at(b, kvh, sq.k_start + n0);
+        int64_t ld_k_rows = op.k.sm, ld_kt = op.ld_k;
+        if (k_raw != nullptr) {
+          rotate_block(*rope, k_raw->at(b, kvh, sq.k_start + n0), k_raw->sm, rope->offsets[b] + n0, cols, D,
+                       T(sp.scale), k_tile.data(), D, kt_tile.data(), BN);
+          k_rows = k_tile.data(), kt = kt_tile.data(), ld_k_rows = D, ld_kt = BN;
+        }
+        std::fill(dkT.begin(), dkT.end(), T(0));
+        std::fill(dvT.begin(), dvT.end(), T(0));
+        const auto [q_lo, q_hi] = sp.query_range(sq, n0, cols);
+        for (int64_t h = kvh * sp.group; h < (kvh + 1) * sp.group; ++h) {
+          for (int64_t m0 = q_lo; m0 < q_hi; m0 += BM) {
+            const int64_t rows = std::min(BM, q_hi - m0), i0 = sq.q_start + m0;
+            const T* p = tile.probabilities(sq, b, h, m0, rows, n0, cols, kt, ld_kt, lse, true);
+            gemm_nn(DV, cols, rows, op.doutT.at(b, h, i0), op.ld_do, p, BN, true, dvT.data(), BN);
+            const T* dst = tile.score_grad(sq, b, h, m0, rows, cols, delta);
+            gemm_nn(D, cols, rows, op.qT.at(b, h, i0), op.ld_q, dst, BN, true, dkT.data(), BN);
+            if (dq_acc != nullptr) {
+              gemm_nn(rows, D, cols, dst, BN, k_rows, ld_k_rows, true, dq_acc->at(b, h, i0), dq_acc->sm);
+            }
+          }
+        }
+        for (int64_t c = 0; c < cols; ++c) {
+          T* dk_row = dk.at(b, kvh, sq.k_start + n0 + c);
+          T* dv_row = dv.at(b, kvh, sq.k_start + n0 + c);
+          if (rope != nullptr) {
+            for (int64_t d = 0; d < D; ++d) dk_tmp[d] = dkT[d * BN + c];
+            rope::row(*rope, rope->offsets[b] + n0 + c, true, dk_tmp.data(), dk_row, D, T(sp.scale));
+          } else {
+            for (int64_t d = 0; d < D; ++d) dk_row[d] = dkT[d * BN + c] * T(sp.scale);
+          }
+          for (int64_t d = 0; d < DV; ++d) dv_row[d] = dvT[d * BN + c];
+        }
+      }
+    }
+    gemm_nn_release();
+  });
+}
+
+template <typename T>
+void backward_dq_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Rows<T> delta, Rows<T> dq,
+                        const rope::Rope<T>* rope, Blocks blk) {
+  const int64_t BM = blk.m, BN = blk.n, D = sp.dim;
+  const int64_t m_blocks = (sp.max_q + BM - 1) / BM;
+  at::parallel_for(0, sp.batch * sp.heads * m_blocks, 1, [&](int64_t begin, int64_t end) {
+    BackwardTile<T> tile(sp, op, blk);
+    std::vector<T> dq_acc(BM * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t mb = task % m_blocks, b = task / m_blocks / sp.heads, h = task / m_blocks % sp.heads;
+      const Seq sq = sp.seq(b);
+      const int64_t m0 = mb * BM;
+      if (m0 >= sq.q_len) continue;
+      const int64_t rows = std::min(BM, sq.q_len - m0), kvh = h / sp.group;
+      std::fill(dq_acc.begin(), dq_acc.end(), T(0));
+      const auto [k_lo, k_hi] = sp.key_range(sq, m0, rows);
+      for (int64_t n0 = k_lo; n0 < k_hi; n0 += BN) {
+        const int64_t cols = std::min(BN, k_hi - n0);
+        tile.probabilities(sq, b, h, m0, rows, n0, cols, op.kT.at(b, kvh, sq.k_start + n0), op.ld_k, lse, false);
+        const T* dst = tile.score_grad(sq, b, h, m0, rows, cols, delta);
+        gemm_nn(rows, D, cols, dst, BN, op.k.at(b, kvh, sq.k_start + n0), op.k.sm, true, dq_acc.data(), D);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        T* dq_row = dq.at(b, h, sq.q_start + m0 + r);
+        if (rope != nullptr) {
+          rope::row(*rope, sq.diag + rope->offsets[b] + m0 + r, true, dq_acc.data() + r * D, dq_row, D, T(sp.scale));
+        } else {
+          for (int64_t d = 0; d < D; ++d) dq_row[d] = dq_acc[r * D + d] * T(sp.scale);
+        }
+      }
+    }
+    gemm_nn_release();
+  });
+}
+
+// dq *= scale, rotated back in the same pass: the end of the fused backward,
+// which accumulates dQ in place.
+template <typename T>
+void finish_dq_rope(const Spec& sp, Rows<T> dq, const rope::Rope<T>& rope) {
+  at::parallel_for(0, sp.batch * sp.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / sp.heads, h = task % sp.heads;
+      const Seq sq = sp.seq(b);
+      const int64_t pos = sq.diag + rope.offsets[b];
+      for (int64_t i = 0; i < sq.q_len; ++i) {
+        T* row = dq.at(b, h, sq.q_start + i);
+        rope::row(rope, pos + i, true, row, row, sp.dim, T(sp.scale));
+      }
+    }
+  });
+}
+
+// delta_i = sum_d dO_id O_id, the row term of the softmax backward.
+template <typename T>
+void backward_delta(const Spec& sp, Rows<const T> out, Rows<const T> dout, Rows<T> delta) {
+  at::parallel_for(0, sp.batch * sp.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / sp.heads, h = task % sp.heads;
+      const Seq sq = sp.seq(b);
+      for (int64_t i = sq.q_start; i < sq.q_start + sq.q_len; ++i) {
+        const T* o = out.at(b, h, i);
+        const T* g = dout.at(b, h, i);
+        T sum = 0;
+        for (int64_t d = 0; d < sp.dim_v; ++d) sum += o[d] * g[d];
+        *delta.at(b, h, i) = sum;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, const c10::optional<at::Tensor>& attn_mask,
+    const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& alibi_slopes,
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap, double scale, double dropout_p,
+    int64_t seed) {
+  return attention_backward_rope(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 attn_mask, key_padding_mask, alibi_slopes, window_left, window_right, bottom_right,
+                                 softcap, scale, dropout_p, seed, nullptr);
+}
+
+std::vector<at::Tensor> attention_backward_rope(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, const c10::optional<at::Tensor>& attn_mask,
+    const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& alibi_slopes,
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap, double scale, double dropout_p,
+    int64_t seed, const RopeTables* rope_tables) {
+  Call c = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
+                   alibi_slopes, window_left, window_right, bottom_right, softcap, scale, dropout_p, seed);
+  const Spec& sp = c.spec;
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto o_shape = out_shape(q, sp.dim_v);
+  TORCH_CHECK(grad_out.defined() && out.defined() && grad_out.sizes() == at::IntArrayRef(o_shape) &&
+                  out.sizes() == at::IntArrayRef(o_shape),
+              "attention_backward: grad_out and out must have the output's shape");
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type() &&
+                  grad_out.device().is_cpu() && out.device().is_cpu(),
+              "attention_backward: grad_out and out must be CPU tensors of q's dtype");
+  TORCH_CHECK(lse.defined() && lse.device().is_cpu() && lse.scalar_type() == acc &&
+                  lse.sizes() == at::IntArrayRef(stat_shape(sp, q)),
+              "attention_backward: lse must be the forward's log-sum-exp (", acc, ")");
+  const int64_t row_dim = sp.varlen ? 0 : 2;
+  const at::Tensor dout_r = rows_ready(grad_out, row_dim), out_r = rows_ready(out, row_dim);
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor delta = at::empty(stat_shape(sp, q), q.options().dtype(acc));
+  const bool vl = sp.varlen, same = q.scalar_type() == acc;
+  // fp16/bf16 run as float (see attention_forward); the gradients are computed in acc and converted at the end.
+  const at::Tensor doa = as_type(dout_r, acc), oa = as_type(out_r, acc);
+  const at::Tensor vT = transposed(c.v, vl, 1.0, acc), doT = transposed(dout_r, vl, 1.0, acc);
+  const auto acc_opts = q.options().dtype(acc);
+  // One task per (batch, kv-head) when there are enough of them for the threads.
+  const bool fused = sp.batch * sp.heads_kv >= 4 * at::get_num_threads();
+  // Fused RoPE on that schedule: the dK/dV kernel rotates each key block itself
+  // (k_raw), so rotated K and K^T are never materialized.
+  const bool k_tiles = rope_tables != nullptr && fused;
+  at::Tensor qa, ka, qT, kT, k_raw;
+  c10::optional<RopeIn> rin;
+  if (rope_tables == nullptr) {
+    qa = as_type(c.q, acc), ka = as_type(c.k, acc), qT = transposed(c.q, vl, 1.0, acc);
+    kT = transposed(c.k, vl, scale, acc);
+  } else {
+    // Fused RoPE: one pass over q (and one over k) writes the rotated rows and
+    // their transposes, where the plain backward converts and transposes.
+    rin.emplace(*rope_tables, acc);
+    qa = at::empty(c.q.sizes(), acc_opts), qT = columns_like(c.q, vl, acc);
+    if (k_tiles) {
+      ka = k_raw = as_type(c.k, acc), kT = k_raw;  // op.k/op.kT: placeholders, unread with k_raw
+    } else {
+      ka = at::empty(c.k.sizes(), acc_opts), kT = columns_like(c.k, vl, acc);
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_rope_operands_cpu", [&] {
+      using A = acc_of<scalar_t>;
+      const rope::Rope<A> r = rin->view<A>();
+      const Rows<A> q_rows = rows_of<A>(qa, vl), k_rows = rows_of<A>(ka, vl);
+      rotate_to_columns<A>(sp, true, rows_of<const scalar_t>(c.q, vl), sp.heads, r, A(1), columns_of<A>(qT, vl),
+                           column_ld(qT), &q_rows);
+      if (!k_tiles) {
+        rotate_to_columns<A>(sp, false, rows_of<const scalar_t>(c.k, vl), sp.heads_kv, r, A(scale),
+                             columns_of<A>(kT, vl), column_ld(kT), &k_rows);
+      }
+    });
+  }
+  at::Tensor dq = at::empty(q.sizes(), acc_opts), dk = at::empty(k.sizes(), acc_opts),
+             dv = at::empty(v.sizes(), acc_opts);
+  if (fused) dq.zero_();
+  AT_DISPATCH_FLOATING_TYPES(acc, "attention_backward_cpu", [&] {
+    using T = scalar_t;
+    const Operands<T> op{rows_of<const T>(qa, vl),    rows_of<const T>(ka, vl),    rows_of<const T>(doa, vl),
+                         columns_of<const T>(qT, vl), columns_of<const T>(kT, vl), columns_of<const T>(vT, vl),
+                         columns_of<const T>(doT, vl), column_ld(qT), column_ld(kT), column_ld(vT), column_ld(doT)};
+    const Rows<const T> k_raw_rows = k_tiles ? rows_of<const T>(k_raw, vl) : Rows<const T>{};
+    const auto lse_r = stats_of<T>(lse_c, vl), delta_r = stats_of<T>(delta, vl);
+    backward_delta<T>(sp, rows_of<const T>(oa, vl), op.dout, delta_r);
+    auto dq_rows = rows_of<T>(dq, vl);
+    const rope::Rope<T> r = rin.has_value() ? rin->view<T>() : rope::Rope<T>{};
+    const rope::Rope<T>* rp = rin.has_value() ? &r : nullptr;
+    backward_dkdv_kernel<T>(sp, op, lse_r, delta_r, rows_of<T>(dk, vl), rows_of<T>(dv, vl),
+                            fused ? &dq_rows : nullptr, rp, k_tiles ? &k_raw_rows : nullptr, backward_blocks(sp));
+    if (!fused) backward_dq_kernel<T>(sp, op, lse_r, delta_r, dq_rows, rp, backward_blocks(sp));
+    if (fused && rp != nullptr) finish_dq_rope<T>(sp, dq_rows, *rp);
+  });
+  if (fused && !rin.has_value()) dq.mul_(scale);
+  if (!same) return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+  return {dq, dk, dv};
+}
+
+}  // namespace cpu
+}  // namespace attnkit

@@ -1,0 +1,272 @@
+// What the files of the CPU flash attention share (the scheme is described in
+// attention.cpp): the layout of a call (Rows, Seq, Spec, Call), the score pass
+// of a tile, the dropout helpers, the fused-RoPE operand passes and the tile
+// sizes; declared here, the GEMM wrappers (attention_gemm.cpp) and the call's
+// preparation (attention.cpp). The kernels: attention_forward.cpp and
+// attention_backward.cpp. Namespace flash keeps these generic names (Rows,
+// Spec, gemm_nn, prepare) apart from the other kernel families' in attnkit::cpu.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "attention_rope.h"
+#include "attention_rows.h"
+
+namespace attnkit {
+namespace cpu {
+namespace flash {
+
+constexpr int64_t kUnbounded = int64_t(1) << 40;  // a window side of -1
+
+// ------------------------------------------------------------------ GEMM on row-major tiles (attention_gemm.cpp)
+
+// C (m x n) = A B (+ C when `add`), row-major, no transposes.
+void gemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, bool add,
+             float* c, int64_t ldc);
+void gemm_nn(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb, bool add,
+             double* c, int64_t ldc);
+// Ends a thread's brgemm use, once the thread's last gemm_nn is done.
+void gemm_nn_release();
+
+// ------------------------------------------------------------------ layouts and the call
+
+// Rows of a dense (B, H, N, D) or packed (total, H, D) tensor; D contiguous.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t sb, sh, sm;
+  T* at(int64_t b, int64_t h, int64_t row) const { return data + b * sb + h * sh + row * sm; }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t, bool varlen) {
+  T* data = static_cast<T*>(t.data_ptr());
+  // BLAS wants a leading dim >= the row length; a single row's stride is free.
+  const int64_t row = varlen ? 0 : 2;
+  const int64_t sm = t.size(row) <= 1 ? std::max<int64_t>(t.stride(row), t.size(-1)) : t.stride(row);
+  if (varlen) return {data, 0, t.stride(1), sm};
+  return {data, t.stride(0), t.stride(1), sm};
+}
+
+// lse / delta: dense (B, H, Nq), varlen (H, total_q).
+template <typename T>
+Rows<T> stats_of(const at::Tensor& t, bool varlen) {
+  T* data = static_cast<T*>(t.data_ptr());
+  if (varlen) return {data, 0, t.stride(0), t.stride(1)};
+  return {data, t.stride(0), t.stride(1), t.stride(2)};
+}
+
+struct Seq {
+  int64_t q_start, q_len, k_start, k_len, diag;
+};
+
+struct Spec {
+  bool varlen = false;
+  int64_t batch = 0, heads = 0, heads_kv = 0, group = 1, dim = 0, dim_v = 0, max_q = 0, max_k = 0;
+  const int32_t* cu_q = nullptr;
+  const int32_t* cu_k = nullptr;
+  bool bottom_right = true;
+  int64_t left = kUnbounded, right = kUnbounded;
+  double softcap = 0, scale = 1;
+  const uint8_t* keep_mask = nullptr;  // bool attn_mask, nonzero = attend
+  const void* add_mask = nullptr;      // additive attn_mask in the accumulation type
+  int64_t mask_stride[4] = {0, 0, 0, 0};
+  const uint8_t* pad = nullptr;  // (B, Nk) contiguous, nonzero = padding
+  const float* alibi = nullptr;  // (B, H) contiguous
+  bool dropout = false;
+  uint32_t threshold = 0;
+  double drop_scale = 1;
+  uint64_t seed = 0;
+
+  Seq seq(int64_t b) const {
+    Seq s{0, max_q, 0, max_k, 0};
+    if (varlen) {
+      s = {cu_q[b], cu_q[b + 1] - cu_q[b], cu_k[b], cu_k[b + 1] - cu_k[b], 0};
+    }
+    s.diag = bottom_right ? s.k_len - s.q_len : 0;
+    return s;
+  }
+  // Keys [lo, hi) inside the window of some query of [m0, m0 + rows).
+  std::pair<int64_t, int64_t> key_range(const Seq& s, int64_t m0, int64_t rows) const {
+    return {std::max<int64_t>(m0 + s.diag - left, 0), std::min<int64_t>(m0 + rows + s.diag + right, s.k_len)};
+  }
+  // Queries [lo, hi) whose window reaches some key of [n0, n0 + cols).
+  std::pair<int64_t, int64_t> query_range(const Seq& s, int64_t n0, int64_t cols) const {
+    return {std::max<int64_t>(n0 - s.diag - right, 0), std::min<int64_t>(n0 + cols - s.diag + left, s.q_len)};
+  }
+};
+
+// The inputs as the kernels read them, with the tensors that back Spec's pointers.
+struct Call {
+  at::Tensor q, k, v, cu_q, cu_k, add_mask, keep_mask, pad, alibi;
+  Spec spec;
+};
+
+// ------------------------------------------------------------------ tiles
+
+// Turns scale * Q K^T of a (rows x cols) tile into the scores of
+// reference.attention: soft-cap (tanh kept in t for the backward; the forward
+// passes t = nullptr), ALiBi, additive mask, then -inf outside the window,
+// where the bool mask is False and on padding keys.
+template <typename acc_t>
+void tile_scores(const Spec& sp, const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t n0,
+                 int64_t cols, acc_t* s, acc_t* t, int64_t ld) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t* ms = sp.mask_stride;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = m0 + r;
+    acc_t* row = s + r * ld;
+    if (sp.softcap > 0) attn_rows::softcap(row, t == nullptr ? nullptr : t + r * ld, cols, acc_t(sp.softcap));
+    if (sp.alibi != nullptr) {
+      const acc_t slope = sp.alibi[b * sp.heads + h];
+      const int64_t rel0 = n0 - (i + sq.diag);
+      for (int64_t j = 0; j < cols; ++j) row[j] -= slope * acc_t(std::abs(rel0 + j));
+    }
+    if (sp.add_mask != nullptr) {
+      const acc_t* add = static_cast<const acc_t*>(sp.add_mask) + b * ms[0] + h * ms[1] + i * ms[2] + n0 * ms[3];
+      for (int64_t j = 0; j < cols; ++j) row[j] += add[j * ms[3]];
+    }
+    const int64_t lo = std::clamp<int64_t>(i + sq.diag - sp.left - n0, 0, cols);
+    const int64_t hi = std::clamp<int64_t>(i + sq.diag + sp.right + 1 - n0, lo, cols);
+    std::fill(row, row + lo, neg_inf);
+    std::fill(row + hi, row + cols, neg_inf);
+    if (sp.keep_mask != nullptr) {
+      const uint8_t* keep = sp.keep_mask + b * ms[0] + h * ms[1] + i * ms[2] + n0 * ms[3];
+      for (int64_t j = lo; j < hi; ++j) row[j] = keep[j * ms[3]] ? row[j] : neg_inf;
+    }
+    if (sp.pad != nullptr) {
+      const uint8_t* pad = sp.pad + b * sp.max_k + n0;
+      for (int64_t j = lo; j < hi; ++j) row[j] = pad[j] ? neg_inf : row[j];
+    }
+  }
+}
+
+inline uint64_t stream_of(const Spec& sp, int64_t b, int64_t h) { return sp.seed + uint64_t(b * sp.heads + h); }
+
+// x[j] *= drop_scale where kept, 0 where dropped.
+template <typename acc_t>
+void apply_dropout(acc_t* x, const uint8_t* keep, int64_t n, acc_t drop_scale) {
+  for (int64_t j = 0; j < n; ++j) x[j] = keep[j] ? x[j] * drop_scale : acc_t(0);
+}
+
+struct Blocks {
+  int64_t m, n;  // queries x keys per tile
+};
+
+// ------------------------------------------------------------------ fused RoPE operands
+
+// n rows of x (leading dim x_ld) from position `pos` on, rotated by `rope` into
+// `rows` (leading dim rows_ld) and, times `factor`, stored as columns into
+// `col` (leading dim ld). What the unfused form does in two passes (rotate,
+// then transpose) is one here, the columns written from rows still in L1.
+template <typename A, typename T>
+void rotate_block(const rope::Rope<A>& rope, const T* x, int64_t x_ld, int64_t pos, int64_t n, int64_t D, A factor,
+                  A* rows, int64_t rows_ld, A* col, int64_t ld) {
+  constexpr int64_t kChunk = 16;  // rows per transposed store: 16 floats of a column, one cache line
+  for (int64_t j = 0; j < n; ++j) rope::row(rope, pos + j, false, x + j * x_ld, rows + j * rows_ld, D, A(1));
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    const int64_t m = std::min(kChunk, n - j0);
+    if constexpr (std::is_same_v<A, float>) {
+      if (m == kChunk && D % 8 == 0 && rows_ld == D) {
+        rope::columns16_f32(rows + j0 * D, D, col + j0, ld, factor);
+        continue;
+      }
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t j = j0; j < j0 + m; ++j) col[d * ld + j] = rows[j * rows_ld + d] * factor;
+    }
+  }
+}
+
+// One pass over q or k (`queries`: positions i + diag + offset, else j + offset):
+// times `factor`, the transposes of the rotated rows laid out as transposed()
+// does into `cols`, and the rotated rows themselves into `rows` when given.
+template <typename A, typename T>
+void rotate_to_columns(const Spec& sp, bool queries, Rows<const T> x, int64_t heads, const rope::Rope<A>& rope,
+                       A factor, Rows<A> cols, int64_t ld, const Rows<A>* rows) {
+  constexpr int64_t kChunk = 64;
+  const int64_t D = sp.dim;
+  at::parallel_for(0, sp.batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> tmp(rows == nullptr ? kChunk * D : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, h = task % heads;
+      const Seq sq = sp.seq(b);
+      const int64_t start = queries ? sq.q_start : sq.k_start, len = queries ? sq.q_len : sq.k_len;
+      const int64_t pos = (queries ? sq.diag : 0) + rope.offsets[b];
+      for (int64_t j0 = 0; j0 < len; j0 += kChunk) {
+        const int64_t i = start + j0;
+        rotate_block(rope, x.at(b, h, i), x.sm, pos + j0, std::min(kChunk, len - j0), D, factor,
+                     rows != nullptr ? rows->at(b, h, i) : tmp.data(), rows != nullptr ? rows->sm : D,
+                     cols.at(b, h, i), ld);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ tile sizes
+
+// Chosen on AMD EPYC, B=4 H=8 D=64: time varies by a few percent between
+// 64..256 x 256..512 tiles; BN = 512 keys cuts GEMM calls, BM = 64 queries keeps
+// enough tasks for the threads at short N. D > 128 halves BN to keep a thread's
+// buffers in L2. Rechecked with brgemm (1 thread, N = 512 and 4096): forward
+// 32..128 x 256..1024 and backward 32..128 x 64..256 within ~5-8 %, these best or tied.
+inline Blocks forward_blocks(const Spec& sp) {
+  return {64, sp.dim > 128 ? 256 : 512};
+}
+
+inline Blocks backward_blocks(const Spec& sp) {
+  return {64, sp.dim > 128 ? 64 : 128};
+}
+
+// ------------------------------------------------------------------ the call (attention.cpp)
+
+Call prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_q,
+             const c10::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
+             const c10::optional<at::Tensor>& attn_mask, const c10::optional<at::Tensor>& key_padding_mask,
+             const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right,
+             bool bottom_right, double softcap, double scale, double dropout_p, int64_t seed);
+at::Tensor rows_ready(const at::Tensor& t, int64_t row_dim);
+std::vector<int64_t> out_shape(const at::Tensor& q, int64_t dim_v);
+std::vector<int64_t> stat_shape(const Spec& sp, const at::Tensor& q);
+at::Tensor transposed(const at::Tensor& x, bool varlen, double factor, at::ScalarType dtype);
+at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype);
+at::Tensor columns_like(const at::Tensor& x, bool varlen, at::ScalarType dtype);
+
+// Rows<> addressing column `key` of head (b, h) in transposed(), and its leading dim.
+template <typename T>
+Rows<T> columns_of(const at::Tensor& t, bool varlen) {
+  T* data = static_cast<T*>(t.data_ptr());
+  if (varlen) return {data, 0, t.stride(0), 1};
+  return {data, t.stride(0), t.stride(1), 1};
+}
+
+inline int64_t column_ld(const at::Tensor& t) { return t.stride(-2); }
+
+// The caller's RoPE tables in the accumulation type (positions x R/2: small).
+struct RopeIn {
+  at::Tensor cos, sin, offsets;
+  bool interleaved;
+  RopeIn(const RopeTables& t, at::ScalarType acc)
+      : cos(t.cos.to(acc).contiguous()), sin(t.sin.to(acc).contiguous()), offsets(t.offsets.to(at::kLong).contiguous()),
+        interleaved(t.interleaved) {}
+  template <typename A>
+  rope::Rope<A> view() const {
+    return {cos.data_ptr<A>(), sin.data_ptr<A>(), cos.size(1), cos.size(0), interleaved, offsets.data_ptr<int64_t>()};
+  }
+};
+
+template <typename T>
+using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+}  // namespace flash
+}  // namespace cpu
+}  // namespace attnkit
