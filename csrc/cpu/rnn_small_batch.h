@@ -233,21 +233,26 @@ inline Slice team_slice(int64_t H) {
 // cell(r, o, j0, w, gh, h_prev + o, h_next + o), gh the row's product (G
 // vectors of kGemvLanes, one per gate). len: per-row lengths or null; a
 // stopped row keeps its state, outputs 0 and gets stopped(r, o, j0, w).
+// The callbacks capture by value and each thread gets its own copy of them
+// and of the sizes (firstprivate), kept in registers: st()'s memcpy stores may
+// alias any memory, and reloading captured references after them cost the
+// LSTM forward 0.7% more instructions (callgrind, AVX2 path, B = 1, H = 128).
 template <int G, typename S, typename Cell, typename Stopped>
 void forward_time_loop(const S* w_hh, S* h_bufs, S* out, const int64_t* len, int64_t T, int64_t B, int64_t H,
-                       int threads, Cell&& cell, Stopped&& stopped) {
+                       int threads, Cell cell, Stopped stopped) {
   constexpr int64_t L = kGemvLanes, W = G * L;
   StepBarrier barrier;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) firstprivate(cell, stopped, h_bufs, out, len, T, B, H)
   {
     const Slice s = team_slice(H);
-    std::vector<S> panels((s.n + L - 1) / L * H * W), gh(B * W);
-    pack_gate_panels<G>(panels.data(), w_hh, H, s.u0, s.n);
+    const int64_t u0 = s.u0, n = s.n;
+    std::vector<S> panels((n + L - 1) / L * H * W), gh(B * W);
+    pack_gate_panels<G>(panels.data(), w_hh, H, u0, n);
     for (int64_t t = 0; t < T; ++t) {
       const S* h_prev = h_bufs + (t & 1) * B * H;
       S* h_next = h_bufs + ((t + 1) & 1) * B * H;
-      for (int64_t p = 0; p * L < s.n; ++p) {
-        const int64_t j0 = s.u0 + p * L, w = std::min(L, s.n - p * L);
+      for (int64_t p = 0; p * L < n; ++p) {
+        const int64_t j0 = u0 + p * L, w = std::min(L, n - p * L);
         // Stopped rows get a product too (their h is finite): cheaper than compacting the batch.
         panel_product<G>(h_prev, B, H, panels.data() + p * H * W, H, gh.data(), W);
         for (int64_t b = 0; b < B; ++b) {
@@ -273,12 +278,13 @@ void forward_time_loop(const S* w_hh, S* h_bufs, S* out, const int64_t* len, int
 // grad_gh(t)[b] w_hh[:, u0:u1] into dh for each running row b (stopped rows
 // carry dh unchanged). Each thread owns its units of dh and of every gate, so
 // only grad_gh(t) crosses threads: grad_gh(t - 1) must be another buffer,
-// written while the others still read grad_gh(t) (no second barrier).
+// written while the others still read grad_gh(t) (no second barrier). The
+// callbacks as in forward_time_loop.
 template <typename S, typename Step, typename GradGh, typename Carry>
 void backward_time_loop(const S* w_hh, int64_t K, const int64_t* len, int64_t T, int64_t B, int64_t H, int threads,
-                        Step&& step, GradGh&& grad_gh, Carry&& carry) {
+                        Step step, GradGh grad_gh, Carry carry) {
   StepBarrier barrier;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) firstprivate(step, grad_gh, carry, len, T, B, K)
   {
     const Slice s = team_slice(H);
     const int64_t width = panel_count(s.n) * kPanel;
@@ -306,11 +312,11 @@ void lstm_forward_small_batch(S* pre, const S* w_hh, S* h_bufs, S* c, S* out, S*
                               int64_t B, int64_t H, int threads) {
   forward_time_loop<4>(
       w_hh, h_bufs, out, len, T, B, H, threads,
-      [&](int64_t r, int64_t o, int64_t j0, int64_t w, const S* gh, const S*, S* h) {
+      [=](int64_t r, int64_t o, int64_t j0, int64_t w, const S* gh, const S*, S* h) {
         S* cs_row = cs != nullptr ? cs + r * H + j0 : nullptr;
         lstm_panel_units(pre + r * 4 * H + j0, gh, c + o, h, out + r * H + j0, cs_row, H, w);
       },
-      [&](int64_t r, int64_t o, int64_t j0, int64_t w) {
+      [=](int64_t r, int64_t o, int64_t j0, int64_t w) {
         if (cs != nullptr) std::copy(c + o, c + o + w, cs + r * H + j0);
       });
 }
@@ -324,7 +330,7 @@ template <typename S>
 void lstm_backward_small_batch(const S* gates, const S* cs, const S* c0, const S* grad_output, const S* w_hh, S* dh,
                                S* dc, S* grad_pre, S* grad_pre_t, int64_t ld_t, S* db, const int64_t* len, int64_t T,
                                int64_t B, int64_t H, int threads) {
-  const auto step = [&](int64_t t, const Slice& s) {
+  const auto step = [=](int64_t t, const Slice& s) {
     const int64_t u0 = s.u0, u1 = s.u1;
     for (int64_t b = 0; b < B; ++b) {
       const int64_t o = b * H, r = t * B + b;
@@ -347,6 +353,6 @@ void lstm_backward_small_batch(const S* gates, const S* cs, const S* c0, const S
     }
   };
   backward_time_loop(
-      w_hh, 4 * H, len, T, B, H, threads, step, [&](int64_t t) { return grad_pre + t * B * 4 * H; },
-      [&](int64_t b, const Slice& s, const S* product) { std::copy(product, product + s.n, dh + b * H + s.u0); });
+      w_hh, 4 * H, len, T, B, H, threads, step, [=](int64_t t) { return grad_pre + t * B * 4 * H; },
+      [=](int64_t b, const Slice& s, const S* product) { std::copy(product, product + s.n, dh + b * H + s.u0); });
 }

@@ -15,7 +15,7 @@ void gru_forward_small_batch(const S* gi, const S* w_hh, const S* b_hh, S* h_buf
                              const int64_t* len, int64_t T, int64_t B, int64_t H, int threads) {
   forward_time_loop<3>(
       w_hh, h_bufs, out, len, T, B, H, threads,
-      [&](int64_t r, int64_t, int64_t j0, int64_t w, const S* gh, const S* h_prev, S* h) {
+      [=](int64_t r, int64_t, int64_t j0, int64_t w, const S* gh, const S* h_prev, S* h) {
         gru_forward_row<S, kGemvLanes == 16>(gi + r * 3 * H + j0, gh, kGemvLanes, b_hh != nullptr ? b_hh + j0 : nullptr,
                                              h_prev, h, out + r * H + j0,
                                              gates != nullptr ? gates + r * 4 * H + j0 : nullptr, H, w);
@@ -36,8 +36,8 @@ template <typename S>
 void gru_backward_small_batch(const S* gates, const S* h0, const S* output, const S* grad_output, const S* w_hh, S* dh,
                               S* grad_gi, S* grad_gh_bufs, S* grad_t, int64_t ld_t, S* db_ih, S* db_hh,
                               const int64_t* len, int64_t T, int64_t B, int64_t H, int threads) {
-  const auto grad_gh = [&](int64_t t) { return grad_gh_bufs + (t & 1) * B * 3 * H; };
-  const auto step = [&](int64_t t, const Slice& s) {
+  const auto grad_gh = [=](int64_t t) { return grad_gh_bufs + (t & 1) * B * 3 * H; };
+  const auto step = [=](int64_t t, const Slice& s) {
     const int64_t u0 = s.u0, u1 = s.u1;
     for (int64_t b = 0; b < B; ++b) {
       const int64_t o = b * H, r = t * B + b;
@@ -63,7 +63,7 @@ void gru_backward_small_batch(const S* gates, const S* h0, const S* output, cons
     }
   };
   backward_time_loop(w_hh, 3 * H, len, T, B, H, threads, step, grad_gh,
-                     [&](int64_t b, const Slice& s, const S* product) {
+                     [=](int64_t b, const Slice& s, const S* product) {
                        S* d = dh + b * H + s.u0;
                        for (int64_t j = 0; j < s.n; ++j) d[j] += product[j];
                      });
