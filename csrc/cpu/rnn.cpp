@@ -335,7 +335,7 @@ int small_batch_threads(int64_t B, int64_t H) {
 
 // C (m x n) = A B (+ C when `add`), row-major with leading dimensions, split
 // over threads by rows of C. float: oneDNN's brgemm (AVX-512 JIT), about twice
-// MKL's sgemm that at::mm calls on this AMD CPU (see attention.cpp's gemm_nn).
+// MKL's sgemm that at::mm calls on this AMD CPU (see attention_gemm.cpp's gemm_nn).
 template <typename S>
 void gemm_aten(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S* b, int64_t ldb, bool add, S* c,
                int64_t ldc) {
