@@ -337,3 +337,18 @@ def test_families_stop_between_cases_at_the_gpu_check_deadline(monkeypatch):
     assert rows[0]["case"] == "not measured: the time budget ran out" and rows[0]["shape"] == "N=2 and later"
     row = core._complete_row(rows[0], {})
     assert row["ours_ms"] is None and row["speedup"] is None  # an untimed row in the table, not a crash
+
+
+def test_gpu_check_gives_each_family_a_soft_deadline_within_its_share(monkeypatch, tmp_path):
+    deadlines = []
+
+    def fake_run(command, seconds, env=None, cwd=None):
+        deadlines.append((float(env["ATTNKIT_BENCH_DEADLINE"]) - time.time(), seconds))
+        return "failed (rc 1)", 0.0, ""
+
+    monkeypatch.setattr(gpu_check, "_run", fake_run)
+    gpu_check.run_bench(str(tmp_path), 400, torch.device("cpu"), True, ["lstm_cell", "rnn", "models"], "float32")
+    (first, hard_first), (second, _), (last, hard_last) = deadlines
+    assert 165 < first <= 170 and hard_first > 399  # half of the 400 s, less a 30 s margin; the hard limit stays
+    assert 165 < second <= 170  # nothing was spent: half again
+    assert 365 < last <= 370 and hard_last > 399  # the last family may use all that is left
