@@ -182,7 +182,7 @@ struct Kernels {
         for (int64_t b = begin; b < end; ++b) {
           const int64_t o = b * H;
           if (active(lp, b, t)) {
-            row(pre_p + 4 * o, gh_p + 4 * o, c_p + o, h_p ? h_p + o : nullptr, out_p ? out_p + o : nullptr,
+            row(pre_p + 4 * o, gh_p + 4 * o, H, c_p + o, h_p ? h_p + o : nullptr, out_p ? out_p + o : nullptr,
                 cs_p ? cs_p + o : nullptr, hc_p ? hc_p + o : nullptr, H, H);
             continue;
           }
@@ -521,7 +521,7 @@ void lstm_rows_forward(at::Tensor& pre, const at::Tensor& gh, at::Tensor& c, at:
     const scalar_t* gh_p = gh.data_ptr<scalar_t>();
     at::parallel_for(0, B, grain_rows(4 * H), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        row(pre_p + 4 * b * H, gh_p + 4 * b * H, c_p + b * H, h_p + b * H, h_p + b * H, nullptr, nullptr, H, H);
+        row(pre_p + 4 * b * H, gh_p + 4 * b * H, H, c_p + b * H, h_p + b * H, h_p + b * H, nullptr, nullptr, H, H);
       }
     });
   });

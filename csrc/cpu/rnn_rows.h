@@ -15,14 +15,16 @@
 // Without projection h and out get the new hidden state; with it (h == null)
 // hc gets o * tanh(c) for the projection GEMM. cs (may be null) keeps c.
 // `units` (H for a whole row) runs a slice of the row: pointers offset to its first
-// unit, H still the distance between gates.
-template <typename S>
-void lstm_forward_row(S* pre, const S* gh, S* c, S* h, S* out, S* cs, S* hc, int64_t H, int64_t units) {
-  for_units<S>(units, [&](auto lanes, int64_t j) {
+// unit, H still the distance between gates of pre, `ldh` between those of gh (H
+// for a whole row, the panel width for rnn_small_batch.h's per-panel products);
+// `wide` runs 16-lane vectors first (for_wide_units).
+template <typename S, bool wide = false>
+void lstm_forward_row(S* pre, const S* gh, int64_t ldh, S* c, S* h, S* out, S* cs, S* hc, int64_t H, int64_t units) {
+  for_wide_units<S, wide>(units, [&](auto lanes, int64_t j) {
     using V = decltype(lanes);
-    const auto a = gates::lstm_activate<V>(ld<V>(pre + j) + ld<V>(gh + j), ld<V>(pre + H + j) + ld<V>(gh + H + j),
-                                           ld<V>(pre + 2 * H + j) + ld<V>(gh + 2 * H + j),
-                                           ld<V>(pre + 3 * H + j) + ld<V>(gh + 3 * H + j));
+    const auto a = gates::lstm_activate<V>(ld<V>(pre + j) + ld<V>(gh + j), ld<V>(pre + H + j) + ld<V>(gh + ldh + j),
+                                           ld<V>(pre + 2 * H + j) + ld<V>(gh + 2 * ldh + j),
+                                           ld<V>(pre + 3 * H + j) + ld<V>(gh + 3 * ldh + j));
     const V c_new = gates::lstm_cell_state<V>(a, ld<V>(c + j));
     const V h_new = gates::lstm_hidden_state<V>(a, c_new);
     st(pre + j, a.i);

@@ -148,32 +148,6 @@ inline __attribute__((always_inline)) void panel_product(const S* a, int64_t M, 
   }
 }
 
-// One step's gate math on `w` units of a row, right after their panel's
-// product (its latency overlaps the next panel's loads): the formulas of
-// rnn_rows.h's lstm_forward_row, with the recurrent products gh kGemvLanes
-// apart per gate instead of H. pre: input projections in, activated gates out.
-// Whole 16-unit vectors where AVX-512 is compiled in (kGemvLanes == 16), then 8 and 1.
-template <typename S>
-inline void lstm_panel_units(S* pre, const S* gh, S* c, S* h, S* out, S* cs, int64_t H, int64_t w) {
-  constexpr int64_t L = kGemvLanes;
-  for_wide_units<S, kGemvLanes == 16>(w, [&](auto lanes, int64_t j) {
-    using V = decltype(lanes);
-    const auto a = gates::lstm_activate<V>(ld<V>(pre + j) + ld<V>(gh + j), ld<V>(pre + H + j) + ld<V>(gh + L + j),
-                                           ld<V>(pre + 2 * H + j) + ld<V>(gh + 2 * L + j),
-                                           ld<V>(pre + 3 * H + j) + ld<V>(gh + 3 * L + j));
-    const V c_new = gates::lstm_cell_state<V>(a, ld<V>(c + j));
-    const V h_new = gates::lstm_hidden_state<V>(a, c_new);
-    st(pre + j, a.i);
-    st(pre + H + j, a.f);
-    st(pre + 2 * H + j, a.g);
-    st(pre + 3 * H + j, a.o);
-    st(c + j, c_new);
-    st(h + j, h_new);
-    st(out + j, h_new);
-    if (cs != nullptr) st(cs + j, c_new);
-  });
-}
-
 // [u0, u1): thread `tid`'s units, in whole vectors.
 inline void unit_slice(int64_t H, int threads, int tid, int64_t& u0, int64_t& u1) {
   const int64_t chunk = ((H + threads - 1) / threads + kGemvLanes - 1) / kGemvLanes * kGemvLanes;
@@ -314,7 +288,9 @@ void lstm_forward_small_batch(S* pre, const S* w_hh, S* h_bufs, S* c, S* out, S*
       w_hh, h_bufs, out, len, T, B, H, threads,
       [=](int64_t r, int64_t o, int64_t j0, int64_t w, const S* gh, const S*, S* h) {
         S* cs_row = cs != nullptr ? cs + r * H + j0 : nullptr;
-        lstm_panel_units(pre + r * 4 * H + j0, gh, c + o, h, out + r * H + j0, cs_row, H, w);
+        // The gate math right after the panel's product (its latency overlaps the next panel's loads).
+        lstm_forward_row<S, kGemvLanes == 16>(pre + r * 4 * H + j0, gh, kGemvLanes, c + o, h, out + r * H + j0, cs_row,
+                                              nullptr, H, w);
       },
       [=](int64_t r, int64_t o, int64_t j0, int64_t w) {
         if (cs != nullptr) std::copy(c + o, c + o + w, cs + r * H + j0);
