@@ -156,11 +156,8 @@ void backward_dq_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Rows
     BackwardTile<T> tile(sp, op, blk);
     std::vector<T> dq_acc(BM * D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t mb = task % m_blocks, b = task / m_blocks / sp.heads, h = task / m_blocks % sp.heads;
-      const Seq sq = sp.seq(b);
-      const int64_t m0 = mb * BM;
-      if (m0 >= sq.q_len) continue;
-      const int64_t rows = std::min(BM, sq.q_len - m0), kvh = h / sp.group;
+      const auto [b, h, kvh, m0, rows, sq] = sp.query_block(task, m_blocks, BM);
+      if (rows == 0) continue;
       std::fill(dq_acc.begin(), dq_acc.end(), T(0));
       const auto [k_lo, k_hi] = sp.key_range(sq, m0, rows);
       for (int64_t n0 = k_lo; n0 < k_hi; n0 += BN) {

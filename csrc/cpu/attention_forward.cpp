@@ -41,11 +41,8 @@ void forward_kernel(const Spec& sp, Rows<const q_t> q, const rope::Rope<scalar_t
     std::vector<acc_t> s(BM * BN), acc(BM * DV), m(BM), l(BM), q_buf(rope != nullptr ? BM * D : 0);
     std::vector<uint8_t> keep(BN);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t mb = task % m_blocks, b = task / m_blocks / sp.heads, h = task / m_blocks % sp.heads;
-      const Seq sq = sp.seq(b);
-      const int64_t m0 = mb * BM;
-      if (m0 >= sq.q_len) continue;
-      const int64_t rows = std::min(BM, sq.q_len - m0), kvh = h / sp.group;
+      const auto [b, h, kvh, m0, rows, sq] = sp.query_block(task, m_blocks, BM);
+      if (rows == 0) continue;
       const acc_t* qt = q_buf.data();
       int64_t ld_q = D;
       if (rope != nullptr) {

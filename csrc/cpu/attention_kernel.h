@@ -95,6 +95,18 @@ struct Spec {
     s.diag = bottom_right ? s.k_len - s.q_len : 0;
     return s;
   }
+  // Task `task` of a loop over (batch, head, block of `block` queries), m_blocks
+  // blocks a head: its batch b, head h, KV head, first query m0, sequence and
+  // query rows (0 when the block starts past the sequence's queries).
+  struct QueryBlock {
+    int64_t b, h, kvh, m0, rows;
+    Seq sq;
+  };
+  QueryBlock query_block(int64_t task, int64_t m_blocks, int64_t block) const {
+    const int64_t b = task / m_blocks / heads, h = task / m_blocks % heads, m0 = task % m_blocks * block;
+    const Seq sq = seq(b);
+    return {b, h, h / group, m0, std::max<int64_t>(0, std::min(block, sq.q_len - m0)), sq};
+  }
   // Keys [lo, hi) inside the window of some query of [m0, m0 + rows).
   std::pair<int64_t, int64_t> key_range(const Seq& s, int64_t m0, int64_t rows) const {
     return {std::max<int64_t>(m0 + s.diag - left, 0), std::min<int64_t>(m0 + rows + s.diag + right, s.k_len)};
