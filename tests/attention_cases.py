@@ -5,7 +5,9 @@ from typing import Optional, Tuple
 
 import pytest
 import torch
+from helpers import ATTENTION_TOL, GRAD_TOL_FACTOR
 
+import attnkit
 from attnkit.reference import attention as ref
 
 
@@ -164,6 +166,26 @@ def ground_truth(q, k, v, kwargs, grad_out, dropout_p=0.0, dropout_keep=None):
     out, lse = ref.attention(q_used, k_used, leaves[2], **options, dropout_p=dropout_p, dropout_keep=dropout_keep)
     grads = torch.autograd.grad(out, leaves, grad_out.double())
     return out, lse, grads
+
+
+def run_with_grads(q, k, v, kwargs, grad_out):
+    """(out, lse, (dq, dk, dv)) of attnkit.ops.flash_attention on fresh leaves."""
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out, lse = attnkit.ops.flash_attention(*leaves, **kwargs, return_lse=True)
+    return out, lse, torch.autograd.grad(out, leaves, grad_out)
+
+
+def check_backend_matches_ground_truth(q, k, v, kwargs, dtype, backend):
+    """Output, lse and the q/k/v gradients of flash_attention, served by `backend`,
+    against the float64 reference (helpers.ATTENTION_TOL, gradients x GRAD_TOL_FACTOR)."""
+    grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64).to(dtype)
+    out, lse, grads = run_with_grads(q, k, v, kwargs, grad_out)
+    assert attnkit.last_dispatch("flash_attention").backend == backend
+    out_t, lse_t, grads_t = ground_truth(q, k, v, kwargs, grad_out)
+    assert_close(out, out_t, ATTENTION_TOL[dtype], "out")
+    assert_close(lse, lse_t, ATTENTION_TOL[dtype], "lse")
+    for name, g, g_t in zip("qkv", grads, grads_t):
+        assert_close(g, g_t, ATTENTION_TOL[dtype] * GRAD_TOL_FACTOR, f"d{name}")
 
 
 def rotated(q, k, kwargs):

@@ -4,16 +4,15 @@ schedules), strided layouts, Philox bit equality, determinism and argument
 checks of the C++ entry points."""
 import pytest
 import torch
-from attention_cases import Features, Shape, assert_close, ground_truth, make_inputs
-from helpers import ATTENTION_TOL, GRAD_TOL_FACTOR, forced
+from attention_cases import (Features, Shape, assert_close, check_backend_matches_ground_truth, make_inputs,
+                             run_with_grads)
+from helpers import forced
 
-import attnkit
 from attnkit import _extensions
 from attnkit.ops import flash_attention, flash_attention_varlen
 from attnkit.reference import attention as ref
 
 OP = "flash_attention"
-TOL = ATTENTION_TOL  # tests/helpers.py: every tolerance in one place
 
 
 def _ext():
@@ -21,12 +20,6 @@ def _ext():
     if ext is None:
         pytest.skip(reason)
     return ext
-
-
-def _run(q, k, v, kwargs, grad_out):
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    out, lse = flash_attention(*leaves, **kwargs, return_lse=True)
-    return out, lse, torch.autograd.grad(out, leaves, grad_out)
 
 
 # B * H_kv = 1 takes the split backward (dK/dV per key block, dQ per query block),
@@ -46,14 +39,7 @@ LARGE_CASES = [
 def test_large_shapes_match_reference(shape, features, dtype):
     with forced(OP, "cpp", "cpu", dtype):
         q, k, v, kwargs = make_inputs(shape, features, dtype, "cpu")
-        grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64).to(dtype)
-        out, lse, grads = _run(q, k, v, kwargs, grad_out)
-        assert attnkit.last_dispatch(OP).backend == "cpp"
-    out_t, lse_t, grads_t = ground_truth(q, k, v, kwargs, grad_out)
-    assert_close(out, out_t, TOL[dtype], "out")
-    assert_close(lse, lse_t, TOL[dtype], "lse")
-    for name, g, g_t in zip("qkv", grads, grads_t):
-        assert_close(g, g_t, TOL[dtype] * GRAD_TOL_FACTOR, f"d{name}")
+        check_backend_matches_ground_truth(q, k, v, kwargs, dtype, "cpp")
 
 
 def test_strided_layouts():
@@ -73,8 +59,8 @@ def test_backward_is_deterministic():
     q, k, v, kwargs = make_inputs(Shape(4, 8, 8, 200, 200, 64, 64), Features(causal=True), torch.float32, "cpu")
     grad_out = torch.randn(q.shape)
     with forced(OP, "cpp", "cpu"):
-        first = _run(q, k, v, kwargs, grad_out)[2]
-        second = _run(q, k, v, kwargs, grad_out)[2]
+        first = run_with_grads(q, k, v, kwargs, grad_out)[2]
+        second = run_with_grads(q, k, v, kwargs, grad_out)[2]
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 

@@ -7,33 +7,16 @@ transposed operands, per key block on the one-task-per-(batch, kv-head) backward
 schedule) and dq, dk back where they write them (attention.cpp, attention_rope.h)."""
 import pytest
 import torch
-from attention_cases import Features, Shape, assert_close, ground_truth, make_inputs
-from helpers import forced, num_threads
+from attention_cases import (Features, Shape, assert_close, check_backend_matches_ground_truth, ground_truth,
+                             make_inputs, run_with_grads)
+from helpers import ATTENTION_TOL, GRAD_TOL_FACTOR, forced, num_threads
 
 import attnkit
 from attnkit import _extensions
 from attnkit.ops import apply_rotary, flash_attention, flash_attention_varlen
 
 OP = "flash_attention"
-TOL = {torch.float32: 1e-4, torch.bfloat16: 4e-2, torch.float16: 1e-2}
-
-
-def _run(q, k, v, kwargs, grad_out):
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    out, lse = flash_attention(*leaves, **kwargs, return_lse=True)
-    return out, lse, torch.autograd.grad(out, leaves, grad_out)
-
-
-def _check_cpp_matches_ground_truth(q, k, v, kwargs, dtype):
-    """Output, lse and the q/k/v gradients of the cpp backend vs the float64 reference."""
-    grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64).to(dtype)
-    out, lse, grads = _run(q, k, v, kwargs, grad_out)
-    assert attnkit.last_dispatch(OP).backend == "cpp"
-    out_t, lse_t, grads_t = ground_truth(q, k, v, kwargs, grad_out)
-    assert_close(out, out_t, TOL[dtype], "out")
-    assert_close(lse, lse_t, TOL[dtype], "lse")
-    for name, g, g_t in zip("qkv", grads, grads_t):
-        assert_close(g, g_t, TOL[dtype] * 4, f"d{name}")
+TOL = ATTENTION_TOL  # tests/helpers.py: every tolerance in one place
 
 
 def _tables(positions, rotary_dim, dtype=torch.float32):
@@ -56,7 +39,7 @@ LARGE_CASES = [
 def test_large_shapes_match_reference(shape, features, dtype):
     with forced(OP, "cpp", "cpu", dtype, rotary=True):
         q, k, v, kwargs = make_inputs(shape, features, dtype, "cpu")
-        _check_cpp_matches_ground_truth(q, k, v, kwargs, dtype)
+        check_backend_matches_ground_truth(q, k, v, kwargs, dtype, "cpp")
 
 
 @pytest.mark.parametrize("dtype,table_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32),
@@ -68,11 +51,11 @@ def test_table_dtypes(dtype, table_dtype):
     kwargs = dict(causal=True, rotary_cos=cos, rotary_sin=sin, rotary_seqlen_offsets=5)
     grad_out = torch.randn(q.shape, dtype=torch.float64).to(dtype)
     with forced(OP, "cpp", "cpu", dtype, rotary=True):
-        out, lse, grads = _run(q, k, v, kwargs, grad_out)
+        out, lse, grads = run_with_grads(q, k, v, kwargs, grad_out)
     out_t, lse_t, grads_t = ground_truth(q, k, v, kwargs, grad_out)
-    assert_close(out, out_t, TOL.get(dtype, 1e-4), "out")
+    assert_close(out, out_t, TOL[dtype], "out")
     for name, g, g_t in zip("qkv", grads, grads_t):
-        assert_close(g, g_t, TOL.get(dtype, 1e-4) * 4, f"d{name}")
+        assert_close(g, g_t, TOL[dtype] * GRAD_TOL_FACTOR, f"d{name}")
 
 
 @pytest.mark.parametrize("interleaved,alignment", [(False, "bottom_right"), (True, "top_left")])
@@ -87,7 +70,7 @@ def test_fused_equals_rotate_then_attend(interleaved, alignment):
     grad_out = torch.randn(2, 4, 45, 32, generator=gen)
     kwargs = dict(causal=True, causal_alignment=alignment)
     with attnkit.use_backend("cpp"):
-        fused = _run(q, k, v, dict(kwargs, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved,
+        fused = run_with_grads(q, k, v, dict(kwargs, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved,
                                     rotary_seqlen_offsets=offsets), grad_out)
         assert attnkit.last_dispatch(OP).backend == "cpp"
         leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
@@ -223,7 +206,7 @@ def test_both_backward_schedules_match_reference(shape, features, schedule, dtyp
     with forced(OP, "cpp", "cpu", dtype, rotary=True), _one_thread(shape, schedule):
         q, k, v, kwargs = make_inputs(shape, features, dtype, "cpu")
         kwargs.update(features.extra)
-        _check_cpp_matches_ground_truth(q, k, v, kwargs, dtype)
+        check_backend_matches_ground_truth(q, k, v, kwargs, dtype, "cpp")
 
 
 @pytest.mark.parametrize("shape,features,schedule", [pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}")
