@@ -55,7 +55,7 @@ def build(root, seconds):
 def test_counts(junit_paths):
     """{passed, failed, errors, skipped} and the failing test ids, from pytest's JUnit XML files."""
     counts, failures, read = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}, [], False
-    for junit_path in [junit_paths] if isinstance(junit_paths, str) else junit_paths:
+    for junit_path in junit_paths:
         try:
             root = ET.parse(junit_path).getroot()
         except (OSError, ET.ParseError):
