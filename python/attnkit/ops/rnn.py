@@ -4,7 +4,9 @@ Multi-layer, bidirectional and batch-first stacks are attnkit.nn.LSTM / GRU.
 
 Registered as torch.library custom ops (`attnkit::lstm_forward`, ...) with
 fake implementations and autograd formulas, like attnkit.ops.lstm_cell; the
-backend is chosen inside the op at run time (see attnkit._dispatch).
+backend is chosen inside the op at run time (see attnkit._dispatch). Plain
+eager calls run the same kernels and formulas without the custom op's
+dispatch (attnkit._eager): a torch.autograd.Function when training.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _validate
+from .. import _dispatch, _eager, _validate
 from ..backends.rnn import GRU, LSTM
 
 LSTM_OP, GRU_OP = "attnkit.ops.lstm", "attnkit.ops.gru"
@@ -41,13 +43,15 @@ def _or_none(t: Tensor) -> Optional[Tensor]:
 # --------------------------------------------------------------------------- LSTM custom ops
 
 
-@torch.library.custom_op("attnkit::lstm_forward", mutates_args=())
-def _lstm_forward(
+def _lstm_forward_kernels(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
     w_hr: Optional[Tensor], lengths: Optional[Tensor], save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = LSTM.select(_describe_call(x, w_hh, 4, w_hr is not None, save))
     return tuple(t.contiguous() for t in impl.forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save))
+
+
+_lstm_forward = torch.library.custom_op("attnkit::lstm_forward", _lstm_forward_kernels, mutates_args=())
 
 
 @_lstm_forward.register_fake
@@ -59,8 +63,7 @@ def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save):
     return x.new_empty((T, B, P)), torch.empty_like(h0), torch.empty_like(c0), saved(T, B, 4 * H), saved(T, B, H), hc
 
 
-@torch.library.custom_op("attnkit::lstm_backward", mutates_args=())
-def _lstm_backward(
+def _lstm_backward_kernels(
     grad_output: Tensor, grad_hn: Tensor, grad_cn: Tensor, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor,
     w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
     output: Tensor, gates: Tensor, cs: Tensor, hc: Tensor,
@@ -70,6 +73,9 @@ def _lstm_backward(
         grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, output, gates, cs, hc
     )
     return tuple(g.contiguous() for g in grads)
+
+
+_lstm_backward = torch.library.custom_op("attnkit::lstm_backward", _lstm_backward_kernels, mutates_args=())
 
 
 @_lstm_backward.register_fake
@@ -91,9 +97,9 @@ def _lstm_setup_context(ctx, inputs, output):
 
 def _lstm_autograd(ctx, grad_output, grad_hn, grad_cn, *_saved_grads):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cs, hc = ctx.saved_tensors
-    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _lstm_backward(
-        _zeros_if_none(grad_output, out), _zeros_if_none(grad_hn, h0), _zeros_if_none(grad_cn, c0),
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cs, hc,
+    grads = (_zeros_if_none(grad_output, out), _zeros_if_none(grad_hn, h0), _zeros_if_none(grad_cn, c0))
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _eager.call(
+        _lstm_backward_kernels, _lstm_backward, *grads, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cs, hc
     )
     db_ih = db if b_ih is not None else None
     db_hh = db if b_hh is not None else None
@@ -103,16 +109,21 @@ def _lstm_autograd(ctx, grad_output, grad_hn, grad_cn, *_saved_grads):
 _lstm_forward.register_autograd(_lstm_autograd, setup_context=_lstm_setup_context)
 
 
+_LstmFunction = _eager.autograd_function("_LstmFunction", _lstm_forward_kernels, _lstm_setup_context, _lstm_autograd)
+
+
 # --------------------------------------------------------------------------- GRU custom ops
 
 
-@torch.library.custom_op("attnkit::gru_forward", mutates_args=())
-def _gru_forward(
+def _gru_forward_kernels(
     x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
     lengths: Optional[Tensor], save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     impl = GRU.select(_describe_call(x, w_hh, 3, False, save))
     return tuple(t.contiguous() for t in impl.forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save))
+
+
+_gru_forward = torch.library.custom_op("attnkit::gru_forward", _gru_forward_kernels, mutates_args=())
 
 
 @_gru_forward.register_fake
@@ -123,14 +134,16 @@ def _(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save):
     return x.new_empty((T, B, H)), torch.empty_like(h0), gates
 
 
-@torch.library.custom_op("attnkit::gru_backward", mutates_args=())
-def _gru_backward(
+def _gru_backward_kernels(
     grad_output: Tensor, grad_hn: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
     b_hh: Optional[Tensor], lengths: Optional[Tensor], output: Tensor, gates: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = GRU.select(_describe_call(x, w_hh, 3, False, save=True))
     grads = impl.backward(grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output, gates)
     return tuple(g.contiguous() for g in grads)
+
+
+_gru_backward = torch.library.custom_op("attnkit::gru_backward", _gru_backward_kernels, mutates_args=())
 
 
 @_gru_backward.register_fake
@@ -150,13 +163,17 @@ def _gru_setup_context(ctx, inputs, output):
 
 def _gru_autograd(ctx, grad_output, grad_hn, _grad_gates):
     x, h0, w_ih, w_hh, b_ih, b_hh, lengths, out, gates = ctx.saved_tensors
-    dx, dh0, dw_ih, dw_hh, db_ih, db_hh = _gru_backward(
-        _zeros_if_none(grad_output, out), _zeros_if_none(grad_hn, h0), x, h0, w_ih, w_hh, b_ih, b_hh, lengths, out, gates
+    grads = (_zeros_if_none(grad_output, out), _zeros_if_none(grad_hn, h0))
+    dx, dh0, dw_ih, dw_hh, db_ih, db_hh = _eager.call(
+        _gru_backward_kernels, _gru_backward, *grads, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, out, gates
     )
     return dx, dh0, dw_ih, dw_hh, db_ih if b_ih is not None else None, db_hh if b_hh is not None else None, None, None
 
 
 _gru_forward.register_autograd(_gru_autograd, setup_context=_gru_setup_context)
+
+
+_GruFunction = _eager.autograd_function("_GruFunction", _gru_forward_kernels, _gru_setup_context, _gru_autograd)
 
 
 # --------------------------------------------------------------------------- validation
@@ -264,7 +281,9 @@ def lstm(
         LSTM_OP, 4, input, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths
     )
     save = _needs_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
-    output, h_n, c_n, *_ = _lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save)
+    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save)
+    forward = _LstmFunction.apply if save else _lstm_forward_kernels
+    output, h_n, c_n, *_ = _eager.call(forward, _lstm_forward, *args)
     return output, (h_n, c_n)
 
 
@@ -293,7 +312,8 @@ def gru(
     """
     x, h0, _, w_ih, w_hh, b_ih, b_hh, _, lengths = _validated(GRU_OP, 3, input, hx, w_ih, w_hh, b_ih, b_hh, None, lengths)
     save = _needs_grad((x, h0, w_ih, w_hh, b_ih, b_hh))
-    output, h_n, _ = _gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save)
+    forward = _GruFunction.apply if save else _gru_forward_kernels
+    output, h_n, _ = _eager.call(forward, _gru_forward, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save)
     return output, h_n
 
 

@@ -1,0 +1,92 @@
+"""attnkit.ops.lstm / gru / lstm_cell take two routes to the same kernels (attnkit._eager):
+plain eager calls skip the torch.library custom op, anything else (here a
+dispatch mode; torch.compile in test_rnn.py) goes through it. Both must give
+the same outputs and gradients, and each must be taken where it should."""
+import pytest
+import torch
+from helpers import forced
+from test_rnn import make_gru, make_lstm, weighted_loss
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from attnkit import _eager
+from attnkit.ops import gru, lstm, lstm_cell
+
+
+class PassThrough(TorchDispatchMode):
+    """A dispatch mode that changes nothing but makes the call non-plain."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def run(op, args, lengths, through_custom_op):
+    x, hx, *weights = args
+    kwargs = {"lengths": lengths}
+    if op is lstm and len(weights) == 5:
+        kwargs["w_hr"] = weights.pop()
+    if through_custom_op:
+        with PassThrough():
+            out, state = op(x, hx, *weights, **kwargs)
+    else:
+        out, state = op(x, hx, *weights, **kwargs)
+    outs = [out, *(state if isinstance(state, tuple) else (state,))]
+    leaves = [t for a in args for t in (a if isinstance(a, tuple) else (a,)) if t is not None]
+    return outs, torch.autograd.grad(weighted_loss(outs), leaves), out.grad_fn
+
+
+def lstm_args(P):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = make_lstm(5, 3, 4, 6, P, torch.float32, "cpu")
+    return [x, (h0, c0), w_ih, w_hh, b_ih, b_hh] + ([w_hr] if w_hr is not None else [])
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("case", ["lstm", "lstm_proj", "gru"])
+@pytest.mark.parametrize("lengths", [None, [2, 5, 0]], ids=["full", "unsorted"])
+def test_eager_route_matches_custom_op_route(backend, case, lengths):
+    op = gru if case == "gru" else lstm
+    args = list(make_gru(5, 3, 4, 6, torch.float32, "cpu")) if case == "gru" else lstm_args(4 if case == "lstm_proj" else 6)
+    with forced(case[:4].rstrip("_"), backend, "cpu", torch.float32):
+        outs, grads, eager_node = run(op, args, lengths, through_custom_op=False)
+        outs_op, grads_op, op_node = run(op, args, lengths, through_custom_op=True)
+    assert "Function" in type(eager_node).__name__, type(eager_node).__name__
+    assert f"attnkit_{case[:4].rstrip('_')}_forward" in type(op_node).__name__, type(op_node).__name__
+    # The same kernels on the same inputs: equal, not merely close.
+    for a, b in zip(outs + list(grads), outs_op + list(grads_op)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_lstm_cell_routes_agree(backend):
+    x, (h, c), w_ih, w_hh, b_ih, b_hh = lstm_args(6)
+    args = (x[0], (h, c), w_ih, w_hh, b_ih, b_hh)
+    leaves = [x, h, c, w_ih, w_hh, b_ih, b_hh]
+    results = []
+    with forced("lstm_cell", backend, "cpu", torch.float32):
+        for mode in (None, PassThrough):
+            with mode() if mode else torch.enable_grad():
+                outs = lstm_cell(*args)
+            results.append((type(outs[0].grad_fn).__name__, [*outs, *torch.autograd.grad(weighted_loss(outs), leaves)]))
+    (eager_node, eager), (op_node, op) = results
+    assert "Function" in eager_node and "attnkit_lstm_cell_forward" in op_node, (eager_node, op_node)
+    for a, b in zip(eager, op):
+        assert torch.equal(a, b)
+
+
+def test_inference_call_builds_no_graph():
+    x, hx, *weights = lstm_args(6)
+    with torch.no_grad():
+        out, (h, c) = lstm(x, hx, *weights)
+    assert out.grad_fn is None and not out.requires_grad
+
+
+def test_plain_call_rules():
+    t = torch.zeros(2)
+    assert _eager.plain_call([t, torch.nn.Parameter(t), None, True, 3])
+    with PassThrough():
+        assert not _eager.plain_call([t])
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not _eager.plain_call([t.as_subclass(Sub)])
+    assert not torch.func.grad(lambda v: (v * float(_eager.plain_call([v]))).sum())(t).any()
