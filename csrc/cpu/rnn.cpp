@@ -477,7 +477,7 @@ std::vector<at::Tensor> small_batch_gru_backward(const at::Tensor& grad_output, 
   rnn::check_grad(output, "output", x, {T, B, H});
   rnn::check_grad(gates, "gates", x, {T, B, 4 * H});
   at::Tensor grad_gi = at::empty({T, B, 3 * H}, x.options());
-  at::Tensor grad_gh_bufs = at::empty({2, B, 3 * H}, x.options());
+  at::Tensor grad_gh = at::empty({T, B, 3 * H}, x.options());
   const int64_t ld_t = transposed_stride(TB, x.element_size());
   at::Tensor grad_t = at::empty({4 * H, ld_t}, x.options());  // rows: recurrent r, z, n, then input-side n
   at::Tensor db_ih = at::zeros({3 * H}, x.options()), db_hh = at::zeros({3 * H}, x.options());
@@ -490,7 +490,7 @@ std::vector<at::Tensor> small_batch_gru_backward(const at::Tensor& grad_output, 
     scalar_t *dw_ih_p = dw_ih.data_ptr<scalar_t>(), *dw_hh_p = dw_hh.data_ptr<scalar_t>();
     ATTNKIT_ROWS(gru_backward_small_batch<scalar_t>)(
         gates.data_ptr<scalar_t>(), h0_p, out_p, grad_output.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
-        dh.data_ptr<scalar_t>(), grad_gi.data_ptr<scalar_t>(), grad_gh_bufs.data_ptr<scalar_t>(),
+        dh.data_ptr<scalar_t>(), grad_gi.data_ptr<scalar_t>(), grad_gh.data_ptr<scalar_t>(),
         grad_t.data_ptr<scalar_t>(), ld_t, db_ih.data_ptr<scalar_t>(), db_hh.data_ptr<scalar_t>(),
         rnn::present(lengths) ? lengths->data_ptr<int64_t>() : nullptr, T, B, H, small_batch_threads(B, H));
     rows_gemm(TB, I, 3 * H, grad_gi.data_ptr<scalar_t>(), 3 * H, w_ih.data_ptr<scalar_t>(), I, false,

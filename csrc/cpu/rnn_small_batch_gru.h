@@ -26,43 +26,43 @@ void gru_forward_small_batch(const S* gi, const S* w_hh, const S* b_hh, S* h_buf
 // Backward of the loop above. gates (T, B, 4H) saved by the forward, h0 (B,
 // H), output (T, B, H) (h_{t-1} of a running row); dh (B, H): dL/dh_T in,
 // dL/dh_0 out. grad_gi (T, B, 3H) gets the input projections' gradients (for
-// dx); grad_gh_bufs (2, B, 3H) the recurrent ones of steps t and t - 1, by
-// parity: dh_{t-1} = (the part through z) + grad_gh[t] W_hh. grad_t (4H, T B;
-// row stride ld_t) gets them transposed for the weight gradients: rows 0..3H
-// the recurrent side (r, z, n), rows 3H..4H the input side of n (r and z are
-// the same on both sides). db_ih, db_hh (3H, zeros in): their sums over time
-// and batch.
+// dx), grad_gh (T, B, 3H) the recurrent ones: dh_{t-1} = (the part through z)
+// + grad_gh[t] W_hh. grad_t (4H, T B; row stride ld_t) gets them transposed
+// for the weight gradients: rows 0..3H the recurrent side (r, z, n), rows
+// 3H..4H the input side of n (r and z are the same on both sides). db_ih,
+// db_hh (3H, zeros in): their sums over time and batch.
 template <typename S>
 void gru_backward_small_batch(const S* gates, const S* h0, const S* output, const S* grad_output, const S* w_hh, S* dh,
-                              S* grad_gi, S* grad_gh_bufs, S* grad_t, int64_t ld_t, S* db_ih, S* db_hh,
+                              S* grad_gi, S* grad_gh, S* grad_t, int64_t ld_t, S* db_ih, S* db_hh,
                               const int64_t* len, int64_t T, int64_t B, int64_t H, int threads) {
-  const auto grad_gh = [=](int64_t t) { return grad_gh_bufs + (t & 1) * B * 3 * H; };
   const auto step = [=](int64_t t, const Slice& s) {
     const int64_t u0 = s.u0, u1 = s.u1;
     for (int64_t b = 0; b < B; ++b) {
       const int64_t o = b * H, r = t * B + b;
-      S *gi = grad_gi + r * 3 * H, *gh = grad_gh(t) + b * 3 * H;
+      S *gi = grad_gi + r * 3 * H, *gh = grad_gh + r * 3 * H;
       if (len != nullptr && t >= len[b]) {  // stopped: dh passes through, no gradient to the gates
         for (int64_t g = 0; g < 3; ++g) {
           std::fill(gi + g * H + u0, gi + g * H + u1, S(0));
           std::fill(gh + g * H + u0, gh + g * H + u1, S(0));
         }
-      } else {
-        const S* h_prev = t > 0 ? output + (r - B) * H : h0 + o;
-        gru_backward_row(gates + r * 4 * H + u0, h_prev + u0, grad_output + r * H + u0, dh + o + u0, gi + u0, gh + u0,
-                         H, s.n);
+        continue;
       }
-      for (int64_t j = u0; j < u1; ++j) {
-        for (int64_t g = 0; g < 3; ++g) {
-          grad_t[(g * H + j) * ld_t + r] = gh[g * H + j];
-          db_ih[g * H + j] += gi[g * H + j];
-          db_hh[g * H + j] += gh[g * H + j];
+      const S* h_prev = t > 0 ? output + (r - B) * H : h0 + o;
+      gru_backward_row(gates + r * 4 * H + u0, h_prev + u0, grad_output + r * H + u0, dh + o + u0, gi + u0, gh + u0, H,
+                       s.n);
+      for (int64_t j = u0; j < 3 * H; j += H) {
+        for (int64_t i = j; i < j + s.n; ++i) {
+          db_ih[i] += gi[i];
+          db_hh[i] += gh[i];
         }
-        grad_t[(3 * H + j) * ld_t + r] = gi[2 * H + j];
       }
     }
+    if (t % kTileSteps == 0) {
+      const S* rows[4] = {grad_gh, grad_gh + H, grad_gh + 2 * H, grad_gi + 2 * H};
+      transpose_block(rows, 3 * H, H, u0, u1, t * B, std::min(t + kTileSteps, T) * B, grad_t, ld_t);
+    }
   };
-  backward_time_loop(w_hh, 3 * H, len, T, B, H, threads, step, grad_gh,
+  backward_time_loop(w_hh, 3 * H, len, T, B, H, threads, step, [=](int64_t t) { return grad_gh + t * B * 3 * H; },
                      [=](int64_t b, const Slice& s, const S* product) {
                        S* d = dh + b * H + s.u0;
                        for (int64_t j = 0; j < s.n; ++j) d[j] += product[j];
