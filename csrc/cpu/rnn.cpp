@@ -198,8 +198,8 @@ struct Kernels {
   // Batches of 1..4 without projection never reach rnn_sequence.h's loop:
   // lstm_* / gru_* below run them whole (small_batch_lstm_* / small_batch_gru_*).
 
-  // Batch 5+ in float without projection: one OpenMP team through all steps,
-  // each step's GEMM and gate math fused per unit chunk (rnn_fused.cpp).
+  // Batch 5+ in float without projection (LSTM and GRU): one OpenMP team through
+  // all steps, each step's GEMM and gate math fused per unit chunk (rnn_fused.cpp).
   static bool lstm_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& bias,
                                  const at::Tensor& w_hh, at::Tensor& h, at::Tensor& c, at::Tensor& output,
                                  at::Tensor& gates, const at::Tensor& cs, const at::Tensor& len,
@@ -211,6 +211,12 @@ struct Kernels {
                                   at::Tensor& dc, at::Tensor& grad_pre, const at::Tensor& len,
                                   const std::vector<int64_t>& rows) {
     return cpu::lstm_backward_fused(gates, cs, c0, grad_output, w_hh, dh, dc, grad_pre, len, rows);
+  }
+  static bool gru_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                                const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, at::Tensor& h,
+                                at::Tensor& output, at::Tensor& gates, const at::Tensor& len,
+                                const std::vector<int64_t>& rows, bool save) {
+    return cpu::gru_forward_fused(x, w_ih, b_ih, w_hh, b_hh, h, output, gates, len, rows, save);
   }
 
   // a b (row-major, contiguous): the weight gradients' GEMMs.

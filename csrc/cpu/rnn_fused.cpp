@@ -1,17 +1,17 @@
-// Fused-step LSTM time loops for batch 5+ on the CPU (float32, no
+// Fused-step LSTM / GRU time loops for batch 5+ on the CPU (float32, no
 // projection), and the tiled brgemm GEMM of the backward's weight gradients.
 //
 // The per-step loop of rnn_sequence.h calls a GEMM (oneDNN), then a separate
 // elementwise pass over (B, 4H), with a fork/join around each. Here one
 // OpenMP team lives through the whole sequence: each thread owns a range of
-// hidden units, runs the recurrent GEMM for the four gate columns of one
-// chunk of its units straight into a small tile and the gate math on that tile
-// while it is in L1/L2, and the team meets at one barrier per step (the next
+// hidden units, runs the recurrent GEMM for the G gate columns (4 LSTM, 3 GRU)
+// of one chunk of its units straight into a small tile and the gate math on
+// that tile while it is in L1/L2, and the team meets at one barrier per step (the next
 // GEMM reads every unit of h). W_hh is repacked once per call so that a
-// chunk's four gate columns are one contiguous (H, 4 * chunk) matrix (W_ih
+// chunk's G gate columns are one contiguous (H, G * chunk) matrix (W_ih
 // too: every few steps a thread projects the next steps' inputs for its
-// chunks, so the step GEMM adds onto projections still in cache, instead of
-// one (T, B, 4H) GEMM up front whose output has left the cache when read).
+// chunks, so the step GEMM finds them still in cache, instead of one
+// (T, B, G H) GEMM up front whose output has left the cache when read).
 // The backward splits the units the same way: dh_t[:, own units] = gp_{t+1}
 // W_hh[:, own units] (every thread reads all of gp_{t+1}, hence the barrier),
 // then the gate backward on the own units.
@@ -44,33 +44,37 @@ constexpr bool kHaveBrgemm = true;
 constexpr bool kHaveBrgemm = false;
 #endif
 
-// Units per forward chunk: the GEMM's tile is (B, 4 * 16), 8 KB at B = 32,
+// Units per forward chunk: the LSTM GEMM's tile is (B, 4 * 16), 8 KB at B = 32,
 // in L1 for the gate math right after the GEMM. 16 beat 32 and 64 by 4-7%
 // (1 thread, CPU time, (32,128,256) and (64,100,512)).
 constexpr int64_t kChunk = 16;
-// Columns per W_hh panel of the backward's dh GEMM: a contiguous (4H, 64)
+// Columns per W_hh panel of the backward's dh GEMM: a contiguous (G H, 64)
 // panel stays in L2 while the GEMM walks gp's rows (W_hh's own rows, H apart,
 // map a panel onto a few cache sets when H is a power of two).
 constexpr int64_t kPanel = 64;
 
+// G gates a unit: 4 (LSTM: i, f, g, o), 3 (GRU: r, z, n).
 struct FusedForward {
   const float* x;          // (T, B, I)
-  const float* w_ih;       // packed like w_hh, (I, 4 * units) per chunk
-  const float* w_hh;       // chunk k at 4 * k * kChunk * H: (H, 4 * units), gate columns i|f|g|o
-  const float* bias;       // (4H) or null
-  float* gates;            // (T, B, 4H) activated, or null (not saved)
+  const float* w_ih;       // packed like w_hh, (I, G * units) per chunk
+  const float* w_hh;       // chunk k at G * k * kChunk * H: (H, G * units), gate columns side by side
+  const float* bias;       // LSTM b_ih + b_hh (4H), GRU b_ih (3H), or null
+  const float* b_hh;       // GRU (3H) or null: inside the reset product
+  float* gates;            // (T, B, 4H) saved gates (LSTM activated, GRU r, z, n, hn), or null (not saved)
   float* h_bufs;           // (2, B, H): h_t in slot t % 2
-  float* c;                // (B, H)
+  float* c;                // LSTM (B, H)
   float* out;              // (T, B, H)
-  float* cs;               // (T, B, H) or null
+  float* cs;               // LSTM (T, B, H) or null
   const int64_t* len;      // (B) or null
   const int64_t* rows;     // (T)
   int64_t T, B, I, H, chunk, block;
 };
 
 struct FusedBackward {
-  const float *gates, *cs, *c0, *grad_output, *w_hh;  // w_hh in kPanel-column panels
-  float *grad_pre, *dh, *dc;
+  const float *gates, *grad_output, *w_hh;  // w_hh in kPanel-column panels
+  const float *cs, *c0;
+  float* grad_pre;                          // (T, B, G H) d(pre-activations)
+  float *dh, *dc;
   const int64_t* len;
   const int64_t* rows;
   bool unsorted;
@@ -83,18 +87,21 @@ struct FusedBackward {
 #pragma GCC target("avx512f,avx512vl,avx2,fma")
 namespace avx512 {
 #include "rnn_fused_rows.h"
+#include "rnn_fused_gru.h"
 }  // namespace avx512
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 #include "rnn_fused_rows.h"
+#include "rnn_fused_gru.h"
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
 #ifdef CPUBLAS_BRGEMM_F32F32F32
 namespace generic {
 #include "rnn_fused_rows.h"
+#include "rnn_fused_gru.h"
 }  // namespace generic
 #endif
 
@@ -118,13 +125,13 @@ int team_thread() {
 
 // Threads of the team: each needs a few hundred thousand multiply-adds per
 // step to be worth a barrier, and at least one chunk (16 units backward).
-int team_size(int64_t B, int64_t H, int64_t parts) {
+int team_size(int64_t B, int64_t H, int64_t G, int64_t parts) {
 #ifdef _OPENMP
   if (omp_in_parallel()) return 1;  // called from inside a parallel region: no nested team
 #else
   return 1;  // no OpenMP: the parallel region runs once, as thread 0
 #endif
-  const int64_t by_work = std::max<int64_t>(1, B * 4 * H * H / (1 << 18));
+  const int64_t by_work = std::max<int64_t>(1, B * G * H * H / (1 << 18));
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), by_work, parts})));
 }
 
@@ -132,26 +139,90 @@ bool applies(const at::Tensor& t, int64_t B) {
   return kHaveBrgemm && t.scalar_type() == at::kFloat && B > 4;
 }
 
-// w (4H, K) -> per chunk of units, the (K, 4 * units) matrix of its gate columns i|f|g|o.
-at::Tensor pack_gate_columns(const at::Tensor& w, int64_t H) {
+// w (G H, K) -> per chunk of units, the (K, G * units) matrix of its gate columns side by side.
+at::Tensor pack_gate_columns(const at::Tensor& w, int64_t H, int64_t G) {
   const int64_t K = w.size(1);
-  at::Tensor packed = at::empty({4 * H * K}, w.options());
+  at::Tensor packed = at::empty({G * H * K}, w.options());
   const float* src = w.data_ptr<float>();
   float* dst = packed.data_ptr<float>();
   at::parallel_for(0, (H + kChunk - 1) / kChunk, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t u0 = k0 * kChunk; u0 < std::min(H, k1 * kChunk); u0 += kChunk) {
       const int64_t units = std::min(kChunk, H - u0);
-      float* chunk = dst + 4 * u0 * K;
+      float* chunk = dst + G * u0 * K;
       // Row (g, u) of w is column g * units + u of the chunk: each k's line is written by all its rows.
-      for (int64_t g = 0; g < 4; ++g) {
+      for (int64_t g = 0; g < G; ++g) {
         for (int64_t u = 0; u < units; ++u) {
           const float* row = src + (g * H + u0 + u) * K;
-          for (int64_t k = 0; k < K; ++k) chunk[k * 4 * units + g * units + u] = row[k];
+          for (int64_t k = 0; k < K; ++k) chunk[k * G * units + g * units + u] = row[k];
         }
       }
     }
   });
   return packed;
+}
+
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+// The forward's team: packs W_ih and W_hh (G H rows) by chunk into f, h (h0 in, h_T out) through
+// f.h_bufs, splits the chunks, sizes the input-projection blocks, and runs `run(f, k0, k1, xp, gh)` on
+// each thread (gh: a (B, G * kChunk) tile of its own when `gh_tile`, else null).
+template <typename Run>
+void forward_team(FusedForward f, int64_t G, const at::Tensor& w_ih, const at::Tensor& w_hh, at::Tensor& h,
+                  bool gh_tile, Run run) {
+  const int64_t T = f.T, B = f.B, H = f.H;
+  const int64_t chunks = (H + kChunk - 1) / kChunk;
+  const at::Tensor w_ih_p = pack_gate_columns(w_ih, H, G), w_hh_p = pack_gate_columns(w_hh, H, G);
+  at::Tensor h_bufs = at::empty({2, B, H}, h.options());
+  h_bufs[0].copy_(h);
+  const int nt = team_size(B, H, G, chunks);
+  const int64_t per_thread = (chunks + nt - 1) / nt;
+  f.w_ih = w_ih_p.data_ptr<float>();
+  f.w_hh = w_hh_p.data_ptr<float>();
+  f.h_bufs = h_bufs.data_ptr<float>();
+  f.chunk = kChunk;
+  // Steps per input-projection block: ~512 KB of projections per thread (256 KB measured within noise).
+  f.block = std::clamp<int64_t>((128 * 1024) / (B * G * kChunk * per_thread), 1, T);
+  const int64_t xp_size = per_thread * f.block * B * G * kChunk, gh_size = gh_tile ? B * G * kChunk : 0;
+  at::Tensor xp = at::empty({nt, xp_size + gh_size}, h.options());
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = team_thread();
+    const int64_t k0 = std::min(chunks, tid * per_thread), k1 = std::min(chunks, k0 + per_thread);
+    float* mine = xp.data_ptr<float>() + tid * (xp_size + gh_size);
+    run(f, k0, k1, mine, gh_tile ? mine + xp_size : nullptr);
+    at::native::cpublas::brgemm_release(false);
+  }
+  h.copy_(h_bufs[T % 2]);
+}
+
+// The backward's team: W_hh (G H, H) into f.w_hh as panels of kPanel columns, whole panels per thread,
+// `run(f, u0, u1, tile)` on each (tile: a B x H of its own when lengths are unsorted).
+template <typename Run>
+void backward_team(FusedBackward f, int64_t G, const at::Tensor& w_hh, Run run) {
+  const int64_t B = f.B, H = f.H;
+  for (int64_t b = 1; b < B && f.len != nullptr; ++b) f.unsorted = f.unsorted || f.len[b] > f.len[b - 1];
+  at::Tensor panels = at::empty({G * H * H}, w_hh.options());
+  for (int64_t p0 = 0; p0 < H; p0 += kPanel) {
+    const int64_t n = std::min(kPanel, H - p0);
+    panels.narrow(0, G * H * p0, G * H * n).view({G * H, n}).copy_(w_hh.narrow(1, p0, n));
+  }
+  f.w_hh = panels.data_ptr<float>();
+  const int64_t n_panels = (H + kPanel - 1) / kPanel;
+  const int nt = team_size(B, H, G, n_panels);
+  at::Tensor tile_buf = f.unsorted ? at::empty({nt, B * H}, w_hh.options()) : at::Tensor();
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = team_thread();
+    // Whole panels per thread.
+    const int64_t u0 = std::min(H, n_panels * tid / nt * kPanel), u1 = std::min(H, n_panels * (tid + 1) / nt * kPanel);
+    run(f, u0, u1, f.unsorted ? tile_buf.data_ptr<float>() + tid * B * H : nullptr);
+    at::native::cpublas::brgemm_release(false);
+  }
+}
+#endif
+
+template <typename S>
+S* ptr_or_null(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<S>() : nullptr;
 }
 
 }  // namespace
@@ -162,32 +233,12 @@ bool lstm_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = c.size(1);
   if (!applies(x, B) || I == 0) return false;
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  const int64_t chunks = (H + kChunk - 1) / kChunk;
-  const at::Tensor w_ih_p = pack_gate_columns(w_ih, H), w_hh_p = pack_gate_columns(w_hh, H);
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   gates = save ? at::empty({T, B, 4 * H}, x.options()) : at::Tensor();
-  at::Tensor h_bufs = at::empty({2, B, H}, h.options());
-  h_bufs[0].copy_(h);
-  const int nt = team_size(B, H, chunks);
-  const int64_t per_thread = (chunks + nt - 1) / nt;
-  // Steps per input-projection block: ~512 KB of projections per thread (256 KB measured within noise).
-  const int64_t block = std::clamp<int64_t>((128 * 1024) / (B * 4 * kChunk * per_thread), 1, T);
-  const FusedForward f{x.data_ptr<float>(), w_ih_p.data_ptr<float>(), w_hh_p.data_ptr<float>(),
-                       b.defined() ? b.data_ptr<float>() : nullptr, save ? gates.data_ptr<float>() : nullptr,
-                       h_bufs.data_ptr<float>(), c.data_ptr<float>(), output.data_ptr<float>(),
-                       cs.numel() > 0 ? cs.data_ptr<float>() : nullptr,
-                       len.defined() ? len.data_ptr<int64_t>() : nullptr, rows.data(), T, B, I, H, kChunk, block};
-  const int64_t xp_size = per_thread * block * B * 4 * kChunk;
-  at::Tensor xp = at::empty({nt, xp_size}, x.options());
-  auto run = ATTNKIT_FUSED(fused_lstm_forward_thread);
-#pragma omp parallel num_threads(nt)
-  {
-    const int tid = team_thread();
-    const int64_t k0 = std::min(chunks, tid * per_thread), k1 = std::min(chunks, k0 + per_thread);
-    run(f, k0, k1, xp.data_ptr<float>() + tid * xp_size);
-    at::native::cpublas::brgemm_release(false);
-  }
-  h.copy_(h_bufs[T % 2]);
+  const FusedForward f{x.data_ptr<float>(), nullptr, nullptr, ptr_or_null<float>(b), nullptr,
+                       ptr_or_null<float>(gates), nullptr, c.data_ptr<float>(), output.data_ptr<float>(),
+                       ptr_or_null<float>(cs), ptr_or_null<int64_t>(len), rows.data(), T, B, I, H, 0, 0};
+  forward_team(f, 4, w_ih, w_hh, h, false, ATTNKIT_FUSED(fused_lstm_forward_thread));
   return true;
 #else
   return false;
@@ -200,32 +251,29 @@ bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at
   const int64_t T = gates.size(0), B = gates.size(1), H = dc.size(1);
   if (!applies(gates, B)) return false;
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  bool unsorted = false;
-  if (len.defined()) {
-    const int64_t* lp = len.data_ptr<int64_t>();
-    for (int64_t b = 1; b < B; ++b) unsorted = unsorted || lp[b] > lp[b - 1];
-  }
-  at::Tensor panels = at::empty({4 * H * H}, w_hh.options());
-  for (int64_t p0 = 0; p0 < H; p0 += kPanel) {
-    const int64_t n = std::min(kPanel, H - p0);
-    panels.narrow(0, 4 * H * p0, 4 * H * n).view({4 * H, n}).copy_(w_hh.narrow(1, p0, n));
-  }
-  const FusedBackward f{gates.data_ptr<float>(), cs.data_ptr<float>(), c0.data_ptr<float>(),
-                        grad_output.data_ptr<float>(), panels.data_ptr<float>(), grad_pre.data_ptr<float>(),
-                        dh.data_ptr<float>(), dc.data_ptr<float>(),
-                        len.defined() ? len.data_ptr<int64_t>() : nullptr, rows.data(), unsorted, T, B, H};
-  const int64_t n_panels = (H + kPanel - 1) / kPanel;
-  const int nt = team_size(B, H, n_panels);
-  at::Tensor tiles = unsorted ? at::empty({nt, B * H}, dh.options()) : at::Tensor();
-  auto run = ATTNKIT_FUSED(fused_lstm_backward_thread);
-#pragma omp parallel num_threads(nt)
-  {
-    const int tid = team_thread();
-    // Whole panels per thread.
-    const int64_t u0 = std::min(H, n_panels * tid / nt * kPanel), u1 = std::min(H, n_panels * (tid + 1) / nt * kPanel);
-    run(f, u0, u1, unsorted ? tiles.data_ptr<float>() + tid * B * H : nullptr);
-    at::native::cpublas::brgemm_release(false);
-  }
+  const FusedBackward f{gates.data_ptr<float>(), grad_output.data_ptr<float>(), nullptr, cs.data_ptr<float>(),
+                        c0.data_ptr<float>(), grad_pre.data_ptr<float>(), dh.data_ptr<float>(), dc.data_ptr<float>(),
+                        ptr_or_null<int64_t>(len), rows.data(), false, T, B, H};
+  backward_team(f, 4, w_hh, ATTNKIT_FUSED(fused_lstm_backward_thread));
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool gru_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                       const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, at::Tensor& h,
+                       at::Tensor& output, at::Tensor& gates, const at::Tensor& len, const std::vector<int64_t>& rows,
+                       bool save) {
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = h.size(1);
+  if (!applies(x, B) || I == 0) return false;
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  const at::Tensor bi = b_ih.value_or(at::Tensor()), bh = b_hh.value_or(at::Tensor());
+  gates = save ? at::empty({T, B, 4 * H}, x.options()) : at::Tensor();
+  const FusedForward f{x.data_ptr<float>(), nullptr, nullptr, ptr_or_null<float>(bi), ptr_or_null<float>(bh),
+                       ptr_or_null<float>(gates), nullptr, nullptr, output.data_ptr<float>(), nullptr,
+                       ptr_or_null<int64_t>(len), rows.data(), T, B, I, H, 0, 0};
+  forward_team(f, 3, w_ih, w_hh, h, true, ATTNKIT_FUSED(fused_gru_forward_thread));
   return true;
 #else
   return false;

@@ -1,5 +1,5 @@
-// The fused-step LSTM time loops of csrc/cpu/rnn_fused.cpp (float32, batch
-// 5+, no projection) and the weight-gradient GEMM, for rnn.cpp's Kernels.
+// The fused-step LSTM / GRU time loops of csrc/cpu/rnn_fused.cpp (float32,
+// batch 5+, no projection) and the weight-gradient GEMM, for rnn.cpp's Kernels.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -24,6 +24,14 @@ bool lstm_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::
 bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& c0,
                          const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dc,
                          at::Tensor& grad_pre, const at::Tensor& len, const std::vector<int64_t>& rows);
+
+// The GRU's forward: gi = x W_ih^T + b_ih and gh = h W_hh^T + b_hh (biases
+// may be absent) kept apart as torch has them. h (B, H): h0 in, h_T out;
+// gates (T, B, 4H: r, z, n, hn) when `save`; the rest as lstm_forward_fused.
+bool gru_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                       const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, at::Tensor& h,
+                       at::Tensor& output, at::Tensor& gates, const at::Tensor& len, const std::vector<int64_t>& rows,
+                       bool save);
 
 // a b for contiguous row-major a (M, K), b (K, N): tiles through oneDNN's
 // brgemm for float (MKL's sgemm, which at::mm calls, runs 2-3x slower on the

@@ -1,8 +1,9 @@
-// The time loops of the fused LSTM steps (csrc/cpu/rnn_fused.cpp), batch 5+:
-// each thread of one OpenMP team owns a range of hidden units and runs, per
-// step, the recurrent GEMM for those units' four gate columns (oneDNN's brgemm)
-// and at once the gate math on the tile it just produced, while it is in
-// cache; the team meets at one barrier per step. No include guard on purpose:
+// The time loops of the fused LSTM / GRU steps (csrc/cpu/rnn_fused.cpp), batch
+// 5+: each thread of one OpenMP team owns a range of hidden units and runs, per
+// step, the recurrent GEMM for those units' G gate columns (G = 4 LSTM, 3 GRU;
+// oneDNN's brgemm) and at once the gate math on the tile it just produced,
+// while it is in cache; the team meets at one barrier per step. The LSTM's
+// rows are here, the GRU's in rnn_fused_gru.h. No include guard on purpose:
 // rnn_fused.cpp includes this file three times (AVX-512, AVX2, generic), like
 // rnn_rows.h, and picks one at run time. float only (brgemm's type).
 
@@ -53,27 +54,33 @@ inline void fused_backward_row(const float* gates, int64_t H, const float* c_pre
 }
 
 // Forward, one thread of the team: unit chunks [k0, k1) of FusedForward
-// (rnn_fused.cpp). Every `block` steps it first projects those steps' inputs
-// for its chunks into `xp` (brgemm on the packed W_ih): they are in cache when
-// each step's GEMM adds h W_hh^T onto them, and no (T, B, 4H) tensor of
-// projections is written and read back.
-inline void fused_lstm_forward_thread(const FusedForward& f, int64_t k0, int64_t k1, float* xp) {
+// (rnn_fused.cpp), G gates a unit. Every `block` steps it first projects those
+// steps' inputs for its chunks into `xp` (brgemm on the packed W_ih): they are
+// in cache when each step's GEMM adds h W_hh^T onto them (gh null: the LSTM
+// sums the two) or writes it into gh, a (B, G * units) tile (the GRU keeps
+// them apart for the reset product), and no (T, B, G H) tensor of projections
+// is written and read back. row(t, b, u0, units, pre, gh_row) runs the gate
+// math of a running row; a stopped row keeps its state, outputs 0 and saves 0
+// gates here (no backward reads them), and stopped(t, b, u0, units) does the rest.
+template <int G, typename Row, typename Stopped>
+inline void fused_forward_thread(const FusedForward& f, int64_t k0, int64_t k1, float* xp, float* gh, Row&& row,
+                                 Stopped&& stopped) {
   const int64_t T = f.T, B = f.B, H = f.H, I = f.I, nc = f.chunk, nb = f.block;
   for (int64_t t0 = 0; t0 < T; t0 += nb) {
     const int64_t steps = std::min(nb, T - t0);
     const bool all_rows = f.rows[t0 + steps - 1] == B;  // else sorted lengths stop rows within the block
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t u0 = k * nc, ldp = 4 * std::min(nc, H - u0);
-      float* xp_k = xp + (k - k0) * nb * B * 4 * nc;
+      const int64_t u0 = k * nc, ldp = G * std::min(nc, H - u0);
+      float* xp_k = xp + (k - k0) * nb * B * G * nc;
       if (all_rows) {
-        at::native::cpublas::brgemm(steps * B, ldp, I, I, ldp, ldp, false, f.x + t0 * B * I, f.w_ih + 4 * u0 * I,
+        at::native::cpublas::brgemm(steps * B, ldp, I, I, ldp, ldp, false, f.x + t0 * B * I, f.w_ih + G * u0 * I,
                                     xp_k, false);
         continue;
       }
       for (int64_t s = 0; s < steps; ++s) {  // only the rows still running (the others' rows are never read)
         const int64_t m = f.rows[t0 + s];
         if (m > 0) {
-          at::native::cpublas::brgemm(m, ldp, I, I, ldp, ldp, false, f.x + (t0 + s) * B * I, f.w_ih + 4 * u0 * I,
+          at::native::cpublas::brgemm(m, ldp, I, I, ldp, ldp, false, f.x + (t0 + s) * B * I, f.w_ih + G * u0 * I,
                                       xp_k + s * B * ldp, false);
         }
       }
@@ -83,27 +90,26 @@ inline void fused_lstm_forward_thread(const FusedForward& f, int64_t k0, int64_t
       float* h_next = f.h_bufs + ((t + 1) % 2) * B * H;
       float* act_t = f.gates != nullptr ? f.gates + t * B * 4 * H : nullptr;
       float* out_t = f.out + t * B * H;
-      float* cs_t = f.cs != nullptr ? f.cs + t * B * H : nullptr;
       const int64_t m = f.rows[t];  // rows that run the GEMM: all, or the running prefix of sorted lengths
       for (int64_t k = k0; k < k1; ++k) {
-        const int64_t u0 = k * nc, units = std::min(nc, H - u0), ldp = 4 * units;
-        float* pre = xp + (k - k0) * nb * B * 4 * nc + (t - t0) * B * ldp;  // the block's rows are ldp apart
-        if (m > 0) at::native::cpublas::brgemm(m, ldp, H, H, ldp, ldp, true, h_prev, f.w_hh + 4 * u0 * H, pre, false);
+        const int64_t u0 = k * nc, units = std::min(nc, H - u0), ldp = G * units;
+        float* pre = xp + (k - k0) * nb * B * G * nc + (t - t0) * B * ldp;  // the block's rows are ldp apart
+        float* acc = gh != nullptr ? gh : pre;
+        if (m > 0) {
+          at::native::cpublas::brgemm(m, ldp, H, H, ldp, ldp, gh == nullptr, h_prev, f.w_hh + G * u0 * H, acc, false);
+        }
         for (int64_t b = 0; b < B; ++b) {
-          const int64_t o = b * H + u0;
           if (b < m && (f.len == nullptr || t < f.len[b])) {
-            fused_forward_row(pre + b * ldp, units, f.bias != nullptr ? f.bias + u0 : nullptr, H,
-                              act_t != nullptr ? act_t + b * 4 * H + u0 : nullptr, f.c + o, h_next + o, out_t + o,
-                              cs_t != nullptr ? cs_t + o : nullptr, units);
+            row(t, b, u0, units, pre + b * ldp, acc + b * ldp);
             continue;
           }
-          // Stopped: keep the state, output 0; the saved gates 0 (no backward reads them).
+          const int64_t o = b * H + u0;
           std::copy(h_prev + o, h_prev + o + units, h_next + o);
-          for (int64_t g = 0; g < 4 && act_t != nullptr; ++g) {
+          for (int64_t g = 0; g < 4 && act_t != nullptr; ++g) {  // both save 4 rows: LSTM i f g o, GRU r z n hn
             std::fill(act_t + b * 4 * H + g * H + u0, act_t + b * 4 * H + g * H + u0 + units, 0.0f);
           }
           std::fill(out_t + o, out_t + o + units, 0.0f);
-          if (cs_t != nullptr) std::copy(f.c + o, f.c + o + units, cs_t + o);
+          stopped(t, b, u0, units);
         }
       }
 #pragma omp barrier
@@ -111,17 +117,35 @@ inline void fused_lstm_forward_thread(const FusedForward& f, int64_t k0, int64_t
   }
 }
 
-// dh[:, u0:u1) = gp (the first m rows) W_hh[:, u0:u1) for rows running at step t, whose gp it is; stopped
-// rows keep dh. `tile` (B x H) takes the product when lengths are unsorted. W_hh comes in panels of
-// kPanel columns, each a contiguous (4H, kPanel) matrix (u0 is a multiple of kPanel).
+inline void fused_lstm_forward_thread(const FusedForward& f, int64_t k0, int64_t k1, float* xp, float*) {
+  const int64_t B = f.B, H = f.H;
+  fused_forward_thread<4>(
+      f, k0, k1, xp, nullptr,
+      [&](int64_t t, int64_t b, int64_t u0, int64_t units, const float* pre, const float*) {
+        const int64_t o = b * H + u0;
+        fused_forward_row(pre, units, f.bias != nullptr ? f.bias + u0 : nullptr, H,
+                          f.gates != nullptr ? f.gates + (t * B + b) * 4 * H + u0 : nullptr, f.c + o,
+                          f.h_bufs + ((t + 1) % 2) * B * H + o, f.out + t * B * H + o,
+                          f.cs != nullptr ? f.cs + t * B * H + o : nullptr, units);
+      },
+      [&](int64_t t, int64_t b, int64_t u0, int64_t units) {
+        const int64_t o = b * H + u0;
+        if (f.cs != nullptr) std::copy(f.c + o, f.c + o + units, f.cs + t * B * H + o);
+      });
+}
+
+// dh[:, u0:u1) = gp (the first m rows) W_hh[:, u0:u1) for rows running at step t, whose gp (G H wide) it
+// is; stopped rows keep dh. `tile` (B x H) takes the product when lengths are unsorted. W_hh comes in
+// panels of kPanel columns, each a contiguous (G H, kPanel) matrix (u0 is a multiple of kPanel).
+template <int G>
 inline void fused_dh_gemm(const FusedBackward& f, int64_t t, int64_t u0, int64_t u1, float* tile) {
-  const int64_t B = f.B, H = f.H, m = f.rows[t];
+  const int64_t B = f.B, H = f.H, K = G * H, m = f.rows[t];
   if (m == 0) return;
-  const float* gp = f.grad_pre + t * B * 4 * H;
+  const float* gp = f.grad_pre + t * B * K;
   float* dst = f.unsorted ? tile : f.dh;  // sorted: rows past m stopped at t and keep their dh
   for (int64_t p0 = u0; p0 < u1; p0 += kPanel) {
     const int64_t n = std::min(kPanel, u1 - p0);
-    at::native::cpublas::brgemm(m, n, 4 * H, 4 * H, n, H, false, gp, f.w_hh + 4 * H * p0, dst + p0, false);
+    at::native::cpublas::brgemm(m, n, K, K, n, H, false, gp, f.w_hh + K * p0, dst + p0, false);
   }
   if (!f.unsorted) return;
   for (int64_t b = 0; b < m; ++b) {
@@ -129,25 +153,30 @@ inline void fused_dh_gemm(const FusedBackward& f, int64_t t, int64_t u0, int64_t
   }
 }
 
-// Backward, one thread of the team: units [u0, u1). Leaves dh = dL/dh_{-1} and dc = dL/dc_{-1} on its units.
-inline void fused_lstm_backward_thread(const FusedBackward& f, int64_t u0, int64_t u1, float* tile) {
-  const int64_t T = f.T, B = f.B, H = f.H, n = u1 - u0;
-  for (int64_t t = T - 1; t >= 0; --t) {
-    if (t + 1 < T) fused_dh_gemm(f, t + 1, u0, u1, tile);  // dh = dL/dh_t less the output's share
-    const float* g_t = f.gates + t * B * 4 * H;
-    const float* c_prev = t > 0 ? f.cs + (t - 1) * B * H : f.c0;
-    const float* c_new = f.cs + t * B * H;
-    const float* dout = f.grad_output + t * B * H;
-    float* gp_t = f.grad_pre + t * B * 4 * H;
-    for (int64_t b = 0; b < B && n > 0; ++b) {
-      const int64_t o = b * H + u0, o4 = b * 4 * H + u0;
-      if (f.len == nullptr || t < f.len[b]) {
-        fused_backward_row(g_t + o4, H, c_prev + o, c_new + o, f.dh + o, dout + o, f.dc + o, gp_t + o4, n);
-      } else {  // stopped: dh and dc pass through, the constant 0 output has no gradient
-        for (int64_t g = 0; g < 4; ++g) std::fill(gp_t + o4 + g * H, gp_t + o4 + g * H + n, 0.0f);
-      }
-    }
+// Backward, one thread of the team: units [u0, u1), n = u1 - u0 > 0. row(t, b, u0, n) runs (or, for a
+// stopped row, zeroes) step t's gate gradients of row b. Leaves dh = dL/dh_{-1} on its units.
+template <int G, typename Row>
+inline void fused_backward_thread(const FusedBackward& f, int64_t u0, int64_t u1, float* tile, Row&& row) {
+  for (int64_t t = f.T - 1; t >= 0; --t) {
+    if (t + 1 < f.T) fused_dh_gemm<G>(f, t + 1, u0, u1, tile);  // dh = dL/dh_t less the output's share
+    for (int64_t b = 0; b < f.B && u1 > u0; ++b) row(t, b, u0, u1 - u0);
 #pragma omp barrier
   }
-  fused_dh_gemm(f, 0, u0, u1, tile);
+  fused_dh_gemm<G>(f, 0, u0, u1, tile);
+}
+
+// The LSTM's: also leaves dc = dL/dc_{-1}.
+inline void fused_lstm_backward_thread(const FusedBackward& f, int64_t u0, int64_t u1, float* tile) {
+  const int64_t B = f.B, H = f.H;
+  fused_backward_thread<4>(f, u0, u1, tile, [&](int64_t t, int64_t b, int64_t j0, int64_t n) {
+    const int64_t o = (t * B + b) * H + j0, o4 = (t * B + b) * 4 * H + j0;
+    float* gp = f.grad_pre + o4;
+    if (f.len == nullptr || t < f.len[b]) {
+      const float* c_prev = t > 0 ? f.cs + o - B * H : f.c0 + b * H + j0;
+      fused_backward_row(f.gates + o4, H, c_prev, f.cs + o, f.dh + b * H + j0, f.grad_output + o, f.dc + b * H + j0,
+                         gp, n);
+    } else {  // stopped: dh and dc pass through, the constant 0 output has no gradient
+      for (int64_t g = 0; g < 4; ++g) std::fill(gp + g * H, gp + g * H + n, 0.0f);
+    }
+  });
 }

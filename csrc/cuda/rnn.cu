@@ -191,6 +191,11 @@ struct Kernels {
                                   const std::vector<int64_t>&) {
     return false;
   }
+  static bool gru_forward_fused(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                const at::Tensor&, const c10::optional<at::Tensor>&, at::Tensor&, at::Tensor&,
+                                at::Tensor&, const at::Tensor&, const std::vector<int64_t>&, bool) {
+    return false;
+  }
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
   static void transpose_into(const at::Tensor& src, const at::Tensor& dst) { dst.copy_(src.t()); }
   static at::Tensor workspace(int, at::IntArrayRef sizes, const at::TensorOptions& opts) {

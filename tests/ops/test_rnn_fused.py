@@ -1,12 +1,12 @@
-"""The fused-step LSTM time loops of csrc/cpu/rnn_fused.cpp (float32, batch 5+,
+"""The fused-step LSTM / GRU time loops of csrc/cpu/rnn_fused.cpp (float32, batch 5+,
 no projection: one OpenMP team, per-chunk GEMM + gate math, one barrier per
 step) and the brgemm weight-gradient GEMM, against the plain-PyTorch reference
-and torch.nn.LSTM: values and every gradient, sizes off the 16-unit chunks, 64-column
+and torch.nn.LSTM / GRU: values and every gradient, sizes off the 16-unit chunks, 64-column
 panels and vector widths, lengths stopping rows, one and two threads."""
 import pytest
 import torch
-from helpers import num_threads
-from test_rnn import check_against, make_gru, make_lstm
+from helpers import RNN_GRAD_FACTOR, TOLERANCES, num_threads
+from test_rnn import check_against, make_gru, make_lstm, weighted_loss
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import attnkit
@@ -47,6 +47,74 @@ def test_lstm_fused_matches_reference(shape, lengths, threads):
     check_against((out, h, c), ref, args, torch.float32)
 
 
+def gru_lengths(kind, T, B):
+    """lengths_for, with row 1 at 0 steps (never runs) where lengths stop rows; "none_run": every row at 0."""
+    if kind == "none_run":
+        return torch.zeros(B, dtype=torch.long)
+    lengths = lengths_for(kind, T, B)
+    if lengths is not None:
+        lengths[1] = 0
+        if kind == "sorted":
+            lengths = lengths.sort(descending=True).values
+    return lengths
+
+
+@pytest.mark.parametrize(
+    "shape", [(17, 5, 7, 20), (1, 6, 5, 37), (17, 9, 3, 64), (4, 6, 16, 70), (3, 5, 4, 1)], ids=str
+)
+@pytest.mark.parametrize("lengths", [None, "sorted", "unsorted", "none_run"], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gru_fused_matches_float64_reference(shape, lengths, bias, threads):
+    """(T, B, I, H), float32 through the fused loops against the reference run in float64 on the same
+    (float32) values, to float32's tolerance: H = 20 ends in a 4-unit chunk (scalar tail), 37 in a 5-unit
+    one, 64 is whole 16-lane chunks and one 64-column panel, 70 a 6-unit chunk and a 6-column panel, 1 all
+    tail; T = 1; h0 given; lengths stopping rows (one never runs; "none_run": none does)."""
+    T, B, I, H = shape
+    lengths = gru_lengths(lengths, T, B)
+    args = make_gru(T, B, I, H, torch.float32, "cpu", bias=bias)
+    with attnkit.use_backend("cpp"):
+        out, h = gru(*args, lengths=lengths)
+    args64 = [None if a is None else a.detach().double().requires_grad_(True) for a in args]
+    ref = reference.gru(*args64, lengths)[:2]
+    atol, rtol = TOLERANCES[torch.float32]
+    for o, r in zip((out, h), ref):
+        torch.testing.assert_close(o.double(), r, atol=atol, rtol=rtol)
+    leaves = [a for a in args if a is not None]
+    grads = torch.autograd.grad(weighted_loss((out, h)), leaves)
+    grads_ref = torch.autograd.grad(weighted_loss(ref), [a for a in args64 if a is not None])
+    for g, r in zip(grads, grads_ref):
+        # Gradients sum over T * B products of the recurrence: relative to their largest entry.
+        scale = max(1.0, r.abs().max().item())
+        torch.testing.assert_close(g.double(), r, atol=atol * RNN_GRAD_FACTOR * scale, rtol=rtol * RNN_GRAD_FACTOR)
+
+
+@pytest.mark.parametrize("lengths", [None, "unsorted"], ids=str)
+def test_gru_fused_saved_tensors_shared_with_the_reference(lengths, threads):
+    """The fused backward with the reference forward's saved gates (and the other way round) gives the
+    reference gradients: gates r, z, n, hn laid out as rnn_sequence.h's loop and the reference save them.
+    Inference (save=False) gives the training outputs."""
+    from attnkit.backends.rnn import CppGru, ReferenceGru
+
+    T, B, H = 7, 6, 37
+    lengths = gru_lengths(lengths, T, B)
+    args = [a.detach() for a in make_gru(T, B, 5, H, torch.float32, "cpu")]
+    gen = torch.Generator().manual_seed(0)
+    grad_out, grad_hn = torch.randn(T, B, H, generator=gen), torch.randn(B, H, generator=gen)
+
+    def forward_backward(fwd, bwd):
+        out, _, gates = fwd.forward(*args, lengths, True)
+        return bwd.backward(grad_out, grad_hn, *args, lengths, out, gates)
+
+    cpp, ref = CppGru(), ReferenceGru()
+    expected = forward_backward(ref, ref)
+    for fwd, bwd in ((ref, cpp), (cpp, ref), (cpp, cpp)):
+        for g, r in zip(forward_backward(fwd, bwd), expected):
+            torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+    out, h, gates = cpp.forward(*args, lengths, False)
+    assert gates.numel() == 0
+    torch.testing.assert_close((out, h), cpp.forward(*args, lengths, True)[:2], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("lengths", [None, "unsorted"], ids=str)
 def test_gru_weight_gradients_through_brgemm(lengths, threads):
     """The GRU's weight gradients take the same tiled brgemm GEMM: K = T * B past one 512 block, M and N off the tiles."""
@@ -79,6 +147,30 @@ def test_module_matches_torch_nn(packed, threads):
         loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + h.pow(2).sum() + c.sin().sum()
         grads = torch.autograd.grad(loss, [xi, *hs, *module.parameters()])
         results.append((out, h, c, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed_unsorted"])
+def test_gru_module_matches_torch_nn(packed, threads):
+    """attnkit.nn.GRU (2 layers, bidirectional) vs torch.nn.GRU on the same weights: outputs, state and all gradients."""
+    torch.manual_seed(0)
+    T, B, H = 6, 11, 40
+    ours = attnkit.nn.GRU(24, H, num_layers=2, bidirectional=True)
+    theirs = torch.nn.GRU(24, H, num_layers=2, bidirectional=True)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(T, B, 24)
+    lengths = torch.tensor([3, 6, 1, 5, 6, 2, 4, 6, 3, 5, 1])
+    h0 = torch.randn(4, B, H)
+    results = []
+    for module in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        inp = pack_padded_sequence(xi, lengths, enforce_sorted=False) if packed else xi
+        hi = h0.clone().requires_grad_(True)
+        out, h = module(inp, hi)
+        out = out.data if packed else out
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + h.pow(2).sum()
+        results.append((out, h, *torch.autograd.grad(loss, [xi, hi, *module.parameters()])))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 

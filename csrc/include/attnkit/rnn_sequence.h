@@ -243,10 +243,15 @@ std::vector<at::Tensor> gru_forward(const at::Tensor& x, const at::Tensor& h0, c
   const std::vector<int64_t> rows = active_rows(lengths, T, B);
   const at::Tensor len = K::device_lengths(lengths, x);
 
-  const at::Tensor gi = K::linear(x.view({T * B, I}), w_ih, b_ih).view({T, B, 3 * H});
-  at::Tensor gates = at::empty({save ? T : 1, B, 4 * H}, x.options());
   at::Tensor output = at::empty({T, B, H}, x.options());
   at::Tensor h = h0.clone();
+  // The device may run the whole layer itself, input projections included (CPU float32, batch 5+).
+  at::Tensor gates;
+  if (K::gru_forward_fused(x, w_ih, b_ih, w_hh, b_hh, h, output, gates, len, rows, save)) {
+    return {output, h, save ? gates : none_like(x)};
+  }
+  const at::Tensor gi = K::linear(x.view({T * B, I}), w_ih, b_ih).view({T, B, 3 * H});
+  gates = at::empty({save ? T : 1, B, 4 * H}, x.options());
   const at::Tensor w_hh_step = K::step_weight(w_hh, B);
   for (int64_t t = 0; t < T; ++t) {
     // Rows past rows[t] have stopped: the step does not read their gh.
