@@ -218,6 +218,12 @@ struct Kernels {
                                 const std::vector<int64_t>& rows, bool save) {
     return cpu::gru_forward_fused(x, w_ih, b_ih, w_hh, b_hh, h, output, gates, len, rows, save);
   }
+  static bool gru_backward_fused(const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& output,
+                                 const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh,
+                                 at::Tensor& dgi, at::Tensor& dgh, const at::Tensor& len,
+                                 const std::vector<int64_t>& rows) {
+    return cpu::gru_backward_fused(gates, h0, output, grad_output, w_hh, dh, dgi, dgh, len, rows);
+  }
 
   // a b (row-major, contiguous): the weight gradients' GEMMs.
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return cpu::mm(a, b); }

@@ -13,8 +13,8 @@
 // chunks, so the step GEMM finds them still in cache, instead of one
 // (T, B, G H) GEMM up front whose output has left the cache when read).
 // The backward splits the units the same way: dh_t[:, own units] = gp_{t+1}
-// W_hh[:, own units] (every thread reads all of gp_{t+1}, hence the barrier),
-// then the gate backward on the own units.
+// W_hh[:, own units] (every thread reads all of gp_{t+1}, hence the barrier;
+// the GRU adds it onto the part through z), then the gate backward on the own units.
 #include "rnn_fused.h"
 
 // Without AVX the generic copy's 16-lane vectors are emulated and inlined
@@ -72,9 +72,11 @@ struct FusedForward {
 
 struct FusedBackward {
   const float *gates, *grad_output, *w_hh;  // w_hh in kPanel-column panels
-  const float *cs, *c0;
-  float* grad_pre;                          // (T, B, G H) d(pre-activations)
-  float *dh, *dc;
+  const float *cs, *c0;                     // LSTM
+  const float *h0, *output;                 // GRU
+  float* grad_pre;                          // (T, B, G H): LSTM d(pre-activations), GRU the recurrent side's
+  float* grad_gi;                           // GRU: the input side's (T, B, 3H)
+  float *dh, *dc;                           // dc: LSTM
   const int64_t* len;
   const int64_t* rows;
   bool unsorted;
@@ -195,9 +197,9 @@ void forward_team(FusedForward f, int64_t G, const at::Tensor& w_ih, const at::T
 }
 
 // The backward's team: W_hh (G H, H) into f.w_hh as panels of kPanel columns, whole panels per thread,
-// `run(f, u0, u1, tile)` on each (tile: a B x H of its own when lengths are unsorted).
+// `run(f, u0, u1, tile)` on each (tile: a B x H of its own when lengths are unsorted and `tiles`).
 template <typename Run>
-void backward_team(FusedBackward f, int64_t G, const at::Tensor& w_hh, Run run) {
+void backward_team(FusedBackward f, int64_t G, const at::Tensor& w_hh, bool tiles, Run run) {
   const int64_t B = f.B, H = f.H;
   for (int64_t b = 1; b < B && f.len != nullptr; ++b) f.unsorted = f.unsorted || f.len[b] > f.len[b - 1];
   at::Tensor panels = at::empty({G * H * H}, w_hh.options());
@@ -208,13 +210,14 @@ void backward_team(FusedBackward f, int64_t G, const at::Tensor& w_hh, Run run) 
   f.w_hh = panels.data_ptr<float>();
   const int64_t n_panels = (H + kPanel - 1) / kPanel;
   const int nt = team_size(B, H, G, n_panels);
-  at::Tensor tile_buf = f.unsorted ? at::empty({nt, B * H}, w_hh.options()) : at::Tensor();
+  tiles = tiles && f.unsorted;
+  at::Tensor tile_buf = tiles ? at::empty({nt, B * H}, w_hh.options()) : at::Tensor();
 #pragma omp parallel num_threads(nt)
   {
     const int tid = team_thread();
     // Whole panels per thread.
     const int64_t u0 = std::min(H, n_panels * tid / nt * kPanel), u1 = std::min(H, n_panels * (tid + 1) / nt * kPanel);
-    run(f, u0, u1, f.unsorted ? tile_buf.data_ptr<float>() + tid * B * H : nullptr);
+    run(f, u0, u1, tiles ? tile_buf.data_ptr<float>() + tid * B * H : nullptr);
     at::native::cpublas::brgemm_release(false);
   }
 }
@@ -252,9 +255,10 @@ bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at
   if (!applies(gates, B)) return false;
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   const FusedBackward f{gates.data_ptr<float>(), grad_output.data_ptr<float>(), nullptr, cs.data_ptr<float>(),
-                        c0.data_ptr<float>(), grad_pre.data_ptr<float>(), dh.data_ptr<float>(), dc.data_ptr<float>(),
-                        ptr_or_null<int64_t>(len), rows.data(), false, T, B, H};
-  backward_team(f, 4, w_hh, ATTNKIT_FUSED(fused_lstm_backward_thread));
+                        c0.data_ptr<float>(), nullptr, nullptr, grad_pre.data_ptr<float>(), nullptr,
+                        dh.data_ptr<float>(), dc.data_ptr<float>(), ptr_or_null<int64_t>(len), rows.data(), false,
+                        T, B, H};
+  backward_team(f, 4, w_hh, true, ATTNKIT_FUSED(fused_lstm_backward_thread));
   return true;
 #else
   return false;
@@ -274,6 +278,22 @@ bool gru_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::o
                        ptr_or_null<float>(gates), nullptr, nullptr, output.data_ptr<float>(), nullptr,
                        ptr_or_null<int64_t>(len), rows.data(), T, B, I, H, 0, 0};
   forward_team(f, 3, w_ih, w_hh, h, true, ATTNKIT_FUSED(fused_gru_forward_thread));
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool gru_backward_fused(const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& output,
+                        const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dgi,
+                        at::Tensor& dgh, const at::Tensor& len, const std::vector<int64_t>& rows) {
+  const int64_t T = gates.size(0), B = gates.size(1), H = dh.size(1);
+  if (!applies(gates, B)) return false;
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  const FusedBackward f{gates.data_ptr<float>(), grad_output.data_ptr<float>(), nullptr, nullptr, nullptr,
+                        h0.data_ptr<float>(), output.data_ptr<float>(), dgh.data_ptr<float>(), dgi.data_ptr<float>(),
+                        dh.data_ptr<float>(), nullptr, ptr_or_null<int64_t>(len), rows.data(), false, T, B, H};
+  backward_team(f, 3, w_hh, false, ATTNKIT_FUSED(fused_gru_backward_thread));
   return true;
 #else
   return false;

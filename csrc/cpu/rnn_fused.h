@@ -33,6 +33,13 @@ bool gru_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::o
                        at::Tensor& output, at::Tensor& gates, const at::Tensor& len, const std::vector<int64_t>& rows,
                        bool save);
 
+// The GRU's backward steps: dgi, dgh (T, B, 3H) get the gradients of the input
+// and recurrent projections; dh (B, H): dL/dh_T in, dL/dh0 out. h0 and output
+// give h_{t-1}. Same conditions as the forward.
+bool gru_backward_fused(const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& output,
+                        const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dgi,
+                        at::Tensor& dgh, const at::Tensor& len, const std::vector<int64_t>& rows);
+
 // a b for contiguous row-major a (M, K), b (K, N): tiles through oneDNN's
 // brgemm for float (MKL's sgemm, which at::mm calls, runs 2-3x slower on the
 // AMD CPUs of BENCHMARKS.md); at::mm otherwise.

@@ -30,6 +30,25 @@ inline void fused_gru_forward_row(const float* gi, const float* gh, int64_t ldg,
   });
 }
 
+// dh: dL/dh_t less the output's share dout in, the part of dL/dh_{t-1} through
+// z out (the part through W_hh is the next step's GEMM); dgi, dgh (3 gates at
+// stride H) get the gradients of the two projections.
+inline void fused_gru_backward_row(const float* act, int64_t H, const float* h_prev, const float* dout, float* dh,
+                                   float* dgi, float* dgh, int64_t units) {
+  for_wide_units<float>(units, [&](auto lanes, int64_t j) {
+    using V = decltype(lanes);
+    const gates::GruGates<V> a{ld<V>(act + j), ld<V>(act + H + j), ld<V>(act + 2 * H + j), ld<V>(act + 3 * H + j)};
+    const auto d = gates::gru_backward<V>(a, ld<V>(h_prev + j), ld<V>(dh + j) + ld<V>(dout + j));
+    st(dgi + j, d.gi_r);
+    st(dgi + H + j, d.gi_z);
+    st(dgi + 2 * H + j, d.gi_n);
+    st(dgh + j, d.gi_r);
+    st(dgh + H + j, d.gi_z);
+    st(dgh + 2 * H + j, d.gh_n);
+    st(dh + j, d.h_prev);
+  });
+}
+
 // Forward, one thread: gh, the (B, 3 * kChunk) tile of each step's recurrent products.
 inline void fused_gru_forward_thread(const FusedForward& f, int64_t k0, int64_t k1, float* xp, float* gh) {
   const int64_t B = f.B, H = f.H;
@@ -43,4 +62,23 @@ inline void fused_gru_forward_thread(const FusedForward& f, int64_t k0, int64_t 
                               f.gates != nullptr ? f.gates + (t * B + b) * 4 * H + u0 : nullptr, units);
       },
       [](int64_t, int64_t, int64_t, int64_t) {});
+}
+
+// Backward, one thread: grad_pre gets the recurrent side's gradients (T, B, 3H), grad_gi the input side's.
+inline void fused_gru_backward_thread(const FusedBackward& f, int64_t u0, int64_t u1, float* tile) {
+  const int64_t B = f.B, H = f.H;
+  fused_backward_thread<3, true>(f, u0, u1, tile, [&](int64_t t, int64_t b, int64_t j0, int64_t n) {
+    const int64_t o = (t * B + b) * H + j0, o3 = (t * B + b) * 3 * H + j0;
+    float *dgi = f.grad_gi + o3, *dgh = f.grad_pre + o3;
+    if (f.len == nullptr || t < f.len[b]) {
+      const float* h_prev = t > 0 ? f.output + o - B * H : f.h0 + b * H + j0;
+      fused_gru_backward_row(f.gates + (t * B + b) * 4 * H + j0, H, h_prev, f.grad_output + o, f.dh + b * H + j0, dgi,
+                             dgh, n);
+      return;
+    }
+    for (int64_t g = 0; g < 3; ++g) {  // stopped: dh passes through, the constant 0 output has no gradient
+      std::fill(dgi + g * H, dgi + g * H + n, 0.0f);
+      std::fill(dgh + g * H, dgh + g * H + n, 0.0f);
+    }
+  });
 }

@@ -135,19 +135,21 @@ inline void fused_lstm_forward_thread(const FusedForward& f, int64_t k0, int64_t
 }
 
 // dh[:, u0:u1) = gp (the first m rows) W_hh[:, u0:u1) for rows running at step t, whose gp (G H wide) it
-// is; stopped rows keep dh. `tile` (B x H) takes the product when lengths are unsorted. W_hh comes in
-// panels of kPanel columns, each a contiguous (G H, kPanel) matrix (u0 is a multiple of kPanel).
-template <int G>
+// is; stopped rows keep dh. kAdd (the GRU, whose dh already holds the part through z): added onto dh
+// for all m rows (a stopped row's gp is 0); else (LSTM) `tile` (B x H) takes the product when lengths
+// are unsorted. W_hh comes in panels of kPanel columns, each a contiguous (G H, kPanel) matrix (u0 is a
+// multiple of kPanel).
+template <int G, bool kAdd>
 inline void fused_dh_gemm(const FusedBackward& f, int64_t t, int64_t u0, int64_t u1, float* tile) {
   const int64_t B = f.B, H = f.H, K = G * H, m = f.rows[t];
   if (m == 0) return;
   const float* gp = f.grad_pre + t * B * K;
-  float* dst = f.unsorted ? tile : f.dh;  // sorted: rows past m stopped at t and keep their dh
+  float* dst = f.unsorted && !kAdd ? tile : f.dh;  // sorted: rows past m stopped at t and keep their dh
   for (int64_t p0 = u0; p0 < u1; p0 += kPanel) {
     const int64_t n = std::min(kPanel, u1 - p0);
-    at::native::cpublas::brgemm(m, n, K, K, n, H, false, gp, f.w_hh + K * p0, dst + p0, false);
+    at::native::cpublas::brgemm(m, n, K, K, n, H, kAdd, gp, f.w_hh + K * p0, dst + p0, false);
   }
-  if (!f.unsorted) return;
+  if (kAdd || !f.unsorted) return;
   for (int64_t b = 0; b < m; ++b) {
     if (t < f.len[b]) std::copy(tile + b * H + u0, tile + b * H + u1, f.dh + b * H + u0);
   }
@@ -155,20 +157,20 @@ inline void fused_dh_gemm(const FusedBackward& f, int64_t t, int64_t u0, int64_t
 
 // Backward, one thread of the team: units [u0, u1), n = u1 - u0 > 0. row(t, b, u0, n) runs (or, for a
 // stopped row, zeroes) step t's gate gradients of row b. Leaves dh = dL/dh_{-1} on its units.
-template <int G, typename Row>
+template <int G, bool kAdd, typename Row>
 inline void fused_backward_thread(const FusedBackward& f, int64_t u0, int64_t u1, float* tile, Row&& row) {
   for (int64_t t = f.T - 1; t >= 0; --t) {
-    if (t + 1 < f.T) fused_dh_gemm<G>(f, t + 1, u0, u1, tile);  // dh = dL/dh_t less the output's share
+    if (t + 1 < f.T) fused_dh_gemm<G, kAdd>(f, t + 1, u0, u1, tile);  // dh = dL/dh_t less the output's share
     for (int64_t b = 0; b < f.B && u1 > u0; ++b) row(t, b, u0, u1 - u0);
 #pragma omp barrier
   }
-  fused_dh_gemm<G>(f, 0, u0, u1, tile);
+  fused_dh_gemm<G, kAdd>(f, 0, u0, u1, tile);
 }
 
 // The LSTM's: also leaves dc = dL/dc_{-1}.
 inline void fused_lstm_backward_thread(const FusedBackward& f, int64_t u0, int64_t u1, float* tile) {
   const int64_t B = f.B, H = f.H;
-  fused_backward_thread<4>(f, u0, u1, tile, [&](int64_t t, int64_t b, int64_t j0, int64_t n) {
+  fused_backward_thread<4, false>(f, u0, u1, tile, [&](int64_t t, int64_t b, int64_t j0, int64_t n) {
     const int64_t o = (t * B + b) * H + j0, o4 = (t * B + b) * 4 * H + j0;
     float* gp = f.grad_pre + o4;
     if (f.len == nullptr || t < f.len[b]) {

@@ -196,6 +196,11 @@ struct Kernels {
                                 at::Tensor&, const at::Tensor&, const std::vector<int64_t>&, bool) {
     return false;
   }
+  static bool gru_backward_fused(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
+                                 const std::vector<int64_t>&) {
+    return false;
+  }
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
   static void transpose_into(const at::Tensor& src, const at::Tensor& dst) { dst.copy_(src.t()); }
   static at::Tensor workspace(int, at::IntArrayRef sizes, const at::TensorOptions& opts) {

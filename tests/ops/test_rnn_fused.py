@@ -60,7 +60,9 @@ def gru_lengths(kind, T, B):
 
 
 @pytest.mark.parametrize(
-    "shape", [(17, 5, 7, 20), (1, 6, 5, 37), (17, 9, 3, 64), (4, 6, 16, 70), (3, 5, 4, 1)], ids=str
+    "shape",
+    [(17, 5, 7, 20), (1, 6, 5, 37), (17, 9, 3, 64), (4, 6, 16, 70), (3, 5, 4, 1), (4, 33, 7, 80), (3, 12, 5, 150)],
+    ids=str,
 )
 @pytest.mark.parametrize("lengths", [None, "sorted", "unsorted", "none_run"], ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -68,7 +70,8 @@ def test_gru_fused_matches_float64_reference(shape, lengths, bias, threads):
     """(T, B, I, H), float32 through the fused loops against the reference run in float64 on the same
     (float32) values, to float32's tolerance: H = 20 ends in a 4-unit chunk (scalar tail), 37 in a 5-unit
     one, 64 is whole 16-lane chunks and one 64-column panel, 70 a 6-unit chunk and a 6-column panel, 1 all
-    tail; T = 1; h0 given; lengths stopping rows (one never runs; "none_run": none does)."""
+    tail; T = 1; h0 given; lengths stopping rows (one never runs; "none_run": none does). B H^2 of the
+    last two is large enough for a team of 2 (rnn_fused.cpp team_size): 5 / 10 chunks and 2 / 3 panels split."""
     T, B, I, H = shape
     lengths = gru_lengths(lengths, T, B)
     args = make_gru(T, B, I, H, torch.float32, "cpu", bias=bias)

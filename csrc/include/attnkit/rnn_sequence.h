@@ -278,9 +278,11 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Te
   at::Tensor dgi = at::empty({T, B, 3 * H}, x.options());
   at::Tensor dgh = at::empty({T, B, 3 * H}, x.options());
   at::Tensor dh = grad_hn.clone();
-  const at::Tensor w_hh_t = w_hh.t().contiguous(), w_ih_t = w_ih.t().contiguous();
-  const at::Tensor w_hh_t_step = K::step_weight(w_hh_t, B);
-  for (int64_t t = T - 1; t >= 0; --t) {
+  const bool fused_loop = K::gru_backward_fused(gates, h0, output, grad_output, w_hh, dh, dgi, dgh, len, rows);
+  const at::Tensor w_ih_t = w_ih.t().contiguous();
+  const at::Tensor w_hh_t = fused_loop ? at::Tensor() : w_hh.t().contiguous();
+  const at::Tensor w_hh_t_step = fused_loop ? at::Tensor() : K::step_weight(w_hh_t, B);
+  for (int64_t t = T - 1; t >= 0 && !fused_loop; --t) {
     at::Tensor dgh_t = dgh[t];
     // Leaves in dh the part of dh_{t-1} through z (or all of it for stopped rows).
     K::gru_backward_step(gates[t], t > 0 ? output[t - 1] : h0, grad_output[t], dh, dgi[t], dgh_t, len, t);
