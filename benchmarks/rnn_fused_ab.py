@@ -5,10 +5,11 @@ alike. A call's clock is the process's CPU time (one thread by default: the leas
 disturbed by other processes); a case's figure is the median over its calls, and
 the report the median over rounds.
 
-    .venv/bin/python benchmarks/rnn_fused_ab.py --old DIR_WITH_OLD_SO [--new python/attnkit] [--rounds 3]
+    .venv/bin/python benchmarks/rnn_fused_ab.py --old DIR_WITH_OLD_SO [--new python/attnkit] [--rounds 3] [--only LSTM]
 
 Cases (batch, time, input = hidden): GRU forward (inference) and forward+backward
-at (8, 256, 256), (32, 128, 256), (64, 100, 512); LSTM forward at (32, 128, 256).
+at (8, 256, 256), (32, 128, 256), (64, 100, 512); LSTM forward and fwd+bwd at (32, 128, 256); GRU forward
+at (2, 256, 256) (the small-batch loop, which shares rnn_rows.h's GRU rows).
 """
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ import time
 
 CASES = [("GRU", "forward", 8, 256, 256), ("GRU", "fwd+bwd", 8, 256, 256), ("GRU", "forward", 32, 128, 256),
          ("GRU", "fwd+bwd", 32, 128, 256), ("GRU", "forward", 64, 100, 512), ("GRU", "fwd+bwd", 64, 100, 512),
-         ("LSTM", "forward", 32, 128, 256)]
+         ("LSTM", "forward", 32, 128, 256), ("LSTM", "fwd+bwd", 32, 128, 256), ("GRU", "forward", 2, 256, 256)]
 
 
-def worker(calls: int, threads: int) -> dict:
+def worker(calls: int, threads: int, only: str) -> dict:
     """Times every case in this process (attnkit._C as ATTNKIT_EXTENSION_DIR says); ms per call."""
     import torch
 
@@ -36,6 +37,9 @@ def worker(calls: int, threads: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     results = {}
     for kind, mode, B, T, H in CASES:
+        name = f"{kind} {mode} B={B} T={T} H={H}"
+        if only not in name:
+            continue
         gates = 3 if kind == "GRU" else 4
         x, h0, c0 = (torch.randn(*s, generator=gen) for s in ((T, B, H), (B, H), (B, H)))
         weights = [torch.randn(*s, generator=gen) * H**-0.5 for s in ((gates * H, H), (gates * H, H))]
@@ -59,7 +63,7 @@ def worker(calls: int, threads: int) -> dict:
             t0 = time.process_time()
             call()
             times.append((time.process_time() - t0) * 1e3)
-        results[f"{kind} {mode} B={B} T={T} H={H}"] = statistics.median(times)
+        results[name] = statistics.median(times)
     return results
 
 
@@ -71,10 +75,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=15, help="timed calls per case and round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", default="", help="the cases whose name holds this text, e.g. 'LSTM'")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.calls, args.threads)))
+        print(json.dumps(worker(args.calls, args.threads, args.only)))
         return 0
     if not args.old:
         parser.error("--old is required")
@@ -82,7 +87,8 @@ def main() -> int:
     for _ in range(args.rounds):
         for name in ("old", "new"):
             env = dict(os.environ, ATTNKIT_EXTENSION_DIR=os.path.abspath(getattr(args, name)))
-            cmd = [sys.executable, __file__, "--worker", "--calls", str(args.calls), "--threads", str(args.threads)]
+            cmd = [sys.executable, __file__, "--worker", "--calls", str(args.calls), "--threads", str(args.threads),
+                   "--only", args.only]
             out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
     print(f"ms per call, CPU time, {args.threads} thread(s), median of {args.calls} calls, median of {args.rounds} "

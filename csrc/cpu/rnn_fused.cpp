@@ -112,8 +112,10 @@ namespace generic {
   (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? avx512::fn                   \
    : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")       ? avx2::fn                     \
                                                                             : generic::fn)
-#else
+#elif defined(CPUBLAS_BRGEMM_F32F32F32)
 #define ATTNKIT_FUSED(fn) (generic::fn)
+#else
+#define ATTNKIT_FUSED(fn) nullptr  // no brgemm: applies() is false, the teams below never run
 #endif
 
 // This thread's number in the team (0 without OpenMP).
@@ -221,6 +223,11 @@ void backward_team(FusedBackward f, int64_t G, const at::Tensor& w_hh, bool tile
     at::native::cpublas::brgemm_release(false);
   }
 }
+#else
+template <typename Run>
+void forward_team(FusedForward, int64_t, const at::Tensor&, const at::Tensor&, at::Tensor&, bool, Run) {}
+template <typename Run>
+void backward_team(FusedBackward, int64_t, const at::Tensor&, bool, Run) {}
 #endif
 
 template <typename S>
@@ -235,7 +242,6 @@ bool lstm_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::
                         const at::Tensor& cs, const at::Tensor& len, const std::vector<int64_t>& rows, bool save) {
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = c.size(1);
   if (!applies(x, B) || I == 0) return false;
-#ifdef CPUBLAS_BRGEMM_F32F32F32
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   gates = save ? at::empty({T, B, 4 * H}, x.options()) : at::Tensor();
   const FusedForward f{x.data_ptr<float>(), nullptr, nullptr, ptr_or_null<float>(b), nullptr,
@@ -243,9 +249,6 @@ bool lstm_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::
                        ptr_or_null<float>(cs), ptr_or_null<int64_t>(len), rows.data(), T, B, I, H, 0, 0};
   forward_team(f, 4, w_ih, w_hh, h, false, ATTNKIT_FUSED(fused_lstm_forward_thread));
   return true;
-#else
-  return false;
-#endif
 }
 
 bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& c0,
@@ -253,16 +256,12 @@ bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at
                          at::Tensor& grad_pre, const at::Tensor& len, const std::vector<int64_t>& rows) {
   const int64_t T = gates.size(0), B = gates.size(1), H = dc.size(1);
   if (!applies(gates, B)) return false;
-#ifdef CPUBLAS_BRGEMM_F32F32F32
   const FusedBackward f{gates.data_ptr<float>(), grad_output.data_ptr<float>(), nullptr, cs.data_ptr<float>(),
                         c0.data_ptr<float>(), nullptr, nullptr, grad_pre.data_ptr<float>(), nullptr,
                         dh.data_ptr<float>(), dc.data_ptr<float>(), ptr_or_null<int64_t>(len), rows.data(), false,
                         T, B, H};
   backward_team(f, 4, w_hh, true, ATTNKIT_FUSED(fused_lstm_backward_thread));
   return true;
-#else
-  return false;
-#endif
 }
 
 bool gru_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
@@ -271,7 +270,6 @@ bool gru_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::o
                        bool save) {
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = h.size(1);
   if (!applies(x, B) || I == 0) return false;
-#ifdef CPUBLAS_BRGEMM_F32F32F32
   const at::Tensor bi = b_ih.value_or(at::Tensor()), bh = b_hh.value_or(at::Tensor());
   gates = save ? at::empty({T, B, 4 * H}, x.options()) : at::Tensor();
   const FusedForward f{x.data_ptr<float>(), nullptr, nullptr, ptr_or_null<float>(bi), ptr_or_null<float>(bh),
@@ -279,9 +277,6 @@ bool gru_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::o
                        ptr_or_null<int64_t>(len), rows.data(), T, B, I, H, 0, 0};
   forward_team(f, 3, w_ih, w_hh, h, true, ATTNKIT_FUSED(fused_gru_forward_thread));
   return true;
-#else
-  return false;
-#endif
 }
 
 bool gru_backward_fused(const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& output,
@@ -289,15 +284,11 @@ bool gru_backward_fused(const at::Tensor& gates, const at::Tensor& h0, const at:
                         at::Tensor& dgh, const at::Tensor& len, const std::vector<int64_t>& rows) {
   const int64_t T = gates.size(0), B = gates.size(1), H = dh.size(1);
   if (!applies(gates, B)) return false;
-#ifdef CPUBLAS_BRGEMM_F32F32F32
   const FusedBackward f{gates.data_ptr<float>(), grad_output.data_ptr<float>(), nullptr, nullptr, nullptr,
                         h0.data_ptr<float>(), output.data_ptr<float>(), dgh.data_ptr<float>(), dgi.data_ptr<float>(),
                         dh.data_ptr<float>(), nullptr, ptr_or_null<int64_t>(len), rows.data(), false, T, B, H};
   backward_team(f, 3, w_hh, false, ATTNKIT_FUSED(fused_gru_backward_thread));
   return true;
-#else
-  return false;
-#endif
 }
 
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {

@@ -7,7 +7,7 @@
 // rnn_fused.cpp includes this file three times (AVX-512, AVX2, generic), like
 // rnn_rows.h, and picks one at run time. float only (brgemm's type).
 
-#include "rnn_units.h"
+#include "rnn_rows.h"  // rnn_units.h and the GRU's row math
 
 // One batch row of a unit chunk. pre: x W_ih^T + h W_hh^T, its 4 gates at
 // stride `ldp`; bias (4H, gates at stride H) or null. c: cell state in/out;

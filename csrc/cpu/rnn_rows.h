@@ -1,6 +1,6 @@
 // The fused elementwise passes of the CPU LSTM / GRU, one batch row each.
-// No include guard on purpose: csrc/cpu/rnn.cpp includes this file three
-// times, into namespaces `avx512` and `avx2` under `#pragma GCC target(...)`
+// No include guard on purpose: csrc/cpu/rnn.cpp (and rnn_fused.cpp, through
+// rnn_fused_rows.h) includes this file three times, into namespaces `avx512` and `avx2` under `#pragma GCC target(...)`
 // and into namespace `generic`, and picks one at run time by what the CPU
 // supports.
 //
@@ -59,19 +59,23 @@ void lstm_backward_row(const S* gates, const S* c_prev, const S* c_new, const S*
   });
 }
 
-// gi (3H): input projection (b_ih in). gh: the hidden projection, its gates
-// `ldh` apart (H for a whole row), b_hh in, or added here from b_hh when not
-// null (before the reset product, as torch has it). h_prev -> h (may be the
-// same) and out; gates (4H, may be null) gets r, z, n, hn. `units` as in
+// gi: the input projection, its gates `ldi` apart, b_ih in, or added here
+// from b_ih when not null. gh: the hidden projection, its gates `ldh` apart,
+// b_hh in, or added here from b_hh when not null (before the reset product, as
+// torch has it); the biases' gates are H apart. h_prev -> h (may be the same)
+// and out; gates (4H, may be null) gets r, z, n, hn. `units` as in
 // lstm_forward_row; `wide` runs 16-lane vectors first (for_wide_units).
 template <typename S, bool wide = false>
-void gru_forward_row(const S* gi, const S* gh, int64_t ldh, const S* b_hh, const S* h_prev, S* h, S* out, S* gates,
-                     int64_t H, int64_t units) {
+void gru_forward_units(const S* gi, int64_t ldi, const S* b_ih, const S* gh, int64_t ldh, const S* b_hh,
+                       const S* h_prev, S* h, S* out, S* gates, int64_t H, int64_t units) {
   for_wide_units<S, wide>(units, [&](auto lanes, int64_t j) {
     using V = decltype(lanes);
-    V hg[3];
-    for (int g = 0; g < 3; ++g) hg[g] = ld<V>(gh + g * ldh + j) + (b_hh != nullptr ? ld<V>(b_hh + g * H + j) : V{});
-    const auto a = gates::gru_activate<V>(ld<V>(gi + j), ld<V>(gi + H + j), ld<V>(gi + 2 * H + j), hg[0], hg[1], hg[2]);
+    V ig[3], hg[3];
+    for (int g = 0; g < 3; ++g) {
+      ig[g] = ld<V>(gi + g * ldi + j) + (b_ih != nullptr ? ld<V>(b_ih + g * H + j) : V{});
+      hg[g] = ld<V>(gh + g * ldh + j) + (b_hh != nullptr ? ld<V>(b_hh + g * H + j) : V{});
+    }
+    const auto a = gates::gru_activate<V>(ig[0], ig[1], ig[2], hg[0], hg[1], hg[2]);
     const V h_new = gates::gru_hidden_state<V>(a, ld<V>(h_prev + j));
     if (gates != nullptr) {
       st(gates + j, a.r);
@@ -84,13 +88,20 @@ void gru_forward_row(const S* gi, const S* gh, int64_t ldh, const S* b_hh, const
   });
 }
 
+// gru_forward_units for a whole row's gi (3H, b_ih in).
+template <typename S, bool wide = false>
+void gru_forward_row(const S* gi, const S* gh, int64_t ldh, const S* b_hh, const S* h_prev, S* h, S* out, S* gates,
+                     int64_t H, int64_t units) {
+  gru_forward_units<S, wide>(gi, H, nullptr, gh, ldh, b_hh, h_prev, h, out, gates, H, units);
+}
+
 // dh: dL/dh_t minus the output's share in, the part of dL/dh_{t-1} through z
 // out; dgi / dgh (3H) get the gradients of the two projections. `units` as in
-// lstm_forward_row (H for a whole row).
-template <typename S>
+// lstm_forward_row (H for a whole row); `wide` runs 16-lane vectors first.
+template <typename S, bool wide = false>
 void gru_backward_row(const S* gates, const S* h_prev, const S* grad_out, S* dh, S* dgi, S* dgh, int64_t H,
                       int64_t units) {
-  for_units<S>(units, [&](auto lanes, int64_t j) {
+  for_wide_units<S, wide>(units, [&](auto lanes, int64_t j) {
     using V = decltype(lanes);
     const gates::GruGates<V> a{ld<V>(gates + j), ld<V>(gates + H + j), ld<V>(gates + 2 * H + j),
                                ld<V>(gates + 3 * H + j)};

@@ -129,51 +129,31 @@ def test_gru_weight_gradients_through_brgemm(lengths, threads):
     check_against((out, h), ref, args, torch.float32)
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed_unsorted"])
-def test_module_matches_torch_nn(packed, threads):
-    """attnkit.nn.LSTM (2 layers, bidirectional) vs torch.nn.LSTM on the same weights: outputs, states and all gradients."""
+def test_module_matches_torch_nn(kind, packed, threads):
+    """attnkit.nn.LSTM / GRU (2 layers, bidirectional) vs torch.nn's on the same weights: outputs, states and
+    all gradients."""
     torch.manual_seed(0)
     T, B, H = 6, 11, 40
-    ours = attnkit.nn.LSTM(24, H, num_layers=2, bidirectional=True)
-    theirs = torch.nn.LSTM(24, H, num_layers=2, bidirectional=True)
+    ours = getattr(attnkit.nn, kind)(24, H, num_layers=2, bidirectional=True)
+    theirs = getattr(torch.nn, kind)(24, H, num_layers=2, bidirectional=True)
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(T, B, 24)
     lengths = torch.tensor([3, 6, 1, 5, 6, 2, 4, 6, 3, 5, 1])
-    state = (torch.randn(4, B, H), torch.randn(4, B, H))
+    state = [torch.randn(4, B, H) for _ in range(2 if kind == "LSTM" else 1)]  # h0 (and c0)
     results = []
     for module in (ours, theirs):
         xi = x.clone().requires_grad_(True)
         inp = pack_padded_sequence(xi, lengths, enforce_sorted=False) if packed else xi
         hs = [s.clone().requires_grad_(True) for s in state]
-        out, (h, c) = module(inp, tuple(hs))
+        out, final = module(inp, tuple(hs) if kind == "LSTM" else hs[0])
+        final = final if kind == "LSTM" else (final,)
         out = out.data if packed else out
-        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + h.pow(2).sum() + c.sin().sum()
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + final[0].pow(2).sum()
+        loss = loss + sum(c.sin().sum() for c in final[1:])
         grads = torch.autograd.grad(loss, [xi, *hs, *module.parameters()])
-        results.append((out, h, c, *grads))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed_unsorted"])
-def test_gru_module_matches_torch_nn(packed, threads):
-    """attnkit.nn.GRU (2 layers, bidirectional) vs torch.nn.GRU on the same weights: outputs, state and all gradients."""
-    torch.manual_seed(0)
-    T, B, H = 6, 11, 40
-    ours = attnkit.nn.GRU(24, H, num_layers=2, bidirectional=True)
-    theirs = torch.nn.GRU(24, H, num_layers=2, bidirectional=True)
-    theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(T, B, 24)
-    lengths = torch.tensor([3, 6, 1, 5, 6, 2, 4, 6, 3, 5, 1])
-    h0 = torch.randn(4, B, H)
-    results = []
-    for module in (ours, theirs):
-        xi = x.clone().requires_grad_(True)
-        inp = pack_padded_sequence(xi, lengths, enforce_sorted=False) if packed else xi
-        hi = h0.clone().requires_grad_(True)
-        out, h = module(inp, hi)
-        out = out.data if packed else out
-        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + h.pow(2).sum()
-        results.append((out, h, *torch.autograd.grad(loss, [xi, hi, *module.parameters()])))
+        results.append((out, *final, *grads))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
