@@ -3,7 +3,8 @@
 // step, the recurrent GEMM for those units' G gate columns (G = 4 LSTM, 3 GRU;
 // oneDNN's brgemm) and at once the gate math on the tile it just produced,
 // while it is in cache; the team meets at one barrier per step. The LSTM's
-// rows are here, the GRU's in rnn_fused_gru.h. No include guard on purpose:
+// rows and threads are here, the GRU's threads in rnn_fused_gru.h (its rows
+// are rnn_rows.h's). No include guard on purpose:
 // rnn_fused.cpp includes this file three times (AVX-512, AVX2, generic), like
 // rnn_rows.h, and picks one at run time. float only (brgemm's type).
 
@@ -155,8 +156,8 @@ inline void fused_dh_gemm(const FusedBackward& f, int64_t t, int64_t u0, int64_t
   }
 }
 
-// Backward, one thread of the team: units [u0, u1), n = u1 - u0 > 0. row(t, b, u0, n) runs (or, for a
-// stopped row, zeroes) step t's gate gradients of row b. Leaves dh = dL/dh_{-1} on its units.
+// Backward, one thread of the team: units [u0, u1). row(t, b, u0, u1 - u0) runs (or, for a stopped
+// row, zeroes) step t's gate gradients of row b. Leaves dh = dL/dh_{-1} on its units.
 template <int G, bool kAdd, typename Row>
 inline void fused_backward_thread(const FusedBackward& f, int64_t u0, int64_t u1, float* tile, Row&& row) {
   for (int64_t t = f.T - 1; t >= 0; --t) {

@@ -1,8 +1,8 @@
 // The fused elementwise passes of the CPU LSTM / GRU, one batch row each.
 // No include guard on purpose: csrc/cpu/rnn.cpp (and rnn_fused.cpp, through
-// rnn_fused_rows.h) includes this file three times, into namespaces `avx512` and `avx2` under `#pragma GCC target(...)`
-// and into namespace `generic`, and picks one at run time by what the CPU
-// supports.
+// rnn_fused_rows.h) includes this file three times, into namespaces `avx512`
+// and `avx2` under `#pragma GCC target(...)` and into namespace `generic`, and
+// picks one at run time by what the CPU supports.
 //
 // float rows run 8 units per iteration as `vfloat8` through the gate math of
 // gate_math.h (the same templates the CUDA kernels use); the tail and double
