@@ -69,7 +69,8 @@ def _stack(module, run_layer, input: Tensor, batch_sizes: Optional[Tensor], stat
         output = pack_padded_sequence(output, lengths).data
     elif module.batch_first:
         output = output.transpose(0, 1)
-    return output, [torch.stack(kept) for kept in finals]
+    # One layer and direction: a view, not torch.stack's copy (a few us of a batch-1 step).
+    return output, [kept[0].unsqueeze(0) if len(kept) == 1 else torch.stack(kept) for kept in finals]
 
 
 class LSTM(torch.nn.LSTM):
