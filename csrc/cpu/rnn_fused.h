@@ -52,7 +52,7 @@ void transpose_into(const at::Tensor& src, const at::Tensor& dst);
 // An uninitialized tensor for a call's internal buffers (slot 0, 1), reused by
 // the next call on this thread when no tensor still refers to it: buffers past
 // glibc's mmap threshold (32 MB at most) otherwise come back as fresh pages,
-// one fault each, every call (~20 ms per 50 MB here). Up to 256 MB a slot.
+// one fault each, every call (~20 ms per 50 MB here). Up to 64 MB a slot (larger calls allocate afresh).
 at::Tensor workspace(int slot, at::IntArrayRef sizes, const at::TensorOptions& opts);
 
 }  // namespace cpu
