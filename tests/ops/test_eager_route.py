@@ -44,7 +44,10 @@ def lstm_args(P):
 @pytest.mark.parametrize("lengths", [None, [2, 5, 0]], ids=["full", "unsorted"])
 def test_eager_route_matches_custom_op_route(backend, case, lengths):
     op = gru if case == "gru" else lstm
-    args = list(make_gru(5, 3, 4, 6, torch.float32, "cpu")) if case == "gru" else lstm_args(4 if case == "lstm_proj" else 6)
+    if case == "gru":
+        args = list(make_gru(5, 3, 4, 6, torch.float32, "cpu"))
+    else:
+        args = lstm_args(4 if case == "lstm_proj" else 6)
     with forced(case[:4].rstrip("_"), backend, "cpu", torch.float32):
         outs, grads, eager_node = run(op, args, lengths, through_custom_op=False)
         outs_op, grads_op, op_node = run(op, args, lengths, through_custom_op=True)

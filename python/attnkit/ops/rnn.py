@@ -96,11 +96,10 @@ def _lstm_setup_context(ctx, inputs, output):
 
 
 def _lstm_autograd(ctx, grad_output, grad_hn, grad_cn, *_saved_grads):
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cs, hc = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cs, hc = saved
     grads = (_zeros_if_none(grad_output, out), _zeros_if_none(grad_hn, h0), _zeros_if_none(grad_cn, c0))
-    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _eager.call(
-        _lstm_backward_kernels, _lstm_backward, *grads, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cs, hc
-    )
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _eager.call(_lstm_backward_kernels, _lstm_backward, *grads, *saved)
     db_ih = db if b_ih is not None else None
     db_hh = db if b_hh is not None else None
     return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr if w_hr is not None else None, None, None
