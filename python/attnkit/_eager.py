@@ -41,15 +41,19 @@ def call(kernels: Callable, custom_op: Callable, *args: Any) -> Any:
     return kernels(*args) if plain_call(args) else custom_op(*args)
 
 
-def autograd_function(name: str, kernels: Callable, setup_context: Callable, backward: Callable) -> type:
+def autograd_function(
+    name: str, kernels: Callable, setup_context: Callable, backward: Callable, once: bool = True
+) -> type:
     """A torch.autograd.Function running `kernels` with a custom op's autograd
-    formula (`setup_context(ctx, inputs, output)`, `backward(ctx, *grads)`)."""
+    formula (`setup_context(ctx, inputs, output)`, `backward(ctx, *grads)`).
+    `once`: the formula calls kernels without an autograd formula of their own
+    (no double backward, as through the custom op); else it is differentiable."""
 
     def forward(ctx, *args):  # not forward + setup_context: apply() would then bind the arguments with inspect
         output = kernels(*args)
         setup_context(ctx, args, output)
         return output
 
-    # The custom ops' backward ops have no autograd formula either: no double backward.
-    methods = {"forward": staticmethod(forward), "backward": staticmethod(once_differentiable(backward))}
+    backward = once_differentiable(backward) if once else backward
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
     return type(name, (torch.autograd.Function,), methods)

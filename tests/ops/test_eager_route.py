@@ -1,4 +1,4 @@
-"""attnkit.ops.lstm / gru / lstm_cell take two routes to the same kernels (attnkit._eager):
+"""attnkit.ops.lstm / gru / lstm_cell / linear / attention_decode take two routes to the same kernels (attnkit._eager):
 plain eager calls skip the torch.library custom op, anything else (here a
 dispatch mode; torch.compile in test_rnn.py) goes through it. Both must give
 the same outputs and gradients, and each must be taken where it should."""
@@ -9,7 +9,7 @@ from test_rnn import make_gru, make_lstm, weighted_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnkit import _eager
-from attnkit.ops import gru, lstm, lstm_cell
+from attnkit.ops import attention_decode, gru, linear, lstm, lstm_cell
 
 
 class PassThrough(TorchDispatchMode):
@@ -93,3 +93,37 @@ def test_plain_call_rules():
 
     assert not _eager.plain_call([t.as_subclass(Sub)])
     assert not torch.func.grad(lambda v: (v * float(_eager.plain_call([v]))).sum())(t).any()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_linear_routes_agree_to_second_order(backend):
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=gen, requires_grad=True) for s in ((3, 5), (4, 5), (4,)))
+    results = []
+    with forced("linear", backend, "cpu", torch.float32, rows=3):
+        for mode in (None, PassThrough):
+            with mode() if mode else torch.enable_grad():
+                y = linear(x, w, b)
+            node = type(y.grad_fn.next_functions[0][0]).__name__  # under the reshape back to x's leading dims
+            # The formula is plain torch, so both routes differentiate twice.
+            gx, gw = torch.autograd.grad(weighted_loss([y]), [x, w], create_graph=True)
+            second = torch.autograd.grad((gx * gx).sum() + (gw * gw).sum(), [x, w, b], allow_unused=True)
+            results.append((node, [y, gx, gw, *[g for g in second if g is not None]]))
+    (eager_node, eager), (op_node, op) = results
+    assert "Function" in eager_node and "attnkit_linear" in op_node, (eager_node, op_node)
+    assert len(eager) == len(op)
+    for a, b in zip(eager, op):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_attention_decode_routes_agree(backend):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*s, generator=gen) for s in ((2, 4, 1, 16), (2, 2, 9, 16), (2, 2, 9, 16)))
+    lengths = torch.tensor([9, 4], dtype=torch.int32)
+    with forced("attention_decode", backend, "cpu", torch.float32):
+        eager = attention_decode(q, k, v, lengths, return_lse=True)
+        with PassThrough():
+            op = attention_decode(q, k, v, lengths, return_lse=True)
+    for a, b in zip(eager, op):
+        assert torch.equal(a, b)

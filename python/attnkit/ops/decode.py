@@ -8,7 +8,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _validate
+from .. import _dispatch, _eager, _validate
 from ..backends.decode import DECODE
 from . import attention_validation as check
 
@@ -21,14 +21,16 @@ def _describe(q: Tensor, k_cache: Tensor, v_cache: Tensor, alibi_slopes: Optiona
             "rows": group * q.shape[2], "alibi": alibi_slopes is not None}
 
 
-@torch.library.custom_op("attnkit::attention_decode", mutates_args=())
-def _attention_decode(
+def _attention_decode_kernels(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float, softcap: float, window_left: int,
     alibi_slopes: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     impl = DECODE.select(_describe(q, k_cache, v_cache, alibi_slopes))
     out, lse = impl.forward(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, alibi_slopes)
     return out.contiguous(), lse.contiguous()
+
+
+_attention_decode = torch.library.custom_op("attnkit::attention_decode", _attention_decode_kernels, mutates_args=())
 
 
 @_attention_decode.register_fake
@@ -80,7 +82,9 @@ def attention_decode(
     left, _ = check.window(OP, (window_left, -1))
     slopes = check.alibi(OP, alibi_slopes, batch, heads, q.device)
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
-    out, lse = _attention_decode(q, k_cache, v_cache, cache_seqlens.contiguous(), scale, softcap, left, slopes)
+    # Plain eager calls skip the custom op's dispatch (attnkit._eager): one of these runs per layer and token.
+    out, lse = _eager.call(_attention_decode_kernels, _attention_decode, q, k_cache, v_cache,
+                           cache_seqlens.contiguous(), scale, softcap, left, slopes)
     return (out, lse) if return_lse else out
 
 

@@ -2,7 +2,8 @@
 kernel for few rows, the matrix-vector products of a decoding step (GPT-2
 generation, beam search), which are bound by how fast W is read; other calls go
 to F.linear. A torch.library custom op with a fake implementation and an
-autograd formula, so it traces and trains like F.linear."""
+autograd formula, so it traces and trains like F.linear; plain eager calls skip
+its dispatch (attnkit._eager), which costs as much as a small decoding GEMV."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _validate
+from .. import _dispatch, _eager, _validate
 from ..backends.linear import LINEAR
 
 OP = "attnkit.ops.linear"
@@ -21,9 +22,11 @@ def _describe(x: Tensor, weight: Tensor) -> dict:
     return {"device": x.device, "dtype": x.dtype, "rows": x.shape[0]}
 
 
-@torch.library.custom_op("attnkit::linear", mutates_args=())
-def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _linear_kernels(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return LINEAR.select(_describe(x, weight)).forward(x, weight, bias)
+
+
+_linear = torch.library.custom_op("attnkit::linear", _linear_kernels, mutates_args=())
 
 
 @_linear.register_fake
@@ -46,6 +49,8 @@ def _backward(ctx, grad):
 
 
 _linear.register_autograd(_backward, setup_context=_setup_context)
+# The formula is plain torch: differentiable again, as through the custom op.
+_LinearFunction = _eager.autograd_function("_LinearFunction", _linear_kernels, _setup_context, _backward, once=False)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -66,8 +71,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         _validate.shape(OP, "bias", bias, (weight.shape[0],), "out_features")
     _validate.same_dtype_and_device(OP, (("x", x), ("weight", weight), ("bias", bias)))
     rows = math.prod(x.shape[:-1])
-    y = _linear(x.reshape(rows, x.shape[-1]).contiguous(), weight.contiguous(),
-                None if bias is None else bias.contiguous())
+    args = (x.reshape(rows, x.shape[-1]).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous())
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+    y = _eager.call(_LinearFunction.apply if training else _linear_kernels, _linear, *args)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
