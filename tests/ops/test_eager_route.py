@@ -1,6 +1,7 @@
-"""attnkit.ops.lstm / gru / lstm_cell / linear / attention_decode take two routes to the same kernels (attnkit._eager):
-plain eager calls skip the torch.library custom op, anything else (here a
-dispatch mode; torch.compile in test_rnn.py) goes through it. Both must give
+"""attnkit.ops.lstm / gru / lstm_cell / linear / flash_attention / attention_decode
+take two routes to the same kernels (attnkit._eager): plain eager calls skip the
+torch.library custom op, anything else (here a dispatch mode; torch.compile in
+test_rnn.py and test_compile_serialization.py) goes through it. Both must give
 the same outputs and gradients, and each must be taken where it should."""
 import pytest
 import torch
@@ -9,7 +10,7 @@ from test_rnn import make_gru, make_lstm, weighted_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnkit import _eager
-from attnkit.ops import attention_decode, gru, linear, lstm, lstm_cell
+from attnkit.ops import attention_decode, flash_attention, gru, linear, lstm, lstm_cell
 
 
 class PassThrough(TorchDispatchMode):
@@ -125,5 +126,21 @@ def test_attention_decode_routes_agree(backend):
         eager = attention_decode(q, k, v, lengths, return_lse=True)
         with PassThrough():
             op = attention_decode(q, k, v, lengths, return_lse=True)
+    for a, b in zip(eager, op):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_flash_attention_routes_agree(backend):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*s, generator=gen, requires_grad=True) for s in ((2, 4, 5, 16), (2, 2, 7, 16), (2, 2, 7, 16)))
+    results = []
+    with forced("flash_attention", backend, "cpu", torch.float32):
+        for mode in (None, PassThrough):
+            with mode() if mode else torch.enable_grad():
+                out = flash_attention(q, k, v, causal=True)
+            results.append((type(out.grad_fn).__name__, [out, *torch.autograd.grad(weighted_loss([out]), [q, k, v])]))
+    (eager_node, eager), (op_node, op) = results
+    assert "Function" in eager_node and "attnkit_attention_forward" in op_node, (eager_node, op_node)
     for a, b in zip(eager, op):
         assert torch.equal(a, b)

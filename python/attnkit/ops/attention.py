@@ -4,7 +4,8 @@ backward, on the backend the dispatcher picks (Triton on GPUs).
 
 Both are one pair of torch.library custom ops (`attnkit::attention_forward`,
 `attnkit::attention_backward`) with fake implementations and an autograd
-formula, so torch.compile traces them without graph breaks.
+formula, so torch.compile traces them without graph breaks; plain eager calls
+run the same kernels and formula without their dispatch (attnkit._eager).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import _dispatch
+from .. import _dispatch, _eager
 from ..backends.attention import ATTENTION, AttentionCall, describe
 from . import attention_validation as check
 
@@ -29,8 +30,7 @@ def _call(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, window_left, window_righ
                          rotary_sin, rotary_offsets, rotary_interleaved)
 
 
-@torch.library.custom_op("attnkit::attention_forward", mutates_args=())
-def _attention_forward(
+def _attention_forward_kernels(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
     window_left: int, window_right: int, bottom_right: bool, softcap: float, scale: float, dropout_p: float,
@@ -44,6 +44,9 @@ def _attention_forward(
     return out.contiguous(), lse.contiguous()
 
 
+_attention_forward = torch.library.custom_op("attnkit::attention_forward", _attention_forward_kernels, mutates_args=())
+
+
 @_attention_forward.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
       window_left, window_right, bottom_right, softcap, scale, dropout_p, seed, *rest):
@@ -52,8 +55,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask
     return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(lse_shape, dtype=stat_dtype)
 
 
-@torch.library.custom_op("attnkit::attention_backward", mutates_args=())
-def _attention_backward(
+def _attention_backward_kernels(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Optional[Tensor],
     cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor],
     key_padding_mask: Optional[Tensor], window_left: int, window_right: int, bottom_right: bool, softcap: float,
@@ -65,6 +67,11 @@ def _attention_backward(
                  rotary_sin, rotary_offsets, rotary_interleaved)
     grads = ATTENTION.select(call.describe()).backward(call, grad_out, out, lse)
     return tuple(g.contiguous() for g in grads)
+
+
+_attention_backward = torch.library.custom_op(
+    "attnkit::attention_backward", _attention_backward_kernels, mutates_args=()
+)
 
 
 @_attention_backward.register_fake
@@ -89,13 +96,23 @@ def _backward(ctx, grad_out, _grad_lse):
     max_q, max_k, window_left, window_right, bottom_right, softcap, scale, dropout_p = ctx.scalars
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _attention_backward(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mask, pad,
-                                     window_left, window_right, bottom_right, softcap, scale, dropout_p, seed,
-                                     alibi_slopes, cos, sin, rot_offsets, ctx.rotary_interleaved)
+    dq, dk, dv = _eager.call(_attention_backward_kernels, _attention_backward, grad_out.contiguous(), q, k, v, out,
+                             lse, cu_q, cu_k, max_q, max_k, mask, pad, window_left, window_right, bottom_right,
+                             softcap, scale, dropout_p, seed, alibi_slopes, cos, sin, rot_offsets,
+                             ctx.rotary_interleaved)
     return (dq, dk, dv) + (None,) * 18
 
 
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
+_AttentionFunction = _eager.autograd_function("_AttentionFunction", _attention_forward_kernels, _setup_context,
+                                              _backward)
+
+
+def _run_forward(*args):
+    """attnkit::attention_forward, or the same kernels and formula without its dispatch where only eager
+    autograd sees the call (attnkit._eager)."""
+    training = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args[:3])
+    return _eager.call(_AttentionFunction.apply if training else _attention_forward_kernels, _attention_forward, *args)
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -175,7 +192,7 @@ def flash_attention(
     cos, sin, offsets = check.rotary(OP, rotary_cos, rotary_sin, rotary_seqlen_offsets, q.shape[-1], batch,
                                      [q.shape[2]] * batch, [k.shape[2]] * batch, bottom_right, q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out, lse = _attention_forward(q, k, v, None, None, q.shape[2], k.shape[2], attn_mask, key_padding_mask, left, right,
+    out, lse = _run_forward(q, k, v, None, None, q.shape[2], k.shape[2], attn_mask, key_padding_mask, left, right,
                                   bottom_right, softcap, scale, dropout_p, _seed(dropout_p, generator), slopes, cos, sin,
                                   offsets, bool(rotary_interleaved))
     return _finish(out, lse, return_lse)
@@ -211,7 +228,7 @@ def flash_attention_varlen(
     cos, sin, offsets = check.rotary(OP_VARLEN, rotary_cos, rotary_sin, rotary_seqlen_offsets, q.shape[-1], batch,
                                      lengths_q, lengths_k, True, q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out, lse = _attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None, left,
+    out, lse = _run_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None, left,
                                   right, True, softcap, scale, dropout_p, _seed(dropout_p, generator), slopes, cos, sin,
                                   offsets, bool(rotary_interleaved))
     return _finish(out, lse, return_lse)
