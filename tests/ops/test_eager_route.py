@@ -1,8 +1,9 @@
-"""attnkit.ops.lstm / gru / lstm_cell / linear / flash_attention / attention_decode
-take two routes to the same kernels (attnkit._eager): plain eager calls skip the
-torch.library custom op, anything else (here a dispatch mode; torch.compile in
-test_rnn.py and test_compile_serialization.py) goes through it. Both must give
-the same outputs and gradients, and each must be taken where it should."""
+"""attnkit.ops.lstm / gru / lstm_cell / linear / flash_attention / attention_decode /
+additive_attention take two routes to the same kernels (attnkit._eager): plain
+eager calls skip the torch.library custom op, anything else (here a dispatch
+mode; torch.compile in test_rnn.py and test_compile_serialization.py) goes
+through it. Both must give the same outputs and gradients, and each must be
+taken where it should."""
 import pytest
 import torch
 from helpers import forced
@@ -10,7 +11,7 @@ from test_rnn import make_gru, make_lstm, weighted_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnkit import _eager
-from attnkit.ops import attention_decode, flash_attention, gru, linear, lstm, lstm_cell
+from attnkit.ops import additive_attention, attention_decode, flash_attention, gru, linear, lstm, lstm_cell
 
 
 class PassThrough(TorchDispatchMode):
@@ -142,5 +143,24 @@ def test_flash_attention_routes_agree(backend):
             results.append((type(out.grad_fn).__name__, [out, *torch.autograd.grad(weighted_loss([out]), [q, k, v])]))
     (eager_node, eager), (op_node, op) = results
     assert "Function" in eager_node and "attnkit_attention_forward" in op_node, (eager_node, op_node)
+    for a, b in zip(eager, op):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_additive_attention_routes_agree(backend):
+    gen = torch.Generator().manual_seed(0)
+    shapes = ((2, 3, 4), (2, 5, 6), (2, 5, 7), (8, 4), (8, 6), (8,))
+    leaves = [torch.randn(*s, generator=gen, requires_grad=True) for s in shapes]
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    results = []
+    with forced("additive_attention", backend, "cpu", torch.float32):
+        for mode in (None, PassThrough):
+            with mode() if mode else torch.enable_grad():
+                context, weights = additive_attention(*leaves, mask, return_weights=True)
+            grads = torch.autograd.grad(weighted_loss([context, weights]), leaves)
+            results.append((type(context.grad_fn).__name__, [context, weights, *grads]))
+    (eager_node, eager), (op_node, op) = results
+    assert "Function" in eager_node and "attnkit_additive_attention_forward" in op_node, (eager_node, op_node)
     for a, b in zip(eager, op):
         assert torch.equal(a, b)

@@ -8,7 +8,9 @@ GEMMs (O(T * A), autograd carries their gradients to query, keys, W_q, W_k); the
 rest is a pair of torch.library custom ops (`attnkit::additive_attention_forward`,
 `attnkit::additive_attention_backward`) with fake implementations and an
 autograd formula, on the backend the dispatcher picks (see
-attnkit.backends.additive_attention).
+attnkit.backends.additive_attention); plain eager calls run the same kernels
+and formula without their dispatch (attnkit._eager), as a decoder's per-step
+calls are small.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _validate
+from .. import _dispatch, _eager, _validate
 from ..backends.additive_attention import ADDITIVE_ATTENTION, describe
 
 OP = "attnkit.ops.additive_attention"
@@ -27,14 +29,16 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("attnkit::additive_attention_forward", mutates_args=())
-def _forward(qp: Tensor, kp: Tensor, values: Tensor, v_a: Tensor, mask: Optional[Tensor],
+def _forward_kernels(qp: Tensor, kp: Tensor, values: Tensor, v_a: Tensor, mask: Optional[Tensor],
              return_weights: bool) -> Tuple[Tensor, Tensor, Tensor]:
     impl = ADDITIVE_ATTENTION.select(describe(v_a, values))
     context, lse, weights = impl.forward(qp, kp, values, v_a, mask, return_weights)
     if weights is None:  # a custom op returns a fixed number of tensors: an empty one stands for "not asked"
         weights = qp.new_empty((0,), dtype=values.dtype)
     return context.contiguous(), lse.contiguous(), weights.contiguous()
+
+
+_forward = torch.library.custom_op("attnkit::additive_attention_forward", _forward_kernels, mutates_args=())
 
 
 @_forward.register_fake
@@ -45,12 +49,14 @@ def _(qp, kp, values, v_a, mask, return_weights):
             values.new_empty(weights_shape))
 
 
-@torch.library.custom_op("attnkit::additive_attention_backward", mutates_args=())
-def _backward_op(grad_context: Tensor, grad_weights: Optional[Tensor], delta: Tensor, qp: Tensor, kp: Tensor,
+def _backward_kernels(grad_context: Tensor, grad_weights: Optional[Tensor], delta: Tensor, qp: Tensor, kp: Tensor,
                  values: Tensor, v_a: Tensor, mask: Optional[Tensor], lse: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = ADDITIVE_ATTENTION.select(describe(v_a, values))
     grads = impl.backward(grad_context, grad_weights, delta, qp, kp, values, v_a, mask, lse)
     return tuple(g.contiguous() for g in grads)
+
+
+_backward_op = torch.library.custom_op("attnkit::additive_attention_backward", _backward_kernels, mutates_args=())
 
 
 @_backward_op.register_fake
@@ -79,11 +85,13 @@ def _backward(ctx, grad_context, _grad_lse, grad_weights):
     else:
         grad_weights = grad_weights.contiguous()
         delta = delta + (weights.to(stat) * grad_weights.to(stat)).sum(-1)
-    grads = _backward_op(grad_context.contiguous(), grad_weights, delta.contiguous(), qp, kp, values, v_a, mask, lse)
+    grads = _eager.call(_backward_kernels, _backward_op, grad_context.contiguous(), grad_weights, delta.contiguous(),
+                        qp, kp, values, v_a, mask, lse)
     return grads + (None, None)
 
 
 _forward.register_autograd(_backward, setup_context=_setup_context)
+_AdditiveFunction = _eager.autograd_function("_AdditiveFunction", _forward_kernels, _setup_context, _backward)
 
 
 def _validated(query, keys, values, W_q, W_k, v_a, mask) -> None:
@@ -148,8 +156,10 @@ def additive_attention(
                         "(batch, key length, attention hidden size A): keys @ W_k.T")
     qp = query @ W_q.t()
     kp = keys @ W_k.t() if projected_keys is None else projected_keys
-    context, _, weights = _forward(qp.contiguous(), kp.contiguous(), values.contiguous(), v_a.contiguous(),
-                                   None if mask is None else mask.contiguous(), return_weights)
+    args = (qp.contiguous(), kp.contiguous(), values.contiguous(), v_a.contiguous(),
+            None if mask is None else mask.contiguous(), return_weights)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in args[:4])
+    context, _, weights = _eager.call(_AdditiveFunction.apply if training else _forward_kernels, _forward, *args)
     return (context, weights) if return_weights else context
 
 

@@ -193,8 +193,8 @@ def flash_attention(
                                      [q.shape[2]] * batch, [k.shape[2]] * batch, bottom_right, q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse = _run_forward(q, k, v, None, None, q.shape[2], k.shape[2], attn_mask, key_padding_mask, left, right,
-                                  bottom_right, softcap, scale, dropout_p, _seed(dropout_p, generator), slopes, cos, sin,
-                                  offsets, bool(rotary_interleaved))
+                            bottom_right, softcap, scale, dropout_p, _seed(dropout_p, generator), slopes, cos, sin,
+                            offsets, bool(rotary_interleaved))
     return _finish(out, lse, return_lse)
 
 
@@ -229,8 +229,8 @@ def flash_attention_varlen(
                                      lengths_q, lengths_k, True, q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse = _run_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None, left,
-                                  right, True, softcap, scale, dropout_p, _seed(dropout_p, generator), slopes, cos, sin,
-                                  offsets, bool(rotary_interleaved))
+                            right, True, softcap, scale, dropout_p, _seed(dropout_p, generator), slopes, cos, sin,
+                            offsets, bool(rotary_interleaved))
     return _finish(out, lse, return_lse)
 
 
