@@ -4,11 +4,12 @@ torch.library custom op.
 The custom ops are what torch.compile, fake tensors, tracing, functorch and
 dispatch modes see, and they stay the path there. In plain eager mode their
 dispatch (argument boxing, the Python autograd kernel, a redispatch into the
-Python implementation) costs as much as a small kernel: at batch 1 the LSTM
-layer paid ~0.06 ms a forward and ~0.13 ms a training step for it (1 thread,
-(T, B, H) = (256, 1, 128), 0.54 ms forward kernel). There the ops call the same
-implementation through a torch.autograd.Function (training) or directly
-(inference): same kernels, same backward formula, same backend choice.
+Python implementation) costs as much as a small kernel: a (1, 4, 32, 64) causal
+flash_attention fwd+bwd on the CPU took 223-239 us through it and 136 us here;
+the batch-1 LSTM layer, (T, B, H) = (256, 1, 128), saved ~0.03 ms a forward
+with autograd and 0.03-0.05 ms a training step (1 thread). There the ops call
+the same implementation through a torch.autograd.Function (training) or
+directly (inference): same kernels, same backward formula, same backend choice.
 """
 from __future__ import annotations
 
