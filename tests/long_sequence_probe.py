@@ -77,7 +77,11 @@ def attention(n: int, dim: int, backward: bool, rows: int = 64) -> dict:
     for t in (q, k, v):
         t.requires_grad_(backward)
     with attnkit.use_backend("cpp", op="flash_attention"):
-        flash_attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], causal=True).sum()  # warm-up: threads, extension
+        # Warm-up: threads, extension, and with `backward` torch's lazy imports in autograd.grad (sympy, ~33 MiB
+        # resident), which the forward's custom-op dispatch used to trigger before the eager route skipped it.
+        warm = flash_attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], causal=True)
+        if backward:
+            torch.autograd.grad(warm, (q, k, v), torch.ones_like(warm))
 
         def run():
             out = flash_attention(q, k, v, causal=True)
