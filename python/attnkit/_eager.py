@@ -37,9 +37,20 @@ def plain_call(args: Iterable[Any]) -> bool:
     )
 
 
+def needs_grad(tensors: Iterable[Any]) -> bool:
+    """Whether autograd would record a call on `tensors` (None and non-tensors ignored)."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
 def call(kernels: Callable, custom_op: Callable, *args: Any) -> Any:
     """`kernels(*args)` where nothing but eager autograd sees the call, else `custom_op(*args)`."""
     return kernels(*args) if plain_call(args) else custom_op(*args)
+
+
+def forward(function: type, kernels: Callable, custom_op: Callable, *args: Any, training: bool) -> Any:
+    """An op's forward: `custom_op` where the call is not plain, else `function` (an
+    autograd_function) when autograd records it (`training`), else `kernels` alone."""
+    return call(function.apply if training else kernels, custom_op, *args)
 
 
 def autograd_function(

@@ -158,8 +158,8 @@ def additive_attention(
     kp = keys @ W_k.t() if projected_keys is None else projected_keys
     args = (qp.contiguous(), kp.contiguous(), values.contiguous(), v_a.contiguous(),
             None if mask is None else mask.contiguous(), return_weights)
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in args[:4])
-    context, _, weights = _eager.call(_AdditiveFunction.apply if training else _forward_kernels, _forward, *args)
+    context, _, weights = _eager.forward(_AdditiveFunction, _forward_kernels, _forward, *args,
+                                         training=_eager.needs_grad(args[:4]))
     return (context, weights) if return_weights else context
 
 

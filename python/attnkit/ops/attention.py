@@ -111,8 +111,8 @@ _AttentionFunction = _eager.autograd_function("_AttentionFunction", _attention_f
 def _run_forward(*args):
     """attnkit::attention_forward, or the same kernels and formula without its dispatch where only eager
     autograd sees the call (attnkit._eager)."""
-    training = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args[:3])
-    return _eager.call(_AttentionFunction.apply if training else _attention_forward_kernels, _attention_forward, *args)
+    return _eager.forward(_AttentionFunction, _attention_forward_kernels, _attention_forward, *args,
+                          training=_eager.needs_grad(args[:3]))
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:

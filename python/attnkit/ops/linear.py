@@ -72,8 +72,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     _validate.same_dtype_and_device(OP, (("x", x), ("weight", weight), ("bias", bias)))
     rows = math.prod(x.shape[:-1])
     args = (x.reshape(rows, x.shape[-1]).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous())
-    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
-    y = _eager.call(_LinearFunction.apply if training else _linear_kernels, _linear, *args)
+    y = _eager.forward(_LinearFunction, _linear_kernels, _linear, *args, training=_eager.needs_grad(args))
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

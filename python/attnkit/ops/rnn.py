@@ -243,10 +243,6 @@ def _validated(op, gates, input, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
     return [None if t is None else t.contiguous() for _, t in named] + [lengths]
 
 
-def _needs_grad(tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 Lengths = Union[Tensor, Sequence[int], None]
 
 
@@ -279,10 +275,9 @@ def lstm(
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths = _validated(
         LSTM_OP, 4, input, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths
     )
-    save = _needs_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+    save = _eager.needs_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
     args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save)
-    forward = _LstmFunction.apply if save else _lstm_forward_kernels
-    output, h_n, c_n, *_ = _eager.call(forward, _lstm_forward, *args)
+    output, h_n, c_n, *_ = _eager.forward(_LstmFunction, _lstm_forward_kernels, _lstm_forward, *args, training=save)
     return output, (h_n, c_n)
 
 
@@ -310,20 +305,20 @@ def gru(
         (output (T, B, hidden_size), h_n (B, hidden_size)).
     """
     x, h0, _, w_ih, w_hh, b_ih, b_hh, _, lengths = _validated(GRU_OP, 3, input, hx, w_ih, w_hh, b_ih, b_hh, None, lengths)
-    save = _needs_grad((x, h0, w_ih, w_hh, b_ih, b_hh))
-    forward = _GruFunction.apply if save else _gru_forward_kernels
-    output, h_n, _ = _eager.call(forward, _gru_forward, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save)
+    save = _eager.needs_grad((x, h0, w_ih, w_hh, b_ih, b_hh))
+    args = (x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save)
+    output, h_n, _ = _eager.forward(_GruFunction, _gru_forward_kernels, _gru_forward, *args, training=save)
     return output, h_n
 
 
 def _describe_lstm(input, hx=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None, *, w_hr=None, lengths=None):
     args = _validated(LSTM_OP, 4, input, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
-    return _describe_call(args[0], args[4], 4, w_hr is not None, _needs_grad(args[:8]))
+    return _describe_call(args[0], args[4], 4, w_hr is not None, _eager.needs_grad(args[:8]))
 
 
 def _describe_gru(input, hx=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None, *, lengths=None):
     args = _validated(GRU_OP, 3, input, hx, w_ih, w_hh, b_ih, b_hh, None, lengths)
-    return _describe_call(args[0], args[4], 3, False, _needs_grad(args[:7]))
+    return _describe_call(args[0], args[4], 3, False, _eager.needs_grad(args[:7]))
 
 
 _dispatch.register_describer("lstm", _describe_lstm)

@@ -13,9 +13,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _validate
+from .. import _dispatch, _eager, _validate
 from ..backends.rnn_layernorm import LAYER_NORM_GRU, LAYER_NORM_LSTM
-from .rnn import Lengths, _describe_tensors, _needs_grad, _validated, _zeros_if_none
+from .rnn import Lengths, _describe_tensors, _validated, _zeros_if_none
 
 LSTM_OP, GRU_OP = "attnkit.ops.layer_norm_lstm", "attnkit.ops.layer_norm_gru"
 
@@ -214,7 +214,7 @@ def layer_norm_lstm(
     g_hh, be_hh = _validated_ln(LSTM_OP, "ln_hh", ln_hh, 4 * H, x)
     g_c, be_c = _validated_ln(LSTM_OP, "ln_c", ln_c, H, x)
     zoneout = _validated_zoneout(LSTM_OP, zoneout, x, H)
-    save = _needs_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, g_c, be_c))
+    save = _eager.needs_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, g_c, be_c))
     output, h_n, c_n, *_ = _ln_lstm_forward(
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, g_c, be_c, lengths, zoneout, save
     )
@@ -253,7 +253,7 @@ def layer_norm_gru(
     g_ih, be_ih = _validated_ln(GRU_OP, "ln_ih", ln_ih, 3 * H, x)
     g_hh, be_hh = _validated_ln(GRU_OP, "ln_hh", ln_hh, 3 * H, x)
     zoneout = _validated_zoneout(GRU_OP, zoneout, x, H)
-    save = _needs_grad((x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh))
+    save = _eager.needs_grad((x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh))
     output, h_n, *_ = _ln_gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, lengths, zoneout, save)
     return output, h_n
 
