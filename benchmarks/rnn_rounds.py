@@ -9,21 +9,11 @@ side and not the other; here each round times torch then attnkit back to back
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from functools import partial
 
 import torch
 from rnn import modules, training_step
-
-
-def median_ms(fn, calls: int) -> float:
-    fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+from timing import median_ms as _median_ms
 
 
 def main() -> None:
@@ -34,14 +24,15 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=51)
     args = parser.parse_args()
     batch, steps, hidden = args.shape
+    median_ms = partial(_median_ms, device=torch.device("cpu"), warmup=1, repeats=args.calls)
     ours, theirs = modules(args.kind, hidden, torch.device("cpu"), torch.float32)
     x = torch.randn(steps, batch, hidden, requires_grad=True)
     print(f"{args.kind} (B, T, I=H) = ({batch}, {steps}, {hidden}), {torch.get_num_threads()} threads")
     for _ in range(args.rounds):
         with torch.no_grad():
-            fwd_theirs, fwd_ours = median_ms(lambda: theirs(x), args.calls), median_ms(lambda: ours(x), args.calls)
-        fb_theirs = median_ms(training_step(theirs, x), args.calls)
-        fb_ours = median_ms(training_step(ours, x), args.calls)
+            fwd_theirs, fwd_ours = median_ms(lambda: theirs(x)), median_ms(lambda: ours(x))
+        fb_theirs = median_ms(training_step(theirs, x))
+        fb_ours = median_ms(training_step(ours, x))
         print(f"forward torch {fwd_theirs:.3f} attnkit {fwd_ours:.3f} ms {fwd_theirs / fwd_ours:.2f}x | "
               f"fwd+bwd torch {fb_theirs:.3f} attnkit {fb_ours:.3f} ms {fb_theirs / fb_ours:.2f}x", flush=True)
 
