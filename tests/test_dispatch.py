@@ -127,3 +127,23 @@ def test_explain_validates_arguments(cell_args):
     args[0] = args[0][None]
     with pytest.raises(ValueError, match="input must be 2-D"):
         attnkit.explain("lstm_cell", *args)
+
+
+def test_decisions_are_cached_per_description_forcing_and_environment(cell_args, monkeypatch):
+    first = attnkit.explain("lstm_cell", *cell_args)
+    assert attnkit.explain("lstm_cell", *cell_args) is first  # the same description: the kept decision
+    with attnkit.use_backend("reference", op="lstm_cell"):
+        assert attnkit.explain("lstm_cell", *cell_args).backend == "reference"
+    monkeypatch.setenv("ATTNKIT_BACKEND", "lstm_cell=reference")
+    assert attnkit.explain("lstm_cell", *cell_args).forced_by == "ATTNKIT_BACKEND"
+    monkeypatch.delenv("ATTNKIT_BACKEND")
+    assert attnkit.explain("lstm_cell", *cell_args) is first
+    # TRITON_INTERPRET decides whether Triton may take CPU tensors: part of the key
+    # (where the probe found Triton usable, i.e. under the interpreter or on a GPU).
+    if _dispatch.available_backends()["triton"].available:
+        q = torch.randn(1, 1, 4, 16)
+        before = attnkit.explain("flash_attention", q, q, q).skipped["triton"]
+        monkeypatch.setenv("TRITON_INTERPRET", "0" if _dispatch.interpreter_active() else "1")
+        assert attnkit.explain("flash_attention", q, q, q).skipped["triton"] != before
+    _dispatch.refresh()  # forgets the decisions with the probes
+    assert not _dispatch._OPS["lstm_cell"].decisions

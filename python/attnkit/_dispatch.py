@@ -104,6 +104,17 @@ def _status(name: str) -> BackendStatus:
     return _PROBES[name]()
 
 
+# Environment variables that a backend's not_supported_reasons reads (besides
+# ATTNKIT_BACKEND, part of every decision's key anyway): cached decisions are
+# keyed on their values too. Backends add theirs with choice_depends_on_env.
+_CHOICE_ENV: List[str] = ["TRITON_INTERPRET"]
+
+
+def choice_depends_on_env(name: str) -> None:
+    if name not in _CHOICE_ENV:
+        _CHOICE_ENV.append(name)
+
+
 def available_backends() -> Dict[str, BackendStatus]:
     """Every backend with whether this install can run it, and why not."""
     return {name: _status(name) for name in BACKENDS}
@@ -113,6 +124,8 @@ def refresh() -> None:
     """Forget cached probes (after building an extension or changing TRITON_INTERPRET)."""
     _status.cache_clear()
     _extensions.forget()
+    for op in _OPS.values():
+        op.decisions.clear()
 
 
 # --------------------------------------------------------------------------- forcing
@@ -149,7 +162,12 @@ def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
 
 
 def _forced_by_env() -> Dict[str, str]:
-    value = os.environ.get("ATTNKIT_BACKEND", "").strip()
+    return _parse_forced(os.environ.get("ATTNKIT_BACKEND", ""))
+
+
+@functools.lru_cache(maxsize=8)  # read on every call; parsed once per value
+def _parse_forced(value: str) -> Dict[str, str]:
+    value = value.strip()
     forced: Dict[str, str] = {}
     for item in filter(None, (part.strip() for part in value.split(","))):
         op, _, name = item.rpartition("=")
@@ -202,7 +220,7 @@ def device_reasons(call: Mapping[str, Any], backend: str) -> List[str]:
     return []
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Decision:
     """Which backend serves a call, and why each other one was skipped."""
 
@@ -224,9 +242,16 @@ _last_decisions: Dict[str, Decision] = {}
 class Op:
     """The backends of one op and the choice among them."""
 
+    # Decisions kept per op: calls of one model repeat a handful of descriptions.
+    MAX_DECISIONS = 256
+
     def __init__(self, name: str, implementations: List[Implementation]):
         self.name = name
         self.implementations = {impl.backend: impl for impl in implementations}
+        # (call description, forcing, environment) -> Decision: a choice is a
+        # function of these (and of the probes, which refresh() forgets with it).
+        # Deciding afresh took 4-8 us a call, as much as a small kernel.
+        self.decisions: Dict[tuple, Decision] = {}
         _OPS[name] = self
 
     def reasons(self, backend: str, call: Mapping[str, Any]) -> List[str]:
@@ -239,8 +264,22 @@ class Op:
         return device_reasons(call, backend) + impl.not_supported_reasons(call)
 
     def decide(self, call: Mapping[str, Any]) -> Decision:
-        order = _ORDER_BY_DEVICE.get(call["device"].type, BACKENDS)
         forced = forced_backend(self.name)
+        try:
+            key = (tuple(call.items()), forced, tuple(os.environ.get(name) for name in _CHOICE_ENV))
+            decision = self.decisions.get(key)
+        except TypeError:  # an unhashable value in the description: decide every time
+            key = decision = None
+        if decision is None:
+            decision = self._decide(call, forced)
+            if key is not None:
+                if len(self.decisions) >= self.MAX_DECISIONS:
+                    self.decisions.clear()
+                self.decisions[key] = decision
+        return decision
+
+    def _decide(self, call: Mapping[str, Any], forced: Optional[tuple]) -> Decision:
+        order = _ORDER_BY_DEVICE.get(call["device"].type, BACKENDS)
         skipped: Dict[str, List[str]] = {}
         if forced is not None:
             name, source = forced

@@ -87,6 +87,7 @@ class CudaGru(_GruExtension):
 # The persistent kernel has never run on a GPU: until a GPU run validates it, it is
 # chosen automatically only with ATTNKIT_RNN_PERSISTENT=1 (or when forced by name).
 PERSISTENT_ENV = "ATTNKIT_RNN_PERSISTENT"
+_dispatch.choice_depends_on_env(PERSISTENT_ENV)
 PERSISTENT_MAX_BATCH = 8
 _PERSISTENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
