@@ -6,6 +6,7 @@
 #include "attnkit/linear.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 
@@ -119,6 +120,37 @@ at::Tensor linear_few_rows(const at::Tensor& x, const at::Tensor& weight, const 
     rows(xp, M, wp, bias_ptr, yp, N, K, b0 * kWeightRows, std::min(N, b1 * kWeightRows));
   });
   return y;
+}
+
+namespace {
+
+const c10::optional<c10::OperatorHandle>& onednn_linear_op() {
+  static const c10::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  return op;
+}
+
+bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+}  // namespace
+
+bool onednn_linear_available() { return onednn_linear_op().has_value(); }
+
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  torch::jit::Stack stack{x, weight, present(bias) ? c10::IValue(*bias) : c10::IValue(), "none",
+                          c10::List<c10::optional<at::Scalar>>(), c10::IValue()};
+  onednn_linear_op()->callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const bool fp32 = x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+                    (!present(bias) || (bias->scalar_type() == at::kFloat && bias->is_contiguous()));
+  if (fp32 && x.is_contiguous() && weight.is_contiguous() && x.dim() == 2) {
+    if (x.size(0) <= kFewRows) return linear_few_rows(x, weight, present(bias) ? bias : c10::nullopt);
+    if (onednn_linear_available()) return onednn_linear(x, weight, bias);
+  }
+  return present(bias) ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
 }
 
 }  // namespace cpu

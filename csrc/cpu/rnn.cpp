@@ -19,6 +19,7 @@
 #endif
 
 #include "attnkit/gate_math.h"
+#include "attnkit/linear.h"
 #include "attnkit/rnn_sequence.h"
 #include "lstm_rows.h"
 #include "rnn_fused.h"
@@ -98,28 +99,14 @@ struct Kernels {
     return rnn::present(lengths) ? *lengths : at::Tensor();
   }
 
-  // a w^T + bias. oneDNN (JIT for the CPU's ISA) beats the BLAS that ATen
-  // calls by 2-3x on this kind of CPU once there are a few rows; tiny ones
-  // (batch 1 steps) pay less overhead in BLAS.
-  static const c10::optional<c10::OperatorHandle>& onednn_linear() {
-    static const c10::optional<c10::OperatorHandle> op =
-        c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-    return op;
-  }
-
-  // `w` is a plain weight or one step_weight() reordered for oneDNN.
-  static at::Tensor onednn_call(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-    torch::jit::Stack stack{a, w, rnn::present(bias) ? c10::IValue(*bias) : c10::IValue(), "none",
-                            c10::List<c10::optional<at::Scalar>>(), c10::IValue()};
-    onednn_linear()->callBoxed(&stack);
-    return stack[0].toTensor();
+  // oneDNN (linear.h) beats the BLAS that ATen calls once there are a few rows;
+  // tiny ones (batch 1 steps) pay less overhead in the dot products of small_linear.
+  static bool onednn_takes(const at::Tensor& a) {
+    return onednn_linear_available() && a.scalar_type() == at::kFloat && a.size(0) >= kOneDnnRows && a.is_contiguous();
   }
 
   static at::Tensor linear(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-    if (onednn_linear().has_value() && a.scalar_type() == at::kFloat && a.size(0) >= kOneDnnRows &&
-        a.is_contiguous() && w.is_contiguous()) {
-      return onednn_call(a, w, bias);
-    }
+    if (onednn_takes(a) && w.is_contiguous()) return onednn_linear(a, w, bias);
     if (a.size(0) <= 4 && a.is_contiguous() && w.is_contiguous() && (!rnn::present(bias) || bias->is_contiguous())) {
       return small_linear(a, w, bias);
     }
@@ -136,7 +123,7 @@ struct Kernels {
   static at::Tensor step_weight(const at::Tensor& w, int64_t rows) {
     static const c10::optional<c10::OperatorHandle> reorder =
         c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_linear_weight", ""});
-    if (!reorder.has_value() || !onednn_linear().has_value() || w.scalar_type() != at::kFloat ||
+    if (!reorder.has_value() || !onednn_linear_available() || w.scalar_type() != at::kFloat ||
         rows < kOneDnnRows || !w.is_contiguous()) {
       return at::Tensor();
     }
@@ -148,7 +135,7 @@ struct Kernels {
   // linear(a, w, bias), with w's step_weight() `packed` when oneDNN takes the call.
   static at::Tensor step_linear(const at::Tensor& a, const at::Tensor& w, const at::Tensor& packed,
                                 const c10::optional<at::Tensor>& bias) {
-    if (packed.defined() && a.size(0) >= kOneDnnRows && a.is_contiguous()) return onednn_call(a, packed, bias);
+    if (packed.defined() && onednn_takes(a)) return onednn_linear(a, packed, bias);
     return linear(a, w, bias);
   }
 

@@ -13,6 +13,8 @@ SHAPES = [  # (batch, input_size, hidden_size)
     (2, 17, 33),
     (4, 64, 32),
     (1, 3, 129),
+    (17, 9, 12),  # past 16 rows: oneDNN's GEMMs on the CPU (forward and backward), not the few-row GEMV
+    (33, 40, 24),
 ]
 
 
@@ -111,14 +113,20 @@ def test_saturated_gates_stay_finite():
         assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_non_contiguous_inputs():
-    x, hx, w_ih, w_hh, b_ih, b_hh = make_inputs(6, 5, 3, torch.float32, "cpu")
-    x_strided = torch.randn(5, 6).t()  # (6, 5), not contiguous
-    w_t = w_ih.t().contiguous().t()  # same values, transposed strides
+@pytest.mark.parametrize("batch", [6, 20])  # the few-row GEMV and oneDNN's GEMMs
+def test_non_contiguous_inputs(batch):
+    x, hx, w_ih, w_hh, b_ih, b_hh = make_inputs(batch, 5, 3, torch.float32, "cpu")
+    x_strided = torch.randn(5, batch).t().requires_grad_()  # (batch, 5), not contiguous
+    w_t = w_ih.t().contiguous().t().requires_grad_()  # same values, transposed strides
+    w_ref = w_ih.clone().requires_grad_()
     h, c = lstm_cell(x_strided, hx, w_t, w_hh, b_ih, b_hh)
-    h_ref, c_ref = torch_lstm_cell(x_strided, hx, w_ih, w_hh, b_ih, b_hh)
+    h_ref, c_ref = torch_lstm_cell(x_strided, hx, w_ref, w_hh, b_ih, b_hh)
     torch.testing.assert_close(h, h_ref)
     torch.testing.assert_close(c, c_ref)
+    grads = torch.autograd.grad((h * c).sum(), (x_strided, w_t))
+    grads_ref = torch.autograd.grad((h_ref * c_ref).sum(), (x_strided, w_ref))
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
 
 
 def test_zero_batch():

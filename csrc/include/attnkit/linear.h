@@ -11,5 +11,17 @@ namespace cpu {
 
 at::Tensor linear_few_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
+// oneDNN's linear (mkldnn::_linear_pointwise): x (M, K) fp32 contiguous, weight
+// (N, K) plain or reordered by mkldnn::_reorder_linear_weight. Its JIT runs
+// fp32 GEMMs about twice as fast as the MKL sgemm that at::addmm calls on the
+// AMD CPUs of BENCHMARKS.md. Check onednn_linear_available() first.
+bool onednn_linear_available();
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
+// x W^T + b (bias may be absent) by the fastest route here: linear_few_rows up to
+// kFewRows rows, oneDNN above (fp32, contiguous), at::addmm / at::mm otherwise.
+constexpr int64_t kFewRows = 16;
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
 }  // namespace cpu
 }  // namespace attnkit
