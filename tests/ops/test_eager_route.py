@@ -1,4 +1,4 @@
-"""attnkit.ops.lstm / gru / linear / flash_attention / attention_decode /
+"""attnkit.ops.lstm / gru / lstm_cell / linear / flash_attention / attention_decode /
 additive_attention take two routes to the same kernels (attnkit._eager): plain
 eager calls skip the torch.library custom op, anything else (here a dispatch
 mode; torch.compile in test_rnn.py and test_compile_serialization.py) goes
@@ -11,7 +11,7 @@ from test_rnn import make_gru, make_lstm, weighted_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnkit import _eager
-from attnkit.ops import additive_attention, attention_decode, flash_attention, gru, linear, lstm
+from attnkit.ops import additive_attention, attention_decode, flash_attention, gru, linear, lstm, lstm_cell
 
 
 class PassThrough(TorchDispatchMode):
@@ -57,6 +57,23 @@ def test_eager_route_matches_custom_op_route(backend, case, lengths):
     assert f"attnkit_{case[:4].rstrip('_')}_forward" in type(op_node).__name__, type(op_node).__name__
     # The same kernels on the same inputs: equal, not merely close.
     for a, b in zip(outs + list(grads), outs_op + list(grads_op)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_lstm_cell_routes_agree(backend):
+    x, (h, c), w_ih, w_hh, b_ih, b_hh = lstm_args(6)
+    args = (x[0], (h, c), w_ih, w_hh, b_ih, b_hh)
+    leaves = [x, h, c, w_ih, w_hh, b_ih, b_hh]
+    results = []
+    with forced("lstm_cell", backend, "cpu", torch.float32):
+        for mode in (None, PassThrough):
+            with mode() if mode else torch.enable_grad():
+                outs = lstm_cell(*args)
+            results.append((type(outs[0].grad_fn).__name__, [*outs, *torch.autograd.grad(weighted_loss(outs), leaves)]))
+    (eager_node, eager), (op_node, op) = results
+    assert "Function" in eager_node and "attnkit_lstm_cell_forward" in op_node, (eager_node, op_node)
+    for a, b in zip(eager, op):
         assert torch.equal(a, b)
 
 

@@ -4,6 +4,8 @@ Registered as torch.library custom ops (`attnkit::lstm_cell_forward` and
 `attnkit::lstm_cell_backward`) with fake (meta) implementations and an autograd
 formula, so torch.compile traces calls as single nodes without graph breaks.
 The backend is chosen inside the op at run time (see attnkit._dispatch).
+Plain eager calls run the same kernels and formula without the custom op's
+dispatch (attnkit._eager), which cost about as much as a batch-1 step's kernel.
 """
 from __future__ import annotations
 
@@ -12,18 +14,20 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _validate
+from .. import _dispatch, _eager, _validate
 from ..backends.lstm_cell import LSTM_CELL
 
 OP = "attnkit.ops.lstm_cell"
 
 
-@torch.library.custom_op("attnkit::lstm_cell_forward", mutates_args=())
-def _lstm_cell_forward(
+def _lstm_cell_forward_kernels(
     x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor, Tensor]:
     impl = LSTM_CELL.select(_describe_tensors(x))
     return tuple(t.contiguous() for t in impl.forward(x, h, c, w_ih, w_hh, b_ih, b_hh))
+
+
+_lstm_cell_forward = torch.library.custom_op("attnkit::lstm_cell_forward", _lstm_cell_forward_kernels, mutates_args=())
 
 
 @_lstm_cell_forward.register_fake
@@ -31,13 +35,17 @@ def _(x, h, c, w_ih, w_hh, b_ih, b_hh):
     return torch.empty_like(c), torch.empty_like(c), x.new_empty((x.shape[0], w_ih.shape[0]))
 
 
-@torch.library.custom_op("attnkit::lstm_cell_backward", mutates_args=())
-def _lstm_cell_backward(
+def _lstm_cell_backward_kernels(
     grad_h: Tensor, grad_c: Tensor, x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, gates: Tensor, c_new: Tensor
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = LSTM_CELL.select(_describe_tensors(x))
     grads = impl.backward(grad_h, grad_c, x, h, c, w_ih, w_hh, gates, c_new)
     return tuple(g.contiguous() for g in grads)
+
+
+_lstm_cell_backward = torch.library.custom_op(
+    "attnkit::lstm_cell_backward", _lstm_cell_backward_kernels, mutates_args=()
+)
 
 
 @_lstm_cell_backward.register_fake
@@ -65,12 +73,15 @@ def _backward(ctx, grad_h, grad_c, _grad_gates):
     # An output that did not reach the loss comes back as None.
     grad_h = torch.zeros_like(c_new) if grad_h is None else grad_h.contiguous()
     grad_c = torch.zeros_like(c_new) if grad_c is None else grad_c.contiguous()
-    dx, dh, dc, dw_ih, dw_hh, db = _lstm_cell_backward(grad_h, grad_c, x, h, c, w_ih, w_hh, gates, c_new)
+    dx, dh, dc, dw_ih, dw_hh, db = _eager.call(
+        _lstm_cell_backward_kernels, _lstm_cell_backward, grad_h, grad_c, x, h, c, w_ih, w_hh, gates, c_new
+    )
     has_b_ih, has_b_hh = ctx.bias_present
     return dx, dh, dc, dw_ih, dw_hh, db if has_b_ih else None, db if has_b_hh else None
 
 
 _lstm_cell_forward.register_autograd(_backward, setup_context=_setup_context)
+_LstmCellFunction = _eager.autograd_function("_LstmCellFunction", _lstm_cell_forward_kernels, _setup_context, _backward)
 
 
 def _describe_tensors(x: Tensor) -> dict:
@@ -121,7 +132,9 @@ def lstm_cell(
         (h_new, c_new), each (B, hidden_size), in the dtype of `input`.
     """
     args = _validated(input, hx, w_ih, w_hh, b_ih, b_hh)
-    h_new, c_new, _ = _lstm_cell_forward(*args)
+    training = _eager.needs_grad(args)
+    h_new, c_new, _ = _eager.forward(_LstmCellFunction, _lstm_cell_forward_kernels, _lstm_cell_forward, *args,
+                                     training=training)
     return h_new, c_new
 
 
