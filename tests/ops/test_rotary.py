@@ -160,6 +160,23 @@ def test_inplace_mutates_x_and_keeps_gradients(backend, device, layout):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_strided_head_dim_and_broadcast_gradient(backend, device, interleaved):
+    # A head dim with a stride (every other element) and out.sum()'s broadcast (stride 0) gradient.
+    with forced(OP, backend, device) as dev:
+        base = torch.randn(2, 5, 3, 64, device=dev)
+        x = base[..., ::2].requires_grad_()
+        cos, sin = tables(8, 24, device=dev)
+        out = apply_rotary(x, cos, sin, interleaved=interleaved)
+        x_ref = x.detach().cpu().requires_grad_()
+        expected = plain_rotary(x_ref, cos.cpu(), sin.cpu(), interleaved)
+        torch.testing.assert_close(out.cpu(), expected.detach())
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        (grad_ref,) = torch.autograd.grad(expected.sum(), x_ref)
+        torch.testing.assert_close(grad.cpu(), grad_ref)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_layouts_strides_and_per_sequence_tables(backend, device):
     with forced(OP, backend, device) as dev:
         qkv = torch.randn(2, 6, 3, 4, 32, device=dev)  # (B, N, 3, H, D): q is a strided view

