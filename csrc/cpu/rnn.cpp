@@ -212,6 +212,12 @@ struct Kernels {
     return cpu::gru_backward_fused(gates, h0, output, grad_output, w_hh, dh, dgi, dgh, len, rows);
   }
 
+  // a w for a weight w (K, N): oneDNN takes w's transposed view as it is (it packs
+  // its operands anyway), so the backward's dx needs no transposed copy of W_ih.
+  static at::Tensor matmul(const at::Tensor& a, const at::Tensor& w) {
+    return onednn_takes(a) ? onednn_linear(a, w.t(), c10::nullopt) : at::mm(a, w);
+  }
+
   // a b (row-major, contiguous): the weight gradients' GEMMs.
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return cpu::mm(a, b); }
   static void transpose_into(const at::Tensor& src, const at::Tensor& dst) { cpu::transpose_into(src, dst); }

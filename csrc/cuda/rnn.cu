@@ -201,6 +201,7 @@ struct Kernels {
                                  const std::vector<int64_t>&) {
     return false;
   }
+  static at::Tensor matmul(const at::Tensor& a, const at::Tensor& w) { return at::mm(a, w); }
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
   static void transpose_into(const at::Tensor& src, const at::Tensor& dst) { dst.copy_(src.t()); }
   static at::Tensor workspace(int, at::IntArrayRef sizes, const at::TensorOptions& opts) {

@@ -196,11 +196,9 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
   at::Tensor grad_pre = K::workspace(0, gates.sizes(), gates.options());  // internal: never returned
   at::Tensor dh = grad_hn.clone(), dc = grad_cn.clone();
   at::Tensor grad_h_all = proj ? at::empty({T, B, P}, x.options()) : none_like(x);  // dL/dh_t, for dw_hr
-  // a W = linear(a, W^T): the transposed weights, laid out once.
-  const at::Tensor w_ih_t = transposed<K>(w_ih);
   const at::Tensor w_hr_t = proj ? w_hr->t().contiguous() : at::Tensor();
   const bool fused_loop = !proj && K::lstm_backward_fused(gates, cs, c0, grad_output, w_hh, dh, dc, grad_pre, len, rows);
-  const at::Tensor w_hh_t = fused_loop ? at::Tensor() : w_hh.t().contiguous();
+  const at::Tensor w_hh_t = fused_loop ? at::Tensor() : transposed<K>(w_hh);
   const at::Tensor w_hh_t_step = fused_loop ? at::Tensor() : K::step_weight(w_hh_t, B);
   for (int64_t t = T - 1; t >= 0 && !fused_loop; --t) {
     K::add_active_rows(dh, grad_output[t], len, t);  // dh = dL/dh_t
@@ -222,7 +220,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
     }
   }
   const at::Tensor gp2 = grad_pre.view({T * B, 4 * H});
-  at::Tensor dx = K::linear(gp2, w_ih_t, c10::nullopt).view({T, B, I});
+  at::Tensor dx = K::matmul(gp2, w_ih).view({T, B, I});
   // [dw_ih | dw_hh]^T = [x | h_{t-1}]^T gp: one GEMM on inputs transposed once (h_{t-1} = output[t-1] while running).
   const at::Tensor dw_t = K::mm(inputs_transposed<K>(x, h0, output), gp2);
   at::Tensor dw_ih = transposed<K>(dw_t.narrow(0, 0, I)), dw_hh = transposed<K>(dw_t.narrow(0, I, P));
@@ -279,8 +277,8 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Te
   at::Tensor dgh = at::empty({T, B, 3 * H}, x.options());
   at::Tensor dh = grad_hn.clone();
   const bool fused_loop = K::gru_backward_fused(gates, h0, output, grad_output, w_hh, dh, dgi, dgh, len, rows);
-  const at::Tensor w_ih_t = w_ih.t().contiguous();
-  const at::Tensor w_hh_t = fused_loop ? at::Tensor() : w_hh.t().contiguous();
+  // Blocked (K::transpose_into): ATen's transposing copy ran at ~1 GB/s on the CPU.
+  const at::Tensor w_hh_t = fused_loop ? at::Tensor() : transposed<K>(w_hh);
   const at::Tensor w_hh_t_step = fused_loop ? at::Tensor() : K::step_weight(w_hh_t, B);
   for (int64_t t = T - 1; t >= 0 && !fused_loop; --t) {
     at::Tensor dgh_t = dgh[t];
@@ -291,7 +289,7 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Te
     }
   }
   const at::Tensor dgi2 = dgi.view({T * B, 3 * H}), dgh2 = dgh.view({T * B, 3 * H});
-  at::Tensor dx = K::linear(dgi2, w_ih_t, c10::nullopt).view({T, B, I});
+  at::Tensor dx = K::matmul(dgi2, w_ih).view({T, B, I});
   const at::Tensor xh_t = inputs_transposed<K>(x, h0, output);
   at::Tensor dw_ih = transposed<K>(K::mm(xh_t.narrow(0, 0, I), dgi2));
   at::Tensor dw_hh = transposed<K>(K::mm(xh_t.narrow(0, I, H), dgh2));
