@@ -326,8 +326,14 @@ struct Kernels {
 // GEMMs below. Larger batches and projections take rnn_sequence.h's generic loop.
 constexpr int64_t kSmallBatch = 4;
 
-bool small_batch(const at::Tensor& x, const c10::optional<at::Tensor>& w_hr) {
-  return !rnn::present(w_hr) && x.dim() == 3 && x.size(1) >= 1 && x.size(1) <= kSmallBatch;
+// A one-step forward (nn.GRUCell, a decoding step) takes the generic loop: packing
+// W_hh into the team's panels costs as much as the one product they would serve
+// (GRU (1, 1, 256): 46 -> 34 us). Its backward stays here (the generic one's
+// weight-gradient GEMMs and transposes took 10x longer at one row); both loops
+// save the same tensors.
+bool small_batch(const at::Tensor& x, const c10::optional<at::Tensor>& w_hr, bool forward) {
+  return !rnn::present(w_hr) && x.dim() == 3 && (!forward || x.size(0) > 1) && x.size(1) >= 1 &&
+         x.size(1) <= kSmallBatch;
 }
 
 int small_batch_threads(int64_t B, int64_t H) {
@@ -555,7 +561,7 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& x, const at::Tensor& h0, 
                                      const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& lengths,
                                      bool save) {
   check_cpu(x);
-  if (small_batch(x, w_hr)) return small_batch_lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save);
+  if (small_batch(x, w_hr, true)) return small_batch_lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save);
   return rnn::lstm_forward<Kernels>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save);
 }
 
@@ -566,7 +572,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
                                       const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cs,
                                       const at::Tensor& hc) {
   check_cpu(x);
-  if (small_batch(x, w_hr)) {
+  if (small_batch(x, w_hr, false)) {
     return small_batch_lstm_backward(grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, lengths, output, gates, cs);
   }
   return rnn::lstm_backward<Kernels>(grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, w_hr, lengths, output,
@@ -578,7 +584,7 @@ std::vector<at::Tensor> gru_forward(const at::Tensor& x, const at::Tensor& h0, c
                                     const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& lengths,
                                     bool save) {
   check_cpu(x);
-  if (small_batch(x, c10::nullopt)) return small_batch_gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save);
+  if (small_batch(x, c10::nullopt, true)) return small_batch_gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save);
   return rnn::gru_forward<Kernels>(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save);
 }
 
@@ -587,7 +593,7 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Te
                                      const c10::optional<at::Tensor>& lengths, const at::Tensor& output,
                                      const at::Tensor& gates) {
   check_cpu(x);
-  if (small_batch(x, c10::nullopt)) {
+  if (small_batch(x, c10::nullopt, false)) {
     return small_batch_gru_backward(grad_output, grad_hn, x, h0, w_ih, w_hh, lengths, output, gates);
   }
   return rnn::gru_backward<Kernels>(grad_output, grad_hn, x, h0, w_ih, w_hh, lengths, output, gates);
