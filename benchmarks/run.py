@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-FAMILIES = ["lstm_cell", "attention", "attention_cpu", "positional", "rnn", "transformer", "models", "additive_attention",
+FAMILIES = ["lstm_cell", "gru_cell", "attention", "attention_cpu", "positional", "rnn", "transformer", "models", "additive_attention",
             "rope_attention", "linear"]
 
 
