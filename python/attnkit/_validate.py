@@ -7,6 +7,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What a fast path may take without looking further (Parameter: a module's weights).
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def tensor(op: str, name: str, value, ndim: Optional[int] = None, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES):

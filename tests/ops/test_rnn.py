@@ -220,6 +220,12 @@ class TestBadInput:
             (lambda a: a.__setitem__(1, (a[1][0], a[1][1][:, :3])), ValueError, r"hx\[1\] must have shape \(2, 4\)"),
             (lambda a: a.__setitem__(3, a[3].double()), TypeError, "w_hh has dtype torch.float64 but input"),
             (lambda a: a.__setitem__(2, a[2].to("meta")), RuntimeError, "w_ih is on meta but input is on cpu"),
+            # Each tensor once more (ops.rnn's fast path for the common call must let none through).
+            (lambda a: a.__setitem__(5, a[5][:15]), ValueError, "b_hh must have shape"),
+            (lambda a: a.__setitem__(4, a[4].double()), TypeError, "b_ih has dtype torch.float64 but input"),
+            (lambda a: a.__setitem__(1, (a[1][0], a[1][1].double())), TypeError, r"hx\[1\] has dtype"),
+            (lambda a: a.__setitem__(1, (a[1][0].to("meta"), a[1][1])), RuntimeError, r"hx\[0\] is on meta"),
+            (lambda a: a.__setitem__(1, [a[1][0][:1], a[1][1]]), ValueError, r"hx\[0\] must have shape"),
         ],
     )
     def test_lstm(self, change, error, match):
