@@ -221,6 +221,18 @@ struct Kernels {
   // a b (row-major, contiguous): the weight gradients' GEMMs.
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return cpu::mm(a, b); }
   static void transpose_into(const at::Tensor& src, const at::Tensor& dst) { cpu::transpose_into(src, dst); }
+  // The backward's GEMMs after the time loop take PackedSequence rows only (rnn_fused.h).
+  static constexpr bool kPacksRunningRows = true;
+  static at::Tensor pack_running_rows(const at::Tensor& flat, const std::vector<int64_t>& rows, int64_t B) {
+    return cpu::pack_running_rows(flat, rows, B);
+  }
+  static at::Tensor unpack_running_rows(const at::Tensor& packed, const std::vector<int64_t>& rows, int64_t B) {
+    return cpu::unpack_running_rows(packed, rows, B);
+  }
+  static at::Tensor running_inputs_transposed(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
+                                              const std::vector<int64_t>& rows) {
+    return cpu::running_inputs_transposed(x, h0, output, rows);
+  }
   static at::Tensor workspace(int slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
     return cpu::workspace(slot, sizes, opts);
   }

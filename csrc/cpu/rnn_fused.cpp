@@ -26,6 +26,7 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 #ifdef _OPENMP
@@ -341,6 +342,75 @@ at::Tensor workspace(int slot, at::IntArrayRef sizes, const at::TensorOptions& o
     c = at::empty({numel}, opts);
   }
   return c.narrow(0, 0, numel).view(sizes);
+}
+
+at::Tensor pack_running_rows(const at::Tensor& flat, const std::vector<int64_t>& rows, int64_t B) {
+  TORCH_CHECK(flat.is_contiguous() && flat.dim() == 2, "pack_running_rows: flat must be a contiguous 2-D tensor");
+  const int64_t C = flat.size(1) * static_cast<int64_t>(flat.element_size());
+  char* base = static_cast<char*>(flat.data_ptr());
+  int64_t packed = 0;
+  for (int64_t t = 0; t < static_cast<int64_t>(rows.size()); ++t) {
+    // Each step's block moves down or stays: memmove in increasing t never overwrites a later block.
+    if (packed != t * B && rows[t] > 0) std::memmove(base + packed * C, base + t * B * C, rows[t] * C);
+    packed += rows[t];
+  }
+  return flat.narrow(0, 0, packed);
+}
+
+at::Tensor unpack_running_rows(const at::Tensor& packed, const std::vector<int64_t>& rows, int64_t B) {
+  const int64_t T = static_cast<int64_t>(rows.size()), C = packed.size(1);
+  at::Tensor flat = at::empty({T * B, C}, packed.options());
+  const int64_t row_bytes = C * static_cast<int64_t>(packed.element_size());
+  const char* src = static_cast<const char*>(packed.contiguous().data_ptr());
+  char* dst = static_cast<char*>(flat.data_ptr());
+  std::vector<int64_t> offset(T + 1, 0);
+  for (int64_t t = 0; t < T; ++t) offset[t + 1] = offset[t] + rows[t];
+  at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      std::memcpy(dst + t * B * row_bytes, src + offset[t] * row_bytes, rows[t] * row_bytes);
+      std::memset(dst + (t * B + rows[t]) * row_bytes, 0, (B - rows[t]) * row_bytes);
+    }
+  });
+  return flat;
+}
+
+at::Tensor running_inputs_transposed(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
+                                     const std::vector<int64_t>& rows) {
+  const int64_t B = x.size(1), I = x.size(2), P = h0.size(1);
+  int64_t N = 0;
+  for (const int64_t r : rows) N += r;
+  at::Tensor out = workspace(1, {I + P, N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attnkit_running_inputs_transposed", [&] {
+    using S = scalar_t;
+    const S *x_p = x.data_ptr<S>(), *h0_p = h0.data_ptr<S>(), *out_p = output.data_ptr<S>();
+    // Source rows of column j: x[t, b] and h_{t-1}[b].
+    std::vector<const S*> xs(N), hs(N);
+    int64_t j = 0;
+    for (int64_t t = 0; t < static_cast<int64_t>(rows.size()); ++t) {
+      for (int64_t b = 0; b < rows[t]; ++b, ++j) {
+        xs[j] = x_p + (t * B + b) * I;
+        hs[j] = t == 0 ? h0_p + b * P : out_p + ((t - 1) * B + b) * P;
+      }
+    }
+    S* d = out.data_ptr<S>();
+    constexpr int64_t kB = 32;  // 32 x 32 blocks, as transpose_into
+    const int64_t col_blocks = (N + kB - 1) / kB, feature_blocks = (I + P + kB - 1) / kB;
+    at::parallel_for(0, col_blocks * feature_blocks, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t c0 = (i / col_blocks) * kB, j0 = (i % col_blocks) * kB;
+        const int64_t c1 = std::min(I + P, c0 + kB), j1 = std::min(N, j0 + kB);
+        for (int64_t c = c0; c < c1; ++c) {
+          S* row = d + c * N;
+          if (c < I) {
+            for (int64_t jj = j0; jj < j1; ++jj) row[jj] = xs[jj][c];
+          } else {
+            for (int64_t jj = j0; jj < j1; ++jj) row[jj] = hs[jj][c - I];
+          }
+        }
+      }
+    });
+  });
+  return out;
 }
 
 void transpose_into(const at::Tensor& src, const at::Tensor& dst) {

@@ -49,6 +49,17 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b);
 // inner strides (ATen's transposing copy_ ran at ~1 GB/s here), copy_ otherwise.
 void transpose_into(const at::Tensor& src, const at::Tensor& dst);
 
+// The backward's GEMMs over PackedSequence rows only (sorted lengths: step t runs its first
+// rows[t] of B rows; a (T B, C) tensor's rows are flat time-major, t B + b).
+// pack_running_rows: the running rows of `flat` (contiguous) moved to its front in place;
+// returns them, (sum rows, C). unpack_running_rows: `packed` back to (T B, C), stopped rows 0.
+at::Tensor pack_running_rows(const at::Tensor& flat, const std::vector<int64_t>& rows, int64_t B);
+at::Tensor unpack_running_rows(const at::Tensor& packed, const std::vector<int64_t>& rows, int64_t B);
+// [x | h_{t-1}]^T of the running rows, (I + P, sum rows), with h_{t-1} = h0 at t = 0, else
+// output[t - 1]; in workspace slot 1.
+at::Tensor running_inputs_transposed(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
+                                     const std::vector<int64_t>& rows);
+
 // An uninitialized tensor for a call's internal buffers (slot 0, 1), reused by
 // the next call on this thread when no tensor still refers to it: buffers past
 // glibc's mmap threshold (32 MB at most) otherwise come back as fresh pages,

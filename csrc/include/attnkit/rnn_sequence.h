@@ -119,6 +119,17 @@ at::Tensor inputs_transposed(const at::Tensor& x, const at::Tensor& h0, const at
   return a;
 }
 
+// Whether the backward's GEMMs after the time loop (dx, the weight gradients) should take the
+// running rows only: sorted lengths (rows[t] < B once some row stopped) and more than 1/8 of the
+// T B rows stopped (a stopped row's gradients are 0; packing costs less than the rows it saves).
+template <typename K>
+bool pack_running(const c10::optional<at::Tensor>& lengths, const std::vector<int64_t>& rows, int64_t B) {
+  if (!K::kPacksRunningRows || !present(lengths)) return false;
+  int64_t running = 0;
+  for (const int64_t r : rows) running += r;
+  return running * 8 <= static_cast<int64_t>(rows.size()) * B * 7;
+}
+
 template <typename K>
 at::Tensor transposed(const at::Tensor& a) {
   at::Tensor out = at::empty({a.size(1), a.size(0)}, a.options());
@@ -219,10 +230,20 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
       }
     }
   }
-  const at::Tensor gp2 = grad_pre.view({T * B, 4 * H});
-  at::Tensor dx = K::matmul(gp2, w_ih).view({T, B, I});
-  // [dw_ih | dw_hh]^T = [x | h_{t-1}]^T gp: one GEMM on inputs transposed once (h_{t-1} = output[t-1] while running).
-  const at::Tensor dw_t = K::mm(inputs_transposed<K>(x, h0, output), gp2);
+  at::Tensor gp2 = grad_pre.view({T * B, 4 * H});
+  at::Tensor dx, dw_t;
+  if constexpr (K::kPacksRunningRows) {
+    if (pack_running<K>(lengths, rows, B)) {  // PackedSequence: the running rows only (grad_pre is internal)
+      gp2 = K::pack_running_rows(gp2, rows, B);
+      dx = K::unpack_running_rows(K::matmul(gp2, w_ih), rows, B).view({T, B, I});
+      dw_t = K::mm(K::running_inputs_transposed(x, h0, output, rows), gp2);
+    }
+  }
+  if (!dx.defined()) {
+    dx = K::matmul(gp2, w_ih).view({T, B, I});
+    // [dw_ih | dw_hh]^T = [x | h_{t-1}]^T gp: one GEMM on inputs transposed once (h_{t-1} = output[t-1] while running).
+    dw_t = K::mm(inputs_transposed<K>(x, h0, output), gp2);
+  }
   at::Tensor dw_ih = transposed<K>(dw_t.narrow(0, 0, I)), dw_hh = transposed<K>(dw_t.narrow(0, I, P));
   at::Tensor db = gp2.sum(0);
   at::Tensor dw_hr = proj ? at::mm(grad_h_all.view({T * B, P}).t(), hc.view({T * B, H})) : none_like(x);
@@ -288,9 +309,20 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Te
       dh.narrow(0, 0, rows[t]).add_(K::step_linear(dgh_t.narrow(0, 0, rows[t]), w_hh_t, w_hh_t_step, c10::nullopt));
     }
   }
-  const at::Tensor dgi2 = dgi.view({T * B, 3 * H}), dgh2 = dgh.view({T * B, 3 * H});
-  at::Tensor dx = K::matmul(dgi2, w_ih).view({T, B, I});
-  const at::Tensor xh_t = inputs_transposed<K>(x, h0, output);
+  at::Tensor dgi2 = dgi.view({T * B, 3 * H}), dgh2 = dgh.view({T * B, 3 * H});
+  at::Tensor dx, xh_t;
+  if constexpr (K::kPacksRunningRows) {
+    if (pack_running<K>(lengths, rows, B)) {  // PackedSequence: the running rows only (dgi, dgh are internal)
+      dgi2 = K::pack_running_rows(dgi2, rows, B);
+      dgh2 = K::pack_running_rows(dgh2, rows, B);
+      dx = K::unpack_running_rows(K::matmul(dgi2, w_ih), rows, B).view({T, B, I});
+      xh_t = K::running_inputs_transposed(x, h0, output, rows);
+    }
+  }
+  if (!dx.defined()) {
+    dx = K::matmul(dgi2, w_ih).view({T, B, I});
+    xh_t = inputs_transposed<K>(x, h0, output);
+  }
   at::Tensor dw_ih = transposed<K>(K::mm(xh_t.narrow(0, 0, I), dgi2));
   at::Tensor dw_hh = transposed<K>(K::mm(xh_t.narrow(0, I, H), dgh2));
   return {dx, dh, dw_ih, dw_hh, dgi2.sum(0), dgh2.sum(0)};
