@@ -87,20 +87,12 @@ std::vector<at::Tensor> lstm_cell_forward(const at::Tensor& x, const at::Tensor&
                                           const c10::optional<at::Tensor>& b_ih,
                                           const c10::optional<at::Tensor>& b_hh) {
   check_lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh);
-  if (x.scalar_type() == at::kFloat) {
-    // The row kernel adds the two projections, so each carries its own bias.
+  if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) {
+    // The row kernel adds the two projections, so each carries its own bias
+    // (linear_rows: ATen's addmm for double).
     at::Tensor gates = linear_rows(x, w_ih, b_ih);
     at::Tensor c_new = c.clone(), h_new = at::empty_like(c);
     lstm_rows_forward(gates, linear_rows(h, w_hh, b_hh), c_new, h_new);
-    return {h_new, c_new, gates};
-  }
-  if (x.scalar_type() == at::kDouble) {
-    const bool has_ih = b_ih.has_value() && b_ih->defined(), has_hh = b_hh.has_value() && b_hh->defined();
-    at::Tensor gates = has_ih || has_hh
-                           ? at::addmm(has_ih && has_hh ? *b_ih + *b_hh : (has_ih ? *b_ih : *b_hh), x, w_ih.t())
-                           : at::mm(x, w_ih.t());
-    at::Tensor c_new = c.clone(), h_new = at::empty_like(c);
-    lstm_rows_forward(gates, at::mm(h, w_hh.t()), c_new, h_new);
     return {h_new, c_new, gates};
   }
   at::Tensor pre = linear_gates(x, h, w_ih, w_hh, b_ih, b_hh);
