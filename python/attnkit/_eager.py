@@ -19,9 +19,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-# Parameters are plain tensors to the kernels; any other subclass (FakeTensor,
-# FunctionalTensor, DTensor, ...) may need the custom op's registrations.
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+from ._validate import PLAIN_TENSORS
 
 
 def plain_call(args: Iterable[Any]) -> bool:
@@ -33,7 +31,7 @@ def plain_call(args: Iterable[Any]) -> bool:
         and not torch.jit.is_tracing()
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._are_functorch_transforms_active()
-        and all(type(a) in _PLAIN_TYPES or not isinstance(a, Tensor) for a in args)
+        and all(type(a) in PLAIN_TENSORS or not isinstance(a, Tensor) for a in args)
     )
 
 

@@ -7,7 +7,9 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# What a fast path may take without looking further (Parameter: a module's weights).
+# Plain tensors (Parameter: a module's weights). Any other subclass (FakeTensor,
+# FunctionalTensor, DTensor, ...) may need the custom ops' registrations and the
+# full checks: the eager route (attnkit._eager) and the ops' fast checks take only these.
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
