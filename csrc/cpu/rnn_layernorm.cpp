@@ -147,7 +147,7 @@ std::vector<at::Tensor> input_projection_backward(const at::Tensor& dpre, const 
                                                   const at::Tensor& g_ih, const at::Tensor& xhat,
                                                   const at::Tensor& rstd, int64_t stride) {
   const int64_t T = x.size(0), B = x.size(1), G = w_ih.size(0);
-  at::Tensor dgamma = (dpre * xhat).sum({0, 1});
+  at::Tensor dgamma = (dpre * xhat).sum(at::IntArrayRef{0, 1});
   at::Tensor dax = (dpre * g_ih).contiguous();
   scalar_t* d = dax.data_ptr<scalar_t>();
   const scalar_t* xh = xhat.data_ptr<scalar_t>();
@@ -359,10 +359,10 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& grad_output, const at
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ln_lstm_xback", [&] {
     in = input_projection_backward<scalar_t>(dpre, x, w_ih, g_ih, xhat, rstd, 3);
   });
-  at::Tensor db = dpre.sum({0, 1});
-  at::Tensor dg_hh = (dpre * hhat).sum({0, 1});
-  at::Tensor dg_c = (dlc * chat).sum({0, 1});
-  at::Tensor dbe_c = dlc.sum({0, 1});
+  at::Tensor db = dpre.sum(at::IntArrayRef{0, 1});
+  at::Tensor dg_hh = (dpre * hhat).sum(at::IntArrayRef{0, 1});
+  at::Tensor dg_c = (dlc * chat).sum(at::IntArrayRef{0, 1});
+  at::Tensor dbe_c = dlc.sum(at::IntArrayRef{0, 1});
   return {in[0], dh, dc, in[1], dw_hh, db, in[2], dg_hh, dg_c, dbe_c};
 }
 
@@ -513,7 +513,7 @@ std::vector<at::Tensor> ln_gru_backward(const at::Tensor& grad_output, const at:
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ln_gru_xback", [&] {
     in = input_projection_backward<scalar_t>(dgi, x, w_ih, g_ih, xhat, rstd, 2);
   });
-  return {in[0], dh, in[1], dw_hh, dgi.sum({0, 1}), dgh.sum({0, 1}), in[2], (dgh * hhat).sum({0, 1})};
+  return {in[0], dh, in[1], dw_hh, dgi.sum(at::IntArrayRef{0, 1}), dgh.sum(at::IntArrayRef{0, 1}), in[2], (dgh * hhat).sum(at::IntArrayRef{0, 1})};
 }
 
 }  // namespace cpu
