@@ -35,11 +35,13 @@ NO_LIMIT = 1 << 30  # a window side of -1 (unbounded) becomes this
 @triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b + acc. UPCAST (interpreter + bf16 only): Triton's interpreter
-    computes bf16 dots wrongly, so its operands go through fp32 there."""
+    computes bf16 dots wrongly, so its operands go through fp32 there.
+    out_dtype is the accumulator's: Triton before 3.8 assumes float32 and
+    rejects a float64 accumulator when compiling (the interpreter does not)."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION)
+    return tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
