@@ -43,7 +43,7 @@ def test_dropout_matches_reference_with_the_same_mask(backend, device, causal):
         out_again = flash_attention(*leaves, **kwargs, dropout_p=0.3, generator=gen)
     assert torch.equal(out, out_again), "same generator state, same dropout mask"
     seed = int(torch.randint(0, 1 << 40, (), generator=torch.Generator().manual_seed(5))) << 20
-    keep = ref.dropout_keep_mask(seed, 2, 4, 17, 23, 0.3)
+    keep = ref.dropout_keep_mask(seed, 2, 4, 17, 23, 0.3, q.device)
     out_t, _, grads_t = ground_truth(q, k, v, kwargs, grad_out, dropout_p=0.3, dropout_keep=keep)
     assert_close(out, out_t, 1e-4, "out")
     for g, g_t in zip(grads, grads_t):
@@ -103,7 +103,7 @@ def test_varlen_matches_dense_per_sequence(backend, device, case, dropout_p):
     keep = None
     if dropout_p:
         seed = int(torch.randint(0, 1 << 40, (), generator=torch.Generator().manual_seed(9))) << 20
-        keep = ref.dropout_keep_mask(seed, len(case["lengths_q"]), case["heads"], max_q, max_k, dropout_p)
+        keep = ref.dropout_keep_mask(seed, len(case["lengths_q"]), case["heads"], max_q, max_k, dropout_p, q.device)
     outs, lses, grad_parts = [], [], []
     for b, (q_b, k_b, v_b, do_b) in enumerate(zip(ref.split_varlen(q, cu_q), ref.split_varlen(k, cu_k),
                                                    ref.split_varlen(v, cu_k), ref.split_varlen(grad_out, cu_q))):
