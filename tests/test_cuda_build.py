@@ -1,5 +1,8 @@
 """The CUDA extension: compiled and linked by `make cuda-check` (no GPU needed);
 its kernels run in the GPU suite."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -23,20 +26,54 @@ def test_cuda_backend_status_is_consistent():
         assert status.reason == "attnkit._C_cuda is built, but torch sees no CUDA GPU"
 
 
+# Each C++ error check runs in a child process: on the H200 machine (torch 2.11,
+# 2026-11-26) the first TORCH_CHECK thrown from attnkit._C_cuda killed the
+# process with SIGSEGV, which took the rest of this file with it. A child makes
+# such a crash one failing test that names its signal and says which extension.
+_CPU_CHECKS = """
+import pytest, torch
+from attnkit import _extensions
+ext, reason = _extensions.load("_C")
+assert ext is not None, reason
+x = torch.zeros(3, 2, 3)
+with pytest.raises(RuntimeError, match="h0 must have shape"):
+    ext.lstm_forward(x, x[0, :1, :], x[0], torch.zeros(16, 3), torch.zeros(16, 4), None, None, None, None, False)
+print("ok")
+"""
+
+_PERSISTENT_CHECKS = """
+import pytest, torch
+from attnkit import _extensions
+ext, reason = _extensions.load("_C_cuda")
+assert ext is not None, reason
+for name in ("rnn_persistent_unsupported", "lstm_forward_persistent", "gru_forward_persistent"):
+    assert callable(getattr(ext, name)), name
+# The checks that come before any device query run without a GPU.
+cuda = torch.device("cuda")
+with pytest.raises(RuntimeError, match="device must be a CUDA device"):
+    ext.rnn_persistent_unsupported(4, 1, 64, torch.float32, torch.device("cpu"))
+with pytest.raises(RuntimeError, match="gates must be 4 \\(LSTM\\) or 3 \\(GRU\\)"):
+    ext.rnn_persistent_unsupported(5, 1, 64, torch.float32, cuda)
+assert "got Double" in ext.rnn_persistent_unsupported(4, 1, 64, torch.float64, cuda)
+x = torch.zeros(2, 1, 3)
+with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+    ext.lstm_forward_persistent(x, x[0], x[0], x, x, None, None, None)
+with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+    ext.gru_forward_persistent(x, x[0], x, x, None, None, None)
+print("ok")
+"""
+
+
+def _run_checks(code):
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    signal = f" (killed by signal {-result.returncode})" if result.returncode < 0 else ""
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (
+        f"rc {result.returncode}{signal}\n{result.stdout[-2000:]}{result.stderr[-4000:]}")
+
+
+def test_cpu_extension_errors_reach_python_as_runtime_errors():
+    _run_checks(_CPU_CHECKS)
+
+
 def test_persistent_rnn_kernel_is_exported_and_checks_arguments():
-    ext, reason = _extensions.load("_C_cuda")
-    assert ext is not None, reason
-    for name in ("rnn_persistent_unsupported", "lstm_forward_persistent", "gru_forward_persistent"):
-        assert callable(getattr(ext, name)), name
-    # The checks that come before any device query run without a GPU.
-    cuda = torch.device("cuda")
-    with pytest.raises(RuntimeError, match="gates must be 4 \\(LSTM\\) or 3 \\(GRU\\)"):
-        ext.rnn_persistent_unsupported(5, 1, 64, torch.float32, cuda)
-    with pytest.raises(RuntimeError, match="device must be a CUDA device"):
-        ext.rnn_persistent_unsupported(4, 1, 64, torch.float32, torch.device("cpu"))
-    assert "got Double" in ext.rnn_persistent_unsupported(4, 1, 64, torch.float64, cuda)
-    x = torch.zeros(2, 1, 3)
-    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
-        ext.lstm_forward_persistent(x, x[0], x[0], x, x, None, None, None)
-    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
-        ext.gru_forward_persistent(x, x[0], x, x, None, None, None)
+    _run_checks(_PERSISTENT_CHECKS)
