@@ -9,6 +9,8 @@ writes bench-results/attention-*.png when matplotlib is installed.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from timing import max_error, median_ms, within_budget
@@ -16,7 +18,7 @@ from timing import max_error, median_ms, within_budget
 import attnkit
 
 TITLE = "Flash attention (GPU): attnkit Triton vs SDPA backends and FlexAttention"
-QUICK = [(64, 1024), (128, 4096)]  # (head dim, sequence length)
+QUICK = [(128, 4096), (64, 1024)]  # (head dim, sequence length); the target shape first, in case time runs out
 FULL = [(d, n) for d in (64, 128) for n in (512, 1024, 2048, 4096, 8192, 16384)]
 TOKENS = 16384  # batch * sequence length, so every size does comparable work
 
@@ -87,11 +89,45 @@ def _time(fn, q, k, v, causal, mode, device):
     return median_ms(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), grad), device)
 
 
+def _gpu_dtype(dtype):
+    return torch.bfloat16 if dtype == torch.float32 else dtype  # the GPU comparison is in half precision
+
+
+def prewarm(device: torch.device, dtype: torch.dtype, config: int, quick: bool = True) -> None:
+    """Compiles autotune candidate `config` of the kernels this family times, at
+    each head dim, causal and not, forward and backward, into Triton's on-disk
+    cache. gpu_check runs one such process per candidate beside the GPU tests:
+    the autotuner in the timed run then loads its candidates from that cache
+    instead of compiling them one after another (minutes of a 10-minute check)."""
+    from triton.runtime.errors import OutOfResources
+
+    from attnkit.triton_kernels.flash_attention_launch import config_count
+
+    dtype = _gpu_dtype(dtype)
+    os.environ["ATTNKIT_TRITON_CONFIG"] = str(config)
+    first_length = {}
+    for dim, n in QUICK if quick else FULL:
+        first_length.setdefault(dim, n)
+    for dim, n in first_length.items():
+        if config >= config_count(dim, dtype):
+            continue
+        q, k, v = (torch.randn(max(1, TOKENS // n), 16, n, dim, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        for causal in (False, True):
+            try:
+                out = attnkit.ops.flash_attention(q, k, v, causal=causal)
+                out.backward(torch.randn_like(out))
+            except OutOfResources as exc:  # the autotuner skips this candidate too
+                print(f"  candidate {config} at D={dim}{' causal' if causal else ''} does not fit: {exc}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
     if device.type != "cuda":
         print("  (skipped: needs a CUDA GPU; see the attention_cpu family for the CPU backend)")
         return []
-    dtype = torch.bfloat16 if dtype == torch.float32 else dtype  # the GPU comparison is in half precision
+    dtype = _gpu_dtype(dtype)
     heads = 16
     baselines = dict(_sdpa_backends())
     flex = _flex()

@@ -3,11 +3,13 @@ the pytest-benchmark bridge and the GPU check's dry run. Families run at tiny
 sizes (monkeypatched) so this takes seconds."""
 import json
 import os
+import sys
 import time
 
 import pytest
 import torch
 
+import attnkit
 from attnkit.bench import cli, core, gpu_check, report
 
 TINY = [(2, 8, 8), (4, 8, 8)]  # lstm_cell (batch, input, hidden): the cheapest family
@@ -313,15 +315,43 @@ def test_gpu_check_runs_one_pytest_per_selected_file_in_parallel(tmp_path):
     (suite / "test_unmarked.py").write_text("def test_c():\n    pass\n")  # nothing selected: no shard
     out = tmp_path / "out"
     out.mkdir()
-    status, _, output, counts, failures = gpu_check.run_tests(str(tmp_path), str(out), 120, [str(suite)], [], jobs=2)
+    status, _, output, counts, failures, _ = gpu_check.run_tests(str(tmp_path), str(out), 120, [str(suite)], [], jobs=2)
     assert counts == {"passed": 2, "failed": 1, "errors": 0, "skipped": 0}
     assert status == "failed (rc 1)" and [f.split("::")[-1] for f in failures] == ["test_a2"]
     assert sorted(p.name for p in out.iterdir()) == ["gpu-tests-0.xml", "gpu-tests-1.xml"]
     assert output.count("$ -m pytest") == 2 and "gpu_suite/test_a.py" in output and "test_unmarked" not in output
     # Out of time: shards still running are killed and reported, not waited for.
     (suite / "test_b.py").write_text("import pytest, time\n\n@pytest.mark.gpu\ndef test_b():\n    time.sleep(60)\n")
-    status, taken, _, _, _ = gpu_check.run_tests(str(tmp_path), str(out), 20, [str(suite)], [], jobs=2)
+    status, taken, _, _, _, _ = gpu_check.run_tests(str(tmp_path), str(out), 20, [str(suite)], [], jobs=2)
     assert status.startswith("failed (rc 1); timed out after ") and taken < 40
+
+
+def test_gpu_check_runs_side_commands_beside_the_shards_and_reports_them_apart(tmp_path):
+    suite = tmp_path / "gpu_suite"
+    suite.mkdir()
+    (suite / "test_a.py").write_text("import pytest\n\n@pytest.mark.gpu\ndef test_a():\n    pass\n")
+    side = [[sys.executable, "-c", "print('compiled candidate 0')"], [sys.executable, "-c", "raise SystemExit(3)"]]
+    status, _, output, counts, _, (side_status, side_output) = gpu_check.run_tests(
+        str(tmp_path), str(tmp_path), 120, [str(suite)], [], jobs=1, side_commands=side)
+    assert status == "passed" and counts["passed"] == 1  # a failed side command is not a failed test
+    assert side_status == "failed (rc 3)" and "compiled candidate 0" in side_output and "compiled" not in output
+
+
+def test_attention_prewarm_compiles_one_candidate_per_head_dim(monkeypatch):
+    attention = core.load_family("attention")
+    monkeypatch.setenv("ATTNKIT_TRITON_CONFIG", "")  # prewarm sets it; monkeypatch restores it
+    monkeypatch.setattr(attention, "QUICK", [(16, 16), (32, 16), (16, 32)])
+    monkeypatch.setattr(attention, "TOKENS", 16)
+    calls = []
+    real = attnkit.ops.flash_attention
+    monkeypatch.setattr(attnkit.ops, "flash_attention",
+                        lambda q, k, v, causal: calls.append((q.shape, causal)) or real(q, k, v, causal=causal))
+    attention.prewarm(torch.device("cpu"), torch.float32, 1, quick=True)
+    assert os.environ["ATTNKIT_TRITON_CONFIG"] == "1"
+    assert calls == [((1, 16, 16, 16), False), ((1, 16, 16, 16), True), ((1, 16, 16, 32), False),
+                     ((1, 16, 16, 32), True)]
+    commands = gpu_check.prewarm_commands(gpu_check.argparse.Namespace(dtype="float32", quick=True))
+    assert [c[c.index("--prewarm-config") + 1] for c in commands] == [str(i) for i in range(len(commands))]
 
 
 def test_families_stop_between_cases_at_the_gpu_check_deadline(monkeypatch):

@@ -97,10 +97,12 @@ def _selected_files(root, paths, env, seconds):
     return sorted(per_file, key=lambda name: -per_file[name])
 
 
-def run_tests(root, out_dir, seconds, paths, extra, jobs=None):
+def run_tests(root, out_dir, seconds, paths, extra, jobs=None, side_commands=()):
     """pytest -m 'gpu or cuda_build' over `paths`. On a GPU, one pytest per test
     file, `jobs` at a time: Triton compiles each kernel variant on one CPU core,
-    and the suite's compiles dominate its run time."""
+    and the suite's compiles dominate its run time. `side_commands` (the Triton
+    prewarm) run beside the shards, each on a core of its own, under the same
+    deadline; their outcome is returned last, apart from the tests'."""
     cwd = root or os.getcwd()
     env = dict(os.environ)
     if not torch.cuda.is_available():
@@ -116,7 +118,10 @@ def run_tests(root, out_dir, seconds, paths, extra, jobs=None):
     for junit in junits:
         if os.path.exists(junit):
             os.remove(junit)  # never count a previous run's results
-    results = _run_parallel(commands, jobs, seconds - (time.perf_counter() - started), env, cwd)
+    side_commands = list(side_commands)
+    results = _run_parallel(side_commands + commands, jobs + len(side_commands),
+                            seconds - (time.perf_counter() - started), env, cwd)
+    side_results, results = results[:len(side_commands)], results[len(side_commands):]
     counts, failures = test_counts(junits)
     statuses = [status for status, _ in results]
     if all(status.startswith("failed (rc 5)") for status in statuses):  # pytest: nothing selected
@@ -125,7 +130,10 @@ def run_tests(root, out_dir, seconds, paths, extra, jobs=None):
         bad = [status for status in statuses if status != "passed" and not status.startswith("failed (rc 5)")]
         status = "; ".join(dict.fromkeys(bad)) or "passed"  # each distinct outcome once, in shard order
     output = "\n".join(f"$ {' '.join(command[1:])}\n{text}" for command, (_, text) in zip(commands, results))
-    return status, time.perf_counter() - started, output, counts, failures
+    side_bad = [status for status, _ in side_results if status != "passed"]
+    side_status = "; ".join(dict.fromkeys(side_bad)) or "passed"
+    side_output = "\n".join(f"$ {' '.join(command[1:])}\n{text}" for command, (_, text) in zip(side_commands, side_results))
+    return status, time.perf_counter() - started, output, counts, failures, (side_status, side_output)
 
 
 def _run_parallel(commands, jobs, seconds, env, cwd):
@@ -200,6 +208,18 @@ def run_bench(out_dir, seconds, device, full, only, dtype):
     return ("passed" if not failed else f"failed: {', '.join(failed)}"), taken, "\n".join(outputs), merged
 
 
+def prewarm_commands(args):
+    """One process per autotune candidate of the attention kernels: each compiles
+    its candidate at every head dim and mask the attention family times, so the
+    benchmark's autotuner finds all of them in Triton's cache."""
+    from attnkit.triton_kernels.flash_attention_launch import config_count
+
+    dtype = torch.bfloat16 if args.dtype == "float32" else getattr(torch, args.dtype)  # as benchmarks/attention.py
+    candidates = max(config_count(dim, dtype) for dim in (64, 128))
+    return [[sys.executable, "-m", "attnkit.bench.gpu_check", "--prewarm-config", str(index), "--dtype", args.dtype,
+             *(["--quick"] if args.quick else [])] for index in range(candidates)]
+
+
 def write_report(path, info, dry_run, steps, tests, bench_doc, bench_output):
     lines = ["# attnkit GPU check", ""]
     if dry_run:
@@ -246,8 +266,14 @@ def main(argv=None) -> int:
     parser.add_argument("--tests", nargs="*", default=None, metavar="PATH",
                         help="test paths (default: the checkout's tests/; none: skip the tests)")
     parser.add_argument("--pytest-args", default="", help="extra pytest arguments, one string")
+    parser.add_argument("--prewarm-config", type=int, default=None, help=argparse.SUPPRESS)  # see prewarm_commands
     args = parser.parse_args(argv)
     families = core.families()
+    if args.prewarm_config is not None:
+        quick = args.quick or not torch.cuda.is_available()
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        core.load_family("attention").prewarm(device, getattr(torch, args.dtype), args.prewarm_config, quick)
+        return 0
     for name in args.only or []:
         if name not in families:
             parser.error(f"unknown family {name!r}; valid: {', '.join(families)}")
@@ -275,9 +301,13 @@ def main(argv=None) -> int:
     tests = (None, [], "")
     if paths:
         print(f"gpu-check: pytest -m 'gpu or cuda_build' {' '.join(paths)} ...", flush=True)
-        status, taken, output, counts, failures = run_tests(root, args.out, min(300, left() * 0.5), paths,
-                                                            args.pytest_args.split())
+        side = prewarm_commands(args) if not dry_run and "attention" in (args.only or families) else []
+        status, taken, output, counts, failures, (side_status, side_output) = run_tests(
+            root, args.out, min(300, left() * 0.5), paths, args.pytest_args.split(), side_commands=side)
         steps.append(("GPU tests", status, taken))
+        if side:
+            steps.append(("Triton prewarm (beside the tests)", side_status, taken))
+            output += "\n" + side_output
         tests = (counts, failures, output)
         print(_tail(output, 3), flush=True)
     else:
