@@ -72,10 +72,12 @@ cuda-check: $(STAMP)
 test-gpu:
 	$(PYTHON) -m pytest -m "gpu or cuda_build" tests $(PYTEST_ARGS)
 
-# Installs attnkit into PYTHON first when it is missing there (no network
-# needed); gpu_check then rebuilds it with the CUDA extension required.
+# Installs attnkit's Python package into PYTHON first when it is missing there
+# (no network needed, nothing compiled); gpu_check then builds the extensions
+# once, with the CUDA one required, for the GPU present.
 gpu-check:
-	$(PYTHON) -c "import attnkit.bench" 2>/dev/null || $(PYTHON) -m pip install --no-build-isolation --no-deps -e .
+	$(PYTHON) -c "import attnkit.bench" 2>/dev/null || \
+		ATTNKIT_NO_EXTENSIONS=1 $(PYTHON) -m pip install --no-build-isolation --no-deps -e .
 	$(PYTHON) -m attnkit.bench.gpu_check $(GPU_CHECK_ARGS)
 
 clean:

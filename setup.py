@@ -7,6 +7,10 @@ Environment:
                          then fails the install instead of a warning).
   ATTNKIT_REQUIRE_CUDA   same as ATTNKIT_BUILD_CUDA=1.
   MAX_JOBS               parallel compile jobs (torch's ninja builder).
+  ATTNKIT_NO_EXTENSIONS  1 builds no extension: the Python package alone. `make
+                         gpu-check` installs it so on a bare machine, then
+                         builds once, for the GPU present (pip -e recompiles
+                         everything each time: a full first build would be wasted).
 """
 import glob
 import json
@@ -73,6 +77,8 @@ INCLUDE_DIRS = [os.path.join(HERE, "csrc", "include")]
 
 
 def extensions():
+    if env_flag("ATTNKIT_NO_EXTENSIONS"):
+        return []
     exts = [
         CppExtension(
             "attnkit._C",
