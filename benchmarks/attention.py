@@ -17,7 +17,7 @@ from timing import max_error, median_ms, within_budget
 
 import attnkit
 
-TITLE = "Flash attention (GPU): attnkit Triton vs SDPA backends and FlexAttention"
+TITLE = "Flash attention (GPU; bfloat16 where --dtype is float32): attnkit Triton vs SDPA backends and FlexAttention"
 QUICK = [(128, 4096), (64, 1024)]  # (head dim, sequence length); the target shape first, in case time runs out
 FULL = [(d, n) for d in (64, 128) for n in (512, 1024, 2048, 4096, 8192, 16384)]
 TOKENS = 16384  # batch * sequence length, so every size does comparable work
@@ -47,6 +47,12 @@ def _flex():
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
         return None
+    # The "backward" rows time autograd.grad with retain_graph=True, which a compiled
+    # backward holding donated buffers refuses (seen at D=64 on torch 2.11).
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "donated_buffer"):
+        functorch_config.donated_buffer = False
     compiled = torch.compile(flex_attention)
 
     def run(q, k, v, causal):
@@ -154,7 +160,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
                         continue
                     work = flops(batch, heads, n, dim, causal, mode)
                     rows.append(dict(
-                        case=f"{mode}{' causal' if causal else ''} vs {name}", shape=f"B={batch} H={heads} N={n} D={dim}",
+                        case=f"{mode}{' causal' if causal else ''} vs {name}",
+                        shape=f"B={batch} H={heads} N={n} D={dim} {str(dtype).replace('torch.', '')}",
                         backend=attnkit.last_dispatch("flash_attention").backend, ours_ms=t_ours, baseline_ms=t_base,
                         max_err=error, ours_tflops=work / t_ours / 1e9, baseline_tflops=work / t_base / 1e9,
                     ))
