@@ -90,6 +90,11 @@ CASES = [
     (S(2, 2, 2, 17, 23, 32, 32), Features(rotary="half")),
     (S(2, 4, 2, 9, 20, 16, 16), Features(rotary="interleaved", causal=True)),
     (S(2, 2, 1, 17, 17, 80, 80), Features(rotary="partial", causal=True, softcap=2.0)),
+    # Several blocks (16 under the interpreter) inside the window and both sequences:
+    # tiles the kernels take without bounds or window checks, beside checked ones.
+    (S(1, 2, 2, 96, 96, 16, 16), Features(window=(40, 24))),
+    (S(2, 2, 1, 50, 70, 16, 16), Features(causal=True, padding=True, mask="bool")),
+    (S(1, 2, 2, 48, 64, 16, 16), Features(mask="float", alibi="heads", softcap=2.0)),
 ]
 
 

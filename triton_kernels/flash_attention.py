@@ -5,7 +5,9 @@ One kernel family serves dense (B, H, N, D) and packed variable-length
 cu_seqlens and passes a zero batch stride, a dense call starts every sequence
 at 0. Scores of a tile are made by one helper, `_tile_scores`, shared by the
 forward and both backward kernels, so masking, windows, soft-capping and
-dropout are defined once.
+dropout are defined once. Each kernel walks its blocks in two loops: the run
+of tiles inside both sequences and the window for every pair (causal: all but
+the diagonal), which skips the bounds and window arithmetic, then the rest.
 
 Conventions (shared with the reference and every backend):
 - `diag` aligns query i with key i + diag: Nk - Nq for bottom-right causal
@@ -49,11 +51,14 @@ def _tile_scores(
     qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
     mask_base, stride_mask_m, stride_mask_n, pad_base, slope,
     USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr,
-    ALIBI: tl.constexpr,
+    ALIBI: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
 ):
     """Scaled, soft-capped, masked scores of one (BLOCK_M, BLOCK_N) tile in
     natural-log units (-inf where masked), and tanh of the soft-cap argument
-    (for its derivative; 0 without soft-capping)."""
+    (for its derivative; 0 without soft-capping). CHECK_BOUNDS=False is for
+    tiles inside both sequences and inside the window for every (query, key)
+    pair (see _unchecked_range): those skip the bounds and window arithmetic,
+    which costs about as much as the tile's matrix products on tensor cores."""
     s = qk * scale
     t = s * 0
     if SOFTCAP:
@@ -62,20 +67,59 @@ def _tile_scores(
     rel = offs_n[None, :] - (offs_m[:, None] + diag)  # key position relative to the query's diagonal
     if ALIBI:  # after soft-capping: the bias is not capped
         s = s - slope * tl.abs(rel).to(s.dtype)
-    valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
-    if USE_WINDOW:
-        valid = valid & (rel <= window_right) & (rel >= -window_left)
-    if MASK_KIND == 1:  # boolean, True (nonzero) = attend
-        keep = tl.load(mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=valid, other=0)
-        valid = valid & (keep != 0)
-    if MASK_KIND == 2:  # additive
-        bias = tl.load(mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n, mask=valid, other=0)
-        s = s + bias.to(s.dtype)
-    if HAS_PADDING:  # True (nonzero) = padding, ignored
-        pad = tl.load(pad_base + offs_n, mask=offs_n < k_len, other=1)
-        valid = valid & (pad == 0)[None, :]
-    s = tl.where(valid, s, float("-inf"))
+    mask_ptrs = mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n
+    if CHECK_BOUNDS:
+        valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
+        if USE_WINDOW:
+            valid = valid & (rel <= window_right) & (rel >= -window_left)
+        if MASK_KIND == 1:  # boolean, True (nonzero) = attend
+            valid = valid & (tl.load(mask_ptrs, mask=valid, other=0) != 0)
+        if MASK_KIND == 2:  # additive
+            s = s + tl.load(mask_ptrs, mask=valid, other=0).to(s.dtype)
+        if HAS_PADDING:  # True (nonzero) = padding, ignored
+            pad = tl.load(pad_base + offs_n, mask=offs_n < k_len, other=1)
+            valid = valid & (pad == 0)[None, :]
+        s = tl.where(valid, s, float("-inf"))
+    else:
+        if MASK_KIND == 1:
+            s = tl.where(tl.load(mask_ptrs) != 0, s, float("-inf"))
+        if MASK_KIND == 2:
+            s = s + tl.load(mask_ptrs).to(s.dtype)
+        if HAS_PADDING:
+            s = tl.where((tl.load(pad_base + offs_n) == 0)[None, :], s, float("-inf"))
     return s, t
+
+
+@triton.jit
+def _unchecked_range(lo, hi, first_ok, end_ok, BLOCK: tl.constexpr):
+    """[run_lo, run_hi) inside [lo, hi) (lo a multiple of BLOCK): the blocks that
+    start at or after first_ok and end by end_ok, whose tiles need no bounds or
+    window check. The rest, [lo, run_lo) and [run_hi, hi), is checked. With
+    fused RoPE there is no run (end_ok = 0): a second copy of the tile loop
+    made those kernels compile in minutes instead of seconds (sm_90, 2026-11-26)."""
+    run_lo = tl.minimum((tl.maximum(first_ok, lo) + BLOCK - 1) // BLOCK * BLOCK, hi)
+    run_hi = tl.maximum(tl.minimum(tl.maximum(end_ok, 0) // BLOCK * BLOCK, hi), run_lo)
+    return run_lo, run_hi
+
+
+@triton.jit
+def _block_count(lo, run_lo, run_hi, hi, BLOCK: tl.constexpr, CHECK_BOUNDS: tl.constexpr):
+    """(blocks, blocks before the run): one loop covers the checked blocks on
+    both sides of the run (compiling the loop body twice, not three times),
+    another the run."""
+    if CHECK_BOUNDS:
+        before = (run_lo - lo + BLOCK - 1) // BLOCK
+        return before + (hi - run_hi + BLOCK - 1) // BLOCK, before
+    else:
+        return (run_hi - run_lo + BLOCK - 1) // BLOCK, 0
+
+
+@triton.jit
+def _block_start(j, before, lo, run_lo, run_hi, BLOCK: tl.constexpr, CHECK_BOUNDS: tl.constexpr):
+    if CHECK_BOUNDS:
+        return tl.where(j < before, lo + j * BLOCK, run_hi + (j - before) * BLOCK)
+    else:
+        return run_lo + j * BLOCK
 
 
 @triton.jit
@@ -167,6 +211,45 @@ def _rotary_rows_inplace(
 
 
 @triton.jit
+def _fwd_blocks(
+    acc, l_i, m_i, q, k_base, v_base, lo, run_lo, run_hi, hi, offs_m, offs_n0, offs_dv, q_len, k_len, diag, rot_off,
+    COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap, mask_base, stride_mm,
+    stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr,
+    DROPOUT: tl.constexpr, ALIBI: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
+    CHECK_BOUNDS: tl.constexpr,
+):
+    """The online softmax over the checked key blocks of [lo, hi) or the
+    unchecked run [run_lo, run_hi): (acc, l_i, m_i) updated."""
+    count, before = _block_count(lo, run_lo, run_hi, hi, BLOCK_N, CHECK_BOUNDS)
+    for j in range(0, count):
+        offs_n = _block_start(j, before, lo, run_lo, run_hi, BLOCK_N, CHECK_BOUNDS) + offs_n0
+        k = _load_rows(k_base, offs_n, stride_kn, offs_n < k_len, offs_n + rot_off, COS, SIN, stride_rot, 1.0,
+                       HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+        s, _ = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
+                            mask_base, stride_mm, stride_mn, pad_base, slope, USE_WINDOW, SOFTCAP, MASK_KIND,
+                            HAS_PADDING, ALIBI, CHECK_BOUNDS)
+        s = s * LOG2E
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # the normalizer l_i counts every probability; only the output is dropped
+            keep = _dropout_keep(seed_bh, offs_m, offs_n, max_k, drop_threshold)
+            p = tl.where(keep, p * drop_scale, 0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
+        acc = acc * alpha[:, None]
+        acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, MASK, PAD, SLOPES, COS, SIN, ROT_OFF, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -208,31 +291,23 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC_DTYPE)
     lo = 0
     hi = k_len
+    first_ok = 0
+    end_ok = k_len
     if USE_WINDOW:  # skip key blocks that no query of this block can see
         lo = tl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
         hi = tl.minimum(m0 + BLOCK_M + diag + window_right, k_len)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + offs_n0
-        k = _load_rows(k_base, offs_n, stride_kn, offs_n < k_len, offs_n + rot_off, COS, SIN, stride_rot, 1.0,
-                       HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
-        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
-        s, _ = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
-                            mask_base, stride_mm, stride_mn, pad_base, slope, USE_WINDOW, SOFTCAP, MASK_KIND,
-                            HAS_PADDING, ALIBI)
-        s = s * LOG2E
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if DROPOUT:  # the normalizer l_i counts every probability; only the output is dropped
-            keep = _dropout_keep(seed_bh, offs_m, offs_n, max_k, drop_threshold)
-            p = tl.where(keep, p * drop_scale, 0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                    mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
-        acc = acc * alpha[:, None]
-        acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
-        m_i = m_new
+        first_ok = m0 + BLOCK_M - 1 + diag - window_left  # the last query's window starts here
+        end_ok = tl.minimum(end_ok, m0 + diag + window_right + 1)  # the first query's ends here
+    end_ok = tl.where((m0 + BLOCK_M > q_len) | (ROTARY_DIM > 0), 0, end_ok)  # a partial query block: all checked
+    run_lo, run_hi = _unchecked_range(lo, hi, first_ok, end_ok, BLOCK_N)
+    for check in tl.static_range(2):  # the unchecked run, then the checked rest: CHECK_BOUNDS = check
+        if (check == 1) | (ROTARY_DIM == 0):  # no unchecked run with RoPE (see _unchecked_range)
+            acc, l_i, m_i = _fwd_blocks(
+                acc, l_i, m_i, q, k_base, v_base, lo, run_lo, run_hi, hi, offs_m, offs_n0, offs_dv, q_len, k_len,
+                diag, rot_off, COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap,
+                mask_base, stride_mm, stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_M, BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST, USE_WINDOW,
+                SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI, ROTARY_DIM, INTERLEAVED, check == 1)
 
     empty = l_i == 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -265,6 +340,48 @@ def _attn_bwd_delta(
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :], mask=inside, other=0)
     delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1)
     tl.store(DELTA + b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_lm, delta, mask=offs_m < q_len)
+
+
+@triton.jit
+def _dkdv_blocks(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, lo, run_lo, run_hi, hi, offs_m0, offs_n, offs_dv, q_len,
+    k_len, diag, rot_off, COS, SIN, stride_rot, stride_qm, stride_dom, stride_lm, window_left, window_right, scale,
+    softcap, mask_base, stride_mm, stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr,
+    DROPOUT: tl.constexpr, ALIBI: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
+    CHECK_BOUNDS: tl.constexpr,
+):
+    """dK (unscaled) and dV of one key block accumulated over one query head's
+    checked query blocks or its unchecked run."""
+    count, before = _block_count(lo, run_lo, run_hi, hi, BLOCK_M, CHECK_BOUNDS)
+    for j in range(0, count):
+        offs_m = _block_start(j, before, lo, run_lo, run_hi, BLOCK_M, CHECK_BOUNDS) + offs_m0
+        q = _load_rows(q_base, offs_m, stride_qm, offs_m < q_len, offs_m + diag + rot_off, COS, SIN, stride_rot,
+                       1.0, HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
+        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                     mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
+        lse = tl.load(lse_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
+        delta = tl.load(delta_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+        s, t = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
+                            mask_base, stride_mm, stride_mn, pad_base, slope,
+                            USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, ALIBI, CHECK_BOUNDS)
+        lse = tl.where(lse == float("-inf"), 0.0, lse).to(ACC_DTYPE)  # such rows are all -inf: p = 0
+        p = tl.exp2((s - lse[:, None]) * LOG2E)
+        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+        p_out = p
+        if DROPOUT:
+            keep = _dropout_keep(seed_bh, offs_m, offs_n, max_k, drop_threshold)
+            p_out = tl.where(keep, p * drop_scale, 0.0)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        dv = _dot(tl.trans(p_out.to(do.dtype)), do, dv, DOT_PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None].to(ACC_DTYPE))
+        if SOFTCAP:
+            ds = ds * (1 - t * t)
+        dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, DOT_PRECISION, UPCAST)
+    return dk, dv
 
 
 @triton.jit
@@ -304,47 +421,74 @@ def _attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC_DTYPE)
     lo = 0
     hi = q_len
+    first_ok = 0
+    end_ok = q_len
     if USE_WINDOW:  # the queries whose window reaches this key block
         lo = tl.maximum(n0 - diag - window_right, 0) // BLOCK_M * BLOCK_M
         hi = tl.minimum(n0 + BLOCK_N - diag + window_left, q_len)
+        first_ok = n0 + BLOCK_N - 1 - diag - window_right  # the first query whose window holds the last key
+        end_ok = tl.minimum(end_ok, n0 + 1 - diag + window_left)  # the last query's holds the first
+    end_ok = tl.where((n0 + BLOCK_N > k_len) | (ROTARY_DIM > 0), 0, end_ok)  # a partial key block: all checked
+    run_lo, run_hi = _unchecked_range(lo, hi, first_ok, end_ok, BLOCK_M)
     for g in range(0, GROUP):
         h = kvh * GROUP + g
         q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
         do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
-        stat_base = b * stride_lb + h * stride_lh + q_start * stride_lm
+        lse_base = LSE + b * stride_lb + h * stride_lh + q_start * stride_lm
+        delta_base = DELTA + b * stride_lb + h * stride_lh + q_start * stride_lm
         mask_base = MASK + b * stride_mb + h * stride_mh
+        pad_base = PAD + b * stride_pb
         seed_bh = seed + b * (H_KV * GROUP) + h
         slope = tl.load(SLOPES + b * stride_ab + h) if ALIBI else 0.0
-        for m0 in range(lo, hi, BLOCK_M):
-            offs_m = m0 + offs_m0
-            q = _load_rows(q_base, offs_m, stride_qm, offs_m < q_len, offs_m + diag + rot_off, COS, SIN, stride_rot,
-                           1.0, HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :],
-                         mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
-            lse = tl.load(LSE + stat_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
-            delta = tl.load(DELTA + stat_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
-            qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
-            s, t = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
-                                mask_base, stride_mm, stride_mn, PAD + b * stride_pb, slope,
-                                USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, ALIBI)
-            lse = tl.where(lse == float("-inf"), 0.0, lse).to(ACC_DTYPE)  # such rows are all -inf: p = 0
-            p = tl.exp2((s - lse[:, None]) * LOG2E)
-            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
-            p_out = p
-            if DROPOUT:
-                keep = _dropout_keep(seed_bh, offs_m, offs_n, max_k, drop_threshold)
-                p_out = tl.where(keep, p * drop_scale, 0.0)
-                dp = tl.where(keep, dp * drop_scale, 0.0)
-            dv = _dot(tl.trans(p_out.to(do.dtype)), do, dv, DOT_PRECISION, UPCAST)
-            ds = p * (dp - delta[:, None].to(ACC_DTYPE))
-            if SOFTCAP:
-                ds = ds * (1 - t * t)
-            dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, DOT_PRECISION, UPCAST)
+        for check in tl.static_range(2):  # the unchecked run, then the checked rest
+            if (check == 1) | (ROTARY_DIM == 0):  # no unchecked run with RoPE (see _unchecked_range)
+                dk, dv = _dkdv_blocks(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, lo, run_lo, run_hi, hi, offs_m0, offs_n,
+                    offs_dv, q_len, k_len, diag, rot_off, COS, SIN, stride_rot, stride_qm, stride_dom, stride_lm,
+                    window_left, window_right, scale, softcap, mask_base, stride_mm, stride_mn, pad_base, slope,
+                    seed_bh, max_k, drop_threshold, drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_M, BLOCK_N,
+                    ACC_DTYPE, DOT_PRECISION, UPCAST, USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI,
+                    ROTARY_DIM, INTERLEAVED, check == 1)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=k_inside)
     tl.store(DV + b * stride_dvb + kvh * stride_dvh + (k_start + offs_n[:, None]) * stride_dvn + offs_dv[None, :],
              dv.to(DV.dtype.element_ty), mask=v_inside)
+
+
+@triton.jit
+def _dq_blocks(
+    dq, q, do, lse, delta, k_base, v_base, lo, run_lo, run_hi, hi, offs_m, offs_n0, offs_dv, q_len, k_len, diag,
+    rot_off, COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap, mask_base,
+    stride_mm, stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr,
+    DROPOUT: tl.constexpr, ALIBI: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
+    CHECK_BOUNDS: tl.constexpr,
+):
+    """dQ (unscaled) accumulated over the checked key blocks or the unchecked run."""
+    count, before = _block_count(lo, run_lo, run_hi, hi, BLOCK_N, CHECK_BOUNDS)
+    for j in range(0, count):
+        offs_n = _block_start(j, before, lo, run_lo, run_hi, BLOCK_N, CHECK_BOUNDS) + offs_n0
+        k = _load_rows(k_base, offs_n, stride_kn, offs_n < k_len, offs_n + rot_off, COS, SIN, stride_rot, 1.0,
+                       HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+        s, t = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
+                            mask_base, stride_mm, stride_mn, pad_base, slope,
+                            USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, ALIBI, CHECK_BOUNDS)
+        p = tl.exp2((s - lse[:, None]) * LOG2E)
+        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+        if DROPOUT:
+            keep = _dropout_keep(seed_bh, offs_m, offs_n, max_k, drop_threshold)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1 - t * t)
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
+    return dq
 
 
 @triton.jit
@@ -392,28 +536,23 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
     lo = 0
     hi = k_len
-    if USE_WINDOW:
+    first_ok = 0
+    end_ok = k_len
+    if USE_WINDOW:  # as in the forward
         lo = tl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
         hi = tl.minimum(m0 + BLOCK_M + diag + window_right, k_len)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + offs_n0
-        k = _load_rows(k_base, offs_n, stride_kn, offs_n < k_len, offs_n + rot_off, COS, SIN, stride_rot, 1.0,
-                       HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                    mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
-        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
-        s, t = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
-                            mask_base, stride_mm, stride_mn, PAD + b * stride_pb, slope,
-                            USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, ALIBI)
-        p = tl.exp2((s - lse[:, None]) * LOG2E)
-        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
-        if DROPOUT:
-            keep = _dropout_keep(seed_bh, offs_m, offs_n, max_k, drop_threshold)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1 - t * t)
-        dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
+        first_ok = m0 + BLOCK_M - 1 + diag - window_left
+        end_ok = tl.minimum(end_ok, m0 + diag + window_right + 1)
+    end_ok = tl.where((m0 + BLOCK_M > q_len) | (ROTARY_DIM > 0), 0, end_ok)
+    run_lo, run_hi = _unchecked_range(lo, hi, first_ok, end_ok, BLOCK_N)
+    for check in tl.static_range(2):  # the unchecked run, then the checked rest
+        if (check == 1) | (ROTARY_DIM == 0):  # no unchecked run with RoPE (see _unchecked_range)
+            dq = _dq_blocks(
+                dq, q, do, lse, delta, k_base, v_base, lo, run_lo, run_hi, hi, offs_m, offs_n0, offs_dv, q_len, k_len,
+                diag, rot_off, COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap,
+                mask_base, stride_mm, stride_mn, PAD + b * stride_pb, slope, seed_bh, max_k, drop_threshold,
+                drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_M, BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST,
+                USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI, ROTARY_DIM, INTERLEAVED, check == 1)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_inside)
