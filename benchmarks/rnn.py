@@ -7,7 +7,7 @@ attnkit.nn.LayerNormLSTM has no torch.nn counterpart: it is timed against the
 same module on the plain-PyTorch reference backend.
 
 On CUDA, also issue 6's inference figure: the persistent small-batch kernel
-(backend cuda_persistent, forced: it is opt-in until validated) against
+(backend cuda_persistent, forced, so the row says what it measures) against
 torch.nn (cuDNN) and against the per-step cuda backend, batch 1..8, T = 256,
 H = 256 / 512, in float16 and float32 whatever --dtype says."""
 from __future__ import annotations

@@ -5,7 +5,7 @@ Backends, in order of preference:
   GPU tensors: triton -> cuda_persistent -> cuda -> cpp -> reference
   CPU tensors: cpp -> reference -> triton (CPU tensors only under TRITON_INTERPRET=1)
 cuda_persistent is the persistent small-batch LSTM/GRU kernel of attnkit._C_cuda
-(inference only; opt-in until validated on a GPU, see backends/rnn.py).
+(inference only; ATTNKIT_RNN_PERSISTENT=0 switches it off, see backends/rnn.py).
 
 An implementation states why it cannot serve a call (xformers'
 `not_supported_reasons`); the dispatcher keeps those reasons so that

@@ -118,17 +118,18 @@ def test_matches_torch_nn(kind):
 
 
 @needs_gpu
-def test_automatic_choice_is_opt_in(monkeypatch):
+def test_automatic_choice_takes_it_for_inference(monkeypatch):
     args = make_inputs("lstm", 5, 2, 64, torch.float16, "cuda")
     monkeypatch.delenv(PERSISTENT_ENV, raising=False)
     with torch.no_grad():
         run_op("lstm", args, None)
-    decision = attnkit.last_dispatch("lstm")
-    assert decision.backend == "cuda" and "opt-in" in "; ".join(decision.skipped["cuda_persistent"])
-    monkeypatch.setenv(PERSISTENT_ENV, "1")
+    assert attnkit.last_dispatch("lstm").backend == "cuda_persistent"
+    monkeypatch.setenv(PERSISTENT_ENV, "0")
     with torch.no_grad():
         run_op("lstm", args, None)
-    assert attnkit.last_dispatch("lstm").backend == "cuda_persistent"
+    decision = attnkit.last_dispatch("lstm")
+    assert decision.backend == "cuda" and f"{PERSISTENT_ENV}=0" in "; ".join(decision.skipped["cuda_persistent"])
+    monkeypatch.delenv(PERSISTENT_ENV)
     # Training (save=True) never selects it: the backward runs the per-step kernels.
     leaves = [a.detach().requires_grad_() for a in args]
     run_op("lstm", leaves, None)[0].sum().backward()
@@ -171,11 +172,9 @@ def test_not_supported_reasons_one_per_condition(op, monkeypatch):
     for name, (change, message) in cases.items():
         reasons = impl.not_supported_reasons(call(**change))
         assert len(reasons) == 1 and message in reasons[0], (name, reasons)
-    monkeypatch.delenv(PERSISTENT_ENV)
-    reasons = impl.not_supported_reasons(call())
-    assert len(reasons) == 1 and f"opt-in until validated on a GPU: set {PERSISTENT_ENV}=1" in reasons[0]
     monkeypatch.setenv(PERSISTENT_ENV, "0")
-    assert "opt-in" in impl.not_supported_reasons(call())[0]
+    reasons = impl.not_supported_reasons(call())
+    assert len(reasons) == 1 and f"{PERSISTENT_ENV}=0 turns the automatic choice" in reasons[0]
 
 
 class _FakeExtension:
@@ -196,7 +195,8 @@ def test_fit_check_is_asked_last_and_reported(op, gates, monkeypatch):
     impl = op.implementations["cuda_persistent"]
     fake = _FakeExtension("W_hh does not fit on chip: 32 units per block need 2 MB")
     monkeypatch.setattr(impl, "_ext", lambda: fake)
-    with attnkit.use_backend("cuda_persistent", op=op.name):  # forcing lifts the opt-in
+    monkeypatch.setenv(PERSISTENT_ENV, "0")
+    with attnkit.use_backend("cuda_persistent", op=op.name):  # forcing overrides ATTNKIT_RNN_PERSISTENT=0
         assert impl.not_supported_reasons(call(batch=9)) != [] and fake.asked == []  # cheap reasons first
         assert impl.not_supported_reasons(call()) == [fake.why]
         assert fake.asked == [(gates, 4, 256, torch.float16, torch.device("cuda"))]
@@ -206,10 +206,10 @@ def test_fit_check_is_asked_last_and_reported(op, gates, monkeypatch):
         assert "built without" in impl.not_supported_reasons(call())[0]
 
 
-def test_forcing_for_one_op_leaves_the_other_opt_in(monkeypatch):
-    monkeypatch.delenv(PERSISTENT_ENV, raising=False)
+def test_forcing_for_one_op_leaves_the_other_switched_off(monkeypatch):
+    monkeypatch.setenv(PERSISTENT_ENV, "0")
     with attnkit.use_backend("cuda_persistent", op="lstm"):
-        assert "opt-in" in GRU.implementations["cuda_persistent"].not_supported_reasons(call())[0]
+        assert f"{PERSISTENT_ENV}=0" in GRU.implementations["cuda_persistent"].not_supported_reasons(call())[0]
 
 
 def test_skipped_on_cpu_tensors_and_cannot_be_forced_there():

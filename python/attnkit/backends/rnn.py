@@ -84,8 +84,10 @@ class CudaGru(_GruExtension):
     backend, extension, dtypes = "cuda", "_C_cuda", _CUDA_DTYPES
 
 
-# The persistent kernel has never run on a GPU: until a GPU run validates it, it is
-# chosen automatically only with ATTNKIT_RNN_PERSISTENT=1 (or when forced by name).
+# The persistent kernel passed the GPU suite on an H200 (2026-11-26) and beat the
+# per-step kernels 3-11x at every measured inference size (BENCHMARKS.md), so it is
+# chosen automatically where it fits; ATTNKIT_RNN_PERSISTENT=0 turns that off
+# (forcing it by name still works).
 PERSISTENT_ENV = "ATTNKIT_RNN_PERSISTENT"
 _dispatch.choice_depends_on_env(PERSISTENT_ENV)
 PERSISTENT_MAX_BATCH = 8
@@ -112,11 +114,8 @@ class _Persistent(Implementation):
         if call.get("save", True):
             reasons.append("the persistent kernel is inference only: this call keeps the gates for a backward (training)")
         forced = _dispatch.forced_backend(self.op)
-        if os.environ.get(PERSISTENT_ENV, "0") != "1" and (forced is None or forced[0] != self.backend):
-            reasons.append(
-                f"the persistent kernel is opt-in until validated on a GPU: set {PERSISTENT_ENV}=1 or force "
-                f"use_backend('{self.backend}', op='{self.op}')"
-            )
+        if os.environ.get(PERSISTENT_ENV, "1") == "0" and (forced is None or forced[0] != self.backend):
+            reasons.append(f"{PERSISTENT_ENV}=0 turns the automatic choice of the persistent kernel off")
         if reasons:
             return reasons
         ext = self._ext()
