@@ -315,15 +315,33 @@ def test_gpu_check_runs_one_pytest_per_selected_file_in_parallel(tmp_path):
     (suite / "test_unmarked.py").write_text("def test_c():\n    pass\n")  # nothing selected: no shard
     out = tmp_path / "out"
     out.mkdir()
-    status, _, output, counts, failures, _ = gpu_check.run_tests(str(tmp_path), str(out), 120, [str(suite)], [], jobs=2)
+    status, _, output, counts, failures, _ = gpu_check.run_tests(str(tmp_path), str(out), 120, [str(suite)], [], jobs=2,
+                                                                 xdist=False)
     assert counts == {"passed": 2, "failed": 1, "errors": 0, "skipped": 0}
     assert status == "failed (rc 1)" and [f.split("::")[-1] for f in failures] == ["test_a2"]
     assert sorted(p.name for p in out.iterdir()) == ["gpu-tests-0.xml", "gpu-tests-1.xml"]
     assert output.count("$ -m pytest") == 2 and "gpu_suite/test_a.py" in output and "test_unmarked" not in output
     # Out of time: shards still running are killed and reported, not waited for.
     (suite / "test_b.py").write_text("import pytest, time\n\n@pytest.mark.gpu\ndef test_b():\n    time.sleep(60)\n")
-    status, taken, _, _, _, _ = gpu_check.run_tests(str(tmp_path), str(out), 20, [str(suite)], [], jobs=2)
+    status, taken, _, _, _, _ = gpu_check.run_tests(str(tmp_path), str(out), 20, [str(suite)], [], jobs=2, xdist=False)
     assert status.startswith("failed (rc 1); timed out after ") and taken < 40
+
+
+@pytest.mark.parametrize("xdist", [True, False])
+def test_gpu_check_hands_tests_to_xdist_workers_when_it_is_installed(xdist, tmp_path, monkeypatch):
+    suite = tmp_path / "gpu_suite"
+    suite.mkdir()
+    for name in ("test_a.py", "test_b.py"):
+        (suite / name).write_text("import pytest\n\n@pytest.mark.gpu\ndef test_x():\n    pass\n")
+    seen = []
+    monkeypatch.setattr(gpu_check, "_run_parallel",
+                        lambda commands, jobs, *rest: seen.append((commands, jobs)) or [("passed", "")] * len(commands))
+    gpu_check.run_tests(str(tmp_path), str(tmp_path), 60, [str(suite)], [], jobs=3, xdist=xdist)
+    commands, jobs = seen[0]
+    if xdist:  # one pytest, single tests handed to 3 workers
+        assert len(commands) == 1 and jobs == 3 and commands[0][-4:] == [str(suite), "-n", "3", "--dist", "load"][-4:]
+    else:  # one pytest per file, 3 at a time
+        assert len(commands) == 2 and jobs == 3 and all("-n" not in c for c in commands)
 
 
 def test_gpu_check_runs_side_commands_beside_the_shards_and_reports_them_apart(tmp_path):

@@ -11,6 +11,7 @@ be checked anywhere; the report says so at the top.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -97,21 +98,28 @@ def _selected_files(root, paths, env, seconds):
     return sorted(per_file, key=lambda name: -per_file[name])
 
 
-def run_tests(root, out_dir, seconds, paths, extra, jobs=None, side_commands=()):
-    """pytest -m 'gpu or cuda_build' over `paths`. On a GPU, one pytest per test
-    file, `jobs` at a time: Triton compiles each kernel variant on one CPU core,
-    and the suite's compiles dominate its run time. `side_commands` (the Triton
-    prewarm) run beside the shards, each on a core of its own, under the same
-    deadline; their outcome is returned last, apart from the tests'."""
+def run_tests(root, out_dir, seconds, paths, extra, jobs=None, side_commands=(), xdist=None):
+    """pytest -m 'gpu or cuda_build' over `paths`, `jobs` processes at a time on
+    a GPU: Triton compiles each kernel variant on one CPU core, and the suite's
+    compiles dominate its run time. With pytest-xdist installed (`xdist`: None
+    asks), one pytest hands out single tests to `jobs` workers; else one pytest
+    per test file, whose longest file (tens of compiles) bounds the run.
+    `side_commands` (the Triton prewarm) run beside them, each on a core of its
+    own, under the same deadline; their outcome is returned last, apart from the
+    tests'."""
     cwd = root or os.getcwd()
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"  # the dry run: Triton kernels on CPU tensors
     if jobs is None:
         jobs = max(1, min(8, (os.cpu_count() or 2) // 2)) if torch.cuda.is_available() else 1
+    if xdist is None:
+        xdist = importlib.util.find_spec("xdist") is not None
     started = time.perf_counter()
-    files = _selected_files(cwd, paths, env, min(120, seconds)) if jobs > 1 else None
+    files = _selected_files(cwd, paths, env, min(120, seconds)) if jobs > 1 and not xdist else None
     shards = [[f] for f in files] if files else [list(paths)]
+    if jobs > 1 and xdist:
+        shards = [[*paths, "-n", str(jobs), "--dist", "load"]]
     junits = [os.path.join(out_dir, f"gpu-tests-{i}.xml") for i in range(len(shards))]
     commands = [[sys.executable, "-m", "pytest", "-m", MARKERS, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
                  *shard, *extra] for junit, shard in zip(junits, shards)]
