@@ -19,7 +19,7 @@ import attnkit
 
 TITLE = "Flash attention (GPU; bfloat16 where --dtype is float32): attnkit Triton vs SDPA backends and FlexAttention"
 QUICK = [(128, 4096), (64, 1024)]  # (head dim, sequence length); the target shape first, in case time runs out
-FULL = [(d, n) for d in (64, 128) for n in (512, 1024, 2048, 4096, 8192, 16384)]
+FULL = [(d, n) for d in (128, 64) for n in (512, 1024, 2048, 4096, 8192, 16384)]  # the target D first
 TOKENS = 16384  # batch * sequence length, so every size does comparable work
 
 
