@@ -8,15 +8,28 @@ import pytest
 
 pytestmark = pytest.mark.cuda_build
 
+ARCHES = [90, 80]
 
-@pytest.mark.parametrize("arch", [90, 80])
-def test_flash_attention_kernels_compile_and_fit_shared_memory(arch):
+
+@pytest.fixture(scope="module")
+def compile_runs():
+    """Both arches' compile checks started together: each compiles on one core,
+    and one after the other they took most of cuda-check (~2 minutes each)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-m", "attnkit.triton_kernels.compile_check", "--arch", str(arch)],
-        capture_output=True, text=True, env=env, timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.stdout.count(": ok in") == 7, result.stdout
-    assert "OVER THE LIMIT" not in result.stdout
+    runs = {arch: subprocess.Popen([sys.executable, "-m", "attnkit.triton_kernels.compile_check", "--arch", str(arch)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for arch in ARCHES}
+    yield runs
+    for run in runs.values():
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_flash_attention_kernels_compile_and_fit_shared_memory(arch, compile_runs):
+    stdout, stderr = compile_runs[arch].communicate(timeout=900)
+    assert compile_runs[arch].returncode == 0, stdout[-4000:] + stderr[-4000:]
+    assert stdout.count(": ok in") == 7, stdout
+    assert "OVER THE LIMIT" not in stdout
