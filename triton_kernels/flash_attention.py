@@ -54,37 +54,43 @@ def _tile_scores(
     ALIBI: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
 ):
     """Scaled, soft-capped, masked scores of one (BLOCK_M, BLOCK_N) tile in
-    natural-log units (-inf where masked), and tanh of the soft-cap argument
-    (for its derivative; 0 without soft-capping). CHECK_BOUNDS=False is for
+    base-2 units (natural-log scores times log2(e), for exp2; -inf where
+    masked), and tanh of the soft-cap argument (for its derivative; 0 without
+    soft-capping). Plain scores take one multiply, by scale * log2(e). CHECK_BOUNDS=False is for
     tiles inside both sequences and inside the window for every (query, key)
     pair (see _unchecked_range): those skip the bounds and window arithmetic,
     which costs about as much as the tile's matrix products on tensor cores."""
-    s = qk * scale
-    t = s * 0
-    if SOFTCAP:
-        t = 2 * tl.sigmoid(2 * s / softcap) - 1  # tanh, portable across Triton versions
-        s = softcap * t
     rel = offs_n[None, :] - (offs_m[:, None] + diag)  # key position relative to the query's diagonal
-    if ALIBI:  # after soft-capping: the bias is not capped
-        s = s - slope * tl.abs(rel).to(s.dtype)
     mask_ptrs = mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n
+    valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
+    if USE_WINDOW:
+        valid = valid & (rel <= window_right) & (rel >= -window_left)
+    t = qk * 0
+    if SOFTCAP or ALIBI or MASK_KIND == 2:  # natural units first, then base 2
+        s = qk * scale
+        if SOFTCAP:
+            t = 2 * tl.sigmoid(2 * s / softcap) - 1  # tanh, portable across Triton versions
+            s = softcap * t
+        if ALIBI:  # after soft-capping: the bias is not capped
+            s = s - slope * tl.abs(rel).to(s.dtype)
+        if MASK_KIND == 2:  # additive
+            if CHECK_BOUNDS:
+                s = s + tl.load(mask_ptrs, mask=valid, other=0).to(s.dtype)
+            else:
+                s = s + tl.load(mask_ptrs).to(s.dtype)
+        s = s * LOG2E
+    else:
+        s = qk * (scale * LOG2E)
     if CHECK_BOUNDS:
-        valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
-        if USE_WINDOW:
-            valid = valid & (rel <= window_right) & (rel >= -window_left)
         if MASK_KIND == 1:  # boolean, True (nonzero) = attend
             valid = valid & (tl.load(mask_ptrs, mask=valid, other=0) != 0)
-        if MASK_KIND == 2:  # additive
-            s = s + tl.load(mask_ptrs, mask=valid, other=0).to(s.dtype)
         if HAS_PADDING:  # True (nonzero) = padding, ignored
             pad = tl.load(pad_base + offs_n, mask=offs_n < k_len, other=1)
             valid = valid & (pad == 0)[None, :]
         s = tl.where(valid, s, float("-inf"))
-    else:
+    else:  # inside both sequences and the window: only the masks the caller gave
         if MASK_KIND == 1:
             s = tl.where(tl.load(mask_ptrs) != 0, s, float("-inf"))
-        if MASK_KIND == 2:
-            s = s + tl.load(mask_ptrs).to(s.dtype)
         if HAS_PADDING:
             s = tl.where((tl.load(pad_base + offs_n) == 0)[None, :], s, float("-inf"))
     return s, t
@@ -232,7 +238,6 @@ def _fwd_blocks(
         s, _ = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
                             mask_base, stride_mm, stride_mn, pad_base, slope, USE_WINDOW, SOFTCAP, MASK_KIND,
                             HAS_PADDING, ALIBI, CHECK_BOUNDS)
-        s = s * LOG2E
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
         p = tl.exp2(s - m_use[:, None])
@@ -369,7 +374,7 @@ def _dkdv_blocks(
                             mask_base, stride_mm, stride_mn, pad_base, slope,
                             USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, ALIBI, CHECK_BOUNDS)
         lse = tl.where(lse == float("-inf"), 0.0, lse).to(ACC_DTYPE)  # such rows are all -inf: p = 0
-        p = tl.exp2((s - lse[:, None]) * LOG2E)
+        p = tl.exp2(s - lse[:, None] * LOG2E)
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         p_out = p
         if DROPOUT:
@@ -479,7 +484,7 @@ def _dq_blocks(
         s, t = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
                             mask_base, stride_mm, stride_mn, pad_base, slope,
                             USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, ALIBI, CHECK_BOUNDS)
-        p = tl.exp2((s - lse[:, None]) * LOG2E)
+        p = tl.exp2(s - lse[:, None] * LOG2E)
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         if DROPOUT:
             keep = _dropout_keep(seed_bh, offs_m, offs_n, max_k, drop_threshold)
