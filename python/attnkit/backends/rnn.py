@@ -114,7 +114,8 @@ class _Persistent(Implementation):
         if call.get("save", True):
             reasons.append("the persistent kernel is inference only: this call keeps the gates for a backward (training)")
         forced = _dispatch.forced_backend(self.op)
-        if os.environ.get(PERSISTENT_ENV, "1") == "0" and (forced is None or forced[0] != self.backend):
+        switched_off = os.environ.get(PERSISTENT_ENV, "1") == "0"
+        if switched_off and (forced is None or forced[0] != self.backend):
             reasons.append(f"{PERSISTENT_ENV}=0 turns the automatic choice of the persistent kernel off")
         if reasons:
             return reasons

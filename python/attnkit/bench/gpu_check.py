@@ -140,7 +140,8 @@ def run_tests(root, out_dir, seconds, paths, extra, jobs=None, side_commands=(),
     output = "\n".join(f"$ {' '.join(command[1:])}\n{text}" for command, (_, text) in zip(commands, results))
     side_bad = [status for status, _ in side_results if status != "passed"]
     side_status = "; ".join(dict.fromkeys(side_bad)) or "passed"
-    side_output = "\n".join(f"$ {' '.join(command[1:])}\n{text}" for command, (_, text) in zip(side_commands, side_results))
+    side_output = "\n".join(f"$ {' '.join(command[1:])}\n{text}"
+                            for command, (_, text) in zip(side_commands, side_results))
     return status, time.perf_counter() - started, output, counts, failures, (side_status, side_output)
 
 
