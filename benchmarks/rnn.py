@@ -66,6 +66,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
             rows.append(dict(case=f"{kind} forward", ours_ms=t_ours, baseline_ms=t_theirs, **common))
             t_ours = median_ms(training_step(ours, x), device, **timing)
             t_theirs = median_ms(training_step(theirs, x), device, **timing)
+            # Training may take another backend than inference (cuda, not cuda_persistent).
+            common["backend"] = attnkit.last_dispatch(kind.lower()).backend
             rows.append(dict(case=f"{kind} fwd+bwd", ours_ms=t_ours, baseline_ms=t_theirs, **common))
         if batch > 1:  # training on an unsorted PackedSequence of lengths spread over [T/4, T]
             lengths = torch.randint(time // 4, time + 1, (batch,))
