@@ -109,6 +109,25 @@ def _unchecked_range(lo, hi, first_ok, end_ok, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _key_blocks(m0, q_len, k_len, diag, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                USE_WINDOW: tl.constexpr, ROTARY_DIM: tl.constexpr):
+    """(lo, run_lo, run_hi, hi): the key range [lo, hi) that the query block at m0
+    can see (the forward's and dQ's loops) and its unchecked run."""
+    lo = 0
+    hi = k_len
+    first_ok = 0
+    end_ok = k_len
+    if USE_WINDOW:  # skip key blocks that no query of this block can see
+        lo = tl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(m0 + BLOCK_M + diag + window_right, k_len)
+        first_ok = m0 + BLOCK_M - 1 + diag - window_left  # the last query's window starts here
+        end_ok = tl.minimum(end_ok, m0 + diag + window_right + 1)  # the first query's ends here
+    end_ok = tl.where((m0 + BLOCK_M > q_len) | (ROTARY_DIM > 0), 0, end_ok)  # a partial query block: all checked
+    run_lo, run_hi = _unchecked_range(lo, hi, first_ok, end_ok, BLOCK_N)
+    return lo, run_lo, run_hi, hi
+
+
+@triton.jit
 def _block_count(lo, run_lo, run_hi, hi, BLOCK: tl.constexpr, CHECK_BOUNDS: tl.constexpr):
     """(blocks, blocks before the run): one loop covers the checked blocks on
     both sides of the run (compiling the loop body twice, not three times),
@@ -294,17 +313,8 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC_DTYPE)
-    lo = 0
-    hi = k_len
-    first_ok = 0
-    end_ok = k_len
-    if USE_WINDOW:  # skip key blocks that no query of this block can see
-        lo = tl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(m0 + BLOCK_M + diag + window_right, k_len)
-        first_ok = m0 + BLOCK_M - 1 + diag - window_left  # the last query's window starts here
-        end_ok = tl.minimum(end_ok, m0 + diag + window_right + 1)  # the first query's ends here
-    end_ok = tl.where((m0 + BLOCK_M > q_len) | (ROTARY_DIM > 0), 0, end_ok)  # a partial query block: all checked
-    run_lo, run_hi = _unchecked_range(lo, hi, first_ok, end_ok, BLOCK_N)
+    lo, run_lo, run_hi, hi = _key_blocks(m0, q_len, k_len, diag, window_left, window_right, BLOCK_M, BLOCK_N,
+                                         USE_WINDOW, ROTARY_DIM)
     for check in tl.static_range(2):  # the unchecked run, then the checked rest: CHECK_BOUNDS = check
         if (check == 1) | (ROTARY_DIM == 0):  # no unchecked run with RoPE (see _unchecked_range)
             acc, l_i, m_i = _fwd_blocks(
@@ -539,17 +549,8 @@ def _attn_bwd_dq(
     seed_bh = seed + b * H + h
     slope = tl.load(SLOPES + b * stride_ab + h) if ALIBI else 0.0
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
-    lo = 0
-    hi = k_len
-    first_ok = 0
-    end_ok = k_len
-    if USE_WINDOW:  # as in the forward
-        lo = tl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(m0 + BLOCK_M + diag + window_right, k_len)
-        first_ok = m0 + BLOCK_M - 1 + diag - window_left
-        end_ok = tl.minimum(end_ok, m0 + diag + window_right + 1)
-    end_ok = tl.where((m0 + BLOCK_M > q_len) | (ROTARY_DIM > 0), 0, end_ok)
-    run_lo, run_hi = _unchecked_range(lo, hi, first_ok, end_ok, BLOCK_N)
+    lo, run_lo, run_hi, hi = _key_blocks(m0, q_len, k_len, diag, window_left, window_right, BLOCK_M, BLOCK_N,
+                                         USE_WINDOW, ROTARY_DIM)
     for check in tl.static_range(2):  # the unchecked run, then the checked rest
         if (check == 1) | (ROTARY_DIM == 0):  # no unchecked run with RoPE (see _unchecked_range)
             dq = _dq_blocks(
