@@ -12,6 +12,9 @@ torch.nn (cuDNN) and against the per-step cuda backend, batch 1..8, T = 256,
 H = 256 / 512, in float16 and float32 whatever --dtype says."""
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 from timing import max_error, median_ms, within_budget
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -47,7 +50,10 @@ def training_step(module, x, lengths=None):
 def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
     # Quick mode keeps the issue's shapes but times fewer repeats: a training step
     # at (64, 100, 512) takes seconds on a 2-core CPU.
-    timing = dict(warmup=1, repeats=3) if quick else dict(repeats=7)
+    # A GPU step takes milliseconds: there quick mode can afford more repeats (the H200's first
+    # run, at 3, gave cuDNN figures that need re-measuring).
+    timing = dict(repeats=7) if not quick else dict(warmup=3, repeats=10) if device.type == "cuda" else dict(
+        warmup=1, repeats=3)
     rows = []
     # On a GPU the issue's training figure is in float16 (cuDNN's tensor cores);
     # the persistent rows below cover float32 too.
@@ -82,8 +88,55 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
                              ours_ms=t_ours, baseline_ms=t_theirs, max_err=error))
     rows += layer_norm_rows(device, dtype, quick, timing)
     if device.type == "cuda":
+        rows += cuda_loop_rows(device, timing)
         rows += persistent_rows(device, timing)
     return rows
+
+
+def cuda_loop_rows(device, timing, shape=(64, 100, 512), dtype=torch.float16):
+    """The per-step cuda backend's fused time loops (a cuBLAS call and a kernel a step, on raw
+    pointers) against the shared loop of rnn_sequence.h (tensors per step), which
+    ATTNKIT_RNN_CUDA_GENERIC_LOOP=1 selects: the host work per step, measured. max err: the
+    outputs (forward) or W_hh's gradients (fwd+bwd) of the two."""
+    batch, time, hidden = shape
+    x = torch.randn(time, batch, hidden, device=device, dtype=dtype, requires_grad=True)
+    text = f"B={batch} T={time} I=H={hidden} {str(dtype).replace('torch.', '')}"
+    rows = []
+    for kind in ("LSTM", "GRU"):
+        ours, _ = modules(kind, hidden, device, dtype)
+        step = training_step(ours, x)
+
+        def forward():
+            with torch.no_grad(), attnkit.use_backend("cuda", op=kind.lower()):
+                return ours(x)[0]
+
+        def train():
+            step()
+            return ours.weight_hh_l0.grad
+
+        for case, fn in ((f"{kind} forward, cuda: fused loop vs shared loop", forward),
+                         (f"{kind} fwd+bwd, cuda: fused loop vs shared loop", train)):
+            with _generic_loop("1"):
+                generic_out, t_generic = fn().clone(), median_ms(fn, device, **timing)
+            with _generic_loop(None):
+                fused_out, t_fused = fn().clone(), median_ms(fn, device, **timing)
+            rows.append(dict(case=case, shape=text, backend="cuda", ours_ms=t_fused, baseline_ms=t_generic,
+                             max_err=max_error(fused_out, generic_out)))
+    return rows
+
+
+@contextlib.contextmanager
+def _generic_loop(value):
+    """ATTNKIT_RNN_CUDA_GENERIC_LOOP set to `value` (None: unset) inside the block; the kernels read it per call."""
+    saved = os.environ.pop("ATTNKIT_RNN_CUDA_GENERIC_LOOP", None)
+    if value is not None:
+        os.environ["ATTNKIT_RNN_CUDA_GENERIC_LOOP"] = value
+    try:
+        yield
+    finally:
+        os.environ.pop("ATTNKIT_RNN_CUDA_GENERIC_LOOP", None)
+        if saved is not None:
+            os.environ["ATTNKIT_RNN_CUDA_GENERIC_LOOP"] = saved
 
 
 def persistent_rows(device, timing, time=256):

@@ -12,6 +12,9 @@
 #include "attnkit/gate_math.h"
 #include "attnkit/rnn_sequence.h"
 
+#include <cstdlib>
+#include <cstring>
+
 namespace attnkit {
 namespace cuda {
 namespace {
@@ -42,11 +45,11 @@ __global__ void lstm_forward_kernel(S* __restrict__ pre, const S* __restrict__ g
       if (hc) hc[u] = S(0);
       continue;
     }
-    const auto a = gates::lstm_activate<acc_t>(
-        static_cast<acc_t>(pre[row]) + static_cast<acc_t>(gh[row]),
-        static_cast<acc_t>(pre[row + H]) + static_cast<acc_t>(gh[row + H]),
-        static_cast<acc_t>(pre[row + 2 * H]) + static_cast<acc_t>(gh[row + 2 * H]),
-        static_cast<acc_t>(pre[row + 3 * H]) + static_cast<acc_t>(gh[row + 3 * H]));
+    // gh null: the step's GEMM already added h W_hh^T into pre.
+    const auto gate = [&](int64_t k) {
+      return static_cast<acc_t>(pre[k]) + (gh != nullptr ? static_cast<acc_t>(gh[k]) : acc_t(0));
+    };
+    const auto a = gates::lstm_activate<acc_t>(gate(row), gate(row + H), gate(row + 2 * H), gate(row + 3 * H));
     const acc_t c_new = gates::lstm_cell_state<acc_t>(a, static_cast<acc_t>(c[u]));
     const acc_t h_new = gates::lstm_hidden_state<acc_t>(a, c_new);
     pre[row] = a.i;
@@ -64,20 +67,28 @@ __global__ void lstm_forward_kernel(S* __restrict__ pre, const S* __restrict__ g
   }
 }
 
+// dh: dL/dh_t, or with grad_out (the fused loop) the carried part of it, to
+// which the kernel adds grad_out[u] and which it then zeroes for running rows,
+// so that the step's GEMM (beta = 1) leaves dh_{t-1} there (stopped rows carry dh).
 template <typename S>
 __global__ void lstm_backward_kernel(const S* __restrict__ gates_in, const S* __restrict__ c_prev,
-                                     const S* __restrict__ c_new, const S* __restrict__ dh, S* __restrict__ dc,
-                                     S* __restrict__ gpre, const int64_t* __restrict__ len, int64_t t, int64_t B,
-                                     int64_t H) {
+                                     const S* __restrict__ c_new, S* __restrict__ dh, const S* __restrict__ grad_out,
+                                     S* __restrict__ dc, S* __restrict__ gpre, const int64_t* __restrict__ len,
+                                     int64_t t, int64_t B, int64_t H) {
   using acc_t = at::opmath_type<S>;
   ATTNKIT_UNITS_LOOP(B * H) {
     const int64_t b = u / H, j = u % H, row = b * 4 * H + j;
-    if (!running(len, b, t)) {  // dc passes through
+    if (!running(len, b, t)) {  // dh and dc pass through
       gpre[row] = gpre[row + H] = gpre[row + 2 * H] = gpre[row + 3 * H] = S(0);
       continue;
     }
+    acc_t dh_t = dh[u];
+    if (grad_out != nullptr) {
+      dh_t += static_cast<acc_t>(grad_out[u]);
+      dh[u] = S(0);
+    }
     const gates::LstmGates<acc_t> a{gates_in[row], gates_in[row + H], gates_in[row + 2 * H], gates_in[row + 3 * H]};
-    const auto d = gates::lstm_backward<acc_t>(a, c_prev[u], c_new[u], dh[u], dc[u]);
+    const auto d = gates::lstm_backward<acc_t>(a, c_prev[u], c_new[u], dh_t, dc[u]);
     gpre[row] = d.pre_i;
     gpre[row + H] = d.pre_f;
     gpre[row + 2 * H] = d.pre_g;
@@ -86,10 +97,11 @@ __global__ void lstm_backward_kernel(const S* __restrict__ gates_in, const S* __
   }
 }
 
+// gh = h W_hh^T, plus b_hh unless it is null (then gh holds it already).
 template <typename S>
-__global__ void gru_forward_kernel(const S* __restrict__ gi, const S* __restrict__ gh, S* __restrict__ h,
-                                   S* __restrict__ out, S* __restrict__ gates_out, const int64_t* __restrict__ len,
-                                   int64_t t, int64_t B, int64_t H) {
+__global__ void gru_forward_kernel(const S* __restrict__ gi, const S* __restrict__ gh, const S* __restrict__ b_hh,
+                                   S* __restrict__ h, S* __restrict__ out, S* __restrict__ gates_out,
+                                   const int64_t* __restrict__ len, int64_t t, int64_t B, int64_t H) {
   using acc_t = at::opmath_type<S>;
   ATTNKIT_UNITS_LOOP(B * H) {
     const int64_t b = u / H, j = u % H, row3 = b * 3 * H + j, row4 = b * 4 * H + j;
@@ -97,8 +109,11 @@ __global__ void gru_forward_kernel(const S* __restrict__ gi, const S* __restrict
       out[u] = S(0);
       continue;
     }
-    const auto a = gates::gru_activate<acc_t>(gi[row3], gi[row3 + H], gi[row3 + 2 * H], gh[row3], gh[row3 + H],
-                                              gh[row3 + 2 * H]);
+    const auto recurrent = [&](int64_t g) {
+      return static_cast<acc_t>(gh[row3 + g * H]) + (b_hh != nullptr ? static_cast<acc_t>(b_hh[g * H + j]) : acc_t(0));
+    };
+    const auto a = gates::gru_activate<acc_t>(gi[row3], gi[row3 + H], gi[row3 + 2 * H], recurrent(0), recurrent(1),
+                                              recurrent(2));
     const acc_t h_new = gates::gru_hidden_state<acc_t>(a, static_cast<acc_t>(h[u]));
     gates_out[row4] = a.r;
     gates_out[row4 + H] = a.z;
@@ -157,6 +172,20 @@ S* ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<S>() : nullptr;
 }
 
+// The fused time loops below run each step as one in-place cuBLAS GEMM through
+// ATen (into the step's gates or dh: no output tensor, no add) and one kernel
+// launched on raw pointers, which also folds in the backward's grad_output add
+// and its zeroing of running rows. The shared loop of rnn_sequence.h makes
+// tensors and launches per step (selects, a GEMM output, adds), host work that
+// the H200 run measured at 20-30 us a step against cuDNN's ~8 us.
+// (at::cuda::blas::gemm, which would skip ATen's dispatch too, is not exported
+// from libtorch_cuda.) ATTNKIT_RNN_CUDA_GENERIC_LOOP=1 runs the shared loop
+// instead, to compare the two.
+bool fused_loops_enabled() {
+  const char* value = std::getenv("ATTNKIT_RNN_CUDA_GENERIC_LOOP");
+  return value == nullptr || std::strcmp(value, "1") != 0;
+}
+
 #define ATTNKIT_DISPATCH(type, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, name, __VA_ARGS__)
 
@@ -180,26 +209,111 @@ struct Kernels {
 
   // The persistent small-batch kernel (W_hh kept on chip across steps) is its own backend: rnn_persistent.cu.
 
-  // The CPU's fused-step loops (csrc/cpu/rnn_fused.cpp): the per-step path here.
-  static bool lstm_forward_fused(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                                 const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
-                                 const at::Tensor&, const at::Tensor&, const std::vector<int64_t>&, bool) {
-    return false;
+  // The whole forward / backward time loops on raw pointers (see fused_loops_enabled); the
+  // contract is csrc/cpu/rnn_fused.h's. The kernels are the shared loop's, launched directly.
+  static bool lstm_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& bias,
+                                 const at::Tensor& w_hh, at::Tensor& h, at::Tensor& c, at::Tensor& output,
+                                 at::Tensor& gates, const at::Tensor& cs, const at::Tensor& len,
+                                 const std::vector<int64_t>& rows, bool save) {
+    const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = c.size(1);
+    if (B == 0 || !fused_loops_enabled()) return false;
+    // Input projections of every step; each step's GEMM adds h W_hh^T into its rows, and
+    // its kernel turns them into the activated gates in place.
+    gates = linear(x.view({T * B, I}), w_ih, bias).view({T, B, 4 * H});
+    const at::Tensor w_hh_t = w_hh.t();
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    ATTNKIT_DISPATCH(x.scalar_type(), "attnkit_lstm_forward_fused_cuda", [&] {
+      scalar_t *pre = gates.data_ptr<scalar_t>(), *hp = h.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>();
+      // cs is an empty tensor, not an undefined one, when not saved.
+      scalar_t *out = output.data_ptr<scalar_t>(), *csp = save ? cs.data_ptr<scalar_t>() : nullptr;
+      for (int64_t t = 0; t < T; ++t) {
+        scalar_t* pre_t = pre + t * B * 4 * H;
+        if (rows[t] > 0) gates[t].narrow(0, 0, rows[t]).addmm_(h.narrow(0, 0, rows[t]), w_hh_t);
+        lstm_forward_kernel<scalar_t><<<num_blocks(B * H), kThreads, 0, stream>>>(
+            pre_t, nullptr, cp, hp, out + t * B * H, csp != nullptr ? csp + t * B * H : nullptr, nullptr,
+            ptr<int64_t>(len), t, B, H);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+    if (!save) gates = at::Tensor();
+    return true;
   }
-  static bool lstm_backward_fused(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                  const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
-                                  const std::vector<int64_t>&) {
-    return false;
+  static bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& c0,
+                                  const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh,
+                                  at::Tensor& dc, at::Tensor& grad_pre, const at::Tensor& len,
+                                  const std::vector<int64_t>& rows) {
+    const int64_t T = gates.size(0), B = gates.size(1), H = dc.size(1);
+    if (B == 0 || !fused_loops_enabled()) return false;
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    ATTNKIT_DISPATCH(gates.scalar_type(), "attnkit_lstm_backward_fused_cuda", [&] {
+      const scalar_t *g = gates.data_ptr<scalar_t>(), *csp = cs.data_ptr<scalar_t>(), *c0p = c0.data_ptr<scalar_t>();
+      const scalar_t* go = grad_output.data_ptr<scalar_t>();
+      scalar_t *dhp = dh.data_ptr<scalar_t>(), *dcp = dc.data_ptr<scalar_t>(), *gp = grad_pre.data_ptr<scalar_t>();
+      for (int64_t t = T - 1; t >= 0; --t) {
+        scalar_t* gp_t = gp + t * B * 4 * H;
+        // dh = dL/dh_t (carry + grad_output[t]) into the gate gradients; dh then holds 0 for
+        // running rows, and the GEMM adds their dh_{t-1} = gp_t W_hh (stopped rows keep theirs).
+        lstm_backward_kernel<scalar_t><<<num_blocks(B * H), kThreads, 0, stream>>>(
+            g + t * B * 4 * H, t > 0 ? csp + (t - 1) * B * H : c0p, csp + t * B * H, dhp, go + t * B * H, dcp, gp_t,
+            ptr<int64_t>(len), t, B, H);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (rows[t] > 0) dh.narrow(0, 0, rows[t]).addmm_(grad_pre[t].narrow(0, 0, rows[t]), w_hh);
+      }
+    });
+    return true;
   }
-  static bool gru_forward_fused(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                                const at::Tensor&, const c10::optional<at::Tensor>&, at::Tensor&, at::Tensor&,
-                                at::Tensor&, const at::Tensor&, const std::vector<int64_t>&, bool) {
-    return false;
+  static bool gru_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+                                const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, at::Tensor& h,
+                                at::Tensor& output, at::Tensor& gates, const at::Tensor& len,
+                                const std::vector<int64_t>& rows, bool save) {
+    const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = h.size(1);
+    if (B == 0 || !fused_loops_enabled()) return false;
+    const at::Tensor gi = linear(x.view({T * B, I}), w_ih, b_ih);
+    at::Tensor gh = at::empty({B, 3 * H}, x.options());  // h W_hh^T; the kernel adds b_hh
+    const at::Tensor w_hh_t = w_hh.t();
+    const at::Tensor bias_hh = rnn::present(b_hh) ? b_hh->contiguous() : at::Tensor();
+    gates = at::empty({save ? T : 1, B, 4 * H}, x.options());
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    ATTNKIT_DISPATCH(x.scalar_type(), "attnkit_gru_forward_fused_cuda", [&] {
+      const scalar_t *gip = gi.data_ptr<scalar_t>(), *bp = ptr<scalar_t>(bias_hh);
+      scalar_t *ghp = gh.data_ptr<scalar_t>(), *hp = h.data_ptr<scalar_t>(), *out = output.data_ptr<scalar_t>();
+      scalar_t* gp = gates.data_ptr<scalar_t>();
+      for (int64_t t = 0; t < T; ++t) {
+        if (rows[t] > 0) {
+          at::Tensor gh_rows = gh.narrow(0, 0, rows[t]);
+          at::mm_out(gh_rows, h.narrow(0, 0, rows[t]), w_hh_t);
+        }
+        gru_forward_kernel<scalar_t><<<num_blocks(B * H), kThreads, 0, stream>>>(
+            gip + t * B * 3 * H, ghp, bp, hp, out + t * B * H, gp + (save ? t : 0) * B * 4 * H, ptr<int64_t>(len), t,
+            B, H);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+    if (!save) gates = at::Tensor();
+    return true;
   }
-  static bool gru_backward_fused(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
-                                 const std::vector<int64_t>&) {
-    return false;
+  static bool gru_backward_fused(const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& output,
+                                 const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh,
+                                 at::Tensor& dgi, at::Tensor& dgh, const at::Tensor& len,
+                                 const std::vector<int64_t>& rows) {
+    const int64_t T = gates.size(0), B = gates.size(1), H = dh.size(1);
+    if (B == 0 || !fused_loops_enabled()) return false;
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    ATTNKIT_DISPATCH(gates.scalar_type(), "attnkit_gru_backward_fused_cuda", [&] {
+      const scalar_t *g = gates.data_ptr<scalar_t>(), *h0p = h0.data_ptr<scalar_t>();
+      const scalar_t *out = output.data_ptr<scalar_t>(), *go = grad_output.data_ptr<scalar_t>();
+      scalar_t *dhp = dh.data_ptr<scalar_t>(), *dgip = dgi.data_ptr<scalar_t>(), *dghp = dgh.data_ptr<scalar_t>();
+      for (int64_t t = T - 1; t >= 0; --t) {
+        scalar_t* dgh_t = dghp + t * B * 3 * H;
+        // Leaves in dh the part of dh_{t-1} through z (all of it for stopped rows); the GEMM adds dgh_t W_hh.
+        gru_backward_kernel<scalar_t><<<num_blocks(B * H), kThreads, 0, stream>>>(
+            g + t * B * 4 * H, t > 0 ? out + (t - 1) * B * H : h0p, go + t * B * H, dhp, dgip + t * B * 3 * H, dgh_t,
+            ptr<int64_t>(len), t, B, H);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (rows[t] > 0) dh.narrow(0, 0, rows[t]).addmm_(dgh[t].narrow(0, 0, rows[t]), w_hh);
+      }
+    });
+    return true;
   }
   static at::Tensor matmul(const at::Tensor& a, const at::Tensor& w) { return at::mm(a, w); }
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
@@ -229,8 +343,8 @@ struct Kernels {
     if (B * H == 0) return;
     ATTNKIT_DISPATCH(dc.scalar_type(), "attnkit_lstm_backward_step_cuda", [&] {
       lstm_backward_kernel<scalar_t><<<num_blocks(B * H), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          ptr<scalar_t>(gates), ptr<scalar_t>(c_prev), ptr<scalar_t>(c_new), ptr<scalar_t>(dh), ptr<scalar_t>(dc),
-          ptr<scalar_t>(gpre), ptr<int64_t>(len), t, B, H);
+          ptr<scalar_t>(gates), ptr<scalar_t>(c_prev), ptr<scalar_t>(c_new), ptr<scalar_t>(dh), nullptr,
+          ptr<scalar_t>(dc), ptr<scalar_t>(gpre), ptr<int64_t>(len), t, B, H);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -241,7 +355,7 @@ struct Kernels {
     if (B * H == 0) return;
     ATTNKIT_DISPATCH(h.scalar_type(), "attnkit_gru_forward_step_cuda", [&] {
       gru_forward_kernel<scalar_t><<<num_blocks(B * H), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          ptr<scalar_t>(gi), ptr<scalar_t>(gh), ptr<scalar_t>(h), ptr<scalar_t>(out), ptr<scalar_t>(gates),
+          ptr<scalar_t>(gi), ptr<scalar_t>(gh), nullptr, ptr<scalar_t>(h), ptr<scalar_t>(out), ptr<scalar_t>(gates),
           ptr<int64_t>(len), t, B, H);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -284,6 +398,11 @@ void check_cuda(const at::Tensor& x) {
   TORCH_CHECK(x.is_cuda(), "attnkit._C_cuda rnn: x must be a CUDA tensor, got ", x.device());
 }
 
+// The entry points' own ATen calls (selects, GEMMs, adds: several a step) skip the
+// autograd and view-tracking layers of the dispatcher: the op's autograd is its own,
+// and none of those tensors reaches the caller as a view of an input.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
 }  // namespace
 
 std::vector<at::Tensor> lstm_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
@@ -293,6 +412,7 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& x, const at::Tensor& h0, 
                                      bool save) {
   check_cuda(x);
   const c10::cuda::CUDAGuard guard(x.device());
+  const BelowAutograd below_autograd;
   return rnn::lstm_forward<Kernels>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save);
 }
 
@@ -304,6 +424,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
                                       const at::Tensor& hc) {
   check_cuda(x);
   const c10::cuda::CUDAGuard guard(x.device());
+  const BelowAutograd below_autograd;
   return rnn::lstm_backward<Kernels>(grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, w_hr, lengths, output,
                                      gates, cs, hc);
 }
@@ -314,6 +435,7 @@ std::vector<at::Tensor> gru_forward(const at::Tensor& x, const at::Tensor& h0, c
                                     bool save) {
   check_cuda(x);
   const c10::cuda::CUDAGuard guard(x.device());
+  const BelowAutograd below_autograd;
   return rnn::gru_forward<Kernels>(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save);
 }
 
@@ -323,6 +445,7 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Te
                                      const at::Tensor& gates) {
   check_cuda(x);
   const c10::cuda::CUDAGuard guard(x.device());
+  const BelowAutograd below_autograd;
   return rnn::gru_backward<Kernels>(grad_output, grad_hn, x, h0, w_ih, w_hh, lengths, output, gates);
 }
 

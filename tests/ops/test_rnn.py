@@ -82,6 +82,45 @@ def test_gru_matches_reference(backend, device, dtype, shape, lengths, bias):
         check_against((out, h_n), ref, args, dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("generic_loop", [None, "1"], ids=["fused_loop", "generic_loop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("lengths", list(LENGTHS), ids=str)
+def test_cuda_time_loops_match_reference(monkeypatch, generic_loop, dtype, lengths):
+    """The cuda backend's two time loops: its own (csrc/cuda/rnn.cu, a GEMM and a kernel a
+    step on raw pointers, the default) and the shared one of rnn_sequence.h that
+    ATTNKIT_RNN_CUDA_GENERIC_LOOP=1 selects. Values and every gradient, both kinds, B = 3
+    with lengths that stop rows (sorted: the GEMMs shrink; unsorted: masked); float16
+    against the float32 reference."""
+    if generic_loop is None:
+        monkeypatch.delenv("ATTNKIT_RNN_CUDA_GENERIC_LOOP", raising=False)
+    else:
+        monkeypatch.setenv("ATTNKIT_RNN_CUDA_GENERIC_LOOP", generic_loop)
+    lengths = LENGTHS[lengths]
+    ref_lengths = None if lengths is None else torch.tensor(lengths)
+
+    def check(run, reference_run, args):
+        if dtype == torch.float32:
+            check_against(run(args), reference_run(args), args, dtype)
+            return
+        ours = [None if a is None else a.detach().to(dtype).requires_grad_() for a in args]
+        outs, refs = run(ours), reference_run(args)
+        for o, r in zip(outs, refs):  # float16: 3 significant digits, against float32
+            torch.testing.assert_close(o.float(), r, atol=2e-2, rtol=2e-2)
+        leaves = [(o, a) for o, a in zip(ours, args) if a is not None]
+        grads = torch.autograd.grad(weighted_loss(outs), [o for o, _ in leaves])
+        grads_ref = torch.autograd.grad(weighted_loss(refs), [a for _, a in leaves])
+        for g, r in zip(grads, grads_ref):
+            torch.testing.assert_close(g.float(), r, atol=5e-2, rtol=5e-2)
+
+    with forced("lstm", "cuda", "cuda", dtype) as dev:
+        check(lambda a: (lambda out, hc: (out, *hc))(*lstm(a[0], (a[1], a[2]), *a[3:7], lengths=lengths)),
+              lambda a: reference.lstm(*a, ref_lengths)[:3], make_lstm(5, 3, 9, 24, 24, torch.float32, dev))
+    with forced("gru", "cuda", "cuda", dtype) as dev:
+        check(lambda a: gru(*a, lengths=lengths), lambda a: reference.gru(*a, ref_lengths)[:2],
+              make_gru(5, 3, 9, 24, torch.float32, dev))
+
+
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 def test_reference_and_ops_match_torch_nn(backend):
     """The ground truth itself: one layer of torch.nn.LSTM (with projection) / GRU."""
