@@ -172,12 +172,21 @@ S* ptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<S>() : nullptr;
 }
 
+// Rows [0, n) of step t of a (T, B, N) tensor: the select alone when that is all B rows
+// (a narrow costs as much host time as the select).
+at::Tensor step_rows(const at::Tensor& a, int64_t t, int64_t n) {
+  at::Tensor step = a.select(0, t);
+  return n == a.size(1) ? step : step.narrow(0, 0, n);
+}
+
+at::Tensor first_rows(const at::Tensor& a, int64_t n) { return n == a.size(0) ? a : a.narrow(0, 0, n); }
+
 // The fused time loops below run each step as one in-place cuBLAS GEMM through
 // ATen (into the step's gates or dh: no output tensor, no add) and one kernel
 // launched on raw pointers, which also folds in the backward's grad_output add
 // and its zeroing of running rows. The shared loop of rnn_sequence.h makes
-// tensors and launches per step (selects, a GEMM output, adds), host work that
-// the H200 run measured at 20-30 us a step against cuDNN's ~8 us.
+// tensors and launches per step (selects, a GEMM output, adds): its steps took
+// 20-30 us on the H200 against cuDNN's ~8 us, host work by the look of it (not profiled).
 // (at::cuda::blas::gemm, which would skip ATen's dispatch too, is not exported
 // from libtorch_cuda.) ATTNKIT_RNN_CUDA_GENERIC_LOOP=1 runs the shared loop
 // instead, to compare the two.
@@ -228,7 +237,7 @@ struct Kernels {
       scalar_t *out = output.data_ptr<scalar_t>(), *csp = save ? cs.data_ptr<scalar_t>() : nullptr;
       for (int64_t t = 0; t < T; ++t) {
         scalar_t* pre_t = pre + t * B * 4 * H;
-        if (rows[t] > 0) gates[t].narrow(0, 0, rows[t]).addmm_(h.narrow(0, 0, rows[t]), w_hh_t);
+        if (rows[t] > 0) step_rows(gates, t, rows[t]).addmm_(first_rows(h, rows[t]), w_hh_t);
         lstm_forward_kernel<scalar_t><<<num_blocks(B * H), kThreads, 0, stream>>>(
             pre_t, nullptr, cp, hp, out + t * B * H, csp != nullptr ? csp + t * B * H : nullptr, nullptr,
             ptr<int64_t>(len), t, B, H);
@@ -257,7 +266,7 @@ struct Kernels {
             g + t * B * 4 * H, t > 0 ? csp + (t - 1) * B * H : c0p, csp + t * B * H, dhp, go + t * B * H, dcp, gp_t,
             ptr<int64_t>(len), t, B, H);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (rows[t] > 0) dh.narrow(0, 0, rows[t]).addmm_(grad_pre[t].narrow(0, 0, rows[t]), w_hh);
+        if (rows[t] > 0) first_rows(dh, rows[t]).addmm_(step_rows(grad_pre, t, rows[t]), w_hh);
       }
     });
     return true;
@@ -280,8 +289,8 @@ struct Kernels {
       scalar_t* gp = gates.data_ptr<scalar_t>();
       for (int64_t t = 0; t < T; ++t) {
         if (rows[t] > 0) {
-          at::Tensor gh_rows = gh.narrow(0, 0, rows[t]);
-          at::mm_out(gh_rows, h.narrow(0, 0, rows[t]), w_hh_t);
+          at::Tensor gh_rows = first_rows(gh, rows[t]);
+          at::mm_out(gh_rows, first_rows(h, rows[t]), w_hh_t);
         }
         gru_forward_kernel<scalar_t><<<num_blocks(B * H), kThreads, 0, stream>>>(
             gip + t * B * 3 * H, ghp, bp, hp, out + t * B * H, gp + (save ? t : 0) * B * 4 * H, ptr<int64_t>(len), t,
@@ -310,7 +319,7 @@ struct Kernels {
             g + t * B * 4 * H, t > 0 ? out + (t - 1) * B * H : h0p, go + t * B * H, dhp, dgip + t * B * 3 * H, dgh_t,
             ptr<int64_t>(len), t, B, H);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (rows[t] > 0) dh.narrow(0, 0, rows[t]).addmm_(dgh[t].narrow(0, 0, rows[t]), w_hh);
+        if (rows[t] > 0) first_rows(dh, rows[t]).addmm_(step_rows(dgh, t, rows[t]), w_hh);
       }
     });
     return true;
