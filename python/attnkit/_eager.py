@@ -13,7 +13,7 @@ directly (inference): same kernels, same backward formula, same backend choice.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -22,7 +22,12 @@ from torch.autograd.function import once_differentiable
 from ._validate import PLAIN_TENSORS
 
 
-def plain_call(args: Iterable[Any]) -> bool:
+# Argument types that are plain tensors or no tensor at all: one set lookup per
+# distinct type instead of a generator step per argument (an op passes ~20).
+_PLAIN_TYPES = frozenset(PLAIN_TENSORS) | {type(None), bool, int, float, str, tuple, list, torch.dtype, torch.device}
+
+
+def plain_call(args: Sequence[Any]) -> bool:
     """True when nothing but eager autograd would see a call with `args`: no
     compile, tracing, functorch transform or dispatch mode, and every tensor
     among them a plain one."""
@@ -31,7 +36,10 @@ def plain_call(args: Iterable[Any]) -> bool:
         and not torch.jit.is_tracing()
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._are_functorch_transforms_active()
-        and all(type(a) in PLAIN_TENSORS or not isinstance(a, Tensor) for a in args)
+        and (
+            _PLAIN_TYPES.issuperset(map(type, args))
+            or all(type(a) in PLAIN_TENSORS or not isinstance(a, Tensor) for a in args)
+        )
     )
 
 
