@@ -73,6 +73,8 @@ std::vector<at::Tensor> lstm_cell_forward(const at::Tensor& x, const at::Tensor&
                                           const c10::optional<at::Tensor>& b_hh) {
   check_lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh);
   const c10::cuda::CUDAGuard device_guard(x.device());
+  // The GEMMs below skip autograd's dispatch layers: the op's autograd is its own.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::Tensor pre = linear_gates(x, h, w_ih, w_hh, b_ih, b_hh);
   at::Tensor gates = at::empty_like(pre);
   at::Tensor h_new = at::empty_like(c);
@@ -96,6 +98,7 @@ std::vector<at::Tensor> lstm_cell_backward(const at::Tensor& grad_h, const at::T
                                            const at::Tensor& c_new) {
   check_lstm_cell_backward(grad_h, grad_c, x, h, c, w_ih, w_hh, gates, c_new);
   const c10::cuda::CUDAGuard device_guard(x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::Tensor grad_pre = at::empty_like(gates);
   at::Tensor grad_c_prev = at::empty_like(c);
   const int64_t units = c.numel();
