@@ -10,7 +10,10 @@ Conventions: q (B, H, Nq, D); caches (B, H_kv, N_max, D) of which the first
 cache_seqlens[b] positions are valid; query i sits at position
 cache_seqlens[b] - Nq + i and sees valid keys j <= that position (causal over
 the new tokens), and j >= position - window_left when a window is set. ALiBi
-and soft-capping as in flash_attention.
+and soft-capping as in flash_attention. A length outside [0, N_max] counts as
+the nearest bound: attnkit.ops.attention_decode checks CUDA lengths in the
+kernel only (reading them on the host would synchronize with the GPU once per
+layer and token), so a bad one must not read past the cache.
 """
 import triton
 import triton.language as tl
@@ -23,7 +26,7 @@ from .flash_attention_launch import _interpreting, _run
 def _decode_partial(
     Q, K, V, SEQLENS, SLOPES, PART_O, PART_M, PART_L,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ab, H_KV, n_q, chunk, scale, softcap, window_left,
+    stride_ab, H_KV, n_q, n_max, chunk, scale, softcap, window_left,
     GROUP: tl.constexpr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
@@ -33,7 +36,7 @@ def _decode_partial(
     split = tl.program_id(1)
     b = pid_bkv // H_KV
     kvh = pid_bkv % H_KV
-    seqlen = tl.load(SEQLENS + b)
+    seqlen = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), n_max)
     # Rows of the tile: (group head g, query i) pairs of this KV head.
     rows = tl.arange(0, BLOCK_M)
     g = rows // n_q
@@ -143,7 +146,7 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, scale: float, softcap: float, 
     partial_args = (
         q, k_cache, v_cache, cache_seqlens, slopes, part_o, part_m, part_l, q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        alibi_slopes.stride(0) if alibi_slopes is not None else 0, heads_kv, n_q, chunk, scale, softcap,
+        alibi_slopes.stride(0) if alibi_slopes is not None else 0, heads_kv, n_q, n_max, chunk, scale, softcap,
         max(window_left, 0),
     )
     partial_kwargs = dict(

@@ -74,3 +74,34 @@ def test_errors(mutate, error, match):
     args = (torch.randn(2, 4, 1, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16), torch.tensor([5, 40], dtype=torch.int32))
     with pytest.raises(error, match=match):
         attention_decode(*mutate(args))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] in ("triton", "reference")])
+def test_lengths_outside_the_cache_count_as_its_bounds(backend, device):
+    """On a GPU attention_decode does not read cache_seqlens on the host (a sync per layer
+    and token): the Triton kernel and the reference take a length above N_max as N_max and
+    a negative one as 0, never reading past the cache. Called below the op's CPU check."""
+    from attnkit.backends.decode import DECODE
+
+    with forced(OP, backend, device) as dev:
+        q, k, v = torch.randn(3, 4, 2, 16, device=dev), torch.randn(3, 2, 40, 16, device=dev), torch.randn(3, 2, 40, 16, device=dev)
+        bad = torch.tensor([41, -3, 1000], dtype=torch.int32, device=dev)
+        out, lse = DECODE.implementations[backend].forward(q, k, v, bad, 0.25, 0.0, -1, None)
+        clamped = bad.clamp(0, 40)
+    out_t, lse_t = ref.decode(q.double(), k.double(), v.double(), clamped, scale=0.25)
+    assert_close(out, out_t, 1e-4, "out")
+    assert_close(lse, lse_t, 1e-4, "lse")
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isinf(lse[1]).all()
+
+
+@pytest.mark.gpu
+def test_cuda_lengths_are_not_read_on_the_host():
+    """No host sync for CUDA cache_seqlens: an out-of-range length passes the op's checks
+    (and is taken as the nearest bound by the kernel) instead of raising."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    q = torch.randn(2, 4, 1, 16, device="cuda")
+    k, v = torch.randn(2, 2, 40, 16, device="cuda"), torch.randn(2, 2, 40, 16, device="cuda")
+    out = attention_decode(q, k, v, torch.tensor([5, 41], dtype=torch.int32, device="cuda"))
+    full = attention_decode(q, k, v, torch.tensor([5, 40], dtype=torch.int32, device="cuda"))
+    assert_close(out, full, 0.0, "out")

@@ -49,7 +49,9 @@ def attention_decode(
         q: (B, H, Nq, D), the Nq newest tokens (usually 1); their keys/values already written
             to the caches at positions cache_seqlens[b] - Nq .. cache_seqlens[b] - 1.
         k_cache, v_cache: (B, H_kv, N_max, D) / (B, H_kv, N_max, Dv); H a multiple of H_kv.
-        cache_seqlens: int32 (B,): valid cache length per sequence (ragged batches).
+        cache_seqlens: int32 (B,): valid cache length per sequence (ragged batches), in
+            [0, N_max]: checked on the CPU; on a GPU (not checked, to avoid a sync per call)
+            a value outside counts as the nearest bound.
         scale, softcap, alibi_slopes: as flash_attention. window_left: sliding window, -1 = none.
         Query i attends to valid keys j <= cache_seqlens[b] - Nq + i (causal among new tokens).
 
@@ -72,7 +74,10 @@ def attention_decode(
     if cache_seqlens.shape[0] != batch or cache_seqlens.device != q.device:
         raise ValueError(f"{OP}: cache_seqlens must be ({batch},) int32 on {q.device}, got {tuple(cache_seqlens.shape)} "
                          f"on {cache_seqlens.device}")
-    if not torch.compiler.is_compiling():
+    # CPU lengths are checked here; on a GPU reading them would synchronize with it, once per
+    # layer and token of a generation: there the kernel takes a length outside [0, N_max]
+    # as the nearest bound (never reading past the cache), as FlashAttention does not check them.
+    if cache_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         lengths = cache_seqlens.tolist()
         if min(lengths) < 0 or max(lengths) > k_cache.shape[2]:
             raise ValueError(f"{OP}: cache_seqlens must be within [0, {k_cache.shape[2]}] (the cache length), got {lengths}")

@@ -231,9 +231,11 @@ def join_varlen(parts) -> Tensor:
 def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *, scale: Optional[float] = None,
            softcap: float = 0.0, window_left: int = -1, alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Attention of q (B, H, Nq, D) against the first cache_seqlens[b] cache positions, the new
-    queries at the last Nq positions (bottom-right causal). Returns (out, lse)."""
+    queries at the last Nq positions (bottom-right causal); a length outside [0, N_max] counts
+    as the nearest bound, as in the kernels. Returns (out, lse)."""
     outs, lses = [], []
     for b, length in enumerate(cache_seqlens.tolist()):
+        length = min(max(length, 0), k_cache.shape[2])
         q_b = q[b : b + 1]
         if length == 0:  # nothing cached: every row is empty
             outs.append(q_b.new_zeros(q_b.shape[:-1] + (v_cache.shape[-1],)))
