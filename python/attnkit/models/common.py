@@ -32,9 +32,12 @@ def check_ids(name: str, ids: Tensor, limit: int, what: str) -> None:
         raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
     if name == "input_ids" and (ids.dim() != 2 or ids.shape[1] == 0):
         raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(ids.shape)}")
-    # Reading the values syncs and is data-dependent: skipped when traced (torch.compile).
-    if ids.numel() and not torch.compiler.is_compiling() and (int(ids.min()) < 0 or int(ids.max()) >= limit):
-        raise ValueError(f"{name} must be in [0, {limit}) ({what}), got values in [{int(ids.min())}, {int(ids.max())}]")
+    # Reading the values syncs with a GPU (once: both bounds in one transfer) and is
+    # data-dependent: skipped when traced (torch.compile).
+    if ids.numel() and not torch.compiler.is_compiling():
+        low, high = torch.stack(torch.aminmax(ids)).tolist()
+        if low < 0 or high >= limit:
+            raise ValueError(f"{name} must be in [0, {limit}) ({what}), got values in [{low}, {high}]")
 
 
 def check_length(length: int, limit: int, config_field: str) -> None:
