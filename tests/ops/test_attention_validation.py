@@ -70,6 +70,10 @@ def packed():
         (lambda a: a[:3] + (torch.tensor([0, 4, 9], dtype=torch.int32), a[4], 6, 7), ValueError, "must start at 0 and end at the packed length 10"),
         (lambda a: a[:3] + (torch.tensor([1, 4, 10], dtype=torch.int32), a[4], 6, 7), ValueError, "must start at 0"),
         (lambda a: a + (5, 7), ValueError, r"max_seqlen_q = 5 is smaller than the longest sequence \(6\)"),
+        # Both tensors' values come back in one transfer: each is still checked, and named.
+        (lambda a: a[:4] + (torch.tensor([0, 5, 11], dtype=torch.int32), 6, 7), ValueError,
+         "cu_seqlens_k must start at 0 and end at the packed length 12"),
+        (lambda a: a + (6, 6), ValueError, r"max_seqlen_k = 6 is smaller than the longest sequence \(7\)"),
         (lambda a: a + (6, 7.0), TypeError, "max_seqlen_k must be a non-negative int"),
         (lambda a: a[:3] + (a[3], torch.tensor([0, 12], dtype=torch.int32), 6, 12), ValueError, "same batch"),
         (lambda a: (a[0][None],) + a[1:] + (6, 7), ValueError, "q must be 3-D"),
@@ -142,3 +146,14 @@ def test_triton_config_env_picks_a_fixed_config_or_names_what_is_wrong(monkeypat
     monkeypatch.delenv("ATTNKIT_TRITON_CONFIG")
     kernel, options = launch._kernel(launch._attn_fwd, 128, 2)
     assert options == {} and kernel is not launch._attn_fwd  # autotuned
+
+
+def test_varlen_self_attention_cu_seqlens_passed_twice_is_checked():
+    """Self-attention passes one cu_seqlens tensor as both; it is read once and checked as each."""
+    q = torch.randn(10, 4, 16)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens_q must start at 0 and end at the packed length 10"):
+        flash_attention_varlen(q, q, q, cu, cu, 5, 5)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"max_seqlen_k = 5 is smaller than the longest sequence \(6\)"):
+        flash_attention_varlen(q, q, q, cu, cu, 6, 5)

@@ -116,11 +116,8 @@ def varlen(op: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         raise ValueError(f"{op}: k and v must have the same total length, got {k.shape[0]} and {v.shape[0]}")
     check_heads(op, q.shape[1], k.shape[1], v.shape[1])
     check_head_dims(op, q, k, v)
-    sizes = []
-    for name, cu, total, max_seqlen in (
-        ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
-        ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),
-    ):
+    cus = (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q), ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k))
+    for name, cu, _, max_seqlen in cus:
         _validate.tensor(op, name, cu, ndim=1, dtypes=(torch.int32,))
         if cu.device != q.device:
             raise RuntimeError(f"{op}: {name} is on {cu.device} but q is on {q.device}")
@@ -129,18 +126,24 @@ def varlen(op: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         max_name = name.replace("cu_seqlens", "max_seqlen")
         if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
             raise TypeError(f"{op}: {max_name} must be a non-negative int, got {max_seqlen!r}")
-        if not torch.compiler.is_compiling():  # reading values syncs; skipped when traced
-            values = cu.tolist()
-            if values[0] != 0 or values[-1] != total:
-                raise ValueError(f"{op}: {name} must start at 0 and end at the packed length {total}, got {values[0]}..{values[-1]}")
-            lengths = [b - a for a, b in zip(values[:-1], values[1:])]
-            if min(lengths) < 0:
-                raise ValueError(f"{op}: {name} must be non-decreasing, got {values}")
-            if max(lengths) > max_seqlen:
-                raise ValueError(f"{op}: {max_name} = {max_seqlen} is smaller than the longest sequence ({max(lengths)})")
-        sizes.append(cu.numel())
-    if sizes[0] != sizes[1]:
-        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must describe the same batch, got {sizes[0]} and {sizes[1]} entries")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must describe the same batch, got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()} entries")
+    if torch.compiler.is_compiling():  # reading values syncs; skipped when traced
+        return
+    # One transfer (one GPU sync) for both, or for the one tensor self-attention passes twice.
+    same = cu_seqlens_k is cu_seqlens_q
+    values = (cu_seqlens_q if same else torch.cat((cu_seqlens_q, cu_seqlens_k))).tolist()
+    batch_plus_1 = cu_seqlens_q.numel()
+    for (name, _, total, max_seqlen), part in zip(cus, (values[:batch_plus_1], values[-batch_plus_1:])):
+        if part[0] != 0 or part[-1] != total:
+            raise ValueError(f"{op}: {name} must start at 0 and end at the packed length {total}, got {part[0]}..{part[-1]}")
+        lengths = [b - a for a, b in zip(part[:-1], part[1:])]
+        if min(lengths) < 0:
+            raise ValueError(f"{op}: {name} must be non-decreasing, got {part}")
+        if max(lengths) > max_seqlen:
+            max_name = name.replace("cu_seqlens", "max_seqlen")
+            raise ValueError(f"{op}: {max_name} = {max_seqlen} is smaller than the longest sequence ({max(lengths)})")
 
 
 def alibi(op: str, slopes: Optional[Tensor], batch: int, heads: int, device) -> Optional[Tensor]:
