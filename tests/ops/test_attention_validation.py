@@ -157,3 +157,29 @@ def test_varlen_self_attention_cu_seqlens_passed_twice_is_checked():
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"max_seqlen_k = 5 is smaller than the longest sequence \(6\)"):
         flash_attention_varlen(q, q, q, cu, cu, 6, 5)
+
+
+def test_varlen_cu_seqlens_checked_once_reads_them_once(monkeypatch):
+    """Inside cu_seqlens_checked_once (a model's layers), a cu_seqlens tensor is read (a GPU
+    sync) once; another tensor, other totals or max_seqlen, or an in-place change read it again,
+    and bad values still raise."""
+    from attnkit.ops import attention_validation as check
+
+    reads = []
+    real_read = check._read_cu_seqlens
+    monkeypatch.setattr(check, "_read_cu_seqlens", lambda *a: reads.append(1) or real_read(*a))
+    q = torch.randn(10, 4, 16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with check.cu_seqlens_checked_once():
+        for _ in range(3):
+            flash_attention_varlen(q, q, q, cu, cu, 6, 6)
+        assert len(reads) == 1
+        flash_attention_varlen(q, q, q, cu, cu, 7, 7)  # another max_seqlen: read again
+        flash_attention_varlen(q, q, q, cu.clone(), cu, 6, 6)  # another tensor
+        assert len(reads) == 3
+        cu[1] = 7  # in place: the version moves on, and the new values are wrong for max_seqlen 6
+        with pytest.raises(ValueError, match=r"max_seqlen_q = 6 is smaller than the longest sequence \(7\)"):
+            flash_attention_varlen(q, q, q, cu, cu, 6, 6)
+    flash_attention_varlen(q, q, q, torch.tensor([0, 4, 10], dtype=torch.int32), cu.new_tensor([0, 4, 10]), 6, 6)
+    flash_attention_varlen(q, q, q, cu, cu, 7, 7)  # outside the block: every call reads
+    assert len(reads) == 6

@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..ops import flash_attention_varlen
+from ..ops.attention_validation import cu_seqlens_checked_once
 from .common import activation, check_ids, check_length
 from .loading import PretrainedMixin
 from .packing import Packing
@@ -140,8 +141,9 @@ class BertModel(PretrainedMixin, nn.Module):
         check_ids("position_ids", position_ids, cfg.max_position_embeddings, "max_position_embeddings")
         pack = lambda t: packing.pack(t.expand(batch, length))  # noqa: E731
         x = self.embeddings(pack(input_ids), pack(token_type_ids), pack(position_ids))
-        for layer in self.layers:
-            x = layer(x, packing)
+        with cu_seqlens_checked_once():  # the layers share packing.cu_seqlens: read it once
+            for layer in self.layers:
+                x = layer(x, packing)
         return x
 
     def hf_config(self) -> dict:

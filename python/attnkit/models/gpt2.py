@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..nn.linear import Linear
 from ..ops import attention_decode, flash_attention_varlen
+from ..ops.attention_validation import cu_seqlens_checked_once
 from .common import activation, check_ids, check_length
 from .loading import PretrainedMixin
 from .packing import Packing
@@ -172,8 +173,9 @@ class GPT2Model(PretrainedMixin, nn.Module):
         if cache is not None:
             slots = (packing.rows(), packing.offsets())
             cache.lengths.copy_(packing.cu_seqlens.diff())
-        for block in self.h:
-            x = block(x, packing, cache, slots)
+        with cu_seqlens_checked_once():  # the blocks share packing.cu_seqlens: read it once
+            for block in self.h:
+                x = block(x, packing, cache, slots)
         return self.ln_f(x)
 
     def forward_decode(self, input_ids: Tensor, cache: KVCache) -> Tensor:
