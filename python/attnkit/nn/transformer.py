@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
+from ..ops.attention_validation import cu_seqlens_checked_once
 from .attention import MultiheadAttention, _mask_dtype_check
 
 
@@ -159,8 +160,9 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
         index = keep.reshape(-1).nonzero().squeeze(1)
         packed = x.reshape(batch * length, width).index_select(0, index)
         max_seqlen = int(lengths.max())
-        for layer in self.layers:
-            packed = layer.packed_forward(packed, cu_seqlens, max_seqlen, causal)
+        with cu_seqlens_checked_once():  # the layers share cu_seqlens: read it once (a GPU sync)
+            for layer in self.layers:
+                packed = layer.packed_forward(packed, cu_seqlens, max_seqlen, causal)
         out = packed.new_zeros(batch * length, width).index_copy(0, index, packed).view(batch, length, width)
         return out if batch_first else out.transpose(0, 1)
 
