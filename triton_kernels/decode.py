@@ -11,9 +11,9 @@ cache_seqlens[b] positions are valid; query i sits at position
 cache_seqlens[b] - Nq + i and sees valid keys j <= that position (causal over
 the new tokens), and j >= position - window_left when a window is set. ALiBi
 and soft-capping as in flash_attention. A length outside [0, N_max] counts as
-the nearest bound: attnkit.ops.attention_decode checks CUDA lengths in the
-kernel only (reading them on the host would synchronize with the GPU once per
-layer and token), so a bad one must not read past the cache.
+the nearest bound: attnkit.ops.attention_decode does not read CUDA lengths on
+the host (that would synchronize with the GPU once per layer and token), so a
+bad one must not make the kernel read past the cache.
 """
 import triton
 import triton.language as tl
