@@ -52,8 +52,12 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
     # at (64, 100, 512) takes seconds on a 2-core CPU.
     # A GPU step takes milliseconds: there quick mode can afford more repeats (the H200's first
     # run, at 3, gave cuDNN figures that need re-measuring).
-    timing = dict(repeats=7) if not quick else dict(warmup=3, repeats=10) if device.type == "cuda" else dict(
-        warmup=1, repeats=3)
+    if not quick:
+        timing = dict(repeats=7)
+    elif device.type == "cuda":
+        timing = dict(warmup=3, repeats=10)
+    else:
+        timing = dict(warmup=1, repeats=3)
     rows = []
     # On a GPU the issue's training figure is in float16 (cuDNN's tensor cores);
     # the persistent rows below cover float32 too.

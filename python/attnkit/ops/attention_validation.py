@@ -135,10 +135,11 @@ def varlen(op: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         return
     seen = getattr(_checked_once, "seen", None)
     if seen is not None:
-        key = (cu_seqlens_q, cu_seqlens_k, _version(cu_seqlens_q), _version(cu_seqlens_k), q.shape[0], k.shape[0],
-               max_seqlen_q, max_seqlen_k)
-        entry = seen.get((id(cu_seqlens_q), id(cu_seqlens_k)))
-        if entry is not None and entry[0] is key[0] and entry[1] is key[1] and entry[2:] == key[2:]:
+        # Keyed by identity: each entry holds its two tensors, so their ids stay theirs for the block.
+        ids = (id(cu_seqlens_q), id(cu_seqlens_k))
+        state = (_version(cu_seqlens_q), _version(cu_seqlens_k), q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+        entry = seen.get(ids)
+        if entry is not None and entry[2] == state:
             return
     values = _read_cu_seqlens(cu_seqlens_q, cu_seqlens_k)
     batch_plus_1 = cu_seqlens_q.numel()
@@ -152,7 +153,7 @@ def varlen(op: str, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
             max_name = name.replace("cu_seqlens", "max_seqlen")
             raise ValueError(f"{op}: {max_name} = {max_seqlen} is smaller than the longest sequence ({max(lengths)})")
     if seen is not None:
-        seen[(id(cu_seqlens_q), id(cu_seqlens_k))] = key
+        seen[ids] = (cu_seqlens_q, cu_seqlens_k, state)
 
 
 def _version(t: Tensor) -> Optional[int]:
