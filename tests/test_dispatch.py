@@ -1,6 +1,7 @@
 """Backend dispatch: automatic choice, forcing (set_backend, use_backend,
 ATTNKIT_BACKEND), errors with reasons, explain and last_dispatch."""
 import logging
+import os
 
 import pytest
 import torch
@@ -147,3 +148,14 @@ def test_decisions_are_cached_per_description_forcing_and_environment(cell_args,
         assert attnkit.explain("flash_attention", q, q, q).skipped["triton"] != before
     _dispatch.refresh()  # forgets the decisions with the probes
     assert not _dispatch._OPS["lstm_cell"].decisions
+
+
+def test_getenv_reads_what_os_environ_holds(monkeypatch):
+    name = "ATTNKIT_TEST_GETENV"
+    monkeypatch.delenv(name, raising=False)
+    assert _dispatch.getenv(name) is None
+    for value in ("cpp", "", "lstm_cell=reference, flash_attention=triton", "\u00e9t\u00e9"):
+        monkeypatch.setenv(name, value)
+        assert _dispatch.getenv(name) == os.environ.get(name) == value
+    os.environ.pop(name)
+    assert _dispatch.getenv(name) is None

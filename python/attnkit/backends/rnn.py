@@ -18,8 +18,6 @@ takes them to differentiate its forward again.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .. import _dispatch, _extensions, reference
@@ -114,7 +112,7 @@ class _Persistent(Implementation):
         if call.get("save", True):
             reasons.append("the persistent kernel is inference only: this call keeps the gates for a backward (training)")
         forced = _dispatch.forced_backend(self.op)
-        switched_off = os.environ.get(PERSISTENT_ENV, "1") == "0"
+        switched_off = _dispatch.getenv(PERSISTENT_ENV) == "0"
         if switched_off and (forced is None or forced[0] != self.backend):
             reasons.append(f"{PERSISTENT_ENV}=0 turns the automatic choice of the persistent kernel off")
         if reasons:
