@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import ops
+from .._validate import PLAIN_TENSORS
 
 
 def _reverse(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
@@ -73,6 +74,32 @@ def _stack(module, run_layer, input: Tensor, batch_sizes: Optional[Tensor], stat
     return output, [kept[0].unsqueeze(0) if len(kept) == 1 else torch.stack(kept) for kept in finals]
 
 
+def _one_layer_call(module, input: Tensor, states) -> bool:
+    """A one-layer, one-direction module (no proj_size) called on a plain 3-D
+    tensor with each state None or 3-D: it skips _stack's bookkeeping and
+    torch.nn's (L*D, B, H) zero states, a quarter of the Python around a
+    short sequence (LSTM (1, 2, 128): 40 -> 33 us a forward)."""
+    return (
+        type(input) in PLAIN_TENSORS
+        and input.dim() == 3
+        and module.num_layers == 1
+        and not module.bidirectional
+        and module.proj_size == 0
+        and all(s is None or (type(s) in PLAIN_TENSORS and s.dim() == 3) for s in states)
+    )
+
+
+def _one_layer_states(module, input: Tensor, hx, count: int):
+    """The one-layer call's initial states, (B, H) each, after torch.nn's checks:
+    zeros (one tensor: the ops do not write their inputs) or hx's only layer."""
+    if hx is None:
+        module.check_input(input, None)
+        zeros = input.new_zeros((input.shape[0 if module.batch_first else 1], module.hidden_size))
+        return [zeros] * count
+    module.check_forward_args(input, hx, None)
+    return [s[0] for s in hx] if count > 1 else [hx[0]]
+
+
 class LSTM(torch.nn.LSTM):
     """torch.nn.LSTM with the fused attnkit kernels; same arguments and semantics."""
 
@@ -91,6 +118,11 @@ class LSTM(torch.nn.LSTM):
         return out, (h, c)
 
     def forward(self, input, hx=None):  # follows torch.nn.LSTM.forward
+        if (hx is None or (type(hx) is tuple and len(hx) == 2)) and _one_layer_call(self, input, hx or ()):
+            x = input.transpose(0, 1) if self.batch_first else input
+            states = _one_layer_states(self, input, hx, 2)
+            out, (h, c) = self._run_layer(x.contiguous(), states, self.all_weights[0], None)
+            return (out.transpose(0, 1) if self.batch_first else out), (h.unsqueeze(0), c.unsqueeze(0))
         orig_input = input
         batch_sizes = None
         num_directions = 2 if self.bidirectional else 1
@@ -162,6 +194,10 @@ class GRU(torch.nn.GRU):
         return out, (h,)
 
     def forward(self, input, hx=None):  # follows torch.nn.GRU.forward
+        if _one_layer_call(self, input, (hx,)):
+            x = input.transpose(0, 1) if self.batch_first else input
+            out, (h,) = self._run_layer(x.contiguous(), _one_layer_states(self, input, hx, 1), self.all_weights[0], None)
+            return (out.transpose(0, 1) if self.batch_first else out), h.unsqueeze(0)
         orig_input = input
         directions = 2 if self.bidirectional else 1
         if isinstance(orig_input, PackedSequence):
