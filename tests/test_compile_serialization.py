@@ -54,6 +54,9 @@ class _Rotary(torch.nn.Module):
 MODULES = {
     "LSTM": lambda: (nn.LSTM(4, 6, num_layers=2, bidirectional=True, batch_first=True), (_randn(2, 5, 4, grad=True),)),
     "GRU": lambda: (nn.GRU(4, 6, num_layers=2), (_randn(5, 2, 4, grad=True),)),
+    # One layer, one direction: the forwards' short path past _stack.
+    "LSTM-one-layer": lambda: (nn.LSTM(4, 6, batch_first=True), (_randn(2, 5, 4, grad=True),)),
+    "GRU-one-layer": lambda: (nn.GRU(4, 6), (_randn(5, 2, 4, grad=True), _randn(1, 2, 6, seed=1, grad=True))),
     "LSTMCell": lambda: (nn.LSTMCell(4, 6), (_randn(3, 4, grad=True),)),
     "GRUCell": lambda: (nn.GRUCell(4, 6), (_randn(3, 4, grad=True),)),
     "MultiheadAttention": lambda: (nn.MultiheadAttention(16, 4, batch_first=True),
