@@ -99,11 +99,12 @@ _ENCODED_NAMES: Dict[str, bytes] = {}
 
 
 def getenv(name: str) -> Optional[str]:
-    """os.environ.get(name), in a tenth of its time. Every dispatch reads a few
-    variables (they take part in the choice), and os.environ.get costs ~0.7 us
-    each, as much as the rest of a cached decision: it encodes the key and
-    decodes the value in Python. On POSIX os.environ keeps the encoded pairs in
-    its `_data` dict, which every write through os.environ updates; read that."""
+    """os.environ.get(name), faster for a variable that is not set (the usual
+    case): every dispatch reads a few (they take part in the choice), and
+    os.environ.get encodes the key in Python and, when the variable is unset,
+    raises and catches a KeyError: 0.56 us against 0.14 here (0.25 and 0.24 for
+    a set one). On POSIX os.environ keeps the encoded pairs in its `_data`
+    dict, which every write through os.environ updates; read that."""
     data = getattr(os.environ, "_data", None)
     if os.name != "posix" or not isinstance(data, dict):
         return os.environ.get(name)
