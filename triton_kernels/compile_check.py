@@ -5,7 +5,10 @@ The interpreter runs the kernels' arithmetic on the CPU but not Triton's GPU
 compiler, which rejects things the interpreter accepts (non-constexpr globals,
 unsupported dot shapes or dtypes, shared memory over the limit). This runs the
 real launchers on meta tensors, intercepts each launch and compiles it to a
-cubin instead. Must run without TRITON_INTERPRET=1.
+cubin instead, specialized on its arguments as Triton's launcher does (the
+alignment hints decide whether loops are software-pipelined, and so how much
+shared memory a kernel needs). Config 0 of each kernel must fit: the GPU test
+suite launches it untuned. Must run without TRITON_INTERPRET=1.
 """
 import argparse
 import inspect
@@ -64,6 +67,30 @@ class Compiler:
         self.limit = SHARED_LIMIT.get(arch, 1 << 30)
         self.all_configs = all_configs
         self.compiled = []
+        self.warned = False
+
+    def _specialized(self, kernel, args, keyword_values, options):
+        """The source a real launch compiles: Triton's own binder marks the
+        pointers and ints divisible by 16 (and makes ints equal to 1 constants).
+        Without those hints no load is 16-byte aligned, the software pipeliner
+        leaves every loop single-buffered, and the shared memory reported here
+        was under what a GPU launch uses. None where this Triton's binder API
+        differs (then the plain signature)."""
+        try:
+            from triton.compiler import make_backend
+            from triton.runtime.jit import create_function_from_signature
+
+            backend = make_backend(self.target)
+            binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+            bound, specialization, _ = binder(*args, **keyword_values)
+            _, signature, constexprs, attrs = kernel._pack_args(backend, dict(options), bound, specialization, options)
+        except (ImportError, AttributeError, TypeError, ValueError) as error:
+            if not self.warned:
+                print(f"compile_check: no launch specialization with this Triton ({error!r}); compiling without "
+                      "alignment hints, so shared memory is under-reported", file=sys.stderr)
+                self.warned = True
+            return None
+        return ASTSource(kernel, signature, constexprs, attrs)
 
     def __call__(self, kernel, grid, args, kwargs):
         configs = [None]
@@ -75,17 +102,21 @@ class Compiler:
         # Launch options given with the call (an ATTNKIT_TRITON_CONFIG launch) are options, not arguments.
         launch_options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
         is_constexpr = {param.name: param.is_constexpr for param in kernel.params}
-        for config in configs:
+        for index, config in enumerate(configs):
             keyword_values = dict(kwargs, **(config.kwargs if config else {}))
-            constexprs = {n: value for n, value in keyword_values.items() if is_constexpr[n]}
-            values = dict(zip(names, args), **keyword_values)
-            signature = {n: "constexpr" if n in constexprs else _type_of(values[n]) for n in names}
             options = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config else launch_options
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=self.target, options=options)
+            source = self._specialized(kernel, args, keyword_values, options)
+            if source is None:
+                constexprs = {n: value for n, value in keyword_values.items() if is_constexpr[n]}
+                values = dict(zip(names, args), **keyword_values)
+                signature = {n: "constexpr" if n in constexprs else _type_of(values[n]) for n in names}
+                source = ASTSource(kernel, signature, constexprs)
+            compiled = triton.compile(source, target=self.target, options=options)
             shared = compiled.metadata.shared
             fits = shared <= self.limit
             if self.all_configs or fits or config is configs[-1]:
-                self.compiled.append((kernel.fn.__name__, constexprs.get("BLOCK_M"), constexprs.get("BLOCK_N"), shared))
+                self.compiled.append((kernel.fn.__name__, index, keyword_values.get("BLOCK_M"),
+                                      keyword_values.get("BLOCK_N"), shared))
             if fits and not self.all_configs:
                 return
 
@@ -212,10 +243,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     limit = SHARED_LIMIT.get(args.arch)
     over = 0
-    for kernel, block_m, block_n, shared in check(args.arch, args.all_configs):
+    for kernel, index, block_m, block_n, shared in check(args.arch, args.all_configs):
         fits = limit is None or shared <= limit
+        # Config 0 must fit everywhere: the GPU test suite launches it untuned (ATTNKIT_TRITON_CONFIG=0).
+        note = "" if fits else "  OVER THE LIMIT"
+        if fits and index > 0 and not args.all_configs:
+            fits, note = False, "  (config 0 OVER THE LIMIT)"
         over += not fits
-        print(f"  {kernel:18s} BLOCK_M={block_m} BLOCK_N={block_n} shared={shared} B{'' if fits else '  OVER THE LIMIT'}")
+        print(f"  {kernel:18s} config {index} BLOCK_M={block_m} BLOCK_N={block_n} shared={shared} B{note}")
     return 1 if over and not args.all_configs else 0
 
 

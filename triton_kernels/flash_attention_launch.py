@@ -23,17 +23,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs(block_d: int, elem_bytes: int):
+def _configs(block_d: int, elem_bytes: int, rotary: bool = False):
     """Autotune candidates, the first one fitting the shared memory of an A100
     (163 KB) for every kernel (checked by compile_check); larger ones are
-    skipped by the autotuner where they do not fit."""
+    skipped by the autotuner where they do not fit. Fused RoPE has its own
+    list: its kernels pipeline the partner, cos and sin tiles too (at D = 128
+    its dK/dV kernel needed 361 KB at (128, 64, 8, 2) on sm_90)."""
     if elem_bytes > 2:  # fp32/fp64: tiles twice or four times the bytes
         shapes = [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 1)]
+    elif rotary:
+        shapes = [(64, 32, 4, 2), (128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)]
     elif block_d >= 256:
         shapes = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)]
     else:
         shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 128, 8, 2),
-                  (64, 32, 4, 2)]  # the last one fits even with fused RoPE's extra tiles
+                  (64, 32, 4, 2)]
     return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in shapes]
 
 
@@ -56,26 +60,26 @@ def _fixed_config() -> Optional[int]:
     return int(value)
 
 
-def config_count(head_dim: int, dtype: torch.dtype) -> int:
+def config_count(head_dim: int, dtype: torch.dtype, rotary: bool = False) -> int:
     """How many candidates ATTNKIT_TRITON_CONFIG can pick from at this head dim and dtype."""
-    return len(_configs(_block_dim(head_dim), dtype.itemsize))
+    return len(_configs(_block_dim(head_dim), dtype.itemsize, rotary))
 
 
-def _kernel(kernel, block_d: int, elem_bytes: int):
+def _kernel(kernel, block_d: int, elem_bytes: int, rotary: bool = False):
     """The kernel as launched here: autotuned on a GPU, fixed under the
     interpreter or by ATTNKIT_TRITON_CONFIG."""
     if _interpreting():
         return kernel, dict(INTERPRETER_BLOCKS)
+    configs = _configs(block_d, elem_bytes, rotary)
     fixed = _fixed_config()
     if fixed is not None:
-        configs = _configs(block_d, elem_bytes)
         if fixed >= len(configs):
             raise ValueError(f"ATTNKIT_TRITON_CONFIG={fixed}: only {len(configs)} configs at this head dim and dtype")
         config = configs[fixed]
         return kernel, dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    key = (kernel, block_d >= 256, elem_bytes > 2)
+    key = (kernel, block_d >= 256, elem_bytes > 2, rotary)
     if key not in _tuned:
-        _tuned[key] = triton.autotune(configs=_configs(block_d, elem_bytes), key=_TUNE_KEY)(kernel)
+        _tuned[key] = triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
     return _tuned[key], {}
 
 
@@ -163,7 +167,7 @@ def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tenso
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty((q.shape[1], q.shape[0]) if varlen else q.shape[:-1], dtype=stat_dtype, device=q.device)
-    kernel, blocks = _kernel(_attn_fwd, c["flags"]["BLOCK_D"], q.element_size())
+    kernel, blocks = _kernel(_attn_fwd, c["flags"]["BLOCK_D"], q.element_size(), c["flags"]["ROTARY_DIM"] > 0)
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
     args = (
         q, k, v, out, lse, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"],
@@ -193,7 +197,7 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     shared = (*c["mask_strides"], c["pad_stride"], c["slopes_stride"], c["rot_stride"])
-    kernel, blocks = _kernel(_attn_bwd_dkdv, flags["BLOCK_D"], q.element_size())
+    kernel, blocks = _kernel(_attn_bwd_dkdv, flags["BLOCK_D"], q.element_size(), flags["ROTARY_DIM"] > 0)
     grid = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), c["batch"] * c["heads_kv"])  # noqa: E731
     args = (
         q, k, v, do, lse, delta, dk, dv, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"],
@@ -202,7 +206,7 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
         c["heads_kv"], c["group"], max_q, max_k, *c["scalars"].values(),
     )
     _run(kernel, grid, args, dict(**flags, **blocks), launch)
-    kernel, blocks = _kernel(_attn_bwd_dq, flags["BLOCK_D"], q.element_size())
+    kernel, blocks = _kernel(_attn_bwd_dq, flags["BLOCK_D"], q.element_size(), flags["ROTARY_DIM"] > 0)
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
     args = (
         q, k, v, do, lse, delta, dq, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"],
