@@ -48,7 +48,7 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _tile_scores(
-    qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
+    qk, queries, keys, q_len, k_len, diag, window_left, window_right, scale, softcap,
     mask_base, stride_mask_m, stride_mask_n, pad_base, slope,
     USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr,
     ALIBI: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
@@ -59,10 +59,13 @@ def _tile_scores(
     soft-capping). Plain scores take one multiply, by scale * log2(e). CHECK_BOUNDS=False is for
     tiles inside both sequences and inside the window for every (query, key)
     pair (see _unchecked_range): those skip the bounds and window arithmetic,
-    which costs about as much as the tile's matrix products on tensor cores."""
-    rel = offs_n[None, :] - (offs_m[:, None] + diag)  # key position relative to the query's diagonal
-    mask_ptrs = mask_base + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n
-    valid = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
+    which costs about as much as the tile's matrix products on tensor cores.
+    queries / keys: the tile's query and key positions as a column and a row
+    ((M, 1) and (1, N)), or a row and a column for a transposed tile (the dK/dV
+    kernel works on S^T, so that P^T and dS^T feed its products from registers)."""
+    rel = keys - (queries + diag)  # key position relative to the query's diagonal
+    mask_ptrs = mask_base + queries * stride_mask_m + keys * stride_mask_n
+    valid = (queries < q_len) & (keys < k_len)
     if USE_WINDOW:
         valid = valid & (rel <= window_right) & (rel >= -window_left)
     t = qk * 0
@@ -85,14 +88,13 @@ def _tile_scores(
         if MASK_KIND == 1:  # boolean, True (nonzero) = attend
             valid = valid & (tl.load(mask_ptrs, mask=valid, other=0) != 0)
         if HAS_PADDING:  # True (nonzero) = padding, ignored
-            pad = tl.load(pad_base + offs_n, mask=offs_n < k_len, other=1)
-            valid = valid & (pad == 0)[None, :]
+            valid = valid & (tl.load(pad_base + keys, mask=keys < k_len, other=1) == 0)
         s = tl.where(valid, s, float("-inf"))
     else:  # inside both sequences and the window: only the masks the caller gave
         if MASK_KIND == 1:
             s = tl.where(tl.load(mask_ptrs) != 0, s, float("-inf"))
         if HAS_PADDING:
-            s = tl.where((tl.load(pad_base + offs_n) == 0)[None, :], s, float("-inf"))
+            s = tl.where(tl.load(pad_base + keys) == 0, s, float("-inf"))
     return s, t
 
 
@@ -148,8 +150,9 @@ def _block_start(j, before, lo, run_lo, run_hi, BLOCK: tl.constexpr, CHECK_BOUND
 
 
 @triton.jit
-def _dropout_keep(seed_bh, offs_m, offs_n, max_seqlen_k, threshold):
-    offsets = offs_m[:, None] * max_seqlen_k + offs_n[None, :]
+def _dropout_keep(seed_bh, queries, keys, max_seqlen_k, threshold):
+    """The keep mask at query and key positions (broadcast as in _tile_scores)."""
+    offsets = queries * max_seqlen_k + keys
     bits = tl.randint(seed_bh, offsets.to(tl.int32)).to(tl.uint32, bitcast=True)
     return (bits >> 8).to(tl.int32) >= threshold
 
@@ -254,16 +257,16 @@ def _fwd_blocks(
         k = _load_rows(k_base, offs_n, stride_kn, offs_n < k_len, offs_n + rot_off, COS, SIN, stride_rot, 1.0,
                        HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
-        s, _ = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
-                            mask_base, stride_mm, stride_mn, pad_base, slope, USE_WINDOW, SOFTCAP, MASK_KIND,
-                            HAS_PADDING, ALIBI, CHECK_BOUNDS)
+        s, _ = _tile_scores(qk, offs_m[:, None], offs_n[None, :], q_len, k_len, diag, window_left, window_right,
+                            scale, softcap, mask_base, stride_mm, stride_mn, pad_base, slope, USE_WINDOW, SOFTCAP,
+                            MASK_KIND, HAS_PADDING, ALIBI, CHECK_BOUNDS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # the normalizer l_i counts every probability; only the output is dropped
-            keep = _dropout_keep(seed_bh, offs_m, offs_n, max_k, drop_threshold)
+            keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], max_k, drop_threshold)
             p = tl.where(keep, p * drop_scale, 0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
@@ -379,23 +382,26 @@ def _dkdv_blocks(
                      mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
         lse = tl.load(lse_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
         delta = tl.load(delta_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
-        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
-        s, t = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
-                            mask_base, stride_mm, stride_mn, pad_base, slope,
-                            USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, ALIBI, CHECK_BOUNDS)
+        # Transposed tiles, (BLOCK_N, BLOCK_M): P^T and dS^T are then the left
+        # operands of the dV and dK products straight from registers; P and dS
+        # transposed went through shared memory each step, and the kernel spilled.
+        qk_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+        s_t, t_t = _tile_scores(qk_t, offs_m[None, :], offs_n[:, None], q_len, k_len, diag, window_left,
+                                window_right, scale, softcap, mask_base, stride_mm, stride_mn, pad_base, slope,
+                                USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, ALIBI, CHECK_BOUNDS)
         lse = tl.where(lse == float("-inf"), 0.0, lse).to(ACC_DTYPE)  # such rows are all -inf: p = 0
-        p = tl.exp2(s - lse[:, None] * LOG2E)
-        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
-        p_out = p
+        p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
+        dp_t = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+        p_out_t = p_t
         if DROPOUT:
-            keep = _dropout_keep(seed_bh, offs_m, offs_n, max_k, drop_threshold)
-            p_out = tl.where(keep, p * drop_scale, 0.0)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        dv = _dot(tl.trans(p_out.to(do.dtype)), do, dv, DOT_PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None].to(ACC_DTYPE))
+            keep_t = _dropout_keep(seed_bh, offs_m[None, :], offs_n[:, None], max_k, drop_threshold)
+            p_out_t = tl.where(keep_t, p_t * drop_scale, 0.0)
+            dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+        dv = _dot(p_out_t.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
+        ds_t = p_t * (dp_t - delta[None, :].to(ACC_DTYPE))
         if SOFTCAP:
-            ds = ds * (1 - t * t)
-        dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, DOT_PRECISION, UPCAST)
+            ds_t = ds_t * (1 - t_t * t_t)
+        dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION, UPCAST)
     return dk, dv
 
 
@@ -491,13 +497,13 @@ def _dq_blocks(
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
-        s, t = _tile_scores(qk, offs_m, offs_n, q_len, k_len, diag, window_left, window_right, scale, softcap,
-                            mask_base, stride_mm, stride_mn, pad_base, slope,
+        s, t = _tile_scores(qk, offs_m[:, None], offs_n[None, :], q_len, k_len, diag, window_left, window_right,
+                            scale, softcap, mask_base, stride_mm, stride_mn, pad_base, slope,
                             USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, ALIBI, CHECK_BOUNDS)
         p = tl.exp2(s - lse[:, None] * LOG2E)
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         if DROPOUT:
-            keep = _dropout_keep(seed_bh, offs_m, offs_n, max_k, drop_threshold)
+            keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], max_k, drop_threshold)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
@@ -572,7 +578,7 @@ def _dropout_keep_mask_kernel(OUT, H, max_q, max_k, seed, drop_threshold, BLOCK_
     pid_bh = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(seed + pid_bh, offs_m, offs_n, max_k, drop_threshold)
+    keep = _dropout_keep(seed + pid_bh, offs_m[:, None], offs_n[None, :], max_k, drop_threshold)
     ptrs = OUT + pid_bh * max_q * max_k + offs_m[:, None] * max_k + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.uint8), mask=(offs_m[:, None] < max_q) & (offs_n[None, :] < max_k))
 

@@ -23,18 +23,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs(block_d: int, elem_bytes: int, rotary: bool = False):
+def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = False):
     """Autotune candidates, the first one fitting the shared memory of an A100
     (163 KB) for every kernel (checked by compile_check); larger ones are
-    skipped by the autotuner where they do not fit. Fused RoPE has its own
-    list: its kernels pipeline the partner, cos and sin tiles too (at D = 128
-    its dK/dV kernel needed 361 KB at (128, 64, 8, 2) on sm_90)."""
+    skipped by the autotuner where they do not fit.
+    - Fused RoPE has its own list: its kernels pipeline the partner, cos and
+      sin tiles too (at D = 128 its dK/dV kernel needed 361 KB at (128, 64, 8, 2)
+      on sm_90).
+    - The dK/dV kernel (dkdv) has its own list: it works on S^T, so BLOCK_N (its
+      key block) is the M of its products, at least 64 per 4 warps for wgmma, and
+      its dK and dV accumulators fill the registers. Bytes ptxas spills on
+      sm_90, bf16, plain / causal: D = 128 8 / 0 at (32, 128, 8, 2), 160 / 176
+      at (64, 128, 8, 2); D = 64 0 / 24 at (64, 128, 8, 2); D = 256 92 at
+      (32, 64, 8, 2). On P and dS (not transposed) the same kernel spilled
+      228 bytes at its best wgmma config, (128, 64, 8, 2)."""
     if elem_bytes > 2:  # fp32/fp64: tiles twice or four times the bytes
         shapes = [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 1)]
     elif rotary:
         shapes = [(64, 32, 4, 2), (128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)]
     elif block_d >= 256:
-        shapes = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)]
+        shapes = [(32, 64, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2)] if dkdv else [
+            (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)]
+    elif dkdv:
+        shapes = [(32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3)]
     else:
         shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 128, 8, 2),
                   (64, 32, 4, 2)]
@@ -61,8 +72,11 @@ def _fixed_config() -> Optional[int]:
 
 
 def config_count(head_dim: int, dtype: torch.dtype, rotary: bool = False) -> int:
-    """How many candidates ATTNKIT_TRITON_CONFIG can pick from at this head dim and dtype."""
-    return len(_configs(_block_dim(head_dim), dtype.itemsize, rotary))
+    """How many candidates ATTNKIT_TRITON_CONFIG can pick from at this head dim and
+    dtype: the longest of the kernels' lists (a shorter one uses its last entry
+    for the indices past its end)."""
+    block_d = _block_dim(head_dim)
+    return max(len(_configs(block_d, dtype.itemsize, rotary, dkdv)) for dkdv in (False, True))
 
 
 def _kernel(kernel, block_d: int, elem_bytes: int, rotary: bool = False):
@@ -70,12 +84,13 @@ def _kernel(kernel, block_d: int, elem_bytes: int, rotary: bool = False):
     interpreter or by ATTNKIT_TRITON_CONFIG."""
     if _interpreting():
         return kernel, dict(INTERPRETER_BLOCKS)
-    configs = _configs(block_d, elem_bytes, rotary)
+    configs = _configs(block_d, elem_bytes, rotary, dkdv=kernel is _attn_bwd_dkdv)
     fixed = _fixed_config()
     if fixed is not None:
-        if fixed >= len(configs):
-            raise ValueError(f"ATTNKIT_TRITON_CONFIG={fixed}: only {len(configs)} configs at this head dim and dtype")
-        config = configs[fixed]
+        count = max(len(_configs(block_d, elem_bytes, rotary, dkdv)) for dkdv in (False, True))
+        if fixed >= count:
+            raise ValueError(f"ATTNKIT_TRITON_CONFIG={fixed}: only {count} configs at this head dim and dtype")
+        config = configs[min(fixed, len(configs) - 1)]
         return kernel, dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     key = (kernel, block_d >= 256, elem_bytes > 2, rotary)
     if key not in _tuned:

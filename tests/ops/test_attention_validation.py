@@ -137,6 +137,13 @@ def test_triton_config_env_picks_a_fixed_config_or_names_what_is_wrong(monkeypat
         config = launch._configs(128, 2)[index]
         assert kernel is launch._attn_fwd  # the plain kernel, not an Autotuner
         assert options == dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    # The dK/dV kernel has its own list, shorter: past its end it keeps its last entry.
+    dkdv_configs = launch._configs(128, 2, dkdv=True)
+    assert dkdv_configs != launch._configs(128, 2) and len(dkdv_configs) <= count
+    for index, expected in ((0, dkdv_configs[0]), (count - 1, dkdv_configs[-1])):
+        monkeypatch.setenv("ATTNKIT_TRITON_CONFIG", str(index))
+        kernel, options = launch._kernel(launch._attn_bwd_dkdv, 128, 2)
+        assert options == dict(expected.kwargs, num_warps=expected.num_warps, num_stages=expected.num_stages)
     monkeypatch.setenv("ATTNKIT_TRITON_CONFIG", str(count))
     with pytest.raises(ValueError, match=f"ATTNKIT_TRITON_CONFIG={count}: only {count} configs"):
         launch._kernel(launch._attn_fwd, 128, 2)
