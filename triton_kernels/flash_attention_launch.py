@@ -36,9 +36,11 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
       sm_90, bf16, plain / causal: D = 128 8 / 0 at (32, 128, 8, 2), 160 / 176
       at (64, 128, 8, 2); D = 64 0 / 24 at (64, 128, 8, 2); D = 256 92 at
       (32, 64, 8, 2). On P and dS (not transposed) the same kernel spilled
-      228 bytes at its best wgmma config, (128, 64, 8, 2)."""
-    if elem_bytes > 2:  # fp32/fp64: tiles twice or four times the bytes
-        shapes = [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 1)]
+      228 bytes at its best wgmma config, (128, 64, 8, 2).
+    - float32 (IEEE dot) at D = 80 spills 1056 / 836 / 900 bytes (forward, dK/dV,
+      dQ) at (32, 32, 4, 2) and 388 / 0 / 380 with 8 warps, hence 8 first."""
+    if elem_bytes > 2:  # fp32/fp64: tiles twice or four times the bytes; an IEEE dot is FMAs in registers
+        shapes = [(32, 32, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 1)]
     elif rotary:
         shapes = [(64, 32, 4, 2), (128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)]
     elif block_d >= 256:
