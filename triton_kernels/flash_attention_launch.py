@@ -36,7 +36,7 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
       sm_90, bf16, plain / causal: D = 128 8 / 0 at (32, 128, 8, 2), 160 / 176
       at (64, 128, 8, 2); D = 64 0 / 24 at (64, 128, 8, 2); D = 256 92 at
       (32, 64, 8, 2). On P and dS (not transposed) the same kernel spilled
-      228 bytes at its best wgmma config, (128, 64, 8, 2).
+      228 bytes at (128, 64, 8, 2), its config 0 then, and 12 at (64, 32, 4, 2).
     - float32 (IEEE dot) at D = 80 spills 1056 / 836 / 900 bytes (forward, dK/dV,
       dQ) at (32, 32, 4, 2) and 388 / 0 / 380 with 8 warps, hence 8 first."""
     if elem_bytes > 2:  # fp32/fp64: tiles twice or four times the bytes; an IEEE dot is FMAs in registers
