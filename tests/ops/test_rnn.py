@@ -164,6 +164,29 @@ def test_inference_saves_nothing_and_matches_training():
     torch.testing.assert_close((out, h, c), (out_train, h_train, c_train), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("lengths", [None, [2, 4, 0]], ids=["plain", "lengths"])  # the quick checks, the full ones
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_missing_hx_means_zeros(kind, lengths):
+    """hx=None runs from zero states (one zeros tensor for h0 and c0 on the quick
+    path): the same values and gradients as explicit zeros, and no two outputs
+    share memory through it (a row of length 0 hands its initial state back)."""
+    if kind == "lstm":
+        x, _, _, w_ih, w_hh, b_ih, b_hh, _ = make_lstm(4, 3, 5, 6, 6, torch.float64, "cpu")
+        weights, zeros = (w_ih, w_hh, b_ih, b_hh), (torch.zeros(3, 6, dtype=torch.float64),) * 2
+        call = lambda hx: (lambda out, state: (out, *state))(*lstm(x, hx, *weights, lengths=lengths))  # noqa: E731
+    else:
+        x, _, *weights = make_gru(4, 3, 5, 6, torch.float64, "cpu")
+        zeros = torch.zeros(3, 6, dtype=torch.float64)
+        call = lambda hx: gru(x, hx, *weights, lengths=lengths)  # noqa: E731
+    leaves = [x, *weights]
+    check_against(call(None), call(zeros), leaves, torch.float64)
+    with torch.no_grad():
+        outs = call(None)
+        expected = [t.clone() for t in outs]
+        outs[-1].fill_(7.0)  # the last state: c_n, or the GRU's h_n
+        torch.testing.assert_close(outs[:-1], expected[:-1], atol=0, rtol=0)
+
+
 def test_only_some_outputs_used():
     """Outputs that never reach the loss (h_n, c_n here) come back as None grads."""
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = make_lstm(3, 2, 3, 4, 4, torch.float64, "cpu")
