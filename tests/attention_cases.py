@@ -69,6 +69,9 @@ CASES = [
     (S(2, 2, 2, 17, 17, 32, 32), Features()),
     (S(2, 2, 2, 17, 17, 32, 32), Features(causal=True)),
     (S(1, 2, 2, 64, 64, 16, 16), Features(causal=True, scale=0.3)),
+    # A scale <= 0 keeps the scores' transform in the tile (the kernels' RAW_SCORES path needs scale > 0).
+    (S(1, 2, 2, 20, 24, 16, 16), Features(causal=True, scale=-0.4)),
+    (S(2, 2, 2, 17, 23, 16, 16), Features(mask="bool", scale=0.0)),
     (S(2, 2, 1, 17, 33, 80, 80), Features(causal=True)),  # MQA, Nq < Nk
     (S(1, 4, 2, 33, 17, 16, 16), Features(causal=True)),  # GQA, Nq > Nk: early rows see nothing
     (S(1, 2, 2, 20, 24, 24, 40), Features()),  # odd head dims, Dv != D

@@ -51,7 +51,7 @@ def _tile_scores(
     qk, queries, keys, q_len, k_len, diag, window_left, window_right, scale, softcap,
     mask_base, stride_mask_m, stride_mask_n, pad_base, slope,
     USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr,
-    ALIBI: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+    ALIBI: tl.constexpr, RAW_SCORES: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
 ):
     """Scaled, soft-capped, masked scores of one (BLOCK_M, BLOCK_N) tile in
     base-2 units (natural-log scores times log2(e), for exp2; -inf where
@@ -60,6 +60,9 @@ def _tile_scores(
     tiles inside both sequences and inside the window for every (query, key)
     pair (see _unchecked_range): those skip the bounds and window arithmetic,
     which costs about as much as the tile's matrix products on tensor cores.
+    RAW_SCORES (no soft-cap, ALiBi or additive mask, and scale > 0): s is qk
+    itself, masked, and the caller multiplies by _score_scale's factor inside
+    its exp2 argument; the masks' -inf survive a positive factor.
     queries / keys: the tile's query and key positions as a column and a row
     ((M, 1) and (1, N)), or a row and a column for a transposed tile (the dK/dV
     kernel works on S^T, so that P^T and dS^T feed its products from registers)."""
@@ -82,6 +85,8 @@ def _tile_scores(
             else:
                 s = s + tl.load(mask_ptrs).to(s.dtype)
         s = s * LOG2E
+    elif RAW_SCORES:  # the caller scales inside its exponent's FMA (see _score_scale)
+        s = qk
     else:
         s = qk * (scale * LOG2E)
     if CHECK_BOUNDS:
@@ -96,6 +101,17 @@ def _tile_scores(
         if HAS_PADDING:
             s = tl.where(tl.load(pad_base + keys) == 0, s, float("-inf"))
     return s, t
+
+
+@triton.jit
+def _score_scale(scale, RAW_SCORES: tl.constexpr):
+    """What _tile_scores' scores still need multiplying by, inside the caller's
+    exp2 argument: scale * log2(e) for raw scores (one FMA a score instead of a
+    multiply and a subtraction), else 1."""
+    if RAW_SCORES:
+        return scale * LOG2E
+    else:
+        return 1.0
 
 
 @triton.jit
@@ -246,8 +262,8 @@ def _fwd_blocks(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr,
-    DROPOUT: tl.constexpr, ALIBI: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-    CHECK_BOUNDS: tl.constexpr,
+    DROPOUT: tl.constexpr, ALIBI: tl.constexpr, RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
 ):
     """The online softmax over the checked key blocks of [lo, hi) or the
     unchecked run [run_lo, run_hi): (acc, l_i, m_i) updated."""
@@ -259,10 +275,11 @@ def _fwd_blocks(
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         s, _ = _tile_scores(qk, offs_m[:, None], offs_n[None, :], q_len, k_len, diag, window_left, window_right,
                             scale, softcap, mask_base, stride_mm, stride_mn, pad_base, slope, USE_WINDOW, SOFTCAP,
-                            MASK_KIND, HAS_PADDING, ALIBI, CHECK_BOUNDS)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+                            MASK_KIND, HAS_PADDING, ALIBI, RAW_SCORES, CHECK_BOUNDS)
+        c = _score_scale(scale, RAW_SCORES)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * c)  # max commutes with a positive scale
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-        p = tl.exp2(s - m_use[:, None])
+        p = tl.exp2(s * c - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # the normalizer l_i counts every probability; only the output is dropped
@@ -287,7 +304,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
-    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
+    RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -325,7 +342,7 @@ def _attn_fwd(
                 diag, rot_off, COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap,
                 mask_base, stride_mm, stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_M, BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST, USE_WINDOW,
-                SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI, ROTARY_DIM, INTERLEAVED, check == 1)
+                SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI, RAW_SCORES, ROTARY_DIM, INTERLEAVED, check == 1)
 
     empty = l_i == 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -368,8 +385,8 @@ def _dkdv_blocks(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr,
-    DROPOUT: tl.constexpr, ALIBI: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-    CHECK_BOUNDS: tl.constexpr,
+    DROPOUT: tl.constexpr, ALIBI: tl.constexpr, RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
 ):
     """dK (unscaled) and dV of one key block accumulated over one query head's
     checked query blocks or its unchecked run."""
@@ -388,9 +405,9 @@ def _dkdv_blocks(
         qk_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         s_t, t_t = _tile_scores(qk_t, offs_m[None, :], offs_n[:, None], q_len, k_len, diag, window_left,
                                 window_right, scale, softcap, mask_base, stride_mm, stride_mn, pad_base, slope,
-                                USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, ALIBI, CHECK_BOUNDS)
+                                USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, ALIBI, RAW_SCORES, CHECK_BOUNDS)
         lse = tl.where(lse == float("-inf"), 0.0, lse).to(ACC_DTYPE)  # such rows are all -inf: p = 0
-        p_t = tl.exp2(s_t - lse[None, :] * LOG2E)
+        p_t = tl.exp2(s_t * _score_scale(scale, RAW_SCORES) - lse[None, :] * LOG2E)
         dp_t = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         p_out_t = p_t
         if DROPOUT:
@@ -417,7 +434,7 @@ def _attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
-    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
+    RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -469,7 +486,7 @@ def _attn_bwd_dkdv(
                     window_left, window_right, scale, softcap, mask_base, stride_mm, stride_mn, pad_base, slope,
                     seed_bh, max_k, drop_threshold, drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_M, BLOCK_N,
                     ACC_DTYPE, DOT_PRECISION, UPCAST, USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI,
-                    ROTARY_DIM, INTERLEAVED, check == 1)
+                    RAW_SCORES, ROTARY_DIM, INTERLEAVED, check == 1)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=k_inside)
@@ -485,8 +502,8 @@ def _dq_blocks(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr,
-    DROPOUT: tl.constexpr, ALIBI: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-    CHECK_BOUNDS: tl.constexpr,
+    DROPOUT: tl.constexpr, ALIBI: tl.constexpr, RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr,
+    INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
 ):
     """dQ (unscaled) accumulated over the checked key blocks or the unchecked run."""
     count, before = _block_count(lo, run_lo, run_hi, hi, BLOCK_N, CHECK_BOUNDS)
@@ -499,8 +516,8 @@ def _dq_blocks(
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         s, t = _tile_scores(qk, offs_m[:, None], offs_n[None, :], q_len, k_len, diag, window_left, window_right,
                             scale, softcap, mask_base, stride_mm, stride_mn, pad_base, slope,
-                            USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, ALIBI, CHECK_BOUNDS)
-        p = tl.exp2(s - lse[:, None] * LOG2E)
+                            USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, ALIBI, RAW_SCORES, CHECK_BOUNDS)
+        p = tl.exp2(s * _score_scale(scale, RAW_SCORES) - lse[:, None] * LOG2E)
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         if DROPOUT:
             keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], max_k, drop_threshold)
@@ -523,7 +540,7 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
-    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
+    RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -564,7 +581,8 @@ def _attn_bwd_dq(
                 diag, rot_off, COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap,
                 mask_base, stride_mm, stride_mn, PAD + b * stride_pb, slope, seed_bh, max_k, drop_threshold,
                 drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_M, BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST,
-                USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI, ROTARY_DIM, INTERLEAVED, check == 1)
+                USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI, RAW_SCORES, ROTARY_DIM, INTERLEAVED,
+                check == 1)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_inside)

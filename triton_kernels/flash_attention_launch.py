@@ -154,6 +154,7 @@ def _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, 
         UPCAST=_interpreting() and q.dtype == torch.bfloat16,
         VARLEN=varlen, BOTTOM_RIGHT=bottom_right, USE_WINDOW=use_window, SOFTCAP=softcap > 0,
         MASK_KIND=mask_kind, HAS_PADDING=pad is not None, DROPOUT=dropout_p > 0, ALIBI=alibi_slopes is not None,
+        RAW_SCORES=softcap <= 0 and alibi_slopes is None and mask_kind != 2 and scale > 0,
         ROTARY_DIM=2 * rotary[0].shape[1] if rotary else 0, INTERLEAVED=bool(rotary and rotary[3]),
         LENGTH_BUCKET=min(max(triton.next_power_of_2(max(max_q, max_k, 1)), 128), 16384),
     )
