@@ -83,7 +83,13 @@ class Compiler:
             backend = make_backend(self.target)
             binder = create_function_from_signature(kernel.signature, kernel.params, backend)
             bound, specialization, _ = binder(*args, **keyword_values)
-            _, signature, constexprs, attrs = kernel._pack_args(backend, dict(options), bound, specialization, options)
+            # What JITFunction.run makes of the specialization (triton 3.3-3.8), for flat arguments:
+            # (type, value) for a constexpr, (type, hint string or None) for the rest.
+            values = list(bound.values())
+            signature = {param.name: kind for param, (kind, _) in zip(kernel.params, specialization)}
+            constexprs = {(i,): values[i] for i, (kind, _) in enumerate(specialization) if kind == "constexpr"}
+            attrs = {(i,): backend.parse_attr(hint) for i, (kind, hint) in enumerate(specialization)
+                     if kind != "constexpr" and isinstance(hint, str)}
         except (ImportError, AttributeError, TypeError, ValueError) as error:
             if not self.warned:
                 print(f"compile_check: no launch specialization with this Triton ({error!r}); compiling without "
