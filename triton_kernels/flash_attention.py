@@ -56,7 +56,8 @@ def _tile_scores(
     """Scaled, soft-capped, masked scores of one (BLOCK_M, BLOCK_N) tile in
     base-2 units (natural-log scores times log2(e), for exp2; -inf where
     masked), and tanh of the soft-cap argument (for its derivative; 0 without
-    soft-capping). Plain scores take one multiply, by scale * log2(e). CHECK_BOUNDS=False is for
+    soft-capping). Plain scores take one multiply, by scale * log2(e), or none with RAW_SCORES
+    (below). CHECK_BOUNDS=False is for
     tiles inside both sequences and inside the window for every (query, key)
     pair (see _unchecked_range): those skip the bounds and window arithmetic,
     which costs about as much as the tile's matrix products on tensor cores.

@@ -77,8 +77,11 @@ def config_count(head_dim: int, dtype: torch.dtype, rotary: bool = False) -> int
     """How many candidates ATTNKIT_TRITON_CONFIG can pick from at this head dim and
     dtype: the longest of the kernels' lists (a shorter one uses its last entry
     for the indices past its end)."""
-    block_d = _block_dim(head_dim)
-    return max(len(_configs(block_d, dtype.itemsize, rotary, dkdv)) for dkdv in (False, True))
+    return _config_count(_block_dim(head_dim), dtype.itemsize, rotary)
+
+
+def _config_count(block_d: int, elem_bytes: int, rotary: bool) -> int:
+    return max(len(_configs(block_d, elem_bytes, rotary, dkdv)) for dkdv in (False, True))
 
 
 def _kernel(kernel, block_d: int, elem_bytes: int, rotary: bool = False):
@@ -89,7 +92,7 @@ def _kernel(kernel, block_d: int, elem_bytes: int, rotary: bool = False):
     configs = _configs(block_d, elem_bytes, rotary, dkdv=kernel is _attn_bwd_dkdv)
     fixed = _fixed_config()
     if fixed is not None:
-        count = max(len(_configs(block_d, elem_bytes, rotary, dkdv)) for dkdv in (False, True))
+        count = _config_count(block_d, elem_bytes, rotary)
         if fixed >= count:
             raise ValueError(f"ATTNKIT_TRITON_CONFIG={fixed}: only {count} configs at this head dim and dtype")
         config = configs[min(fixed, len(configs) - 1)]
