@@ -27,9 +27,10 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
     """Autotune candidates, the first one fitting the shared memory of an A100
     (163 KB) for every kernel (checked by compile_check); larger ones are
     skipped by the autotuner where they do not fit.
-    - Fused RoPE has its own list: its kernels pipeline the partner, cos and
+    - Fused RoPE has its own lists: its kernels pipeline the partner, cos and
       sin tiles too (at D = 128 its dK/dV kernel needed 361 KB at (128, 64, 8, 2)
-      on sm_90).
+      on sm_90). Its dK/dV kernel at D = 128, bf16, sm_90: 140 KB and 28 bytes
+      spilled at (32, 128, 8, 2); 152 KB, 276 bytes and no wgmma at (64, 32, 4, 2).
     - The dK/dV kernel (dkdv) has its own list: it works on S^T, so BLOCK_N (its
       key block) is the M of its products, at least 64 per 4 warps for wgmma, and
       its dK and dV accumulators fill the registers. Bytes ptxas spills on
@@ -42,7 +43,8 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
     if elem_bytes > 2:  # fp32/fp64: tiles twice or four times the bytes; an IEEE dot is FMAs in registers
         shapes = [(32, 32, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 1)]
     elif rotary:
-        shapes = [(64, 32, 4, 2), (128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)]
+        shapes = [(32, 128, 8, 2), (16, 128, 8, 2), (64, 32, 4, 2)] if dkdv else [
+            (64, 32, 4, 2), (128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)]
     elif block_d >= 256:
         shapes = [(32, 64, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2)] if dkdv else [
             (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)]
