@@ -12,7 +12,6 @@ suite launches it untuned. Must run without TRITON_INTERPRET=1.
 """
 import argparse
 import inspect
-import os
 import sys
 import time
 
@@ -22,6 +21,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .._dispatch import interpreter_active
 from . import flash_attention_launch as launch
 from . import additive_attention, decode, rotary
 
@@ -155,7 +155,7 @@ def _inputs(dtype, dim, varlen, options):
 
 
 def check(arch: int = 90, all_configs: bool = False, verbose: bool = True) -> list:
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreter_active():
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset: the interpreter replaces the compiler")
     compiler = Compiler(arch, all_configs)
     for name, dtype, dim, varlen, options in COMBOS:

@@ -12,15 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dispatch import interpreter_active as _interpreting  # the one TRITON_INTERPRET check, dispatch's too
 from .flash_attention import (
     NO_LIMIT, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd, _dropout_keep_mask_kernel, _rotary_rows_inplace,
 )
 
 INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = False):

@@ -12,11 +12,11 @@ index k < R/2: one thread loads both members of a pair (k and k + R/2, or 2k
 and 2k + 1) and stores both results, so rotating in place never races with
 another thread reading the old value. Out of place, dims R..D are copied.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .._dispatch import interpreter_active as _interpreting
 
 
 @triton.jit
@@ -68,10 +68,6 @@ def _rotary_kernel(
             tail_ok = (rows < seqlen)[:, None] & (tail < HEAD_DIM)[None, :] & (h < heads)
             rest = tl.load(x_row + tail[None, :] * stride_xd, mask=tail_ok)
             tl.store(o_row + tail[None, :] * stride_od, rest, mask=tail_ok)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def rotary(x, cos, sin, offsets, offset: int, interleaved: bool, conjugate: bool, out, cu_seqlens=None,
