@@ -103,20 +103,14 @@ class Compiler:
         if isinstance(kernel, triton.runtime.Autotuner):
             configs = kernel.configs
             kernel = kernel.fn
-        names = list(inspect.signature(kernel.fn).parameters)
         kwargs = dict(kwargs)
         # Launch options given with the call (an ATTNKIT_TRITON_CONFIG launch) are options, not arguments.
         launch_options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
-        is_constexpr = {param.name: param.is_constexpr for param in kernel.params}
         for index, config in enumerate(configs):
             keyword_values = dict(kwargs, **(config.kwargs if config else {}))
             options = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config else launch_options
             source = self._specialized(kernel, args, keyword_values, options)
-            if source is None:
-                constexprs = {n: value for n, value in keyword_values.items() if is_constexpr[n]}
-                values = dict(zip(names, args), **keyword_values)
-                signature = {n: "constexpr" if n in constexprs else _type_of(values[n]) for n in names}
-                source = ASTSource(kernel, signature, constexprs)
+            source = source or _unspecialized(kernel, args, keyword_values)
             compiled = triton.compile(source, target=self.target, options=options)
             shared = compiled.metadata.shared
             fits = shared <= self.limit
@@ -125,6 +119,16 @@ class Compiler:
                                       keyword_values.get("BLOCK_N"), shared))
             if fits and not self.all_configs:
                 return
+
+
+def _unspecialized(kernel, args, keyword_values):
+    """The source from the bare signature: what compile_check did before, and its fallback."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    is_constexpr = {param.name: param.is_constexpr for param in kernel.params}
+    constexprs = {n: value for n, value in keyword_values.items() if is_constexpr[n]}
+    values = dict(zip(names, args), **keyword_values)
+    signature = {n: "constexpr" if n in constexprs else _type_of(values[n]) for n in names}
+    return ASTSource(kernel, signature, constexprs)
 
 
 def _inputs(dtype, dim, varlen, options):
