@@ -195,16 +195,35 @@ def _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN: tl.constexpr, BOTTOM_R
 
 
 @triton.jit
+def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """tl.load of a (rows, cols) tile, masked only on the bounds that can fail:
+    rows outside the unchecked run (CHECK_ROWS), columns past a head dim that is
+    not a power of two (CHECK_COLS). An all-true mask is not free: in the sm_90
+    forward it cost an ISETP and a SEL per 16-byte copy, ~10% of the loop."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            return tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0)
+        else:
+            return tl.load(ptrs, mask=rows_ok[:, None], other=0)
+    else:
+        if CHECK_COLS:
+            return tl.load(ptrs, mask=cols_ok[None, :], other=0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
 def _load_rows(base, rows, stride_row, row_ok, positions, COS, SIN, stride_rot, sin_sign,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
-               ACC_DTYPE: tl.constexpr):
+               ACC_DTYPE: tl.constexpr, CHECK_ROWS: tl.constexpr = True):
     """A (rows, BLOCK_D) tile of q or k, rotated by RoPE at `positions` when
     ROTARY_DIM > 0 (sin_sign = -1: the inverse rotation, for gradients). Each
     element pairs with a partner (the other half, or the odd/even neighbour when
-    INTERLEAVED) loaded alongside, so rotation costs one more load, no shuffle."""
+    INTERLEAVED) loaded alongside, so rotation costs one more load, no shuffle.
+    CHECK_ROWS=False: every row is inside the sequence (row_ok unused)."""
     offs_d = tl.arange(0, BLOCK_D)
-    x = tl.load(base + rows[:, None] * stride_row + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0)
+    x = _load_tile(base + rows[:, None] * stride_row + offs_d[None, :], row_ok, offs_d < HEAD_DIM, CHECK_ROWS,
+                   HEAD_DIM != BLOCK_D)
     if ROTARY_DIM > 0:
         if INTERLEAVED:
             first = (offs_d % 2) == 0
@@ -260,11 +279,11 @@ def _fwd_blocks(
     acc, l_i, m_i, q, k_base, v_base, lo, run_lo, run_hi, hi, offs_m, offs_n0, offs_dv, q_len, k_len, diag, rot_off,
     COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap, mask_base, stride_mm,
     stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr,
-    DROPOUT: tl.constexpr, ALIBI: tl.constexpr, RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr,
-    INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr, RAW_SCORES: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
 ):
     """The online softmax over the checked key blocks of [lo, hi) or the
     unchecked run [run_lo, run_hi): (acc, l_i, m_i) updated."""
@@ -272,7 +291,7 @@ def _fwd_blocks(
     for j in range(0, count):
         offs_n = _block_start(j, before, lo, run_lo, run_hi, BLOCK_N, CHECK_BOUNDS) + offs_n0
         k = _load_rows(k_base, offs_n, stride_kn, offs_n < k_len, offs_n + rot_off, COS, SIN, stride_rot, 1.0,
-                       HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
+                       HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE, CHECK_BOUNDS)
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         s, _ = _tile_scores(qk, offs_m[:, None], offs_n[None, :], q_len, k_len, diag, window_left, window_right,
                             scale, softcap, mask_base, stride_mm, stride_mn, pad_base, slope, USE_WINDOW, SOFTCAP,
@@ -286,12 +305,22 @@ def _fwd_blocks(
         if DROPOUT:  # the normalizer l_i counts every probability; only the output is dropped
             keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], max_k, drop_threshold)
             p = tl.where(keep, p * drop_scale, 0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                    mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n < k_len, offs_dv < HEAD_DIM_V,
+                       CHECK_BOUNDS, HEAD_DIM_V != BLOCK_DV)
         acc = acc * alpha[:, None]
         acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _query_block_longest_first():
+    """This program's query block, the last one first: under a causal mask the
+    last blocks see the most keys, and starting them first leaves the short ones
+    for the final wave instead of a long one (longest processing time first).
+    One head's blocks are still dispatched together (program_id(0) varies
+    fastest), so they share its K and V in L2."""
+    return tl.num_programs(0) - 1 - tl.program_id(0)
 
 
 @triton.jit
@@ -307,7 +336,7 @@ def _attn_fwd(
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
     RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = _query_block_longest_first()
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -342,8 +371,9 @@ def _attn_fwd(
                 acc, l_i, m_i, q, k_base, v_base, lo, run_lo, run_hi, hi, offs_m, offs_n0, offs_dv, q_len, k_len,
                 diag, rot_off, COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap,
                 mask_base, stride_mm, stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_M, BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST, USE_WINDOW,
-                SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI, RAW_SCORES, ROTARY_DIM, INTERLEAVED, check == 1)
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST,
+                USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI, RAW_SCORES, ROTARY_DIM, INTERLEAVED,
+                check == 1)
 
     empty = l_i == 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -383,11 +413,11 @@ def _dkdv_blocks(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, lo, run_lo, run_hi, hi, offs_m0, offs_n, offs_dv, q_len,
     k_len, diag, rot_off, COS, SIN, stride_rot, stride_qm, stride_dom, stride_lm, window_left, window_right, scale,
     softcap, mask_base, stride_mm, stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr,
-    DROPOUT: tl.constexpr, ALIBI: tl.constexpr, RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr,
-    INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr, RAW_SCORES: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
 ):
     """dK (unscaled) and dV of one key block accumulated over one query head's
     checked query blocks or its unchecked run."""
@@ -395,11 +425,15 @@ def _dkdv_blocks(
     for j in range(0, count):
         offs_m = _block_start(j, before, lo, run_lo, run_hi, BLOCK_M, CHECK_BOUNDS) + offs_m0
         q = _load_rows(q_base, offs_m, stride_qm, offs_m < q_len, offs_m + diag + rot_off, COS, SIN, stride_rot,
-                       1.0, HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
-        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :],
-                     mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
-        lse = tl.load(lse_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
-        delta = tl.load(delta_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
+                       1.0, HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE, CHECK_BOUNDS)
+        do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m < q_len, offs_dv < HEAD_DIM_V,
+                        CHECK_BOUNDS, HEAD_DIM_V != BLOCK_DV)
+        if CHECK_BOUNDS:
+            lse = tl.load(lse_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
+            delta = tl.load(delta_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
+        else:
+            lse = tl.load(lse_base + offs_m * stride_lm)
+            delta = tl.load(delta_base + offs_m * stride_lm)
         # Transposed tiles, (BLOCK_N, BLOCK_M): P^T and dS^T are then the left
         # operands of the dV and dK products straight from registers; P and dS
         # transposed went through shared memory each step, and the kernel spilled.
@@ -485,9 +519,9 @@ def _attn_bwd_dkdv(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, lo, run_lo, run_hi, hi, offs_m0, offs_n,
                     offs_dv, q_len, k_len, diag, rot_off, COS, SIN, stride_rot, stride_qm, stride_dom, stride_lm,
                     window_left, window_right, scale, softcap, mask_base, stride_mm, stride_mn, pad_base, slope,
-                    seed_bh, max_k, drop_threshold, drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_M, BLOCK_N,
-                    ACC_DTYPE, DOT_PRECISION, UPCAST, USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI,
-                    RAW_SCORES, ROTARY_DIM, INTERLEAVED, check == 1)
+                    seed_bh, max_k, drop_threshold, drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
+                    BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST, USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT,
+                    ALIBI, RAW_SCORES, ROTARY_DIM, INTERLEAVED, check == 1)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=k_inside)
@@ -500,20 +534,20 @@ def _dq_blocks(
     dq, q, do, lse, delta, k_base, v_base, lo, run_lo, run_hi, hi, offs_m, offs_n0, offs_dv, q_len, k_len, diag,
     rot_off, COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap, mask_base,
     stride_mm, stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr,
-    DROPOUT: tl.constexpr, ALIBI: tl.constexpr, RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr,
-    INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr, RAW_SCORES: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
 ):
     """dQ (unscaled) accumulated over the checked key blocks or the unchecked run."""
     count, before = _block_count(lo, run_lo, run_hi, hi, BLOCK_N, CHECK_BOUNDS)
     for j in range(0, count):
         offs_n = _block_start(j, before, lo, run_lo, run_hi, BLOCK_N, CHECK_BOUNDS) + offs_n0
         k = _load_rows(k_base, offs_n, stride_kn, offs_n < k_len, offs_n + rot_off, COS, SIN, stride_rot, 1.0,
-                       HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                    mask=(offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
+                       HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE, CHECK_BOUNDS)
+        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n < k_len, offs_dv < HEAD_DIM_V,
+                       CHECK_BOUNDS, HEAD_DIM_V != BLOCK_DV)
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         s, t = _tile_scores(qk, offs_m[:, None], offs_n[None, :], q_len, k_len, diag, window_left, window_right,
                             scale, softcap, mask_base, stride_mm, stride_mn, pad_base, slope,
@@ -543,7 +577,7 @@ def _attn_bwd_dq(
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
     RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = _query_block_longest_first()
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -581,7 +615,7 @@ def _attn_bwd_dq(
                 dq, q, do, lse, delta, k_base, v_base, lo, run_lo, run_hi, hi, offs_m, offs_n0, offs_dv, q_len, k_len,
                 diag, rot_off, COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap,
                 mask_base, stride_mm, stride_mn, PAD + b * stride_pb, slope, seed_bh, max_k, drop_threshold,
-                drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_M, BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST,
+                drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST,
                 USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI, RAW_SCORES, ROTARY_DIM, INTERLEAVED,
                 check == 1)
     dq = dq * scale
