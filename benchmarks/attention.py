@@ -133,6 +133,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
     if device.type != "cuda":
         print("  (skipped: needs a CUDA GPU; see the attention_cpu family for the CPU backend)")
         return []
+    from attnkit.triton_kernels.flash_attention_launch import last_tuned_configs
+
     dtype = _gpu_dtype(dtype)
     heads = 16
     baselines = dict(_sdpa_backends())
@@ -148,6 +150,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
         batch = max(1, TOKENS // n)
         q, k, v = (torch.randn(batch, heads, n, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         for causal in (False, True):
+            first_row = len(rows)
             reference = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
             error = max_error(ours(q, k, v, causal), reference)
             for mode in ("forward", "backward", "fwd+bwd"):
@@ -165,4 +168,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
                         backend=attnkit.last_dispatch("flash_attention").backend, ours_ms=t_ours, baseline_ms=t_base,
                         max_err=error, ours_tflops=work / t_ours / 1e9, baseline_tflops=work / t_base / 1e9,
                     ))
+            picked = last_tuned_configs()  # after forward and backward ran at this shape: its winners
+            for row in rows[first_row:]:
+                row["note"] = picked
     return rows

@@ -36,7 +36,14 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
       (32, 64, 8, 2). On P and dS (not transposed) the same kernel spilled
       228 bytes at (128, 64, 8, 2), its config 0 then, and 12 at (64, 32, 4, 2).
     - float32 (IEEE dot) at D = 80 spills 1056 / 836 / 900 bytes (forward, dK/dV,
-      dQ) at (32, 32, 4, 2) and 388 / 0 / 380 with 8 warps, hence 8 first."""
+      dQ) at (32, 32, 4, 2) and 388 / 0 / 380 with 8 warps, hence 8 first.
+    - Two programs per SM: with 8 warps (two warpgroups) a program waits at a
+      CTA-wide barrier every step of the software pipeline, which keeps one
+      warpgroup's softmax from overlapping the other's products; two one-warpgroup
+      programs on an SM wait independently. Forward at D = 128, bf16, sm_90:
+      (64, 64, 4, 3) takes 112 KB and 168 registers, (64, 64, 4, 2) 80 KB, so two
+      fit (228 KB, 64 K registers); dQ at (64, 64, 4, 2) 96 KB, 178 registers.
+      (128, 64, 8, 2), at 96 KB, would fit twice but for its 176 registers."""
     if elem_bytes > 2:  # fp32/fp64: tiles twice or four times the bytes; an IEEE dot is FMAs in registers
         shapes = [(32, 32, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 1)]
     elif rotary:
@@ -49,7 +56,7 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
         shapes = [(32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3)]
     else:
         shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 128, 8, 2),
-                  (64, 32, 4, 2)]
+                  (64, 32, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2)]
     return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in shapes]
 
 
@@ -100,6 +107,20 @@ def _kernel(kernel, block_d: int, elem_bytes: int, rotary: bool = False):
     if key not in _tuned:
         _tuned[key] = triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
     return _tuned[key], {}
+
+
+def last_tuned_configs() -> str:
+    """The config each autotuned kernel launched with last, e.g. "fwd 128x64 w8 s2":
+    the benchmark notes them beside its timings, so a GPU run shows which
+    candidates win."""
+    names = {_attn_fwd: "fwd", _attn_bwd_dkdv: "dkdv", _attn_bwd_dq: "dq"}
+    picked = []
+    for (kernel, *_), tuner in _tuned.items():
+        config = getattr(tuner, "best_config", None)
+        if config is not None:
+            blocks = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
+            picked.append(f"{names.get(kernel, kernel)} {blocks} w{config.num_warps} s{config.num_stages}")
+    return "; ".join(picked)
 
 
 def _run(kernel, grid, args, kwargs, launch):

@@ -155,6 +155,24 @@ def test_triton_config_env_picks_a_fixed_config_or_names_what_is_wrong(monkeypat
     assert options == {} and kernel is not launch._attn_fwd  # autotuned
 
 
+def test_last_tuned_configs_names_each_kernels_winner(monkeypatch):
+    """The attention benchmark notes which autotune candidate won at each shape."""
+    launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")
+    triton = pytest.importorskip("triton")
+
+    class Tuned:  # what the benchmark reads off triton's Autotuner
+        def __init__(self, config):
+            self.best_config = config
+
+    fwd = triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=2)
+    dkdv = triton.Config(dict(BLOCK_M=32, BLOCK_N=128), num_warps=8, num_stages=3)
+    tuned = {(launch._attn_fwd, False, False, False): Tuned(fwd),
+             (launch._attn_bwd_dkdv, False, False, False): Tuned(dkdv),
+             (launch._attn_bwd_dq, False, False, False): Tuned(None)}  # not launched yet
+    monkeypatch.setattr(launch, "_tuned", tuned)
+    assert launch.last_tuned_configs() == "fwd 128x64 w8 s2; dkdv 32x128 w8 s3"
+
+
 def test_varlen_self_attention_cu_seqlens_passed_twice_is_checked():
     """Self-attention passes one cu_seqlens tensor as both; it is read once and checked as each."""
     q = torch.randn(10, 4, 16)
