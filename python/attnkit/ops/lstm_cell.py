@@ -89,6 +89,9 @@ def _describe_tensors(x: Tensor) -> dict:
 
 
 def _validated(input, hx, w_ih, w_hh, b_ih, b_hh):
+    state = _validate.well_formed_rnn(4, input, 2, hx, w_ih, w_hh, b_ih, b_hh)
+    if state is not None:
+        return [t.contiguous() for t in (input, *state, w_ih, w_hh, b_ih, b_hh)]
     x = _validate.tensor(OP, "input", input, ndim=2)
     _validate.tensor(OP, "w_ih", w_ih, ndim=2)
     _validate.tensor(OP, "w_hh", w_hh, ndim=2)

@@ -202,53 +202,11 @@ def _validated_lengths(op, lengths, T, B):
     return lengths.contiguous()
 
 
-def _well_formed(gates, x, hx, w_ih, w_hh, b_ih, b_hh):
-    """The common call, checked in a few comparisons (the full checks below cost ~6 us,
-    a few percent of a batch-1 layer): tensors (biases too) of one floating dtype on
-    the CPU, shapes as expected, hx given or None. Returns (h0, c0 or None), zeros
-    for hx None, or None when anything differs, and then `_validated` runs every
-    check and names the culprit."""
-    if type(x) not in _validate.PLAIN_TENSORS or type(w_ih) not in _validate.PLAIN_TENSORS:
-        return None
-    if type(w_hh) not in _validate.PLAIN_TENSORS or type(b_ih) not in _validate.PLAIN_TENSORS:
-        return None
-    if type(b_hh) not in _validate.PLAIN_TENSORS or x.dim() != 3:
-        return None
-    if hx is None:
-        h0 = c0 = None
-    elif gates == 4:
-        if type(hx) is not tuple or len(hx) != 2:
-            return None
-        h0, c0 = hx
-        if type(c0) not in _validate.PLAIN_TENSORS or type(h0) not in _validate.PLAIN_TENSORS:
-            return None
-    else:
-        h0, c0 = hx, None
-        if type(h0) not in _validate.PLAIN_TENSORS:
-            return None
-    dtype = x.dtype
-    if dtype not in _validate.FLOAT_DTYPES or not x.is_cpu or x.shape[0] == 0:
-        return None
-    T, B, I = x.shape
-    rows, H = w_hh.shape if w_hh.dim() == 2 else (0, 0)
-    if rows != gates * H or H == 0 or w_ih.shape != (rows, I) or b_ih.shape != (rows,) or b_hh.shape != (rows,):
-        return None
-    if h0 is not None and (h0.shape != (B, H) or (c0 is not None and c0.shape != (B, H))):
-        return None
-    for t in (w_ih, w_hh, b_ih, b_hh, h0, c0):
-        if t is not None and (t.dtype != dtype or not t.is_cpu):
-            return None
-    if hx is None:  # one zeros tensor for both states: the kernels do not write their inputs
-        h0 = x.new_zeros((B, H))
-        c0 = h0 if gates == 4 else None
-    return h0, c0
-
-
 def _validated(op, gates, input, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
     """Checks every argument before any kernel runs; returns the contiguous
     (x, h0, c0 or None, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)."""
     if w_hr is None and lengths is None:
-        state = _well_formed(gates, input, hx, w_ih, w_hh, b_ih, b_hh)
+        state = _validate.well_formed_rnn(gates, input, 3, hx, w_ih, w_hh, b_ih, b_hh)
         if state is not None:
             h0, c0 = state
             return [t if t is None else t.contiguous() for t in (input, h0, c0, w_ih, w_hh, b_ih, b_hh)] + [None, None]
