@@ -22,8 +22,11 @@ int64_t num_blocks(int64_t units) {
   return std::min<int64_t>((units + kThreads - 1) / kThreads, max_blocks);
 }
 
+// b_ih / b_hh: (4H) biases or null, added here rather than by a separate
+// b_ih + b_hh kernel and the GEMM's epilogue (one launch fewer a step, as torch's fused cell).
 template <typename scalar_t>
-__global__ void lstm_forward_kernel(const scalar_t* __restrict__ pre, const scalar_t* __restrict__ c,
+__global__ void lstm_forward_kernel(const scalar_t* __restrict__ pre, const scalar_t* __restrict__ b_ih,
+                                    const scalar_t* __restrict__ b_hh, const scalar_t* __restrict__ c,
                                     scalar_t* __restrict__ gates_out, scalar_t* __restrict__ h_new,
                                     scalar_t* __restrict__ c_new, int64_t units, int64_t hidden) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -31,8 +34,13 @@ __global__ void lstm_forward_kernel(const scalar_t* __restrict__ pre, const scal
        u += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = u / hidden, j = u % hidden;
     const int64_t row = b * 4 * hidden + j;
-    const auto a = gates::lstm_activate<acc_t>(pre[row], pre[row + hidden], pre[row + 2 * hidden],
-                                               pre[row + 3 * hidden]);
+    const auto gate = [&](int64_t g) {
+      acc_t value = static_cast<acc_t>(pre[row + g * hidden]);
+      if (b_ih != nullptr) value += static_cast<acc_t>(b_ih[j + g * hidden]);
+      if (b_hh != nullptr) value += static_cast<acc_t>(b_hh[j + g * hidden]);
+      return value;
+    };
+    const auto a = gates::lstm_activate<acc_t>(gate(0), gate(1), gate(2), gate(3));
     const acc_t c_next = gates::lstm_cell_state<acc_t>(a, static_cast<acc_t>(c[u]));
     gates_out[row] = a.i;
     gates_out[row + hidden] = a.f;
@@ -75,7 +83,9 @@ std::vector<at::Tensor> lstm_cell_forward(const at::Tensor& x, const at::Tensor&
   const c10::cuda::CUDAGuard device_guard(x.device());
   // The GEMMs below skip autograd's dispatch layers: the op's autograd is its own.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  at::Tensor pre = linear_gates(x, h, w_ih, w_hh, b_ih, b_hh);
+  at::Tensor pre = linear_gates(x, h, w_ih, w_hh, c10::nullopt, c10::nullopt);  // the kernel adds the biases
+  const at::Tensor bias_ih = b_ih.has_value() && b_ih->defined() ? b_ih->contiguous() : at::Tensor();
+  const at::Tensor bias_hh = b_hh.has_value() && b_hh->defined() ? b_hh->contiguous() : at::Tensor();
   at::Tensor gates = at::empty_like(pre);
   at::Tensor h_new = at::empty_like(c);
   at::Tensor c_new = at::empty_like(c);
@@ -84,7 +94,8 @@ std::vector<at::Tensor> lstm_cell_forward(const at::Tensor& x, const at::Tensor&
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lstm_cell_forward_cuda", [&] {
     lstm_forward_kernel<scalar_t><<<num_blocks(units), kThreads, 0, stream>>>(
-        pre.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+        pre.data_ptr<scalar_t>(), bias_ih.defined() ? bias_ih.data_ptr<scalar_t>() : nullptr,
+        bias_hh.defined() ? bias_hh.data_ptr<scalar_t>() : nullptr, c.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
         h_new.data_ptr<scalar_t>(), c_new.data_ptr<scalar_t>(), units, c.size(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
