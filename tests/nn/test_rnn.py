@@ -149,6 +149,26 @@ def test_state_dict_and_parameters_are_torchs():
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[1]])  # the one-layer fast path and the stacked one
+def test_functional_call_and_swapped_parameters_are_used(kind, config):
+    """torch.func.functional_call (and parametrizations) swap a module's weights
+    for a call: torch.nn re-reads them each forward, and so must the drop-in (a
+    cached weight list would silently run the old ones)."""
+    ours, theirs = pair(kind, config)
+    x, hx, _ = make_input(ours, "padded")
+    ours(x, hx)  # a call with the module's own weights first
+    params = {name: torch.randn_like(p) for name, p in theirs.named_parameters()}
+    got = torch.func.functional_call(ours, params, (x, hx))
+    expected = torch.func.functional_call(theirs, params, (x, hx))
+    torch.testing.assert_close(flatten(got), flatten(expected))
+    with torch.no_grad():  # and an in-place swap of one Parameter object for another
+        new_weight = torch.nn.Parameter(torch.randn_like(ours.weight_hh_l0))
+    ours.weight_hh_l0 = new_weight
+    theirs.weight_hh_l0 = torch.nn.Parameter(new_weight.detach().clone())
+    torch.testing.assert_close(flatten(ours(x, hx)), flatten(theirs(x, hx)))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_from_torch_shares_parameters(kind):
     _, theirs = pair(kind, (2, True, True, True, 0))
     ours = getattr(attnkit.nn, kind).from_torch(theirs)
