@@ -318,8 +318,8 @@ def _query_block_longest_first():
     """This program's query block, the last one first: under a causal mask the
     last blocks see the most keys, and starting them first leaves the short ones
     for the final wave instead of a long one (longest processing time first).
-    One head's blocks are still dispatched together (program_id(0) varies
-    fastest), so they share its K and V in L2."""
+    One head's blocks still start together (blocks are dispatched with
+    program_id(0) varying fastest), so they share its K and V in L2."""
     return tl.num_programs(0) - 1 - tl.program_id(0)
 
 

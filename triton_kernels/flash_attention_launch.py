@@ -38,9 +38,9 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
     - float32 (IEEE dot) at D = 80 spills 1056 / 836 / 900 bytes (forward, dK/dV,
       dQ) at (32, 32, 4, 2) and 388 / 0 / 380 with 8 warps, hence 8 first.
     - Two programs per SM: with 8 warps (two warpgroups) a program waits at a
-      CTA-wide barrier every step of the software pipeline, which keeps one
-      warpgroup's softmax from overlapping the other's products; two one-warpgroup
-      programs on an SM wait independently. Forward at D = 128, bf16, sm_90:
+      CTA-wide barrier every step of the software pipeline, which may keep one
+      warpgroup's softmax from overlapping the other's products (not yet timed);
+      two one-warpgroup programs on an SM wait independently. Forward at D = 128, bf16, sm_90:
       (64, 64, 4, 3) takes 112 KB and 168 registers, (64, 64, 4, 2) 80 KB, so two
       fit (228 KB, 64 K registers); dQ at (64, 64, 4, 2) 96 KB, 178 registers.
       (128, 64, 8, 2), at 96 KB, would fit twice but for its 176 registers."""
