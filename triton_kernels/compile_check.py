@@ -11,7 +11,9 @@ shared memory a kernel needs). Config 0 of each kernel must fit: the GPU test
 suite launches it untuned. Must run without TRITON_INTERPRET=1.
 """
 import argparse
+import contextlib
 import inspect
+import os
 import sys
 import time
 
@@ -40,6 +42,9 @@ COMBOS = [
     ("fp64-d32-plain", torch.float64, 32, False, dict()),
     ("bf16-d128-fused-rope-causal", torch.bfloat16, 128, False, dict(window=(-1, 0), rotary=(128, False))),
     ("fp16-d80-varlen-fused-rope-interleaved", torch.float16, 80, True, dict(rotary=(64, True), alibi=True)),
+    # The forward's TMA candidates (tensor descriptors), as on an sm_90 GPU.
+    ("bf16-d128-tma-causal", torch.bfloat16, 128, False, dict(window=(-1, 0), tma=True)),
+    ("fp16-d80-tma-padding", torch.float16, 80, False, dict(pad=True, tma=True)),
 ]
 
 
@@ -106,9 +111,12 @@ class Compiler:
         kwargs = dict(kwargs)
         # Launch options given with the call (an ATTNKIT_TRITON_CONFIG launch) are options, not arguments.
         launch_options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
+        names = list(inspect.signature(kernel.fn).parameters)
         for index, config in enumerate(configs):
             keyword_values = dict(kwargs, **(config.kwargs if config else {}))
             options = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config else launch_options
+            if config is not None and config.pre_hook is not None:  # as the autotuner does (TMA tile shapes)
+                config.pre_hook(dict(zip(names, args), **keyword_values))
             source = self._specialized(kernel, args, keyword_values, options)
             source = source or _unspecialized(kernel, args, keyword_values)
             compiled = triton.compile(source, target=self.target, options=options)
@@ -116,7 +124,7 @@ class Compiler:
             fits = shared <= self.limit
             if self.all_configs or fits or config is configs[-1]:
                 self.compiled.append((kernel.fn.__name__, index, keyword_values.get("BLOCK_M"),
-                                      keyword_values.get("BLOCK_N"), shared))
+                                      keyword_values.get("BLOCK_N"), shared, bool(keyword_values.get("USE_TMA"))))
             if fits and not self.all_configs:
                 return
 
@@ -158,14 +166,35 @@ def _inputs(dtype, dim, varlen, options):
     return q, k, v, kwargs
 
 
+@contextlib.contextmanager
+def _tma_candidates(dtype, dim, all_configs):
+    """The forward with tensor descriptors, as on an sm_90 GPU; without
+    all_configs, launched at its first TMA candidate (config 0 is a pointer one)."""
+    first_tma = len(launch._configs(launch._block_dim(dim), dtype.itemsize))
+    previous = os.environ.get("ATTNKIT_TRITON_CONFIG")
+    if not all_configs:
+        os.environ["ATTNKIT_TRITON_CONFIG"] = str(first_tma)
+    try:
+        with launch.tma_forced():
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("ATTNKIT_TRITON_CONFIG", None)
+        else:
+            os.environ["ATTNKIT_TRITON_CONFIG"] = previous
+
+
 def check(arch: int = 90, all_configs: bool = False, verbose: bool = True) -> list:
     if interpreter_active():
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset: the interpreter replaces the compiler")
     compiler = Compiler(arch, all_configs)
     for name, dtype, dim, varlen, options in COMBOS:
+        if options.get("tma") and arch < 90:
+            continue  # the tensor-copy engine is sm_90's; the launcher offers TMA candidates there only
         start = time.time()
         q, k, v, kwargs = _inputs(dtype, dim, varlen, options)
-        out, lse = launch.forward(q, k, v, **kwargs, launch=compiler)
+        with _tma_candidates(dtype, dim, all_configs) if options.get("tma") else contextlib.nullcontext():
+            out, lse = launch.forward(q, k, v, **kwargs, launch=compiler)
         launch.backward(torch.empty_like(out), q, k, v, out, lse, **kwargs, launch=compiler)
         if verbose:
             print(f"sm_{arch} {name}: ok in {time.time() - start:.1f} s")
@@ -253,14 +282,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     limit = SHARED_LIMIT.get(args.arch)
     over = 0
-    for kernel, index, block_m, block_n, shared in check(args.arch, args.all_configs):
+    for kernel, index, block_m, block_n, shared, tma in check(args.arch, args.all_configs):
         fits = limit is None or shared <= limit
         # Config 0 must fit everywhere: the GPU test suite launches it untuned (ATTNKIT_TRITON_CONFIG=0).
         note = "" if fits else "  OVER THE LIMIT"
         if fits and index > 0 and not args.all_configs:
             fits, note = False, "  (config 0 OVER THE LIMIT)"
         over += not fits
-        print(f"  {kernel:18s} config {index} BLOCK_M={block_m} BLOCK_N={block_n} shared={shared} B{note}")
+        loads = " USE_TMA" if tma else ""
+        print(f"  {kernel:18s} config {index} BLOCK_M={block_m} BLOCK_N={block_n}{loads} shared={shared} B{note}")
     return 1 if over and not args.all_configs else 0
 
 

@@ -23,6 +23,8 @@ Conventions (shared with the reference and every backend):
 - Dropout keeps probability (i, j) of head stream s = seed + b * H + h iff
   philox(s, i * max_seqlen_k + j) >> 8 >= threshold (24-bit), see
   attnkit.reference.attention.dropout_keep_mask.
+- The forward may load K and V tiles through host tensor descriptors (USE_TMA,
+  an autotune candidate on sm_90 for dense inputs without RoPE), else pointers.
 - Backward: dK/dV in one kernel (a program per key block, looping over the
   query heads of its GQA group and the query blocks), dQ in another (a program
   per query block): no atomics, so it is deterministic.
@@ -278,20 +280,26 @@ def _rotary_rows_inplace(
 def _fwd_blocks(
     acc, l_i, m_i, q, k_base, v_base, lo, run_lo, run_hi, hi, offs_m, offs_n0, offs_dv, q_len, k_len, diag, rot_off,
     COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap, mask_base, stride_mm,
-    stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale,
+    stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale, K_DESC, V_DESC, b, kvh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr, RAW_SCORES: tl.constexpr,
-    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """The online softmax over the checked key blocks of [lo, hi) or the
-    unchecked run [run_lo, run_hi): (acc, l_i, m_i) updated."""
+    unchecked run [run_lo, run_hi): (acc, l_i, m_i) updated. USE_TMA: K and V
+    tiles come through their (B, H_kv, N, D) descriptors, K_DESC and V_DESC (the
+    tensor-copy engine on sm_90; rows and columns past the tensor arrive as zeros)."""
     count, before = _block_count(lo, run_lo, run_hi, hi, BLOCK_N, CHECK_BOUNDS)
     for j in range(0, count):
-        offs_n = _block_start(j, before, lo, run_lo, run_hi, BLOCK_N, CHECK_BOUNDS) + offs_n0
-        k = _load_rows(k_base, offs_n, stride_kn, offs_n < k_len, offs_n + rot_off, COS, SIN, stride_rot, 1.0,
-                       HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE, CHECK_BOUNDS)
+        n_start = _block_start(j, before, lo, run_lo, run_hi, BLOCK_N, CHECK_BOUNDS)
+        offs_n = n_start + offs_n0
+        if USE_TMA:
+            k = K_DESC.load([b, kvh, n_start, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            k = _load_rows(k_base, offs_n, stride_kn, offs_n < k_len, offs_n + rot_off, COS, SIN, stride_rot, 1.0,
+                           HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE, CHECK_BOUNDS)
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         s, _ = _tile_scores(qk, offs_m[:, None], offs_n[None, :], q_len, k_len, diag, window_left, window_right,
                             scale, softcap, mask_base, stride_mm, stride_mn, pad_base, slope, USE_WINDOW, SOFTCAP,
@@ -305,8 +313,11 @@ def _fwd_blocks(
         if DROPOUT:  # the normalizer l_i counts every probability; only the output is dropped
             keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], max_k, drop_threshold)
             p = tl.where(keep, p * drop_scale, 0.0)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n < k_len, offs_dv < HEAD_DIM_V,
-                       CHECK_BOUNDS, HEAD_DIM_V != BLOCK_DV)
+        if USE_TMA:
+            v = V_DESC.load([b, kvh, n_start, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n < k_len,
+                           offs_dv < HEAD_DIM_V, CHECK_BOUNDS, HEAD_DIM_V != BLOCK_DV)
         acc = acc * alpha[:, None]
         acc = _dot(p.to(v.dtype), v, acc, DOT_PRECISION, UPCAST)
         m_i = m_new
@@ -325,7 +336,7 @@ def _query_block_longest_first():
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, MASK, PAD, SLOPES, COS, SIN, ROT_OFF, CU_Q, CU_K,
+    Q, K, V, O, LSE, MASK, PAD, SLOPES, COS, SIN, ROT_OFF, CU_Q, CU_K, K_DESC, V_DESC,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_pb, stride_ab, stride_rot,
@@ -335,7 +346,11 @@ def _attn_fwd(
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
     RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
+    USE_TMA: tl.constexpr = False,
 ):
+    if USE_TMA:  # descriptors index dense (B, H_kv, N, D) tensors and hold unrotated keys
+        tl.static_assert(VARLEN == 0, "USE_TMA takes dense inputs")
+        tl.static_assert(ROTARY_DIM == 0, "USE_TMA loads keys as stored, without RoPE")
     pid_m = _query_block_longest_first()
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -371,9 +386,9 @@ def _attn_fwd(
                 acc, l_i, m_i, q, k_base, v_base, lo, run_lo, run_hi, hi, offs_m, offs_n0, offs_dv, q_len, k_len,
                 diag, rot_off, COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap,
                 mask_base, stride_mm, stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST,
-                USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI, RAW_SCORES, ROTARY_DIM, INTERLEAVED,
-                check == 1)
+                K_DESC, V_DESC, b, kvh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, ACC_DTYPE,
+                DOT_PRECISION, UPCAST, USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI, RAW_SCORES,
+                ROTARY_DIM, INTERLEAVED, check == 1, USE_TMA)
 
     empty = l_i == 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

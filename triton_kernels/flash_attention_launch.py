@@ -5,12 +5,19 @@ or packed varlen (total, H, D) with int32 cu_seqlens; the last dim contiguous.
 Block sizes come from autotune on a GPU and one small fixed config under the
 interpreter (autotuning there would only multiply the run time).
 """
+import contextlib
+import functools
 import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # host tensor descriptors (triton >= 3.3): the forward's TMA candidates
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 from .._dispatch import interpreter_active as _interpreting  # the one TRITON_INTERPRET check, dispatch's too
 from .flash_attention import (
@@ -20,7 +27,7 @@ from .flash_attention import (
 INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16)
 
 
-def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = False):
+def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = False, tma: bool = False):
     """Autotune candidates, the first one fitting the shared memory of an A100
     (163 KB) for every kernel (checked by compile_check); larger ones are
     skipped by the autotuner where they do not fit.
@@ -43,7 +50,11 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
       two one-warpgroup programs on an SM wait independently. Forward at D = 128, bf16, sm_90:
       (64, 64, 4, 3) takes 112 KB and 168 registers, (64, 64, 4, 2) 80 KB, so two
       fit (228 KB, 64 K registers); dQ at (64, 64, 4, 2) 96 KB, 178 registers.
-      (128, 64, 8, 2), at 96 KB, would fit twice but for its 176 registers."""
+      (128, 64, 8, 2), at 96 KB, would fit twice but for its 176 registers.
+    - tma (the forward, where _tma_descriptors gives descriptors): the plain list,
+      then its tiles again with K and V loaded by the tensor-copy engine (TMA):
+      no per-thread address arithmetic, and a bare loop with TMA loads had 493
+      sm_90 instructions an iteration against 506 with pointers (not timed)."""
     if elem_bytes > 2:  # fp32/fp64: tiles twice or four times the bytes; an IEEE dot is FMAs in registers
         shapes = [(32, 32, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 1)]
     elif rotary:
@@ -57,7 +68,68 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
     else:
         shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 128, 8, 2),
                   (64, 32, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2)]
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in shapes]
+    configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in shapes]
+    if tma and elem_bytes == 2 and block_d <= 128 and not rotary and not dkdv:
+        configs += [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, USE_TMA=True), num_warps=w, num_stages=st,
+                                  pre_hook=_tma_block_shapes) for m, n, w, st in _TMA_SHAPES]
+    return configs
+
+
+# The forward's TMA candidates: (BLOCK_M, BLOCK_N, warps, stages), D <= 128.
+_TMA_SHAPES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)]
+
+
+def _tma_block_shapes(nargs) -> None:
+    """A TMA config's pre-launch hook: the descriptors' tiles are its key block."""
+    nargs["K_DESC"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
+    nargs["V_DESC"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_DV"]]
+
+
+_tma_forced = False
+
+
+@contextlib.contextmanager
+def tma_forced():
+    """Within it the forward takes the TMA path wherever the inputs allow, on any
+    device and under the interpreter: for tests and compile_check, which have no sm_90 GPU."""
+    global _tma_forced
+    previous, _tma_forced = _tma_forced, True
+    try:
+        yield
+    finally:
+        _tma_forced = previous
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
+def _tma_device(device: Optional[torch.device] = None) -> bool:
+    """Whether TMA candidates may run on `device` (the current CUDA device if None)."""
+    if TensorDescriptor is None:
+        return False
+    if _tma_forced:
+        return True
+    if _interpreting() or not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
+        return False
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    return _capability(index)[0] >= 9
+
+
+def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, c: dict):
+    """(K descriptor, V descriptor) for the forward's TMA candidates, or None where
+    they cannot serve: varlen (a descriptor spans the packed rows of every
+    sequence), fused RoPE, other than 2-byte types, or strides TMA cannot take
+    (each a multiple of 16 bytes, the last dim contiguous)."""
+    if c["varlen"] or c["flags"]["ROTARY_DIM"] or k.element_size() != 2 or not _tma_device(k.device):
+        return None
+    for t in (k, v):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s <= 0 or s * t.element_size() % 16 for s in t.stride()[:-1]):
+            return None
+    flags = c["flags"]
+    return (TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, 16, flags["BLOCK_D"]]),
+            TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, 16, flags["BLOCK_DV"]]))
 
 
 # Keyed on a power-of-two length bucket, not the exact lengths: varlen batches
@@ -82,28 +154,30 @@ def _fixed_config() -> Optional[int]:
 def config_count(head_dim: int, dtype: torch.dtype, rotary: bool = False) -> int:
     """How many candidates ATTNKIT_TRITON_CONFIG can pick from at this head dim and
     dtype: the longest of the kernels' lists (a shorter one uses its last entry
-    for the indices past its end)."""
-    return _config_count(_block_dim(head_dim), dtype.itemsize, rotary)
+    for the indices past its end), the forward's TMA ones included where this
+    machine could run them."""
+    return _config_count(_block_dim(head_dim), dtype.itemsize, rotary, _tma_device())
 
 
-def _config_count(block_d: int, elem_bytes: int, rotary: bool) -> int:
-    return max(len(_configs(block_d, elem_bytes, rotary, dkdv)) for dkdv in (False, True))
+def _config_count(block_d: int, elem_bytes: int, rotary: bool, tma: bool = False) -> int:
+    return max(len(_configs(block_d, elem_bytes, rotary, dkdv, tma and not dkdv)) for dkdv in (False, True))
 
 
-def _kernel(kernel, block_d: int, elem_bytes: int, rotary: bool = False):
+def _kernel(kernel, block_d: int, elem_bytes: int, rotary: bool = False, tma: bool = False):
     """The kernel as launched here: autotuned on a GPU, fixed under the
-    interpreter or by ATTNKIT_TRITON_CONFIG."""
+    interpreter or by ATTNKIT_TRITON_CONFIG. tma: the forward with descriptors
+    (see _tma_descriptors); the interpreter then takes the TMA path too."""
     if _interpreting():
-        return kernel, dict(INTERPRETER_BLOCKS)
-    configs = _configs(block_d, elem_bytes, rotary, dkdv=kernel is _attn_bwd_dkdv)
+        return kernel, dict(INTERPRETER_BLOCKS, **(dict(USE_TMA=True) if tma else {}))
+    configs = _configs(block_d, elem_bytes, rotary, dkdv=kernel is _attn_bwd_dkdv, tma=tma)
     fixed = _fixed_config()
     if fixed is not None:
-        count = _config_count(block_d, elem_bytes, rotary)
+        count = _config_count(block_d, elem_bytes, rotary, tma or _tma_device())
         if fixed >= count:
             raise ValueError(f"ATTNKIT_TRITON_CONFIG={fixed}: only {count} configs at this head dim and dtype")
         config = configs[min(fixed, len(configs) - 1)]
         return kernel, dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    key = (kernel, block_d >= 256, elem_bytes > 2, rotary)
+    key = (kernel, block_d >= 256, elem_bytes > 2, rotary, tma)
     if key not in _tuned:
         _tuned[key] = triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
     return _tuned[key], {}
@@ -208,10 +282,16 @@ def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tenso
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty((q.shape[1], q.shape[0]) if varlen else q.shape[:-1], dtype=stat_dtype, device=q.device)
-    kernel, blocks = _kernel(_attn_fwd, c["flags"]["BLOCK_D"], q.element_size(), c["flags"]["ROTARY_DIM"] > 0)
+    descriptors = _tma_descriptors(k, v, c)
+    kernel, blocks = _kernel(_attn_fwd, c["flags"]["BLOCK_D"], q.element_size(), c["flags"]["ROTARY_DIM"] > 0,
+                             tma=descriptors is not None)
+    if descriptors is None:
+        descriptors = (k, v)  # unused: every launch without USE_TMA loads through the pointers
+    elif blocks.get("USE_TMA"):  # a fixed config: no autotuner runs its pre_hook
+        _tma_block_shapes(dict(K_DESC=descriptors[0], V_DESC=descriptors[1], **c["flags"], **blocks))
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
     args = (
-        q, k, v, out, lse, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"],
+        q, k, v, out, lse, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"], *descriptors,
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(out, varlen),
         *_stat_strides(lse, varlen), *c["mask_strides"], c["pad_stride"], c["slopes_stride"], c["rot_stride"],
         c["heads"], c["group"], max_q, max_k, *c["scalars"].values(),

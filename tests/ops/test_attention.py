@@ -58,6 +58,48 @@ def test_half_precision(backend, device, dtype, shape, features):
         check_against_truth(q, k, v, kwargs, dtype)
 
 
+# The forward's TMA candidates (K and V through tensor descriptors) run on an
+# sm_90 GPU; tma_forced() takes that path anywhere, the interpreter included.
+TMA_CASES = [
+    (Shape(2, 4, 2, 33, 47, 64, 64), Features(causal=True)),  # GQA, Nq != Nk, partial blocks
+    (Shape(1, 2, 2, 17, 17, 80, 80), Features(padding=True, pad_whole_sequence=True)),  # D padded to 128
+    (Shape(2, 2, 1, 1, 20, 32, 48), Features(window=(5, 3), softcap=4.0)),  # one query row, Dv != D
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,features", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in TMA_CASES])
+def test_forward_through_tensor_descriptors(monkeypatch, dtype, shape, features):
+    launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")
+    if launch.TensorDescriptor is None:
+        pytest.skip("this Triton has no host tensor descriptors")
+    described = []
+    real = launch._tma_descriptors
+    monkeypatch.setattr(launch, "_tma_descriptors", lambda *a: described.append(real(*a)) or described[-1])
+    with forced(OP, "triton", "cpu", dtype) as dev, launch.tma_forced():
+        q, k, v, kwargs = make_inputs(shape, features, dtype, dev)
+        check_against_truth(q, k, v, kwargs, dtype)
+    assert described and all(d is not None for d in described)  # every forward took the TMA path
+
+
+def test_tensor_descriptors_only_where_tma_can_serve():
+    """Varlen, fused RoPE, 4-byte types and strides that are not multiples of 16
+    bytes keep the pointer loads."""
+    launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")
+    if launch.TensorDescriptor is None:
+        pytest.skip("this Triton has no host tensor descriptors")
+    k = torch.randn(2, 2, 8, 64, dtype=torch.float16)
+    plain = dict(varlen=False, flags=dict(ROTARY_DIM=0, BLOCK_D=64, BLOCK_DV=64))
+    with launch.tma_forced():
+        assert launch._tma_descriptors(k, k, plain) is not None
+        assert launch._tma_descriptors(k, k, dict(plain, varlen=True)) is None
+        assert launch._tma_descriptors(k, k, dict(plain, flags=dict(plain["flags"], ROTARY_DIM=64))) is None
+        assert launch._tma_descriptors(k.float(), k.float(), plain) is None
+        odd = torch.randn(2, 2, 8, 68, dtype=torch.float16)[..., :64]  # rows 136 bytes apart
+        assert launch._tma_descriptors(odd, odd, plain) is None
+    assert launch._tma_descriptors(k, k, plain) is None  # CPU tensors, not forced
+
+
 GRADCHECK_CASES = [
     (Shape(1, 2, 1, 3, 5, 4, 3), Features(causal=True)),
     (Shape(2, 1, 1, 4, 4, 3, 3), Features(softcap=1.5, mask="float")),

@@ -130,11 +130,12 @@ def test_triton_config_env_picks_a_fixed_config_or_names_what_is_wrong(monkeypat
     launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter always takes its own small blocks
     count = launch.config_count(128, torch.bfloat16)
-    assert count == len(launch._configs(128, 2)) > 1
+    tma = launch._tma_device()  # an sm_90 GPU adds the forward's TMA candidates
+    assert count == len(launch._configs(128, 2, tma=tma)) > 1
     for index in (0, count - 1):
         monkeypatch.setenv("ATTNKIT_TRITON_CONFIG", str(index))
-        kernel, options = launch._kernel(launch._attn_fwd, 128, 2)
-        config = launch._configs(128, 2)[index]
+        kernel, options = launch._kernel(launch._attn_fwd, 128, 2, tma=tma)
+        config = launch._configs(128, 2, tma=tma)[index]
         assert kernel is launch._attn_fwd  # the plain kernel, not an Autotuner
         assert options == dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     # The dK/dV kernel has its own list, shorter: past its end it keeps its last entry.
@@ -153,6 +154,28 @@ def test_triton_config_env_picks_a_fixed_config_or_names_what_is_wrong(monkeypat
     monkeypatch.delenv("ATTNKIT_TRITON_CONFIG")
     kernel, options = launch._kernel(launch._attn_fwd, 128, 2)
     assert options == {} and kernel is not launch._attn_fwd  # autotuned
+
+
+def test_fixed_config_indices_reach_the_tma_candidates(monkeypatch):
+    """Where TMA can run, the GPU suite's per-index sweep covers the forward's TMA
+    candidates; the other kernels (and forwards without descriptors) keep their last config."""
+    launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")
+    if launch.TensorDescriptor is None:
+        pytest.skip("this Triton has no host tensor descriptors")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    plain, with_tma = launch._configs(128, 2), launch._configs(128, 2, tma=True)
+    assert len(with_tma) > len(plain) and all("USE_TMA" not in c.kwargs for c in plain)
+    with launch.tma_forced():
+        count = launch.config_count(128, torch.bfloat16)
+        assert count == len(with_tma)
+        monkeypatch.setenv("ATTNKIT_TRITON_CONFIG", str(count - 1))
+        _, options = launch._kernel(launch._attn_fwd, 128, 2, tma=True)
+        assert options["USE_TMA"] is True
+        _, options = launch._kernel(launch._attn_fwd, 128, 2)  # no descriptors for this call
+        assert "USE_TMA" not in options and options["BLOCK_M"] == plain[-1].kwargs["BLOCK_M"]
+        _, options = launch._kernel(launch._attn_bwd_dq, 128, 2)
+        assert "USE_TMA" not in options
+    assert launch.config_count(128, torch.float32) == len(launch._configs(128, 4))  # no TMA for 4-byte types
 
 
 def test_last_tuned_configs_names_each_kernels_winner(monkeypatch):
