@@ -42,7 +42,7 @@ COMBOS = [
     ("fp64-d32-plain", torch.float64, 32, False, dict()),
     ("bf16-d128-fused-rope-causal", torch.bfloat16, 128, False, dict(window=(-1, 0), rotary=(128, False))),
     ("fp16-d80-varlen-fused-rope-interleaved", torch.float16, 80, True, dict(rotary=(64, True), alibi=True)),
-    # The forward's TMA candidates (tensor descriptors), as on an sm_90 GPU.
+    # The TMA candidates of the forward and dQ (tensor descriptors), as on an sm_90 GPU.
     ("bf16-d128-tma-causal", torch.bfloat16, 128, False, dict(window=(-1, 0), tma=True)),
     ("fp16-d80-tma-padding", torch.float16, 80, False, dict(pad=True, tma=True)),
 ]
@@ -168,8 +168,9 @@ def _inputs(dtype, dim, varlen, options):
 
 @contextlib.contextmanager
 def _tma_candidates(dtype, dim, all_configs):
-    """The forward with tensor descriptors, as on an sm_90 GPU; without
-    all_configs, launched at its first TMA candidate (config 0 is a pointer one)."""
+    """The forward and dQ with tensor descriptors, as on an sm_90 GPU; without
+    all_configs, launched at their first TMA candidate (config 0 is a pointer
+    one; dK/dV, with no TMA candidates, at its last config)."""
     first_tma = len(launch._configs(launch._block_dim(dim), dtype.itemsize))
     previous = os.environ.get("ATTNKIT_TRITON_CONFIG")
     if not all_configs:
@@ -195,7 +196,7 @@ def check(arch: int = 90, all_configs: bool = False, verbose: bool = True) -> li
         q, k, v, kwargs = _inputs(dtype, dim, varlen, options)
         with _tma_candidates(dtype, dim, all_configs) if options.get("tma") else contextlib.nullcontext():
             out, lse = launch.forward(q, k, v, **kwargs, launch=compiler)
-        launch.backward(torch.empty_like(out), q, k, v, out, lse, **kwargs, launch=compiler)
+            launch.backward(torch.empty_like(out), q, k, v, out, lse, **kwargs, launch=compiler)
         if verbose:
             print(f"sm_{arch} {name}: ok in {time.time() - start:.1f} s")
     check_rotary(compiler, verbose)

@@ -548,21 +548,27 @@ def _attn_bwd_dkdv(
 def _dq_blocks(
     dq, q, do, lse, delta, k_base, v_base, lo, run_lo, run_hi, hi, offs_m, offs_n0, offs_dv, q_len, k_len, diag,
     rot_off, COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap, mask_base,
-    stride_mm, stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale,
+    stride_mm, stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale, K_DESC, V_DESC, b, kvh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr, RAW_SCORES: tl.constexpr,
-    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    """dQ (unscaled) accumulated over the checked key blocks or the unchecked run."""
+    """dQ (unscaled) accumulated over the checked key blocks or the unchecked run
+    (USE_TMA: K and V through their descriptors, as in _fwd_blocks)."""
     count, before = _block_count(lo, run_lo, run_hi, hi, BLOCK_N, CHECK_BOUNDS)
     for j in range(0, count):
-        offs_n = _block_start(j, before, lo, run_lo, run_hi, BLOCK_N, CHECK_BOUNDS) + offs_n0
-        k = _load_rows(k_base, offs_n, stride_kn, offs_n < k_len, offs_n + rot_off, COS, SIN, stride_rot, 1.0,
-                       HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE, CHECK_BOUNDS)
-        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n < k_len, offs_dv < HEAD_DIM_V,
-                       CHECK_BOUNDS, HEAD_DIM_V != BLOCK_DV)
+        n_start = _block_start(j, before, lo, run_lo, run_hi, BLOCK_N, CHECK_BOUNDS)
+        offs_n = n_start + offs_n0
+        if USE_TMA:
+            k = K_DESC.load([b, kvh, n_start, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = V_DESC.load([b, kvh, n_start, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            k = _load_rows(k_base, offs_n, stride_kn, offs_n < k_len, offs_n + rot_off, COS, SIN, stride_rot, 1.0,
+                           HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE, CHECK_BOUNDS)
+            v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n < k_len,
+                           offs_dv < HEAD_DIM_V, CHECK_BOUNDS, HEAD_DIM_V != BLOCK_DV)
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         s, t = _tile_scores(qk, offs_m[:, None], offs_n[None, :], q_len, k_len, diag, window_left, window_right,
                             scale, softcap, mask_base, stride_mm, stride_mn, pad_base, slope,
@@ -581,7 +587,7 @@ def _dq_blocks(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, PAD, SLOPES, COS, SIN, ROT_OFF, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, PAD, SLOPES, COS, SIN, ROT_OFF, CU_Q, CU_K, K_DESC, V_DESC,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm, stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_pb, stride_ab, stride_rot,
@@ -591,7 +597,11 @@ def _attn_bwd_dq(
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
     RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
+    USE_TMA: tl.constexpr = False,
 ):
+    if USE_TMA:  # as in _attn_fwd
+        tl.static_assert(VARLEN == 0, "USE_TMA takes dense inputs")
+        tl.static_assert(ROTARY_DIM == 0, "USE_TMA loads keys as stored, without RoPE")
     pid_m = _query_block_longest_first()
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -630,9 +640,9 @@ def _attn_bwd_dq(
                 dq, q, do, lse, delta, k_base, v_base, lo, run_lo, run_hi, hi, offs_m, offs_n0, offs_dv, q_len, k_len,
                 diag, rot_off, COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap,
                 mask_base, stride_mm, stride_mn, PAD + b * stride_pb, slope, seed_bh, max_k, drop_threshold,
-                drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST,
-                USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI, RAW_SCORES, ROTARY_DIM, INTERLEAVED,
-                check == 1)
+                drop_scale, K_DESC, V_DESC, b, kvh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
+                ACC_DTYPE, DOT_PRECISION, UPCAST, USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI,
+                RAW_SCORES, ROTARY_DIM, INTERLEAVED, check == 1, USE_TMA)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_inside)

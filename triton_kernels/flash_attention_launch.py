@@ -51,8 +51,8 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
       (64, 64, 4, 3) takes 112 KB and 168 registers, (64, 64, 4, 2) 80 KB, so two
       fit (228 KB, 64 K registers); dQ at (64, 64, 4, 2) 96 KB, 178 registers.
       (128, 64, 8, 2), at 96 KB, would fit twice but for its 176 registers.
-    - tma (the forward, where _tma_descriptors gives descriptors): the plain list,
-      then its tiles again with K and V loaded by the tensor-copy engine (TMA):
+    - tma (the forward and dQ, where _tma_descriptors gives descriptors): the plain
+      list, then its tiles again with K and V loaded by the tensor-copy engine (TMA):
       no per-thread address arithmetic, and a bare loop with TMA loads had 493
       sm_90 instructions an iteration against 506 with pointers (not timed)."""
     if elem_bytes > 2:  # fp32/fp64: tiles twice or four times the bytes; an IEEE dot is FMAs in registers
@@ -75,7 +75,7 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
     return configs
 
 
-# The forward's TMA candidates: (BLOCK_M, BLOCK_N, warps, stages), D <= 128.
+# The TMA candidates of the forward and dQ: (BLOCK_M, BLOCK_N, warps, stages), D <= 128.
 _TMA_SHAPES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)]
 
 
@@ -130,6 +130,17 @@ def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, c: dict):
     flags = c["flags"]
     return (TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, 16, flags["BLOCK_D"]]),
             TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, 16, flags["BLOCK_DV"]]))
+
+
+def _described(descriptors, tensors, flags, blocks):
+    """The K_DESC, V_DESC arguments of a launch: the descriptors, their tiles set
+    when a fixed TMA config launches (no autotuner runs its pre_hook then), or
+    the tensors themselves, unused, where there are no descriptors."""
+    if descriptors is None:
+        return tensors
+    if blocks.get("USE_TMA"):
+        _tma_block_shapes(dict(K_DESC=descriptors[0], V_DESC=descriptors[1], **flags, **blocks))
+    return descriptors
 
 
 # Keyed on a power-of-two length bucket, not the exact lengths: varlen batches
@@ -285,10 +296,7 @@ def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tenso
     descriptors = _tma_descriptors(k, v, c)
     kernel, blocks = _kernel(_attn_fwd, c["flags"]["BLOCK_D"], q.element_size(), c["flags"]["ROTARY_DIM"] > 0,
                              tma=descriptors is not None)
-    if descriptors is None:
-        descriptors = (k, v)  # unused: every launch without USE_TMA loads through the pointers
-    elif blocks.get("USE_TMA"):  # a fixed config: no autotuner runs its pre_hook
-        _tma_block_shapes(dict(K_DESC=descriptors[0], V_DESC=descriptors[1], **c["flags"], **blocks))
+    descriptors = _described(descriptors, (k, v), c["flags"], blocks)
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
     args = (
         q, k, v, out, lse, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"], *descriptors,
@@ -327,10 +335,13 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
         c["heads_kv"], c["group"], max_q, max_k, *c["scalars"].values(),
     )
     _run(kernel, grid, args, dict(**flags, **blocks), launch)
-    kernel, blocks = _kernel(_attn_bwd_dq, flags["BLOCK_D"], q.element_size(), flags["ROTARY_DIM"] > 0)
+    descriptors = _tma_descriptors(k, v, c)
+    kernel, blocks = _kernel(_attn_bwd_dq, flags["BLOCK_D"], q.element_size(), flags["ROTARY_DIM"] > 0,
+                             tma=descriptors is not None)
+    descriptors = _described(descriptors, (k, v), flags, blocks)
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
     args = (
-        q, k, v, do, lse, delta, dq, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"],
+        q, k, v, do, lse, delta, dq, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"], *descriptors,
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(do, varlen),
         *_stat_strides(lse, varlen), *_Layout.of(dq, varlen), *shared,
         c["heads"], c["group"], max_q, max_k, *c["scalars"].values(),

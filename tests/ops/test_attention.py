@@ -58,8 +58,8 @@ def test_half_precision(backend, device, dtype, shape, features):
         check_against_truth(q, k, v, kwargs, dtype)
 
 
-# The forward's TMA candidates (K and V through tensor descriptors) run on an
-# sm_90 GPU; tma_forced() takes that path anywhere, the interpreter included.
+# The TMA candidates of the forward and dQ (K and V through tensor descriptors)
+# run on an sm_90 GPU; tma_forced() takes that path anywhere, the interpreter included.
 TMA_CASES = [
     (Shape(2, 4, 2, 33, 47, 64, 64), Features(causal=True)),  # GQA, Nq != Nk, partial blocks
     (Shape(1, 2, 2, 17, 17, 80, 80), Features(padding=True, pad_whole_sequence=True)),  # D padded to 128
@@ -69,7 +69,7 @@ TMA_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,features", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in TMA_CASES])
-def test_forward_through_tensor_descriptors(monkeypatch, dtype, shape, features):
+def test_forward_and_dq_through_tensor_descriptors(monkeypatch, dtype, shape, features):
     launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")
     if launch.TensorDescriptor is None:
         pytest.skip("this Triton has no host tensor descriptors")
@@ -79,7 +79,7 @@ def test_forward_through_tensor_descriptors(monkeypatch, dtype, shape, features)
     with forced(OP, "triton", "cpu", dtype) as dev, launch.tma_forced():
         q, k, v, kwargs = make_inputs(shape, features, dtype, dev)
         check_against_truth(q, k, v, kwargs, dtype)
-    assert described and all(d is not None for d in described)  # every forward took the TMA path
+    assert len(described) == 2 and all(d is not None for d in described)  # the forward and dQ took the TMA path
 
 
 def test_tensor_descriptors_only_where_tma_can_serve():
