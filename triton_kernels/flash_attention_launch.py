@@ -195,7 +195,8 @@ def _kernel(kernel, block_d: int, elem_bytes: int, rotary: bool = False, tma: bo
 
 
 def last_tuned_configs() -> str:
-    """The config each autotuned kernel launched with last, e.g. "fwd 128x64 w8 s2":
+    """The config each autotuned kernel launched with last, e.g. "fwd 128x64 w8 s2"
+    ("... TMA" for a tensor-descriptor candidate):
     the benchmark notes them beside its timings, so a GPU run shows which
     candidates win."""
     names = {_attn_fwd: "fwd", _attn_bwd_dkdv: "dkdv", _attn_bwd_dq: "dq"}
@@ -204,7 +205,8 @@ def last_tuned_configs() -> str:
         config = getattr(tuner, "best_config", None)
         if config is not None:
             blocks = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
-            picked.append(f"{names.get(kernel, kernel)} {blocks} w{config.num_warps} s{config.num_stages}")
+            loads = " TMA" if config.kwargs.get("USE_TMA") else ""
+            picked.append(f"{names.get(kernel, kernel)} {blocks} w{config.num_warps} s{config.num_stages}{loads}")
     return "; ".join(picked)
 
 

@@ -189,11 +189,13 @@ def test_last_tuned_configs_names_each_kernels_winner(monkeypatch):
 
     fwd = triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=2)
     dkdv = triton.Config(dict(BLOCK_M=32, BLOCK_N=128), num_warps=8, num_stages=3)
-    tuned = {(launch._attn_fwd, False, False, False): Tuned(fwd),
-             (launch._attn_bwd_dkdv, False, False, False): Tuned(dkdv),
-             (launch._attn_bwd_dq, False, False, False): Tuned(None)}  # not launched yet
+    dq = triton.Config(dict(BLOCK_M=64, BLOCK_N=64, USE_TMA=True), num_warps=4, num_stages=2)
+    tuned = {(launch._attn_fwd, False, False, False, False): Tuned(fwd),
+             (launch._attn_bwd_dkdv, False, False, False, False): Tuned(dkdv),
+             (launch._attn_bwd_dq, False, False, False, False): Tuned(None),  # not launched yet
+             (launch._attn_bwd_dq, False, False, False, True): Tuned(dq)}
     monkeypatch.setattr(launch, "_tuned", tuned)
-    assert launch.last_tuned_configs() == "fwd 128x64 w8 s2; dkdv 32x128 w8 s3"
+    assert launch.last_tuned_configs() == "fwd 128x64 w8 s2; dkdv 32x128 w8 s3; dq 64x64 w4 s2 TMA"
 
 
 def test_varlen_self_attention_cu_seqlens_passed_twice_is_checked():
