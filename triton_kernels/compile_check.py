@@ -74,7 +74,7 @@ class Compiler:
         self.compiled = []
         self.warned = False
 
-    def _specialized(self, kernel, args, keyword_values, options):
+    def _specialized(self, kernel, args, keyword_values):
         """The source a real launch compiles: Triton's own binder marks the
         pointers and ints divisible by 16 (and makes ints equal to 1 constants).
         Without those hints no load is 16-byte aligned, the software pipeliner
@@ -117,7 +117,7 @@ class Compiler:
             options = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config else launch_options
             if config is not None and config.pre_hook is not None:  # as the autotuner does (TMA tile shapes)
                 config.pre_hook(dict(zip(names, args), **keyword_values))
-            source = self._specialized(kernel, args, keyword_values, options)
+            source = self._specialized(kernel, args, keyword_values)
             source = source or _unspecialized(kernel, args, keyword_values)
             compiled = triton.compile(source, target=self.target, options=options)
             shared = compiled.metadata.shared

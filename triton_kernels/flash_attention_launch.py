@@ -171,7 +171,7 @@ def config_count(head_dim: int, dtype: torch.dtype, rotary: bool = False) -> int
 
 
 def _config_count(block_d: int, elem_bytes: int, rotary: bool, tma: bool = False) -> int:
-    return max(len(_configs(block_d, elem_bytes, rotary, dkdv, tma and not dkdv)) for dkdv in (False, True))
+    return max(len(_configs(block_d, elem_bytes, rotary, dkdv, tma)) for dkdv in (False, True))
 
 
 def _kernel(kernel, block_d: int, elem_bytes: int, rotary: bool = False, tma: bool = False):
@@ -183,7 +183,7 @@ def _kernel(kernel, block_d: int, elem_bytes: int, rotary: bool = False, tma: bo
     configs = _configs(block_d, elem_bytes, rotary, dkdv=kernel is _attn_bwd_dkdv, tma=tma)
     fixed = _fixed_config()
     if fixed is not None:
-        count = _config_count(block_d, elem_bytes, rotary, tma or _tma_device())
+        count = _config_count(block_d, elem_bytes, rotary, _tma_device())  # what config_count reports
         if fixed >= count:
             raise ValueError(f"ATTNKIT_TRITON_CONFIG={fixed}: only {count} configs at this head dim and dtype")
         config = configs[min(fixed, len(configs) - 1)]
