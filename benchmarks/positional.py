@@ -30,9 +30,12 @@ def torch_rotary(x, cos, sin, offsets):
 
 def inputs(batch, seqlen, heads, dim, per_sequence, device, dtype):
     x = torch.randn(batch, seqlen, heads, dim, device=device, dtype=dtype, requires_grad=True)
-    angles = torch.arange(4096, device=device, dtype=torch.float32)[:, None] * 10000 ** (
+    # A model's usual 4096 positions, more where the prompt is longer: every position rotated has a row.
+    largest_offset = 4000 if per_sequence else 0
+    positions = max(4096, largest_offset + seqlen)
+    angles = torch.arange(positions, device=device, dtype=torch.float32)[:, None] * 10000 ** (
         -torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
-    offsets = (torch.randint(0, 4000, (batch,), device=device, dtype=torch.int32) if per_sequence
+    offsets = (torch.randint(0, largest_offset, (batch,), device=device, dtype=torch.int32) if per_sequence
                else torch.zeros(batch, device=device, dtype=torch.int32))
     return x, angles.cos(), angles.sin(), offsets
 

@@ -400,3 +400,12 @@ def test_gpu_check_gives_each_family_a_soft_deadline_within_its_share(monkeypatc
     assert 165 < first <= 170 and hard_first > 399  # half of the 400 s, less a 30 s margin; the hard limit stays
     assert 165 < second <= 170  # nothing was spent: half again
     assert 365 < last <= 370 and hard_last > 399  # the last family may use all that is left
+
+
+def test_rotary_benchmark_tables_cover_every_position_of_every_shape():
+    # The full suite's 8192-token prompt once outran a fixed 4096-row table (seen on the H200).
+    positional = core.load_family("positional")
+    for batch, seqlen, heads, dim, per_sequence in positional.FULL_SHAPES:
+        x, cos, sin, offsets = positional.inputs(1, seqlen, 1, 8, per_sequence, torch.device("cpu"), torch.float32)
+        assert cos.shape == sin.shape and cos.shape[0] >= int(offsets.max()) + seqlen, (seqlen, per_sequence)
+        attnkit.ops.apply_rotary(x, cos, sin, seqlen_offsets=offsets if per_sequence else 0)  # accepts the table
