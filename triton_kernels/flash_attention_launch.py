@@ -54,7 +54,11 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
     - tma (the forward and dQ, where _tma_descriptors gives descriptors): the plain
       list, then its tiles again with K and V loaded by the tensor-copy engine (TMA):
       no per-thread address arithmetic, and a bare loop with TMA loads had 493
-      sm_90 instructions an iteration against 506 with pointers (not timed)."""
+      sm_90 instructions an iteration against 506 with pointers (not timed).
+    - Dropped after timing every candidate on an H200 (benchmarks/attention_configs.py,
+      BENCHMARKS.md): (128, 128, 8, 3), forward and dQ, pointers and TMA, needs 262 KB at
+      D = 128 (over any GPU's shared memory) and was never the fastest at D = 64;
+      (64, 128, 8, 2) was the slowest forward at every shape timed (0.44-0.52x the best)."""
     if elem_bytes > 2:  # fp32/fp64: tiles twice or four times the bytes; an IEEE dot is FMAs in registers
         shapes = [(32, 32, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 1)]
     elif rotary:
@@ -66,8 +70,8 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
     elif dkdv:
         shapes = [(32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3)]
     else:
-        shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 128, 8, 2),
-                  (64, 32, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2)]
+        shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 32, 4, 2), (64, 64, 4, 3),
+                  (64, 64, 4, 2)]
     configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in shapes]
     if tma and elem_bytes == 2 and block_d <= 128 and not rotary and not dkdv:
         configs += [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, USE_TMA=True), num_warps=w, num_stages=st,
@@ -76,7 +80,7 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
 
 
 # The TMA candidates of the forward and dQ: (BLOCK_M, BLOCK_N, warps, stages), D <= 128.
-_TMA_SHAPES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)]
+_TMA_SHAPES = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)]
 
 
 def _tma_block_shapes(nargs) -> None:
