@@ -104,7 +104,7 @@ def _gpu_dtype(dtype):
 def prewarm(device: torch.device, dtype: torch.dtype, config: int, quick: bool = True) -> None:
     """Compiles autotune candidate `config` of the kernels this family times, at
     each head dim, causal and not, forward and backward, into Triton's on-disk
-    cache. gpu_check runs one such process per candidate beside the GPU tests:
+    cache. gpu_check runs one such process per candidate beside its build (or tests):
     the autotuner in the timed run then loads its candidates from that cache
     instead of compiling them one after another (minutes of a 10-minute check)."""
     from triton.runtime.errors import OutOfResources

@@ -409,3 +409,20 @@ def test_rotary_benchmark_tables_cover_every_position_of_every_shape():
         x, cos, sin, offsets = positional.inputs(1, seqlen, 1, 8, per_sequence, torch.device("cpu"), torch.float32)
         assert cos.shape == sin.shape and cos.shape[0] >= int(offsets.max()) + seqlen, (seqlen, per_sequence)
         attnkit.ops.apply_rotary(x, cos, sin, seqlen_offsets=offsets if per_sequence else 0)  # accepts the table
+
+
+def test_gpu_check_build_runs_the_prewarm_beside_pip(monkeypatch, tmp_path):
+    seen = []
+
+    def run_parallel(commands, jobs, seconds, env, cwd):
+        seen.append((commands, jobs, env))
+        return [("passed", "built"), ("passed", "compiled candidate 0"), ("failed (rc 3)", "")]
+
+    monkeypatch.setattr(gpu_check, "_run_parallel", run_parallel)
+    side = [[sys.executable, "-c", "candidate 0"], [sys.executable, "-c", "candidate 1"]]
+    status, _, output, (side_status, side_output) = gpu_check.build(str(tmp_path), 60, side)
+    assert status == "passed" and output == "built"  # a failed side command is not a failed build
+    assert side_status == "failed (rc 3)" and "compiled candidate 0" in side_output
+    commands, jobs, env = seen[0]
+    assert commands[0][1:4] == ["-m", "pip", "install"] and commands[1:] == side and jobs == 3
+    assert env["ATTNKIT_REQUIRE_CUDA"] == "1"
