@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
 from .flash_attention_launch import _interpreting, _run
 
 BLOCK_M, BLOCK_N, BLOCK_A = 32, 32, 8
@@ -158,7 +159,7 @@ def _backward(
 
 
 def _block_dv(dv: int) -> int:
-    return max(16, triton.next_power_of_2(dv))
+    return max(16, next_power_of_2(dv))
 
 
 def _mask_bytes(mask):
@@ -173,7 +174,7 @@ def forward(qp, kp, values, v_a, mask, return_weights, launch=None):
     lse = qp.new_empty((batch, n_q), dtype=torch.float32)
     scores = qp.new_empty((batch, n_q, n_k), dtype=torch.float32) if return_weights else lse
     mask8 = _mask_bytes(mask)
-    grid = (triton.cdiv(n_q, BLOCK_M), batch)
+    grid = (cdiv(n_q, BLOCK_M), batch)
     args = (qp, kp, values, v_a, mask8 if mask8 is not None else lse, out, lse, scores, n_q, n_k, hidden, d_v)
     kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_A=BLOCK_A, BLOCK_DV=_block_dv(d_v), HAS_MASK=mask is not None,
                   STORE_SCORES=return_weights, num_warps=NUM_WARPS)
@@ -189,7 +190,7 @@ def backward(grad_context, grad_weights, delta, qp, kp, values, v_a, mask, lse, 
     """(d_qp, d_kp, d_values, d_v_a) in the inputs' dtypes."""
     batch, n_q, hidden = qp.shape
     n_k, d_v = kp.shape[1], values.shape[2]
-    n_key_blocks = triton.cdiv(n_k, BLOCK_N)
+    n_key_blocks = cdiv(n_k, BLOCK_N)
     f32 = dict(dtype=torch.float32, device=qp.device)
     d_qp = torch.zeros((batch, n_q, hidden), **f32)
     d_kp = torch.zeros((batch, n_k, hidden), **f32)

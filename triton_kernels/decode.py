@@ -18,6 +18,7 @@ bad one must not make the kernel read past the cache.
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
 from .flash_attention import LOG2E, _dot
 from .flash_attention_launch import _interpreting, _run
 
@@ -130,11 +131,11 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, scale: float, softcap: float, 
     block_n = 16 if _interpreting() else 64
     if splits is None:
         if _interpreting():
-            splits = min(3, triton.cdiv(max(n_max, 1), block_n))
+            splits = min(3, cdiv(max(n_max, 1), block_n))
         else:  # about two programs per SM, never chunks shorter than a key block
             sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
-            splits = max(1, min(triton.cdiv(2 * sms, batch * heads_kv), triton.cdiv(max(n_max, 1), block_n), 64))
-    chunk = triton.cdiv(triton.cdiv(max(n_max, 1), splits), block_n) * block_n
+            splits = max(1, min(cdiv(2 * sms, batch * heads_kv), cdiv(max(n_max, 1), block_n), 64))
+    chunk = cdiv(cdiv(max(n_max, 1), splits), block_n) * block_n
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     part_o = torch.empty((batch, heads, n_q, splits, dim_v), dtype=acc, device=q.device)
     part_m = torch.empty((batch, heads, n_q, splits), dtype=acc, device=q.device)
@@ -142,7 +143,7 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, scale: float, softcap: float, 
     out = torch.empty((batch, heads, n_q, dim_v), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, n_q), dtype=acc, device=q.device)
     slopes = alibi_slopes if alibi_slopes is not None else part_m
-    block_d, block_dv = max(16, triton.next_power_of_2(dim)), max(16, triton.next_power_of_2(dim_v))
+    block_d, block_dv = max(16, next_power_of_2(dim)), max(16, next_power_of_2(dim_v))
     partial_args = (
         q, k_cache, v_cache, cache_seqlens, slopes, part_o, part_m, part_l, q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -151,7 +152,7 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, scale: float, softcap: float, 
     )
     partial_kwargs = dict(
         GROUP=group, SPLITS=splits, HEAD_DIM=dim, HEAD_DIM_V=dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        BLOCK_M=max(16, triton.next_power_of_2(group * n_q)), BLOCK_N=block_n,
+        BLOCK_M=max(16, next_power_of_2(group * n_q)), BLOCK_N=block_n,
         ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32, SOFTCAP=softcap > 0,
         ALIBI=alibi_slopes is not None, USE_WINDOW=window_left >= 0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
@@ -159,7 +160,7 @@ def decode(q, k_cache, v_cache, cache_seqlens, *, scale: float, softcap: float, 
     )
     _run(_decode_partial, (batch * heads_kv, splits), partial_args, partial_kwargs, launch)
     combine_args = (part_o, part_m, part_l, out, lse, out.stride(0), out.stride(1), out.stride(2), heads, n_q)
-    combine_kwargs = dict(SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), HEAD_DIM_V=dim_v,
+    combine_kwargs = dict(SPLITS=splits, BLOCK_S=max(2, next_power_of_2(splits)), HEAD_DIM_V=dim_v,
                           BLOCK_DV=block_dv)
     _run(_decode_combine, (batch * heads * n_q,), combine_args, combine_kwargs, launch)
     return out, lse

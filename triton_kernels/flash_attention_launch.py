@@ -19,6 +19,7 @@ try:  # host tensor descriptors (triton >= 3.3): the forward's TMA candidates
 except ImportError:
     TensorDescriptor = None
 
+from ._host import cdiv, next_power_of_2
 from .._dispatch import interpreter_active as _interpreting  # the one TRITON_INTERPRET check, dispatch's too
 from .flash_attention import (
     NO_LIMIT, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd, _dropout_keep_mask_kernel, _rotary_rows_inplace,
@@ -224,7 +225,7 @@ def _run(kernel, grid, args, kwargs, launch):
 
 
 def _block_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 class _Layout:
@@ -276,7 +277,7 @@ def _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, 
         MASK_KIND=mask_kind, HAS_PADDING=pad is not None, DROPOUT=dropout_p > 0, ALIBI=alibi_slopes is not None,
         RAW_SCORES=softcap <= 0 and alibi_slopes is None and mask_kind != 2 and scale > 0,
         ROTARY_DIM=2 * rotary[0].shape[1] if rotary else 0, INTERLEAVED=bool(rotary and rotary[3]),
-        LENGTH_BUCKET=min(max(triton.next_power_of_2(max(max_q, max_k, 1)), 128), 16384),
+        LENGTH_BUCKET=min(max(next_power_of_2(max(max_q, max_k, 1)), 128), 16384),
     )
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     pad_stride = pad.stride(0) if pad is not None else 0
@@ -309,7 +310,7 @@ def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tenso
     kernel, blocks = _kernel(_attn_fwd, c["flags"]["BLOCK_D"], q.element_size(), c["flags"]["ROTARY_DIM"] > 0,
                              tma=descriptors is not None)
     descriptors = _described(descriptors, (k, v), c["flags"], blocks)
-    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
+    grid = lambda meta: (cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
     args = (
         q, k, v, out, lse, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"], *descriptors,
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(out, varlen),
@@ -329,7 +330,7 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
     delta = torch.empty_like(lse)
     delta_blocks = 16 if _interpreting() else 64
     _run(
-        _attn_bwd_delta, (triton.cdiv(max_q, delta_blocks), c["batch"] * c["heads"]),
+        _attn_bwd_delta, (cdiv(max_q, delta_blocks), c["batch"] * c["heads"]),
         (out, do, delta, c["cu_q"], c["cu_k"], *_Layout.of(out, varlen), *_Layout.of(do, varlen),
          *_stat_strides(lse, varlen), c["heads"], max_q, max_k),
         dict(HEAD_DIM_V=flags["HEAD_DIM_V"], BLOCK_DV=flags["BLOCK_DV"], BLOCK_M=delta_blocks,
@@ -339,7 +340,7 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     shared = (*c["mask_strides"], c["pad_stride"], c["slopes_stride"], c["rot_stride"])
     kernel, blocks = _kernel(_attn_bwd_dkdv, flags["BLOCK_D"], q.element_size(), flags["ROTARY_DIM"] > 0)
-    grid = lambda meta: (triton.cdiv(max_k, meta["BLOCK_N"]), c["batch"] * c["heads_kv"])  # noqa: E731
+    grid = lambda meta: (cdiv(max_k, meta["BLOCK_N"]), c["batch"] * c["heads_kv"])  # noqa: E731
     args = (
         q, k, v, do, lse, delta, dk, dv, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"],
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(do, varlen),
@@ -351,7 +352,7 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
     kernel, blocks = _kernel(_attn_bwd_dq, flags["BLOCK_D"], q.element_size(), flags["ROTARY_DIM"] > 0,
                              tma=descriptors is not None)
     descriptors = _described(descriptors, (k, v), flags, blocks)
-    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
+    grid = lambda meta: (cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
     args = (
         q, k, v, do, lse, delta, dq, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"], *descriptors,
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(do, varlen),
@@ -363,7 +364,7 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
         for grad, heads, queries in ((dq, c["heads"], True), (dk, c["heads_kv"], False)):
             rows = 16 if _interpreting() else 64
             _run(
-                _rotary_rows_inplace, (triton.cdiv(max_q if queries else max_k, rows), c["batch"] * heads),
+                _rotary_rows_inplace, (cdiv(max_q if queries else max_k, rows), c["batch"] * heads),
                 (grad, *c["rotary"], c["cu_q"], c["cu_k"], *_Layout.of(grad, varlen), c["rot_stride"], heads, max_q, max_k),
                 dict(HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"], BLOCK_M=rows, ROTARY_DIM=flags["ROTARY_DIM"],
                      INTERLEAVED=flags["INTERLEAVED"], ACC_DTYPE=flags["ACC_DTYPE"], VARLEN=varlen,
@@ -376,6 +377,6 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
 def dropout_keep_mask(batch: int, heads: int, max_q: int, max_k: int, dropout_p: float, seed: int, device) -> torch.Tensor:
     """The keep mask (B, H, max_q, max_k) the kernels use for this seed (bool)."""
     out = torch.empty((batch, heads, max_q, max_k), dtype=torch.uint8, device=device)
-    grid = (triton.cdiv(max_q, 16), triton.cdiv(max_k, 16), batch * heads)
+    grid = (cdiv(max_q, 16), cdiv(max_k, 16), batch * heads)
     _dropout_keep_mask_kernel[grid](out, heads, max_q, max_k, seed, int(round(dropout_p * (1 << 24))), BLOCK_M=16, BLOCK_N=16)
     return out.bool()

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2
 from .._dispatch import interpreter_active as _interpreting
 
 
@@ -89,14 +90,14 @@ def rotary(x, cos, sin, offsets, offset: int, interleaved: bool, conjugate: bool
     rotary_dim = 2 * cos.shape[-1]
     if x.numel() == 0 or seqlen == 0:
         return out
-    block_k = max(16, triton.next_power_of_2(rotary_dim // 2))
+    block_k = max(16, next_power_of_2(rotary_dim // 2))
     copy_tail = out is not x and rotary_dim < head_dim
-    block_tail = max(16, triton.next_power_of_2(head_dim - rotary_dim)) if copy_tail else 0
+    block_tail = max(16, next_power_of_2(head_dim - rotary_dim)) if copy_tail else 0
     if _interpreting():  # few, large programs: each costs Python time there
-        block_m, block_h = max(16, min(64, triton.next_power_of_2(seqlen))), max(1, heads)
+        block_m, block_h = max(16, min(64, next_power_of_2(seqlen))), max(1, heads)
     else:
         block_m, block_h = (4 if block_k > 64 else 8), 4
-    grid = (triton.cdiv(seqlen, block_m), batch, triton.cdiv(heads, block_h))
+    grid = (cdiv(seqlen, block_m), batch, cdiv(heads, block_h))
     batched = cos.dim() == 3
     args = (
         out, x, cos, sin, offsets if offsets is not None else cos, cu_seqlens if varlen else cos,
