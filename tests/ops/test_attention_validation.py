@@ -233,3 +233,12 @@ def test_varlen_cu_seqlens_checked_once_reads_them_once(monkeypatch):
     flash_attention_varlen(q, q, q, torch.tensor([0, 4, 10], dtype=torch.int32), cu.new_tensor([0, 4, 10]), 6, 6)
     flash_attention_varlen(q, q, q, cu, cu, 7, 7)  # outside the block: every call reads
     assert len(reads) == 6
+
+
+def test_host_block_arithmetic_matches_triton():
+    import triton
+
+    from attnkit.triton_kernels._host import cdiv, next_power_of_2
+
+    assert [next_power_of_2(n) for n in range(1, 600)] == [triton.next_power_of_2(n) for n in range(1, 600)]
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 70))
