@@ -127,8 +127,8 @@ def run_tests(root, out_dir, seconds, paths, extra, jobs=None, side_commands=(),
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"  # the dry run: Triton kernels on CPU tensors
     if jobs is None:
-        # The cores the side commands leave, less two for the GPU's launch threads. (12 workers
-        # ran the H200 suite in 58 s with Triton's cache warm.)
+        # The cores the side commands leave, two spare (12 workers ran the H200 suite in 58 s,
+        # Triton's cache warm; 8 beside 14 prewarm processes did not finish it in 206 s, cold).
         cores = (os.cpu_count() or 2) - len(side_commands) - 2
         jobs = max(1, min(14, cores)) if torch.cuda.is_available() else 1
     if xdist is None:
