@@ -64,8 +64,8 @@ print("ok")
 """
 
 
-def _run_checks(code):
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+def _run_checks(code, *args):
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
     signal = f" (killed by signal {-result.returncode})" if result.returncode < 0 else ""
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (
         f"rc {result.returncode}{signal}\n{result.stdout[-2000:]}{result.stderr[-4000:]}")
@@ -77,3 +77,27 @@ def test_cpu_extension_errors_reach_python_as_runtime_errors():
 
 def test_persistent_rnn_kernel_is_exported_and_checks_arguments():
     _run_checks(_PERSISTENT_CHECKS)
+
+
+# The same throw from a minimal extension built on the spot with attnkit's flags: where the two
+# checks above crash and this one raises, the cause is in attnkit's build or code; where this
+# one crashes too, in the machine's toolchain or sandbox (the H200 crash of 2026-11-26 did not
+# reproduce here with its torch 2.11).
+_MINIMAL_CHECKS = """
+import pytest, sys, torch
+from torch.utils.cpp_extension import load_inline
+source = '''
+#include <torch/extension.h>
+void fail(const at::Tensor& t) { TORCH_CHECK(t.dim() == 5, "probe must have 5 dims, got ", t.sizes()); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("fail", &fail); }
+'''
+ext = load_inline("attnkit_throw_probe", cpp_sources=[source], extra_cflags=["-O3", "-fopenmp"],
+                  extra_ldflags=["-fopenmp"], build_directory=sys.argv[1])
+with pytest.raises(RuntimeError, match="probe must have 5 dims"):
+    ext.fail(torch.zeros(2))
+print("ok")
+"""
+
+
+def test_a_minimal_extension_with_the_same_flags_raises_its_torch_check(tmp_path):
+    _run_checks(_MINIMAL_CHECKS, str(tmp_path))
