@@ -64,3 +64,20 @@ def test_import_does_not_touch_cuda_or_triton_kernels():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"  # triton loads lazily, on first use
     assert attnkit.__version__
+
+
+def test_no_extensions_variable_keeps_the_compiled_extensions_unloaded():
+    # What gpu-check's Triton prewarm sets, beside a build that rewrites the extensions.
+    result = run_isolated(
+        """
+        import os, sys
+        os.environ["ATTNKIT_NO_EXTENSIONS"] = "1"
+        import torch, attnkit
+        status = attnkit.available_backends()
+        assert not status["cpp"].available and "ATTNKIT_NO_EXTENSIONS" in status["cpp"].reason, status["cpp"]
+        assert "attnkit._C" not in sys.modules and "attnkit._C_cuda" not in sys.modules
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")

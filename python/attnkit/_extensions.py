@@ -2,7 +2,9 @@
 so that the package imports everywhere and the dispatcher can explain.
 
 ATTNKIT_EXTENSION_DIR=<dir> loads them from <dir>/<name>*.so instead of the
-package (`make test-asan` uses it for a sanitized build kept out of the tree)."""
+package (`make test-asan` uses it for a sanitized build kept out of the tree).
+ATTNKIT_NO_EXTENSIONS=1 loads none, as it builds none at install time: the
+Triton prewarm of `make gpu-check` runs beside a build that rewrites them."""
 from __future__ import annotations
 
 import glob
@@ -48,6 +50,8 @@ def _import_from(directory: str, full_name: str) -> ModuleType:
 
 def _import(name: str) -> Tuple[Optional[ModuleType], str]:
     full_name = f"attnkit.{name}"
+    if os.environ.get("ATTNKIT_NO_EXTENSIONS", "") not in ("", "0"):
+        return None, f"{full_name} not loaded: ATTNKIT_NO_EXTENSIONS is set"
     directory = os.environ.get("ATTNKIT_EXTENSION_DIR")
     if directory and name == "_C":  # only the CPU extension has a sanitized build
         try:

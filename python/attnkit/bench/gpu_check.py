@@ -294,6 +294,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     families = core.families()
     if args.prewarm_config is not None:
+        # Triton kernels only: the build beside may be rewriting the compiled extensions, and
+        # loading one mid-write can kill the process (SIGBUS) where it only had to compile.
+        os.environ["ATTNKIT_NO_EXTENSIONS"] = "1"
         quick = args.quick or not torch.cuda.is_available()
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         core.load_family("attention").prewarm(device, getattr(torch, args.dtype), args.prewarm_config, quick)
