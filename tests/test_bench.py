@@ -426,3 +426,19 @@ def test_gpu_check_build_runs_the_prewarm_beside_pip(monkeypatch, tmp_path):
     commands, jobs, env = seen[0]
     assert commands[0][1:4] == ["-m", "pip", "install"] and commands[1:] == side and jobs == 3
     assert env["ATTNKIT_REQUIRE_CUDA"] == "1"
+
+
+def test_attention_benchmark_steps_time_what_each_mode_names():
+    attention = core.load_family("attention")
+    q, k, v = (torch.randn(1, 2, 5, 4, requires_grad=True) for _ in range(3))
+    calls = []
+
+    def fn(q, k, v, causal):
+        calls.append(torch.is_grad_enabled())
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    assert attention._step(fn, q, k, v, True, "forward")().grad_fn is None and calls == [False]
+    backward = attention._step(fn, q, k, v, True, "backward")  # one forward now, none per call
+    assert len(calls) == 2 and [g.shape for g in backward()] == [q.shape] * 3 and len(calls) == 2
+    both = attention._step(fn, q, k, v, True, "fwd+bwd")
+    assert len(both()) == 3 and calls[-2:] == [True, True]
