@@ -6,7 +6,10 @@ the forward's and the backward's kernels launched at candidate i together
 (ATTNKIT_TRITON_CONFIG=i; the dK/dV list is shorter and repeats its last entry).
 Needs a CUDA GPU.
 
-    python benchmarks/attention_configs.py [--shape B H N D] [--dtype bfloat16] [--causal both]
+    python benchmarks/attention_configs.py [--shape B H N D] [--dtype bfloat16] [--causal both] [--ws]
+
+--ws times the opt-in warp-specialized forward's candidates instead (ATTNKIT_TRITON_WS=1,
+triton_kernels/flash_attention_ws.py; sm_90), the backward at the general kernels' candidate i.
 """
 from __future__ import annotations
 
@@ -23,9 +26,14 @@ from attnkit.triton_kernels import flash_attention_launch as launch
 from attnkit.triton_kernels.flash_attention import _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd
 
 
-def describe(index: int, head_dim: int, dtype: torch.dtype) -> str:
+def describe(index: int, head_dim: int, dtype: torch.dtype, ws: bool = False) -> str:
     names = []
-    for name, kernel in (("fwd", _attn_fwd), ("dq", _attn_bwd_dq), ("dkdv", _attn_bwd_dkdv)):
+    if ws:
+        from attnkit.triton_kernels.flash_attention_ws import WS_SHAPES
+
+        m, n, w, st = WS_SHAPES[min(index, len(WS_SHAPES) - 1)]
+        names.append(f"fwd WS {m}x{n} w{w} s{st}")
+    for name, kernel in (("fwd", _attn_fwd), ("dq", _attn_bwd_dq), ("dkdv", _attn_bwd_dkdv))[1 if ws else 0:]:
         configs = launch._configs(launch._block_dim(head_dim), dtype.itemsize, dkdv=kernel is _attn_bwd_dkdv,
                                   tma=launch._tma_device())
         config = configs[min(index, len(configs) - 1)]
@@ -40,7 +48,10 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=4, default=[4, 16, 4096, 128], metavar=("B", "H", "N", "D"))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--causal", default="both", choices=["no", "yes", "both"])
+    parser.add_argument("--ws", action="store_true", help="the warp-specialized forward's candidates")
     args = parser.parse_args()
+    if args.ws:
+        os.environ["ATTNKIT_TRITON_WS"] = "1"
     if not torch.cuda.is_available():
         raise SystemExit("attention_configs: needs a CUDA GPU")
     batch, heads, n, dim = args.shape
@@ -50,7 +61,9 @@ def main() -> None:
           f"median ms (triton.testing.do_bench), TFLOP/s counting causal work as half")
     for causal in {"no": [False], "yes": [True], "both": [False, True]}[args.causal]:
         print(f"\n| causal={causal} | configs | forward ms | TFLOP/s | backward ms | TFLOP/s |\n|---|---|---:|---:|---:|---:|")
-        for index in range(launch.config_count(dim, dtype)):
+        if args.ws:
+            from attnkit.triton_kernels.flash_attention_ws import WS_SHAPES
+        for index in range(len(WS_SHAPES) if args.ws else launch.config_count(dim, dtype)):
             os.environ["ATTNKIT_TRITON_CONFIG"] = str(index)
             try:
                 with torch.no_grad():
@@ -61,10 +74,10 @@ def main() -> None:
                 backward = triton.testing.do_bench(
                     lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True), return_mode="median")
             except OutOfResources as exc:
-                print(f"| {index} | {describe(index, dim, dtype)} | does not fit: {str(exc).splitlines()[0]} | | | |")
+                print(f"| {index} | {describe(index, dim, dtype, args.ws)} | does not fit: {str(exc).splitlines()[0]} | | | |")
                 continue
             work = flops(batch, heads, n, dim, causal, "forward")
-            print(f"| {index} | {describe(index, dim, dtype)} | {forward:.3f} | {work / forward / 1e9:.0f} | "
+            print(f"| {index} | {describe(index, dim, dtype, args.ws)} | {forward:.3f} | {work / forward / 1e9:.0f} | "
                   f"{backward:.3f} | {2.5 * work / backward / 1e9:.0f} |", flush=True)
     os.environ.pop("ATTNKIT_TRITON_CONFIG", None)
 

@@ -38,6 +38,7 @@ def test_flash_attention_kernels_compile_and_fit_shared_memory(arch, compile_run
     if arch >= 90:  # the forward's first TMA candidate compiled as well
         assert "USE_TMA" in stdout, stdout
     assert "OVER THE LIMIT" not in stdout  # config 0 of every kernel fits, as the GPU suite launches it
+    assert "NOT WARP-SPECIALIZED" not in stdout  # flash_attention_ws's loop got its producer and consumer warps
     # Compiled as a launch specializes (16-byte aligned pointers, pipelined loops), not under-reporting shared
     # memory; compile_check knows how from triton 3.3 on.
     import triton

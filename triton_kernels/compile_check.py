@@ -47,6 +47,9 @@ COMBOS = [
     # The TMA candidates of the forward and dQ (tensor descriptors), as on an sm_90 GPU.
     ("bf16-d128-tma-causal", torch.bfloat16, 128, False, dict(window=(-1, 0), tma=True)),
     ("fp16-d80-tma-padding", torch.float16, 80, False, dict(pad=True, tma=True)),
+    # The opt-in warp-specialized forward (ATTNKIT_TRITON_WS=1), sm_90 only like the TMA candidates.
+    ("bf16-d128-ws-causal", torch.bfloat16, 128, False, dict(window=(-1, 0), tma=True, ws=True)),
+    ("fp16-d64-ws", torch.float16, 64, False, dict(tma=True, ws=True)),
 ]
 
 
@@ -122,6 +125,9 @@ class Compiler:
             source = self._specialized(kernel, args, keyword_values)
             source = source or _unspecialized(kernel, args, keyword_values)
             compiled = triton.compile(source, target=self.target, options=options)
+            if kernel.fn.__name__ == "_attn_fwd_ws" and "ttg.warp_specialize" not in compiled.asm["ttgir"]:
+                # Triton leaves a loop it cannot specialize as it is, silently: say so (the test looks).
+                print(f"  _attn_fwd_ws config {index}: NOT WARP-SPECIALIZED")
             shared = compiled.metadata.shared
             fits = shared <= self.limit
             if self.all_configs or fits or config is configs[-1]:
@@ -187,6 +193,29 @@ def _tma_candidates(dtype, dim, all_configs):
             os.environ["ATTNKIT_TRITON_CONFIG"] = previous
 
 
+@contextlib.contextmanager
+def _warp_specialized():
+    """The forward through flash_attention_ws, as ATTNKIT_TRITON_WS=1 on an sm_90 GPU."""
+    previous = os.environ.get("ATTNKIT_TRITON_WS")
+    os.environ["ATTNKIT_TRITON_WS"] = "1"
+    try:
+        with launch.tma_forced():
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("ATTNKIT_TRITON_WS", None)
+        else:
+            os.environ["ATTNKIT_TRITON_WS"] = previous
+
+
+def _candidates(dtype, dim, all_configs, options):
+    if options.get("ws"):
+        return _warp_specialized()
+    if options.get("tma"):
+        return _tma_candidates(dtype, dim, all_configs)
+    return contextlib.nullcontext()
+
+
 def check(arch: int = 90, all_configs: bool = False, verbose: bool = True) -> list:
     if interpreter_active():
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset: the interpreter replaces the compiler")
@@ -196,7 +225,7 @@ def check(arch: int = 90, all_configs: bool = False, verbose: bool = True) -> li
             continue  # the tensor-copy engine is sm_90's; the launcher offers TMA candidates there only
         start = time.time()
         q, k, v, kwargs = _inputs(dtype, dim, varlen, options)
-        with _tma_candidates(dtype, dim, all_configs) if options.get("tma") else contextlib.nullcontext():
+        with _candidates(dtype, dim, all_configs, options):
             out, lse = launch.forward(q, k, v, **kwargs, launch=compiler)
             launch.backward(torch.empty_like(out), q, k, v, out, lse, **kwargs, launch=compiler)
         if verbose:

@@ -20,6 +20,7 @@ except ImportError:
     TensorDescriptor = None
 
 from ._host import cdiv, next_power_of_2
+from .._dispatch import getenv
 from .._dispatch import interpreter_active as _interpreting  # the one TRITON_INTERPRET check, dispatch's too
 from .flash_attention import (
     NO_LIMIT, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd, _dropout_keep_mask_kernel, _rotary_rows_inplace,
@@ -129,12 +130,31 @@ def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, c: dict):
     (each a multiple of 16 bytes, the last dim contiguous)."""
     if c["varlen"] or c["flags"]["ROTARY_DIM"] or k.element_size() != 2 or not _tma_device(k.device):
         return None
-    for t in (k, v):
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s <= 0 or s * t.element_size() % 16 for s in t.stride()[:-1]):
-            return None
+    if not (_tma_ready(k) and _tma_ready(v)):
+        return None
     flags = c["flags"]
     return (TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, 16, flags["BLOCK_D"]]),
             TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, 16, flags["BLOCK_DV"]]))
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """Whether TMA can take t: the last dim contiguous, the base and every other stride 16-byte aligned."""
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+        s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+
+
+def ws_eligible(q: torch.Tensor, c: dict, descriptors) -> bool:
+    """Whether the warp-specialized forward (flash_attention_ws) serves this call:
+    asked for (ATTNKIT_TRITON_WS=1), where the TMA candidates could run, dense
+    scores without masks, dropout, ALiBi or soft-cap, no window but the causal
+    one, and Dv = D a power of two up to 128."""
+    if descriptors is None or getenv("ATTNKIT_TRITON_WS") != "1":
+        return False
+    flags, scalars = c["flags"], c["scalars"]
+    causal_or_none = scalars["window_left"] == NO_LIMIT and scalars["window_right"] in (0, NO_LIMIT)
+    return (flags["RAW_SCORES"] and flags["MASK_KIND"] == 0 and not flags["HAS_PADDING"] and not flags["DROPOUT"]
+            and causal_or_none and flags["HEAD_DIM"] == flags["BLOCK_D"] == flags["HEAD_DIM_V"] <= 128
+            and _tma_ready(q))
 
 
 def _described(descriptors, tensors, flags, blocks):
@@ -307,6 +327,12 @@ def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tenso
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty((q.shape[1], q.shape[0]) if varlen else q.shape[:-1], dtype=stat_dtype, device=q.device)
     descriptors = _tma_descriptors(k, v, c)
+    if ws_eligible(q, c, descriptors):
+        from . import flash_attention_ws
+
+        causal = c["scalars"]["window_right"] == 0
+        flash_attention_ws.forward(q, k, v, out, lse, c, causal, bottom_right, scale, launch)
+        return out, lse
     kernel, blocks = _kernel(_attn_fwd, c["flags"]["BLOCK_D"], q.element_size(), c["flags"]["ROTARY_DIM"] > 0,
                              tma=descriptors is not None)
     descriptors = _described(descriptors, (k, v), c["flags"], blocks)

@@ -82,6 +82,59 @@ def test_forward_and_dq_through_tensor_descriptors(monkeypatch, dtype, shape, fe
     assert len(described) == 2 and all(d is not None for d in described)  # the forward and dQ took the TMA path
 
 
+# The opt-in warp-specialized forward (ATTNKIT_TRITON_WS=1, flash_attention_ws) for plain dense
+# calls; its gradients come from the general backward, through the lse it saves.
+WS_CASES = [
+    (Shape(2, 4, 2, 33, 47, 64, 64), Features(causal=True)),  # GQA, Nq != Nk, partial blocks
+    (Shape(1, 2, 2, 50, 29, 32, 32), Features(causal=True)),  # Nq > Nk: rows that see no key
+    (Shape(2, 2, 1, 17, 40, 64, 64), Features()),
+    (Shape(1, 2, 2, 21, 21, 16, 16), Features(causal=True, extra=dict(causal_alignment="top_left"))),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,features", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in WS_CASES])
+def test_warp_specialized_forward(monkeypatch, dtype, shape, features):
+    launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")
+    if launch.TensorDescriptor is None:
+        pytest.skip("this Triton has no host tensor descriptors")
+    from attnkit.triton_kernels import flash_attention_ws
+
+    calls = []
+    real = flash_attention_ws.forward
+    monkeypatch.setattr(flash_attention_ws, "forward", lambda *a, **kw: calls.append(a[6]) or real(*a, **kw))
+    monkeypatch.setenv("ATTNKIT_TRITON_WS", "1")
+    with forced(OP, "triton", "cpu", dtype) as dev, launch.tma_forced():
+        q, k, v, kwargs = make_inputs(shape, features, dtype, dev)
+        check_against_truth(q, k, v, dict(kwargs, **features.extra), dtype)
+    assert calls == [features.causal]  # the forward took it, once
+
+
+def test_warp_specialized_forward_only_where_asked_and_plain():
+    launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")
+    if launch.TensorDescriptor is None:
+        pytest.skip("this Triton has no host tensor descriptors")
+    q = torch.randn(1, 2, 8, 64, dtype=torch.float16)
+
+    def eligible(q=q, **kwargs):
+        call = dict(dict(cu_q=None, cu_k=None, max_q=8, max_k=8, mask=None, pad=None, bottom_right=True, window=(-1, 0),
+                         softcap=0.0, scale=0.125, dropout_p=0.0, seed=0, alibi_slopes=None, rotary=None), **kwargs)
+        c = launch._common(q, q, q, *call.values())
+        return launch.ws_eligible(q, c, launch._tma_descriptors(q, q, c))
+
+    with launch.tma_forced():
+        assert not eligible()  # not asked for
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("ATTNKIT_TRITON_WS", "1")
+            assert eligible() and eligible(window=(-1, -1))
+            assert not eligible(window=(4, 0)) and not eligible(softcap=2.0) and not eligible(dropout_p=0.1)
+            assert not eligible(pad=torch.zeros(1, 8, dtype=torch.uint8))
+            assert not eligible(mask=torch.ones(1, 1, 8, 8, dtype=torch.uint8))
+            assert not eligible(alibi_slopes=torch.ones(2))
+            assert not eligible(q=torch.randn(1, 2, 8, 80, dtype=torch.float16))  # D not a power of two
+            assert not eligible(q=q.float())  # no descriptors for 4-byte types
+
+
 def test_tensor_descriptors_only_where_tma_can_serve():
     """Varlen, fused RoPE, 4-byte types and strides that are not multiples of 16
     bytes keep the pointer loads."""

@@ -102,3 +102,28 @@ def test_decode_long_cache_bf16_vs_reference(heads_kv):
     from attnkit.reference import attention as ref
 
     assert_close(out, ref.decode(q.float(), k.float(), v.float(), lengths)[0], 2e-2, "out")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="the warp-specialized forward needs sm_90")
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_warp_specialized_forward_every_config_vs_sdpa(monkeypatch, dim, causal):
+    from attnkit.triton_kernels import flash_attention_ws
+
+    torch.manual_seed(0)
+    nq, nk = 300, 333  # partial blocks, bottom-right causal
+    q = torch.randn(2, 4, nq, dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, nk, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    keep = torch.ones(nq, nk, dtype=torch.bool, device="cuda").tril(nk - nq) if causal else None
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=keep, enable_gqa=True)
+    calls = []
+    real = flash_attention_ws.forward
+    monkeypatch.setattr(flash_attention_ws, "forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setenv("ATTNKIT_TRITON_WS", "1")
+    for index in range(len(flash_attention_ws.WS_SHAPES)):
+        monkeypatch.setenv("ATTNKIT_TRITON_CONFIG", str(index))
+        with attnkit.use_backend("triton"):
+            out = attnkit.ops.flash_attention(q, k, v, causal=causal)
+        assert_close(out, expected, 2e-2, f"out, config {index}")
+    assert len(calls) == len(flash_attention_ws.WS_SHAPES)
