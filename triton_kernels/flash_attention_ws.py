@@ -15,6 +15,7 @@ Dv = D a power of two. Not yet timed on a GPU: opt-in until it is.
 import triton
 import triton.language as tl
 
+from ._host import cdiv
 from .flash_attention import LOG2E, _dot
 
 
@@ -111,7 +112,7 @@ def forward(q, k, v, out, lse, c, causal: bool, bottom_right: bool, scale: float
         _block_shapes(dict(Q_DESC=q_desc, K_DESC=k_desc, V_DESC=v_desc, HEAD_DIM=dim, **blocks))
     batch, heads, max_q, _ = q.shape
     max_k = k.shape[2]
-    grid = lambda meta: (-(-max_q // meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    grid = lambda meta: (cdiv(max_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     args = (q_desc, k_desc, v_desc, out, lse, *out.stride()[:3], *lse.stride(), heads, heads // k.shape[1], max_q, max_k,
             scale)
     flags = dict(HEAD_DIM=dim, CAUSAL=causal, BOTTOM_RIGHT=bottom_right, UPCAST=c["flags"]["UPCAST"],
