@@ -175,45 +175,34 @@ def _inputs(dtype, dim, varlen, options):
 
 
 @contextlib.contextmanager
-def _tma_candidates(dtype, dim, all_configs):
-    """The forward and dQ with tensor descriptors, as on an sm_90 GPU; without
-    all_configs, launched at their first TMA candidate (config 0 is a pointer
-    one; dK/dV, with no TMA candidates, at its last config)."""
-    first_tma = len(launch._configs(launch._block_dim(dim), dtype.itemsize))
-    previous = os.environ.get("ATTNKIT_TRITON_CONFIG")
-    if not all_configs:
-        os.environ["ATTNKIT_TRITON_CONFIG"] = str(first_tma)
+def _environment(name, value):
+    """os.environ[name] = value inside the block (None: unchanged), restored after."""
+    previous = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
     try:
-        with launch.tma_forced():
-            yield
+        yield
     finally:
         if previous is None:
-            os.environ.pop("ATTNKIT_TRITON_CONFIG", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["ATTNKIT_TRITON_CONFIG"] = previous
+            os.environ[name] = previous
 
 
 @contextlib.contextmanager
-def _warp_specialized():
-    """The forward through flash_attention_ws, as ATTNKIT_TRITON_WS=1 on an sm_90 GPU."""
-    previous = os.environ.get("ATTNKIT_TRITON_WS")
-    os.environ["ATTNKIT_TRITON_WS"] = "1"
-    try:
-        with launch.tma_forced():
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop("ATTNKIT_TRITON_WS", None)
-        else:
-            os.environ["ATTNKIT_TRITON_WS"] = previous
-
-
 def _candidates(dtype, dim, all_configs, options):
-    if options.get("ws"):
-        return _warp_specialized()
-    if options.get("tma"):
-        return _tma_candidates(dtype, dim, all_configs)
-    return contextlib.nullcontext()
+    """tma: the forward and dQ with tensor descriptors, as on an sm_90 GPU; without
+    all_configs, launched at their first TMA candidate (config 0 is a pointer one;
+    dK/dV, with no TMA candidates, at its last config). ws: the forward through
+    flash_attention_ws, as ATTNKIT_TRITON_WS=1 there (its candidates walked as autotuned)."""
+    if not options.get("tma"):
+        yield
+        return
+    first_tma = len(launch._configs(launch._block_dim(dim), dtype.itemsize))
+    fixed = None if all_configs or options.get("ws") else str(first_tma)
+    with _environment("ATTNKIT_TRITON_CONFIG", fixed), \
+            _environment("ATTNKIT_TRITON_WS", "1" if options.get("ws") else "0"), launch.tma_forced():
+        yield
 
 
 def check(arch: int = 90, all_configs: bool = False, verbose: bool = True) -> list:

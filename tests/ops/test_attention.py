@@ -58,6 +58,14 @@ def test_half_precision(backend, device, dtype, shape, features):
         check_against_truth(q, k, v, kwargs, dtype)
 
 
+def _launch_with_descriptors():
+    """flash_attention_launch, skipping the test where this Triton has no host tensor descriptors."""
+    launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")
+    if launch.TensorDescriptor is None:
+        pytest.skip("this Triton has no host tensor descriptors")
+    return launch
+
+
 # The TMA candidates of the forward and dQ (K and V through tensor descriptors)
 # run on an sm_90 GPU; tma_forced() takes that path anywhere, the interpreter included.
 TMA_CASES = [
@@ -70,9 +78,7 @@ TMA_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,features", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in TMA_CASES])
 def test_forward_and_dq_through_tensor_descriptors(monkeypatch, dtype, shape, features):
-    launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")
-    if launch.TensorDescriptor is None:
-        pytest.skip("this Triton has no host tensor descriptors")
+    launch = _launch_with_descriptors()
     described = []
     real = launch._tma_descriptors
     monkeypatch.setattr(launch, "_tma_descriptors", lambda *a: described.append(real(*a)) or described[-1])
@@ -95,9 +101,7 @@ WS_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,features", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in WS_CASES])
 def test_warp_specialized_forward(monkeypatch, dtype, shape, features):
-    launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")
-    if launch.TensorDescriptor is None:
-        pytest.skip("this Triton has no host tensor descriptors")
+    launch = _launch_with_descriptors()
     from attnkit.triton_kernels import flash_attention_ws
 
     calls = []
@@ -111,9 +115,7 @@ def test_warp_specialized_forward(monkeypatch, dtype, shape, features):
 
 
 def test_warp_specialized_forward_only_where_asked_and_plain():
-    launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")
-    if launch.TensorDescriptor is None:
-        pytest.skip("this Triton has no host tensor descriptors")
+    launch = _launch_with_descriptors()
     q = torch.randn(1, 2, 8, 64, dtype=torch.float16)
 
     def eligible(q=q, **kwargs):
@@ -138,9 +140,7 @@ def test_warp_specialized_forward_only_where_asked_and_plain():
 def test_tensor_descriptors_only_where_tma_can_serve():
     """Varlen, fused RoPE, 4-byte types and strides that are not multiples of 16
     bytes keep the pointer loads."""
-    launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")
-    if launch.TensorDescriptor is None:
-        pytest.skip("this Triton has no host tensor descriptors")
+    launch = _launch_with_descriptors()
     k = torch.randn(2, 2, 8, 64, dtype=torch.float16)
     plain = dict(varlen=False, flags=dict(ROTARY_DIM=0, BLOCK_D=64, BLOCK_DV=64))
     with launch.tma_forced():
