@@ -7,6 +7,7 @@ interpreter (autotuning there would only multiply the run time).
 """
 import contextlib
 import functools
+import inspect
 import os
 from typing import Optional
 
@@ -18,6 +19,8 @@ try:  # host tensor descriptors (triton >= 3.3): the forward's TMA candidates
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
     TensorDescriptor = None
+# tl.range(..., warp_specialize=...), which flash_attention_ws needs, came later than descriptors.
+_WS_SUPPORTED = "warp_specialize" in inspect.signature(tl.range).parameters
 
 from ._host import cdiv, next_power_of_2
 from .._dispatch import getenv
@@ -148,7 +151,7 @@ def ws_eligible(q: torch.Tensor, c: dict, descriptors) -> bool:
     asked for (ATTNKIT_TRITON_WS=1), where the TMA candidates could run, dense
     scores without masks, dropout, ALiBi or soft-cap, no window but the causal
     one, and Dv = D a power of two up to 128."""
-    if descriptors is None or getenv("ATTNKIT_TRITON_WS") != "1":
+    if descriptors is None or not _WS_SUPPORTED or getenv("ATTNKIT_TRITON_WS") != "1":
         return False
     flags, scalars = c["flags"], c["scalars"]
     causal_or_none = scalars["window_left"] == NO_LIMIT and scalars["window_right"] in (0, NO_LIMIT)

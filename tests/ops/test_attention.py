@@ -135,6 +135,8 @@ def test_warp_specialized_forward_only_where_asked_and_plain():
             assert not eligible(alibi_slopes=torch.ones(2))
             assert not eligible(q=torch.randn(1, 2, 8, 80, dtype=torch.float16))  # D not a power of two
             assert not eligible(q=q.float())  # no descriptors for 4-byte types
+            mp.setattr(launch, "_WS_SUPPORTED", False)  # a Triton whose tl.range has no warp_specialize
+            assert not eligible()
 
 
 def test_tensor_descriptors_only_where_tma_can_serve():
