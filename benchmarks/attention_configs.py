@@ -24,13 +24,12 @@ from triton.runtime.errors import OutOfResources
 import attnkit
 from attnkit.triton_kernels import flash_attention_launch as launch
 from attnkit.triton_kernels.flash_attention import _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd
+from attnkit.triton_kernels.flash_attention_ws import WS_SHAPES
 
 
 def describe(index: int, head_dim: int, dtype: torch.dtype, ws: bool = False) -> str:
     names = []
     if ws:
-        from attnkit.triton_kernels.flash_attention_ws import WS_SHAPES
-
         m, n, w, st = WS_SHAPES[min(index, len(WS_SHAPES) - 1)]
         names.append(f"fwd WS {m}x{n} w{w} s{st}")
     for name, kernel in (("fwd", _attn_fwd), ("dq", _attn_bwd_dq), ("dkdv", _attn_bwd_dkdv))[1 if ws else 0:]:
@@ -59,11 +58,10 @@ def main() -> None:
     q, k, v = (torch.randn(batch, heads, n, dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     print(f"B={batch} H={heads} N={n} D={dim} {args.dtype} on {torch.cuda.get_device_name()}; "
           f"median ms (triton.testing.do_bench), TFLOP/s counting causal work as half")
+    count = len(WS_SHAPES) if args.ws else launch.config_count(dim, dtype)
     for causal in {"no": [False], "yes": [True], "both": [False, True]}[args.causal]:
         print(f"\n| causal={causal} | configs | forward ms | TFLOP/s | backward ms | TFLOP/s |\n|---|---|---:|---:|---:|---:|")
-        if args.ws:
-            from attnkit.triton_kernels.flash_attention_ws import WS_SHAPES
-        for index in range(len(WS_SHAPES) if args.ws else launch.config_count(dim, dtype)):
+        for index in range(count):
             os.environ["ATTNKIT_TRITON_CONFIG"] = str(index)
             try:
                 with torch.no_grad():
