@@ -334,7 +334,7 @@ def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tenso
         from . import flash_attention_ws
 
         causal = c["scalars"]["window_right"] == 0
-        flash_attention_ws.forward(q, k, v, out, lse, c, causal, bottom_right, scale, launch)
+        flash_attention_ws.forward(q, k, v, out, lse, c, descriptors, causal, bottom_right, scale, launch)
         return out, lse
     kernel, blocks = _kernel(_attn_fwd, c["flags"]["BLOCK_D"], q.element_size(), c["flags"]["ROTARY_DIM"] > 0,
                              tma=descriptors is not None)

@@ -101,12 +101,14 @@ def _kernel():
     return _tuned["tuner"], {}
 
 
-def forward(q, k, v, out, lse, c, causal: bool, bottom_right: bool, scale: float, launch=None):
-    """Fills out and lse (dense (B, H, N, D) tensors, flash_attention_launch.ws_eligible)."""
+def forward(q, k, v, out, lse, c, kv_descriptors, causal: bool, bottom_right: bool, scale: float, launch=None):
+    """Fills out and lse (dense (B, H, N, D) tensors, flash_attention_launch.ws_eligible);
+    kv_descriptors: K's and V's, from flash_attention_launch._tma_descriptors."""
     from .flash_attention_launch import TensorDescriptor, _run
 
     dim = q.shape[-1]
-    q_desc, k_desc, v_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, dim]) for t in (q, k, v))
+    q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, 16, dim])
+    k_desc, v_desc = kv_descriptors
     kernel, blocks = _kernel()
     if blocks:  # no autotuner runs the pre_hook
         _block_shapes(dict(Q_DESC=q_desc, K_DESC=k_desc, V_DESC=v_desc, HEAD_DIM=dim, **blocks))

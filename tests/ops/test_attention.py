@@ -66,6 +66,13 @@ def _launch_with_descriptors():
     return launch
 
 
+def _check_through_descriptors(launch, dtype, shape, features):
+    """check_against_truth on the Triton backend with the TMA path forced (features.extra as kwargs)."""
+    with forced(OP, "triton", "cpu", dtype) as dev, launch.tma_forced():
+        q, k, v, kwargs = make_inputs(shape, features, dtype, dev)
+        check_against_truth(q, k, v, dict(kwargs, **features.extra), dtype)
+
+
 # The TMA candidates of the forward and dQ (K and V through tensor descriptors)
 # run on an sm_90 GPU; tma_forced() takes that path anywhere, the interpreter included.
 TMA_CASES = [
@@ -82,9 +89,7 @@ def test_forward_and_dq_through_tensor_descriptors(monkeypatch, dtype, shape, fe
     described = []
     real = launch._tma_descriptors
     monkeypatch.setattr(launch, "_tma_descriptors", lambda *a: described.append(real(*a)) or described[-1])
-    with forced(OP, "triton", "cpu", dtype) as dev, launch.tma_forced():
-        q, k, v, kwargs = make_inputs(shape, features, dtype, dev)
-        check_against_truth(q, k, v, kwargs, dtype)
+    _check_through_descriptors(launch, dtype, shape, features)
     assert len(described) == 2 and all(d is not None for d in described)  # the forward and dQ took the TMA path
 
 
@@ -106,11 +111,9 @@ def test_warp_specialized_forward(monkeypatch, dtype, shape, features):
 
     calls = []
     real = flash_attention_ws.forward
-    monkeypatch.setattr(flash_attention_ws, "forward", lambda *a, **kw: calls.append(a[6]) or real(*a, **kw))
+    monkeypatch.setattr(flash_attention_ws, "forward", lambda *a, **kw: calls.append(a[7]) or real(*a, **kw))
     monkeypatch.setenv("ATTNKIT_TRITON_WS", "1")
-    with forced(OP, "triton", "cpu", dtype) as dev, launch.tma_forced():
-        q, k, v, kwargs = make_inputs(shape, features, dtype, dev)
-        check_against_truth(q, k, v, dict(kwargs, **features.extra), dtype)
+    _check_through_descriptors(launch, dtype, shape, features)
     assert calls == [features.causal]  # the forward took it, once
 
 
