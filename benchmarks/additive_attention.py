@@ -18,7 +18,7 @@ import json
 import sys
 
 import torch
-from timing import max_error, median_ms, rss_rise_mb, rss_rise_mb_in_subprocess
+from timing import max_error, median_ms, within_budget, rss_rise_mb, rss_rise_mb_in_subprocess
 
 import attnkit
 from attnkit.ops import additive_attention
@@ -84,7 +84,7 @@ def _measure_peak(spec: dict) -> float:
 def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
     rows = []
     shapes = QUICK_SHAPES.get(device.type, QUICK_SHAPES["cpu"]) if quick else FULL_SHAPES
-    for batch, n in shapes:
+    for batch, n in within_budget(shapes, rows, lambda case: f"B={case[0]} Tq=Tk={case[1]}"):
         tensors, mask = _inputs(batch, n, dtype, device)
         ours = _ours(tensors, mask)
         theirs = lambda: plain(*tensors, mask)  # noqa: E731

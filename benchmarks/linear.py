@@ -10,7 +10,7 @@ import itertools
 
 import torch
 import torch.nn.functional as F
-from timing import max_error, median_ms
+from timing import max_error, median_ms, within_budget
 
 import attnkit
 
@@ -24,7 +24,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
     if device.type != "cpu" or dtype != torch.float32:
         return []  # the kernel is CPU float32; elsewhere attnkit.ops.linear is F.linear
     rows = []
-    for m, k, n in QUICK_CASES if quick else FULL_CASES:
+    cases = QUICK_CASES if quick else FULL_CASES
+    for m, k, n in within_budget(cases, rows, lambda case: "rows={} in={} out={}".format(*case)):
         copies = max(2, POOL_BYTES // (4 * k * n))
         weights = [torch.randn(n, k, device=device) for _ in range(copies)]
         bias, x = torch.randn(n, device=device), torch.randn(m, k, device=device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 
 import torch
-from timing import max_error, median_ms
+from timing import max_error, median_ms, within_budget
 
 import attnkit
 from attnkit.models import BertModel, GPT2LMHeadModel, gpt2
@@ -89,5 +89,9 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
         return []
     transformers.logging.set_verbosity_error()
     rounds, repeats = 3, 1
-    return (bert_rows(transformers, BERT_QUICK if quick else BERT_FULL, device, dtype, rounds, repeats)
-            + gpt_rows(transformers, GPT_QUICK if quick else GPT_FULL, device, dtype, rounds, repeats))
+    cases = [(bert_rows, BERT_QUICK if quick else BERT_FULL, "BERT"),
+             (gpt_rows, GPT_QUICK if quick else GPT_FULL, "GPT-2")]
+    rows = []
+    for measure, case, _ in within_budget(cases, rows, lambda case: case[2]):
+        rows += measure(transformers, case, device, dtype, rounds, repeats)
+    return rows

@@ -6,7 +6,7 @@ benchmarks/rope_attention.py."""
 from __future__ import annotations
 
 import torch
-from timing import max_error, median_ms
+from timing import max_error, median_ms, within_budget
 
 import attnkit
 
@@ -49,7 +49,9 @@ def fwd_bwd(fn):
 
 def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
     rows = []
-    for batch, seqlen, heads, dim, per_sequence in QUICK_SHAPES if quick else FULL_SHAPES:
+    describe = lambda case: f"B={case[0]} N={case[1]} H={case[2]} D={case[3]}"  # noqa: E731
+    for batch, seqlen, heads, dim, per_sequence in within_budget(QUICK_SHAPES if quick else FULL_SHAPES, rows,
+                                                                 describe):
         x, cos, sin, offsets = inputs(batch, seqlen, heads, dim, per_sequence, device, dtype)
         shift = offsets if per_sequence else 0  # an int offset: what prefill passes
         ours = lambda: attnkit.ops.apply_rotary(x, cos, sin, seqlen_offsets=shift)  # noqa: E731

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timing import max_error, median_ms
+from timing import max_error, median_ms, within_budget
 
 import attnkit
 from attnkit.ops import apply_rotary, flash_attention
@@ -54,7 +54,8 @@ def _fwd_bwd(fn):
 
 def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
     rows = []
-    for batch, n in QUICK_SHAPES if quick else FULL_SHAPES:
+    shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    for batch, n in within_budget(shapes, rows, lambda case: f"B={case[0]} N={case[1]}"):
         gen = torch.Generator().manual_seed(n)
         q, k, v = (torch.randn(batch, HEADS, n, DIM, generator=gen).to(device=device, dtype=dtype).requires_grad_()
                    for _ in range(3))

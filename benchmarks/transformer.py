@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from timing import max_error, median_ms
+from timing import max_error, median_ms, within_budget
 
 import attnkit
 
@@ -57,7 +57,8 @@ def paired_ms(ours, theirs, device, rounds, repeats):
 
 def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
     rows = []
-    for case in QUICK if quick else FULL:
+    describe = lambda case: f"d={case['d_model']} L={case['layers']} N={case['length']}"  # noqa: E731
+    for case in within_budget(QUICK if quick else FULL, rows, describe):
         theirs, ours = models(case["d_model"], case["nhead"], case["layers"], device, dtype)
         x, pad = padded_batch(case["batch"], case["length"], case["d_model"], device, dtype)
         real = ~pad

@@ -207,7 +207,7 @@ def test_gpu_check_dry_run_writes_one_report(tiny_lstm_cell, monkeypatch, tmp_pa
         assert "| benchmarks (quick, cpu) | passed |" in text
     assert "| build | skipped | 0 |" in text
     assert "1 passed, 1 failed, 0 errors, 0 skipped" in text  # test_unmarked is deselected by -m
-    assert "test_fake_gpu::test_broken`" in text  # JUnit classname prefix depends on the rootdir
+    assert "test_fake_gpu.py::test_broken`" in text and "assert False" in text  # the failure and its excerpt
     assert "## LSTM cell step" in text and "| forward | B=2 I=8 H=8 | cpp |" in text
     if report_has_matplotlib():
         assert "![lstm_cell-time.png](lstm_cell-time.png)" in text
@@ -315,16 +315,21 @@ def test_gpu_check_runs_one_pytest_per_selected_file_in_parallel(tmp_path):
     (suite / "test_unmarked.py").write_text("def test_c():\n    pass\n")  # nothing selected: no shard
     out = tmp_path / "out"
     out.mkdir()
-    status, _, output, counts, failures, _ = gpu_check.run_tests(str(tmp_path), str(out), 120, [str(suite)], [], jobs=2,
-                                                                 xdist=False)
-    assert counts == {"passed": 2, "failed": 1, "errors": 0, "skipped": 0}
-    assert status == "failed (rc 1)" and [f.split("::")[-1] for f in failures] == ["test_a2"]
-    assert sorted(p.name for p in out.iterdir()) == ["gpu-tests-0.xml", "gpu-tests-1.xml"]
+    status, _, output, summary, _ = gpu_check.run_tests(str(tmp_path), str(out), 120, [str(suite)], [], jobs=2,
+                                                        xdist=False)
+    counts, failures, unfinished, slowest = summary
+    assert counts == {"passed": 2, "failed": 1, "errors": 0, "skipped": 0} and unfinished == []
+    assert status == "failed (rc 1)" and [name.split("::")[-1] for name, _ in failures] == ["test_a2"]
+    assert "assert False" in failures[0][1] and len(slowest) == 3
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-tests.jsonl"]  # both shards' events in one stream
     assert output.count("$ -m pytest") == 2 and "gpu_suite/test_a.py" in output and "test_unmarked" not in output
     # Out of time: shards still running are killed and reported, not waited for.
     (suite / "test_b.py").write_text("import pytest, time\n\n@pytest.mark.gpu\ndef test_b():\n    time.sleep(60)\n")
-    status, taken, _, _, _, _ = gpu_check.run_tests(str(tmp_path), str(out), 20, [str(suite)], [], jobs=2, xdist=False)
+    status, taken, _, summary, _ = gpu_check.run_tests(str(tmp_path), str(out), 20, [str(suite)], [], jobs=2,
+                                                       xdist=False)
     assert status.startswith("failed (rc 1); timed out after ") and taken < 40
+    counts, failures, unfinished, _ = summary  # what finished before the kill is still known
+    assert counts["failed"] == 1 and [name.split("::")[-1] for name in unfinished] == ["test_b"]
 
 
 @pytest.mark.parametrize("xdist", [True, False])
@@ -349,9 +354,9 @@ def test_gpu_check_runs_side_commands_beside_the_shards_and_reports_them_apart(t
     suite.mkdir()
     (suite / "test_a.py").write_text("import pytest\n\n@pytest.mark.gpu\ndef test_a():\n    pass\n")
     side = [[sys.executable, "-c", "print('compiled candidate 0')"], [sys.executable, "-c", "raise SystemExit(3)"]]
-    status, _, output, counts, _, (side_status, side_output) = gpu_check.run_tests(
+    status, _, output, summary, (side_status, side_output) = gpu_check.run_tests(
         str(tmp_path), str(tmp_path), 120, [str(suite)], [], jobs=1, side_commands=side)
-    assert status == "passed" and counts["passed"] == 1  # a failed side command is not a failed test
+    assert status == "passed" and summary[0]["passed"] == 1  # a failed side command is not a failed test
     assert side_status == "failed (rc 3)" and "compiled candidate 0" in side_output and "compiled" not in output
 
 
@@ -396,9 +401,11 @@ def test_gpu_check_gives_each_family_a_soft_deadline_within_its_share(monkeypatc
 
     monkeypatch.setattr(gpu_check, "_run", fake_run)
     gpu_check.run_bench(str(tmp_path), 400, torch.device("cpu"), True, ["lstm_cell", "rnn", "models"], "float32")
-    (first, hard_first), (second, _), (last, hard_last) = deadlines
-    assert 165 < first <= 170 and hard_first > 399  # half of the 400 s, less a 30 s margin; the hard limit stays
-    assert 165 < second <= 170  # nothing was spent: half again
+    (first, hard_first), (second, hard_second), (last, hard_last) = deadlines
+    # Shares in proportion to each family's full-mode seconds on the H200 (lstm_cell 1, rnn 21, models 45),
+    # after 8 s of start-up each; the soft deadline leaves a quarter (at most 30 s) for the shape in progress.
+    assert 9 < first <= 0.75 * (8 + 376 / 67) and 383 < hard_first <= 384  # two later families keep 8 s each
+    assert 99 < second <= 8 + 384 * 21 / 66 - 30 and 391 < hard_second <= 392  # nothing was spent
     assert 365 < last <= 370 and hard_last > 399  # the last family may use all that is left
 
 
@@ -442,3 +449,24 @@ def test_attention_benchmark_steps_time_what_each_mode_names():
     assert len(calls) == 2 and [g.shape for g in backward()] == [q.shape] * 3 and len(calls) == 2
     both = attention._step(fn, q, k, v, True, "fwd+bwd")
     assert len(both()) == 3 and calls[-2:] == [True, True]
+
+
+def test_test_stream_summary_counts_as_pytest_does_and_names_the_unfinished(tmp_path):
+    from attnkit.bench import pytest_stream
+
+    events = [("ok", "setup", "passed"), ("ok", "call", "passed"), ("ok", "teardown", "passed"),
+              ("bad", "setup", "passed"), ("bad", "call", "failed"), ("bad", "teardown", "passed"),
+              ("skip", "setup", "skipped"), ("skip", "teardown", "passed"),
+              ("fixture", "setup", "passed"), ("fixture", "call", "passed"), ("fixture", "teardown", "failed"),
+              ("crash", "setup", "passed"), ("crash", "???", "failed"),  # pytest-xdist: the worker died
+              ("hung", "setup", "passed")]  # killed at the deadline: started, never torn down
+    lines = [dict(id=name, event="start") for name in dict.fromkeys(name for name, *_ in events)]
+    lines += [dict(id=name, event=when, outcome=outcome, seconds=1.0, **({"excerpt": f"E {name}"} if
+              outcome == "failed" else {})) for name, when, outcome in events]
+    path = tmp_path / "stream.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"id": "cut off mid-wri')
+    counts, failures, unfinished, slowest = pytest_stream.summarize(str(path))
+    assert counts == {"passed": 1, "failed": 2, "errors": 1, "skipped": 1}
+    assert failures == [("bad", "E bad"), ("fixture", "E fixture"), ("crash", "E crash")]
+    assert unfinished == ["hung"] and dict(slowest)["bad"] == 3.0 and dict(slowest)["hung"] == 1.0
+    assert pytest_stream.summarize(str(tmp_path / "missing.jsonl")) is None

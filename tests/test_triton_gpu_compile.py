@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.cuda_build
+pytestmark = [pytest.mark.cuda_build, pytest.mark.aot_compile]
 
 ARCHES = [90, 80]
 

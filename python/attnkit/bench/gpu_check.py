@@ -18,11 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 
 import torch
 
-from . import core, report
+from . import core, pytest_stream, report
 
 
 def _tail(text: str, lines: int = 40) -> str:
@@ -68,31 +67,10 @@ def _side_outcome(commands, results):
     return "; ".join(dict.fromkeys(bad)) or "passed", output
 
 
-def test_counts(junit_paths):
-    """{passed, failed, errors, skipped} and the failing test ids, from pytest's JUnit XML files."""
-    counts, failures, read = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}, [], False
-    for junit_path in junit_paths:
-        try:
-            root = ET.parse(junit_path).getroot()
-        except (OSError, ET.ParseError):
-            continue
-        read = True
-        for case in root.iter("testcase"):
-            name = f"{case.get('classname')}::{case.get('name')}"
-            if case.find("failure") is not None:
-                counts["failed"] += 1
-                failures.append(name)
-            elif case.find("error") is not None:
-                counts["errors"] += 1
-                failures.append(name)
-            elif case.find("skipped") is not None:
-                counts["skipped"] += 1
-            else:
-                counts["passed"] += 1
-    return (counts if read else None), failures
-
-
-MARKERS = "gpu or cuda_build"
+# The ahead-of-time compile check (aot_compile) is CI's, in `make cuda-check`: on a GPU the suite
+# compiles the same kernels for this GPU and runs them, and the check's one-core compiles for two
+# architectures outlasted the rest of the suite on the H200.
+MARKERS = "gpu or (cuda_build and not aot_compile)"
 
 
 def _selected_files(root, paths, env, seconds):
@@ -121,7 +99,8 @@ def run_tests(root, out_dir, seconds, paths, extra, jobs=None, side_commands=(),
     per test file, whose longest file (tens of compiles) bounds the run.
     `side_commands` (the Triton prewarm) run beside them, each on a core of its
     own, under the same deadline; their outcome is returned last, apart from the
-    tests'."""
+    tests'. Returns (status, seconds, output, pytest_stream.summarize's summary
+    or None, (side status, side output)); the stream is <out_dir>/gpu-tests.jsonl."""
     cwd = root or os.getcwd()
     env = dict(os.environ)
     if not torch.cuda.is_available():
@@ -138,17 +117,17 @@ def run_tests(root, out_dir, seconds, paths, extra, jobs=None, side_commands=(),
     shards = [[f] for f in files] if files else [list(paths)]
     if jobs > 1 and xdist:
         shards = [[*paths, "-n", str(jobs), "--dist", "load"]]
-    junits = [os.path.join(out_dir, f"gpu-tests-{i}.xml") for i in range(len(shards))]
-    commands = [[sys.executable, "-m", "pytest", "-m", MARKERS, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                 *shard, *extra] for junit, shard in zip(junits, shards)]
-    for junit in junits:
-        if os.path.exists(junit):
-            os.remove(junit)  # never count a previous run's results
+    stream = os.path.join(out_dir, "gpu-tests.jsonl")
+    if os.path.exists(stream):
+        os.remove(stream)  # never count a previous run's results
+    env[pytest_stream.STREAM_ENV] = os.path.abspath(stream)
+    commands = [[sys.executable, "-m", "pytest", "-m", MARKERS, "-q", "-p", "no:cacheprovider",
+                 "-p", "attnkit.bench.pytest_stream", *shard, *extra] for shard in shards]
     side_commands = list(side_commands)
     results = _run_parallel(side_commands + commands, jobs + len(side_commands),
                             seconds - (time.perf_counter() - started), env, cwd)
     side_results, results = results[:len(side_commands)], results[len(side_commands):]
-    counts, failures = test_counts(junits)
+    summary = pytest_stream.summarize(stream)
     statuses = [status for status, _ in results]
     if all(status.startswith("failed (rc 5)") for status in statuses):  # pytest: nothing selected
         status = "no tests selected"
@@ -156,7 +135,7 @@ def run_tests(root, out_dir, seconds, paths, extra, jobs=None, side_commands=(),
         bad = [status for status in statuses if status != "passed" and not status.startswith("failed (rc 5)")]
         status = "; ".join(dict.fromkeys(bad)) or "passed"  # each distinct outcome once, in shard order
     output = "\n".join(f"$ {' '.join(command[1:])}\n{text}" for command, (_, text) in zip(commands, results))
-    return status, time.perf_counter() - started, output, counts, failures, _side_outcome(side_commands, side_results)
+    return status, time.perf_counter() - started, output, summary, _side_outcome(side_commands, side_results)
 
 
 def _run_parallel(commands, jobs, seconds, env, cwd):
@@ -192,6 +171,23 @@ def _run_parallel(commands, jobs, seconds, env, cwd):
     return results
 
 
+# Roughly the seconds each family's full mode takes on an H200, as weights for sharing out the bench
+# step's time: rnn, transformer and positional as the gpu-check of 2026-11-26 17:56 UTC read them;
+# attention stopped at its soft deadline there (87 s) and measures more shapes with more time;
+# models, additive_attention and rope_attention estimated from their rows' times in an earlier run.
+FULL_SECONDS = {"attention": 200, "transformer": 50, "models": 45, "rnn": 21, "rope_attention": 15,
+                "additive_attention": 10, "positional": 5}
+STARTUP_SECONDS = 8.0  # a family's process: Python, torch and attnkit imports, before its first shape
+
+
+def _soft_share(left, name, later):
+    """Seconds family `name` may use of the `left`, before `later` families:
+    its start-up plus the remainder in proportion to its expected time."""
+    weights = [max(1.0, FULL_SECONDS.get(family, 1.0)) for family in [name, *later]]
+    spare = max(0.0, left - STARTUP_SECONDS * len(weights))
+    return STARTUP_SECONDS + spare * weights[0] / sum(weights)
+
+
 def run_bench(out_dir, seconds, device, full, only, dtype):
     """One subprocess per family, so a family that crashes the process or
     overruns the budget loses only its own table; merged into gpu-report.json."""
@@ -206,10 +202,13 @@ def run_bench(out_dir, seconds, device, full, only, dtype):
         command = [sys.executable, "-m", "attnkit.bench", "--device", str(device), "--dtype", dtype, "--only", name,
                    "--json", path, "--out", out_dir, "--no-progress", "--full" if full else "--quick"]
         # Families that can run long stop between shapes at this soft deadline (benchmarks/timing.py
-        # within_budget): half of what is left while other families wait, so that one long family
-        # (attention: FlexAttention compiles per shape) cannot leave the rest no time at all.
-        share = left if index == len(names) - 1 else left / 2
+        # within_budget), their share of what is left, so that one long family (attention: FlexAttention
+        # compiles per shape) cannot leave the rest no time at all; the margin lets the shape in progress end.
+        later = names[index + 1:]
+        share = _soft_share(left, name, later)
         env = dict(os.environ, ATTNKIT_BENCH_DEADLINE=str(time.time() + share - min(30.0, share / 4)))
+        # The hard limit keeps each later family its start-up.
+        left = left - STARTUP_SECONDS * len(later)
         status, _, output = _run(command, left, env=env) if left > 1 else ("not run: out of time", 0.0, "")
         outputs.append(f"$ {' '.join(command[1:])}\n{output}")
         try:
@@ -243,6 +242,26 @@ def prewarm_commands(args):
              *(["--quick"] if args.quick else [])] for index in range(candidates)]
 
 
+def _test_lines(summary, output):
+    """The report's test section: counts, each failure with its excerpt, the tests
+    still running when the time ran out, the slowest tests."""
+    if summary is None:
+        return ["(no test results were recorded)", "", "```", _tail(output), "```", ""]
+    counts, failures, unfinished, slowest = summary
+    lines = [", ".join(f"{n} {k}" for k, n in counts.items()), ""]
+    if failures:
+        lines += ["Failing:", ""]
+        for name, excerpt in failures:
+            lines += [f"- `{name}`", "", "```", _tail(excerpt, 25), "```", ""]
+    if unfinished:
+        lines += ["Still running when the time ran out (or their worker died):", ""]
+        lines += [f"- `{name}`" for name in unfinished] + [""]
+    if slowest:
+        lines += ["Slowest (seconds, setup + call + teardown):", "", "| test | s |", "|---|---:|"]
+        lines += [f"| `{name}` | {seconds:.1f} |" for name, seconds in slowest] + [""]
+    return lines
+
+
 def write_report(path, info, dry_run, steps, tests, bench_doc, bench_output):
     lines = ["# attnkit GPU check", ""]
     if dry_run:
@@ -250,17 +269,9 @@ def write_report(path, info, dry_run, steps, tests, bench_doc, bench_output):
                   "CPU suite; this checks the pipeline, not the GPU code.", ""]
     lines += [f"Machine: {core.describe_machine(info)}.", "", "| step | status | seconds |", "|---|---|---:|"]
     lines += [f"| {name} | {status} | {taken:.0f} |" for name, status, taken in steps]
-    lines += ["", "Full output: gpu-build.log (when built), gpu-tests.log, gpu-tests-*.xml, gpu-bench.log."]
-    counts, failures, output = tests
-    lines += ["", "## Tests", ""]
-    if counts is None:
-        lines += ["(no test results were recorded)", ""]
-    else:
-        lines += [", ".join(f"{n} {k}" for k, n in counts.items()), ""]
-    if failures:
-        lines += ["Failing:", ""] + [f"- `{name}`" for name in failures] + [""]
-    if failures or counts is None:
-        lines += ["```", _tail(output), "```", ""]
+    lines += ["", "Full output: gpu-build.log (when built), gpu-tests.log, gpu-tests.jsonl (one line per test "
+              "event, written as it happens), gpu-bench.log."]
+    lines += ["", "## Tests", ""] + _test_lines(*tests)
     lines += ["## Benchmarks", ""]
     if bench_doc is None:
         lines += ["(the benchmark run wrote no results)", "", "```", _tail(bench_output), "```"]
@@ -331,16 +342,16 @@ def main(argv=None) -> int:
             print(_tail(output), file=sys.stderr)
 
     paths = args.tests if args.tests is not None else ([os.path.join(root, "tests")] if root else [])
-    tests = (None, [], "")
+    tests = (None, "")
     if paths:
         print(f"gpu-check: pytest -m 'gpu or cuda_build' {' '.join(paths)} ...", flush=True)
-        status, taken, output, counts, failures, (side_status, side_output) = run_tests(
+        status, taken, output, summary, (side_status, side_output) = run_tests(
             root, args.out, min(300, left() * 0.5), paths, args.pytest_args.split(), side_commands=prewarm)
         steps.append(("GPU tests", status, taken))
         if prewarm:
             steps.append(("Triton prewarm (beside the tests)", side_status, taken))
             output += "\n" + side_output
-        tests = (counts, failures, output)
+        tests = (summary, output)
         print(_tail(output, 3), flush=True)
     else:
         steps.append(("GPU tests", "skipped (no test paths)", 0.0))
@@ -349,7 +360,7 @@ def main(argv=None) -> int:
     print(f"gpu-check: {'full' if full else 'quick'} benchmarks on {device} ({left():.0f} s left) ...", flush=True)
     status, taken, bench_output, bench_doc = run_bench(args.out, left() - 5, device, full, args.only, args.dtype)
     steps.append((f"benchmarks ({'full' if full else 'quick'}, {device})", status, taken))
-    for log, text in (("gpu-tests.log", tests[2]), ("gpu-bench.log", bench_output)):
+    for log, text in (("gpu-tests.log", tests[1]), ("gpu-bench.log", bench_output)):
         with open(os.path.join(args.out, log), "w") as f:
             f.write(text)
 
