@@ -13,8 +13,15 @@ if torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(config, items):
-    """`slow` tests (minutes on a 2-core CPU) run only when asked for: `-m slow` (or any -m
-    naming them) or ATTNKIT_SLOW=1; `make test` skips them."""
+    """`gpu` tests skip where torch sees no CUDA GPU (gpu-check's dry run, `make test-gpu`
+    on a CPU machine): they would fail at their first .cuda(). `slow` tests (minutes on a
+    2-core CPU) run only when asked for: `-m slow` (or any -m naming them) or ATTNKIT_SLOW=1;
+    `make test` skips them."""
+    if not torch.cuda.is_available():
+        no_gpu = pytest.mark.skip(reason="gpu: torch sees no CUDA GPU")
+        for item in items:
+            if item.get_closest_marker("gpu") is not None:
+                item.add_marker(no_gpu)
     if "slow" in (config.getoption("markexpr") or "") or os.environ.get("ATTNKIT_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: run with `-m slow` or ATTNKIT_SLOW=1")

@@ -470,3 +470,13 @@ def test_test_stream_summary_counts_as_pytest_does_and_names_the_unfinished(tmp_
     assert failures == [("bad", "E bad"), ("fixture", "E fixture"), ("crash", "E crash")]
     assert unfinished == ["hung"] and dict(slowest)["bad"] == 3.0 and dict(slowest)["hung"] == 1.0
     assert pytest_stream.summarize(str(tmp_path / "missing.jsonl")) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the dry run, where torch sees no GPU")
+def test_gpu_check_dry_run_skips_the_real_gpu_tests(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    gpu_tests = os.path.join(root, "tests", "ops", "test_attention_gpu.py")
+    status, _, output, summary, _ = gpu_check.run_tests(root, str(tmp_path), 300, [gpu_tests], [], jobs=1)
+    counts, failures, unfinished, _ = summary
+    assert status == "passed" and failures == [] and unfinished == [], output[-3000:]
+    assert counts["skipped"] > 0 and counts["passed"] == 0  # each one skipped by tests/conftest.py, none failed

@@ -344,7 +344,7 @@ def main(argv=None) -> int:
     paths = args.tests if args.tests is not None else ([os.path.join(root, "tests")] if root else [])
     tests = (None, "")
     if paths:
-        print(f"gpu-check: pytest -m 'gpu or cuda_build' {' '.join(paths)} ...", flush=True)
+        print(f"gpu-check: pytest -m '{MARKERS}' {' '.join(paths)} ...", flush=True)
         status, taken, output, summary, (side_status, side_output) = run_tests(
             root, args.out, min(300, left() * 0.5), paths, args.pytest_args.split(), side_commands=prewarm)
         steps.append(("GPU tests", status, taken))
