@@ -4,7 +4,8 @@ package (FlashAttention-3's `flash_attn_interface` or FlashAttention-2's `flash_
 when installed; a note says so when not), bf16, causal and not, D = 64/128, N = 512..16k: forward, backward and forward+backward TFLOP/s.
 Times are medians of synchronized calls, host work included, as for every family; the note
 column adds attnkit's TFLOP/s with its calls queued back to back (CUDA events), and the
-autotuner's picks.
+autotuner's picks. At the target shape, on sm_90, the opt-in warp-specialized forward
+(ATTNKIT_TRITON_WS=1) is timed against the default forward too.
 
 Needs a CUDA GPU; on a CPU machine it reports that and returns no rows (the
 CPU attention benchmark is `attention_cpu`). Plots: `python benchmarks/run.py --only attention`
@@ -196,4 +197,42 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
             picked = last_tuned_configs()  # after forward and backward ran at this shape: its winners
             for row in rows[first_row:]:
                 row["note"] = "; ".join(filter(None, (row["note"], picked)))
+            if (dim, n) == FULL[0]:
+                rows += _warp_specialized_rows(ours, q, k, v, causal, device)
     return rows
+
+
+def _warp_specialized_rows(ours, q, k, v, causal, device):
+    """The opt-in warp-specialized forward (ATTNKIT_TRITON_WS=1) against the
+    default forward at the target shape, where it can run (sm_90, a Triton whose
+    tl.range takes warp_specialize): whether it should become the default."""
+    from attnkit.triton_kernels import flash_attention_ws
+    from attnkit.triton_kernels.flash_attention_launch import _WS_SUPPORTED, _tma_device
+
+    if not (_WS_SUPPORTED and _tma_device(q.device)):
+        return []
+    taken, real = [], flash_attention_ws.forward
+    flash_attention_ws.forward = lambda *args, **kwargs: taken.append(1) or real(*args, **kwargs)
+    previous = os.environ.get("ATTNKIT_TRITON_WS")
+    os.environ["ATTNKIT_TRITON_WS"] = "1"
+    try:
+        error = max_error(ours(q, k, v, causal), F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+        if not taken:  # not eligible after all: nothing to compare
+            return []
+        t_ws = _time(ours, q, k, v, causal, "forward", device)
+        b2b_ws = _back_to_back_ms(ours, q, k, v, causal, "forward")
+    finally:
+        flash_attention_ws.forward = real
+        if previous is None:
+            del os.environ["ATTNKIT_TRITON_WS"]
+        else:
+            os.environ["ATTNKIT_TRITON_WS"] = previous
+    t_default = _time(ours, q, k, v, causal, "forward", device)
+    b2b_default = _back_to_back_ms(ours, q, k, v, causal, "forward")
+    batch, heads, n, dim = q.shape
+    work = flops(batch, heads, n, dim, causal, "forward")
+    return [dict(case=f"forward{' causal' if causal else ''}, warp-specialized vs default", backend="triton",
+                 shape=f"B={batch} H={heads} N={n} D={dim} {str(q.dtype).replace('torch.', '')}", ours_ms=t_ws,
+                 baseline_ms=t_default, max_err=error, ours_tflops=work / t_ws / 1e9,
+                 baseline_tflops=work / t_default / 1e9,
+                 note=f"back to back {work / b2b_ws / 1e9:.0f} vs {work / b2b_default / 1e9:.0f} TFLOP/s")]

@@ -480,3 +480,27 @@ def test_gpu_check_dry_run_skips_the_real_gpu_tests(tmp_path):
     counts, failures, unfinished, _ = summary
     assert status == "passed" and failures == [] and unfinished == [], output[-3000:]
     assert counts["skipped"] > 0 and counts["passed"] == 0  # each one skipped by tests/conftest.py, none failed
+
+
+def test_attention_benchmark_compares_the_warp_specialized_forward(monkeypatch):
+    launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")
+    if launch.TensorDescriptor is None or not launch._WS_SUPPORTED:
+        pytest.skip("this Triton has no host tensor descriptors or no warp_specialize")
+    from attnkit.triton_kernels import flash_attention_ws
+
+    attention = core.load_family("attention")
+    times, queued = iter([2.0, 3.0]), iter([1.0, 1.5])  # warp-specialized first, then the default
+    fake_time = lambda fn, q, k, v, causal, mode, dev: (fn(q, k, v, causal), next(times))[1]  # noqa: E731
+    monkeypatch.setattr(attention, "_time", fake_time)
+    monkeypatch.setattr(attention, "_back_to_back_ms", lambda *args: next(queued))
+    monkeypatch.delenv("ATTNKIT_TRITON_WS", raising=False)
+    real = flash_attention_ws.forward
+    q, k, v = (torch.randn(1, 2, 40, 16, dtype=torch.float16) for _ in range(3))
+    ours = lambda q, k, v, causal: attnkit.ops.flash_attention(q, k, v, causal=causal)  # noqa: E731
+    with attnkit.use_backend("triton"):
+        assert attention._warp_specialized_rows(ours, q, k, v, True, torch.device("cpu")) == []  # no TMA: no row
+        with launch.tma_forced():
+            rows = attention._warp_specialized_rows(ours, q, k, v, True, torch.device("cpu"))
+    assert [row["case"] for row in rows] == ["forward causal, warp-specialized vs default"]
+    assert rows[0]["ours_ms"] == 2.0 and rows[0]["baseline_ms"] == 3.0 and rows[0]["max_err"] < 1e-2
+    assert "ATTNKIT_TRITON_WS" not in os.environ and flash_attention_ws.forward is real  # both put back
