@@ -132,6 +132,7 @@ def prewarm(device: torch.device, dtype: torch.dtype, config: int, quick: bool =
     from triton.runtime.errors import OutOfResources
 
     from attnkit.triton_kernels.flash_attention_launch import config_count
+    from attnkit.triton_kernels.flash_attention_ws import WS_SHAPES
 
     dtype = _gpu_dtype(dtype)
     os.environ["ATTNKIT_TRITON_CONFIG"] = str(config)
@@ -149,6 +150,15 @@ def prewarm(device: torch.device, dtype: torch.dtype, config: int, quick: bool =
                 out.backward(torch.randn_like(out))
             except OutOfResources as exc:  # the autotuner skips this candidate too
                 print(f"  candidate {config} at D={dim}{' causal' if causal else ''} does not fit: {exc}")
+            if (dim, n) == FULL[0] and config < len(WS_SHAPES):  # run() times the warp-specialized forward here
+                os.environ["ATTNKIT_TRITON_WS"] = "1"  # (a plain forward again where it cannot run)
+                try:
+                    with torch.no_grad():
+                        attnkit.ops.flash_attention(q, k, v, causal=causal)
+                except OutOfResources as exc:
+                    print(f"  warp-specialized candidate {config}{' causal' if causal else ''} does not fit: {exc}")
+                finally:
+                    del os.environ["ATTNKIT_TRITON_WS"]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

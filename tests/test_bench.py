@@ -365,14 +365,20 @@ def test_attention_prewarm_compiles_one_candidate_per_head_dim(monkeypatch):
     monkeypatch.setenv("ATTNKIT_TRITON_CONFIG", "")  # prewarm sets it; monkeypatch restores it
     monkeypatch.setattr(attention, "QUICK", [(16, 16), (32, 16), (16, 32)])
     monkeypatch.setattr(attention, "TOKENS", 16)
+    monkeypatch.setattr(attention, "FULL", [(16, 16)])  # the target shape: the warp-specialized forward too
+    monkeypatch.delenv("ATTNKIT_TRITON_WS", raising=False)
     calls = []
     real = attnkit.ops.flash_attention
-    monkeypatch.setattr(attnkit.ops, "flash_attention",
-                        lambda q, k, v, causal: calls.append((q.shape, causal)) or real(q, k, v, causal=causal))
+
+    def recorded(q, k, v, causal):
+        calls.append((q.shape, causal, os.environ.get("ATTNKIT_TRITON_WS")))
+        return real(q, k, v, causal=causal)
+
+    monkeypatch.setattr(attnkit.ops, "flash_attention", recorded)
     attention.prewarm(torch.device("cpu"), torch.float32, 1, quick=True)
-    assert os.environ["ATTNKIT_TRITON_CONFIG"] == "1"
-    assert calls == [((1, 16, 16, 16), False), ((1, 16, 16, 16), True), ((1, 16, 16, 32), False),
-                     ((1, 16, 16, 32), True)]
+    assert os.environ["ATTNKIT_TRITON_CONFIG"] == "1" and "ATTNKIT_TRITON_WS" not in os.environ
+    assert calls == [((1, 16, 16, 16), False, None), ((1, 16, 16, 16), False, "1"), ((1, 16, 16, 16), True, None),
+                     ((1, 16, 16, 16), True, "1"), ((1, 16, 16, 32), False, None), ((1, 16, 16, 32), True, None)]
     commands = gpu_check.prewarm_commands(gpu_check.argparse.Namespace(dtype="float32", quick=True))
     assert [c[c.index("--prewarm-config") + 1] for c in commands] == [str(i) for i in range(len(commands))]
 
