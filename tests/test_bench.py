@@ -510,3 +510,15 @@ def test_attention_benchmark_compares_the_warp_specialized_forward(monkeypatch):
     assert [row["case"] for row in rows] == ["forward causal, warp-specialized vs default"]
     assert rows[0]["ours_ms"] == 2.0 and rows[0]["baseline_ms"] == 3.0 and rows[0]["max_err"] < 1e-2
     assert "ATTNKIT_TRITON_WS" not in os.environ and flash_attention_ws.forward is real  # both put back
+
+    def broken(fn, q, k, v, causal, mode, dev):
+        raise RuntimeError("triton.compiler.errors.CompilationError: at 12:4\nmore lines")
+
+    monkeypatch.setattr(attention, "_time", broken)  # a failing warp-specialized kernel costs its row only
+    with attnkit.use_backend("triton"), launch.tma_forced():
+        rows = attention._warp_specialized_rows(ours, q, k, v, False, torch.device("cpu"))
+    assert [row["case"] for row in rows] == ["forward, warp-specialized vs default: failed"]
+    assert rows[0]["note"] == "RuntimeError: triton.compiler.errors.CompilationError: at 12:4"
+    assert "ATTNKIT_TRITON_WS" not in os.environ and flash_attention_ws.forward is real
+    row = core._complete_row(rows[0], {})
+    assert row["ours_ms"] is None and row["speedup"] is None  # an untimed row in the table
