@@ -14,6 +14,7 @@ writes bench-results/attention-*.png when matplotlib is installed.
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -151,15 +152,12 @@ def prewarm(device: torch.device, dtype: torch.dtype, config: int, quick: bool =
             except OutOfResources as exc:  # the autotuner skips this candidate too
                 print(f"  candidate {config} at D={dim}{' causal' if causal else ''} does not fit: {exc}")
             if (dim, n) == FULL[0] and config < len(WS_SHAPES):  # run() times the warp-specialized forward here
-                os.environ["ATTNKIT_TRITON_WS"] = "1"  # (a plain forward again where it cannot run)
-                try:
-                    with torch.no_grad():
+                try:  # (a plain forward again where it cannot run)
+                    with mock.patch.dict(os.environ, ATTNKIT_TRITON_WS="1"), torch.no_grad():
                         attnkit.ops.flash_attention(q, k, v, causal=causal)
                 except Exception as exc:  # opt-in and new: its failure is the GPU tests' to report, not the prewarm's
                     print(f"  warp-specialized candidate {config}{' causal' if causal else ''} failed: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-                finally:
-                    del os.environ["ATTNKIT_TRITON_WS"]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -223,29 +221,22 @@ def _warp_specialized_rows(ours, q, k, v, causal, device):
     if not (_WS_SUPPORTED and _tma_device(q.device)):
         return []
     taken, real = [], flash_attention_ws.forward
-    flash_attention_ws.forward = lambda *args, **kwargs: taken.append(1) or real(*args, **kwargs)
-    previous = os.environ.get("ATTNKIT_TRITON_WS")
-    os.environ["ATTNKIT_TRITON_WS"] = "1"
+    spy = lambda *args, **kwargs: taken.append(1) or real(*args, **kwargs)  # noqa: E731
     batch, heads, n, dim = q.shape
     shape = f"B={batch} H={heads} N={n} D={dim} {str(q.dtype).replace('torch.', '')}"
     case = f"forward{' causal' if causal else ''}, warp-specialized vs default"
     try:
-        error = max_error(ours(q, k, v, causal), F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-        if not taken:  # not eligible after all: nothing to compare
-            return []
-        t_ws = _time(ours, q, k, v, causal, "forward", device)
-        b2b_ws = _back_to_back_ms(ours, q, k, v, causal, "forward")
+        with mock.patch.dict(os.environ, ATTNKIT_TRITON_WS="1"), mock.patch.object(flash_attention_ws, "forward", spy):
+            error = max_error(ours(q, k, v, causal), F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+            if not taken:  # not eligible after all: nothing to compare
+                return []
+            t_ws = _time(ours, q, k, v, causal, "forward", device)
+            b2b_ws = _back_to_back_ms(ours, q, k, v, causal, "forward")
     except Exception as exc:  # opt-in and new: a failure here costs its row, not the family's table
         nan = float("nan")
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return [dict(case=f"{case}: failed", shape=shape, backend="triton", ours_ms=nan, baseline_ms=nan, max_err=nan,
                      note=reason[:200])]
-    finally:
-        flash_attention_ws.forward = real
-        if previous is None:
-            del os.environ["ATTNKIT_TRITON_WS"]
-        else:
-            os.environ["ATTNKIT_TRITON_WS"] = previous
     t_default = _time(ours, q, k, v, causal, "forward", device)
     b2b_default = _back_to_back_ms(ours, q, k, v, causal, "forward")
     work = flops(batch, heads, n, dim, causal, "forward")

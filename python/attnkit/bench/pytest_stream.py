@@ -17,9 +17,9 @@ STREAM_ENV = "ATTNKIT_TEST_STREAM"
 EXCERPT_CHARS = 4000
 
 
-def _write(config, record):
+def _write(record):
     path = os.environ.get(STREAM_ENV)
-    if not path or hasattr(config, "workerinput"):  # an xdist worker: the controller writes
+    if not path or hasattr(_config, "workerinput"):  # an xdist worker: the controller writes
         return
     # One write per line in append mode: lines from pytests running side by side stay whole.
     with open(path, "a") as f:
@@ -35,7 +35,7 @@ def pytest_configure(config):
 
 
 def pytest_runtest_logstart(nodeid, location):
-    _write(_config, {"id": nodeid, "event": "start"})
+    _write({"id": nodeid, "event": "start"})
 
 
 def pytest_runtest_logreport(report):
@@ -43,7 +43,7 @@ def pytest_runtest_logreport(report):
               "seconds": round(report.duration, 3)}
     if report.failed:
         record["excerpt"] = str(report.longreprtext)[-EXCERPT_CHARS:]
-    _write(_config, record)
+    _write(record)
 
 
 def summarize(path):
