@@ -424,21 +424,66 @@ def test_rotary_benchmark_tables_cover_every_position_of_every_shape():
         attnkit.ops.apply_rotary(x, cos, sin, seqlen_offsets=offsets if per_sequence else 0)  # accepts the table
 
 
-def test_gpu_check_build_runs_the_prewarm_beside_pip(monkeypatch, tmp_path):
+def test_gpu_check_build_runs_the_prewarm_and_the_test_warm_up_beside_pip(monkeypatch, tmp_path):
     seen = []
 
-    def run_parallel(commands, jobs, seconds, env, cwd):
-        seen.append((commands, jobs, env))
-        return [("passed", "built"), ("passed", "compiled candidate 0"), ("failed (rc 3)", "")]
+    def run_parallel(commands, jobs, seconds, env, cwd, best_effort=0):
+        seen.append((commands, jobs, env, best_effort))
+        return [("passed", "built"), ("passed", "compiled candidate 0"), ("failed (rc 3)", ""),
+                ("failed (rc 1)", "2 failed, 9 passed")]
 
     monkeypatch.setattr(gpu_check, "_run_parallel", run_parallel)
     side = [[sys.executable, "-c", "candidate 0"], [sys.executable, "-c", "candidate 1"]]
-    status, _, output, (side_status, side_output) = gpu_check.build(str(tmp_path), 60, side)
+    warm_up = gpu_check.warm_up_commands(["tests"], 4, xdist=True)
+    status, _, output, (side_status, side_output), (warm_status, warm_output) = gpu_check.build(
+        str(tmp_path), 60, side, warm_up)
     assert status == "passed" and output == "built"  # a failed side command is not a failed build
     assert side_status == "failed (rc 3)" and "compiled candidate 0" in side_output
-    commands, jobs, env = seen[0]
-    assert commands[0][1:4] == ["-m", "pip", "install"] and commands[1:] == side and jobs == 3
-    assert env["ATTNKIT_REQUIRE_CUDA"] == "1"
+    assert warm_status == "ran to the end" and "2 failed, 9 passed" in warm_output  # its failures are expected
+    commands, jobs, env, best_effort = seen[0]
+    assert commands[0][1:4] == ["-m", "pip", "install"] and commands[1:] == side + warm_up and jobs == 4
+    assert best_effort == 1 and env["ATTNKIT_REQUIRE_CUDA"] == "1"
+
+
+def test_gpu_check_test_warm_up_runs_the_triton_tests_without_extensions_at_low_priority(monkeypatch):
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: "/usr/bin/nice")
+    (command,) = gpu_check.warm_up_commands(["tests"], 6, xdist=True)
+    assert command[:3] == ["nice", "-n", "10"] and "ATTNKIT_NO_EXTENSIONS=1" in command
+    assert command[command.index("pytest") + 2] == "gpu and not cuda_build" and command[-5:] == [
+        "tests", "-n", "6", "--dist", "load"]
+    assert gpu_check.warm_up_commands(["tests"], 6, xdist=False)[0][-1] == "tests"
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)  # no nice: the command as it is
+    assert gpu_check.warm_up_commands(["tests"], 1, xdist=True)[0][:2] == ["env", "ATTNKIT_NO_EXTENSIONS=1"]
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped by init) counts as gone
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_gpu_check_stops_the_warm_up_when_the_rest_end_and_kills_whole_process_groups(tmp_path):
+    """A best-effort command is stopped once the others end, and a killed command's own
+    children (a pytest's xdist workers) go with it, here a sleeping grandchild."""
+    spawn = ("import subprocess, sys, time\n"
+             "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+             "open(sys.argv[1], 'w').write(str(child.pid))\n"
+             "time.sleep(60)\n")
+    pid_files = [tmp_path / "warm.pid", tmp_path / "slow.pid"]
+    commands = [[sys.executable, "-c", "import time; time.sleep(2)"], [sys.executable, "-c", spawn, str(pid_files[0])]]
+    started = time.perf_counter()
+    results = gpu_check._run_parallel(commands, 2, 30, None, str(tmp_path), best_effort=1)
+    assert results == [("passed", ""), (gpu_check.STOPPED, "")] and time.perf_counter() - started < 15
+    # Past the deadline: the command and its child are killed, the ones after it never start.
+    commands = [[sys.executable, "-c", spawn, str(pid_files[1])], [sys.executable, "-c", "print('late')"]]
+    results = gpu_check._run_parallel(commands, 1, 3, None, str(tmp_path))
+    assert results == [("timed out after 3 s", ""), ("not run: out of time", "")]
+    time.sleep(0.5)
+    assert not any(_alive(int(path.read_text())) for path in pid_files)
 
 
 def test_attention_benchmark_steps_time_what_each_mode_names():
