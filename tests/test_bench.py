@@ -567,3 +567,24 @@ def test_attention_benchmark_compares_the_warp_specialized_forward(monkeypatch):
     assert "ATTNKIT_TRITON_WS" not in os.environ and flash_attention_ws.forward is real
     row = core._complete_row(rows[0], {})
     assert row["ours_ms"] is None and row["speedup"] is None  # an untimed row in the table
+
+
+def test_flex_baseline_builds_each_causal_block_mask_once(monkeypatch):
+    """Flex's causal mask is made once per shape, not inside every timed call."""
+    flex_module = pytest.importorskip("torch.nn.attention.flex_attention")
+    made, seen = [], []
+    monkeypatch.setattr(flex_module, "create_block_mask", lambda fn, b, h, nq, nk, device: made.append((nq, nk)) or
+                        f"mask {nq}x{nk}")
+    monkeypatch.setattr(flex_module, "flex_attention", lambda q, k, v, block_mask: seen.append(block_mask))
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "donated_buffer"):  # _flex switches it off: restored after the test
+        monkeypatch.setattr(functorch_config, "donated_buffer", functorch_config.donated_buffer)
+    run = core.load_family("attention")._flex()
+    q, k = torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 6, 4)
+    for _ in range(3):
+        run(q, k, k, True)
+    run(q, k, k, False)
+    run(k, k, k, True)
+    assert made == [(8, 6), (6, 6)] and seen == ["mask 8x6"] * 3 + [None, "mask 6x6"]
