@@ -197,7 +197,7 @@ def test_only_some_outputs_used():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", [(5, 3, 4, 6, 6), (5, 3, 9, 11, 4), (1, 3, 2, 17, 17), (5, 6, 5, 20, 20)],
+@pytest.mark.parametrize("shape", [(5, 3, 4, 6, 6), (5, 3, 9, 11, 4), (1, 3, 2, 17, 17), (8, 6, 5, 20, 20)],
                          ids=str)  # (T, B, I, H, P); batch 6: the fused loops of batch 5+
 @pytest.mark.parametrize("lengths", ["full", "unsorted"])
 def test_half_precision_runs_the_cpp_kernels_in_float32_on_cpu(dtype, shape, lengths):
@@ -232,6 +232,22 @@ def test_half_precision_runs_the_cpp_kernels_in_float32_on_cpu(dtype, shape, len
     grads_ref = torch.autograd.grad(weighted_loss(refs), gru_wide)
     for g, r in zip(grads, grads_ref):
         torch.testing.assert_close(g.float(), r, atol=6e-2, rtol=6e-2)
+
+
+def test_half_precision_short_sequences_at_larger_batch_stay_on_the_reference():
+    """Converting the weights to float32 costs more than a few steps save at batch 5+: the
+    reference (bfloat16 GEMMs) serves those automatically; forcing cpp still runs it there."""
+    low = [t.detach().bfloat16() for t in make_gru(2, 6, 3, 4, torch.float32, "cpu")]
+    out, _ = gru(*low)
+    decision = attnkit.last_dispatch("gru")
+    assert decision.backend == "reference" and "pays from 8 steps at batch > 4" in "; ".join(decision.skipped["cpp"])
+    with attnkit.use_backend("cpp"):
+        forced_out, _ = gru(*low)
+    assert attnkit.last_dispatch("gru").backend == "cpp"
+    torch.testing.assert_close(forced_out.float(), out.float(), atol=2e-2, rtol=2e-2)
+    long = [t.detach().bfloat16() for t in make_gru(8, 6, 3, 4, torch.float32, "cpu")]
+    gru(*long)
+    assert attnkit.last_dispatch("gru").backend == "cpp"
 
 
 def test_half_precision_on_the_reference_backend_when_forced():

@@ -29,7 +29,7 @@ def _empty(like):
 
 
 class _Extension(Implementation):
-    extension = ""
+    op = extension = ""
     dtypes = ()
     upcast = ()  # dtypes run in float32: converted on the way in, their results back
 
@@ -37,6 +37,12 @@ class _Extension(Implementation):
         if call["dtype"] not in self.dtypes + self.upcast:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes + self.upcast)
             return [f"the {self.backend} rnn kernels take {names}, got {str(call['dtype']).replace('torch.', '')}"]
+        steps, batch = call.get("steps", UPCAST_MIN_STEPS), call.get("batch", 1)
+        short = call["dtype"] in self.upcast and steps < UPCAST_MIN_STEPS and batch > UPCAST_ANY_STEPS_BATCH
+        forced = _dispatch.forced_backend(self.op)
+        if short and (forced is None or forced[0] != self.backend):  # a choice of speed: forcing it still works
+            return [f"{str(call['dtype']).replace('torch.', '')} runs the {self.backend} kernels in float32, which pays "
+                    f"from {UPCAST_MIN_STEPS} steps at batch > {UPCAST_ANY_STEPS_BATCH}; got {steps} steps, batch {batch}"]
         return []
 
     def _ext(self):
@@ -54,6 +60,8 @@ class _Extension(Implementation):
 
 
 class _LstmExtension(_Extension):
+    op = "lstm"
+
     def forward(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save):
         return self._run("lstm_forward", x.dtype, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save)
 
@@ -63,6 +71,8 @@ class _LstmExtension(_Extension):
 
 
 class _GruExtension(_Extension):
+    op = "gru"
+
     def forward(self, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save):
         return self._run("gru_forward", x.dtype, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save)
 
@@ -75,6 +85,11 @@ _CPP_DTYPES = (torch.float32, torch.float64)
 # the plain-PyTorch reference took 35 ms (forward) and 214 ms (training step) in bfloat16 here, float32
 # 16 and 58 ms; torch's oneDNN bfloat16 (AMX) 5.4 and 32 ms (2026-11-26, Xeon Sapphire Rapids).
 _CPP_UPCAST = (torch.float16, torch.bfloat16)
+# Converting the weights costs ~0.5 ms a call at H = 256 (fresh float32 copies, first touched):
+# at batch 32 the reference's bfloat16 GEMMs won at 1 step (0.62 against 1.16 ms) and the LSTM's at 4
+# (1.21 against 1.47), the cpp kernels from 16 steps (2.7 against 4.6); at batch 1 the cpp kernels won
+# at every length (same machine).
+UPCAST_MIN_STEPS, UPCAST_ANY_STEPS_BATCH = 8, 4
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
