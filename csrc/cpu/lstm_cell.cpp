@@ -2,84 +2,18 @@
 // (the few-row GEMV, oneDNN: 1.5-2.3x the MKL sgemm that at::mm calls on this
 // AMD CPU), to ATen for the other types; the gate nonlinearities and state
 // update run as one fused pass over the (batch x hidden) units with
-// at::parallel_for: for float and double the vectorized row kernels of the
-// whole-sequence LSTM (lstm_rows.h), for half types the unit loop below.
+// at::parallel_for: the vectorized row kernels of the whole-sequence LSTM
+// (lstm_rows.h), in float for the half types.
 #include "attnkit/lstm_cell.h"
 
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/Dispatch.h>
+#include <ATen/ATen.h>
 
-#include "attnkit/gate_math.h"
 #include "attnkit/linear.h"
 #include "lstm_rows.h"
 #include "rnn_fused.h"  // transpose_into
 
 namespace attnkit {
 namespace cpu {
-
-namespace {
-
-// Units below this count run on one thread: the fork/join costs more.
-constexpr int64_t kGrainSize = 4096;
-
-template <typename scalar_t>
-void lstm_pointwise_forward(const at::Tensor& pre, const at::Tensor& c, at::Tensor& gates,
-                            at::Tensor& h_new, at::Tensor& c_new) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t hidden = c.size(1);
-  const scalar_t* pre_p = pre.data_ptr<scalar_t>();
-  const scalar_t* c_p = c.data_ptr<scalar_t>();
-  scalar_t* gates_p = gates.data_ptr<scalar_t>();
-  scalar_t* h_p = h_new.data_ptr<scalar_t>();
-  scalar_t* cn_p = c_new.data_ptr<scalar_t>();
-  at::parallel_for(0, c.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t b = u / hidden, j = u % hidden;
-      const int64_t row = b * 4 * hidden + j;
-      const auto a = gates::lstm_activate<acc_t>(pre_p[row], pre_p[row + hidden],
-                                                 pre_p[row + 2 * hidden], pre_p[row + 3 * hidden]);
-      const acc_t c_next = gates::lstm_cell_state<acc_t>(a, c_p[u]);
-      gates_p[row] = a.i;
-      gates_p[row + hidden] = a.f;
-      gates_p[row + 2 * hidden] = a.g;
-      gates_p[row + 3 * hidden] = a.o;
-      cn_p[u] = c_next;
-      h_p[u] = gates::lstm_hidden_state<acc_t>(a, c_next);
-    }
-  });
-}
-
-template <typename scalar_t>
-void lstm_pointwise_backward(const at::Tensor& gates, const at::Tensor& c, const at::Tensor& c_new,
-                             const at::Tensor& grad_h, const at::Tensor& grad_c,
-                             at::Tensor& grad_pre, at::Tensor& grad_c_prev) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t hidden = c.size(1);
-  const scalar_t* gates_p = gates.data_ptr<scalar_t>();
-  const scalar_t* c_p = c.data_ptr<scalar_t>();
-  const scalar_t* cn_p = c_new.data_ptr<scalar_t>();
-  const scalar_t* gh_p = grad_h.data_ptr<scalar_t>();
-  const scalar_t* gc_p = grad_c.data_ptr<scalar_t>();
-  scalar_t* gpre_p = grad_pre.data_ptr<scalar_t>();
-  scalar_t* gcp_p = grad_c_prev.data_ptr<scalar_t>();
-  at::parallel_for(0, c.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t b = u / hidden, j = u % hidden;
-      const int64_t row = b * 4 * hidden + j;
-      const gates::LstmGates<acc_t> a{gates_p[row], gates_p[row + hidden],
-                                      gates_p[row + 2 * hidden], gates_p[row + 3 * hidden]};
-      const auto d = gates::lstm_backward<acc_t>(a, c_p[u], cn_p[u], gh_p[u], gc_p[u]);
-      gpre_p[row] = d.pre_i;
-      gpre_p[row + hidden] = d.pre_f;
-      gpre_p[row + 2 * hidden] = d.pre_g;
-      gpre_p[row + 3 * hidden] = d.pre_o;
-      gcp_p[u] = d.c_prev;
-    }
-  });
-}
-
-}  // namespace
 
 std::vector<at::Tensor> lstm_cell_forward(const at::Tensor& x, const at::Tensor& h,
                                           const at::Tensor& c, const at::Tensor& w_ih,
@@ -95,13 +29,15 @@ std::vector<at::Tensor> lstm_cell_forward(const at::Tensor& x, const at::Tensor&
     lstm_rows_forward(gates, linear_rows(h, w_hh, b_hh), c_new, h_new);
     return {h_new, c_new, gates};
   }
-  at::Tensor pre = linear_gates(x, h, w_ih, w_hh, b_ih, b_hh);
-  at::Tensor gates = at::empty_like(pre);
-  at::Tensor h_new = at::empty_like(c);
-  at::Tensor c_new = at::empty_like(c);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lstm_cell_forward_cpu",
-                                  [&] { lstm_pointwise_forward<scalar_t>(pre, c, gates, h_new, c_new); });
-  return {h_new, c_new, gates};
+  // Half types: the GEMMs in that type (oneDNN's bf16/fp16 kernels), the gate math in float through
+  // the same row kernels (a scalar unit loop on libm's expm1f and tanhf took twice the plain-PyTorch
+  // reference at (B, H) = (64, 256) in bfloat16, Xeon Sapphire Rapids), the results rounded back.
+  at::Tensor gates = at::linear(x, w_ih, b_ih).to(at::kFloat);
+  at::Tensor c_new = c.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  at::Tensor h_new = at::empty_like(c_new);
+  lstm_rows_forward(gates, at::linear(h, w_hh, b_hh).to(at::kFloat), c_new, h_new);
+  const auto type = x.scalar_type();
+  return {h_new.to(type), c_new.to(type), gates.to(type)};
 }
 
 std::vector<at::Tensor> lstm_cell_backward(const at::Tensor& grad_h, const at::Tensor& grad_c,
@@ -110,8 +46,8 @@ std::vector<at::Tensor> lstm_cell_backward(const at::Tensor& grad_h, const at::T
                                            const at::Tensor& w_hh, const at::Tensor& gates,
                                            const at::Tensor& c_new) {
   check_lstm_cell_backward(grad_h, grad_c, x, h, c, w_ih, w_hh, gates, c_new);
-  at::Tensor grad_pre = at::empty_like(gates);
   if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) {
+    at::Tensor grad_pre = at::empty_like(gates);
     at::Tensor grad_c_prev = grad_c.clone();
     lstm_rows_backward(gates, c, c_new, grad_h, grad_c_prev, grad_pre);
     if (x.scalar_type() == at::kFloat && x.size(0) > kFewRows && onednn_linear_available()) {
@@ -133,11 +69,13 @@ std::vector<at::Tensor> lstm_cell_backward(const at::Tensor& grad_h, const at::T
     }
     return linear_gates_backward(grad_pre, grad_c_prev, x, h, w_ih, w_hh);
   }
-  at::Tensor grad_c_prev = at::empty_like(c);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lstm_cell_backward_cpu", [&] {
-    lstm_pointwise_backward<scalar_t>(gates, c, c_new, grad_h, grad_c, grad_pre, grad_c_prev);
-  });
-  return linear_gates_backward(grad_pre, grad_c_prev, x, h, w_ih, w_hh);
+  // Half types, as the forward: the gate gradients in float, the GEMMs in the input's type.
+  const auto wide = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  at::Tensor grad_c_prev = grad_c.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  at::Tensor grad_pre_wide = at::empty(gates.sizes(), gates.options().dtype(at::kFloat));
+  lstm_rows_backward(wide(gates), wide(c), wide(c_new), wide(grad_h), grad_c_prev, grad_pre_wide);
+  const auto type = x.scalar_type();
+  return linear_gates_backward(grad_pre_wide.to(type), grad_c_prev.to(type), x, h, w_ih, w_hh);
 }
 
 }  // namespace cpu

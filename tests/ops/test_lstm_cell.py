@@ -74,15 +74,22 @@ def test_gradcheck_float64(backend, device, shape):
 @pytest.mark.parametrize("backend,device", backend_params(OP))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_matches_float32_reference(backend, device, dtype):
+    """Values and every gradient against torch's float32 cell on the same (rounded) inputs."""
     with forced(OP, backend, device, dtype) as dev:
-        args = make_inputs(3, 8, 16, dtype, dev)
+        args = make_inputs(3, 8, 16, dtype, dev, requires_grad=True)
         h, c = lstm_cell(*args)
+        leaves = [args[0], *args[1], *args[2:]]
+        grads = torch.autograd.grad((h.float() * 0.7 + c.float() * 1.3).sum(), leaves)
     assert h.dtype == dtype and c.dtype == dtype
-    up = [args[0].float(), tuple(t.float() for t in args[1])] + [t.float() for t in args[2:]]
-    h_ref, c_ref = torch_lstm_cell(*up)
+    wide = [t.detach().float().requires_grad_() for t in leaves]
+    h_ref, c_ref = torch_lstm_cell(wide[0], tuple(wide[1:3]), *wide[3:])
+    grads_ref = torch.autograd.grad((h_ref * 0.7 + c_ref * 1.3).sum(), wide)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(h.float(), h_ref, atol=atol * 2, rtol=rtol * 2)
     torch.testing.assert_close(c.float(), c_ref, atol=atol * 2, rtol=rtol * 2)
+    for g, r in zip(grads, grads_ref):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), r, atol=atol * 10, rtol=rtol * 10)
 
 
 @pytest.mark.parametrize("backend,device", backend_params(OP))
