@@ -34,6 +34,7 @@
 #endif
 
 #include "attnkit/gate_math.h"
+#include "attnkit/rnn_sequence.h"
 
 namespace attnkit {
 namespace cpu {
@@ -69,7 +70,18 @@ struct FusedForward {
   const int64_t* len;      // (B) or null
   const int64_t* rows;     // (T)
   int64_t T, B, I, H, chunk, block;
+  // bfloat16 inference (rnn_forward_bf16): the GEMMs' operands in bfloat16 instead of x, w_ih, w_hh
+  // and h_bufs (which keeps the float h the gate math reads): x (T, B, I); the weights packed as
+  // above, then each chunk's (K, G * units) matrix into oneDNN's VNNI layout, rows ldb_low(G * units)
+  // apart; h_low (2, B, H), h_t rounded. Null: float operands.
+  const at::BFloat16* x_low = nullptr;
+  const at::BFloat16* w_ih_low = nullptr;
+  const at::BFloat16* w_hh_low = nullptr;
+  at::BFloat16* h_low = nullptr;
 };
+
+// Row stride of a VNNI-packed chunk: oneDNN's bfloat16 brgemm takes 16, 32, 48 or 64 columns.
+inline int64_t ldb_low(int64_t n) { return (n + 15) / 16 * 16; }
 
 struct FusedBackward {
   const float *gates, *grad_output, *w_hh;  // w_hh in kPanel-column panels
@@ -179,18 +191,63 @@ at::Tensor pack_gate_columns(const at::Tensor& w, int64_t H, int64_t G) {
 // The forward's team: packs W_ih and W_hh (G H rows) by chunk into f, h (h0 in, h_T out) through
 // f.h_bufs, splits the chunks, sizes the input-projection blocks, and runs `run(f, k0, k1, xp, gh)` on
 // each thread (gh: a (B, G * kChunk) tile of its own when `gh_tile`, else null).
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+// w (G H, K) bfloat16, K even -> per chunk of units, its (K, G * units) matrix of gate columns (as
+// pack_gate_columns) in oneDNN's VNNI layout for bfloat16: row pairs (2i, 2i + 1) interleaved,
+// element (k, c) at (k / 2) * 2 ldb + 2 c + k % 2, ldb = ldb_low(G * units), columns past G * units
+// zero. Written here: ATen's cpublas::pack builds a oneDNN transform on every call, ~0.1 ms a chunk.
+at::Tensor pack_gate_columns_low(const at::Tensor& w, int64_t H, int64_t G) {
+  const int64_t K = w.size(1), chunks = (H + kChunk - 1) / kChunk;
+  // Room for whole chunks: the last one's rows are ldb_low(n) long, up to G * kChunk.
+  at::Tensor packed = at::zeros({chunks * G * kChunk * K}, w.options());
+  const at::BFloat16* src = w.data_ptr<at::BFloat16>();
+  at::BFloat16* dst = packed.data_ptr<at::BFloat16>();
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t chunk = k0; chunk < k1; ++chunk) {
+      const int64_t u0 = chunk * kChunk, units = std::min(kChunk, H - u0), ldb = ldb_low(G * units);
+      at::BFloat16* out = dst + G * u0 * K;
+      // A row pair of the output at a time, written in order; the G * units source rows it reads
+      // from (4 bytes each) stay in L1 from one pair to the next. (Column by column, the stores
+      // walked the whole 64 KB chunk for every source row: 2 ms of a one-step call at H = 512.)
+      for (int64_t k = 0; k < K; k += 2) {
+        at::BFloat16* pair_row = out + k * ldb;
+        for (int64_t g = 0; g < G; ++g) {
+          for (int64_t u = 0; u < units; ++u) {
+            std::memcpy(pair_row + 2 * (g * units + u), src + (g * H + u0 + u) * K + k, 2 * sizeof(at::BFloat16));
+          }
+        }
+      }
+    }
+  });
+  return packed;
+}
+#endif
+
 template <typename Run>
 void forward_team(FusedForward f, int64_t G, const at::Tensor& w_ih, const at::Tensor& w_hh, at::Tensor& h,
-                  bool gh_tile, Run run) {
+                  bool gh_tile, Run run, bool low = false) {
   const int64_t T = f.T, B = f.B, H = f.H;
   const int64_t chunks = (H + kChunk - 1) / kChunk;
-  const at::Tensor w_ih_p = pack_gate_columns(w_ih, H, G), w_hh_p = pack_gate_columns(w_hh, H, G);
+  at::Tensor w_ih_p, w_hh_p, h_low;
+  if (!low) {
+    w_ih_p = pack_gate_columns(w_ih, H, G), w_hh_p = pack_gate_columns(w_hh, H, G);
+  }
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  if (low) {
+    w_ih_p = pack_gate_columns_low(w_ih, H, G), w_hh_p = pack_gate_columns_low(w_hh, H, G);
+    f.w_ih_low = w_ih_p.data_ptr<at::BFloat16>();
+    f.w_hh_low = w_hh_p.data_ptr<at::BFloat16>();
+    h_low = at::empty({2, B, H}, h.options().dtype(at::kBFloat16));
+    h_low[0].copy_(h);
+    f.h_low = h_low.data_ptr<at::BFloat16>();
+  }
+#endif
   at::Tensor h_bufs = at::empty({2, B, H}, h.options());
   h_bufs[0].copy_(h);
   const int nt = team_size(B, H, G, chunks);
   const int64_t per_thread = (chunks + nt - 1) / nt;
-  f.w_ih = w_ih_p.data_ptr<float>();
-  f.w_hh = w_hh_p.data_ptr<float>();
+  f.w_ih = low ? nullptr : w_ih_p.data_ptr<float>();
+  f.w_hh = low ? nullptr : w_hh_p.data_ptr<float>();
   f.h_bufs = h_bufs.data_ptr<float>();
   f.chunk = kChunk;
   // Steps per input-projection block: ~512 KB of projections per thread (256 KB measured within noise).
@@ -203,7 +260,7 @@ void forward_team(FusedForward f, int64_t G, const at::Tensor& w_ih, const at::T
     const int64_t k0 = std::min(chunks, tid * per_thread), k1 = std::min(chunks, k0 + per_thread);
     float* mine = xp.data_ptr<float>() + tid * (xp_size + gh_size);
     run(f, k0, k1, mine, gh_tile ? mine + xp_size : nullptr);
-    at::native::cpublas::brgemm_release(false);
+    at::native::cpublas::brgemm_release(low);  // bfloat16: the AMX tile state too
   }
   h.copy_(h_bufs[T % 2]);
 }
@@ -299,6 +356,55 @@ bool gru_backward_fused(const at::Tensor& gates, const at::Tensor& h0, const at:
                         dh.data_ptr<float>(), nullptr, ptr_or_null<int64_t>(len), rows.data(), false, T, B, H};
   backward_team(f, 3, w_hh, false, ATTNKIT_FUSED(fused_gru_backward_thread));
   return true;
+}
+
+bool rnn_forward_bf16_available() {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(ATTNKIT_HAVE_X86_FUSED)
+  return at::native::cpublas::could_pack(at::kBFloat16) && __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+std::vector<at::Tensor> rnn_forward_bf16(int64_t gates, const at::Tensor& x, const at::Tensor& h0,
+                                         const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+                                         const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                                         const c10::optional<at::Tensor>& b_hh,
+                                         const c10::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(gates == 3 || gates == 4, "rnn_forward_bf16: gates must be 4 (LSTM) or 3 (GRU), got ", gates);
+  TORCH_CHECK(gates == 3 || rnn::present(c0), "rnn_forward_bf16: the LSTM needs c0");
+  rnn::check_forward(x, h0, gates == 4 ? &*c0 : nullptr, w_ih, w_hh, b_ih, b_hh, c10::nullopt, lengths, gates);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "rnn_forward_bf16: x must be bfloat16, got ", x.scalar_type());
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(ATTNKIT_HAVE_X86_FUSED)
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
+  // oneDNN's VNNI layout pairs rows of K: an odd input or hidden size is not taken (float32 runs it).
+  if (B == 0 || I % 2 != 0 || H % 2 != 0 || !rnn_forward_bf16_available()) return {};
+  const std::vector<int64_t> rows = rnn::active_rows(lengths, T, B);
+  const auto wide = [](const at::Tensor& t) { return t.to(at::kFloat, false, /*copy=*/true).contiguous(); };
+  at::Tensor h = wide(h0), c = gates == 4 ? wide(*c0) : at::Tensor();
+  at::Tensor output = at::empty({T, B, H}, x.options().dtype(at::kFloat));
+  at::Tensor bias, bias_hh;  // LSTM: b_ih + b_hh; GRU: b_ih and b_hh apart
+  if (gates == 4 && (rnn::present(b_ih) || rnn::present(b_hh))) {
+    bias = rnn::present(b_ih) && rnn::present(b_hh) ? b_ih->to(at::kFloat) + b_hh->to(at::kFloat)
+                                                    : wide(rnn::present(b_ih) ? *b_ih : *b_hh);
+  } else if (gates == 3) {
+    bias = rnn::present(b_ih) ? wide(*b_ih) : at::Tensor();
+    bias_hh = rnn::present(b_hh) ? wide(*b_hh) : at::Tensor();
+  }
+  FusedForward f{nullptr, nullptr, nullptr, ptr_or_null<float>(bias), ptr_or_null<float>(bias_hh), nullptr, nullptr,
+                 gates == 4 ? c.data_ptr<float>() : nullptr, output.data_ptr<float>(), nullptr,
+                 rnn::present(lengths) ? lengths->data_ptr<int64_t>() : nullptr, rows.data(), T, B, I, H, 0, 0};
+  f.x_low = x.data_ptr<at::BFloat16>();
+  const at::Tensor w_ih_c = w_ih.contiguous(), w_hh_c = w_hh.contiguous();
+  if (gates == 4) {
+    forward_team(f, 4, w_ih_c, w_hh_c, h, false, avx512::fused_lstm_forward_thread, /*low=*/true);
+    return {output.to(at::kBFloat16), h.to(at::kBFloat16), c.to(at::kBFloat16)};
+  }
+  forward_team(f, 3, w_ih_c, w_hh_c, h, true, avx512::fused_gru_forward_thread, /*low=*/true);
+  return {output.to(at::kBFloat16), h.to(at::kBFloat16)};
+#else
+  return {};
+#endif
 }
 
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {

@@ -54,6 +54,30 @@ inline void fused_backward_row(const float* gates, int64_t H, const float* c_pre
   });
 }
 
+// c (+)= a b for one chunk: brgemm on float operands, or on FusedForward's bfloat16 ones where
+// a_low is set (b_low VNNI-packed; K = lda).
+inline void chunk_gemm(int64_t m, int64_t n, int64_t k, bool add, const float* a, const float* b,
+                       const at::BFloat16* a_low, const at::BFloat16* b_low, float* c) {
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  if (a_low != nullptr) {
+    at::native::cpublas::brgemm(m, n, k, k, ldb_low(n), n, add, a_low, b_low, c);
+    return;
+  }
+#endif
+  at::native::cpublas::brgemm(m, n, k, k, n, n, add, a, b, c, false);
+}
+
+// h_low's rows b < B, units [u0, u0 + units) of slot `slot`: the float h_bufs rounded to bfloat16.
+inline void round_h_low(const FusedForward& f, int64_t slot, int64_t u0, int64_t units) {
+  const float* src = f.h_bufs + slot * f.B * f.H;
+  at::BFloat16* dst = f.h_low + slot * f.B * f.H;
+  for (int64_t b = 0; b < f.B; ++b) {
+    for (int64_t j = b * f.H + u0; j < b * f.H + u0 + units; ++j) {
+      dst[j] = c10::BFloat16(c10::detail::round_to_nearest_even(src[j]), c10::BFloat16::from_bits());
+    }
+  }
+}
+
 // Forward, one thread of the team: unit chunks [k0, k1) of FusedForward
 // (rnn_fused.cpp), G gates a unit. Every `block` steps it first projects those
 // steps' inputs for its chunks into `xp` (brgemm on the packed W_ih): they are
@@ -73,16 +97,19 @@ inline void fused_forward_thread(const FusedForward& f, int64_t k0, int64_t k1, 
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t u0 = k * nc, ldp = G * std::min(nc, H - u0);
       float* xp_k = xp + (k - k0) * nb * B * G * nc;
+      const auto x_at = [&](int64_t t) { return f.x_low != nullptr ? f.x_low + t * B * I : nullptr; };
+      const float* x_f = f.x_low != nullptr ? nullptr : f.x;
+      const float* w_f = f.x_low != nullptr ? nullptr : f.w_ih + G * u0 * I;
+      const at::BFloat16* w_low = f.x_low != nullptr ? f.w_ih_low + G * u0 * I : nullptr;
       if (all_rows) {
-        at::native::cpublas::brgemm(steps * B, ldp, I, I, ldp, ldp, false, f.x + t0 * B * I, f.w_ih + G * u0 * I,
-                                    xp_k, false);
+        chunk_gemm(steps * B, ldp, I, false, x_f != nullptr ? x_f + t0 * B * I : nullptr, w_f, x_at(t0), w_low, xp_k);
         continue;
       }
       for (int64_t s = 0; s < steps; ++s) {  // only the rows still running (the others' rows are never read)
         const int64_t m = f.rows[t0 + s];
         if (m > 0) {
-          at::native::cpublas::brgemm(m, ldp, I, I, ldp, ldp, false, f.x + (t0 + s) * B * I, f.w_ih + G * u0 * I,
-                                      xp_k + s * B * ldp, false);
+          chunk_gemm(m, ldp, I, false, x_f != nullptr ? x_f + (t0 + s) * B * I : nullptr, w_f, x_at(t0 + s), w_low,
+                     xp_k + s * B * ldp);
         }
       }
     }
@@ -96,8 +123,11 @@ inline void fused_forward_thread(const FusedForward& f, int64_t k0, int64_t k1, 
         const int64_t u0 = k * nc, units = std::min(nc, H - u0), ldp = G * units;
         float* pre = xp + (k - k0) * nb * B * G * nc + (t - t0) * B * ldp;  // the block's rows are ldp apart
         float* acc = gh != nullptr ? gh : pre;
-        if (m > 0) {
-          at::native::cpublas::brgemm(m, ldp, H, H, ldp, ldp, gh == nullptr, h_prev, f.w_hh + G * u0 * H, acc, false);
+        if (m > 0 && f.h_low != nullptr) {
+          chunk_gemm(m, ldp, H, gh == nullptr, nullptr, nullptr, f.h_low + (t % 2) * B * H, f.w_hh_low + G * u0 * H,
+                     acc);
+        } else if (m > 0) {
+          chunk_gemm(m, ldp, H, gh == nullptr, h_prev, f.w_hh + G * u0 * H, nullptr, nullptr, acc);
         }
         for (int64_t b = 0; b < B; ++b) {
           if (b < m && (f.len == nullptr || t < f.len[b])) {
@@ -112,6 +142,7 @@ inline void fused_forward_thread(const FusedForward& f, int64_t k0, int64_t k1, 
           std::fill(out_t + o, out_t + o + units, 0.0f);
           stopped(t, b, u0, units);
         }
+        if (f.h_low != nullptr) round_h_low(f, (t + 1) % 2, u0, units);  // the next step's GEMM operand
       }
 #pragma omp barrier
     }

@@ -182,3 +182,67 @@ def test_backward_workspace_reuse_gives_the_same_gradients():
         second = torch.autograd.grad(out.sum() + h.sum(), args)
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def _bf16_brgemm_available():
+    from attnkit import _extensions
+
+    ext = _extensions.load("_C")[0]
+    return ext is not None and ext.rnn_forward_bf16_available()
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize(
+    "shape", [(7, 6, 20, 40), (5, 9, 8, 70), (1, 5, 2, 2), (9, 32, 64, 48)], ids=str
+)  # (T, B, I, H): a 16-unit chunk tail (40, 70: 8 and 6 units), H = 2, T = 1, two threads' worth of chunks
+@pytest.mark.parametrize("lengths", [None, "sorted", "unsorted"], ids=str)
+def test_bfloat16_inference_runs_bfloat16_gemms(monkeypatch, kind, shape, lengths, threads):
+    """bfloat16 inference at batch 5+ (csrc/cpu/rnn_fused.cpp rnn_forward_bf16): x, the VNNI-packed
+    weights and each step's h in bfloat16 through oneDNN's brgemm, the state and gate math in float:
+    against the float32 reference on the same (rounded) inputs, within bfloat16's rounding of h."""
+    if not _bf16_brgemm_available():
+        pytest.skip("no bfloat16 brgemm (AMX / AVX512-BF16) on this CPU or torch")
+    from attnkit import _extensions
+
+    ext = _extensions.load("_C")[0]
+    taken = []
+    real = ext.rnn_forward_bf16
+    monkeypatch.setattr(ext, "rnn_forward_bf16", lambda *a: taken.append(bool(result := real(*a))) or result)
+    T, B, I, H = shape
+    lengths = lengths_for(lengths, T, B)
+    if kind == "LSTM":
+        wide = [t.detach().bfloat16().float() for t in make_lstm(T, B, I, H, H, torch.float32, "cpu")[:-1]]
+        low = [t.bfloat16() for t in wide]
+        with torch.no_grad():
+            out, (h, c) = lstm(low[0], (low[1], low[2]), *low[3:], lengths=lengths)
+        outs, refs = (out, h, c), reference.lstm(*wide, None, lengths)[:3]
+    else:
+        wide = [t.detach().bfloat16().float() for t in make_gru(T, B, I, H, torch.float32, "cpu")]
+        low = [t.bfloat16() for t in wide]
+        with torch.no_grad():
+            out, h = gru(*low, lengths=lengths)
+        outs, refs = (out, h), reference.gru(*wide, lengths)[:2]
+    assert taken == [True] and attnkit.last_dispatch(kind.lower()).backend == "cpp"
+    for o, r in zip(outs, refs):
+        assert o.dtype == torch.bfloat16
+        torch.testing.assert_close(o.float(), r, atol=3e-2, rtol=3e-2)
+
+
+def test_bfloat16_inference_leaves_odd_sizes_training_and_small_batches_to_float32(monkeypatch):
+    """Odd input sizes (VNNI pairs rows), training (gates saved) and batch <= 4 (the small-batch
+    loops) run the float32 kernels on converted tensors: same values within rounding."""
+    from attnkit import _extensions
+
+    ext = _extensions.load("_C")[0]
+    calls = []
+    if hasattr(ext, "rnn_forward_bf16"):
+        real = ext.rnn_forward_bf16
+        monkeypatch.setattr(ext, "rnn_forward_bf16", lambda *a: calls.append(bool(r := real(*a))) or r)
+    for T, B, I, H, grad in ((8, 8, 7, 20, False), (8, 8, 8, 20, True), (8, 3, 8, 20, False)):
+        wide = [t.detach().bfloat16().float() for t in make_gru(T, B, I, H, torch.float32, "cpu")]
+        low = [t.bfloat16().requires_grad_(grad) for t in wide]
+        with torch.set_grad_enabled(grad):
+            out, _ = gru(*low)
+        assert attnkit.last_dispatch("gru").backend == "cpp"
+        torch.testing.assert_close(out.float(), reference.gru(*wide)[0], atol=3e-2, rtol=3e-2)
+    assert not any(calls)  # asked at most for the odd size, and not taken

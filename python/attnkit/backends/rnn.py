@@ -39,6 +39,7 @@ class _Extension(Implementation):
             return [f"the {self.backend} rnn kernels take {names}, got {str(call['dtype']).replace('torch.', '')}"]
         steps, batch = call.get("steps", UPCAST_MIN_STEPS), call.get("batch", 1)
         short = call["dtype"] in self.upcast and steps < UPCAST_MIN_STEPS and batch > UPCAST_ANY_STEPS_BATCH
+        short = short and not self._native_bf16(call)  # no weights converted to float32 there
         forced = _dispatch.forced_backend(self.op)
         if short and (forced is None or forced[0] != self.backend):  # a choice of speed: forcing it still works
             return [f"{str(call['dtype']).replace('torch.', '')} runs the {self.backend} kernels in float32, which pays "
@@ -47,6 +48,14 @@ class _Extension(Implementation):
 
     def _ext(self):
         return _extensions.load(self.extension)[0]
+
+    def _native_bf16(self, call):
+        """Whether this call runs rnn_forward_bf16 (csrc/cpu/rnn_fused.cpp): bfloat16 inference
+        without projection at batch > 4 (smaller batches keep the float32 small-batch loops, as
+        fast there), even sizes, on a CPU and torch with the bfloat16 brgemm."""
+        return (self.backend == "cpp" and call["dtype"] == torch.bfloat16 and not call.get("save", True)
+                and not call.get("proj", False) and call.get("batch", 0) > UPCAST_ANY_STEPS_BATCH
+                and call.get("input_size", 1) % 2 == 0 and call.get("hidden_size", 1) % 2 == 0 and _bf16_brgemm())
 
     def _run(self, entry, dtype, *args):
         """ext.<entry>(*args), in float32 where `dtype` is one of `upcast` (the
@@ -63,6 +72,11 @@ class _LstmExtension(_Extension):
     op = "lstm"
 
     def forward(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save):
+        if self._native_bf16(dict(dtype=x.dtype, save=save, proj=w_hr is not None, batch=x.shape[1],
+                                  input_size=x.shape[2], hidden_size=c0.shape[1])):
+            result = self._ext().rnn_forward_bf16(4, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
+            if result:
+                return (*result, _empty(x), _empty(x), _empty(x))
         return self._run("lstm_forward", x.dtype, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save)
 
     def backward(self, grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, output, gates, cs, hc):
@@ -74,10 +88,27 @@ class _GruExtension(_Extension):
     op = "gru"
 
     def forward(self, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save):
+        if self._native_bf16(dict(dtype=x.dtype, save=save, batch=x.shape[1], input_size=x.shape[2],
+                                  hidden_size=h0.shape[1])):
+            result = self._ext().rnn_forward_bf16(3, x, h0, None, w_ih, w_hh, b_ih, b_hh, lengths)
+            if result:
+                return (*result, _empty(x))
         return self._run("gru_forward", x.dtype, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save)
 
     def backward(self, grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output, gates):
         return self._run("gru_backward", x.dtype, grad_output, grad_hn, x, h0, w_ih, w_hh, lengths, output, gates)
+
+
+_bf16_available = []
+
+
+def _bf16_brgemm():
+    """attnkit._C's rnn_forward_bf16 runs on this CPU (asked once)."""
+    if not _bf16_available:
+        ext = _extensions.load("_C")[0]
+        _bf16_available.append(ext is not None and hasattr(ext, "rnn_forward_bf16_available")
+                               and bool(ext.rnn_forward_bf16_available()))
+    return _bf16_available[0]
 
 
 _CPP_DTYPES = (torch.float32, torch.float64)

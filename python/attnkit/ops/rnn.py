@@ -28,9 +28,9 @@ def _describe_tensors(x: Tensor) -> dict:
 def _describe_call(x: Tensor, w_hh: Tensor, gates: int, proj: bool, save: bool) -> dict:
     """Device and dtype, plus what the inference-only persistent CUDA kernel looks at:
     batch, hidden size, projection, and `save` (a training forward, or a backward);
-    and the steps, which decide whether float16/bfloat16 go to the cpp kernels."""
-    return {**_describe_tensors(x), "steps": x.shape[0], "batch": x.shape[1], "hidden_size": w_hh.shape[0] // gates,
-            "proj": proj, "save": save}
+    and the steps and input size, which decide whether float16/bfloat16 go to the cpp kernels."""
+    return {**_describe_tensors(x), "steps": x.shape[0], "batch": x.shape[1], "input_size": x.shape[2],
+            "hidden_size": w_hh.shape[0] // gates, "proj": proj, "save": save}
 
 
 def _zeros_if_none(grad, like):
