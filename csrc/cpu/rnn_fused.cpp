@@ -482,7 +482,8 @@ at::Tensor unpack_running_rows(const at::Tensor& packed, const std::vector<int64
   for (int64_t t = 0; t < T; ++t) offset[t + 1] = offset[t] + rows[t];
   at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      std::memcpy(dst + t * B * row_bytes, src + offset[t] * row_bytes, rows[t] * row_bytes);
+      // No rows at all run (every length 0): `packed` is empty and src null, which memcpy may not take.
+      if (rows[t] > 0) std::memcpy(dst + t * B * row_bytes, src + offset[t] * row_bytes, rows[t] * row_bytes);
       std::memset(dst + (t * B + rows[t]) * row_bytes, 0, (B - rows[t]) * row_bytes);
     }
   });
