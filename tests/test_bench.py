@@ -577,11 +577,16 @@ def test_flex_baseline_builds_each_causal_block_mask_once(monkeypatch):
                         f"mask {nq}x{nk}")
     monkeypatch.setattr(flex_module, "flex_attention", lambda q, k, v, block_mask: seen.append(block_mask))
     monkeypatch.setattr(torch, "compile", lambda fn: fn)
+    import contextlib
+
     import torch._functorch.config as functorch_config
 
-    if hasattr(functorch_config, "donated_buffer"):  # _flex switches it off: restored after the test
-        monkeypatch.setattr(functorch_config, "donated_buffer", functorch_config.donated_buffer)
-    run = core.load_family("attention")._flex()
+    # _flex switches donated_buffer off for the process; the config's own patch() restores it (a
+    # monkeypatch of the config module deletes the entry on undo, breaking every later compile).
+    restore = (functorch_config.patch(donated_buffer=functorch_config.donated_buffer)
+               if hasattr(functorch_config, "donated_buffer") else contextlib.nullcontext())
+    with restore:
+        run = core.load_family("attention")._flex()
     q, k = torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 6, 4)
     for _ in range(3):
         run(q, k, k, True)
