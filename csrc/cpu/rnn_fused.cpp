@@ -370,7 +370,7 @@ std::vector<at::Tensor> rnn_forward_bf16(int64_t gates, const at::Tensor& x, con
                                          const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,
                                          const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
                                          const c10::optional<at::Tensor>& b_hh,
-                                         const c10::optional<at::Tensor>& lengths) {
+                                         const c10::optional<at::Tensor>& lengths, bool save) {
   TORCH_CHECK(gates == 3 || gates == 4, "rnn_forward_bf16: gates must be 4 (LSTM) or 3 (GRU), got ", gates);
   TORCH_CHECK(gates == 3 || rnn::present(c0), "rnn_forward_bf16: the LSTM needs c0");
   rnn::check_forward(x, h0, gates == 4 ? &*c0 : nullptr, w_ih, w_hh, b_ih, b_hh, c10::nullopt, lengths, gates);
@@ -391,16 +391,23 @@ std::vector<at::Tensor> rnn_forward_bf16(int64_t gates, const at::Tensor& x, con
     bias = rnn::present(b_ih) ? wide(*b_ih) : at::Tensor();
     bias_hh = rnn::present(b_hh) ? wide(*b_hh) : at::Tensor();
   }
-  FusedForward f{nullptr, nullptr, nullptr, ptr_or_null<float>(bias), ptr_or_null<float>(bias_hh), nullptr, nullptr,
-                 gates == 4 ? c.data_ptr<float>() : nullptr, output.data_ptr<float>(), nullptr,
+  // Training: the activated gates (LSTM i f g o, GRU r z n hn) and the LSTM's c_t, as the float32
+  // loop saves them, for the float32 backward.
+  const at::Tensor saved = save ? at::empty({T, B, 4 * H}, output.options()) : at::Tensor();
+  const at::Tensor cs = save && gates == 4 ? at::empty({T, B, H}, output.options()) : at::Tensor();
+  FusedForward f{nullptr, nullptr, nullptr, ptr_or_null<float>(bias), ptr_or_null<float>(bias_hh),
+                 ptr_or_null<float>(saved), nullptr, gates == 4 ? c.data_ptr<float>() : nullptr,
+                 output.data_ptr<float>(), ptr_or_null<float>(cs),
                  rnn::present(lengths) ? lengths->data_ptr<int64_t>() : nullptr, rows.data(), T, B, I, H, 0, 0};
   f.x_low = x.data_ptr<at::BFloat16>();
   const at::Tensor w_ih_c = w_ih.contiguous(), w_hh_c = w_hh.contiguous();
   if (gates == 4) {
     forward_team(f, 4, w_ih_c, w_hh_c, h, false, avx512::fused_lstm_forward_thread, /*low=*/true);
+    if (save) return {output.to(at::kBFloat16), h.to(at::kBFloat16), c.to(at::kBFloat16), saved, cs};
     return {output.to(at::kBFloat16), h.to(at::kBFloat16), c.to(at::kBFloat16)};
   }
   forward_team(f, 3, w_ih_c, w_hh_c, h, true, avx512::fused_gru_forward_thread, /*low=*/true);
+  if (save) return {output.to(at::kBFloat16), h.to(at::kBFloat16), saved};
   return {output.to(at::kBFloat16), h.to(at::kBFloat16)};
 #else
   return {};

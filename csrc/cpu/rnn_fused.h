@@ -40,18 +40,19 @@ bool gru_backward_fused(const at::Tensor& gates, const at::Tensor& h0, const at:
                         const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dgi,
                         at::Tensor& dgh, const at::Tensor& len, const std::vector<int64_t>& rows);
 
-// bfloat16 inference (nothing saved for a backward, no projection) on the fused loops with
-// bfloat16 operands: x, the weights (packed in oneDNN's VNNI layout) and h_t rounded each step
-// into AMX's (or AVX512-BF16's) brgemm, float accumulation, state (c, the h the gate math reads)
-// and gate math. gates: 4 (LSTM, c0 given) or 3 (GRU). Returns {output, h_n[, c_n]} in
-// bfloat16, or {} where it does not apply (no bfloat16 brgemm in this torch or CPU, no AVX-512,
-// odd input or hidden size): the caller then runs the float32 kernels.
+// The bfloat16 forward (no projection) on the fused loops with bfloat16 operands: x, the weights
+// (packed in oneDNN's VNNI layout) and h_t rounded each step into AMX's (or AVX512-BF16's)
+// brgemm, float accumulation, state (c, the h the gate math reads) and gate math. gates: 4
+// (LSTM, c0 given) or 3 (GRU). Returns {output, h_n[, c_n]} in bfloat16, with `save` also the
+// float32 saved gates (T, B, 4H) [and the LSTM's cs (T, B, H)] that the float32 backward takes;
+// or {} where it does not apply (no bfloat16 brgemm in this torch or CPU, no AVX-512, odd input
+// or hidden size): the caller then runs the float32 kernels.
 bool rnn_forward_bf16_available();  // this torch and CPU: the bfloat16 brgemm with VNNI packing, AVX-512
 std::vector<at::Tensor> rnn_forward_bf16(int64_t gates, const at::Tensor& x, const at::Tensor& h0,
                                          const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,
                                          const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
                                          const c10::optional<at::Tensor>& b_hh,
-                                         const c10::optional<at::Tensor>& lengths);
+                                         const c10::optional<at::Tensor>& lengths, bool save);
 
 // a b for contiguous row-major a (M, K), b (K, N): tiles through oneDNN's
 // brgemm for float (MKL's sgemm, which at::mm calls, runs 2-3x slower on the

@@ -228,9 +228,9 @@ def test_bfloat16_inference_runs_bfloat16_gemms(monkeypatch, kind, shape, length
         torch.testing.assert_close(o.float(), r, atol=3e-2, rtol=3e-2)
 
 
-def test_bfloat16_inference_leaves_odd_sizes_training_and_small_batches_to_float32(monkeypatch):
-    """Odd input sizes (VNNI pairs rows), training (gates saved) and batch <= 4 (the small-batch
-    loops) run the float32 kernels on converted tensors: same values within rounding."""
+def test_bfloat16_leaves_odd_sizes_and_small_batches_to_float32(monkeypatch):
+    """Odd input sizes (VNNI pairs rows) and batch <= 4 (the small-batch loops) run the float32
+    kernels on converted tensors: same values within rounding."""
     from attnkit import _extensions
 
     ext = _extensions.load("_C")[0]
@@ -238,7 +238,7 @@ def test_bfloat16_inference_leaves_odd_sizes_training_and_small_batches_to_float
     if hasattr(ext, "rnn_forward_bf16"):
         real = ext.rnn_forward_bf16
         monkeypatch.setattr(ext, "rnn_forward_bf16", lambda *a: calls.append(bool(r := real(*a))) or r)
-    for T, B, I, H, grad in ((8, 8, 7, 20, False), (8, 8, 8, 20, True), (8, 3, 8, 20, False)):
+    for T, B, I, H, grad in ((8, 8, 7, 20, False), (8, 8, 7, 20, True), (8, 3, 8, 20, False)):
         wide = [t.detach().bfloat16().float() for t in make_gru(T, B, I, H, torch.float32, "cpu")]
         low = [t.bfloat16().requires_grad_(grad) for t in wide]
         with torch.set_grad_enabled(grad):
@@ -246,3 +246,38 @@ def test_bfloat16_inference_leaves_odd_sizes_training_and_small_batches_to_float
         assert attnkit.last_dispatch("gru").backend == "cpp"
         torch.testing.assert_close(out.float(), reference.gru(*wide)[0], atol=3e-2, rtol=3e-2)
     assert not any(calls)  # asked at most for the odd size, and not taken
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("lengths", [None, "unsorted"], ids=str)
+def test_bfloat16_training_forward_on_bfloat16_gemms_then_the_float32_backward(monkeypatch, kind, lengths, threads):
+    """Training in bfloat16 at batch 5+: the forward on bf16 GEMMs saves float gates (rounded to
+    bfloat16 like the float32 path's) for the float32 backward; values and every gradient against the
+    float32 reference on the same rounded inputs."""
+    if not _bf16_brgemm_available():
+        pytest.skip("no bfloat16 brgemm (AMX / AVX512-BF16) on this CPU or torch")
+    from attnkit import _extensions
+
+    ext = _extensions.load("_C")[0]
+    taken = []
+    real = ext.rnn_forward_bf16
+    monkeypatch.setattr(ext, "rnn_forward_bf16", lambda *a: taken.append(bool(result := real(*a))) or result)
+    T, B, I, H = 7, 6, 10, 20
+    lengths = lengths_for(lengths, T, B)
+    make = (lambda: make_lstm(T, B, I, H, H, torch.float32, "cpu")[:-1]) if kind == "LSTM" else (
+        lambda: make_gru(T, B, I, H, torch.float32, "cpu"))
+    wide = [t.detach().bfloat16().float().requires_grad_() for t in make()]
+    low = [t.detach().bfloat16().requires_grad_() for t in wide]
+    if kind == "LSTM":
+        out, (h, c) = lstm(low[0], (low[1], low[2]), *low[3:], lengths=lengths)
+        outs, refs = (out, h, c), reference.lstm(*wide, None, lengths)[:3]
+    else:
+        outs, refs = gru(*low, lengths=lengths), reference.gru(*wide, lengths)[:2]
+    assert taken == [True]
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o.float(), r, atol=3e-2, rtol=3e-2)
+    grads = torch.autograd.grad(weighted_loss([o.float() for o in outs]), low)
+    grads_ref = torch.autograd.grad(weighted_loss(refs), wide)
+    for g, r in zip(grads, grads_ref):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), r, atol=8e-2, rtol=8e-2)

@@ -50,10 +50,11 @@ class _Extension(Implementation):
         return _extensions.load(self.extension)[0]
 
     def _native_bf16(self, call):
-        """Whether this call runs rnn_forward_bf16 (csrc/cpu/rnn_fused.cpp): bfloat16 inference
+        """Whether this call's forward runs rnn_forward_bf16 (csrc/cpu/rnn_fused.cpp): bfloat16
         without projection at batch > 4 (smaller batches keep the float32 small-batch loops, as
-        fast there), even sizes, on a CPU and torch with the bfloat16 brgemm."""
-        return (self.backend == "cpp" and call["dtype"] == torch.bfloat16 and not call.get("save", True)
+        fast there), even sizes, on a CPU and torch with the bfloat16 brgemm. Training saves
+        float32 gates there for the float32 backward."""
+        return (self.backend == "cpp" and call["dtype"] == torch.bfloat16
                 and not call.get("proj", False) and call.get("batch", 0) > UPCAST_ANY_STEPS_BATCH
                 and call.get("input_size", 1) % 2 == 0 and call.get("hidden_size", 1) % 2 == 0 and _bf16_brgemm())
 
@@ -74,9 +75,11 @@ class _LstmExtension(_Extension):
     def forward(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save):
         if self._native_bf16(dict(dtype=x.dtype, save=save, proj=w_hr is not None, batch=x.shape[1],
                                   input_size=x.shape[2], hidden_size=c0.shape[1])):
-            result = self._ext().rnn_forward_bf16(4, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
-            if result:
-                return (*result, _empty(x), _empty(x), _empty(x))
+            result = self._ext().rnn_forward_bf16(4, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save)
+            if result:  # saved gates and cs rounded to x's dtype, as the float32 path returns them
+                out, h_n, c_n, *saved = result
+                gates, cs = (t.to(x.dtype) for t in saved) if save else (_empty(x), _empty(x))
+                return out, h_n, c_n, gates, cs, _empty(x)
         return self._run("lstm_forward", x.dtype, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save)
 
     def backward(self, grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, output, gates, cs, hc):
@@ -90,9 +93,9 @@ class _GruExtension(_Extension):
     def forward(self, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save):
         if self._native_bf16(dict(dtype=x.dtype, save=save, batch=x.shape[1], input_size=x.shape[2],
                                   hidden_size=h0.shape[1])):
-            result = self._ext().rnn_forward_bf16(3, x, h0, None, w_ih, w_hh, b_ih, b_hh, lengths)
+            result = self._ext().rnn_forward_bf16(3, x, h0, None, w_ih, w_hh, b_ih, b_hh, lengths, save)
             if result:
-                return (*result, _empty(x))
+                return result[0], result[1], result[2].to(x.dtype) if save else _empty(x)
         return self._run("gru_forward", x.dtype, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save)
 
     def backward(self, grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output, gates):
