@@ -23,7 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rnn_forward_bf16_available", &attnkit::cpu::rnn_forward_bf16_available,
         "whether rnn_forward_bf16 can run on this CPU and torch");
   m.def("rnn_forward_bf16", &attnkit::cpu::rnn_forward_bf16,
-        "LSTM (gates 4) / GRU (gates 3) layer, bfloat16 inference on bfloat16 brgemm; [] when not taken (CPU)");
+        "LSTM (gates 4) / GRU (gates 3) layer, bfloat16 forward on bfloat16 brgemm; [] when not taken (CPU)");
   m.def("ln_lstm_forward", &attnkit::cpu::ln_lstm_forward, "layer-normalized LSTM layer with zoneout, forward (CPU)");
   m.def("ln_lstm_backward", &attnkit::cpu::ln_lstm_backward, "layer-normalized LSTM layer, backward (CPU)");
   m.def("ln_gru_forward", &attnkit::cpu::ln_gru_forward, "layer-normalized GRU layer with zoneout, forward (CPU)");

@@ -70,7 +70,7 @@ struct FusedForward {
   const int64_t* len;      // (B) or null
   const int64_t* rows;     // (T)
   int64_t T, B, I, H, chunk, block;
-  // bfloat16 inference (rnn_forward_bf16): the GEMMs' operands in bfloat16 instead of x, w_ih, w_hh
+  // The bfloat16 forward (rnn_forward_bf16): the GEMMs' operands in bfloat16 instead of x, w_ih, w_hh
   // and h_bufs (which keeps the float h the gate math reads): x (T, B, I); the weights packed as
   // above, then each chunk's (K, G * units) matrix into oneDNN's VNNI layout, rows ldb_low(G * units)
   // apart; h_low (2, B, H), h_t rounded. Null: float operands.
