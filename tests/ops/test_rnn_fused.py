@@ -10,7 +10,8 @@ from test_rnn import check_against, make_gru, make_lstm, weighted_loss
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import attnkit
-from attnkit import reference
+from attnkit import _extensions, reference
+from attnkit.backends.rnn import _bf16_brgemm
 from attnkit.ops import gru, lstm
 
 
@@ -184,11 +185,14 @@ def test_backward_workspace_reuse_gives_the_same_gradients():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-def _bf16_brgemm_available():
-    from attnkit import _extensions
-
+def _spy_on_bf16_forward(monkeypatch):
+    """A list that gets, for each call of attnkit._C's rnn_forward_bf16, whether it was taken."""
     ext = _extensions.load("_C")[0]
-    return ext is not None and ext.rnn_forward_bf16_available()
+    taken = []
+    if hasattr(ext, "rnn_forward_bf16"):
+        real = ext.rnn_forward_bf16
+        monkeypatch.setattr(ext, "rnn_forward_bf16", lambda *a: taken.append(bool(result := real(*a))) or result)
+    return taken
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
@@ -200,14 +204,9 @@ def test_bfloat16_inference_runs_bfloat16_gemms(monkeypatch, kind, shape, length
     """bfloat16 inference at batch 5+ (csrc/cpu/rnn_fused.cpp rnn_forward_bf16): x, the VNNI-packed
     weights and each step's h in bfloat16 through oneDNN's brgemm, the state and gate math in float:
     against the float32 reference on the same (rounded) inputs, within bfloat16's rounding of h."""
-    if not _bf16_brgemm_available():
+    if not _bf16_brgemm():
         pytest.skip("no bfloat16 brgemm (AMX / AVX512-BF16) on this CPU or torch")
-    from attnkit import _extensions
-
-    ext = _extensions.load("_C")[0]
-    taken = []
-    real = ext.rnn_forward_bf16
-    monkeypatch.setattr(ext, "rnn_forward_bf16", lambda *a: taken.append(bool(result := real(*a))) or result)
+    taken = _spy_on_bf16_forward(monkeypatch)
     T, B, I, H = shape
     lengths = lengths_for(lengths, T, B)
     if kind == "LSTM":
@@ -231,13 +230,7 @@ def test_bfloat16_inference_runs_bfloat16_gemms(monkeypatch, kind, shape, length
 def test_bfloat16_leaves_odd_sizes_and_small_batches_to_float32(monkeypatch):
     """Odd input sizes (VNNI pairs rows) and batch <= 4 (the small-batch loops) run the float32
     kernels on converted tensors: same values within rounding."""
-    from attnkit import _extensions
-
-    ext = _extensions.load("_C")[0]
-    calls = []
-    if hasattr(ext, "rnn_forward_bf16"):
-        real = ext.rnn_forward_bf16
-        monkeypatch.setattr(ext, "rnn_forward_bf16", lambda *a: calls.append(bool(r := real(*a))) or r)
+    calls = _spy_on_bf16_forward(monkeypatch)
     for T, B, I, H, grad in ((8, 8, 7, 20, False), (8, 8, 7, 20, True), (8, 3, 8, 20, False)):
         wide = [t.detach().bfloat16().float() for t in make_gru(T, B, I, H, torch.float32, "cpu")]
         low = [t.bfloat16().requires_grad_(grad) for t in wide]
@@ -254,14 +247,9 @@ def test_bfloat16_training_forward_on_bfloat16_gemms_then_the_float32_backward(m
     """Training in bfloat16 at batch 5+: the forward on bf16 GEMMs saves float gates (rounded to
     bfloat16 like the float32 path's) for the float32 backward; values and every gradient against the
     float32 reference on the same rounded inputs."""
-    if not _bf16_brgemm_available():
+    if not _bf16_brgemm():
         pytest.skip("no bfloat16 brgemm (AMX / AVX512-BF16) on this CPU or torch")
-    from attnkit import _extensions
-
-    ext = _extensions.load("_C")[0]
-    taken = []
-    real = ext.rnn_forward_bf16
-    monkeypatch.setattr(ext, "rnn_forward_bf16", lambda *a: taken.append(bool(result := real(*a))) or result)
+    taken = _spy_on_bf16_forward(monkeypatch)
     T, B, I, H = 7, 6, 10, 20
     lengths = lengths_for(lengths, T, B)
     make = (lambda: make_lstm(T, B, I, H, H, torch.float32, "cpu")[:-1]) if kind == "LSTM" else (

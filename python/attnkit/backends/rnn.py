@@ -18,6 +18,8 @@ takes them to differentiate its forward again.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _dispatch, _extensions, reference
@@ -102,16 +104,11 @@ class _GruExtension(_Extension):
         return self._run("gru_backward", x.dtype, grad_output, grad_hn, x, h0, w_ih, w_hh, lengths, output, gates)
 
 
-_bf16_available = []
-
-
+@functools.lru_cache(maxsize=None)
 def _bf16_brgemm():
     """attnkit._C's rnn_forward_bf16 runs on this CPU (asked once)."""
-    if not _bf16_available:
-        ext = _extensions.load("_C")[0]
-        _bf16_available.append(ext is not None and hasattr(ext, "rnn_forward_bf16_available")
-                               and bool(ext.rnn_forward_bf16_available()))
-    return _bf16_available[0]
+    ext = _extensions.load("_C")[0]
+    return ext is not None and hasattr(ext, "rnn_forward_bf16_available") and bool(ext.rnn_forward_bf16_available())
 
 
 _CPP_DTYPES = (torch.float32, torch.float64)

@@ -65,7 +65,7 @@ def build(root, seconds, side_commands=(), warm_up=()):
     (status, output), side_results = results[0], results[1:1 + len(side_commands)]
     warm_results = results[1 + len(side_commands):]
     warm_status = "; ".join(dict.fromkeys(_warm_up_status(s) for s, _ in warm_results)) or "not run"
-    warm_output = "\n".join(f"$ {' '.join(c)}\n{text}" for c, (_, text) in zip(warm_up, warm_results))
+    _, warm_output = _side_outcome(warm_up, warm_results)  # its statuses read as _warm_up_status says
     return (status, time.perf_counter() - started, output, _side_outcome(side_commands, side_results),
             (warm_status, warm_output))
 
