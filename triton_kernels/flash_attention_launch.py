@@ -182,8 +182,8 @@ def _fixed_config() -> Optional[int]:
     test suite sets it: autotuning each of its feature combinations would
     compile every kernel seven times over (tens of minutes); one test runs
     each candidate in turn instead."""
-    value = os.environ.get("ATTNKIT_TRITON_CONFIG", "")
-    if value == "":
+    value = getenv("ATTNKIT_TRITON_CONFIG")
+    if not value:
         return None
     if not value.isdigit():
         raise ValueError(f"ATTNKIT_TRITON_CONFIG must be a config index (0, 1, ...), got {value!r}")
@@ -208,18 +208,21 @@ def _kernel(kernel, block_d: int, elem_bytes: int, rotary: bool = False, tma: bo
     (see _tma_descriptors); the interpreter then takes the TMA path too."""
     if _interpreting():
         return kernel, dict(INTERPRETER_BLOCKS, **(dict(USE_TMA=True) if tma else {}))
-    configs = _configs(block_d, elem_bytes, rotary, dkdv=kernel is _attn_bwd_dkdv, tma=tma)
+    dkdv = kernel is _attn_bwd_dkdv
     fixed = _fixed_config()
     if fixed is not None:
         count = _config_count(block_d, elem_bytes, rotary, _tma_device())  # what config_count reports
         if fixed >= count:
             raise ValueError(f"ATTNKIT_TRITON_CONFIG={fixed}: only {count} configs at this head dim and dtype")
+        configs = _configs(block_d, elem_bytes, rotary, dkdv=dkdv, tma=tma)
         config = configs[min(fixed, len(configs) - 1)]
         return kernel, dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     key = (kernel, block_d >= 256, elem_bytes > 2, rotary, tma)
-    if key not in _tuned:
-        _tuned[key] = triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
-    return _tuned[key], {}
+    tuner = _tuned.get(key)
+    if tuner is None:  # the candidates are built once per key: building them took 5 us of every launch
+        tuner = _tuned[key] = triton.autotune(configs=_configs(block_d, elem_bytes, rotary, dkdv=dkdv, tma=tma),
+                                              key=_TUNE_KEY)(kernel)
+    return tuner, {}
 
 
 def last_tuned_configs() -> str:
@@ -256,16 +259,14 @@ class _Layout:
 
     @staticmethod
     def of(t: torch.Tensor, varlen: bool):
-        if varlen:
-            return 0, t.stride(1), t.stride(0)
-        return t.stride(0), t.stride(1), t.stride(2)
+        strides = t.stride()  # one call: each stride(i) is a call into torch (~0.3 us; ~20 a launch)
+        return (0, strides[1], strides[0]) if varlen else strides[:3]
 
 
 def _stat_strides(stat: torch.Tensor, varlen: bool):
     # Dense statistics are (B, H, Nq); varlen ones (H, total_q).
-    if varlen:
-        return 0, stat.stride(0), stat.stride(1)
-    return stat.stride(0), stat.stride(1), stat.stride(2)
+    strides = stat.stride()
+    return (0, *strides) if varlen else strides
 
 
 def _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed,
