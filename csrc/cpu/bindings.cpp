@@ -10,7 +10,7 @@
 #include "attnkit/rnn.h"
 #include "attnkit/rnn_layernorm.h"
 #include "attnkit/rotary.h"
-#include "rnn_fused.h"  // rnn_forward_bf16
+#include "rnn_fused.h"  // rnn_forward_bf16, rnn_backward_bf16
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "attnkit CPU kernels";
@@ -24,6 +24,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether rnn_forward_bf16 can run on this CPU and torch");
   m.def("rnn_forward_bf16", &attnkit::cpu::rnn_forward_bf16,
         "LSTM (gates 4) / GRU (gates 3) layer, bfloat16 forward on bfloat16 brgemm; [] when not taken (CPU)");
+  m.def("rnn_backward_bf16", &attnkit::cpu::rnn_backward_bf16,
+        "LSTM (gates 4) / GRU (gates 3) layer, bfloat16 backward: float32 time loop, bfloat16 GEMMs; [] when not "
+        "taken (CPU)");
   m.def("ln_lstm_forward", &attnkit::cpu::ln_lstm_forward, "layer-normalized LSTM layer with zoneout, forward (CPU)");
   m.def("ln_lstm_backward", &attnkit::cpu::ln_lstm_backward, "layer-normalized LSTM layer, backward (CPU)");
   m.def("ln_gru_forward", &attnkit::cpu::ln_gru_forward, "layer-normalized GRU layer with zoneout, forward (CPU)");

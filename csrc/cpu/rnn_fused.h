@@ -21,6 +21,7 @@ bool lstm_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::
 
 // Backward steps: grad_pre (T, B, 4H) gets d(pre-activations); dh, dc (B, H):
 // dL/dh_T, dL/dc_T in, dL/dh0, dL/dc0 out. Same conditions as the forward.
+// grad_pre may be gates itself (each unit's gates are read before its gradients are written).
 bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& c0,
                          const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dc,
                          at::Tensor& grad_pre, const at::Tensor& len, const std::vector<int64_t>& rows);
@@ -53,6 +54,18 @@ std::vector<at::Tensor> rnn_forward_bf16(int64_t gates, const at::Tensor& x, con
                                          const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
                                          const c10::optional<at::Tensor>& b_hh,
                                          const c10::optional<at::Tensor>& lengths, bool save);
+
+// The bfloat16 training backward (csrc/cpu/rnn_backward_bf16.cpp), batch 5+, no projection: the
+// time loop in float32, dx and the weight gradients as bfloat16 GEMMs. gates 4 (LSTM: grad_cn,
+// c0 and cs given) or 3 (GRU: none of them); saved_gates as the float32 forward saves them, in
+// bfloat16. Returns the float32 backward's gradients in bfloat16 (LSTM {dx, dh0, dc0, dw_ih,
+// dw_hh, db}; GRU {dx, dh0, dw_ih, dw_hh, db_ih, db_hh}), or {} where it does not apply.
+std::vector<at::Tensor> rnn_backward_bf16(int64_t gates, const at::Tensor& grad_output, const at::Tensor& grad_hn,
+                                          const c10::optional<at::Tensor>& grad_cn, const at::Tensor& x,
+                                          const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
+                                          const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                          const c10::optional<at::Tensor>& lengths, const at::Tensor& output,
+                                          const at::Tensor& saved_gates, const c10::optional<at::Tensor>& cs);
 
 // a b for contiguous row-major a (M, K), b (K, N): tiles through oneDNN's
 // brgemm for float (MKL's sgemm, which at::mm calls, runs 2-3x slower on the

@@ -185,13 +185,14 @@ def test_backward_workspace_reuse_gives_the_same_gradients():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-def _spy_on_bf16_forward(monkeypatch):
-    """A list that gets, for each call of attnkit._C's rnn_forward_bf16, whether it was taken."""
+def _spy_on_bf16_forward(monkeypatch, entry="rnn_forward_bf16"):
+    """A list that gets, for each call of attnkit._C's `entry` (rnn_forward_bf16 or
+    rnn_backward_bf16), whether it was taken."""
     ext = _extensions.load("_C")[0]
     taken = []
-    if hasattr(ext, "rnn_forward_bf16"):
-        real = ext.rnn_forward_bf16
-        monkeypatch.setattr(ext, "rnn_forward_bf16", lambda *a: taken.append(bool(result := real(*a))) or result)
+    if hasattr(ext, entry):
+        real = getattr(ext, entry)
+        monkeypatch.setattr(ext, entry, lambda *a: taken.append(bool(result := real(*a))) or result)
     return taken
 
 
@@ -229,28 +230,35 @@ def test_bfloat16_inference_runs_bfloat16_gemms(monkeypatch, kind, shape, length
 
 def test_bfloat16_leaves_odd_sizes_and_small_batches_to_float32(monkeypatch):
     """Odd input sizes (VNNI pairs rows) and batch <= 4 (the small-batch loops) run the float32
-    kernels on converted tensors: same values within rounding."""
+    kernels on converted tensors: same values within rounding. The backward at batch <= 4 too."""
     calls = _spy_on_bf16_forward(monkeypatch)
-    for T, B, I, H, grad in ((8, 8, 7, 20, False), (8, 8, 7, 20, True), (8, 3, 8, 20, False)):
+    backward_calls = _spy_on_bf16_forward(monkeypatch, "rnn_backward_bf16")
+    for T, B, I, H, grad in ((8, 8, 7, 20, False), (8, 8, 7, 20, True), (8, 3, 8, 20, False), (8, 3, 8, 20, True)):
         wide = [t.detach().bfloat16().float() for t in make_gru(T, B, I, H, torch.float32, "cpu")]
         low = [t.bfloat16().requires_grad_(grad) for t in wide]
         with torch.set_grad_enabled(grad):
             out, _ = gru(*low)
+            if grad:
+                out.float().sum().backward()
         assert attnkit.last_dispatch("gru").backend == "cpp"
         torch.testing.assert_close(out.float(), reference.gru(*wide)[0], atol=3e-2, rtol=3e-2)
     assert not any(calls)  # asked at most for the odd size, and not taken
+    assert backward_calls == ([True] if _bf16_brgemm() else [])  # batch 8's (odd input size); none at batch 3
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-@pytest.mark.parametrize("lengths", [None, "unsorted"], ids=str)
-def test_bfloat16_training_forward_on_bfloat16_gemms_then_the_float32_backward(monkeypatch, kind, lengths, threads):
-    """Training in bfloat16 at batch 5+: the forward on bf16 GEMMs saves float gates (rounded to
-    bfloat16 like the float32 path's) for the float32 backward; values and every gradient against the
-    float32 reference on the same rounded inputs."""
+@pytest.mark.parametrize("shape", [(7, 6, 10, 20), (1, 5, 4, 18), (9, 9, 7, 34)], ids=str)  # T = 1; odd I (from 8 steps: cpp)
+@pytest.mark.parametrize("lengths", [None, "sorted", "unsorted"], ids=str)
+def test_bfloat16_training_on_bfloat16_gemms(monkeypatch, kind, shape, lengths, threads):
+    """Training in bfloat16 at batch 5+: the forward on bf16 GEMMs (even sizes) saves float gates
+    (rounded to bfloat16 like the float32 path's); the backward (rnn_backward_bf16) walks time in
+    float32, then dx and the weight gradients are bfloat16 GEMMs. Values and every gradient against
+    the float32 reference on the same rounded inputs."""
     if not _bf16_brgemm():
         pytest.skip("no bfloat16 brgemm (AMX / AVX512-BF16) on this CPU or torch")
     taken = _spy_on_bf16_forward(monkeypatch)
-    T, B, I, H = 7, 6, 10, 20
+    backward_taken = _spy_on_bf16_forward(monkeypatch, "rnn_backward_bf16")
+    T, B, I, H = shape
     lengths = lengths_for(lengths, T, B)
     make = (lambda: make_lstm(T, B, I, H, H, torch.float32, "cpu")[:-1]) if kind == "LSTM" else (
         lambda: make_gru(T, B, I, H, torch.float32, "cpu"))
@@ -261,11 +269,33 @@ def test_bfloat16_training_forward_on_bfloat16_gemms_then_the_float32_backward(m
         outs, refs = (out, h, c), reference.lstm(*wide, None, lengths)[:3]
     else:
         outs, refs = gru(*low, lengths=lengths), reference.gru(*wide, lengths)[:2]
-    assert taken == [True]
+    assert taken == ([True] if I % 2 == 0 else [])  # odd sizes: the float32 forward, not asked
     for o, r in zip(outs, refs):
         torch.testing.assert_close(o.float(), r, atol=3e-2, rtol=3e-2)
     grads = torch.autograd.grad(weighted_loss([o.float() for o in outs]), low)
     grads_ref = torch.autograd.grad(weighted_loss(refs), wide)
+    assert backward_taken == [True]
     for g, r in zip(grads, grads_ref):
         assert g.dtype == torch.bfloat16
         torch.testing.assert_close(g.float(), r, atol=8e-2, rtol=8e-2)
+
+
+def test_bfloat16_backward_checks_its_arguments():
+    """rnn_backward_bf16's TORCH_CHECKs: the gate count, the LSTM-only tensors, the dtype, shapes."""
+    ext = _extensions.load("_C")[0]
+    T, B, I, H = 3, 6, 4, 8
+    bf = dict(dtype=torch.bfloat16)
+    x, out, go = torch.randn(T, B, I, **bf), torch.randn(T, B, H, **bf), torch.randn(T, B, H, **bf)
+    h0, w_ih, w_hh = torch.zeros(B, H, **bf), torch.randn(4 * H, I, **bf), torch.randn(4 * H, H, **bf)
+    gates, cs = torch.randn(T, B, 4 * H, **bf), torch.randn(T, B, H, **bf)
+    lstm_args = (go, h0, h0, x, h0, h0, w_ih, w_hh, None, out, gates, cs)
+    with pytest.raises(RuntimeError, match="gates must be 4"):
+        ext.rnn_backward_bf16(5, *lstm_args)
+    with pytest.raises(RuntimeError, match="for the LSTM"):
+        ext.rnn_backward_bf16(4, go, h0, None, x, h0, h0, w_ih, w_hh, None, out, gates, cs)
+    with pytest.raises(RuntimeError, match="x must be bfloat16"):
+        ext.rnn_backward_bf16(4, *[t.float() if isinstance(t, torch.Tensor) else t for t in lstm_args])
+    with pytest.raises(RuntimeError, match="gates must have shape"):
+        ext.rnn_backward_bf16(4, go, h0, h0, x, h0, h0, w_ih, w_hh, None, out, gates[:, :, :H].contiguous(), cs)
+    with pytest.raises(RuntimeError, match="w_ih must have shape"):
+        ext.rnn_backward_bf16(3, go, h0, None, x, h0, None, w_ih, w_hh[: 3 * H], None, out, gates, None)

@@ -60,6 +60,13 @@ class _Extension(Implementation):
                 and not call.get("proj", False) and call.get("batch", 0) > UPCAST_ANY_STEPS_BATCH
                 and call.get("input_size", 1) % 2 == 0 and call.get("hidden_size", 1) % 2 == 0 and _bf16_brgemm())
 
+    def _bf16_backward(self, x, w_hr=None) -> bool:
+        """Whether this backward runs rnn_backward_bf16 (csrc/cpu/rnn_backward_bf16.cpp): bfloat16
+        without projection at batch > 4 on a CPU with bfloat16 GEMMs (the float32 time loop, then
+        dx and the weight gradients in bfloat16)."""
+        return (self.backend == "cpp" and x.dtype == torch.bfloat16 and w_hr is None
+                and x.shape[1] > UPCAST_ANY_STEPS_BATCH and _bf16_brgemm())
+
     def _run(self, entry, dtype, *args):
         """ext.<entry>(*args), in float32 where `dtype` is one of `upcast` (the
         floating-point tensors converted; None, lengths and flags as they are),
@@ -85,6 +92,11 @@ class _LstmExtension(_Extension):
         return self._run("lstm_forward", x.dtype, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save)
 
     def backward(self, grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, output, gates, cs, hc):
+        if self._bf16_backward(x, w_hr):
+            grads = self._ext().rnn_backward_bf16(4, grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, lengths,
+                                                   output, gates, cs)
+            if grads:
+                return (*grads, _empty(x))
         return self._run("lstm_backward", x.dtype, grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, w_hr, lengths,
                          output, gates, cs, hc)
 
@@ -101,6 +113,11 @@ class _GruExtension(_Extension):
         return self._run("gru_forward", x.dtype, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save)
 
     def backward(self, grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output, gates):
+        if self._bf16_backward(x):
+            grads = self._ext().rnn_backward_bf16(3, grad_output, grad_hn, None, x, h0, None, w_ih, w_hh, lengths,
+                                                   output, gates, None)
+            if grads:
+                return tuple(grads)
         return self._run("gru_backward", x.dtype, grad_output, grad_hn, x, h0, w_ih, w_hh, lengths, output, gates)
 
 
