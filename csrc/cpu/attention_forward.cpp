@@ -62,23 +62,8 @@ void forward_kernel(const Spec& sp, Rows<const q_t> q, const rope::Rope<scalar_t
         const int64_t cols = std::min(BN, k_hi - n0);
         gemm_nn(rows, cols, D, qt, ld_q, kt.at(b, kvh, sq.k_start + n0), ld_kt, false, s.data(), BN);
         tile_scores(sp, sq, b, h, m0, rows, n0, cols, s.data(), static_cast<acc_t*>(nullptr), BN);  // no tanh kept
-        for (int64_t r = 0; r < rows; ++r) {
-          acc_t* row = s.data() + r * BN;
-          const acc_t tile_max = attn_rows::row_max(row, cols);  // NaN propagates: std::max would drop it
-          const acc_t m_new = std::isnan(tile_max) ? tile_max : std::max(m[r], tile_max);
-          const acc_t m_use = m_new == neg_inf ? acc_t(0) : m_new;  // nothing visible yet
-          const acc_t sum = attn_rows::exp_shift_sum(row, cols, m_use);
-          const acc_t alpha = std::exp(m[r] - m_use);
-          l[r] = l[r] * alpha + sum;  // counts every probability; dropout only touches the output
-          m[r] = m_new;
-          if (alpha != acc_t(1)) {
-            for (int64_t d = 0; d < DV; ++d) acc[r * DV + d] *= alpha;
-          }
-          if (sp.dropout) {
-            attn_rows::dropout_keep(keep.data(), stream_of(sp, b, h), m0 + r, n0, cols, sp.max_k, sp.threshold);
-            apply_dropout(row, keep.data(), cols, acc_t(sp.drop_scale));
-          }
-        }
+        online_softmax_tile(sp, b, h, m0, rows, n0, cols, s.data(), BN, m.data(), l.data(), acc.data(), DV,
+                            keep.data());
         gemm_nn(rows, DV, cols, s.data(), BN, v.at(b, kvh, sq.k_start + n0), v.sm, true, acc.data(), DV);
       }
       for (int64_t r = 0; r < rows; ++r) {
@@ -118,6 +103,7 @@ std::vector<at::Tensor> attention_forward_rope(
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty(out_shape(q, sp.dim_v), q.options());
   at::Tensor lse = at::empty(stat_shape(sp, q), q.options().dtype(acc));
+  if (rope_tables == nullptr && forward_bf16_tiles(c, out, lse)) return {out, lse};
   const bool vl = sp.varlen;
   // fp16/bf16 run as float: converting q, v (and k, transposed anyway) once
   // beats BLAS's 16-bit GEMMs, which widen every tile to float themselves.

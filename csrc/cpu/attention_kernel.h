@@ -174,6 +174,49 @@ struct Blocks {
   int64_t m, n;  // queries x keys per tile
 };
 
+// The online softmax of a forward tile: rows x cols scores in s (leading dim ld), times
+// `factor` (> 0; 1 where s holds the scores themselves), become their exponentials (dropped
+// ones 0), m / l (the rows' running max and sum, of the scores) move on, and each row of acc
+// (rows x DV) is rescaled to the new max; the caller then adds P V. keep: cols bytes of room.
+// With `low` (float only), the exponentials also go there rounded to bfloat16 (same leading
+// dim): in the same pass as exp where there is no dropout.
+template <typename acc_t>
+void online_softmax_tile(const Spec& sp, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t n0, int64_t cols,
+                         acc_t* s, int64_t ld, acc_t* m, acc_t* l, acc_t* acc, int64_t DV, uint8_t* keep,
+                         acc_t factor = acc_t(1), uint16_t* low = nullptr) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* row = s + r * ld;
+    const acc_t tile_max = attn_rows::row_max(row, cols) * factor;  // NaN propagates: std::max would drop it
+    const acc_t m_new = std::isnan(tile_max) ? tile_max : std::max(m[r], tile_max);
+    const acc_t m_use = m_new == neg_inf ? acc_t(0) : m_new;  // nothing visible yet
+    acc_t sum;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (low != nullptr && !sp.dropout) {
+        sum = attn_rows::exp_sum_to_bf16(row, cols, factor, m_use, low + r * ld);
+      } else {
+        if (factor != 1.0f) attn_rows::scale(row, cols, factor);
+        sum = attn_rows::exp_shift_sum(row, cols, m_use);
+      }
+    } else {
+      sum = attn_rows::exp_shift_sum(row, cols, m_use);  // factor is 1: the double kernels scale K
+    }
+    const acc_t alpha = std::exp(m[r] - m_use);
+    l[r] = l[r] * alpha + sum;  // counts every probability; dropout only touches the output
+    m[r] = m_new;
+    if (alpha != acc_t(1)) {
+      for (int64_t d = 0; d < DV; ++d) acc[r * DV + d] *= alpha;
+    }
+    if (sp.dropout) {
+      attn_rows::dropout_keep(keep, stream_of(sp, b, h), m0 + r, n0, cols, sp.max_k, sp.threshold);
+      apply_dropout(row, keep, cols, acc_t(sp.drop_scale));
+    }
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (low != nullptr && sp.dropout) attn_rows::round_to_bf16(row, cols, low + r * ld);
+    }
+  }
+}
+
 // ------------------------------------------------------------------ fused RoPE operands
 
 // n rows of x (leading dim x_ld) from position `pos` on, rotated by `rope` into
@@ -252,6 +295,12 @@ std::vector<int64_t> stat_shape(const Spec& sp, const at::Tensor& q);
 at::Tensor transposed(const at::Tensor& x, bool varlen, double factor, at::ScalarType dtype);
 at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype);
 at::Tensor columns_like(const at::Tensor& x, bool varlen, at::ScalarType dtype);
+
+// The forward with bfloat16 tile GEMMs (attention_forward_bf16.cpp) into out (q's shape, bfloat16)
+// and lse (float): false, nothing written, where it does not apply (inputs other than bfloat16, an
+// odd head dim, no bfloat16 brgemm in this torch or CPU); the caller then runs the float kernel.
+bool forward_bf16_tiles(const Call& c, const at::Tensor& out, const at::Tensor& lse);
+bool bf16_tiles_available();
 
 // Rows<> addressing column `key` of head (b, h) in transposed(), and its leading dim.
 template <typename T>

@@ -142,6 +142,49 @@ void softmax_grad(double* ds, const double* p, const double* dp, const double* t
   softmax_grad_impl(ds, p, dp, t, n, delta);
 }
 
+// bfloat16 bits of 16 floats: to nearest, ties to even; NaN a quiet NaN (c10::BFloat16's rounding).
+typedef uint32_t vu32 __attribute__((vector_size(64)));
+typedef uint16_t vu16 __attribute__((vector_size(32)));
+ATTNKIT_INLINE vu16 bf16_bits(vf v) {
+  vu32 bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const vu32 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return __builtin_convertvector(v != v ? vu32{} + 0x7FC0u : rounded, vu16);
+}
+
+ATTNKIT_SIMD_CLONES float exp_sum_to_bf16(const float* x, int64_t n, float factor, float shift, uint16_t* out) {
+  vf sum = splat(0.0f);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const vf e = vexp(load(x + j) * factor - shift);
+    const vu16 low = bf16_bits(e);
+    std::memcpy(out + j, &low, sizeof(low));
+    sum += e;
+  }
+  if (j < n) {
+    const vf e = vexp(load_tail(x + j, n - j, kNegInf) * factor - shift);  // padding gives 0
+    const vu16 low = bf16_bits(e);
+    std::memcpy(out + j, &low, (n - j) * sizeof(uint16_t));
+    sum += e;
+  }
+  return hsum(sum);
+}
+
+ATTNKIT_SIMD_CLONES void scale(float* x, int64_t n, float factor) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] *= factor;
+}
+
+ATTNKIT_SIMD_CLONES void round_to_bf16(const float* x, int64_t n, uint16_t* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, x + j, sizeof(bits));
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;  // to nearest, ties to even
+    out[j] = static_cast<uint16_t>(x[j] != x[j] ? 0x7FC0u : rounded);     // NaN stays a (quiet) NaN
+  }
+}
+
 ATTNKIT_SIMD_CLONES void dropout_keep(uint8_t* keep, uint64_t seed, int64_t i, int64_t n0, int64_t n, int64_t max_k,
                                       uint32_t threshold) {
   const uint32_t base = static_cast<uint32_t>(static_cast<uint64_t>(i * max_k + n0));

@@ -28,6 +28,16 @@ void softcap(double* s, double* t, int64_t n, double cap);
 void softmax_grad(float* ds, const float* p, const float* dp, const float* t, int64_t n, float delta);
 void softmax_grad(double* ds, const double* p, const double* dp, const double* t, int64_t n, double delta);
 
+// out = exp(x * factor - shift) rounded to bfloat16 (as round_to_bf16; x is left as it is);
+// returns the sum of the unrounded exponentials.
+float exp_sum_to_bf16(const float* x, int64_t n, float factor, float shift, uint16_t* out);
+
+// x *= factor.
+void scale(float* x, int64_t n, float factor);
+
+// out = x rounded to bfloat16 (nearest, ties to even; the bits of c10::BFloat16(x)).
+void round_to_bf16(const float* x, int64_t n, uint16_t* out);
+
 // Triton's tl.randint(seed, offset): Philox 4x32-10, first output word.
 inline uint32_t philox(uint64_t seed, uint32_t offset) {
   uint32_t c0 = offset, c1 = 0, c2 = 0, c3 = 0;

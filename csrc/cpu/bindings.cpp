@@ -10,6 +10,7 @@
 #include "attnkit/rnn.h"
 #include "attnkit/rnn_layernorm.h"
 #include "attnkit/rotary.h"
+#include "attention_kernel.h"  // flash::bf16_tiles_available
 #include "rnn_fused.h"  // rnn_forward_bf16, rnn_backward_bf16
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -33,6 +34,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ln_gru_backward", &attnkit::cpu::ln_gru_backward, "layer-normalized GRU layer, backward (CPU)");
   m.def("attention_forward", &attnkit::cpu::attention_forward, "flash attention forward, dense or varlen (CPU)");
   m.def("attention_backward", &attnkit::cpu::attention_backward, "flash attention backward, dense or varlen (CPU)");
+  m.def("attention_bf16_tiles_available", &attnkit::cpu::flash::bf16_tiles_available,
+        "whether the bfloat16 attention forward runs its tile GEMMs in bfloat16 on this CPU and torch");
   m.def("attention_dropout_keep_mask", &attnkit::cpu::attention_dropout_keep_mask,
         "the attention dropout keep mask (B, H, max_q, max_k) the kernels draw (CPU)");
   m.def("rotary_apply", &attnkit::cpu::rotary_apply, "rotary position embedding into out, dense or varlen (CPU)");

@@ -4,9 +4,9 @@ schedules), strided layouts, Philox bit equality, determinism and argument
 checks of the C++ entry points."""
 import pytest
 import torch
-from attention_cases import (Features, Shape, assert_close, check_backend_matches_ground_truth, make_inputs,
-                             run_with_grads)
-from helpers import forced
+from attention_cases import (Features, Shape, assert_close, check_backend_matches_ground_truth, ground_truth,
+                             make_inputs, run_with_grads)
+from helpers import ATTENTION_TOL, forced
 
 from attnkit import _extensions
 from attnkit.ops import flash_attention, flash_attention_varlen
@@ -142,3 +142,46 @@ def test_opcheck_cpp():
         args = [q, k, v, None, None, 5, 7, mask, None, -1, 0, True, 0.0, 0.35, 0.0, None]
         args += [None] * (len(schema.arguments) - len(args))  # optional arguments added later (ALiBi, RoPE)
         torch.library.opcheck(torch.ops.attnkit.attention_forward.default, tuple(args))
+
+
+BF16_TILE_CASES = [
+    (Shape(2, 4, 2, 100, 130, 64, 64), Features(causal=True)),  # GQA, Nq != Nk, tails of 64 and 512 keys
+    (Shape(1, 2, 2, 70, 600, 80, 160), Features(window=(100, 20), softcap=5.0)),  # D = 80, Dv in 64-column chunks
+    (Shape(2, 2, 1, 1, 37, 16, 16), Features()),  # one query
+    (Shape(2, 2, 2, 65, 65, 96, 32), Features(mask="float", alibi="heads", padding=True, pad_whole_sequence=True)),
+    (Shape(1, 3, 3, 129, 257, 128, 128), Features(mask="bool", scale=0.3)),
+    (Shape(1, 2, 2, 40, 70, 32, 32), Features(causal=True, extra=dict(dropout_p=0.2))),
+]
+
+
+@pytest.mark.parametrize("shape,features", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in BF16_TILE_CASES])
+def test_bfloat16_forward_on_bfloat16_tiles(monkeypatch, shape, features):
+    """bfloat16 inputs with an even head dim run the forward's tile GEMMs in bfloat16 where the CPU
+    has them (attention_forward_bf16.cpp; P rounded to bfloat16 for P V): against the float64
+    reference, and not the float tiles' result (ATTNKIT_CPU_BF16_TILES=0), which rounds only the output."""
+    if not _ext().attention_bf16_tiles_available():
+        pytest.skip("no bfloat16 brgemm (AMX / AVX512-BF16) on this CPU or torch")
+    q, k, v, kwargs = make_inputs(shape, features, torch.bfloat16, "cpu")
+    dropout_p = features.extra.get("dropout_p", 0.0)
+    with forced(OP, "cpp", "cpu", torch.bfloat16):
+        if dropout_p == 0:
+            check_backend_matches_ground_truth(q, k, v, kwargs, torch.bfloat16, "cpp")
+        tiles = flash_attention(q, k, v, **kwargs, dropout_p=dropout_p, generator=torch.Generator().manual_seed(5))
+        monkeypatch.setenv("ATTNKIT_CPU_BF16_TILES", "0")
+        plain = flash_attention(q, k, v, **kwargs, dropout_p=dropout_p, generator=torch.Generator().manual_seed(5))
+    if dropout_p > 0:  # the same Philox mask as the reference's
+        seed = int(torch.randint(0, 1 << 40, (), generator=torch.Generator().manual_seed(5))) << 20
+        keep = ref.dropout_keep_mask(seed, shape.batch, shape.heads, shape.n_q, shape.n_k, dropout_p)
+        expected = ground_truth(q, k, v, kwargs, torch.zeros(tiles.shape, dtype=torch.float64), dropout_p, keep)[0]
+        assert_close(tiles, expected, ATTENTION_TOL[torch.bfloat16], "out")
+    assert not torch.equal(tiles, plain)
+    assert_close(tiles, plain, 2e-2, "out")
+
+
+def test_bfloat16_tiles_leave_odd_head_dims_to_the_float_kernel(monkeypatch):
+    """VNNI pairs rows of K^T: an odd head dim runs the float tiles, which the switch cannot change."""
+    q, k, v, kwargs = make_inputs(Shape(1, 2, 2, 50, 70, 33, 33), Features(causal=True), torch.bfloat16, "cpu")
+    with forced(OP, "cpp", "cpu", torch.bfloat16):
+        first = flash_attention(q, k, v, **kwargs)
+        monkeypatch.setenv("ATTNKIT_CPU_BF16_TILES", "0")
+        assert torch.equal(first, flash_attention(q, k, v, **kwargs))
