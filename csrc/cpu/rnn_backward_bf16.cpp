@@ -73,7 +73,7 @@ std::vector<at::Tensor> rnn_backward_bf16(int64_t gates, const at::Tensor& grad_
     cs_and_grad[0].copy_(*cs);
     cs_and_grad[1].copy_(grad_output);
     if (!lstm_backward_fused(grad_pre, cs_and_grad[0], wide(*c0), cs_and_grad[1], wide(w_hh), dh, dc, grad_pre, len,
-                             rows)) {
+                             rows, /*low=*/true)) {
       return {};
     }
     const at::Tensor gp = grad_pre.view({T * B, 4 * H});
@@ -82,7 +82,7 @@ std::vector<at::Tensor> rnn_backward_bf16(int64_t gates, const at::Tensor& grad_
   }
   at::Tensor dgi = workspace(0, {T, B, 3 * H}, dh.options()), dgh = workspace(1, {T, B, 3 * H}, dh.options());
   if (!gru_backward_fused(wide(saved_gates), wide(h0), wide(output), wide(grad_output), wide(w_hh), dh, dgi, dgh,
-                          len, rows)) {
+                          len, rows, /*low=*/true)) {
     return {};
   }
   const at::Tensor gi = dgi.view({T * B, 3 * H}), gh = dgh.view({T * B, 3 * H});

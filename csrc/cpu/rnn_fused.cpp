@@ -94,6 +94,11 @@ struct FusedBackward {
   const int64_t* rows;
   bool unsorted;
   int64_t T, B, H;
+  // The bfloat16 backward's dh product (rnn_backward_bf16): W_hh's panels in the VNNI layout
+  // (rows ldb_low(n) apart), and each step's gate gradients rounded, two steps' worth (t % 2).
+  // Null: float operands.
+  const at::BFloat16* w_hh_low = nullptr;
+  at::BFloat16* grad_pre_low = nullptr;
 };
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(CPUBLAS_BRGEMM_F32F32F32)
@@ -155,6 +160,9 @@ int team_size(int64_t B, int64_t H, int64_t G, int64_t parts) {
 bool applies(const at::Tensor& t, int64_t B) {
   return kHaveBrgemm && t.scalar_type() == at::kFloat && B > 4;
 }
+
+// The backward's dh product on bfloat16 operands needs VNNI pairs along K = G H and the bf16 brgemm.
+bool bf16_dh_possible(int64_t K) { return K % 2 == 0 && rnn_forward_bf16_available(); }
 
 // w (G H, K) -> per chunk of units, the (K, G * units) matrix of its gate columns side by side.
 at::Tensor pack_gate_columns(const at::Tensor& w, int64_t H, int64_t G) {
@@ -221,6 +229,24 @@ at::Tensor pack_gate_columns_low(const at::Tensor& w, int64_t H, int64_t G) {
   });
   return packed;
 }
+
+// The backward's float panels (K rows, kPanel columns each, panel p0 at K * p0) in bfloat16, each
+// in the VNNI layout of pack_gate_columns_low (rows ldb_low(n) apart; K even).
+at::Tensor pack_panels_low(const at::Tensor& panels, int64_t K, int64_t H) {
+  // The last panel's rows are ldb_low(n) >= n long: K ldb_low(H) in all (whole panels are 64 wide).
+  at::Tensor packed = at::zeros({K * ldb_low(H)}, panels.options().dtype(at::kBFloat16));
+  const float* src = panels.data_ptr<float>();
+  at::BFloat16* dst = packed.data_ptr<at::BFloat16>();
+  for (int64_t p0 = 0; p0 < H; p0 += kPanel) {
+    const int64_t n = std::min(kPanel, H - p0), ldb = ldb_low(n);
+    const float* panel = src + K * p0;
+    at::BFloat16* out = dst + K * p0;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t c = 0; c < n; ++c) out[(k / 2) * 2 * ldb + 2 * c + k % 2] = at::BFloat16(panel[k * n + c]);
+    }
+  }
+  return packed;
+}
 #endif
 
 template <typename Run>
@@ -268,15 +294,23 @@ void forward_team(FusedForward f, int64_t G, const at::Tensor& w_ih, const at::T
 // The backward's team: W_hh (G H, H) into f.w_hh as panels of kPanel columns, whole panels per thread,
 // `run(f, u0, u1, tile)` on each (tile: a B x H of its own when lengths are unsorted and `tiles`).
 template <typename Run>
-void backward_team(FusedBackward f, int64_t G, const at::Tensor& w_hh, bool tiles, Run run) {
+void backward_team(FusedBackward f, int64_t G, const at::Tensor& w_hh, bool tiles, bool low, Run run) {
   const int64_t B = f.B, H = f.H;
   for (int64_t b = 1; b < B && f.len != nullptr; ++b) f.unsorted = f.unsorted || f.len[b] > f.len[b - 1];
-  at::Tensor panels = at::empty({G * H * H}, w_hh.options());
+  at::Tensor panels = at::empty({G * H * H}, w_hh.options()), panels_low, grad_pre_low;
   for (int64_t p0 = 0; p0 < H; p0 += kPanel) {
     const int64_t n = std::min(kPanel, H - p0);
     panels.narrow(0, G * H * p0, G * H * n).view({G * H, n}).copy_(w_hh.narrow(1, p0, n));
   }
   f.w_hh = panels.data_ptr<float>();
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  if (low) {
+    panels_low = pack_panels_low(panels, G * H, H);
+    grad_pre_low = at::empty({2 * B * G * H}, w_hh.options().dtype(at::kBFloat16));
+    f.w_hh_low = panels_low.data_ptr<at::BFloat16>();
+    f.grad_pre_low = grad_pre_low.data_ptr<at::BFloat16>();
+  }
+#endif
   const int64_t n_panels = (H + kPanel - 1) / kPanel;
   const int nt = team_size(B, H, G, n_panels);
   tiles = tiles && f.unsorted;
@@ -287,14 +321,14 @@ void backward_team(FusedBackward f, int64_t G, const at::Tensor& w_hh, bool tile
     // Whole panels per thread.
     const int64_t u0 = std::min(H, n_panels * tid / nt * kPanel), u1 = std::min(H, n_panels * (tid + 1) / nt * kPanel);
     run(f, u0, u1, tiles ? tile_buf.data_ptr<float>() + tid * B * H : nullptr);
-    at::native::cpublas::brgemm_release(false);
+    at::native::cpublas::brgemm_release(f.w_hh_low != nullptr);
   }
 }
 #else
 template <typename Run>
 void forward_team(FusedForward, int64_t, const at::Tensor&, const at::Tensor&, at::Tensor&, bool, Run) {}
 template <typename Run>
-void backward_team(FusedBackward, int64_t, const at::Tensor&, bool, Run) {}
+void backward_team(FusedBackward, int64_t, const at::Tensor&, bool, bool, Run) {}
 #endif
 
 template <typename S>
@@ -320,14 +354,14 @@ bool lstm_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::
 
 bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& c0,
                          const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dc,
-                         at::Tensor& grad_pre, const at::Tensor& len, const std::vector<int64_t>& rows) {
+                         at::Tensor& grad_pre, const at::Tensor& len, const std::vector<int64_t>& rows, bool low) {
   const int64_t T = gates.size(0), B = gates.size(1), H = dc.size(1);
   if (!applies(gates, B)) return false;
   const FusedBackward f{gates.data_ptr<float>(), grad_output.data_ptr<float>(), nullptr, cs.data_ptr<float>(),
                         c0.data_ptr<float>(), nullptr, nullptr, grad_pre.data_ptr<float>(), nullptr,
                         dh.data_ptr<float>(), dc.data_ptr<float>(), ptr_or_null<int64_t>(len), rows.data(), false,
                         T, B, H};
-  backward_team(f, 4, w_hh, true, ATTNKIT_FUSED(fused_lstm_backward_thread));
+  backward_team(f, 4, w_hh, true, low && bf16_dh_possible(4 * H), ATTNKIT_FUSED(fused_lstm_backward_thread));
   return true;
 }
 
@@ -348,13 +382,13 @@ bool gru_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::o
 
 bool gru_backward_fused(const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& output,
                         const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dgi,
-                        at::Tensor& dgh, const at::Tensor& len, const std::vector<int64_t>& rows) {
+                        at::Tensor& dgh, const at::Tensor& len, const std::vector<int64_t>& rows, bool low) {
   const int64_t T = gates.size(0), B = gates.size(1), H = dh.size(1);
   if (!applies(gates, B)) return false;
   const FusedBackward f{gates.data_ptr<float>(), grad_output.data_ptr<float>(), nullptr, nullptr, nullptr,
                         h0.data_ptr<float>(), output.data_ptr<float>(), dgh.data_ptr<float>(), dgi.data_ptr<float>(),
                         dh.data_ptr<float>(), nullptr, ptr_or_null<int64_t>(len), rows.data(), false, T, B, H};
-  backward_team(f, 3, w_hh, false, ATTNKIT_FUSED(fused_gru_backward_thread));
+  backward_team(f, 3, w_hh, false, low && bf16_dh_possible(3 * H), ATTNKIT_FUSED(fused_gru_backward_thread));
   return true;
 }
 

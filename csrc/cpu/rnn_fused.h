@@ -22,9 +22,12 @@ bool lstm_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::
 // Backward steps: grad_pre (T, B, 4H) gets d(pre-activations); dh, dc (B, H):
 // dL/dh_T, dL/dc_T in, dL/dh0, dL/dc0 out. Same conditions as the forward.
 // grad_pre may be gates itself (each unit's gates are read before its gradients are written).
+// low: the products dh = grad_pre[t] W_hh on bfloat16 operands (both rounded), where the CPU has the
+// bfloat16 brgemm (rnn_backward_bf16: its results are bfloat16 anyway); float otherwise.
 bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& c0,
                          const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dc,
-                         at::Tensor& grad_pre, const at::Tensor& len, const std::vector<int64_t>& rows);
+                         at::Tensor& grad_pre, const at::Tensor& len, const std::vector<int64_t>& rows,
+                         bool low = false);
 
 // The GRU's forward: gi = x W_ih^T + b_ih and gh = h W_hh^T + b_hh (biases
 // may be absent) kept apart as torch has them. h (B, H): h0 in, h_T out;
@@ -39,7 +42,7 @@ bool gru_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::o
 // give h_{t-1}. Same conditions as the forward.
 bool gru_backward_fused(const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& output,
                         const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh, at::Tensor& dgi,
-                        at::Tensor& dgh, const at::Tensor& len, const std::vector<int64_t>& rows);
+                        at::Tensor& dgh, const at::Tensor& len, const std::vector<int64_t>& rows, bool low = false);
 
 // The bfloat16 forward (no projection) on the fused loops with bfloat16 operands: x, the weights
 // (packed in oneDNN's VNNI layout) and h_t rounded each step into AMX's (or AVX512-BF16's)

@@ -179,6 +179,13 @@ inline void fused_dh_gemm(const FusedBackward& f, int64_t t, int64_t u0, int64_t
   float* dst = f.unsorted && !kAdd ? tile : f.dh;  // sorted: rows past m stopped at t and keep their dh
   for (int64_t p0 = u0; p0 < u1; p0 += kPanel) {
     const int64_t n = std::min(kPanel, u1 - p0);
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+    if (f.grad_pre_low != nullptr) {
+      at::native::cpublas::brgemm(m, n, K, K, ldb_low(n), H, kAdd, f.grad_pre_low + (t % 2) * B * K,
+                                  f.w_hh_low + K * p0, dst + p0);
+      continue;
+    }
+#endif
     at::native::cpublas::brgemm(m, n, K, K, n, H, kAdd, gp, f.w_hh + K * p0, dst + p0, false);
   }
   if (kAdd || !f.unsorted) return;
@@ -189,11 +196,29 @@ inline void fused_dh_gemm(const FusedBackward& f, int64_t t, int64_t u0, int64_t
 
 // Backward, one thread of the team: units [u0, u1). row(t, b, u0, u1 - u0) runs (or, for a stopped
 // row, zeroes) step t's gate gradients of row b. Leaves dh = dL/dh_{-1} on its units.
+// Step t's gate gradients (rows b < B, this thread's units of each of the G gates) rounded into
+// grad_pre_low's slot t % 2, for the bfloat16 dh product of the next step back.
+template <int G>
+inline void round_grad_pre_low(const FusedBackward& f, int64_t t, int64_t u0, int64_t u1) {
+  const int64_t K = G * f.H;
+  for (int64_t b = 0; b < f.B; ++b) {
+    const float* src = f.grad_pre + (t * f.B + b) * K;
+    at::BFloat16* dst = f.grad_pre_low + ((t % 2) * f.B + b) * K;
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t j = g * f.H + u0; j < g * f.H + u1; ++j) {
+        dst[j] = c10::BFloat16(c10::detail::round_to_nearest_even(src[j]), c10::BFloat16::from_bits());
+      }
+    }
+  }
+}
+
 template <int G, bool kAdd, typename Row>
 inline void fused_backward_thread(const FusedBackward& f, int64_t u0, int64_t u1, float* tile, Row&& row) {
   for (int64_t t = f.T - 1; t >= 0; --t) {
     if (t + 1 < f.T) fused_dh_gemm<G, kAdd>(f, t + 1, u0, u1, tile);  // dh = dL/dh_t less the output's share
     for (int64_t b = 0; b < f.B && u1 > u0; ++b) row(t, b, u0, u1 - u0);
+    // Slot t % 2 was last read by step t + 2's product, before the previous barrier.
+    if (f.grad_pre_low != nullptr) round_grad_pre_low<G>(f, t, u0, u1);
 #pragma omp barrier
   }
   fused_dh_gemm<G, kAdd>(f, 0, u0, u1, tile);
