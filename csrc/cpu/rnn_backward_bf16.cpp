@@ -1,10 +1,11 @@
 // The bfloat16 training backward of the LSTM / GRU at batch 5+ without projection: the time
-// loop in float32 (rnn_fused.cpp's fused backward, on float32 copies of what it reads), then the
-// whole-sequence GEMMs (dx and the weight gradients, ~3/4 of the backward's FLOPs) on bfloat16
-// operands through at::mm, which runs oneDNN's AMX / AVX512-BF16 kernels: 3-4x the float32
-// GEMMs' speed on the Sapphire Rapids of BENCHMARKS.md. As in torch's own bfloat16 backward,
-// the gradients of the pre-activations are rounded to bfloat16 for those GEMMs (float
-// accumulation inside them); the bias gradients are summed in float32.
+// loop (rnn_fused.cpp's fused backward, on float32 copies of what it reads) with its gate math in
+// float32 and its per-step products dh = grad_pre[t] W_hh in bfloat16, then the whole-sequence
+// GEMMs (dx and the weight gradients, ~3/4 of the backward's FLOPs) on bfloat16 operands through
+// at::mm, which runs oneDNN's AMX / AVX512-BF16 kernels: 3-4x the float32 GEMMs' speed on the
+// Sapphire Rapids of BENCHMARKS.md. As in torch's own bfloat16 backward, the gradients of the
+// pre-activations are rounded to bfloat16 for those GEMMs (float accumulation inside them); the
+// bias gradients are summed in float32.
 #include <ATen/ATen.h>
 
 #include <vector>

@@ -59,7 +59,7 @@ std::vector<at::Tensor> rnn_forward_bf16(int64_t gates, const at::Tensor& x, con
                                          const c10::optional<at::Tensor>& lengths, bool save);
 
 // The bfloat16 training backward (csrc/cpu/rnn_backward_bf16.cpp), batch 5+, no projection: the
-// time loop in float32, dx and the weight gradients as bfloat16 GEMMs. gates 4 (LSTM: grad_cn,
+// time loop's gate math in float32; its dh products, dx and the weight gradients bfloat16 GEMMs. gates 4 (LSTM: grad_cn,
 // c0 and cs given) or 3 (GRU: none of them); saved_gates as the float32 forward saves them, in
 // bfloat16. Returns the float32 backward's gradients in bfloat16 (LSTM {dx, dh0, dc0, dw_ih,
 // dw_hh, db}; GRU {dx, dh0, dw_ih, dw_hh, db_ih, db_hh}), or {} where it does not apply.

@@ -62,8 +62,8 @@ class _Extension(Implementation):
 
     def _bf16_backward(self, x, w_hr=None) -> bool:
         """Whether this backward runs rnn_backward_bf16 (csrc/cpu/rnn_backward_bf16.cpp): bfloat16
-        without projection at batch > 4 on a CPU with bfloat16 GEMMs (the float32 time loop, then
-        dx and the weight gradients in bfloat16)."""
+        without projection at batch > 4 on a CPU with bfloat16 GEMMs (the time loop's gate math in
+        float32; its dh products, dx and the weight gradients bfloat16 GEMMs)."""
         return (self.backend == "cpp" and x.dtype == torch.bfloat16 and w_hr is None
                 and x.shape[1] > UPCAST_ANY_STEPS_BATCH and _bf16_brgemm())
 
