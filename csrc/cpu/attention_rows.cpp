@@ -152,17 +152,44 @@ ATTNKIT_INLINE vu16 bf16_bits(vf v) {
   return __builtin_convertvector(v != v ? vu32{} + 0x7FC0u : rounded, vu16);
 }
 
+// exp(x * factor - shift) for P that is rounded to bfloat16 next: 2^y, y = (x * factor - shift)
+// log2(e), as 2^round(y) times 2^f's Taylor polynomial of degree 5 (|f| <= 1/2: relative error under
+// 3e-6, against bfloat16's 4e-3 rounding of P; lse moves by as much). About 16 operations a vector
+// against vexp's 26: this pass took 35% of a bf16 forward. 0 below 2^-126, NaN stays NaN; y <= ~0
+// here (shift is the row's max), so 2^round(y) needs no clamp from above.
+ATTNKIT_INLINE vf vexp_scaled(vf x, float factor, float shift) {
+  constexpr float kLog2e = 1.44269504088896341f, kRound = 12582912.0f;  // 1.5 * 2^23: adds round to nearest
+  const vf y = x * (factor * kLog2e) - shift * kLog2e;
+  const vf yc = y > splat(-127.0f) ? y : splat(-127.0f);  // keeps n's exponent bits in range (-inf too)
+  const vf n = (yc + kRound) - kRound;
+  const vf f = yc - n;
+  vf p = splat(1.3333558146e-3f);
+  p = p * f + 9.6181291076e-3f;
+  p = p * f + 5.5504108665e-2f;
+  p = p * f + 2.4022650696e-1f;
+  p = p * f + 6.9314718056e-1f;
+  p = p * f + 1.0f;
+  const vi bits = __builtin_convertvector(n, vi) << 23;
+  vi pb;
+  std::memcpy(&pb, &p, sizeof(pb));
+  pb += bits;
+  vf e;
+  std::memcpy(&e, &pb, sizeof(e));
+  e = y < splat(-126.0f) ? splat(0.0f) : e;
+  return y != y ? y : e;
+}
+
 ATTNKIT_SIMD_CLONES float exp_sum_to_bf16(const float* x, int64_t n, float factor, float shift, uint16_t* out) {
   vf sum = splat(0.0f);
   int64_t j = 0;
   for (; j + W <= n; j += W) {
-    const vf e = vexp(load(x + j) * factor - shift);
+    const vf e = vexp_scaled(load(x + j), factor, shift);
     const vu16 low = bf16_bits(e);
     std::memcpy(out + j, &low, sizeof(low));
     sum += e;
   }
   if (j < n) {
-    const vf e = vexp(load_tail(x + j, n - j, kNegInf) * factor - shift);  // padding gives 0
+    const vf e = vexp_scaled(load_tail(x + j, n - j, kNegInf), factor, shift);  // padding gives 0
     const vu16 low = bf16_bits(e);
     std::memcpy(out + j, &low, (n - j) * sizeof(uint16_t));
     sum += e;

@@ -29,7 +29,8 @@ void softmax_grad(float* ds, const float* p, const float* dp, const float* t, in
 void softmax_grad(double* ds, const double* p, const double* dp, const double* t, int64_t n, double delta);
 
 // out = exp(x * factor - shift) rounded to bfloat16 (as round_to_bf16; x is left as it is);
-// returns the sum of the unrounded exponentials.
+// returns the sum of the unrounded exponentials. For x * factor <= shift (shift: the row's max);
+// exp to ~3e-6 relative, which the rounding to bfloat16 hides.
 float exp_sum_to_bf16(const float* x, int64_t n, float factor, float shift, uint16_t* out);
 
 // x *= factor.
