@@ -190,3 +190,20 @@ def test_bfloat16_tiles_leave_odd_head_dims_to_the_float_kernel(monkeypatch):
         first = flash_attention(q, k, v, **kwargs)
         monkeypatch.setenv("ATTNKIT_CPU_BF16_TILES", "0")
         assert torch.equal(first, flash_attention(q, k, v, **kwargs))
+
+
+def test_bfloat16_tiles_varlen():
+    """Packed sequences of 5, 65 and 1 tokens (GQA, causal) on the bfloat16 tiles: each sequence's
+    keys packed from its own start, against the float64 reference per sequence."""
+    if not _ext().attention_bf16_tiles_available():
+        pytest.skip("no bfloat16 brgemm (AMX / AVX512-BF16) on this CPU or torch")
+    gen = torch.Generator().manual_seed(11)
+    cu = torch.tensor([0, 5, 70, 71], dtype=torch.int32)
+    q, k, v = (torch.randn(71, heads, 64, generator=gen).bfloat16() for heads in (4, 2, 2))
+    with forced(OP, "cpp", "cpu", torch.bfloat16):
+        out, lse = flash_attention_varlen(q, k, v, cu, cu, 65, 65, causal=True, return_lse=True)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        rows = [t[start:end].transpose(0, 1)[None].double() for t in (q, k, v)]
+        expected, expected_lse = ref.attention(*rows, window=(-1, 0))
+        assert_close(out[start:end].transpose(0, 1)[None], expected, ATTENTION_TOL[torch.bfloat16], "out")
+        assert_close(lse[:, start:end][None], expected_lse, 2e-5, "lse")
