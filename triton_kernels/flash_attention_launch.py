@@ -8,7 +8,6 @@ interpreter (autotuning there would only multiply the run time).
 import contextlib
 import functools
 import inspect
-import os
 from typing import Optional
 
 import torch

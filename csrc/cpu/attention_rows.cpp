@@ -203,12 +203,14 @@ ATTNKIT_SIMD_CLONES void scale(float* x, int64_t n, float factor) {
 }
 
 ATTNKIT_SIMD_CLONES void round_to_bf16(const float* x, int64_t n, uint16_t* out) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    uint32_t bits;
-    std::memcpy(&bits, x + j, sizeof(bits));
-    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;  // to nearest, ties to even
-    out[j] = static_cast<uint16_t>(x[j] != x[j] ? 0x7FC0u : rounded);     // NaN stays a (quiet) NaN
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const vu16 low = bf16_bits(load(x + j));
+    std::memcpy(out + j, &low, sizeof(low));
+  }
+  if (j < n) {
+    const vu16 low = bf16_bits(load_tail(x + j, n - j, 0.0f));
+    std::memcpy(out + j, &low, (n - j) * sizeof(uint16_t));
   }
 }
 

@@ -293,6 +293,7 @@ void forward_team(FusedForward f, int64_t G, const at::Tensor& w_ih, const at::T
 
 // The backward's team: W_hh (G H, H) into f.w_hh as panels of kPanel columns, whole panels per thread,
 // `run(f, u0, u1, tile)` on each (tile: a B x H of its own when lengths are unsorted and `tiles`).
+// low: the dh products on bfloat16 operands where bf16_dh_possible.
 template <typename Run>
 void backward_team(FusedBackward f, int64_t G, const at::Tensor& w_hh, bool tiles, bool low, Run run) {
   const int64_t B = f.B, H = f.H;
@@ -304,7 +305,7 @@ void backward_team(FusedBackward f, int64_t G, const at::Tensor& w_hh, bool tile
   }
   f.w_hh = panels.data_ptr<float>();
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
-  if (low) {
+  if (low && bf16_dh_possible(G * H)) {
     panels_low = pack_panels_low(panels, G * H, H);
     grad_pre_low = at::empty({2 * B * G * H}, w_hh.options().dtype(at::kBFloat16));
     f.w_hh_low = panels_low.data_ptr<at::BFloat16>();
@@ -361,7 +362,7 @@ bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at
                         c0.data_ptr<float>(), nullptr, nullptr, grad_pre.data_ptr<float>(), nullptr,
                         dh.data_ptr<float>(), dc.data_ptr<float>(), ptr_or_null<int64_t>(len), rows.data(), false,
                         T, B, H};
-  backward_team(f, 4, w_hh, true, low && bf16_dh_possible(4 * H), ATTNKIT_FUSED(fused_lstm_backward_thread));
+  backward_team(f, 4, w_hh, true, low, ATTNKIT_FUSED(fused_lstm_backward_thread));
   return true;
 }
 
@@ -388,7 +389,7 @@ bool gru_backward_fused(const at::Tensor& gates, const at::Tensor& h0, const at:
   const FusedBackward f{gates.data_ptr<float>(), grad_output.data_ptr<float>(), nullptr, nullptr, nullptr,
                         h0.data_ptr<float>(), output.data_ptr<float>(), dgh.data_ptr<float>(), dgi.data_ptr<float>(),
                         dh.data_ptr<float>(), nullptr, ptr_or_null<int64_t>(len), rows.data(), false, T, B, H};
-  backward_team(f, 3, w_hh, false, low && bf16_dh_possible(3 * H), ATTNKIT_FUSED(fused_gru_backward_thread));
+  backward_team(f, 3, w_hh, false, low, ATTNKIT_FUSED(fused_gru_backward_thread));
   return true;
 }
 

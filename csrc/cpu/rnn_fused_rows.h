@@ -67,15 +67,18 @@ inline void chunk_gemm(int64_t m, int64_t n, int64_t k, bool add, const float* a
   at::native::cpublas::brgemm(m, n, k, k, n, n, add, a, b, c, false);
 }
 
+// dst[0, n) = src rounded to bfloat16 (to nearest, ties to even).
+inline void round_low(const float* src, at::BFloat16* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    dst[j] = c10::BFloat16(c10::detail::round_to_nearest_even(src[j]), c10::BFloat16::from_bits());
+  }
+}
+
 // h_low's rows b < B, units [u0, u0 + units) of slot `slot`: the float h_bufs rounded to bfloat16.
 inline void round_h_low(const FusedForward& f, int64_t slot, int64_t u0, int64_t units) {
   const float* src = f.h_bufs + slot * f.B * f.H;
   at::BFloat16* dst = f.h_low + slot * f.B * f.H;
-  for (int64_t b = 0; b < f.B; ++b) {
-    for (int64_t j = b * f.H + u0; j < b * f.H + u0 + units; ++j) {
-      dst[j] = c10::BFloat16(c10::detail::round_to_nearest_even(src[j]), c10::BFloat16::from_bits());
-    }
-  }
+  for (int64_t b = 0; b < f.B; ++b) round_low(src + b * f.H + u0, dst + b * f.H + u0, units);
 }
 
 // Forward, one thread of the team: unit chunks [k0, k1) of FusedForward
@@ -194,8 +197,6 @@ inline void fused_dh_gemm(const FusedBackward& f, int64_t t, int64_t u0, int64_t
   }
 }
 
-// Backward, one thread of the team: units [u0, u1). row(t, b, u0, u1 - u0) runs (or, for a stopped
-// row, zeroes) step t's gate gradients of row b. Leaves dh = dL/dh_{-1} on its units.
 // Step t's gate gradients (rows b < B, this thread's units of each of the G gates) rounded into
 // grad_pre_low's slot t % 2, for the bfloat16 dh product of the next step back.
 template <int G>
@@ -204,14 +205,12 @@ inline void round_grad_pre_low(const FusedBackward& f, int64_t t, int64_t u0, in
   for (int64_t b = 0; b < f.B; ++b) {
     const float* src = f.grad_pre + (t * f.B + b) * K;
     at::BFloat16* dst = f.grad_pre_low + ((t % 2) * f.B + b) * K;
-    for (int64_t g = 0; g < G; ++g) {
-      for (int64_t j = g * f.H + u0; j < g * f.H + u1; ++j) {
-        dst[j] = c10::BFloat16(c10::detail::round_to_nearest_even(src[j]), c10::BFloat16::from_bits());
-      }
-    }
+    for (int64_t g = 0; g < G; ++g) round_low(src + g * f.H + u0, dst + g * f.H + u0, u1 - u0);
   }
 }
 
+// Backward, one thread of the team: units [u0, u1). row(t, b, u0, u1 - u0) runs (or, for a stopped
+// row, zeroes) step t's gate gradients of row b. Leaves dh = dL/dh_{-1} on its units.
 template <int G, bool kAdd, typename Row>
 inline void fused_backward_thread(const FusedBackward& f, int64_t u0, int64_t u1, float* tile, Row&& row) {
   for (int64_t t = f.T - 1; t >= 0; --t) {
