@@ -16,7 +16,7 @@ import contextlib
 import os
 
 import torch
-from timing import max_error, median_ms, within_budget
+from timing import max_error, median_ms, median_pair_ms, within_budget
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import attnkit
@@ -63,6 +63,10 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
     # the persistent rows below cover float32 too.
     main_dtype = torch.float16 if device.type == "cuda" and dtype == torch.float32 else dtype
     for batch, time, hidden in QUICK_SHAPES if quick else FULL_SHAPES:
+        # A batch-1 call takes about a millisecond on a CPU: more repeats cost nothing there and
+        # steady a median that three would leave to the machine's noise.
+        shape_timing = dict(timing, repeats=max(timing.get("repeats", 15), 21)) if batch * time * hidden <= 1 << 16 \
+            else timing
         shape = f"B={batch} T={time} I=H={hidden}" + (" float16" if main_dtype != dtype else "")
         x = torch.randn(time, batch, hidden, device=device, dtype=main_dtype, requires_grad=True)
         for kind in ("LSTM", "GRU"):
@@ -70,12 +74,11 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
             with torch.no_grad():
                 error = max_error(ours(x)[0], theirs(x)[0])
                 backend = attnkit.last_dispatch(kind.lower()).backend
-                t_ours = median_ms(lambda: ours(x), device, **timing)
-                t_theirs = median_ms(lambda: theirs(x), device, **timing)
+                t_ours, t_theirs = median_pair_ms(lambda: ours(x), lambda: theirs(x), device, **shape_timing)
             common = dict(shape=shape, backend=backend, max_err=error)
             rows.append(dict(case=f"{kind} forward", ours_ms=t_ours, baseline_ms=t_theirs, **common))
-            t_ours = median_ms(training_step(ours, x), device, **timing)
-            t_theirs = median_ms(training_step(theirs, x), device, **timing)
+            t_ours, t_theirs = median_pair_ms(training_step(ours, x), training_step(theirs, x), device,
+                                              **shape_timing)
             # Training may take another backend than inference (cuda, not cuda_persistent).
             common["backend"] = attnkit.last_dispatch(kind.lower()).backend
             rows.append(dict(case=f"{kind} fwd+bwd", ours_ms=t_ours, baseline_ms=t_theirs, **common))
@@ -86,8 +89,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
             ours, theirs = modules("LSTM", hidden, device, main_dtype)
             error = max_error(ours(packed)[0].data, theirs(packed)[0].data)
             backend = attnkit.last_dispatch("lstm").backend
-            t_ours = median_ms(training_step(ours, x.detach(), lengths), device, **timing)
-            t_theirs = median_ms(training_step(theirs, x.detach(), lengths), device, **timing)
+            t_ours, t_theirs = median_pair_ms(training_step(ours, x.detach(), lengths),
+                                              training_step(theirs, x.detach(), lengths), device, **timing)
             rows.append(dict(case="LSTM fwd+bwd, unsorted PackedSequence", shape=shape, backend=backend,
                              ours_ms=t_ours, baseline_ms=t_theirs, max_err=error))
     rows += layer_norm_rows(device, dtype, quick, timing)

@@ -49,6 +49,45 @@ def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repe
     return statistics.median(times)
 
 
+def median_pair_ms(ours: Callable[[], object], theirs: Callable[[], object], device: torch.device, warmup: int = 3,
+                   repeats: int = 15) -> tuple[float, float]:
+    """median_ms of ours and of theirs, their repeats alternating (ours, theirs,
+    ours, ...): on a machine whose speed drifts (a shared 2-core VM here: the
+    same call reads 30-40% apart from one second to the next), timing one side
+    after the other puts each in a different spell, and the ratio follows the
+    spells. Interceptors see two calls, as with median_ms, measuring through
+    the first one's measure()."""
+    measured: dict = {}
+
+    def measure(side):
+        if not measured:
+            measured.update(zip(("ours", "theirs"), _paired(ours, theirs, device, warmup, repeats)))
+        return measured[side]
+
+    if not _interceptors:
+        return measure("ours"), measure("theirs")
+    hook = _interceptors[-1]
+    return (hook(ours, device, warmup, repeats, lambda: measure("ours")),
+            hook(theirs, device, warmup, repeats, lambda: measure("theirs")))
+
+
+def _paired(ours, theirs, device, warmup, repeats) -> tuple[float, float]:
+    for _ in range(warmup):
+        ours()
+        theirs()
+    times: tuple[list, list] = ([], [])
+    for _ in range(repeats):
+        for fn, into in ((ours, times[0]), (theirs, times[1])):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            into.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def out_of_time() -> bool:
     """True once the wall clock passes ATTNKIT_BENCH_DEADLINE (seconds since the
     epoch), which `make gpu-check` sets so that a long family stops between

@@ -136,6 +136,24 @@ def test_peak_memory_comes_from_the_timed_call_the_row_reports():
     assert own["ours_peak_mb"] == 7.0  # a family's own measurement wins
 
 
+def test_paired_timing_alternates_the_sides_and_interceptors_see_two_calls():
+    timing = core.timing_module()
+    calls = []
+    ours, theirs = (lambda: calls.append("ours")), (lambda: calls.append("theirs"))
+    t_ours, t_theirs = timing.median_pair_ms(ours, theirs, torch.device("cpu"), warmup=1, repeats=3)
+    assert calls == ["ours", "theirs"] * 4 and t_ours >= 0 and t_theirs >= 0
+    seen, calls[:] = [], []
+
+    def hook(fn, device, warmup, repeats, measure):
+        seen.append(fn)
+        return measure()
+
+    with timing.intercept(hook):
+        pair = timing.median_pair_ms(ours, theirs, torch.device("cpu"), warmup=0, repeats=2)
+    # One alternating measurement serves both hook calls, each told its own function.
+    assert seen == [ours, theirs] and calls == ["ours", "theirs"] * 2 and len(pair) == 2
+
+
 def test_plot_axis_is_the_one_varying_parameter():
     assert report._x_axis(["B=4 N=512 D=64", "B=4 N=2048 D=64"]) == ("N", [512.0, 2048.0])
     assert report._x_axis(["B=4 N=512", "B=2 N=1024"]) is None  # several vary: shapes become categories
