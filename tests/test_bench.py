@@ -199,7 +199,7 @@ def test_families_come_from_benchmarks_run_and_import_as_siblings():
     assert core.families() == run.FAMILIES and "lstm_cell" in run.FAMILIES
     assert os.path.samefile(core.benchmarks_dir(), os.path.dirname(run.__file__))
     module = core.load_family("lstm_cell")
-    assert module.median_ms.__module__ == "timing" and core.timing_module().median_ms is module.median_ms
+    assert module.median_pair_ms.__module__ == "timing" and core.timing_module().median_pair_ms is module.median_pair_ms
 
 
 def test_gpu_check_dry_run_writes_one_report(tiny_lstm_cell, monkeypatch, tmp_path):
