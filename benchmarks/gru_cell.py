@@ -3,7 +3,7 @@ backend) vs torch.nn.GRUCell with the same weights, forward and forward+backward
 from __future__ import annotations
 
 import torch
-from timing import max_error, median_ms
+from timing import max_error, median_pair_ms
 
 import attnkit
 
@@ -30,11 +30,9 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
         error = max_error(ours(x, h), theirs(x, h))
         backend = attnkit.last_dispatch("gru").backend
         with torch.no_grad():
-            t_ours = median_ms(lambda: ours(x, h), device)
-            t_theirs = median_ms(lambda: theirs(x, h), device)
+            t_ours, t_theirs = median_pair_ms(lambda: ours(x, h), lambda: theirs(x, h), device)
         shape = f"B={batch} I={input_size} H={hidden}"
         rows.append(dict(case="forward", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs, max_err=error))
-        t_ours = median_ms(fwd_bwd(ours, x, h), device)
-        t_theirs = median_ms(fwd_bwd(theirs, x, h), device)
+        t_ours, t_theirs = median_pair_ms(fwd_bwd(ours, x, h), fwd_bwd(theirs, x, h), device)
         rows.append(dict(case="fwd+bwd", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs, max_err=error))
     return rows

@@ -187,29 +187,32 @@ struct Kernels {
 
   // Batch 5+ in float without projection (LSTM and GRU): one OpenMP team through
   // all steps, each step's GEMM and gate math fused per unit chunk (rnn_fused.cpp).
+  // Not one step (nn.GRUCell, a decoder's step): packing the weights into the
+  // team's panels cost more than the step's two GEMMs (GRUCell's training step
+  // at (B, I, H) = (64, 256, 256) took 2.5x torch's).
   static bool lstm_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& bias,
                                  const at::Tensor& w_hh, at::Tensor& h, at::Tensor& c, at::Tensor& output,
                                  at::Tensor& gates, const at::Tensor& cs, const at::Tensor& len,
                                  const std::vector<int64_t>& rows, bool save) {
-    return cpu::lstm_forward_fused(x, w_ih, bias, w_hh, h, c, output, gates, cs, len, rows, save);
+    return x.size(0) > 1 && cpu::lstm_forward_fused(x, w_ih, bias, w_hh, h, c, output, gates, cs, len, rows, save);
   }
   static bool lstm_backward_fused(const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& c0,
                                   const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh,
                                   at::Tensor& dc, at::Tensor& grad_pre, const at::Tensor& len,
                                   const std::vector<int64_t>& rows) {
-    return cpu::lstm_backward_fused(gates, cs, c0, grad_output, w_hh, dh, dc, grad_pre, len, rows);
+    return gates.size(0) > 1 && cpu::lstm_backward_fused(gates, cs, c0, grad_output, w_hh, dh, dc, grad_pre, len, rows);
   }
   static bool gru_forward_fused(const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
                                 const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, at::Tensor& h,
                                 at::Tensor& output, at::Tensor& gates, const at::Tensor& len,
                                 const std::vector<int64_t>& rows, bool save) {
-    return cpu::gru_forward_fused(x, w_ih, b_ih, w_hh, b_hh, h, output, gates, len, rows, save);
+    return x.size(0) > 1 && cpu::gru_forward_fused(x, w_ih, b_ih, w_hh, b_hh, h, output, gates, len, rows, save);
   }
   static bool gru_backward_fused(const at::Tensor& gates, const at::Tensor& h0, const at::Tensor& output,
                                  const at::Tensor& grad_output, const at::Tensor& w_hh, at::Tensor& dh,
                                  at::Tensor& dgi, at::Tensor& dgh, const at::Tensor& len,
                                  const std::vector<int64_t>& rows) {
-    return cpu::gru_backward_fused(gates, h0, output, grad_output, w_hh, dh, dgi, dgh, len, rows);
+    return gates.size(0) > 1 && cpu::gru_backward_fused(gates, h0, output, grad_output, w_hh, dh, dgi, dgh, len, rows);
   }
 
   // a w for a weight w (K, N): oneDNN takes w's transposed view as it is (it packs

@@ -486,6 +486,35 @@ def test_small_batch_gradcheck_float64_cpp(kind, B, lengths):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("B", [5, 20])
+def test_one_step_at_batch_5_and_up_cpp(kind, dtype, B):
+    """T = 1 at batch 5+ (nn.GRUCell, a decoder's steps) runs the per-step path without the
+    fused team, and its gradients as four GEMMs on transposed views (rnn_sequence.h's
+    single_step_grads): values and every gradient vs the reference, rows of length 0 among them."""
+    for lengths in (None, [1, 0] * (B // 2) + [1] * (B % 2)):
+        check_cpp_against_reference(kind, 1, B, 7, 19, dtype, lengths, seed=B)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_one_step_gradcheck_float64_cpp(kind):
+    if kind == "lstm":
+        args = make_lstm(1, 6, 3, 5, 5, torch.float64, "cpu")[:7]
+
+        def run(x, h0, c0, *weights):
+            out, (h, c) = lstm(x, (h0, c0), *weights)
+            return out, h, c
+    else:
+        args = make_gru(1, 6, 3, 5, torch.float64, "cpu")
+
+        def run(*a):
+            return gru(*a)
+
+    with attnkit.use_backend("cpp"):
+        assert torch.autograd.gradcheck(run, args)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_small_batch_backward_takes_the_reference_forward(kind):
     """The small-batch backward kernel with the reference forward's saved tensors
     (and the other way round) gives the reference gradients: the saved layout is shared."""

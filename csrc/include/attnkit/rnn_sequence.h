@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
 #include <vector>
 
 namespace attnkit {
@@ -130,6 +131,17 @@ bool pack_running(const c10::optional<at::Tensor>& lengths, const std::vector<in
   return running * 8 <= static_cast<int64_t>(rows.size()) * B * 7;
 }
 
+// dx, dW_ih, dW_hh of a single step (T = 1: nn.GRUCell, a decoder's steps) from the
+// gate gradients of its input side gi and recurrent side gh (B, G H; the same
+// tensor for the LSTM): four GEMMs on transposed views, without the sequence
+// path's transposed copies of x, h0 and the weight gradients (GRUCell's training
+// step at (B, I, H) = (64, 256, 256) spent more in those than in its GEMMs).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> single_step_grads(const at::Tensor& gi, const at::Tensor& gh,
+                                                                        const at::Tensor& x, const at::Tensor& h0,
+                                                                        const at::Tensor& w_ih) {
+  return {at::mm(gi, w_ih).unsqueeze(0), at::mm(gi.t(), x[0]), at::mm(gh.t(), h0)};
+}
+
 template <typename K>
 at::Tensor transposed(const at::Tensor& a) {
   at::Tensor out = at::empty({a.size(1), a.size(0)}, a.options());
@@ -167,7 +179,7 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& x, const at::Tensor& h0, 
     return {output, h, c, save ? gates : none_like(x), cs, none_like(x)};
   }
   gates = K::linear(x.view({T * B, I}), w_ih, bias).view({T, B, 4 * H});
-  const at::Tensor w_hh_step = K::step_weight(w_hh, B);
+  const at::Tensor w_hh_step = T > 1 ? K::step_weight(w_hh, B) : at::Tensor();  // reordered for many steps
   for (int64_t t = 0; t < T; ++t) {
     at::Tensor pre = gates[t];
     // Rows past rows[t] have stopped: the step does not read their gh.
@@ -209,8 +221,9 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
   at::Tensor grad_h_all = proj ? at::empty({T, B, P}, x.options()) : none_like(x);  // dL/dh_t, for dw_hr
   const at::Tensor w_hr_t = proj ? w_hr->t().contiguous() : at::Tensor();
   const bool fused_loop = !proj && K::lstm_backward_fused(gates, cs, c0, grad_output, w_hh, dh, dc, grad_pre, len, rows);
-  const at::Tensor w_hh_t = fused_loop ? at::Tensor() : transposed<K>(w_hh);
-  const at::Tensor w_hh_t_step = fused_loop ? at::Tensor() : K::step_weight(w_hh_t, B);
+  // One step: W_hh's transposed view (the GEMM takes it as it is), not a copy used once.
+  const at::Tensor w_hh_t = fused_loop ? at::Tensor() : T == 1 ? w_hh.t() : transposed<K>(w_hh);
+  const at::Tensor w_hh_t_step = fused_loop || T == 1 ? at::Tensor() : K::step_weight(w_hh_t, B);
   for (int64_t t = T - 1; t >= 0 && !fused_loop; --t) {
     K::add_active_rows(dh, grad_output[t], len, t);  // dh = dL/dh_t
     at::Tensor dhc = dh;
@@ -229,6 +242,11 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
         dh.narrow(0, 0, rows[t]).add_(K::step_linear(gp.narrow(0, 0, rows[t]), w_hh_t, w_hh_t_step, c10::nullopt));
       }
     }
+  }
+  if (T == 1 && !proj) {  // one step: see single_step_grads
+    const at::Tensor gp = grad_pre[0];
+    auto [dx, dw_ih, dw_hh] = single_step_grads(gp, gp, x, h0, w_ih);
+    return {dx, dh, dc, dw_ih, dw_hh, gp.sum(0), none_like(x)};
   }
   at::Tensor gp2 = grad_pre.view({T * B, 4 * H});
   at::Tensor dx, dw_t;
@@ -271,7 +289,7 @@ std::vector<at::Tensor> gru_forward(const at::Tensor& x, const at::Tensor& h0, c
   }
   const at::Tensor gi = K::linear(x.view({T * B, I}), w_ih, b_ih).view({T, B, 3 * H});
   gates = at::empty({save ? T : 1, B, 4 * H}, x.options());
-  const at::Tensor w_hh_step = K::step_weight(w_hh, B);
+  const at::Tensor w_hh_step = T > 1 ? K::step_weight(w_hh, B) : at::Tensor();  // reordered for many steps
   for (int64_t t = 0; t < T; ++t) {
     // Rows past rows[t] have stopped: the step does not read their gh.
     const at::Tensor gh = rows[t] > 0 ? K::step_linear(h.narrow(0, 0, rows[t]), w_hh, w_hh_step, b_hh) : at::Tensor();
@@ -299,8 +317,9 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Te
   at::Tensor dh = grad_hn.clone();
   const bool fused_loop = K::gru_backward_fused(gates, h0, output, grad_output, w_hh, dh, dgi, dgh, len, rows);
   // Blocked (K::transpose_into): ATen's transposing copy ran at ~1 GB/s on the CPU.
-  const at::Tensor w_hh_t = fused_loop ? at::Tensor() : transposed<K>(w_hh);
-  const at::Tensor w_hh_t_step = fused_loop ? at::Tensor() : K::step_weight(w_hh_t, B);
+  // One step: W_hh's transposed view (the GEMM takes it as it is), not a copy used once.
+  const at::Tensor w_hh_t = fused_loop ? at::Tensor() : T == 1 ? w_hh.t() : transposed<K>(w_hh);
+  const at::Tensor w_hh_t_step = fused_loop || T == 1 ? at::Tensor() : K::step_weight(w_hh_t, B);
   for (int64_t t = T - 1; t >= 0 && !fused_loop; --t) {
     at::Tensor dgh_t = dgh[t];
     // Leaves in dh the part of dh_{t-1} through z (or all of it for stopped rows).
@@ -308,6 +327,10 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Te
     if (rows[t] > 0) {
       dh.narrow(0, 0, rows[t]).add_(K::step_linear(dgh_t.narrow(0, 0, rows[t]), w_hh_t, w_hh_t_step, c10::nullopt));
     }
+  }
+  if (T == 1) {  // one step: see single_step_grads
+    auto [dx, dw_ih, dw_hh] = single_step_grads(dgi[0], dgh[0], x, h0, w_ih);
+    return {dx, dh, dw_ih, dw_hh, dgi[0].sum(0), dgh[0].sum(0)};
   }
   at::Tensor dgi2 = dgi.view({T * B, 3 * H}), dgh2 = dgh.view({T * B, 3 * H});
   at::Tensor dx, xh_t;
