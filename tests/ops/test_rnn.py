@@ -497,15 +497,16 @@ def test_one_step_at_batch_5_and_up_cpp(kind, dtype, B):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_one_step_gradcheck_float64_cpp(kind):
+@pytest.mark.parametrize("B", [1, 6])  # batch 1: the one-step backward takes single_step_grads there too
+def test_one_step_gradcheck_float64_cpp(kind, B):
     if kind == "lstm":
-        args = make_lstm(1, 6, 3, 5, 5, torch.float64, "cpu")[:7]
+        args = make_lstm(1, B, 3, 5, 5, torch.float64, "cpu")[:7]
 
         def run(x, h0, c0, *weights):
             out, (h, c) = lstm(x, (h0, c0), *weights)
             return out, h, c
     else:
-        args = make_gru(1, 6, 3, 5, torch.float64, "cpu")
+        args = make_gru(1, B, 3, 5, torch.float64, "cpu")
 
         def run(*a):
             return gru(*a)
