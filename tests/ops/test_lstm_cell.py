@@ -13,7 +13,7 @@ SHAPES = [  # (batch, input_size, hidden_size)
     (2, 17, 33),
     (4, 64, 32),
     (1, 3, 129),
-    (17, 9, 12),  # past 16 rows: oneDNN's GEMMs on the CPU (forward and backward), not the few-row GEMV
+    (17, 9, 12),  # past 16 rows: GEMMs on the CPU (oneDNN; the backward's by vendor), not the few-row GEMV
     (33, 40, 24),
 ]
 
@@ -132,6 +132,22 @@ def test_non_contiguous_inputs(batch):
     torch.testing.assert_close(c, c_ref)
     grads = torch.autograd.grad((h * c).sum(), (x_strided, w_t))
     grads_ref = torch.autograd.grad((h_ref * c_ref).sum(), (x_strided, w_ref))
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("route", ["onednn", "aten"])
+def test_backward_gemm_routes_on_cpu(route, monkeypatch):
+    """Past 16 rows the float32 backward's GEMMs go to oneDNN or to at::mm (MKL on
+    Intel CPUs) by the CPU's vendor: each route against torch, whatever this machine picks."""
+    monkeypatch.setenv("ATTNKIT_CELL_BACKWARD_GEMM", route)
+    args = make_inputs(33, 40, 24, torch.float32, "cpu", requires_grad=True)
+    with attnkit.use_backend("cpp"):
+        h, c = lstm_cell(*args)
+    h_ref, c_ref = torch_lstm_cell(*args)
+    leaves = [args[0], *args[1], *args[2:]]
+    grads = torch.autograd.grad((h * c).sum() + h.sum(), leaves)
+    grads_ref = torch.autograd.grad((h_ref * c_ref).sum() + h_ref.sum(), leaves)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref)
 
