@@ -15,7 +15,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from timing import max_error, median_ms, rss_rise_mb, rss_rise_mb_in_subprocess
+from timing import max_error, median_pair_ms, rss_rise_mb, rss_rise_mb_in_subprocess
 
 import attnkit
 from attnkit.ops import flash_attention
@@ -68,12 +68,10 @@ def _pair(rows, case, shape, backend, ours, theirs, device, repeats=15, warmup=3
     """Forward and forward+backward rows for one case."""
     with torch.no_grad():
         error = max_error(ours(), theirs())
-        t_ours = median_ms(ours, device, warmup, repeats)
-        t_theirs = median_ms(theirs, device, warmup, repeats)
+        t_ours, t_theirs = median_pair_ms(ours, theirs, device, warmup, repeats)
     rows.append(dict(case=f"{case} forward", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs,
                      max_err=error))
-    t_ours = median_ms(_fwd_bwd(ours), device, warmup, repeats)
-    t_theirs = median_ms(_fwd_bwd(theirs), device, warmup, repeats)
+    t_ours, t_theirs = median_pair_ms(_fwd_bwd(ours), _fwd_bwd(theirs), device, warmup, repeats)
     rows.append(dict(case=f"{case} fwd+bwd", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs,
                      max_err=error))
 

@@ -6,7 +6,7 @@ benchmarks/rope_attention.py."""
 from __future__ import annotations
 
 import torch
-from timing import max_error, median_ms, within_budget
+from timing import max_error, median_ms, median_pair_ms, within_budget
 
 import attnkit
 
@@ -60,7 +60,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
         backend = attnkit.last_dispatch("rotary").backend
         shape = f"B={batch} N={seqlen} H={heads} D={dim}" + (" offsets" if per_sequence else "")
         with torch.no_grad():
-            t_ours, t_theirs = median_ms(ours, device), median_ms(theirs, device)
+            t_ours, t_theirs = median_pair_ms(ours, theirs, device)
             rows.append(dict(case="forward", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs,
                              max_err=error))
             y = x.detach().clone()
@@ -68,7 +68,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
             t_ours = median_ms(in_place, device)
             rows.append(dict(case="in place", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs,
                              max_err=error))
-        t_ours, t_theirs = median_ms(fwd_bwd(ours), device), median_ms(fwd_bwd(theirs), device)
+        t_ours, t_theirs = median_pair_ms(fwd_bwd(ours), fwd_bwd(theirs), device)
         rows.append(dict(case="fwd+bwd", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs,
                          max_err=error))
     return rows

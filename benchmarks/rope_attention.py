@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timing import max_error, median_ms, within_budget
+from timing import max_error, median_group_ms, within_budget
 
 import attnkit
 from attnkit.ops import apply_rotary, flash_attention
@@ -72,11 +72,11 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
         repeats, warmup = (5, 1) if n >= 1024 else (9, 2)
         for case, grad in (("forward", False), ("fwd+bwd", True)):
             with torch.set_grad_enabled(grad):
-                t_fused = median_ms(_fwd_bwd(fused) if grad else fused, device, warmup, repeats)
-                for name, baseline in baselines.items():
+                fns = [_fwd_bwd(fn) if grad else fn for fn in (fused, *baselines.values())]
+                t_fused, *t_bases = median_group_ms(fns, device, warmup, repeats)
+                for (name, baseline), t_base in zip(baselines.items(), t_bases):
                     with torch.no_grad():
                         error = max_error(expected, baseline())
-                    t_base = median_ms(_fwd_bwd(baseline) if grad else baseline, device, warmup, repeats)
                     rows.append(dict(case=f"{case} vs {name}", shape=shape, backend=backend, ours_ms=t_fused,
                                      baseline_ms=t_base, max_err=error))
     return rows

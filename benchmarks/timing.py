@@ -51,33 +51,38 @@ def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repe
 
 def median_pair_ms(ours: Callable[[], object], theirs: Callable[[], object], device: torch.device, warmup: int = 3,
                    repeats: int = 15) -> tuple[float, float]:
-    """median_ms of ours and of theirs, their repeats alternating (ours, theirs,
-    ours, ...): on a machine whose speed drifts (a shared 2-core VM here: the
+    """median_ms of ours and of theirs, their repeats alternating: median_group_ms of the two."""
+    t_ours, t_theirs = median_group_ms([ours, theirs], device, warmup, repeats)
+    return t_ours, t_theirs
+
+
+def median_group_ms(fns: list, device: torch.device, warmup: int = 3, repeats: int = 15) -> list:
+    """median_ms of each of fns, their repeats alternating (fns[0], fns[1], ...,
+    fns[0], ...): on a machine whose speed drifts (a shared 2-core VM here: the
     same call reads 30-40% apart from one second to the next), timing one side
     after the other puts each in a different spell, and the ratio follows the
-    spells. Interceptors see two calls, as with median_ms, measuring through
-    the first one's measure()."""
-    measured: dict = {}
+    spells. Interceptors see one call per function, as with median_ms, measuring
+    through the first one's measure()."""
+    measured: list = []
 
-    def measure(side):
+    def measure(i):
         if not measured:
-            measured.update(zip(("ours", "theirs"), _paired(ours, theirs, device, warmup, repeats)))
-        return measured[side]
+            measured.extend(_alternating(fns, device, warmup, repeats))
+        return measured[i]
 
     if not _interceptors:
-        return measure("ours"), measure("theirs")
+        return [measure(i) for i in range(len(fns))]
     hook = _interceptors[-1]
-    return (hook(ours, device, warmup, repeats, lambda: measure("ours")),
-            hook(theirs, device, warmup, repeats, lambda: measure("theirs")))
+    return [hook(fn, device, warmup, repeats, lambda i=i: measure(i)) for i, fn in enumerate(fns)]
 
 
-def _paired(ours, theirs, device, warmup, repeats) -> tuple[float, float]:
+def _alternating(fns, device, warmup, repeats) -> list:
     for _ in range(warmup):
-        ours()
-        theirs()
-    times: tuple[list, list] = ([], [])
+        for fn in fns:
+            fn()
+    times: list = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, into in ((ours, times[0]), (theirs, times[1])):
+        for fn, into in zip(fns, times):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
@@ -85,7 +90,7 @@ def _paired(ours, theirs, device, warmup, repeats) -> tuple[float, float]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             into.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(t) for t in times]
 
 
 def out_of_time() -> bool:

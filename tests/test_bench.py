@@ -136,7 +136,7 @@ def test_peak_memory_comes_from_the_timed_call_the_row_reports():
     assert own["ours_peak_mb"] == 7.0  # a family's own measurement wins
 
 
-def test_paired_timing_alternates_the_sides_and_interceptors_see_two_calls():
+def test_paired_timing_alternates_the_sides_and_interceptors_see_one_call_each():
     timing = core.timing_module()
     calls = []
     ours, theirs = (lambda: calls.append("ours")), (lambda: calls.append("theirs"))
@@ -152,6 +152,10 @@ def test_paired_timing_alternates_the_sides_and_interceptors_see_two_calls():
         pair = timing.median_pair_ms(ours, theirs, torch.device("cpu"), warmup=0, repeats=2)
     # One alternating measurement serves both hook calls, each told its own function.
     assert seen == [ours, theirs] and calls == ["ours", "theirs"] * 2 and len(pair) == 2
+    calls[:] = []
+    third = lambda: calls.append("third")  # noqa: E731
+    assert len(timing.median_group_ms([ours, theirs, third], torch.device("cpu"), warmup=0, repeats=2)) == 3
+    assert calls == ["ours", "theirs", "third"] * 2
 
 
 def test_plot_axis_is_the_one_varying_parameter():
