@@ -35,18 +35,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
 
 
 def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return _alternating([fn], device, warmup, repeats)[0]
 
 
 def median_pair_ms(ours: Callable[[], object], theirs: Callable[[], object], device: torch.device, warmup: int = 3,
