@@ -18,7 +18,7 @@ import json
 import sys
 
 import torch
-from timing import max_error, median_ms, within_budget, rss_rise_mb, rss_rise_mb_in_subprocess
+from timing import max_error, median_ms, median_pair_ms, within_budget, rss_rise_mb, rss_rise_mb_in_subprocess
 
 import attnkit
 from attnkit.ops import additive_attention
@@ -97,8 +97,10 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
         repeats, warmup = (3, 1) if device.type == "cpu" else (10, 2)
         for case, wrap, grad in (("forward", lambda f: f, False), ("fwd+bwd", _fwd_bwd, True)):
             with torch.set_grad_enabled(grad):
-                t_ours = median_ms(wrap(ours), device, warmup, repeats)
-                t_theirs = median_ms(wrap(theirs), device, warmup, repeats) if fits else float("nan")
+                if fits:
+                    t_ours, t_theirs = median_pair_ms(wrap(ours), wrap(theirs), device, warmup, repeats)
+                else:
+                    t_ours, t_theirs = median_ms(wrap(ours), device, warmup, repeats), float("nan")
             rows.append(dict(case=case if fits else f"{case} (plain PyTorch would need > "
                              f"{BASELINE_BUDGET_GB.get(device.type, 8.0):.0f} GB: not run)",
                              shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs, max_err=error))
