@@ -469,14 +469,19 @@ def test_small_batch_every_size_cpp(kind, dtype, B, threads):
 def test_small_batch_gradcheck_float64_cpp(kind, B, lengths):
     """gradcheck through the small-batch forward and backward (LSTM without
     biases; GRU with them: b_hh's n part sits inside the reset product)."""
-    if kind == "lstm":
-        args = make_lstm(4, B, 3, 5, 5, torch.float64, "cpu", bias=False)[:5]
+    gradcheck_cpp(kind, 4, B, lengths, lstm_bias=False)
 
-        def run(x, h0, c0, w_ih, w_hh):
-            out, (h, c) = lstm(x, (h0, c0), w_ih, w_hh, lengths=lengths)
+
+def gradcheck_cpp(kind, T, B, lengths, lstm_bias):
+    """torch.autograd.gradcheck of ops.lstm / ops.gru on the cpp backend, float64, I = 3, H = 5."""
+    if kind == "lstm":
+        args = make_lstm(T, B, 3, 5, 5, torch.float64, "cpu", bias=lstm_bias)[:7 if lstm_bias else 5]
+
+        def run(x, h0, c0, *weights):
+            out, (h, c) = lstm(x, (h0, c0), *weights, lengths=lengths)
             return out, h, c
     else:
-        args = make_gru(4, B, 3, 5, torch.float64, "cpu")
+        args = make_gru(T, B, 3, 5, torch.float64, "cpu")
 
         def run(*a):
             return gru(*a, lengths=lengths)
@@ -499,20 +504,7 @@ def test_one_step_at_batch_5_and_up_cpp(kind, dtype, B):
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("B", [1, 6])  # batch 1: the one-step backward takes single_step_grads there too
 def test_one_step_gradcheck_float64_cpp(kind, B):
-    if kind == "lstm":
-        args = make_lstm(1, B, 3, 5, 5, torch.float64, "cpu")[:7]
-
-        def run(x, h0, c0, *weights):
-            out, (h, c) = lstm(x, (h0, c0), *weights)
-            return out, h, c
-    else:
-        args = make_gru(1, B, 3, 5, torch.float64, "cpu")
-
-        def run(*a):
-            return gru(*a)
-
-    with attnkit.use_backend("cpp"):
-        assert torch.autograd.gradcheck(run, args)
+    gradcheck_cpp(kind, 1, B, None, lstm_bias=True)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
