@@ -37,7 +37,7 @@ COMBOS = [
     ("bf16-d128-every-feature", torch.bfloat16, 128, False,
      dict(window=(64, 0), softcap=30.0, mask="bool", pad=True, dropout_p=0.1, alibi=True)),
     ("fp16-d64-varlen-causal-dropout", torch.float16, 64, True, dict(window=(-1, 0), dropout_p=0.1)),
-    ("fp32-d80-float-mask", torch.float32, 80, False, dict(mask="float")),
+    ("fp32-d80-float-mask-grad", torch.float32, 80, False, dict(mask="float", mask_grad=True)),
     ("bf16-d256-causal", torch.bfloat16, 256, False, dict(window=(-1, 0))),
     ("fp64-d32-plain", torch.float64, 32, False, dict()),
     # Byte masks in float64: Triton 3.6 aborted on them (on the H200; see _common), 3.8 does not.
@@ -216,7 +216,8 @@ def check(arch: int = 90, all_configs: bool = False, verbose: bool = True) -> li
         q, k, v, kwargs = _inputs(dtype, dim, varlen, options)
         with _candidates(dtype, dim, all_configs, options):
             out, lse = launch.forward(q, k, v, **kwargs, launch=compiler)
-            launch.backward(torch.empty_like(out), q, k, v, out, lse, **kwargs, launch=compiler)
+            launch.backward(torch.empty_like(out), q, k, v, out, lse, **kwargs,
+                            mask_grad=options.get("mask_grad", False), launch=compiler)
         if verbose:
             print(f"sm_{arch} {name}: ok in {time.time() - start:.1f} s")
     check_rotary(compiler, verbose)

@@ -425,17 +425,18 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _dkdv_blocks(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, lo, run_lo, run_hi, hi, offs_m0, offs_n, offs_dv, q_len,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dmask_base, lo, run_lo, run_hi, hi, offs_m0, offs_n, offs_dv, q_len,
     k_len, diag, rot_off, COS, SIN, stride_rot, stride_qm, stride_dom, stride_lm, window_left, window_right, scale,
     softcap, mask_base, stride_mm, stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr, RAW_SCORES: tl.constexpr,
-    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr,
+    ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr, MASK_GRAD: tl.constexpr,
 ):
     """dK (unscaled) and dV of one key block accumulated over one query head's
-    checked query blocks or its unchecked run."""
+    checked query blocks or its unchecked run; with MASK_GRAD also the additive
+    mask's gradient of each tile, stored at dmask_base (rows of max_k)."""
     count, before = _block_count(lo, run_lo, run_hi, hi, BLOCK_M, CHECK_BOUNDS)
     for j in range(0, count):
         offs_m = _block_start(j, before, lo, run_lo, run_hi, BLOCK_M, CHECK_BOUNDS) + offs_m0
@@ -466,6 +467,9 @@ def _dkdv_blocks(
             dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
         dv = _dot(p_out_t.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
         ds_t = p_t * (dp_t - delta[None, :].to(ACC_DTYPE))
+        if MASK_GRAD:  # dS before the soft-cap derivative: the mask is added after the cap
+            tl.store(dmask_base + offs_m[None, :] * max_k + offs_n[:, None], ds_t,
+                     mask=(offs_m[None, :] < q_len) & (offs_n[:, None] < k_len))
         if SOFTCAP:
             ds_t = ds_t * (1 - t_t * t_t)
         dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION, UPCAST)
@@ -474,7 +478,7 @@ def _dkdv_blocks(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, PAD, SLOPES, COS, SIN, ROT_OFF, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DMASK, MASK, PAD, SLOPES, COS, SIN, ROT_OFF, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -485,7 +489,11 @@ def _attn_bwd_dkdv(
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
     RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
+    MASK_GRAD: tl.constexpr = False,
 ):
+    """dK and dV of one key block; with MASK_GRAD the additive mask's gradient
+    into DMASK, contiguous (B, H, max_q, max_k) in ACC_DTYPE, zeroed by the caller
+    (the tiles no query block visits stay 0)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_KV
@@ -524,6 +532,7 @@ def _attn_bwd_dkdv(
         do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
         lse_base = LSE + b * stride_lb + h * stride_lh + q_start * stride_lm
         delta_base = DELTA + b * stride_lb + h * stride_lh + q_start * stride_lm
+        dmask_base = DMASK + (b * (H_KV * GROUP) + h).to(tl.int64) * max_q * max_k
         mask_base = MASK + b * stride_mb + h * stride_mh
         pad_base = PAD + b * stride_pb
         seed_bh = seed + b * (H_KV * GROUP) + h
@@ -531,12 +540,12 @@ def _attn_bwd_dkdv(
         for check in tl.static_range(2):  # the unchecked run, then the checked rest
             if (check == 1) | (ROTARY_DIM == 0):  # no unchecked run with RoPE (see _unchecked_range)
                 dk, dv = _dkdv_blocks(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, lo, run_lo, run_hi, hi, offs_m0, offs_n,
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dmask_base, lo, run_lo, run_hi, hi, offs_m0, offs_n,
                     offs_dv, q_len, k_len, diag, rot_off, COS, SIN, stride_rot, stride_qm, stride_dom, stride_lm,
                     window_left, window_right, scale, softcap, mask_base, stride_mm, stride_mn, pad_base, slope,
                     seed_bh, max_k, drop_threshold, drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
                     BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST, USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT,
-                    ALIBI, RAW_SCORES, ROTARY_DIM, INTERLEAVED, check == 1)
+                    ALIBI, RAW_SCORES, ROTARY_DIM, INTERLEAVED, check == 1, MASK_GRAD)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=k_inside)

@@ -351,8 +351,10 @@ def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tenso
 
 
 def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask, pad, bottom_right: bool, window,
-             softcap: float, scale: float, dropout_p: float, seed: int, alibi_slopes=None, rotary=None, launch=None):
-    """Returns (dq, dk, dv); deterministic (no atomics)."""
+             softcap: float, scale: float, dropout_p: float, seed: int, alibi_slopes=None, rotary=None,
+             mask_grad: bool = False, launch=None):
+    """Returns (dq, dk, dv, d_mask); deterministic (no atomics). d_mask: None, or with
+    mask_grad (an additive mask, dense call) its gradient (B, H, Nq, Nk) in lse's dtype."""
     c = _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed,
                 alibi_slopes, rotary)
     varlen, flags = c["varlen"], c["flags"]
@@ -367,16 +369,19 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
         launch,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if mask_grad and (varlen or flags["MASK_KIND"] != 2):
+        raise ValueError("flash attention backward: mask_grad needs an additive (float) mask on a dense call")
+    d_mask = torch.zeros((c["batch"], c["heads"], max_q, max_k), dtype=lse.dtype, device=q.device) if mask_grad else None
     shared = (*c["mask_strides"], c["pad_stride"], c["slopes_stride"], c["rot_stride"])
     kernel, blocks = _kernel(_attn_bwd_dkdv, flags["BLOCK_D"], q.element_size(), flags["ROTARY_DIM"] > 0)
     grid = lambda meta: (cdiv(max_k, meta["BLOCK_N"]), c["batch"] * c["heads_kv"])  # noqa: E731
     args = (
-        q, k, v, do, lse, delta, dk, dv, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"],
+        q, k, v, do, lse, delta, dk, dv, d_mask if mask_grad else q, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"],
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(do, varlen),
         *_stat_strides(lse, varlen), *_Layout.of(dk, varlen), *_Layout.of(dv, varlen), *shared,
         c["heads_kv"], c["group"], max_q, max_k, *c["scalars"].values(),
     )
-    _run(kernel, grid, args, dict(**flags, **blocks), launch)
+    _run(kernel, grid, args, dict(**flags, **blocks, MASK_GRAD=mask_grad), launch)
     descriptors = _tma_descriptors(k, v, c)
     kernel, blocks = _kernel(_attn_bwd_dq, flags["BLOCK_D"], q.element_size(), flags["ROTARY_DIM"] > 0,
                              tma=descriptors is not None)
@@ -400,7 +405,7 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
                      BOTTOM_RIGHT=flags["BOTTOM_RIGHT"], QUERIES=queries),
                 launch,
             )
-    return dq, dk, dv
+    return dq, dk, dv, d_mask
 
 
 def dropout_keep_mask(batch: int, heads: int, max_q: int, max_k: int, dropout_p: float, seed: int, device) -> torch.Tensor:

@@ -85,16 +85,44 @@ struct BackwardTile {
     }
     return ds.data();
   }
+
+  // The additive mask's gradient, P * (dP - delta): dS before the soft-cap
+  // derivative, the mask being added after soft-capping. Written into the
+  // (rows x cols) tile of d_mask at (m0, n0); dense calls only.
+  void mask_grad(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t n0, int64_t cols,
+                 const Rows<T>& delta, const Rows<T>& d_mask) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* p = s.data() + r * BN;
+      const T* dp_row = dp.data() + r * BN;
+      const T row_delta = *delta.at(b, h, sq.q_start + m0 + r);
+      T* out = d_mask.at(b, h, m0 + r) + n0;
+      for (int64_t c = 0; c < cols; ++c) out[c] = p[c] * (dp_row[c] - row_delta);
+    }
+  }
 };
 
-// dK, dV (and dQ when `dq_acc` is given, owning whole (batch, kv-head) pairs).
+// Columns [n0, n0 + cols) of the rows of head (b, h) outside [q_lo, q_hi): 0.
+template <typename T>
+void zero_unvisited_rows(const Rows<T>& d_mask, int64_t b, int64_t h, int64_t q_lo, int64_t q_hi, int64_t q_len,
+                         int64_t n0, int64_t cols) {
+  for (int64_t i = 0; i < q_len; ++i) {
+    if (i < q_lo || i >= q_hi) std::fill_n(d_mask.at(b, h, i) + n0, cols, T(0));
+  }
+}
+
+// dK, dV (and dQ when `dq_acc` is given, owning whole (batch, kv-head) pairs;
+// the additive mask's gradient when `d_mask` is: every element written once,
+// the rows no query block of a key block visits (causal, window) with 0, here
+// rather than by a memset of the whole buffer first (48 ms of page faults and
+// zeroing at (4, 8, 1024, 1024) on one thread).
 // With `rope`, dK is rotated back as it is written (the gradient of a rotation
 // is the opposite rotation), and with `k_raw` (k unrotated) each key block's
 // rotated K rows and scale * K^T are built here, once per block, instead of
 // read from op.k and op.kT.
 template <typename T>
 void backward_dkdv_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Rows<T> delta, Rows<T> dk, Rows<T> dv,
-                          Rows<T>* dq_acc, const rope::Rope<T>* rope, const Rows<const T>* k_raw, Blocks blk) {
+                          Rows<T>* dq_acc, const rope::Rope<T>* rope, const Rows<const T>* k_raw,
+                          const Rows<T>* d_mask, Blocks blk) {
   const int64_t BM = blk.m, BN = blk.n, D = sp.dim, DV = sp.dim_v;
   const int64_t n_blocks = dq_acc != nullptr ? 1 : (sp.max_k + BN - 1) / BN;
   at::parallel_for(0, sp.batch * sp.heads_kv * n_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -119,11 +147,13 @@ void backward_dkdv_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Ro
         std::fill(dvT.begin(), dvT.end(), T(0));
         const auto [q_lo, q_hi] = sp.query_range(sq, n0, cols);
         for (int64_t h = kvh * sp.group; h < (kvh + 1) * sp.group; ++h) {
+          if (d_mask != nullptr) zero_unvisited_rows(*d_mask, b, h, q_lo, q_hi, sq.q_len, n0, cols);
           for (int64_t m0 = q_lo; m0 < q_hi; m0 += BM) {
             const int64_t rows = std::min(BM, q_hi - m0), i0 = sq.q_start + m0;
             const T* p = tile.probabilities(sq, b, h, m0, rows, n0, cols, kt, ld_kt, lse, true);
             gemm_nn(DV, cols, rows, op.doutT.at(b, h, i0), op.ld_do, p, BN, true, dvT.data(), BN);
             const T* dst = tile.score_grad(sq, b, h, m0, rows, cols, delta);
+            if (d_mask != nullptr) tile.mask_grad(sq, b, h, m0, rows, n0, cols, delta, *d_mask);
             gemm_nn(D, cols, rows, op.qT.at(b, h, i0), op.ld_q, dst, BN, true, dkT.data(), BN);
             if (dq_acc != nullptr) {
               gemm_nn(rows, D, cols, dst, BN, k_rows, ld_k_rows, true, dq_acc->at(b, h, i0), dq_acc->sm);
@@ -222,10 +252,10 @@ std::vector<at::Tensor> attention_backward(
     int64_t max_seqlen_q, int64_t max_seqlen_k, const c10::optional<at::Tensor>& attn_mask,
     const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& alibi_slopes,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap, double scale, double dropout_p,
-    int64_t seed) {
+    int64_t seed, bool mask_grad) {
   return attention_backward_rope(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  attn_mask, key_padding_mask, alibi_slopes, window_left, window_right, bottom_right,
-                                 softcap, scale, dropout_p, seed, nullptr);
+                                 softcap, scale, dropout_p, seed, mask_grad, nullptr);
 }
 
 std::vector<at::Tensor> attention_backward_rope(
@@ -234,10 +264,12 @@ std::vector<at::Tensor> attention_backward_rope(
     int64_t max_seqlen_q, int64_t max_seqlen_k, const c10::optional<at::Tensor>& attn_mask,
     const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& alibi_slopes,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap, double scale, double dropout_p,
-    int64_t seed, const RopeTables* rope_tables) {
+    int64_t seed, bool mask_grad, const RopeTables* rope_tables) {
   Call c = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
                    alibi_slopes, window_left, window_right, bottom_right, softcap, scale, dropout_p, seed);
   const Spec& sp = c.spec;
+  TORCH_CHECK(!mask_grad || (sp.add_mask != nullptr && !sp.varlen),
+              "attention_backward: mask_grad needs a floating attn_mask and a dense (not varlen) call");
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto o_shape = out_shape(q, sp.dim_v);
   TORCH_CHECK(grad_out.defined() && out.defined() && grad_out.sizes() == at::IntArrayRef(o_shape) &&
@@ -293,6 +325,8 @@ std::vector<at::Tensor> attention_backward_rope(
   at::Tensor dq = at::empty(q.sizes(), acc_opts), dk = at::empty(k.sizes(), acc_opts),
              dv = at::empty(v.sizes(), acc_opts);
   if (fused) dq.zero_();
+  // Every element written by the dK/dV kernel (the unvisited ones with 0).
+  at::Tensor d_mask = mask_grad ? at::empty({sp.batch, sp.heads, sp.max_q, sp.max_k}, acc_opts) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(acc, "attention_backward_cpu", [&] {
     using T = scalar_t;
     const Operands<T> op{rows_of<const T>(qa, vl),    rows_of<const T>(ka, vl),    rows_of<const T>(doa, vl),
@@ -304,14 +338,19 @@ std::vector<at::Tensor> attention_backward_rope(
     auto dq_rows = rows_of<T>(dq, vl);
     const rope::Rope<T> r = rin.has_value() ? rin->view<T>() : rope::Rope<T>{};
     const rope::Rope<T>* rp = rin.has_value() ? &r : nullptr;
+    const Rows<T> d_mask_rows{mask_grad ? d_mask.data_ptr<T>() : nullptr, sp.heads * sp.max_q * sp.max_k,
+                              sp.max_q * sp.max_k, sp.max_k};
     backward_dkdv_kernel<T>(sp, op, lse_r, delta_r, rows_of<T>(dk, vl), rows_of<T>(dv, vl),
-                            fused ? &dq_rows : nullptr, rp, k_tiles ? &k_raw_rows : nullptr, backward_blocks(sp));
+                            fused ? &dq_rows : nullptr, rp, k_tiles ? &k_raw_rows : nullptr,
+                            mask_grad ? &d_mask_rows : nullptr, backward_blocks(sp));
     if (!fused) backward_dq_kernel<T>(sp, op, lse_r, delta_r, dq_rows, rp, backward_blocks(sp));
     if (fused && rp != nullptr) finish_dq_rope<T>(sp, dq_rows, *rp);
   });
   if (fused && !rin.has_value()) dq.mul_(scale);
-  if (!same) return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
-  return {dq, dk, dv};
+  std::vector<at::Tensor> grads{dq, dk, dv};
+  if (!same) grads = {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+  if (mask_grad) grads.push_back(d_mask);
+  return grads;
 }
 
 }  // namespace cpu

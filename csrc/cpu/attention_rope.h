@@ -35,7 +35,7 @@ std::vector<at::Tensor> attention_backward_rope(
     int64_t max_seqlen_q, int64_t max_seqlen_k, const c10::optional<at::Tensor>& attn_mask,
     const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& alibi_slopes,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap, double scale, double dropout_p,
-    int64_t seed, const RopeTables* rope);
+    int64_t seed, bool mask_grad, const RopeTables* rope);
 
 namespace rope {
 

@@ -50,12 +50,12 @@ std::vector<at::Tensor> attention_rotary_backward(
     const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& alibi_slopes,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap, double scale, double dropout_p,
     int64_t seed, const at::Tensor& rotary_cos, const at::Tensor& rotary_sin, const at::Tensor& rotary_offsets,
-    bool rotary_interleaved) {
+    bool rotary_interleaved, bool mask_grad) {
   const RopeTables r =
       tables_of(q, cu_seqlens_q, cu_seqlens_k, rotary_cos, rotary_sin, rotary_offsets, rotary_interleaved);
   return attention_backward_rope(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  attn_mask, key_padding_mask, alibi_slopes, window_left, window_right, bottom_right,
-                                 softcap, scale, dropout_p, seed, &r);
+                                 softcap, scale, dropout_p, seed, mask_grad, &r);
 }
 
 }  // namespace cpu

@@ -130,7 +130,7 @@ def test_entry_points_reject_bad_arguments():
             ext.attention_forward(*tensors, *args)
     out, lse = ext.attention_forward(q, q, q, *base)
     with pytest.raises(RuntimeError, match="lse"):
-        ext.attention_backward(out, q, q, q, out, lse[:, :, :4], *base)
+        ext.attention_backward(out, q, q, q, out, lse[:, :, :4], *base, False)
 
 
 def test_opcheck_cpp():

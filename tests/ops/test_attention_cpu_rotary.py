@@ -242,9 +242,9 @@ def test_positions_past_the_table_stay_unrotated(threads):
 
     with num_threads(threads):
         out, lse = ext.attention_rotary_forward(q, k, v, *base, *rope)
-        grads = ext.attention_rotary_backward(grad_out, q, k, v, out, lse, *base, *rope)
+        grads = ext.attention_rotary_backward(grad_out, q, k, v, out, lse, *base, *rope, False)
         out_e, lse_e = ext.attention_forward(spin(q), spin(k), v, *base)
-        dq, dk, dv = ext.attention_backward(grad_out, spin(q), spin(k), v, out_e, lse_e, *base)
+        dq, dk, dv = ext.attention_backward(grad_out, spin(q), spin(k), v, out_e, lse_e, *base, False)
     torch.testing.assert_close(out, out_e)
     torch.testing.assert_close(lse, lse_e)
     for g, g_e in zip(grads, (spin(dq, True), spin(dk, True), dv)):

@@ -37,7 +37,6 @@ def test_tensor_errors(mutate, error, match):
         (dict(attn_mask=torch.ones(3, 7, dtype=torch.bool)), ValueError, r"attn_mask of shape \(3, 7\) cannot broadcast to \(B, H, Nq, Nk\) = \(2, 4, 5, 7\)"),
         (dict(attn_mask=torch.ones(1, 1, 1, 2, 5, 7)), ValueError, "cannot broadcast"),
         (dict(attn_mask=torch.ones(5, 7, dtype=torch.int32)), TypeError, "attn_mask must be bool"),
-        (dict(attn_mask=torch.zeros(5, 7, requires_grad=True)), NotImplementedError, "gradients with respect to attn_mask"),
         (dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)), ValueError, r"key_padding_mask must have shape \(B, Nk\) = \(2, 7\)"),
         (dict(key_padding_mask=torch.zeros(2, 7)), TypeError, "key_padding_mask has dtype float32"),
         (dict(window_size=(2,)), TypeError, "window_size must be a pair"),

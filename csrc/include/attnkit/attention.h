@@ -26,14 +26,17 @@ std::vector<at::Tensor> attention_forward(
     const c10::optional<at::Tensor>& alibi_slopes, int64_t window_left, int64_t window_right, bool bottom_right,
     double softcap, double scale, double dropout_p, int64_t seed);
 
-// Returns {dq, dk, dv}; deterministic (no atomics, fixed summation order).
+// Returns {dq, dk, dv}; deterministic (no atomics, fixed summation order). With
+// mask_grad (a floating attn_mask, dense calls only) also the gradient of the
+// additive mask, dS = P * (dP - delta), as a (B, H, Nq, Nk) tensor in the
+// accumulation type (float32, float64 for float64 inputs): {dq, dk, dv, d_mask}.
 std::vector<at::Tensor> attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, const c10::optional<at::Tensor>& attn_mask,
     const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& alibi_slopes,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap, double scale, double dropout_p,
-    int64_t seed);
+    int64_t seed, bool mask_grad);
 
 // The dropout keep mask (B, H, max_q, max_k) as bool, drawn by the kernels' Philox: for tests.
 at::Tensor attention_dropout_keep_mask(int64_t batch, int64_t heads, int64_t max_q, int64_t max_k, double dropout_p,

@@ -37,7 +37,7 @@ std::vector<at::Tensor> attention_rotary_forward(
 // attention_backward with q and k rotated where their transposed operands are
 // made (k per key block on the one-task-per-(batch, kv-head) schedule), dq and
 // dk rotated back as they are written (the gradient of a rotation is the
-// opposite rotation). Returns {dq, dk, dv}.
+// opposite rotation). Returns {dq, dk, dv} (and d_mask, as attention_backward).
 std::vector<at::Tensor> attention_rotary_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const c10::optional<at::Tensor>& cu_seqlens_q, const c10::optional<at::Tensor>& cu_seqlens_k,
@@ -45,7 +45,7 @@ std::vector<at::Tensor> attention_rotary_backward(
     const c10::optional<at::Tensor>& key_padding_mask, const c10::optional<at::Tensor>& alibi_slopes,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap, double scale, double dropout_p,
     int64_t seed, const at::Tensor& rotary_cos, const at::Tensor& rotary_sin, const at::Tensor& rotary_offsets,
-    bool rotary_interleaved);
+    bool rotary_interleaved, bool mask_grad);
 
 }  // namespace cpu
 }  // namespace attnkit

@@ -2,7 +2,9 @@
 
 forward(call) -> (out, lse)            lse fp32 (fp64 for fp64 inputs), -inf for empty rows;
                                        dense (B, H, Nq), varlen (H, total_q)
-backward(call, grad_out, out, lse) -> (dq, dk, dv)
+backward(call, grad_out, out, lse) -> (dq, dk, dv, d_mask)
+                                       d_mask: None, or with call.mask_grad the additive
+                                       mask's gradient (B, H, Nq, Nk) in lse's dtype
 
 where `call` is an AttentionCall holding validated, normalized arguments.
 """
@@ -43,6 +45,7 @@ class AttentionCall:
     rotary_sin: Optional[Tensor] = None
     rotary_offsets: Optional[Tensor] = None  # int32 (B,): position of each sequence's first key
     rotary_interleaved: bool = False
+    mask_grad: bool = False  # backward: also the gradient of the (floating, dense) attn_mask
 
     @property
     def varlen(self) -> bool:
@@ -91,7 +94,7 @@ class Triton(Implementation):
     def backward(self, c: AttentionCall, grad_out: Tensor, out: Tensor, lse: Tensor):
         from ..triton_kernels import flash_attention_launch as launch
 
-        return launch.backward(grad_out, c.q, c.k, c.v, out, lse, **self._kwargs(c))
+        return launch.backward(grad_out, c.q, c.k, c.v, out, lse, mask_grad=c.mask_grad, **self._kwargs(c))
 
 
 class Cpp(Implementation):
@@ -119,7 +122,8 @@ class Cpp(Implementation):
     def backward(self, c: AttentionCall, grad_out: Tensor, out: Tensor, lse: Tensor):
         ext, _ = _extensions.load(self.extension)
         kernel = ext.attention_backward if c.rotary_cos is None else ext.attention_rotary_backward
-        return tuple(kernel(grad_out, c.q, c.k, c.v, out, lse, *self._args(c)))
+        grads = tuple(kernel(grad_out, c.q, c.k, c.v, out, lse, *self._args(c), c.mask_grad))
+        return grads if c.mask_grad else grads + (None,)
 
 
 class Reference(Implementation):
@@ -178,15 +182,15 @@ class Reference(Implementation):
         grads = []
         for b, ((q, k, v, do, o), options) in enumerate(self._sequences(c, grad_out, out)):
             q, k = self._rotated(c, b, q, k)
-            dq, dk, dv = ref.attention_backward(do, q, k, v, o, **options)
+            dq, dk, dv, *d_mask = ref.attention_backward(do, q, k, v, o, mask_grad=c.mask_grad, **options)
             dq, dk = self._rotated(c, b, dq, dk, inverse=True)
             grads.append((dq, dk, dv))
-        if not c.varlen:
-            return grads[0]
+        if not c.varlen:  # (a mask gradient needs a dense call: only one sequence)
+            return grads[0] + (d_mask[0] if d_mask else None,)
         dq = ref.join_varlen([g[0] for g in grads])
         dk = ref.join_varlen([g[1] for g in grads])
         dv = ref.join_varlen([g[2] for g in grads])
-        return dq, dk, dv
+        return dq, dk, dv, None
 
 
 def _stat_dtype(q: Tensor) -> torch.dtype:

@@ -24,10 +24,11 @@ _ALIGNMENTS = ("bottom_right", "top_left")
 
 
 def _call(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, window_left, window_right, bottom_right, softcap, scale,
-          dropout_p, seed, alibi_slopes, rotary_cos, rotary_sin, rotary_offsets, rotary_interleaved) -> AttentionCall:
+          dropout_p, seed, alibi_slopes, rotary_cos, rotary_sin, rotary_offsets, rotary_interleaved,
+          mask_grad=False) -> AttentionCall:
     return AttentionCall(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, (window_left, window_right), bottom_right,
                          softcap, scale, dropout_p, 0 if seed is None else int(seed), alibi_slopes, rotary_cos,
-                         rotary_sin, rotary_offsets, rotary_interleaved)
+                         rotary_sin, rotary_offsets, rotary_interleaved, mask_grad)
 
 
 def _attention_forward_kernels(
@@ -61,12 +62,16 @@ def _attention_backward_kernels(
     key_padding_mask: Optional[Tensor], window_left: int, window_right: int, bottom_right: bool, softcap: float,
     scale: float, dropout_p: float, seed: Optional[Tensor], alibi_slopes: Optional[Tensor],
     rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor], rotary_offsets: Optional[Tensor], rotary_interleaved: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    mask_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, d_mask): d_mask is the (B, H, Nq, Nk) gradient of the expanded additive
+    attn_mask in its dtype with mask_grad, else an empty tensor (a custom op returns tensors)."""
     call = _call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
                  window_left, window_right, bottom_right, softcap, scale, dropout_p, seed, alibi_slopes, rotary_cos,
-                 rotary_sin, rotary_offsets, rotary_interleaved)
-    grads = ATTENTION.select(call.describe()).backward(call, grad_out, out, lse)
-    return tuple(g.contiguous() for g in grads)
+                 rotary_sin, rotary_offsets, rotary_interleaved, mask_grad)
+    dq, dk, dv, d_mask = ATTENTION.select(call.describe()).backward(call, grad_out, out, lse)
+    d_mask = d_mask.to(attn_mask.dtype) if mask_grad else q.new_empty(0)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_mask
 
 
 _attention_backward = torch.library.custom_op(
@@ -75,9 +80,12 @@ _attention_backward = torch.library.custom_op(
 
 
 @_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, *args):
+def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, *args):
     # Contiguous like the real gradients (q may be a strided view: empty_like would copy its strides).
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    mask_grad = args[-1]
+    d_mask = torch.empty(attn_mask.shape, dtype=attn_mask.dtype, device=q.device) if mask_grad else q.new_empty(0)
+    return grads + (d_mask,)
 
 
 def _setup_context(ctx, inputs, output):
@@ -96,11 +104,15 @@ def _backward(ctx, grad_out, _grad_lse):
     max_q, max_k, window_left, window_right, bottom_right, softcap, scale, dropout_p = ctx.scalars
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _eager.call(_attention_backward_kernels, _attention_backward, grad_out.contiguous(), q, k, v, out,
-                             lse, cu_q, cu_k, max_q, max_k, mask, pad, window_left, window_right, bottom_right,
-                             softcap, scale, dropout_p, seed, alibi_slopes, cos, sin, rot_offsets,
-                             ctx.rotary_interleaved)
-    return (dq, dk, dv) + (None,) * 18
+    mask_grad = ctx.needs_input_grad[_MASK_INPUT]
+    dq, dk, dv, d_mask = _eager.call(_attention_backward_kernels, _attention_backward, grad_out.contiguous(), q, k, v,
+                                     out, lse, cu_q, cu_k, max_q, max_k, mask, pad, window_left, window_right,
+                                     bottom_right, softcap, scale, dropout_p, seed, alibi_slopes, cos, sin,
+                                     rot_offsets, ctx.rotary_interleaved, mask_grad)
+    return (dq, dk, dv) + (None,) * 4 + (d_mask if mask_grad else None,) + (None,) * 13
+
+
+_MASK_INPUT = 7  # attn_mask's place among the forward op's inputs
 
 
 _attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -112,7 +124,7 @@ def _run_forward(*args):
     """attnkit::attention_forward, or the same kernels and formula without its dispatch where only eager
     autograd sees the call (attnkit._eager)."""
     return _eager.forward(_AttentionFunction, _attention_forward_kernels, _attention_forward, *args,
-                          training=_eager.needs_grad(args[:3]))
+                          training=_eager.needs_grad(args[:3] + args[_MASK_INPUT : _MASK_INPUT + 1]))
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -156,7 +168,9 @@ def flash_attention(
         causal: query i sees keys j <= i + (Nk - Nq) (bottom-right aligned, as FlashAttention),
             or j <= i with causal_alignment="top_left" (as SDPA's is_causal).
         attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
-            (B, H, Nq, Nk). Receives no gradient.
+            (B, H, Nq, Nk). A float mask that requires grad gets its gradient (a learned bias, as
+            T5's or Swin's relative position bias); the backward then writes a (B, H, Nq, Nk)
+            float32 buffer, summed to the mask's shape, as SDPA does.
         key_padding_mask: bool (B, Nk), True marks padding keys (ignored), as nn.MultiheadAttention;
             no (Nq, Nk) tensor is built for it.
         window_size: (left, right): query i sees keys j with -left <= j - i - diag <= right;

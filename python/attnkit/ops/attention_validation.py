@@ -93,8 +93,6 @@ def dense(op: str, q, k, v, attn_mask, key_padding_mask) -> Tuple[Optional[Tenso
             raise ValueError(
                 f"{op}: attn_mask of shape {tuple(attn_mask.shape)} cannot broadcast to (B, H, Nq, Nk) = {target}"
             ) from None
-        if attn_mask.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError(f"{op}: gradients with respect to attn_mask are not implemented; pass attn_mask.detach()")
         attn_mask = attn_mask.expand(target)
     if key_padding_mask is not None:
         _validate.tensor(op, "key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,))

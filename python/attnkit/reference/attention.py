@@ -182,9 +182,11 @@ def attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, window: Tuple[int, int] = (-1, -1),
     bottom_right: bool = True, attn_mask: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
     softcap: float = 0.0, scale: Optional[float] = None, dropout_p: float = 0.0, dropout_keep: Optional[Tensor] = None,
-    alibi_slopes: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) by the formulas the kernels use (recomputing the probabilities)."""
+    alibi_slopes: Optional[Tensor] = None, mask_grad: bool = False,
+) -> Tuple[Tensor, ...]:
+    """(dq, dk, dv) by the formulas the kernels use (recomputing the probabilities); with
+    mask_grad also the additive mask's gradient P * (dP - delta), (B, H, Nq, Nk) in the
+    compute dtype (float32, or float64 for float64 inputs)."""
     batch, heads, n_q, dim = q.shape
     n_k, heads_kv = k.shape[2], k.shape[1]
     scale = dim**-0.5 if scale is None else scale
@@ -207,6 +209,7 @@ def attention_backward(
     dv = p_out.transpose(-1, -2) @ do
     delta = (do * oc).sum(-1, keepdim=True)
     ds = p * (dp - delta)
+    d_mask = ds  # the mask is added after soft-capping: its gradient stops before the cap's derivative
     if t is not None:
         ds = ds * (1 - t * t)
     dq = (ds @ kc) * scale
@@ -214,7 +217,8 @@ def attention_backward(
     group = heads // heads_kv
     dk = dk.view(batch, heads_kv, group, n_k, dim).sum(2)
     dv = dv.view(batch, heads_kv, group, n_k, v.shape[-1]).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype))
+    return grads + (d_mask,) if mask_grad else grads
 
 
 def split_varlen(packed: Tensor, cu_seqlens: Tensor):
