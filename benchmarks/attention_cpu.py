@@ -1,7 +1,9 @@
 """Flash attention on the CPU: attnkit's cpp backend (automatic dispatch) vs
 SDPA on CPU (PyTorch's own flash kernel) for plain and causal attention, and vs
 the materialized reference (attnkit's `reference` backend, O(N^2) memory) for
-sliding window, soft-capping and ALiBi, which SDPA cannot fuse. B=4, H=8, D=64.
+sliding window, soft-capping and ALiBi, which SDPA cannot fuse; and a learned
+additive bias (1, H, N, N) that requires grad, against SDPA with the same bias
+(both then compute the bias's gradient). B=4, H=8, D=64.
 
 Peak memory (`*_peak_mb`, vs SDPA for plain attention, vs the reference for
 the sliding window) is the rise of the process's peak resident set
@@ -20,7 +22,8 @@ from timing import max_error, median_pair_ms, rss_rise_mb, rss_rise_mb_in_subpro
 import attnkit
 from attnkit.ops import flash_attention
 
-TITLE = "Flash attention (CPU): attnkit cpp vs SDPA (plain, causal) and vs the materialized reference (window, softcap, ALiBi)"
+TITLE = ("Flash attention (CPU): attnkit cpp vs SDPA (plain, causal, learned bias) and vs the materialized reference "
+         "(window, softcap, ALiBi)")
 BATCH, HEADS, DIM = 4, 8, 64
 QUICK_N, FULL_N = [256, 1024], [256, 512, 1024, 2048, 4096]
 QUICK_FEATURE_N, FULL_FEATURE_N = [1024], [1024, 2048]  # the reference needs ~10 (N, N) fp32 tensors per head
@@ -123,6 +126,14 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
             backend = attnkit.last_dispatch("flash_attention").backend
             _pair(rows, f"{name} vs reference", shape, backend, ours, _attnkit(q, k, v, kwargs, "reference"), device,
                   repeats=3, warmup=1)
+        # A learned bias (T5's, Swin's relative position bias): its gradient comes with the backward.
+        bias = (0.5 * torch.randn(1, HEADS, n, n, generator=torch.Generator().manual_seed(1))).to(dtype)
+        bias.requires_grad_(True)
+        ours = _attnkit(q, k, v, dict(attn_mask=bias))
+        ours()
+        backend = attnkit.last_dispatch("flash_attention").backend
+        _pair(rows, "learned bias vs SDPA", shape, backend, ours,
+              lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), device, repeats=5, warmup=1)
     for n in QUICK_MEMORY_N if quick else FULL_MEMORY_N:
         for feature, baseline in (("plain", "sdpa"), ("window 256", "reference")):
             ours_mb, base_mb = peak_mb("cpp", n, dtype, feature), peak_mb(baseline, n, dtype, feature)
