@@ -122,3 +122,37 @@ def test_gemma2_softcap_and_sliding_window(calls):
 def test_importing_attnkit_does_not_import_transformers():
     code = "import sys, attnkit, attnkit.nn.hf; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def tiny_t5():
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                   dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    return transformers.T5ForConditionalGeneration(config)
+
+
+def test_t5_position_bias_values_and_gradients(calls):
+    """T5's learned relative bias goes in as an additive mask (with the padding mask in the encoder
+    and cross-attention, and the kernel's causal flag in the decoder); its gradient reaches
+    relative_attention_bias as through eager."""
+    model = tiny_t5().train()
+    ids, mask = left_padded(length=9)
+    mask = mask.flip(1)  # pad on the right
+    labels = torch.randint(1, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    results = {}
+    for impl in ("eager", "attnkit"):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        calls.clear()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[impl] = (out.logits.detach(), grads, len(calls))
+    logits, grads, count = results["attnkit"]
+    assert count == 6  # 2 encoder self, 2 decoder self, 2 cross-attention layers
+    torch.testing.assert_close(logits, results["eager"][0], atol=ATOL, rtol=ATOL)
+    bias_grads = [name for name in grads if "relative_attention_bias" in name]
+    assert len(bias_grads) == 2 and all(grads[name].abs().sum() > 0 for name in bias_grads)
+    for name, grad in results["eager"][1].items():
+        torch.testing.assert_close(grads[name], grad, atol=ATOL, rtol=1e-3, msg=name)

@@ -34,10 +34,9 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
                       is_causal: Optional[bool] = None, softcap: Optional[float] = None,
                       sliding_window: Optional[int] = None, **kwargs) -> Tuple[Tensor, None]:
     """transformers' attention-function signature: q (B, H, Q, D), k/v (B, H_kv, K, D) ->
-    ((B, Q, H, D), None). K/V heads are never repeated (GQA in the kernel)."""
-    if kwargs.get("position_bias") is not None:
-        raise NotImplementedError("attnkit attention: position_bias (T5-style learned bias) is not supported; "
-                                  "use attn_implementation='eager' or 'sdpa' for this model")
+    ((B, Q, H, D), None). K/V heads are never repeated (GQA in the kernel). T5's
+    `position_bias` (its learned relative bias, (1 or B, H, Q, K)) joins the mask as an
+    additive one and gets its gradient from the kernel's backward."""
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = (-1, -1)
@@ -48,9 +47,23 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     elif causal and sliding_window:
         window = (sliding_window - 1, -1)  # transformers: kv_idx > q_idx - sliding_window
     causal = bool(causal) and q_len > 1
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        attention_mask = _with_bias(position_bias[..., :kv_len], attention_mask)
     out = flash_attention(query, key, value, causal=causal, attn_mask=attention_mask, window_size=window,
                           softcap=float(softcap or 0.0), scale=scaling, dropout_p=float(dropout))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _with_bias(position_bias: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """One additive mask from T5's position bias and transformers' mask: a bool mask (True =
+    attend) becomes -inf where it hides a key (a row it hides entirely gives 0, as the kernel
+    does for any empty row), a float one is added."""
+    if attention_mask is None:
+        return position_bias
+    if attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask, position_bias, float("-inf"))
+    return position_bias + attention_mask
 
 
 def mask_function(*args, **kwargs):
