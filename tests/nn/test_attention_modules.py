@@ -109,6 +109,26 @@ def test_masks(kind, mask_type, pad_type):
         check_same(theirs, ours, q, k, v, attn_mask=mask, key_padding_mask=None if pad_type is None else pad)
 
 
+@pytest.mark.parametrize("kind", ["2d", "3d"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_learned_float_mask_gets_torchs_gradient(kind, padded):
+    """A float attn_mask that requires grad (a learned bias) through the kernel path."""
+    theirs, ours = pair(batch_first=True)
+    q, k, v = inputs(batch_first=True)
+    bias = _masks(kind)[1].clamp(min=-3.0)  # finite: a bias, not a pattern
+    pad = None
+    if padded:  # float, as the mask (mixed types only warn)
+        pad = torch.zeros(B, S)
+        pad[1, 4:] = float("-inf")
+    grads = []
+    for module in (theirs, ours):
+        leaf = bias.clone().requires_grad_(True)
+        out, _ = module(q, k, v, attn_mask=leaf, key_padding_mask=pad, need_weights=False)
+        grads.append(torch.autograd.grad(out.square().sum(), leaf)[0])
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=ATOL, rtol=ATOL)
+
+
 class _no_warning:
     def __enter__(self):
         return self
