@@ -284,6 +284,10 @@ std::vector<at::Tensor> attention_backward_rope(
   const int64_t row_dim = sp.varlen ? 0 : 2;
   const at::Tensor dout_r = rows_ready(grad_out, row_dim), out_r = rows_ready(out, row_dim);
   const at::Tensor lse_c = lse.contiguous();
+  if (rope_tables == nullptr && !mask_grad) {  // bfloat16 inputs on bfloat16 tiles, where this CPU has them
+    std::vector<at::Tensor> grads;
+    if (backward_bf16_tiles(c, dout_r, out_r, lse_c, grads)) return grads;
+  }
   at::Tensor delta = at::empty(stat_shape(sp, q), q.options().dtype(acc));
   const bool vl = sp.varlen, same = q.scalar_type() == acc;
   // fp16/bf16 run as float (see attention_forward); the gradients are computed in acc and converted at the end.

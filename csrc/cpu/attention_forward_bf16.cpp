@@ -38,15 +38,15 @@ bool bf16_tiles_available() {
 #endif
 }
 
-#ifdef CPUBLAS_BRGEMM_BF16BF16F32
-namespace {
-
 // ATTNKIT_CPU_BF16_TILES=0 keeps bfloat16 inputs on the float tiles (their P is not rounded):
 // for comparing the two, and for a user who wants the float kernel's results.
 bool bf16_tiles_wanted() {
   const char* value = std::getenv("ATTNKIT_CPU_BF16_TILES");
   return value == nullptr || std::string(value) != "0";
 }
+
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+namespace {
 
 using bf16 = at::BFloat16;
 constexpr int64_t kCols = 64;  // the widest N (and ldb) the bfloat16 brgemm takes

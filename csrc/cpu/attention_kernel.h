@@ -300,7 +300,12 @@ at::Tensor columns_like(const at::Tensor& x, bool varlen, at::ScalarType dtype);
 // and lse (float): false, nothing written, where it does not apply (inputs other than bfloat16, an
 // odd head dim, no bfloat16 brgemm in this torch or CPU); the caller then runs the float kernel.
 bool forward_bf16_tiles(const Call& c, const at::Tensor& out, const at::Tensor& lse);
+// The backward's counterpart (attention_backward_bf16.cpp): {dq, dk, dv} in bfloat16 into
+// `grads`, or false where it does not apply (as above, or an odd value head dim).
+bool backward_bf16_tiles(const Call& c, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                         std::vector<at::Tensor>& grads);
 bool bf16_tiles_available();
+bool bf16_tiles_wanted();  // ATTNKIT_CPU_BF16_TILES is not "0"
 
 // Rows<> addressing column `key` of head (b, h) in transposed(), and its leading dim.
 template <typename T>

@@ -6,7 +6,7 @@ import pytest
 import torch
 from attention_cases import (Features, Shape, assert_close, check_backend_matches_ground_truth, ground_truth,
                              make_inputs, run_with_grads)
-from helpers import ATTENTION_TOL, forced
+from helpers import ATTENTION_TOL, GRAD_TOL_FACTOR, forced, num_threads
 
 from attnkit import _extensions
 from attnkit.ops import flash_attention, flash_attention_varlen
@@ -183,6 +183,37 @@ def test_bfloat16_forward_on_bfloat16_tiles(monkeypatch, shape, features):
     assert_close(tiles, plain, 2e-2, "out")
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # 1: the one-task-per-(batch, KV head) schedule where B * H_kv >= 4
+@pytest.mark.parametrize("shape,features", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in BF16_TILE_CASES])
+def test_bfloat16_backward_on_bfloat16_tiles(monkeypatch, shape, features, threads):
+    """The backward's five tile products in bfloat16 (attention_backward_bf16.cpp; P and dS
+    rounded for the products they feed): every gradient against the float64 reference (with
+    dropout, on the same Philox mask), on both schedules."""
+    if not _ext().attention_bf16_tiles_available():
+        pytest.skip("no bfloat16 brgemm (AMX / AVX512-BF16) on this CPU or torch")
+    q, k, v, kwargs = make_inputs(shape, features, torch.bfloat16, "cpu")
+    dropout_p = features.extra.get("dropout_p", 0.0)
+    gen = torch.Generator().manual_seed(3)
+    grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=gen, dtype=torch.float64).bfloat16()
+
+    def grads():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = flash_attention(*leaves, **kwargs, dropout_p=dropout_p, generator=torch.Generator().manual_seed(5))
+        return torch.autograd.grad(out, leaves, grad_out)
+
+    with num_threads(threads), forced(OP, "cpp", "cpu", torch.bfloat16):
+        tiles = grads()
+        monkeypatch.setenv("ATTNKIT_CPU_BF16_TILES", "0")
+        plain = grads()
+    seed = int(torch.randint(0, 1 << 40, (), generator=torch.Generator().manual_seed(5))) << 20
+    keep = ref.dropout_keep_mask(seed, shape.batch, shape.heads, shape.n_q, shape.n_k, dropout_p) if dropout_p else None
+    _, _, truth = ground_truth(q, k, v, kwargs, grad_out, dropout_p, keep)
+    for name, g, g_truth in zip("qkv", tiles, truth):
+        assert g.dtype == torch.bfloat16
+        assert_close(g, g_truth, ATTENTION_TOL[torch.bfloat16] * GRAD_TOL_FACTOR, f"d{name}")
+    assert not all(torch.equal(a, b) for a, b in zip(tiles, plain))
+
+
 def test_bfloat16_tiles_leave_odd_head_dims_to_the_float_kernel(monkeypatch):
     """VNNI pairs rows of K^T: an odd head dim runs the float tiles, which the switch cannot change."""
     q, k, v, kwargs = make_inputs(Shape(1, 2, 2, 50, 70, 33, 33), Features(causal=True), torch.bfloat16, "cpu")
@@ -207,3 +238,24 @@ def test_bfloat16_tiles_varlen():
         expected, expected_lse = ref.attention(*rows, window=(-1, 0))
         assert_close(out[start:end].transpose(0, 1)[None], expected, ATTENTION_TOL[torch.bfloat16], "out")
         assert_close(lse[:, start:end][None], expected_lse, 2e-5, "lse")
+
+
+def test_bfloat16_tiles_varlen_backward():
+    """The bfloat16 backward on packed sequences of 5, 66 and 1 tokens (GQA, causal; odd starts, so
+    each sequence's rows are packed in pairs from its own start): per sequence vs the float64 reference."""
+    if not _ext().attention_bf16_tiles_available():
+        pytest.skip("no bfloat16 brgemm (AMX / AVX512-BF16) on this CPU or torch")
+    gen = torch.Generator().manual_seed(12)
+    cu = torch.tensor([0, 5, 71, 72], dtype=torch.int32)
+    q, k, v = (torch.randn(72, heads, 32, generator=gen).bfloat16().requires_grad_(True) for heads in (4, 2, 2))
+    grad_out = torch.randn(72, 4, 32, generator=gen).bfloat16()
+    with forced(OP, "cpp", "cpu", torch.bfloat16):
+        out = flash_attention_varlen(q, k, v, cu, cu, 66, 66, causal=True)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        rows = [t[start:end].detach().transpose(0, 1)[None].double().requires_grad_(True) for t in (q, k, v)]
+        expected, _ = ref.attention(*rows, window=(-1, 0))
+        truth = torch.autograd.grad(expected, rows, grad_out[start:end].transpose(0, 1)[None].double())
+        for name, g, g_truth in zip("qkv", grads, truth):
+            got = g[start:end].transpose(0, 1)[None]
+            assert_close(got, g_truth, ATTENTION_TOL[torch.bfloat16] * GRAD_TOL_FACTOR, f"d{name} [{start}:{end}]")

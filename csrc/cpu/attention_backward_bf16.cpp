@@ -1,0 +1,325 @@
+// The CPU flash attention's backward on bfloat16 tile GEMMs, the counterpart of
+// attention_forward_bf16.cpp: the five tile products (S = Q K^T, dP = dO V^T, dV += P^T dO,
+// dK += dS^T Q, dQ += dS K) through oneDNN's bfloat16 brgemm with float accumulation; the
+// scores, probabilities, dropout and dS = P (dP - delta) in float32 through the float kernel's
+// tile code (tile_scores, attn_rows), so every score feature behaves as there. As in
+// FlashAttention, P and dS are rounded to bfloat16 for the products they feed.
+//
+// The brgemm reads its B operand in VNNI pairs along its K dimension, so each operand is packed
+// once per call into one of two layouts:
+// - ColPack (K = the head dim, N = 64 keys): x^T per block of 64 keys, element (d, j) at
+//   (d / 2) * 128 + 2 j + d % 2 (the forward's K layout), for K^T and V^T;
+// - RowPack (K = rows of a head, queries or keys; N = 64 of the head dim): element (i, d) of
+//   chunk c at (i / 2) * 2 ldb(c) + 2 (d - 64 c) + i % 2 (the forward's V layout), for Q, dO
+//   and K. Rows past a sequence are zeros, so odd tiles round their K up to even for free.
+// The A operands (P^T, dS^T, dS) are written per tile, in bfloat16, by the tile code.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "attention_kernel.h"
+
+namespace attnkit {
+namespace cpu {
+namespace flash {
+
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+namespace {
+
+using bf16 = at::BFloat16;
+constexpr int64_t kCols = 64;  // the widest N (and ldb) the bfloat16 brgemm takes
+
+int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+struct ColPack {
+  at::Tensor data;
+  int64_t keys = 0, dim = 0;  // keys per head: a multiple of 64
+  // The D x 64 block of keys [n0, n0 + 64) of head `head` (n0 a multiple of 64).
+  const bf16* at(int64_t head, int64_t n0) const { return data.data_ptr<bf16>() + (head * keys + n0) * dim; }
+};
+
+struct RowPack {
+  at::Tensor data;
+  int64_t rows = 0, dim = 0;  // rows per head: even
+  int64_t width(int64_t c) const { return std::min(kCols, dim - c * kCols); }
+  int64_t ldb(int64_t c) const { return round_up(width(c), 16); }
+  int64_t chunks() const { return (dim + kCols - 1) / kCols; }
+  // Chunk c from row i0 on (i0 even); the chunks before c are full (ldb 64).
+  const bf16* at(int64_t head, int64_t c, int64_t i0) const {
+    return data.data_ptr<bf16>() + head * rows * round_up(dim, 16) + rows * c * kCols + i0 * ldb(c);
+  }
+};
+
+// Keys of each (batch, KV head) of x (k or v) as ColPack.
+ColPack pack_cols(const Spec& sp, Rows<const bf16> x, int64_t dim) {
+  ColPack p{at::Tensor(), round_up(std::max<int64_t>(sp.max_k, 1), kCols), dim};
+  const int64_t heads = sp.batch * sp.heads_kv;
+  p.data = at::zeros({heads * p.keys * dim}, at::TensorOptions().dtype(at::kBFloat16));
+  bf16* base = p.data.data_ptr<bf16>();
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t head = begin; head < end; ++head) {
+      const int64_t b = head / sp.heads_kv, kvh = head % sp.heads_kv;
+      const Seq sq = sp.seq(b);
+      for (int64_t j = 0; j < sq.k_len; ++j) {
+        const bf16* row = x.at(b, kvh, sq.k_start + j);
+        bf16* block = base + (head * p.keys + j / kCols * kCols) * dim;
+        for (int64_t d = 0; d < dim; ++d) block[(d / 2) * 2 * kCols + 2 * (j % kCols) + d % 2] = row[d];
+      }
+    }
+  });
+  return p;
+}
+
+// Rows of each (batch, head) of x as RowPack: queries of the query heads, or keys of the KV heads.
+RowPack pack_rows(const Spec& sp, Rows<const bf16> x, bool queries, int64_t dim) {
+  const int64_t heads = queries ? sp.heads : sp.heads_kv;
+  RowPack p{at::Tensor(), round_up(std::max<int64_t>(queries ? sp.max_q : sp.max_k, 1), 2), dim};
+  p.data = at::zeros({sp.batch * heads * p.rows * round_up(dim, 16)}, at::TensorOptions().dtype(at::kBFloat16));
+  at::parallel_for(0, sp.batch * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t head = begin; head < end; ++head) {
+      const int64_t b = head / heads, h = head % heads;
+      const Seq sq = sp.seq(b);
+      const int64_t start = queries ? sq.q_start : sq.k_start, len = queries ? sq.q_len : sq.k_len;
+      for (int64_t i = 0; i < len; ++i) {
+        const bf16* row = x.at(b, h, start + i);
+        for (int64_t c = 0; c < p.chunks(); ++c) {
+          bf16* dst = const_cast<bf16*>(p.at(head, c, i / 2 * 2)) + i % 2;
+          for (int64_t d = 0; d < p.width(c); ++d) dst[2 * d] = row[c * kCols + d];
+        }
+      }
+    }
+  });
+  return p;
+}
+
+struct Operands {
+  Rows<const bf16> q, dout;
+  ColPack kt, vt;      // S = Q K^T, dP = dO V^T
+  RowPack q_rows, dout_rows, k_rows;  // dK += dS^T Q, dV += P^T dO, dQ += dS K
+  Rows<const float> lse, delta;
+};
+
+// C (m x n, leading dim ldc, float) += A (m x k, bfloat16) B over B's chunks of 64 columns.
+void gemm_chunks(const RowPack& b, int64_t head, int64_t k0, int64_t m, int64_t k, const bf16* a, int64_t lda,
+                 float* c, int64_t ldc) {
+  for (int64_t ch = 0; ch < b.chunks(); ++ch) {
+    at::native::cpublas::brgemm(m, b.width(ch), k, lda, b.ldb(ch), ldc, true, a, b.at(head, ch, k0), c + ch * kCols);
+  }
+}
+
+// One thread's buffers and the tile steps both kernels share.
+struct Tile {
+  const Spec& sp;
+  const Operands& op;
+  int64_t BM, BN;
+  std::vector<float> s, t, dp, ds;  // rows x BN
+  std::vector<bf16> low_t, low;     // BN x BM (P^T, dS^T) and BM x BN (dS)
+  std::vector<uint16_t> row_bits;   // one row rounded to bfloat16, before its transpose
+  std::vector<uint8_t> keep;
+
+  Tile(const Spec& spec, const Operands& ops, Blocks blk)
+      : sp(spec), op(ops), BM(blk.m), BN(blk.n), s(BM * BN), t(spec.softcap > 0 ? BM * BN : 0), dp(BM * BN),
+        ds(BM * BN), low_t(BN * BM), low(BM * BN), row_bits(BN), keep(BN) {}
+
+  // P (in s; dropped out in ds when dropout) and dP (dropout applied) of queries [m0, m0 + rows)
+  // against keys [n0, n0 + cols) of head (b, h); n0 a multiple of 64.
+  void probabilities(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
+    const int64_t kvh = h / sp.group, head = b * sp.heads_kv + kvh, i0 = sq.q_start + m0;
+    for (int64_t c0 = 0; c0 < cols; c0 += kCols) {  // whole blocks: the packed padding is zeros
+      at::native::cpublas::brgemm(rows, kCols, sp.dim, op.q.sm, kCols, BN, false, op.q.at(b, h, i0),
+                                  op.kt.at(head, n0 + c0), s.data() + c0);
+      at::native::cpublas::brgemm(rows, kCols, sp.dim_v, op.dout.sm, kCols, BN, false, op.dout.at(b, h, i0),
+                                  op.vt.at(head, n0 + c0), dp.data() + c0);
+    }
+    for (int64_t r = 0; r < rows; ++r) attn_rows::scale(s.data() + r * BN, cols, float(sp.scale));
+    tile_scores(sp, sq, b, h, m0, rows, n0, cols, s.data(), t.empty() ? nullptr : t.data(), BN);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = s.data() + r * BN;
+      const float stat = *op.lse.at(b, h, i0 + r);
+      attn_rows::exp_shift_sum(row, cols, std::isinf(stat) ? 0.0f : stat);  // an empty row: all -inf, P = 0
+      if (sp.dropout) {
+        attn_rows::dropout_keep(keep.data(), stream_of(sp, b, h), m0 + r, n0, cols, sp.max_k, sp.threshold);
+        apply_dropout(dp.data() + r * BN, keep.data(), cols, float(sp.drop_scale));
+        float* dropped = ds.data() + r * BN;
+        std::copy(row, row + cols, dropped);
+        apply_dropout(dropped, keep.data(), cols, float(sp.drop_scale));
+      }
+    }
+  }
+
+  // low_t (cols x rows2, leading dim BM) = x^T rounded to bfloat16, x rows x cols (leading dim BN);
+  // the column past an odd `rows` is zero. Row by row: the rounding runs vectorized on contiguous
+  // floats, and the scattered stores land in low_t's few KB, in L1.
+  void transposed_low(const float* x, int64_t rows, int64_t cols) {
+    uint16_t* dst = reinterpret_cast<uint16_t*>(low_t.data());
+    for (int64_t r = 0; r < round_up(rows, 2); ++r) {
+      if (r < rows) {
+        attn_rows::round_to_bf16(x + r * BN, cols, row_bits.data());
+      } else {
+        std::fill_n(row_bits.data(), cols, uint16_t(0));
+      }
+      for (int64_t j = 0; j < cols; ++j) dst[j * BM + r] = row_bits[j];
+    }
+  }
+
+  // dV (cols x DV) += P_dropped^T dO, then dS = P (dP - delta) (* soft-cap derivative) into ds,
+  // and dK (cols x D) += dS^T Q; both unscaled.
+  void key_grads(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t cols, float* dk, float* dv) {
+    const int64_t rows2 = round_up(rows, 2), bh = b * sp.heads + h;
+    transposed_low(sp.dropout ? ds.data() : s.data(), rows, cols);
+    gemm_chunks(op.dout_rows, bh, m0, cols, rows2, low_t.data(), BM, dv, sp.dim_v);
+    score_grad(sq, b, h, m0, rows, cols);
+    transposed_low(ds.data(), rows, cols);
+    gemm_chunks(op.q_rows, bh, m0, cols, rows2, low_t.data(), BM, dk, sp.dim);
+  }
+
+  void score_grad(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t cols) {
+    for (int64_t r = 0; r < rows; ++r) {
+      attn_rows::softmax_grad(ds.data() + r * BN, s.data() + r * BN, dp.data() + r * BN,
+                              t.empty() ? nullptr : t.data() + r * BN, cols, *op.delta.at(b, h, sq.q_start + m0 + r));
+    }
+  }
+
+  // dQ (rows x D, leading dim ldq) += dS K, unscaled, from ds.
+  void query_grads(int64_t b, int64_t h, int64_t rows, int64_t n0, int64_t cols, float* dq, int64_t ldq) {
+    const int64_t cols2 = round_up(cols, 2);
+    for (int64_t r = 0; r < rows; ++r) {
+      uint16_t* dst = reinterpret_cast<uint16_t*>(low.data()) + r * BN;
+      attn_rows::round_to_bf16(ds.data() + r * BN, cols, dst);
+      if (cols2 > cols) dst[cols] = 0;
+    }
+    gemm_chunks(op.k_rows, b * sp.heads_kv + h / sp.group, n0, rows, cols2, low.data(), BN, dq, ldq);
+  }
+};
+
+// dK, dV per (batch, KV head, key block), or per (batch, KV head) with dQ too (`dq_acc`,
+// float, owned whole by the task then).
+void dkdv_kernel(const Spec& sp, const Operands& op, Rows<bf16> dk, Rows<bf16> dv, Rows<float>* dq_acc, Blocks blk) {
+  const int64_t BM = blk.m, BN = blk.n, D = sp.dim, DV = sp.dim_v;
+  const int64_t n_blocks = dq_acc != nullptr ? 1 : (sp.max_k + BN - 1) / BN;
+  at::parallel_for(0, sp.batch * sp.heads_kv * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    Tile tile(sp, op, blk);
+    std::vector<float> dk_acc(BN * D), dv_acc(BN * DV);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t nb = task % n_blocks, b = task / n_blocks / sp.heads_kv, kvh = task / n_blocks % sp.heads_kv;
+      const Seq sq = sp.seq(b);
+      const int64_t first = nb * BN, last = dq_acc != nullptr ? sq.k_len : std::min(first + BN, sq.k_len);
+      for (int64_t n0 = first; n0 < last; n0 += BN) {
+        const int64_t cols = std::min(BN, sq.k_len - n0);
+        std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
+        std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+        const auto [q_lo, q_hi] = sp.query_range(sq, n0, cols);
+        for (int64_t h = kvh * sp.group; h < (kvh + 1) * sp.group; ++h) {
+          for (int64_t m0 = q_lo / 2 * 2; m0 < q_hi; m0 += BM) {  // even: the packed query pairs
+            const int64_t rows = std::min(BM, q_hi - m0);
+            tile.probabilities(sq, b, h, m0, rows, n0, cols);
+            tile.key_grads(sq, b, h, m0, rows, cols, dk_acc.data(), dv_acc.data());
+            if (dq_acc != nullptr) {
+              tile.query_grads(b, h, rows, n0, cols, dq_acc->at(b, h, sq.q_start + m0), dq_acc->sm);
+            }
+          }
+        }
+        for (int64_t j = 0; j < cols; ++j) {
+          bf16* dk_row = dk.at(b, kvh, sq.k_start + n0 + j);
+          bf16* dv_row = dv.at(b, kvh, sq.k_start + n0 + j);
+          for (int64_t d = 0; d < D; ++d) dk_row[d] = bf16(dk_acc[j * D + d] * float(sp.scale));
+          for (int64_t d = 0; d < DV; ++d) dv_row[d] = bf16(dv_acc[j * DV + d]);
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+  });
+}
+
+void dq_kernel(const Spec& sp, const Operands& op, Rows<bf16> dq, Blocks blk) {
+  const int64_t BM = blk.m, BN = blk.n, D = sp.dim;
+  const int64_t m_blocks = (sp.max_q + BM - 1) / BM;
+  at::parallel_for(0, sp.batch * sp.heads * m_blocks, 1, [&](int64_t begin, int64_t end) {
+    Tile tile(sp, op, blk);
+    std::vector<float> dq_acc(BM * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const auto [b, h, kvh, m0, rows, sq] = sp.query_block(task, m_blocks, BM);
+      if (rows == 0) continue;
+      std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
+      const auto [k_lo, k_hi] = sp.key_range(sq, m0, rows);
+      for (int64_t n0 = k_lo / kCols * kCols; n0 < k_hi; n0 += BN) {  // whole packed blocks
+        const int64_t cols = std::min(BN, k_hi - n0);
+        tile.probabilities(sq, b, h, m0, rows, n0, cols);
+        tile.score_grad(sq, b, h, m0, rows, cols);
+        tile.query_grads(b, h, rows, n0, cols, dq_acc.data(), D);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        bf16* dq_row = dq.at(b, h, sq.q_start + m0 + r);
+        for (int64_t d = 0; d < D; ++d) dq_row[d] = bf16(dq_acc[r * D + d] * float(sp.scale));
+      }
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+  });
+}
+
+// delta_i = sum_d dO_id O_id in float.
+void delta_rows(const Spec& sp, Rows<const bf16> out, Rows<const bf16> dout, Rows<float> delta) {
+  at::parallel_for(0, sp.batch * sp.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / sp.heads, h = task % sp.heads;
+      const Seq sq = sp.seq(b);
+      for (int64_t i = sq.q_start; i < sq.q_start + sq.q_len; ++i) {
+        const bf16* o = out.at(b, h, i);
+        const bf16* g = dout.at(b, h, i);
+        float sum = 0;
+        for (int64_t d = 0; d < sp.dim_v; ++d) sum += float(o[d]) * float(g[d]);
+        *delta.at(b, h, i) = sum;
+      }
+    }
+  });
+}
+
+}  // namespace
+#endif
+
+bool backward_bf16_tiles(const Call& c, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                         std::vector<at::Tensor>& grads) {
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  const Spec& sp = c.spec;
+  if (c.q.scalar_type() != at::kBFloat16 || sp.dim % 2 != 0 || sp.dim_v % 2 != 0 || !bf16_tiles_available() ||
+      !bf16_tiles_wanted()) {
+    return false;
+  }
+  const bool vl = sp.varlen;
+  at::Tensor delta = at::empty(lse.sizes(), lse.options());
+  delta_rows(sp, rows_of<const bf16>(out, vl), rows_of<const bf16>(dout, vl), stats_of<float>(delta, vl));
+  const Rows<const bf16> q = rows_of<const bf16>(c.q, vl), k = rows_of<const bf16>(c.k, vl),
+                         v = rows_of<const bf16>(c.v, vl), g = rows_of<const bf16>(dout, vl);
+  const Operands op{q, g, pack_cols(sp, k, sp.dim), pack_cols(sp, v, sp.dim_v), pack_rows(sp, q, true, sp.dim),
+                    pack_rows(sp, g, true, sp.dim_v), pack_rows(sp, k, false, sp.dim),
+                    stats_of<const float>(lse, vl), stats_of<const float>(delta, vl)};
+  at::Tensor dq = at::empty(c.q.sizes(), c.q.options()), dk = at::empty(c.k.sizes(), c.k.options()),
+             dv = at::empty(c.v.sizes(), c.v.options());
+  // Key blocks of 128 (64 at D > 128, as the float kernel): multiples of the packed 64-key blocks.
+  const Blocks blk = backward_blocks(sp);
+  // One task per (batch, KV head) when there are enough for the threads (as the float kernel).
+  if (sp.batch * sp.heads_kv >= 4 * at::get_num_threads()) {
+    at::Tensor dq_acc = at::zeros(c.q.sizes(), c.q.options().dtype(at::kFloat));
+    Rows<float> dq_rows = rows_of<float>(dq_acc, vl);
+    dkdv_kernel(sp, op, rows_of<bf16>(dk, vl), rows_of<bf16>(dv, vl), &dq_rows, blk);
+    dq.copy_(dq_acc.mul_(sp.scale));
+  } else {
+    dkdv_kernel(sp, op, rows_of<bf16>(dk, vl), rows_of<bf16>(dv, vl), nullptr, blk);
+    dq_kernel(sp, op, rows_of<bf16>(dq, vl), blk);
+  }
+  grads = {dq, dk, dv};
+  return true;
+#else
+  (void)c, (void)dout, (void)out, (void)lse, (void)grads;
+  return false;
+#endif
+}
+
+}  // namespace flash
+}  // namespace cpu
+}  // namespace attnkit
