@@ -5,14 +5,17 @@
 // tile code (tile_scores, attn_rows), so every score feature behaves as there. As in
 // FlashAttention, P and dS are rounded to bfloat16 for the products they feed.
 //
-// The brgemm reads its B operand in VNNI pairs along its K dimension, so each operand is packed
-// once per call into one of two layouts:
+// As the float kernel, dV and dK accumulate transposed (dV^T += dO^T P, dK^T += Q^T dS), so that
+// no tile is transposed: P and dS are the B operands there, which the brgemm reads in VNNI pairs
+// along its K dimension (here the queries): element (r, j) of a 64-column chunk at
+// (r / 2) * 128 + 2 j + r % 2, two rows interleaved as they are rounded to bfloat16. The
+// operands that do not change within a call are laid out once:
 // - ColPack (K = the head dim, N = 64 keys): x^T per block of 64 keys, element (d, j) at
 //   (d / 2) * 128 + 2 j + d % 2 (the forward's K layout), for K^T and V^T;
-// - RowPack (K = rows of a head, queries or keys; N = 64 of the head dim): element (i, d) of
-//   chunk c at (i / 2) * 2 ldb(c) + 2 (d - 64 c) + i % 2 (the forward's V layout), for Q, dO
-//   and K. Rows past a sequence are zeros, so odd tiles round their K up to even for free.
-// The A operands (P^T, dS^T, dS) are written per tile, in bfloat16, by the tile code.
+// - RowPack (K = keys; N = 64 of the head dim): element (i, d) of chunk c at
+//   (i / 2) * 2 ldb(c) + 2 (d - 64 c) + i % 2 (the forward's V layout), for K (dQ += dS K);
+// - Transposed (A operands, K = queries): Q^T and dO^T per head, rows padded to an even length.
+// Rows past a sequence are zeros, so odd tiles round their K up to even for free.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -55,6 +58,30 @@ struct RowPack {
   }
 };
 
+// x^T of each (batch, query head), dim x rows, rows an even count >= every sequence.
+struct Transposed {
+  at::Tensor data;
+  int64_t rows = 0, dim = 0;
+  const bf16* at(int64_t head, int64_t i0) const { return data.data_ptr<bf16>() + head * dim * rows + i0; }
+};
+
+Transposed pack_transposed(const Spec& sp, Rows<const bf16> x, int64_t dim) {
+  Transposed p{at::Tensor(), round_up(std::max<int64_t>(sp.max_q, 1), 2), dim};
+  p.data = at::zeros({sp.batch * sp.heads * dim * p.rows}, at::TensorOptions().dtype(at::kBFloat16));
+  at::parallel_for(0, sp.batch * sp.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t head = begin; head < end; ++head) {
+      const int64_t b = head / sp.heads, h = head % sp.heads;
+      const Seq sq = sp.seq(b);
+      bf16* dst = const_cast<bf16*>(p.at(head, 0));
+      for (int64_t i = 0; i < sq.q_len; ++i) {
+        const bf16* row = x.at(b, h, sq.q_start + i);
+        for (int64_t d = 0; d < dim; ++d) dst[d * p.rows + i] = row[d];
+      }
+    }
+  });
+  return p;
+}
+
 // Keys of each (batch, KV head) of x (k or v) as ColPack.
 ColPack pack_cols(const Spec& sp, Rows<const bf16> x, int64_t dim) {
   ColPack p{at::Tensor(), round_up(std::max<int64_t>(sp.max_k, 1), kCols), dim};
@@ -75,18 +102,17 @@ ColPack pack_cols(const Spec& sp, Rows<const bf16> x, int64_t dim) {
   return p;
 }
 
-// Rows of each (batch, head) of x as RowPack: queries of the query heads, or keys of the KV heads.
-RowPack pack_rows(const Spec& sp, Rows<const bf16> x, bool queries, int64_t dim) {
-  const int64_t heads = queries ? sp.heads : sp.heads_kv;
-  RowPack p{at::Tensor(), round_up(std::max<int64_t>(queries ? sp.max_q : sp.max_k, 1), 2), dim};
-  p.data = at::zeros({sp.batch * heads * p.rows * round_up(dim, 16)}, at::TensorOptions().dtype(at::kBFloat16));
-  at::parallel_for(0, sp.batch * heads, 1, [&](int64_t begin, int64_t end) {
+// Keys of each (batch, KV head) of k as RowPack.
+RowPack pack_rows(const Spec& sp, Rows<const bf16> x, int64_t dim) {
+  RowPack p{at::Tensor(), round_up(std::max<int64_t>(sp.max_k, 1), 2), dim};
+  const int64_t heads = sp.batch * sp.heads_kv;
+  p.data = at::zeros({heads * p.rows * round_up(dim, 16)}, at::TensorOptions().dtype(at::kBFloat16));
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t head = begin; head < end; ++head) {
-      const int64_t b = head / heads, h = head % heads;
+      const int64_t b = head / sp.heads_kv, h = head % sp.heads_kv;
       const Seq sq = sp.seq(b);
-      const int64_t start = queries ? sq.q_start : sq.k_start, len = queries ? sq.q_len : sq.k_len;
-      for (int64_t i = 0; i < len; ++i) {
-        const bf16* row = x.at(b, h, start + i);
+      for (int64_t i = 0; i < sq.k_len; ++i) {
+        const bf16* row = x.at(b, h, sq.k_start + i);
         for (int64_t c = 0; c < p.chunks(); ++c) {
           bf16* dst = const_cast<bf16*>(p.at(head, c, i / 2 * 2)) + i % 2;
           for (int64_t d = 0; d < p.width(c); ++d) dst[2 * d] = row[c * kCols + d];
@@ -99,18 +125,11 @@ RowPack pack_rows(const Spec& sp, Rows<const bf16> x, bool queries, int64_t dim)
 
 struct Operands {
   Rows<const bf16> q, dout;
-  ColPack kt, vt;      // S = Q K^T, dP = dO V^T
-  RowPack q_rows, dout_rows, k_rows;  // dK += dS^T Q, dV += P^T dO, dQ += dS K
+  ColPack kt, vt;         // S = Q K^T, dP = dO V^T
+  Transposed qt, dout_t;  // dK^T += Q^T dS, dV^T += dO^T P
+  RowPack k_rows;         // dQ += dS K
   Rows<const float> lse, delta;
 };
-
-// C (m x n, leading dim ldc, float) += A (m x k, bfloat16) B over B's chunks of 64 columns.
-void gemm_chunks(const RowPack& b, int64_t head, int64_t k0, int64_t m, int64_t k, const bf16* a, int64_t lda,
-                 float* c, int64_t ldc) {
-  for (int64_t ch = 0; ch < b.chunks(); ++ch) {
-    at::native::cpublas::brgemm(m, b.width(ch), k, lda, b.ldb(ch), ldc, true, a, b.at(head, ch, k0), c + ch * kCols);
-  }
-}
 
 // One thread's buffers and the tile steps both kernels share.
 struct Tile {
@@ -118,13 +137,13 @@ struct Tile {
   const Operands& op;
   int64_t BM, BN;
   std::vector<float> s, t, dp, ds;  // rows x BN
-  std::vector<bf16> low_t, low;     // BN x BM (P^T, dS^T) and BM x BN (dS)
-  std::vector<uint16_t> row_bits;   // one row rounded to bfloat16, before its transpose
+  std::vector<uint32_t> pairs;      // P or dS as the VNNI B operand: BM / 2 x BN row pairs
+  std::vector<uint16_t> bits_a, bits_b, low;  // two rows rounded to bfloat16; dS (BM x BN)
   std::vector<uint8_t> keep;
 
   Tile(const Spec& spec, const Operands& ops, Blocks blk)
       : sp(spec), op(ops), BM(blk.m), BN(blk.n), s(BM * BN), t(spec.softcap > 0 ? BM * BN : 0), dp(BM * BN),
-        ds(BM * BN), low_t(BN * BM), low(BM * BN), row_bits(BN), keep(BN) {}
+        ds(BM * BN), pairs(BM / 2 * BN), bits_a(BN), bits_b(BN), low(BM * BN), keep(BN) {}
 
   // P (in s; dropped out in ds when dropout) and dP (dropout applied) of queries [m0, m0 + rows)
   // against keys [n0, n0 + cols) of head (b, h); n0 a multiple of 64.
@@ -152,30 +171,45 @@ struct Tile {
     }
   }
 
-  // low_t (cols x rows2, leading dim BM) = x^T rounded to bfloat16, x rows x cols (leading dim BN);
-  // the column past an odd `rows` is zero. Row by row: the rounding runs vectorized on contiguous
-  // floats, and the scattered stores land in low_t's few KB, in L1.
-  void transposed_low(const float* x, int64_t rows, int64_t cols) {
-    uint16_t* dst = reinterpret_cast<uint16_t*>(low_t.data());
-    for (int64_t r = 0; r < round_up(rows, 2); ++r) {
-      if (r < rows) {
-        attn_rows::round_to_bf16(x + r * BN, cols, row_bits.data());
+  // x (rows x cols, leading dim BN) rounded to bfloat16 as the VNNI B operand in `pairs`: per
+  // chunk of 64 columns (N = 64), rows interleaved in pairs (one 32-bit store a pair); the row
+  // past an odd `rows` and the columns past `cols` are zeros.
+  void interleaved(const float* x, int64_t rows, int64_t cols) {
+    const int64_t cols64 = round_up(cols, kCols);
+    for (int64_t r = 0; r < rows; r += 2) {
+      attn_rows::round_to_bf16(x + r * BN, cols, bits_a.data());
+      std::fill(bits_a.begin() + cols, bits_a.begin() + cols64, uint16_t(0));
+      if (r + 1 < rows) {
+        attn_rows::round_to_bf16(x + (r + 1) * BN, cols, bits_b.data());
+        std::fill(bits_b.begin() + cols, bits_b.begin() + cols64, uint16_t(0));
       } else {
-        std::fill_n(row_bits.data(), cols, uint16_t(0));
+        std::fill(bits_b.begin(), bits_b.begin() + cols64, uint16_t(0));
       }
-      for (int64_t j = 0; j < cols; ++j) dst[j * BM + r] = row_bits[j];
+      for (int64_t c0 = 0; c0 < cols64; c0 += kCols) {
+        uint32_t* dst = pairs.data() + c0 * (BM / 2) + r / 2 * kCols;
+        for (int64_t j = 0; j < kCols; ++j) dst[j] = uint32_t(bits_a[c0 + j]) | uint32_t(bits_b[c0 + j]) << 16;
+      }
     }
   }
 
-  // dV (cols x DV) += P_dropped^T dO, then dS = P (dP - delta) (* soft-cap derivative) into ds,
-  // and dK (cols x D) += dS^T Q; both unscaled.
-  void key_grads(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t cols, float* dk, float* dv) {
-    const int64_t rows2 = round_up(rows, 2), bh = b * sp.heads + h;
-    transposed_low(sp.dropout ? ds.data() : s.data(), rows, cols);
-    gemm_chunks(op.dout_rows, bh, m0, cols, rows2, low_t.data(), BM, dv, sp.dim_v);
+  // C^T (dim x BN, float) += A (dim x rows2, leading dim a.rows) times the operand in `pairs`.
+  void transposed_update(const Transposed& a, int64_t bh, int64_t m0, int64_t rows, int64_t cols, float* c_t) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kCols) {
+      at::native::cpublas::brgemm(a.dim, kCols, round_up(rows, 2), a.rows, kCols, BN, true, a.at(bh, m0),
+                                  reinterpret_cast<const bf16*>(pairs.data() + c0 * (BM / 2)), c_t + c0);
+    }
+  }
+
+  // dV^T (DV x BN) += dO^T P_dropped, then dS = P (dP - delta) (* soft-cap derivative) into ds,
+  // and dK^T (D x BN) += Q^T dS; both unscaled.
+  void key_grads(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t cols, float* dk_t,
+                 float* dv_t) {
+    const int64_t bh = b * sp.heads + h;
+    interleaved(sp.dropout ? ds.data() : s.data(), rows, cols);
+    transposed_update(op.dout_t, bh, m0, rows, cols, dv_t);
     score_grad(sq, b, h, m0, rows, cols);
-    transposed_low(ds.data(), rows, cols);
-    gemm_chunks(op.q_rows, bh, m0, cols, rows2, low_t.data(), BM, dk, sp.dim);
+    interleaved(ds.data(), rows, cols);
+    transposed_update(op.qt, bh, m0, rows, cols, dk_t);
   }
 
   void score_grad(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t cols) {
@@ -189,11 +223,16 @@ struct Tile {
   void query_grads(int64_t b, int64_t h, int64_t rows, int64_t n0, int64_t cols, float* dq, int64_t ldq) {
     const int64_t cols2 = round_up(cols, 2);
     for (int64_t r = 0; r < rows; ++r) {
-      uint16_t* dst = reinterpret_cast<uint16_t*>(low.data()) + r * BN;
+      uint16_t* dst = low.data() + r * BN;
       attn_rows::round_to_bf16(ds.data() + r * BN, cols, dst);
       if (cols2 > cols) dst[cols] = 0;
     }
-    gemm_chunks(op.k_rows, b * sp.heads_kv + h / sp.group, n0, rows, cols2, low.data(), BN, dq, ldq);
+    const RowPack& k = op.k_rows;
+    const int64_t head = b * sp.heads_kv + h / sp.group;
+    for (int64_t c = 0; c < k.chunks(); ++c) {
+      at::native::cpublas::brgemm(rows, k.width(c), cols2, BN, k.ldb(c), ldq, true,
+                                  reinterpret_cast<const bf16*>(low.data()), k.at(head, c, n0), dq + c * kCols);
+    }
   }
 };
 
@@ -204,21 +243,21 @@ void dkdv_kernel(const Spec& sp, const Operands& op, Rows<bf16> dk, Rows<bf16> d
   const int64_t n_blocks = dq_acc != nullptr ? 1 : (sp.max_k + BN - 1) / BN;
   at::parallel_for(0, sp.batch * sp.heads_kv * n_blocks, 1, [&](int64_t begin, int64_t end) {
     Tile tile(sp, op, blk);
-    std::vector<float> dk_acc(BN * D), dv_acc(BN * DV);
+    std::vector<float> dk_t(D * BN), dv_t(DV * BN);  // transposed: (D x cols), leading dim BN
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nb = task % n_blocks, b = task / n_blocks / sp.heads_kv, kvh = task / n_blocks % sp.heads_kv;
       const Seq sq = sp.seq(b);
       const int64_t first = nb * BN, last = dq_acc != nullptr ? sq.k_len : std::min(first + BN, sq.k_len);
       for (int64_t n0 = first; n0 < last; n0 += BN) {
         const int64_t cols = std::min(BN, sq.k_len - n0);
-        std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
-        std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+        std::fill(dk_t.begin(), dk_t.end(), 0.0f);
+        std::fill(dv_t.begin(), dv_t.end(), 0.0f);
         const auto [q_lo, q_hi] = sp.query_range(sq, n0, cols);
         for (int64_t h = kvh * sp.group; h < (kvh + 1) * sp.group; ++h) {
           for (int64_t m0 = q_lo / 2 * 2; m0 < q_hi; m0 += BM) {  // even: the packed query pairs
             const int64_t rows = std::min(BM, q_hi - m0);
             tile.probabilities(sq, b, h, m0, rows, n0, cols);
-            tile.key_grads(sq, b, h, m0, rows, cols, dk_acc.data(), dv_acc.data());
+            tile.key_grads(sq, b, h, m0, rows, cols, dk_t.data(), dv_t.data());
             if (dq_acc != nullptr) {
               tile.query_grads(b, h, rows, n0, cols, dq_acc->at(b, h, sq.q_start + m0), dq_acc->sm);
             }
@@ -227,8 +266,8 @@ void dkdv_kernel(const Spec& sp, const Operands& op, Rows<bf16> dk, Rows<bf16> d
         for (int64_t j = 0; j < cols; ++j) {
           bf16* dk_row = dk.at(b, kvh, sq.k_start + n0 + j);
           bf16* dv_row = dv.at(b, kvh, sq.k_start + n0 + j);
-          for (int64_t d = 0; d < D; ++d) dk_row[d] = bf16(dk_acc[j * D + d] * float(sp.scale));
-          for (int64_t d = 0; d < DV; ++d) dv_row[d] = bf16(dv_acc[j * DV + d]);
+          for (int64_t d = 0; d < D; ++d) dk_row[d] = bf16(dk_t[d * BN + j] * float(sp.scale));
+          for (int64_t d = 0; d < DV; ++d) dv_row[d] = bf16(dv_t[d * BN + j]);
         }
       }
     }
@@ -295,9 +334,9 @@ bool backward_bf16_tiles(const Call& c, const at::Tensor& dout, const at::Tensor
   delta_rows(sp, rows_of<const bf16>(out, vl), rows_of<const bf16>(dout, vl), stats_of<float>(delta, vl));
   const Rows<const bf16> q = rows_of<const bf16>(c.q, vl), k = rows_of<const bf16>(c.k, vl),
                          v = rows_of<const bf16>(c.v, vl), g = rows_of<const bf16>(dout, vl);
-  const Operands op{q, g, pack_cols(sp, k, sp.dim), pack_cols(sp, v, sp.dim_v), pack_rows(sp, q, true, sp.dim),
-                    pack_rows(sp, g, true, sp.dim_v), pack_rows(sp, k, false, sp.dim),
-                    stats_of<const float>(lse, vl), stats_of<const float>(delta, vl)};
+  const Operands op{q, g, pack_cols(sp, k, sp.dim), pack_cols(sp, v, sp.dim_v), pack_transposed(sp, q, sp.dim),
+                    pack_transposed(sp, g, sp.dim_v), pack_rows(sp, k, sp.dim), stats_of<const float>(lse, vl),
+                    stats_of<const float>(delta, vl)};
   at::Tensor dq = at::empty(c.q.sizes(), c.q.options()), dk = at::empty(c.k.sizes(), c.k.options()),
              dv = at::empty(c.v.sizes(), c.v.options());
   // Key blocks of 128 (64 at D > 128, as the float kernel): multiples of the packed 64-key blocks.
