@@ -226,24 +226,6 @@ void finish_dq_rope(const Spec& sp, Rows<T> dq, const rope::Rope<T>& rope) {
   });
 }
 
-// delta_i = sum_d dO_id O_id, the row term of the softmax backward.
-template <typename T>
-void backward_delta(const Spec& sp, Rows<const T> out, Rows<const T> dout, Rows<T> delta) {
-  at::parallel_for(0, sp.batch * sp.heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / sp.heads, h = task % sp.heads;
-      const Seq sq = sp.seq(b);
-      for (int64_t i = sq.q_start; i < sq.q_start + sq.q_len; ++i) {
-        const T* o = out.at(b, h, i);
-        const T* g = dout.at(b, h, i);
-        T sum = 0;
-        for (int64_t d = 0; d < sp.dim_v; ++d) sum += o[d] * g[d];
-        *delta.at(b, h, i) = sum;
-      }
-    }
-  });
-}
-
 }  // namespace
 
 std::vector<at::Tensor> attention_backward(

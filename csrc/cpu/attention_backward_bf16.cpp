@@ -35,9 +35,7 @@ namespace flash {
 namespace {
 
 using bf16 = at::BFloat16;
-constexpr int64_t kCols = 64;  // the widest N (and ldb) the bfloat16 brgemm takes
-
-int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+constexpr int64_t kCols = kBf16Cols;
 
 struct ColPack {
   at::Tensor data;
@@ -301,23 +299,6 @@ void dq_kernel(const Spec& sp, const Operands& op, Rows<bf16> dq, Blocks blk) {
   });
 }
 
-// delta_i = sum_d dO_id O_id in float.
-void delta_rows(const Spec& sp, Rows<const bf16> out, Rows<const bf16> dout, Rows<float> delta) {
-  at::parallel_for(0, sp.batch * sp.heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / sp.heads, h = task % sp.heads;
-      const Seq sq = sp.seq(b);
-      for (int64_t i = sq.q_start; i < sq.q_start + sq.q_len; ++i) {
-        const bf16* o = out.at(b, h, i);
-        const bf16* g = dout.at(b, h, i);
-        float sum = 0;
-        for (int64_t d = 0; d < sp.dim_v; ++d) sum += float(o[d]) * float(g[d]);
-        *delta.at(b, h, i) = sum;
-      }
-    }
-  });
-}
-
 }  // namespace
 #endif
 
@@ -331,7 +312,7 @@ bool backward_bf16_tiles(const Call& c, const at::Tensor& dout, const at::Tensor
   }
   const bool vl = sp.varlen;
   at::Tensor delta = at::empty(lse.sizes(), lse.options());
-  delta_rows(sp, rows_of<const bf16>(out, vl), rows_of<const bf16>(dout, vl), stats_of<float>(delta, vl));
+  backward_delta<float>(sp, rows_of<const bf16>(out, vl), rows_of<const bf16>(dout, vl), stats_of<float>(delta, vl));
   const Rows<const bf16> q = rows_of<const bf16>(c.q, vl), k = rows_of<const bf16>(c.k, vl),
                          v = rows_of<const bf16>(c.v, vl), g = rows_of<const bf16>(dout, vl);
   const Operands op{q, g, pack_cols(sp, k, sp.dim), pack_cols(sp, v, sp.dim_v), pack_transposed(sp, q, sp.dim),

@@ -49,9 +49,7 @@ bool bf16_tiles_wanted() {
 namespace {
 
 using bf16 = at::BFloat16;
-constexpr int64_t kCols = 64;  // the widest N (and ldb) the bfloat16 brgemm takes
-
-int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+constexpr int64_t kCols = kBf16Cols;
 
 // K and V of every (batch, KV head) in the brgemm's layout (see the top of this file).
 struct Packed {

@@ -217,6 +217,29 @@ void online_softmax_tile(const Spec& sp, int64_t b, int64_t h, int64_t m0, int64
   }
 }
 
+// delta_i = sum_d dO_id O_id (summed in A), the row term of the softmax backward.
+template <typename A, typename T>
+void backward_delta(const Spec& sp, Rows<const T> out, Rows<const T> dout, Rows<A> delta) {
+  at::parallel_for(0, sp.batch * sp.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / sp.heads, h = task % sp.heads;
+      const Seq sq = sp.seq(b);
+      for (int64_t i = sq.q_start; i < sq.q_start + sq.q_len; ++i) {
+        const T* o = out.at(b, h, i);
+        const T* g = dout.at(b, h, i);
+        A sum = 0;
+        for (int64_t d = 0; d < sp.dim_v; ++d) sum += A(o[d]) * A(g[d]);
+        *delta.at(b, h, i) = sum;
+      }
+    }
+  });
+}
+
+// The bfloat16 tiles' brgemm (attention_*_bf16.cpp) takes N (and ldb) of at most 64 columns.
+constexpr int64_t kBf16Cols = 64;
+
+inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
 // ------------------------------------------------------------------ fused RoPE operands
 
 // n rows of x (leading dim x_ld) from position `pos` on, rotated by `rope` into
