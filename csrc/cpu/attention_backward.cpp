@@ -266,9 +266,19 @@ std::vector<at::Tensor> attention_backward_rope(
   const int64_t row_dim = sp.varlen ? 0 : 2;
   const at::Tensor dout_r = rows_ready(grad_out, row_dim), out_r = rows_ready(out, row_dim);
   const at::Tensor lse_c = lse.contiguous();
-  if (rope_tables == nullptr && !mask_grad) {  // bfloat16 inputs on bfloat16 tiles, where this CPU has them
+  if (!mask_grad && bf16_tiles_take(sp, q.scalar_type(), true)) {  // bfloat16 inputs on bfloat16 tiles
     std::vector<at::Tensor> grads;
-    if (backward_bf16_tiles(c, dout_r, out_r, lse_c, grads)) return grads;
+    if (rope_tables == nullptr) {
+      if (backward_bf16_tiles(c, dout_r, out_r, lse_c, grads)) return grads;
+    } else {  // fused RoPE: the gradients of the rotated q and k, rotated back
+      Call rotated = c;
+      rotated.q = rotated_copy(c, *rope_tables, c.q, true, false);
+      rotated.k = rotated_copy(c, *rope_tables, c.k, false, false);
+      if (backward_bf16_tiles(rotated, dout_r, out_r, lse_c, grads)) {
+        return {rotated_copy(c, *rope_tables, grads[0], true, true), rotated_copy(c, *rope_tables, grads[1], false, true),
+                grads[2]};
+      }
+    }
   }
   at::Tensor delta = at::empty(stat_shape(sp, q), q.options().dtype(acc));
   const bool vl = sp.varlen, same = q.scalar_type() == acc;

@@ -306,10 +306,7 @@ bool backward_bf16_tiles(const Call& c, const at::Tensor& dout, const at::Tensor
                          std::vector<at::Tensor>& grads) {
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
   const Spec& sp = c.spec;
-  if (c.q.scalar_type() != at::kBFloat16 || sp.dim % 2 != 0 || sp.dim_v % 2 != 0 || !bf16_tiles_available() ||
-      !bf16_tiles_wanted()) {
-    return false;
-  }
+  if (!bf16_tiles_take(sp, c.q.scalar_type(), true)) return false;
   const bool vl = sp.varlen;
   at::Tensor delta = at::empty(lse.sizes(), lse.options());
   backward_delta<float>(sp, rows_of<const bf16>(out, vl), rows_of<const bf16>(dout, vl), stats_of<float>(delta, vl));

@@ -104,6 +104,12 @@ std::vector<at::Tensor> attention_forward_rope(
   at::Tensor out = at::empty(out_shape(q, sp.dim_v), q.options());
   at::Tensor lse = at::empty(stat_shape(sp, q), q.options().dtype(acc));
   if (rope_tables == nullptr && forward_bf16_tiles(c, out, lse)) return {out, lse};
+  if (rope_tables != nullptr && bf16_tiles_take(sp, q.scalar_type(), false)) {  // q and k rotated once, then the tiles
+    Call rotated = c;
+    rotated.q = rotated_copy(c, *rope_tables, c.q, true, false);
+    rotated.k = rotated_copy(c, *rope_tables, c.k, false, false);
+    if (forward_bf16_tiles(rotated, out, lse)) return {out, lse};
+  }
   const bool vl = sp.varlen;
   // fp16/bf16 run as float: converting q, v (and k, transposed anyway) once
   // beats BLAS's 16-bit GEMMs, which widen every tile to float themselves.

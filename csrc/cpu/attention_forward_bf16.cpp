@@ -155,9 +155,7 @@ void forward_kernel(const Spec& sp, Rows<const bf16> q, const Packed& p, Rows<bf
 bool forward_bf16_tiles(const Call& c, const at::Tensor& out, const at::Tensor& lse) {
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
   const Spec& sp = c.spec;
-  if (c.q.scalar_type() != at::kBFloat16 || sp.dim % 2 != 0 || !bf16_tiles_available() || !bf16_tiles_wanted()) {
-    return false;
-  }
+  if (!bf16_tiles_take(sp, c.q.scalar_type(), false)) return false;
   const bool vl = sp.varlen;
   const Packed p = pack(sp, rows_of<const bf16>(c.k, vl), rows_of<const bf16>(c.v, vl));
   // Key tiles of whole 64-key blocks: the float kernel's 512 (256 at D > 128).

@@ -329,6 +329,16 @@ bool backward_bf16_tiles(const Call& c, const at::Tensor& dout, const at::Tensor
                          std::vector<at::Tensor>& grads);
 bool bf16_tiles_available();
 bool bf16_tiles_wanted();  // ATTNKIT_CPU_BF16_TILES is not "0"
+// Whether a call of `dtype` runs on the bfloat16 tiles: bfloat16, even head dims (VNNI pairs; the
+// value head dim too for the backward, where dO V^T pairs it), a bfloat16 brgemm, not switched off.
+inline bool bf16_tiles_take(const Spec& sp, at::ScalarType dtype, bool backward) {
+  return dtype == at::kBFloat16 && sp.dim % 2 == 0 && (!backward || sp.dim_v % 2 == 0) && bf16_tiles_available() &&
+         bf16_tiles_wanted();
+}
+// x (q when `queries`, else k, dense or packed as the call holds them) rotated by `rope` at the
+// fused kernels' positions into a fresh tensor of x's dtype (attention_rotary.cpp); `conjugate`
+// rotates back (dq, dk). The bfloat16 tiles take fused RoPE this way: q and k rotated once.
+at::Tensor rotated_copy(const Call& c, const RopeTables& rope, const at::Tensor& x, bool queries, bool conjugate);
 
 // Rows<> addressing column `key` of head (b, h) in transposed(), and its leading dim.
 template <typename T>

@@ -2,6 +2,7 @@
 // points check the tables and hand them to the attention kernels
 // (attention.cpp, attention_rope.h), which rotate q and k where they already
 // copy them and rotate dq, dk back where they write them.
+#include "attention_kernel.h"
 #include "attention_rope.h"
 #include "attnkit/attention.h"
 #include "attnkit/rotary.h"
@@ -28,6 +29,29 @@ RopeTables tables_of(const at::Tensor& q, const c10::optional<at::Tensor>& cu_q,
 }
 
 }  // namespace
+
+namespace flash {
+
+at::Tensor rotated_copy(const Call& c, const RopeTables& rope, const at::Tensor& x, bool queries, bool conjugate) {
+  const Spec& sp = c.spec;
+  at::Tensor offsets = rope.offsets.to(at::kLong).clone();  // (B,): key j of sequence b at j + offsets[b]
+  if (queries) {  // query i at i + diag + offsets[b]
+    int64_t* o = offsets.data_ptr<int64_t>();
+    for (int64_t b = 0; b < sp.batch; ++b) o[b] += sp.seq(b).diag;
+  }
+  const bool usable = rope.cos.scalar_type() == x.scalar_type() || rope.cos.scalar_type() == at::kFloat;
+  const at::Tensor cos = usable ? rope.cos : rope.cos.to(at::kFloat), sin = usable ? rope.sin : rope.sin.to(at::kFloat);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (sp.varlen) {
+    rotary_apply(x, cos, sin, offsets, 0, rope.interleaved, conjugate, out, queries ? c.cu_q : c.cu_k);
+  } else {  // rotary_apply takes (B, N, H, D)
+    rotary_apply(x.transpose(1, 2), cos, sin, offsets, 0, rope.interleaved, conjugate, out.transpose(1, 2),
+                 c10::nullopt);
+  }
+  return out;
+}
+
+}  // namespace flash
 
 std::vector<at::Tensor> attention_rotary_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens_q,

@@ -249,3 +249,34 @@ def test_positions_past_the_table_stay_unrotated(threads):
     torch.testing.assert_close(lse, lse_e)
     for g, g_e in zip(grads, (spin(dq, True), spin(dk, True), dv)):
         torch.testing.assert_close(g, g_e)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_bfloat16_tiles_varlen_rope_matches_the_float_tiles(monkeypatch, interleaved):
+    """bfloat16 with fused RoPE on the bfloat16 tiles (q and k rotated once into bfloat16 copies,
+    dq and dk rotated back): packed sequences of 7, 40 and 2 tokens, GQA, causal, per-sequence
+    offsets and a partial rotary dim, against the float tiles (ATTNKIT_CPU_BF16_TILES=0), which the
+    tests above hold to the float64 reference."""
+    ext, reason = _extensions.load("_C")
+    if ext is None or not ext.attention_bf16_tiles_available():
+        pytest.skip(reason or "no bfloat16 brgemm (AMX / AVX512-BF16) on this CPU or torch")
+    gen = torch.Generator().manual_seed(31)
+    cu = torch.tensor([0, 7, 47, 49], dtype=torch.int32)
+    q, k, v = (torch.randn(49, heads, 32, generator=gen).bfloat16() for heads in (4, 2, 2))
+    grad_out = torch.randn(49, 4, 32, generator=gen).bfloat16()
+    cos, sin = _tables(60, 24)
+    kwargs = dict(causal=True, rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved,
+                  rotary_seqlen_offsets=torch.tensor([3, 0, 11], dtype=torch.int32))
+
+    def run():
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = flash_attention_varlen(*leaves, cu, cu, 40, 40, **kwargs)
+        return (out,) + torch.autograd.grad(out, leaves, grad_out)
+
+    with forced(OP, "cpp", "cpu", torch.bfloat16, rotary=True):
+        tiles = run()
+        monkeypatch.setenv("ATTNKIT_CPU_BF16_TILES", "0")
+        plain = run()
+    assert not torch.equal(tiles[0], plain[0])
+    for name, got, want in zip(("out", "dq", "dk", "dv"), tiles, plain):
+        assert_close(got, want, TOL[torch.bfloat16] * (1 if name == "out" else GRAD_TOL_FACTOR), name)
