@@ -170,7 +170,7 @@ def flash_attention(
         attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
             (B, H, Nq, Nk). A float mask that requires grad gets its gradient (a learned bias, as
             T5's or Swin's relative position bias); the backward then writes a (B, H, Nq, Nk)
-            float32 buffer, summed to the mask's shape, as SDPA does.
+            float32 (float64 for float64 inputs) buffer, summed to the mask's shape, as SDPA does.
         key_padding_mask: bool (B, Nk), True marks padding keys (ignored), as nn.MultiheadAttention;
             no (Nq, Nk) tensor is built for it.
         window_size: (left, right): query i sees keys j with -left <= j - i - diag <= right;
