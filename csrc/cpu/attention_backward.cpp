@@ -85,36 +85,11 @@ struct BackwardTile {
     }
     return ds.data();
   }
-
-  // The additive mask's gradient, P * (dP - delta): dS before the soft-cap
-  // derivative, the mask being added after soft-capping. Written into the
-  // (rows x cols) tile of d_mask at (m0, n0); dense calls only.
-  void mask_grad(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t n0, int64_t cols,
-                 const Rows<T>& delta, const Rows<T>& d_mask) const {
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* p = s.data() + r * BN;
-      const T* dp_row = dp.data() + r * BN;
-      const T row_delta = *delta.at(b, h, sq.q_start + m0 + r);
-      T* out = d_mask.at(b, h, m0 + r) + n0;
-      for (int64_t c = 0; c < cols; ++c) out[c] = p[c] * (dp_row[c] - row_delta);
-    }
-  }
 };
 
-// Columns [n0, n0 + cols) of the rows of head (b, h) outside [q_lo, q_hi): 0.
-template <typename T>
-void zero_unvisited_rows(const Rows<T>& d_mask, int64_t b, int64_t h, int64_t q_lo, int64_t q_hi, int64_t q_len,
-                         int64_t n0, int64_t cols) {
-  for (int64_t i = 0; i < q_len; ++i) {
-    if (i < q_lo || i >= q_hi) std::fill_n(d_mask.at(b, h, i) + n0, cols, T(0));
-  }
-}
-
 // dK, dV (and dQ when `dq_acc` is given, owning whole (batch, kv-head) pairs;
-// the additive mask's gradient when `d_mask` is: every element written once,
-// the rows no query block of a key block visits (causal, window) with 0, here
-// rather than by zeroing the whole buffer first (44-52 ms of page faults and
-// zeroing at (4, 8, 1024, 1024), float).
+// the additive mask's gradient when `d_mask` is, every element written once:
+// see zero_unvisited_rows).
 // With `rope`, dK is rotated back as it is written (the gradient of a rotation
 // is the opposite rotation), and with `k_raw` (k unrotated) each key block's
 // rotated K rows and scale * K^T are built here, once per block, instead of
@@ -153,7 +128,10 @@ void backward_dkdv_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Ro
             const T* p = tile.probabilities(sq, b, h, m0, rows, n0, cols, kt, ld_kt, lse, true);
             gemm_nn(DV, cols, rows, op.doutT.at(b, h, i0), op.ld_do, p, BN, true, dvT.data(), BN);
             const T* dst = tile.score_grad(sq, b, h, m0, rows, cols, delta);
-            if (d_mask != nullptr) tile.mask_grad(sq, b, h, m0, rows, n0, cols, delta, *d_mask);
+            if (d_mask != nullptr) {
+              mask_grad_tile<T>(tile.s.data(), tile.dp.data(), BN, {delta.data, delta.sb, delta.sh, delta.sm},
+                                sq.q_start + m0, *d_mask, b, h, m0, rows, n0, cols);
+            }
             gemm_nn(D, cols, rows, op.qT.at(b, h, i0), op.ld_q, dst, BN, true, dkT.data(), BN);
             if (dq_acc != nullptr) {
               gemm_nn(rows, D, cols, dst, BN, k_rows, ld_k_rows, true, dq_acc->at(b, h, i0), dq_acc->sm);
@@ -266,17 +244,18 @@ std::vector<at::Tensor> attention_backward_rope(
   const int64_t row_dim = sp.varlen ? 0 : 2;
   const at::Tensor dout_r = rows_ready(grad_out, row_dim), out_r = rows_ready(out, row_dim);
   const at::Tensor lse_c = lse.contiguous();
-  if (!mask_grad && bf16_tiles_take(sp, q.scalar_type(), true)) {  // bfloat16 inputs on bfloat16 tiles
+  if (bf16_tiles_take(sp, q.scalar_type(), true)) {  // bfloat16 inputs on bfloat16 tiles
     std::vector<at::Tensor> grads;
     if (rope_tables == nullptr) {
-      if (backward_bf16_tiles(c, dout_r, out_r, lse_c, grads)) return grads;
+      if (backward_bf16_tiles(c, dout_r, out_r, lse_c, mask_grad, grads)) return grads;
     } else {  // fused RoPE: the gradients of the rotated q and k, rotated back
       Call rotated = c;
       rotated.q = rotated_copy(c, *rope_tables, c.q, true, false);
       rotated.k = rotated_copy(c, *rope_tables, c.k, false, false);
-      if (backward_bf16_tiles(rotated, dout_r, out_r, lse_c, grads)) {
-        return {rotated_copy(c, *rope_tables, grads[0], true, true), rotated_copy(c, *rope_tables, grads[1], false, true),
-                grads[2]};
+      if (backward_bf16_tiles(rotated, dout_r, out_r, lse_c, mask_grad, grads)) {
+        grads[0] = rotated_copy(c, *rope_tables, grads[0], true, true);
+        grads[1] = rotated_copy(c, *rope_tables, grads[1], false, true);
+        return grads;
       }
     }
   }

@@ -235,8 +235,9 @@ struct Tile {
 };
 
 // dK, dV per (batch, KV head, key block), or per (batch, KV head) with dQ too (`dq_acc`,
-// float, owned whole by the task then).
-void dkdv_kernel(const Spec& sp, const Operands& op, Rows<bf16> dk, Rows<bf16> dv, Rows<float>* dq_acc, Blocks blk) {
+// float, owned whole by the task then); the additive mask's gradient into `d_mask` when given.
+void dkdv_kernel(const Spec& sp, const Operands& op, Rows<bf16> dk, Rows<bf16> dv, Rows<float>* dq_acc,
+                 const Rows<float>* d_mask, Blocks blk) {
   const int64_t BM = blk.m, BN = blk.n, D = sp.dim, DV = sp.dim_v;
   const int64_t n_blocks = dq_acc != nullptr ? 1 : (sp.max_k + BN - 1) / BN;
   at::parallel_for(0, sp.batch * sp.heads_kv * n_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -252,9 +253,14 @@ void dkdv_kernel(const Spec& sp, const Operands& op, Rows<bf16> dk, Rows<bf16> d
         std::fill(dv_t.begin(), dv_t.end(), 0.0f);
         const auto [q_lo, q_hi] = sp.query_range(sq, n0, cols);
         for (int64_t h = kvh * sp.group; h < (kvh + 1) * sp.group; ++h) {
+          if (d_mask != nullptr) zero_unvisited_rows(*d_mask, b, h, q_lo, q_hi, sq.q_len, n0, cols);
           for (int64_t m0 = q_lo / 2 * 2; m0 < q_hi; m0 += BM) {  // even: the packed query pairs
             const int64_t rows = std::min(BM, q_hi - m0);
             tile.probabilities(sq, b, h, m0, rows, n0, cols);
+            if (d_mask != nullptr) {  // (a row before q_lo sees no key of this block: P = 0, written 0)
+              mask_grad_tile<float>(tile.s.data(), tile.dp.data(), BN, op.delta, sq.q_start + m0, *d_mask, b, h, m0,
+                                    rows, n0, cols);
+            }
             tile.key_grads(sq, b, h, m0, rows, cols, dk_t.data(), dv_t.data());
             if (dq_acc != nullptr) {
               tile.query_grads(b, h, rows, n0, cols, dq_acc->at(b, h, sq.q_start + m0), dq_acc->sm);
@@ -303,7 +309,7 @@ void dq_kernel(const Spec& sp, const Operands& op, Rows<bf16> dq, Blocks blk) {
 #endif
 
 bool backward_bf16_tiles(const Call& c, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
-                         std::vector<at::Tensor>& grads) {
+                         bool mask_grad, std::vector<at::Tensor>& grads) {
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
   const Spec& sp = c.spec;
   if (!bf16_tiles_take(sp, c.q.scalar_type(), true)) return false;
@@ -319,20 +325,25 @@ bool backward_bf16_tiles(const Call& c, const at::Tensor& dout, const at::Tensor
              dv = at::empty(c.v.sizes(), c.v.options());
   // Key blocks of 128 (64 at D > 128, as the float kernel): multiples of the packed 64-key blocks.
   const Blocks blk = backward_blocks(sp);
+  at::Tensor d_mask = mask_grad ? at::empty({sp.batch, sp.heads, sp.max_q, sp.max_k}, lse.options()) : at::Tensor();
+  const Rows<float> d_mask_rows{mask_grad ? d_mask.data_ptr<float>() : nullptr, sp.heads * sp.max_q * sp.max_k,
+                                sp.max_q * sp.max_k, sp.max_k};
+  const Rows<float>* dm = mask_grad ? &d_mask_rows : nullptr;
   // One task per (batch, KV head) when there are enough for the threads (as the float kernel).
   if (sp.batch * sp.heads_kv >= 4 * at::get_num_threads()) {
     at::Tensor dq_acc = at::zeros(c.q.sizes(), c.q.options().dtype(at::kFloat));
     Rows<float> dq_rows = rows_of<float>(dq_acc, vl);
-    dkdv_kernel(sp, op, rows_of<bf16>(dk, vl), rows_of<bf16>(dv, vl), &dq_rows, blk);
+    dkdv_kernel(sp, op, rows_of<bf16>(dk, vl), rows_of<bf16>(dv, vl), &dq_rows, dm, blk);
     dq.copy_(dq_acc.mul_(sp.scale));
   } else {
-    dkdv_kernel(sp, op, rows_of<bf16>(dk, vl), rows_of<bf16>(dv, vl), nullptr, blk);
+    dkdv_kernel(sp, op, rows_of<bf16>(dk, vl), rows_of<bf16>(dv, vl), nullptr, dm, blk);
     dq_kernel(sp, op, rows_of<bf16>(dq, vl), blk);
   }
   grads = {dq, dk, dv};
+  if (mask_grad) grads.push_back(d_mask);
   return true;
 #else
-  (void)c, (void)dout, (void)out, (void)lse, (void)grads;
+  (void)c, (void)dout, (void)out, (void)lse, (void)mask_grad, (void)grads;
   return false;
 #endif
 }

@@ -235,6 +235,31 @@ void backward_delta(const Spec& sp, Rows<const T> out, Rows<const T> dout, Rows<
   });
 }
 
+// The additive mask's gradient of a (rows x cols) tile, P * (dP - delta) (p, dp: leading dim ld;
+// delta of the tile's rows from row i0 on), into d_mask at (m0, n0) of head (b, h): dS before the
+// soft-cap derivative, the mask being added after soft-capping. Dense calls only.
+template <typename T>
+void mask_grad_tile(const T* p, const T* dp, int64_t ld, const Rows<const T>& delta, int64_t i0, const Rows<T>& d_mask,
+                    int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T row_delta = *delta.at(b, h, i0 + r);
+    T* out = d_mask.at(b, h, m0 + r) + n0;
+    for (int64_t c = 0; c < cols; ++c) out[c] = p[r * ld + c] * (dp[r * ld + c] - row_delta);
+  }
+}
+
+// Columns [n0, n0 + cols) of d_mask's rows of head (b, h) outside [q_lo, q_hi): 0. The backward
+// kernels write every element of d_mask once, these for the tiles no query block visits (causal,
+// window), rather than zeroing the whole buffer first (44-52 ms of page faults and zeroing at
+// (4, 8, 1024, 1024), float).
+template <typename T>
+void zero_unvisited_rows(const Rows<T>& d_mask, int64_t b, int64_t h, int64_t q_lo, int64_t q_hi, int64_t q_len,
+                         int64_t n0, int64_t cols) {
+  for (int64_t i = 0; i < q_len; ++i) {
+    if (i < q_lo || i >= q_hi) std::fill_n(d_mask.at(b, h, i) + n0, cols, T(0));
+  }
+}
+
 // The bfloat16 tiles' brgemm (attention_*_bf16.cpp) takes N (and ldb) of at most 64 columns.
 constexpr int64_t kBf16Cols = 64;
 
@@ -325,8 +350,9 @@ at::Tensor columns_like(const at::Tensor& x, bool varlen, at::ScalarType dtype);
 bool forward_bf16_tiles(const Call& c, const at::Tensor& out, const at::Tensor& lse);
 // The backward's counterpart (attention_backward_bf16.cpp): {dq, dk, dv} in bfloat16 into
 // `grads`, or false where it does not apply (as above, or an odd value head dim).
+// With mask_grad also the additive mask's gradient (float), as attention_backward.
 bool backward_bf16_tiles(const Call& c, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
-                         std::vector<at::Tensor>& grads);
+                         bool mask_grad, std::vector<at::Tensor>& grads);
 bool bf16_tiles_available();
 bool bf16_tiles_wanted();  // ATTNKIT_CPU_BF16_TILES is not "0"
 // Whether a call of `dtype` runs on the bfloat16 tiles: bfloat16, even head dims (VNNI pairs; the

@@ -214,6 +214,35 @@ def test_bfloat16_backward_on_bfloat16_tiles(monkeypatch, shape, features, threa
     assert not all(torch.equal(a, b) for a, b in zip(tiles, plain))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bfloat16_tiles_mask_gradient(monkeypatch, threads):
+    """A learned bias with bfloat16 inputs on the bfloat16 tiles: its gradient (and q, k, v's) as the
+    float tiles give them, with a window leaving whole tiles unvisited (their gradient 0), GQA, and
+    key blocks past the first; threads=1 takes the one-task-per-(batch, KV head) schedule."""
+    if not _ext().attention_bf16_tiles_available():
+        pytest.skip("no bfloat16 brgemm (AMX / AVX512-BF16) on this CPU or torch")
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 4, 70, 32, generator=gen).bfloat16()
+    k, v = (torch.randn(2, 2, 300, 32, generator=gen).bfloat16() for _ in range(2))
+    bias = torch.randn(1, 4, 70, 300, generator=gen).bfloat16()
+    grad_out = torch.randn(2, 4, 70, 32, generator=gen).bfloat16()
+
+    def grads():
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
+        out = flash_attention(*leaves[:3], attn_mask=leaves[3], window_size=(20, 5))
+        return torch.autograd.grad(out, leaves, grad_out)
+
+    with num_threads(threads), forced(OP, "cpp", "cpu", torch.bfloat16):
+        tiles = grads()
+        monkeypatch.setenv("ATTNKIT_CPU_BF16_TILES", "0")
+        plain = grads()
+    assert not torch.equal(tiles[3], plain[3])
+    # Query i sees keys i + 210 .. i + 235 (bottom-right diagonal 230, window (20, 5)): none before 210.
+    assert (tiles[3][..., :210] == 0).all() and (tiles[3][..., 210:] != 0).any()
+    for name, got, want in zip(("dq", "dk", "dv", "d_mask"), tiles, plain):
+        assert_close(got, want, ATTENTION_TOL[torch.bfloat16] * GRAD_TOL_FACTOR, name)
+
+
 def test_bfloat16_tiles_leave_odd_head_dims_to_the_float_kernel(monkeypatch):
     """VNNI pairs rows of K^T: an odd head dim runs the float tiles, which the switch cannot change."""
     q, k, v, kwargs = make_inputs(Shape(1, 2, 2, 50, 70, 33, 33), Features(causal=True), torch.bfloat16, "cpu")
