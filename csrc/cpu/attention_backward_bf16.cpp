@@ -9,13 +9,10 @@
 // no tile is transposed: P and dS are the B operands there, which the brgemm reads in VNNI pairs
 // along its K dimension (here the queries): element (r, j) of a 64-column chunk at
 // (r / 2) * 128 + 2 j + r % 2, two rows interleaved as they are rounded to bfloat16. The
-// operands that do not change within a call are laid out once:
-// - ColPack (K = the head dim, N = 64 keys): x^T per block of 64 keys, element (d, j) at
-//   (d / 2) * 128 + 2 j + d % 2 (the forward's K layout), for K^T and V^T;
-// - RowPack (K = keys; N = 64 of the head dim): element (i, d) of chunk c at
-//   (i / 2) * 2 ldb(c) + 2 (d - 64 c) + i % 2 (the forward's V layout), for K (dQ += dS K);
-// - Transposed (A operands, K = queries): Q^T and dO^T per head, rows padded to an even length.
-// Rows past a sequence are zeros, so odd tiles round their K up to even for free.
+// operands that do not change within a call are laid out once: K^T and V^T as ColPack, K as
+// RowPack (attention_bf16_pack.h, shared with the forward), and Q^T and dO^T (A operands, K =
+// queries) per head, rows padded to an even length. Rows past a sequence are zeros, so odd
+// tiles round their K up to even for free.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -25,6 +22,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "attention_bf16_pack.h"
 #include "attention_kernel.h"
 
 namespace attnkit {
@@ -34,27 +32,12 @@ namespace flash {
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
 namespace {
 
-using bf16 = at::BFloat16;
-constexpr int64_t kCols = kBf16Cols;
-
-struct ColPack {
-  at::Tensor data;
-  int64_t keys = 0, dim = 0;  // keys per head: a multiple of 64
-  // The D x 64 block of keys [n0, n0 + 64) of head `head` (n0 a multiple of 64).
-  const bf16* at(int64_t head, int64_t n0) const { return data.data_ptr<bf16>() + (head * keys + n0) * dim; }
-};
-
-struct RowPack {
-  at::Tensor data;
-  int64_t rows = 0, dim = 0;  // rows per head: even
-  int64_t width(int64_t c) const { return std::min(kCols, dim - c * kCols); }
-  int64_t ldb(int64_t c) const { return round_up(width(c), 16); }
-  int64_t chunks() const { return (dim + kCols - 1) / kCols; }
-  // Chunk c from row i0 on (i0 even); the chunks before c are full (ldb 64).
-  const bf16* at(int64_t head, int64_t c, int64_t i0) const {
-    return data.data_ptr<bf16>() + head * rows * round_up(dim, 16) + rows * c * kCols + i0 * ldb(c);
-  }
-};
+using bf16_pack::bf16;
+using bf16_pack::ColPack;
+using bf16_pack::kCols;
+using bf16_pack::pack_cols;
+using bf16_pack::pack_rows;
+using bf16_pack::RowPack;
 
 // x^T of each (batch, query head), dim x rows, rows an even count >= every sequence.
 struct Transposed {
@@ -74,47 +57,6 @@ Transposed pack_transposed(const Spec& sp, Rows<const bf16> x, int64_t dim) {
       for (int64_t i = 0; i < sq.q_len; ++i) {
         const bf16* row = x.at(b, h, sq.q_start + i);
         for (int64_t d = 0; d < dim; ++d) dst[d * p.rows + i] = row[d];
-      }
-    }
-  });
-  return p;
-}
-
-// Keys of each (batch, KV head) of x (k or v) as ColPack.
-ColPack pack_cols(const Spec& sp, Rows<const bf16> x, int64_t dim) {
-  ColPack p{at::Tensor(), round_up(std::max<int64_t>(sp.max_k, 1), kCols), dim};
-  const int64_t heads = sp.batch * sp.heads_kv;
-  p.data = at::zeros({heads * p.keys * dim}, at::TensorOptions().dtype(at::kBFloat16));
-  bf16* base = p.data.data_ptr<bf16>();
-  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t head = begin; head < end; ++head) {
-      const int64_t b = head / sp.heads_kv, kvh = head % sp.heads_kv;
-      const Seq sq = sp.seq(b);
-      for (int64_t j = 0; j < sq.k_len; ++j) {
-        const bf16* row = x.at(b, kvh, sq.k_start + j);
-        bf16* block = base + (head * p.keys + j / kCols * kCols) * dim;
-        for (int64_t d = 0; d < dim; ++d) block[(d / 2) * 2 * kCols + 2 * (j % kCols) + d % 2] = row[d];
-      }
-    }
-  });
-  return p;
-}
-
-// Keys of each (batch, KV head) of k as RowPack.
-RowPack pack_rows(const Spec& sp, Rows<const bf16> x, int64_t dim) {
-  RowPack p{at::Tensor(), round_up(std::max<int64_t>(sp.max_k, 1), 2), dim};
-  const int64_t heads = sp.batch * sp.heads_kv;
-  p.data = at::zeros({heads * p.rows * round_up(dim, 16)}, at::TensorOptions().dtype(at::kBFloat16));
-  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t head = begin; head < end; ++head) {
-      const int64_t b = head / sp.heads_kv, h = head % sp.heads_kv;
-      const Seq sq = sp.seq(b);
-      for (int64_t i = 0; i < sq.k_len; ++i) {
-        const bf16* row = x.at(b, h, sq.k_start + i);
-        for (int64_t c = 0; c < p.chunks(); ++c) {
-          bf16* dst = const_cast<bf16*>(p.at(head, c, i / 2 * 2)) + i % 2;
-          for (int64_t d = 0; d < p.width(c); ++d) dst[2 * d] = row[c * kCols + d];
-        }
       }
     }
   });
