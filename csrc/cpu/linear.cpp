@@ -9,6 +9,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "simd.h"
 
@@ -141,6 +143,22 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c1
                           c10::List<c10::optional<at::Scalar>>(), c10::IValue()};
   onednn_linear_op()->callBoxed(&stack);
   return stack[0].toTensor();
+}
+
+// Measured on a Xeon (Sapphire Rapids): MKL beat oneDNN by 5-35% on the LSTM
+// cell's backward GEMMs ((B, I, H) = (32, 256, 256) .. (512, 1024, 1024)) and
+// the brgemm tiles of rnn_fused.cpp's mm by 10-20% on the sequence backward's
+// [dW_ih | dW_hh] at (32, 128, 256); on the AMD EPYC of BENCHMARKS.md oneDNN was
+// 2.3x MKL.
+bool weight_grad_gemms_on_aten() {
+  const char* forced = std::getenv("ATTNKIT_CPU_GEMM");
+  if (forced != nullptr && *forced != '\0') return std::strcmp(forced, "aten") == 0;
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool yes = at::hasMKL() && __builtin_cpu_is("intel");
+  return yes;
+#else
+  return false;
+#endif
 }
 
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {

@@ -1,6 +1,6 @@
 // Fused LSTM cell step on the CPU: the GEMMs go to linear.h's routes for float
 // (the few-row GEMV, oneDNN: 1.5-2.3x the MKL sgemm that at::mm calls on an
-// AMD CPU; the backward's to MKL on Intel CPUs, see backward_gemms_on_aten), to
+// AMD CPU; the backward's to MKL on Intel CPUs, see weight_grad_gemms_on_aten in linear.h), to
 // ATen for the other types; the gate nonlinearities and state
 // update run as one fused pass over the (batch x hidden) units with
 // at::parallel_for: the vectorized row kernels of the whole-sequence LSTM
@@ -9,36 +9,12 @@
 
 #include <ATen/ATen.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "attnkit/linear.h"
 #include "lstm_rows.h"
 #include "rnn_fused.h"  // transpose_into
 
 namespace attnkit {
 namespace cpu {
-namespace {
-
-// Whether the float backward's GEMMs past kFewRows rows go to at::mm rather
-// than oneDNN: where at::mm is MKL's sgemm on an Intel CPU, which beat oneDNN
-// there by 5-35% (Xeon Sapphire Rapids, (B, I, H) = (32, 256, 256) .. (512,
-// 1024, 1024)); on the AMD EPYC of BENCHMARKS.md oneDNN was 2.3x MKL, which
-// takes a generic path on other vendors' CPUs. ATTNKIT_CELL_BACKWARD_GEMM=onednn
-// or =aten sets the route instead (the tests run both).
-bool backward_gemms_on_aten() {
-  const char* forced = std::getenv("ATTNKIT_CELL_BACKWARD_GEMM");
-  if (forced != nullptr && *forced != '\0') return std::strcmp(forced, "aten") == 0;
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool yes = at::hasMKL() && __builtin_cpu_is("intel");
-  return yes;
-#else
-  return false;
-#endif
-}
-
-}  // namespace
-
 std::vector<at::Tensor> lstm_cell_forward(const at::Tensor& x, const at::Tensor& h,
                                           const at::Tensor& c, const at::Tensor& w_ih,
                                           const at::Tensor& w_hh,
@@ -75,7 +51,7 @@ std::vector<at::Tensor> lstm_cell_backward(const at::Tensor& grad_h, const at::T
     at::Tensor grad_c_prev = grad_c.clone();
     lstm_rows_backward(gates, c, c_new, grad_h, grad_c_prev, grad_pre);
     if (x.scalar_type() == at::kFloat && x.size(0) > kFewRows && onednn_linear_available() &&
-        !backward_gemms_on_aten()) {
+        !weight_grad_gemms_on_aten()) {
       // oneDNN packs its operands anyway and takes the weights' transposed views
       // as they are (2.3x MKL at (B, I, H) = (256, 512, 512)); the weight
       // gradients read grad_pre transposed, copied once.

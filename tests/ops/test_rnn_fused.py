@@ -119,15 +119,27 @@ def test_gru_fused_saved_tensors_shared_with_the_reference(lengths, threads):
     torch.testing.assert_close((out, h), cpp.forward(*args, lengths, True)[:2], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("route", ["onednn", "aten"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("lengths", [None, "unsorted"], ids=str)
-def test_gru_weight_gradients_through_brgemm(lengths, threads):
-    """The GRU's weight gradients take the same tiled brgemm GEMM: K = T * B past one 512 block, M and N off the tiles."""
+def test_weight_gradients_on_either_gemm_route(lengths, kind, route, threads, monkeypatch):
+    """The weight gradients' GEMM (K = T * B past one 256 block, M and N off the 64-wide tiles) on
+    both routes the CPU's vendor picks between: the brgemm tiles ("onednn") and at::mm (MKL on Intel)."""
+    monkeypatch.setenv("ATTNKIT_CPU_GEMM", route)
     T, B, I, H = 9, 70, 67, 45
-    args = make_gru(T, B, I, H, torch.float32, "cpu")
-    with attnkit.use_backend("cpp"):
-        out, h = gru(*args, lengths=lengths_for(lengths, T, B))
-    ref = reference.gru(*args, lengths_for(lengths, T, B))[:2]
-    check_against((out, h), ref, args, torch.float32)
+    lengths = lengths_for(lengths, T, B)
+    if kind == "GRU":
+        args = make_gru(T, B, I, H, torch.float32, "cpu")
+        with attnkit.use_backend("cpp"):
+            outputs = gru(*args, lengths=lengths)
+        ref = reference.gru(*args, lengths)[:2]
+    else:
+        args = make_lstm(T, B, I, H, H, torch.float32, "cpu")[:-1]
+        with attnkit.use_backend("cpp"):
+            out, (h, c) = lstm(*args[:1], tuple(args[1:3]), *args[3:], lengths=lengths)
+        outputs = (out, h, c)
+        ref = reference.lstm(*args, None, lengths)[:3]
+    check_against(outputs, ref, args, torch.float32)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
