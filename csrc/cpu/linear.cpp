@@ -146,11 +146,12 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c1
 }
 
 // Measured on a Xeon (Sapphire Rapids): MKL beat oneDNN by 5-35% on the LSTM
-// cell's backward GEMMs ((B, I, H) = (32, 256, 256) .. (512, 1024, 1024)) and
-// the brgemm tiles of rnn_fused.cpp's mm by 10-20% on the sequence backward's
-// [dW_ih | dW_hh] at (32, 128, 256); on the AMD EPYC of BENCHMARKS.md oneDNN was
-// 2.3x MKL.
-bool weight_grad_gemms_on_aten() {
+// cell's backward GEMMs ((B, I, H) = (32, 256, 256) .. (512, 1024, 1024)), the
+// brgemm tiles of rnn_fused.cpp's mm by 10-20% on the sequence backward's
+// [dW_ih | dW_hh] at (32, 128, 256), and oneDNN by ~15% on nn.GRUCell's step at
+// batch 16-32 (oneDNN lays out an unpacked weight on every call); on the AMD EPYC
+// of BENCHMARKS.md oneDNN was 2.3x MKL.
+bool gemms_on_aten() {
   const char* forced = std::getenv("ATTNKIT_CPU_GEMM");
   if (forced != nullptr && *forced != '\0') return std::strcmp(forced, "aten") == 0;
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -166,7 +167,7 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10:
                     (!present(bias) || (bias->scalar_type() == at::kFloat && bias->is_contiguous()));
   if (fp32 && x.is_contiguous() && weight.is_contiguous() && x.dim() == 2) {
     if (x.size(0) <= kFewRows) return linear_few_rows(x, weight, present(bias) ? bias : c10::nullopt);
-    if (onednn_linear_available()) return onednn_linear(x, weight, bias);
+    if (onednn_linear_available() && !gemms_on_aten()) return onednn_linear(x, weight, bias);
   }
   return present(bias) ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
 }

@@ -1,6 +1,6 @@
 // Fused LSTM cell step on the CPU: the GEMMs go to linear.h's routes for float
 // (the few-row GEMV, oneDNN: 1.5-2.3x the MKL sgemm that at::mm calls on an
-// AMD CPU; the backward's to MKL on Intel CPUs, see weight_grad_gemms_on_aten in linear.h), to
+// AMD CPU; the backward's to MKL on Intel CPUs, see gemms_on_aten in linear.h), to
 // ATen for the other types; the gate nonlinearities and state
 // update run as one fused pass over the (batch x hidden) units with
 // at::parallel_for: the vectorized row kernels of the whole-sequence LSTM
@@ -51,7 +51,7 @@ std::vector<at::Tensor> lstm_cell_backward(const at::Tensor& grad_h, const at::T
     at::Tensor grad_c_prev = grad_c.clone();
     lstm_rows_backward(gates, c, c_new, grad_h, grad_c_prev, grad_pre);
     if (x.scalar_type() == at::kFloat && x.size(0) > kFewRows && onednn_linear_available() &&
-        !weight_grad_gemms_on_aten()) {
+        !gemms_on_aten()) {
       // oneDNN packs its operands anyway and takes the weights' transposed views
       // as they are (2.3x MKL at (B, I, H) = (256, 512, 512)); the weight
       // gradients read grad_pre transposed, copied once.

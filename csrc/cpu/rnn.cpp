@@ -99,14 +99,15 @@ struct Kernels {
     return rnn::present(lengths) ? *lengths : at::Tensor();
   }
 
-  // oneDNN (linear.h) beats the BLAS that ATen calls once there are a few rows;
+  // oneDNN (linear.h) beats the BLAS that ATen calls once there are a few rows,
+  // except MKL on Intel CPUs for weights oneDNN has not packed (gemms_on_aten);
   // tiny ones (batch 1 steps) pay less overhead in the dot products of small_linear.
   static bool onednn_takes(const at::Tensor& a) {
     return onednn_linear_available() && a.scalar_type() == at::kFloat && a.size(0) >= kOneDnnRows && a.is_contiguous();
   }
 
   static at::Tensor linear(const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-    if (onednn_takes(a) && w.is_contiguous()) return onednn_linear(a, w, bias);
+    if (onednn_takes(a) && w.is_contiguous() && !gemms_on_aten()) return onednn_linear(a, w, bias);
     if (a.size(0) <= 4 && a.is_contiguous() && w.is_contiguous() && (!rnn::present(bias) || bias->is_contiguous())) {
       return small_linear(a, w, bias);
     }

@@ -453,7 +453,7 @@ std::vector<at::Tensor> rnn_forward_bf16(int64_t gates, const at::Tensor& x, con
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if (!kHaveBrgemm || a.scalar_type() != at::kFloat || !a.is_contiguous() || !b.is_contiguous() || K == 0 ||
-      M * N * K < (1 << 18) || weight_grad_gemms_on_aten()) {
+      M * N * K < (1 << 18) || gemms_on_aten()) {
     return at::mm(a, b);
   }
   at::Tensor out = at::empty({M, N}, a.options());

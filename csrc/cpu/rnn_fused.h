@@ -73,7 +73,7 @@ std::vector<at::Tensor> rnn_backward_bf16(int64_t gates, const at::Tensor& grad_
 // a b for contiguous row-major a (M, K), b (K, N): tiles through oneDNN's
 // brgemm for float (MKL's sgemm, which at::mm calls, runs 2-3x slower on the
 // AMD CPUs of BENCHMARKS.md); at::mm otherwise, and where linear.h's
-// weight_grad_gemms_on_aten() says MKL is the faster one.
+// gemms_on_aten() says MKL is the faster one.
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b);
 
 // dst = src^T for 2-D src (r, c) and dst (c, r): blocked for float with unit

@@ -138,8 +138,8 @@ def test_non_contiguous_inputs(batch):
 
 @pytest.mark.parametrize("route", ["onednn", "aten"])
 def test_backward_gemm_routes_on_cpu(route, monkeypatch):
-    """Past 16 rows the float32 backward's GEMMs go to oneDNN or to at::mm (MKL on
-    Intel CPUs) by the CPU's vendor: each route against torch, whatever this machine picks."""
+    """Past 16 rows the float32 GEMMs, forward and backward, go to oneDNN or to at::mm (MKL
+    on Intel CPUs) by the CPU's vendor: each route against torch, whatever this machine picks."""
     monkeypatch.setenv("ATTNKIT_CPU_GEMM", route)
     args = make_inputs(33, 40, 24, torch.float32, "cpu", requires_grad=True)
     with attnkit.use_backend("cpp"):

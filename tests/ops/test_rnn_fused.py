@@ -142,6 +142,22 @@ def test_weight_gradients_on_either_gemm_route(lengths, kind, route, threads, mo
     check_against(outputs, ref, args, torch.float32)
 
 
+@pytest.mark.parametrize("route", ["onednn", "aten"])
+def test_unfused_projections_on_either_gemm_route(route, monkeypatch):
+    """The GEMMs outside the fused loops at 16+ rows (a GRU step at T = 1: nn.GRUCell's path; an LSTM
+    with proj_size, whose input projection is one (T B, I) GEMM) on oneDNN and on at::addmm."""
+    monkeypatch.setenv("ATTNKIT_CPU_GEMM", route)
+    args = make_gru(1, 20, 11, 13, torch.float32, "cpu")
+    with attnkit.use_backend("cpp"):
+        outputs = gru(*args)
+    check_against(outputs, reference.gru(*args, None)[:2], args, torch.float32)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = make_lstm(3, 20, 11, 13, 5, torch.float32, "cpu")
+    with attnkit.use_backend("cpp"):
+        out, (h, c) = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, w_hr=w_hr)
+    ref = reference.lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, None)[:3]
+    check_against((out, h, c), ref, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), torch.float32)
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed_unsorted"])
 def test_module_matches_torch_nn(kind, packed, threads):

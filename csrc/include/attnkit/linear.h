@@ -18,14 +18,16 @@ at::Tensor linear_few_rows(const at::Tensor& x, const at::Tensor& weight, const 
 bool onednn_linear_available();
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
-// Whether large float32 weight-gradient GEMMs go to at::mm rather than oneDNN or
-// brgemm tiles: where at::mm is MKL's sgemm on an Intel CPU (MKL takes a generic
-// path on other vendors' CPUs). ATTNKIT_CPU_GEMM=aten or =onednn sets the route
-// instead (the tests run both).
-bool weight_grad_gemms_on_aten();
+// Whether float32 GEMMs on weights oneDNN has not packed (linear_rows, the
+// RNN's input projections outside the fused loops, the weight gradients) go to
+// at::mm / at::addmm rather than oneDNN or brgemm tiles: where at::mm is MKL's
+// sgemm on an Intel CPU (MKL takes a generic path on other vendors' CPUs).
+// ATTNKIT_CPU_GEMM=aten or =onednn sets the route instead (the tests run both).
+bool gemms_on_aten();
 
 // x W^T + b (bias may be absent) by the fastest route here: linear_few_rows up to
-// kFewRows rows, oneDNN above (fp32, contiguous), at::addmm / at::mm otherwise.
+// kFewRows rows, oneDNN above (fp32, contiguous) unless gemms_on_aten(), at::addmm /
+// at::mm otherwise.
 constexpr int64_t kFewRows = 16;
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
