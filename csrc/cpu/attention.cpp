@@ -31,9 +31,11 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "attention_kernel.h"
@@ -188,11 +190,56 @@ std::vector<int64_t> stat_shape(const Spec& sp, const at::Tensor& q) {
   return {sp.batch, sp.heads, sp.max_q};
 }
 
+namespace {
+
+// out = factor * view for a view (..., C, R) whose C values are contiguous (a head's rows as
+// columns) and a contiguous out of its shape: 32 x 32 blocks (whole cache lines both ways),
+// in parallel over every matrix's blocks. ATen's transposing copy_ and a separate mul_ took
+// 0.58 ms for the (4, 8, 256, 64) float K here, a sixth of that attention forward.
+template <typename T>
+void transpose_scaled(const at::Tensor& view, at::Tensor& out, T factor) {
+  const int64_t C = view.size(-2), R = view.size(-1), lds = view.stride(-1), outer = view.dim() - 2;
+  const int64_t mats = C * R == 0 ? 0 : view.numel() / (C * R);
+  constexpr int64_t kB = 32;
+  const int64_t bc = (C + kB - 1) / kB, per_mat = bc * ((R + kB - 1) / kB);
+  const T* src = view.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  at::parallel_for(0, mats * per_mat, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t m = i / per_mat, block = i % per_mat;
+      int64_t offset = 0;
+      for (int64_t d = outer - 1, rest = m; d >= 0; --d) {  // the matrix's place in the leading dims
+        offset += (rest % view.size(d)) * view.stride(d);
+        rest /= view.size(d);
+      }
+      const int64_t r0 = (block / bc) * kB, c0 = (block % bc) * kB;
+      const int64_t r1 = std::min(R, r0 + kB), c1 = std::min(C, c0 + kB);
+      const T* s = src + offset + r0 * lds + c0;
+      T* d = dst + m * C * R + c0 * R + r0;
+      if constexpr (std::is_same_v<T, float>) {
+        rope::transpose_scaled_f32(s, lds, r1 - r0, c1 - c0, d, R, factor);
+      } else {
+        for (int64_t c = 0; c < c1 - c0; ++c) {
+          for (int64_t r = 0; r < r1 - r0; ++r) d[c * R + r] = s[r * lds + c] * factor;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
 // factor * x^T per head in `dtype`, rows as columns: dense (B, H, D, N), varlen
 // (H, D, total). One O(N D) pass per call, so that tile products need no transposes.
 at::Tensor transposed(const at::Tensor& x, bool varlen, double factor, at::ScalarType dtype) {
   const at::Tensor view = varlen ? x.permute({1, 2, 0}) : x.transpose(2, 3);
   at::Tensor t = at::empty(view.sizes(), x.options().dtype(dtype));
+  if (x.scalar_type() == dtype && view.stride(-2) == 1 && (dtype == at::kFloat || dtype == at::kDouble)) {
+    AT_DISPATCH_FLOATING_TYPES(dtype, "attention_transposed", [&] {
+      transpose_scaled<scalar_t>(view, t, static_cast<scalar_t>(factor));
+    });
+    return t;
+  }
   t.copy_(view);
   if (factor != 1.0) t.mul_(factor);
   return t;

@@ -279,10 +279,8 @@ void rotate_block(const rope::Rope<A>& rope, const T* x, int64_t x_ld, int64_t p
   for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
     const int64_t m = std::min(kChunk, n - j0);
     if constexpr (std::is_same_v<A, float>) {
-      if (m == kChunk && D % 8 == 0 && rows_ld == D) {
-        rope::columns16_f32(rows + j0 * D, D, col + j0, ld, factor);
-        continue;
-      }
+      rope::transpose_scaled_f32(rows + j0 * rows_ld, rows_ld, m, D, col + j0, ld, factor);
+      continue;
     }
     for (int64_t d = 0; d < D; ++d) {
       for (int64_t j = j0; j < j0 + m; ++j) col[d * ld + j] = rows[j * rows_ld + d] * factor;

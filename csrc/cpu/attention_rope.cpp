@@ -1,5 +1,6 @@
-// The float kernels of the fused RoPE attention (attention_rope.h), compiled
-// for AVX-512, AVX2 and baseline x86-64 and picked at load time.
+// The float kernels of the fused RoPE attention (attention_rope.h) and the float
+// transposes that lay out the attention's K^T, V^T, Q^T and dO^T, compiled for
+// AVX-512, AVX2 and baseline x86-64 and picked at load time.
 #include "attention_rope.h"
 
 #include "simd.h"
@@ -50,14 +51,23 @@ ATTNKIT_INLINE void transpose8(vf8 r[8]) {
 
 }  // namespace
 
-ATTNKIT_SIMD_CLONES void columns16_f32(const float* rows, int64_t dim, float* col, int64_t ld, float factor) {
-  for (int64_t j0 = 0; j0 < 16; j0 += 8) {
-    for (int64_t d0 = 0; d0 < dim; d0 += 8) {
+ATTNKIT_SIMD_CLONES void transpose_scaled_f32(const float* rows, int64_t rows_ld, int64_t n, int64_t dim, float* col,
+                                             int64_t ld, float factor) {
+  int64_t j0 = 0;
+  for (; j0 + 8 <= n; j0 += 8) {
+    int64_t d0 = 0;
+    for (; d0 + 8 <= dim; d0 += 8) {
       vf8 r[8];
-      for (int i = 0; i < 8; ++i) r[i] = load8(rows + (j0 + i) * dim + d0) * factor;
+      for (int i = 0; i < 8; ++i) r[i] = load8(rows + (j0 + i) * rows_ld + d0) * factor;
       transpose8(r);
       for (int i = 0; i < 8; ++i) store8(col + (d0 + i) * ld + j0, r[i]);
     }
+    for (; d0 < dim; ++d0) {
+      for (int64_t j = j0; j < j0 + 8; ++j) col[d0 * ld + j] = rows[j * rows_ld + d0] * factor;
+    }
+  }
+  for (; j0 < n; ++j0) {
+    for (int64_t d = 0; d < dim; ++d) col[d * ld + j0] = rows[j0 * rows_ld + d] * factor;
   }
 }
 

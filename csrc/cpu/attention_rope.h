@@ -94,9 +94,10 @@ inline void row(const Rope<acc_t>& r, int64_t pos, bool inverse, const T* x, acc
   }
 }
 
-// The 16 x dim float rows of `rows` (leading dim dim, a multiple of 8) stored as
-// dim columns of 16 at col[d * ld], times `factor`: 8 x 8 register transposes.
-void columns16_f32(const float* rows, int64_t dim, float* col, int64_t ld, float factor);
+// col[d * ld + j] = factor * rows[j * rows_ld + d] for j < n, d < dim: the n x dim
+// float rows stored as dim columns, 8 x 8 register transposes (edges one by one).
+void transpose_scaled_f32(const float* rows, int64_t rows_ld, int64_t n, int64_t dim, float* col, int64_t ld,
+                          float factor);
 
 }  // namespace rope
 }  // namespace cpu

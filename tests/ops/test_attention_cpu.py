@@ -42,6 +42,16 @@ def test_large_shapes_match_reference(shape, features, dtype):
         check_backend_matches_ground_truth(q, k, v, kwargs, dtype, "cpp")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("features", [Features(), Features(causal=True, mask="float")], ids=str)
+def test_head_dims_off_the_transpose_blocks(features, dtype):
+    """K^T, V^T, Q^T and dO^T are laid out by 8 x 8 register transposes (float) and element by
+    element past them: head dims 20 and 11 and lengths 13 and 19 leave edges on both sides."""
+    with forced(OP, "cpp", "cpu", dtype):
+        q, k, v, kwargs = make_inputs(Shape(2, 2, 1, 13, 19, 20, 11), features, dtype, "cpu")
+        check_backend_matches_ground_truth(q, k, v, kwargs, dtype, "cpp")
+
+
 def test_strided_layouts():
     """(B, N, H, D) inputs transposed to (B, H, N, D), and K/V expanded over the sequence (stride 0)."""
     gen = torch.Generator().manual_seed(3)
