@@ -1,6 +1,6 @@
 // Fused LSTM cell step on the CPU: the GEMMs go to linear.h's routes for float
-// (the few-row GEMV, oneDNN: 1.5-2.3x the MKL sgemm that at::mm calls on an
-// AMD CPU; the backward's to MKL on Intel CPUs, see gemms_on_aten in linear.h), to
+// (the few-row GEMV; oneDNN, 1.5-2.3x the MKL sgemm that at::mm calls on an
+// AMD CPU; MKL on Intel CPUs, see gemms_on_aten in linear.h), to
 // ATen for the other types; the gate nonlinearities and state
 // update run as one fused pass over the (batch x hidden) units with
 // at::parallel_for: the vectorized row kernels of the whole-sequence LSTM
