@@ -99,15 +99,13 @@ void backward_dkdv_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Ro
                           Rows<T>* dq_acc, const rope::Rope<T>* rope, const Rows<const T>* k_raw,
                           const Rows<T>* d_mask, Blocks blk) {
   const int64_t BM = blk.m, BN = blk.n, D = sp.dim, DV = sp.dim_v;
-  const int64_t n_blocks = dq_acc != nullptr ? 1 : (sp.max_k + BN - 1) / BN;
+  const int64_t n_blocks = sp.key_block_count(BN, dq_acc != nullptr);
   at::parallel_for(0, sp.batch * sp.heads_kv * n_blocks, 1, [&](int64_t begin, int64_t end) {
     BackwardTile<T> tile(sp, op, blk);
     std::vector<T> dkT(D * BN), dvT(DV * BN), dk_tmp(D);  // (D x cols), leading dim BN
     std::vector<T> k_tile(k_raw != nullptr ? BN * D : 0), kt_tile(k_raw != nullptr ? D * BN : 0);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t nb = task % n_blocks, b = task / n_blocks / sp.heads_kv, kvh = task / n_blocks % sp.heads_kv;
-      const Seq sq = sp.seq(b);
-      const int64_t first = nb * BN, last = dq_acc != nullptr ? sq.k_len : std::min(first + BN, sq.k_len);
+      const auto [b, kvh, first, last, sq] = sp.key_blocks(task, n_blocks, BN, dq_acc != nullptr);
       for (int64_t n0 = first; n0 < last; n0 += BN) {
         const int64_t cols = std::min(BN, sq.k_len - n0);
         const T* k_rows = op.k.at(b, kvh, sq.k_start + n0);

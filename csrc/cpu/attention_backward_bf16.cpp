@@ -181,14 +181,12 @@ struct Tile {
 void dkdv_kernel(const Spec& sp, const Operands& op, Rows<bf16> dk, Rows<bf16> dv, Rows<float>* dq_acc,
                  const Rows<float>* d_mask, Blocks blk) {
   const int64_t BM = blk.m, BN = blk.n, D = sp.dim, DV = sp.dim_v;
-  const int64_t n_blocks = dq_acc != nullptr ? 1 : (sp.max_k + BN - 1) / BN;
+  const int64_t n_blocks = sp.key_block_count(BN, dq_acc != nullptr);
   at::parallel_for(0, sp.batch * sp.heads_kv * n_blocks, 1, [&](int64_t begin, int64_t end) {
     Tile tile(sp, op, blk);
     std::vector<float> dk_t(D * BN), dv_t(DV * BN);  // transposed: (D x cols), leading dim BN
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t nb = task % n_blocks, b = task / n_blocks / sp.heads_kv, kvh = task / n_blocks % sp.heads_kv;
-      const Seq sq = sp.seq(b);
-      const int64_t first = nb * BN, last = dq_acc != nullptr ? sq.k_len : std::min(first + BN, sq.k_len);
+      const auto [b, kvh, first, last, sq] = sp.key_blocks(task, n_blocks, BN, dq_acc != nullptr);
       for (int64_t n0 = first; n0 < last; n0 += BN) {
         const int64_t cols = std::min(BN, sq.k_len - n0);
         std::fill(dk_t.begin(), dk_t.end(), 0.0f);

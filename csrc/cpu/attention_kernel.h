@@ -107,6 +107,21 @@ struct Spec {
     const Seq sq = seq(b);
     return {b, h, h / group, m0, std::max<int64_t>(0, std::min(block, sq.q_len - m0)), sq};
   }
+  // The dK/dV kernels' tasks: per (batch, kv head) one task per key block of `block`, or
+  // with `whole_pair` (the fused schedule, dQ accumulated by the task) one task for all its keys.
+  int64_t key_block_count(int64_t block, bool whole_pair) const {
+    return whole_pair ? 1 : (max_k + block - 1) / block;
+  }
+  // Task `task`'s pair and the keys [first, last) it walks, `block` at a time.
+  struct KeyBlocks {
+    int64_t b, kvh, first, last;
+    Seq sq;
+  };
+  KeyBlocks key_blocks(int64_t task, int64_t n_blocks, int64_t block, bool whole_pair) const {
+    const int64_t b = task / n_blocks / heads_kv, kvh = task / n_blocks % heads_kv, first = task % n_blocks * block;
+    const Seq sq = seq(b);
+    return {b, kvh, first, whole_pair ? sq.k_len : std::min(first + block, sq.k_len), sq};
+  }
   // Keys [lo, hi) inside the window of some query of [m0, m0 + rows).
   std::pair<int64_t, int64_t> key_range(const Seq& s, int64_t m0, int64_t rows) const {
     return {std::max<int64_t>(m0 + s.diag - left, 0), std::min<int64_t>(m0 + rows + s.diag + right, s.k_len)};
