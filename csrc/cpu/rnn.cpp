@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -23,6 +24,7 @@
 #include "attnkit/rnn_sequence.h"
 #include "lstm_rows.h"
 #include "rnn_fused.h"
+#include "rnn_team_split.h"
 
 namespace attnkit {
 namespace cpu {
