@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <memory>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -24,7 +23,6 @@
 #include "attnkit/rnn_sequence.h"
 #include "lstm_rows.h"
 #include "rnn_fused.h"
-#include "rnn_team_split.h"
 
 namespace attnkit {
 namespace cpu {

@@ -6,10 +6,6 @@
 // each thread owns a slice of the hidden units, packs the columns of W_hh
 // its slice needs into panels once per call (first touched by that thread,
 // so they sit in its L2), and the team meets at one spin barrier per step.
-// The forward moves whole panels from slower threads to faster ones as it
-// goes (rnn_team_split.h); the backward's panels, 4 vectors wide (two at H =
-// 128), keep the even split: its threads showed no lasting difference in the
-// runs that found the forward's.
 // Included three times by csrc/cpu/rnn.cpp, like rnn_rows.h (no include guard
 // on purpose), after rnn_rows.h.
 
@@ -242,9 +238,6 @@ inline Slice team_slice(int64_t H) {
 // cell(r, o, j0, w, gh, h_prev + o, h_next + o), gh the row's product (G
 // vectors of kGemvLanes, one per gate). len: per-row lengths or null; a
 // stopped row keeps its state, outputs 0 and gets stopped(r, o, j0, w).
-// Panel p (units p L .. p L + L) is packed by its first owner (so it sits in
-// that thread's L2) and changes owner when TeamSplit moves it; a thread owns
-// whole panels, so every unit's state is written by one thread a step.
 // The callbacks capture by value and each thread gets its own copy of them
 // and of the sizes (firstprivate), kept in registers: st()'s memcpy stores may
 // alias any memory, and reloading captured references after them cost the
@@ -253,32 +246,20 @@ template <int G, typename S, typename Cell, typename Stopped>
 void forward_time_loop(const S* w_hh, S* h_bufs, S* out, const int64_t* len, int64_t T, int64_t B, int64_t H,
                        int threads, Cell cell, Stopped stopped) {
   constexpr int64_t L = kGemvLanes, W = G * L;
-  const int64_t panel_total = (H + L - 1) / L;
-  threads = static_cast<int>(std::min<int64_t>(threads, panel_total));
-  std::unique_ptr<S[]> panels(new S[panel_total * H * W]);  // not zeroed here: first touched by the packing thread
-  std::vector<uint64_t> busy(threads);
-  const SplitMode mode = split_mode();
   StepBarrier barrier;
 #pragma omp parallel num_threads(threads) firstprivate(cell, stopped, h_bufs, out, len, T, B, H)
   {
-    int team = 1, tid = 0;
-#ifdef _OPENMP
-    team = omp_get_num_threads(), tid = omp_get_thread_num();
-#endif
-    TeamSplit split(team, panel_total);
-    const int64_t first = split.begin(tid) * L;
-    pack_gate_panels<G>(panels.get() + split.begin(tid) * H * W, w_hh, H, first,
-                        std::min(H, split.end(tid) * L) - first);
-    std::vector<S> gh(B * W);
-    uint64_t spent = 0;
+    const Slice s = team_slice(H);
+    const int64_t u0 = s.u0, n = s.n;
+    std::vector<S> panels((n + L - 1) / L * H * W), gh(B * W);
+    pack_gate_panels<G>(panels.data(), w_hh, H, u0, n);
     for (int64_t t = 0; t < T; ++t) {
-      const uint64_t start = busy_clock();
       const S* h_prev = h_bufs + (t & 1) * B * H;
       S* h_next = h_bufs + ((t + 1) & 1) * B * H;
-      for (int64_t p = split.begin(tid); p < split.end(tid); ++p) {
-        const int64_t j0 = p * L, w = std::min(L, H - j0);
+      for (int64_t p = 0; p * L < n; ++p) {
+        const int64_t j0 = u0 + p * L, w = std::min(L, n - p * L);
         // Stopped rows get a product too (their h is finite): cheaper than compacting the batch.
-        panel_product<G>(h_prev, B, H, panels.get() + p * H * W, H, gh.data(), W);
+        panel_product<G>(h_prev, B, H, panels.data() + p * H * W, H, gh.data(), W);
         for (int64_t b = 0; b < B; ++b) {
           const int64_t o = b * H + j0, r = t * B + b;
           if (len != nullptr && t >= len[b]) {  // stopped: keep the state, output 0
@@ -290,11 +271,7 @@ void forward_time_loop(const S* w_hh, S* h_bufs, S* out, const int64_t* len, int
           cell(r, o, j0, w, gh.data() + b * W, h_prev + o, h_next + o);
         }
       }
-      spent += busy_clock() - start;
-      const bool resplit = (t + 1) % kSplitSteps == 0 && t + 1 < T;
-      if (resplit) busy[tid] = spent, spent = 0;
-      barrier.wait(team);
-      if (resplit) split.resplit(mode, busy.data(), t / kSplitSteps);
+      barrier.wait(s.team);
     }
   }
 }
