@@ -229,11 +229,34 @@ void transpose_scaled(const at::Tensor& view, at::Tensor& out, T factor) {
 
 }  // namespace
 
+// A tensor of `sizes` in `options`: fresh (kNoScratch), or a view of buffer
+// `slot` of the calling thread, kept from call to call, for copies that live
+// only inside one call. Why: a float32 backward at B=4 H=8 N=256 D=64 allocates
+// four 2 MB operand copies and three 2 MB gradients; glibc hands such blocks
+// back to the system when they are freed, and the next call faults every page
+// in again (1,000-3,700 page faults a call here, ~20% of its time on the VM
+// of BENCHMARKS.md). Up to kScratchBytes a slot; larger copies are allocated
+// (their O(N D) faults weigh little against O(N^2 D) work).
+at::Tensor scratch(at::IntArrayRef sizes, const at::TensorOptions& options, int slot) {
+  constexpr int64_t kScratchBytes = 8 << 20;
+  const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
+  if (slot == kNoScratch || bytes > kScratchBytes) return at::empty(sizes, options);
+  TORCH_CHECK(slot >= 0 && slot < kScratchSlots, "attention scratch: no slot ", slot);
+  // Bytes, freed when the thread ends. Per thread: the Python bindings hold the GIL through a
+  // call, but nothing stops C++ callers from running two calls at once.
+  thread_local at::Tensor kept[kScratchSlots];
+  at::Tensor& buffer = kept[slot];
+  if (!buffer.defined() || buffer.numel() < bytes) {
+    buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  }
+  return buffer.narrow(0, 0, bytes).view(options.dtype().toScalarType()).view(sizes);
+}
+
 // factor * x^T per head in `dtype`, rows as columns: dense (B, H, D, N), varlen
 // (H, D, total). One O(N D) pass per call, so that tile products need no transposes.
-at::Tensor transposed(const at::Tensor& x, bool varlen, double factor, at::ScalarType dtype) {
+at::Tensor transposed(const at::Tensor& x, bool varlen, double factor, at::ScalarType dtype, int slot) {
   const at::Tensor view = varlen ? x.permute({1, 2, 0}) : x.transpose(2, 3);
-  at::Tensor t = at::empty(view.sizes(), x.options().dtype(dtype));
+  at::Tensor t = scratch(view.sizes(), x.options().dtype(dtype), slot);
   if (x.scalar_type() == dtype && view.stride(-2) == 1 && (dtype == at::kFloat || dtype == at::kDouble)) {
     AT_DISPATCH_FLOATING_TYPES(dtype, "attention_transposed", [&] {
       transpose_scaled<scalar_t>(view, t, static_cast<scalar_t>(factor));
@@ -248,9 +271,9 @@ at::Tensor transposed(const at::Tensor& x, bool varlen, double factor, at::Scala
 at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
 // An empty tensor shaped as transposed(x) would make it.
-at::Tensor columns_like(const at::Tensor& x, bool varlen, at::ScalarType dtype) {
+at::Tensor columns_like(const at::Tensor& x, bool varlen, at::ScalarType dtype, int slot) {
   const at::Tensor view = varlen ? x.permute({1, 2, 0}) : x.transpose(2, 3);
-  return at::empty(view.sizes(), x.options().dtype(dtype));
+  return scratch(view.sizes(), x.options().dtype(dtype), slot);
 }
 
 }  // namespace flash

@@ -261,7 +261,8 @@ std::vector<at::Tensor> attention_backward_rope(
   const bool vl = sp.varlen, same = q.scalar_type() == acc;
   // fp16/bf16 run as float (see attention_forward); the gradients are computed in acc and converted at the end.
   const at::Tensor doa = as_type(dout_r, acc), oa = as_type(out_r, acc);
-  const at::Tensor vT = transposed(c.v, vl, 1.0, acc), doT = transposed(dout_r, vl, 1.0, acc);
+  // The four transposed operands live only in this call: the calling thread's scratch buffers.
+  const at::Tensor vT = transposed(c.v, vl, 1.0, acc, 0), doT = transposed(dout_r, vl, 1.0, acc, 1);
   const auto acc_opts = q.options().dtype(acc);
   // One task per (batch, kv-head) when there are enough of them for the threads.
   const bool fused = sp.batch * sp.heads_kv >= 4 * at::get_num_threads();
@@ -271,17 +272,17 @@ std::vector<at::Tensor> attention_backward_rope(
   at::Tensor qa, ka, qT, kT, k_raw;
   c10::optional<RopeIn> rin;
   if (rope_tables == nullptr) {
-    qa = as_type(c.q, acc), ka = as_type(c.k, acc), qT = transposed(c.q, vl, 1.0, acc);
-    kT = transposed(c.k, vl, scale, acc);
+    qa = as_type(c.q, acc), ka = as_type(c.k, acc), qT = transposed(c.q, vl, 1.0, acc, 2);
+    kT = transposed(c.k, vl, scale, acc, 3);
   } else {
     // Fused RoPE: one pass over q (and one over k) writes the rotated rows and
     // their transposes, where the plain backward converts and transposes.
     rin.emplace(*rope_tables, acc);
-    qa = at::empty(c.q.sizes(), acc_opts), qT = columns_like(c.q, vl, acc);
+    qa = at::empty(c.q.sizes(), acc_opts), qT = columns_like(c.q, vl, acc, 2);
     if (k_tiles) {
       ka = k_raw = as_type(c.k, acc), kT = k_raw;  // op.k/op.kT: placeholders, unread with k_raw
     } else {
-      ka = at::empty(c.k.sizes(), acc_opts), kT = columns_like(c.k, vl, acc);
+      ka = at::empty(c.k.sizes(), acc_opts), kT = columns_like(c.k, vl, acc, 3);
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_rope_operands_cpu", [&] {
       using A = acc_of<scalar_t>;

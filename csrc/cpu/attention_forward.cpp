@@ -116,7 +116,8 @@ std::vector<at::Tensor> attention_forward_rope(
   const at::Tensor va = as_type(c.v, acc);
   at::Tensor outa = q.scalar_type() == acc ? out : at::empty(out.sizes(), out.options().dtype(acc));
   if (rope_tables == nullptr) {
-    const at::Tensor qa = as_type(c.q, acc), kt = transposed(c.k, vl, scale, acc);
+    // scale * K^T lives only in this call: a scratch buffer of the calling thread (attention.cpp).
+    const at::Tensor qa = as_type(c.q, acc), kt = transposed(c.k, vl, scale, acc, 3);
     AT_DISPATCH_FLOATING_TYPES(acc, "attention_forward_cpu", [&] {
       forward_kernel<scalar_t>(sp, rows_of<const scalar_t>(qa, vl), nullptr, columns_of<const scalar_t>(kt, vl),
                                column_ld(kt), rows_of<const scalar_t>(va, vl), rows_of<scalar_t>(outa, vl),
@@ -126,7 +127,7 @@ std::vector<at::Tensor> attention_forward_rope(
     // Fused RoPE: k rotated while scale * K^T is formed, q tile by tile in the
     // kernel, straight from q's dtype (no rotated or converted copy of q).
     const RopeIn rin(*rope_tables, acc);
-    const at::Tensor kt = columns_like(c.k, vl, acc);
+    const at::Tensor kt = columns_like(c.k, vl, acc, 3);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_rope_forward_cpu", [&] {
       using A = acc_of<scalar_t>;
       const rope::Rope<A> r = rin.view<A>();

@@ -353,9 +353,12 @@ Call prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 at::Tensor rows_ready(const at::Tensor& t, int64_t row_dim);
 std::vector<int64_t> out_shape(const at::Tensor& q, int64_t dim_v);
 std::vector<int64_t> stat_shape(const Spec& sp, const at::Tensor& q);
-at::Tensor transposed(const at::Tensor& x, bool varlen, double factor, at::ScalarType dtype);
+// Scratch slots for per-call operand copies: kNoScratch allocates a tensor; 0 ..
+// kScratchSlots - 1 lend one of the calling thread's kept buffers (scratch()).
+constexpr int kNoScratch = -1, kScratchSlots = 4;
+at::Tensor transposed(const at::Tensor& x, bool varlen, double factor, at::ScalarType dtype, int slot = kNoScratch);
 at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype);
-at::Tensor columns_like(const at::Tensor& x, bool varlen, at::ScalarType dtype);
+at::Tensor columns_like(const at::Tensor& x, bool varlen, at::ScalarType dtype, int slot = kNoScratch);
 
 // The forward with bfloat16 tile GEMMs (attention_forward_bf16.cpp) into out (q's shape, bfloat16)
 // and lse (float): false, nothing written, where it does not apply (inputs other than bfloat16, an

@@ -52,6 +52,26 @@ def test_head_dims_off_the_transpose_blocks(features, dtype):
         check_backend_matches_ground_truth(q, k, v, kwargs, dtype, "cpp")
 
 
+SCRATCH_SEQUENCE = [  # one thread, in order: its kept operand buffers grow, shrink, change dtype and layout
+    (Shape(2, 4, 2, 70, 90, 64, 48), Features(causal=True), torch.float32),
+    (Shape(1, 2, 1, 13, 19, 20, 11), Features(mask="float"), torch.float64),
+    (Shape(2, 2, 2, 17, 23, 32, 32), Features(rotary="half"), torch.float32),
+    (Shape(2, 4, 2, 33, 33, 16, 16), Features(padding=True, rotary="interleaved"), torch.bfloat16),
+    (Shape(64, 1, 1, 257, 40, 128, 128), Features(), torch.float32),  # 8.4 MB copies: past a kept buffer's 8 MB
+    (Shape(2, 4, 2, 70, 90, 64, 48), Features(causal=True), torch.float32),
+]
+
+
+def test_operand_copies_in_kept_buffers_across_calls():
+    """K^T, V^T, Q^T and dO^T of each call go to buffers the calling thread keeps between calls
+    (attention.cpp's scratch): a run of forwards and backwards whose copies grow, shrink, change
+    dtype, go through fused RoPE and padding, and exceed a buffer's size, each against the reference."""
+    for shape, features, dtype in SCRATCH_SEQUENCE:
+        with forced(OP, "cpp", "cpu", dtype):
+            q, k, v, kwargs = make_inputs(shape, features, dtype, "cpu", seed=shape.n_q)
+            check_backend_matches_ground_truth(q, k, v, kwargs, dtype, "cpp")
+
+
 def test_strided_layouts():
     """(B, N, H, D) inputs transposed to (B, H, N, D), and K/V expanded over the sequence (stride 0)."""
     gen = torch.Generator().manual_seed(3)
