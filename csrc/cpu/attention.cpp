@@ -234,9 +234,9 @@ void transpose_scaled(const at::Tensor& view, at::Tensor& out, T factor) {
 // only inside one call. Why: a float32 backward at B=4 H=8 N=256 D=64 allocates
 // four 2 MB operand copies and three 2 MB gradients; glibc hands such blocks
 // back to the system when they are freed, and the next call faults every page
-// in again (1,000-3,700 page faults a call here, ~20% of its time on the VM
-// of BENCHMARKS.md). Up to kScratchBytes a slot; larger copies are allocated
-// (their O(N D) faults weigh little against O(N^2 D) work).
+// in again (up to ~4,000 page faults a forward+backward, 10-30% of its time on
+// the VM of BENCHMARKS.md). Up to kScratchBytes a slot; larger copies are
+// allocated (their O(N D) faults weigh little against O(N^2 D) work).
 at::Tensor scratch(at::IntArrayRef sizes, const at::TensorOptions& options, int slot) {
   constexpr int64_t kScratchBytes = 8 << 20;
   const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
