@@ -35,7 +35,6 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "attention_kernel.h"
@@ -216,13 +215,7 @@ void transpose_scaled(const at::Tensor& view, at::Tensor& out, T factor) {
       const int64_t r1 = std::min(R, r0 + kB), c1 = std::min(C, c0 + kB);
       const T* s = src + offset + r0 * lds + c0;
       T* d = dst + m * C * R + c0 * R + r0;
-      if constexpr (std::is_same_v<T, float>) {
-        rope::transpose_scaled_f32(s, lds, r1 - r0, c1 - c0, d, R, factor);
-      } else {
-        for (int64_t c = 0; c < c1 - c0; ++c) {
-          for (int64_t r = 0; r < r1 - r0; ++r) d[c * R + r] = s[r * lds + c] * factor;
-        }
-      }
+      rope::transpose_scaled(s, lds, r1 - r0, c1 - c0, d, R, factor);
     }
   });
 }

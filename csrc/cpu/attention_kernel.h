@@ -289,18 +289,8 @@ inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; 
 template <typename A, typename T>
 void rotate_block(const rope::Rope<A>& rope, const T* x, int64_t x_ld, int64_t pos, int64_t n, int64_t D, A factor,
                   A* rows, int64_t rows_ld, A* col, int64_t ld) {
-  constexpr int64_t kChunk = 16;  // rows per transposed store: 16 floats of a column, one cache line
   for (int64_t j = 0; j < n; ++j) rope::row(rope, pos + j, false, x + j * x_ld, rows + j * rows_ld, D, A(1));
-  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-    const int64_t m = std::min(kChunk, n - j0);
-    if constexpr (std::is_same_v<A, float>) {
-      rope::transpose_scaled_f32(rows + j0 * rows_ld, rows_ld, m, D, col + j0, ld, factor);
-      continue;
-    }
-    for (int64_t d = 0; d < D; ++d) {
-      for (int64_t j = j0; j < j0 + m; ++j) col[d * ld + j] = rows[j * rows_ld + d] * factor;
-    }
-  }
+  rope::transpose_scaled(rows, rows_ld, n, D, col, ld, factor);
 }
 
 // One pass over q or k (`queries`: positions i + diag + offset, else j + offset):

@@ -99,6 +99,18 @@ inline void row(const Rope<acc_t>& r, int64_t pos, bool inverse, const T* x, acc
 void transpose_scaled_f32(const float* rows, int64_t rows_ld, int64_t n, int64_t dim, float* col, int64_t ld,
                           float factor);
 
+// The same for any type: float by transpose_scaled_f32, others element by element.
+template <typename T>
+inline void transpose_scaled(const T* rows, int64_t rows_ld, int64_t n, int64_t dim, T* col, int64_t ld, T factor) {
+  if constexpr (std::is_same_v<T, float>) {
+    transpose_scaled_f32(rows, rows_ld, n, dim, col, ld, factor);
+  } else {
+    for (int64_t d = 0; d < dim; ++d) {
+      for (int64_t j = 0; j < n; ++j) col[d * ld + j] = rows[j * rows_ld + d] * factor;
+    }
+  }
+}
+
 }  // namespace rope
 }  // namespace cpu
 }  // namespace attnkit

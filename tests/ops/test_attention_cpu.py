@@ -56,7 +56,7 @@ SCRATCH_SEQUENCE = [  # one thread, in order: its kept operand buffers grow, shr
     (Shape(2, 4, 2, 70, 90, 64, 48), Features(causal=True), torch.float32),
     (Shape(1, 2, 1, 13, 19, 20, 11), Features(mask="float"), torch.float64),
     (Shape(2, 2, 2, 17, 23, 32, 32), Features(rotary="half"), torch.float32),
-    (Shape(2, 4, 2, 33, 33, 16, 16), Features(padding=True, rotary="interleaved"), torch.bfloat16),
+    (Shape(2, 4, 2, 33, 33, 16, 16), Features(padding=True, rotary="interleaved"), torch.float16),  # float copies
     (Shape(64, 1, 1, 257, 40, 128, 128), Features(), torch.float32),  # 8.4 MB copies: past a kept buffer's 8 MB
     (Shape(2, 4, 2, 70, 90, 64, 48), Features(causal=True), torch.float32),
 ]
