@@ -366,7 +366,7 @@ def test_gpu_check_hands_tests_to_xdist_workers_when_it_is_installed(xdist, tmp_
     gpu_check.run_tests(str(tmp_path), str(tmp_path), 60, [str(suite)], [], jobs=3, xdist=xdist)
     commands, jobs = seen[0]
     if xdist:  # one pytest, single tests handed to 3 workers
-        assert len(commands) == 1 and jobs == 3 and commands[0][-4:] == [str(suite), "-n", "3", "--dist", "load"][-4:]
+        assert len(commands) == 1 and jobs == 3 and commands[0][-4:] == ["-n", "3", "--dist", gpu_check.xdist_distribution()]
     else:  # one pytest per file, 3 at a time
         assert len(commands) == 2 and jobs == 3 and all("-n" not in c for c in commands)
 
@@ -437,6 +437,27 @@ def test_gpu_check_gives_each_family_a_soft_deadline_within_its_share(monkeypatc
     assert 365 < last <= 370 and hard_last > 399  # the last family may use all that is left
 
 
+def test_gpu_check_starts_no_process_for_the_cpu_only_families_on_a_gpu(monkeypatch, tmp_path):
+    started = []
+
+    def fake_run(command, seconds, env=None, cwd=None):
+        name = command[command.index("--only") + 1]
+        started.append(name)
+        with open(command[command.index("--json") + 1], "w") as f:
+            json.dump({"families": {name: {"title": name, "rows": [], "seconds": 1.0}}}, f)
+        return "passed", 1.0, ""
+
+    monkeypatch.setattr(gpu_check, "_run", fake_run)
+    names = ["lstm_cell", "attention_cpu", "rnn", "linear"]
+    status, _, _, document = gpu_check.run_bench(str(tmp_path), 60, torch.device("cuda"), True, names, "float32")
+    assert status == "passed" and started == ["lstm_cell", "rnn"]
+    assert list(document["families"]) == names and document["families"]["linear"]["rows"] == []
+    for name in gpu_check.CPU_ONLY_FAMILIES:  # what the skip stands for: no rows off the CPU
+        assert core.load_family(name).run(torch.device("cuda"), torch.float32, True) == []
+    gpu_check.run_bench(str(tmp_path), 60, torch.device("cpu"), True, names, "float32")
+    assert started[2:] == names  # the CPU runs all of them
+
+
 def test_rotary_benchmark_tables_cover_every_position_of_every_shape():
     # The full suite's 8192-token prompt once outran a fixed 4096-row table (seen on the H200).
     positional = core.load_family("positional")
@@ -467,12 +488,24 @@ def test_gpu_check_build_runs_the_prewarm_and_the_test_warm_up_beside_pip(monkey
     assert best_effort == 1 and env["ATTNKIT_REQUIRE_CUDA"] == "1"
 
 
+def test_gpu_check_lets_idle_xdist_workers_steal_where_xdist_can(monkeypatch):
+    for version, mode in (("3.8.0", "worksteal"), ("3.2", "worksteal"), ("3.1.0", "load"), ("2.5.0", "load")):
+        monkeypatch.setattr(gpu_check.importlib.metadata, "version", lambda name: version)
+        assert gpu_check.xdist_distribution() == mode, version
+
+    def missing(name):
+        raise gpu_check.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(gpu_check.importlib.metadata, "version", missing)
+    assert gpu_check.xdist_distribution() == "load"
+
+
 def test_gpu_check_test_warm_up_runs_the_triton_tests_without_extensions_at_low_priority(monkeypatch):
     monkeypatch.setattr(gpu_check.shutil, "which", lambda name: "/usr/bin/nice")
     (command,) = gpu_check.warm_up_commands(["tests"], 6, xdist=True)
     assert command[:3] == ["nice", "-n", "10"] and "ATTNKIT_NO_EXTENSIONS=1" in command
     assert command[command.index("pytest") + 2] == "gpu and not cuda_build" and command[-5:] == [
-        "tests", "-n", "6", "--dist", "load"]
+        "tests", "-n", "6", "--dist", gpu_check.xdist_distribution()]
     assert gpu_check.warm_up_commands(["tests"], 6, xdist=False)[0][-1] == "tests"
     monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)  # no nice: the command as it is
     assert gpu_check.warm_up_commands(["tests"], 1, xdist=True)[0][:2] == ["env", "ATTNKIT_NO_EXTENSIONS=1"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -79,9 +80,21 @@ def warm_up_commands(paths, jobs, xdist=None):
     find cached (ATTNKIT_NO_EXTENSIONS is not part of Triton's cache key)."""
     if xdist is None:
         xdist = importlib.util.find_spec("xdist") is not None
-    workers = ["-n", str(jobs), "--dist", "load"] if xdist and jobs > 1 else []
+    workers = ["-n", str(jobs), "--dist", xdist_distribution()] if xdist and jobs > 1 else []
     return [_niced(["env", "ATTNKIT_NO_EXTENSIONS=1", sys.executable, "-m", "pytest", "-m", "gpu and not cuda_build",
                     "-q", "-p", "no:cacheprovider", *paths, *workers])]
+
+
+def xdist_distribution():
+    """'worksteal' where pytest-xdist has it (3.2 on): an idle worker takes half of a busy
+    one's queue. Under 'load' the H200 suite's four longest tests (35-45 s each) queued on
+    one worker of 14 and ran in a row at its end (2026-11-27)."""
+    try:
+        version = importlib.metadata.version("pytest-xdist")
+    except importlib.metadata.PackageNotFoundError:
+        return "load"
+    major, minor = (int(part) if part.isdigit() else 0 for part in (version.split(".") + ["0"])[:2])
+    return "worksteal" if (major, minor) >= (3, 2) else "load"
 
 
 def _warm_up_status(status):
@@ -146,7 +159,7 @@ def run_tests(root, out_dir, seconds, paths, extra, jobs=None, side_commands=(),
     files = _selected_files(cwd, paths, env, min(120, seconds)) if jobs > 1 and not xdist else None
     shards = [[f] for f in files] if files else [list(paths)]
     if jobs > 1 and xdist:
-        shards = [[*paths, "-n", str(jobs), "--dist", "load"]]
+        shards = [[*paths, "-n", str(jobs), "--dist", xdist_distribution()]]
     stream = os.path.join(out_dir, "gpu-tests.jsonl")
     if os.path.exists(stream):
         os.remove(stream)  # never count a previous run's results
@@ -231,6 +244,8 @@ def _niced(command):
 # models, additive_attention and rope_attention estimated from their rows' times in an earlier run.
 FULL_SECONDS = {"attention": 200, "transformer": 50, "models": 45, "rnn": 21, "rope_attention": 15,
                 "additive_attention": 10, "positional": 5}
+# Families that measure nothing on a GPU (their run() returns no rows there): not started on one.
+CPU_ONLY_FAMILIES = ("attention_cpu", "linear")
 STARTUP_SECONDS = 8.0  # a family's process: Python, torch and attnkit imports, before its first shape
 
 
@@ -247,7 +262,11 @@ def run_bench(out_dir, seconds, device, full, only, dtype):
     overruns the budget loses only its own table; merged into gpu-report.json."""
     started = time.perf_counter()
     base, families, outputs = None, {}, []
-    names = only or core.families()
+    names = every_name = only or core.families()
+    if torch.device(device).type == "cuda":  # each family's process costs 5-8 s to start there
+        skipped = [name for name in names if name in CPU_ONLY_FAMILIES]
+        families.update({name: {"title": name, "rows": [], "seconds": 0.0} for name in skipped})
+        names = [name for name in names if name not in skipped]
     for index, name in enumerate(names):
         left = seconds - (time.perf_counter() - started)
         path = os.path.join(out_dir, f"gpu-report-{name}.json")
@@ -277,6 +296,7 @@ def run_bench(out_dir, seconds, device, full, only, dtype):
     taken = time.perf_counter() - started
     if base is None:
         return "failed: no family wrote results", taken, "\n".join(outputs), None
+    families = {name: families[name] for name in every_name}  # the families' own order
     merged = dict(base, families=families, mode="full" if full else "quick", seconds=round(taken, 2))
     with open(os.path.join(out_dir, "gpu-report.json"), "w") as f:
         json.dump(merged, f, indent=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 STREAM_ENV = "ATTNKIT_TEST_STREAM"
 EXCERPT_CHARS = 4000
@@ -35,12 +36,17 @@ def pytest_configure(config):
 
 
 def pytest_runtest_logstart(nodeid, location):
-    _write({"id": nodeid, "event": "start"})
+    _write({"id": nodeid, "event": "start", "at": round(time.time(), 2)})
 
 
 def pytest_runtest_logreport(report):
+    # "at" and "worker" (xdist's gateway id, on the controller's copy of a report): which tests
+    # queued on one worker, and when, where a suite's wall time outruns its tests' seconds.
     record = {"id": report.nodeid, "event": report.when, "outcome": report.outcome,
-              "seconds": round(report.duration, 3)}
+              "seconds": round(report.duration, 3), "at": round(time.time(), 2)}
+    worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", None)
+    if worker is not None:
+        record["worker"] = worker
     if report.failed:
         record["excerpt"] = str(report.longreprtext)[-EXCERPT_CHARS:]
     _write(record)
