@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time as time_module
 
 import torch
 from timing import max_error, median_ms, median_pair_ms, within_budget
@@ -103,8 +104,11 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
 def cuda_loop_rows(device, timing, shape=(64, 100, 512), dtype=torch.float16):
     """The per-step cuda backend's fused time loops (a cuBLAS call and a kernel a step, on raw
     pointers) against the shared loop of rnn_sequence.h (tensors per step), which
-    ATTNKIT_RNN_CUDA_GENERIC_LOOP=1 selects: the host work per step, measured. max err: the
-    outputs (forward) or W_hh's gradients (fwd+bwd) of the two."""
+    ATTNKIT_RNN_CUDA_GENERIC_LOOP=1 selects; and the fused loops with their GEMMs on cuBLAS
+    directly (ATTNKIT_RNN_CUDA_DIRECT_GEMM=1, opt-in) against them through ATen's addmm_.
+    max err: the outputs (forward) or W_hh's gradients (fwd+bwd) of the two. The note gives
+    each side's host time per call (the call returning, unsynchronized): where it is about
+    the whole time, the host sets the pace."""
     batch, time, hidden = shape
     x = torch.randn(time, batch, hidden, device=device, dtype=dtype, requires_grad=True)
     text = f"B={batch} T={time} I=H={hidden} {str(dtype).replace('torch.', '')}"
@@ -121,29 +125,47 @@ def cuda_loop_rows(device, timing, shape=(64, 100, 512), dtype=torch.float16):
             step()
             return ours.weight_hh_l0.grad
 
-        for case, fn in ((f"{kind} forward, cuda: fused loop vs shared loop", forward),
-                         (f"{kind} fwd+bwd, cuda: fused loop vs shared loop", train)):
-            with _generic_loop("1"):
-                generic_out, t_generic = fn().clone(), median_ms(fn, device, **timing)
-            with _generic_loop(None):
-                fused_out, t_fused = fn().clone(), median_ms(fn, device, **timing)
-            rows.append(dict(case=case, shape=text, backend="cuda", ours_ms=t_fused, baseline_ms=t_generic,
-                             max_err=max_error(fused_out, generic_out)))
+        for mode, fn in (("forward", forward), ("fwd+bwd", train)):
+            runs = {}
+            for loop, variables in (("shared", {"ATTNKIT_RNN_CUDA_GENERIC_LOOP": "1"}), ("fused", {}),
+                                    ("direct", {"ATTNKIT_RNN_CUDA_DIRECT_GEMM": "1"})):
+                with _environment(variables):
+                    runs[loop] = (fn().clone(), median_ms(fn, device, **timing), _host_ms(fn, device))
+            for (ours_loop, base_loop), what in ((("fused", "shared"), "fused loop vs shared loop"),
+                                                 (("direct", "fused"), "direct cuBLAS vs ATen addmm_")):
+                (out, t_ours, host_ours), (base, t_base, host_base) = runs[ours_loop], runs[base_loop]
+                rows.append(dict(case=f"{kind} {mode}, cuda: {what}", shape=text, backend="cuda", ours_ms=t_ours,
+                                 baseline_ms=t_base, max_err=max_error(out, base),
+                                 note=f"host {host_ours:.3f} vs {host_base:.3f} ms a call"))
     return rows
 
 
+def _host_ms(fn, device, repeats=5):
+    """Median host time of fn() with the GPU idle at its start: until the call returns, unsynchronized."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize(device)
+        started = time_module.perf_counter()
+        fn()
+        times.append((time_module.perf_counter() - started) * 1e3)
+    torch.cuda.synchronize(device)
+    return sorted(times)[len(times) // 2]
+
+
 @contextlib.contextmanager
-def _generic_loop(value):
-    """ATTNKIT_RNN_CUDA_GENERIC_LOOP set to `value` (None: unset) inside the block; the kernels read it per call."""
-    saved = os.environ.pop("ATTNKIT_RNN_CUDA_GENERIC_LOOP", None)
-    if value is not None:
-        os.environ["ATTNKIT_RNN_CUDA_GENERIC_LOOP"] = value
+def _environment(variables):
+    """The loop switches of csrc/cuda/rnn.cu set as given inside the block, the others unset;
+    the kernels read them per call."""
+    names = ("ATTNKIT_RNN_CUDA_GENERIC_LOOP", "ATTNKIT_RNN_CUDA_DIRECT_GEMM")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    os.environ.update(variables)
     try:
         yield
     finally:
-        os.environ.pop("ATTNKIT_RNN_CUDA_GENERIC_LOOP", None)
-        if saved is not None:
-            os.environ["ATTNKIT_RNN_CUDA_GENERIC_LOOP"] = saved
+        for name in names:
+            os.environ.pop(name, None)
+            if saved[name] is not None:
+                os.environ[name] = saved[name]
 
 
 def persistent_rows(device, timing, time=256):

@@ -19,6 +19,14 @@ def test_cuda_extension_was_built_and_imports():
     assert _extensions.build_info()["extensions"]["attnkit._C_cuda"] is None
 
 
+def test_the_direct_gemm_finds_cublas_in_what_torch_loaded():
+    """ATTNKIT_RNN_CUDA_DIRECT_GEMM=1's cublasGemmEx, looked up in the cuBLAS that
+    libtorch_cuda loaded (loaded with torch, GPU or not)."""
+    ext, reason = _extensions.load("_C_cuda")
+    assert ext is not None, reason
+    assert ext.rnn_direct_gemm_available()
+
+
 def test_cuda_backend_status_is_consistent():
     status = attnkit.available_backends()["cuda"]
     assert status.available == torch.cuda.is_available(), status

@@ -5,6 +5,7 @@
 #include "attnkit/lstm_cell.h"
 #include "attnkit/rnn.h"
 #include "attnkit/rnn_persistent.h"
+#include "step_gemm.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "attnkit CUDA kernels";
@@ -20,4 +21,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whole-sequence LSTM forward, persistent kernel, inference (CUDA); [] when not taken");
   m.def("gru_forward_persistent", &attnkit::cuda::gru_forward_persistent,
         "whole-sequence GRU forward, persistent kernel, inference (CUDA); [] when not taken");
+  m.def("rnn_direct_gemm_available", &attnkit::cuda::step_gemm::available,
+        "whether ATTNKIT_RNN_CUDA_DIRECT_GEMM=1 can call cublasGemmEx (found in the cuBLAS torch loaded)");
 }

@@ -11,6 +11,7 @@
 
 #include "attnkit/gate_math.h"
 #include "attnkit/rnn_sequence.h"
+#include "step_gemm.h"
 
 #include <cstdlib>
 #include <cstring>
@@ -188,8 +189,9 @@ at::Tensor first_rows(const at::Tensor& a, int64_t n) { return n == a.size(0) ? 
 // tensors and launches per step (selects, a GEMM output, adds): its steps took
 // 20-30 us on the H200 against cuDNN's ~8 us, host work by the look of it (not profiled).
 // (at::cuda::blas::gemm, which would skip ATen's dispatch too, is not exported
-// from libtorch_cuda.) ATTNKIT_RNN_CUDA_GENERIC_LOOP=1 runs the shared loop
-// instead, to compare the two.
+// from libtorch_cuda; ATTNKIT_RNN_CUDA_DIRECT_GEMM=1 calls cuBLAS itself for
+// float16 / bfloat16, step_gemm.h.) ATTNKIT_RNN_CUDA_GENERIC_LOOP=1 runs the
+// shared loop instead, to compare the two.
 bool fused_loops_enabled() {
   const char* value = std::getenv("ATTNKIT_RNN_CUDA_GENERIC_LOOP");
   return value == nullptr || std::strcmp(value, "1") != 0;
@@ -230,6 +232,8 @@ struct Kernels {
     // its kernel turns them into the activated gates in place.
     gates = linear(x.view({T * B, I}), w_ih, bias).view({T, B, 4 * H});
     const at::Tensor w_hh_t = w_hh.t();
+    const bool direct = step_gemm::enabled(x.scalar_type(), {&gates, &h});
+    const at::Tensor w = direct ? w_hh.contiguous() : at::Tensor();
     const auto stream = at::cuda::getCurrentCUDAStream();
     ATTNKIT_DISPATCH(x.scalar_type(), "attnkit_lstm_forward_fused_cuda", [&] {
       scalar_t *pre = gates.data_ptr<scalar_t>(), *hp = h.data_ptr<scalar_t>(), *cp = c.data_ptr<scalar_t>();
@@ -237,7 +241,11 @@ struct Kernels {
       scalar_t *out = output.data_ptr<scalar_t>(), *csp = save ? cs.data_ptr<scalar_t>() : nullptr;
       for (int64_t t = 0; t < T; ++t) {
         scalar_t* pre_t = pre + t * B * 4 * H;
-        if (rows[t] > 0) step_rows(gates, t, rows[t]).addmm_(first_rows(h, rows[t]), w_hh_t);
+        if (rows[t] > 0 && direct) {
+          step_gemm::a_wt(hp, w.data_ptr(), pre_t, rows[t], 4 * H, H, 1.0f, x.scalar_type());
+        } else if (rows[t] > 0) {
+          step_rows(gates, t, rows[t]).addmm_(first_rows(h, rows[t]), w_hh_t);
+        }
         lstm_forward_kernel<scalar_t><<<num_blocks(B * H), kThreads, 0, stream>>>(
             pre_t, nullptr, cp, hp, out + t * B * H, csp != nullptr ? csp + t * B * H : nullptr, nullptr,
             ptr<int64_t>(len), t, B, H);
@@ -253,6 +261,8 @@ struct Kernels {
                                   const std::vector<int64_t>& rows) {
     const int64_t T = gates.size(0), B = gates.size(1), H = dc.size(1);
     if (B == 0 || !fused_loops_enabled()) return false;
+    const bool direct = step_gemm::enabled(gates.scalar_type(), {&grad_pre, &dh});
+    const at::Tensor w = direct ? w_hh.contiguous() : at::Tensor();
     const auto stream = at::cuda::getCurrentCUDAStream();
     ATTNKIT_DISPATCH(gates.scalar_type(), "attnkit_lstm_backward_fused_cuda", [&] {
       const scalar_t *g = gates.data_ptr<scalar_t>(), *csp = cs.data_ptr<scalar_t>(), *c0p = c0.data_ptr<scalar_t>();
@@ -266,7 +276,11 @@ struct Kernels {
             g + t * B * 4 * H, t > 0 ? csp + (t - 1) * B * H : c0p, csp + t * B * H, dhp, go + t * B * H, dcp, gp_t,
             ptr<int64_t>(len), t, B, H);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (rows[t] > 0) first_rows(dh, rows[t]).addmm_(step_rows(grad_pre, t, rows[t]), w_hh);
+        if (rows[t] > 0 && direct) {
+          step_gemm::a_w(gp_t, w.data_ptr(), dhp, rows[t], H, 4 * H, 1.0f, gates.scalar_type());
+        } else if (rows[t] > 0) {
+          first_rows(dh, rows[t]).addmm_(step_rows(grad_pre, t, rows[t]), w_hh);
+        }
       }
     });
     return true;
@@ -282,13 +296,17 @@ struct Kernels {
     const at::Tensor w_hh_t = w_hh.t();
     const at::Tensor bias_hh = rnn::present(b_hh) ? b_hh->contiguous() : at::Tensor();
     gates = at::empty({save ? T : 1, B, 4 * H}, x.options());
+    const bool direct = step_gemm::enabled(x.scalar_type(), {&h});
+    const at::Tensor w = direct ? w_hh.contiguous() : at::Tensor();
     const auto stream = at::cuda::getCurrentCUDAStream();
     ATTNKIT_DISPATCH(x.scalar_type(), "attnkit_gru_forward_fused_cuda", [&] {
       const scalar_t *gip = gi.data_ptr<scalar_t>(), *bp = ptr<scalar_t>(bias_hh);
       scalar_t *ghp = gh.data_ptr<scalar_t>(), *hp = h.data_ptr<scalar_t>(), *out = output.data_ptr<scalar_t>();
       scalar_t* gp = gates.data_ptr<scalar_t>();
       for (int64_t t = 0; t < T; ++t) {
-        if (rows[t] > 0) {
+        if (rows[t] > 0 && direct) {
+          step_gemm::a_wt(hp, w.data_ptr(), ghp, rows[t], 3 * H, H, 0.0f, x.scalar_type());
+        } else if (rows[t] > 0) {
           at::Tensor gh_rows = first_rows(gh, rows[t]);
           at::mm_out(gh_rows, first_rows(h, rows[t]), w_hh_t);
         }
@@ -307,6 +325,8 @@ struct Kernels {
                                  const std::vector<int64_t>& rows) {
     const int64_t T = gates.size(0), B = gates.size(1), H = dh.size(1);
     if (B == 0 || !fused_loops_enabled()) return false;
+    const bool direct = step_gemm::enabled(gates.scalar_type(), {&dgh, &dh});
+    const at::Tensor w = direct ? w_hh.contiguous() : at::Tensor();
     const auto stream = at::cuda::getCurrentCUDAStream();
     ATTNKIT_DISPATCH(gates.scalar_type(), "attnkit_gru_backward_fused_cuda", [&] {
       const scalar_t *g = gates.data_ptr<scalar_t>(), *h0p = h0.data_ptr<scalar_t>();
@@ -319,7 +339,11 @@ struct Kernels {
             g + t * B * 4 * H, t > 0 ? out + (t - 1) * B * H : h0p, go + t * B * H, dhp, dgip + t * B * 3 * H, dgh_t,
             ptr<int64_t>(len), t, B, H);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (rows[t] > 0) first_rows(dh, rows[t]).addmm_(step_rows(dgh, t, rows[t]), w_hh);
+        if (rows[t] > 0 && direct) {
+          step_gemm::a_w(dgh_t, w.data_ptr(), dhp, rows[t], H, 3 * H, 1.0f, gates.scalar_type());
+        } else if (rows[t] > 0) {
+          first_rows(dh, rows[t]).addmm_(step_rows(dgh, t, rows[t]), w_hh);
+        }
       }
     });
     return true;

@@ -82,20 +82,29 @@ def test_gru_matches_reference(backend, device, dtype, shape, lengths, bias):
         check_against((out, h_n), ref, args, dtype)
 
 
+_LOOPS = [("fused_loop", torch.float32), ("fused_loop", torch.float16), ("generic_loop", torch.float32),
+          ("generic_loop", torch.float16), ("direct_gemm", torch.float16)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("generic_loop", [None, "1"], ids=["fused_loop", "generic_loop"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("loop, dtype", _LOOPS, ids=[f"{loop}-{dtype}" for loop, dtype in _LOOPS])
 @pytest.mark.parametrize("lengths", list(LENGTHS), ids=str)
-def test_cuda_time_loops_match_reference(monkeypatch, generic_loop, dtype, lengths):
-    """The cuda backend's two time loops: its own (csrc/cuda/rnn.cu, a GEMM and a kernel a
-    step on raw pointers, the default) and the shared one of rnn_sequence.h that
-    ATTNKIT_RNN_CUDA_GENERIC_LOOP=1 selects. Values and every gradient, both kinds, B = 3
-    with lengths that stop rows (sorted: the GEMMs shrink; unsorted: masked); float16
-    against the float32 reference."""
-    if generic_loop is None:
-        monkeypatch.delenv("ATTNKIT_RNN_CUDA_GENERIC_LOOP", raising=False)
-    else:
-        monkeypatch.setenv("ATTNKIT_RNN_CUDA_GENERIC_LOOP", generic_loop)
+def test_cuda_time_loops_match_reference(monkeypatch, loop, dtype, lengths):
+    """The cuda backend's time loops: its own (csrc/cuda/rnn.cu, a GEMM and a kernel a
+    step on raw pointers, the default), the same with its GEMMs on cuBLAS directly
+    (ATTNKIT_RNN_CUDA_DIRECT_GEMM=1, float16/bfloat16 only) and the shared one of
+    rnn_sequence.h that ATTNKIT_RNN_CUDA_GENERIC_LOOP=1 selects. Values and every
+    gradient, both kinds, B = 3 with lengths that stop rows (sorted: the GEMMs shrink;
+    unsorted: masked); float16 against the float32 reference."""
+    monkeypatch.delenv("ATTNKIT_RNN_CUDA_GENERIC_LOOP", raising=False)
+    monkeypatch.delenv("ATTNKIT_RNN_CUDA_DIRECT_GEMM", raising=False)
+    if loop == "generic_loop":
+        monkeypatch.setenv("ATTNKIT_RNN_CUDA_GENERIC_LOOP", "1")
+    if loop == "direct_gemm":
+        from attnkit import _extensions
+
+        assert _extensions.load("_C_cuda")[0].rnn_direct_gemm_available()  # else the default loop would run
+        monkeypatch.setenv("ATTNKIT_RNN_CUDA_DIRECT_GEMM", "1")
     lengths = LENGTHS[lengths]
     ref_lengths = None if lengths is None else torch.tensor(lengths)
 
