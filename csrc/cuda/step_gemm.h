@@ -14,8 +14,9 @@ namespace step_gemm {
 // Whether cublasGemmEx was found in the cuBLAS that torch loaded (looked up once).
 bool available();
 
-// Whether the fused loops of this call use it: opted in, float16 / bfloat16 (where torch's
-// GEMMs take cuBLAS's default math as well), and each tensor dense with unit inner stride.
+// Whether the fused loops of this call use it: opted in, float16 / bfloat16, and each tensor
+// contiguous. (float32 and float64 keep ATen's path, whose TF32 settings this does not mirror;
+// the halves take float32 accumulation, as ATen's GEMMs do.)
 bool enabled(at::ScalarType type, std::initializer_list<const at::Tensor*> tensors);
 
 // Row-major, on the current stream: c[rows, n] = a[rows, k] w^T + beta c, w [n, k].
