@@ -428,22 +428,30 @@ def _dkdv_blocks(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dmask_base, lo, run_lo, run_hi, hi, offs_m0, offs_n, offs_dv, q_len,
     k_len, diag, rot_off, COS, SIN, stride_rot, stride_qm, stride_dom, stride_lm, window_left, window_right, scale,
     softcap, mask_base, stride_mm, stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale,
+    Q_DESC, DO_DESC, b, h,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr, RAW_SCORES: tl.constexpr,
     ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr, MASK_GRAD: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """dK (unscaled) and dV of one key block accumulated over one query head's
     checked query blocks or its unchecked run; with MASK_GRAD also the additive
-    mask's gradient of each tile, stored at dmask_base (rows of max_k)."""
+    mask's gradient of each tile, stored at dmask_base (rows of max_k). USE_TMA:
+    Q and dO tiles through their (B, H, N, D) descriptors, as K and V in _fwd_blocks."""
     count, before = _block_count(lo, run_lo, run_hi, hi, BLOCK_M, CHECK_BOUNDS)
     for j in range(0, count):
-        offs_m = _block_start(j, before, lo, run_lo, run_hi, BLOCK_M, CHECK_BOUNDS) + offs_m0
-        q = _load_rows(q_base, offs_m, stride_qm, offs_m < q_len, offs_m + diag + rot_off, COS, SIN, stride_rot,
-                       1.0, HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE, CHECK_BOUNDS)
-        do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m < q_len, offs_dv < HEAD_DIM_V,
-                        CHECK_BOUNDS, HEAD_DIM_V != BLOCK_DV)
+        m_start = _block_start(j, before, lo, run_lo, run_hi, BLOCK_M, CHECK_BOUNDS)
+        offs_m = m_start + offs_m0
+        if USE_TMA:
+            q = Q_DESC.load([b, h, m_start, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = DO_DESC.load([b, h, m_start, 0]).reshape(BLOCK_M, BLOCK_DV)
+        else:
+            q = _load_rows(q_base, offs_m, stride_qm, offs_m < q_len, offs_m + diag + rot_off, COS, SIN, stride_rot,
+                           1.0, HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE, CHECK_BOUNDS)
+            do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m < q_len,
+                            offs_dv < HEAD_DIM_V, CHECK_BOUNDS, HEAD_DIM_V != BLOCK_DV)
         if CHECK_BOUNDS:
             lse = tl.load(lse_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
             delta = tl.load(delta_base + offs_m * stride_lm, mask=offs_m < q_len, other=0)
@@ -478,7 +486,7 @@ def _dkdv_blocks(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DMASK, MASK, PAD, SLOPES, COS, SIN, ROT_OFF, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DMASK, MASK, PAD, SLOPES, COS, SIN, ROT_OFF, CU_Q, CU_K, Q_DESC, DO_DESC,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -489,11 +497,15 @@ def _attn_bwd_dkdv(
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
     RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
-    MASK_GRAD: tl.constexpr = False,
+    MASK_GRAD: tl.constexpr = False, USE_TMA: tl.constexpr = False,
 ):
     """dK and dV of one key block; with MASK_GRAD the additive mask's gradient
     into DMASK, contiguous (B, H, max_q, max_k) in ACC_DTYPE, zeroed by the caller
-    (the tiles no query block visits stay 0)."""
+    (the tiles no query block visits stay 0). USE_TMA: Q and dO through Q_DESC
+    and DO_DESC (dense inputs, no RoPE, as the forward's K and V)."""
+    if USE_TMA:
+        tl.static_assert(VARLEN == 0, "USE_TMA takes dense inputs")
+        tl.static_assert(ROTARY_DIM == 0, "USE_TMA loads queries as stored, without RoPE")
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_KV
@@ -543,9 +555,9 @@ def _attn_bwd_dkdv(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dmask_base, lo, run_lo, run_hi, hi, offs_m0, offs_n,
                     offs_dv, q_len, k_len, diag, rot_off, COS, SIN, stride_rot, stride_qm, stride_dom, stride_lm,
                     window_left, window_right, scale, softcap, mask_base, stride_mm, stride_mn, pad_base, slope,
-                    seed_bh, max_k, drop_threshold, drop_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
-                    BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST, USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT,
-                    ALIBI, RAW_SCORES, ROTARY_DIM, INTERLEAVED, check == 1, MASK_GRAD)
+                    seed_bh, max_k, drop_threshold, drop_scale, Q_DESC, DO_DESC, b, h, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                    BLOCK_DV, BLOCK_M, BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST, USE_WINDOW, SOFTCAP, MASK_KIND,
+                    HAS_PADDING, DROPOUT, ALIBI, RAW_SCORES, ROTARY_DIM, INTERLEAVED, check == 1, MASK_GRAD, USE_TMA)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=k_inside)

@@ -55,8 +55,8 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
       (64, 64, 4, 3) takes 112 KB and 168 registers, (64, 64, 4, 2) 80 KB, so two
       fit (228 KB, 64 K registers); dQ at (64, 64, 4, 2) 96 KB, 178 registers.
       (128, 64, 8, 2), at 96 KB, would fit twice but for its 176 registers.
-    - tma (the forward and dQ, where _tma_descriptors gives descriptors): the plain
-      list, then its tiles again with K and V loaded by the tensor-copy engine (TMA):
+    - tma (where _tma_descriptors gives descriptors): the plain list, then tiles with
+      K and V (forward, dQ) or Q and dO (dK/dV) loaded by the tensor-copy engine (TMA):
       no per-thread address arithmetic, and a bare loop with TMA loads had 493
       sm_90 instructions an iteration against 506 with pointers (not timed).
     - Dropped after timing every candidate on an H200 (benchmarks/attention_configs.py,
@@ -77,9 +77,10 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
         shapes = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 32, 4, 2), (64, 64, 4, 3),
                   (64, 64, 4, 2)]
     configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=st) for m, n, w, st in shapes]
-    if tma and elem_bytes == 2 and block_d <= 128 and not rotary and not dkdv:
+    if tma and elem_bytes == 2 and block_d <= 128 and not rotary:
+        shapes, hook = (_TMA_DKDV_SHAPES, _tma_query_block_shapes) if dkdv else (_TMA_SHAPES, _tma_block_shapes)
         configs += [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, USE_TMA=True), num_warps=w, num_stages=st,
-                                  pre_hook=_tma_block_shapes) for m, n, w, st in _TMA_SHAPES]
+                                  pre_hook=hook) for m, n, w, st in shapes]
     return configs
 
 
@@ -89,6 +90,20 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
 # 3.8, bf16, D = 128): forward 165 KB of shared memory, 208 (causal 226) registers, no
 # spills, 32 wgmma; dQ 198 KB, 255 registers, 8 bytes spilled.
 _TMA_SHAPES = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (128, 128, 8, 2)]
+
+
+# The dK/dV kernel's TMA candidates, Q and dO tiles (its query blocks) through descriptors:
+# its pointer list's config 0 and the H200's two winners at D = 128 (BENCHMARKS.md), not yet
+# timed. Compiled for sm_90 (Triton 3.8, bf16, D = 128, plain / causal): (32, 128, 8, 2)
+# 99 KB, no spills; (64, 64, 4, 2) 99 KB, 92 / 104 bytes spilled (its pointer version wins
+# spilling more); (32, 64, 4, 3) 83 KB, no spills. (64, 128, 8, 2-3) spilled 132-224 bytes.
+_TMA_DKDV_SHAPES = [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)]
+
+
+def _tma_query_block_shapes(nargs) -> None:
+    """The dK/dV kernel's TMA pre-launch hook: the descriptors' tiles are its query block."""
+    nargs["Q_DESC"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["BLOCK_D"]]
+    nargs["DO_DESC"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["BLOCK_DV"]]
 
 
 def _tma_block_shapes(nargs) -> None:
@@ -130,10 +145,10 @@ def _tma_device(device: Optional[torch.device] = None) -> bool:
 
 
 def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, c: dict):
-    """(K descriptor, V descriptor) for the forward's TMA candidates, or None where
-    they cannot serve: varlen (a descriptor spans the packed rows of every
-    sequence), fused RoPE, other than 2-byte types, or strides TMA cannot take
-    (each a multiple of 16 bytes, the last dim contiguous)."""
+    """(K descriptor, V descriptor) for the forward's and dQ's TMA candidates (or Q's
+    and dO's for dK/dV's), or None where they cannot serve: varlen (a descriptor spans
+    the packed rows of every sequence), fused RoPE, other than 2-byte types, or strides
+    TMA cannot take (each a multiple of 16 bytes, the last dim contiguous)."""
     if c["varlen"] or c["flags"]["ROTARY_DIM"] or k.element_size() != 2 or not _tma_device(k.device):
         return None
     if not (_tma_ready(k) and _tma_ready(v)):
@@ -163,14 +178,16 @@ def ws_eligible(q: torch.Tensor, c: dict, descriptors) -> bool:
             and _tma_ready(q))
 
 
-def _described(descriptors, tensors, flags, blocks):
-    """The K_DESC, V_DESC arguments of a launch: the descriptors, their tiles set
-    when a fixed TMA config launches (no autotuner runs its pre_hook then), or
-    the tensors themselves, unused, where there are no descriptors."""
+def _described(descriptors, tensors, flags, blocks, queries=False):
+    """The K_DESC, V_DESC arguments of a launch (Q_DESC, DO_DESC with `queries`):
+    the descriptors, their tiles set when a fixed TMA config launches (no autotuner
+    runs its pre_hook then), or the tensors themselves, unused, where there are none."""
     if descriptors is None:
         return tensors
     if blocks.get("USE_TMA"):
-        _tma_block_shapes(dict(K_DESC=descriptors[0], V_DESC=descriptors[1], **flags, **blocks))
+        names, hook = (("Q_DESC", "DO_DESC"), _tma_query_block_shapes) if queries else (("K_DESC", "V_DESC"),
+                                                                                      _tma_block_shapes)
+        hook(dict(zip(names, descriptors), **flags, **blocks))
     return descriptors
 
 
@@ -377,10 +394,14 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
         raise ValueError("flash attention backward: mask_grad needs an additive (float) mask on a dense call")
     d_mask = torch.zeros((c["batch"], c["heads"], max_q, max_k), dtype=lse.dtype, device=q.device) if mask_grad else None
     shared = (*c["mask_strides"], c["pad_stride"], c["slopes_stride"], c["rot_stride"])
-    kernel, blocks = _kernel(_attn_bwd_dkdv, flags["BLOCK_D"], q.element_size(), flags["ROTARY_DIM"] > 0)
+    descriptors = _tma_descriptors(q, do, c)
+    kernel, blocks = _kernel(_attn_bwd_dkdv, flags["BLOCK_D"], q.element_size(), flags["ROTARY_DIM"] > 0,
+                             tma=descriptors is not None)
+    descriptors = _described(descriptors, (q, do), flags, blocks, queries=True)
     grid = lambda meta: (cdiv(max_k, meta["BLOCK_N"]), c["batch"] * c["heads_kv"])  # noqa: E731
     args = (
-        q, k, v, do, lse, delta, dk, dv, d_mask if mask_grad else q, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"],
+        q, k, v, do, lse, delta, dk, dv, d_mask if mask_grad else q, c["mask"], c["pad"], c["slopes"], *c["rotary"],
+        c["cu_q"], c["cu_k"], *descriptors,
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(do, varlen),
         *_stat_strides(lse, varlen), *_Layout.of(dk, varlen), *_Layout.of(dv, varlen), *shared,
         c["heads_kv"], c["group"], max_q, max_k, *c["scalars"].values(),

@@ -73,8 +73,8 @@ def _check_through_descriptors(launch, dtype, shape, features):
         check_against_truth(q, k, v, dict(kwargs, **features.extra), dtype)
 
 
-# The TMA candidates of the forward and dQ (K and V through tensor descriptors)
-# run on an sm_90 GPU; tma_forced() takes that path anywhere, the interpreter included.
+# The TMA candidates (K and V through tensor descriptors in the forward and dQ, Q and
+# dO in dK/dV) run on an sm_90 GPU; tma_forced() takes that path anywhere, the interpreter included.
 TMA_CASES = [
     (Shape(2, 4, 2, 33, 47, 64, 64), Features(causal=True)),  # GQA, Nq != Nk, partial blocks
     (Shape(1, 2, 2, 17, 17, 80, 80), Features(padding=True, pad_whole_sequence=True)),  # D padded to 128
@@ -84,13 +84,14 @@ TMA_CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,features", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in TMA_CASES])
-def test_forward_and_dq_through_tensor_descriptors(monkeypatch, dtype, shape, features):
+def test_forward_and_backward_through_tensor_descriptors(monkeypatch, dtype, shape, features):
     launch = _launch_with_descriptors()
     described = []
     real = launch._tma_descriptors
     monkeypatch.setattr(launch, "_tma_descriptors", lambda *a: described.append(real(*a)) or described[-1])
     _check_through_descriptors(launch, dtype, shape, features)
-    assert len(described) == 2 and all(d is not None for d in described)  # the forward and dQ took the TMA path
+    # The forward, dK/dV and dQ took the TMA path.
+    assert len(described) == 3 and all(d is not None for d in described)
 
 
 # The opt-in warp-specialized forward (ATTNKIT_TRITON_WS=1, flash_attention_ws) for plain dense
