@@ -100,16 +100,20 @@ _TMA_SHAPES = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2),
 _TMA_DKDV_SHAPES = [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)]
 
 
+def _set_tiles(first, second, rows: int, blocks) -> None:
+    """A descriptor pair's tiles: `rows` rows of BLOCK_D (first: K or Q) and BLOCK_DV (second: V or dO) columns."""
+    first.block_shape = [1, 1, rows, blocks["BLOCK_D"]]
+    second.block_shape = [1, 1, rows, blocks["BLOCK_DV"]]
+
+
 def _tma_query_block_shapes(nargs) -> None:
     """The dK/dV kernel's TMA pre-launch hook: the descriptors' tiles are its query block."""
-    nargs["Q_DESC"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["BLOCK_D"]]
-    nargs["DO_DESC"].block_shape = [1, 1, nargs["BLOCK_M"], nargs["BLOCK_DV"]]
+    _set_tiles(nargs["Q_DESC"], nargs["DO_DESC"], nargs["BLOCK_M"], nargs)
 
 
 def _tma_block_shapes(nargs) -> None:
     """A TMA config's pre-launch hook: the descriptors' tiles are its key block."""
-    nargs["K_DESC"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
-    nargs["V_DESC"].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_DV"]]
+    _set_tiles(nargs["K_DESC"], nargs["V_DESC"], nargs["BLOCK_N"], nargs)
 
 
 _tma_forced = False
@@ -185,9 +189,7 @@ def _described(descriptors, tensors, flags, blocks, queries=False):
     if descriptors is None:
         return tensors
     if blocks.get("USE_TMA"):
-        names, hook = (("Q_DESC", "DO_DESC"), _tma_query_block_shapes) if queries else (("K_DESC", "V_DESC"),
-                                                                                      _tma_block_shapes)
-        hook(dict(zip(names, descriptors), **flags, **blocks))
+        _set_tiles(*descriptors, blocks["BLOCK_M" if queries else "BLOCK_N"], flags)
     return descriptors
 
 
