@@ -9,7 +9,8 @@ same module on the plain-PyTorch reference backend.
 On CUDA, also issue 6's inference figure: the persistent small-batch kernel
 (backend cuda_persistent, forced, so the row says what it measures) against
 torch.nn (cuDNN) and against the per-step cuda backend, batch 1..8, T = 256,
-H = 256 / 512, in float16 and float32 whatever --dtype says."""
+H = 128 / 256 / 512 in float16 and 256 / 512 in float32 whatever --dtype says;
+in float16 also the opt-in cluster kernel (ATTNKIT_RNN_CLUSTER=1)."""
 from __future__ import annotations
 
 import contextlib
@@ -21,12 +22,16 @@ from timing import max_error, median_ms, median_pair_ms, within_budget
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import attnkit
+from attnkit import _extensions
 
 TITLE = "LSTM / GRU layer over a sequence: attnkit.nn vs torch.nn"
 QUICK_SHAPES = [(32, 128, 256), (64, 100, 512), (1, 256, 128)]  # (batch, time, input = hidden)
 FULL_SHAPES = QUICK_SHAPES + [(8, 256, 256), (128, 64, 1024)]
-PERSISTENT_CASES = [(kind, dtype, batch, hidden) for kind in ("LSTM", "GRU") for dtype in (torch.float16, torch.float32)
-                    for hidden in (256, 512) for batch in (1, 2, 4, 8)]  # T = 256
+# T = 256. Half precision first (where the cluster kernel runs), H = 128 there too
+# (the size at which cuDNN beat the grid kernel on an H200).
+PERSISTENT_CASES = [(kind, dtype, batch, hidden) for dtype in (torch.float16, torch.float32) for kind in ("LSTM", "GRU")
+                    for hidden in ((128, 256, 512) if dtype == torch.float16 else (256, 512))
+                    for batch in (1, 2, 4, 8)]
 
 
 def modules(kind, hidden, device, dtype):
@@ -78,6 +83,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
                 t_ours, t_theirs = median_pair_ms(lambda: ours(x), lambda: theirs(x), device, **shape_timing)
             common = dict(shape=shape, backend=backend, max_err=error)
             rows.append(dict(case=f"{kind} forward", ours_ms=t_ours, baseline_ms=t_theirs, **common))
+            if device.type == "cuda":
+                rows += cluster_forward_rows(kind, ours, theirs, x, shape, shape_timing)
             t_ours, t_theirs = median_pair_ms(training_step(ours, x), training_step(theirs, x), device,
                                               **shape_timing)
             # Training may take another backend than inference (cuda, not cuda_persistent).
@@ -154,9 +161,9 @@ def _host_ms(fn, device, repeats=5):
 
 @contextlib.contextmanager
 def _environment(variables):
-    """The loop switches of csrc/cuda/rnn.cu set as given inside the block, the others unset;
+    """The switches of csrc/cuda/rnn.cu and rnn_cluster.cu set as given inside the block, the others unset;
     the kernels read them per call."""
-    names = ("ATTNKIT_RNN_CUDA_GENERIC_LOOP", "ATTNKIT_RNN_CUDA_DIRECT_GEMM")
+    names = ("ATTNKIT_RNN_CUDA_GENERIC_LOOP", "ATTNKIT_RNN_CUDA_DIRECT_GEMM", "ATTNKIT_RNN_CLUSTER")
     saved = {name: os.environ.pop(name, None) for name in names}
     os.environ.update(variables)
     try:
@@ -194,10 +201,48 @@ def persistent_rows(device, timing, time=256):
             t_persistent = median_ms(on("cuda_persistent"), device, **timing)
             t_cudnn = median_ms(lambda: theirs(x), device, **timing)
             t_per_step = median_ms(on("cuda"), device, **timing)
+            cluster = cluster_plan(op, batch, hidden, dtype, device)
+            if cluster[0] != "0":
+                with _environment({"ATTNKIT_RNN_CLUSTER": "1"}):
+                    cluster_error = max_error(on("cuda_persistent")()[0], theirs(x)[0])
+                    t_cluster = median_ms(on("cuda_persistent"), device, **timing)
         common = dict(shape=shape, backend="cuda_persistent", ours_ms=t_persistent, max_err=error)
         rows.append(dict(case=f"{kind} inference, persistent vs cuDNN", baseline_ms=t_cudnn, **common))
         rows.append(dict(case=f"{kind} inference, persistent vs per-step cuda", baseline_ms=t_per_step, **common))
+        if cluster[0] != "0":
+            common = dict(shape=shape, backend="cuda_persistent", ours_ms=t_cluster, max_err=cluster_error,
+                          note=f"ATTNKIT_RNN_CLUSTER=1: a cluster of {cluster[0]} blocks")
+            rows.append(dict(case=f"{kind} inference, cluster kernel vs cuDNN", baseline_ms=t_cudnn, **common))
+            rows.append(dict(case=f"{kind} inference, cluster kernel vs grid kernel", baseline_ms=t_persistent,
+                             **common))
+        elif dtype != torch.float32:
+            rows.append(dict(case=f"{kind} inference, cluster kernel: not run ({cluster[1]})", shape=shape,
+                             backend="cuda_persistent", ours_ms=float("nan"), baseline_ms=float("nan"),
+                             max_err=float("nan")))
     return rows
+
+
+def cluster_forward_rows(kind, ours, theirs, x, shape, timing):
+    """The inference forward on the opt-in cluster kernel (any batch), where it runs."""
+    time, batch, hidden = x.shape
+    size, why = cluster_plan(kind.lower(), batch, hidden, x.dtype, x.device)
+    if size == "0":
+        return [dict(case=f"{kind} forward, cluster kernel: not run ({why})", shape=shape, backend="cuda_persistent",
+                     ours_ms=float("nan"), baseline_ms=float("nan"), max_err=float("nan"))]
+    with torch.no_grad(), _environment({"ATTNKIT_RNN_CLUSTER": "1"}):
+        error = max_error(ours(x)[0], theirs(x)[0])
+        backend = attnkit.last_dispatch(kind.lower()).backend
+        t_ours, t_theirs = median_pair_ms(lambda: ours(x), lambda: theirs(x), x.device, **timing)
+    return [dict(case=f"{kind} forward, ATTNKIT_RNN_CLUSTER=1", shape=shape, backend=backend, ours_ms=t_ours,
+                 baseline_ms=t_theirs, max_err=error, note=f"a cluster of {size} blocks per 8 batch rows")]
+
+
+def cluster_plan(op, batch, hidden, dtype, device):
+    """csrc/cuda/rnn_cluster.cu's [cluster size, why not] for this call ("0" when it does not run)."""
+    ext = _extensions.load("_C_cuda")[0]
+    if not hasattr(ext, "rnn_cluster_plan"):
+        return ["0", "attnkit._C_cuda predates the cluster kernel: rebuild it"]
+    return ext.rnn_cluster_plan(4 if op == "lstm" else 3, batch, hidden, dtype, device)
 
 
 def forced_reference(fn):

@@ -55,7 +55,7 @@ import pytest, torch
 from attnkit import _extensions
 ext, reason = _extensions.load("_C_cuda")
 assert ext is not None, reason
-for name in ("rnn_persistent_unsupported", "lstm_forward_persistent", "gru_forward_persistent"):
+for name in ("rnn_persistent_unsupported", "lstm_forward_persistent", "gru_forward_persistent", "rnn_cluster_plan"):
     assert callable(getattr(ext, name)), name
 # The checks that come before any device query run without a GPU.
 cuda = torch.device("cuda")
@@ -64,6 +64,12 @@ with pytest.raises(RuntimeError, match="device must be a CUDA device"):
 with pytest.raises(RuntimeError, match="gates must be 4 \\(LSTM\\) or 3 \\(GRU\\)"):
     ext.rnn_persistent_unsupported(5, 1, 64, torch.float32, cuda)
 assert "got Double" in ext.rnn_persistent_unsupported(4, 1, 64, torch.float64, cuda)
+with pytest.raises(RuntimeError, match="device must be a CUDA device"):
+    ext.rnn_cluster_plan(4, 1, 64, torch.float16, torch.device("cpu"))
+with pytest.raises(RuntimeError, match="gates must be 4 \\(LSTM\\) or 3 \\(GRU\\)"):
+    ext.rnn_cluster_plan(2, 1, 64, torch.float16, cuda)
+assert ext.rnn_cluster_plan(4, 1, 64, torch.float32, cuda) == ["0", "the cluster kernel takes float16 and bfloat16, got Float"]
+assert ext.rnn_cluster_plan(3, 0, 64, torch.bfloat16, cuda) == ["0", "the cluster kernel takes batch >= 1, got 0"]
 x = torch.zeros(2, 1, 3)
 with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
     ext.lstm_forward_persistent(x, x[0], x[0], x, x, None, None, None)

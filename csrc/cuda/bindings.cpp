@@ -17,6 +17,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gru_backward", &attnkit::cuda::gru_backward, "whole-sequence GRU layer, backward (CUDA)");
   m.def("rnn_persistent_unsupported", &attnkit::cuda::rnn_persistent_unsupported,
         "why the persistent LSTM/GRU kernel cannot run (gates, batch, hidden, dtype, device); empty if it can");
+  m.def("rnn_cluster_plan", &attnkit::cuda::rnn_cluster_plan,
+        "the cluster kernel's size for (gates, batch, hidden, dtype, device), or 0 and why not: [size, reason]");
   m.def("lstm_forward_persistent", &attnkit::cuda::lstm_forward_persistent,
         "whole-sequence LSTM forward, persistent kernel, inference (CUDA); [] when not taken");
   m.def("gru_forward_persistent", &attnkit::cuda::gru_forward_persistent,

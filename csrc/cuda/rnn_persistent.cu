@@ -23,7 +23,8 @@
 // Batch 1..8, float32 / float16 / bfloat16 storage, float accumulation. The
 // host checks the shared-memory fit and co-residency first and reports "not
 // taken" (an empty result) so the caller can fall back to the per-step path.
-// Not yet run on a GPU: automatic selection is opt-in (backends/rnn.py).
+// With ATTNKIT_RNN_CLUSTER=1, float16 / bfloat16 run on one thread-block cluster
+// instead where it fits (rnn_cluster.cu: no grid barrier, tensor cores).
 #include "attnkit/rnn_persistent.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -34,6 +35,7 @@
 
 #include "attnkit/gate_math.h"
 #include "attnkit/rnn_sequence.h"
+#include "rnn_cluster.h"
 
 namespace attnkit {
 namespace cuda {
@@ -82,9 +84,20 @@ __global__ void __launch_bounds__(kThreads) rnn_persistent_kernel(Params<S> p) {
     w_s[(g * U + u) * H + k] = p.w_hh[(int64_t(g) * H + j0 + u) * H + k];
   }
 
+  // A block owns at most kMaxBatch x ceil(H / SMs) (batch row, unit) pairs, fewer than
+  // kThreads at any H that fits on chip: one gate thread each, whose input projections
+  // are loaded before the product, off the step's critical path.
+  const int gate_b = threadIdx.x / max(units, 1), gate_u = threadIdx.x % max(units, 1);
+  const bool gate_thread = threadIdx.x < B * units;
   for (int t = 0; t < p.T; ++t) {
     const S* h_prev = p.h + (t & 1) * B * H;
     S* h_next = p.h + ((t + 1) & 1) * B * H;
+    float pre_now[G];
+    if (gate_thread) {
+      const S* pre = p.pre + (int64_t(t) * B + gate_b) * G * H + j0 + gate_u;
+#pragma unroll
+      for (int g = 0; g < G; ++g) pre_now[g] = static_cast<float>(pre[g * H]);
+    }
     for (int i = threadIdx.x; i < B * H; i += kThreads) h_s[i] = static_cast<float>(h_prev[i]);
     __syncthreads();  // h_s complete (and, at t = 0, w_s loaded)
 
@@ -112,38 +125,35 @@ __global__ void __launch_bounds__(kThreads) rnn_persistent_kernel(Params<S> p) {
     __syncthreads();  // gh_s complete
 
     // Gate math, one thread per (batch row, unit); as rnn.cu's per-step kernels.
-    for (int i = threadIdx.x; i < B * units; i += kThreads) {
-      const int b = i / units, u = i % units, j = j0 + u, o = b * H + j;
+    if (gate_thread) {
+      const int b = gate_b, u = gate_u, j = j0 + u, o = b * H + j;
       S* out = p.out + int64_t(t) * B * H;
+      const float* gh = gh_s + b * GU;
       if (p.len != nullptr && t >= p.len[b]) {  // stopped: keep the state (c untouched), output 0
         h_next[o] = h_prev[o];
         out[o] = S(0);
-        continue;
-      }
-      const S* pre = p.pre + (int64_t(t) * B + b) * G * H;
-      const float* gh = gh_s + b * GU;
-      float h_new;
-      if constexpr (G == 4) {
-        const auto a = gates::lstm_activate<float>(
-            static_cast<float>(pre[j]) + gh[u], static_cast<float>(pre[H + j]) + gh[U + u],
-            static_cast<float>(pre[2 * H + j]) + gh[2 * U + u], static_cast<float>(pre[3 * H + j]) + gh[3 * U + u]);
-        const float c_new = gates::lstm_cell_state<float>(a, p.c[o]);
-        p.c[o] = c_new;
-        h_new = gates::lstm_hidden_state<float>(a, c_new);
       } else {
-        float bh[3] = {0.f, 0.f, 0.f};
-        if (p.b_hh != nullptr) {
-          for (int g = 0; g < 3; ++g) bh[g] = static_cast<float>(p.b_hh[g * H + j]);
+        float h_new;
+        if constexpr (G == 4) {
+          const auto a = gates::lstm_activate<float>(pre_now[0] + gh[u], pre_now[1] + gh[U + u],
+                                                     pre_now[2] + gh[2 * U + u], pre_now[3] + gh[3 * U + u]);
+          const float c_new = gates::lstm_cell_state<float>(a, p.c[o]);
+          p.c[o] = c_new;
+          h_new = gates::lstm_hidden_state<float>(a, c_new);
+        } else {
+          float bh[3] = {0.f, 0.f, 0.f};
+          if (p.b_hh != nullptr) {
+            for (int g = 0; g < 3; ++g) bh[g] = static_cast<float>(p.b_hh[g * H + j]);
+          }
+          const auto a = gates::gru_activate<float>(pre_now[0], pre_now[1], pre_now[2], gh[u] + bh[0],
+                                                    gh[U + u] + bh[1], gh[2 * U + u] + bh[2]);
+          h_new = gates::gru_hidden_state<float>(a, h_s[o]);
         }
-        const auto a = gates::gru_activate<float>(static_cast<float>(pre[j]), static_cast<float>(pre[H + j]),
-                                                  static_cast<float>(pre[2 * H + j]), gh[u] + bh[0],
-                                                  gh[U + u] + bh[1], gh[2 * U + u] + bh[2]);
-        h_new = gates::gru_hidden_state<float>(a, h_s[o]);
+        // Rounded once: the output and the next step's input are the same value.
+        const S h_store = static_cast<S>(h_new);
+        h_next[o] = h_store;
+        out[o] = h_store;
       }
-      // Rounded once: the output and the next step's input are the same value.
-      const S h_store = static_cast<S>(h_new);
-      h_next[o] = h_store;
-      out[o] = h_store;
     }
     // Every block's h_t written (and visible) before anyone reads it; also
     // keeps h_s / gh_s of this step alive until the whole block is done.
@@ -176,6 +186,11 @@ Plan make_plan(int64_t B, int64_t H) {
   const int64_t units = (H + sms - 1) / sms;
   plan.units = static_cast<int>(units);
   plan.blocks = static_cast<int>((H + units - 1) / units);
+  if (B * units > kThreads) {  // the kernel's one gate thread per (batch row, unit)
+    plan.reason = "the persistent kernel takes at most " + std::to_string(kThreads) +
+                  " (batch row, unit) pairs per block, got " + std::to_string(B * units);
+    return plan;
+  }
   plan.smem = sizeof(float) * (B * H + B * G * units) + sizeof(S) * G * units * H;
   if (plan.smem > prop->sharedMemPerBlockOptin) {
     plan.reason = "W_hh does not fit on chip: " + std::to_string(units) + " units per block over " +
@@ -214,32 +229,12 @@ Plan plan_for(at::ScalarType dtype, int64_t B, int64_t H) {
   return with_dtype<G>(dtype, [&](auto s) { return make_plan<decltype(s), G>(B, H); });
 }
 
-// Runs the layer when the plan allows; returns {} (not taken) otherwise.
+// The grid kernel on the prepared buffers (see run).
 template <int G>
-std::vector<at::Tensor> run(const at::Tensor& x, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
-                            const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
-                            const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& lengths) {
-  TORCH_CHECK(x.is_cuda(), "attnkit persistent rnn: x must be a CUDA tensor, got ", x.device());
-  const c10::cuda::CUDAGuard guard(x.device());
-  rnn::check_forward(x, h0, G == 4 ? &*c0 : nullptr, w_ih, w_hh, b_ih, b_hh, c10::nullopt, lengths, G);
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
-  TORCH_CHECK(T <= INT32_MAX && B * H <= INT32_MAX, "attnkit persistent rnn: sizes too large");
-  const Plan plan = plan_for<G>(x.scalar_type(), B, H);
-  if (!plan.reason.empty()) return {};
-
-  // The input projections of all steps: one cuBLAS GEMM (LSTM: both biases folded in).
-  c10::optional<at::Tensor> bias = b_ih;
-  if (G == 4 && rnn::present(b_hh)) bias = rnn::present(b_ih) ? *b_ih + *b_hh : *b_hh;
-  const at::Tensor x2 = x.view({T * B, I});
-  const at::Tensor pre = (rnn::present(bias) ? at::addmm(*bias, x2, w_ih.t()) : at::mm(x2, w_ih.t())).contiguous();
-  at::Tensor h = at::empty({2, B, H}, x.options());
-  h[0].copy_(h0);
-  // A copy even when c0 is float32 already: the kernel updates c in place.
-  at::Tensor c = G == 4 ? c0->to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous() : at::Tensor();
-  at::Tensor output = at::empty({T, B, H}, x.options());
-  const at::Tensor len = rnn::present(lengths) ? lengths->to(x.device()) : at::Tensor();
-
-  with_dtype<G>(x.scalar_type(), [&](auto s) {
+void launch_grid(const Plan& plan, const at::Tensor& w_hh, const at::Tensor& pre, const c10::optional<at::Tensor>& b_hh,
+                 at::Tensor& h, at::Tensor& c, at::Tensor& output, const at::Tensor& len, int64_t T, int64_t B,
+                 int64_t H) {
+  with_dtype<G>(w_hh.scalar_type(), [&](auto s) {
     using S = decltype(s);
     Params<S> p{w_hh.data_ptr<S>(),
                 pre.data_ptr<S>(),
@@ -258,6 +253,47 @@ std::vector<at::Tensor> run(const at::Tensor& x, const at::Tensor& h0, const c10
                                                at::cuda::getCurrentCUDAStream()));
     return 0;
   });
+}
+
+// Runs the layer when the plan allows; returns {} (not taken) otherwise.
+template <int G>
+std::vector<at::Tensor> run(const at::Tensor& x, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
+                            const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                            const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& lengths) {
+  TORCH_CHECK(x.is_cuda(), "attnkit persistent rnn: x must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  rnn::check_forward(x, h0, G == 4 ? &*c0 : nullptr, w_ih, w_hh, b_ih, b_hh, c10::nullopt, lengths, G);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
+  TORCH_CHECK(T <= INT32_MAX && B * H <= INT32_MAX, "attnkit persistent rnn: sizes too large");
+  cluster_rnn::Plan cluster_plan;
+  cluster_plan.reason = "off";
+  if (x.scalar_type() != at::kFloat && cluster_rnn::enabled()) {
+    cluster_plan = cluster_rnn::plan(G, B, H, x.scalar_type(), x.device());
+  }
+  const bool on_cluster = cluster_plan.reason.empty();
+  Plan plan;
+  if (!on_cluster) {
+    plan = plan_for<G>(x.scalar_type(), B, H);
+    if (!plan.reason.empty()) return {};
+  }
+
+  // The input projections of all steps: one cuBLAS GEMM (LSTM: both biases folded in).
+  c10::optional<at::Tensor> bias = b_ih;
+  if (G == 4 && rnn::present(b_hh)) bias = rnn::present(b_ih) ? *b_ih + *b_hh : *b_hh;
+  const at::Tensor x2 = x.view({T * B, I});
+  const at::Tensor pre = (rnn::present(bias) ? at::addmm(*bias, x2, w_ih.t()) : at::mm(x2, w_ih.t())).contiguous();
+  at::Tensor h = at::empty({2, B, H}, x.options());
+  h[0].copy_(h0);
+  // A copy even when c0 is float32 already: the kernel updates c in place.
+  at::Tensor c = G == 4 ? c0->to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous() : at::Tensor();
+  at::Tensor output = at::empty({T, B, H}, x.options());
+  const at::Tensor len = rnn::present(lengths) ? lengths->to(x.device()) : at::Tensor();
+
+  if (on_cluster) {
+    cluster_rnn::launch(G, cluster_plan, w_hh, pre, b_hh, h, c, output, len, T, B, H);
+  } else {
+    launch_grid<G>(plan, w_hh, pre, b_hh, h, c, output, len, T, B, H);
+  }
   at::Tensor h_n = h[T & 1].clone();
   if (G == 4) return {output, h_n, c.to(x.scalar_type())};
   return {output, h_n};
@@ -273,8 +309,20 @@ std::string rnn_persistent_unsupported(int64_t gates, int64_t batch, int64_t hid
   if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) {
     return std::string("the persistent kernel takes float32, float16, bfloat16, got ") + c10::toString(dtype);
   }
+  if (dtype != at::kFloat && cluster_rnn::enabled() && cluster_rnn::plan(gates, batch, hidden, dtype, device).reason.empty()) {
+    return "";  // run() takes the cluster kernel, at any batch
+  }
   const c10::cuda::CUDAGuard guard(device);
   return gates == 4 ? plan_for<4>(dtype, batch, hidden).reason : plan_for<3>(dtype, batch, hidden).reason;
+}
+
+std::vector<std::string> rnn_cluster_plan(int64_t gates, int64_t batch, int64_t hidden, at::ScalarType dtype,
+                                          at::Device device) {
+  TORCH_CHECK(device.is_cuda(), "attnkit cluster rnn: device must be a CUDA device");
+  TORCH_CHECK(gates == 3 || gates == 4, "attnkit cluster rnn: gates must be 4 (LSTM) or 3 (GRU)");
+  TORCH_CHECK(hidden >= 1 && hidden <= INT32_MAX, "attnkit cluster rnn: hidden_size must be >= 1");
+  const cluster_rnn::Plan plan = cluster_rnn::plan(gates, batch, hidden, dtype, device);
+  return {std::to_string(plan.cluster), plan.reason};
 }
 
 std::vector<at::Tensor> lstm_forward_persistent(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,

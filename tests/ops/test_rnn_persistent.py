@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import attnkit
-from attnkit import _dispatch, reference
-from attnkit.backends.rnn import GRU, LSTM, PERSISTENT_ENV
+from attnkit import _dispatch, _extensions, reference
+from attnkit.backends.rnn import CLUSTER_ENV, GRU, LSTM, PERSISTENT_ENV
 from attnkit.ops import gru, lstm
 
 # Outputs against the float64 reference from the same rounded inputs: fp32 sums of H products
@@ -96,6 +96,48 @@ def test_matches_reference_float32(kind, B, T, H, ragged):
 @pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
 def test_matches_reference_half(kind, dtype, B, T, H, ragged):
     check_persistent(kind, T, B, H, dtype, ragged_lengths(T, B) if ragged else None)
+
+
+def cluster_plan(kind, B, H, dtype):
+    ext = _extensions.load("_C_cuda")[0]
+    return ext.rnn_cluster_plan(4 if kind == "lstm" else 3, B, H, dtype, torch.device("cuda"))
+
+
+# csrc/cuda/rnn_cluster.cu (ATTNKIT_RNN_CLUSTER=1): its own size, and forced sizes that
+# leave blocks a single row tile or none (H = 5 over 4 blocks: 2, 2, 1, 0 units); batch 20
+# on three clusters, the last with 4 rows.
+@needs_gpu
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,T,H", [(1, 64, 128), (3, 5, 80), (8, 64, 32), (8, 33, 256), (2, 17, 512), (1, 1, 16), (2, 9, 5),
+                                   (20, 9, 128)])
+@pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
+@pytest.mark.parametrize("size", [0, 4, 16], ids=["auto", "size4", "size16"])
+def test_cluster_kernel_matches_reference(kind, dtype, B, T, H, ragged, size, monkeypatch):
+    monkeypatch.setenv(CLUSTER_ENV, "1")
+    if size:
+        monkeypatch.setenv("ATTNKIT_RNN_CLUSTER_SIZE", str(size))
+    else:
+        monkeypatch.delenv("ATTNKIT_RNN_CLUSTER_SIZE", raising=False)
+    chosen, why = cluster_plan(kind, B, H, dtype)
+    if torch.cuda.get_device_capability()[0] < 9:
+        assert chosen == "0" and "sm_90" in why
+        pytest.skip(why)
+    if size and chosen == "0":  # e.g. W_hh of H = 512 in 2 blocks: over the shared memory
+        assert f"ATTNKIT_RNN_CLUSTER_SIZE={size}" in why
+        pytest.skip(why)
+    assert chosen != "0", why
+    assert not size or chosen == str(size)
+    check_persistent(kind, T, B, H, dtype, ragged_lengths(T, B) if ragged else None)
+
+
+@needs_gpu
+def test_cluster_kernel_refuses_what_fits_no_cluster():
+    # (The dtype and batch refusals are checked without a GPU: tests/test_cuda_build.py.)
+    if torch.cuda.get_device_capability()[0] < 9:
+        assert "sm_90" in cluster_plan("lstm", 1, 128, torch.float16)[1]
+    else:  # W_hh of H = 4096: 8 MB in float16
+        assert cluster_plan("lstm", 1, 4096, torch.float16)[1].startswith("no cluster of up to 16 blocks")
 
 
 @needs_gpu
@@ -204,6 +246,21 @@ def test_fit_check_is_asked_last_and_reported(op, gates, monkeypatch):
         assert impl.not_supported_reasons(call()) == []
         monkeypatch.setattr(impl, "_ext", lambda: _FakeExtension("", entries=()))
         assert "built without" in impl.not_supported_reasons(call())[0]
+
+
+@pytest.mark.parametrize("op,gates", [(LSTM, 4), (GRU, 3)], ids=["lstm", "gru"])
+def test_cluster_switch_lifts_the_batch_limit_for_halves_only(op, gates, monkeypatch):
+    impl = op.implementations["cuda_persistent"]
+    fake = _FakeExtension("")
+    monkeypatch.setattr(impl, "_ext", lambda: fake)
+    monkeypatch.setenv(PERSISTENT_ENV, "1")
+    monkeypatch.setenv(CLUSTER_ENV, "1")
+    assert impl.not_supported_reasons(call(batch=64)) == []  # the extension decides, at batch 64
+    assert fake.asked == [(gates, 64, 256, torch.float16, torch.device("cuda"))]
+    assert "batch 1..8, got 64" in impl.not_supported_reasons(call(batch=64, dtype=torch.float32))[0]
+    assert "batch 1..8, got 0" in impl.not_supported_reasons(call(batch=0))[0]
+    monkeypatch.setenv(CLUSTER_ENV, "0")
+    assert "batch 1..8, got 64" in impl.not_supported_reasons(call(batch=64))[0]
 
 
 def test_forcing_for_one_op_leaves_the_other_switched_off(monkeypatch):

@@ -1,5 +1,5 @@
 // The persistent small-batch LSTM / GRU forward on CUDA (csrc/cuda/rnn_persistent.cu):
-// inference only, no projection, batch 1..8, float32 / float16 / bfloat16.
+// inference only, no projection, batch 1..8 (any batch on clusters), float32 / float16 / bfloat16.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,9 +11,16 @@ namespace attnkit {
 namespace cuda {
 
 // Why the kernel cannot run (gates = 4 LSTM, 3 GRU) on `device`; empty when it can:
-// W_hh must fit in the blocks' shared memory and the grid must be co-resident.
+// W_hh must fit in the blocks' shared memory and the grid must be co-resident; or,
+// with ATTNKIT_RNN_CLUSTER=1, the cluster kernel takes the call (float16 / bfloat16,
+// any batch).
 std::string rnn_persistent_unsupported(int64_t gates, int64_t batch, int64_t hidden, at::ScalarType dtype,
                                        at::Device device);
+
+// The cluster kernel's choice for (gates, batch, hidden, dtype) on `device`:
+// {cluster size, ""} where it runs (with ATTNKIT_RNN_CLUSTER=1), {"0", why} where not.
+std::vector<std::string> rnn_cluster_plan(int64_t gates, int64_t batch, int64_t hidden, at::ScalarType dtype,
+                                          at::Device device);
 
 // Arguments as attnkit::cuda::lstm_forward / gru_forward (no w_hr, no save). Return
 // {output, h_n, c_n} (LSTM) or {output, h_n} (GRU), or an empty list when not taken

@@ -165,12 +165,17 @@ PERSISTENT_ENV = "ATTNKIT_RNN_PERSISTENT"
 _dispatch.choice_depends_on_env(PERSISTENT_ENV)
 PERSISTENT_MAX_BATCH = 8
 _PERSISTENT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# csrc/cuda/rnn_cluster.cu, the persistent kernel on thread-block clusters (sm_90+,
+# halves, any batch): opt-in until a GPU run has checked and timed it.
+CLUSTER_ENV = "ATTNKIT_RNN_CLUSTER"
+_dispatch.choice_depends_on_env(CLUSTER_ENV)
 
 
 class _Persistent(Implementation):
     """csrc/cuda/rnn_persistent.cu: one launch for all T steps, each block keeping
     its units' rows of W_hh in shared memory. Inference only (save=False), no
-    projection, batch 1..8; the kernel itself says when W_hh does not fit on chip."""
+    projection, batch 1..8 (any batch with ATTNKIT_RNN_CLUSTER=1 in float16 /
+    bfloat16 on sm_90+); the kernel itself says when W_hh does not fit on chip."""
 
     backend, extension = "cuda_persistent", "_C_cuda"
     op, gates, entry, per_step = "", 0, "", None
@@ -180,7 +185,9 @@ class _Persistent(Implementation):
         if call["dtype"] not in _PERSISTENT_DTYPES:
             reasons.append(f"the persistent kernel takes float16, bfloat16, float32, got {str(call['dtype']).replace('torch.', '')}")
         batch = call.get("batch")
-        if batch is None or not 1 <= batch <= PERSISTENT_MAX_BATCH:
+        # On clusters any batch runs (the extension says whether this one does).
+        on_clusters = _dispatch.getenv(CLUSTER_ENV) == "1" and call["dtype"] in (torch.float16, torch.bfloat16)
+        if batch is None or batch < 1 or (batch > PERSISTENT_MAX_BATCH and not on_clusters):
             reasons.append(f"the persistent kernel takes batch 1..{PERSISTENT_MAX_BATCH}, got {batch}")
         if call.get("proj", False):
             reasons.append("the persistent kernel has no proj_size (w_hr)")
