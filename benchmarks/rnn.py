@@ -90,6 +90,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
             # Training may take another backend than inference (cuda, not cuda_persistent).
             common["backend"] = attnkit.last_dispatch(kind.lower()).backend
             rows.append(dict(case=f"{kind} fwd+bwd", ours_ms=t_ours, baseline_ms=t_theirs, **common))
+            if device.type == "cuda":
+                rows += graphs_rows(kind, ours, theirs, x, shape, shape_timing)
         if batch > 1:  # training on an unsorted PackedSequence of lengths spread over [T/4, T]
             lengths = torch.randint(time // 4, time + 1, (batch,))
             lengths[0] = time
@@ -161,9 +163,10 @@ def _host_ms(fn, device, repeats=5):
 
 @contextlib.contextmanager
 def _environment(variables):
-    """The switches of csrc/cuda/rnn.cu and rnn_cluster.cu set as given inside the block, the others unset;
-    the kernels read them per call."""
-    names = ("ATTNKIT_RNN_CUDA_GENERIC_LOOP", "ATTNKIT_RNN_CUDA_DIRECT_GEMM", "ATTNKIT_RNN_CLUSTER")
+    """The switches of csrc/cuda/rnn.cu, rnn_cluster.cu and backends/cuda_graphs.py set as given
+    inside the block, the others unset; they are read per call."""
+    names = ("ATTNKIT_RNN_CUDA_GENERIC_LOOP", "ATTNKIT_RNN_CUDA_DIRECT_GEMM", "ATTNKIT_RNN_CLUSTER",
+             "ATTNKIT_RNN_CUDA_GRAPHS")
     saved = {name: os.environ.pop(name, None) for name in names}
     os.environ.update(variables)
     try:
@@ -219,6 +222,34 @@ def persistent_rows(device, timing, time=256):
             rows.append(dict(case=f"{kind} inference, cluster kernel: not run ({cluster[1]})", shape=shape,
                              backend="cuda_persistent", ours_ms=float("nan"), baseline_ms=float("nan"),
                              max_err=float("nan")))
+    return rows
+
+
+def graphs_rows(kind, ours, theirs, x, shape, timing):
+    """Forward and training step with the per-step cuda kernels' calls replayed from CUDA
+    graphs (ATTNKIT_RNN_CUDA_GRAPHS=1, opt-in) against cuDNN; max err against the same
+    calls without graphs."""
+    op, rows = kind.lower(), []
+    step = training_step(ours, x)
+
+    def train():
+        step()
+        return ours.weight_hh_l0.grad
+
+    def forward():
+        with torch.no_grad():
+            return ours(x)[0]
+
+    with attnkit.use_backend("cuda", op=op):
+        eager = {"forward": forward().clone(), "fwd+bwd": train().clone()}
+        with _environment({"ATTNKIT_RNN_CUDA_GRAPHS": "1"}):
+            for mode, fn, theirs_fn in (("forward", forward, lambda: theirs(x)),
+                                        ("fwd+bwd", train, training_step(theirs, x))):
+                error = max_error(fn(), eager[mode])
+                t_ours, t_theirs = median_pair_ms(fn, theirs_fn, x.device, **timing)
+                rows.append(dict(case=f"{kind} {mode}, ATTNKIT_RNN_CUDA_GRAPHS=1", shape=shape, backend="cuda",
+                                 ours_ms=t_ours, baseline_ms=t_theirs, max_err=error,
+                                 note="max err: against the same calls without graphs"))
     return rows
 
 

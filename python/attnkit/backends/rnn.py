@@ -23,6 +23,7 @@ import functools
 import torch
 
 from .. import _dispatch, _extensions, reference
+from . import cuda_graphs
 from .._dispatch import Implementation, Op
 
 
@@ -145,7 +146,15 @@ class CppLstm(_LstmExtension):
     backend, extension, dtypes, upcast = "cpp", "_C", _CPP_DTYPES, _CPP_UPCAST
 
 
-class CudaLstm(_LstmExtension):
+class _CudaGraphed:
+    """The cuda backend's kernel calls, through a CUDA graph with ATTNKIT_RNN_CUDA_GRAPHS=1
+    (cuda_graphs.py; no dtype is upcast on CUDA)."""
+
+    def _run(self, entry, dtype, *args):
+        return cuda_graphs.call(entry, getattr(self._ext(), entry), args)
+
+
+class CudaLstm(_CudaGraphed, _LstmExtension):
     backend, extension, dtypes = "cuda", "_C_cuda", _CUDA_DTYPES
 
 
@@ -153,7 +162,7 @@ class CppGru(_GruExtension):
     backend, extension, dtypes, upcast = "cpp", "_C", _CPP_DTYPES, _CPP_UPCAST
 
 
-class CudaGru(_GruExtension):
+class CudaGru(_CudaGraphed, _GruExtension):
     backend, extension, dtypes = "cuda", "_C_cuda", _CUDA_DTYPES
 
 
