@@ -226,9 +226,10 @@ def persistent_rows(device, timing, time=256):
 
 
 def graphs_rows(kind, ours, theirs, x, shape, timing):
-    """Forward and training step with the per-step cuda kernels' calls replayed from CUDA
-    graphs (ATTNKIT_RNN_CUDA_GRAPHS=1, opt-in) against cuDNN; max err against the same
-    calls without graphs."""
+    """The opt-in ways around the per-step cuda loop's host time, against cuDNN: its kernel
+    calls replayed from CUDA graphs (ATTNKIT_RNN_CUDA_GRAPHS=1; forward and training step),
+    and training's forward on the cluster kernel (ATTNKIT_RNN_CLUSTER=1; the backward per
+    step), alone and with graphs. max err: against the default loop's result."""
     op, rows = kind.lower(), []
     step = training_step(ours, x)
 
@@ -240,16 +241,21 @@ def graphs_rows(kind, ours, theirs, x, shape, timing):
         with torch.no_grad():
             return ours(x)[0]
 
+    variants = [("forward", forward, lambda: theirs(x), {"ATTNKIT_RNN_CUDA_GRAPHS": "1"}),
+                ("fwd+bwd", train, training_step(theirs, x), {"ATTNKIT_RNN_CUDA_GRAPHS": "1"}),
+                ("fwd+bwd", train, training_step(theirs, x), {"ATTNKIT_RNN_CLUSTER": "1"}),
+                ("fwd+bwd", train, training_step(theirs, x), {"ATTNKIT_RNN_CLUSTER": "1", "ATTNKIT_RNN_CUDA_GRAPHS": "1"})]
     with attnkit.use_backend("cuda", op=op):
-        eager = {"forward": forward().clone(), "fwd+bwd": train().clone()}
-        with _environment({"ATTNKIT_RNN_CUDA_GRAPHS": "1"}):
-            for mode, fn, theirs_fn in (("forward", forward, lambda: theirs(x)),
-                                        ("fwd+bwd", train, training_step(theirs, x))):
-                error = max_error(fn(), eager[mode])
+        default = {"forward": forward().clone(), "fwd+bwd": train().clone()}
+        for mode, fn, theirs_fn, variables in variants:
+            if "ATTNKIT_RNN_CLUSTER" in variables and cluster_plan(op, x.shape[1], x.shape[2], x.dtype, x.device)[0] == "0":
+                continue
+            with _environment(variables):
+                error = max_error(fn(), default[mode])
                 t_ours, t_theirs = median_pair_ms(fn, theirs_fn, x.device, **timing)
-                rows.append(dict(case=f"{kind} {mode}, ATTNKIT_RNN_CUDA_GRAPHS=1", shape=shape, backend="cuda",
-                                 ours_ms=t_ours, baseline_ms=t_theirs, max_err=error,
-                                 note="max err: against the same calls without graphs"))
+            switches = " ".join(f"{name}=1" for name in variables)
+            rows.append(dict(case=f"{kind} {mode}, {switches}", shape=shape, backend="cuda", ours_ms=t_ours,
+                             baseline_ms=t_theirs, max_err=error, note="max err: against the default loop"))
     return rows
 
 

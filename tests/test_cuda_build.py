@@ -55,7 +55,8 @@ import pytest, torch
 from attnkit import _extensions
 ext, reason = _extensions.load("_C_cuda")
 assert ext is not None, reason
-for name in ("rnn_persistent_unsupported", "lstm_forward_persistent", "gru_forward_persistent", "rnn_cluster_plan"):
+for name in ("rnn_persistent_unsupported", "lstm_forward_persistent", "gru_forward_persistent", "rnn_cluster_plan",
+             "lstm_forward_cluster_save", "gru_forward_cluster_save"):
     assert callable(getattr(ext, name)), name
 # The checks that come before any device query run without a GPU.
 cuda = torch.device("cuda")
@@ -75,6 +76,10 @@ with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
     ext.lstm_forward_persistent(x, x[0], x[0], x, x, None, None, None)
 with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
     ext.gru_forward_persistent(x, x[0], x, x, None, None, None)
+with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+    ext.lstm_forward_cluster_save(x, x[0], x[0], x, x, None, None, None)
+with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+    ext.gru_forward_cluster_save(x, x[0], x, x, None, None, None)
 print("ok")
 """
 

@@ -23,6 +23,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whole-sequence LSTM forward, persistent kernel, inference (CUDA); [] when not taken");
   m.def("gru_forward_persistent", &attnkit::cuda::gru_forward_persistent,
         "whole-sequence GRU forward, persistent kernel, inference (CUDA); [] when not taken");
+  m.def("lstm_forward_cluster_save", &attnkit::cuda::lstm_forward_cluster_save,
+        "LSTM training forward on the cluster kernel (CUDA): [output, h_n, c_n, gates, cs], [] when not taken");
+  m.def("gru_forward_cluster_save", &attnkit::cuda::gru_forward_cluster_save,
+        "GRU training forward on the cluster kernel (CUDA): [output, h_n, gates], [] when not taken");
   m.def("rnn_direct_gemm_available", &attnkit::cuda::step_gemm::available,
         "whether ATTNKIT_RNN_CUDA_DIRECT_GEMM=1 can call cublasGemmEx (found in the cuBLAS torch loaded)");
 }

@@ -1,4 +1,5 @@
-// Persistent LSTM / GRU forward (inference) on thread-block clusters, float16 /
+// Persistent LSTM / GRU forward (inference, or training's forward saving what
+// rnn.cu's per-step backward reads) on thread-block clusters, float16 /
 // bfloat16, sm_90+: one cluster for each 8 batch rows (rows never interact, so
 // the clusters need not run at the same time). The grid kernel of rnn_persistent.cu spreads
 // W_hh over every SM and pays a grid-wide barrier (atomics through L2) each
@@ -51,6 +52,8 @@ struct Params {
   float* c;            // LSTM: (B, H) float32, c0 in, c_T out; GRU: null
   S* out;              // (T, B, H)
   const int64_t* len;  // (B,) or null
+  S* gates;            // training: (T, B, 4 H) activated LSTM i, f, g, o / GRU r, z, n, hn; else null
+  S* cs;               // training, LSTM: (T, B, H) cell states; else null
   int T, B, H;         // B: the whole batch; cluster i takes rows 8 i .. 8 i + 7
   int units;           // U: units per block (the last block may own fewer)
   int row_tiles;       // RT = ceil(G U / 16)
@@ -218,17 +221,32 @@ __global__ void __launch_bounds__(kThreads) rnn_cluster_kernel(Params<S> p) {
               static_cast<float>(pre_now[2]) + gh[2], static_cast<float>(pre_now[3]) + gh[3]);
           c_state = gates::lstm_cell_state<float>(a, c_state);
           h_new = gates::lstm_hidden_state<float>(a, c_state);
+          if (p.gates != nullptr) {  // as rnn.cu's per-step forward saves them, for its backward
+            S* saved = p.gates + (int64_t(t) * B + row) * 4 * H + j;
+            saved[0] = static_cast<S>(a.i);
+            saved[H] = static_cast<S>(a.f);
+            saved[2 * H] = static_cast<S>(a.g);
+            saved[3 * H] = static_cast<S>(a.o);
+          }
         } else {
           const auto a = gates::gru_activate<float>(static_cast<float>(pre_now[0]), static_cast<float>(pre_now[1]),
                                                     static_cast<float>(pre_now[2]), gh[0] + bh[0], gh[1] + bh[1],
                                                     gh[2] + bh[2]);
           h_new = gates::gru_hidden_state<float>(a, float_of<S>(h_prev_bits));
+          if (p.gates != nullptr) {
+            S* saved = p.gates + (int64_t(t) * B + row) * 4 * H + j;
+            saved[0] = static_cast<S>(a.r);
+            saved[H] = static_cast<S>(a.z);
+            saved[2 * H] = static_cast<S>(a.n);
+            saved[3 * H] = static_cast<S>(a.hn);
+          }
         }
         // Rounded once: the output and the next step's input are the same value.
         const S h_store = static_cast<S>(h_new);
         *out = h_store;
         h_bits = bits_of(h_store);
       }
+      if (G == 4 && p.cs != nullptr) p.cs[(int64_t(t) * B + row) * H + j] = static_cast<S>(c_state);
       for (int r = 0; r < C; ++r) {
         uint16_t* remote = cluster.map_shared_rank(h_s, r);
         remote[next_offset + gb * hs + j] = h_bits;
@@ -355,7 +373,7 @@ bool enabled() {
 
 void launch(int64_t gates, const Plan& plan, const at::Tensor& w_hh, const at::Tensor& pre,
             const c10::optional<at::Tensor>& b_hh, at::Tensor& h, at::Tensor& c, at::Tensor& output,
-            const at::Tensor& len, int64_t T, int64_t B, int64_t H) {
+            const at::Tensor& len, at::Tensor& saved_gates, at::Tensor& saved_cs, int64_t T, int64_t B, int64_t H) {
   with_half_dtype(w_hh.scalar_type(), [&](auto s) {
     using S = decltype(s);
     Params<S> p{w_hh.data_ptr<S>(),
@@ -365,6 +383,8 @@ void launch(int64_t gates, const Plan& plan, const at::Tensor& w_hh, const at::T
                 c.defined() ? c.data_ptr<float>() : nullptr,
                 output.data_ptr<S>(),
                 len.defined() ? len.data_ptr<int64_t>() : nullptr,
+                saved_gates.defined() ? saved_gates.data_ptr<S>() : nullptr,
+                saved_cs.defined() ? saved_cs.data_ptr<S>() : nullptr,
                 static_cast<int>(T),
                 static_cast<int>(B),
                 static_cast<int>(H),

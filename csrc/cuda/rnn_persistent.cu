@@ -255,11 +255,13 @@ void launch_grid(const Plan& plan, const at::Tensor& w_hh, const at::Tensor& pre
   });
 }
 
-// Runs the layer when the plan allows; returns {} (not taken) otherwise.
+// Runs the layer when the plan allows; returns {} (not taken) otherwise. save (training):
+// the cluster kernel only, which also returns the saved gates (and LSTM cell states).
 template <int G>
 std::vector<at::Tensor> run(const at::Tensor& x, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
                             const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
-                            const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& lengths) {
+                            const c10::optional<at::Tensor>& b_hh, const c10::optional<at::Tensor>& lengths,
+                            bool save = false) {
   TORCH_CHECK(x.is_cuda(), "attnkit persistent rnn: x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   rnn::check_forward(x, h0, G == 4 ? &*c0 : nullptr, w_ih, w_hh, b_ih, b_hh, c10::nullopt, lengths, G);
@@ -273,6 +275,7 @@ std::vector<at::Tensor> run(const at::Tensor& x, const at::Tensor& h0, const c10
   const bool on_cluster = cluster_plan.reason.empty();
   Plan plan;
   if (!on_cluster) {
+    if (save) return {};
     plan = plan_for<G>(x.scalar_type(), B, H);
     if (!plan.reason.empty()) return {};
   }
@@ -289,13 +292,20 @@ std::vector<at::Tensor> run(const at::Tensor& x, const at::Tensor& h0, const c10
   at::Tensor output = at::empty({T, B, H}, x.options());
   const at::Tensor len = rnn::present(lengths) ? lengths->to(x.device()) : at::Tensor();
 
+  // Saved gates of stopped rows are never read (the backward skips those rows).
+  at::Tensor saved_gates = save ? at::empty({T, B, 4 * H}, x.options()) : at::Tensor();
+  at::Tensor saved_cs = save && G == 4 ? at::empty({T, B, H}, x.options()) : at::Tensor();
   if (on_cluster) {
-    cluster_rnn::launch(G, cluster_plan, w_hh, pre, b_hh, h, c, output, len, T, B, H);
+    cluster_rnn::launch(G, cluster_plan, w_hh, pre, b_hh, h, c, output, len, saved_gates, saved_cs, T, B, H);
   } else {
     launch_grid<G>(plan, w_hh, pre, b_hh, h, c, output, len, T, B, H);
   }
   at::Tensor h_n = h[T & 1].clone();
-  if (G == 4) return {output, h_n, c.to(x.scalar_type())};
+  if (G == 4) {
+    if (save) return {output, h_n, c.to(x.scalar_type()), saved_gates, saved_cs};
+    return {output, h_n, c.to(x.scalar_type())};
+  }
+  if (save) return {output, h_n, saved_gates};
   return {output, h_n};
 }
 
@@ -338,6 +348,21 @@ std::vector<at::Tensor> gru_forward_persistent(const at::Tensor& x, const at::Te
                                                const c10::optional<at::Tensor>& b_hh,
                                                const c10::optional<at::Tensor>& lengths) {
   return run<3>(x, h0, c10::nullopt, w_ih, w_hh, b_ih, b_hh, lengths);
+}
+
+std::vector<at::Tensor> lstm_forward_cluster_save(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                                  const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                  const c10::optional<at::Tensor>& b_ih,
+                                                  const c10::optional<at::Tensor>& b_hh,
+                                                  const c10::optional<at::Tensor>& lengths) {
+  return run<4>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, /*save=*/true);
+}
+
+std::vector<at::Tensor> gru_forward_cluster_save(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                                 const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                                                 const c10::optional<at::Tensor>& b_hh,
+                                                 const c10::optional<at::Tensor>& lengths) {
+  return run<3>(x, h0, c10::nullopt, w_ih, w_hh, b_ih, b_hh, lengths, /*save=*/true);
 }
 
 }  // namespace cuda

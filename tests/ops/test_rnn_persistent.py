@@ -132,6 +132,51 @@ def test_cluster_kernel_matches_reference(kind, dtype, B, T, H, ragged, size, mo
 
 
 @needs_gpu
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,T,H,ragged", [(3, 9, 80, False), (20, 6, 128, True), (64, 5, 512, False)])
+def test_cluster_training_forward_feeds_the_per_step_backward(kind, dtype, B, T, H, ragged, monkeypatch):
+    """A training forward on the cluster kernel saves what the cuda backend's backward reads:
+    outputs and every gradient as close to the float64 reference as the per-step forward's."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the cluster kernel needs sm_90")
+    ext = _extensions.load("_C_cuda")[0]
+    assert hasattr(ext, f"{kind}_forward_cluster_save")
+    monkeypatch.setenv(CLUSTER_ENV, "1")
+    chosen, why = cluster_plan(kind, B, H, dtype)
+    assert chosen != "0", why
+    args = make_inputs(kind, T, B, H, dtype, "cuda")
+    lengths = ragged_lengths(T, B) if ragged else None
+    weights = None
+
+    def outputs_and_grads(leaves, run):
+        nonlocal weights
+        outs = run(kind, leaves, lengths)
+        if weights is None:
+            weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+                       for i, o in enumerate(outs)]
+        loss = sum((o.double() * w.to(o.device)).sum() for o, w in zip(outs, weights))
+        return [t.double() for t in (*outs, *torch.autograd.grad(loss, leaves))]
+
+    def ours(on_cluster):
+        monkeypatch.setenv(CLUSTER_ENV, "1" if on_cluster else "0")
+        with attnkit.use_backend("cuda", op=kind):
+            return outputs_and_grads([a.detach().requires_grad_() for a in args], run_op)
+
+    truth = outputs_and_grads([a.detach().double().requires_grad_() for a in args], run_reference_differentiable)
+    floor = 1e-3 if dtype == torch.float16 else 1e-2
+    for cluster, step, r in zip(ours(True), ours(False), truth):
+        r = r.to(cluster.device)
+        assert (cluster - r).abs().max() <= 2 * (step - r).abs().max() + floor
+
+
+def run_reference_differentiable(kind, leaves, lengths):
+    if kind == "lstm":
+        return reference.lstm(*leaves, None, lengths)[:3]
+    return reference.gru(*leaves, lengths)[:2]
+
+
+@needs_gpu
 def test_cluster_kernel_refuses_what_fits_no_cluster():
     # (The dtype and batch refusals are checked without a GPU: tests/test_cuda_build.py.)
     if torch.cuda.get_device_capability()[0] < 9:
@@ -312,3 +357,56 @@ def test_env_backend_name_is_known(monkeypatch):
     monkeypatch.setenv("ATTNKIT_BACKEND", "lstm=cuda_persistent")
     assert _dispatch.forced_backend("lstm") == ("cuda_persistent", "ATTNKIT_BACKEND")
     assert _dispatch.forced_backend("gru") is None
+
+
+class _FakeTrainingExtension:
+    """attnkit._C_cuda's training entries, recording which one ran; the cluster one
+    answers `cluster_result` ([] = not taken)."""
+
+    def __init__(self, cluster_result):
+        self.cluster_result, self.ran = cluster_result, []
+
+    def lstm_forward_cluster_save(self, *args):
+        self.ran.append("cluster")
+        return self.cluster_result
+
+    gru_forward_cluster_save = lstm_forward_cluster_save
+
+    def lstm_forward(self, *args):
+        self.ran.append("per-step")
+        return ["per-step"] * 6
+
+    def gru_forward(self, *args):
+        self.ran.append("per-step")
+        return ["per-step"] * 3
+
+
+@pytest.mark.parametrize("op", [LSTM, GRU], ids=["lstm", "gru"])
+def test_training_forward_tries_the_cluster_kernel_when_switched_on(op, monkeypatch):
+    impl = op.implementations["cuda"]
+    x = torch.zeros(2, 1, 3, dtype=torch.float16)
+    args = (x, x[0], x[0], x, x, None, None, None) if op is LSTM else (x, x[0], x, x, None, None)
+
+    def forward(ext, save=True, dtype=torch.float16, w_hr=None):
+        monkeypatch.setattr(impl, "_ext", lambda: ext)
+        call = [a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args]
+        if op is LSTM:
+            call[7] = w_hr
+        return impl.forward(*call, None, save)
+
+    monkeypatch.setenv(CLUSTER_ENV, "1")
+    taken = _FakeTrainingExtension(["cluster"] * (5 if op is LSTM else 3))
+    result = forward(taken)
+    assert taken.ran == ["cluster"] and result[:3] == ("cluster",) * 3
+    if op is LSTM:
+        assert len(result) == 6 and result[5].numel() == 0  # hc: none without a projection
+    refused = _FakeTrainingExtension([])
+    assert forward(refused)[0] == "per-step" and refused.ran == ["cluster", "per-step"]
+    for changes in (dict(save=False), dict(dtype=torch.float32)) + ((dict(w_hr=x[0]),) if op is LSTM else ()):
+        other = _FakeTrainingExtension(["cluster"] * 5)
+        forward(other, **changes)
+        assert other.ran == ["per-step"], changes
+    monkeypatch.setenv(CLUSTER_ENV, "0")
+    off = _FakeTrainingExtension(["cluster"] * 5)
+    forward(off)
+    assert off.ran == ["per-step"]

@@ -35,5 +35,18 @@ std::vector<at::Tensor> gru_forward_persistent(const at::Tensor& x, const at::Te
                                                const c10::optional<at::Tensor>& b_hh,
                                                const c10::optional<at::Tensor>& lengths);
 
+// Training's forward on the cluster kernel (ATTNKIT_RNN_CLUSTER=1, float16 / bfloat16,
+// sm_90+): {output, h_n, c_n, gates, cs} (LSTM) or {output, h_n, gates} (GRU), saved as
+// attnkit::cuda::lstm_forward / gru_forward save them for their backward; {} when not taken.
+std::vector<at::Tensor> lstm_forward_cluster_save(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                                  const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                  const c10::optional<at::Tensor>& b_ih,
+                                                  const c10::optional<at::Tensor>& b_hh,
+                                                  const c10::optional<at::Tensor>& lengths);
+std::vector<at::Tensor> gru_forward_cluster_save(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                                 const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+                                                 const c10::optional<at::Tensor>& b_hh,
+                                                 const c10::optional<at::Tensor>& lengths);
+
 }  // namespace cuda
 }  // namespace attnkit

@@ -157,6 +157,13 @@ class _CudaGraphed:
 class CudaLstm(_CudaGraphed, _LstmExtension):
     backend, extension, dtypes = "cuda", "_C_cuda", _CUDA_DTYPES
 
+    def forward(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save):
+        if save and w_hr is None and _cluster_training(self._ext(), x, "lstm_forward_cluster_save"):
+            result = self._ext().lstm_forward_cluster_save(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths)
+            if result:  # else W_hh fits no cluster here: the per-step loop
+                return (*result, _empty(x))
+        return super().forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save)
+
 
 class CppGru(_GruExtension):
     backend, extension, dtypes, upcast = "cpp", "_C", _CPP_DTYPES, _CPP_UPCAST
@@ -164,6 +171,20 @@ class CppGru(_GruExtension):
 
 class CudaGru(_CudaGraphed, _GruExtension):
     backend, extension, dtypes = "cuda", "_C_cuda", _CUDA_DTYPES
+
+    def forward(self, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save):
+        if save and _cluster_training(self._ext(), x, "gru_forward_cluster_save"):
+            result = self._ext().gru_forward_cluster_save(x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
+            if result:
+                return tuple(result)
+        return super().forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save)
+
+
+def _cluster_training(ext, x, entry):
+    """Whether a training forward tries the cluster kernel (ATTNKIT_RNN_CLUSTER=1, halves):
+    it saves what the per-step backward reads, which then runs as usual."""
+    return (_dispatch.getenv(CLUSTER_ENV) == "1" and x.dtype in (torch.float16, torch.bfloat16)
+            and hasattr(ext, entry))
 
 
 # The persistent kernel passed the GPU suite on an H200 (2026-11-26) and beat the
