@@ -262,7 +262,7 @@ def graphs_rows(kind, ours, theirs, x, shape, timing):
 def cluster_forward_rows(kind, ours, theirs, x, shape, timing):
     """The inference forward on the opt-in cluster kernel (any batch), where it runs."""
     time, batch, hidden = x.shape
-    size, why = cluster_plan(kind.lower(), batch, hidden, x.dtype, x.device)
+    size, why, at_once = cluster_plan(kind.lower(), batch, hidden, x.dtype, x.device)
     if size == "0":
         return [dict(case=f"{kind} forward, cluster kernel: not run ({why})", shape=shape, backend="cuda_persistent",
                      ours_ms=float("nan"), baseline_ms=float("nan"), max_err=float("nan"))]
@@ -271,14 +271,15 @@ def cluster_forward_rows(kind, ours, theirs, x, shape, timing):
         backend = attnkit.last_dispatch(kind.lower()).backend
         t_ours, t_theirs = median_pair_ms(lambda: ours(x), lambda: theirs(x), x.device, **timing)
     return [dict(case=f"{kind} forward, ATTNKIT_RNN_CLUSTER=1", shape=shape, backend=backend, ours_ms=t_ours,
-                 baseline_ms=t_theirs, max_err=error, note=f"a cluster of {size} blocks per 8 batch rows")]
+                 baseline_ms=t_theirs, max_err=error, note=f"a cluster of {size} blocks per 8 batch rows, {at_once} at a time")]
 
 
 def cluster_plan(op, batch, hidden, dtype, device):
-    """csrc/cuda/rnn_cluster.cu's [cluster size, why not] for this call ("0" when it does not run)."""
+    """csrc/cuda/rnn_cluster.cu's [cluster size, why not, clusters at a time] for this call
+    (size "0" when it does not run)."""
     ext = _extensions.load("_C_cuda")[0]
     if not hasattr(ext, "rnn_cluster_plan"):
-        return ["0", "attnkit._C_cuda predates the cluster kernel: rebuild it"]
+        return ["0", "attnkit._C_cuda predates the cluster kernel: rebuild it", "0"]
     return ext.rnn_cluster_plan(4 if op == "lstm" else 3, batch, hidden, dtype, device)
 
 

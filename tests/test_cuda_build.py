@@ -69,8 +69,8 @@ with pytest.raises(RuntimeError, match="device must be a CUDA device"):
     ext.rnn_cluster_plan(4, 1, 64, torch.float16, torch.device("cpu"))
 with pytest.raises(RuntimeError, match="gates must be 4 \\(LSTM\\) or 3 \\(GRU\\)"):
     ext.rnn_cluster_plan(2, 1, 64, torch.float16, cuda)
-assert ext.rnn_cluster_plan(4, 1, 64, torch.float32, cuda) == ["0", "the cluster kernel takes float16 and bfloat16, got Float"]
-assert ext.rnn_cluster_plan(3, 0, 64, torch.bfloat16, cuda) == ["0", "the cluster kernel takes batch >= 1, got 0"]
+assert ext.rnn_cluster_plan(4, 1, 64, torch.float32, cuda) == ["0", "the cluster kernel takes float16 and bfloat16, got Float", "0"]
+assert ext.rnn_cluster_plan(3, 0, 64, torch.bfloat16, cuda) == ["0", "the cluster kernel takes batch >= 1, got 0", "0"]
 x = torch.zeros(2, 1, 3)
 with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
     ext.lstm_forward_persistent(x, x[0], x[0], x, x, None, None, None)

@@ -18,7 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rnn_persistent_unsupported", &attnkit::cuda::rnn_persistent_unsupported,
         "why the persistent LSTM/GRU kernel cannot run (gates, batch, hidden, dtype, device); empty if it can");
   m.def("rnn_cluster_plan", &attnkit::cuda::rnn_cluster_plan,
-        "the cluster kernel's size for (gates, batch, hidden, dtype, device), or 0 and why not: [size, reason]");
+        "the cluster kernel's size for (gates, batch, hidden, dtype, device), or 0 and why not: "
+        "[size, reason, clusters at a time]");
   m.def("lstm_forward_persistent", &attnkit::cuda::lstm_forward_persistent,
         "whole-sequence LSTM forward, persistent kernel, inference (CUDA); [] when not taken");
   m.def("gru_forward_persistent", &attnkit::cuda::gru_forward_persistent,

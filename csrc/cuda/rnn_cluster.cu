@@ -336,6 +336,7 @@ Plan make_plan(int64_t B, int64_t H) {
     plan.k_tiles = KT;
     plan.k_split = KS;
     plan.smem = smem;
+    plan.clusters_at_once = clusters;
     return plan;
   }
   plan.reason = forced != 0 ? "ATTNKIT_RNN_CLUSTER_SIZE=" + std::to_string(forced) +

@@ -12,6 +12,7 @@ namespace cluster_rnn {
 
 struct Plan {
   int cluster = 0, units = 0, row_tiles = 0, k_tiles = 0, k_split = 0;
+  int clusters_at_once = 0;  // how many such clusters the device holds at a time
   size_t smem = 0;
   std::string reason;  // empty when the kernel runs
 };

@@ -332,7 +332,7 @@ std::vector<std::string> rnn_cluster_plan(int64_t gates, int64_t batch, int64_t 
   TORCH_CHECK(gates == 3 || gates == 4, "attnkit cluster rnn: gates must be 4 (LSTM) or 3 (GRU)");
   TORCH_CHECK(hidden >= 1 && hidden <= INT32_MAX, "attnkit cluster rnn: hidden_size must be >= 1");
   const cluster_rnn::Plan plan = cluster_rnn::plan(gates, batch, hidden, dtype, device);
-  return {std::to_string(plan.cluster), plan.reason};
+  return {std::to_string(plan.cluster), plan.reason, std::to_string(plan.clusters_at_once)};
 }
 
 std::vector<at::Tensor> lstm_forward_persistent(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,

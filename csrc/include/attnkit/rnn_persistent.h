@@ -17,8 +17,10 @@ namespace cuda {
 std::string rnn_persistent_unsupported(int64_t gates, int64_t batch, int64_t hidden, at::ScalarType dtype,
                                        at::Device device);
 
-// The cluster kernel's choice for (gates, batch, hidden, dtype) on `device`:
-// {cluster size, ""} where it runs (with ATTNKIT_RNN_CLUSTER=1), {"0", why} where not.
+// The cluster kernel's choice for (gates, batch, hidden, dtype) on `device`: {cluster
+// size, "", how many such clusters run at a time} where it runs (with ATTNKIT_RNN_CLUSTER=1),
+// {"0", why, "0"} where not. One cluster serves 8 batch rows; more than run at a time
+// run in waves.
 std::vector<std::string> rnn_cluster_plan(int64_t gates, int64_t batch, int64_t hidden, at::ScalarType dtype,
                                           at::Device device);
 
