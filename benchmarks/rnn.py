@@ -228,8 +228,8 @@ def persistent_rows(device, timing, time=256):
 def graphs_rows(kind, ours, theirs, x, shape, timing):
     """The opt-in ways around the per-step cuda loop's host time, against cuDNN: its kernel
     calls replayed from CUDA graphs (ATTNKIT_RNN_CUDA_GRAPHS=1; forward and training step),
-    and training's forward on the cluster kernel (ATTNKIT_RNN_CLUSTER=1; the backward per
-    step), alone and with graphs. max err: against the default loop's result."""
+    and training on the cluster kernels (ATTNKIT_RNN_CLUSTER=1: forward and backward). max
+    err: against the default loop's result."""
     op, rows = kind.lower(), []
     step = training_step(ours, x)
 
@@ -243,8 +243,7 @@ def graphs_rows(kind, ours, theirs, x, shape, timing):
 
     variants = [("forward", forward, lambda: theirs(x), {"ATTNKIT_RNN_CUDA_GRAPHS": "1"}),
                 ("fwd+bwd", train, training_step(theirs, x), {"ATTNKIT_RNN_CUDA_GRAPHS": "1"}),
-                ("fwd+bwd", train, training_step(theirs, x), {"ATTNKIT_RNN_CLUSTER": "1"}),
-                ("fwd+bwd", train, training_step(theirs, x), {"ATTNKIT_RNN_CLUSTER": "1", "ATTNKIT_RNN_CUDA_GRAPHS": "1"})]
+                ("fwd+bwd", train, training_step(theirs, x), {"ATTNKIT_RNN_CLUSTER": "1"})]
     with attnkit.use_backend("cuda", op=op):
         default = {"forward": forward().clone(), "fwd+bwd": train().clone()}
         for mode, fn, theirs_fn, variables in variants:

@@ -56,7 +56,7 @@ from attnkit import _extensions
 ext, reason = _extensions.load("_C_cuda")
 assert ext is not None, reason
 for name in ("rnn_persistent_unsupported", "lstm_forward_persistent", "gru_forward_persistent", "rnn_cluster_plan",
-             "lstm_forward_cluster_save", "gru_forward_cluster_save"):
+             "lstm_forward_cluster_save", "gru_forward_cluster_save", "lstm_backward_cluster", "gru_backward_cluster"):
     assert callable(getattr(ext, name)), name
 # The checks that come before any device query run without a GPU.
 cuda = torch.device("cuda")
@@ -80,6 +80,10 @@ with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
     ext.lstm_forward_cluster_save(x, x[0], x[0], x, x, None, None, None)
 with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
     ext.gru_forward_cluster_save(x, x[0], x, x, None, None, None)
+with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+    ext.lstm_backward_cluster(x, x[0], x[0], x, x[0], x[0], x, x, None, x, x, x)
+with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+    ext.gru_backward_cluster(x, x[0], x, x[0], x, x, None, x, x)
 print("ok")
 """
 

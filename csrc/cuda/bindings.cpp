@@ -28,6 +28,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "LSTM training forward on the cluster kernel (CUDA): [output, h_n, c_n, gates, cs], [] when not taken");
   m.def("gru_forward_cluster_save", &attnkit::cuda::gru_forward_cluster_save,
         "GRU training forward on the cluster kernel (CUDA): [output, h_n, gates], [] when not taken");
+  m.def("lstm_backward_cluster", &attnkit::cuda::lstm_backward_cluster,
+        "LSTM backward on the cluster kernel (CUDA): [dx, dh0, dc0, dw_ih, dw_hh, db], [] when not taken");
+  m.def("gru_backward_cluster", &attnkit::cuda::gru_backward_cluster,
+        "GRU backward on the cluster kernel (CUDA): [dx, dh0, dw_ih, dw_hh, db_ih, db_hh], [] when not taken");
   m.def("rnn_direct_gemm_available", &attnkit::cuda::step_gemm::available,
         "whether ATTNKIT_RNN_CUDA_DIRECT_GEMM=1 can call cublasGemmEx (found in the cuBLAS torch loaded)");
 }

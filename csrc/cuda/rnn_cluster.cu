@@ -1,9 +1,9 @@
 // Persistent LSTM / GRU forward (inference, or training's forward saving what
 // rnn.cu's per-step backward reads) on thread-block clusters, float16 /
 // bfloat16, sm_90+: one cluster for each 8 batch rows (rows never interact, so
-// the clusters need not run at the same time). The grid kernel of rnn_persistent.cu spreads
-// W_hh over every SM and pays a grid-wide barrier (atomics through L2) each
-// step; at H = 128..512 that barrier and the L2 round trips for h and the input
+// the clusters need not run at the same time). The grid kernel of
+// rnn_persistent.cu spreads W_hh over every SM and pays a grid-wide barrier
+// (atomics through L2) each step; at H = 128..512 that barrier and the L2 round trips for h and the input
 // projections are most of its 3-4 us a step. Here C = 1..16 blocks of one
 // cluster share the work:
 // - block k keeps its units' rows of W_hh in shared memory, pre-arranged in
@@ -30,17 +30,13 @@
 #include <type_traits>
 
 #include "attnkit/gate_math.h"
+#include "rnn_cluster_device.cuh"
 
 namespace attnkit {
 namespace cuda {
 namespace cluster_rnn {
 namespace {
 
-namespace cg = cooperative_groups;
-
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kBatchTile = 8;  // mma's n: a cluster's batch rows, the missing ones zero
 constexpr int kMaxCluster = 16;
 
 template <typename S>
@@ -70,37 +66,8 @@ inline size_t smem_bytes(int row_tiles, int k_tiles, int k_split) {
          size_t(k_split) * row_tiles * 16 * kBatchTile * 4;
 }
 
-template <typename S>
-__device__ __forceinline__ uint16_t bits_of(S v) {
-  return v.x;
-}
-template <typename S>
-__device__ __forceinline__ float float_of(uint16_t bits) {
-  return static_cast<float>(S(bits, S::from_bits()));
-}
-
-// D = A B + D for one 16 x 8 tile, fp32 accumulators.
-template <typename S>
-__device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint4& a, uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (std::is_same<S, at::Half>::value) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
-  }
-#endif
-}
-
 template <typename S, int G>
-__global__ void __launch_bounds__(kThreads) rnn_cluster_kernel(Params<S> p) {
+__global__ void __launch_bounds__(kThreads, 1) rnn_cluster_kernel(Params<S> p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());

@@ -134,14 +134,16 @@ def test_cluster_kernel_matches_reference(kind, dtype, B, T, H, ragged, size, mo
 @needs_gpu
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("B,T,H,ragged", [(3, 9, 80, False), (20, 6, 128, True), (64, 5, 512, False)])
-def test_cluster_training_forward_feeds_the_per_step_backward(kind, dtype, B, T, H, ragged, monkeypatch):
-    """A training forward on the cluster kernel saves what the cuda backend's backward reads:
-    outputs and every gradient as close to the float64 reference as the per-step forward's."""
+@pytest.mark.parametrize("B,T,H,ragged", [(3, 9, 80, False), (20, 6, 128, True), (64, 5, 512, False), (2, 1, 16, False)])
+@pytest.mark.parametrize("on_clusters", ["forward", "backward", "both"])
+def test_cluster_training_matches_the_per_step_loops(kind, dtype, B, T, H, ragged, on_clusters, monkeypatch):
+    """Training with the cluster kernels (ATTNKIT_RNN_CLUSTER=1) for the forward, the backward
+    or both, the rest per step (their saved tensors are the same): outputs and every gradient
+    as close to the float64 reference as the per-step loops'."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the cluster kernel needs sm_90")
     ext = _extensions.load("_C_cuda")[0]
-    assert hasattr(ext, f"{kind}_forward_cluster_save")
+    assert hasattr(ext, f"{kind}_forward_cluster_save") and hasattr(ext, f"{kind}_backward_cluster")
     monkeypatch.setenv(CLUSTER_ENV, "1")
     chosen, why = cluster_plan(kind, B, H, dtype)
     assert chosen != "0", why
@@ -149,23 +151,26 @@ def test_cluster_training_forward_feeds_the_per_step_backward(kind, dtype, B, T,
     lengths = ragged_lengths(T, B) if ragged else None
     weights = None
 
-    def outputs_and_grads(leaves, run):
+    def outputs_and_grads(leaves, run, backward_switch=None):
         nonlocal weights
         outs = run(kind, leaves, lengths)
         if weights is None:
             weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
                        for i, o in enumerate(outs)]
         loss = sum((o.double() * w.to(o.device)).sum() for o, w in zip(outs, weights))
+        if backward_switch is not None:  # the switch is read at each call: the backward's own
+            monkeypatch.setenv(CLUSTER_ENV, backward_switch)
         return [t.double() for t in (*outs, *torch.autograd.grad(loss, leaves))]
 
-    def ours(on_cluster):
-        monkeypatch.setenv(CLUSTER_ENV, "1" if on_cluster else "0")
+    def ours(forward_switch, backward_switch):
+        monkeypatch.setenv(CLUSTER_ENV, forward_switch)
         with attnkit.use_backend("cuda", op=kind):
-            return outputs_and_grads([a.detach().requires_grad_() for a in args], run_op)
+            return outputs_and_grads([a.detach().requires_grad_() for a in args], run_op, backward_switch)
 
     truth = outputs_and_grads([a.detach().double().requires_grad_() for a in args], run_reference_differentiable)
     floor = 1e-3 if dtype == torch.float16 else 1e-2
-    for cluster, step, r in zip(ours(True), ours(False), truth):
+    switches = {"forward": ("1", "0"), "backward": ("0", "1"), "both": ("1", "1")}[on_clusters]
+    for cluster, step, r in zip(ours(*switches), ours("0", "0"), truth):
         r = r.to(cluster.device)
         assert (cluster - r).abs().max() <= 2 * (step - r).abs().max() + floor
 
@@ -360,8 +365,8 @@ def test_env_backend_name_is_known(monkeypatch):
 
 
 class _FakeTrainingExtension:
-    """attnkit._C_cuda's training entries, recording which one ran; the cluster one
-    answers `cluster_result` ([] = not taken)."""
+    """attnkit._C_cuda's training entries, recording which one ran; the cluster ones
+    answer `cluster_result` ([] = not taken)."""
 
     def __init__(self, cluster_result):
         self.cluster_result, self.ran = cluster_result, []
@@ -379,6 +384,20 @@ class _FakeTrainingExtension:
     def gru_forward(self, *args):
         self.ran.append("per-step")
         return ["per-step"] * 3
+
+    def lstm_backward_cluster(self, *args):
+        self.ran.append("cluster backward")
+        return self.cluster_result[:6]
+
+    gru_backward_cluster = lstm_backward_cluster
+
+    def lstm_backward(self, *args):
+        self.ran.append("per-step backward")
+        return ["per-step backward"] * 7
+
+    def gru_backward(self, *args):
+        self.ran.append("per-step backward")
+        return ["per-step backward"] * 6
 
 
 @pytest.mark.parametrize("op", [LSTM, GRU], ids=["lstm", "gru"])
@@ -410,3 +429,31 @@ def test_training_forward_tries_the_cluster_kernel_when_switched_on(op, monkeypa
     off = _FakeTrainingExtension(["cluster"] * 5)
     forward(off)
     assert off.ran == ["per-step"]
+
+
+@pytest.mark.parametrize("op", [LSTM, GRU], ids=["lstm", "gru"])
+def test_backward_tries_the_cluster_kernel_when_switched_on(op, monkeypatch):
+    impl = op.implementations["cuda"]
+    x = torch.zeros(2, 1, 3, dtype=torch.float16)
+    # (grad_output, grad_hn[, grad_cn], x, h0[, c0], w_ih, w_hh, b_ih, b_hh[, w_hr], lengths, output, gates[, cs, hc])
+    args = [x, x[0], x[0], x, x[0], x[0], x, x, None, None, None, None, x, x, x, x] if op is LSTM else \
+        [x, x[0], x, x[0], x, x, None, None, None, x, x]
+
+    def backward(ext, dtype=torch.float16, w_hr=None):
+        monkeypatch.setattr(impl, "_ext", lambda: ext)
+        call = [a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args]
+        if op is LSTM:
+            call[10] = w_hr
+        return impl.backward(*call)
+
+    monkeypatch.setenv(CLUSTER_ENV, "1")
+    taken = _FakeTrainingExtension(["cluster backward"] * 6)
+    grads = backward(taken)
+    assert taken.ran == ["cluster backward"] and grads[0] == "cluster backward"
+    assert len(grads) == (7 if op is LSTM else 6)
+    refused = _FakeTrainingExtension([])
+    assert backward(refused)[0] == "per-step backward" and refused.ran == ["cluster backward", "per-step backward"]
+    for changes in (dict(dtype=torch.float32),) + ((dict(w_hr=x[0]),) if op is LSTM else ()):
+        other = _FakeTrainingExtension(["cluster backward"] * 6)
+        backward(other, **changes)
+        assert other.ran == ["per-step backward"], changes

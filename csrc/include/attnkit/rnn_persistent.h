@@ -50,5 +50,19 @@ std::vector<at::Tensor> gru_forward_cluster_save(const at::Tensor& x, const at::
                                                  const c10::optional<at::Tensor>& b_hh,
                                                  const c10::optional<at::Tensor>& lengths);
 
+// The backward on the same clusters (rnn_cluster_backward.cu), for any forward's saved
+// tensors: {dx, dh0, dc0, dw_ih, dw_hh, db} (LSTM, no projection) or {dx, dh0, dw_ih,
+// dw_hh, db_ih, db_hh} (GRU), as lstm_backward / gru_backward; {} when not taken
+// (float32, T = 0, or W_hh and the backward's buffers fit no cluster here).
+std::vector<at::Tensor> lstm_backward_cluster(const at::Tensor& grad_output, const at::Tensor& grad_hn,
+                                              const at::Tensor& grad_cn, const at::Tensor& x, const at::Tensor& h0,
+                                              const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                              const c10::optional<at::Tensor>& lengths, const at::Tensor& output,
+                                              const at::Tensor& gates, const at::Tensor& cs);
+std::vector<at::Tensor> gru_backward_cluster(const at::Tensor& grad_output, const at::Tensor& grad_hn,
+                                             const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
+                                             const at::Tensor& w_hh, const c10::optional<at::Tensor>& lengths,
+                                             const at::Tensor& output, const at::Tensor& gates);
+
 }  // namespace cuda
 }  // namespace attnkit

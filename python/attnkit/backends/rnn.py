@@ -164,6 +164,15 @@ class CudaLstm(_CudaGraphed, _LstmExtension):
                 return (*result, _empty(x))
         return super().forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save)
 
+    def backward(self, grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, output, gates, cs, hc):
+        if w_hr is None and _cluster_training(self._ext(), x, "lstm_backward_cluster"):
+            grads = self._ext().lstm_backward_cluster(grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, lengths,
+                                                      output, gates, cs)
+            if grads:
+                return (*grads, _empty(x))
+        return super().backward(grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                                output, gates, cs, hc)
+
 
 class CppGru(_GruExtension):
     backend, extension, dtypes, upcast = "cpp", "_C", _CPP_DTYPES, _CPP_UPCAST
@@ -179,10 +188,18 @@ class CudaGru(_CudaGraphed, _GruExtension):
                 return tuple(result)
         return super().forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save)
 
+    def backward(self, grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output, gates):
+        if _cluster_training(self._ext(), x, "gru_backward_cluster"):
+            grads = self._ext().gru_backward_cluster(grad_output, grad_hn, x, h0, w_ih, w_hh, lengths, output, gates)
+            if grads:
+                return tuple(grads)
+        return super().backward(grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output, gates)
+
 
 def _cluster_training(ext, x, entry):
-    """Whether a training forward tries the cluster kernel (ATTNKIT_RNN_CLUSTER=1, halves):
-    it saves what the per-step backward reads, which then runs as usual."""
+    """Whether a training forward or backward tries the cluster kernels (ATTNKIT_RNN_CLUSTER=1,
+    halves): the forward saves what the per-step backward reads, and the cluster backward reads
+    the same, so either runs with either."""
     return (_dispatch.getenv(CLUSTER_ENV) == "1" and x.dtype in (torch.float16, torch.bfloat16)
             and hasattr(ext, entry))
 
