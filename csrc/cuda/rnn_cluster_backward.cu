@@ -182,10 +182,11 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_cluster_backward_kernel(BackP
     }
     __syncthreads();  // partial products complete
 
-    // Each unit's partial to its owner's slot from this block (rank).
+    // Each unit's partial to its owner's slot from this block (rank); consecutive threads
+    // take consecutive units, so the remote stores to one owner are contiguous.
     const int out_offset = (s & 1) * C * kBatchTile * U + rank * kBatchTile * U;
     for (int i = threadIdx.x; i < H * Bc; i += kThreads) {
-      const int m = i / Bc, n = i % Bc;
+      const int n = i / H, m = i % H;
       float v = 0.f;
       for (int ks = 0; ks < KS; ++ks) v += part[(ks * KT * 16 + m) * kBatchTile + n];
       float* owner = cluster.map_shared_rank(slots, m / U);
