@@ -240,19 +240,25 @@ std::vector<at::Tensor> run_backward(const at::Tensor& grad_output, const at::Te
                                      const at::Tensor& gates, const c10::optional<at::Tensor>& cs) {
   TORCH_CHECK(x.is_cuda(), "attnkit cluster rnn backward: x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
+  // The per-step backward's checks (rnn_sequence.h): shapes, dtypes, devices, contiguity.
+  rnn::check_forward(x, h0, G == 4 ? &*c0 : nullptr, w_ih, w_hh, c10::nullopt, c10::nullopt, c10::nullopt, lengths, G);
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
+  rnn::check_grad(grad_output, "grad_output", x, {T, B, H});
+  rnn::check_grad(grad_hn, "grad_hn", x, {B, H});
+  rnn::check_grad(output, "output", x, {T, B, H});
+  rnn::check_grad(gates, "gates", x, {T, B, 4 * H});
+  if (G == 4) {
+    rnn::check_grad(*grad_cn, "grad_cn", x, {B, H});
+    rnn::check_grad(*cs, "cs", x, {T, B, H});
+  }
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16) return {};
   if (T == 0 || B == 0 || B * H > INT32_MAX || T > INT32_MAX) return {};
-  TORCH_CHECK(grad_output.sizes() == output.sizes() && gates.size(0) == T && gates.size(2) == 4 * H,
-              "attnkit cluster rnn backward: grad_output, output and gates do not match x and w_hh");
   Plan plan = with_half(x.scalar_type(), [&](auto s) { return back_plan<decltype(s), G>(B, H, x.scalar_type(), x.device()); });
   if (!plan.reason.empty()) return {};
 
-  const at::Tensor go = grad_output.contiguous(), gn = grad_hn.contiguous(), g = gates.contiguous();
-  const at::Tensor out_c = output.contiguous();
-  const at::Tensor gcn = G == 4 ? grad_cn->contiguous() : at::Tensor();
-  const at::Tensor cs_c = G == 4 ? cs->contiguous() : at::Tensor(), c0_c = G == 4 ? c0->contiguous() : at::Tensor();
-  const at::Tensor h0_c = h0.contiguous();
+  const at::Tensor &go = grad_output, &gn = grad_hn, &g = gates, &out_c = output, &h0_c = h0;  // contiguous (checked)
+  const at::Tensor gcn = G == 4 ? *grad_cn : at::Tensor();
+  const at::Tensor cs_c = G == 4 ? *cs : at::Tensor(), c0_c = G == 4 ? *c0 : at::Tensor();
   const at::Tensor len = rnn::present(lengths) ? lengths->to(x.device()) : at::Tensor();
   at::Tensor dpre = at::empty({T, B, (G == 4 ? 4 : 3) * H}, x.options());
   at::Tensor dgh = G == 3 ? at::empty({T, B, 3 * H}, x.options()) : at::Tensor();
