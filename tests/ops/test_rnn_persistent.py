@@ -168,11 +168,13 @@ def test_cluster_training_matches_the_per_step_loops(kind, dtype, B, T, H, ragge
             return outputs_and_grads([a.detach().requires_grad_() for a in args], run_op, backward_switch)
 
     truth = outputs_and_grads([a.detach().double().requires_grad_() for a in args], run_reference_differentiable)
-    floor = 1e-3 if dtype == torch.float16 else 1e-2
+    # Twice the per-step loops' error, plus a few roundings of the tensor's largest value.
+    rounding = 2e-3 if dtype == torch.float16 else 1.6e-2
     switches = {"forward": ("1", "0"), "backward": ("0", "1"), "both": ("1", "1")}[on_clusters]
-    for cluster, step, r in zip(ours(*switches), ours("0", "0"), truth):
+    for i, (cluster, step, r) in enumerate(zip(ours(*switches), ours("0", "0"), truth)):
         r = r.to(cluster.device)
-        assert (cluster - r).abs().max() <= 2 * (step - r).abs().max() + floor
+        allowed = 2 * (step - r).abs().max() + rounding * max(1.0, r.abs().max().item())
+        assert (cluster - r).abs().max() <= allowed, (i, (cluster - r).abs().max().item(), allowed.item())
 
 
 def run_reference_differentiable(kind, leaves, lengths):
