@@ -23,11 +23,9 @@
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cooperative_groups.h>
 
 #include <cstdlib>
 #include <string>
-#include <type_traits>
 
 #include "attnkit/gate_math.h"
 #include "rnn_cluster_device.cuh"
@@ -78,31 +76,22 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_cluster_kernel(Params<S> p) {
   const int hs = h_stride(KT);
   const int j0 = rank * U;
   const int units = max(0, min(U, H - j0));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int group = lane >> 2, quad = lane & 3;  // mma fragment coordinates
 
   extern __shared__ uint4 smem_raw[];
   uint4* w_frag = smem_raw;
   uint16_t* h_s = reinterpret_cast<uint16_t*>(w_frag + RT * KT * 32);
   float* part = reinterpret_cast<float*>(h_s + 2 * kBatchTile * hs);
 
-  // W_hh slice in fragment order, read in W_hh's own order (coalesced), one pair of k
-  // a thread. Slice row r = g U + u is W_hh row g H + j0 + u; rows past G U or the
-  // block's units, and k past H, are zero. In a tile, lane (r % 8) * 4 + (k % 8) / 2
-  // holds the pair in register (r % 16) / 8 + 2 ((k % 16) / 8) (mma.sync's A layout).
+  // W_hh slice in fragment order (A[row r][k]), read along k (coalesced). Slice row
+  // r = g U + u is W_hh row g H + j0 + u; rows past G U or the block's units, and k past
+  // H, are zero.
   const uint16_t* w_bits = reinterpret_cast<const uint16_t*>(p.w_hh);
-  uint32_t* w_words = reinterpret_cast<uint32_t*>(w_frag);
-  for (int i = threadIdx.x; i < RT * 16 * KT * 8; i += kThreads) {
-    const int r = i / (KT * 8), k = (i % (KT * 8)) * 2;
+  uint16_t* w_halves = reinterpret_cast<uint16_t*>(w_frag);
+  for (int i = threadIdx.x; i < RT * 16 * KT * 16; i += kThreads) {
+    const int r = i / (KT * 16), k = i % (KT * 16);
     const int g = r / U, u = r % U;
-    uint32_t word = 0;
-    if (g < G && u < units) {
-      const uint16_t* w_row = w_bits + (int64_t(g) * H + j0 + u) * H;
-      word = (k < H ? w_row[k] : 0u) | ((k + 1 < H ? uint32_t(w_row[k + 1]) : 0u) << 16);
-    }
-    const int tile = (r / 16) * KT + k / 16, lane_of = (r % 8) * 4 + (k % 8) / 2;
-    const int reg = (r % 16) / 8 + 2 * ((k % 16) / 8);
-    w_words[(tile * 32 + lane_of) * 4 + reg] = word;
+    const uint16_t value = (g < G && u < units && k < H) ? w_bits[(int64_t(g) * H + j0 + u) * H + k] : 0;
+    w_halves[a_fragment_half((r / 16) * KT + k / 16, r % 16, k % 16)] = value;
   }
   // h0 into buffer 0; both buffers' padding (rows >= Bc, columns >= H) zero for good.
   const uint16_t* h0_bits = reinterpret_cast<const uint16_t*>(p.h);
@@ -144,27 +133,8 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_cluster_kernel(Params<S> p) {
       }
     }
 
-    // W_hh h_(t-1): warp w takes (row tile, k residue) pairs w, w + 8, ...; two
-    // accumulator chains so consecutive mma.sync do not wait on each other.
-    for (int item = warp; item < RT * KS; item += kWarps) {
-      const int rt = item / KS, ks = item % KS;
-      float acc[2][4] = {};
-      const auto product = [&](float(&d)[4], int kt) {
-        const uint16_t* hb = h_cur + group * hs + kt * 16 + quad * 2;
-        mma_16x8x16<S>(d, w_frag[(rt * KT + kt) * 32 + lane], *reinterpret_cast<const uint32_t*>(hb),
-                       *reinterpret_cast<const uint32_t*>(hb + 8));
-      };
-      int kt = ks;
-      for (; kt + KS < KT; kt += 2 * KS) {
-        product(acc[0], kt);
-        product(acc[1], kt + KS);
-      }
-      if (kt < KT) product(acc[0], kt);
-      // acc[.][0..1]: row group, columns 2 quad + 0..1; acc[.][2..3]: row group + 8.
-      float* dst = part + (ks * RT * 16 + rt * 16 + group) * kBatchTile + quad * 2;
-      *reinterpret_cast<float2*>(dst) = make_float2(acc[0][0] + acc[1][0], acc[0][1] + acc[1][1]);
-      *reinterpret_cast<float2*>(dst + 8 * kBatchTile) = make_float2(acc[0][2] + acc[1][2], acc[0][3] + acc[1][3]);
-    }
+    // W_hh h_(t-1) for this block's rows.
+    tiled_product<S>(w_frag, h_cur, hs, RT, KT, KS, part);
     __syncthreads();  // partial products complete
 
     if (gate_thread) {
@@ -236,12 +206,6 @@ auto kernel_of() {
   return rnn_cluster_kernel<S, G>;
 }
 
-template <typename F>
-auto with_half_dtype(at::ScalarType dtype, F&& f) {
-  if (dtype == at::kHalf) return f(at::Half{});
-  return f(at::BFloat16{});
-}
-
 int forced_cluster_size() {
   const char* value = std::getenv("ATTNKIT_RNN_CLUSTER_SIZE");
   return value == nullptr ? 0 : std::atoi(value);
@@ -281,17 +245,8 @@ Plan make_plan(int64_t B, int64_t H) {
     }
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     if (C > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    cudaLaunchConfig_t config = {};
     cudaLaunchAttribute attribute;
-    attribute.id = cudaLaunchAttributeClusterDimension;
-    attribute.val.clusterDim.x = C;
-    attribute.val.clusterDim.y = 1;
-    attribute.val.clusterDim.z = 1;
-    config.gridDim = dim3(C);
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = smem;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
+    const cudaLaunchConfig_t config = cluster_config(C, C, smem, nullptr, attribute);
     int clusters = 0;
     if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess || clusters < 1) {
       (void)cudaGetLastError();  // a refused size is an answer, not an error to keep
@@ -328,7 +283,7 @@ Plan plan(int64_t gates, int64_t batch, int64_t hidden, at::ScalarType dtype, at
     return refused;
   }
   const c10::cuda::CUDAGuard guard(device);
-  return with_half_dtype(dtype, [&](auto s) {
+  return with_half(dtype, [&](auto s) {
     using S = decltype(s);
     return gates == 4 ? make_plan<S, 4>(batch, hidden) : make_plan<S, 3>(batch, hidden);
   });
@@ -342,7 +297,7 @@ bool enabled() {
 void launch(int64_t gates, const Plan& plan, const at::Tensor& w_hh, const at::Tensor& pre,
             const c10::optional<at::Tensor>& b_hh, at::Tensor& h, at::Tensor& c, at::Tensor& output,
             const at::Tensor& len, at::Tensor& saved_gates, at::Tensor& saved_cs, int64_t T, int64_t B, int64_t H) {
-  with_half_dtype(w_hh.scalar_type(), [&](auto s) {
+  with_half(w_hh.scalar_type(), [&](auto s) {
     using S = decltype(s);
     Params<S> p{w_hh.data_ptr<S>(),
                 pre.data_ptr<S>(),
@@ -360,18 +315,10 @@ void launch(int64_t gates, const Plan& plan, const at::Tensor& w_hh, const at::T
                 plan.row_tiles,
                 plan.k_tiles,
                 plan.k_split};
-    cudaLaunchConfig_t config = {};
     cudaLaunchAttribute attribute;
-    attribute.id = cudaLaunchAttributeClusterDimension;
-    attribute.val.clusterDim.x = plan.cluster;
-    attribute.val.clusterDim.y = 1;
-    attribute.val.clusterDim.z = 1;
-    config.gridDim = dim3(plan.cluster * ((B + kBatchTile - 1) / kBatchTile));
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = plan.smem;
-    config.stream = at::cuda::getCurrentCUDAStream();
-    config.attrs = &attribute;
-    config.numAttrs = 1;
+    const cudaLaunchConfig_t config =
+        cluster_config(plan.cluster, plan.cluster * ((B + kBatchTile - 1) / kBatchTile), plan.smem,
+                       at::cuda::getCurrentCUDAStream(), attribute);
     if (gates == 4) {
       C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel_of<S, 4>(), p));
     } else {

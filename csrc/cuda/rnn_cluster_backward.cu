@@ -72,8 +72,6 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_cluster_backward_kernel(BackP
   const int gs = g_stride(RT);
   const int j0 = rank * U;
   const int units = max(0, min(U, H - j0));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int group = lane >> 2, quad = lane & 3;
 
   extern __shared__ uint4 smem_raw[];
   uint4* wt_frag = smem_raw;
@@ -82,17 +80,14 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_cluster_backward_kernel(BackP
   float* slots = part + KS * KT * 16 * kBatchTile;
 
   // A = W_slice^T: A[m = unit j][k = slice row r] = W_hh[g H + j0 + u][j] for r = g U + u.
-  // Read along j (coalesced); each 16-bit value goes to its place in mma.sync's A layout
-  // (see rnn_cluster.cu); rows past H and slice rows past G U or the units are zero.
+  // Read along j (coalesced); rows past H and slice rows past G U or the units are zero.
   const uint16_t* w_bits = reinterpret_cast<const uint16_t*>(p.w_hh);
   uint16_t* wt_halves = reinterpret_cast<uint16_t*>(wt_frag);
   for (int i = threadIdx.x; i < RT * 16 * KT * 16; i += kThreads) {
     const int r = i / (KT * 16), m = i % (KT * 16);
     const int g = r / U, u = r % U;
     const uint16_t value = (g < G && u < units && m < H) ? w_bits[(int64_t(g) * H + j0 + u) * H + m] : 0;
-    const int tile = (m / 16) * RT + r / 16, mm = m % 16, kk = r % 16;
-    const int lane_of = (mm % 8) * 4 + (kk % 8) / 2, reg = mm / 8 + 2 * (kk / 8);
-    wt_halves[((tile * 32 + lane_of) * 4 + reg) * 2 + kk % 2] = value;
+    wt_halves[a_fragment_half((m / 16) * RT + r / 16, m % 16, r % 16)] = value;
   }
   for (int i = threadIdx.x; i < kBatchTile * gs; i += kThreads) dg_s[i] = 0;  // padding stays zero
 
@@ -160,26 +155,8 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_cluster_backward_kernel(BackP
     }
     __syncthreads();  // the B operand complete
 
-    // Partial dh_(t-1) = W_slice^T dg for all H units: warp w takes (unit tile, k residue)
-    // pairs w, w + 8, ...; two accumulator chains.
-    for (int item = warp; item < KT * KS; item += kWarps) {
-      const int mt = item / KS, ks = item % KS;
-      float acc[2][4] = {};
-      const auto product = [&](float(&d)[4], int kt) {
-        const uint16_t* gb_ptr = dg_s + group * gs + kt * 16 + quad * 2;
-        mma_16x8x16<S>(d, wt_frag[(mt * RT + kt) * 32 + lane], *reinterpret_cast<const uint32_t*>(gb_ptr),
-                       *reinterpret_cast<const uint32_t*>(gb_ptr + 8));
-      };
-      int kt = ks;
-      for (; kt + KS < RT; kt += 2 * KS) {
-        product(acc[0], kt);
-        product(acc[1], kt + KS);
-      }
-      if (kt < RT) product(acc[0], kt);
-      float* dst = part + (ks * KT * 16 + mt * 16 + group) * kBatchTile + quad * 2;
-      *reinterpret_cast<float2*>(dst) = make_float2(acc[0][0] + acc[1][0], acc[0][1] + acc[1][1]);
-      *reinterpret_cast<float2*>(dst + 8 * kBatchTile) = make_float2(acc[0][2] + acc[1][2], acc[0][3] + acc[1][3]);
-    }
+    // Partial dh_(t-1) = W_slice^T dg for all H units.
+    tiled_product<S>(wt_frag, dg_s, gs, KT, RT, KS, part);
     __syncthreads();  // partial products complete
 
     // Each unit's partial to its owner's slot from this block (rank); consecutive threads
@@ -205,12 +182,6 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_cluster_backward_kernel(BackP
     if (G == 4) p.dc0[row * H + j] = static_cast<S>(dc);
   }
 #endif
-}
-
-template <typename F>
-auto with_half(at::ScalarType dtype, F&& f) {
-  if (dtype == at::kHalf) return f(at::Half{});
-  return f(at::BFloat16{});
 }
 
 // The forward's split, if the backward's shared memory also fits and its clusters can run.
@@ -273,18 +244,10 @@ std::vector<at::Tensor> run_backward(const at::Tensor& grad_output, const at::Te
                     len.defined() ? len.data_ptr<int64_t>() : nullptr, dpre.data_ptr<S>(), data(dgh),
                     dh0.data_ptr<S>(), data(dc0), static_cast<int>(T), static_cast<int>(B), static_cast<int>(H),
                     plan.units, plan.row_tiles, plan.k_tiles, plan.k_split};
-    cudaLaunchConfig_t config = {};
     cudaLaunchAttribute attribute;
-    attribute.id = cudaLaunchAttributeClusterDimension;
-    attribute.val.clusterDim.x = plan.cluster;
-    attribute.val.clusterDim.y = 1;
-    attribute.val.clusterDim.z = 1;
-    config.gridDim = dim3(plan.cluster * ((B + kBatchTile - 1) / kBatchTile));
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = plan.smem;
-    config.stream = at::cuda::getCurrentCUDAStream();
-    config.attrs = &attribute;
-    config.numAttrs = 1;
+    const cudaLaunchConfig_t config =
+        cluster_config(plan.cluster, plan.cluster * ((B + kBatchTile - 1) / kBatchTile), plan.smem,
+                       at::cuda::getCurrentCUDAStream(), attribute);
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, rnn_cluster_backward_kernel<S, G>, p));
     return 0;
   });

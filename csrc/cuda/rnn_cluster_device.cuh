@@ -1,9 +1,11 @@
 // Pieces shared by the cluster kernels' forward (rnn_cluster.cu) and backward
-// (rnn_cluster_backward.cu): block shape, 16-bit bit casts and one tensor-core product.
+// (rnn_cluster_backward.cu): block shape, 16-bit bit casts, the tensor-core tile product
+// over a matrix held in fragment order, the half-precision dispatch and the launch config.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <cooperative_groups.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -45,6 +47,69 @@ __device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint4& a, uint3
         : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
   }
 #endif
+}
+
+// Where element (mm, kk) of 16 x 16 tile `tile` lives, in 16-bit halves, when the tiles are
+// stored as 32 lanes x 4 registers in mma.sync m16n8k16's A layout: lane (mm % 8) * 4 + (kk % 8) / 2,
+// register mm / 8 + 2 (kk / 8), the lower half for even kk.
+__device__ __forceinline__ int a_fragment_half(int tile, int mm, int kk) {
+  const int lane = (mm % 8) * 4 + (kk % 8) / 2, reg = mm / 8 + 2 * (kk / 8);
+  return ((tile * 32 + lane) * 4 + reg) * 2 + kk % 2;
+}
+
+// part[ks][16 m_tiles][8] = the sum over k tiles kt = ks, ks + k_split, ... of A[mt][kt] B[kt]:
+// A's tiles in fragment order (tile mt * k_tiles + kt), B as 8 rows (mma's n) of b_stride
+// 16-bit values (k along the row). Warp w takes (m tile, residue) pairs w, w + 8, ...; two
+// accumulator chains so consecutive mma.sync do not wait on each other.
+template <typename S>
+__device__ __forceinline__ void tiled_product(const uint4* a_frag, const uint16_t* b, int b_stride, int m_tiles,
+                                              int k_tiles, int k_split, float* part) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = lane >> 2, quad = lane & 3;  // mma fragment coordinates
+  for (int item = warp; item < m_tiles * k_split; item += kWarps) {
+    const int mt = item / k_split, ks = item % k_split;
+    float acc[2][4] = {};
+    const auto product = [&](float(&d)[4], int kt) {
+      const uint16_t* bk = b + group * b_stride + kt * 16 + quad * 2;
+      mma_16x8x16<S>(d, a_frag[(mt * k_tiles + kt) * 32 + lane], *reinterpret_cast<const uint32_t*>(bk),
+                     *reinterpret_cast<const uint32_t*>(bk + 8));
+    };
+    int kt = ks;
+    for (; kt + k_split < k_tiles; kt += 2 * k_split) {
+      product(acc[0], kt);
+      product(acc[1], kt + k_split);
+    }
+    if (kt < k_tiles) product(acc[0], kt);
+    // acc[.][0..1]: row group, columns 2 quad + 0..1; acc[.][2..3]: row group + 8.
+    float* dst = part + (ks * m_tiles * 16 + mt * 16 + group) * kBatchTile + quad * 2;
+    *reinterpret_cast<float2*>(dst) = make_float2(acc[0][0] + acc[1][0], acc[0][1] + acc[1][1]);
+    *reinterpret_cast<float2*>(dst + 8 * kBatchTile) = make_float2(acc[0][2] + acc[1][2], acc[0][3] + acc[1][3]);
+  }
+}
+
+// f(at::Half{}) or f(at::BFloat16{}): the kernels' two storage types.
+template <typename F>
+auto with_half(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kHalf) return f(at::Half{});
+  return f(at::BFloat16{});
+}
+
+// A launch of `blocks` blocks in clusters of `cluster` (1-D), kThreads each; `attribute`
+// holds the cluster shape and must outlive the config.
+inline cudaLaunchConfig_t cluster_config(int cluster, int64_t blocks, size_t smem, cudaStream_t stream,
+                                         cudaLaunchAttribute& attribute) {
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = cluster;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return config;
 }
 
 }  // namespace cluster_rnn

@@ -196,12 +196,15 @@ class CudaGru(_CudaGraphed, _GruExtension):
         return super().backward(grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output, gates)
 
 
+def _clusters_on(dtype):
+    """ATTNKIT_RNN_CLUSTER=1 and a dtype the cluster kernels take (float16, bfloat16)."""
+    return _dispatch.getenv(CLUSTER_ENV) == "1" and dtype in (torch.float16, torch.bfloat16)
+
+
 def _cluster_training(ext, x, entry):
-    """Whether a training forward or backward tries the cluster kernels (ATTNKIT_RNN_CLUSTER=1,
-    halves): the forward saves what the per-step backward reads, and the cluster backward reads
-    the same, so either runs with either."""
-    return (_dispatch.getenv(CLUSTER_ENV) == "1" and x.dtype in (torch.float16, torch.bfloat16)
-            and hasattr(ext, entry))
+    """Whether a training forward or backward tries the cluster kernels: the forward saves what
+    the per-step backward reads, and the cluster backward reads the same, so either runs with either."""
+    return _clusters_on(x.dtype) and hasattr(ext, entry)
 
 
 # The persistent kernel passed the GPU suite on an H200 (2026-11-26) and beat the
@@ -233,8 +236,7 @@ class _Persistent(Implementation):
             reasons.append(f"the persistent kernel takes float16, bfloat16, float32, got {str(call['dtype']).replace('torch.', '')}")
         batch = call.get("batch")
         # On clusters any batch runs (the extension says whether this one does).
-        on_clusters = _dispatch.getenv(CLUSTER_ENV) == "1" and call["dtype"] in (torch.float16, torch.bfloat16)
-        if batch is None or batch < 1 or (batch > PERSISTENT_MAX_BATCH and not on_clusters):
+        if batch is None or batch < 1 or (batch > PERSISTENT_MAX_BATCH and not _clusters_on(call["dtype"])):
             reasons.append(f"the persistent kernel takes batch 1..{PERSISTENT_MAX_BATCH}, got {batch}")
         if call.get("proj", False):
             reasons.append("the persistent kernel has no proj_size (w_hr)")
