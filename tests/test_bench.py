@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.bench import cli, core, gpu_check, report
+from attnkit.bench import cli, core, family_worker, gpu_check, report
 
 TINY = [(2, 8, 8), (4, 8, 8)]  # lstm_cell (batch, input, hidden): the cheapest family
 
@@ -423,31 +423,32 @@ def test_families_stop_between_cases_at_the_gpu_check_deadline(monkeypatch):
 def test_gpu_check_gives_each_family_a_soft_deadline_within_its_share(monkeypatch, tmp_path):
     deadlines = []
 
-    def fake_run(command, seconds, env=None, cwd=None):
-        deadlines.append((float(env["ATTNKIT_BENCH_DEADLINE"]) - time.time(), seconds))
+    def fake_run(worker, argv, deadline, seconds):
+        deadlines.append((deadline - time.time(), seconds))
         return "failed (rc 1)", 0.0, ""
 
-    monkeypatch.setattr(gpu_check, "_run", fake_run)
+    monkeypatch.setattr(family_worker.FamilyWorker, "run", fake_run)
     gpu_check.run_bench(str(tmp_path), 400, torch.device("cpu"), True, ["lstm_cell", "rnn", "models"], "float32")
     (first, hard_first), (second, hard_second), (last, hard_last) = deadlines
     # Shares in proportion to each family's full-mode seconds on the H200 (lstm_cell 1, rnn 21, models 45),
-    # after 8 s of start-up each; the soft deadline leaves a quarter (at most 30 s) for the shape in progress.
-    assert 9 < first <= 0.75 * (8 + 376 / 67) and 383 < hard_first <= 384  # two later families keep 8 s each
-    assert 99 < second <= 8 + 384 * 21 / 66 - 30 and 391 < hard_second <= 392  # nothing was spent
+    # after the worker's 8 s of start-up (no worker started here: fake_run starts none) and 1 s a family;
+    # the soft deadline leaves a quarter (at most 30 s) for the shape in progress.
+    assert 6 < first <= 0.75 * (9 + 389 / 67) and 389 < hard_first <= 390  # a restart and 1 s each kept
+    assert 99 < second <= 9 + 390 * 21 / 66 - 30 and 390 < hard_second <= 391  # nothing was spent
     assert 365 < last <= 370 and hard_last > 399  # the last family may use all that is left
 
 
 def test_gpu_check_starts_no_process_for_the_cpu_only_families_on_a_gpu(monkeypatch, tmp_path):
     started = []
 
-    def fake_run(command, seconds, env=None, cwd=None):
-        name = command[command.index("--only") + 1]
+    def fake_run(worker, argv, deadline, seconds):
+        name = argv[argv.index("--only") + 1]
         started.append(name)
-        with open(command[command.index("--json") + 1], "w") as f:
+        with open(argv[argv.index("--json") + 1], "w") as f:
             json.dump({"families": {name: {"title": name, "rows": [], "seconds": 1.0}}}, f)
         return "passed", 1.0, ""
 
-    monkeypatch.setattr(gpu_check, "_run", fake_run)
+    monkeypatch.setattr(family_worker.FamilyWorker, "run", fake_run)
     names = ["lstm_cell", "attention_cpu", "rnn", "linear"]
     status, _, _, document = gpu_check.run_bench(str(tmp_path), 60, torch.device("cuda"), True, names, "float32")
     assert status == "passed" and started == ["lstm_cell", "rnn"]

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from . import core, pytest_stream, report
+from . import core, family_worker, pytest_stream, report
 
 
 def _tail(text: str, lines: int = 40) -> str:
@@ -246,53 +246,62 @@ FULL_SECONDS = {"attention": 200, "transformer": 50, "models": 45, "rnn": 21, "r
                 "additive_attention": 10, "positional": 5}
 # Families that measure nothing on a GPU (their run() returns no rows there): not started on one.
 CPU_ONLY_FAMILIES = ("attention_cpu", "linear")
-STARTUP_SECONDS = 8.0  # a family's process: Python, torch and attnkit imports, before its first shape
+STARTUP_SECONDS = 8.0  # a worker process: Python, torch, CUDA and attnkit imports, before its first shape
+FAMILY_SECONDS = 1.0  # a family in a running worker: its module's import and its JSON and plots
 
 
-def _soft_share(left, name, later):
+def _soft_share(left, name, later, started=False):
     """Seconds family `name` may use of the `left`, before `later` families:
-    its start-up plus the remainder in proportion to its expected time."""
+    the worker's start-up (unless `started`) and a second a family, then the
+    remainder in proportion to each family's expected time."""
     weights = [max(1.0, FULL_SECONDS.get(family, 1.0)) for family in [name, *later]]
-    spare = max(0.0, left - STARTUP_SECONDS * len(weights))
-    return STARTUP_SECONDS + spare * weights[0] / sum(weights)
+    startup = 0.0 if started else STARTUP_SECONDS
+    spare = max(0.0, left - startup - FAMILY_SECONDS * len(weights))
+    return startup + FAMILY_SECONDS + spare * weights[0] / sum(weights)
 
 
 def run_bench(out_dir, seconds, device, full, only, dtype):
-    """One subprocess per family, so a family that crashes the process or
-    overruns the budget loses only its own table; merged into gpu-report.json."""
+    """The families one after another in one worker process (family_worker), so
+    that a family that crashes the process or overruns the budget loses only its
+    own table; merged into gpu-report.json."""
     started = time.perf_counter()
     base, families, outputs = None, {}, []
     names = every_name = only or core.families()
-    if torch.device(device).type == "cuda":  # each family's process costs 5-8 s to start there
+    if torch.device(device).type == "cuda":
         skipped = [name for name in names if name in CPU_ONLY_FAMILIES]
         families.update({name: {"title": name, "rows": [], "seconds": 0.0} for name in skipped})
         names = [name for name in names if name not in skipped]
-    for index, name in enumerate(names):
-        left = seconds - (time.perf_counter() - started)
-        path = os.path.join(out_dir, f"gpu-report-{name}.json")
-        if os.path.exists(path):
-            os.remove(path)  # never report a previous run's numbers
-        command = [sys.executable, "-m", "attnkit.bench", "--device", str(device), "--dtype", dtype, "--only", name,
-                   "--json", path, "--out", out_dir, "--no-progress", "--full" if full else "--quick"]
-        # Families that can run long stop between shapes at this soft deadline (benchmarks/timing.py
-        # within_budget), their share of what is left, so that one long family (attention: FlexAttention
-        # compiles per shape) cannot leave the rest no time at all; the margin lets the shape in progress end.
-        later = names[index + 1:]
-        share = _soft_share(left, name, later)
-        env = dict(os.environ, ATTNKIT_BENCH_DEADLINE=str(time.time() + share - min(30.0, share / 4)))
-        # The hard limit keeps each later family its start-up.
-        left = left - STARTUP_SECONDS * len(later)
-        status, _, output = _run(command, left, env=env) if left > 1 else ("not run: out of time", 0.0, "")
-        outputs.append(f"$ {' '.join(command[1:])}\n{output}")
-        try:
-            with open(path) as f:
-                document = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            document = None
-        base = base or document
-        # No results file: the process died or ran out of time; the status says which.
-        families[name] = (document or {}).get("families", {}).get(name) or {
-            "title": name, "rows": [], "seconds": None, "error": status}
+    worker = family_worker.FamilyWorker()
+    try:
+        for index, name in enumerate(names):
+            left = seconds - (time.perf_counter() - started)
+            path = os.path.join(out_dir, f"gpu-report-{name}.json")
+            if os.path.exists(path):
+                os.remove(path)  # never report a previous run's numbers
+            argv = ["--device", str(device), "--dtype", dtype, "--only", name, "--json", path, "--out", out_dir,
+                    "--no-progress", "--full" if full else "--quick"]
+            # Families that can run long stop between shapes at this soft deadline (benchmarks/timing.py
+            # within_budget), their share of what is left, so that one long family (attention: FlexAttention
+            # compiles per shape) cannot leave the rest no time at all; the margin lets the shape in progress end.
+            later = names[index + 1:]
+            share = _soft_share(left, name, later, started=worker.process is not None)
+            deadline = time.time() + share - min(30.0, share / 4)
+            # The hard limit keeps the later families their seconds and a worker's start-up, in case
+            # this family has to be killed.
+            left = left - (STARTUP_SECONDS + FAMILY_SECONDS * len(later) if later else 0.0)
+            status, _, output = worker.run(argv, deadline, left) if left > 1 else ("not run: out of time", 0.0, "")
+            outputs.append(f"$ -m attnkit.bench {' '.join(argv)}\n{output}")
+            try:
+                with open(path) as f:
+                    document = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                document = None
+            base = base or document
+            # No results file: the family died or ran out of time; the status says which.
+            families[name] = (document or {}).get("families", {}).get(name) or {
+                "title": name, "rows": [], "seconds": None, "error": status}
+    finally:
+        worker.close()
     taken = time.perf_counter() - started
     if base is None:
         return "failed: no family wrote results", taken, "\n".join(outputs), None
