@@ -45,3 +45,60 @@ def test_flash_attention_kernels_compile_and_fit_shared_memory(arch, compile_run
 
     if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 3):
         assert "no launch specialization" not in stderr, stderr[-4000:]
+
+
+def _ptxas():
+    """Triton's bundled ptxas, or None where this Triton does not say where it is."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(90).path
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
+def test_pipelined_forward_keeps_its_product_in_flight(tmp_path, causal):
+    """The forward's PIPELINE_QK loop (flash_attention._fwd_run_pipelined) overlaps block j + 1's
+    q k^T with block j's exponentials only while the product stays asynchronous: Triton must
+    leave it in flight at the loop's end, and ptxas must not serialize the tensor cores, which it
+    announces with C7514 / C7515 (both seen while the loop was written)."""
+    import torch
+    import triton
+
+    from attnkit.triton_kernels import compile_check, flash_attention_launch as launch
+
+    ptxas = _ptxas()
+    if ptxas is None or not os.path.exists(ptxas):
+        pytest.skip("this Triton does not say where its ptxas is")
+    compiled = []
+    real_compile = triton.compile
+
+    def keep(source, target=None, options=None):
+        kernel = real_compile(source, target=target, options=options)
+        compiled.append(kernel)
+        return kernel
+
+    q, k, v, kwargs = compile_check._inputs(torch.bfloat16, 128, False, dict(window=(-1, 0)) if causal else {})
+    first = next(i for i, c in enumerate(launch._configs(128, 2, forward=True)) if c.kwargs.get("PIPELINE_QK"))
+    env = {"ATTNKIT_TRITON_CONFIG": str(first), "TRITON_INTERPRET": None}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.delenv(name, raising=False) if value is None else mp.setenv(name, value)
+        mp.setattr(compile_check.triton, "compile", keep)
+        launch.forward(q, k, v, launch=compile_check.Compiler(90, all_configs=False), **kwargs)
+    (kernel,) = compiled
+    ttgir = kernel.asm["ttgir"]
+    in_flight = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line and "isAsync = true" in line
+                 and "-> tensor<128x64xf32" in line]
+    waited = {line.split("ttng.warp_group_dot_wait ")[1].split(",")[0].split(" ")[0]
+              for line in ttgir.splitlines() if "ttng.warp_group_dot_wait " in line}
+    products = [line.split("=")[0].strip() for line in in_flight]
+    assert any(name not in waited for name in products), "no q k^T left in flight in the loop"
+    ptx = tmp_path / "fwd.ptx"
+    ptx.write_text(kernel.asm["ptx"])
+    run = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "fwd.cubin")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "C7514" not in run.stderr and "C7515" not in run.stderr, run.stderr
+    assert "0 bytes spill stores" in run.stderr, run.stderr

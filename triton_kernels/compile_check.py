@@ -50,6 +50,10 @@ COMBOS = [
     # The opt-in warp-specialized forward (ATTNKIT_TRITON_WS=1), sm_90 only like the TMA candidates.
     ("bf16-d128-ws-causal", torch.bfloat16, 128, False, dict(window=(-1, 0), tma=True, ws=True)),
     ("fp16-d64-ws", torch.float16, 64, False, dict(tma=True, ws=True)),
+    # The forward's PIPELINE_QK candidates (each q k^T issued a block ahead), pointer and TMA loads.
+    ("bf16-d128-pipelined-causal", torch.bfloat16, 128, False, dict(window=(-1, 0), pipelined=True)),
+    ("fp16-d64-pipelined-tma-padding-dropout", torch.float16, 64, False,
+     dict(pad=True, dropout_p=0.1, tma=True, pipelined=True)),
 ]
 
 
@@ -194,14 +198,23 @@ def _candidates(dtype, dim, all_configs, options):
     """tma: the forward and dQ with tensor descriptors, as on an sm_90 GPU; without
     all_configs, launched at their first TMA candidate (config 0 is a pointer one;
     dK/dV, with no TMA candidates, at its last config). ws: the forward through
-    flash_attention_ws, as ATTNKIT_TRITON_WS=1 there (its candidates walked as autotuned)."""
-    if not options.get("tma"):
+    flash_attention_ws, as ATTNKIT_TRITON_WS=1 there (its candidates walked as autotuned).
+    pipelined: the forward at its first PIPELINE_QK candidate (with TMA loads under tma;
+    dQ and dK/dV at their last configs)."""
+    tma, pipelined = bool(options.get("tma")), bool(options.get("pipelined"))
+    if not (tma or pipelined):
         yield
         return
-    first_tma = len(launch._configs(launch._block_dim(dim), dtype.itemsize))
-    fixed = None if all_configs or options.get("ws") else str(first_tma)
+    block = launch._block_dim(dim)
+    first = len(launch._configs(block, dtype.itemsize))  # the first TMA candidate
+    if pipelined:
+        forward = launch._configs(block, dtype.itemsize, tma=tma, forward=True)
+        first = next(i for i, c in enumerate(forward)
+                     if c.kwargs.get("PIPELINE_QK") and bool(c.kwargs.get("USE_TMA")) == tma)
+    fixed = None if all_configs or options.get("ws") else str(first)
     with _environment("ATTNKIT_TRITON_CONFIG", fixed), \
-            _environment("ATTNKIT_TRITON_WS", "1" if options.get("ws") else "0"), launch.tma_forced():
+            _environment("ATTNKIT_TRITON_WS", "1" if options.get("ws") else "0"), \
+            (launch.tma_forced() if tma else contextlib.nullcontext()):
         yield
 
 
