@@ -13,11 +13,11 @@ directly (inference): same kernels, same backward formula, same backend choice.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ._validate import PLAIN_TENSORS
 
@@ -72,6 +72,29 @@ def autograd_function(
         setup_context(ctx, args, output)
         return output
 
-    backward = once_differentiable(backward) if once else backward
+    backward = _first_order_only(name, backward) if once else backward
     methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
     return type(name, (torch.autograd.Function,), methods)
+
+
+def _first_order_only(name: str, backward: Callable) -> Callable:
+    """torch's once_differentiable, except that a backward run with create_graph=True
+    always returns gradients whose own backward raises. once_differentiable does so
+    only where the incoming gradients require grad: a gradient penalty on
+    grad(out.sum(), q, create_graph=True) then took the first-order gradient for
+    a constant and silently dropped its second-order term."""
+    label = name.strip("_").removesuffix("Function")
+    message = (f"attnkit {label}: its backward is not differentiable: second-order gradients (double backward, "
+               f"create_graph=True) are not implemented").encode()
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        error = torch._C._functions.DelayedError(message, len(outputs))
+        return error(*[None if t is None else t.detach().requires_grad_(True) for t in outputs])
+
+    return wrapper

@@ -1,13 +1,18 @@
 """`attnkit.scaled_dot_product_attention`: a drop-in for
 torch.nn.functional.scaled_dot_product_attention running attnkit's flash
-attention (same arguments, same results), with two documented differences:
-a query row whose keys are all masked gives 0 (SDPA gives NaN), and dropout
-draws its mask from attnkit's Philox stream, not torch's.
+attention: the same arguments and the same results, shapes and broadcasting
+((..., L, E) inputs of any rank from 2 on; leading dims, heads included,
+broadcast as SDPA's math path does; GQA along dim -3), with these differences:
+dropout draws its mask from attnkit's Philox stream, not torch's; a query row
+whose keys are all masked gives 0 (as torch 2.14's SDPA does; earlier torch
+versions gave NaN on some paths); head dims above 256 raise NotImplementedError.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
 from .ops.attention import flash_attention
@@ -15,30 +20,85 @@ from .ops.attention import flash_attention
 OP = "attnkit.scaled_dot_product_attention"
 
 
+def _padded(t: Tensor, rank: int) -> Tensor:
+    """t viewed with leading 1s up to `rank` dims."""
+    return t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
+
+
+def _heads(hq: int, hk: int, hv: int, enable_gqa: bool) -> Tuple[int, int]:
+    """(output heads, key/value heads the kernel sees) as SDPA's math path pairs them:
+    with enable_gqa each K/V head serves hq / h_kv query heads; without, dim -3
+    broadcasts like any batch dim."""
+    if enable_gqa:
+        for name, h in (("key", hk), ("value", hv)):
+            if h == 0 or hq % h != 0:
+                raise ValueError(f"{OP}: query heads ({hq}) must be a multiple of {name} heads ({h}) with enable_gqa")
+        return hq, hk if hk == hv else hq
+    heads = {h for h in (hq, hk, hv) if h != 1}
+    if len(heads) > 1:
+        raise ValueError(f"{OP}: query, key and value have {hq}, {hk} and {hv} heads (dim -3), which do not "
+                         f"broadcast; pass enable_gqa=True for GQA/MQA")
+    out_heads = heads.pop() if heads else 1
+    return out_heads, out_heads
+
+
+def _as_heads(t: Tensor, heads: int) -> Tensor:
+    """t (..., h, N, E) with h heads as `heads`: a stride-0 view from 1, else repeated as GQA does."""
+    h = t.shape[-3]
+    if h == heads:
+        return t
+    if h == 1:
+        return t.expand(*t.shape[:-3], heads, *t.shape[-2:])
+    return t.repeat_interleave(heads // h, dim=-3)  # enable_gqa with different key and value heads
+
+
+def _flat_batch(t: Tensor, batch: Sequence[int]) -> Tensor:
+    """t (..., H, N, E) broadcast to `batch` leading dims and those flattened into one."""
+    t = t.expand(*batch, *t.shape[-3:])
+    return t.reshape(math.prod(batch), *t.shape[-3:]) if len(batch) != 1 else t
+
+
 def scaled_dot_product_attention(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
     is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
 ) -> Tensor:
-    """query (N, H, L, E) or (N, L, E); key (N, H_kv, S, E); value (N, H_kv, S, Ev).
+    """query (..., Hq, L, E), key (..., H_kv, S, E), value (..., H_kv, S, Ev); 2-D and up.
     is_causal is top-left aligned, as in SDPA; for bottom-right use attnkit.ops.flash_attention."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() not in (3, 4):
-            raise ValueError(f"{OP}: {name} must be 3-D (N, L, E) or 4-D (N, H, L, E), got shape {tuple(t.shape)}")
-    if not query.dim() == key.dim() == value.dim():
-        raise ValueError(f"{OP}: query, key and value must have the same rank, got {query.dim()}, {key.dim()}, {value.dim()}")
+        if t.dim() < 2:
+            raise ValueError(f"{OP}: {name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
     if is_causal and attn_mask is not None:
         raise ValueError(f"{OP}: pass either attn_mask or is_causal=True, not both (as SDPA)")
-    unbatched_heads = query.dim() == 3
-    if unbatched_heads:
-        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        if attn_mask is not None and attn_mask.dim() == 3:
-            attn_mask = attn_mask.unsqueeze(1)  # (N, L, S) -> (N, 1, L, S)
-    if query.shape[1] != key.shape[1] and not enable_gqa:
-        raise ValueError(
-            f"{OP}: query has {query.shape[1]} heads but key has {key.shape[1]}; pass enable_gqa=True for GQA/MQA"
-        )
-    out = flash_attention(query, key, value, causal=is_causal, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p,
+    if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and dropout_p == 1.0:
+        drop_all, dropout_p = True, 0.0  # every probability dropped: zeros, as SDPA
+    else:
+        drop_all = False
+    out_rank = max(query.dim(), key.dim(), value.dim())
+    rank = max(out_rank, 4)
+    q, k, v = (_padded(t, rank) for t in (query, key, value))
+    heads, kv_heads = _heads(q.shape[-3], k.shape[-3], v.shape[-3], enable_gqa)
+    q, k, v = _as_heads(q, heads), _as_heads(k, kv_heads), _as_heads(v, kv_heads)
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except RuntimeError:
+        raise ValueError(f"{OP}: the leading (batch) dims of query {tuple(query.shape)}, key {tuple(key.shape)} "
+                         f"and value {tuple(value.shape)} do not broadcast") from None
+    scores = (*batch, heads, q.shape[-2], k.shape[-2])
+    if attn_mask is not None and isinstance(attn_mask, Tensor):
+        try:  # the mask is added to the scores, so it broadcasts to their shape (as SDPA's math path)
+            if attn_mask.dim() > len(scores) or torch.broadcast_shapes(attn_mask.shape, scores) != scores:
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"{OP}: attn_mask of shape {tuple(attn_mask.shape)} cannot broadcast to the scores' "
+                             f"shape {scores[len(scores) - out_rank:]}") from None
+        mask = _padded(attn_mask, rank)
+        attn_mask = _flat_batch(mask, batch) if any(d != 1 for d in mask.shape[:-3]) else mask.reshape(mask.shape[-4:])
+    q, k, v = (_flat_batch(t, batch) for t in (q, k, v))
+    out = flash_attention(q, k, v, causal=is_causal, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p,
                           causal_alignment="top_left")
-    return out.squeeze(1) if unbatched_heads else out
+    if drop_all:
+        out = out.masked_fill(torch.ones((), dtype=torch.bool, device=out.device), 0.0)
+    shape = (*batch, heads, out.shape[-2], out.shape[-1])
+    return out.reshape(shape[len(shape) - out_rank:])

@@ -105,3 +105,14 @@ def test_cuda_lengths_are_not_read_on_the_host():
     out = attention_decode(q, k, v, torch.tensor([5, 41], dtype=torch.int32, device="cuda"))
     full = attention_decode(q, k, v, torch.tensor([5, 40], dtype=torch.int32, device="cuda"))
     assert_close(out, full, 0.0, "out")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_an_empty_batch_gives_empty_outputs(backend, device):
+    """Batch 0: empty outputs of the right shapes, as flash_attention gives (the CPU length
+    check took min() of no lengths, and the reference concatenated no sequences)."""
+    with forced(OP, backend, device) as dev:
+        q, k, v = torch.randn(0, 4, 2, 16, device=dev), torch.randn(0, 2, 9, 16, device=dev), torch.randn(0, 2, 9, 8, device=dev)
+        out, lse = attention_decode(q, k, v, torch.zeros(0, dtype=torch.int32, device=dev), return_lse=True)
+    assert out.shape == (0, 4, 2, 8) and out.dtype == q.dtype
+    assert lse.shape == (0, 4, 2) and lse.dtype == torch.float32

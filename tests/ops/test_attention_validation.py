@@ -22,7 +22,7 @@ def qkv(b=2, h=4, h_kv=2, n_q=5, n_k=7, d=16, dv=16, dtype=torch.float32):
         (lambda q, k, v: (q, k, v[:, :, :3]), ValueError, "k and v must have the same sequence length"),
         (lambda q, k, v: (q[:, :3], k, v), ValueError, r"q heads \(3\) must be a multiple of k/v heads \(2\)"),
         (lambda q, k, v: (q, k, v[:, :1]), ValueError, "k and v must have the same number of heads"),
-        (lambda q, k, v: (torch.randn(1, 1, 2, 300),) * 3, ValueError, "head dim of q/k must be between 1 and 256"),
+        (lambda q, k, v: (torch.randn(1, 1, 2, 300),) * 3, NotImplementedError, "head dim of q/k must be between 1 and 256"),
         (lambda q, k, v: (q, k, v.to("meta")), RuntimeError, "v is on meta but q is on cpu"),
     ],
 )
@@ -44,6 +44,8 @@ def test_tensor_errors(mutate, error, match):
         (dict(softcap=-1.0), ValueError, "softcap must be >= 0"),
         (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
         (dict(scale="x"), TypeError, "scale must be a float"),
+        (dict(scale=float("inf")), ValueError, "scale must be finite, got inf"),
+        (dict(scale=float("nan")), ValueError, "scale must be finite, got nan"),
         (dict(causal=1), TypeError, "causal must be a bool"),
         (dict(causal_alignment="left"), ValueError, "causal_alignment must be one of"),
         (dict(alibi_slopes=torch.rand(3)), ValueError, r"alibi_slopes must have shape \(H,\) = \(4,\) or \(B, H\)"),
@@ -90,8 +92,15 @@ def test_sdpa_dropin_errors():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="pass enable_gqa=True"):
         attnkit.scaled_dot_product_attention(q, k, v)
-    with pytest.raises(ValueError, match="must be 3-D"):
-        attnkit.scaled_dot_product_attention(q[0, 0], k[0, 0], v[0, 0])
+    with pytest.raises(ValueError, match=r"query must have at least 2 dims \(\.\.\., L, E\), got shape \(16,\)"):
+        attnkit.scaled_dot_product_attention(q[0, 0, 0], k[0, 0], v[0, 0])
+    with pytest.raises(ValueError, match="leading .batch. dims of query .* do not broadcast"):
+        attnkit.scaled_dot_product_attention(q, k[:1].expand(3, -1, -1, -1), v[:1].expand(3, -1, -1, -1),
+                                             enable_gqa=True)
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(3, 5, 7\) cannot broadcast to the scores' shape"):
+        attnkit.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 5, 7, dtype=torch.bool), enable_gqa=True)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        attnkit.scaled_dot_product_attention(q, k, v, dropout_p=1.5, enable_gqa=True)
 
 
 def tables(positions=16, half=4, dtype=torch.float32):

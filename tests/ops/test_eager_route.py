@@ -164,3 +164,32 @@ def test_additive_attention_routes_agree(backend):
     assert "Function" in eager_node and "attnkit_additive_attention_forward" in op_node, (eager_node, op_node)
     for a, b in zip(eager, op):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", ["flash_attention", "lstm", "lstm_cell", "additive_attention"])
+def test_second_order_gradients_raise_instead_of_dropping_a_term(op):
+    """A gradient penalty: grad(out.sum(), x, create_graph=True) used in a second backward.
+    The first-order formulas are not differentiable; torch's once_differentiable raised
+    only when the incoming gradient required grad, so the penalty's term (here through
+    a ones gradient) was silently taken for a constant (2026-11-27 audit). It raises now."""
+    gen = torch.Generator().manual_seed(0)
+    if op == "flash_attention":
+        x = torch.randn(1, 2, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+        out = flash_attention(x, x.detach(), x.detach())
+    elif op == "lstm":
+        x, h0, c0, *weights = make_lstm(5, 3, 4, 6, 6, torch.float64, "cpu")[:7]
+        out = lstm(x, (h0, c0), *weights)[0]
+    elif op == "lstm_cell":
+        x = torch.randn(2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+        w_ih, w_hh = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
+        out = lstm_cell(x, (torch.zeros(2, 4, dtype=torch.float64),) * 2, w_ih, w_hh)[0]
+    else:
+        x = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+        keys, v = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+        w_q, w_k, v_a = (torch.randn(*shape, dtype=torch.float64) for shape in ((6, 8), (6, 8), (6,)))
+        out = additive_attention(x, keys, v, w_q, w_k, v_a)
+    (grad,) = torch.autograd.grad(out.sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="backward is not differentiable: second-order gradients"):
+        ((out**2).sum() + (grad**2).sum()).backward()
+    (plain,) = torch.autograd.grad(out.sum(), [x])  # first order alone, unchanged
+    assert not plain.requires_grad and torch.allclose(plain, grad.detach())

@@ -187,8 +187,8 @@ def flash_attention(
         dropout_p: dropout on the attention probabilities (Philox; the backward redraws the
             same mask). The seed comes from `generator` (default: torch's CPU generator), so
             torch.manual_seed makes it reproducible.
-        return_lse: also return the log-sum-exp (B, H, Nq) in fp32 (-inf for rows with no
-            visible key), without gradient.
+        return_lse: also return the log-sum-exp (B, H, Nq) in fp32 (fp64 for fp64 inputs; -inf for
+            rows with no visible key), without gradient.
         deterministic: accepted for API compatibility: the backward never uses atomics, so
             it is always deterministic.
 

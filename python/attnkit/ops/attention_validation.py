@@ -4,6 +4,7 @@ before any kernel runs."""
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -25,8 +26,11 @@ def check_head_dims(op: str, q: Tensor, k: Tensor, v: Tensor, names: Sequence[st
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"{op}: {nq} and {nk} must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
     for name, dim in ((f"{nq}/{nk}", q.shape[-1]), (nv, v.shape[-1])):
-        if not 1 <= dim <= MAX_HEAD_DIM:
+        if dim < 1:
             raise ValueError(f"{op}: head dim of {name} must be between 1 and {MAX_HEAD_DIM}, got {dim}")
+        if dim > MAX_HEAD_DIM:  # the kernels hold a row of q and of the output in registers
+            raise NotImplementedError(f"{op}: head dim of {name} must be between 1 and {MAX_HEAD_DIM}, got {dim}: "
+                                      f"larger head dims are not implemented")
 
 
 def check_heads(op: str, heads_q: int, heads_k: int, heads_v: int, names: Sequence[str] = ("q", "k", "v")) -> None:
@@ -61,6 +65,8 @@ def scalars(op: str, softcap: float, scale: Optional[float], dropout_p: float, h
         scale = head_dim**-0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be finite, got {scale}")
     return float(softcap), float(scale), float(dropout_p)
 
 

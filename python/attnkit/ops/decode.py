@@ -79,13 +79,17 @@ def attention_decode(
     # as the nearest bound (never reading past the cache), as FlashAttention does not check them.
     if cache_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         lengths = cache_seqlens.tolist()
-        if min(lengths) < 0 or max(lengths) > k_cache.shape[2]:
+        if lengths and (min(lengths) < 0 or max(lengths) > k_cache.shape[2]):
             raise ValueError(f"{OP}: cache_seqlens must be within [0, {k_cache.shape[2]}] (the cache length), got {lengths}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         raise NotImplementedError(f"{OP} is inference-only (no backward); use attnkit.ops.flash_attention to train")
     softcap, scale, _ = check.scalars(OP, softcap, scale, 0.0, dim)
     left, _ = check.window(OP, (window_left, -1))
     slopes = check.alibi(OP, alibi_slopes, batch, heads, q.device)
+    if batch == 0:  # nothing to attend; the backends' loops and grids assume a sequence
+        stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out, lse = q.new_empty(q.shape[:-1] + (v_cache.shape[-1],)), q.new_empty(q.shape[:-1], dtype=stat_dtype)
+        return (out, lse) if return_lse else out
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
     # Plain eager calls skip the custom op's dispatch (attnkit._eager): one of these runs per layer and token.
     out, lse = _eager.call(_attention_decode_kernels, _attention_decode, q, k_cache, v_cache,

@@ -1,0 +1,78 @@
+"""attnkit.scaled_dot_product_attention against torch.nn.functional.scaled_dot_product_attention
+on the shapes SDPA takes: inputs of any rank from 2, leading dims and heads broadcast,
+GQA along dim -3, masks broadcast to the scores, dropout_p=1; values and gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnkit
+
+# (query shape, key shape, value shape, mask shape or None, enable_gqa)
+SHAPES = [
+    ((5, 8), (7, 8), (7, 6), None, False),  # 2-D
+    ((5, 8), (7, 8), (7, 8), (5, 7), False),
+    ((4, 5, 8), (2, 7, 8), (2, 7, 8), None, True),  # 3-D GQA: dim -3 is the heads
+    ((3, 5, 8), (3, 7, 8), (3, 7, 8), (3, 5, 7), False),
+    ((2, 3, 4, 5, 8), (2, 3, 4, 7, 8), (2, 3, 4, 7, 8), (3, 1, 5, 7), False),  # 5-D
+    ((2, 3, 4, 5, 8), (3, 2, 7, 8), (3, 2, 7, 8), (5, 7), True),  # 5-D query, 4-D GQA key/value
+    ((2, 4, 5, 8), (1, 4, 7, 8), (1, 4, 7, 8), None, False),  # key/value batch broadcast
+    ((2, 4, 5, 8), (2, 1, 7, 8), (2, 1, 7, 8), (2, 1, 1, 7), False),  # one key/value head, no GQA: broadcast
+    ((2, 1, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8), None, False),  # one query head broadcast over three
+    ((2, 4, 5, 8), (4, 7, 8), (4, 7, 8), None, False),  # mixed ranks
+    ((2, 4, 5, 8), (2, 2, 7, 8), (2, 1, 7, 8), None, True),  # GQA with different key and value heads
+]
+
+
+def _randn(shape, gen, requires_grad=True):
+    return torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_(requires_grad)
+
+
+# SDPA takes is_causal or a mask, not both: the causal variant of each case without a mask.
+CASES = [(*shapes, False) for shapes in SHAPES] + [(*shapes, True) for shapes in SHAPES if shapes[3] is None]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("q_shape,k_shape,v_shape,mask_shape,gqa,causal", CASES, ids=lambda x: str(x))
+def test_shapes_broadcast_as_sdpa(backend, q_shape, k_shape, v_shape, mask_shape, gqa, causal):
+    gen = torch.Generator().manual_seed(sum(q_shape) * 7 + sum(k_shape))
+    q, k, v = _randn(q_shape, gen), _randn(k_shape, gen), _randn(v_shape, gen)
+    mask = None if mask_shape is None else _randn(mask_shape, gen)
+    kwargs = dict(attn_mask=mask, is_causal=causal, enable_gqa=gqa, scale=0.3)
+    with attnkit.use_backend(backend, op="flash_attention"):
+        out = attnkit.scaled_dot_product_attention(q, k, v, **kwargs)
+    expected = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    leaves = [t for t in (q, k, v, mask) if t is not None]
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+    for g, g_e in zip(grads, expected_grads):
+        assert g.shape == g_e.shape
+        torch.testing.assert_close(g, g_e, rtol=1e-8, atol=1e-8)
+
+
+def test_dropout_of_one_gives_zeros_and_zero_gradients():
+    q, k, v = (torch.randn(2, 3, 4, 8, requires_grad=True) for _ in range(3))
+    out = attnkit.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    assert torch.equal(out, torch.zeros(2, 3, 4, 8))
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    assert torch.equal(F.scaled_dot_product_attention(q, k, v, dropout_p=1.0), out)  # what SDPA gives
+
+
+def test_a_key_shared_by_the_batch_is_passed_as_a_view():
+    """A key shared by the batch (batch 1, expanded) is passed as a view, not repeated in memory."""
+    q = torch.randn(4, 2, 5, 8)
+    k = torch.randn(1, 2, 7, 8)
+    seen = {}
+    real = attnkit.functional.flash_attention
+
+    def spy(q, k, v, **kwargs):
+        seen["stride"] = k.stride(0)
+        return real(q, k, v, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attnkit.functional, "flash_attention", spy)
+        attnkit.scaled_dot_product_attention(q, k, k)
+    assert seen["stride"] == 0
