@@ -23,7 +23,8 @@ from triton.runtime.errors import OutOfResources
 
 import attnkit
 from attnkit.triton_kernels import flash_attention_launch as launch
-from attnkit.triton_kernels.flash_attention import _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd
+from attnkit.triton_kernels.flash_attention import _attn_bwd_dkdv, _attn_bwd_dq
+from attnkit.triton_kernels.flash_attention_forward import _attn_fwd
 from attnkit.triton_kernels.flash_attention_ws import WS_SHAPES
 
 

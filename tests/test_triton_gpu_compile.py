@@ -59,7 +59,7 @@ def _ptxas():
 
 @pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
 def test_pipelined_forward_keeps_its_product_in_flight(tmp_path, causal):
-    """The forward's PIPELINE_QK loop (flash_attention._fwd_run_pipelined) overlaps block j + 1's
+    """The forward's PIPELINE_QK loop (flash_attention_forward._fwd_run_pipelined) overlaps block j + 1's
     q k^T with block j's exponentials only while the product stays asynchronous: Triton must
     leave it in flight at the loop's end, and ptxas must not serialize the tensor cores, which it
     announces with C7514 / C7515 (both seen while the loop was written)."""

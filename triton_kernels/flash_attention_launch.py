@@ -25,8 +25,9 @@ from ._host import cdiv, next_power_of_2
 from .._dispatch import getenv
 from .._dispatch import interpreter_active as _interpreting  # the one TRITON_INTERPRET check, dispatch's too
 from .flash_attention import (
-    NO_LIMIT, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _attn_fwd, _dropout_keep_mask_kernel, _rotary_rows_inplace,
+    NO_LIMIT, _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq, _dropout_keep_mask_kernel, _rotary_rows_inplace,
 )
+from .flash_attention_forward import _attn_fwd
 
 INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16)
 
