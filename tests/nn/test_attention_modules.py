@@ -147,6 +147,43 @@ def test_is_causal_top_left(need_weights):
     torch.testing.assert_close(out, ours(q, k, v, attn_mask=causal, need_weights=False)[0], atol=ATOL, rtol=ATOL)
 
 
+
+@pytest.mark.parametrize("kw", [dict(add_bias_kv=True), dict(add_zero_attn=True),
+                                dict(add_bias_kv=True, add_zero_attn=True, kdim=6, vdim=5)],
+                         ids=lambda kw: ",".join(kw))
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("mask_type", ["bool", "float"])
+def test_is_causal_with_extra_keys(kw, need_weights, padded, mask_type):
+    """torch reads attn_mask, padded so that every query sees the extra key(s), when it needs weights or
+    has a key_padding_mask; otherwise (its SDPA path) the causal flag spans all keys, hiding them."""
+    theirs, ours = pair(**kw)
+    q, k, v = inputs(kdim=kw.get("kdim", E), vdim=kw.get("vdim", E))
+    blocked = torch.ones(L, S, dtype=torch.bool).triu(1)
+    mask = blocked if mask_type == "bool" else torch.zeros(L, S).masked_fill(blocked, float("-inf"))
+    pad = None
+    if padded:
+        pad = torch.zeros(B, S, dtype=torch.bool)
+        pad[1, 3:] = True
+        if mask_type == "float":
+            pad = torch.zeros(B, S).masked_fill(pad, float("-inf"))
+    call = dict(attn_mask=mask, key_padding_mask=pad, need_weights=need_weights, average_attn_weights=False)
+    check_same(theirs, ours, q, k, v, is_causal=True, **call)
+    # Without attn_mask (torch requires one), as with the causal mask it stands for.
+    out, weights = ours(q, k, v, is_causal=True, **dict(call, attn_mask=None))
+    expected, expected_weights = ours(q, k, v, is_causal=True, **call)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(weights, expected_weights, atol=ATOL, rtol=ATOL)
+
+
+def test_is_causal_with_extra_keys_float64():
+    theirs, ours = pair(add_bias_kv=True, add_zero_attn=True)
+    theirs.double(), ours.double()
+    q, k, v = (x.detach().double().requires_grad_() for x in inputs())
+    mask = torch.ones(L, S, dtype=torch.bool).triu(1)
+    check_same(theirs, ours, q, k, v, attn_mask=mask, is_causal=True)
+
+
 def test_fully_masked_row_is_zero_not_nan():
     _, ours = pair()
     q, k, v = inputs()
@@ -185,6 +222,22 @@ def test_bad_shapes_raise_like_torch():
             theirs(*args)
         with pytest.raises(AssertionError):
             ours(*args)
+
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(kdim=6, vdim=5)], ids=["packed", "kdim_vdim"])
+def test_key_and_value_widths_are_checked_up_front(kw):
+    """A clear error naming the argument, not the projection's matmul shape error."""
+    _, ours = pair(**kw)
+    kdim, vdim = kw.get("kdim", E), kw.get("vdim", E)
+    q, k, v = inputs(kdim=kdim, vdim=vdim, grad=False)
+    with pytest.raises(RuntimeError, match=f"key with last dimension kdim={kdim}, but got {kdim - 1}"):
+        ours(q, k[..., 1:], v if kw else v[..., 1:])  # packed: key and value of one shape
+    if kw:
+        with pytest.raises(RuntimeError, match=f"value with last dimension vdim={vdim}, but got {vdim - 1}"):
+            ours(q, k, v[..., 1:])
+    with pytest.raises(AssertionError, match=f"embedding dimension of {E}, but got {E - 1}"):  # as torch
+        ours(q[..., 1:], k, v)
 
 
 def test_dropout_in_training_weights_match_output():

@@ -1,4 +1,6 @@
 """attnkit.nn Transformer modules against torch.nn's with the same weights (dropout 0)."""
+import warnings
+
 import pytest
 import torch
 
@@ -158,6 +160,53 @@ def test_encoder_bad_padding_mask_raises():
         ours(torch.randn(N, B, D), src_key_padding_mask=torch.zeros(1, N, dtype=torch.bool).index_fill(1, torch.tensor([0]), True))
     with pytest.raises(AssertionError):
         ours(torch.randn(N, B, D), src_key_padding_mask=torch.zeros(B, N, dtype=torch.int64))
+
+
+def test_encoder_wrong_width_raises_like_torch_when_packing():
+    theirs, ours = build("TransformerEncoder", torch.nn.TransformerEncoderLayer(**layer_args()), 2,
+                         enable_nested_tensor=False)
+    x = torch.randn(N, B, D + 2)
+    for module in (theirs, ours):  # ours packs: the check comes before the projections' matmul
+        with pytest.raises(AssertionError, match=f"was expecting embedding dimension of {D}, but got {D + 2}"):
+            module(x, src_key_padding_mask=padding())
+
+
+def _warnings_and_error(module, *args, **call):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            module(*args, **call)
+            error = None
+        except AssertionError as exc:
+            error = str(exc)
+    return [str(w.message) for w in caught], error
+
+
+@pytest.mark.parametrize("name, mask_key", [("TransformerEncoderLayer", "src_mask"), ("TransformerEncoder", "mask")])
+@pytest.mark.parametrize("case", ["int_padding", "int_mask", "bool_padding_float_mask", "float_padding_bool_mask"])
+def test_encoder_mask_errors_and_warnings_are_torchs(name, mask_key, case):
+    """Mask checks as torch's forward: same names (src_key_padding_mask, src_mask / mask), one warning."""
+    if name == "TransformerEncoderLayer":
+        theirs, ours = build(name, **layer_args())
+    else:
+        theirs, ours = build(name, torch.nn.TransformerEncoderLayer(**layer_args()), 2, enable_nested_tensor=False)
+    pad, mask = padding(), torch.ones(N, N, dtype=torch.bool).triu(1)
+    call = {
+        "int_padding": dict(src_key_padding_mask=pad.long()),
+        "int_mask": {mask_key: mask.long()},
+        "bool_padding_float_mask": {"src_key_padding_mask": pad, mask_key: torch.zeros(N, N).masked_fill(mask, -1e4)},
+        "float_padding_bool_mask": {"src_key_padding_mask": torch.zeros(B, N).masked_fill(pad, float("-inf")),
+                                    mask_key: mask},
+    }[case]
+    x = seq()
+    expected = _warnings_and_error(theirs, x, **call)
+    assert expected[0] or expected[1]
+    assert _warnings_and_error(ours, x, **call) == expected
+    if expected[1] is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            real = (~pad).T[..., None]
+            torch.testing.assert_close(ours(x, **call) * real, theirs(x, **call) * real, atol=ATOL, rtol=ATOL)
 
 
 @pytest.mark.parametrize("norm_first", [False, True])

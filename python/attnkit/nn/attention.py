@@ -12,7 +12,10 @@ Differences from torch.nn.MultiheadAttention, all deliberate:
 - A query row that may attend to no key gives output 0 (and weights 0), not NaN.
 - is_causal=True applies a top-left causal mask (query i sees keys j <= i, as torch)
   in the kernel; an attn_mask passed with it is trusted to be that mask (torch's hint)
-  and not read. Unlike torch, is_causal=True without attn_mask is accepted.
+  and not read. Unlike torch, is_causal=True without attn_mask is accepted. With
+  add_bias_kv / add_zero_attn, as torch: need_weights=True or a key_padding_mask reads
+  attn_mask (the causal one if none), padded so every query sees the extra keys; otherwise
+  the causal mask spans all keys, extra ones included (torch's SDPA path).
 - Dropout draws from attnkit's Philox stream, not torch's.
 - NestedTensor input goes to torch's own forward (only its inference fast path takes it).
 
@@ -197,23 +200,35 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                                      f"{tuple(value.shape[:2])}")
         elif key.shape != value.shape:
             raise AssertionError(f"key shape {tuple(key.shape)} does not match value shape {tuple(value.shape)}")
+        # Before the projections, which would fail with a bare matmul shape error.
+        for name, tensor, dim_name, width in (("key", key, "kdim", self.kdim), ("value", value, "vdim", self.vdim)):
+            if tensor.shape[-1] != width:
+                raise RuntimeError(f"MultiheadAttention: expected {name} with last dimension {dim_name}={width}, "
+                                   f"but got {tensor.shape[-1]}")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, src_len):
             raise AssertionError(f"Expected key_padding_mask of shape {(batch, src_len)} (N, S), "
                                  f"but got {tuple(key_padding_mask.shape)}")
         mask = self._attn_mask_4d(attn_mask, batch, tgt_len, src_len)
-        if is_causal:
-            mask = None  # the hint: attn_mask is the causal mask, applied in the kernel instead
+        has_bias_kv = self.bias_k is not None and self.bias_v is not None
+        extra = int(has_bias_kv) + int(self.add_zero_attn)
+        if is_causal and extra and (need_weights or key_padding_mask is not None):
+            # torch then reads attn_mask, padded like any mask so that every query sees the extra
+            # key(s); a causal flag would span the S + extra keys and hide them from queries i < S.
+            if mask is None:
+                mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=query.device).triu(1)[None, None]
+            is_causal = False
+        elif is_causal:
+            # The hint: attn_mask is the causal mask, applied in the kernel instead. With extra keys
+            # this is torch's SDPA path (no weights, no padding mask): causal over all S + extra keys.
+            mask = None
 
         q, k, v = self._project(query, key, value, same_qkv, same_kv)
-        extra = 0
-        if self.bias_k is not None and self.bias_v is not None:
+        if has_bias_kv:
             k = torch.cat([k, self.bias_k.expand(batch, 1, -1)], dim=1)
             v = torch.cat([v, self.bias_v.expand(batch, 1, -1)], dim=1)
-            extra += 1
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(batch, 1, k.shape[-1])], dim=1)
             v = torch.cat([v, v.new_zeros(batch, 1, v.shape[-1])], dim=1)
-            extra += 1
 
         # Kernel masks: bool True = attend (torch.nn's bool means the opposite), float added.
         pad = key_padding_mask

@@ -8,13 +8,17 @@ nested tensors) is never taken for dense tensors: the layers always run the
 documented block math, so outputs and gradients equal torch.nn's slow path.
 
 Padded batches: TransformerEncoder given a bool src_key_padding_mask with some
-padding (and no mask, or a causal one) packs the real tokens once, runs every
-layer on them (projections, feed-forward and flash_attention_varlen: no work on
-padding) and scatters back; padded positions come out as torch's nested-tensor
-fast path gives them: 0 before the final norm. Positions (RoPE, ALiBi, windows)
-restart at 0 in each packed sequence. A single layer, the decoder and float
-padding masks use key_padding_mask in the dense kernel instead (outputs at padded
-positions as torch.nn's slow path).
+padding (and no mask, or a causal one) packs the real tokens once, runs every layer
+on them (projections, feed-forward and flash_attention_varlen: no work on padding)
+and scatters back, so padded positions are 0 before the final norm, in training and
+eval, for any layout, norm_first and padding alignment. torch gives 0 there only on
+its nested-tensor inference path (eval, no grad, batch_first, enable_nested_tensor,
+norm_first=False, relu/gelu, no mask, right-aligned padding), elsewhere values
+computed from the real keys. Outputs at real positions agree where torch's are
+finite, and so do gradients when the loss ignores padded positions. Positions (RoPE,
+ALiBi, windows) restart at 0 in each packed sequence. A single layer, the decoder
+and float (0/-inf) padding masks use key_padding_mask in the dense kernel instead,
+so their padded positions are not 0, even where torch's nested-tensor path gives 0.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from torch import Tensor
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
 from ..ops.attention_validation import cu_seqlens_checked_once
-from .attention import MultiheadAttention, _mask_dtype_check
+from .attention import MultiheadAttention
 
 
 def _share(cls, module):
@@ -46,6 +50,19 @@ def _swap_attention(layer) -> None:
             layer._modules[name] = MultiheadAttention.from_torch(attn)
 
 
+def _canonical_masks(src: Tensor, mask: Optional[Tensor], pad: Optional[Tensor], mask_name: str):
+    """torch's mask checks and mixed-type warning, naming src_key_padding_mask and `mask_name`.
+    Masks of one type go on as given (bool keeps the kernel's bool paths); mixed ones as torch
+    passes them on, both float, so that self_attn does not warn again under its own names."""
+    pad_f = F._canonical_mask(mask=pad, mask_name="src_key_padding_mask", other_type=F._none_or_dtype(mask),
+                              other_name=mask_name, target_type=src.dtype)
+    mask_f = F._canonical_mask(mask=mask, mask_name=mask_name, other_type=None, other_name="",
+                               target_type=src.dtype, check_other=False)
+    if mask is not None and pad is not None and mask.dtype != pad.dtype:
+        return mask_f, pad_f
+    return mask, pad
+
+
 class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -62,6 +79,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
                 is_causal: bool = False) -> Tensor:
         if src.is_nested:  # only torch's fast path takes nested tensors
             return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+        src_mask, src_key_padding_mask = _canonical_masks(src, src_mask, src_key_padding_mask, "src_mask")
         x = src
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
@@ -121,8 +139,7 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
 
     def forward(self, src: Tensor, mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
                 is_causal: Optional[bool] = None) -> Tensor:
-        _mask_dtype_check(src_key_padding_mask, "src_key_padding_mask")
-        _mask_dtype_check(mask, "mask")
+        layer_mask, layer_pad = _canonical_masks(src, mask, src_key_padding_mask, "mask")
         batch_first = self.layers[0].self_attn.batch_first
         if is_causal is None and mask is not None:  # torch's detection compares against its float causal mask
             is_causal = _detect_is_causal_mask(F._canonical_mask(mask, "mask", None, "", src.dtype, False), None,
@@ -133,7 +150,7 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
         else:
             output = src
             for layer in self.layers:
-                output = layer(output, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)
+                output = layer(output, src_mask=layer_mask, is_causal=is_causal, src_key_padding_mask=layer_pad)
         return output if self.norm is None else self.norm(output)
 
     def _packable(self, src, mask, pad, is_causal) -> bool:
@@ -151,6 +168,9 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
     def _packed(self, src: Tensor, pad: Tensor, causal: bool, batch_first: bool) -> Tensor:
         x = src if batch_first else src.transpose(0, 1)
         batch, length, width = x.shape
+        if width != self.layers[0].self_attn.embed_dim:  # as the dense path, before a matmul shape error
+            raise AssertionError(f"was expecting embedding dimension of {self.layers[0].self_attn.embed_dim}, "
+                                 f"but got {width}")
         if tuple(pad.shape) != (batch, length):
             raise AssertionError(f"Expected src_key_padding_mask of shape {(batch, length)} (N, S), "
                                  f"but got {tuple(pad.shape)}")
