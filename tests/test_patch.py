@@ -102,3 +102,43 @@ def test_patch_errors_and_root():
         attnkit.patch(object())
     report = attnkit.patch(torch.nn.MultiheadAttention(D, H))
     assert report.replaced == [] and "from_torch" in report.skipped[0][1]
+
+
+def test_patch_copies_hook_containers_of_recurrent_modules():
+    """The recurrent replacements shared the original's hook dicts: a hook registered
+    on the patched module fired on the original too, weight_norm on it broke the
+    original, and after unpatch the original kept the patched module's hooks."""
+    torch.manual_seed(0)
+    originals = {"lstm": torch.nn.LSTM(4, 5), "gru": torch.nn.GRU(4, 5), "lstm_cell": torch.nn.LSTMCell(4, 5),
+                 "gru_cell": torch.nn.GRUCell(4, 5)}
+    model = torch.nn.ModuleDict(originals)
+    calls = []
+    for name, module in originals.items():
+        module.register_forward_hook(lambda *_, name=name: calls.append(("before", name)))  # carried over
+    x = {"lstm": torch.randn(3, 2, 4), "gru": torch.randn(3, 2, 4), "lstm_cell": torch.randn(2, 4),
+         "gru_cell": torch.randn(2, 4)}
+    with torch.no_grad():
+        expected = {name: module(x[name]) for name, module in originals.items()}
+    calls.clear()
+    attnkit.patch(model)
+    for name, module in originals.items():
+        patched = model[name]
+        assert patched is not module and type(patched).__module__.startswith("attnkit.")
+        patched.register_forward_hook(lambda *_, name=name: calls.append(("patched", name)))
+        with pytest.warns(FutureWarning):
+            torch.nn.utils.weight_norm(patched, "weight_hh_l0" if "cell" not in name else "weight_hh")
+        with torch.no_grad():
+            patched(x[name])
+        assert calls == [("before", name), ("patched", name)]
+        calls.clear()
+        with torch.no_grad():  # the original is untouched: its own parameters and hooks only
+            torch.testing.assert_close(module(x[name]), expected[name])
+        assert calls == [("before", name)]
+        calls.clear()
+    assert sorted(attnkit.unpatch(model)) == sorted(originals)
+    for name, module in originals.items():
+        assert model[name] is module
+        with torch.no_grad():
+            torch.testing.assert_close(model[name](x[name]), expected[name])
+        assert calls == [("before", name)]
+        calls.clear()

@@ -1,7 +1,10 @@
 """attnkit.nn.LSTM / GRU / GRUCell are drop-ins for torch.nn's: same parameters
 and state_dict, same outputs and gradients with copied weights."""
+import copy
+
 import pytest
 import torch
+from helpers import RNN_GRAD_FACTOR, TOLERANCES
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import attnkit
@@ -251,3 +254,142 @@ def test_batch_one_float32_matches_torch(kind, how):
     grads_ref = torch.autograd.grad(weighted_sum(expected), [x, *theirs.parameters()])
     for g, e in zip(grads, grads_ref):
         torch.testing.assert_close(g, e, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[1]])  # the one-layer fast path and the stacked one
+def test_bias_gradients_are_separate_tensors(kind, config):
+    """torch gives b_ih and b_hh a gradient tensor each; the LSTM returned one tensor
+    for both, so an in-place change of one (a hook, an optimizer step on
+    autograd.grad's results) changed the other."""
+    ours, theirs = pair(kind, config)
+    x, hx, _ = make_input(ours, "padded")
+    names = [name for name, _ in ours.named_parameters()]
+    grads = dict(zip(names, torch.autograd.grad(weighted_sum(flatten(ours(x, hx))), list(ours.parameters()))))
+    expected = dict(zip(names, torch.autograd.grad(weighted_sum(flatten(theirs(x, hx))), list(theirs.parameters()))))
+    assert grads["bias_ih_l0"] is not grads["bias_hh_l0"]
+    grads["bias_ih_l0"].zero_()
+    torch.testing.assert_close(grads["bias_hh_l0"], expected["bias_hh_l0"])
+    for module in (ours, theirs):
+        module.bias_ih_l0.register_hook(lambda g: g.mul_(0))
+        weighted_sum(flatten(module(x, hx))).backward()
+    torch.testing.assert_close(ours.bias_hh_l0.grad, theirs.bias_hh_l0.grad)
+    assert ours.bias_hh_l0.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_from_torch_copies_hook_containers(kind):
+    """from_torch shares the Parameters but not the hook dicts: a hook registered on
+    the attnkit module fired on the torch one, and weight_norm (which deletes the
+    Parameter and adds a pre-hook) broke the torch module."""
+    _, theirs = pair(kind, CONFIGS[0])
+    calls = []
+    theirs.register_forward_hook(lambda *_: calls.append("before"))  # carried over
+    ours = getattr(attnkit.nn, kind).from_torch(theirs)
+    ours.register_forward_hook(lambda *_: calls.append("ours"))
+    ours.register_forward_pre_hook(lambda *_: calls.append("ours pre"))
+    x = torch.randn(4, 3, 5, dtype=F64)
+    expected = flatten(theirs(x))
+    assert calls == ["before"]
+    calls.clear()
+    ours(x)
+    assert calls == ["ours pre", "before", "ours"]
+    calls.clear()
+    with pytest.warns(FutureWarning):
+        torch.nn.utils.weight_norm(ours, "weight_hh_l0")
+    assert "weight_hh_l0" in dict(theirs.named_parameters())
+    torch.testing.assert_close(flatten(theirs(x)), expected)
+    assert calls == ["before"]
+    reference = copy.deepcopy(theirs)
+    with pytest.warns(FutureWarning):
+        torch.nn.utils.weight_norm(reference, "weight_hh_l0")
+    torch.testing.assert_close(flatten(ours(x)), flatten(reference(x)))
+
+
+def test_gru_cell_errors_name_the_cell_and_the_shapes_passed():
+    """GRUCell runs ops.gru on a one-step sequence: its errors named attnkit.ops.gru
+    and the 3-D shapes it was given ("input shape (1, 2, 6)")."""
+    cell = attnkit.nn.GRUCell(5, 4)
+    cases = [
+        ((torch.randn(2, 6), None),
+         "GRUCell: input has 6 features but weight_ih expects input_size 5 (input shape (2, 6))"),
+        ((torch.randn(6), None), "GRUCell: input has 6 features but weight_ih expects input_size 5 (input shape (6,))"),
+        ((torch.randn(5), torch.randn(2, 4)),
+         "GRUCell: hx must have shape (4,) (hidden_size) for unbatched 1-D input of shape (5,), got (2, 4)"),
+        ((torch.randn(2, 5), torch.randn(3, 4)),
+         "GRUCell: hx must have shape (2, 4) (batch, hidden_size) for batched 2-D input of shape (2, 5), got (3, 4)"),
+        ((torch.randn(2, 5), torch.randn(4)),
+         "GRUCell: hx must have shape (2, 4) (batch, hidden_size) for batched 2-D input of shape (2, 5), got (4,)"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError):
+            torch.nn.GRUCell(5, 4)(*args)  # torch rejects each too
+        with pytest.raises(ValueError) as info:
+            cell(*args)
+        assert str(info.value) == message
+    with pytest.raises(TypeError, match="^GRUCell: hx has dtype torch.float64 but input has torch.float32"):
+        cell(torch.randn(5), torch.randn(4, dtype=F64))
+
+
+AUTOCAST_CASES = [  # (kind, config, input dtype, hx dtype or None)
+    ("LSTM", CONFIGS[0], torch.float32, None),
+    ("LSTM", CONFIGS[1], torch.float32, torch.float32),
+    ("LSTM", CONFIGS[0], torch.bfloat16, None),
+    ("GRU", CONFIGS[0], torch.float32, None),
+    ("GRU", CONFIGS[1], torch.float32, torch.float32),
+    ("GRU", CONFIGS[0], torch.bfloat16, None),
+    ("GRU", CONFIGS[0], torch.float32, torch.bfloat16),
+    ("GRUCell", None, torch.float32, None),
+    ("GRUCell", None, torch.bfloat16, None),
+    ("GRUCell", None, torch.bfloat16, torch.float32),
+]
+
+
+@pytest.mark.parametrize("kind,config,dtype,state", AUTOCAST_CASES, ids=str)
+def test_cpu_autocast_follows_torch(kind, config, dtype, state):
+    """torch 2.14 under CPU autocast (bfloat16), measured: LSTM runs in bfloat16
+    (mkldnn_rnn_layer is on the lower-precision list); GRU and GRUCell run their
+    matmuls in bfloat16 but return the state's dtype (the input's without hx).
+    The C++ kernels failed there on autocast's casts ("expected scalar type Float")."""
+    torch.manual_seed(0)
+    if kind == "GRUCell":
+        ours, theirs = attnkit.nn.GRUCell(5, 6), torch.nn.GRUCell(5, 6)
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.randn(3, 5).to(dtype)
+        hx = None if state is None else torch.randn(3, 6).to(state)
+    else:
+        ours, theirs = pair(kind, config, dtype=torch.float32)
+        x, hx, _ = make_input(ours, "padded_h0" if state else "padded")
+        x = x.detach().to(dtype)
+        if state is not None:
+            hx = tuple(h.detach().to(state) for h in hx) if kind == "LSTM" else hx.detach().to(state)
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = ours(x, hx), theirs(x, hx)
+    got, expected = ([got], [expected]) if kind == "GRUCell" else (flatten(got), flatten(expected))
+    assert [t.dtype for t in got] == [t.dtype for t in expected]
+    if kind == "LSTM":
+        assert all(t.dtype == torch.bfloat16 for t in got)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.float(), e.float(), atol=atol, rtol=rtol)
+    grads = torch.autograd.grad(weighted_sum([t.float() for t in got]), list(ours.parameters()))
+    grads_ref = torch.autograd.grad(weighted_sum([t.float() for t in expected]), list(theirs.parameters()))
+    for g, e in zip(grads, grads_ref):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, atol=atol * RNN_GRAD_FACTOR, rtol=rtol * RNN_GRAD_FACTOR)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_cpu_autocast_packed_input(kind):
+    """PackedSequence under CPU autocast (torch.nn itself fails there in torch 2.14):
+    the same dtype and values as the padded call."""
+    ours, _ = pair(kind, CONFIGS[1], dtype=torch.float32)
+    x = torch.randn(3, 6, 5)
+    packed = pack_padded_sequence(x, [6, 4, 1], batch_first=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(packed)[0]
+        single = ours(x[1:2, :4])[0]
+    assert out.data.dtype == single.dtype == (torch.bfloat16 if kind == "LSTM" else torch.float32)
+    padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(padded[1:2, :4], single, atol=atol, rtol=rtol)

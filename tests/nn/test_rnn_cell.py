@@ -1,6 +1,9 @@
 """attnkit.nn.LSTMCell is a drop-in for torch.nn.LSTMCell."""
+import re
+
 import pytest
 import torch
+from helpers import RNN_GRAD_FACTOR, TOLERANCES
 
 import attnkit
 
@@ -54,5 +57,72 @@ def test_wrong_rank_errors_like_torch():
 
 def test_wrong_input_size():
     ours, _ = pair()
-    with pytest.raises(ValueError, match="input has 4 features but w_ih expects input_size 5"):
+    with pytest.raises(ValueError, match=r"LSTMCell: input has 4 features but weight_ih expects input_size 5 "
+                                         r"\(input shape \(2, 4\)\)"):
         ours(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_wrong_state_shape_names_what_was_passed(batched):
+    """The op sees unbatched input as a batch of one: its errors named the
+    unsqueezed shapes ("hx[0] must be 2-D, got shape (1, 2, 7)" for a 2-D hx)."""
+    ours, theirs = pair()
+    x = torch.randn(3, 5) if batched else torch.randn(5)
+    good = torch.zeros(3, 7) if batched else torch.zeros(7)
+    bad = torch.zeros(2, 7)
+    with pytest.raises(RuntimeError):
+        theirs(x, (bad, good))  # torch rejects it too
+    if batched:
+        message = "LSTMCell: hx[0] must have shape (3, 7) (batch, hidden_size) for batched 2-D input of shape (3, 5)"
+    else:
+        message = "LSTMCell: hx[0] must have shape (7,) (hidden_size) for unbatched 1-D input of shape (5,)"
+    with pytest.raises(ValueError, match="^" + re.escape(message + ", got (2, 7)") + "$"):
+        ours(x, (bad, good))
+    with pytest.raises(ValueError, match=r"^LSTMCell: hx\[1\] must have shape"):
+        ours(x, (good, torch.zeros(*good.shape[:-1], 6)))
+    with pytest.raises(TypeError, match=r"^LSTMCell: hx\[1\] has dtype torch.float64 but input has torch.float32"):
+        ours(x, (good, good.double()))
+
+
+def test_bias_gradients_are_separate_tensors():
+    """torch gives b_ih and b_hh a gradient tensor each; one tensor for both let an
+    in-place change of one (a hook, an optimizer step on autograd.grad's results)
+    change the other."""
+    ours, theirs = pair()
+    x = torch.randn(3, 5)
+    grads = torch.autograd.grad(ours(x)[0].sum(), list(ours.parameters()))
+    grads_ref = torch.autograd.grad(theirs(x)[0].sum(), list(theirs.parameters()))
+    assert grads[2] is not grads[3]
+    grads[2].zero_()
+    torch.testing.assert_close(grads[3], grads_ref[3])
+    for module in (ours, theirs):
+        module.bias_ih.register_hook(lambda g: g.mul_(0))
+        module(x)[0].sum().backward()
+    torch.testing.assert_close(ours.bias_hh.grad, theirs.bias_hh.grad)
+    assert ours.bias_hh.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("state", [None, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batched", [True, False])
+def test_cpu_autocast_follows_torch(dtype, state, batched):
+    """Under CPU autocast torch.nn.LSTMCell runs its matmuls in bfloat16 but returns
+    the state's dtype (c's; the input's without hx): a float32 module takes bfloat16
+    input there. The C++ kernels failed on autocast's mixed dtypes."""
+    ours, theirs = pair()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(*((3, 5) if batched else (5,)), generator=gen).to(dtype)
+    hx = None
+    if state is not None:
+        hx = tuple(torch.randn(*((3, 7) if batched else (7,)), generator=gen).to(state) for _ in range(2))
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = ours(x, hx), theirs(x, hx)
+    assert [t.dtype for t in got] == [t.dtype for t in expected] == [state or dtype] * 2
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.float(), e.float(), atol=atol, rtol=rtol)
+    grads = torch.autograd.grad(sum(t.float().sum() for t in got), list(ours.parameters()))
+    grads_ref = torch.autograd.grad(sum(t.float().sum() for t in expected), list(theirs.parameters()))
+    for g, e in zip(grads, grads_ref):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, atol=atol * RNN_GRAD_FACTOR, rtol=rtol * RNN_GRAD_FACTOR)

@@ -227,3 +227,41 @@ class TestBadInput:
         args[2] = args[2][:12]
         with pytest.raises(ValueError, match="w_ih must have 4\\*hidden_size = 16 rows"):
             lstm_cell(*args)
+
+
+@pytest.mark.parametrize("custom_op", [False, True], ids=["eager", "custom_op"])
+def test_bias_gradients_are_separate_tensors(custom_op):
+    """b_ih and b_hh got one gradient tensor between them (their gradients are equal), so
+    an in-place change of one changed the other; a frozen bias gets none."""
+    x, (h, c), w_ih, w_hh, b_ih, b_hh = make_inputs(3, 5, 7, torch.float32, "cpu", requires_grad=True)
+
+    def run():
+        if custom_op:  # the autograd formula as torch.compile sees it
+            return torch.ops.attnkit.lstm_cell_forward(x, h, c, w_ih, w_hh, b_ih, b_hh)[:2]
+        return lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+
+    h_new, c_new = run()
+    g_ih, g_hh = torch.autograd.grad((h_new * c_new).sum(), [b_ih, b_hh])
+    assert g_ih is not g_hh
+    torch.testing.assert_close(g_ih, g_hh)
+    b_hh.requires_grad_(False)
+    h_new, c_new = run()
+    (h_new * c_new).sum().backward()
+    assert b_hh.grad is None
+    torch.testing.assert_close(b_ih.grad, g_ih)
+
+
+@pytest.mark.parametrize("batch", [3, 17])  # 17: the CPU kernels' ATen GEMM route
+def test_runs_in_its_inputs_dtype_under_autocast(batch):
+    """The kernels run with autocast off: its casts of their ATen GEMMs' operands failed
+    ("expected scalar type Float but found BFloat16"); float32 inputs stay float32."""
+    args = make_inputs(batch, 9, 12, torch.float32, "cpu", requires_grad=True)
+    leaves = [args[0], *args[1], *args[2:]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, c = lstm_cell(*args)
+        grads = torch.autograd.grad((h * c).sum(), leaves)
+    assert h.dtype == c.dtype == torch.float32
+    h_ref, c_ref = lstm_cell(*args)
+    grads_ref = torch.autograd.grad((h_ref * c_ref).sum(), leaves)
+    torch.testing.assert_close((h, c), (h_ref, c_ref), atol=0, rtol=0)
+    torch.testing.assert_close(grads, grads_ref, atol=0, rtol=0)

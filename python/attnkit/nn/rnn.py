@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .. import ops
+from .. import _validate, ops
 from .._validate import PLAIN_TENSORS
 
 
@@ -100,6 +100,58 @@ def _one_layer_states(module, input: Tensor, hx, count: int):
     return [s[0] for s in hx] if count > 1 else [hx[0]]
 
 
+def _autocast_dtype(x: Tensor, state: Optional[Tensor], lower_on_cpu: bool) -> Optional[torch.dtype]:
+    """The dtype torch.nn's module computes in under autocast, or None (autocast off
+    for x's device, or float64, which autocast leaves alone). torch.nn runs in the
+    autocast dtype where its op is on the device's lower-precision list: LSTM's on
+    the CPU (mkldnn_rnn_layer) and every recurrent op on CUDA (_cudnn_rnn, lstm_cell,
+    gru_cell). GRU and the cells on the CPU are composite: their matmuls run in the
+    autocast dtype, but the state update promotes, so they return the state's dtype
+    (the input's when no state is given; torch 2.14 measured): computed in it here."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device) or x.dtype == torch.float64:
+        return None
+    if lower_on_cpu or device != "cpu":
+        return torch.get_autocast_dtype(device)
+    dtype = x.dtype if state is None else state.dtype
+    return None if dtype == torch.float64 else dtype
+
+
+def _autocast(dtype: Optional[torch.dtype], tensors) -> list:
+    """`tensors` (None kept) in `dtype` as autocast casts: floating ones but float64,
+    by a differentiable copy, so gradients reach the float32 parameters. The ops run
+    their kernels with autocast off, in that one dtype."""
+    if dtype is None:
+        return list(tensors)
+    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in tensors]
+
+
+def _cell_error(name: str, input: Tensor, states, named) -> Optional[Exception]:
+    """Why a cell's op call failed, in terms of what the user passed, or None: the op
+    saw unbatched input and states as a batch of one (GRUCell's also as one step) and
+    named those shapes, and itself. Checked after a failure only, so a step pays
+    nothing for it. `states`: (name, tensor) pairs as passed; `named`: (name, tensor
+    or None) pairs as the op got them (unsqueezed, autocast), input first, then
+    the states, weight_ih, weight_hh and the biases."""
+    w_ih, w_hh = named[-4][1], named[-3][1]
+    if input.shape[-1] != w_ih.shape[-1]:
+        return ValueError(f"{name}: input has {input.shape[-1]} features but weight_ih expects input_size "
+                          f"{w_ih.shape[-1]} (input shape {tuple(input.shape)})")
+    batched, hidden = input.dim() == 2, w_hh.shape[-1]
+    expected, meaning = ((input.shape[0], hidden), "batch, hidden_size") if batched else ((hidden,), "hidden_size")
+    for state_name, state in states:
+        if state.shape != expected:
+            kind = "batched 2-D" if batched else "unbatched 1-D"
+            return ValueError(f"{name}: {state_name} must have shape {expected} ({meaning}) for {kind} input of "
+                              f"shape {tuple(input.shape)}, got {tuple(state.shape)}")
+    try:
+        _validate.same_dtype_and_device(name, named)
+    except (TypeError, RuntimeError) as error:
+        return error
+    return None
+
+
 class LSTM(torch.nn.LSTM):
     """torch.nn.LSTM with the fused attnkit kernels; same arguments and semantics."""
 
@@ -111,6 +163,10 @@ class LSTM(torch.nn.LSTM):
         return _adopt(cls, module)
 
     def _run_layer(self, x, state, weights, lengths):
+        if torch._C._is_any_autocast_enabled():  # as torch.nn.RNNBase checks it: ~0.2 us
+            dtype = _autocast_dtype(x, None, lower_on_cpu=True)
+            x, *state = _autocast(dtype, [x, *state])
+            weights = _autocast(dtype, weights)
         w_ih, w_hh, *rest = weights
         b_ih, b_hh = (rest[0], rest[1]) if self.bias else (None, None)
         w_hr = rest[-1] if self.proj_size > 0 else None
@@ -188,6 +244,10 @@ class GRU(torch.nn.GRU):
         return _adopt(cls, module)
 
     def _run_layer(self, x, state, weights, lengths):
+        if torch._C._is_any_autocast_enabled():
+            dtype = _autocast_dtype(x, state[0], lower_on_cpu=False)
+            x, *state = _autocast(dtype, [x, *state])
+            weights = _autocast(dtype, weights)
         w_ih, w_hh, *rest = weights
         b_ih, b_hh = (rest[0], rest[1]) if self.bias else (None, None)
         out, h = ops.gru(x, state[0], w_ih, w_hh, b_ih, b_hh, lengths=lengths)
@@ -248,22 +308,48 @@ class GRUCell(torch.nn.GRUCell):
             raise TypeError(f"GRUCell: input must be a torch.Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
             raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None and not isinstance(hx, Tensor):
+            raise TypeError(f"GRUCell: hx must be a torch.Tensor, got {type(hx).__name__}")
         if hx is not None and hx.dim() not in (1, 2):
             raise ValueError(f"GRUCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        states = () if hx is None else (("hx", hx),)
         batched = input.dim() == 2
-        if not batched:
-            input = input.unsqueeze(0)
-            hx = None if hx is None else hx.unsqueeze(0)
-        _, h = ops.gru(input.unsqueeze(0), hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        x, h0 = (input, hx) if batched else (input.unsqueeze(0), None if hx is None else hx.unsqueeze(0))
+        weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
+        if torch._C._is_any_autocast_enabled():
+            dtype = _autocast_dtype(x, h0, lower_on_cpu=False)
+            x, h0, *weights = _autocast(dtype, [x, h0, *weights])
+        try:
+            _, h = ops.gru(x.unsqueeze(0), h0, *weights)
+        except (TypeError, ValueError, RuntimeError):
+            names = ("input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            error = _cell_error("GRUCell", input, states, list(zip(names, (x, h0, *weights))))
+            if error is None:
+                raise
+            raise error from None
         return h if batched else h.squeeze(0)
+
+
+# The containers torch.nn.Module.__init__ makes in this torch version: the parameter,
+# buffer and module dicts, every hook dict, the non-persistent buffer set.
+_MODULE_CONTAINERS = tuple(key for key, value in vars(torch.nn.Module()).items() if isinstance(value, (dict, set)))
+
+
+def _copy_containers(new: torch.nn.Module, module: torch.nn.Module) -> None:
+    """Gives `new` (a copy of `module`'s __dict__) shallow copies of `module`'s
+    containers: the same Parameters, submodules and hooks, but a hook, parameter
+    or parametrization added to one (weight_norm deletes a Parameter and adds two
+    and a pre-hook) stays off the other."""
+    for key in _MODULE_CONTAINERS:
+        if key in module.__dict__:
+            new.__dict__[key] = copy.copy(module.__dict__[key])
 
 
 def _adopt(cls, module):
     """A `cls` instance with `module`'s attributes and the same Parameter objects
-    (so optimizers holding them keep working)."""
+    (so optimizers holding them keep working), hooks carried over."""
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
-    for key in ("_parameters", "_buffers", "_modules"):
-        new.__dict__[key] = copy.copy(module.__dict__[key])
+    _copy_containers(new, module)
     new._init_flat_weights()
     return new

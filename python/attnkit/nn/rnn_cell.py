@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .rnn import _autocast, _autocast_dtype, _cell_error
 
 
 class LSTMCell(torch.nn.LSTMCell):
@@ -19,16 +20,33 @@ class LSTMCell(torch.nn.LSTMCell):
             raise TypeError(f"LSTMCell: input must be a torch.Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        if hx is not None:
-            for index, state in enumerate(hx):
-                if state.dim() not in (1, 2):
-                    raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got {state.dim()}D instead")
+        if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            raise TypeError(f"LSTMCell: hx must be a tuple (h, c) of two tensors, got {type(hx).__name__}")
+        states = () if hx is None else (("hx[0]", hx[0]), ("hx[1]", hx[1]))
+        for state_name, state in states:
+            if not isinstance(state, Tensor):
+                raise TypeError(f"LSTMCell: {state_name} must be a torch.Tensor, got {type(state).__name__}")
+            if state.dim() not in (1, 2):
+                raise ValueError(f"LSTMCell: Expected {state_name} to be 1D or 2D, got {state.dim()}D instead")
         batched = input.dim() == 2
+        x, state = input, hx
         if not batched:
-            input = input.unsqueeze(0)
+            x = input.unsqueeze(0)
             if hx is not None:
-                hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        h, c = ops.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+                state = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
+        if torch._C._is_any_autocast_enabled():
+            dtype = _autocast_dtype(x, None if hx is None else state[1], lower_on_cpu=False)  # c sets torch's dtype
+            x, *weights = _autocast(dtype, [x, *weights])
+            state = None if hx is None else tuple(_autocast(dtype, state))
+        try:
+            h, c = ops.lstm_cell(x, state, *weights)
+        except (TypeError, ValueError, RuntimeError):
+            names = ("input", "hx[0]", "hx[1]", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            error = _cell_error("LSTMCell", input, states, list(zip(names, (x, *(state or (None, None)), *weights))))
+            if error is None:
+                raise
+            raise error from None
         if not batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c

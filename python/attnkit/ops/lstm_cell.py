@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .. import _dispatch, _eager, _validate
 from ..backends.lstm_cell import LSTM_CELL
+from .rnn import _autocast_off, _bias_grads
 
 OP = "attnkit.ops.lstm_cell"
 
@@ -24,7 +25,7 @@ def _lstm_cell_forward_kernels(
     x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor, Tensor]:
     impl = LSTM_CELL.select(_describe_tensors(x))
-    return tuple(t.contiguous() for t in impl.forward(x, h, c, w_ih, w_hh, b_ih, b_hh))
+    return tuple(t.contiguous() for t in _autocast_off(impl.forward, x, h, c, w_ih, w_hh, b_ih, b_hh))
 
 
 _lstm_cell_forward = torch.library.custom_op("attnkit::lstm_cell_forward", _lstm_cell_forward_kernels, mutates_args=())
@@ -39,7 +40,7 @@ def _lstm_cell_backward_kernels(
     grad_h: Tensor, grad_c: Tensor, x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, gates: Tensor, c_new: Tensor
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = LSTM_CELL.select(_describe_tensors(x))
-    grads = impl.backward(grad_h, grad_c, x, h, c, w_ih, w_hh, gates, c_new)
+    grads = _autocast_off(impl.backward, grad_h, grad_c, x, h, c, w_ih, w_hh, gates, c_new)
     return tuple(g.contiguous() for g in grads)
 
 
@@ -61,10 +62,9 @@ def _(grad_h, grad_c, x, h, c, w_ih, w_hh, gates, c_new):
 
 
 def _setup_context(ctx, inputs, output):
-    x, h, c, w_ih, w_hh, b_ih, b_hh = inputs
+    x, h, c, w_ih, w_hh, _, _ = inputs
     _, c_new, gates = output
     ctx.save_for_backward(x, h, c, w_ih, w_hh, gates, c_new)
-    ctx.bias_present = (b_ih is not None, b_hh is not None)
     ctx.mark_non_differentiable(gates)
 
 
@@ -76,8 +76,7 @@ def _backward(ctx, grad_h, grad_c, _grad_gates):
     dx, dh, dc, dw_ih, dw_hh, db = _eager.call(
         _lstm_cell_backward_kernels, _lstm_cell_backward, grad_h, grad_c, x, h, c, w_ih, w_hh, gates, c_new
     )
-    has_b_ih, has_b_hh = ctx.bias_present
-    return dx, dh, dc, dw_ih, dw_hh, db if has_b_ih else None, db if has_b_hh else None
+    return (dx, dh, dc, dw_ih, dw_hh, *_bias_grads(db, *ctx.needs_input_grad[5:7]))  # False for an absent bias
 
 
 _lstm_cell_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -33,8 +33,27 @@ def _describe_call(x: Tensor, w_hh: Tensor, gates: int, proj: bool, save: bool) 
             "hidden_size": w_hh.shape[0] // gates, "proj": proj, "save": save}
 
 
+def _autocast_off(kernel, *args):
+    """kernel(*args) with autocast off for the device of args[0]: the backends' ATen
+    matmuls would otherwise take some operands in the autocast dtype, and a kernel
+    runs one dtype throughout (attnkit.nn casts to torch.nn's autocast dtype first)."""
+    if not torch._C._is_any_autocast_enabled():
+        return kernel(*args)
+    with torch.autocast(args[0].device.type, enabled=False):
+        return kernel(*args)
+
+
 def _zeros_if_none(grad, like):
     return torch.zeros_like(like) if grad is None else grad.contiguous()
+
+
+def _bias_grads(db: Tensor, needs_b_ih: bool, needs_b_hh: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The gradients of b_ih and b_hh from the kernels' one `db` (both biases enter
+    every gate alike). Two tensors when both need one, as torch.nn returns: a hook
+    or caller changing one gradient in place must not change the other."""
+    if needs_b_ih and needs_b_hh:
+        return db, db.clone()
+    return (db if needs_b_ih else None), (db if needs_b_hh else None)
 
 
 def _or_none(t: Tensor) -> Optional[Tensor]:
@@ -49,7 +68,8 @@ def _lstm_forward_kernels(
     w_hr: Optional[Tensor], lengths: Optional[Tensor], save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = LSTM.select(_describe_call(x, w_hh, 4, w_hr is not None, save))
-    return tuple(t.contiguous() for t in impl.forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save))
+    outputs = _autocast_off(impl.forward, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save)
+    return tuple(t.contiguous() for t in outputs)
 
 
 _lstm_forward = torch.library.custom_op("attnkit::lstm_forward", _lstm_forward_kernels, mutates_args=())
@@ -70,8 +90,9 @@ def _lstm_backward_kernels(
     output: Tensor, gates: Tensor, cs: Tensor, hc: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = LSTM.select(_describe_call(x, w_hh, 4, w_hr is not None, save=True))
-    grads = impl.backward(
-        grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, output, gates, cs, hc
+    grads = _autocast_off(
+        impl.backward, grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, output, gates,
+        cs, hc
     )
     return tuple(g.contiguous() for g in grads)
 
@@ -101,8 +122,7 @@ def _lstm_autograd(ctx, grad_output, grad_hn, grad_cn, *_saved_grads):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, gates, cs, hc = saved
     grads = (_zeros_if_none(grad_output, out), _zeros_if_none(grad_hn, h0), _zeros_if_none(grad_cn, c0))
     dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _eager.call(_lstm_backward_kernels, _lstm_backward, *grads, *saved)
-    db_ih = db if b_ih is not None else None
-    db_hh = db if b_hh is not None else None
+    db_ih, db_hh = _bias_grads(db, *ctx.needs_input_grad[5:7])  # False for an absent bias
     return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr if w_hr is not None else None, None, None
 
 
@@ -120,7 +140,7 @@ def _gru_forward_kernels(
     lengths: Optional[Tensor], save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     impl = GRU.select(_describe_call(x, w_hh, 3, False, save))
-    return tuple(t.contiguous() for t in impl.forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save))
+    return tuple(t.contiguous() for t in _autocast_off(impl.forward, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save))
 
 
 _gru_forward = torch.library.custom_op("attnkit::gru_forward", _gru_forward_kernels, mutates_args=())
@@ -139,7 +159,7 @@ def _gru_backward_kernels(
     b_hh: Optional[Tensor], lengths: Optional[Tensor], output: Tensor, gates: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = GRU.select(_describe_call(x, w_hh, 3, False, save=True))
-    grads = impl.backward(grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output, gates)
+    grads = _autocast_off(impl.backward, grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output, gates)
     return tuple(g.contiguous() for g in grads)
 
 
