@@ -50,7 +50,27 @@ def needs_grad(tensors: Iterable[Any]) -> bool:
 
 def call(kernels: Callable, custom_op: Callable, *args: Any) -> Any:
     """`kernels(*args)` where nothing but eager autograd sees the call, else `custom_op(*args)`."""
-    return kernels(*args) if plain_call(args) else custom_op(*args)
+    if plain_call(args):
+        return kernels(*args)
+    if _differentiating_transform():
+        name = getattr(custom_op, "_name", None) or getattr(kernels, "__name__", "this op")
+        raise NotImplementedError(
+            f"attnkit {name}: torch.func's grad, jacrev, jacfwd and jvp transforms are not supported (the ops' "
+            f"gradients are autograd formulas, not functorch rules); use torch.autograd.grad, or vmap alone")
+    return custom_op(*args)
+
+
+def _differentiating_transform() -> bool:
+    """Whether a torch.func grad or jvp transform is active: there the custom op's autograd
+    formula fails with a message about torch.autograd.Function internals (vmap alone works)."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    try:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # a torch without these: let the op raise its own error
+        return False
+    return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
 
 
 def forward(function: type, kernels: Callable, custom_op: Callable, *args: Any, training: bool) -> Any:

@@ -58,6 +58,16 @@ def test_half_precision(backend, device, dtype, shape, features):
         check_against_truth(q, k, v, kwargs, dtype)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_float64_takes_a_scale_that_float32_cannot_hold(backend, device):
+    """0.3 and log2(e) are not float32 numbers: the Triton kernels took the scale as a float32
+    argument and multiplied by log2(e) in float32, 3e-8 off in float64 (2026-11-27 audit)."""
+    shape, features = Shape(1, 2, 2, 20, 23, 16, 16), Features(causal=True, scale=0.3)
+    with forced(OP, backend, device, torch.float64) as dev:
+        q, k, v, kwargs = make_inputs(shape, features, torch.float64, dev)
+        check_against_truth(q, k, v, kwargs, torch.float64)
+
+
 def _launch_with_descriptors():
     """flash_attention_launch, skipping the test where this Triton has no host tensor descriptors."""
     launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")

@@ -193,3 +193,18 @@ def test_second_order_gradients_raise_instead_of_dropping_a_term(op):
         ((out**2).sum() + (grad**2).sum()).backward()
     (plain,) = torch.autograd.grad(out.sum(), [x])  # first order alone, unchanged
     assert not plain.requires_grad and torch.allclose(plain, grad.detach())
+
+
+def test_torch_func_differentiating_transforms_raise_a_clear_error():
+    """torch.func.grad / jacrev / jvp reach the custom ops, whose autograd formulas functorch
+    cannot run (torch raised about autograd.Function's setup_context); vmap alone works."""
+    q = torch.randn(1, 2, 4, 8)
+    k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    for transform in (torch.func.grad, torch.func.jacrev):
+        with pytest.raises(NotImplementedError, match="torch.func's grad, jacrev, jacfwd and jvp transforms"):
+            transform(lambda a: flash_attention(a, k, v).sum())(q)
+    with pytest.raises(NotImplementedError, match="attnkit lstm_forward"):
+        x, h0, c0, *weights = make_lstm(3, 2, 4, 5, 5, torch.float32, "cpu")[:7]
+        torch.func.grad(lambda x: lstm(x, (h0, c0), *weights)[0].sum())(x.detach())
+    batched = torch.func.vmap(lambda a: flash_attention(a[None], k[:1], v[:1]))(q)
+    assert torch.allclose(batched[:, 0], flash_attention(q, k, v), atol=1e-6)
