@@ -142,3 +142,29 @@ def test_patch_copies_hook_containers_of_recurrent_modules():
             torch.testing.assert_close(model[name](x[name]), expected[name])
         assert calls == [("before", name)]
         calls.clear()
+
+
+def test_patch_copies_hook_containers_of_attention_modules():
+    """As the recurrent ones (nn._share): MultiheadAttention and the Transformer layers
+    copied only their parameter, buffer and module dicts and shared every hook dict."""
+    torch.manual_seed(0)
+    originals = {"mha": torch.nn.MultiheadAttention(8, 2), "layer": torch.nn.TransformerEncoderLayer(8, 2, 16, 0.0)}
+    model = torch.nn.ModuleDict(originals)
+    x = torch.randn(3, 2, 8)
+    run = {"mha": lambda m: m(x, x, x)[0], "layer": lambda m: m(x)}
+    with torch.no_grad():
+        expected = {name: run[name](module) for name, module in originals.items()}
+    attnkit.patch(model)
+    for name, module in originals.items():
+        calls = []
+        patched = model[name]
+        assert patched is not module
+        patched.register_forward_hook(lambda *_: calls.append("patched"))
+        if name == "mha":  # replaces a Parameter of the module itself (the layer's are in shared submodules)
+            with pytest.warns(FutureWarning):
+                torch.nn.utils.weight_norm(patched, "in_proj_weight")
+        with torch.no_grad():
+            run[name](patched)
+            assert calls == ["patched"]
+            torch.testing.assert_close(run[name](module), expected[name])  # its own parameters, no hook
+        assert calls == ["patched"]

@@ -4,8 +4,8 @@ attnkit drop-in, in place; `attnkit.unpatch(model)` and `attnkit.patched(model)`
 Each replacement is built by the drop-in's `from_torch` (or an equivalent share):
 a new module object holding the same Parameter objects (so weights, device, dtype,
 optimizers and hooks carry over) and the same training flag, set into the parent in
-place of the original. The recurrent replacements (LSTM, GRU, LSTMCell, GRUCell) hold
-copies of the original's hook and parameter containers: a hook, parameter or
+place of the original. Every replacement holds copies of the original's hook and
+parameter containers (attnkit.nn._share): a hook, parameter or
 parametrization added to one module stays on that one, and unpatch puts back the
 original as it was (but for the values of the shared Parameters). Only exact torch.nn
 classes are replaced: a user subclass may override forward, so it is skipped (with
@@ -21,18 +21,13 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Ty
 import torch
 
 from . import nn as ak
-from .nn.rnn import _copy_containers
+from .nn._share import shared
 
 _ORIGINALS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
 
 
 def _share(cls):
-    def convert(module):
-        new = cls.__new__(cls)
-        new.__dict__.update(module.__dict__)
-        _copy_containers(new, module)  # hooks carried over, not shared
-        return new
-    return convert
+    return lambda module: shared(cls, module)
 
 
 def _supported() -> Dict[Type[torch.nn.Module], Callable[[torch.nn.Module], torch.nn.Module]]:

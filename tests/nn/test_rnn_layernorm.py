@@ -160,3 +160,18 @@ def test_bad_arguments(cell):
         m(torch.randn(2, 3, 4, 5))
     with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size"):
         m(torch.randn(3, 2, 4))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_every_parameter_gets_its_own_gradient_tensor(cell):
+    """The kernels' bias gradient serves b_ih, b_hh and the LayerNorm shifts alike; each must
+    get a tensor of its own (one tensor returned four times let a hook scaling one gradient in
+    place scale the others)."""
+    m = build(cell)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    params = list(m.parameters())
+    with attnkit.use_backend("cpp"):
+        grads = torch.autograd.grad(m(x)[0].sum(), params)
+    assert len({id(g) for g in grads}) == len(grads)
+    expected = torch.autograd.grad(m(x)[0].sum(), params)
+    assert all(torch.allclose(g, e) for g, e in zip(grads, expected))

@@ -39,6 +39,7 @@ from torch.nn import Parameter
 
 from ..backends.attention import MAX_HEAD_DIM
 from ..ops.attention import flash_attention, flash_attention_varlen
+from ._share import shared
 from .positional import RotaryEmbedding, alibi_slopes
 
 
@@ -113,10 +114,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if not isinstance(module, torch.nn.MultiheadAttention):
             raise TypeError(f"MultiheadAttention.from_torch: expected a torch.nn.MultiheadAttention, "
                             f"got {type(module).__name__}")
-        new = cls.__new__(cls)
-        new.__dict__.update(module.__dict__)
-        for key in ("_parameters", "_buffers", "_modules"):
-            new.__dict__[key] = dict(module.__dict__[key])
+        new = shared(cls, module)
         if not isinstance(module, MultiheadAttention):
             new._init_extras()
         return new

@@ -14,7 +14,6 @@ call by `_stack`, which composes layers and directions:
 """
 from __future__ import annotations
 
-import copy
 from typing import List, Optional
 
 import torch
@@ -23,6 +22,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import _validate, ops
+from ._share import shared
 from .._validate import PLAIN_TENSORS
 
 
@@ -330,26 +330,8 @@ class GRUCell(torch.nn.GRUCell):
         return h if batched else h.squeeze(0)
 
 
-# The containers torch.nn.Module.__init__ makes in this torch version: the parameter,
-# buffer and module dicts, every hook dict, the non-persistent buffer set.
-_MODULE_CONTAINERS = tuple(key for key, value in vars(torch.nn.Module()).items() if isinstance(value, (dict, set)))
-
-
-def _copy_containers(new: torch.nn.Module, module: torch.nn.Module) -> None:
-    """Gives `new` (a copy of `module`'s __dict__) shallow copies of `module`'s
-    containers: the same Parameters, submodules and hooks, but a hook, parameter
-    or parametrization added to one (weight_norm deletes a Parameter and adds two
-    and a pre-hook) stays off the other."""
-    for key in _MODULE_CONTAINERS:
-        if key in module.__dict__:
-            new.__dict__[key] = copy.copy(module.__dict__[key])
-
-
 def _adopt(cls, module):
-    """A `cls` instance with `module`'s attributes and the same Parameter objects
-    (so optimizers holding them keep working), hooks carried over."""
-    new = cls.__new__(cls)
-    new.__dict__.update(module.__dict__)
-    _copy_containers(new, module)
+    """A `cls` instance sharing `module`'s Parameter objects (nn._share), its flat weights rebuilt."""
+    new = shared(cls, module)
     new._init_flat_weights()
     return new

@@ -31,16 +31,8 @@ from torch import Tensor
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
 from ..ops.attention_validation import cu_seqlens_checked_once
+from ._share import shared
 from .attention import MultiheadAttention
-
-
-def _share(cls, module):
-    """A `cls` instance with `module`'s attributes and the same Parameter / submodule objects."""
-    new = cls.__new__(cls)
-    new.__dict__.update(module.__dict__)
-    for key in ("_parameters", "_buffers", "_modules"):
-        new.__dict__[key] = dict(module.__dict__[key])
-    return new
 
 
 def _swap_attention(layer) -> None:
@@ -71,7 +63,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     @classmethod
     def from_torch(cls, layer: torch.nn.TransformerEncoderLayer) -> "TransformerEncoderLayer":
         """An attnkit layer sharing `layer`'s configuration and parameters (`layer` is untouched)."""
-        new = _share(cls, layer)
+        new = shared(cls, layer)
         _swap_attention(new)
         return new
 
@@ -110,7 +102,7 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
 
     @classmethod
     def from_torch(cls, layer: torch.nn.TransformerDecoderLayer) -> "TransformerDecoderLayer":
-        new = _share(cls, layer)
+        new = shared(cls, layer)
         _swap_attention(new)
         return new
 
@@ -132,7 +124,7 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
 
     @classmethod
     def from_torch(cls, encoder: torch.nn.TransformerEncoder) -> "TransformerEncoder":
-        new = _share(cls, encoder)
+        new = shared(cls, encoder)
         new._modules["layers"] = _adopt_layers(encoder.layers, torch.nn.TransformerEncoderLayer, TransformerEncoderLayer)
         new.use_nested_tensor = False
         return new
@@ -196,7 +188,7 @@ class TransformerDecoder(torch.nn.TransformerDecoder):
 
     @classmethod
     def from_torch(cls, decoder: torch.nn.TransformerDecoder) -> "TransformerDecoder":
-        new = _share(cls, decoder)
+        new = shared(cls, decoder)
         new._modules["layers"] = _adopt_layers(decoder.layers, torch.nn.TransformerDecoderLayer, TransformerDecoderLayer)
         return new
 
@@ -222,7 +214,7 @@ class Transformer(torch.nn.Transformer):
 
     @classmethod
     def from_torch(cls, model: torch.nn.Transformer) -> "Transformer":
-        new = _share(cls, model)
+        new = shared(cls, model)
         if type(model.encoder) is torch.nn.TransformerEncoder:
             new._modules["encoder"] = TransformerEncoder.from_torch(model.encoder)
         if type(model.decoder) is torch.nn.TransformerDecoder:

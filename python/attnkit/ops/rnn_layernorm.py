@@ -72,6 +72,21 @@ def _ln_lstm_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*saved)
 
 
+def _distinct(grads: tuple) -> tuple:
+    """The gradients with a tensor returned for several inputs (a bias and a LayerNorm
+    shift enter the gates alike) copied after its first use: each input gets its own,
+    as torch returns them, so a hook changing one in place cannot change another."""
+    seen = set()
+    out = []
+    for g in grads:
+        if g is not None and id(g) in seen:
+            g = g.clone()
+        elif g is not None:
+            seen.add(id(g))
+        out.append(g)
+    return tuple(out)
+
+
 def _ln_lstm_autograd(ctx, grad_output, grad_hn, grad_cn, *_saved_grads):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, g_c, be_c, lengths, zoneout, out, *saved = (
         ctx.saved_tensors
@@ -80,8 +95,8 @@ def _ln_lstm_autograd(ctx, grad_output, grad_hn, grad_cn, *_saved_grads):
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hn, h0), _zeros_if_none(grad_cn, c0),
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, g_c, be_c, lengths, zoneout, out, *saved,
     )
-    return (dx, dh0, dc0, dw_ih, dw_hh, db if b_ih is not None else None, db if b_hh is not None else None,
-            dg_ih, db, dg_hh, db, dg_c, dbe_c, None, None, None)
+    return _distinct((dx, dh0, dc0, dw_ih, dw_hh, db if b_ih is not None else None, db if b_hh is not None else None,
+                      dg_ih, db, dg_hh, db, dg_c, dbe_c, None, None, None))
 
 
 _ln_lstm_forward.register_autograd(_ln_lstm_autograd, setup_context=_ln_lstm_setup_context)
@@ -141,8 +156,8 @@ def _ln_gru_autograd(ctx, grad_output, grad_hn, *_saved_grads):
         _zeros_if_none(grad_output, out), _zeros_if_none(grad_hn, h0),
         x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, lengths, zoneout, out, *saved,
     )
-    return (dx, dh0, dw_ih, dw_hh, db_ih if b_ih is not None else None, db_hh if b_hh is not None else None,
-            dg_ih, db_ih, dg_hh, db_hh, None, None, None)
+    return _distinct((dx, dh0, dw_ih, dw_hh, db_ih if b_ih is not None else None,
+                      db_hh if b_hh is not None else None, dg_ih, db_ih, dg_hh, db_hh, None, None, None))
 
 
 _ln_gru_forward.register_autograd(_ln_gru_autograd, setup_context=_ln_gru_setup_context)
