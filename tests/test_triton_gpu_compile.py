@@ -58,11 +58,13 @@ def _ptxas():
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["plain", "causal"])
-def test_pipelined_forward_keeps_its_product_in_flight(tmp_path, causal):
-    """The forward's PIPELINE_QK loop (flash_attention_forward._fwd_run_pipelined) overlaps block j + 1's
-    q k^T with block j's exponentials only while the product stays asynchronous: Triton must
-    leave it in flight at the loop's end, and ptxas must not serialize the tensor cores, which it
-    announces with C7514 / C7515 (both seen while the loop was written)."""
+@pytest.mark.parametrize("kernel_name", ["_attn_fwd", "_attn_bwd_dq"])
+def test_look_ahead_keeps_its_product_in_flight(tmp_path, kernel_name, causal):
+    """The LOOK_AHEAD loops (the forward's q k^T, flash_attention_forward._fwd_run_pipelined;
+    dQ's dO V^T, flash_attention._dq_blocks) overlap the next block's product with this
+    block's exponentials only while the product stays asynchronous: Triton must leave it in
+    flight at the loop's end, and ptxas must not serialize the tensor cores, which it
+    announces with C7514 / C7515 (both seen while the loops were written)."""
     import torch
     import triton
 
@@ -80,24 +82,29 @@ def test_pipelined_forward_keeps_its_product_in_flight(tmp_path, causal):
         return kernel
 
     q, k, v, kwargs = compile_check._inputs(torch.bfloat16, 128, False, dict(window=(-1, 0)) if causal else {})
-    first = next(i for i, c in enumerate(launch._configs(128, 2, forward=True)) if c.kwargs.get("PIPELINE_QK"))
+    first = next(i for i, c in enumerate(launch._configs(128, 2, look_ahead=True)) if c.kwargs.get("LOOK_AHEAD"))
     env = {"ATTNKIT_TRITON_CONFIG": str(first), "TRITON_INTERPRET": None}
     with pytest.MonkeyPatch.context() as mp:
         for name, value in env.items():
             mp.delenv(name, raising=False) if value is None else mp.setenv(name, value)
         mp.setattr(compile_check.triton, "compile", keep)
-        launch.forward(q, k, v, launch=compile_check.Compiler(90, all_configs=False), **kwargs)
-    (kernel,) = compiled
+        compiler = compile_check.Compiler(90, all_configs=False)
+        if kernel_name == "_attn_fwd":
+            launch.forward(q, k, v, launch=compiler, **kwargs)
+        else:
+            lse = torch.empty(q.shape[:-1], device="meta", dtype=torch.float32)
+            launch.backward(torch.empty_like(q), q, k, v, torch.empty_like(q), lse, launch=compiler, **kwargs)
+    (kernel,) = [c for c in compiled if c.name == kernel_name]
     ttgir = kernel.asm["ttgir"]
     in_flight = [line for line in ttgir.splitlines() if "ttng.warp_group_dot " in line and "isAsync = true" in line
                  and "-> tensor<128x64xf32" in line]
     waited = {line.split("ttng.warp_group_dot_wait ")[1].split(",")[0].split(" ")[0]
               for line in ttgir.splitlines() if "ttng.warp_group_dot_wait " in line}
     products = [line.split("=")[0].strip() for line in in_flight]
-    assert any(name not in waited for name in products), "no q k^T left in flight in the loop"
-    ptx = tmp_path / "fwd.ptx"
+    assert any(name not in waited for name in products), "no look-ahead product left in flight in the loop"
+    ptx = tmp_path / "kernel.ptx"
     ptx.write_text(kernel.asm["ptx"])
-    run = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "fwd.cubin")],
+    run = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "kernel.cubin")],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "C7514" not in run.stderr and "C7515" not in run.stderr, run.stderr

@@ -50,10 +50,10 @@ COMBOS = [
     # The opt-in warp-specialized forward (ATTNKIT_TRITON_WS=1), sm_90 only like the TMA candidates.
     ("bf16-d128-ws-causal", torch.bfloat16, 128, False, dict(window=(-1, 0), tma=True, ws=True)),
     ("fp16-d64-ws", torch.float16, 64, False, dict(tma=True, ws=True)),
-    # The forward's PIPELINE_QK candidates (each q k^T issued a block ahead), pointer and TMA loads.
-    ("bf16-d128-pipelined-causal", torch.bfloat16, 128, False, dict(window=(-1, 0), pipelined=True)),
-    ("fp16-d64-pipelined-tma-padding-dropout", torch.float16, 64, False,
-     dict(pad=True, dropout_p=0.1, tma=True, pipelined=True)),
+    # The forward's and dQ's LOOK_AHEAD candidates (a product issued a block ahead), pointer and TMA loads.
+    ("bf16-d128-look-ahead-causal", torch.bfloat16, 128, False, dict(window=(-1, 0), look_ahead=True)),
+    ("fp16-d64-look-ahead-tma-padding-dropout", torch.float16, 64, False,
+     dict(pad=True, dropout_p=0.1, tma=True, look_ahead=True)),
 ]
 
 
@@ -199,18 +199,18 @@ def _candidates(dtype, dim, all_configs, options):
     all_configs, launched at their first TMA candidate (config 0 is a pointer one;
     dK/dV, with no TMA candidates, at its last config). ws: the forward through
     flash_attention_ws, as ATTNKIT_TRITON_WS=1 there (its candidates walked as autotuned).
-    pipelined: the forward at its first PIPELINE_QK candidate (with TMA loads under tma;
-    dQ and dK/dV at their last configs)."""
-    tma, pipelined = bool(options.get("tma")), bool(options.get("pipelined"))
-    if not (tma or pipelined):
+    look_ahead: the forward and dQ at their first LOOK_AHEAD candidate (with TMA loads
+    under tma; dK/dV at its last config)."""
+    tma, look_ahead = bool(options.get("tma")), bool(options.get("look_ahead"))
+    if not (tma or look_ahead):
         yield
         return
     block = launch._block_dim(dim)
     first = len(launch._configs(block, dtype.itemsize))  # the first TMA candidate
-    if pipelined:
-        forward = launch._configs(block, dtype.itemsize, tma=tma, forward=True)
+    if look_ahead:
+        forward = launch._configs(block, dtype.itemsize, tma=tma, look_ahead=True)
         first = next(i for i, c in enumerate(forward)
-                     if c.kwargs.get("PIPELINE_QK") and bool(c.kwargs.get("USE_TMA")) == tma)
+                     if c.kwargs.get("LOOK_AHEAD") and bool(c.kwargs.get("USE_TMA")) == tma)
     fixed = None if all_configs or options.get("ws") else str(first)
     with _environment("ATTNKIT_TRITON_CONFIG", fixed), \
             _environment("ATTNKIT_TRITON_WS", "1" if options.get("ws") else "0"), \

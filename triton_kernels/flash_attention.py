@@ -456,6 +456,16 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
+def _dq_value_tile(v_base, offs_n, n_start, offs_dv, stride_vn, k_len, V_DESC, b, kvh, HEAD_DIM_V: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_BOUNDS: tl.constexpr, USE_TMA: tl.constexpr):
+    if USE_TMA:
+        return V_DESC.load([b, kvh, n_start, 0]).reshape(BLOCK_N, BLOCK_DV)
+    else:
+        return _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n < k_len,
+                          offs_dv < HEAD_DIM_V, CHECK_BOUNDS, HEAD_DIM_V != BLOCK_DV)
+
+
+@triton.jit
 def _dq_blocks(
     dq, q, do, lse, delta, k_base, v_base, lo, run_lo, run_hi, hi, offs_m, offs_n0, offs_dv, q_len, k_len, diag,
     rot_off, COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap, mask_base,
@@ -465,35 +475,62 @@ def _dq_blocks(
     UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr, RAW_SCORES: tl.constexpr,
     ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, CHECK_BOUNDS: tl.constexpr, USE_TMA: tl.constexpr,
+    LOOK_AHEAD: tl.constexpr = False,
 ):
     """dQ (unscaled) accumulated over the checked key blocks or the unchecked run
-    (USE_TMA: K and V through their descriptors, as in _fwd_blocks)."""
+    (USE_TMA: K and V through their descriptors, as in _fwd_blocks). LOOK_AHEAD:
+    each block's dO V^T is issued during the block before (after that block's
+    dP - delta is taken, so the running product can take its registers), and
+    runs on the tensor cores beside that block's exponentials, as the forward's
+    look-ahead q k^T (flash_attention_forward._fwd_run_pipelined); the last
+    block's look-ahead reloads it (a clamped index)."""
     count, before = _block_count(lo, run_lo, run_hi, hi, BLOCK_N, CHECK_BOUNDS)
+    if LOOK_AHEAD:
+        dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
+        if count > 0:
+            first = _block_start(0, before, lo, run_lo, run_hi, BLOCK_N, CHECK_BOUNDS)
+            v = _dq_value_tile(v_base, first + offs_n0, first, offs_dv, stride_vn, k_len, V_DESC, b, kvh, HEAD_DIM_V,
+                               BLOCK_DV, BLOCK_N, CHECK_BOUNDS, USE_TMA)
+            dp = _dot(do, tl.trans(v), dp, DOT_PRECISION, UPCAST)
     for j in range(0, count):
         n_start = _block_start(j, before, lo, run_lo, run_hi, BLOCK_N, CHECK_BOUNDS)
         offs_n = n_start + offs_n0
         if USE_TMA:
             k = K_DESC.load([b, kvh, n_start, 0]).reshape(BLOCK_N, BLOCK_D)
-            v = V_DESC.load([b, kvh, n_start, 0]).reshape(BLOCK_N, BLOCK_DV)
         else:
             k = _load_rows(k_base, offs_n, stride_kn, offs_n < k_len, offs_n + rot_off, COS, SIN, stride_rot, 1.0,
                            HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE, CHECK_BOUNDS)
-            v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n < k_len,
-                           offs_dv < HEAD_DIM_V, CHECK_BOUNDS, HEAD_DIM_V != BLOCK_DV)
+        if not LOOK_AHEAD:
+            v = _dq_value_tile(v_base, offs_n, n_start, offs_dv, stride_vn, k_len, V_DESC, b, kvh, HEAD_DIM_V,
+                               BLOCK_DV, BLOCK_N, CHECK_BOUNDS, USE_TMA)
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+        if LOOK_AHEAD:  # this block's dO V^T came from the block before
+            dpd = _dp_minus_delta(dp, delta, offs_m, offs_n, seed_bh, max_k, drop_threshold, drop_scale, DROPOUT)
+            ahead = _block_start(tl.minimum(j + 1, count - 1), before, lo, run_lo, run_hi, BLOCK_N, CHECK_BOUNDS)
+            v = _dq_value_tile(v_base, ahead + offs_n0, ahead, offs_dv, stride_vn, k_len, V_DESC, b, kvh, HEAD_DIM_V,
+                               BLOCK_DV, BLOCK_N, CHECK_BOUNDS, USE_TMA)
+            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         s, t = _tile_scores(qk, offs_m[:, None], offs_n[None, :], q_len, k_len, diag, window_left, window_right,
                             scale, softcap, mask_base, stride_mm, stride_mn, pad_base, slope,
                             USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, ALIBI, RAW_SCORES, CHECK_BOUNDS)
         p = tl.exp2(s * _score_scale(scale, RAW_SCORES) - lse[:, None] * LOG2E)
-        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
-        if DROPOUT:
-            keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], max_k, drop_threshold)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
+        if not LOOK_AHEAD:
+            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+            dpd = _dp_minus_delta(dp, delta, offs_m, offs_n, seed_bh, max_k, drop_threshold, drop_scale, DROPOUT)
+        ds = p * dpd
         if SOFTCAP:
             ds = ds * (1 - t * t)
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
     return dq
+
+
+@triton.jit
+def _dp_minus_delta(dp, delta, offs_m, offs_n, seed_bh, max_k, drop_threshold, drop_scale, DROPOUT: tl.constexpr):
+    """dP - delta of a tile, dP through the dropout mask (dropped entries 0, kept ones scaled)."""
+    if DROPOUT:
+        keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], max_k, drop_threshold)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    return dp - delta[:, None]
 
 
 @triton.jit
@@ -508,7 +545,7 @@ def _attn_bwd_dq(
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
     RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
-    USE_TMA: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, LOOK_AHEAD: tl.constexpr = False,
 ):
     scale = tl.full([], scale, ACC_DTYPE)  # a float64 parameter: float64 inputs keep every bit of it (float32 cost them 3e-8)
     if USE_TMA:  # as in _attn_fwd
@@ -546,7 +583,9 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
     lo, run_lo, run_hi, hi = _key_blocks(m0, q_len, k_len, diag, window_left, window_right, BLOCK_M, BLOCK_N,
                                          USE_WINDOW, ROTARY_DIM)
-    for check in tl.static_range(2):  # the unchecked run, then the checked rest
+    # The unchecked run, then the checked rest (check = 0, 1); with LOOK_AHEAD the other way round
+    # (check = 1, 0), as the forward's: run first, its loop drew ptxas's C7515 (tensor cores serialized).
+    for check in tl.static_range(LOOK_AHEAD * 1, 2 - 3 * LOOK_AHEAD, 1 - 2 * LOOK_AHEAD):
         if (check == 1) | (ROTARY_DIM == 0):  # no unchecked run with RoPE (see _unchecked_range)
             dq = _dq_blocks(
                 dq, q, do, lse, delta, k_base, v_base, lo, run_lo, run_hi, hi, offs_m, offs_n0, offs_dv, q_len, k_len,
@@ -554,7 +593,7 @@ def _attn_bwd_dq(
                 mask_base, stride_mm, stride_mn, PAD + b * stride_pb, slope, seed_bh, max_k, drop_threshold,
                 drop_scale, K_DESC, V_DESC, b, kvh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
                 ACC_DTYPE, DOT_PRECISION, UPCAST, USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI,
-                RAW_SCORES, ROTARY_DIM, INTERLEAVED, check == 1, USE_TMA)
+                RAW_SCORES, ROTARY_DIM, INTERLEAVED, check == 1, USE_TMA, LOOK_AHEAD & (check == 0))
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_inside)

@@ -1,5 +1,5 @@
 """The flash attention forward kernel (_attn_fwd) and its block loops: the default
-one (_fwd_blocks) and the look-ahead one of the PIPELINE_QK candidates
+one (_fwd_blocks) and the look-ahead one of the LOOK_AHEAD candidates
 (_fwd_run_pipelined). Scores, masks, bounds and loads are flash_attention's,
 shared with the backward; its module docstring gives the conventions."""
 import triton
@@ -184,7 +184,7 @@ def _attn_fwd(
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
     RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
-    USE_TMA: tl.constexpr = False, PIPELINE_QK: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, LOOK_AHEAD: tl.constexpr = False,
 ):
     scale = tl.full([], scale, ACC_DTYPE)  # a float64 parameter: float64 inputs keep every bit of it (float32 cost them 3e-8)
     if USE_TMA:  # descriptors index dense (B, H_kv, N, D) tensors and hold unrotated keys
@@ -222,7 +222,7 @@ def _attn_fwd(
     for step in tl.static_range(2):
         # The unchecked run, then the checked rest (CHECK_BOUNDS = step); the other way round for the
         # pipelined run: followed by the checked loop, it made ptxas serialize the tensor cores (C7515).
-        if PIPELINE_QK & (ROTARY_DIM == 0) & (step == 1):
+        if LOOK_AHEAD & (ROTARY_DIM == 0) & (step == 1):
             acc, l_i, m_i = _fwd_run_pipelined(
                 acc, l_i, m_i, q, k_base, v_base, run_lo, run_hi, offs_m, offs_n0, offs_dv, q_len, k_len, diag,
                 stride_kn, stride_vn, window_left, window_right, scale, softcap, mask_base, stride_mm, stride_mn,
@@ -236,7 +236,7 @@ def _attn_fwd(
                 mask_base, stride_mm, stride_mn, pad_base, slope, seed_bh, max_k, drop_threshold, drop_scale,
                 K_DESC, V_DESC, b, kvh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, ACC_DTYPE,
                 DOT_PRECISION, UPCAST, USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI, RAW_SCORES,
-                ROTARY_DIM, INTERLEAVED, (step == 1) | PIPELINE_QK, USE_TMA)
+                ROTARY_DIM, INTERLEAVED, (step == 1) | LOOK_AHEAD, USE_TMA)
 
     empty = l_i == 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -33,7 +33,7 @@ INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16)
 
 
 def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = False, tma: bool = False,
-             forward: bool = False):
+             look_ahead: bool = False):
     """Autotune candidates, the first one fitting the shared memory of an A100
     (163 KB) for every kernel (checked by compile_check); larger ones are
     skipped by the autotuner where they do not fit.
@@ -61,9 +61,10 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
       K and V (forward, dQ) or Q and dO (dK/dV) loaded by the tensor-copy engine (TMA):
       no per-thread address arithmetic, and a bare loop with TMA loads had 493
       sm_90 instructions an iteration against 506 with pointers (not timed).
-    - forward: the forward's own candidates after the rest, its unchecked run with
-      each block's q k^T issued a block ahead (PIPELINE_QK, _fwd_run_pipelined), 2-byte
-      types at D <= 128 without RoPE, pointers or TMA (see _PIPELINED_SHAPES).
+    - look_ahead (the forward's and dQ's list): candidates after the rest that issue one
+      product a key block ahead (LOOK_AHEAD: the forward's q k^T, _fwd_run_pipelined;
+      dQ's dO V^T, _dq_blocks), 2-byte types at D <= 128 without RoPE, pointers or TMA
+      (see _LOOK_AHEAD_SHAPES).
     - Dropped after timing every candidate on an H200 (benchmarks/attention_configs.py,
       BENCHMARKS.md): (128, 128, 8, 3), forward and dQ, pointers and TMA, needs 262 KB at
       D = 128 (over any GPU's shared memory) and was never the fastest at D = 64;
@@ -86,10 +87,10 @@ def _configs(block_d: int, elem_bytes: int, rotary: bool = False, dkdv: bool = F
         shapes, hook = (_TMA_DKDV_SHAPES, _tma_query_block_shapes) if dkdv else (_TMA_SHAPES, _tma_block_shapes)
         configs += [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, USE_TMA=True), num_warps=w, num_stages=st,
                                   pre_hook=hook) for m, n, w, st in shapes]
-    if forward and elem_bytes == 2 and block_d <= 128 and not rotary:
-        configs += [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, PIPELINE_QK=True, **({"USE_TMA": True} if on_tma else {})),
+    if look_ahead and elem_bytes == 2 and block_d <= 128 and not rotary:
+        configs += [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, LOOK_AHEAD=True, **({"USE_TMA": True} if on_tma else {})),
                                   num_warps=w, num_stages=st, pre_hook=_tma_block_shapes if on_tma else None)
-                    for m, n, w, st, on_tma in _PIPELINED_SHAPES if tma or not on_tma]
+                    for m, n, w, st, on_tma in _LOOK_AHEAD_SHAPES if tma or not on_tma]
     return configs
 
 
@@ -109,11 +110,11 @@ _TMA_SHAPES = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2),
 _TMA_DKDV_SHAPES = [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)]
 
 
-# The forward's candidates with PIPELINE_QK, (BLOCK_M, BLOCK_N, warps, stages, TMA): the H200's
-# forward winners at D = 128 (BENCHMARKS.md) with the look-ahead product. Compiled for sm_90
+# The forward's and dQ's candidates with LOOK_AHEAD, (BLOCK_M, BLOCK_N, warps, stages, TMA): the
+# H200's forward winners at D = 128 (BENCHMARKS.md) with the look-ahead product. Compiled for sm_90
 # (Triton 3.8, bf16, D = 128): see BENCHMARKS.md; not yet timed.
-_PIPELINED_SHAPES = [(128, 64, 8, 3, False), (128, 64, 8, 2, False), (64, 64, 4, 2, False), (128, 64, 8, 3, True),
-                     (64, 64, 4, 2, True)]
+_LOOK_AHEAD_SHAPES = [(128, 64, 8, 3, False), (128, 64, 8, 2, False), (64, 64, 4, 2, False), (128, 64, 8, 3, True),
+                      (64, 64, 4, 2, True)]
 
 
 def _set_tiles(first, second, rows: int, blocks) -> None:
@@ -133,19 +134,19 @@ def _tma_block_shapes(nargs) -> None:
 
 
 _tma_forced = False
-_pipelined_forced = False
+_look_ahead_forced = False
 
 
 @contextlib.contextmanager
-def pipelined_forced():
-    """Within it the interpreter runs the forward's PIPELINE_QK loop (the GPU autotunes it as a
-    candidate): for tests, which have no GPU."""
-    global _pipelined_forced
-    previous, _pipelined_forced = _pipelined_forced, True
+def look_ahead_forced():
+    """Within it the interpreter runs the forward's and dQ's LOOK_AHEAD loops (the GPU
+    autotunes them as candidates): for tests, which have no GPU."""
+    global _look_ahead_forced
+    previous, _look_ahead_forced = _look_ahead_forced, True
     try:
         yield
     finally:
-        _pipelined_forced = previous
+        _look_ahead_forced = previous
 
 
 @contextlib.contextmanager
@@ -250,38 +251,37 @@ def config_count(head_dim: int, dtype: torch.dtype, rotary: bool = False) -> int
 
 
 def _config_count(block_d: int, elem_bytes: int, rotary: bool, tma: bool = False) -> int:
-    return max(len(_configs(block_d, elem_bytes, rotary, dkdv, tma, forward=not dkdv)) for dkdv in (False, True))
+    return max(len(_configs(block_d, elem_bytes, rotary, dkdv, tma, look_ahead=not dkdv)) for dkdv in (False, True))
 
 
 def _kernel(kernel, block_d: int, elem_bytes: int, rotary: bool = False, tma: bool = False):
     """The kernel as launched here: autotuned on a GPU, fixed under the
     interpreter or by ATTNKIT_TRITON_CONFIG. tma: the forward with descriptors
     (see _tma_descriptors); the interpreter then takes the TMA path too."""
-    forward = kernel is _attn_fwd
+    look_ahead = kernel is _attn_fwd or kernel is _attn_bwd_dq
     if _interpreting():
-        pipelined = forward and _pipelined_forced
         return kernel, dict(INTERPRETER_BLOCKS, **(dict(USE_TMA=True) if tma else {}),
-                            **(dict(PIPELINE_QK=True) if pipelined else {}))
+                            **(dict(LOOK_AHEAD=True) if look_ahead and _look_ahead_forced else {}))
     dkdv = kernel is _attn_bwd_dkdv
     fixed = _fixed_config()
     if fixed is not None:
         count = _config_count(block_d, elem_bytes, rotary, _tma_device())  # what config_count reports
         if fixed >= count:
             raise ValueError(f"ATTNKIT_TRITON_CONFIG={fixed}: only {count} configs at this head dim and dtype")
-        configs = _configs(block_d, elem_bytes, rotary, dkdv=dkdv, tma=tma, forward=forward)
+        configs = _configs(block_d, elem_bytes, rotary, dkdv=dkdv, tma=tma, look_ahead=look_ahead)
         config = configs[min(fixed, len(configs) - 1)]
         return kernel, dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     key = (kernel, block_d >= 256, elem_bytes > 2, rotary, tma)
     tuner = _tuned.get(key)
     if tuner is None:  # the candidates are built once per key: building them took 5 us of every launch
-        configs = _configs(block_d, elem_bytes, rotary, dkdv=dkdv, tma=tma, forward=forward)
+        configs = _configs(block_d, elem_bytes, rotary, dkdv=dkdv, tma=tma, look_ahead=look_ahead)
         tuner = _tuned[key] = triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
     return tuner, {}
 
 
 def last_tuned_configs() -> str:
     """The config each autotuned kernel launched with last, e.g. "fwd 128x64 w8 s2"
-    ("... TMA" for a tensor-descriptor candidate, "... QK-ahead" for PIPELINE_QK):
+    ("... TMA" for a tensor-descriptor candidate, "... ahead" for LOOK_AHEAD):
     the benchmark notes them beside its timings, so a GPU run shows which
     candidates win."""
     names = {_attn_fwd: "fwd", _attn_bwd_dkdv: "dkdv", _attn_bwd_dq: "dq"}
@@ -291,7 +291,7 @@ def last_tuned_configs() -> str:
         if config is not None:
             blocks = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
             loads = " TMA" if config.kwargs.get("USE_TMA") else ""
-            loads += " QK-ahead" if config.kwargs.get("PIPELINE_QK") else ""
+            loads += " ahead" if config.kwargs.get("LOOK_AHEAD") else ""
             picked.append(f"{names.get(kernel, kernel)} {blocks} w{config.num_warps} s{config.num_stages}{loads}")
     return "; ".join(picked)
 

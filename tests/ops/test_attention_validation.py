@@ -139,12 +139,12 @@ def test_triton_config_env_picks_a_fixed_config_or_names_what_is_wrong(monkeypat
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter always takes its own small blocks
     count = launch.config_count(128, torch.bfloat16)
     tma = launch._tma_device()  # an sm_90 GPU adds the forward's TMA candidates
-    # The forward's list is the longest: the others' entries, then its PIPELINE_QK ones.
-    assert count == len(launch._configs(128, 2, tma=tma, forward=True)) > len(launch._configs(128, 2, tma=tma)) > 1
+    # The forward's list is the longest: the others' entries, then its LOOK_AHEAD ones.
+    assert count == len(launch._configs(128, 2, tma=tma, look_ahead=True)) > len(launch._configs(128, 2, tma=tma)) > 1
     for index in (0, count - 1):
         monkeypatch.setenv("ATTNKIT_TRITON_CONFIG", str(index))
         kernel, options = launch._kernel(launch._attn_fwd, 128, 2, tma=tma)
-        config = launch._configs(128, 2, tma=tma, forward=True)[index]
+        config = launch._configs(128, 2, tma=tma, look_ahead=True)[index]
         assert kernel is launch._attn_fwd  # the plain kernel, not an Autotuner
         assert options == dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     # The dK/dV kernel has its own list, shorter: past its end it keeps its last entry.
@@ -176,12 +176,12 @@ def test_fixed_config_indices_reach_the_tma_candidates(monkeypatch):
     assert len(with_tma) > len(plain) and all("USE_TMA" not in c.kwargs for c in plain)
     with launch.tma_forced():
         count = launch.config_count(128, torch.bfloat16)
-        assert count == len(launch._configs(128, 2, tma=True, forward=True)) > len(with_tma)
+        assert count == len(launch._configs(128, 2, tma=True, look_ahead=True)) > len(with_tma)
         monkeypatch.setenv("ATTNKIT_TRITON_CONFIG", str(count - 1))
         _, options = launch._kernel(launch._attn_fwd, 128, 2, tma=True)
         assert options["USE_TMA"] is True
         _, options = launch._kernel(launch._attn_fwd, 128, 2)  # no descriptors for this call
-        last_plain = launch._configs(128, 2, forward=True)[-1]
+        last_plain = launch._configs(128, 2, look_ahead=True)[-1]
         assert "USE_TMA" not in options and options == dict(last_plain.kwargs, num_warps=last_plain.num_warps,
                                                             num_stages=last_plain.num_stages)
         _, options = launch._kernel(launch._attn_bwd_dq, 128, 2)

@@ -1,7 +1,8 @@
-"""The forward's PIPELINE_QK loop (_fwd_run_pipelined: each key block's q k^T issued
-one block ahead, an autotune candidate on GPUs) on the Triton backend under the
-interpreter, where flash_attention_launch.pipelined_forced() takes it: values, lse and
-gradients (the usual backward, through the lse it saves) against the float64 reference."""
+"""The LOOK_AHEAD loops, autotune candidates on GPUs (a product issued one key block
+ahead: the forward's q k^T, flash_attention_forward._fwd_run_pipelined; dQ's dO V^T,
+flash_attention._dq_blocks), on the Triton backend under the interpreter, where
+flash_attention_launch.look_ahead_forced() takes them: values, lse and gradients
+against the float64 reference."""
 import pytest
 import torch
 from attention_cases import Features, Shape, assert_close, ground_truth, make_inputs
@@ -31,12 +32,12 @@ def _launch():
 
 
 def _spy_forward_options(monkeypatch, launch):
-    """The keyword arguments of each forward kernel launch."""
+    """The keyword arguments of each forward and dQ kernel launch."""
     launched = []
     real = launch._run
 
     def spy(kernel, grid, args, kwargs, run_launch):
-        if kernel is launch._attn_fwd:
+        if kernel is launch._attn_fwd or kernel is launch._attn_bwd_dq:
             launched.append(kwargs)
         return real(kernel, grid, args, kwargs, run_launch)
 
@@ -58,20 +59,20 @@ def _check(q, k, v, kwargs, dtype, **extra):
 
 
 @pytest.mark.parametrize("shape,features", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in CASES])
-def test_pipelined_forward_matches_reference(monkeypatch, shape, features):
+def test_look_ahead_matches_reference(monkeypatch, shape, features):
     launch = _launch()
     launched = _spy_forward_options(monkeypatch, launch)
-    with forced(OP, "triton", "cpu") as dev, launch.pipelined_forced():
+    with forced(OP, "triton", "cpu") as dev, launch.look_ahead_forced():
         q, k, v, kwargs = make_inputs(shape, features, torch.float32, dev)
         _check(q, k, v, kwargs, torch.float32)
-    assert [options.get("PIPELINE_QK") for options in launched] == [True]
+    assert [options.get("LOOK_AHEAD") for options in launched] == [True, True]  # the forward, then dQ
 
 
-def test_pipelined_forward_with_dropout_draws_the_reference_mask(monkeypatch):
+def test_look_ahead_with_dropout_draws_the_reference_mask(monkeypatch):
     launch = _launch()
     launched = _spy_forward_options(monkeypatch, launch)
     shape, features = Shape(2, 2, 1, 40, 57, 32, 32), Features(causal=True)
-    with forced(OP, "triton", "cpu") as dev, launch.pipelined_forced():
+    with forced(OP, "triton", "cpu") as dev, launch.look_ahead_forced():
         q, k, v, kwargs = make_inputs(shape, features, torch.float32, dev)
         kwargs = dict(kwargs, dropout_p=0.3, generator=torch.Generator().manual_seed(5))
         seed = int(torch.randint(0, 1 << 40, (), generator=torch.Generator().manual_seed(5))) << 20
@@ -85,34 +86,35 @@ def test_pipelined_forward_with_dropout_draws_the_reference_mask(monkeypatch):
     assert_close(out, out_t, 1e-4, "out")
     for name, g, g_t in zip("qkv", grads, grads_t):
         assert_close(g, g_t, 4e-4, f"d{name}")
-    assert launched and all(options.get("PIPELINE_QK") for options in launched)
+    assert launched and all(options.get("LOOK_AHEAD") for options in launched)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_pipelined_forward_through_tensor_descriptors(monkeypatch, dtype):
+def test_look_ahead_through_tensor_descriptors(monkeypatch, dtype):
     launch = _launch()
     if launch.TensorDescriptor is None:
         pytest.skip("this Triton has no host tensor descriptors")
     launched = _spy_forward_options(monkeypatch, launch)
     shape, features = Shape(2, 4, 2, 33, 47, 64, 64), Features(causal=True)
-    with forced(OP, "triton", "cpu", dtype) as dev, launch.pipelined_forced(), launch.tma_forced():
+    with forced(OP, "triton", "cpu", dtype) as dev, launch.look_ahead_forced(), launch.tma_forced():
         q, k, v, kwargs = make_inputs(shape, features, dtype, dev)
         _check(q, k, v, kwargs, dtype)
-    assert [(o.get("PIPELINE_QK"), o.get("USE_TMA")) for o in launched] == [(True, True)]
+    assert [(o.get("LOOK_AHEAD"), o.get("USE_TMA")) for o in launched] == [(True, True)] * 2
 
 
-def test_pipelined_candidates_are_the_forwards_alone():
-    """The forward's autotune list ends with its PIPELINE_QK candidates (2-byte types,
-    D <= 128, no RoPE); dQ, which shares the list's other entries, never gets them."""
+def test_look_ahead_candidates_are_the_forward_and_dq_lists():
+    """The forward's and dQ's autotune list ends with the LOOK_AHEAD candidates (2-byte
+    types, D <= 128, no RoPE); the dK/dV kernel's list has none."""
     launch = _launch()
-    forward = launch._configs(128, 2, forward=True)
-    dq = launch._configs(128, 2)
-    pipelined = [c for c in forward if c.kwargs.get("PIPELINE_QK")]
-    assert forward[: len(dq)] == dq and forward[len(dq):] == pipelined and pipelined
+    forward = launch._configs(128, 2, look_ahead=True)
+    plain = launch._configs(128, 2)
+    pipelined = [c for c in forward if c.kwargs.get("LOOK_AHEAD")]
+    assert forward[: len(plain)] == plain and forward[len(plain):] == pipelined and pipelined
+    assert not any(c.kwargs.get("LOOK_AHEAD") for c in launch._configs(128, 2, dkdv=True))
     assert not any(c.kwargs.get("USE_TMA") for c in pipelined)  # no descriptors on this machine
-    with_tma = [c for c in launch._configs(128, 2, tma=True, forward=True) if c.kwargs.get("PIPELINE_QK")]
+    with_tma = [c for c in launch._configs(128, 2, tma=True, look_ahead=True) if c.kwargs.get("LOOK_AHEAD")]
     assert any(c.kwargs.get("USE_TMA") and c.pre_hook is not None for c in with_tma)
-    for no_candidates in (launch._configs(256, 2, forward=True), launch._configs(128, 4, forward=True),
-                          launch._configs(128, 2, rotary=True, forward=True)):
-        assert not any(c.kwargs.get("PIPELINE_QK") for c in no_candidates)
+    for no_candidates in (launch._configs(256, 2, look_ahead=True), launch._configs(128, 4, look_ahead=True),
+                          launch._configs(128, 2, rotary=True, look_ahead=True)):
+        assert not any(c.kwargs.get("LOOK_AHEAD") for c in no_candidates)
     assert launch._config_count(128, 2, False) == len(forward)
