@@ -22,7 +22,7 @@ OP = "attnkit.scaled_dot_product_attention"
 
 def _padded(t: Tensor, rank: int) -> Tensor:
     """t viewed with leading 1s up to `rank` dims."""
-    return t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
+    return t if t.dim() == rank else t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
 
 
 def _heads(hq: int, hk: int, hv: int, enable_gqa: bool) -> Tuple[int, int]:
@@ -54,6 +54,8 @@ def _as_heads(t: Tensor, heads: int) -> Tensor:
 
 def _flat_batch(t: Tensor, batch: Sequence[int]) -> Tensor:
     """t (..., H, N, E) broadcast to `batch` leading dims and those flattened into one."""
+    if len(batch) == 1 and t.shape[0] == batch[0]:
+        return t  # the usual 4-D call: nothing to broadcast or flatten
     t = t.expand(*batch, *t.shape[-3:])
     return t.reshape(math.prod(batch), *t.shape[-3:]) if len(batch) != 1 else t
 
