@@ -458,6 +458,7 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _dq_value_tile(v_base, offs_n, n_start, offs_dv, stride_vn, k_len, V_DESC, b, kvh, HEAD_DIM_V: tl.constexpr,
                    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_BOUNDS: tl.constexpr, USE_TMA: tl.constexpr):
+    """dQ's V tile at keys offs_n (from n_start): through the descriptor with USE_TMA, else pointers."""
     if USE_TMA:
         return V_DESC.load([b, kvh, n_start, 0]).reshape(BLOCK_N, BLOCK_DV)
     else:
