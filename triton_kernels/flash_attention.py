@@ -217,6 +217,18 @@ def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.
 
 
 @triton.jit
+def _value_tile(v_base, offs_n, n_start, offs_dv, stride_vn, k_len, V_DESC, b, kvh, HEAD_DIM_V: tl.constexpr,
+                BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_BOUNDS: tl.constexpr, USE_TMA: tl.constexpr):
+    """A V tile at keys offs_n (from n_start), for the forward and dQ: through the
+    descriptor with USE_TMA (rows past the tensor arrive as zeros), else pointers."""
+    if USE_TMA:
+        return V_DESC.load([b, kvh, n_start, 0]).reshape(BLOCK_N, BLOCK_DV)
+    else:
+        return _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n < k_len,
+                          offs_dv < HEAD_DIM_V, CHECK_BOUNDS, HEAD_DIM_V != BLOCK_DV)
+
+
+@triton.jit
 def _load_rows(base, rows, stride_row, row_ok, positions, COS, SIN, stride_rot, sin_sign,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr,
                ACC_DTYPE: tl.constexpr, CHECK_ROWS: tl.constexpr = True):
@@ -456,17 +468,6 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
-def _dq_value_tile(v_base, offs_n, n_start, offs_dv, stride_vn, k_len, V_DESC, b, kvh, HEAD_DIM_V: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_BOUNDS: tl.constexpr, USE_TMA: tl.constexpr):
-    """dQ's V tile at keys offs_n (from n_start): through the descriptor with USE_TMA, else pointers."""
-    if USE_TMA:
-        return V_DESC.load([b, kvh, n_start, 0]).reshape(BLOCK_N, BLOCK_DV)
-    else:
-        return _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n < k_len,
-                          offs_dv < HEAD_DIM_V, CHECK_BOUNDS, HEAD_DIM_V != BLOCK_DV)
-
-
-@triton.jit
 def _dq_blocks(
     dq, q, do, lse, delta, k_base, v_base, lo, run_lo, run_hi, hi, offs_m, offs_n0, offs_dv, q_len, k_len, diag,
     rot_off, COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap, mask_base,
@@ -490,7 +491,7 @@ def _dq_blocks(
         dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
         if count > 0:
             first = _block_start(0, before, lo, run_lo, run_hi, BLOCK_N, CHECK_BOUNDS)
-            v = _dq_value_tile(v_base, first + offs_n0, first, offs_dv, stride_vn, k_len, V_DESC, b, kvh, HEAD_DIM_V,
+            v = _value_tile(v_base, first + offs_n0, first, offs_dv, stride_vn, k_len, V_DESC, b, kvh, HEAD_DIM_V,
                                BLOCK_DV, BLOCK_N, CHECK_BOUNDS, USE_TMA)
             dp = _dot(do, tl.trans(v), dp, DOT_PRECISION, UPCAST)
     for j in range(0, count):
@@ -502,13 +503,13 @@ def _dq_blocks(
             k = _load_rows(k_base, offs_n, stride_kn, offs_n < k_len, offs_n + rot_off, COS, SIN, stride_rot, 1.0,
                            HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE, CHECK_BOUNDS)
         if not LOOK_AHEAD:
-            v = _dq_value_tile(v_base, offs_n, n_start, offs_dv, stride_vn, k_len, V_DESC, b, kvh, HEAD_DIM_V,
+            v = _value_tile(v_base, offs_n, n_start, offs_dv, stride_vn, k_len, V_DESC, b, kvh, HEAD_DIM_V,
                                BLOCK_DV, BLOCK_N, CHECK_BOUNDS, USE_TMA)
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         if LOOK_AHEAD:  # this block's dO V^T came from the block before
             dpd = _dp_minus_delta(dp, delta, offs_m, offs_n, seed_bh, max_k, drop_threshold, drop_scale, DROPOUT)
             ahead = _block_start(tl.minimum(j + 1, count - 1), before, lo, run_lo, run_hi, BLOCK_N, CHECK_BOUNDS)
-            v = _dq_value_tile(v_base, ahead + offs_n0, ahead, offs_dv, stride_vn, k_len, V_DESC, b, kvh, HEAD_DIM_V,
+            v = _value_tile(v_base, ahead + offs_n0, ahead, offs_dv, stride_vn, k_len, V_DESC, b, kvh, HEAD_DIM_V,
                                BLOCK_DV, BLOCK_N, CHECK_BOUNDS, USE_TMA)
             dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         s, t = _tile_scores(qk, offs_m[:, None], offs_n[None, :], q_len, k_len, diag, window_left, window_right,

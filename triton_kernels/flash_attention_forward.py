@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 
 from .flash_attention import (
-    LOG2E, _block_count, _block_start, _dot, _dropout_keep, _key_blocks, _load_rows, _load_tile,
-    _query_block_longest_first, _score_scale, _sequence_bounds, _tile_scores,
+    LOG2E, _block_count, _block_start, _dot, _dropout_keep, _key_blocks, _load_rows, _query_block_longest_first,
+    _score_scale, _sequence_bounds, _tile_scores, _value_tile,
 )
 
 
@@ -22,17 +22,6 @@ def _key_tile(k_base, offs_n, n_start, stride_kn, k_len, rot_off, COS, SIN, stri
     else:
         return _load_rows(k_base, offs_n, stride_kn, offs_n < k_len, offs_n + rot_off, COS, SIN, stride_rot, 1.0,
                           HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE, CHECK_BOUNDS)
-
-
-@triton.jit
-def _value_tile(v_base, offs_n, n_start, offs_dv, stride_vn, k_len, V_DESC, b, kvh, HEAD_DIM_V: tl.constexpr,
-                BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_BOUNDS: tl.constexpr, USE_TMA: tl.constexpr):
-    """The forward's V tile, as _key_tile (V is never rotated)."""
-    if USE_TMA:
-        return V_DESC.load([b, kvh, n_start, 0]).reshape(BLOCK_N, BLOCK_DV)
-    else:
-        return _load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n < k_len,
-                          offs_dv < HEAD_DIM_V, CHECK_BOUNDS, HEAD_DIM_V != BLOCK_DV)
 
 
 @triton.jit
