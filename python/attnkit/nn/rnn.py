@@ -127,6 +127,18 @@ def _autocast(dtype: Optional[torch.dtype], tensors) -> list:
             for t in tensors]
 
 
+def _call_cell(name: str, call, input: Tensor, states, named):
+    """call(), a cell's op call; where it fails, the error _cell_error gives in terms
+    of what the user passed (`named()`: as _cell_error's `named`), if any."""
+    try:
+        return call()
+    except (TypeError, ValueError, RuntimeError):
+        error = _cell_error(name, input, states, named())
+        if error is None:
+            raise
+        raise error from None
+
+
 def _cell_error(name: str, input: Tensor, states, named) -> Optional[Exception]:
     """Why a cell's op call failed, in terms of what the user passed, or None: the op
     saw unbatched input and states as a batch of one (GRUCell's also as one step) and
@@ -319,14 +331,9 @@ class GRUCell(torch.nn.GRUCell):
         if torch._C._is_any_autocast_enabled():
             dtype = _autocast_dtype(x, h0, lower_on_cpu=False)
             x, h0, *weights = _autocast(dtype, [x, h0, *weights])
-        try:
-            _, h = ops.gru(x.unsqueeze(0), h0, *weights)
-        except (TypeError, ValueError, RuntimeError):
-            names = ("input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
-            error = _cell_error("GRUCell", input, states, list(zip(names, (x, h0, *weights))))
-            if error is None:
-                raise
-            raise error from None
+        names = ("input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        _, h = _call_cell("GRUCell", lambda: ops.gru(x.unsqueeze(0), h0, *weights), input, states,
+                          lambda: list(zip(names, (x, h0, *weights))))
         return h if batched else h.squeeze(0)
 
 

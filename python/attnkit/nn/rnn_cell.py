@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .rnn import _autocast, _autocast_dtype, _cell_error
+from .rnn import _autocast, _autocast_dtype, _call_cell
 
 
 class LSTMCell(torch.nn.LSTMCell):
@@ -39,14 +39,9 @@ class LSTMCell(torch.nn.LSTMCell):
             dtype = _autocast_dtype(x, None if hx is None else state[1], lower_on_cpu=False)  # c sets torch's dtype
             x, *weights = _autocast(dtype, [x, *weights])
             state = None if hx is None else tuple(_autocast(dtype, state))
-        try:
-            h, c = ops.lstm_cell(x, state, *weights)
-        except (TypeError, ValueError, RuntimeError):
-            names = ("input", "hx[0]", "hx[1]", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
-            error = _cell_error("LSTMCell", input, states, list(zip(names, (x, *(state or (None, None)), *weights))))
-            if error is None:
-                raise
-            raise error from None
+        names = ("input", "hx[0]", "hx[1]", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        h, c = _call_cell("LSTMCell", lambda: ops.lstm_cell(x, state, *weights), input, states,
+                          lambda: list(zip(names, (x, *(state or (None, None)), *weights))))
         if not batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c

@@ -47,13 +47,26 @@ def _zeros_if_none(grad, like):
     return torch.zeros_like(like) if grad is None else grad.contiguous()
 
 
+def _distinct(grads: tuple) -> tuple:
+    """The gradients with a tensor returned for several inputs (the kernels' one bias
+    gradient serves b_ih, b_hh and LayerNorm shifts alike) copied after its first use:
+    each input gets its own, as torch returns them, so a hook or caller changing one in
+    place cannot change another."""
+    seen = set()
+    out = []
+    for g in grads:
+        if g is not None and id(g) in seen:
+            g = g.clone()
+        elif g is not None:
+            seen.add(id(g))
+        out.append(g)
+    return tuple(out)
+
+
 def _bias_grads(db: Tensor, needs_b_ih: bool, needs_b_hh: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """The gradients of b_ih and b_hh from the kernels' one `db` (both biases enter
-    every gate alike). Two tensors when both need one, as torch.nn returns: a hook
-    or caller changing one gradient in place must not change the other."""
-    if needs_b_ih and needs_b_hh:
-        return db, db.clone()
-    return (db if needs_b_ih else None), (db if needs_b_hh else None)
+    every gate alike): a tensor of its own for each that needs one."""
+    return _distinct((db if needs_b_ih else None, db if needs_b_hh else None))
 
 
 def _or_none(t: Tensor) -> Optional[Tensor]:

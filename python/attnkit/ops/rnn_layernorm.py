@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import _dispatch, _eager, _validate
 from ..backends.rnn_layernorm import LAYER_NORM_GRU, LAYER_NORM_LSTM
-from .rnn import Lengths, _describe_tensors, _validated, _zeros_if_none
+from .rnn import Lengths, _describe_tensors, _distinct, _validated, _zeros_if_none
 
 LSTM_OP, GRU_OP = "attnkit.ops.layer_norm_lstm", "attnkit.ops.layer_norm_gru"
 
@@ -70,21 +70,6 @@ def _ln_lstm_setup_context(ctx, inputs, output):
     out, _, _, *saved = output
     ctx.save_for_backward(*args, out, *saved)
     ctx.mark_non_differentiable(*saved)
-
-
-def _distinct(grads: tuple) -> tuple:
-    """The gradients with a tensor returned for several inputs (a bias and a LayerNorm
-    shift enter the gates alike) copied after its first use: each input gets its own,
-    as torch returns them, so a hook changing one in place cannot change another."""
-    seen = set()
-    out = []
-    for g in grads:
-        if g is not None and id(g) in seen:
-            g = g.clone()
-        elif g is not None:
-            seen.add(id(g))
-        out.append(g)
-    return tuple(out)
 
 
 def _ln_lstm_autograd(ctx, grad_output, grad_hn, grad_cn, *_saved_grads):
