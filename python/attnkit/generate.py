@@ -48,6 +48,8 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--ids", action="store_true", help="print token ids even when a tokenizer is available")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="on a GPU, replay each decode step from a CUDA graph (not yet run on a GPU)")
     args = parser.parse_args(argv)
 
     try:
@@ -67,7 +69,7 @@ def main(argv: Optional[list] = None) -> int:
     try:
         stream = model.stream(ids.to(args.device), args.max_new_tokens, do_sample=args.do_sample,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eos,
-                              generator=generator)
+                              generator=generator, cuda_graph=args.cuda_graph)
         new = []
         for token in stream:
             new.append(int(token[0]))

@@ -7,8 +7,10 @@ import torch
 import transformers
 
 import attnkit.models.gpt2 as gpt2
+from attnkit.models import decode_graph
 from attnkit.models import GPT2LMHeadModel
 from attnkit.models.gpt2 import next_token
+from attnkit.models.packing import Packing
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +176,85 @@ def test_cli_errors(models, tmp_path, capsys):
     assert code == 2 and "input_ids must be in [0, 89)" in err
     code, _, err = cli_main(capsys, "--model", path, "--prompt", "hello")
     assert code == 2 and "needs a tokenizer" in err
+    code, _, err = cli_main(capsys, "--model", path, "--prompt-ids", 3, "--cuda-graph")
+    assert code == 2 and "cuda_graph=True needs the model and input_ids on a CUDA device" in err
     tiny = transformers.BertModel(transformers.BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1,
                                                           num_attention_heads=2, intermediate_size=8))
     tiny.save_pretrained(tmp_path / "bert")
     code, _, err = cli_main(capsys, "--model", tmp_path / "bert", "--prompt-ids", 1)
     assert code == 2 and "holds a 'bert' checkpoint" in err
+
+
+@torch.no_grad()
+def test_forward_decode_continues_the_prompt_pass_and_checks_its_input(models):
+    _, ours, _ = models
+    torch.manual_seed(4)
+    ids = torch.randint(2, 89, (2, 7))
+    full = ours.transformer(ids)
+    cache = gpt2.KVCache(ours.config, 2, 8, ids.device, torch.float32)
+    ours.transformer.forward_packed(ids[:, :5], Packing.for_ids(ids[:, :5], None), None, cache)
+    step = ours.transformer.forward_decode(ids[:, 5:], cache)  # two new tokens at once
+    assert torch.allclose(step, full[:, 5:], atol=1e-5) and cache.lengths.tolist() == [7, 7]
+    with pytest.raises(ValueError, match="KV cache holds 8 tokens; this step needs 9"):
+        ours.transformer.forward_decode(ids[:, :2], cache)
+    with pytest.raises(ValueError, match=r"input_ids must be in \[0, 89\)"):
+        ours.transformer.forward_decode(torch.tensor([[3], [89]]), cache)
+    assert cache.lengths.tolist() == [7, 7]  # a refused step changes nothing
+
+
+@pytest.fixture
+def stand_in_graphs(monkeypatch):
+    """CUDA graphs on the CPU, as far as that goes: the capture executes nothing (as a real one)
+    and a replay runs the recorded step again on the same buffers; the first step runs as is."""
+    monkeypatch.setattr(decode_graph, "_DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(decode_graph, "_run_first", lambda step, token: step(token))
+    monkeypatch.setattr(decode_graph, "_capture", lambda fn: fn)
+
+
+def test_cuda_graph_steps_replay_on_their_own_buffers(models, stand_in_graphs, monkeypatch):
+    hf, ours, _ = models
+    torch.manual_seed(5)
+    ids, mask = left_padded([6, 2, 4], 6)
+    tokens_seen = []
+    decode = ours.transformer.decode_unchecked
+    monkeypatch.setattr(ours.transformer, "decode_unchecked",
+                        lambda token, cache: tokens_seen.append(token.data_ptr()) or decode(token, cache))
+    out = ours.generate(ids, 9, attention_mask=mask, cuda_graph=True)
+    assert torch.equal(out, hf.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0))
+    # The first step runs on its own token; the capture records the buffer's, which every replay reads.
+    assert len(tokens_seen) == 1 + 8 - 1 and len(set(tokens_seen[1:])) == 1 and tokens_seen[0] != tokens_seen[1]
+
+
+def test_a_step_that_cannot_be_captured_runs_without_a_graph(models, stand_in_graphs, monkeypatch):
+    _, ours, _ = models
+    ids, mask = left_padded([3, 5], 5)
+
+    def refuse(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decode_graph, "_capture", refuse)
+    with pytest.warns(UserWarning, match="could not be captured in a CUDA graph"):
+        out = ours.generate(ids, 7, attention_mask=mask, cuda_graph=True)
+    assert torch.equal(out, ours.generate(ids, 7, attention_mask=mask))
+
+
+def test_cuda_graph_needs_a_gpu(models):
+    _, ours, _ = models
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model and input_ids on a CUDA device"):
+        ours.generate(torch.ones(1, 3, dtype=torch.long), 2, cuda_graph=True)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_generation_on_a_gpu_matches_eager_and_transformers(models):
+    hf, ours, path = models
+    hf = transformers.GPT2LMHeadModel.from_pretrained(path).cuda().eval()
+    ours = GPT2LMHeadModel.from_pretrained(str(path)).cuda()
+    torch.manual_seed(6)
+    ids, mask = (t.cuda() for t in left_padded([9, 4, 1, 7], 9))
+    graphed = ours.generate(ids, 24, attention_mask=mask, cuda_graph=True)
+    assert torch.equal(graphed, ours.generate(ids, 24, attention_mask=mask))
+    assert torch.equal(graphed, hf.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                                            pad_token_id=0))
+    eos = int(graphed[0, 12])  # stops early, rows padded, as the eager path
+    assert torch.equal(ours.generate(ids, 24, attention_mask=mask, eos_token_id=eos, pad_token_id=5, cuda_graph=True),
+                       ours.generate(ids, 24, attention_mask=mask, eos_token_id=eos, pad_token_id=5))

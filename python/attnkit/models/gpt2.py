@@ -11,7 +11,7 @@ weights are transposed on load and save.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ from torch import Tensor
 from ..nn.linear import Linear
 from ..ops import attention_decode, flash_attention_varlen
 from ..ops.attention_validation import cu_seqlens_checked_once
+from . import decode_graph
 from .common import activation, check_ids, check_length
 from .loading import PretrainedMixin
 from .packing import Packing
@@ -71,6 +72,22 @@ class KVCache:
         self.max_len = max_len
 
 
+class DecodeSlots(NamedTuple):
+    """Where a decode step's new tokens go, computed once for every layer: `lengths` (B,) int32,
+    the valid cache lengths after the step; `rows` arange(B); `offsets[i]` (B,) int64, the slot
+    of new token i in each row."""
+
+    lengths: Tensor
+    rows: Tensor
+    offsets: Tuple[Tensor, ...]
+
+    @classmethod
+    def after(cls, cache: "KVCache", n: int) -> "DecodeSlots":
+        lengths = cache.lengths + n
+        first = lengths.long() - n
+        return cls(lengths, torch.arange(lengths.shape[0], device=lengths.device), tuple(first + i for i in range(n)))
+
+
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, scale: float) -> Tensor:
     """q (B, H, n, D), the newest n tokens of each row, already in the caches (B, H, N_max, D)
     whose valid lengths (int32 (B,)) include them; query i of row b sees keys j <= lengths[b] - n + i."""
@@ -91,8 +108,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, packing: Optional[Packing], cache: Optional[KVCache], slots) -> Tensor:
         """x: packed (total, C) with `packing`, or (B, n, C) new tokens when decoding from `cache`.
-        slots: where the new keys go in the cache, (rows, offsets) for packed tokens, or the
-        valid cache lengths after this step (B,) int32 when decoding."""
+        slots: where the new keys go in the cache, (rows, offsets) for packed tokens, or
+        DecodeSlots when decoding."""
         c = x.shape[-1]
         q, k, v = self.c_attn(x).view(*x.shape[:-1], 3, self.n_head, c // self.n_head).unbind(-3)
         if packing is not None:
@@ -104,13 +121,10 @@ class CausalSelfAttention(nn.Module):
                                        packing.max_seqlen, causal=True, scale=self.scale,
                                        dropout_p=self.dropout_p if self.training else 0.0)
         else:
-            batch, n = x.shape[:2]
-            rows = torch.arange(batch, device=x.device)
-            for i in range(n):  # decode: write the new keys at each row's own length
-                offsets = (slots - n + i).long()
-                cache.k[self.layer_idx, rows, :, offsets] = k[:, i]
-                cache.v[self.layer_idx, rows, :, offsets] = v[:, i]
-            y = decode_attention(q.transpose(1, 2), cache.k[self.layer_idx], cache.v[self.layer_idx], slots,
+            for i, offsets in enumerate(slots.offsets):  # decode: write the new keys at each row's own length
+                cache.k[self.layer_idx, slots.rows, :, offsets] = k[:, i]
+                cache.v[self.layer_idx, slots.rows, :, offsets] = v[:, i]
+            y = decode_attention(q.transpose(1, 2), cache.k[self.layer_idx], cache.v[self.layer_idx], slots.lengths,
                                  self.scale).transpose(1, 2)
         return self.resid_dropout(self.c_proj(y.reshape(*x.shape[:-1], c)))
 
@@ -181,17 +195,27 @@ class GPT2Model(PretrainedMixin, nn.Module):
     def forward_decode(self, input_ids: Tensor, cache: KVCache) -> Tensor:
         """New tokens (B, n) after what `cache` holds; position of row b's token i is
         cache.lengths[b] + i. Returns hidden states (B, n, C) and advances cache.lengths."""
-        batch, n = input_ids.shape
-        lengths = cache.lengths + n
-        if int(lengths.max()) > cache.max_len:
-            raise ValueError(f"the KV cache holds {cache.max_len} tokens; this step needs {int(lengths.max())}")
-        positions = (cache.lengths[:, None] + torch.arange(n, device=input_ids.device)).long()
-        self._check(input_ids, positions)
-        x = self.drop(self.wte(input_ids) + self.wpe(positions))
+        n = input_ids.shape[1]
+        longest = int((cache.lengths + n).max())
+        if longest > cache.max_len:
+            raise ValueError(f"the KV cache holds {cache.max_len} tokens; this step needs {longest}")
+        self._check(input_ids, self._positions(cache, n))
+        return self.decode_unchecked(input_ids, cache)
+
+    def decode_unchecked(self, input_ids: Tensor, cache: KVCache) -> Tensor:
+        """forward_decode without its checks, which read the tokens' and the cache's values (three
+        syncs with a GPU a step, and none allowed in a CUDA graph): for callers whose tokens come
+        from the model's own logits and whose cache has room (generate)."""
+        slots = DecodeSlots.after(cache, input_ids.shape[1])
+        x = self.drop(self.wte(input_ids) + self.wpe(self._positions(cache, input_ids.shape[1])))
         for block in self.h:
-            x = block(x, None, cache, lengths)
-        cache.lengths.copy_(lengths)
+            x = block(x, None, cache, slots)
+        cache.lengths.copy_(slots.lengths)
         return self.ln_f(x)
+
+    @staticmethod
+    def _positions(cache: KVCache, n: int) -> Tensor:
+        return (cache.lengths[:, None] + torch.arange(n, device=cache.lengths.device)).long()
 
     def _check(self, input_ids: Tensor, position_ids: Optional[Tensor]) -> Tuple[int, int]:
         cfg = self.config
@@ -236,21 +260,26 @@ class GPT2LMHeadModel(PretrainedMixin, nn.Module):
     def generate(self, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
                  attention_mask: Optional[Tensor] = None, pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
+                 generator: Optional[torch.Generator] = None, cuda_graph: bool = False) -> Tensor:
         """The prompts followed by up to max_new_tokens tokens, (B, N + new), as transformers'
         generate: rows that emitted eos_token_id continue with pad_token_id (default eos), and
         generation stops early once every row has. Prompts of different lengths: pad them (left,
-        as transformers expects, or right) and pass attention_mask."""
+        as transformers expects, or right) and pass attention_mask.
+        cuda_graph: on a GPU, replay each decode step from a CUDA graph recorded at the first
+        (one host call a token instead of ~14 launches a layer; decode_graph.py). Not yet run
+        on a GPU, hence off by default."""
         steps = list(self.stream(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                                 attention_mask, pad_token_id, generator))
+                                 attention_mask, pad_token_id, generator, cuda_graph))
         return torch.cat([input_ids] + [t[:, None] for t in steps], dim=1)
 
     @torch.no_grad()
     def stream(self, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
                top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
                attention_mask: Optional[Tensor] = None, pad_token_id: Optional[int] = None,
-               generator: Optional[torch.Generator] = None) -> Iterator[Tensor]:
+               generator: Optional[torch.Generator] = None, cuda_graph: bool = False) -> Iterator[Tensor]:
         """generate() one step at a time: yields the next token of every row, (B,)."""
+        if cuda_graph and input_ids.device.type != decode_graph._DEVICE_TYPE:
+            raise ValueError(f"cuda_graph=True needs the model and input_ids on a CUDA device, got {input_ids.device}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if do_sample and temperature <= 0:
@@ -269,6 +298,9 @@ class GPT2LMHeadModel(PretrainedMixin, nn.Module):
         hidden = self.transformer.forward_packed(input_ids, packing, position_ids, cache)
         logits = self.lm_head(hidden[packing.cu_seqlens[1:].long() - 1])  # each row's last real token
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        # The cache has room for every step and the tokens come from our own logits: no checks.
+        decode = lambda token: self.lm_head(self.transformer.decode_unchecked(token[:, None], cache)[:, -1])  # noqa: E731
+        decode = decode_graph.GraphedStep(decode) if cuda_graph else decode
         for step in range(max_new_tokens):
             token = next_token(logits.float(), do_sample, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
@@ -277,7 +309,7 @@ class GPT2LMHeadModel(PretrainedMixin, nn.Module):
             yield token
             if step + 1 == max_new_tokens or bool(done.all()):
                 return
-            logits = self.lm_head(self.transformer.forward_decode(token[:, None], cache)[:, -1])
+            logits = decode(token)
 
     def hf_config(self) -> dict:
         return self.config.to_hf(type(self).__name__)
