@@ -109,3 +109,32 @@ def test_look_ahead_keeps_its_product_in_flight(tmp_path, kernel_name, causal):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "C7514" not in run.stderr and "C7515" not in run.stderr, run.stderr
     assert "0 bytes spill stores" in run.stderr, run.stderr
+
+
+def test_scale_and_softcap_reach_the_kernels_as_float64(monkeypatch):
+    """Both are Python floats; a plain float parameter compiles as float32, which left float64 inputs
+    3e-8 off (the interpreter keeps float64, so only a real compile shows it)."""
+    import torch
+    import triton
+
+    from attnkit.triton_kernels import compile_check, decode, flash_attention_launch as launch
+
+    signatures = {}
+    real_compile = triton.compile
+
+    def keep(source, target=None, options=None):
+        signatures[source.fn.__name__] = dict(source.signature)
+        return real_compile(source, target=target, options=options)
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("ATTNKIT_TRITON_CONFIG", "0")
+    monkeypatch.setattr(compile_check.triton, "compile", keep)
+    q, k, v, kwargs = compile_check._inputs(torch.float64, 16, False, dict(softcap=0.7, scale=0.3))
+    compiler = compile_check.Compiler(90, all_configs=False)
+    lse = torch.empty(q.shape[:-1], device="meta", dtype=torch.float64)
+    launch.forward(q, k, v, launch=compiler, **kwargs)
+    launch.backward(torch.empty_like(q), q, k, v, torch.empty_like(q), lse, launch=compiler, **kwargs)
+    lengths = torch.empty(q.shape[0], device="meta", dtype=torch.int32)
+    decode.decode(q[:, :, :1], k, v, lengths, scale=0.3, softcap=0.7, window_left=-1, splits=2, launch=compiler)
+    for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_decode_partial"):
+        assert (signatures[name]["scale"], signatures[name]["softcap"]) == ("fp64", "fp64"), (name, signatures[name])

@@ -27,12 +27,14 @@ from .flash_attention_launch import _interpreting, _run
 def _decode_partial(
     Q, K, V, SEQLENS, SLOPES, PART_O, PART_M, PART_L,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ab, H_KV, n_q, n_max, chunk, scale, softcap, window_left,
+    stride_ab, H_KV, n_q, n_max, chunk, scale: tl.float64, softcap: tl.float64, window_left,
     GROUP: tl.constexpr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # float64 parameters, as flash attention's: float64 inputs keep every bit of them
+    scale, softcap = tl.full([], scale, ACC_DTYPE), tl.full([], softcap, ACC_DTYPE)
     pid_bkv = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bkv // H_KV

@@ -392,7 +392,7 @@ def _attn_bwd_dkdv(
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_pb, stride_ab, stride_rot,
-    H_KV, GROUP, max_q, max_k, scale: tl.float64, softcap, window_left, window_right, seed, drop_threshold, drop_scale,
+    H_KV, GROUP, max_q, max_k, scale: tl.float64, softcap: tl.float64, window_left, window_right, seed, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -400,11 +400,12 @@ def _attn_bwd_dkdv(
     RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
     MASK_GRAD: tl.constexpr = False, USE_TMA: tl.constexpr = False,
 ):
-    scale = tl.full([], scale, ACC_DTYPE)  # a float64 parameter: float64 inputs keep every bit of it (float32 cost them 3e-8)
     """dK and dV of one key block; with MASK_GRAD the additive mask's gradient
     into DMASK, contiguous (B, H, max_q, max_k) in ACC_DTYPE, zeroed by the caller
     (the tiles no query block visits stay 0). USE_TMA: Q and dO through Q_DESC
     and DO_DESC (dense inputs, no RoPE, as the forward's K and V)."""
+    # float64 parameters: float64 inputs keep every bit of them (float32 cost them 3e-8)
+    scale, softcap = tl.full([], scale, ACC_DTYPE), tl.full([], softcap, ACC_DTYPE)
     if USE_TMA:
         tl.static_assert(VARLEN == 0, "USE_TMA takes dense inputs")
         tl.static_assert(ROTARY_DIM == 0, "USE_TMA loads queries as stored, without RoPE")
@@ -541,7 +542,7 @@ def _attn_bwd_dq(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm, stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_pb, stride_ab, stride_rot,
-    H, GROUP, max_q, max_k, scale: tl.float64, softcap, window_left, window_right, seed, drop_threshold, drop_scale,
+    H, GROUP, max_q, max_k, scale: tl.float64, softcap: tl.float64, window_left, window_right, seed, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -549,7 +550,8 @@ def _attn_bwd_dq(
     RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
     USE_TMA: tl.constexpr = False, LOOK_AHEAD: tl.constexpr = False,
 ):
-    scale = tl.full([], scale, ACC_DTYPE)  # a float64 parameter: float64 inputs keep every bit of it (float32 cost them 3e-8)
+    # float64 parameters: float64 inputs keep every bit of them (float32 cost them 3e-8)
+    scale, softcap = tl.full([], scale, ACC_DTYPE), tl.full([], softcap, ACC_DTYPE)
     if USE_TMA:  # as in _attn_fwd
         tl.static_assert(VARLEN == 0, "USE_TMA takes dense inputs")
         tl.static_assert(ROTARY_DIM == 0, "USE_TMA loads keys as stored, without RoPE")

@@ -167,7 +167,7 @@ def _attn_fwd(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_pb, stride_ab, stride_rot,
-    H, GROUP, max_q, max_k, scale: tl.float64, softcap, window_left, window_right, seed, drop_threshold, drop_scale,
+    H, GROUP, max_q, max_k, scale: tl.float64, softcap: tl.float64, window_left, window_right, seed, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -175,7 +175,8 @@ def _attn_fwd(
     RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
     USE_TMA: tl.constexpr = False, LOOK_AHEAD: tl.constexpr = False,
 ):
-    scale = tl.full([], scale, ACC_DTYPE)  # a float64 parameter: float64 inputs keep every bit of it (float32 cost them 3e-8)
+    # float64 parameters: float64 inputs keep every bit of them (float32 cost them 3e-8)
+    scale, softcap = tl.full([], scale, ACC_DTYPE), tl.full([], softcap, ACC_DTYPE)
     if USE_TMA:  # descriptors index dense (B, H_kv, N, D) tensors and hold unrotated keys
         tl.static_assert(VARLEN == 0, "USE_TMA takes dense inputs")
         tl.static_assert(ROTARY_DIM == 0, "USE_TMA loads keys as stored, without RoPE")
