@@ -430,11 +430,11 @@ def test_gpu_check_gives_each_family_a_soft_deadline_within_its_share(monkeypatc
     monkeypatch.setattr(family_worker.FamilyWorker, "run", fake_run)
     gpu_check.run_bench(str(tmp_path), 400, torch.device("cpu"), True, ["lstm_cell", "rnn", "models"], "float32")
     (first, hard_first), (second, hard_second), (last, hard_last) = deadlines
-    # Shares in proportion to each family's full-mode seconds on the H200 (lstm_cell 1, rnn 21, models 45),
+    # Shares in proportion to each family's full-mode seconds on the H200 (lstm_cell 1, rnn 40, models 45),
     # after the worker's 8 s of start-up (no worker started here: fake_run starts none) and 1 s a family;
     # the soft deadline leaves a quarter (at most 30 s) for the shape in progress.
-    assert 6 < first <= 0.75 * (9 + 389 / 67) and 389 < hard_first <= 390  # a restart and 1 s each kept
-    assert 99 < second <= 9 + 390 * 21 / 66 - 30 and 390 < hard_second <= 391  # nothing was spent
+    assert 6 < first <= 0.75 * (9 + 389 / 86) and 389 < hard_first <= 390  # a restart and 1 s each kept
+    assert 150 < second <= 9 + 390 * 40 / 85 - 30 and 390 < hard_second <= 391  # nothing was spent
     assert 365 < last <= 370 and hard_last > 399  # the last family may use all that is left
 
 
