@@ -171,10 +171,10 @@ def _host_ms(fn, device, repeats=5):
 
 @contextlib.contextmanager
 def _environment(variables):
-    """The switches of csrc/cuda/rnn.cu, rnn_cluster.cu and backends/cuda_graphs.py set as given
-    inside the block, the others unset; they are read per call."""
+    """The switches of csrc/cuda/rnn.cu, rnn_cluster.cu, backends/cuda_graphs.py and the cuda
+    layer-norm kernels set as given inside the block, the others unset; they are read per call."""
     names = ("ATTNKIT_RNN_CUDA_GENERIC_LOOP", "ATTNKIT_RNN_CUDA_DIRECT_GEMM", "ATTNKIT_RNN_CLUSTER",
-             "ATTNKIT_RNN_CUDA_GRAPHS")
+             "ATTNKIT_RNN_CUDA_GRAPHS", "ATTNKIT_RNN_LN_CUDA")
     saved = {name: os.environ.pop(name, None) for name in names}
     os.environ.update(variables)
     try:
@@ -298,6 +298,14 @@ def forced_reference(fn):
 
 
 def layer_norm_rows(device, dtype, quick, timing):
+    """The LayerNormLSTM's kernels against its plain-PyTorch reference; on a GPU the opt-in
+    cuda kernels (ATTNKIT_RNN_LN_CUDA=1), not yet run on one."""
+    environment = {"ATTNKIT_RNN_LN_CUDA": "1"} if device.type == "cuda" else {}
+    with _environment(environment):
+        return _layer_norm_rows(device, dtype, quick, timing)
+
+
+def _layer_norm_rows(device, dtype, quick, timing):
     batch, time, hidden = (16, 64, 128) if quick else (32, 128, 256)
     shape = f"B={batch} T={time} I=H={hidden} zoneout=0.1 (eval)"
     x = torch.randn(time, batch, hidden, device=device, dtype=dtype, requires_grad=True)

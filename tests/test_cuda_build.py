@@ -84,6 +84,12 @@ with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
     ext.lstm_backward_cluster(x, x[0], x[0], x, x[0], x[0], x, x, None, x, x, x)
 with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
     ext.gru_backward_cluster(x, x[0], x, x[0], x, x, None, x, x)
+# The layer-norm LSTM / GRU kernels (csrc/cuda/rnn_layernorm.cu).
+with pytest.raises(RuntimeError, match="layer-norm rnn: x must be a CUDA tensor"):
+    ext.ln_lstm_forward(x, x[0], x[0], x, x, None, None, x, x, x, x, x, x, None, None, False)
+with pytest.raises(RuntimeError, match="layer-norm rnn: x must be a CUDA tensor"):
+    ext.ln_gru_forward(x, x[0], x, x, None, None, x, x, x, x, None, None, False)
+assert callable(ext.ln_lstm_backward) and callable(ext.ln_gru_backward)
 print("ok")
 """
 

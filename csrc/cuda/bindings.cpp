@@ -4,6 +4,7 @@
 
 #include "attnkit/lstm_cell.h"
 #include "attnkit/rnn.h"
+#include "attnkit/rnn_layernorm.h"
 #include "attnkit/rnn_persistent.h"
 #include "step_gemm.h"
 
@@ -32,6 +33,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "LSTM backward on the cluster kernel (CUDA): [dx, dh0, dc0, dw_ih, dw_hh, db], [] when not taken");
   m.def("gru_backward_cluster", &attnkit::cuda::gru_backward_cluster,
         "GRU backward on the cluster kernel (CUDA): [dx, dh0, dw_ih, dw_hh, db_ih, db_hh], [] when not taken");
+  m.def("ln_lstm_forward", &attnkit::cuda::ln_lstm_forward, "layer-normalized LSTM layer with zoneout, forward (CUDA)");
+  m.def("ln_lstm_backward", &attnkit::cuda::ln_lstm_backward, "layer-normalized LSTM layer, backward (CUDA)");
+  m.def("ln_gru_forward", &attnkit::cuda::ln_gru_forward, "layer-normalized GRU layer with zoneout, forward (CUDA)");
+  m.def("ln_gru_backward", &attnkit::cuda::ln_gru_backward, "layer-normalized GRU layer, backward (CUDA)");
   m.def("rnn_direct_gemm_available", &attnkit::cuda::step_gemm::available,
         "whether ATTNKIT_RNN_CUDA_DIRECT_GEMM=1 can call cublasGemmEx (found in the cuBLAS torch loaded)");
 }

@@ -8,6 +8,7 @@ from helpers import RNN_GRAD_FACTOR, TOLERANCES, backend_params, forced
 import attnkit
 from attnkit import _extensions
 from attnkit.ops import layer_norm_gru, layer_norm_lstm
+from attnkit.backends.rnn_layernorm import LN_CUDA_ENV, CudaLayerNormGru, CudaLayerNormLstm
 from attnkit.reference import rnn_layernorm as ref
 
 LENGTHS = {"full": None, "sorted": [5, 3, 1], "unsorted": [2, 5, 0]}  # for B = 3, T = 5
@@ -76,7 +77,9 @@ def weighted_loss(tensors):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("lengths", list(LENGTHS), ids=str)
 @pytest.mark.parametrize("zoneout", ["none", "mask", "eval"])
-def test_matches_reference(cell, backend, device, dtype, shape, lengths, zoneout):
+def test_matches_reference(cell, backend, device, dtype, shape, lengths, zoneout, monkeypatch):
+    if backend == "cuda":  # opt-in until a GPU run has checked it
+        monkeypatch.setenv(LN_CUDA_ENV, "1")
     T, B, I, H = shape
     lengths = LENGTHS[lengths] if (T, B) == (5, 3) else None
     with forced(f"layer_norm_{cell}", backend, device, dtype) as dev:
@@ -135,6 +138,62 @@ def test_saved_tensors_agree_across_backends(cell):
         if g.dim() == 3:
             g, w = torch.where(run, g, 0), torch.where(run, w, 0)
         torch.testing.assert_close(g, w.detach())
+
+
+def _forward_entry(ext, cell, args, lengths, mask):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c = args
+    if cell == "lstm":
+        return ext.ln_lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *ln_ih, *ln_hh, *ln_c, lengths, mask, True)
+    return ext.ln_gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, *ln_ih, *ln_hh, lengths, mask, True)
+
+
+def _backward_entry(ext, cell, grads, args, lengths, mask, saved):
+    x, h0, c0, w_ih, w_hh, _, _, ln_ih, ln_hh, ln_c = args
+    if cell == "lstm":
+        return ext.ln_lstm_backward(*grads, x, h0, c0, w_ih, w_hh, ln_ih[0], ln_hh[0], *ln_c, lengths, mask, saved[0],
+                                    *saved[3:])
+    return ext.ln_gru_backward(*grads, x, h0, w_ih, w_hh, ln_ih[0], ln_hh[0], lengths, mask, saved[0], *saved[2:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("shape", [(5, 3, 4, 6), (7, 5, 24, 300), (3, 2, 8, 1)], ids=str)  # H past one block's threads
+def test_cuda_entry_points_match_the_cpu_kernels(cell, shape):
+    """The CUDA kernels' saved tensors and gradients against the CPU's on the same float64
+    inputs (unsorted lengths with an empty row, a zoneout mask); the forward of one device
+    feeds the backward of the other."""
+    T, B, I, H = shape
+    cpu, gpu = _extensions.load("_C")[0], _extensions.load("_C_cuda")[0]
+    args = [tuple(t.detach() for t in a) if isinstance(a, tuple) else a if a is None else a.detach()
+            for a in make(cell, T, B, I, H)]
+    moved = [tuple(t.cuda() for t in a) if isinstance(a, tuple) else a if a is None else a.cuda() for a in args]
+    lengths = torch.tensor([T, 0, max(1, T - 2), T, 1][:B])
+    mask = zoneout_mask("mask", T, B, H, torch.float64, "cpu")
+    want, got = _forward_entry(cpu, cell, args, lengths, mask), _forward_entry(gpu, cell, moved, lengths, mask.cuda())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-9, atol=1e-10)
+    grads = [torch.randn(T, B, H, dtype=torch.float64)] + [torch.randn(B, H, dtype=torch.float64)
+                                                           for _ in range(2 if cell == "lstm" else 1)]
+    want = _backward_entry(cpu, cell, grads, args, lengths, mask, want)
+    got = _backward_entry(gpu, cell, [g.cuda() for g in grads], moved, lengths, mask.cuda(), got)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-9, atol=1e-10)
+
+
+def test_cuda_kernels_are_opt_in_until_a_gpu_has_run_them(monkeypatch):
+    """Their reasons, read without a GPU: opt-in unless ATTNKIT_RNN_LN_CUDA=1 or forced by name;
+    float32 and float64 only; the built extension has the entry points."""
+    if _extensions.load("_C_cuda")[0] is None:
+        pytest.skip("attnkit._C_cuda is not built here")
+    call = {"device": torch.device("cuda"), "dtype": torch.float32}
+    monkeypatch.delenv(LN_CUDA_ENV, raising=False)
+    for impl in (CudaLayerNormLstm(), CudaLayerNormGru()):
+        assert "opt-in" in impl.not_supported_reasons(call)[0]
+        with attnkit.use_backend("cuda", op=impl.op):
+            assert impl.not_supported_reasons(call) == []
+        assert "float32, float64" in impl.not_supported_reasons(dict(call, dtype=torch.bfloat16))[0]
+    monkeypatch.setenv(LN_CUDA_ENV, "1")
+    assert CudaLayerNormLstm().not_supported_reasons(call) == CudaLayerNormGru().not_supported_reasons(call) == []
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

@@ -17,14 +17,16 @@ agree; the reference backward differentiates its forward again and ignores them.
 b_ih, b_hh, be_ih and be_hh enter the pre-activations as one sum: `db` is the
 gradient of each. In the GRU db_ih is also be_ih's gradient and db_hh be_hh's.
 
-No CUDA kernel yet: on GPU tensors the dispatcher finds no cuda implementation
-and runs the reference.
+On GPU tensors the cuda kernels (csrc/cuda/rnn_layernorm.cu, the CPU's time loops with a
+thread block per batch row) run where ATTNKIT_RNN_LN_CUDA=1 or the cuda backend is forced,
+in float32 and float64; otherwise the reference. They were written without a GPU to run
+them (2026-11-27): opt-in until a GPU run has checked them against the CPU kernels.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import _extensions
+from .. import _dispatch, _extensions
 from .._dispatch import Implementation, Op
 from ..reference import rnn_layernorm as ref
 from .rnn import _vjp
@@ -66,6 +68,39 @@ class CppLayerNormGru(_Cpp):
         return tuple(self._ext().ln_gru_backward(
             grad_output, grad_hn, x, h0, w_ih, w_hh, g_ih, g_hh, lengths, zoneout, output, *saved
         ))
+
+
+LN_CUDA_ENV = "ATTNKIT_RNN_LN_CUDA"
+_dispatch.choice_depends_on_env(LN_CUDA_ENV)
+
+
+class _Cuda:
+    """The cpp classes' calls on attnkit._C_cuda, whose entry points take the same arguments."""
+
+    backend = "cuda"
+    op = ""
+
+    def not_supported_reasons(self, call):
+        if call["dtype"] not in (torch.float32, torch.float64):
+            return [f"the cuda layer-norm rnn kernels take float32, float64, got {str(call['dtype']).replace('torch.', '')}"]
+        forced = _dispatch.forced_backend(self.op)
+        if _dispatch.getenv(LN_CUDA_ENV) != "1" and (forced is None or forced[0] != self.backend):
+            return [f"the cuda layer-norm rnn kernels are opt-in until a GPU run has checked them: set {LN_CUDA_ENV}=1 "
+                    f"(or force the cuda backend)"]
+        if not hasattr(self._ext(), "ln_lstm_forward"):
+            return ["attnkit._C_cuda was built without the layer-norm rnn kernels: rebuild it (make build)"]
+        return []
+
+    def _ext(self):
+        return _extensions.load("_C_cuda")[0]
+
+
+class CudaLayerNormLstm(_Cuda, CppLayerNormLstm):
+    op = "layer_norm_lstm"
+
+
+class CudaLayerNormGru(_Cuda, CppLayerNormGru):
+    op = "layer_norm_gru"
 
 
 class ReferenceLayerNormLstm(Implementation):
@@ -111,5 +146,5 @@ class ReferenceLayerNormGru(Implementation):
         return tuple(_vjp(fn, [x, h0, w_ih, w_hh, bias_i, bias_h, g_ih, g_hh], [grad_output, grad_hn]))
 
 
-LAYER_NORM_LSTM = Op("layer_norm_lstm", [CppLayerNormLstm(), ReferenceLayerNormLstm()])
-LAYER_NORM_GRU = Op("layer_norm_gru", [CppLayerNormGru(), ReferenceLayerNormGru()])
+LAYER_NORM_LSTM = Op("layer_norm_lstm", [CppLayerNormLstm(), CudaLayerNormLstm(), ReferenceLayerNormLstm()])
+LAYER_NORM_GRU = Op("layer_norm_gru", [CppLayerNormGru(), CudaLayerNormGru(), ReferenceLayerNormGru()])
