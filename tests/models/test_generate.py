@@ -221,8 +221,9 @@ def test_cuda_graph_steps_replay_on_their_own_buffers(models, stand_in_graphs, m
                         lambda token, cache: tokens_seen.append(token.data_ptr()) or decode(token, cache))
     out = ours.generate(ids, 9, attention_mask=mask, cuda_graph=True)
     assert torch.equal(out, hf.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0))
-    # The first step runs on its own token; the capture records the buffer's, which every replay reads.
-    assert len(tokens_seen) == 1 + 8 - 1 and len(set(tokens_seen[1:])) == 1 and tokens_seen[0] != tokens_seen[1]
+    # 8 decode steps (the first token comes from the prompt pass): the first runs on its own token, the
+    # capture (executing nothing) records the buffer's, and the 7 replays all read that buffer.
+    assert len(tokens_seen) == 1 + 7 and len(set(tokens_seen[1:])) == 1 and tokens_seen[0] != tokens_seen[1]
 
 
 def test_a_step_that_cannot_be_captured_runs_without_a_graph(models, stand_in_graphs, monkeypatch):
