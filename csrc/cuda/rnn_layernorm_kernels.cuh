@@ -253,8 +253,8 @@ __global__ void gru_backward_step_kernel(GruBackwardArgs<S> a) {
 }
 
 template <typename S>
-S* ptr(const at::Tensor& t) {
-  return t.defined() ? static_cast<S*>(t.data_ptr()) : nullptr;
+S* ptr(const at::Tensor& t) {  // data_ptr<S> checks the dtype: a tensor of another one raises
+  return t.defined() ? t.data_ptr<S>() : nullptr;
 }
 
 inline const int64_t* lengths_ptr(const at::Tensor& len) { return len.defined() ? len.data_ptr<int64_t>() : nullptr; }

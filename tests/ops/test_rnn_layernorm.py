@@ -212,6 +212,26 @@ def test_zero_variance_rows_are_finite(cell, backend):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("backend,device", backend_params("layer_norm_lstm"))
+def test_autocast_leaves_the_ops_in_their_inputs_dtype(cell, backend, device, monkeypatch):
+    """As layer_norm (autocast's float32 list): same values and gradients inside an autocast region,
+    float32 out. Under CPU autocast the kernels' products came back in bfloat16 and the cpp kernels
+    raised; the cuda ones would have read them as float32."""
+    if backend == "cuda":
+        monkeypatch.setenv(LN_CUDA_ENV, "1")
+    with forced(f"layer_norm_{cell}", backend, device, torch.float32) as dev:
+        args = make(cell, 4, 2, 3, 5, torch.float32, dev)
+        expected = run_op(cell, args)
+        expected_grads = torch.autograd.grad(weighted_loss(expected), leaves(args))
+        with torch.autocast(dev.type, dtype=torch.bfloat16 if dev.type == "cpu" else torch.float16):
+            outs = run_op(cell, args)
+            grads = torch.autograd.grad(weighted_loss(outs), leaves(args))
+    assert all(o.dtype == torch.float32 for o in outs)
+    torch.testing.assert_close(outs, expected, rtol=0, atol=0)
+    torch.testing.assert_close(grads, expected_grads, rtol=0, atol=0)
+
+
 def test_no_grad_saves_nothing():
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in make("lstm", 3, 2, 3, 4)]
     args = [tuple(t.detach() for t in a) if isinstance(a, tuple) else a for a in args]

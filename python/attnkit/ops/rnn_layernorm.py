@@ -4,7 +4,10 @@ zoneout (the math: attnkit.reference.rnn_layernorm; the kernels:
 csrc/cpu/rnn_layernorm.cpp). Stacks are attnkit.nn.LayerNormLSTM / LayerNormGRU.
 
 torch.library custom ops with fake implementations and autograd formulas, like
-attnkit.ops.lstm; the backend is chosen inside the op (see attnkit._dispatch).
+attnkit.ops.lstm; the backend is chosen inside the op (see attnkit._dispatch). Autocast
+does not change them: they run in their inputs' dtype (as layer_norm, on autocast's float32
+list), their kernels' products included (under autocast those came back in the autocast
+dtype, which the kernels do not take).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from torch import Tensor
 
 from .. import _dispatch, _eager, _validate
 from ..backends.rnn_layernorm import LAYER_NORM_GRU, LAYER_NORM_LSTM
-from .rnn import Lengths, _describe_tensors, _distinct, _validated, _zeros_if_none
+from .rnn import Lengths, _autocast_off, _describe_tensors, _distinct, _validated, _zeros_if_none
 
 LSTM_OP, GRU_OP = "attnkit.ops.layer_norm_lstm", "attnkit.ops.layer_norm_gru"
 
@@ -32,7 +35,8 @@ def _ln_lstm_forward(
     lengths: Optional[Tensor], zoneout: Optional[Tensor], save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = LAYER_NORM_LSTM.select(_describe_tensors(x))
-    out = impl.forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, g_c, be_c, lengths, zoneout, save)
+    out = _autocast_off(impl.forward, x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, g_c, be_c, lengths,
+                        zoneout, save)
     return tuple(t.contiguous() for t in out)
 
 
@@ -52,8 +56,8 @@ def _ln_lstm_backward(
     xhat: Tensor, hhat: Tensor, gates: Tensor, cs: Tensor, chat: Tensor, rstd: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = LAYER_NORM_LSTM.select(_describe_tensors(x))
-    grads = impl.backward(grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh,
-                          g_c, be_c, lengths, zoneout, output, xhat, hhat, gates, cs, chat, rstd)
+    grads = _autocast_off(impl.backward, grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih,
+                          g_hh, be_hh, g_c, be_c, lengths, zoneout, output, xhat, hhat, gates, cs, chat, rstd)
     return tuple(g.contiguous() for g in grads)
 
 
@@ -97,7 +101,7 @@ def _ln_gru_forward(
     save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = LAYER_NORM_GRU.select(_describe_tensors(x))
-    out = impl.forward(x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, lengths, zoneout, save)
+    out = _autocast_off(impl.forward, x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, lengths, zoneout, save)
     return tuple(t.contiguous() for t in out)
 
 
@@ -116,8 +120,8 @@ def _ln_gru_backward(
     zoneout: Optional[Tensor], output: Tensor, xhat: Tensor, hhat: Tensor, gates: Tensor, rstd: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = LAYER_NORM_GRU.select(_describe_tensors(x))
-    grads = impl.backward(grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, lengths,
-                          zoneout, output, xhat, hhat, gates, rstd)
+    grads = _autocast_off(impl.backward, grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh,
+                          lengths, zoneout, output, xhat, hhat, gates, rstd)
     return tuple(g.contiguous() for g in grads)
 
 
