@@ -76,3 +76,20 @@ def test_a_key_shared_by_the_batch_is_passed_as_a_view():
         mp.setattr(attnkit.functional, "flash_attention", spy)
         attnkit.scaled_dot_product_attention(q, k, k)
     assert seen["stride"] == 0
+
+
+@pytest.mark.parametrize("mask", [None, "float", "bool"])
+def test_autocast_computes_in_its_dtype_as_sdpa(mask):
+    """SDPA is on autocast's lower-precision list: inside an autocast region its inputs (a float
+    mask too) are cast to the autocast dtype and so is the output; float64 is left alone."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 16, requires_grad=True) for _ in range(3))
+    attn_mask = {None: None, "float": torch.randn(9, 9), "bool": torch.rand(9, 9) > 0.3}[mask]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attnkit.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        assert attnkit.scaled_dot_product_attention(q.double(), k.double(), v.double()).dtype == torch.float64
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), atol=4e-2, rtol=4e-2)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import _autocast
 from .ops.attention import flash_attention
 
 OP = "attnkit.scaled_dot_product_attention"
@@ -73,6 +74,11 @@ def scaled_dot_product_attention(
             raise ValueError(f"{OP}: {name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
     if is_causal and attn_mask is not None:
         raise ValueError(f"{OP}: pass either attn_mask or is_causal=True, not both (as SDPA)")
+    dtype = _autocast.lower_precision_dtype(query.device.type)
+    if dtype is not None:  # as autocast casts SDPA's inputs (on its lower-precision list)
+        query, key, value, attn_mask = _autocast.cast_floating(dtype, (query, key, value, attn_mask))
+        with _autocast.off(query.device.type, True):
+            return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and dropout_p == 1.0:
         drop_all, dropout_p = True, 0.0  # every probability dropped: zeros, as SDPA
     else:

@@ -111,3 +111,21 @@ def test_nn_linear_is_a_drop_in():
 def test_bad_input(args, error, match):
     with pytest.raises(error, match=match):
         linear(*args)
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_autocast_computes_in_its_dtype_as_f_linear(rows):
+    """F.linear is on autocast's lower-precision list: attnkit.ops.linear and nn.Linear compute in the
+    autocast dtype inside an autocast region (the cpp kernel is float32, so F.linear serves it),
+    gradients reaching the float32 parameters; float64 is left alone."""
+    torch.manual_seed(0)
+    layer = attnkit.nn.Linear(24, 8)
+    x = torch.randn(rows, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        expected = F.linear(x, layer.weight, layer.bias)
+        assert linear(x.double(), layer.weight.double()).dtype == torch.float64
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+    out.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32

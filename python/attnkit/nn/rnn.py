@@ -23,6 +23,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .. import _validate, ops
 from ._share import shared
+from .._autocast import cast_floating as _autocast
 from .._validate import PLAIN_TENSORS
 
 
@@ -115,16 +116,6 @@ def _autocast_dtype(x: Tensor, state: Optional[Tensor], lower_on_cpu: bool) -> O
         return torch.get_autocast_dtype(device)
     dtype = x.dtype if state is None else state.dtype
     return None if dtype == torch.float64 else dtype
-
-
-def _autocast(dtype: Optional[torch.dtype], tensors) -> list:
-    """`tensors` (None kept) in `dtype` as autocast casts: floating ones but float64,
-    by a differentiable copy, so gradients reach the float32 parameters. The ops run
-    their kernels with autocast off, in that one dtype."""
-    if dtype is None:
-        return list(tensors)
-    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-            for t in tensors]
 
 
 def _call_cell(name: str, call, input: Tensor, states, named):

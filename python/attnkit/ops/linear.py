@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _eager, _validate
+from .. import _autocast, _dispatch, _eager, _validate
 from ..backends.linear import LINEAR
 
 OP = "attnkit.ops.linear"
@@ -58,8 +58,14 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     in_features), bias (out_features,) or None; returns (..., out_features).
 
     On CPU in float32 with at most 16 rows (the product of x's leading dims) it runs
-    csrc/cpu/linear.cpp; everything else runs F.linear itself."""
+    csrc/cpu/linear.cpp; everything else runs F.linear itself. Under autocast it
+    computes in the autocast dtype, as F.linear (on autocast's lower-precision list)."""
     _validate.tensor(OP, "x", x)
+    dtype = _autocast.lower_precision_dtype(x.device.type)
+    if dtype is not None:
+        x, weight, bias = _autocast.cast_floating(dtype, (x, weight, bias))
+        with _autocast.off(x.device.type, True):
+            return linear(x, weight, bias)
     _validate.tensor(OP, "weight", weight, ndim=2)
     if x.dim() == 0:
         raise ValueError(f"{OP}: x must have at least 1 dimension (in_features), got a 0-D tensor")
