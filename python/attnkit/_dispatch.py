@@ -213,6 +213,13 @@ def forced_backend(op: str) -> Optional[tuple]:
     return None
 
 
+def forced_to(op: str, backend: str) -> bool:
+    """Whether `backend` is forced by name for `op`: a backend that the automatic choice
+    skips (opt-in, switched off, a choice of speed) still runs then."""
+    forced = forced_backend(op)
+    return forced is not None and forced[0] == backend
+
+
 # --------------------------------------------------------------------------- per-op dispatch
 
 

@@ -43,8 +43,7 @@ class _Extension(Implementation):
         steps, batch = call.get("steps", UPCAST_MIN_STEPS), call.get("batch", 1)
         short = call["dtype"] in self.upcast and steps < UPCAST_MIN_STEPS and batch > UPCAST_ANY_STEPS_BATCH
         short = short and not self._native_bf16(call)  # no weights converted to float32 there
-        forced = _dispatch.forced_backend(self.op)
-        if short and (forced is None or forced[0] != self.backend):  # a choice of speed: forcing it still works
+        if short and not _dispatch.forced_to(self.op, self.backend):  # a choice of speed: forcing it still works
             return [f"{str(call['dtype']).replace('torch.', '')} runs the {self.backend} kernels in float32, which pays "
                     f"from {UPCAST_MIN_STEPS} steps at batch > {UPCAST_ANY_STEPS_BATCH}; got {steps} steps, batch {batch}"]
         return []
@@ -242,9 +241,8 @@ class _Persistent(Implementation):
             reasons.append("the persistent kernel has no proj_size (w_hr)")
         if call.get("save", True):
             reasons.append("the persistent kernel is inference only: this call keeps the gates for a backward (training)")
-        forced = _dispatch.forced_backend(self.op)
         switched_off = _dispatch.getenv(PERSISTENT_ENV) == "0"
-        if switched_off and (forced is None or forced[0] != self.backend):
+        if switched_off and not _dispatch.forced_to(self.op, self.backend):
             reasons.append(f"{PERSISTENT_ENV}=0 turns the automatic choice of the persistent kernel off")
         if reasons:
             return reasons

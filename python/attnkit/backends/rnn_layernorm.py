@@ -83,8 +83,7 @@ class _Cuda:
     def not_supported_reasons(self, call):
         if call["dtype"] not in (torch.float32, torch.float64):
             return [f"the cuda layer-norm rnn kernels take float32, float64, got {str(call['dtype']).replace('torch.', '')}"]
-        forced = _dispatch.forced_backend(self.op)
-        if _dispatch.getenv(LN_CUDA_ENV) != "1" and (forced is None or forced[0] != self.backend):
+        if _dispatch.getenv(LN_CUDA_ENV) != "1" and not _dispatch.forced_to(self.op, self.backend):
             return [f"the cuda layer-norm rnn kernels are opt-in until a GPU run has checked them: set {LN_CUDA_ENV}=1 "
                     f"(or force the cuda backend)"]
         if not hasattr(self._ext(), "ln_lstm_forward"):
