@@ -25,13 +25,6 @@ inline bool active(const int64_t* len, int64_t b, int64_t t) { return len == nul
 
 int64_t grain(int64_t width) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, width)); }
 
-template <typename scalar_t>
-const scalar_t* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
-}
-
-const int64_t* lengths_ptr(const at::Tensor& len) { return len.defined() ? len.data_ptr<int64_t>() : nullptr; }
-
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "rnn_units.h"
@@ -95,11 +88,11 @@ struct Rows {
   static void lstm_forward_step(rnn_ln::LstmStep& s) {
     const int64_t B = s.h.size(0), H = s.h.size(1), G = 4 * H, t = s.t;
     const bool save = s.hhat.defined();
-    const int64_t* len = lengths_ptr(s.len);
+    const int64_t* len = rnn_ln::data_or_null<int64_t>(s.len);
     AT_DISPATCH_FLOATING_TYPES(s.h.scalar_type(), "ln_lstm_forward", [&] {
       const scalar_t *gi = s.g_ih.data_ptr<scalar_t>(), *gh = s.g_hh.data_ptr<scalar_t>();
       const scalar_t *gc = s.g_c.data_ptr<scalar_t>(), *bc = s.be_c.data_ptr<scalar_t>(), *bs = s.bias.data_ptr<scalar_t>();
-      const scalar_t* zo = ptr_or_null<scalar_t>(s.zoneout);
+      const scalar_t* zo = rnn_ln::data_or_null<scalar_t>(s.zoneout);
       const scalar_t *xh = s.xhat.data_ptr<scalar_t>(), *ahp = s.ah.data_ptr<scalar_t>();
       scalar_t *hp = s.h.data_ptr<scalar_t>(), *cp = s.c.data_ptr<scalar_t>(), *out = s.output.data_ptr<scalar_t>();
       scalar_t* r = s.rstd.data_ptr<scalar_t>();
@@ -149,10 +142,10 @@ struct Rows {
 
   static void lstm_backward_step(rnn_ln::LstmBackStep& s) {
     const int64_t B = s.dh.size(0), H = s.dh.size(1), G = 4 * H, t = s.t;
-    const int64_t* len = lengths_ptr(s.len);
+    const int64_t* len = rnn_ln::data_or_null<int64_t>(s.len);
     AT_DISPATCH_FLOATING_TYPES(s.dh.scalar_type(), "ln_lstm_backward", [&] {
       const scalar_t *gh = s.g_hh.data_ptr<scalar_t>(), *gc = s.g_c.data_ptr<scalar_t>(), *bc = s.be_c.data_ptr<scalar_t>();
-      const scalar_t* zo = ptr_or_null<scalar_t>(s.zoneout);
+      const scalar_t* zo = rnn_ln::data_or_null<scalar_t>(s.zoneout);
       const scalar_t *go = s.grad_output.data_ptr<scalar_t>(), *hh = s.hhat.data_ptr<scalar_t>();
       const scalar_t *ga = s.gates.data_ptr<scalar_t>(), *csp = s.cs.data_ptr<scalar_t>(), *ch = s.chat.data_ptr<scalar_t>();
       const scalar_t *c0p = s.c0.data_ptr<scalar_t>(), *r = s.rstd.data_ptr<scalar_t>();
@@ -197,11 +190,11 @@ struct Rows {
   static void gru_forward_step(rnn_ln::GruStep& s) {
     const int64_t B = s.h.size(0), H = s.h.size(1), G = 3 * H, t = s.t;
     const bool save = s.hhat.defined();
-    const int64_t* len = lengths_ptr(s.len);
+    const int64_t* len = rnn_ln::data_or_null<int64_t>(s.len);
     AT_DISPATCH_FLOATING_TYPES(s.h.scalar_type(), "ln_gru_forward", [&] {
       const scalar_t *gi = s.g_ih.data_ptr<scalar_t>(), *gh = s.g_hh.data_ptr<scalar_t>();
       const scalar_t *bi = s.bias_i.data_ptr<scalar_t>(), *bh = s.bias_h.data_ptr<scalar_t>();
-      const scalar_t* zo = ptr_or_null<scalar_t>(s.zoneout);
+      const scalar_t* zo = rnn_ln::data_or_null<scalar_t>(s.zoneout);
       const scalar_t *xh = s.xhat.data_ptr<scalar_t>(), *ahp = s.ah.data_ptr<scalar_t>();
       scalar_t *hp = s.h.data_ptr<scalar_t>(), *out = s.output.data_ptr<scalar_t>(), *r = s.rstd.data_ptr<scalar_t>();
       at::parallel_for(0, B, grain(G), [&](int64_t begin, int64_t end) {
@@ -242,10 +235,10 @@ struct Rows {
 
   static void gru_backward_step(rnn_ln::GruBackStep& s) {
     const int64_t B = s.dh.size(0), H = s.dh.size(1), G = 3 * H, t = s.t;
-    const int64_t* len = lengths_ptr(s.len);
+    const int64_t* len = rnn_ln::data_or_null<int64_t>(s.len);
     AT_DISPATCH_FLOATING_TYPES(s.dh.scalar_type(), "ln_gru_backward", [&] {
       const scalar_t* gh = s.g_hh.data_ptr<scalar_t>();
-      const scalar_t* zo = ptr_or_null<scalar_t>(s.zoneout);
+      const scalar_t* zo = rnn_ln::data_or_null<scalar_t>(s.zoneout);
       const scalar_t *go = s.grad_output.data_ptr<scalar_t>(), *hh = s.hhat.data_ptr<scalar_t>();
       const scalar_t *ga = s.gates.data_ptr<scalar_t>(), *outp = s.output.data_ptr<scalar_t>();
       const scalar_t *h0p = s.h0.data_ptr<scalar_t>(), *r = s.rstd.data_ptr<scalar_t>();

@@ -252,12 +252,11 @@ __global__ void gru_backward_step_kernel(GruBackwardArgs<S> a) {
   ln_row_backward(da, a.hhat + row * G, a.rstd[row * 2 + 1], da, G, red);
 }
 
+// rnn_ln::data_or_null (the dtype checked: a tensor of another one raises), short for the launches.
 template <typename S>
-S* ptr(const at::Tensor& t) {  // data_ptr<S> checks the dtype: a tensor of another one raises
-  return t.defined() ? t.data_ptr<S>() : nullptr;
+S* ptr(const at::Tensor& t) {
+  return rnn_ln::data_or_null<S>(t);
 }
-
-inline const int64_t* lengths_ptr(const at::Tensor& len) { return len.defined() ? len.data_ptr<int64_t>() : nullptr; }
 
 inline unsigned int grid(int64_t rows) {
   TORCH_CHECK(rows < (int64_t(1) << 31), "attnkit._C_cuda layer-norm rnn: too many rows for one launch");
@@ -296,7 +295,7 @@ struct KernelRows {
       const LstmForwardArgs<S> a{ptr<S>(s.ah), ptr<S>(s.xhat), ptr<S>(s.g_ih), ptr<S>(s.g_hh), ptr<S>(s.bias),
                                  ptr<S>(s.g_c), ptr<S>(s.be_c), ptr<S>(s.zoneout), ptr<S>(s.h), ptr<S>(s.c),
                                  ptr<S>(s.output), ptr<S>(s.hhat), ptr<S>(s.gates), ptr<S>(s.cs), ptr<S>(s.chat),
-                                 ptr<S>(s.scratch), ptr<S>(s.rstd), lengths_ptr(s.len), s.t, B, s.h.size(1)};
+                                 ptr<S>(s.scratch), ptr<S>(s.rstd), ptr<int64_t>(s.len), s.t, B, s.h.size(1)};
       Launch::run(lstm_forward_step_kernel<S>, grid(B), a);
     });
   }
@@ -309,7 +308,7 @@ struct KernelRows {
       const LstmBackwardArgs<S> a{ptr<S>(s.grad_output), ptr<S>(s.gates), ptr<S>(s.cs), ptr<S>(s.chat),
                                   ptr<S>(s.hhat), ptr<S>(s.c0), ptr<S>(s.rstd), ptr<S>(s.zoneout), ptr<S>(s.g_hh),
                                   ptr<S>(s.g_c), ptr<S>(s.be_c), ptr<S>(s.dh), ptr<S>(s.dc), ptr<S>(s.dpre),
-                                  ptr<S>(s.dah), ptr<S>(s.dlc), ptr<S>(s.scratch), lengths_ptr(s.len), s.t, B,
+                                  ptr<S>(s.dah), ptr<S>(s.dlc), ptr<S>(s.scratch), ptr<int64_t>(s.len), s.t, B,
                                   s.dh.size(1)};
       Launch::run(lstm_backward_step_kernel<S>, grid(B), a);
     });
@@ -322,7 +321,7 @@ struct KernelRows {
       using S = scalar_t;
       const GruForwardArgs<S> a{ptr<S>(s.ah), ptr<S>(s.xhat), ptr<S>(s.g_ih), ptr<S>(s.g_hh), ptr<S>(s.bias_i),
                                 ptr<S>(s.bias_h), ptr<S>(s.zoneout), ptr<S>(s.h), ptr<S>(s.output), ptr<S>(s.hhat),
-                                ptr<S>(s.gates), ptr<S>(s.scratch), ptr<S>(s.rstd), lengths_ptr(s.len), s.t, B,
+                                ptr<S>(s.gates), ptr<S>(s.scratch), ptr<S>(s.rstd), ptr<int64_t>(s.len), s.t, B,
                                 s.h.size(1)};
       Launch::run(gru_forward_step_kernel<S>, grid(B), a);
     });
@@ -335,7 +334,7 @@ struct KernelRows {
       using S = scalar_t;
       const GruBackwardArgs<S> a{ptr<S>(s.grad_output), ptr<S>(s.gates), ptr<S>(s.output), ptr<S>(s.h0),
                                  ptr<S>(s.hhat), ptr<S>(s.rstd), ptr<S>(s.zoneout), ptr<S>(s.g_hh), ptr<S>(s.dh),
-                                 ptr<S>(s.dgi), ptr<S>(s.dgh), ptr<S>(s.dah), lengths_ptr(s.len), s.t, B,
+                                 ptr<S>(s.dgi), ptr<S>(s.dgh), ptr<S>(s.dah), ptr<int64_t>(s.len), s.t, B,
                                  s.dh.size(1)};
       Launch::run(gru_backward_step_kernel<S>, grid(B), a);
     });

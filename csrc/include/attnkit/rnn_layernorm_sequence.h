@@ -126,6 +126,13 @@ inline at::Tensor defined_or_none(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? *t : at::Tensor();
 }
 
+// t's data, or null where t is undefined (zoneout, lengths, the saved tensors of a forward
+// that keeps none), for the devices' row passes; data_ptr checks the dtype.
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
 // The lengths where the kernels read them: on x's device (int64), or undefined.
 inline at::Tensor kernel_lengths(const c10::optional<at::Tensor>& lengths, const at::Tensor& x) {
   return lengths.has_value() && lengths->defined() ? lengths->to(x.device()) : at::Tensor();
