@@ -325,12 +325,24 @@ void rotate_to_columns(const Spec& sp, bool queries, Rows<const T> x, int64_t he
 // enough tasks for the threads at short N. D > 128 halves BN to keep a thread's
 // buffers in L2. Rechecked with brgemm (1 thread, N = 512 and 4096): forward
 // 32..128 x 256..1024 and backward 32..128 x 64..256 within ~5-8 %, these best or tied.
+//
+// Cut to the call's lengths, in the multiples of 64 keys that the bfloat16 packing takes (16
+// queries): each thread's tile buffers (BM x BN, value-initialized) shrink with a short call
+// (128 KB zeroed per thread per call at N = 16 before). A length below the full block has one
+// block either way, so the tiles, and the results, are the same.
+inline Blocks fitted(const Spec& sp, int64_t bm, int64_t bn) {
+  const auto round_up = [](int64_t n, int64_t multiple) {
+    return std::max<int64_t>(multiple, (n + multiple - 1) / multiple * multiple);
+  };
+  return {std::min(bm, round_up(sp.max_q, 16)), std::min(bn, round_up(sp.max_k, 64))};
+}
+
 inline Blocks forward_blocks(const Spec& sp) {
-  return {64, sp.dim > 128 ? 256 : 512};
+  return fitted(sp, 64, sp.dim > 128 ? 256 : 512);
 }
 
 inline Blocks backward_blocks(const Spec& sp) {
-  return {64, sp.dim > 128 ? 64 : 128};
+  return fitted(sp, 64, sp.dim > 128 ? 64 : 128);
 }
 
 // ------------------------------------------------------------------ the call (attention.cpp)
