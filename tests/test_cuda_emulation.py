@@ -1,8 +1,12 @@
-"""csrc/cuda's layer-norm LSTM / GRU kernels (rnn_layernorm_kernels.cuh) run on CPU threads
-(tests/cuda_emulation/emulate.h: each block's threads std::threads, __syncthreads a barrier,
-the warp shuffles an exchange), through the same time loops as attnkit._C, against its CPU
-kernels: their indexing, barriers and block reductions checked with no GPU. A child process
-builds and runs them, under a timeout (a barrier some thread misses hangs)."""
+"""CUDA kernels run on CPU threads (tests/cuda_emulation/emulate.h: each block's threads
+std::threads, __syncthreads a barrier, the warp shuffles an exchange; a cluster's blocks at
+once, with its barrier, distributed shared memory and mma.sync): their indexing, barriers and
+fragment layouts checked with no GPU. A child process builds and runs them, under a timeout
+(a barrier some thread misses hangs).
+- csrc/cuda's layer-norm LSTM / GRU kernels (rnn_layernorm_kernels.cuh), through the same time
+  loops as attnkit._C, against its CPU kernels;
+- the persistent cluster forward (rnn_cluster_kernel.cuh, opt-in ATTNKIT_RNN_CLUSTER=1)
+  against a plain PyTorch recurrence with the same roundings to float16 / bfloat16."""
 import os
 import subprocess
 import sys
@@ -73,13 +77,103 @@ print(f"ok {cases}")
 '''
 
 
-def test_layer_norm_rnn_kernels_match_the_cpu_kernels_on_emulated_threads(tmp_path):
+def _run_child(code: str, tmp_path, expected: str) -> None:
     import torch
 
-    if torch.cuda.is_available():  # gpu-check: the GPU runs the kernels themselves (tests/ops/test_rnn_layernorm.py)
+    if torch.cuda.is_available():  # gpu-check: the GPU runs the kernels themselves (tests/ops)
         pytest.skip("a GPU is here: the kernels run on it instead")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(ROOT, "python"),
                                                                    os.environ.get("PYTHONPATH")])))
-    run = subprocess.run([sys.executable, "-c", CHILD, ROOT, str(tmp_path)], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", code, ROOT, str(tmp_path)], capture_output=True, text=True,
                          timeout=900, env=env)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok 8"), run.stdout[-3000:] + run.stderr[-6000:]
+    assert run.returncode == 0 and run.stdout.strip().endswith(expected), run.stdout[-3000:] + run.stderr[-6000:]
+
+
+def test_layer_norm_rnn_kernels_match_the_cpu_kernels_on_emulated_threads(tmp_path):
+    _run_child(CHILD, tmp_path, "ok 8")
+
+
+CLUSTER_CHILD = r'''
+import sys
+import torch
+from torch.utils.cpp_extension import load
+
+root, build = sys.argv[1], sys.argv[2]
+emulated = load("attnkit_cluster_rnn_emulated", [f"{root}/tests/cuda_emulation/cluster_rnn.cpp"],
+                extra_include_paths=[f"{root}/csrc/include", f"{root}/csrc/cuda", f"{root}/tests/cuda_emulation"],
+                extra_cflags=["-std=c++20", "-O1", "-pthread"], extra_ldflags=["-pthread"], build_directory=build)
+gen = torch.Generator().manual_seed(0)
+
+
+def rand(*shape, scale=1.0):
+    return torch.randn(*shape, generator=gen) * scale
+
+
+def recurrence(gates, pre, w_hh, b_hh, h0, c0, lengths):
+    """The kernel's arithmetic in plain PyTorch: float products and gates on the stored
+    (rounded) inputs, h rounded to the storage type each step, c kept in float; a row
+    past its length keeps its state and outputs 0. Returns out, h_T, c_T, saved gates
+    (LSTM i, f, g, o / GRU r, z, n, W_hn h + b_hn) and, LSTM, the saved cell states."""
+    S, (T, B, _), H = pre.dtype, pre.shape, w_hh.shape[1]
+    h, c, outs, saved, cells = h0.clone(), c0, [], [], []
+    for t in range(T):
+        gh, p, running = h.float() @ w_hh.float().T, pre[t].float(), (t < lengths).view(B, 1)
+        if gates == 4:
+            i, f, g, o = (p + gh).chunk(4, 1)
+            i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+            c_new = f * c + i * g
+            h_new = o * c_new.tanh()
+            saved.append(torch.cat([i, f, g, o], 1))
+            c = torch.where(running, c_new, c)
+            cells.append(c)
+        else:
+            hr, hz, hn = (gh + (0 if b_hh is None else b_hh.float())).chunk(3, 1)
+            pr, pz, pn = p.chunk(3, 1)
+            r, z = (pr + hr).sigmoid(), (pz + hz).sigmoid()
+            n = (pn + r * hn).tanh()
+            h_new = (1 - z) * n + z * h.float()
+            saved.append(torch.cat([r, z, n, hn], 1))
+        outs.append(torch.where(running, h_new.to(S), torch.zeros((), dtype=S)))
+        h = torch.where(running, h_new.to(S), h)
+    return torch.stack(outs), h, c, torch.stack(saved).to(S), torch.stack(cells).to(S) if cells else None
+
+
+cases = 0
+# (gates, T, B, H, dtype, forced cluster size or 0 for the plan's): clusters of 1, 2 and 4
+# blocks; H off the 16-row tiles; k split 1 and 4; two clusters of batch rows (B = 9), the
+# second with one row; a GRU without b_hh.
+for gates, T, B, H, dtype, forced, bias in (
+    (4, 5, 3, 64, torch.float16, 0, True), (4, 4, 9, 100, torch.bfloat16, 0, True),
+    (4, 3, 1, 24, torch.float16, 0, True), (4, 3, 2, 40, torch.bfloat16, 4, True),
+    (3, 5, 3, 70, torch.float16, 0, True), (3, 3, 2, 16, torch.bfloat16, 2, True),
+    (3, 4, 9, 48, torch.bfloat16, 0, False),
+):
+    cluster = emulated.plan(gates, B, H, forced)[0]
+    w_hh = rand(gates * H, H, scale=H ** -0.5).to(dtype)
+    pre = rand(T, B, gates * H).to(dtype)
+    b_hh = rand(gates * H, scale=0.3).to(dtype) if gates == 3 and bias else None
+    h0, c0 = rand(B, H).to(dtype), (rand(B, H) if gates == 4 else None)
+    lengths = torch.randint(0, T + 1, (B,), generator=gen)
+    lengths[0], lengths[-1] = T, 0  # unsorted, an empty row
+    h = torch.zeros(2, B, H, dtype=dtype)
+    h[0] = h0
+    c = c0.clone() if gates == 4 else None
+    out = torch.empty(T, B, H, dtype=dtype)
+    saved = torch.full((T, B, 4 * H), float("nan"), dtype=dtype)
+    cells = torch.full((T, B, H), float("nan"), dtype=dtype) if gates == 4 else None
+    emulated.forward(gates, forced, w_hh, pre, b_hh, h, c, out, lengths, saved, cells)
+    want = recurrence(gates, pre, w_hh, b_hh, h0, c0, lengths)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=4e-3, atol=4e-3)
+    what = f"gates={gates} T={T} B={B} H={H} {dtype} cluster={cluster}"
+    running = torch.arange(T).view(T, 1) < lengths.view(1, B)  # the backward reads only these steps' saved values
+    got = [out, h[T & 1], saved[running]] + ([c, cells[running]] if gates == 4 else [])
+    ref = [want[0], want[1], want[3][running]] + ([want[2], want[4][running]] if gates == 4 else [])
+    for name, g, w in zip(("out", "h_T", "saved gates", "c_T", "saved cells"), got, ref):
+        torch.testing.assert_close(g, w, **tol, msg=lambda m: f"{what} {name}: {m}")
+    cases += 1
+print(f"ok {cases}")
+'''
+
+
+def test_cluster_rnn_forward_matches_the_recurrence_on_emulated_threads(tmp_path):
+    _run_child(CLUSTER_CHILD, tmp_path, "ok 7")

@@ -1,11 +1,15 @@
 // Pieces shared by the cluster kernels' forward (rnn_cluster.cu) and backward
 // (rnn_cluster_backward.cu): block shape, 16-bit bit casts, the tensor-core tile product
 // over a matrix held in fragment order, the half-precision dispatch and the launch config.
+// With ATTNKIT_CUDA_EMULATION (tests/cuda_emulation/emulate.h) the same device code runs on
+// CPU threads: the mma.sync and the cluster's operations come from the emulation there.
 #pragma once
 
 #include <ATen/ATen.h>
+#ifndef ATTNKIT_CUDA_EMULATION
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <type_traits>
@@ -15,6 +19,19 @@ namespace cuda {
 namespace cluster_rnn {
 
 namespace cg = cooperative_groups;
+
+// The cluster kernels' bodies: sm_90 device code, or the emulation's.
+#if defined(ATTNKIT_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+#define ATTNKIT_CLUSTER_DEVICE_CODE 1
+#else
+#define ATTNKIT_CLUSTER_DEVICE_CODE 0
+#endif
+
+#ifdef ATTNKIT_CUDA_EMULATION
+#define ATTNKIT_DYNAMIC_SHARED(type, name) type* name = cuda_emulation::dynamic_shared<type>()
+#else
+#define ATTNKIT_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -32,7 +49,9 @@ __device__ __forceinline__ float float_of(uint16_t bits) {
 // D = A B + D for one 16 x 8 tile, fp32 accumulators.
 template <typename S>
 __device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint4& a, uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(ATTNKIT_CUDA_EMULATION)
+  cuda_emulation::mma_16x8x16<S>(d, a, b0, b1);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if constexpr (std::is_same<S, at::Half>::value) {
     asm(  // not volatile: the compiler may interleave the two accumulator chains
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -94,6 +113,7 @@ auto with_half(at::ScalarType dtype, F&& f) {
   return f(at::BFloat16{});
 }
 
+#ifndef ATTNKIT_CUDA_EMULATION
 // A launch of `blocks` blocks in clusters of `cluster` (1-D), kThreads each; `attribute`
 // holds the cluster shape and must outlive the config.
 inline cudaLaunchConfig_t cluster_config(int cluster, int64_t blocks, size_t smem, cudaStream_t stream,
@@ -111,6 +131,7 @@ inline cudaLaunchConfig_t cluster_config(int cluster, int64_t blocks, size_t sme
   config.numAttrs = 1;
   return config;
 }
+#endif
 
 }  // namespace cluster_rnn
 }  // namespace cuda
