@@ -23,7 +23,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 PYTEST_ARGS ?=
 
-NATIVE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/include/attnkit/*.h)
+NATIVE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h csrc/include/attnkit/*.h)
 STAMP := $(VENV)/.attnkit-installed
 
 .PHONY: test test-asan bench cuda-check test-gpu gpu-check setup build clean

@@ -5,8 +5,10 @@ fragment layouts checked with no GPU. A child process builds and runs them, unde
 (a barrier some thread misses hangs).
 - csrc/cuda's layer-norm LSTM / GRU kernels (rnn_layernorm_kernels.cuh), through the same time
   loops as attnkit._C, against its CPU kernels;
-- the persistent cluster forward (rnn_cluster_kernel.cuh, opt-in ATTNKIT_RNN_CLUSTER=1)
-  against a plain PyTorch recurrence with the same roundings to float16 / bfloat16."""
+- the persistent cluster kernels (opt-in ATTNKIT_RNN_CLUSTER=1): the forward
+  (rnn_cluster_kernel.cuh) against a plain PyTorch recurrence with the same roundings to
+  float16 / bfloat16, the backward (rnn_cluster_backward_kernel.cuh) from the forward's
+  saved values against attnkit._C's backward on the same values."""
 import os
 import subprocess
 import sys
@@ -97,11 +99,13 @@ CLUSTER_CHILD = r'''
 import sys
 import torch
 from torch.utils.cpp_extension import load
+from attnkit import _extensions
 
 root, build = sys.argv[1], sys.argv[2]
 emulated = load("attnkit_cluster_rnn_emulated", [f"{root}/tests/cuda_emulation/cluster_rnn.cpp"],
                 extra_include_paths=[f"{root}/csrc/include", f"{root}/csrc/cuda", f"{root}/tests/cuda_emulation"],
                 extra_cflags=["-std=c++20", "-O1", "-pthread"], extra_ldflags=["-pthread"], build_directory=build)
+cpu = _extensions.load("_C")[0]
 gen = torch.Generator().manual_seed(0)
 
 
@@ -138,42 +142,71 @@ def recurrence(gates, pre, w_hh, b_hh, h0, c0, lengths):
     return torch.stack(outs), h, c, torch.stack(saved).to(S), torch.stack(cells).to(S) if cells else None
 
 
+def close(named, tol, what):
+    for name, g, w in named:
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol * float(w.abs().max()), msg=lambda m: f"{what} {name}: {m}")
+
+
 cases = 0
-# (gates, T, B, H, dtype, forced cluster size or 0 for the plan's): clusters of 1, 2 and 4
-# blocks; H off the 16-row tiles; k split 1 and 4; two clusters of batch rows (B = 9), the
-# second with one row; a GRU without b_hh.
+# (gates, T, B, H, dtype, forced cluster size or 0 for the plan's, GRU b_hh): clusters of 1,
+# 2 and 4 blocks; H off the 16-row tiles; k split 1 and 4; two clusters of batch rows
+# (B = 9), the second with one row; a GRU without b_hh.
 for gates, T, B, H, dtype, forced, bias in (
     (4, 5, 3, 64, torch.float16, 0, True), (4, 4, 9, 100, torch.bfloat16, 0, True),
     (4, 3, 1, 24, torch.float16, 0, True), (4, 3, 2, 40, torch.bfloat16, 4, True),
     (3, 5, 3, 70, torch.float16, 0, True), (3, 3, 2, 16, torch.bfloat16, 2, True),
     (3, 4, 9, 48, torch.bfloat16, 0, False),
 ):
-    cluster = emulated.plan(gates, B, H, forced)[0]
+    cluster, I = emulated.plan(gates, B, H, forced)[0], 7
+    x, w_ih = rand(T, B, I).to(dtype), rand(gates * H, I, scale=I ** -0.5).to(dtype)
     w_hh = rand(gates * H, H, scale=H ** -0.5).to(dtype)
-    pre = rand(T, B, gates * H).to(dtype)
+    pre = (x.float() @ w_ih.float().T + rand(gates * H, scale=0.3)).to(dtype)  # biases folded in, as run() does
     b_hh = rand(gates * H, scale=0.3).to(dtype) if gates == 3 and bias else None
-    h0, c0 = rand(B, H).to(dtype), (rand(B, H) if gates == 4 else None)
+    h0, c0 = rand(B, H).to(dtype), (rand(B, H).to(dtype) if gates == 4 else None)
     lengths = torch.randint(0, T + 1, (B,), generator=gen)
     lengths[0], lengths[-1] = T, 0  # unsorted, an empty row
     h = torch.zeros(2, B, H, dtype=dtype)
     h[0] = h0
-    c = c0.clone() if gates == 4 else None
+    c = c0.float() if gates == 4 else None
     out = torch.empty(T, B, H, dtype=dtype)
     saved = torch.full((T, B, 4 * H), float("nan"), dtype=dtype)
     cells = torch.full((T, B, H), float("nan"), dtype=dtype) if gates == 4 else None
     emulated.forward(gates, forced, w_hh, pre, b_hh, h, c, out, lengths, saved, cells)
-    want = recurrence(gates, pre, w_hh, b_hh, h0, c0, lengths)
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=4e-3, atol=4e-3)
+    want = recurrence(gates, pre, w_hh, b_hh, h0, c0.float() if gates == 4 else None, lengths)
     what = f"gates={gates} T={T} B={B} H={H} {dtype} cluster={cluster}"
     running = torch.arange(T).view(T, 1) < lengths.view(1, B)  # the backward reads only these steps' saved values
-    got = [out, h[T & 1], saved[running]] + ([c, cells[running]] if gates == 4 else [])
-    ref = [want[0], want[1], want[3][running]] + ([want[2], want[4][running]] if gates == 4 else [])
-    for name, g, w in zip(("out", "h_T", "saved gates", "c_T", "saved cells"), got, ref):
-        torch.testing.assert_close(g, w, **tol, msg=lambda m: f"{what} {name}: {m}")
+    got = [("out", out, want[0]), ("h_T", h[T & 1], want[1]), ("saved gates", saved[running], want[3][running])]
+    if gates == 4:
+        got += [("c_T", c, want[2]), ("saved cells", cells[running], want[4][running])]
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    for name, g, w in got:
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol, msg=lambda m: f"{what} forward {name}: {m}")
+
+    # The backward from those saved values, against attnkit._C's in float32 on the same values
+    # (the cluster kernel rounds each step's gate gradients to the storage type).
+    grad_out, grad_hn = rand(T, B, H).to(dtype), rand(B, H).to(dtype)
+    grad_cn = rand(B, H).to(dtype) if gates == 4 else None
+    dpre, dgh, dh0, dc0 = emulated.backward(gates, forced, w_hh, saved, cells, c0, h0, out, grad_out, grad_hn, grad_cn,
+                                            lengths)
+    f = lambda t: None if t is None else t.float()
+    if gates == 4:
+        ref = cpu.lstm_backward(f(grad_out), f(grad_hn), f(grad_cn), f(x), f(h0), f(c0), f(w_ih), f(w_hh), None,
+                                lengths, f(out), f(saved), f(cells), torch.empty(0))
+        dgh = dpre
+    else:
+        ref = cpu.gru_backward(f(grad_out), f(grad_hn), f(x), f(h0), f(w_ih), f(w_hh), lengths, f(out), f(saved))
+    h_prev = torch.cat([h0.unsqueeze(0), out[:-1]]).float().view(T * B, H)
+    dgi2, dgh2 = dpre.float().view(T * B, -1), dgh.float().view(T * B, -1)
+    grads = [("dx", (dgi2 @ w_ih.float()).view(T, B, I)), ("dh0", dh0.float())]
+    grads += [("dc0", dc0.float())] if gates == 4 else []
+    grads += [("dw_ih", dgi2.T @ x.float().view(T * B, I)), ("dw_hh", dgh2.T @ h_prev), ("db_ih", dgi2.sum(0))]
+    grads += [] if gates == 4 else [("db_hh", dgh2.sum(0))]
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    close([(name, g, w) for (name, g), w in zip(grads, ref)], tol, f"{what} backward")
     cases += 1
 print(f"ok {cases}")
 '''
 
 
-def test_cluster_rnn_forward_matches_the_recurrence_on_emulated_threads(tmp_path):
+def test_cluster_rnn_kernels_match_the_recurrence_and_cpu_backward_on_emulated_threads(tmp_path):
     _run_child(CLUSTER_CHILD, tmp_path, "ok 7")

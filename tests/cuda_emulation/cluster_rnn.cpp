@@ -1,9 +1,12 @@
-// csrc/cuda/rnn_cluster_kernel.cuh's persistent LSTM / GRU forward on CPU threads
-// (emulate.h: the cluster's blocks at once, its barrier, distributed shared memory and
-// mma.sync): tests/test_cuda_emulation.py checks it against a plain PyTorch recurrence.
+// The persistent cluster LSTM / GRU kernels on CPU threads (emulate.h: the cluster's blocks
+// at once, its barrier, distributed shared memory and mma.sync): the forward of
+// rnn_cluster_kernel.cuh and the backward of rnn_cluster_backward_kernel.cuh, launched as
+// rnn_cluster.cu and rnn_cluster_backward.cu launch them; tests/test_cuda_emulation.py
+// checks them against a plain PyTorch recurrence and attnkit._C's backward.
 #include <torch/extension.h>
 
 #include "emulate.h"
+#include "rnn_cluster_backward_kernel.cuh"
 #include "rnn_cluster_kernel.cuh"
 
 namespace {
@@ -55,9 +58,46 @@ void forward(int64_t gates, int64_t forced, const at::Tensor& w_hh, const at::Te
   });
 }
 
+// As run_backward's kernel launch (the forward's split, the backward's k split): from the
+// forward's saved gates (T, B, 4 H), cell states (LSTM) and output (GRU), returns
+// {dpre, dgh (GRU), dh0, dc0 (LSTM)}, the tensors the weight-gradient GEMMs then take.
+std::vector<at::Tensor> backward(int64_t gates, int64_t forced, const at::Tensor& w_hh, const at::Tensor& saved,
+                                 const c10::optional<at::Tensor>& cs, const c10::optional<at::Tensor>& c0,
+                                 const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& output,
+                                 const at::Tensor& grad_output, const at::Tensor& grad_hn,
+                                 const c10::optional<at::Tensor>& grad_cn, const c10::optional<at::Tensor>& len) {
+  const int64_t T = grad_output.size(0), B = grad_output.size(1), H = w_hh.size(1);
+  const std::vector<int64_t> split = plan(gates, B, H, forced);
+  const int C = static_cast<int>(split[0]), U = static_cast<int>(split[1]), RT = static_cast<int>(split[2]),
+            KT = static_cast<int>(split[3]);
+  at::Tensor dpre = at::empty({T, B, gates * H}, grad_output.options());
+  at::Tensor dgh = gates == 3 ? at::empty({T, B, 3 * H}, grad_output.options()) : at::Tensor();
+  at::Tensor dh0 = at::empty({B, H}, grad_output.options());
+  at::Tensor dc0 = gates == 4 ? at::empty({B, H}, grad_output.options()) : at::Tensor();
+  with_half(w_hh.scalar_type(), [&](auto s) {
+    using S = decltype(s);
+    const auto data = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<S>() : nullptr; };
+    BackParams<S> p{w_hh.data_ptr<S>(), saved.data_ptr<S>(), ptr_or_null<S>(cs), ptr_or_null<S>(c0),
+                    gates == 3 ? ptr_or_null<S>(h0) : nullptr, gates == 3 ? ptr_or_null<S>(output) : nullptr,
+                    grad_output.data_ptr<S>(), grad_hn.data_ptr<S>(), ptr_or_null<S>(grad_cn),
+                    ptr_or_null<int64_t>(len), dpre.data_ptr<S>(), data(dgh), dh0.data_ptr<S>(), data(dc0),
+                    static_cast<int>(T), static_cast<int>(B), static_cast<int>(H), U, RT, KT, back_k_split(KT)};
+    const unsigned int blocks = C * ((B + kBatchTile - 1) / kBatchTile);
+    const size_t smem = back_smem_bytes(C, U, RT, KT);
+    if (gates == 4) {
+      cuda_emulation::launch_clusters(rnn_cluster_backward_kernel<S, 4>, blocks, C, kThreads, smem, p);
+    } else {
+      cuda_emulation::launch_clusters(rnn_cluster_backward_kernel<S, 3>, blocks, C, kThreads, smem, p);
+    }
+    return 0;
+  });
+  return {dpre, dgh, dh0, dc0};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan", &plan);
   m.def("forward", &forward);
+  m.def("backward", &backward);
 }
