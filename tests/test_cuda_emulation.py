@@ -5,10 +5,11 @@ fragment layouts checked with no GPU. A child process builds and runs them, unde
 (a barrier some thread misses hangs).
 - csrc/cuda's layer-norm LSTM / GRU kernels (rnn_layernorm_kernels.cuh), through the same time
   loops as attnkit._C, against its CPU kernels;
-- the persistent cluster kernels (opt-in ATTNKIT_RNN_CLUSTER=1): the forward
-  (rnn_cluster_kernel.cuh) against a plain PyTorch recurrence with the same roundings to
-  float16 / bfloat16, the backward (rnn_cluster_backward_kernel.cuh) from the forward's
-  saved values against attnkit._C's backward on the same values."""
+- the persistent kernels: the grid forward (rnn_persistent_kernel.cuh) and the opt-in
+  (ATTNKIT_RNN_CLUSTER=1) cluster forward (rnn_cluster_kernel.cuh) against a plain PyTorch
+  recurrence with the same roundings to float16 / bfloat16, the cluster backward
+  (rnn_cluster_backward_kernel.cuh) from the forward's saved values against attnkit._C's
+  backward on the same values."""
 import os
 import subprocess
 import sys
@@ -95,14 +96,14 @@ def test_layer_norm_rnn_kernels_match_the_cpu_kernels_on_emulated_threads(tmp_pa
     _run_child(CHILD, tmp_path, "ok 8")
 
 
-CLUSTER_CHILD = r'''
+PERSISTENT_CHILD = r'''
 import sys
 import torch
 from torch.utils.cpp_extension import load
 from attnkit import _extensions
 
 root, build = sys.argv[1], sys.argv[2]
-emulated = load("attnkit_cluster_rnn_emulated", [f"{root}/tests/cuda_emulation/cluster_rnn.cpp"],
+emulated = load("attnkit_persistent_rnn_emulated", [f"{root}/tests/cuda_emulation/persistent_rnn.cpp"],
                 extra_include_paths=[f"{root}/csrc/include", f"{root}/csrc/cuda", f"{root}/tests/cuda_emulation"],
                 extra_cflags=["-std=c++20", "-O1", "-pthread"], extra_ldflags=["-pthread"], build_directory=build)
 cpu = _extensions.load("_C")[0]
@@ -204,9 +205,35 @@ for gates, T, B, H, dtype, forced, bias in (
     tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
     close([(name, g, w) for (name, g), w in zip(grads, ref)], tol, f"{what} backward")
     cases += 1
+
+# The grid kernel (rnn_persistent_kernel.cuh: the default persistent inference path, its
+# input projections loaded before each step's product) on a grid of a few blocks: 5, 16, 1
+# and 8 units a block (the last block short), batch 1, 3, 5 and 8, every storage type.
+for gates, T, B, H, dtype, units in ((4, 4, 3, 12, torch.float32, 5), (4, 3, 8, 20, torch.float16, 16),
+                                     (3, 5, 1, 9, torch.bfloat16, 1), (3, 4, 5, 33, torch.float32, 8)):
+    w_hh = rand(gates * H, H, scale=H ** -0.5).to(dtype)
+    pre = rand(T, B, gates * H).to(dtype)
+    b_hh = rand(gates * H, scale=0.3).to(dtype) if gates == 3 else None
+    h0, c0 = rand(B, H).to(dtype), (rand(B, H) if gates == 4 else None)
+    lengths = torch.randint(0, T + 1, (B,), generator=gen)
+    lengths[0] = T
+    if B > 1:
+        lengths[-1] = 0
+    h = torch.zeros(2, B, H, dtype=dtype)
+    h[0] = h0
+    c = c0.clone() if gates == 4 else None
+    out = torch.empty(T, B, H, dtype=dtype)
+    emulated.grid_forward(gates, units, w_hh, pre, b_hh, h, c, out, lengths)
+    want = recurrence(gates, pre, w_hh, b_hh, h0, c0, lengths)
+    tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+    got = [("out", out, want[0]), ("h_T", h[T & 1], want[1])] + ([("c_T", c, want[2])] if gates == 4 else [])
+    for name, g, w in got:
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol,
+                                   msg=lambda m: f"grid gates={gates} B={B} H={H} {dtype} units={units} {name}: {m}")
+    cases += 1
 print(f"ok {cases}")
 '''
 
 
-def test_cluster_rnn_kernels_match_the_recurrence_and_cpu_backward_on_emulated_threads(tmp_path):
-    _run_child(CLUSTER_CHILD, tmp_path, "ok 7")
+def test_persistent_rnn_kernels_match_the_recurrence_and_cpu_backward_on_emulated_threads(tmp_path):
+    _run_child(PERSISTENT_CHILD, tmp_path, "ok 11")

@@ -6,13 +6,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#ifndef ATTNKIT_CUDA_EMULATION
-#include <cooperative_groups.h>
-#include <cuda_runtime.h>
-#endif
 
 #include <cstdint>
 #include <type_traits>
+
+#include "device_shared.cuh"
 
 namespace attnkit {
 namespace cuda {
@@ -25,12 +23,6 @@ namespace cg = cooperative_groups;
 #define ATTNKIT_CLUSTER_DEVICE_CODE 1
 #else
 #define ATTNKIT_CLUSTER_DEVICE_CODE 0
-#endif
-
-#ifdef ATTNKIT_CUDA_EMULATION
-#define ATTNKIT_DYNAMIC_SHARED(type, name) type* name = cuda_emulation::dynamic_shared<type>()
-#else
-#define ATTNKIT_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 #endif
 
 constexpr int kThreads = 256;

@@ -5,7 +5,8 @@
 // (a static) is the block's own; `launch_clusters` runs the blocks of a thread-block
 // cluster at once, each with its dynamic shared memory, with the cluster's barrier,
 // distributed shared memory and the warp's mma.sync m16n8k16 (a product of the
-// fragments the warp's lanes hold, in PTX's layout). A barrier that some thread never
+// fragments the warp's lanes hold, in PTX's layout); a grid of one such cluster has
+// the cluster's barrier as grid.sync(). A barrier that some thread never
 // reaches hangs, as it may on a GPU: run emulated kernels under a timeout.
 #pragma once
 
@@ -41,6 +42,9 @@ struct uint4 {
 };
 struct float2 {
   float x, y;
+};
+struct float4 {
+  float x, y, z, w;
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline int min(int a, int b) { return a < b ? a : b; }
@@ -192,5 +196,12 @@ struct cluster_group {
 };
 
 inline cluster_group this_cluster() { return {}; }
+
+// this_grid() of a kernel launched with launch_clusters as one cluster of all its blocks.
+struct grid_group {
+  void sync() const { cuda_emulation::cluster->barrier.arrive_and_wait(); }
+};
+
+inline grid_group this_grid() { return {}; }
 
 }  // namespace cooperative_groups

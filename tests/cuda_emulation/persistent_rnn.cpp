@@ -1,13 +1,15 @@
-// The persistent cluster LSTM / GRU kernels on CPU threads (emulate.h: the cluster's blocks
-// at once, its barrier, distributed shared memory and mma.sync): the forward of
-// rnn_cluster_kernel.cuh and the backward of rnn_cluster_backward_kernel.cuh, launched as
-// rnn_cluster.cu and rnn_cluster_backward.cu launch them; tests/test_cuda_emulation.py
-// checks them against a plain PyTorch recurrence and attnkit._C's backward.
+// The persistent LSTM / GRU kernels on CPU threads (emulate.h: a grid's or cluster's blocks
+// at once, its barrier, distributed shared memory and mma.sync): the grid forward of
+// rnn_persistent_kernel.cuh, the cluster forward of rnn_cluster_kernel.cuh and backward of
+// rnn_cluster_backward_kernel.cuh, launched as rnn_persistent.cu, rnn_cluster.cu and
+// rnn_cluster_backward.cu launch them; tests/test_cuda_emulation.py checks them against a
+// plain PyTorch recurrence and attnkit._C's backward.
 #include <torch/extension.h>
 
 #include "emulate.h"
 #include "rnn_cluster_backward_kernel.cuh"
 #include "rnn_cluster_kernel.cuh"
+#include "rnn_persistent_kernel.cuh"
 
 namespace {
 
@@ -94,9 +96,35 @@ std::vector<at::Tensor> backward(int64_t gates, int64_t forced, const at::Tensor
   return {dpre, dgh, dh0, dc0};
 }
 
+// As launch_grid: the grid kernel with `units` hidden units a block (rnn_persistent.cu's plan
+// takes ceil(H / SMs); here the caller picks, for a grid of a few blocks), its blocks as one
+// cluster so that grid.sync() is the cluster's barrier. Tensors as for `forward`.
+void grid_forward(int64_t gates, int64_t units, const at::Tensor& w_hh, const at::Tensor& pre,
+                  const c10::optional<at::Tensor>& b_hh, at::Tensor h, c10::optional<at::Tensor> c,
+                  at::Tensor output, const c10::optional<at::Tensor>& len) {
+  const int64_t T = pre.size(0), B = pre.size(1), H = w_hh.size(1);
+  TORCH_CHECK(B <= attnkit::cuda::grid_rnn::kMaxBatch && B * units <= attnkit::cuda::grid_rnn::kThreads,
+              "the grid kernel's limits");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w_hh.scalar_type(), "grid_forward", [&] {
+    using S = scalar_t;
+    namespace grid = attnkit::cuda::grid_rnn;
+    grid::Params<S> p{w_hh.data_ptr<S>(), pre.data_ptr<S>(), gates == 3 ? ptr_or_null<S>(b_hh) : nullptr,
+                      h.data_ptr<S>(), ptr_or_null<float>(c), output.data_ptr<S>(), ptr_or_null<int64_t>(len),
+                      static_cast<int>(T), static_cast<int>(B), static_cast<int>(H), static_cast<int>(units)};
+    const unsigned int blocks = static_cast<unsigned int>((H + units - 1) / units);
+    const size_t smem = grid::smem_bytes<S>(static_cast<int>(gates), B, H, units);
+    if (gates == 4) {
+      cuda_emulation::launch_clusters(grid::rnn_persistent_kernel<S, 4>, blocks, blocks, grid::kThreads, smem, p);
+    } else {
+      cuda_emulation::launch_clusters(grid::rnn_persistent_kernel<S, 3>, blocks, blocks, grid::kThreads, smem, p);
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("grid_forward", &grid_forward);
   m.def("plan", &plan);
   m.def("forward", &forward);
   m.def("backward", &backward);
