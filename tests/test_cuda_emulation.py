@@ -20,18 +20,22 @@ pytestmark = pytest.mark.cuda_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CHILD = r'''
+# Each child: builds tests/cuda_emulation/<source>.cpp as `emulated`, loads attnkit._C as `cpu`.
+PREAMBLE = r'''
 import sys
 import torch
 from torch.utils.cpp_extension import load
 from attnkit import _extensions
 
-root, build = sys.argv[1], sys.argv[2]
-emulated = load("attnkit_ln_rnn_emulated", [f"{root}/tests/cuda_emulation/ln_rnn.cpp"],
+root, build, source = sys.argv[1:4]
+emulated = load(f"attnkit_{source}_emulated", [f"{root}/tests/cuda_emulation/{source}.cpp"],
                 extra_include_paths=[f"{root}/csrc/include", f"{root}/csrc/cuda", f"{root}/tests/cuda_emulation"],
                 extra_cflags=["-std=c++20", "-O1", "-pthread"], extra_ldflags=["-pthread"], build_directory=build)
 cpu = _extensions.load("_C")[0]
 gen = torch.Generator().manual_seed(0)
+'''
+
+LN_CHILD = r'''
 
 
 def rand(*shape, dtype, scale=1.0, shift=0.0):
@@ -80,34 +84,23 @@ print(f"ok {cases}")
 '''
 
 
-def _run_child(code: str, tmp_path, expected: str) -> None:
+def _run_child(source: str, code: str, tmp_path, expected: str) -> None:
     import torch
 
     if torch.cuda.is_available():  # gpu-check: the GPU runs the kernels themselves (tests/ops)
         pytest.skip("a GPU is here: the kernels run on it instead")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(ROOT, "python"),
                                                                    os.environ.get("PYTHONPATH")])))
-    run = subprocess.run([sys.executable, "-c", code, ROOT, str(tmp_path)], capture_output=True, text=True,
-                         timeout=900, env=env)
+    run = subprocess.run([sys.executable, "-c", PREAMBLE + code, ROOT, str(tmp_path), source], capture_output=True,
+                         text=True, timeout=900, env=env)
     assert run.returncode == 0 and run.stdout.strip().endswith(expected), run.stdout[-3000:] + run.stderr[-6000:]
 
 
 def test_layer_norm_rnn_kernels_match_the_cpu_kernels_on_emulated_threads(tmp_path):
-    _run_child(CHILD, tmp_path, "ok 8")
+    _run_child("ln_rnn", LN_CHILD, tmp_path, "ok 8")
 
 
 PERSISTENT_CHILD = r'''
-import sys
-import torch
-from torch.utils.cpp_extension import load
-from attnkit import _extensions
-
-root, build = sys.argv[1], sys.argv[2]
-emulated = load("attnkit_persistent_rnn_emulated", [f"{root}/tests/cuda_emulation/persistent_rnn.cpp"],
-                extra_include_paths=[f"{root}/csrc/include", f"{root}/csrc/cuda", f"{root}/tests/cuda_emulation"],
-                extra_cflags=["-std=c++20", "-O1", "-pthread"], extra_ldflags=["-pthread"], build_directory=build)
-cpu = _extensions.load("_C")[0]
-gen = torch.Generator().manual_seed(0)
 
 
 def rand(*shape, scale=1.0):
@@ -236,4 +229,4 @@ print(f"ok {cases}")
 
 
 def test_persistent_rnn_kernels_match_the_recurrence_and_cpu_backward_on_emulated_threads(tmp_path):
-    _run_child(PERSISTENT_CHILD, tmp_path, "ok 11")
+    _run_child("persistent_rnn", PERSISTENT_CHILD, tmp_path, "ok 11")

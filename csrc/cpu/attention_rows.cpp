@@ -21,6 +21,16 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 using namespace simd;  // vf (16 floats: one zmm, two ymm or four xmm per clone), W, load/store, fast_tanh
 typedef int32_t vi __attribute__((vector_size(64)));
 
+// p 2^n for integral n, by adding n to p's exponent bits: for products that stay normal floats.
+ATTNKIT_INLINE vf times_pow2(vf p, vf n) {
+  vi bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += __builtin_convertvector(n, vi) << 23;
+  vf e;
+  std::memcpy(&e, &bits, sizeof(e));
+  return e;
+}
+
 // exp(x) to about 1 ulp for x <= 88 (exp(88) above); exactly 0 below -87 (so exp(-inf) = 0).
 // 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 in two parts (Cody-Waite), |r| <= ln 2 / 2,
 // e^r by a degree-6 minimax polynomial (relative error 2e-8) and 2^n added to its exponent bits:
@@ -40,12 +50,7 @@ ATTNKIT_INLINE vf vexp(vf x) {
   p = p * r + 4.9999991059e-1f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const vi bits = __builtin_convertvector(n, vi) << 23;
-  vi pb;
-  std::memcpy(&pb, &p, sizeof(pb));
-  pb += bits;
-  vf e;
-  std::memcpy(&e, &pb, sizeof(e));
+  vf e = times_pow2(p, n);
   e = x < splat(-87.0f) ? splat(0.0f) : e;
   return x != x ? x : e;  // NaN stays NaN (the clamps above would turn it into exp(88))
 }
@@ -178,12 +183,7 @@ ATTNKIT_INLINE vf vexp_scaled(vf x, float factor, float shift) {
   p = p * f + 2.4022650696e-1f;
   p = p * f + 6.9314718056e-1f;
   p = p * f + 1.0f;
-  const vi bits = __builtin_convertvector(n, vi) << 23;
-  vi pb;
-  std::memcpy(&pb, &p, sizeof(pb));
-  pb += bits;
-  vf e;
-  std::memcpy(&e, &pb, sizeof(e));
+  vf e = times_pow2(p, n);
   e = y < splat(-126.0f) ? splat(0.0f) : e;
   return y != y ? y : e;
 }
