@@ -54,18 +54,19 @@ void forward_kernel(const Spec& sp, Rows<const q_t> q, const rope::Rope<scalar_t
         qt = q.at(b, h, sq.q_start + m0);
         ld_q = q.sm;
       }
-      std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), acc_t(0));
       const auto [k_lo, k_hi] = sp.key_range(sq, m0, rows);
+      // The first tile's P V product writes acc (no zero fill, no rescale: see online_softmax_tile).
       for (int64_t n0 = k_lo; n0 < k_hi; n0 += BN) {
         const int64_t cols = std::min(BN, k_hi - n0);
         gemm_nn(rows, cols, D, qt, ld_q, kt.at(b, kvh, sq.k_start + n0), ld_kt, false, s.data(), BN);
         tile_scores(sp, sq, b, h, m0, rows, n0, cols, s.data(), static_cast<acc_t*>(nullptr), BN);  // no tanh kept
         online_softmax_tile(sp, b, h, m0, rows, n0, cols, s.data(), BN, m.data(), l.data(), acc.data(), DV,
                             keep.data());
-        gemm_nn(rows, DV, cols, s.data(), BN, v.at(b, kvh, sq.k_start + n0), v.sm, true, acc.data(), DV);
+        gemm_nn(rows, DV, cols, s.data(), BN, v.at(b, kvh, sq.k_start + n0), v.sm, n0 != k_lo, acc.data(), DV);
       }
+      if (k_lo >= k_hi) std::fill(acc.begin(), acc.end(), acc_t(0));  // no visible key: the rows are 0
       for (int64_t r = 0; r < rows; ++r) {
         const bool empty = l[r] == acc_t(0);
         const acc_t inv = empty ? acc_t(0) : acc_t(1) / l[r];

@@ -192,7 +192,8 @@ struct Blocks {
 // The online softmax of a forward tile: rows x cols scores in s (leading dim ld), times
 // `factor` (> 0; 1 where s holds the scores themselves), become their exponentials (dropped
 // ones 0), m / l (the rows' running max and sum, of the scores) move on, and each row of acc
-// (rows x DV) is rescaled to the new max; the caller then adds P V. keep: cols bytes of room.
+// (rows x DV) is rescaled to the new max (not while the row's max is -inf); the caller then adds
+// P V. keep: cols bytes of room.
 // With `low` (float only), the exponentials also go there rounded to bfloat16 (same leading
 // dim): in the same pass as exp where there is no dropout.
 template <typename acc_t>
@@ -218,10 +219,12 @@ void online_softmax_tile(const Spec& sp, int64_t b, int64_t h, int64_t m0, int64
     }
     const acc_t alpha = std::exp(m[r] - m_use);
     l[r] = l[r] * alpha + sum;  // counts every probability; dropout only touches the output
-    m[r] = m_new;
-    if (alpha != acc_t(1)) {
+    // Until a row sees a finite score its acc row holds only zero products (or, before the
+    // first tile, whatever the caller's first P V product overwrites): nothing to rescale.
+    if (alpha != acc_t(1) && m[r] != neg_inf) {
       for (int64_t d = 0; d < DV; ++d) acc[r * DV + d] *= alpha;
     }
+    m[r] = m_new;
     if (sp.dropout) {
       attn_rows::dropout_keep(keep, stream_of(sp, b, h), m0 + r, n0, cols, sp.max_k, sp.threshold);
       apply_dropout(row, keep, cols, acc_t(sp.drop_scale));
