@@ -62,6 +62,32 @@ SCRATCH_SEQUENCE = [  # one thread, in order: its kept operand buffers grow, shr
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_rows_that_see_keys_late_or_never(dtype):
+    """The forward's accumulator paths: a row whose first key tiles (512 keys each) are all
+    masked and that sees keys later, rows that see keys only early, rows that see none
+    (output 0, lse -inf), and a query block that has no key tile at all (bottom-right causal,
+    Nq > Nk: the first 64 queries see nothing)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 32, generator=gen, dtype=dtype) for n in (4, 1100, 1100))
+    mask = torch.zeros(4, 1100, dtype=torch.bool)
+    mask[0, 1030:] = True  # only the third tile
+    mask[1, :10] = True  # only the first
+    mask[3] = True  # all; row 2 sees nothing
+    queries, keys = torch.randn(1, 2, 100, 32, generator=gen, dtype=dtype), torch.randn(1, 2, 20, 32, generator=gen,
+                                                                                      dtype=dtype)
+    for args, kwargs, ref_kwargs in (((q, k, v), dict(attn_mask=mask), dict(attn_mask=mask.expand(1, 2, 4, 1100))),
+                                     ((queries, keys, keys), dict(causal=True), dict(window=(-1, 0)))):
+        with forced(OP, "cpp", "cpu", dtype):
+            out, lse = flash_attention(*args, **kwargs, return_lse=True)
+        want, want_lse = ref.attention(*args, **ref_kwargs)
+        assert_close(out, want, ATTENTION_TOL[dtype], "out")
+        assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+        assert_close(torch.where(torch.isinf(lse), 0, lse), torch.where(torch.isinf(want_lse), 0, want_lse),
+                     ATTENTION_TOL[dtype], "lse")
+    assert out[0, :, :80].abs().max() == 0 and torch.isinf(lse[0, :, :80]).all()
+
+
 def test_operand_copies_in_kept_buffers_across_calls():
     """K^T, V^T, Q^T and dO^T of each call go to buffers the calling thread keeps between calls
     (attention.cpp's scratch): a run of forwards and backwards whose copies grow, shrink, change
