@@ -39,6 +39,8 @@ void forward(int64_t gates, int64_t forced, const at::Tensor& w_hh, const at::Te
              const c10::optional<at::Tensor>& b_hh, at::Tensor h, c10::optional<at::Tensor> c, at::Tensor output,
              const c10::optional<at::Tensor>& len, c10::optional<at::Tensor> saved_gates,
              c10::optional<at::Tensor> saved_cs) {
+  TORCH_CHECK(w_hh.scalar_type() == at::kHalf || w_hh.scalar_type() == at::kBFloat16,
+              "the cluster kernel takes float16 and bfloat16");
   const int64_t T = pre.size(0), B = pre.size(1), H = w_hh.size(1);
   const std::vector<int64_t> split = plan(gates, B, H, forced);
   const int C = static_cast<int>(split[0]);
@@ -68,6 +70,8 @@ std::vector<at::Tensor> backward(int64_t gates, int64_t forced, const at::Tensor
                                  const c10::optional<at::Tensor>& h0, const c10::optional<at::Tensor>& output,
                                  const at::Tensor& grad_output, const at::Tensor& grad_hn,
                                  const c10::optional<at::Tensor>& grad_cn, const c10::optional<at::Tensor>& len) {
+  TORCH_CHECK(w_hh.scalar_type() == at::kHalf || w_hh.scalar_type() == at::kBFloat16,
+              "the cluster kernel takes float16 and bfloat16");
   const int64_t T = grad_output.size(0), B = grad_output.size(1), H = w_hh.size(1);
   const std::vector<int64_t> split = plan(gates, B, H, forced);
   const int C = static_cast<int>(split[0]), U = static_cast<int>(split[1]), RT = static_cast<int>(split[2]),
