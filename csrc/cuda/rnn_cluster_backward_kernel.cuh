@@ -46,14 +46,9 @@ template <typename S, int G>
 __global__ void __launch_bounds__(kThreads, 1) rnn_cluster_backward_kernel(BackParams<S> p) {
 #if ATTNKIT_CLUSTER_DEVICE_CODE
   cg::cluster_group cluster = cg::this_cluster();
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int C = static_cast<int>(cluster.num_blocks());
-  const int b0 = static_cast<int>(blockIdx.x / C) * kBatchTile;
-  const int H = p.H, B = p.B, Bc = min(kBatchTile, B - b0);
-  const int U = p.units, RT = p.row_tiles, KT = p.k_tiles, KS = p.k_split;
+  const int H = p.H, B = p.B, U = p.units, RT = p.row_tiles, KT = p.k_tiles, KS = p.k_split;
+  const auto [rank, C, b0, Bc, j0, units, gb, gu, row, j, gate_thread] = cluster_place(cluster, B, H, U);
   const int gs = g_stride(RT);
-  const int j0 = rank * U;
-  const int units = max(0, min(U, H - j0));
 
   ATTNKIT_DYNAMIC_SHARED(uint4, smem_raw);
   uint4* wt_frag = smem_raw;
@@ -73,9 +68,6 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_cluster_backward_kernel(BackP
   }
   for (int i = threadIdx.x; i < kBatchTile * gs; i += kThreads) dg_s[i] = 0;  // padding stays zero
 
-  const int gb = threadIdx.x / U, gu = threadIdx.x % U;
-  const bool gate_thread = gb < Bc && gu < units;
-  const int j = j0 + gu, row = b0 + gb;
   float carry = 0.f, dc = 0.f;  // dh_t less what the slots bring; dc_t
   int64_t len = p.T;
   if (gate_thread) {

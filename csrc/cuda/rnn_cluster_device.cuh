@@ -98,6 +98,33 @@ __device__ __forceinline__ void tiled_product(const uint4* a_frag, const uint16_
   }
 }
 
+// Where a thread of a cluster kernel stands, the same for the forward and the backward: the
+// block's rank among the cluster's C blocks, which own units [rank U, rank U + U) (`units` of
+// them in this block, the last may have fewer); the cluster's batch rows b0 .. b0 + Bc - 1
+// (clusters are consecutive blocks, kBatchTile rows each); and this thread's (batch row, unit)
+// for the gate math, if it has one: gb among the cluster's rows (shared memory), row = b0 + gb
+// in the batch and j = rank U + gu among the units (global memory).
+struct ClusterPlace {
+  int rank, C, b0, Bc, j0, units, gb, gu, row, j;
+  bool gate_thread;
+};
+
+#if ATTNKIT_CLUSTER_DEVICE_CODE
+__device__ __forceinline__ ClusterPlace cluster_place(const cg::cluster_group& cluster, int B, int H, int U) {
+  ClusterPlace at;
+  at.rank = static_cast<int>(cluster.block_rank());
+  at.C = static_cast<int>(cluster.num_blocks());
+  at.b0 = static_cast<int>(blockIdx.x / at.C) * kBatchTile;
+  at.Bc = min(kBatchTile, B - at.b0);
+  at.j0 = at.rank * U;
+  at.units = max(0, min(U, H - at.j0));
+  at.gb = threadIdx.x / U, at.gu = threadIdx.x % U;
+  at.row = at.b0 + at.gb, at.j = at.j0 + at.gu;
+  at.gate_thread = at.gb < at.Bc && at.gu < at.units;
+  return at;
+}
+#endif
+
 // f(at::Half{}) or f(at::BFloat16{}): the kernels' two storage types.
 template <typename F>
 auto with_half(at::ScalarType dtype, F&& f) {

@@ -73,14 +73,9 @@ template <typename S, int G>
 __global__ void __launch_bounds__(kThreads, 1) rnn_cluster_kernel(Params<S> p) {
 #if ATTNKIT_CLUSTER_DEVICE_CODE
   cg::cluster_group cluster = cg::this_cluster();
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int C = static_cast<int>(cluster.num_blocks());
-  const int b0 = static_cast<int>(blockIdx.x / C) * kBatchTile;  // clusters are consecutive blocks
-  const int H = p.H, B = p.B, Bc = min(kBatchTile, B - b0);
-  const int U = p.units, RT = p.row_tiles, KT = p.k_tiles, KS = p.k_split;
+  const int H = p.H, B = p.B, U = p.units, RT = p.row_tiles, KT = p.k_tiles, KS = p.k_split;
+  const auto [rank, C, b0, Bc, j0, units, gb, gu, row, j, gate_thread] = cluster_place(cluster, B, H, U);
   const int hs = h_stride(KT);
-  const int j0 = rank * U;
-  const int units = max(0, min(U, H - j0));
 
   ATTNKIT_DYNAMIC_SHARED(uint4, smem_raw);
   uint4* w_frag = smem_raw;
@@ -105,11 +100,6 @@ __global__ void __launch_bounds__(kThreads, 1) rnn_cluster_kernel(Params<S> p) {
     h_s[i] = (buf == 0 && b < Bc && k < H) ? h0_bits[(b0 + b) * H + k] : uint16_t(0);
   }
 
-  // This thread's (batch row, unit) for the gate math, if any: gb in the cluster's
-  // rows (h_s, part), row = b0 + gb in the batch (global memory).
-  const int gb = threadIdx.x / U, gu = threadIdx.x % U;
-  const bool gate_thread = gb < Bc && gu < units;
-  const int j = j0 + gu, row = b0 + gb;
   float c_state = 0.f, bh[3] = {0.f, 0.f, 0.f};
   int64_t len = p.T;
   S pre_next[G];
