@@ -29,8 +29,7 @@ def batch(lengths, n=16, left=False):
     types = torch.randint(0, 3, (len(lengths), n))
     mask = torch.zeros(len(lengths), n, dtype=torch.long)
     for i, length in enumerate(lengths):
-        mask[i, n - length:] = 1 if left else 0
-        mask[i, :length] = 0 if left else 1
+        (mask[i, n - length:] if left else mask[i, :length]).fill_(1)
     return ids, types, mask
 
 
@@ -57,6 +56,35 @@ def test_bert_left_padding_and_holes_match_on_real_tokens(tmp_path):
         hidden, _ = ours(ids, mask, types)
         ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
     torch.testing.assert_close(hidden[mask.bool()], ref[mask.bool()], atol=ATOL, rtol=0)
+
+
+def test_pooler_of_left_padded_rows_matches_transformers(tmp_path):
+    """transformers pools position 0 whatever it holds: with left padding, a pad token that
+    attends to the row's real tokens. Its value and gradients, next to right-padded rows."""
+    hf = checkpoint(tmp_path, transformers.BertForSequenceClassification, *SIZES[0], num_labels=3,
+                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ours = BertForSequenceClassification.from_pretrained(str(tmp_path))
+    ids, types, mask = batch([16, 5, 11, 1], left=True)
+    mask[2] = mask[2].flip(0)  # a right-padded row: its position 0 is a real token
+    mask[0, 3] = 0  # a hole
+    logits = ours(ids, mask, types)
+    ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0)
+    assert len({tuple(row) for row in logits.tolist()}) == 4  # each row its own logits
+    logits.square().sum().backward()
+    ref.square().sum().backward()
+    for ours_name, hf_name in [("bert.layers.1.qkv.weight", None), ("bert.pooler.weight", "bert.pooler.dense.weight"),
+                               ("bert.embeddings.word.weight", "bert.embeddings.word_embeddings.weight")]:
+        got = dict(ours.named_parameters())[ours_name].grad
+        if hf_name is None:  # our fused q, k, v rows
+            layer = hf.bert.encoder.layer[1].attention.self
+            want = torch.cat([layer.query.weight.grad, layer.key.weight.grad, layer.value.weight.grad])
+        else:
+            want = dict(hf.named_parameters())[hf_name].grad
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    with torch.no_grad():  # last_hidden_state stays zero at every pad, position 0 included
+        hidden, _ = ours.bert(ids, mask, types)
+    assert hidden[~mask.bool()].abs().max() == 0
 
 
 def test_bert_without_mask_and_defaults(tmp_path):

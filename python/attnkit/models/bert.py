@@ -97,8 +97,11 @@ class BertLayer(nn.Module):
     def forward(self, x: Tensor, packing: Packing) -> Tensor:
         total, c = x.shape
         q, k, v = self.qkv(x).view(total, 3, self.n_head, c // self.n_head).unbind(1)
-        a = flash_attention_varlen(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_seqlen,
-                                   packing.max_seqlen, dropout_p=self.attn_dropout if self.training else 0.0)
+        if packing.keys is not None:  # tokens that are queries only (BertModel.forward's pooled pads)
+            k, v = k.index_select(0, packing.keys), v.index_select(0, packing.keys)
+        cu_seqlens_k, max_seqlen_k = packing.key_lengths()
+        a = flash_attention_varlen(q, k, v, packing.cu_seqlens, cu_seqlens_k, packing.max_seqlen, max_seqlen_k,
+                                   dropout_p=self.attn_dropout if self.training else 0.0)
         x = self.ln_attn(x + self.dropout(self.attn_out(a.reshape(total, c))))
         return self.ln_out(x + self.dropout(self.fc_out(self.act(self.fc_in(x)))))
 
@@ -118,11 +121,16 @@ class BertModel(PretrainedMixin, nn.Module):
         """input_ids (B, N); attention_mask (B, N) 1 = token, 0 = padding (anywhere in the row);
         token_type_ids, position_ids (B, N) default 0 and 0..N-1.
         Returns (last_hidden_state (B, N, C), zeros at padding; pooled (B, C) or None).
-        The pooler reads position 0, as transformers: with left padding that is a pad (zeros here)."""
+        The pooler reads position 0, as transformers: with left padding that is a pad token, which
+        then runs through the layers as a query of the row's real tokens, as there."""
         packing = Packing.for_ids(input_ids, attention_mask)
-        hidden = packing.unpack(self.forward_packed(input_ids, packing, token_type_ids, position_ids))
-        pooled = torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
-        return hidden, pooled
+        with_first = None if self.pooler is None else packing.with_first_tokens(attention_mask)
+        if with_first is None:
+            hidden = packing.unpack(self.forward_packed(input_ids, packing, token_type_ids, position_ids))
+            return hidden, torch.tanh(self.pooler(hidden[:, 0])) if self.pooler is not None else None
+        hidden = self.forward_packed(input_ids, with_first, token_type_ids, position_ids)
+        pooled = torch.tanh(self.pooler(with_first.unpack(hidden)[:, 0]))
+        return packing.unpack(hidden.index_select(0, with_first.keys)), pooled
 
     def forward_packed(self, input_ids: Tensor, packing: Packing, token_type_ids: Optional[Tensor] = None,
                        position_ids: Optional[Tensor] = None) -> Tensor:

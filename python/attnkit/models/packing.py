@@ -18,6 +18,10 @@ class Packing:
     index: Optional[Tensor]  # flat (B * N) indices of the real tokens; None when nothing is padded
     cu_seqlens: Tensor  # int32 (B + 1,)
     max_seqlen: int
+    # Set by with_first_tokens: the packed tokens that are keys (the others are queries only).
+    keys: Optional[Tensor] = None
+    cu_seqlens_k: Optional[Tensor] = None
+    max_seqlen_k: int = 0
 
     @classmethod
     def from_mask(cls, attention_mask: Optional[Tensor], batch: int, length: int, device) -> "Packing":
@@ -39,6 +43,30 @@ class Packing:
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids.shape)}")
         return cls.from_mask(attention_mask, *input_ids.shape, input_ids.device)
+
+    def with_first_tokens(self, attention_mask: Tensor) -> Optional["Packing"]:
+        """This packing plus position 0 of each row that starts with padding (and has a real
+        token), as a query only: transformers' BERT pools position 0 whatever it holds, with
+        left padding a pad token that attends to the row's real tokens. None when no row needs it."""
+        if self.index is None:
+            return None
+        keep = attention_mask.bool()
+        first_is_pad = ~keep[:, 0] & keep.any(dim=1)
+        if not bool(first_is_pad.any()):
+            return None
+        queries = keep.clone()
+        queries[:, 0] |= first_is_pad
+        packing = Packing.from_mask(queries, self.batch, self.length, keep.device)
+        is_key = keep.reshape(-1) if packing.index is None else keep.reshape(-1)[packing.index]
+        packing.keys = is_key.nonzero().squeeze(1)
+        packing.cu_seqlens_k, packing.max_seqlen_k = self.cu_seqlens, self.max_seqlen
+        return packing
+
+    def key_lengths(self):
+        """(cu_seqlens, max_seqlen) of the keys."""
+        if self.keys is None:
+            return self.cu_seqlens, self.max_seqlen
+        return self.cu_seqlens_k, self.max_seqlen_k
 
     @property
     def total(self) -> int:
