@@ -42,7 +42,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--do-sample", action="store_true")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-k", type=int, default=50, help="0: no top-k filtering (default 50, as transformers)")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--eos-token-id", type=int, default=None, help="default: the config's eos_token_id")
     parser.add_argument("--seed", type=int, default=None)
@@ -63,13 +63,12 @@ def main(argv: Optional[list] = None) -> int:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     else:
         ids = torch.tensor([args.prompt_ids])
-    eos = args.eos_token_id if args.eos_token_id is not None else model.config.eos_token_id
     generator = torch.Generator(args.device).manual_seed(args.seed) if args.seed is not None else None
     as_text = tokenizer is not None and not args.ids
     try:
         stream = model.stream(ids.to(args.device), args.max_new_tokens, do_sample=args.do_sample,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eos,
-                              generator=generator, cuda_graph=args.cuda_graph)
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              eos_token_id=args.eos_token_id, generator=generator, cuda_graph=args.cuda_graph)
         new = []
         for token in stream:
             new.append(int(token[0]))

@@ -55,6 +55,51 @@ def test_eos_stops_rows_and_pads_them(models):
     assert after[after.index(eos) + 1:] == [5] * (len(after) - after.index(eos) - 1)
 
 
+def test_default_eos_and_pad_are_the_configs_as_in_transformers(models):
+    hf, ours, path = models
+    torch.manual_seed(2)
+    ids, mask = left_padded([6, 3], 6)
+    free = ours.generate(ids, 16, attention_mask=mask, eos_token_id=())[:, 6:].tolist()  # () stops at no token
+    stops = {t: max(row.index(t) for row in free) for t in set(free[0]) & set(free[1])}
+    eos = min(stops, key=stops.get)  # a token both rows emit: generation ends early
+    assert stops[eos] < 15
+    model = GPT2LMHeadModel.from_pretrained(str(path))
+    model.config.eos_token_id = hf.generation_config.eos_token_id = eos
+    try:
+        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=16)  # pads with eos, as ours
+    finally:
+        hf.generation_config.eos_token_id = 1
+    out = model.generate(ids, 16, attention_mask=mask)
+    assert torch.equal(out, ref) and out.shape[1] == 6 + stops[eos] + 1
+    # A list of eos ids, as generation configs hold: the first is the pad.
+    both = model.generate(ids, 16, attention_mask=mask, eos_token_id=[88, eos])
+    assert torch.equal(both, hf.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[88, eos]))
+    after_eos = [row[row.index(eos) + 1:] for row in both[:, 6:].tolist()]
+    assert any(after_eos) and all(set(tokens) <= {88} for tokens in after_eos)
+
+
+def test_the_last_position_of_the_table_takes_a_token(models):
+    """transformers never feeds the last new token back: prompt + max_new_tokens may be
+    n_positions + 1."""
+    hf, ours, _ = models
+    ids = torch.randint(2, 89, (1, 40))
+    out = ours.generate(ids, 9)
+    assert out.shape == (1, 49)
+    assert torch.equal(out, hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9,
+                                        do_sample=False, pad_token_id=0))
+
+
+def test_sampling_keeps_the_top_50_by_default(models):
+    _, ours, _ = models
+    ids = torch.randint(2, 89, (1, 4)).expand(256, 4)
+    top50 = set(ours(ids[:1])[0, -1].topk(50).indices.tolist())
+    gen = torch.Generator().manual_seed(0)
+    flat = ours.generate(ids, 1, do_sample=True, temperature=1e3, generator=gen)[:, -1].tolist()
+    assert set(flat) <= top50 and len(set(flat)) > 30
+    unfiltered = ours.generate(ids, 1, do_sample=True, temperature=1e3, top_k=0, generator=gen)[:, -1].tolist()
+    assert not set(unfiltered) <= top50
+
+
 def test_right_padding_gives_the_same_tokens_as_left_padding(models):
     _, ours, _ = models
     torch.manual_seed(3)
@@ -118,8 +163,17 @@ def test_next_token_filters_as_transformers():
 
 def test_generate_input_errors(models):
     _, ours, _ = models
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        ours.generate(torch.ones(1, 3, dtype=torch.long), 2, do_sample=True, temperature=0.0)
+    one = torch.ones(1, 3, dtype=torch.long)
+    for kwargs, message in [(dict(temperature=0.0), "temperature must be a finite number > 0"),
+                            (dict(temperature=float("nan")), "temperature"), (dict(top_k=-3), "top_k must be"),
+                            (dict(top_k=2.5), "top_k must be"), (dict(top_p=-0.5), r"top_p must be a number in \[0, 1\]"),
+                            (dict(top_p=float("nan")), "top_p must be")]:
+        with pytest.raises(ValueError, match=message):
+            ours.generate(one, 2, do_sample=True, **kwargs)
+    with pytest.raises(TypeError, match="eos_token_id must be a token id or a list of them"):
+        ours.generate(one, 2, eos_token_id=[1.5])
+    with pytest.raises(TypeError, match="pad_token_id must be"):
+        ours.generate(one, 2, eos_token_id=4, pad_token_id="0")
     with pytest.raises(ValueError, match="at least one token"):
         ours.generate(torch.ones(2, 3, dtype=torch.long), 2, attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]]))
     with pytest.raises(ValueError, match=r"input_ids must be in \[0, 89\)"):

@@ -28,6 +28,8 @@ def activation(name: str):
 
 def check_ids(name: str, ids: Tensor, limit: int, what: str) -> None:
     """Token / type ids must index their embedding table: a clear error instead of an index error."""
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype not in (torch.long, torch.int32):
         raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
     if name == "input_ids" and (ids.dim() != 2 or ids.shape[1] == 0):

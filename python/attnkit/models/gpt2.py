@@ -10,8 +10,10 @@ weights are transposed on load and save.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -195,6 +197,8 @@ class GPT2Model(PretrainedMixin, nn.Module):
     def forward_decode(self, input_ids: Tensor, cache: KVCache) -> Tensor:
         """New tokens (B, n) after what `cache` holds; position of row b's token i is
         cache.lengths[b] + i. Returns hidden states (B, n, C) and advances cache.lengths."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         n = input_ids.shape[1]
         longest = int((cache.lengths + n).max())
         if longest > cache.max_len:
@@ -258,13 +262,16 @@ class GPT2LMHeadModel(PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+                 top_k: Optional[int] = 50, top_p: Optional[float] = None, eos_token_id: EosIds = None,
                  attention_mask: Optional[Tensor] = None, pad_token_id: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, cuda_graph: bool = False) -> Tensor:
         """The prompts followed by up to max_new_tokens tokens, (B, N + new), as transformers'
-        generate: rows that emitted eos_token_id continue with pad_token_id (default eos), and
-        generation stops early once every row has. Prompts of different lengths: pad them (left,
-        as transformers expects, or right) and pass attention_mask.
+        generate, with its defaults: eos_token_id (an id or a list of ids) and pad_token_id default
+        to the config's (pad then to the first eos id; () stops at no token); rows that emitted an
+        eos id continue with the pad, and generation stops early once every row has. Sampling
+        keeps the top_k = 50 most likely tokens unless told otherwise (None or 0: all).
+        Prompts of different lengths: pad them (left, as transformers expects, or right) and pass
+        attention_mask.
         cuda_graph: on a GPU, replay each decode step from a CUDA graph recorded at the first
         (one host call a token instead of ~14 launches a layer; decode_graph.py). Not yet run
         on a GPU, hence off by default."""
@@ -274,7 +281,7 @@ class GPT2LMHeadModel(PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def stream(self, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-               top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+               top_k: Optional[int] = 50, top_p: Optional[float] = None, eos_token_id: EosIds = None,
                attention_mask: Optional[Tensor] = None, pad_token_id: Optional[int] = None,
                generator: Optional[torch.Generator] = None, cuda_graph: bool = False) -> Iterator[Tensor]:
         """generate() one step at a time: yields the next token of every row, (B,)."""
@@ -282,30 +289,33 @@ class GPT2LMHeadModel(PretrainedMixin, nn.Module):
             raise ValueError(f"cuda_graph=True needs the model and input_ids on a CUDA device, got {input_ids.device}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        check_sampling(do_sample, temperature, top_k, top_p)
+        eos = token_ids("eos_token_id", self.config.eos_token_id if eos_token_id is None else eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else self.config.pad_token_id
+        pad = token_ids("pad_token_id", pad)[0] if pad is not None else (eos[0] if eos else 0)
         packing = Packing.for_ids(input_ids, attention_mask)
         batch, length = input_ids.shape
         lengths = packing.cu_seqlens.diff()
         if int(lengths.min()) == 0:
             raise ValueError("every prompt needs at least one token (a row of attention_mask is all 0)")
-        longest = int(lengths.max()) + max_new_tokens
-        check_length(longest, self.config.n_positions, "n_positions: prompt + max_new_tokens")
-        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+        # The last new token is never fed back: it needs no position and no cache slot.
+        longest = int(lengths.max()) + max(max_new_tokens - 1, 0)
+        check_length(longest, self.config.n_positions, "n_positions: prompt + max_new_tokens - 1")
         cache = KVCache(self.config, batch, longest, input_ids.device, self.lm_head.weight.dtype)
         # Positions count real tokens only, as transformers' generate (cumsum of the mask).
         position_ids = None if packing.index is None else (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         hidden = self.transformer.forward_packed(input_ids, packing, position_ids, cache)
         logits = self.lm_head(hidden[packing.cu_seqlens[1:].long() - 1])  # each row's last real token
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        eos_tensor = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
         # The cache has room for every step and the tokens come from our own logits: no checks.
         decode = lambda token: self.lm_head(self.transformer.decode_unchecked(token[:, None], cache)[:, -1])  # noqa: E731
         decode = decode_graph.GraphedStep(decode) if cuda_graph else decode
         for step in range(max_new_tokens):
             token = next_token(logits.float(), do_sample, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
+            if eos:
                 token = token.masked_fill(done, pad)
-                done |= token == eos_token_id
+                done |= torch.isin(token, eos_tensor)
             yield token
             if step + 1 == max_new_tokens or bool(done.all()):
                 return
@@ -322,6 +332,28 @@ class GPT2LMHeadModel(PretrainedMixin, nn.Module):
             mapping["lm_head.weight"] = ["lm_head.weight"]
             ignored = ignored[:-1]
         return mapping, transposed, ignored
+
+
+EosIds = Union[int, Sequence[int], None]
+
+
+def token_ids(name: str, ids: Union[int, Sequence[int]]) -> List[int]:
+    """An id or a list of ids (transformers' generation configs hold either) as a list."""
+    ids = [ids] if isinstance(ids, numbers.Integral) and not isinstance(ids, bool) else ids
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                                     for i in ids):
+        raise TypeError(f"{name} must be a token id or a list of them, got {ids!r}")
+    return [int(i) for i in ids]
+
+
+def check_sampling(do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """transformers' checks of its logits warpers' arguments (0 or None turn top_k off, 1 or None top_p)."""
+    if do_sample and not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 or None: no top-k filtering), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and 0 <= top_p <= 1):
+        raise ValueError(f"top_p must be a number in [0, 1] (1 or None: no nucleus filtering), got {top_p!r}")
 
 
 def next_token(logits: Tensor, do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float],
