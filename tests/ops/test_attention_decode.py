@@ -116,3 +116,19 @@ def test_an_empty_batch_gives_empty_outputs(backend, device):
         out, lse = attention_decode(q, k, v, torch.zeros(0, dtype=torch.int32, device=dev), return_lse=True)
     assert out.shape == (0, 4, 2, 8) and out.dtype == q.dtype
     assert lse.shape == (0, 4, 2) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_no_query_rows_give_empty_outputs(backend, device):
+    """Nq = 0: empty outputs (the Triton launch divided by the row count and read the empty q:
+    a segfault under the interpreter, out of bounds on a GPU)."""
+    with forced(OP, backend, device) as dev:
+        q, k, v = torch.randn(2, 4, 0, 16, device=dev), torch.randn(2, 2, 9, 16, device=dev), torch.randn(2, 2, 9, 8, device=dev)
+        out, lse = attention_decode(q, k, v, torch.tensor([3, 9], dtype=torch.int32, device=dev), return_lse=True)
+    assert out.shape == (2, 4, 0, 8) and lse.shape == (2, 4, 0)
+
+
+def test_window_left_errors_name_it():
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="attention_decode: window_left must be an int >= -1"):
+        attention_decode(q, k, k, torch.tensor([5], dtype=torch.int32), window_left=-2)

@@ -43,13 +43,14 @@ def check_heads(op: str, heads_q: int, heads_k: int, heads_v: int, names: Sequen
         raise ValueError(f"{op}: {nq} heads ({heads_q}) must be a multiple of {nk}/{nv} heads ({heads_k}) for GQA/MQA")
 
 
-def window(op: str, window_size: Sequence[int]) -> Tuple[int, int]:
+def window(op: str, window_size: Sequence[int],
+           names: Tuple[str, str] = ("window_size left", "window_size right")) -> Tuple[int, int]:
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise TypeError(f"{op}: window_size must be a pair (left, right) of ints, got {window_size!r}")
     left, right = window_size
-    for name, side in (("left", left), ("right", right)):
+    for name, side in zip(names, (left, right)):
         if isinstance(side, bool) or not isinstance(side, int) or side < -1:
-            raise ValueError(f"{op}: window_size {name} must be an int >= -1 (-1 = unbounded), got {side!r}")
+            raise ValueError(f"{op}: {name} must be an int >= -1 (-1 = unbounded), got {side!r}")
     return int(left), int(right)
 
 

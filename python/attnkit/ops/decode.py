@@ -84,9 +84,9 @@ def attention_decode(
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         raise NotImplementedError(f"{OP} is inference-only (no backward); use attnkit.ops.flash_attention to train")
     softcap, scale, _ = check.scalars(OP, softcap, scale, 0.0, dim)
-    left, _ = check.window(OP, (window_left, -1))
+    left, _ = check.window(OP, (window_left, -1), names=("window_left", "window_right"))
     slopes = check.alibi(OP, alibi_slopes, batch, heads, q.device)
-    if batch == 0:  # nothing to attend; the backends' loops and grids assume a sequence
+    if batch == 0 or q.shape[2] == 0:  # nothing to attend; the backends' loops and grids assume a query
         stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         out, lse = q.new_empty(q.shape[:-1] + (v_cache.shape[-1],)), q.new_empty(q.shape[:-1], dtype=stat_dtype)
         return (out, lse) if return_lse else out
