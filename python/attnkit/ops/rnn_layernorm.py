@@ -175,7 +175,10 @@ def _validated_zoneout(op: str, zoneout, like: Tensor, H: int) -> Optional[Tenso
     _validate.tensor(op, "zoneout", zoneout, ndim=3)
     _validate.shape(op, "zoneout", zoneout, (T, B, H), "T, batch, hidden_size")
     _validate.same_dtype_and_device(op, [("input", like), ("zoneout", zoneout)])
-    if not torch.compiler.is_compiling() and not zoneout.is_meta and bool(((zoneout < 0) | (zoneout > 1)).any()):
+    if zoneout.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(f"{op}: gradients with respect to zoneout are not implemented; pass zoneout.detach()")
+    # Written so that NaN fails too.
+    if not torch.compiler.is_compiling() and not zoneout.is_meta and not bool(((zoneout >= 0) & (zoneout <= 1)).all()):
         raise ValueError(f"{op}: zoneout must hold values in [0, 1] (the probability of keeping h_(t-1))")
     return zoneout.contiguous()
 
