@@ -69,6 +69,19 @@ def test_forward_matches_apply_rotary_pos_emb(name):
     torch.testing.assert_close(k_ours, k_hf, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["default", "dynamic_ntk"])
+def test_negative_position_ids_rotate_backwards_as_hugging_face(name):
+    """HF computes every id's angles: -1 is a rotation by -theta (the table lookup wrapped around)."""
+    ours, hf = pair(name)
+    q = torch.randn(2, 4, 5, HEAD_DIM)
+    position_ids = torch.tensor([[-3, -1, 0, 1, 2], [-40, -39, 5, 6, 7]])
+    cos, sin = hf(q, position_ids)
+    q_hf, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    with attnkit.use_backend("reference", op="rotary"):
+        q_ours, _ = ours(q, position_ids=position_ids, layout="bhnd")
+    torch.testing.assert_close(q_ours, q_hf, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("backend,device", [("reference", "cpu"), ("triton", "cpu")])
 def test_forward_with_offsets_matches_position_ids(backend, device):
     ours, hf = pair("default")
@@ -145,6 +158,12 @@ def test_rotary_embedding_bad_arguments():
         RotaryEmbedding(8, scaling="linear", scaling_factor=0)
     with pytest.raises(ValueError, match="rotary_dim"):  # head dim 4 < rotary dim 8
         RotaryEmbedding(8)(torch.randn(1, 3, 2, 4))
+    q = torch.randn(2, 3, 1, 8)
+    for bad in (torch.tensor([[0, 1]]), torch.arange(3).expand(3, 3), torch.zeros(1, 1, 3, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"position_ids must be \(3,\) or \(B or 1, 3\) with B = 2"):
+            RotaryEmbedding(8)(q, position_ids=bad)
+    with pytest.raises(TypeError, match="position_ids must be an integer tensor"):
+        RotaryEmbedding(8)(q, position_ids=torch.zeros(3))
 
 
 def test_alibi_slopes_published_values():
@@ -213,6 +232,9 @@ def test_sinusoidal_matches_tutorial_and_formula():
     assert odd.pe[3, 0, 4].item() == pytest.approx(math.sin(3 / 10000 ** (4 / 5)), abs=1e-6)
     with pytest.raises(ValueError, match="max_len"):
         ours(torch.randn(51, 1, 16))
+    for offset in (-5, -2, 1.0):
+        with pytest.raises(ValueError, match="offset must be an int >= 0"):
+            ours(x, offset=offset)
     ours.train()
     torch.manual_seed(0)
     assert (SinusoidalPositionalEncoding(16, dropout=0.5)(torch.ones(4, 2, 16)) == 0).any()
@@ -230,3 +252,5 @@ def test_learned_positional_embedding():
                                opt_style.weight[torch.tensor([[2, 3, 4], [6, 7, 8]])])
     with pytest.raises(ValueError, match="num_positions"):
         emb(input_ids, past_length=8)
+    with pytest.raises(ValueError, match="past_length must be an int >= 0"):
+        emb(input_ids, past_length=-1)

@@ -172,10 +172,10 @@ class RotaryEmbedding(nn.Module):
         if position_ids is not None:
             if cu_seqlens is not None:
                 raise ValueError("RotaryEmbedding: position_ids are for dense q/k; packed q/k take seqlen_offset")
+            self._check_position_ids(position_ids, q.shape[0], length)
             if position_ids.dim() == 2 and position_ids.shape[0] == 1:
                 position_ids = position_ids[0]  # shared by the batch: one (N, R/2) table
-            cos, sin = self.cos_sin(int(position_ids.max()) + 1, q.device)
-            cos, sin, offsets = cos[position_ids], sin[position_ids], 0
+            (cos, sin), offsets = self._cos_sin_at(position_ids.to(q.device)), 0
         else:
             longest = int(seqlen_offset.max()) if isinstance(seqlen_offset, Tensor) else seqlen_offset
             cos, sin = self.cos_sin(longest + length, q.device)
@@ -183,6 +183,29 @@ class RotaryEmbedding(nn.Module):
         rotate = lambda t: apply_rotary(t, cos, sin, interleaved=self.interleaved, seqlen_offsets=offsets,  # noqa: E731
                                         layout=layout, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return rotate(q), None if k is None else rotate(k)
+
+    def _cos_sin_at(self, position_ids: Tensor) -> Tuple[Tensor, Tensor]:
+        """cos, sin of the given positions, (*position_ids.shape, dim / 2)."""
+        low, high = torch.stack(torch.aminmax(position_ids)).tolist()  # one sync for both
+        if low >= 0:
+            cos, sin = self.cos_sin(high + 1, position_ids.device)
+            return cos[position_ids], sin[position_ids]
+        # Negative positions rotate the other way (HF computes every id's angles); the table
+        # holds 0.. only, where indexing would wrap around.
+        if self.scaling == "dynamic_ntk":
+            self._update_dynamic(max(high + 1, 1))
+        freqs = position_ids.float()[..., None] * self._inv_freq_fp32().to(position_ids.device)
+        return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+
+    @staticmethod
+    def _check_position_ids(position_ids, batch: int, length: int) -> None:
+        if not isinstance(position_ids, Tensor) or position_ids.is_floating_point() or position_ids.is_complex():
+            raise TypeError(f"RotaryEmbedding: position_ids must be an integer tensor, got "
+                            f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}")
+        if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != length or (
+                position_ids.dim() == 2 and position_ids.shape[0] not in (1, batch)):
+            raise ValueError(f"RotaryEmbedding: position_ids must be ({length},) or (B or 1, {length}) with B = "
+                             f"{batch}, got shape {tuple(position_ids.shape)}")
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, base={self.base}, scaling={self.scaling}, factor={self.factor}"
@@ -252,6 +275,8 @@ class SinusoidalPositionalEncoding(nn.Module):
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         seq_dim = 1 if self.batch_first else 0
         length = x.shape[seq_dim]
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"SinusoidalPositionalEncoding: offset must be an int >= 0, got {offset!r}")
         if offset + length > self.pe.shape[0]:
             raise ValueError(f"SinusoidalPositionalEncoding: positions up to {offset + length} exceed max_len = "
                              f"{self.pe.shape[0]}; build it with a larger max_len")
@@ -274,6 +299,8 @@ class LearnedPositionalEmbedding(nn.Embedding):
         (B, N, ...) such as input_ids; or of position_ids (B, N) when given, (B, N, dim)."""
         if position_ids is None:
             length = input.shape[1] if input.dim() > 1 else input.shape[0]
+            if isinstance(past_length, bool) or not isinstance(past_length, int) or past_length < 0:
+                raise ValueError(f"LearnedPositionalEmbedding: past_length must be an int >= 0, got {past_length!r}")
             if past_length + length > self.num_positions:
                 raise ValueError(f"LearnedPositionalEmbedding: positions up to {past_length + length} exceed "
                                  f"num_positions = {self.num_positions}")
