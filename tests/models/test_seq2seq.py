@@ -146,7 +146,8 @@ def greedy_by_hand(model, src):
     tokens = torch.full((src.shape[0], 1), BOS)
     for _ in range(model.config.max_decode_length):
         with torch.no_grad():
-            next_token = model(src, tokens).logits[:, -1].argmax(-1)
+            logits = model(src, tokens).logits[:, -1]
+        next_token = logits.index_fill(1, torch.tensor([PAD, BOS]), float("-inf")).argmax(-1)  # never generated
         tokens = torch.cat([tokens, next_token[:, None]], 1)
     return tokens[:, 1:]
 
@@ -212,10 +213,27 @@ def test_beam_search_beats_or_ties_greedy_on_raw_log_prob_with_wide_beam():
     search is exhaustive: its best 2-token hypothesis is the most likely one."""
     model = make_model()
     src = sources()[:1]
-    out = model.beam_search(src, beam_size=8, max_len=2, length_penalty=0.0)
+    out = model.beam_search(src, beam_size=6, max_len=2, length_penalty=0.0)  # 8 tokens but pad and bos
     best = max(hypothesis_log_prob(model, src[0], [a, b] if a != EOS else [a]) for a in range(8) for b in range(8)
-               if a != PAD and (a == EOS or b != PAD))
+               if a not in (PAD, BOS) and (a == EOS or b not in (PAD, BOS)))
     assert out.scores[0, 0].item() == pytest.approx(best, rel=1e-9)
+
+
+def test_pad_and_bos_are_never_generated():
+    """As fairseq: pad is only padding (after eos) and bos only the first input, even from a
+    model that favours them."""
+    model = make_model(steps=0)
+    with torch.no_grad():
+        model.out.bias[PAD] += 50.0
+        model.out.bias[BOS] += 40.0
+    src = sources()
+    greedy = model.greedy_decode(src, max_len=4)
+    assert not (greedy == PAD).any() and not (greedy == BOS).any()
+    beams = model.beam_search(src, beam_size=3, max_len=4)
+    for row, lengths in zip(beams.sequences.tolist(), beams.lengths.tolist()):
+        for seq, n in zip(row, lengths):
+            assert PAD not in seq[:n] and BOS not in seq[:n]
+    assert torch.isfinite(beams.scores).all()
 
 
 def test_padded_batch_equals_each_sequence_alone():
@@ -256,10 +274,17 @@ def test_bad_input_errors():
     src = sources()
     with pytest.raises(ValueError, match="beam_size must be an int >= 1"):
         model.beam_search(src, beam_size=0)
-    with pytest.raises(ValueError, match="beam_size 9 exceeds tgt_vocab_size 8"):
-        model.beam_search(src, beam_size=9)
-    with pytest.raises(ValueError, match="length_penalty"):
-        model.beam_search(src, length_penalty=-1.0)
+    with pytest.raises(ValueError, match=r"beam_size 7 exceeds the 6 tokens a step can produce \(tgt_vocab_size 8"):
+        model.beam_search(src, beam_size=7)
+    for penalty in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="length_penalty must be a number >= 0"):
+            model.beam_search(src, length_penalty=penalty)
+    with pytest.raises(ValueError, match="tgt_input must be \\(batch, length\\) with length >= 1"):
+        model(src, torch.ones(4, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="tgt must be \\(batch, length\\)"):
+        model.loss(src, torch.tensor([EOS] * 4))
+    with pytest.raises(TypeError, match="src must be a torch.Tensor"):
+        model.greedy_decode(src.tolist())
     with pytest.raises(ValueError, match="max_len must be a positive int"):
         model.greedy_decode(src, max_len=0)
     with pytest.raises(ValueError, match="src_mask must have src's shape"):

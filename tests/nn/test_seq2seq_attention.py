@@ -171,6 +171,11 @@ def test_bad_input_errors():
         general(q, k[0], v, mask)
     with pytest.raises(TypeError, match="keys has dtype torch.float32 but query has torch.float64"):
         general(q, k.float(), v, mask)
+    with pytest.raises(TypeError, match="proj.weight has dtype torch.float64 but query has torch.float32"):
+        general(q.float(), k.float(), v.float(), mask)
+    for module in (bahdanau, general, modules()["dot"]):
+        with pytest.raises(ValueError, match=r"keys must hold at least one key \(Tk >= 1\)"):
+            module(q[..., :module.query_size], k[:, :0, :module.key_size])
     with pytest.raises(ValueError, match="score='dot' needs query_size == key_size"):
         LuongAttention(5, 7, "dot")
     with pytest.raises(ValueError, match="score must be one of"):

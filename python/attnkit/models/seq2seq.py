@@ -177,10 +177,7 @@ class Seq2Seq(nn.Module):
 
     def forward(self, src: Tensor, tgt_input: Tensor, src_mask: Optional[Tensor] = None) -> Seq2SeqOutput:
         """Teacher forcing: tgt_input (B, T) is the target shifted right (bos first)."""
-        check_ids("tgt_input", tgt_input, self.config.tgt_vocab_size, "tgt_vocab_size")
-        if tgt_input.dim() != 2 or tgt_input.shape[0] != src.shape[0]:
-            raise ValueError(f"tgt_input must be (batch, length) with src's batch {src.shape[0]}, "
-                             f"got shape {tuple(tgt_input.shape)}")
+        self._check_target("tgt_input", tgt_input, src)
         memory, mask, state = self.encode(src, src_mask)
         projected = self.project_memory(memory)
         feed = memory.new_zeros(src.shape[0], self.config.hidden_size)
@@ -191,10 +188,17 @@ class Seq2Seq(nn.Module):
             attentions.append(weights)
         return Seq2SeqOutput(torch.stack(logits, 1), torch.stack(attentions, 1))
 
+    def _check_target(self, name: str, tokens: Tensor, src: Tensor) -> None:
+        check_ids(name, tokens, self.config.tgt_vocab_size, "tgt_vocab_size")
+        if tokens.dim() != 2 or tokens.shape[1] == 0 or not isinstance(src, Tensor) or tokens.shape[0] != src.shape[0]:
+            raise ValueError(f"{name} must be (batch, length) with length >= 1 and src's batch "
+                             f"{src.shape[0] if isinstance(src, Tensor) else '?'}, got shape {tuple(tokens.shape)}")
+
     def loss(self, src: Tensor, tgt: Tensor, src_mask: Optional[Tensor] = None) -> Tensor:
         """Mean cross-entropy over the real target tokens; tgt (B, T) ends each row with eos,
         then pad_token_id. The decoder reads bos + tgt[:, :-1] (teacher forcing)."""
         c = self.config
+        self._check_target("tgt", tgt, src)
         bos = torch.full_like(tgt[:, :1], c.bos_token_id)
         logits = self(src, torch.cat([bos, tgt[:, :-1]], dim=1), src_mask).logits
         return F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=c.pad_token_id)
@@ -204,6 +208,16 @@ class Seq2Seq(nn.Module):
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"max_len must be a positive int, got {max_len!r}")
         return max_len
+
+    def _never_generated_ids(self) -> List[int]:
+        """pad and bos: only padding and the decoder's first input, never an output (as fairseq)."""
+        c = self.config
+        return sorted({c.pad_token_id, c.bos_token_id} - {c.eos_token_id})
+
+    def _never_generated(self, logits: Tensor) -> Tensor:
+        blocked = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        blocked[self._never_generated_ids()] = True
+        return blocked
 
     @torch.no_grad()
     def greedy_decode(self, src: Tensor, src_mask: Optional[Tensor] = None, max_len: Optional[int] = None,
@@ -220,7 +234,8 @@ class Seq2Seq(nn.Module):
         projected = self.project_memory(memory)
         for _ in range(max_len):
             logits, state, feed, weights = self.decode_step(tokens, state, feed, memory, mask, projected)
-            tokens = logits.argmax(-1).masked_fill(finished, c.pad_token_id)
+            tokens = logits.masked_fill(self._never_generated(logits), float("-inf")).argmax(-1)
+            tokens = tokens.masked_fill(finished, c.pad_token_id)
             out.append(tokens)
             attentions.append(weights)
             finished |= tokens == c.eos_token_id
@@ -239,9 +254,12 @@ class Seq2Seq(nn.Module):
         c, max_len = self.config, self._max_len(max_len)
         if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
             raise ValueError(f"beam_size must be an int >= 1, got {beam_size!r}")
-        if beam_size > c.tgt_vocab_size:
-            raise ValueError(f"beam_size {beam_size} exceeds tgt_vocab_size {c.tgt_vocab_size}")
-        if not isinstance(length_penalty, (int, float)) or length_penalty < 0:
+        choices = c.tgt_vocab_size - len(self._never_generated_ids())
+        if beam_size > choices:
+            raise ValueError(f"beam_size {beam_size} exceeds the {choices} tokens a step can produce "
+                             f"(tgt_vocab_size {c.tgt_vocab_size} without pad and bos)")
+        if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or not (
+                0 <= length_penalty < float("inf")):
             raise ValueError(f"length_penalty must be a number >= 0, got {length_penalty!r}")
         memory, mask, state = self.encode(src, src_mask)
         batch, k, vocab, device = src.shape[0], beam_size, c.tgt_vocab_size, src.device
@@ -262,7 +280,8 @@ class Seq2Seq(nn.Module):
         projected = self.project_memory(memory)
         for _ in range(max_len):
             logits, state, feed, _ = self.decode_step(tokens, state, feed, memory, mask, projected)
-            log_probs = torch.log_softmax(logits.to(stat), dim=-1).view(batch, k, vocab)
+            log_probs = torch.log_softmax(logits.to(stat), dim=-1).masked_fill(self._never_generated(logits), float("-inf"))
+            log_probs = log_probs.view(batch, k, vocab)
             log_probs = torch.where(finished[..., None], frozen, log_probs)
             candidates = scores[..., None] + log_probs  # (batch, k, vocab)
             candidate_lengths = lengths + (~finished).long()

@@ -46,6 +46,8 @@ def _check(name: str, query: Tensor, keys: Tensor, values: Optional[Tensor], mas
         raise ValueError(f"{name}: keys have {keys.shape[-1]} features but the module was built with "
                          f"key_size={key_size} (keys shape {tuple(keys.shape)})")
     batch, length = keys.shape[0], keys.shape[1]
+    if length == 0:
+        raise ValueError(f"{name}: keys must hold at least one key (Tk >= 1), got shape {tuple(keys.shape)}")
     if query.shape[0] != batch:
         raise ValueError(f"{name}: query has batch {query.shape[0]} but keys have batch {batch}")
     if values is not None:
@@ -181,6 +183,8 @@ class LuongAttention(_AdditiveParameters):
             context, weights = self._additive(q, keys, values, mask, projected_keys)
         else:
             # general: q . (W k) = (q W) . k, so W meets the Tq queries, not the Tk keys.
+            if self.score == "general":
+                _validate.same_dtype_and_device("LuongAttention", [("query", query), ("proj.weight", self.proj.weight)])
             q_k = q if self.score == "dot" else q @ self.proj.weight  # (B, Tq, Dk)
             weights = masked_softmax(q_k @ keys.transpose(1, 2), mask)
             context = weights @ values
