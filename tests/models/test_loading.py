@@ -44,6 +44,40 @@ def test_save_pretrained_round_trips_through_transformers(tmp_path, ours_cls, hf
         assert torch.equal(original[name], reloaded[name]), name
 
 
+def test_save_pretrained_keeps_what_transformers_reads(tmp_path):
+    """Config fields our models do not use (label names, problem_type, reorder_and_upcast_attn)
+    and an untied MLM head's decoder.bias come back out."""
+    labels = {0: "negative", 1: "neutral", 2: "positive"}
+    hf = tiny_bert(transformers.BertForSequenceClassification, id2label=labels,
+                   label2id={v: k for k, v in labels.items()}, problem_type="multi_label_classification")
+    BertForSequenceClassification.from_hf(hf).save_pretrained(tmp_path / "cls")
+    back = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "cls")
+    assert back.config.id2label == labels and back.config.label2id == {v: k for k, v in labels.items()}
+    assert back.config.problem_type == "multi_label_classification"
+    gpt = tiny_gpt2()
+    gpt.config.reorder_and_upcast_attn = True
+    GPT2LMHeadModel.from_hf(gpt).save_pretrained(tmp_path / "gpt")
+    assert transformers.GPT2Config.from_pretrained(tmp_path / "gpt").reorder_and_upcast_attn
+    BertForMaskedLM.from_hf(tiny_bert(transformers.BertForMaskedLM, tie_word_embeddings=False)).save_pretrained(
+        tmp_path / "mlm")
+    _, info = transformers.BertForMaskedLM.from_pretrained(tmp_path / "mlm", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_legacy_layer_norm_gamma_beta_names_load(tmp_path):
+    """The first BERT conversions named LayerNorm weights gamma / beta; transformers renames them."""
+    hf = tiny_bert()
+    state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+             for k, v in hf.state_dict().items()}
+    assert any(k.endswith("LayerNorm.gamma") for k in state)
+    hf.config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(BertModel.from_pretrained(str(tmp_path))(ids)[0], hf(ids).last_hidden_state,
+                                   atol=1e-5, rtol=0)
+
+
 def test_pytorch_model_bin_and_sharded_safetensors(tmp_path):
     hf = tiny_gpt2()
     hf.save_pretrained(tmp_path / "bin")  # the older format: config.json + a pickled state dict

@@ -222,6 +222,12 @@ class BertForMaskedLM(PretrainedMixin, nn.Module):
             mapping["decoder.weight"] = [h + "decoder.weight"]
         return mapping, [], ignored
 
+    def hf_extra_tensors(self, hf_state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        # Untied, transformers reads decoder.bias too (tied, it ties it to predictions.bias).
+        if not self.config.tie_word_embeddings:
+            hf_state["cls.predictions.decoder.bias"] = hf_state["cls.predictions.bias"].clone()
+        return hf_state
+
 
 class BertForSequenceClassification(PretrainedMixin, nn.Module):
     config_class, model_type, base_prefix = BertConfig, "bert", "bert."

@@ -128,8 +128,11 @@ class PretrainedMixin:
     def _from_state(cls, config: dict, state: Dict[str, Tensor], where: str, kwargs: dict):
         check_model_type(config, cls.model_type, cls.__name__, where)
         model = cls(config_from_dict(cls.config_class, cls.config_class.normalize(config)), **kwargs)
+        # Fields our config does not use (label names, problem_type, ...) go back out on save.
+        fields = {f.name for f in dataclasses.fields(cls.config_class)}
+        model._hf_config_extra = {k: v for k, v in config.items() if k not in fields and k not in _DERIVED_FIELDS}
         mapping, transposed, ignored = model.hf_mapping()
-        state = _adjust_prefix(state, mapping, model.base_prefix)
+        state = _adjust_prefix(_legacy_names(state), mapping, model.base_prefix)
         ours = convert(state, mapping, transposed, ignored, where)
         dtype = next(iter(ours.values())).dtype if ours else torch.float32
         model.to(dtype)
@@ -140,7 +143,23 @@ class PretrainedMixin:
 
     def save_pretrained(self, path: str) -> None:
         mapping, transposed, _ = self.hf_mapping()
-        write_checkpoint(path, self.hf_config(), unconvert(self.state_dict(), mapping, transposed))
+        config = {**self.hf_config(), **getattr(self, "_hf_config_extra", {})}
+        write_checkpoint(path, config, self.hf_extra_tensors(unconvert(self.state_dict(), mapping, transposed)))
+
+    def hf_extra_tensors(self, hf_state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Copies transformers expects under a second name; none by default."""
+        return hf_state
+
+
+# Written from the model on save: its class and dtype may differ from the checkpoint's.
+_DERIVED_FIELDS = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version"}
+
+
+def _legacy_names(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """LayerNorm.gamma / .beta (the first BERT conversions) as .weight / .bias, as transformers reads them."""
+    rename = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}
+    return {next((k[: -len(old)] + new for old, new in rename.items() if k.endswith(old)), k): v
+            for k, v in state.items()}
 
 
 def _adjust_prefix(state: Dict[str, Tensor], mapping: Dict[str, List[str]], prefix: str) -> Dict[str, Tensor]:
