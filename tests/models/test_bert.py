@@ -155,3 +155,5 @@ def test_bad_input_errors(tmp_path):
         ours(torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         ours(torch.ones(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long).index_fill(1, torch.tensor([0]), 0))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):  # all ones too
+        ours(torch.ones(2, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.long))

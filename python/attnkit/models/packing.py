@@ -26,12 +26,12 @@ class Packing:
     @classmethod
     def from_mask(cls, attention_mask: Optional[Tensor], batch: int, length: int, device) -> "Packing":
         """attention_mask (B, N): 1/True = real token, 0/False = padding (transformers' convention)."""
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, length):
+            raise ValueError(f"attention_mask must have shape {(batch, length)} like input_ids, got "
+                             f"{tuple(attention_mask.shape)}")
         if attention_mask is None or bool(attention_mask.all()):
             cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
             return cls(batch, length, None, cu, length)
-        if tuple(attention_mask.shape) != (batch, length):
-            raise ValueError(f"attention_mask must have shape {(batch, length)} like input_ids, got "
-                             f"{tuple(attention_mask.shape)}")
         keep = attention_mask.bool()
         lengths = keep.sum(dim=1, dtype=torch.int32)
         cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
