@@ -102,6 +102,14 @@ def test_patch_errors_and_root():
         attnkit.patch(object())
     report = attnkit.patch(torch.nn.MultiheadAttention(D, H))
     assert report.replaced == [] and "from_torch" in report.skipped[0][1]
+    # A compiled module calls the one it was built on: replacing its _orig_mod would change nothing.
+    compiled = torch.compile(torch.nn.MultiheadAttention(D, H))
+    original = compiled._orig_mod
+    report = attnkit.patch(compiled)
+    assert report.replaced == [] and report.skipped[0][0] == "_orig_mod" and "from_torch" in report.skipped[0][1]
+    assert compiled._orig_mod is original
+    inside = torch.compile(torch.nn.Sequential(torch.nn.MultiheadAttention(D, H)))
+    assert [name for name, *_ in attnkit.patch(inside).replaced] == ["_orig_mod.0"]
 
 
 def test_patch_copies_hook_containers_of_recurrent_modules():

@@ -14,6 +14,7 @@ the reason) and its children are visited.
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Type, Union
@@ -82,10 +83,15 @@ def patch(model: torch.nn.Module, *, modules: Optional[Iterable[Union[str, type]
     table = _supported()
     chosen = _selected(table, modules)
     report = PatchReport()
-    if type(model) in table:
-        report.skipped.append(("", f"the root {type(model).__name__} cannot be replaced in place; "
-                                   f"use attnkit.nn.{type(model).__name__}.from_torch(model)"))
-    _visit(model, "", table, chosen, report, {})
+    root, prefix = model, ""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # imported by any torch.compile(module)
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        # The wrapper calls the module it was built on, whatever _orig_mod later holds: that is its root.
+        root, prefix = model._orig_mod, "_orig_mod."
+    if type(root) in table:
+        report.skipped.append((prefix[:-1], f"the root {type(root).__name__} cannot be replaced in place; "
+                                            f"use attnkit.nn.{type(root).__name__}.from_torch(model)"))
+    _visit(root, prefix, table, chosen, report, {})
     return report
 
 

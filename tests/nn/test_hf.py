@@ -76,6 +76,52 @@ def test_llama_generate_with_kv_cache_and_from_pretrained(tmp_path, calls):
     assert any(shape[2] == 1 for shape, _ in calls)  # decoding steps ran through attnkit
 
 
+def test_static_cache_prompt_pass_is_causal_from_the_top_left(calls):
+    """With a static cache and no padding transformers passes no mask and K holds the empty
+    slots after the prompt: SDPA's is_causal diagonal (top-left), not FlashAttention's."""
+    model = tiny_llama()
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(1, 64, (1, 6), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
+    expected = (model.set_attn_implementation("eager"), model.generate(ids, **kw))[1]
+    got = (model.set_attn_implementation("attnkit"), model.generate(ids, **kw))[1]
+    assert torch.equal(got, expected)
+    assert any(shape[2] == 6 and k["attn_mask"] is None for shape, k in calls)  # the prompt pass, unmasked
+
+
+def test_llama_under_autocast_matches_sdpa():
+    """RoPE leaves q and k in float32 and v in bfloat16 under autocast: cast as SDPA's inputs."""
+    model = tiny_llama().train()
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    losses = {}
+    for impl in ("sdpa", "attnkit"):
+        model.set_attn_implementation(impl)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[impl] = model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(losses["attnkit"], losses["sdpa"], atol=2e-2, rtol=0)
+
+
+def test_gpt_oss_attention_sinks_in_inference_only(calls):
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("transformers without GPT-OSS")
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                                       num_experts_per_tok=1, sliding_window=4, max_position_embeddings=64,
+                                       pad_token_id=0)
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 2.0)  # trained sinks take a real share of each row
+    ids, mask = left_padded()
+    eager = run(model, "eager", input_ids=ids, attention_mask=mask).logits
+    ours = run(model, "attnkit", input_ids=ids, attention_mask=mask).logits
+    assert calls
+    torch.testing.assert_close(ours[mask.bool()], eager[mask.bool()], atol=ATOL, rtol=ATOL)
+    with pytest.raises(NotImplementedError, match="attention sinks .* inference only"):
+        model(input_ids=ids, attention_mask=mask)
+
+
 def test_llama_gradients():
     model = tiny_llama().train()
     ids, mask = left_padded()

@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _autocast
 from ..ops.attention import flash_attention
 
 NAME = "attnkit"
@@ -36,7 +37,15 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     """transformers' attention-function signature: q (B, H, Q, D), k/v (B, H_kv, K, D) ->
     ((B, Q, H, D), None). K/V heads are never repeated (GQA in the kernel). T5's
     `position_bias` (its learned relative bias, (1 or B, H, Q, K)) joins the mask as an
-    additive one and gets its gradient from the kernel's backward."""
+    additive one and gets its gradient from the kernel's backward. GPT-OSS's attention sinks
+    (`s_aux`, one logit a head) run in inference only."""
+    dtype = _autocast.lower_precision_dtype(query.device.type)
+    if dtype is not None:  # as autocast casts SDPA's inputs (RoPE leaves q, k in float32, v in bf16)
+        query, key, value, attention_mask = _autocast.cast_floating(dtype, (query, key, value, attention_mask))
+        kwargs = {k: _autocast.cast_floating(dtype, [v])[0] for k, v in kwargs.items()}
+        with _autocast.off(query.device.type, True):
+            return attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, softcap,
+                                     sliding_window, **kwargs)
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = (-1, -1)
@@ -50,9 +59,29 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         attention_mask = _with_bias(position_bias[..., :kv_len], attention_mask)
-    out = flash_attention(query, key, value, causal=causal, attn_mask=attention_mask, window_size=window,
-                          softcap=float(softcap or 0.0), scale=scaling, dropout_p=float(dropout))
+    sinks = kwargs.get("s_aux")
+    if sinks is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, sinks)):
+        raise NotImplementedError("attnkit attention: attention sinks (s_aux, as GPT-OSS passes them) run in inference "
+                                  "only (torch.no_grad()): their gradient needs the log-sum-exp's, which the kernel "
+                                  "does not give")
+    # No mask: transformers' SDPA path calls SDPA with is_causal, whose diagonal is top-left (a
+    # static cache's prompt pass has Q < K, the empty slots after the prompt).
+    out, lse = flash_attention(query, key, value, causal=causal, attn_mask=attention_mask, window_size=window,
+                               softcap=float(softcap or 0.0), scale=scaling, dropout_p=float(dropout),
+                               causal_alignment="top_left", return_lse=True)
+    if sinks is not None:
+        out = _with_sinks(out, lse, sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _with_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
+    """A sink is one more logit s in each row's softmax, attached to no value: it scales the
+    row's output by Z / (Z + e^s) = sigmoid(lse - s) (0 for a row that sees no key)."""
+    if sinks.shape != (out.shape[1],):
+        raise ValueError(f"attnkit attention: s_aux (attention sinks) must have shape (heads,) = ({out.shape[1]},), "
+                         f"got {tuple(sinks.shape)}")
+    factor = torch.sigmoid(lse - sinks.to(lse.dtype)[None, :, None])
+    return (out.to(factor.dtype) * factor[..., None]).to(out.dtype)
 
 
 def _with_bias(position_bias: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
