@@ -376,6 +376,12 @@ void gemm_aten(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S
 
 void rows_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, bool add,
                float* c, int64_t ldc) {
+  if (m == 0 || n == 0 || k == 0) {  // brgemm takes no empty product (bad_alloc); C += 0, or C = 0
+    if (!add) {
+      for (int64_t r = 0; r < m; ++r) std::fill(c + r * ldc, c + r * ldc + n, 0.0f);
+    }
+    return;
+  }
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   constexpr int64_t kRows = 64;  // rows per brgemm call
   at::parallel_for(0, (m + kRows - 1) / kRows, 1, [&](int64_t i0, int64_t i1) {

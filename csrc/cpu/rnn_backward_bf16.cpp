@@ -59,7 +59,8 @@ std::vector<at::Tensor> rnn_backward_bf16(int64_t gates, const at::Tensor& grad_
     rnn::check_grad(*grad_cn, "grad_cn", x, {B, H});
     rnn::check_grad(*cs, "cs", x, {T, B, H});
   }
-  if (B <= 4) return {};  // the fused loops serve batch 5+; the caller runs the float32 kernels
+  // The fused loops serve batch 5+ with an input (its forward takes no I = 0); the caller runs the float32 kernels.
+  if (B <= 4 || x.size(2) == 0) return {};
   const std::vector<int64_t> rows = rnn::active_rows(lengths, T, B);
   const at::Tensor len = rnn::present(lengths) ? *lengths : at::Tensor();
   at::Tensor dh = wide(grad_hn);  // a copy: the loop writes it

@@ -413,8 +413,9 @@ std::vector<at::Tensor> rnn_forward_bf16(int64_t gates, const at::Tensor& x, con
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "rnn_forward_bf16: x must be bfloat16, got ", x.scalar_type());
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(ATTNKIT_HAVE_X86_FUSED)
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
-  // oneDNN's VNNI layout pairs rows of K: an odd input or hidden size is not taken (float32 runs it).
-  if (B == 0 || I % 2 != 0 || H % 2 != 0 || !rnn_forward_bf16_available()) return {};
+  // oneDNN's VNNI layout pairs rows of K: an odd input or hidden size is not taken (float32 runs it),
+  // nor an empty one (a brgemm of K = 0 throws inside the OpenMP team: std::terminate).
+  if (B == 0 || I == 0 || I % 2 != 0 || H % 2 != 0 || !rnn_forward_bf16_available()) return {};
   const std::vector<int64_t> rows = rnn::active_rows(lengths, T, B);
   const auto wide = [](const at::Tensor& t) { return t.to(at::kFloat, false, /*copy=*/true).contiguous(); };
   at::Tensor h = wide(h0), c = gates == 4 ? wide(*c0) : at::Tensor();
