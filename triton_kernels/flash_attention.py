@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
+MIN_FINITE_SCORE = tl.constexpr(-2.0e38)  # times LOG2E still a float32
 NO_LIMIT = 1 << 30  # a window side of -1 (unbounded) becomes this
 
 
@@ -89,6 +90,9 @@ def _tile_scores(
                 s = s + tl.load(mask_ptrs, mask=valid, other=0).to(s.dtype)
             else:
                 s = s + tl.load(mask_ptrs).to(s.dtype)
+            # A finite score below -2e38 (transformers' finfo(dtype).min padding) would overflow
+            # to -inf in base 2 and pass for a hidden key; -inf stays hidden.
+            s = tl.where((s < MIN_FINITE_SCORE) & (s > float("-inf")), MIN_FINITE_SCORE, s)
         s = s * LOG2E
     elif RAW_SCORES:  # the caller scales inside its exponent's FMA (see _score_scale)
         s = qk

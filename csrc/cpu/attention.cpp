@@ -138,7 +138,7 @@ Call prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
       // broadcast again: never an (Nq, Nk) copy per batch and head.
       at::Tensor compact = mask;
       for (int64_t d = 0; d < 4; ++d) {
-        if (compact.stride(d) == 0) compact = compact.narrow(d, 0, 1);
+        if (compact.stride(d) == 0 && compact.size(d) > 0) compact = compact.narrow(d, 0, 1);
       }
       c.add_mask = compact.to(acc).expand(mask.sizes());
       sp.add_mask = c.add_mask.data_ptr();

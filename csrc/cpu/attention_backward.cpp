@@ -226,7 +226,7 @@ std::vector<at::Tensor> attention_backward_rope(
   Call c = prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
                    alibi_slopes, window_left, window_right, bottom_right, softcap, scale, dropout_p, seed);
   const Spec& sp = c.spec;
-  TORCH_CHECK(!mask_grad || (sp.add_mask != nullptr && !sp.varlen),
+  TORCH_CHECK(!mask_grad || (c.add_mask.defined() && !sp.varlen),  // (an empty mask has no data pointer)
               "attention_backward: mask_grad needs a floating attn_mask and a dense (not varlen) call");
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto o_shape = out_shape(q, sp.dim_v);

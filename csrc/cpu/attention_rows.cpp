@@ -168,12 +168,15 @@ ATTNKIT_INLINE vu16 bf16_bits(vf v) {
 
 // exp(x * factor - shift) for P that is rounded to bfloat16 next: 2^y, y = (x * factor - shift)
 // log2(e), as 2^round(y) times 2^f's Taylor polynomial of degree 5 (|f| <= 1/2: relative error under
-// 3e-6, against bfloat16's 4e-3 rounding of P; lse moves by as much). About 16 operations a vector
+// 3e-6, against bfloat16's 4e-3 rounding of P; lse moves by as much). About 17 operations a vector
 // against vexp's 19: this pass took 35% of a bf16 forward. 0 below 2^-126, NaN stays NaN; y <= ~0
-// here (shift is the row's max), so 2^round(y) needs no clamp from above.
+// here (shift is the row's max), so 2^round(y) needs no clamp from above. The shift comes off
+// before the log2(e): scaled first, scores near float's limit (an additive mask of
+// finfo(bfloat16).min) overflowed to -inf - -inf, and at 1e10 the two products' roundings
+// (~1e3) were the whole difference.
 ATTNKIT_INLINE vf vexp_scaled(vf x, float factor, float shift) {
   constexpr float kLog2e = 1.44269504088896341f, kRound = 12582912.0f;  // 1.5 * 2^23: adds round to nearest
-  const vf y = x * (factor * kLog2e) - shift * kLog2e;
+  const vf y = (x * factor - shift) * kLog2e;
   const vf yc = y > splat(-127.0f) ? y : splat(-127.0f);  // keeps n's exponent bits in range (-inf too)
   const vf n = (yc + kRound) - kRound;
   const vf f = yc - n;

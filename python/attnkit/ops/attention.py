@@ -131,9 +131,11 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _seed(dropout_p: float, generator: Optional[torch.Generator]) -> Optional[Tensor]:
+def _seed(op: str, dropout_p: float, generator: Optional[torch.Generator]) -> Optional[Tensor]:
     if dropout_p == 0:
         return None
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}: generator must be a torch.Generator or None, got {type(generator).__name__}")
     device = generator.device if generator is not None else "cpu"
     # 40 random bits, times 2^20 so that the per-(batch, head) streams of two calls never overlap.
     return torch.randint(0, 1 << 40, (), generator=generator, device=device, dtype=torch.int64).cpu() << 20
@@ -207,7 +209,7 @@ def flash_attention(
                                      [q.shape[2]] * batch, [k.shape[2]] * batch, bottom_right, q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse = _run_forward(q, k, v, None, None, q.shape[2], k.shape[2], attn_mask, key_padding_mask, left, right,
-                            bottom_right, softcap, scale, dropout_p, _seed(dropout_p, generator), slopes, cos, sin,
+                            bottom_right, softcap, scale, dropout_p, _seed(OP, dropout_p, generator), slopes, cos, sin,
                             offsets, bool(rotary_interleaved))
     return _finish(out, lse, return_lse)
 
@@ -243,7 +245,7 @@ def flash_attention_varlen(
                                      lengths_q, lengths_k, True, q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse = _run_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, None, left,
-                            right, True, softcap, scale, dropout_p, _seed(dropout_p, generator), slopes, cos, sin,
+                            right, True, softcap, scale, dropout_p, _seed(OP_VARLEN, dropout_p, generator), slopes, cos, sin,
                             offsets, bool(rotary_interleaved))
     return _finish(out, lse, return_lse)
 

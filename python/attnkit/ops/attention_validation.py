@@ -58,8 +58,8 @@ def scalars(op: str, softcap: float, scale: Optional[float], dropout_p: float, h
     for name, value in (("softcap", softcap), ("dropout_p", dropout_p)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
-    if softcap < 0:
-        raise ValueError(f"{op}: softcap must be >= 0 (0 = off), got {softcap}")
+    if not 0 <= softcap < math.inf:  # NaN too
+        raise ValueError(f"{op}: softcap must be finite and >= 0 (0 = off), got {softcap}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
     if scale is None:
@@ -121,6 +121,10 @@ def dense(op: str, q, k, v, attn_mask, key_padding_mask) -> Tuple[Optional[Tenso
             raise ValueError(
                 f"{op}: attn_mask of shape {tuple(attn_mask.shape)} cannot broadcast to (B, H, Nq, Nk) = {target}"
             ) from None
+        if attn_mask.requires_grad and attn_mask.dtype in (torch.float16, torch.bfloat16):
+            # The gradient, summed back over the broadcast dims by the expand's backward, sums in
+            # float32 then, and is rounded once (as SDPA's), not per (B, H, Nq, Nk) element.
+            attn_mask = attn_mask.float()
         attn_mask = attn_mask.expand(target)
     if key_padding_mask is not None:
         _validate.tensor(op, "key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,))
@@ -249,6 +253,8 @@ def rotary(op: str, cos: Optional[Tensor], sin: Optional[Tensor], offsets, head_
     if isinstance(offsets, bool) or not isinstance(offsets, (int, Tensor)):
         raise TypeError(f"{op}: rotary_seqlen_offsets must be an int or an int32 tensor (B,), got {type(offsets).__name__}")
     if isinstance(offsets, int):
+        if not -2**31 <= offsets < 2**31:
+            raise ValueError(f"{op}: rotary_seqlen_offsets must fit in int32, got {offsets}")
         offsets = torch.full((batch,), offsets, dtype=torch.int32, device=device)
     else:
         _validate.tensor(op, "rotary_seqlen_offsets", offsets, ndim=1, dtypes=(torch.int32,))
