@@ -48,8 +48,39 @@ def test_set_backend_forces_and_resets(cell_args):
 def test_set_backend_for_one_op_only(cell_args):
     attnkit.set_backend("reference", op="lstm_cell")
     assert attnkit.explain("lstm_cell", *cell_args).backend == "reference"
-    attnkit.set_backend("cpp", op="some_other_op")
+    attnkit.set_backend("cpp", op="linear")
     assert attnkit.explain("lstm_cell", *cell_args).backend == "reference"
+    attnkit.set_backend(None, op="linear")
+
+
+def test_unknown_op_names_are_errors_and_public_names_are_aliases(monkeypatch, cell_args):
+    """A typo used to force nothing, silently; apply_rotary is dispatched as rotary."""
+    for call in (lambda: attnkit.set_backend("reference", op="linaer"),
+                 lambda: attnkit.use_backend("reference", op="linaer").__enter__(),
+                 lambda: attnkit.last_dispatch("linaer"),
+                 lambda: attnkit.explain("linaer")):
+        with pytest.raises(ValueError, match=r"unknown op 'linaer'; known ops: additive_attention, .*lstm_cell"):
+            call()
+    q, cos = torch.randn(1, 4, 2, 8), torch.randn(4, 4)
+    with attnkit.use_backend("reference", op="apply_rotary"):
+        attnkit.ops.apply_rotary(q, cos, cos)
+    assert attnkit.last_dispatch("apply_rotary").forced_by == "use_backend"
+    monkeypatch.setenv("ATTNKIT_BACKEND", "linaer=reference")
+    with pytest.raises(ValueError, match="ATTNKIT_BACKEND='linaer=reference'.*unknown op 'linaer'"):
+        lstm_cell(*cell_args)
+    monkeypatch.setenv("ATTNKIT_BACKEND", " lstm_cell = reference ")  # spaces around '=' either side
+    assert attnkit.explain("lstm_cell", *cell_args).backend == "reference"
+    with pytest.raises(TypeError, match=r"attnkit.explain\('linear', ...\): these are not linear's arguments"):
+        attnkit.explain("linear", torch.randn(2, 8))
+
+
+def test_the_innermost_use_backend_wins(cell_args):
+    with attnkit.use_backend("cpp", op="lstm_cell"):
+        with attnkit.use_backend("reference"):  # for every op, so for lstm_cell too
+            assert attnkit.explain("lstm_cell", *cell_args).backend == "reference"
+            with attnkit.use_backend("cpp", op="lstm_cell"):
+                assert attnkit.explain("lstm_cell", *cell_args).backend == "cpp"
+        assert attnkit.explain("lstm_cell", *cell_args).backend == "cpp"
 
 
 def test_context_manager_overrides_set_backend_and_restores(cell_args):

@@ -28,6 +28,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
@@ -160,9 +161,25 @@ def _check_name(name: str) -> str:
     return name
 
 
+# Public names that dispatch under another op's name.
+_OP_ALIASES = {"apply_rotary": "rotary", "flash_attention_varlen": "flash_attention",
+               "scaled_dot_product_attention": "flash_attention"}
+
+
+def _op_key(op: Optional[str], who: str, aliases: bool = True) -> str:
+    """The dispatch name of `op` (None: all ops); an unknown name is an error, not a no-op."""
+    if op is None:
+        return _ALL_OPS
+    key = _OP_ALIASES.get(op, op) if isinstance(op, str) and aliases else op
+    if key not in _OPS:
+        raise ValueError(f"{who}: unknown op {op!r}; known ops: {', '.join(sorted(_OPS))} "
+                         f"(and {', '.join(sorted(_OP_ALIASES))}, which dispatch as another op)")
+    return key
+
+
 def set_backend(name: Optional[str], op: Optional[str] = None) -> None:
     """Force backend `name` for `op` (all ops when None); `name=None` lifts it."""
-    key = op or _ALL_OPS
+    key = _op_key(op, "attnkit.set_backend")
     if name is None:
         _forced_globally.pop(key, None)
     else:
@@ -171,9 +188,11 @@ def set_backend(name: Optional[str], op: Optional[str] = None) -> None:
 
 @contextlib.contextmanager
 def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
-    """Force backend `name` for `op` (all ops when None) inside the block."""
-    forced = dict(_forced_by_context.get())
-    forced[op or _ALL_OPS] = _check_name(name)
+    """Force backend `name` for `op` (all ops when None) inside the block. The innermost block
+    wins: one for all ops also lifts, inside it, what outer blocks forced for single ops."""
+    key = _op_key(op, "attnkit.use_backend")
+    forced = {} if key == _ALL_OPS else dict(_forced_by_context.get())
+    forced[key] = _check_name(name)
     token = _forced_by_context.set(forced)
     try:
         yield
@@ -190,13 +209,13 @@ def _parse_forced(value: str) -> Dict[str, str]:
     value = value.strip()
     forced: Dict[str, str] = {}
     for item in filter(None, (part.strip() for part in value.split(","))):
-        op, _, name = item.rpartition("=")
+        op, _, name = (part.strip() for part in item.partition("=")) if "=" in item else ("", "", item)
         if name not in BACKENDS:
             raise ValueError(
                 f"attnkit: ATTNKIT_BACKEND={value!r} names unknown backend {name!r}; "
                 f"expected one of {', '.join(BACKENDS)}, optionally as op=backend"
             )
-        forced[op.strip() or _ALL_OPS] = name
+        forced[_op_key(op or None, f"attnkit: ATTNKIT_BACKEND={value!r}")] = name
     return forced
 
 
@@ -351,11 +370,15 @@ def register_describer(op: str, describe: Callable[..., Dict[str, Any]]) -> None
 def explain(op: str, *args: Any, **kwargs: Any) -> Decision:
     """The backend that a call of `op` with these arguments would run, and why
     the others would be skipped; runs nothing."""
-    if op not in _OPS:
-        raise ValueError(f"attnkit.explain: unknown op {op!r}; known ops: {', '.join(sorted(_OPS))}")
-    return _OPS[op].decide(_DESCRIBERS[op](*args, **kwargs))
+    op = _op_key(op, "attnkit.explain", aliases=False)  # the arguments are this op's
+    describe = _DESCRIBERS[op]
+    try:
+        inspect.signature(describe).bind(*args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"attnkit.explain({op!r}, ...): these are not {op}'s arguments: {error}") from None
+    return _OPS[op].decide(describe(*args, **kwargs))
 
 
 def last_dispatch(op: str) -> Optional[Decision]:
     """The decision of the most recent call of `op` in this process (None before any)."""
-    return _last_decisions.get(op)
+    return _last_decisions.get(_op_key(op, "attnkit.last_dispatch"))

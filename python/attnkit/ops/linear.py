@@ -66,6 +66,15 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         x, weight, bias = _autocast.cast_floating(dtype, (x, weight, bias))
         with _autocast.off(x.device.type, True):
             return linear(x, weight, bias)
+    _check(x, weight, bias)
+    rows = math.prod(x.shape[:-1])
+    args = (x.reshape(rows, x.shape[-1]).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous())
+    y = _eager.forward(_LinearFunction, _linear_kernels, _linear, *args, training=_eager.needs_grad(args))
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    _validate.tensor(OP, "x", x)
     _validate.tensor(OP, "weight", weight, ndim=2)
     if x.dim() == 0:
         raise ValueError(f"{OP}: x must have at least 1 dimension (in_features), got a 0-D tensor")
@@ -76,12 +85,11 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         _validate.tensor(OP, "bias", bias, ndim=1)
         _validate.shape(OP, "bias", bias, (weight.shape[0],), "out_features")
     _validate.same_dtype_and_device(OP, (("x", x), ("weight", weight), ("bias", bias)))
-    rows = math.prod(x.shape[:-1])
-    args = (x.reshape(rows, x.shape[-1]).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous())
-    y = _eager.forward(_LinearFunction, _linear_kernels, _linear, *args, training=_eager.needs_grad(args))
-    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-_dispatch.register_describer(
-    "linear", lambda x, weight, bias=None: {"device": x.device, "dtype": x.dtype,
-                                              "rows": math.prod(x.shape[:-1])})
+def _describe_call(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None):
+    _check(x, weight, bias)
+    return {"device": x.device, "dtype": x.dtype, "rows": math.prod(x.shape[:-1])}
+
+
+_dispatch.register_describer("linear", _describe_call)
