@@ -172,6 +172,10 @@ def prewarm(device: torch.device, dtype: torch.dtype, config: int, quick: bool =
         torch.cuda.synchronize(device)
 
 
+def skip_reason(device: torch.device, dtype: torch.dtype):
+    return None if device.type == "cuda" else "skipped: needs a CUDA GPU; the attention_cpu family times the CPU backend"
+
+
 def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
     if device.type != "cuda":
         print("  (skipped: needs a CUDA GPU; see the attention_cpu family for the CPU backend)")

@@ -99,6 +99,10 @@ def _measure_peak(spec: dict) -> float:
     return rss_rise_mb(step)
 
 
+def skip_reason(device: torch.device, dtype: torch.dtype):
+    return None if device.type == "cpu" else "skipped: CPU backend; the GPU attention benchmark is `attention`"
+
+
 def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
     if device.type != "cpu":
         return []  # the GPU attention benchmark is `attention`

@@ -20,6 +20,12 @@ FULL_CASES = QUICK_CASES + [(1, 768, 768), (1, 768, 3072), (2, 768, 3072), (8, 7
 POOL_BYTES = 256 << 20  # weight copies cycled per call: past any L3 here
 
 
+def skip_reason(device: torch.device, dtype: torch.dtype):
+    if device.type != "cpu" or dtype != torch.float32:
+        return "skipped: the kernel serves CPU float32; elsewhere attnkit.ops.linear is F.linear"
+    return None
+
+
 def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
     if device.type != "cpu" or dtype != torch.float32:
         return []  # the kernel is CPU float32; elsewhere attnkit.ops.linear is F.linear

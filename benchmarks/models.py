@@ -90,6 +90,14 @@ def gpt_rows(transformers, case, device, dtype, rounds, repeats):
     return rows
 
 
+def skip_reason(device: torch.device, dtype: torch.dtype):
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return "skipped: the baseline needs transformers (pip install transformers)"
+    return None
+
+
 def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
     try:
         import transformers

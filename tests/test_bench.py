@@ -88,6 +88,22 @@ def test_bad_input_lists_the_valid_choices(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_an_unwritable_json_path_is_refused_before_any_family_runs(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(core, "run_family", lambda *a, **k: pytest.fail("a family ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--only", "linear", "--json", str(tmp_path), "--out", str(tmp_path), "--no-plots"])
+    assert exit_info.value.code == 2
+    assert f"argument --json: cannot write '{tmp_path}' (a folder)" in capsys.readouterr().err
+
+
+def test_a_family_that_measures_nothing_here_says_why(tmp_path, capsys):
+    argv = ["--only", "linear", "--dtype", "float16", "--out", str(tmp_path), "--no-plots", "--no-progress"]
+    assert cli.main(argv) == 0
+    assert "(no rows: skipped: the kernel serves CPU float32" in capsys.readouterr().out
+    document = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert document["families"]["linear"]["skipped"].startswith("skipped: the kernel serves CPU float32")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_cuda_without_a_gpu_is_refused(capsys):
     with pytest.raises(SystemExit):

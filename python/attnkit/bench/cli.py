@@ -54,11 +54,21 @@ def build_parser(families: list) -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     families = core.families()
-    args = build_parser(families).parse_args(argv)
+    parser = build_parser(families)
+    args = parser.parse_args(argv)
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     names = list(dict.fromkeys(args.only or families))
     info = core.machine_info(device)
+    path = args.json or os.path.join(args.out, f"{info['date'][:10]}-{device.type}.json")
+    # Checked before the families run: a bad path found at the end would lose their results.
+    folder = os.path.dirname(path) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        parser.error(f"argument --json: cannot create the folder of {path!r}: {error.strerror or error}")
+    if os.path.isdir(path) or not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        parser.error(f"argument --json: cannot write {path!r} ({'a folder' if os.path.isdir(path) else 'no permission'})")
     mode = "full" if args.full else "quick"
     print(f"attnkit benchmarks ({mode}, {device}, {args.dtype}) on {core.describe_machine(info)}", flush=True)
 
@@ -80,8 +90,6 @@ def main(argv=None) -> int:
 
     document = {"schema": 1, "machine": info, "device": str(device), "dtype": args.dtype, "mode": mode,
                 "seconds": round(elapsed, 2), "families": results}
-    path = args.json or os.path.join(args.out, f"{info['date'][:10]}-{device.type}.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(document, f, indent=1)
     print(f"\nwrote {path}")

@@ -191,6 +191,12 @@ def run_family(name: str, device: torch.device, dtype: torch.dtype, quick: bool 
     try:
         module = load_family(name)
         result["title"] = module.TITLE
+        # A family that measures nothing here says why (the table and the JSON show it).
+        reason = module.skip_reason(device, dtype) if hasattr(module, "skip_reason") else None
+        if reason:
+            result["skipped"] = reason
+            result["seconds"] = round(progress.finish("skipped"), 2)
+            return result
         timing = timing_module()
         peaks = {}
 

@@ -57,7 +57,7 @@ def format_family(name: str, result: dict) -> str:
     if result.get("error"):
         return text + f"FAILED ({name}): {result['error']}\n"
     if not result["rows"]:
-        return text + f"(no rows: {name} has nothing to measure on this device)\n"
+        return text + f"(no rows: {result.get('skipped') or f'{name} has nothing to measure on this device'})\n"
     return text + format_table(result["rows"]) + "\n"
 
 
