@@ -126,3 +126,17 @@ def test_cpu_autocast_follows_torch(dtype, state, batched):
     for g, e in zip(grads, grads_ref):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, e, atol=atol * RNN_GRAD_FACTOR, rtol=rtol * RNN_GRAD_FACTOR)
+
+
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell"])
+def test_empty_sizes_as_torch(cls):
+    """input_size 0 and hidden_size 0 are torch's cells' results too (GRUCell(5, 0) raised)."""
+    for input_size, hidden_size in ((5, 0), (0, 4)):
+        torch.manual_seed(0)
+        ours = getattr(attnkit.nn, cls)(input_size, hidden_size)
+        theirs = getattr(torch.nn, cls)(input_size, hidden_size)
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.randn(3, input_size)
+        got, expected = ours(x), theirs(x)
+        got, expected = (got[0], expected[0]) if cls == "LSTMCell" else (got, expected)
+        torch.testing.assert_close(got, expected)

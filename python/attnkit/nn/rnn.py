@@ -315,6 +315,8 @@ class GRUCell(torch.nn.GRUCell):
             raise TypeError(f"GRUCell: hx must be a torch.Tensor, got {type(hx).__name__}")
         if hx is not None and hx.dim() not in (1, 2):
             raise ValueError(f"GRUCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        if self.hidden_size == 0:  # torch's empty state: nothing for a kernel (ops.gru takes H >= 1)
+            return super().forward(input, hx)
         states = () if hx is None else (("hx", hx),)
         batched = input.dim() == 2
         x, h0 = (input, hx) if batched else (input.unsqueeze(0), None if hx is None else hx.unsqueeze(0))

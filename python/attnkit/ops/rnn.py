@@ -251,8 +251,10 @@ def _validated(op, gates, input, hx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
     _validate.tensor(op, "w_ih", w_ih, ndim=2)
     _validate.tensor(op, "w_hh", w_hh, ndim=2)
     rows, P = w_hh.shape
-    if rows % gates or rows == 0:
+    if rows % gates:
         raise ValueError(f"{op}: w_hh must have {gates}*hidden_size rows, got shape {tuple(w_hh.shape)}")
+    if rows == 0:
+        raise ValueError(f"{op}: hidden_size must be >= 1 (w_hh has no rows), got w_hh of shape {tuple(w_hh.shape)}")
     H = rows // gates
     if w_hr is not None:
         _validate.tensor(op, "w_hr", w_hr, ndim=2)
