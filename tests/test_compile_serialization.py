@@ -245,3 +245,14 @@ def test_gradcheck_public_op(name):
     if not any(t.requires_grad for t in inputs):
         pytest.skip(f"{name} is inference-only (no backward)")
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
+def test_attention_compiles_with_dynamic_shapes_and_the_default_scale():
+    """dynamic=True makes the head dim, so the default scale, symbolic: math.isfinite on it
+    broke the graph ("torch.* op returned non-Tensor") under fullgraph=True."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: ops.flash_attention(q, k, v, causal=True), backend="aot_eager",
+                             dynamic=True, fullgraph=True)
+    for n in (5, 9):
+        q, k, v = (_randn(1, 2, n, 8, seed=s) for s in range(3))
+        torch.testing.assert_close(compiled(q, k, v), ops.flash_attention(q, k, v, causal=True))

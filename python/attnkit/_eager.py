@@ -44,20 +44,29 @@ def plain_call(args: Sequence[Any]) -> bool:
 
 
 def needs_grad(tensors: Iterable[Any]) -> bool:
-    """Whether autograd would record a call on `tensors` (None and non-tensors ignored)."""
-    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+    """Whether autograd would record a call on `tensors` (None and non-tensors ignored). Under
+    a functorch transform (vmap) the tensors seen here are unwrapped and say requires_grad=False
+    while autograd records the call outside: then whenever grad mode is on."""
+    if not torch.is_grad_enabled():
+        return False
+    return torch._C._are_functorch_transforms_active() or any(
+        isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
 def call(kernels: Callable, custom_op: Callable, *args: Any) -> Any:
     """`kernels(*args)` where nothing but eager autograd sees the call, else `custom_op(*args)`."""
     if plain_call(args):
         return kernels(*args)
+    refuse_differentiating_transforms(getattr(custom_op, "_name", None) or getattr(kernels, "__name__", "this op"))
+    return custom_op(*args)
+
+
+def refuse_differentiating_transforms(name: str) -> None:
+    """NotImplementedError naming `name` under torch.func's grad / jvp transforms."""
     if _differentiating_transform():
-        name = getattr(custom_op, "_name", None) or getattr(kernels, "__name__", "this op")
         raise NotImplementedError(
             f"attnkit {name}: torch.func's grad, jacrev, jacfwd and jvp transforms are not supported (the ops' "
             f"gradients are autograd formulas, not functorch rules); use torch.autograd.grad, or vmap alone")
-    return custom_op(*args)
 
 
 def _differentiating_transform() -> bool:

@@ -10,6 +10,7 @@ from helpers import forced
 from test_rnn import make_gru, make_lstm, weighted_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import attnkit
 from attnkit import _eager
 from attnkit.ops import additive_attention, attention_decode, flash_attention, gru, linear, lstm, lstm_cell
 
@@ -208,3 +209,34 @@ def test_torch_func_differentiating_transforms_raise_a_clear_error():
         torch.func.grad(lambda x: lstm(x, (h0, c0), *weights)[0].sum())(x.detach())
     batched = torch.func.vmap(lambda a: flash_attention(a[None], k[:1], v[:1]))(q)
     assert torch.allclose(batched[:, 0], flash_attention(q, k, v), atol=1e-6)
+
+
+def test_differentiating_transforms_refused_by_rotary_and_layer_norm_rnns_too():
+    """They reached torch's setup_context error instead of attnkit's."""
+    cos, sin = torch.randn(4, 4), torch.randn(4, 4)
+    with pytest.raises(NotImplementedError, match="attnkit apply_rotary: torch.func's grad"):
+        torch.func.grad(lambda x: attnkit.ops.apply_rotary(x, cos, sin).sum())(torch.randn(1, 4, 2, 8))
+    ln = (torch.ones(16), torch.zeros(16))
+    w_ih, w_hh = torch.randn(16, 3), torch.randn(16, 4)
+    with pytest.raises(NotImplementedError, match="layer_norm_lstm: torch.func's grad"):
+        torch.func.grad(lambda x: attnkit.ops.layer_norm_lstm(x, None, w_ih, w_hh, ln_ih=ln, ln_hh=ln,
+                                                              ln_c=(torch.ones(4), torch.zeros(4)))[0].sum())(
+            torch.randn(2, 1, 3))
+
+
+def test_vmap_then_backward_through_frozen_weights_and_in_place_rotary():
+    """Under vmap the unwrapped tensors say requires_grad=False while autograd records the op
+    outside: the forward saved nothing and the backward failed ("gates must be 3-D")."""
+    x, h0, c0, *weights = make_lstm(3, 2, 4, 5, 5, torch.float32, "cpu")[:7]
+    weights = [w.detach() for w in weights]
+    xs = torch.randn(3, *x.shape, requires_grad=True)  # per-example inputs, frozen weights
+    out = torch.func.vmap(lambda a: lstm(a, (h0.detach(), c0.detach()), *weights)[0])(xs)
+    (grad,) = torch.autograd.grad(out.square().sum(), [xs])
+    for i in range(3):
+        xi = xs[i].detach().requires_grad_()
+        (expected,) = torch.autograd.grad(lstm(xi, (h0.detach(), c0.detach()), *weights)[0].square().sum(), [xi])
+        torch.testing.assert_close(grad[i], expected)
+    cos, sin = torch.randn(4, 4), torch.randn(4, 4)
+    xs = torch.randn(3, 1, 4, 2, 8)
+    rotated = torch.func.vmap(lambda a: attnkit.ops.apply_rotary(a.clone(), cos, sin, inplace=True))(xs)
+    torch.testing.assert_close(rotated, attnkit.ops.apply_rotary(xs.flatten(0, 1), cos, sin).view_as(xs))

@@ -62,12 +62,13 @@ def scalars(op: str, softcap: float, scale: Optional[float], dropout_p: float, h
         raise ValueError(f"{op}: softcap must be finite and >= 0 (0 = off), got {softcap}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
-    if scale is None:
+    if scale is None:  # finite; symbolic under torch.compile(dynamic=True), where math.isfinite fails
         scale = head_dim**-0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"{op}: scale must be finite, got {scale}")
+    else:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"{op}: scale must be finite, got {scale}")
     return float(softcap), float(scale), float(dropout_p)
 
 

@@ -16,7 +16,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _validate
+from .. import _dispatch, _eager, _validate
 from ..backends.rotary import ROTARY
 from ..reference import rotary as ref
 
@@ -210,9 +210,14 @@ def apply_rotary(
         x rotated, same shape, dtype and layout (x itself when inplace). Computed in fp32
         (fp64 for fp64 x): out[:R] = x cos + rotate_half(x) sin per pair.
     """
+    _eager.refuse_differentiating_transforms("apply_rotary")
     original = x
     x, cos, sin, offsets, offset, max_seqlen = _validated(x, cos, sin, interleaved, seqlen_offsets, inplace, layout,
                                                           cu_seqlens, max_seqlen)
+    if inplace and torch._C._are_functorch_transforms_active():  # the mutating op has no batching rule
+        rotated = _rotary(x, cos, sin, offsets, offset, interleaved, False, cu_seqlens, max_seqlen)
+        x.copy_(rotated)
+        return original
     if inplace:
         if torch.is_grad_enabled() and x.requires_grad:
             _RotaryInplace.apply(x, cos, sin, offsets, offset, interleaved, cu_seqlens, max_seqlen)
