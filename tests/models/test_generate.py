@@ -78,6 +78,14 @@ def test_default_eos_and_pad_are_the_configs_as_in_transformers(models):
     assert any(after_eos) and all(set(tokens) <= {88} for tokens in after_eos)
 
 
+def test_a_config_without_eos_generates_every_token(models):
+    _, _, path = models
+    model = GPT2LMHeadModel.from_pretrained(str(path))
+    model.config.eos_token_id = None
+    ids = torch.randint(2, 89, (2, 4))
+    assert model.generate(ids, 7).shape == (2, 11)
+
+
 def test_the_last_position_of_the_table_takes_a_token(models):
     """transformers never feeds the last new token back: prompt + max_new_tokens may be
     n_positions + 1."""

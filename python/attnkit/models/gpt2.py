@@ -290,7 +290,8 @@ class GPT2LMHeadModel(PretrainedMixin, nn.Module):
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         check_sampling(do_sample, temperature, top_k, top_p)
-        eos = token_ids("eos_token_id", self.config.eos_token_id if eos_token_id is None else eos_token_id)
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        eos = [] if eos is None else token_ids("eos_token_id", eos)  # a config may have none
         pad = pad_token_id if pad_token_id is not None else self.config.pad_token_id
         pad = token_ids("pad_token_id", pad)[0] if pad is not None else (eos[0] if eos else 0)
         packing = Packing.for_ids(input_ids, attention_mask)
