@@ -256,3 +256,16 @@ def test_attention_compiles_with_dynamic_shapes_and_the_default_scale():
     for n in (5, 9):
         q, k, v = (_randn(1, 2, n, 8, seed=s) for s in range(3))
         torch.testing.assert_close(compiled(q, k, v), ops.flash_attention(q, k, v, causal=True))
+
+
+def test_attention_compiles_once_for_every_batch_size():
+    """The RoPE check's per-sequence length lists, built even without RoPE, tied the graph to
+    one batch size: a recompile per batch size, and mark_dynamic(q, 0) failed."""
+    torch._dynamo.reset()
+    frames = []
+    compiled = torch.compile(lambda q: ops.flash_attention(q, q, q, causal=True), backend=lambda gm, _: frames.append(gm) or gm,
+                             dynamic=True, fullgraph=True)
+    for batch in (2, 3, 5, 7):
+        q = _randn(batch, 2, 6, 8)
+        torch.testing.assert_close(compiled(q), ops.flash_attention(q, q, q, causal=True))
+    assert len(frames) <= 2  # one per batch size before (dynamo may specialize the first call)

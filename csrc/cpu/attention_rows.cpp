@@ -172,8 +172,8 @@ ATTNKIT_INLINE vu16 bf16_bits(vf v) {
 // against vexp's 19: this pass took 35% of a bf16 forward. 0 below 2^-126, NaN stays NaN; y <= ~0
 // here (shift is the row's max), so 2^round(y) needs no clamp from above. The shift comes off
 // before the log2(e): scaled first, scores near float's limit (an additive mask of
-// finfo(bfloat16).min) overflowed to -inf - -inf, and at 1e10 the two products' roundings
-// (~1e3) were the whole difference.
+// finfo(bfloat16).min) overflowed to -inf - -inf. x * factor - shift contracts to one FMA, whose
+// exact product differs from the rounded max by ~ulp(max): callers pass factor 1 past |max| = 2^16.
 ATTNKIT_INLINE vf vexp_scaled(vf x, float factor, float shift) {
   constexpr float kLog2e = 1.44269504088896341f, kRound = 12582912.0f;  // 1.5 * 2^23: adds round to nearest
   const vf y = (x * factor - shift) * kLog2e;

@@ -35,3 +35,23 @@ def test_input_size_zero_matches_the_reference(name, batch, dtype):
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
     for g, e in zip(got, expected):
         assert g.shape == e.shape and ((g.double() - e).abs() <= tol * max([1.0, *e.abs().flatten().tolist()])).all()
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_infinite_states_give_nan_as_torch(name):
+    """The vectorized exp saturated at 1.6e38: sigmoid(-inf) was 6e-39, not 0, so 0 * inf
+    came out finite where torch.nn's is NaN (hidden sizes of 8 and up take the vector code)."""
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, name.upper())(4, 16)
+    ours = getattr(attnkit.nn, name.upper())(4, 16)
+    ours.load_state_dict(theirs.state_dict())
+    with torch.no_grad():
+        for module in (ours, theirs):
+            module.bias_hh_l0[:16] = float("-inf")  # a gate that is exactly 0 (or 1)
+    x, h0 = torch.randn(3, 2, 4), torch.randn(1, 2, 16)
+    h0[0, 0, 3] = float("inf")
+    state = (h0, torch.zeros_like(h0)) if name == "lstm" else h0
+    with torch.no_grad():
+        got, expected = ours(x, state)[0], theirs(x, state)[0]
+    assert torch.equal(got.isnan(), expected.isnan())
+    torch.testing.assert_close(got[~got.isnan()], expected[~expected.isnan()])

@@ -66,9 +66,10 @@ typedef float vfloat16 __attribute__((vector_size(64)));
 typedef int vint16 __attribute__((vector_size(64)));
 
 template <typename V, typename VI>
-inline __attribute__((always_inline)) V vec_exp(V x) {
-  // Clamped so 2^n stays a normal float: e^x saturates at ~1.6e38 / ~1.6e-38.
-  x = x < -87.0f ? V{} - 87.0f : x;
+inline __attribute__((always_inline)) V vec_exp(V x_in) {
+  // Clamped so 2^n stays a normal float; past expf's own range the result is inf / 0 as
+  // there (so sigmoid(-inf) is 0 and 0 * inf stays NaN, as torch's), NaN stays NaN.
+  V x = x_in < -87.0f ? V{} - 87.0f : x_in;
   x = x > 88.0f ? V{} + 88.0f : x;
   const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
   const V r = x - n * 0.693359375f + n * 2.12194440e-4f;                // x - n ln 2, two parts
@@ -77,7 +78,9 @@ inline __attribute__((always_inline)) V vec_exp(V x) {
   const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;  // 2^n
   V scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return (p * r * r + r + 1.0f) * scale;
+  const V e = (p * r * r + r + 1.0f) * scale;
+  const V inf = V{} + __builtin_inff();
+  return x_in > 88.7228f ? inf : x_in < -103.98f ? V{} : x_in != x_in ? x_in : e;
 }
 
 template <typename V, typename VI>

@@ -205,8 +205,11 @@ def flash_attention(
     slopes = check.alibi(OP, alibi_slopes, q.shape[0], q.shape[1], q.device)
     bottom_right = causal_alignment == "bottom_right"
     batch = q.shape[0]
+    # Per-sequence lengths only for RoPE's position check: a list of a symbolic batch's length
+    # tied compiled graphs to one batch size (a recompile per batch size, even with dynamic=True).
+    lengths_q, lengths_k = ([q.shape[2]] * batch, [k.shape[2]] * batch) if rotary_cos is not None else ([], [])
     cos, sin, offsets = check.rotary(OP, rotary_cos, rotary_sin, rotary_seqlen_offsets, q.shape[-1], batch,
-                                     [q.shape[2]] * batch, [k.shape[2]] * batch, bottom_right, q.device)
+                                     lengths_q, lengths_k, bottom_right, q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     out, lse = _run_forward(q, k, v, None, None, q.shape[2], k.shape[2], attn_mask, key_padding_mask, left, right,
                             bottom_right, softcap, scale, dropout_p, _seed(OP, dropout_p, generator), slopes, cos, sin,
