@@ -66,11 +66,10 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
                                   "does not give")
     # No mask: transformers' SDPA path calls SDPA with is_causal, whose diagonal is top-left (a
     # static cache's prompt pass has Q < K, the empty slots after the prompt).
-    out, lse = flash_attention(query, key, value, causal=causal, attn_mask=attention_mask, window_size=window,
-                               softcap=float(softcap or 0.0), scale=scaling, dropout_p=float(dropout),
-                               causal_alignment="top_left", return_lse=True)
-    if sinks is not None:
-        out = _with_sinks(out, lse, sinks)
+    result = flash_attention(query, key, value, causal=causal, attn_mask=attention_mask, window_size=window,
+                             softcap=float(softcap or 0.0), scale=scaling, dropout_p=float(dropout),
+                             causal_alignment="top_left", return_lse=sinks is not None)
+    out = _with_sinks(*result, sinks) if sinks is not None else result
     return out.transpose(1, 2).contiguous(), None
 
 
