@@ -99,6 +99,8 @@ def autograd_function(
     def forward(ctx, *args):  # not forward + setup_context: apply() would then bind the arguments with inspect
         output = kernels(*args)
         setup_context(ctx, args, output)
+        if once:
+            ctx.differentiable_inputs = _differentiable_tensors(args)
         return output
 
     backward = _first_order_only(name, backward) if once else backward
@@ -111,7 +113,10 @@ def _first_order_only(name: str, backward: Callable) -> Callable:
     always returns gradients whose own backward raises. once_differentiable does so
     only where the incoming gradients require grad: a gradient penalty on
     grad(out.sum(), q, create_graph=True) then took the first-order gradient for
-    a constant and silently dropped its second-order term."""
+    a constant and silently dropped its second-order term. The raising node hangs
+    from the forward's differentiable inputs (and the incoming gradients): autograd.grad
+    runs only the nodes that lead to its `inputs`, so a node on detached leaves alone
+    never ran there and a gradient penalty w.r.t. the weights lost its term silently."""
     label = name.strip("_").removesuffix("Function")
     message = (f"attnkit {label}: its backward is not differentiable: second-order gradients (double backward, "
                f"create_graph=True) are not implemented").encode()
@@ -123,7 +128,20 @@ def _first_order_only(name: str, backward: Callable) -> Callable:
         if not torch.is_grad_enabled():
             return outputs
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        error = torch._C._functions.DelayedError(message, len(outputs))
-        return error(*[None if t is None else t.detach().requires_grad_(True) for t in outputs])
+        graph_links = _differentiable_tensors(grads) + getattr(ctx, "differentiable_inputs", ())
+        error = torch._C._functions.DelayedError(message, len(outputs) + len(graph_links))
+        detached = [None if t is None else t.detach().requires_grad_(True) for t in outputs]
+        return error(*detached, *graph_links)[:len(outputs)]
 
     return wrapper
+
+
+def _differentiable_tensors(values: Iterable[Any]) -> tuple:
+    """The tensors among `values` (and inside lists/tuples among them) that require grad."""
+    found = []
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            found.extend(_differentiable_tensors(value))
+        elif isinstance(value, Tensor) and value.requires_grad:
+            found.append(value)
+    return tuple(found)

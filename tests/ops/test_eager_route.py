@@ -196,6 +196,26 @@ def test_second_order_gradients_raise_instead_of_dropping_a_term(op):
     assert not plain.requires_grad and torch.allclose(plain, grad.detach())
 
 
+@pytest.mark.parametrize("module", ["attention", "GRU", "LSTMCell"])
+def test_second_order_gradients_raise_through_autograd_grad_on_weights(module):
+    """A gradient penalty (or MAML's meta-gradient) taken with torch.autograd.grad w.r.t. the
+    weights: autograd.grad runs only the nodes leading to its inputs, and the raising node
+    hung from detached leaves alone, so the second-order term was dropped without an error
+    (2026-11-28 audit). The node now hangs from the forward's inputs too."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    if module == "attention":
+        layer = torch.nn.Linear(8, 8, dtype=torch.float64)
+        run = lambda x: flash_attention(layer(x)[:, None], x[:, None].detach(), x[:, None].detach())
+    else:
+        layer = getattr(attnkit.nn, module)(8, 5, dtype=torch.float64)
+        run = lambda x: layer(x)[0] if module == "GRU" else layer(x[0])[0]
+    out = run(x)
+    (grad,) = torch.autograd.grad((out**2).sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="backward is not differentiable: second-order gradients"):
+        torch.autograd.grad(out.sum() + (grad**2).sum(), list(layer.parameters()))
+
+
 def test_torch_func_differentiating_transforms_raise_a_clear_error():
     """torch.func.grad / jacrev / jvp reach the custom ops, whose autograd formulas functorch
     cannot run (torch raised about autograd.Function's setup_context); vmap alone works."""
