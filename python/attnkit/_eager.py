@@ -14,6 +14,7 @@ directly (inference): same kernels, same backward formula, same backend choice.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -99,8 +100,8 @@ def autograd_function(
     def forward(ctx, *args):  # not forward + setup_context: apply() would then bind the arguments with inspect
         output = kernels(*args)
         setup_context(ctx, args, output)
-        if once:
-            ctx.differentiable_inputs = _differentiable_tensors(args)
+        if once:  # leaves (the weights) held, the rest weakly: a checkpointed region frees them
+            ctx.graph_links = [t if t.is_leaf else weakref.ref(t) for t in _differentiable_tensors(args)]
         return output
 
     backward = _first_order_only(name, backward) if once else backward
@@ -116,7 +117,9 @@ def _first_order_only(name: str, backward: Callable) -> Callable:
     a constant and silently dropped its second-order term. The raising node hangs
     from the forward's differentiable inputs (and the incoming gradients): autograd.grad
     runs only the nodes that lead to its `inputs`, so a node on detached leaves alone
-    never ran there and a gradient penalty w.r.t. the weights lost its term silently."""
+    never ran there and a gradient penalty w.r.t. the weights lost its term silently.
+    Non-leaf inputs are linked while alive only: holding them would keep what activation
+    checkpointing frees."""
     label = name.strip("_").removesuffix("Function")
     message = (f"attnkit {label}: its backward is not differentiable: second-order gradients (double backward, "
                f"create_graph=True) are not implemented").encode()
@@ -128,7 +131,8 @@ def _first_order_only(name: str, backward: Callable) -> Callable:
         if not torch.is_grad_enabled():
             return outputs
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        graph_links = _differentiable_tensors(grads) + getattr(ctx, "differentiable_inputs", ())
+        inputs = (link if isinstance(link, Tensor) else link() for link in getattr(ctx, "graph_links", ()))
+        graph_links = _differentiable_tensors(grads) + tuple(t for t in inputs if t is not None)
         error = torch._C._functions.DelayedError(message, len(outputs) + len(graph_links))
         detached = [None if t is None else t.detach().requires_grad_(True) for t in outputs]
         return error(*detached, *graph_links)[:len(outputs)]

@@ -216,6 +216,27 @@ def test_second_order_gradients_raise_through_autograd_grad_on_weights(module):
         torch.autograd.grad(out.sum() + (grad**2).sum(), list(layer.parameters()))
 
 
+def test_checkpointed_attention_keeps_no_activation_alive():
+    """Activation checkpointing frees a region's activations after the forward; the ops must
+    not hold their inputs beyond what they save through the saved-tensor hooks."""
+    import weakref
+    from torch.utils.checkpoint import checkpoint
+
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(1, 2, 5, 8, requires_grad=True)
+    projected = []
+
+    def region(x):
+        q = layer(x)
+        projected.append(weakref.ref(q))
+        return flash_attention(q, q, q)
+
+    out = checkpoint(region, x, use_reentrant=False)
+    assert projected[0]() is None  # freed: recomputed in the backward
+    out.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+
+
 def test_torch_func_differentiating_transforms_raise_a_clear_error():
     """torch.func.grad / jacrev / jvp reach the custom ops, whose autograd formulas functorch
     cannot run (torch raised about autograd.Function's setup_context); vmap alone works."""
