@@ -47,7 +47,11 @@ def plain_call(args: Sequence[Any]) -> bool:
 def needs_grad(tensors: Iterable[Any]) -> bool:
     """Whether autograd would record a call on `tensors` (None and non-tensors ignored). Under
     a functorch transform (vmap) the tensors seen here are unwrapped and say requires_grad=False
-    while autograd records the call outside: then whenever grad mode is on."""
+    while autograd records the call outside: then whenever grad mode is on. Under
+    torch.jit.trace always: the answer becomes a constant of the traced graph (the RNN ops'
+    `save`), which must hold for a traced module called with grad, whatever the trace saw."""
+    if torch.jit.is_tracing():
+        return True
     if not torch.is_grad_enabled():
         return False
     return torch._C._are_functorch_transforms_active() or any(

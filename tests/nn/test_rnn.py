@@ -393,3 +393,58 @@ def test_cpu_autocast_packed_input(kind):
     padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
     atol, rtol = TOLERANCES[torch.bfloat16]
     torch.testing.assert_close(padded[1:2, :4], single, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_packed_dropout_between_layers_draws_torchs_mask(kind):
+    """Dropout between layers on a PackedSequence: torch draws the mask over the packed rows;
+    the same seed gives the same output and leaves the generator in the same state."""
+    ours, theirs = pair(kind, (2, False, False, True, 0))
+    ours.dropout = theirs.dropout = 0.5
+    x = torch.randn(6, 3, 5, dtype=F64)
+    packed = pack_padded_sequence(x, torch.tensor([6, 4, 2]), enforce_sorted=False)
+    results = []
+    for module in (ours, theirs):
+        torch.manual_seed(7)
+        results.append((module(packed)[0].data, torch.rand(3)))
+    (out, after), (expected, expected_after) = results
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(after, expected_after)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_functional_call_with_weights_of_another_dtype(kind):
+    """torch.func.functional_call swaps the weights: the dtype check must read the new ones."""
+    ours, theirs = pair(kind, (2, False, False, True, 0), dtype=torch.float32)
+    doubles = {name: value.double() for name, value in theirs.state_dict().items()}
+    x = torch.randn(4, 2, 5, dtype=F64)
+    out = torch.func.functional_call(ours, doubles, (x,))[0]
+    torch.testing.assert_close(out, torch.func.functional_call(theirs, doubles, (x,))[0])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "GRUCell"])
+def test_jit_trace_passes_its_check_and_a_no_grad_trace_differentiates(kind):
+    """The RNN ops' `save` flag is a constant of a traced graph: tracing saves always."""
+    torch.manual_seed(0)
+    module = getattr(attnkit.nn, kind)(5, 6, dtype=F64)
+    x = torch.randn(3, 2, 5, dtype=F64) if kind != "GRUCell" else torch.randn(2, 5, dtype=F64)
+    torch.jit.trace(module, (x,))  # its default check reruns the module with grad off
+    with torch.no_grad():
+        traced = torch.jit.trace(module, (x,))
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    grads = torch.autograd.grad(first(traced(x)).sum(), list(module.parameters()))
+    expected = torch.autograd.grad(first(module(x)).sum(), list(module.parameters()))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_from_torch_refuses_a_parametrized_module():
+    module = torch.nn.LSTM(4, 5)
+    torch.nn.utils.parametrizations.weight_norm(module, "weight_hh_l0")
+    with pytest.raises(TypeError, match="from_torch: the module has parametrizations"):
+        attnkit.nn.LSTM.from_torch(module)
+
+
+def test_lstm_hx_must_hold_two_states():
+    with pytest.raises(RuntimeError, match=r"hx must be a tuple \(h_0, c_0\) of two tensors, got 3"):
+        attnkit.nn.LSTM(5, 6, num_layers=2)(torch.randn(3, 2, 5), (torch.zeros(2, 2, 6),) * 3)

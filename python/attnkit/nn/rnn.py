@@ -65,7 +65,7 @@ def _stack(module, run_layer, input: Tensor, batch_sizes: Optional[Tensor], stat
                 kept.append(state)
         layer_input = outputs[0] if directions == 1 else torch.cat(outputs, 2)
         if module.dropout and module.training and layer < module.num_layers - 1:
-            layer_input = F.dropout(layer_input, module.dropout, training=True)
+            layer_input = _dropout(layer_input, module.dropout, batch_sizes, lengths)
     output = layer_input
     if batch_sizes is not None:
         output = pack_padded_sequence(output, lengths).data
@@ -73,6 +73,15 @@ def _stack(module, run_layer, input: Tensor, batch_sizes: Optional[Tensor], stat
         output = output.transpose(0, 1)
     # One layer and direction: a view, not torch.stack's copy (a few us of a batch-1 step).
     return output, [kept[0].unsqueeze(0) if len(kept) == 1 else torch.stack(kept) for kept in finals]
+
+
+def _dropout(x: Tensor, p: float, batch_sizes: Optional[Tensor], lengths: Optional[Tensor]) -> Tensor:
+    """Dropout between layers drawn as torch.nn's RNNs draw it: over the packed rows for a
+    PackedSequence (so the same seed gives the same mask and leaves the generator where torch does)."""
+    if batch_sizes is None:
+        return F.dropout(x, p, training=True)
+    dropped = F.dropout(pack_padded_sequence(x, lengths).data, p, training=True)
+    return _unpack(dropped, batch_sizes)[0]
 
 
 def _one_layer_call(module, input: Tensor, states) -> bool:
@@ -177,11 +186,15 @@ class LSTM(torch.nn.LSTM):
         return out, (h, c)
 
     def forward(self, input, hx=None):  # follows torch.nn.LSTM.forward
+        self._update_flat_weights()  # as torch's: functional_call swaps the weights (its dtype check reads them)
         if (hx is None or (type(hx) is tuple and len(hx) == 2)) and _one_layer_call(self, input, hx or ()):
             x = input.transpose(0, 1) if self.batch_first else input
             states = _one_layer_states(self, input, hx, 2)
             out, (h, c) = self._run_layer(x.contiguous(), states, self.all_weights[0], None)
             return (out.transpose(0, 1) if self.batch_first else out), (h.unsqueeze(0), c.unsqueeze(0))
+        if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            got = f"{len(hx)} states" if isinstance(hx, (tuple, list)) else type(hx).__name__
+            raise RuntimeError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
         orig_input = input
         batch_sizes = None
         num_directions = 2 if self.bidirectional else 1
@@ -257,6 +270,7 @@ class GRU(torch.nn.GRU):
         return out, (h,)
 
     def forward(self, input, hx=None):  # follows torch.nn.GRU.forward
+        self._update_flat_weights()  # as torch's: functional_call swaps the weights (its dtype check reads them)
         if _one_layer_call(self, input, (hx,)):
             x = input.transpose(0, 1) if self.batch_first else input
             out, (h,) = self._run_layer(x.contiguous(), _one_layer_states(self, input, hx, 1), self.all_weights[0], None)
@@ -332,6 +346,10 @@ class GRUCell(torch.nn.GRUCell):
 
 def _adopt(cls, module):
     """A `cls` instance sharing `module`'s Parameter objects (nn._share), its flat weights rebuilt."""
+    if torch.nn.utils.parametrize.is_parametrized(module):  # its weights are properties of a dynamic class
+        raise TypeError(f"{cls.__name__}.from_torch: the module has parametrizations "
+                        f"({', '.join(module.parametrizations)}); convert it first, then register them on the "
+                        f"attnkit module")
     new = shared(cls, module)
     new._init_flat_weights()
     return new
