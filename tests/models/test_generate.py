@@ -320,3 +320,19 @@ def test_cuda_graph_generation_on_a_gpu_matches_eager(models):
     eos = int(graphed[0, 12])  # stops early, rows padded, as the eager path
     assert torch.equal(ours.generate(ids, 24, attention_mask=mask, eos_token_id=eos, pad_token_id=5, cuda_graph=True),
                        ours.generate(ids, 24, attention_mask=mask, eos_token_id=eos, pad_token_id=5))
+
+
+def test_generate_under_autocast_keeps_its_cache_in_autocast_dtype(models, monkeypatch):
+    """Under autocast c_attn's keys come in bfloat16: the cache holds them so (a float32 cache
+    made the first write fail with index_put's dtype error), and the first token is the
+    forward's argmax under the same autocast."""
+    _, ours, _ = models
+    caches, make_cache = [], gpt2.KVCache
+    monkeypatch.setattr(gpt2, "KVCache", lambda *args: caches.append(make_cache(*args)) or caches[-1])
+    torch.manual_seed(3)
+    ids = torch.randint(2, 89, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours.generate(ids, 5)
+        first = ours(ids)[:, -1].argmax(-1)
+    assert out.shape == (2, 11) and caches[0].k.dtype == torch.bfloat16
+    assert torch.equal(out[:, 6], first)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .. import _autocast
 from ..nn.linear import Linear
 from ..ops import attention_decode, flash_attention_varlen
 from ..ops.attention_validation import cu_seqlens_checked_once
@@ -117,15 +118,16 @@ class CausalSelfAttention(nn.Module):
         if packing is not None:
             if cache is not None:  # prompt: each row's real tokens fill its first cache slots
                 rows, offsets = slots
-                cache.k[self.layer_idx, rows, :, offsets] = k
-                cache.v[self.layer_idx, rows, :, offsets] = v
+                cache.k[self.layer_idx, rows, :, offsets] = k.to(cache.k.dtype)  # autocast's k may differ
+                cache.v[self.layer_idx, rows, :, offsets] = v.to(cache.v.dtype)
             y = flash_attention_varlen(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_seqlen,
                                        packing.max_seqlen, causal=True, scale=self.scale,
                                        dropout_p=self.dropout_p if self.training else 0.0)
         else:
             for i, offsets in enumerate(slots.offsets):  # decode: write the new keys at each row's own length
-                cache.k[self.layer_idx, slots.rows, :, offsets] = k[:, i]
-                cache.v[self.layer_idx, slots.rows, :, offsets] = v[:, i]
+                cache.k[self.layer_idx, slots.rows, :, offsets] = k[:, i].to(cache.k.dtype)
+                cache.v[self.layer_idx, slots.rows, :, offsets] = v[:, i].to(cache.v.dtype)
+            q = q.to(cache.k.dtype)  # the cache's dtype: SDPA would cast all three to autocast's
             y = decode_attention(q.transpose(1, 2), cache.k[self.layer_idx], cache.v[self.layer_idx], slots.lengths,
                                  self.scale).transpose(1, 2)
         return self.resid_dropout(self.c_proj(y.reshape(*x.shape[:-1], c)))
@@ -302,7 +304,9 @@ class GPT2LMHeadModel(PretrainedMixin, nn.Module):
         # The last new token is never fed back: it needs no position and no cache slot.
         longest = int(lengths.max()) + max(max_new_tokens - 1, 0)
         check_length(longest, self.config.n_positions, "n_positions: prompt + max_new_tokens - 1")
-        cache = KVCache(self.config, batch, longest, input_ids.device, self.lm_head.weight.dtype)
+        # Under autocast the keys come in its dtype (c_attn is a Linear): the cache holds them so.
+        dtype = _autocast.lower_precision_dtype(input_ids.device.type) or self.lm_head.weight.dtype
+        cache = KVCache(self.config, batch, longest, input_ids.device, dtype)
         # Positions count real tokens only, as transformers' generate (cumsum of the mask).
         position_ids = None if packing.index is None else (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         hidden = self.transformer.forward_packed(input_ids, packing, position_ids, cache)
