@@ -95,6 +95,9 @@ def test_the_last_position_of_the_table_takes_a_token(models):
     assert out.shape == (1, 49)
     assert torch.equal(out, hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9,
                                         do_sample=False, pad_token_id=0))
+    with pytest.raises(ValueError, match=r"prompt \+ max_new_tokens - 1 = 49 exceeds the position table "
+                                         r"\(n_positions = 48\)"):
+        ours.generate(ids, 10)
 
 
 def test_sampling_keeps_the_top_50_by_default(models):

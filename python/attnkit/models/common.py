@@ -42,7 +42,7 @@ def check_ids(name: str, ids: Tensor, limit: int, what: str) -> None:
             raise ValueError(f"{name} must be in [0, {limit}) ({what}), got values in [{low}, {high}]")
 
 
-def check_length(length: int, limit: int, config_field: str) -> None:
+def check_length(length: int, limit: int, config_field: str, what: str = "sequence length") -> None:
     if length > limit:
-        raise ValueError(f"sequence length {length} exceeds the position table ({config_field} = {limit})")
+        raise ValueError(f"{what} {length} exceeds the position table ({config_field} = {limit})")
 

@@ -303,7 +303,7 @@ class GPT2LMHeadModel(PretrainedMixin, nn.Module):
             raise ValueError("every prompt needs at least one token (a row of attention_mask is all 0)")
         # The last new token is never fed back: it needs no position and no cache slot.
         longest = int(lengths.max()) + max(max_new_tokens - 1, 0)
-        check_length(longest, self.config.n_positions, "n_positions: prompt + max_new_tokens - 1")
+        check_length(longest, self.config.n_positions, "n_positions", what="prompt + max_new_tokens - 1 =")
         # Under autocast the keys come in its dtype (c_attn is a Linear): the cache holds them so.
         dtype = _autocast.lower_precision_dtype(input_ids.device.type) or self.lm_head.weight.dtype
         cache = KVCache(self.config, batch, longest, input_ids.device, dtype)
