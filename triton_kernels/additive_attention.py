@@ -68,8 +68,8 @@ def _forward(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, STORE_SCORES: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    b = tl.program_id(0).to(tl.int64)  # on axis 0 (limit 2^31 - 1, not 65535); b * n_k * A may pass 2^31
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     qp_base = QP + b * n_q * A
@@ -109,8 +109,8 @@ def _backward(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DW: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(0).to(tl.int64)  # as _forward's
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dv = tl.arange(0, BLOCK_DV)
     in_n = offs_n < n_k
@@ -174,7 +174,7 @@ def forward(qp, kp, values, v_a, mask, return_weights, launch=None):
     lse = qp.new_empty((batch, n_q), dtype=torch.float32)
     scores = qp.new_empty((batch, n_q, n_k), dtype=torch.float32) if return_weights else lse
     mask8 = _mask_bytes(mask)
-    grid = (cdiv(n_q, BLOCK_M), batch)
+    grid = (batch, cdiv(n_q, BLOCK_M))
     args = (qp, kp, values, v_a, mask8 if mask8 is not None else lse, out, lse, scores, n_q, n_k, hidden, d_v)
     kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_A=BLOCK_A, BLOCK_DV=_block_dv(d_v), HAS_MASK=mask is not None,
                   STORE_SCORES=return_weights, num_warps=NUM_WARPS)
@@ -197,7 +197,7 @@ def backward(grad_context, grad_weights, delta, qp, kp, values, v_a, mask, lse, 
     d_values = torch.empty((batch, n_k, d_v), **f32)
     d_va = torch.zeros((batch, n_key_blocks, hidden), **f32)
     mask8 = _mask_bytes(mask)
-    grid = (n_key_blocks, batch)
+    grid = (batch, n_key_blocks)
     args = (qp, kp, values, v_a, mask8 if mask8 is not None else lse, lse, delta.to(torch.float32).contiguous(),
             grad_context, grad_weights if grad_weights is not None else lse, d_qp, d_kp, d_values, d_va, n_q, n_k,
             hidden, d_v, n_key_blocks)

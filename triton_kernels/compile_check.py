@@ -54,6 +54,9 @@ COMBOS = [
     ("bf16-d128-look-ahead-causal", torch.bfloat16, 128, False, dict(window=(-1, 0), look_ahead=True)),
     ("fp16-d64-look-ahead-tma-padding-dropout", torch.float16, 64, False,
      dict(pad=True, dropout_p=0.1, tma=True, look_ahead=True)),
+    # Offsets past 2^31 elements (a per-sample mask's batches, a packed batch's rows): int64 offsets.
+    ("bf16-d128-wide-offsets-bool-mask-causal", torch.bfloat16, 128, False, dict(window=(-1, 0), mask="bool", wide=True)),
+    ("fp16-d64-varlen-wide-offsets-dropout", torch.float16, 64, True, dict(dropout_p=0.1, wide=True)),
 ]
 
 
@@ -160,8 +163,13 @@ def _inputs(dtype, dim, varlen, options):
     else:
         q, k, v = (torch.empty(batch, h, n, dim, **meta) for h in (heads, heads_kv, heads_kv))
         cu = None
+    if varlen and options.get("wide"):  # rows 2^22 elements apart: the last starts past 2^31
+        q = torch.empty_strided(q.shape, (1 << 22, dim, 1), **meta)
     mask = None
-    if options.get("mask") == "bool":
+    if options.get("mask") == "bool" and options.get("wide"):  # batches 2^31 elements apart
+        mask = torch.empty_strided((batch, 1, n, n), (1 << 31, n * n, n, 1), device="meta", dtype=torch.uint8)
+        mask = mask.expand(batch, heads, n, n)
+    elif options.get("mask") == "bool":
         mask = torch.empty(n, n, device="meta", dtype=torch.uint8).expand(batch, heads, n, n)
     elif options.get("mask") == "float":
         mask = torch.empty(batch, 1, n, n, device="meta", dtype=dtype).expand(batch, heads, n, n)

@@ -37,7 +37,7 @@ def _decode_partial(
     scale, softcap = tl.full([], scale, ACC_DTYPE), tl.full([], softcap, ACC_DTYPE)
     pid_bkv = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid_bkv // H_KV
+    b = (pid_bkv // H_KV).to(tl.int64)  # b * stride may pass 2^31 elements (a long cache of many rows)
     kvh = pid_bkv % H_KV
     seqlen = tl.minimum(tl.maximum(tl.load(SEQLENS + b), 0), n_max)
     # Rows of the tile: (group head g, query i) pairs of this KV head.
@@ -58,8 +58,8 @@ def _decode_partial(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC_DTYPE)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, seqlen)
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
+    k_base = K + b * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = V + b * stride_vb + kvh.to(tl.int64) * stride_vh
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
@@ -98,7 +98,7 @@ def _decode_combine(
 ):
     """Merges the per-chunk (max, sum, output) of one query row."""
     row = tl.program_id(0)  # (b * H + h) * n_q + i
-    b = row // (H * n_q)
+    b = (row // (H * n_q)).to(tl.int64)
     h = (row // n_q) % H
     i = row % n_q
     splits = tl.arange(0, BLOCK_S)

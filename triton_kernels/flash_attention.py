@@ -183,13 +183,37 @@ def _dropout_keep(seed_bh, queries, keys, max_seqlen_k, threshold):
 
 
 @triton.jit
-def _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
+def _wide(x, WIDE_OFFSETS: tl.constexpr):
+    """x in int64 where an offset may pass 2^31 elements (the host's WIDE_OFFSETS), else as it is:
+    an int32 product wraps to an address before the tensor. Only such calls pay for 64-bit math."""
+    if WIDE_OFFSETS:
+        x = tl.cast(x, tl.int64)
+    return x
+
+
+@triton.jit
+def _bh_offset(b, h, stride_b, stride_h, WIDE_OFFSETS: tl.constexpr):
+    """The offset of batch b, head h."""
+    return _wide(b, WIDE_OFFSETS) * stride_b + _wide(h, WIDE_OFFSETS) * stride_h
+
+
+@triton.jit
+def _bh_ptr(base, b, h, stride_b, stride_h, WIDE_OFFSETS: tl.constexpr):
+    """base + the offset of batch b, head h (added in this order: the kernels' compiled code)."""
+    return base + _wide(b, WIDE_OFFSETS) * stride_b + _wide(h, WIDE_OFFSETS) * stride_h
+
+
+@triton.jit
+def _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+                     WIDE_OFFSETS: tl.constexpr):
     """(q_start, q_len, k_start, k_len, diag) of sequence b."""
     if VARLEN:
         q_start = tl.load(CU_Q + b)
         q_len = tl.load(CU_Q + b + 1) - q_start
         k_start = tl.load(CU_K + b)
         k_len = tl.load(CU_K + b + 1) - k_start
+        q_start = _wide(q_start, WIDE_OFFSETS)
+        k_start = _wide(k_start, WIDE_OFFSETS)
     else:
         q_start = 0
         q_len = max_q
@@ -268,15 +292,14 @@ def _rotary_rows_inplace(
     X, COS, SIN, ROT_OFF, CU_Q, CU_K, stride_xb, stride_xh, stride_xm, stride_rot, H, max_q, max_k,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ROTARY_DIM: tl.constexpr,
     INTERLEAVED: tl.constexpr, ACC_DTYPE: tl.constexpr, VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    QUERIES: tl.constexpr,
+    QUERIES: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
 ):
     """Undoes the RoPE rotation of dQ (QUERIES) or dK in place: the kernels
     compute gradients with respect to the rotated q and k."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_start, q_len, k_start, k_len, diag = _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN, BOTTOM_RIGHT)
+    h = tl.program_id(1)  # heads on grid axis 1 and sequences on 2: each <= 65535 (B * H may not be)
+    b = tl.program_id(2)
+    q_start, q_len, k_start, k_len, diag = _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN, BOTTOM_RIGHT, WIDE_OFFSETS)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     shift = tl.load(ROT_OFF + b)
@@ -287,7 +310,7 @@ def _rotary_rows_inplace(
     else:
         start = k_start
         length = k_len
-    base = X + b * stride_xb + h * stride_xh + start * stride_xm
+    base = _bh_ptr(X, b, h, stride_xb, stride_xh, WIDE_OFFSETS) + start * stride_xm
     x = _load_rows(base, rows, stride_xm, rows < length, rows + shift, COS, SIN, stride_rot, -1.0,
                    HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
     tl.store(base + rows[:, None] * stride_xm + offs_d[None, :], x,
@@ -310,22 +333,21 @@ def _attn_bwd_delta(
     stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
     H, max_q, max_k,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
 ):
     """delta_i = sum_d dO_id * O_id, the row term of the softmax backward."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_start, q_len, _, _, _ = _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN, False)
+    h = tl.program_id(1)  # heads on grid axis 1 and sequences on 2: each <= 65535 (B * H may not be)
+    b = tl.program_id(2)
+    q_start, q_len, _, _, _ = _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN, False, WIDE_OFFSETS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     inside = (offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V)
     rows = (q_start + offs_m[:, None])
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_om + offs_dv[None, :], mask=inside, other=0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :], mask=inside, other=0)
+    o = tl.load(_bh_ptr(O, b, h, stride_ob, stride_oh, WIDE_OFFSETS) + rows * stride_om + offs_dv[None, :], mask=inside, other=0)
+    do = tl.load(_bh_ptr(DO, b, h, stride_dob, stride_doh, WIDE_OFFSETS) + rows * stride_dom + offs_dv[None, :], mask=inside, other=0)
     delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1)
-    tl.store(DELTA + b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_lm, delta, mask=offs_m < q_len)
+    tl.store(_bh_ptr(DELTA, b, h, stride_lb, stride_lh, WIDE_OFFSETS) + (q_start + offs_m) * stride_lm, delta, mask=offs_m < q_len)
 
 
 @triton.jit
@@ -402,7 +424,7 @@ def _attn_bwd_dkdv(
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
     RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
-    MASK_GRAD: tl.constexpr = False, USE_TMA: tl.constexpr = False,
+    WIDE_OFFSETS: tl.constexpr, MASK_GRAD: tl.constexpr = False, USE_TMA: tl.constexpr = False,
 ):
     """dK and dV of one key block; with MASK_GRAD the additive mask's gradient
     into DMASK, contiguous (B, H, max_q, max_k) in ACC_DTYPE, zeroed by the caller
@@ -410,14 +432,15 @@ def _attn_bwd_dkdv(
     and DO_DESC (dense inputs, no RoPE, as the forward's K and V)."""
     # float64 parameters: float64 inputs keep every bit of them (float32 cost them 3e-8)
     scale, softcap = tl.full([], scale, ACC_DTYPE), tl.full([], softcap, ACC_DTYPE)
+    if WIDE_OFFSETS:  # a mask's row offset too: Nq * Nk passes 2^31 at 46k
+        stride_mm = tl.cast(stride_mm, tl.int64)
     if USE_TMA:
         tl.static_assert(VARLEN == 0, "USE_TMA takes dense inputs")
         tl.static_assert(ROTARY_DIM == 0, "USE_TMA loads queries as stored, without RoPE")
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H_KV
-    kvh = pid_bh % H_KV
-    q_start, q_len, k_start, k_len, diag = _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN, BOTTOM_RIGHT)
+    kvh = tl.program_id(1)  # heads on grid axis 1 and sequences on 2: each <= 65535 (B * H may not be)
+    b = tl.program_id(2)
+    q_start, q_len, k_start, k_len, diag = _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN, BOTTOM_RIGHT, WIDE_OFFSETS)
     n0 = pid_n * BLOCK_N
     if n0 >= k_len:
         return
@@ -428,9 +451,9 @@ def _attn_bwd_dkdv(
     k_inside = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
     v_inside = (offs_n[:, None] < k_len) & (offs_dv[None, :] < HEAD_DIM_V)
     rot_off = tl.load(ROT_OFF + b) if ROTARY_DIM > 0 else 0
-    k = _load_rows(K + b * stride_kb + kvh * stride_kh + k_start * stride_kn, offs_n, stride_kn, offs_n < k_len,
+    k = _load_rows(_bh_ptr(K, b, kvh, stride_kb, stride_kh, WIDE_OFFSETS) + k_start * stride_kn, offs_n, stride_kn, offs_n < k_len,
                    offs_n + rot_off, COS, SIN, stride_rot, 1.0, HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED, ACC_DTYPE)
-    v = tl.load(V + b * stride_vb + kvh * stride_vh + (k_start + offs_n[:, None]) * stride_vn + offs_dv[None, :],
+    v = tl.load(_bh_ptr(V, b, kvh, stride_vb, stride_vh, WIDE_OFFSETS) + (k_start + offs_n[:, None]) * stride_vn + offs_dv[None, :],
                 mask=v_inside, other=0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC_DTYPE)
@@ -447,13 +470,13 @@ def _attn_bwd_dkdv(
     run_lo, run_hi = _unchecked_range(lo, hi, first_ok, end_ok, BLOCK_M)
     for g in range(0, GROUP):
         h = kvh * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
-        do_base = DO + b * stride_dob + h * stride_doh + q_start * stride_dom
-        lse_base = LSE + b * stride_lb + h * stride_lh + q_start * stride_lm
-        delta_base = DELTA + b * stride_lb + h * stride_lh + q_start * stride_lm
+        q_base = _bh_ptr(Q, b, h, stride_qb, stride_qh, WIDE_OFFSETS) + q_start * stride_qm
+        do_base = _bh_ptr(DO, b, h, stride_dob, stride_doh, WIDE_OFFSETS) + q_start * stride_dom
+        lse_base = _bh_ptr(LSE, b, h, stride_lb, stride_lh, WIDE_OFFSETS) + q_start * stride_lm
+        delta_base = _bh_ptr(DELTA, b, h, stride_lb, stride_lh, WIDE_OFFSETS) + q_start * stride_lm
         dmask_base = DMASK + (b * (H_KV * GROUP) + h).to(tl.int64) * max_q * max_k
-        mask_base = MASK + b * stride_mb + h * stride_mh
-        pad_base = PAD + b * stride_pb
+        mask_base = _bh_ptr(MASK, b, h, stride_mb, stride_mh, WIDE_OFFSETS)
+        pad_base = PAD + _wide(b, WIDE_OFFSETS) * stride_pb
         seed_bh = seed + b * (H_KV * GROUP) + h
         slope = tl.load(SLOPES + b * stride_ab + h) if ALIBI else 0.0
         for check in tl.static_range(2):  # the unchecked run, then the checked rest
@@ -466,9 +489,9 @@ def _attn_bwd_dkdv(
                     BLOCK_DV, BLOCK_M, BLOCK_N, ACC_DTYPE, DOT_PRECISION, UPCAST, USE_WINDOW, SOFTCAP, MASK_KIND,
                     HAS_PADDING, DROPOUT, ALIBI, RAW_SCORES, ROTARY_DIM, INTERLEAVED, check == 1, MASK_GRAD, USE_TMA)
     dk = dk * scale
-    tl.store(DK + b * stride_dkb + kvh * stride_dkh + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :],
+    tl.store(_bh_ptr(DK, b, kvh, stride_dkb, stride_dkh, WIDE_OFFSETS) + (k_start + offs_n[:, None]) * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=k_inside)
-    tl.store(DV + b * stride_dvb + kvh * stride_dvh + (k_start + offs_n[:, None]) * stride_dvn + offs_dv[None, :],
+    tl.store(_bh_ptr(DV, b, kvh, stride_dvb, stride_dvh, WIDE_OFFSETS) + (k_start + offs_n[:, None]) * stride_dvn + offs_dv[None, :],
              dv.to(DV.dtype.element_ty), mask=v_inside)
 
 
@@ -552,18 +575,19 @@ def _attn_bwd_dq(
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
     RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
-    USE_TMA: tl.constexpr = False, LOOK_AHEAD: tl.constexpr = False,
+    WIDE_OFFSETS: tl.constexpr, USE_TMA: tl.constexpr = False, LOOK_AHEAD: tl.constexpr = False,
 ):
     # float64 parameters: float64 inputs keep every bit of them (float32 cost them 3e-8)
     scale, softcap = tl.full([], scale, ACC_DTYPE), tl.full([], softcap, ACC_DTYPE)
+    if WIDE_OFFSETS:  # a mask's row offset too: Nq * Nk passes 2^31 at 46k
+        stride_mm = tl.cast(stride_mm, tl.int64)
     if USE_TMA:  # as in _attn_fwd
         tl.static_assert(VARLEN == 0, "USE_TMA takes dense inputs")
         tl.static_assert(ROTARY_DIM == 0, "USE_TMA loads keys as stored, without RoPE")
     pid_m = _query_block_longest_first()
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_start, q_len, k_start, k_len, diag = _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN, BOTTOM_RIGHT)
+    h = tl.program_id(1)  # heads on grid axis 1 and sequences on 2: each <= 65535 (B * H may not be)
+    b = tl.program_id(2)
+    q_start, q_len, k_start, k_len, diag = _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN, BOTTOM_RIGHT, WIDE_OFFSETS)
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
@@ -574,18 +598,18 @@ def _attn_bwd_dq(
     offs_dv = tl.arange(0, BLOCK_DV)
     q_inside = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
     rot_off = tl.load(ROT_OFF + b) if ROTARY_DIM > 0 else 0
-    q = _load_rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, offs_m, stride_qm, offs_m < q_len,
+    q = _load_rows(_bh_ptr(Q, b, h, stride_qb, stride_qh, WIDE_OFFSETS) + q_start * stride_qm, offs_m, stride_qm, offs_m < q_len,
                    offs_m + diag + rot_off, COS, SIN, stride_rot, 1.0, HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED,
                    ACC_DTYPE)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + (q_start + offs_m[:, None]) * stride_dom + offs_dv[None, :],
+    do = tl.load(_bh_ptr(DO, b, h, stride_dob, stride_doh, WIDE_OFFSETS) + (q_start + offs_m[:, None]) * stride_dom + offs_dv[None, :],
                  mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V), other=0)
-    stat_ptrs = b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_lm
+    stat_ptrs = _bh_offset(b, h, stride_lb, stride_lh, WIDE_OFFSETS) + (q_start + offs_m) * stride_lm
     lse = tl.load(LSE + stat_ptrs, mask=offs_m < q_len, other=0)
     lse = tl.where(lse == float("-inf"), 0.0, lse).to(ACC_DTYPE)
     delta = tl.load(DELTA + stat_ptrs, mask=offs_m < q_len, other=0).to(ACC_DTYPE)
-    k_base = K + b * stride_kb + kvh * stride_kh + k_start * stride_kn
-    v_base = V + b * stride_vb + kvh * stride_vh + k_start * stride_vn
-    mask_base = MASK + b * stride_mb + h * stride_mh
+    k_base = _bh_ptr(K, b, kvh, stride_kb, stride_kh, WIDE_OFFSETS) + k_start * stride_kn
+    v_base = _bh_ptr(V, b, kvh, stride_vb, stride_vh, WIDE_OFFSETS) + k_start * stride_vn
+    mask_base = _bh_ptr(MASK, b, h, stride_mb, stride_mh, WIDE_OFFSETS)
     seed_bh = seed + b * H + h
     slope = tl.load(SLOPES + b * stride_ab + h) if ALIBI else 0.0
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
@@ -598,12 +622,12 @@ def _attn_bwd_dq(
             dq = _dq_blocks(
                 dq, q, do, lse, delta, k_base, v_base, lo, run_lo, run_hi, hi, offs_m, offs_n0, offs_dv, q_len, k_len,
                 diag, rot_off, COS, SIN, stride_rot, stride_kn, stride_vn, window_left, window_right, scale, softcap,
-                mask_base, stride_mm, stride_mn, PAD + b * stride_pb, slope, seed_bh, max_k, drop_threshold,
+                mask_base, stride_mm, stride_mn, PAD + _wide(b, WIDE_OFFSETS) * stride_pb, slope, seed_bh, max_k, drop_threshold,
                 drop_scale, K_DESC, V_DESC, b, kvh, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N,
                 ACC_DTYPE, DOT_PRECISION, UPCAST, USE_WINDOW, SOFTCAP, MASK_KIND, HAS_PADDING, DROPOUT, ALIBI,
                 RAW_SCORES, ROTARY_DIM, INTERLEAVED, check == 1, USE_TMA, LOOK_AHEAD & (check == 0))
     dq = dq * scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + (q_start + offs_m[:, None]) * stride_dqm + offs_d[None, :],
+    tl.store(_bh_ptr(DQ, b, h, stride_dqb, stride_dqh, WIDE_OFFSETS) + (q_start + offs_m[:, None]) * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_inside)
 
 

@@ -7,7 +7,7 @@ import triton.language as tl
 
 from .flash_attention import (
     LOG2E, _block_count, _block_start, _dot, _dropout_keep, _key_blocks, _load_rows, _query_block_longest_first,
-    _score_scale, _sequence_bounds, _tile_scores, _value_tile,
+    _bh_ptr, _score_scale, _sequence_bounds, _tile_scores, _value_tile, _wide,
 )
 
 
@@ -173,18 +173,19 @@ def _attn_fwd(
     VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_PADDING: tl.constexpr, DROPOUT: tl.constexpr, ALIBI: tl.constexpr,
     RAW_SCORES: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr, LENGTH_BUCKET,
-    USE_TMA: tl.constexpr = False, LOOK_AHEAD: tl.constexpr = False,
+    WIDE_OFFSETS: tl.constexpr, USE_TMA: tl.constexpr = False, LOOK_AHEAD: tl.constexpr = False,
 ):
     # float64 parameters: float64 inputs keep every bit of them (float32 cost them 3e-8)
     scale, softcap = tl.full([], scale, ACC_DTYPE), tl.full([], softcap, ACC_DTYPE)
+    if WIDE_OFFSETS:  # a mask's row offset too: Nq * Nk passes 2^31 at 46k
+        stride_mm = tl.cast(stride_mm, tl.int64)
     if USE_TMA:  # descriptors index dense (B, H_kv, N, D) tensors and hold unrotated keys
         tl.static_assert(VARLEN == 0, "USE_TMA takes dense inputs")
         tl.static_assert(ROTARY_DIM == 0, "USE_TMA loads keys as stored, without RoPE")
     pid_m = _query_block_longest_first()
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_start, q_len, k_start, k_len, diag = _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN, BOTTOM_RIGHT)
+    h = tl.program_id(1)  # heads on grid axis 1 and sequences on 2: each <= 65535 (B * H may not be)
+    b = tl.program_id(2)
+    q_start, q_len, k_start, k_len, diag = _sequence_bounds(CU_Q, CU_K, b, max_q, max_k, VARLEN, BOTTOM_RIGHT, WIDE_OFFSETS)
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
@@ -194,13 +195,13 @@ def _attn_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rot_off = tl.load(ROT_OFF + b) if ROTARY_DIM > 0 else 0
-    q = _load_rows(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, offs_m, stride_qm, offs_m < q_len,
+    q = _load_rows(_bh_ptr(Q, b, h, stride_qb, stride_qh, WIDE_OFFSETS) + q_start * stride_qm, offs_m, stride_qm, offs_m < q_len,
                    offs_m + diag + rot_off, COS, SIN, stride_rot, 1.0, HEAD_DIM, BLOCK_D, ROTARY_DIM, INTERLEAVED,
                    ACC_DTYPE)
-    k_base = K + b * stride_kb + kvh * stride_kh + k_start * stride_kn
-    v_base = V + b * stride_vb + kvh * stride_vh + k_start * stride_vn
-    mask_base = MASK + b * stride_mb + h * stride_mh
-    pad_base = PAD + b * stride_pb
+    k_base = _bh_ptr(K, b, kvh, stride_kb, stride_kh, WIDE_OFFSETS) + k_start * stride_kn
+    v_base = _bh_ptr(V, b, kvh, stride_vb, stride_vh, WIDE_OFFSETS) + k_start * stride_vn
+    mask_base = _bh_ptr(MASK, b, h, stride_mb, stride_mh, WIDE_OFFSETS)
+    pad_base = PAD + _wide(b, WIDE_OFFSETS) * stride_pb
     seed_bh = seed + b * H + h
     slope = tl.load(SLOPES + b * stride_ab + h) if ALIBI else 0.0
 
@@ -231,7 +232,7 @@ def _attn_fwd(
     empty = l_i == 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
-    o_ptrs = O + b * stride_ob + h * stride_oh + (q_start + offs_m[:, None]) * stride_om + offs_dv[None, :]
+    o_ptrs = _bh_ptr(O, b, h, stride_ob, stride_oh, WIDE_OFFSETS) + (q_start + offs_m[:, None]) * stride_om + offs_dv[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < q_len) & (offs_dv[None, :] < HEAD_DIM_V))
-    lse_ptrs = LSE + b * stride_lb + h * stride_lh + (q_start + offs_m) * stride_lm
+    lse_ptrs = _bh_ptr(LSE, b, h, stride_lb, stride_lh, WIDE_OFFSETS) + (q_start + offs_m) * stride_lm
     tl.store(lse_ptrs, lse.to(LSE.dtype.element_ty), mask=offs_m < q_len)

@@ -21,7 +21,7 @@ except ImportError:
 # tl.range(..., warp_specialize=...), which flash_attention_ws needs, came later than descriptors.
 _WS_SUPPORTED = "warp_specialize" in inspect.signature(tl.range).parameters
 
-from ._host import cdiv, next_power_of_2
+from ._host import cdiv, next_power_of_2, on_tensors_device
 from .._dispatch import getenv
 from .._dispatch import interpreter_active as _interpreting  # the one TRITON_INTERPRET check, dispatch's too
 from .flash_attention import (
@@ -208,7 +208,7 @@ def ws_eligible(q: torch.Tensor, c: dict, descriptors) -> bool:
     flags, scalars = c["flags"], c["scalars"]
     causal_or_none = scalars["window_left"] == NO_LIMIT and scalars["window_right"] in (0, NO_LIMIT)
     return (flags["RAW_SCORES"] and flags["MASK_KIND"] == 0 and not flags["HAS_PADDING"] and not flags["DROPOUT"]
-            and causal_or_none and flags["HEAD_DIM"] == flags["BLOCK_D"] == flags["HEAD_DIM_V"] <= 128
+            and not flags["WIDE_OFFSETS"] and causal_or_none and flags["HEAD_DIM"] == flags["BLOCK_D"] == flags["HEAD_DIM_V"] <= 128
             and _tma_ready(q))
 
 
@@ -300,13 +300,21 @@ def _run(kernel, grid, args, kwargs, launch):
     """Launches, or hands the launch to `launch(kernel, grid, args, kwargs)`
     (compile_check uses that to compile every kernel ahead of time)."""
     if launch is None:
-        kernel[grid](*args, **kwargs)
+        with on_tensors_device(args):
+            kernel[grid](*args, **kwargs)
     else:
         launch(kernel, grid, args, kwargs)
 
 
 def _block_dim(d: int) -> int:
     return max(16, next_power_of_2(d))
+
+
+def _wide_offsets(*tensors) -> bool:
+    """Whether an element of one of `tensors` (None skipped) lies 2^31 or more elements past its
+    start: the kernels then compute their offsets in int64 (WIDE_OFFSETS), else in int32."""
+    return any(t is not None and t.numel() and sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31 - 1
+               for t in tensors)
 
 
 class _Layout:
@@ -357,6 +365,7 @@ def _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, 
         RAW_SCORES=softcap <= 0 and alibi_slopes is None and mask_kind != 2 and scale > 0,
         ROTARY_DIM=2 * rotary[0].shape[1] if rotary else 0, INTERLEAVED=bool(rotary and rotary[3]),
         LENGTH_BUCKET=min(max(next_power_of_2(max(max_q, max_k, 1)), 128), 16384),
+        WIDE_OFFSETS=_wide_offsets(q, k, v, mask, pad),
     )
     mask_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
     pad_stride = pad.stride(0) if pad is not None else 0
@@ -385,6 +394,7 @@ def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tenso
     out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty((q.shape[1], q.shape[0]) if varlen else q.shape[:-1], dtype=stat_dtype, device=q.device)
+    c["flags"]["WIDE_OFFSETS"] |= _wide_offsets(out, lse)
     descriptors = _tma_descriptors(k, v, c)
     if ws_eligible(q, c, descriptors):
         from . import flash_attention_ws
@@ -395,7 +405,7 @@ def forward(q, k, v, *, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tenso
     kernel, blocks = _kernel(_attn_fwd, c["flags"]["BLOCK_D"], q.element_size(), c["flags"]["ROTARY_DIM"] > 0,
                              tma=descriptors is not None)
     descriptors = _described(descriptors, (k, v), c["flags"], blocks)
-    grid = lambda meta: (cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
+    grid = lambda meta: (cdiv(max_q, meta["BLOCK_M"]), c["heads"], c["batch"])  # noqa: E731
     args = (
         q, k, v, out, lse, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"], *descriptors,
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(out, varlen),
@@ -414,14 +424,15 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
     c = _common(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, bottom_right, window, softcap, scale, dropout_p, seed,
                 alibi_slopes, rotary)
     varlen, flags = c["varlen"], c["flags"]
+    flags["WIDE_OFFSETS"] |= _wide_offsets(do, out, lse)
     delta = torch.empty_like(lse)
     delta_blocks = 16 if _interpreting() else 64
     _run(
-        _attn_bwd_delta, (cdiv(max_q, delta_blocks), c["batch"] * c["heads"]),
+        _attn_bwd_delta, (cdiv(max_q, delta_blocks), c["heads"], c["batch"]),
         (out, do, delta, c["cu_q"], c["cu_k"], *_Layout.of(out, varlen), *_Layout.of(do, varlen),
          *_stat_strides(lse, varlen), c["heads"], max_q, max_k),
         dict(HEAD_DIM_V=flags["HEAD_DIM_V"], BLOCK_DV=flags["BLOCK_DV"], BLOCK_M=delta_blocks,
-             ACC_DTYPE=flags["ACC_DTYPE"], VARLEN=varlen),
+             ACC_DTYPE=flags["ACC_DTYPE"], VARLEN=varlen, WIDE_OFFSETS=flags["WIDE_OFFSETS"]),
         launch,
     )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -433,7 +444,7 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
     kernel, blocks = _kernel(_attn_bwd_dkdv, flags["BLOCK_D"], q.element_size(), flags["ROTARY_DIM"] > 0,
                              tma=descriptors is not None)
     descriptors = _described(descriptors, (q, do), flags, blocks, queries=True)
-    grid = lambda meta: (cdiv(max_k, meta["BLOCK_N"]), c["batch"] * c["heads_kv"])  # noqa: E731
+    grid = lambda meta: (cdiv(max_k, meta["BLOCK_N"]), c["heads_kv"], c["batch"])  # noqa: E731
     args = (
         q, k, v, do, lse, delta, dk, dv, d_mask if mask_grad else q, c["mask"], c["pad"], c["slopes"], *c["rotary"],
         c["cu_q"], c["cu_k"], *descriptors,
@@ -446,7 +457,7 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
     kernel, blocks = _kernel(_attn_bwd_dq, flags["BLOCK_D"], q.element_size(), flags["ROTARY_DIM"] > 0,
                              tma=descriptors is not None)
     descriptors = _described(descriptors, (k, v), flags, blocks)
-    grid = lambda meta: (cdiv(max_q, meta["BLOCK_M"]), c["batch"] * c["heads"])  # noqa: E731
+    grid = lambda meta: (cdiv(max_q, meta["BLOCK_M"]), c["heads"], c["batch"])  # noqa: E731
     args = (
         q, k, v, do, lse, delta, dq, c["mask"], c["pad"], c["slopes"], *c["rotary"], c["cu_q"], c["cu_k"], *descriptors,
         *_Layout.of(q, varlen), *_Layout.of(k, varlen), *_Layout.of(v, varlen), *_Layout.of(do, varlen),
@@ -458,11 +469,11 @@ def backward(do, q, k, v, out, lse, *, cu_q, cu_k, max_q: int, max_k: int, mask,
         for grad, heads, queries in ((dq, c["heads"], True), (dk, c["heads_kv"], False)):
             rows = 16 if _interpreting() else 64
             _run(
-                _rotary_rows_inplace, (cdiv(max_q if queries else max_k, rows), c["batch"] * heads),
+                _rotary_rows_inplace, (cdiv(max_q if queries else max_k, rows), heads, c["batch"]),
                 (grad, *c["rotary"], c["cu_q"], c["cu_k"], *_Layout.of(grad, varlen), c["rot_stride"], heads, max_q, max_k),
                 dict(HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"], BLOCK_M=rows, ROTARY_DIM=flags["ROTARY_DIM"],
                      INTERLEAVED=flags["INTERLEAVED"], ACC_DTYPE=flags["ACC_DTYPE"], VARLEN=varlen,
-                     BOTTOM_RIGHT=flags["BOTTOM_RIGHT"], QUERIES=queries),
+                     BOTTOM_RIGHT=flags["BOTTOM_RIGHT"], QUERIES=queries, WIDE_OFFSETS=flags["WIDE_OFFSETS"]),
                 launch,
             )
     return dq, dk, dv, d_mask

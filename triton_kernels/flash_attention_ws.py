@@ -29,9 +29,8 @@ def _attn_fwd_ws(
     BOTTOM_RIGHT: tl.constexpr, UPCAST: tl.constexpr, LENGTH_BUCKET,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest first, as _attn_fwd
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    h = tl.program_id(1)  # heads on grid axis 1 and sequences on 2: each <= 65535 (B * H may not be)
+    b = tl.program_id(2)
     kvh = h // GROUP
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -118,7 +117,7 @@ def forward(q, k, v, out, lse, c, kv_descriptors, causal: bool, bottom_right: bo
         _block_shapes(dict(Q_DESC=q_desc, K_DESC=k_desc, V_DESC=v_desc, HEAD_DIM=dim, **blocks))
     batch, heads, max_q, _ = q.shape
     max_k = k.shape[2]
-    grid = lambda meta: (cdiv(max_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    grid = lambda meta: (cdiv(max_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
     args = (q_desc, k_desc, v_desc, out, lse, *out.stride()[:3], *lse.stride(), heads, heads // k.shape[1], max_q, max_k,
             scale)
     flags = dict(HEAD_DIM=dim, CAUSAL=causal, BOTTOM_RIGHT=bottom_right, UPCAST=c["flags"]["UPCAST"],

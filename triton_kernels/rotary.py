@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2
+from ._host import cdiv, next_power_of_2, on_tensors_device
 from .._dispatch import interpreter_active as _interpreting
 
 
@@ -24,14 +24,15 @@ from .._dispatch import interpreter_active as _interpreting
 def _rotary_kernel(
     OUT, X, COS, SIN, OFFSETS, CU_SEQLENS,
     stride_ob, stride_on, stride_oh, stride_od, stride_xb, stride_xn, stride_xh, stride_xd,
-    stride_cb, stride_cn, seqlen, heads, seqlen_ro, offset,
+    stride_cb, stride_cn, seqlen, heads, seqlen_ro, offset, m_blocks,
     HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr,
     OFFSETS_TENSOR: tl.constexpr, VARLEN: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)  # b * stride may pass 2^31 elements
-    pid_h = tl.program_id(2)
+    # (row block, sequence) on grid axis 0, whose limit is 2^31 - 1 (axes 1 and 2: 65535)
+    pid_m = tl.program_id(0) % m_blocks
+    b = (tl.program_id(0) // m_blocks).to(tl.int64)  # b * stride may pass 2^31 elements
+    pid_h = tl.program_id(1)
     if VARLEN:
         start = tl.load(CU_SEQLENS + b)
         seqlen = tl.load(CU_SEQLENS + b + 1) - start
@@ -97,12 +98,13 @@ def rotary(x, cos, sin, offsets, offset: int, interleaved: bool, conjugate: bool
         block_m, block_h = max(16, min(64, next_power_of_2(seqlen))), max(1, heads)
     else:
         block_m, block_h = (4 if block_k > 64 else 8), 4
-    grid = (cdiv(seqlen, block_m), batch, cdiv(heads, block_h))
+    m_blocks = cdiv(seqlen, block_m)
+    grid = (m_blocks * batch, cdiv(heads, block_h))
     batched = cos.dim() == 3
     args = (
         out, x, cos, sin, offsets if offsets is not None else cos, cu_seqlens if varlen else cos,
         *out_strides, *x_strides, cos.stride(0) if batched else 0, cos.stride(-2),
-        seqlen, heads, cos.shape[-2], offset,
+        seqlen, heads, cos.shape[-2], offset, m_blocks,
     )
     kwargs = dict(
         HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, BLOCK_K=block_k, BLOCK_TAIL=block_tail, BLOCK_M=block_m,
@@ -110,7 +112,8 @@ def rotary(x, cos, sin, offsets, offset: int, interleaved: bool, conjugate: bool
         VARLEN=varlen, COMPUTE=tl.float64 if x.dtype == torch.float64 else tl.float32,
     )
     if launch is None:
-        _rotary_kernel[grid](*args, **kwargs)
+        with on_tensors_device(args):
+            _rotary_kernel[grid](*args, **kwargs)
     else:
         launch(_rotary_kernel, grid, args, kwargs)
     return out

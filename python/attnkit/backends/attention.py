@@ -21,6 +21,7 @@ from .._dispatch import Implementation, Op
 from ..reference import attention as ref
 
 MAX_HEAD_DIM = 256
+MAX_GRID_AXIS = 65535
 
 
 @dataclasses.dataclass
@@ -56,12 +57,12 @@ class AttentionCall:
         return self.cu_seqlens_q.numel() - 1 if self.varlen else self.q.shape[0]
 
     def describe(self) -> dict:
-        return describe(self.q, self.v, self.varlen, self.rotary_cos is not None)
+        return describe(self.q, self.v, self.varlen, self.rotary_cos is not None, self.batch)
 
 
-def describe(q: Tensor, v: Tensor, varlen: bool, rotary: bool = False) -> dict:
+def describe(q: Tensor, v: Tensor, varlen: bool, rotary: bool = False, batch: int = 0) -> dict:
     return {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "head_dim_v": v.shape[-1], "varlen": varlen,
-            "rotary": rotary}
+            "rotary": rotary, "batch": batch}
 
 
 class Triton(Implementation):
@@ -71,6 +72,8 @@ class Triton(Implementation):
         head_dim = max(call.get("head_dim", 0), call.get("head_dim_v", 0))
         if head_dim > MAX_HEAD_DIM:
             return [f"head dim {head_dim} > {MAX_HEAD_DIM}"]
+        if call.get("batch", 0) > MAX_GRID_AXIS:  # the sequences are the grid's z axis (CUDA's limit)
+            return [f"{call['batch']} sequences > {MAX_GRID_AXIS}"]
         return []
 
     @staticmethod

@@ -76,14 +76,17 @@ def _capture(fn: Callable, args: Sequence[Any]) -> _Graph:
     inputs = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).copy_(a)
               if isinstance(a, torch.Tensor) else None for a in args]
     call_args = [i if i is not None else a for i, a in zip(inputs, args)]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn(*call_args)  # warm-up: lazy initialization (cuBLAS handles, workspaces) happens outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = tuple(fn(*call_args))
+    # On the tensors' device: streams and the capture are the current device's, and on another
+    # GPU the kernels (launched on their tensors' device) ran outside an empty graph.
+    with torch.cuda.device(next(i.device for i in inputs if i is not None)):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(*call_args)  # warm-up: lazy initialization (cuBLAS handles, workspaces) happens outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = tuple(fn(*call_args))
     return _Graph(inputs, outputs, graph.replay)
 
 

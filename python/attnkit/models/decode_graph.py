@@ -14,6 +14,7 @@ that cannot be captured runs eagerly from then on, with a warning.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, Optional
 
@@ -61,11 +62,15 @@ class GraphedStep:
             self._token.copy_(token)
             self._replay()
             return self._logits
-        logits = _run_first(self._step, token)
-        self._token, self._logits = token.clone(), torch.empty_like(logits)
-        try:
-            self._replay = _capture(lambda: self._logits.copy_(self._step(self._token)))
-        except RuntimeError as exc:  # an operation the capture refuses (e.g. a host sync)
-            warnings.warn(f"attnkit: the decode step could not be captured in a CUDA graph and runs without one: {exc}")
-            self._eager = True
+        # The capture records the current device's stream: the model's GPU must be current.
+        on_device = torch.cuda.device(token.device) if token.device.type == "cuda" else contextlib.nullcontext()
+        with on_device:
+            logits = _run_first(self._step, token)
+            self._token, self._logits = token.clone(), torch.empty_like(logits)
+            try:
+                self._replay = _capture(lambda: self._logits.copy_(self._step(self._token)))
+            except RuntimeError as exc:  # an operation the capture refuses (e.g. a host sync)
+                warnings.warn(f"attnkit: the decode step could not be captured in a CUDA graph and runs without "
+                              f"one: {exc}")
+                self._eager = True
         return logits

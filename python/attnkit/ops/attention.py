@@ -255,7 +255,7 @@ def flash_attention_varlen(
 
 def _describe_call(q, k, v, **kwargs):
     check.dense(OP, q, k, v, kwargs.get("attn_mask"), kwargs.get("key_padding_mask"))
-    return describe(q, v, varlen=False)
+    return describe(q, v, varlen=False, batch=q.shape[0])
 
 
 _dispatch.register_describer("flash_attention", _describe_call)
