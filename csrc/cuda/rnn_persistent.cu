@@ -81,7 +81,10 @@ Plan make_plan(int64_t B, int64_t H) {
     return plan;
   }
   const auto kernel = rnn_persistent_kernel<S, G>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem)));
+  // The device's limit, not this call's size: host threads planning other sizes set the same value (no race
+  // between one thread's setting and another's launch); occupancy and launches take each call's own size.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(prop->sharedMemPerBlockOptin)));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan.smem));
   if (int64_t(per_sm) * sms < plan.blocks) {
