@@ -173,7 +173,8 @@ void rotary_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
               "rotary: tensors must be on the CPU");
   TORCH_CHECK(x.dim() == (varlen ? 3 : 4), "rotary: x must be ", varlen ? "packed (total, H, D)" : "(B, N, H, D)");
   TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(), "rotary: out must match x");
-  const bool inplace = out.data_ptr() == x.data_ptr();
+  // Two empty tensors share a null data pointer: that is not writing in place.
+  const bool inplace = x.numel() > 0 && out.data_ptr() == x.data_ptr();
   TORCH_CHECK(!inplace || out.strides() == x.strides(), "rotary: out must be x itself or not overlap it");
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.scalar_type() == sin.scalar_type() &&
                   (cos.dim() == 2 || cos.dim() == 3),

@@ -280,3 +280,18 @@ def test_bfloat16_tiles_varlen_rope_matches_the_float_tiles(monkeypatch, interle
     assert not torch.equal(tiles[0], plain[0])
     for name, got, want in zip(("out", "dq", "dk", "dv"), tiles, plain):
         assert_close(got, want, TOL[torch.bfloat16] * (1 if name == "out" else GRAD_TOL_FACTOR), name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("empty", ["queries", "keys"])
+def test_empty_strided_queries_or_keys_with_fused_rope(dtype, empty):
+    """An empty q or k from a (B, N, H, D) projection: the bf16 tiles rotate it into a copy,
+    and two empty tensors (one null pointer) were taken for an in-place call with other strides."""
+    cos, sin = _tables(16, 8)
+    sizes = {"queries": (0, 5), "keys": (5, 0)}[empty]
+    q, k = (torch.randn(1, n, 2, 8, dtype=dtype).transpose(1, 2) for n in sizes)
+    with forced(OP, "cpp", "cpu", dtype):
+        out = flash_attention(q, k, k, rotary_cos=cos, rotary_sin=sin, causal_alignment="top_left")
+    assert out.shape == (1, 2, sizes[0], 8)
+    if sizes[0]:  # no keys: zeros, as every backend gives rows that see no key
+        assert torch.equal(out, torch.zeros_like(out))
