@@ -345,3 +345,36 @@ def test_head_dim_beyond_the_kernel_runs_the_explicit_path():
     ours = MultiheadAttention.from_torch(theirs)
     x = torch.randn(3, 2, 260, requires_grad=True)
     check_same(theirs, ours, x, x, x, need_weights=False)
+
+
+def test_dynamic_ntk_rotary_weights_use_the_kernels_table_for_cross_attention():
+    """Dynamic NTK scales its table by the sequence length: the returned weights rotated q by
+    the query length's table and k by the key length's, the kernel both by the longer one."""
+    torch.manual_seed(0)
+    rotary = attnkit.nn.RotaryEmbedding(8, scaling="dynamic_ntk", scaling_factor=4.0, max_position_embeddings=4)
+    m = MultiheadAttention(16, 2, rotary=rotary, batch_first=True, dtype=torch.float64)
+    q, kv = torch.randn(1, 3, 16, dtype=torch.float64), torch.randn(1, 11, 16, dtype=torch.float64)
+    out, weights = m(q, kv, kv, average_attn_weights=False)
+    v = F.linear(kv, m.in_proj_weight[32:], m.in_proj_bias[32:]).view(1, 11, 2, 8).transpose(1, 2)
+    recombined = m.out_proj((weights @ v).transpose(1, 2).reshape(1, 3, 16))
+    torch.testing.assert_close(recombined, out)
+
+
+@pytest.mark.parametrize("extra", ["alibi", "rotary"])
+def test_computed_buffers_survive_meta_construction(extra):
+    """to_empty leaves non-persistent buffers uninitialized and no state_dict refills them."""
+    torch.manual_seed(0)
+    reference = MultiheadAttention(16, 4, batch_first=True, **{extra: True})
+    with torch.device("meta"):
+        m = MultiheadAttention(16, 4, batch_first=True, **{extra: True})
+    m.to_empty(device="cpu")
+    m.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(m(x, x, x)[0], reference(x, x, x)[0])
+
+
+def test_from_torch_refuses_a_parametrized_module():
+    module = torch.nn.MultiheadAttention(8, 2)
+    torch.nn.utils.parametrizations.weight_norm(module, "in_proj_weight")
+    with pytest.raises(TypeError, match="from_torch: the module has parametrizations"):
+        MultiheadAttention.from_torch(module)

@@ -238,3 +238,40 @@ def test_from_torch_shares_parameters():
     assert ours.encoder.layers[0].linear1.weight is theirs.encoder.layers[0].linear1.weight
     src, tgt = seq(N + 1), seq(N)
     assert_same(theirs, ours, [src, tgt], {})
+
+
+@pytest.mark.parametrize("where", ["layer", "self_attn", "global"])
+def test_encoder_with_hooks_runs_them_on_padded_batches(where):
+    """The packed path (bool padding) called the layers without Module.__call__: their hooks never
+    ran, so a hook that edits the attention output changed torch's result and not attnkit's."""
+    torch.manual_seed(0)
+    theirs = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2,
+                                         enable_nested_tensor=False)
+    ours = ak.TransformerEncoder.from_torch(theirs)
+    x = torch.randn(2, 5, 8)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    calls = []
+
+    def halve(module, args, output):
+        calls.append(type(module).__name__)
+        return (output[0] * 0.5, *output[1:]) if isinstance(output, tuple) else output * 0.5
+
+    outputs = []
+    for model in (theirs, ours):
+        calls.clear()
+        handles = []
+        if where == "global":
+            handles.append(torch.nn.modules.module.register_module_forward_hook(
+                lambda m, a, o: halve(m, a, o) if isinstance(m, torch.nn.MultiheadAttention) else None))
+        else:
+            for layer in model.layers:
+                handles.append((layer if where == "layer" else layer.self_attn).register_forward_hook(halve))
+        try:
+            outputs.append((model(x, src_key_padding_mask=pad), len(calls)))
+        finally:
+            for handle in handles:
+                handle.remove()
+    (expected, expected_calls), (out, out_calls) = outputs
+    assert out_calls == expected_calls == 2
+    keep = ~pad
+    torch.testing.assert_close(out[keep], expected[keep])

@@ -17,6 +17,10 @@ def shared(cls, module: torch.nn.Module) -> torch.nn.Module:
     the same Parameters, submodules and hooks, but a hook, parameter or parametrization
     added to one (weight_norm deletes a Parameter and adds two and a pre-hook) stays
     off the other."""
+    if torch.nn.utils.parametrize.is_parametrized(module):  # its weights are properties of a dynamic class
+        raise TypeError(f"{cls.__name__}.from_torch: the module has parametrizations "
+                        f"({', '.join(module.parametrizations)}); convert it first, then register them on the "
+                        f"attnkit module")
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
     for key in MODULE_CONTAINERS:

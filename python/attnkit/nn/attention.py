@@ -39,8 +39,9 @@ from torch.nn import Parameter
 
 from ..backends.attention import MAX_HEAD_DIM
 from ..ops.attention import flash_attention, flash_attention_varlen
+from ..ops.rotary import apply_rotary
 from ._share import shared
-from .positional import RotaryEmbedding, alibi_slopes
+from .positional import RotaryEmbedding, alibi_slopes, refilled
 
 
 def _mask_dtype_check(mask: Optional[Tensor], name: str) -> None:
@@ -149,6 +150,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return q, F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
         return (F.linear(query, self.q_proj_weight, b_q), F.linear(key, self.k_proj_weight, b_k),
                 F.linear(value, self.v_proj_weight, b_v))
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        if self.alibi_slopes is not None:  # computed, not loaded: refilled after to_empty (positional.refilled)
+            self.alibi_slopes = refilled(self.alibi_slopes, alibi_slopes(self.num_heads))
+        return module
 
     def _rotary_tables(self, length: int, device):
         if self.rotary is None:
@@ -285,8 +292,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def _weights(self, q: Tensor, k: Tensor, mask: Optional[Tensor], pad: Optional[Tensor], causal: bool) -> Tensor:
         """softmax weights (B, H, L, S') with every mask and extra of the kernel call, as plain PyTorch."""
         heads, n_q, n_k = q.shape[1], q.shape[2], k.shape[2]
-        if self.rotary is not None:
-            q, k = self.rotary(q, None, layout="bhnd")[0], self.rotary(k, None, layout="bhnd")[0]
+        if self.rotary is not None:  # one table for both, as the kernel call's (dynamic NTK scales by its length)
+            cos, sin = self._rotary_tables(max(n_q, n_k), q.device)
+            q, k = (apply_rotary(t, cos, sin, interleaved=self.rotary.interleaved, layout="bhnd") for t in (q, k))
         if k.shape[1] != heads:
             k = k.repeat_interleave(heads // k.shape[1], dim=1)
         scores = (q * math.sqrt(1.0 / q.shape[-1])) @ k.transpose(-2, -1)

@@ -115,13 +115,24 @@ class RotaryEmbedding(nn.Module):
         inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
         return inv_freq, attention
 
+    def _apply(self, fn, recurse=True):
+        # Recomputed after every move or cast: to_empty (meta-device construction) leaves this
+        # non-persistent buffer uninitialized, and no state_dict refills it.
+        module = super()._apply(fn, recurse)
+        self.inv_freq = refilled(self.inv_freq, self._inv_freq_now())
+        self._tables.clear()
+        return module
+
+    def _inv_freq_now(self) -> Tensor:
+        if self.scaling == "dynamic_ntk" and self._dynamic_len > self.max_position_embeddings:
+            return self._dynamic_inv_freq(self._dynamic_len)
+        return self._initial_inv_freq()[0]
+
     def _inv_freq_fp32(self) -> Tensor:
         """inv_freq, recomputed when a module-wide .half()/.bfloat16() has rounded the buffer."""
         if self.inv_freq.dtype == torch.float32:
             return self.inv_freq
-        if self.scaling == "dynamic_ntk" and self._dynamic_len > self.max_position_embeddings:
-            return self._dynamic_inv_freq(self._dynamic_len)
-        return self._initial_inv_freq()[0]
+        return self._inv_freq_now()
 
     def _update_dynamic(self, seq_len: int) -> None:
         """HF's dynamic_frequency_update: grow past the longest length seen, reset to the
@@ -211,6 +222,12 @@ class RotaryEmbedding(nn.Module):
         return f"dim={self.dim}, base={self.base}, scaling={self.scaling}, factor={self.factor}"
 
 
+def refilled(buffer: Optional[Tensor], values: Tensor) -> Optional[Tensor]:
+    """`values` where `buffer` is (device, dtype): a computed buffer after Module._apply, which
+    to_empty leaves uninitialized (None stays None)."""
+    return None if buffer is None else values.to(device=buffer.device, dtype=buffer.dtype)
+
+
 def alibi_slopes(n_heads: int, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
     """ALiBi's head slopes (Press et al.): 2^(-8 i / n) for i = 1..n when n is a power of two;
     otherwise those of the nearest lower power of two p, then every other slope of 2p
@@ -239,6 +256,11 @@ class ALiBi(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.register_buffer("slopes", alibi_slopes(n_heads, device=device), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        self.slopes = refilled(self.slopes, alibi_slopes(self.n_heads))  # as RotaryEmbedding's inv_freq
+        return module
 
     def forward(self, batch_size: Optional[int] = None) -> Tensor:
         """The slopes, (H,) or expanded to (batch_size, H)."""

@@ -346,10 +346,6 @@ class GRUCell(torch.nn.GRUCell):
 
 def _adopt(cls, module):
     """A `cls` instance sharing `module`'s Parameter objects (nn._share), its flat weights rebuilt."""
-    if torch.nn.utils.parametrize.is_parametrized(module):  # its weights are properties of a dynamic class
-        raise TypeError(f"{cls.__name__}.from_torch: the module has parametrizations "
-                        f"({', '.join(module.parametrizations)}); convert it first, then register them on the "
-                        f"attnkit module")
     new = shared(cls, module)
     new._init_flat_weights()
     return new

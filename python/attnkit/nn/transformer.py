@@ -111,6 +111,19 @@ def _adopt_layers(layers, torch_cls, cls) -> torch.nn.ModuleList:
     return torch.nn.ModuleList(cls.from_torch(layer) if type(layer) is torch_cls else layer for layer in layers)
 
 
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether `module` has forward or backward hooks of its own (Module.__call__ runs them)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Whether hooks registered for every module (torch.nn.modules.module.register_module_*) exist."""
+    m = torch.nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
+
+
 class TransformerEncoder(torch.nn.TransformerEncoder):
     """torch.nn.TransformerEncoder; torch.nn layers passed in are cloned as attnkit layers."""
 
@@ -150,11 +163,13 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
             return False
         if torch.compiler.is_compiling():  # the packed length depends on the mask's values
             return False
+        if _global_hooks():
+            return False
         for layer in self.layers:
             attn = getattr(layer, "self_attn", None)
             if type(layer) is not TransformerEncoderLayer or type(attn) is not MultiheadAttention or \
-                    attn.bias_k is not None or attn.add_zero_attn:
-                return False
+                    attn.bias_k is not None or attn.add_zero_attn or _hooked(layer) or _hooked(attn):
+                return False  # the packed path calls neither through Module.__call__: their hooks would not run
         return bool(pad.any())
 
     def _packed(self, src: Tensor, pad: Tensor, causal: bool, batch_first: bool) -> Tensor:
