@@ -50,7 +50,7 @@ def _import_from(directory: str, full_name: str) -> ModuleType:
 
 def _import(name: str) -> Tuple[Optional[ModuleType], str]:
     full_name = f"attnkit.{name}"
-    if os.environ.get("ATTNKIT_NO_EXTENSIONS", "") not in ("", "0"):
+    if os.environ.get("ATTNKIT_NO_EXTENSIONS", "").lower() not in ("", "0", "false", "no", "off"):  # as setup.py
         return None, f"{full_name} not loaded: ATTNKIT_NO_EXTENSIONS is set"
     directory = os.environ.get("ATTNKIT_EXTENSION_DIR")
     if directory and name == "_C":  # only the CPU extension has a sanitized build

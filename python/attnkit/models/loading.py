@@ -48,7 +48,7 @@ def _read_weights(path: str) -> Dict[str, Tensor]:
 
 def _load_file(file: str) -> Dict[str, Tensor]:
     if file.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        load_file = _safetensors().load_file
 
         return load_file(file)
     return torch.load(file, map_location="cpu", weights_only=True)
@@ -99,7 +99,7 @@ def unconvert(state: Dict[str, Tensor], mapping: Dict[str, List[str]], transpose
 
 
 def write_checkpoint(path: str, config: dict, hf_state: Dict[str, Tensor]) -> None:
-    from safetensors.torch import save_file
+    save_file = _safetensors().save_file
 
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -113,7 +113,7 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs):
-        """The model saved in a local directory; kwargs go to the constructor (add_pooling_layer)."""
+        """The model saved in a local directory; kwargs go to the constructor (BertModel: add_pooling_layer)."""
         config, state = read_checkpoint(path)
         return cls._from_state(config, state, f"{cls.__name__}.from_pretrained({path!r})", kwargs)
 
@@ -172,3 +172,13 @@ def _adjust_prefix(state: Dict[str, Tensor], mapping: Dict[str, List[str]], pref
     if not wants_prefix and has_prefix:
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     return state
+
+
+def _safetensors():
+    """safetensors.torch, or an error saying which install brings it (the [hf] extra)."""
+    try:
+        import safetensors.torch
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError("attnkit.models: .safetensors checkpoints need the safetensors package: "
+                                  "pip install 'attnkit[hf]' (or pip install safetensors)") from error
+    return safetensors.torch

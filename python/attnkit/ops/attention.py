@@ -234,7 +234,7 @@ def flash_attention_varlen(
         The rest as flash_attention; causal is bottom-right aligned per sequence.
 
     Returns:
-        out (total_q, H, Dv); with return_lse also lse (H, total_q) fp32.
+        out (total_q, H, Dv); with return_lse also lse (H, total_q) fp32 (fp64 for fp64 inputs).
     """
     check.varlen(OP_VARLEN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     softcap, scale, dropout_p = check.scalars(OP_VARLEN, softcap, scale, dropout_p, q.shape[-1])
