@@ -190,3 +190,53 @@ def test_getenv_reads_what_os_environ_holds(monkeypatch):
         assert _dispatch.getenv(name) == os.environ.get(name) == value
     os.environ.pop(name)
     assert _dispatch.getenv(name) is None
+
+
+
+def _backward_backend(op, run, inputs, backward_block=None):
+    """The backend of `op`'s backward when the forward ran under use_backend('reference') and
+    loss.backward() outside it, as in a training loop (or the forward ran automatic and the
+    backward under `backward_block`)."""
+    if backward_block is None:
+        with attnkit.use_backend("reference", op=op):
+            out = run(*inputs)
+        assert attnkit.last_dispatch(op).backend == "reference"
+        out.sum().backward()
+    else:
+        out = run(*inputs)
+        assert attnkit.last_dispatch(op).backend == "cpp"
+        with attnkit.use_backend(backward_block, op=op):
+            out.sum().backward()
+    return attnkit.last_dispatch(op).backend
+
+
+def _op_call(op):
+    torch.manual_seed(0)
+    if op == "flash_attention":
+        q = torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+        return op, lambda q: attnkit.ops.flash_attention(q, q, q, causal=True), [q]
+    if op in ("lstm", "gru"):
+        module = getattr(attnkit.nn, op.upper())(4, 3).double()
+        return op, lambda x: module(x)[0], [torch.randn(5, 2, 4, dtype=torch.float64, requires_grad=True)]
+    if op.startswith("rotary"):
+        cos, sin = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+        inplace = op == "rotary_inplace"
+        x = torch.randn(1, 5, 2, 4, dtype=torch.float64, requires_grad=True)
+        return "rotary", lambda x: attnkit.ops.apply_rotary(x * 1, cos, sin, inplace=inplace), [x]
+    layer = attnkit.nn.BahdanauAttention(4, 4, 6).double()
+    query = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    return op, lambda q, k: layer(q, k)[0], [query, keys]
+
+
+_FORCED_OPS = ["flash_attention", "lstm", "gru", "rotary", "rotary_inplace", "additive_attention"]
+
+
+@pytest.mark.parametrize("op", _FORCED_OPS)
+def test_backward_runs_on_the_backend_forced_around_its_forward(op):
+    assert _backward_backend(*_op_call(op)) == "reference"
+
+
+@pytest.mark.parametrize("op", _FORCED_OPS)
+def test_backward_block_holds_where_the_forward_had_none(op):
+    assert _backward_backend(*_op_call(op), backward_block="reference") == "reference"

@@ -200,6 +200,43 @@ def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
         _forced_by_context.reset(token)
 
 
+def context_forcing() -> Mapping[str, str]:
+    """The backends that `use_backend` blocks force here and now (op -> backend)."""
+    return _forced_by_context.get()
+
+
+def remember_forcing(setup_context: Callable) -> Callable:
+    """Wrap an autograd formula's setup_context to keep the `use_backend` blocks around the forward,
+    so that the backward (see `forced_as_forward`) runs where the forward did."""
+
+    @functools.wraps(setup_context)
+    def wrapper(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.attnkit_forcing = context_forcing()
+
+    return wrapper
+
+
+def forced_as_forward(backward: Callable) -> Callable:
+    """Wrap an autograd formula's backward to run under the `use_backend` blocks that were around its
+    forward: `.backward()` usually runs outside the block (a training loop's loss.backward()), and a
+    forward forced to the reference would otherwise get its backward from the default backend. Where
+    the forward had no block, the backward's own blocks hold."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        forcing = getattr(ctx, "attnkit_forcing", None)
+        if not forcing:
+            return backward(ctx, *grads)
+        token = _forced_by_context.set(forcing)
+        try:
+            return backward(ctx, *grads)
+        finally:
+            _forced_by_context.reset(token)
+
+    return wrapper
+
+
 def _forced_by_env() -> Dict[str, str]:
     return _parse_forced(getenv("ATTNKIT_BACKEND") or "")
 

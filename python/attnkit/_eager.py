@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from ._dispatch import forced_as_forward, remember_forcing
 from ._validate import PLAIN_TENSORS
 
 
@@ -99,7 +100,9 @@ def autograd_function(
     """A torch.autograd.Function running `kernels` with a custom op's autograd
     formula (`setup_context(ctx, inputs, output)`, `backward(ctx, *grads)`).
     `once`: the formula calls kernels without an autograd formula of their own
-    (no double backward, as through the custom op); else it is differentiable."""
+    (no double backward, as through the custom op); else it is differentiable.
+    The backward runs under the forward's backend forcing, as `register_autograd`'s."""
+    setup_context, backward = remember_forcing(setup_context), forced_as_forward(backward)
 
     def forward(ctx, *args):  # not forward + setup_context: apply() would then bind the arguments with inspect
         output = kernels(*args)
@@ -111,6 +114,11 @@ def autograd_function(
     backward = _first_order_only(name, backward) if once else backward
     methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
     return type(name, (torch.autograd.Function,), methods)
+
+
+def register_autograd(custom_op: Any, backward: Callable, setup_context: Callable) -> None:
+    """custom_op.register_autograd, with the backward run under the forward's backend forcing."""
+    custom_op.register_autograd(forced_as_forward(backward), setup_context=remember_forcing(setup_context))
 
 
 def _first_order_only(name: str, backward: Callable) -> Callable:

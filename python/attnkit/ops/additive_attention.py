@@ -90,7 +90,7 @@ def _backward(ctx, grad_context, _grad_lse, grad_weights):
     return grads + (None, None)
 
 
-_forward.register_autograd(_backward, setup_context=_setup_context)
+_eager.register_autograd(_forward, _backward, _setup_context)
 _AdditiveFunction = _eager.autograd_function("_AdditiveFunction", _forward_kernels, _setup_context, _backward)
 
 

@@ -115,7 +115,7 @@ def _backward(ctx, grad_out, _grad_lse):
 _MASK_INPUT = 7  # attn_mask's place among the forward op's inputs
 
 
-_attention_forward.register_autograd(_backward, setup_context=_setup_context)
+_eager.register_autograd(_attention_forward, _backward, _setup_context)
 _AttentionFunction = _eager.autograd_function("_AttentionFunction", _attention_forward_kernels, _setup_context,
                                               _backward)
 

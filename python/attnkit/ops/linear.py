@@ -48,7 +48,7 @@ def _backward(ctx, grad):
     return dx, dw, db
 
 
-_linear.register_autograd(_backward, setup_context=_setup_context)
+_eager.register_autograd(_linear, _backward, _setup_context)
 # The formula is plain torch: differentiable again, as through the custom op.
 _LinearFunction = _eager.autograd_function("_LinearFunction", _linear_kernels, _setup_context, _backward, once=False)
 

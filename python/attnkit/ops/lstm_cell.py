@@ -79,7 +79,7 @@ def _backward(ctx, grad_h, grad_c, _grad_gates):
     return (dx, dh, dc, dw_ih, dw_hh, *_bias_grads(db, *ctx.needs_input_grad[5:7]))  # False for an absent bias
 
 
-_lstm_cell_forward.register_autograd(_backward, setup_context=_setup_context)
+_eager.register_autograd(_lstm_cell_forward, _backward, _setup_context)
 _LstmCellFunction = _eager.autograd_function("_LstmCellFunction", _lstm_cell_forward_kernels, _setup_context, _backward)
 
 

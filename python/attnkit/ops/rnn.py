@@ -139,7 +139,7 @@ def _lstm_autograd(ctx, grad_output, grad_hn, grad_cn, *_saved_grads):
     return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr if w_hr is not None else None, None, None
 
 
-_lstm_forward.register_autograd(_lstm_autograd, setup_context=_lstm_setup_context)
+_eager.register_autograd(_lstm_forward, _lstm_autograd, _lstm_setup_context)
 
 
 _LstmFunction = _eager.autograd_function("_LstmFunction", _lstm_forward_kernels, _lstm_setup_context, _lstm_autograd)
@@ -203,7 +203,7 @@ def _gru_autograd(ctx, grad_output, grad_hn, _grad_gates):
     return dx, dh0, dw_ih, dw_hh, db_ih if b_ih is not None else None, db_hh if b_hh is not None else None, None, None
 
 
-_gru_forward.register_autograd(_gru_autograd, setup_context=_gru_setup_context)
+_eager.register_autograd(_gru_forward, _gru_autograd, _gru_setup_context)
 
 
 _GruFunction = _eager.autograd_function("_GruFunction", _gru_forward_kernels, _gru_setup_context, _gru_autograd)

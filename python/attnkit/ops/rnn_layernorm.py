@@ -88,7 +88,7 @@ def _ln_lstm_autograd(ctx, grad_output, grad_hn, grad_cn, *_saved_grads):
                       dg_ih, db, dg_hh, db, dg_c, dbe_c, None, None, None))
 
 
-_ln_lstm_forward.register_autograd(_ln_lstm_autograd, setup_context=_ln_lstm_setup_context)
+_eager.register_autograd(_ln_lstm_forward, _ln_lstm_autograd, _ln_lstm_setup_context)
 
 
 # --------------------------------------------------------------------------- GRU custom ops
@@ -149,7 +149,7 @@ def _ln_gru_autograd(ctx, grad_output, grad_hn, *_saved_grads):
                       db_hh if b_hh is not None else None, dg_ih, db_ih, dg_hh, db_hh, None, None, None))
 
 
-_ln_gru_forward.register_autograd(_ln_gru_autograd, setup_context=_ln_gru_setup_context)
+_eager.register_autograd(_ln_gru_forward, _ln_gru_autograd, _ln_gru_setup_context)
 
 
 # --------------------------------------------------------------------------- validation

@@ -65,7 +65,7 @@ def _backward(ctx, grad):
     return (dx, d_cos, d_sin) + (None,) * 6
 
 
-_rotary.register_autograd(_backward, setup_context=_setup_context)
+_eager.register_autograd(_rotary, _backward, _setup_context)
 
 
 @torch.library.custom_op("attnkit::rotary_", mutates_args=("x",))
@@ -87,9 +87,11 @@ class _RotaryInplace(torch.autograd.Function):
         ctx.mark_dirty(x)
         ctx.save_for_backward(cos, sin, offsets, cu_seqlens)
         ctx.options = (offset, interleaved, max_seqlen)
+        ctx.attnkit_forcing = _dispatch.context_forcing()
         return x
 
     @staticmethod
+    @_dispatch.forced_as_forward
     def backward(ctx, grad):
         cos, sin, offsets, cu_seqlens = ctx.saved_tensors
         offset, interleaved, max_seqlen = ctx.options
