@@ -296,6 +296,8 @@ def _rotary_rows_inplace(
 ):
     """Undoes the RoPE rotation of dQ (QUERIES) or dK in place: the kernels
     compute gradients with respect to the rotated q and k."""
+    if WIDE_OFFSETS:
+        stride_xm = tl.cast(stride_xm, tl.int64)
     pid_m = tl.program_id(0)
     h = tl.program_id(1)  # heads on grid axis 1 and sequences on 2: each <= 65535 (B * H may not be)
     b = tl.program_id(2)
@@ -336,6 +338,9 @@ def _attn_bwd_delta(
     VARLEN: tl.constexpr, WIDE_OFFSETS: tl.constexpr,
 ):
     """delta_i = sum_d dO_id * O_id, the row term of the softmax backward."""
+    if WIDE_OFFSETS:
+        stride_om = tl.cast(stride_om, tl.int64)
+        stride_dom = tl.cast(stride_dom, tl.int64)
     pid_m = tl.program_id(0)
     h = tl.program_id(1)  # heads on grid axis 1 and sequences on 2: each <= 65535 (B * H may not be)
     b = tl.program_id(2)
@@ -432,8 +437,14 @@ def _attn_bwd_dkdv(
     and DO_DESC (dense inputs, no RoPE, as the forward's K and V)."""
     # float64 parameters: float64 inputs keep every bit of them (float32 cost them 3e-8)
     scale, softcap = tl.full([], scale, ACC_DTYPE), tl.full([], softcap, ACC_DTYPE)
-    if WIDE_OFFSETS:  # a mask's row offset too: Nq * Nk passes 2^31 at 46k
+    if WIDE_OFFSETS:  # row offsets too: a mask's Nq * Nk passes 2^31 at 46k, a (B, N, H, D) view's at N * H * D
         stride_mm = tl.cast(stride_mm, tl.int64)
+        stride_qm = tl.cast(stride_qm, tl.int64)
+        stride_kn = tl.cast(stride_kn, tl.int64)
+        stride_vn = tl.cast(stride_vn, tl.int64)
+        stride_dom = tl.cast(stride_dom, tl.int64)
+        stride_dkn = tl.cast(stride_dkn, tl.int64)
+        stride_dvn = tl.cast(stride_dvn, tl.int64)
     if USE_TMA:
         tl.static_assert(VARLEN == 0, "USE_TMA takes dense inputs")
         tl.static_assert(ROTARY_DIM == 0, "USE_TMA loads queries as stored, without RoPE")
@@ -579,8 +590,13 @@ def _attn_bwd_dq(
 ):
     # float64 parameters: float64 inputs keep every bit of them (float32 cost them 3e-8)
     scale, softcap = tl.full([], scale, ACC_DTYPE), tl.full([], softcap, ACC_DTYPE)
-    if WIDE_OFFSETS:  # a mask's row offset too: Nq * Nk passes 2^31 at 46k
+    if WIDE_OFFSETS:  # row offsets too: a mask's Nq * Nk passes 2^31 at 46k, a (B, N, H, D) view's at N * H * D
         stride_mm = tl.cast(stride_mm, tl.int64)
+        stride_qm = tl.cast(stride_qm, tl.int64)
+        stride_kn = tl.cast(stride_kn, tl.int64)
+        stride_vn = tl.cast(stride_vn, tl.int64)
+        stride_dom = tl.cast(stride_dom, tl.int64)
+        stride_dqm = tl.cast(stride_dqm, tl.int64)
     if USE_TMA:  # as in _attn_fwd
         tl.static_assert(VARLEN == 0, "USE_TMA takes dense inputs")
         tl.static_assert(ROTARY_DIM == 0, "USE_TMA loads keys as stored, without RoPE")

@@ -177,8 +177,12 @@ def _attn_fwd(
 ):
     # float64 parameters: float64 inputs keep every bit of them (float32 cost them 3e-8)
     scale, softcap = tl.full([], scale, ACC_DTYPE), tl.full([], softcap, ACC_DTYPE)
-    if WIDE_OFFSETS:  # a mask's row offset too: Nq * Nk passes 2^31 at 46k
+    if WIDE_OFFSETS:  # row offsets too: a mask's Nq * Nk passes 2^31 at 46k, a (B, N, H, D) view's at N * H * D
         stride_mm = tl.cast(stride_mm, tl.int64)
+        stride_qm = tl.cast(stride_qm, tl.int64)
+        stride_kn = tl.cast(stride_kn, tl.int64)
+        stride_vn = tl.cast(stride_vn, tl.int64)
+        stride_om = tl.cast(stride_om, tl.int64)
     if USE_TMA:  # descriptors index dense (B, H_kv, N, D) tensors and hold unrotated keys
         tl.static_assert(VARLEN == 0, "USE_TMA takes dense inputs")
         tl.static_assert(ROTARY_DIM == 0, "USE_TMA loads keys as stored, without RoPE")

@@ -225,7 +225,11 @@ def _described(descriptors, tensors, flags, blocks, queries=False):
 
 # Keyed on a power-of-two length bucket, not the exact lengths: varlen batches
 # change max_seqlen every step, and re-tuning each time would cost more than it saves.
-_TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "LENGTH_BUCKET", "MASK_KIND", "USE_WINDOW", "DROPOUT", "VARLEN"]
+# The feature flags that change a kernel's body (and so its registers) are part of the key: a
+# config tuned without soft-capping or a mask gradient is not the best one with them. The
+# autotuner skips names a kernel does not take (MASK_GRAD is dK/dV's).
+_TUNE_KEY = ["HEAD_DIM", "HEAD_DIM_V", "LENGTH_BUCKET", "MASK_KIND", "USE_WINDOW", "DROPOUT", "VARLEN", "SOFTCAP",
+             "ALIBI", "HAS_PADDING", "ROTARY_DIM", "MASK_GRAD", "WIDE_OFFSETS"]
 _tuned = {}
 
 

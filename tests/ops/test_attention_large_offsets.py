@@ -70,3 +70,25 @@ def test_mask_rows_and_packed_rows_past_2_to_the_31_elements(backend, device):
         out = flash_attention(q, k, v, attn_mask=mask)
         expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.contiguous())
         torch.testing.assert_close(out.float(), expected, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_rows_of_one_head_past_2_to_the_31_elements(backend, device):
+    """Within one head: row i of a (B, N, H, D) view sits at i * H * D, past 2^31 from 512k tokens
+    at H * D = 4096. Rows 2^27 elements apart put row 16 there; forward and backward read them."""
+    with forced(OP, backend, device, torch.float16) as dev:
+        gen = torch.Generator().manual_seed(2)
+        shape, strides = (1, 2, 20, 16), (20 * 2**27, 16, 2**27, 1)
+        q, k, v = (torch.empty(20 * 2**27, dtype=torch.float16, device=dev).as_strided(shape, strides)
+                   for _ in range(3))
+        for t in (q, k, v):
+            t.copy_(torch.randn(shape, generator=gen))
+            t.requires_grad_()
+        grad = torch.randn(shape, generator=gen).to(dev, torch.float16)
+        out = flash_attention(q, k, v, causal=True)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+        leaves = [t.detach().float().contiguous().requires_grad_() for t in (q, k, v)]
+        ref = F.scaled_dot_product_attention(*leaves, is_causal=True)
+        ref_grads = torch.autograd.grad(ref, leaves, grad.float())
+        for got, want in zip((out, *grads), (ref, *ref_grads)):
+            torch.testing.assert_close(got.float(), want, atol=4e-3, rtol=4e-3)

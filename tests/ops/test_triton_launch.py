@@ -2,6 +2,7 @@
 the tensors' GPU current first (a model on cuda:1 under device_map="auto" ran its attention on
 cuda:0). Checked without a GPU on fake cuda:1 tensors, the device switch recorded."""
 import contextlib
+import inspect
 
 import pytest
 import torch
@@ -64,3 +65,20 @@ def test_grids_keep_axes_1_and_2_within_cudas_limit():
                                            "_rotary_kernel"}
     for name, grid in grids:
         assert all(axis <= 65535 for axis in grid[1:]), (name, grid)
+
+
+# Constexprs that the autotuner's choice covers or that follow from what its key holds.
+_NOT_TUNING_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "USE_TMA", "LOOK_AHEAD", "ACC_DTYPE", "DOT_PRECISION",
+                    "UPCAST", "BOTTOM_RIGHT", "RAW_SCORES", "INTERLEAVED"}
+
+
+@pytest.mark.parametrize("kernel", ["_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"])
+def test_the_autotuning_key_holds_every_feature_flag(kernel):
+    """A config tuned for one feature combination was reused for another (soft-capping, ALiBi, a
+    padding mask, a mask gradient): the flags that change the kernel's body are in the key."""
+    fn = getattr(flash_attention_launch, kernel)
+    fn = getattr(fn, "fn", fn)
+    flags = {name for name, p in inspect.signature(fn).parameters.items()
+             if "constexpr" in str(p.annotation)}
+    assert flags - _NOT_TUNING_KEYS <= set(flash_attention_launch._TUNE_KEY)
+    assert "SOFTCAP" in flags  # the signature was read
