@@ -163,6 +163,15 @@ def test_bad_arguments(cell):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_zoneout_takes_any_real_number(cell):
+    """torch.nn.LSTM takes dropout=np.float32(0.1); zoneout did not."""
+    import numpy as np
+
+    cls = getattr(attnkit.nn, "LayerNorm" + cell.upper())
+    assert cls(5, 7, zoneout=np.float32(0.25)).zoneout == 0.25
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_every_parameter_gets_its_own_gradient_tensor(cell):
     """The kernels' bias gradient serves b_ih, b_hh and the LayerNorm shifts alike; each must
     get a tensor of its own (one tensor returned four times let a hook scaling one gradient in

@@ -72,6 +72,25 @@ def weighted_loss(tensors):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_half_precision_statistics_do_not_overflow(cell):
+    """float16 runs the reference: its LN variance overflowed float16 once the projection's
+    spread passed ~256 (inputs ~1e3, raw audio or sensor values), zeroing the normalized row."""
+    torch.manual_seed(0)
+    module = getattr(attnkit.nn, "LayerNorm" + cell.upper())(8, 6).eval()
+    x = torch.randn(5, 2, 8) * 1000
+    expected = module(x)[0]
+    got = module.half()(x.half())[0]
+    torch.testing.assert_close(got.float(), expected, atol=5e-3, rtol=0)
+
+
+def test_a_constant_row_normalizes_to_zero():
+    """mean() rounded a constant float32 row off by an ulp; times 1 / sqrt(eps) that was 0.4."""
+    row = torch.full((1, 28), 12304.48046875)
+    xhat, _ = ref._normalized(row)
+    assert xhat.abs().max().item() == 0
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("backend,device", backend_params("layer_norm_lstm"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

@@ -18,6 +18,7 @@ h_t = m * h_{t-1} + (1 - m) * h_new; in eval h_t = p * h_{t-1} + (1 - p) * h_new
 """
 from __future__ import annotations
 
+import numbers
 from typing import List
 
 import torch
@@ -28,7 +29,7 @@ from .rnn import GRU, LSTM
 
 
 def _check_zoneout(name: str, zoneout) -> float:
-    if isinstance(zoneout, bool) or not isinstance(zoneout, (int, float)) or not 0 <= zoneout <= 1:
+    if isinstance(zoneout, bool) or not isinstance(zoneout, numbers.Real) or not 0 <= zoneout <= 1:
         raise ValueError(f"{name}: zoneout must be a number in [0, 1], got {zoneout!r}")
     return float(zoneout)
 

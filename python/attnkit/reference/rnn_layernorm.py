@@ -31,10 +31,14 @@ LayerNormParams = Tuple[Tensor, Tensor]  # (gamma, beta)
 
 
 def _normalized(v: Tensor) -> Tuple[Tensor, Tensor]:
-    """(v - mean) / sqrt(var + eps) over the last dim, and 1 / sqrt(var + eps)."""
-    mean = v.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(v.var(-1, unbiased=False, keepdim=True) + EPS)
-    return (v - mean) * rstd, rstd.squeeze(-1)
+    """(v - mean) / sqrt(var + eps) over the last dim, and 1 / sqrt(var + eps). The statistics in
+    float32 at least (a float16 variance overflowed from a spread of ~256, zeroing the row), by
+    Welford (var_mean: a constant row normalizes to exactly 0, where mean() rounded off by one
+    ulp, times 1 / sqrt(eps))."""
+    wide = v.float() if v.dtype in (torch.float16, torch.bfloat16) else v
+    var, mean = torch.var_mean(wide, -1, correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + EPS)
+    return ((wide - mean) * rstd).to(v.dtype), rstd.squeeze(-1).to(v.dtype)
 
 
 def _step_state(run, zone, new, prev):
