@@ -448,3 +448,41 @@ def test_from_torch_refuses_a_parametrized_module():
 def test_lstm_hx_must_hold_two_states():
     with pytest.raises(RuntimeError, match=r"hx must be a tuple \(h_0, c_0\) of two tensors, got 3"):
         attnkit.nn.LSTM(5, 6, num_layers=2)(torch.randn(3, 2, 5), (torch.zeros(2, 2, 6),) * 3)
+
+
+@pytest.mark.parametrize("num_layers,batch_first", [(1, False), (2, True)])
+def test_gru_output_may_be_edited_in_place_before_backward(num_layers, batch_first):
+    """torch.nn.GRU trains through `out += skip` or out.masked_fill_(...); the fused op saved
+    the output it returned, so backward raised that a saved tensor was modified."""
+    torch.manual_seed(0)
+    ours = attnkit.nn.GRU(3, 4, num_layers=num_layers, batch_first=batch_first)
+    theirs = torch.nn.GRU(3, 4, num_layers=num_layers, batch_first=batch_first)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 3)
+    grads = []
+    for module in (theirs, ours):
+        leaf = x.clone().requires_grad_()
+        out, h = module(leaf)
+        out += 1
+        out.masked_fill_(out > 1.2, 0)
+        (out.square().sum() + h.sum()).backward()
+        grads.append((out.detach(), leaf.grad, module.weight_hh_l0.grad))
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_lstm_cell_state_may_be_clipped_in_place():
+    """c.clamp_() after torch.nn.LSTMCell trains; the fused op saved the c it returned."""
+    torch.manual_seed(0)
+    ours, theirs = attnkit.nn.LSTMCell(3, 4), torch.nn.LSTMCell(3, 4)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3)
+    grads = []
+    for module in (theirs, ours):
+        leaf = x.clone().requires_grad_()
+        h, c = module(leaf)
+        c.clamp_(-0.05, 0.05)
+        (h.sum() + c.square().sum()).backward()
+        grads.append((leaf.grad, module.weight_ih.grad))
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want)

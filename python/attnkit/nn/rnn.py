@@ -75,6 +75,15 @@ def _stack(module, run_layer, input: Tensor, batch_sizes: Optional[Tensor], stat
     return output, [kept[0].unsqueeze(0) if len(kept) == 1 else torch.stack(kept) for kept in finals]
 
 
+def _editable(output: Tensor) -> Tensor:
+    """A GRU layer's output as the caller may edit it in place (F.relu(out, inplace=True),
+    out += skip), as torch.nn.GRU allows: the fused op saved `output` itself for its backward,
+    so the caller gets a copy when autograd recorded the call. (torch.nn.LSTM's output is
+    saved by torch itself, which raises there too: the LSTM returns its own.) Under
+    torch.jit.trace always, as the ops' `save`: a traced graph must not depend on grad mode."""
+    return output.clone() if output.requires_grad or torch.jit.is_tracing() else output
+
+
 def _dropout(x: Tensor, p: float, batch_sizes: Optional[Tensor], lengths: Optional[Tensor]) -> Tensor:
     """Dropout between layers drawn as torch.nn's RNNs draw it: over the packed rows for a
     PackedSequence (so the same seed gives the same mask and leaves the generator where torch does)."""
@@ -274,6 +283,7 @@ class GRU(torch.nn.GRU):
         if _one_layer_call(self, input, (hx,)):
             x = input.transpose(0, 1) if self.batch_first else input
             out, (h,) = self._run_layer(x.contiguous(), _one_layer_states(self, input, hx, 1), self.all_weights[0], None)
+            out = _editable(out)
             return (out.transpose(0, 1) if self.batch_first else out), h.unsqueeze(0)
         orig_input = input
         directions = 2 if self.bidirectional else 1
@@ -307,6 +317,8 @@ class GRU(torch.nn.GRU):
         self.check_forward_args(input, hx, batch_sizes)
 
         output, (hidden,) = _stack(self, self._run_layer, input, batch_sizes, [hx])
+        if directions == 1 and batch_sizes is None:  # the last layer's output itself (or its transpose)
+            output = _editable(output)
         if isinstance(orig_input, PackedSequence):
             return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), self.permute_hidden(
                 hidden, unsorted_indices

@@ -137,7 +137,9 @@ def lstm_cell(
     training = _eager.needs_grad(args)
     h_new, c_new, _ = _eager.forward(_LstmCellFunction, _lstm_cell_forward_kernels, _lstm_cell_forward, *args,
                                      training=training)
-    return h_new, c_new
+    # The backward saved c_new: the caller gets a copy to edit in place (cell-state clipping,
+    # c.clamp_()), as torch.nn.LSTMCell allows. (B, H): a copy costs next to nothing.
+    return h_new, (c_new.clone() if c_new.requires_grad or torch.jit.is_tracing() else c_new)
 
 
 def _describe_call(input, hx=None, w_ih=None, w_hh=None, b_ih=None, b_hh=None):

@@ -343,7 +343,8 @@ def gru(
         lengths: as for `lstm`.
 
     Returns:
-        (output (T, B, hidden_size), h_n (B, hidden_size)).
+        (output (T, B, hidden_size), h_n (B, hidden_size)). The backward saves `output` itself:
+        edit it in place only after backward (attnkit.nn.GRU hands out a copy to edit).
     """
     x, h0, _, w_ih, w_hh, b_ih, b_hh, _, lengths = _validated(GRU_OP, 3, input, hx, w_ih, w_hh, b_ih, b_hh, None, lengths)
     save = _eager.needs_grad((x, h0, w_ih, w_hh, b_ih, b_hh))
