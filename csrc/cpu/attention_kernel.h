@@ -208,11 +208,12 @@ void online_softmax_tile(const Spec& sp, int64_t b, int64_t h, int64_t m0, int64
     const acc_t m_use = m_new == neg_inf ? acc_t(0) : m_new;  // nothing visible yet
     acc_t sum;
     if constexpr (std::is_same_v<acc_t, float>) {
+      const bool to_bf16 = low != nullptr && !sp.dropout;  // exp and its bf16 copy in one pass
       // The fused pass computes x * factor - shift as one FMA (the product exact, the max
       // rounded): ~ulp(|max|) apart, harmless below 2^16, overflowing exp at |scores| ~ 1e9.
-      if (low != nullptr && !sp.dropout && (factor == 1.0f || std::abs(m_use) <= 65536.0f)) {
+      if (to_bf16 && (factor == 1.0f || std::abs(m_use) <= 65536.0f)) {
         sum = attn_rows::exp_sum_to_bf16(row, cols, factor, m_use, low + r * ld);
-      } else if (low != nullptr && !sp.dropout) {
+      } else if (to_bf16) {
         attn_rows::scale(row, cols, factor);
         sum = attn_rows::exp_sum_to_bf16(row, cols, 1.0f, m_use, low + r * ld);
       } else {

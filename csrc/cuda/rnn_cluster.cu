@@ -70,18 +70,8 @@ Plan make_plan(int64_t B, int64_t H) {
     const Split split = split_for(G, H, C);
     const size_t smem = split.smem;
     if (!split_fits(split, B, C, prop->sharedMemPerBlockOptin, forced != 0)) continue;
-    // The device's limit, not this call's size: host threads planning other sizes set the same value (no race
-    // between one thread's setting and another's launch); occupancy and launches take each call's own size.
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(prop->sharedMemPerBlockOptin)));
-    if (C > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    cudaLaunchAttribute attribute;
-    const cudaLaunchConfig_t config = cluster_config(C, C, smem, nullptr, attribute);
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess || clusters < 1) {
-      (void)cudaGetLastError();  // a refused size is an answer, not an error to keep
-      continue;
-    }
+    const int clusters = clusters_at_once(kernel, C, smem, *prop);
+    if (clusters == 0) continue;
     plan.cluster = C;
     plan.units = split.units;
     plan.row_tiles = split.row_tiles;

@@ -42,18 +42,9 @@ Plan back_plan(int64_t B, int64_t H, at::ScalarType dtype, at::Device device) {
     plan.reason = "the backward's shared memory (" + std::to_string(plan.smem) + " bytes) does not fit";
     return plan;
   }
-  // The device's limit, not this call's size: host threads planning other sizes set the same value (no race
-  // between one thread's setting and another's launch); occupancy and launches take each call's own size.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(prop->sharedMemPerBlockOptin)));
-  if (plan.cluster > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   // The forward's cluster size was asked of the device with the forward's shared memory: ask again
   // with the backward's, so a cluster that cannot run falls back instead of failing its launch.
-  cudaLaunchAttribute attribute;
-  const cudaLaunchConfig_t config = cluster_config(plan.cluster, plan.cluster, plan.smem, nullptr, attribute);
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess || clusters < 1) {
-    (void)cudaGetLastError();  // a refused size is an answer, not an error to keep
+  if (clusters_at_once(kernel, plan.cluster, plan.smem, *prop) == 0) {
     plan.reason = "the backward's clusters (" + std::to_string(plan.cluster) + " blocks, " + std::to_string(plan.smem) +
                   " bytes of shared memory each) do not run on this device";
     return plan;

@@ -6,6 +6,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#ifndef ATTNKIT_CUDA_EMULATION
+#include <c10/cuda/CUDAException.h>
+#endif
 
 #include <cstdint>
 #include <type_traits>
@@ -149,6 +152,25 @@ inline cudaLaunchConfig_t cluster_config(int cluster, int64_t blocks, size_t sme
   config.attrs = &attribute;
   config.numAttrs = 1;
   return config;
+}
+
+// How many clusters of `cluster` blocks with `smem` bytes of shared memory each the device runs at
+// once (0: none), after setting the attributes such a launch needs. The dynamic shared memory
+// attribute takes the device's limit, not this call's size: host threads planning other sizes set
+// the same value (no race between one thread's setting and another's launch).
+template <typename Kernel>
+inline int clusters_at_once(Kernel kernel, int cluster, size_t smem, const cudaDeviceProp& prop) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(prop.sharedMemPerBlockOptin)));
+  if (cluster > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = cluster_config(cluster, cluster, smem, nullptr, attribute);
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess || clusters < 1) {
+    (void)cudaGetLastError();  // a refused size is an answer, not an error to keep
+    return 0;
+  }
+  return clusters;
 }
 #endif
 
