@@ -93,3 +93,39 @@ def test_autocast_computes_in_its_dtype_as_sdpa(mask):
     torch.testing.assert_close(out.float(), expected.float(), atol=4e-2, rtol=4e-2)
     grads = torch.autograd.grad(out.float().sum(), (q, k, v))
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("shapes", [((2, 3, 5, 0), (2, 3, 7, 0), (2, 3, 7, 4)), ((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 0)),
+                                    ((2, 0, 5, 8), (2, 0, 7, 8), (2, 0, 7, 8))], ids=["E=0", "Ev=0", "H=0"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_empty_head_dims_and_heads_as_sdpa(shapes, causal):
+    """SDPA takes zero heads and empty head dims (E = 0: every score 0, rows of v averaged);
+    the drop-in raised a ValueError for them."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = [_randn(shape, gen) for shape in shapes]
+    got = attnkit.scaled_dot_product_attention(*inputs, is_causal=causal)
+    want = F.scaled_dot_product_attention(*inputs, is_causal=causal)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got.sum(), inputs), torch.autograd.grad(want.sum(), inputs)):
+        torch.testing.assert_close(g, w)
+
+
+_REAL_SCALARS = {
+    "scale-np.float32": ("scale", lambda np: np.float32(0.3)),
+    "scale-np.int64": ("scale", lambda np: np.int64(1)),
+    "scale-tensor": ("scale", lambda np: torch.tensor(0.3)),
+    "dropout_p-np.float32(0)": ("dropout_p", lambda np: np.float32(0)),
+    "dropout_p-np.float32(1)": ("dropout_p", lambda np: np.float32(1)),
+}
+
+
+@pytest.mark.parametrize("case", list(_REAL_SCALARS))
+def test_scalars_of_any_real_type_as_sdpa(case):
+    """numpy scalars and one-element tensors: SDPA takes them, the drop-in raised TypeError."""
+    np = pytest.importorskip("numpy")
+    name, make = _REAL_SCALARS[case]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (_randn((1, 2, 5, 8), gen, requires_grad=False) for _ in range(3))
+    got = attnkit.scaled_dot_product_attention(q, k, v, **{name: make(np)})
+    want = F.scaled_dot_product_attention(q, k, v, **{name: make(np)})
+    torch.testing.assert_close(got, want)

@@ -10,6 +10,7 @@ versions gave NaN on some paths); head dims above 256 raise NotImplementedError.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -61,6 +62,17 @@ def _flat_batch(t: Tensor, batch: Sequence[int]) -> Tensor:
     return t.reshape(math.prod(batch), *t.shape[-3:]) if len(batch) != 1 else t
 
 
+def _empty_head_dims(q, k, v, is_causal, attn_mask, scale, dropout_p) -> Tensor:
+    """SDPA with E = 0 (every score 0, plus the masks: mean-like rows of v) or Ev = 0 (an empty
+    output): the kernels take one zero column in place of an empty dim, sliced off after."""
+    def widened(t):
+        return torch.cat([t, t.new_zeros(t.shape[:-1] + (1,))], -1) if t.shape[-1] == 0 else t
+
+    out = flash_attention(widened(q), widened(k), widened(v), causal=is_causal, attn_mask=attn_mask,
+                          scale=1.0 if q.shape[-1] == 0 else scale, dropout_p=dropout_p, causal_alignment="top_left")
+    return out[..., : v.shape[-1]]
+
+
 def scaled_dot_product_attention(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
     is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
@@ -79,7 +91,7 @@ def scaled_dot_product_attention(
         query, key, value, attn_mask = _autocast.cast_floating(dtype, (query, key, value, attn_mask))
         with _autocast.off(query.device.type, True):
             return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and dropout_p == 1.0:
+    if isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool) and dropout_p == 1.0:
         drop_all, dropout_p = True, 0.0  # every probability dropped: zeros, as SDPA
     else:
         drop_all = False
@@ -104,8 +116,13 @@ def scaled_dot_product_attention(
         mask = _padded(attn_mask, rank)
         attn_mask = _flat_batch(mask, batch) if any(d != 1 for d in mask.shape[:-3]) else mask.reshape(mask.shape[-4:])
     q, k, v = (_flat_batch(t, batch) for t in (q, k, v))
-    out = flash_attention(q, k, v, causal=is_causal, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p,
-                          causal_alignment="top_left")
+    if heads == 0:  # nothing to compute: SDPA's empty result, still on the autograd graph
+        out = q.new_zeros(q.shape[:-1] + v.shape[-1:]) + (q.sum() + k.sum() + v.sum()) * 0
+    elif q.shape[-1] == 0 or v.shape[-1] == 0:
+        out = _empty_head_dims(q, k, v, is_causal, attn_mask, scale, dropout_p)
+    else:
+        out = flash_attention(q, k, v, causal=is_causal, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p,
+                              causal_alignment="top_left")
     if drop_all:
         out = out.masked_fill(torch.ones((), dtype=torch.bool, device=out.device), 0.0)
     shape = (*batch, heads, out.shape[-2], out.shape[-1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import threading
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -54,10 +55,22 @@ def window(op: str, window_size: Sequence[int],
     return int(left), int(right)
 
 
+def _real(op: str, name: str, value, expected: str) -> float:
+    """value as a float: any real number (numpy's too) or a one-element tensor, as torch's SDPA takes."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and (value.is_floating_point() or
+                                                                     value.dtype in _INTEGER_DTYPES):
+        value = value.item()  # a host read of a GPU tensor, as torch's own
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be {expected}, got {type(value).__name__}")
+    return float(value)
+
+
+_INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
 def scalars(op: str, softcap: float, scale: Optional[float], dropout_p: float, head_dim: int) -> Tuple[float, float, float]:
-    for name, value in (("softcap", softcap), ("dropout_p", dropout_p)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
+    softcap = _real(op, "softcap", softcap, "a float")
+    dropout_p = _real(op, "dropout_p", dropout_p, "a float")
     if not 0 <= softcap < math.inf:  # NaN too
         raise ValueError(f"{op}: softcap must be finite and >= 0 (0 = off), got {softcap}")
     if not 0.0 <= dropout_p < 1.0:
@@ -65,8 +78,7 @@ def scalars(op: str, softcap: float, scale: Optional[float], dropout_p: float, h
     if scale is None:  # finite; symbolic under torch.compile(dynamic=True), where math.isfinite fails
         scale = head_dim**-0.5
     else:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+        scale = _real(op, "scale", scale, "a float or None")
         if not math.isfinite(scale):
             raise ValueError(f"{op}: scale must be finite, got {scale}")
     return float(softcap), float(scale), float(dropout_p)
