@@ -129,3 +129,15 @@ def test_autocast_computes_in_its_dtype_as_f_linear(rows):
     torch.testing.assert_close(out, expected)
     out.float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+def test_complex_tensors_run_as_torch_nn_linear():
+    """torch.nn.Linear takes complex dtypes; the drop-in raised a TypeError for them."""
+    torch.manual_seed(0)
+    theirs = torch.nn.Linear(5, 7, dtype=torch.complex64)
+    ours = attnkit.nn.Linear(5, 7, dtype=torch.complex64)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 5, dtype=torch.complex64, requires_grad=True)
+    got, want = ours(x), theirs(x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.abs().sum(), x)[0], torch.autograd.grad(want.abs().sum(), x)[0])
