@@ -171,6 +171,16 @@ def test_encoder_wrong_width_raises_like_torch_when_packing():
             module(x, src_key_padding_mask=padding())
 
 
+def test_encoder_wrong_mask_size_raises_like_torch_when_packing():
+    """With is_causal=True the packed path never reads the mask; it took one of the wrong size."""
+    theirs, ours = build("TransformerEncoder", torch.nn.TransformerEncoderLayer(**layer_args()), 2,
+                         enable_nested_tensor=False)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(N + 1)
+    for module in (theirs, ours):
+        with pytest.raises(RuntimeError, match="The shape of the 2D attn_mask is"):
+            module(torch.randn(N, B, D), mask=mask, src_key_padding_mask=padding(), is_causal=True)
+
+
 def _warnings_and_error(module, *args, **call):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -151,7 +151,7 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
                                                _get_seq_len(src, batch_first))
         is_causal = bool(is_causal)
         if self._packable(src, mask, src_key_padding_mask, is_causal):
-            output = self._packed(src, src_key_padding_mask, is_causal, batch_first)
+            output = self._packed(src, mask, src_key_padding_mask, is_causal, batch_first)
         else:
             output = src
             for layer in self.layers:
@@ -172,12 +172,13 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
                 return False  # the packed path calls neither through Module.__call__: their hooks would not run
         return bool(pad.any())
 
-    def _packed(self, src: Tensor, pad: Tensor, causal: bool, batch_first: bool) -> Tensor:
+    def _packed(self, src: Tensor, mask: Optional[Tensor], pad: Tensor, causal: bool, batch_first: bool) -> Tensor:
         x = src if batch_first else src.transpose(0, 1)
         batch, length, width = x.shape
-        if width != self.layers[0].self_attn.embed_dim:  # as the dense path, before a matmul shape error
-            raise AssertionError(f"was expecting embedding dimension of {self.layers[0].self_attn.embed_dim}, "
-                                 f"but got {width}")
+        attn = self.layers[0].self_attn
+        if width != attn.embed_dim:  # as the dense path, before a matmul shape error
+            raise AssertionError(f"was expecting embedding dimension of {attn.embed_dim}, but got {width}")
+        attn._attn_mask_4d(mask, batch, length, length)  # the causal hint stands for the mask: its shape checked only
         if tuple(pad.shape) != (batch, length):
             raise AssertionError(f"Expected src_key_padding_mask of shape {(batch, length)} (N, S), "
                                  f"but got {tuple(pad.shape)}")
