@@ -2,7 +2,8 @@
 what was expected, and is raised before any kernel runs."""
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+import functools
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -97,3 +98,30 @@ def well_formed_rnn(gates: int, x, x_ndim: int, hx, w_ih, w_hh, b_ih, b_hh):
         h0 = x.new_zeros((B, H))
         c0 = h0 if gates == 4 else None
     return h0, c0
+
+
+class DropInValueError(ValueError, RuntimeError):
+    """A ValueError that a drop-in raises where the torch function it replaces raises
+    RuntimeError: a caller's `except RuntimeError:` written for torch still catches it
+    (numpy's AxisError is a ValueError and an IndexError for the same reason)."""
+
+
+class DropInTypeError(TypeError, RuntimeError):
+    """A TypeError that a drop-in raises where torch raises RuntimeError (see DropInValueError)."""
+
+
+def torch_compatible_errors(function: Callable) -> Callable:
+    """Wraps a drop-in's forward (or function): its ValueError and TypeError for bad input
+    are also RuntimeErrors, as torch's checks raise for the same input."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (ValueError, TypeError) as error:
+            compatible = {ValueError: DropInValueError, TypeError: DropInTypeError}.get(type(error))
+            if compatible is None:  # already one, or an exception class of its own
+                raise
+            raise compatible(*error.args).with_traceback(error.__traceback__) from None
+
+    return wrapper

@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _autocast
+from . import _autocast, _validate
 from .ops.attention import flash_attention
 
 OP = "attnkit.scaled_dot_product_attention"
@@ -73,6 +73,7 @@ def _empty_head_dims(q, k, v, is_causal, attn_mask, scale, dropout_p) -> Tensor:
     return out[..., : v.shape[-1]]
 
 
+@_validate.torch_compatible_errors
 def scaled_dot_product_attention(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
     is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,

@@ -486,3 +486,22 @@ def test_lstm_cell_state_may_be_clipped_in_place():
         grads.append((leaf.grad, module.weight_ih.grad))
     for want, got in zip(*grads):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("call", ["LSTM-T0", "GRU-h0-dtype", "LSTMCell-size", "GRUCell-dtype", "Linear-size", "SDPA-mask"])
+def test_drop_in_errors_are_runtime_errors_as_torchs(call):
+    """Where torch raises RuntimeError for bad input, a caller's `except RuntimeError:` catches
+    the drop-in's error too (a ValueError/TypeError that is also a RuntimeError)."""
+    x = torch.randn(3, 2, 4)
+    runs = {
+        "LSTM-T0": lambda nn: nn.LSTM(4, 5)(torch.randn(0, 2, 4)),
+        "GRU-h0-dtype": lambda nn: nn.GRU(4, 5)(x, torch.zeros(1, 2, 5, dtype=torch.float64)),
+        "LSTMCell-size": lambda nn: nn.LSTMCell(4, 5)(torch.randn(2, 3)),
+        "GRUCell-dtype": lambda nn: nn.GRUCell(4, 5)(torch.randn(2, 4, dtype=torch.float64)),
+        "Linear-size": lambda nn: nn.Linear(4, 5)(torch.randn(2, 3)),
+        "SDPA-mask": lambda nn: (attnkit.scaled_dot_product_attention if nn is attnkit.nn else
+                                 torch.nn.functional.scaled_dot_product_attention)(x, x, x, torch.zeros(5, 5)),
+    }
+    for nn in (torch.nn, attnkit.nn):
+        with pytest.raises(RuntimeError):
+            runs[call](nn)

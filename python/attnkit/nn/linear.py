@@ -6,9 +6,11 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
+from .. import _validate
 from ..ops import linear
 
 
 class Linear(nn.Linear):
+    @_validate.torch_compatible_errors
     def forward(self, input: Tensor) -> Tensor:
         return linear(input, self.weight, self.bias)

@@ -194,6 +194,7 @@ class LSTM(torch.nn.LSTM):
         out, (h, c) = ops.lstm(x, (state[0], state[1]), w_ih, w_hh, b_ih, b_hh, w_hr=w_hr, lengths=lengths)
         return out, (h, c)
 
+    @_validate.torch_compatible_errors
     def forward(self, input, hx=None):  # follows torch.nn.LSTM.forward
         self._update_flat_weights()  # as torch's: functional_call swaps the weights (its dtype check reads them)
         if (hx is None or (type(hx) is tuple and len(hx) == 2)) and _one_layer_call(self, input, hx or ()):
@@ -278,6 +279,7 @@ class GRU(torch.nn.GRU):
         out, h = ops.gru(x, state[0], w_ih, w_hh, b_ih, b_hh, lengths=lengths)
         return out, (h,)
 
+    @_validate.torch_compatible_errors
     def forward(self, input, hx=None):  # follows torch.nn.GRU.forward
         self._update_flat_weights()  # as torch's: functional_call swaps the weights (its dtype check reads them)
         if _one_layer_call(self, input, (hx,)):
@@ -332,6 +334,7 @@ class GRU(torch.nn.GRU):
 class GRUCell(torch.nn.GRUCell):
     """torch.nn.GRUCell as one step of the fused GRU op; same arguments and state_dict."""
 
+    @_validate.torch_compatible_errors
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         if not isinstance(input, Tensor):
             raise TypeError(f"GRUCell: input must be a torch.Tensor, got {type(input).__name__}")

@@ -10,11 +10,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import _validate, ops
 from .rnn import _autocast, _autocast_dtype, _call_cell
 
 
 class LSTMCell(torch.nn.LSTMCell):
+    @_validate.torch_compatible_errors
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         if not isinstance(input, Tensor):
             raise TypeError(f"LSTMCell: input must be a torch.Tensor, got {type(input).__name__}")
