@@ -1,7 +1,8 @@
 """Additive (Bahdanau) attention: attnkit.ops.additive_attention (automatic
 backend: cpp on CPU, Triton on GPUs) vs the plain PyTorch version
 (attnkit.reference.additive_attention, which builds the (B, Tq, Tk, A) tensor
-of tanh inputs), forward and forward+backward, B=32, A=256, Tq = Tk.
+of tanh inputs), forward and forward+backward, B=32, A=256, Tq = Tk. The fwd+bwd rows' max err covers
+the gradients of every input too.
 
 The plain version needs B * Tq * Tk * A * 4 bytes per (B, Tq, Tk, A) fp32
 tensor (2 GiB at Tq = Tk = 256, 32 GiB at 1024) and several of them for a
@@ -18,7 +19,8 @@ import json
 import sys
 
 import torch
-from timing import max_error, median_ms, median_pair_ms, within_budget, rss_rise_mb, rss_rise_mb_in_subprocess
+from timing import (gradient_error, max_error, median_ms, median_pair_ms, within_budget, rss_rise_mb,
+                    rss_rise_mb_in_subprocess)
 
 import attnkit
 from attnkit.ops import additive_attention
@@ -98,6 +100,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
         for case, wrap, grad in (("forward", lambda f: f, False), ("fwd+bwd", _fwd_bwd, True)):
             with torch.set_grad_enabled(grad):
                 if fits:
+                    if grad:  # the fwd+bwd row's max err covers every input's gradient
+                        error = gradient_error(wrap(ours), wrap(theirs), tensors, forward_error=error)
                     t_ours, t_theirs = median_pair_ms(wrap(ours), wrap(theirs), device, warmup, repeats)
                 else:
                     t_ours, t_theirs = median_ms(wrap(ours), device, warmup, repeats), float("nan")

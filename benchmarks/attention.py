@@ -200,6 +200,12 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
             first_row = len(rows)
             reference = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
             error = max_error(ours(q, k, v, causal), reference)
+            # The backward rows' max err covers dq, dk, dv against SDPA's too.
+            grad_out = torch.randn_like(reference)
+            gradients = (torch.autograd.grad(ours(q, k, v, causal), (q, k, v), grad_out),
+                         torch.autograd.grad(reference, (q, k, v), grad_out))
+            errors = dict(forward=error, backward=max(error, max_error(*gradients)))
+            del reference, grad_out, gradients
             for mode in ("forward", "backward", "fwd+bwd"):
                 t_ours = _time(ours, q, k, v, causal, mode, device)
                 work = flops(batch, heads, n, dim, causal, mode)
@@ -218,7 +224,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
                         case=f"{mode}{' causal' if causal else ''} vs {name}",
                         shape=f"B={batch} H={heads} N={n} D={dim} {str(dtype).replace('torch.', '')}",
                         backend=attnkit.last_dispatch("flash_attention").backend, ours_ms=t_ours, baseline_ms=t_base,
-                        max_err=error, ours_tflops=work / t_ours / 1e9, baseline_tflops=work / t_base / 1e9,
+                        max_err=errors["forward" if mode == "forward" else "backward"],
+                        ours_tflops=work / t_ours / 1e9, baseline_tflops=work / t_base / 1e9,
                         note=queued,
                     ))
             picked = last_tuned_configs()  # after forward and backward ran at this shape: its winners

@@ -2,8 +2,11 @@
 SDPA on CPU (PyTorch's own flash kernel) for plain and causal attention, and vs
 the materialized reference (attnkit's `reference` backend, O(N^2) memory) for
 sliding window, soft-capping and ALiBi, which SDPA cannot fuse; and a learned
-additive bias (1, H, N, N) that requires grad, against SDPA with the same bias
-(both then compute the bias's gradient). B=4, H=8, D=64.
+additive bias (1, H, N, N), against SDPA with the same bias: detached in the
+forward rows (as inference holds it; SDPA's flash kernel then takes it), requiring
+grad in the fwd+bwd rows (both sides compute its gradient; SDPA then runs its
+unfused math path, the only one with a bias gradient on the CPU). B=4, H=8, D=64.
+The fwd+bwd rows' max err covers the gradients of q, k, v (and the bias).
 
 Peak memory (`*_peak_mb`, vs SDPA for plain attention, vs the reference for
 the sliding window) is the rise of the process's peak resident set
@@ -17,7 +20,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from timing import max_error, median_pair_ms, rss_rise_mb, rss_rise_mb_in_subprocess
+from timing import gradient_error, max_error, median_pair_ms, rss_rise_mb, rss_rise_mb_in_subprocess
 
 import attnkit
 from attnkit.ops import flash_attention
@@ -67,13 +70,16 @@ def _attnkit(q, k, v, kwargs, backend=None):
     return call
 
 
-def _pair(rows, case, shape, backend, ours, theirs, device, repeats=15, warmup=3):
-    """Forward and forward+backward rows for one case."""
+def _pair(rows, case, shape, backend, ours, theirs, device, leaves, repeats=15, warmup=3, forward=None):
+    """Forward and forward+backward rows for one case; the fwd+bwd row's max err covers the
+    gradients of `leaves` too. `forward`: other (ours, theirs) calls for the forward row."""
+    ours_forward, theirs_forward = forward or (ours, theirs)
     with torch.no_grad():
-        error = max_error(ours(), theirs())
-        t_ours, t_theirs = median_pair_ms(ours, theirs, device, warmup, repeats)
+        error = max_error(ours_forward(), theirs_forward())
+        t_ours, t_theirs = median_pair_ms(ours_forward, theirs_forward, device, warmup, repeats)
     rows.append(dict(case=f"{case} forward", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs,
                      max_err=error))
+    error = gradient_error(_fwd_bwd(ours), _fwd_bwd(theirs), leaves, forward_error=error)
     t_ours, t_theirs = median_pair_ms(_fwd_bwd(ours), _fwd_bwd(theirs), device, warmup, repeats)
     rows.append(dict(case=f"{case} fwd+bwd", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs,
                      max_err=error))
@@ -117,7 +123,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
             theirs = lambda c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c)  # noqa: E731
             repeats = max(3, min(15, 15 * 1024 // n))  # a fwd+bwd at N = 4096 takes seconds
             _pair(rows, "causal vs SDPA" if causal else "plain vs SDPA", shape, backend, ours, theirs, device,
-                  repeats=repeats, warmup=1 if n > 1024 else 3)
+                  (q, k, v), repeats=repeats, warmup=1 if n > 1024 else 3)
     for n in QUICK_FEATURE_N if quick else FULL_FEATURE_N:
         q, k, v = _inputs(BATCH, HEADS, n, dtype, grad=True)
         shape = f"B={BATCH} H={HEADS} N={n} D={DIM}"
@@ -129,15 +135,20 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
             ours()
             backend = attnkit.last_dispatch("flash_attention").backend
             _pair(rows, f"{name} vs reference", shape, backend, ours, _attnkit(q, k, v, kwargs, "reference"), device,
-                  repeats=3, warmup=1)
+                  (q, k, v), repeats=3, warmup=1)
         # A learned bias (T5's, Swin's relative position bias): its gradient comes with the backward.
+        # The forward row takes it detached, as inference holds it: a bias that requires grad sends
+        # SDPA to its unfused math path even under no_grad.
         bias = (0.5 * torch.randn(1, HEADS, n, n, generator=torch.Generator().manual_seed(1))).to(dtype)
         bias.requires_grad_(True)
         ours = _attnkit(q, k, v, dict(attn_mask=bias))
         ours()
         backend = attnkit.last_dispatch("flash_attention").backend
+        fixed = bias.detach()
+        forward = (_attnkit(q, k, v, dict(attn_mask=fixed)), lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=fixed))
         _pair(rows, "learned bias vs SDPA", shape, backend, ours,
-              lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), device, repeats=5, warmup=1)
+              lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), device, (q, k, v, bias), repeats=5,
+              warmup=1, forward=forward)
     for n in QUICK_MEMORY_N if quick else FULL_MEMORY_N:
         for feature, baseline in (("plain", "sdpa"), ("window 256", "reference")):
             ours_mb, base_mb = peak_mb("cpp", n, dtype, feature), peak_mb(baseline, n, dtype, feature)

@@ -3,7 +3,7 @@ backend) vs torch.nn.GRUCell with the same weights, forward and forward+backward
 from __future__ import annotations
 
 import torch
-from timing import max_error, median_pair_ms
+from timing import gradient_error, max_error, median_pair_ms
 
 import attnkit
 
@@ -33,6 +33,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
             t_ours, t_theirs = median_pair_ms(lambda: ours(x, h), lambda: theirs(x, h), device)
         shape = f"B={batch} I={input_size} H={hidden}"
         rows.append(dict(case="forward", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs, max_err=error))
+        error = gradient_error(fwd_bwd(ours, x, h), fwd_bwd(theirs, x, h), [x, h, *ours.parameters()],
+                               [x, h, *theirs.parameters()], forward_error=error)
         t_ours, t_theirs = median_pair_ms(fwd_bwd(ours, x, h), fwd_bwd(theirs, x, h), device)
         rows.append(dict(case="fwd+bwd", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs, max_err=error))
     return rows

@@ -3,7 +3,7 @@ torch.lstm_cell, forward and forward+backward, on the same inputs."""
 from __future__ import annotations
 
 import torch
-from timing import max_error, median_pair_ms
+from timing import gradient_error, max_error, median_pair_ms
 
 import attnkit
 
@@ -50,6 +50,9 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
                                               device)
         shape = f"B={batch} I={input_size} H={hidden}"
         rows.append(dict(case="forward", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs, max_err=error))
+        leaves = [args[0], *args[1], *args[2:]]
+        error = gradient_error(fwd_bwd(attnkit.ops.lstm_cell, args), fwd_bwd(torch.lstm_cell, args), leaves,
+                               forward_error=error)
         t_ours, t_theirs = median_pair_ms(fwd_bwd(attnkit.ops.lstm_cell, args), fwd_bwd(torch.lstm_cell, args), device)
         rows.append(dict(case="fwd+bwd", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs, max_err=error))
     return rows

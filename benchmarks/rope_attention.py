@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timing import max_error, median_group_ms, within_budget
+from timing import gradient_error, max_error, median_group_ms, within_budget
 
 import attnkit
 from attnkit.ops import apply_rotary, flash_attention
@@ -77,6 +77,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
                 for (name, baseline), t_base in zip(baselines.items(), t_bases):
                     with torch.no_grad():
                         error = max_error(expected, baseline())
+                    if grad:  # the fwd+bwd rows' max err covers dq, dk, dv too
+                        error = gradient_error(_fwd_bwd(fused), _fwd_bwd(baseline), (q, k, v), forward_error=error)
                     rows.append(dict(case=f"{case} vs {name}", shape=shape, backend=backend, ours_ms=t_fused,
                                      baseline_ms=t_base, max_err=error))
     return rows

@@ -104,7 +104,28 @@ def within_budget(cases, rows: list, describe: Callable[[object], str]):
 def max_error(ours, theirs) -> float:
     if isinstance(ours, torch.Tensor):
         ours, theirs = [ours], [theirs]
-    return max((a.double() - b.double()).abs().max().item() for a, b in zip(ours, theirs))
+    return max([(a.double() - b.double()).abs().max().item() for a, b in zip(ours, theirs) if a.numel()] or [0.0])
+
+
+def gradient_error(ours_step: Callable[[], object], theirs_step: Callable[[], object], ours_leaves, theirs_leaves=None,
+                   forward_error: float = 0.0) -> float:
+    """The fwd+bwd rows' max err: the largest of `forward_error` and the differences of the
+    gradients that one call of each side's forward+backward step leaves in its leaves' .grad
+    (the same leaves for both unless theirs_leaves is given; a gradient that never arrives
+    counts as zeros), each relative to the baseline gradient's largest magnitude where that
+    exceeds 1 (a weight gradient summed over a batch reaches hundreds). Without it a backward
+    that computed nothing, or garbage, timed as a speedup with the forward's error beside it."""
+    theirs_leaves = ours_leaves if theirs_leaves is None else theirs_leaves
+    found = []
+    for step, leaves in ((ours_step, list(ours_leaves)), (theirs_step, list(theirs_leaves))):
+        for leaf in leaves:
+            leaf.grad = None
+        step()
+        found.append([torch.zeros_like(leaf) if leaf.grad is None else leaf.grad.clone() for leaf in leaves])
+        for leaf in leaves:
+            leaf.grad = None
+    scaled = [max_error(a, b) / max(1.0, b.abs().max().item()) for a, b in zip(*found) if a.numel()]
+    return max([forward_error, *scaled])
 
 
 def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:

@@ -1,13 +1,14 @@
 """TransformerEncoder on a padded batch (30% padding on average): attnkit.nn.TransformerEncoder
 (packed tokens, flash_attention_varlen) vs torch.nn.TransformerEncoder with the same weights.
 "train step" = forward, loss on the real tokens, backward, SGD step (dropout 0 so outputs
-compare); "inference" = eval + no_grad, where torch takes its nested-tensor fast path."""
+compare; its max err covers every parameter's gradient too); "inference" = eval + no_grad, where torch
+takes its nested-tensor fast path."""
 from __future__ import annotations
 
 import copy
 
 import torch
-from timing import max_error, median_ms, within_budget
+from timing import gradient_error, max_error, median_ms, within_budget
 
 import attnkit
 
@@ -44,6 +45,15 @@ def train_step(model, x, pad):
     return step
 
 
+def loss_step(model, x, pad):
+    """train_step's forward and backward, without the optimizer (for comparing gradients)."""
+
+    def step():
+        model(x, src_key_padding_mask=pad)[~pad].square().mean().backward()
+
+    return step
+
+
 def paired_ms(ours, theirs, device, rounds, repeats):
     """The fastest of alternating rounds' medians: on a shared machine the load drifts within
     seconds, so timing one side entirely before the other would compare different machines,
@@ -68,9 +78,11 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
         shape = (f"d={case['d_model']} h={case['nhead']} L={case['layers']} B={case['batch']} N={case['length']} "
                  f"pad={pad.float().mean().item():.0%}")
         rounds, repeats = (4, 2) if quick else (3, 2)
+        train_error = gradient_error(loss_step(ours, x, pad), loss_step(theirs, x, pad), list(ours.parameters()),
+                                     list(theirs.parameters()), error)
         t_ours, t_theirs = paired_ms(train_step(ours, x, pad), train_step(theirs, x, pad), device, rounds, repeats)
         rows.append(dict(case="train step", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs,
-                         max_err=error))
+                         max_err=train_error))
         ours.eval(), theirs.eval()
         with torch.no_grad():
             t_ours, t_theirs = paired_ms(lambda: ours(x, src_key_padding_mask=pad),

@@ -665,3 +665,25 @@ def test_flex_baseline_builds_each_causal_block_mask_once(monkeypatch):
     run(q, k, k, False)
     run(k, k, k, True)
     assert made == [(8, 6), (6, 6)] and seen == ["mask 8x6"] * 3 + [None, "mask 6x6"]
+
+
+def test_fwd_bwd_rows_check_gradients_and_flag_differing_results(monkeypatch):
+    """A backward that computed nothing timed as a speedup with the forward's error beside it:
+    the fwd+bwd rows' max err covers the gradients, and a row above DIFFERS_ABOVE is marked."""
+    family = core.load_family("lstm_cell")
+    monkeypatch.setattr(family, "QUICK_SHAPES", TINY)
+    real = attnkit.ops.lstm_cell
+
+    def no_gradient(*args, **kwargs):
+        h, c = real(*args, **kwargs)
+        return h.detach(), c.detach() + 0 * args[0].sum()
+
+    honest = {row["case"]: row["max_err"] for row in family.run(torch.device("cpu"), torch.float32)}
+    assert honest["fwd+bwd"] < 1e-4
+    monkeypatch.setattr(family.attnkit.ops, "lstm_cell", no_gradient)
+    rows = family.run(torch.device("cpu"), torch.float32)
+    broken = {row["case"]: row["max_err"] for row in rows}  # the last shape's
+    assert broken["forward"] < 1e-4 and broken["fwd+bwd"] > report.DIFFERS_ABOVE
+    assert "(!)" in report.format_table(rows)
+    assert report.differing_rows({"lstm_cell": {"rows": rows}}) == [
+        f"lstm_cell: fwd+bwd ({row['shape']}): max err {row['max_err']:.2g}" for row in rows if row["case"] == "fwd+bwd"]

@@ -69,6 +69,13 @@ def main(argv=None) -> int:
         parser.error(f"argument --json: cannot create the folder of {path!r}: {error.strerror or error}")
     if os.path.isdir(path) or not os.access(path if os.path.exists(path) else folder, os.W_OK):
         parser.error(f"argument --json: cannot write {path!r} ({'a folder' if os.path.isdir(path) else 'no permission'})")
+    if not args.no_plots:  # the plots' folder too, before the families run
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as error:
+            parser.error(f"argument --out: cannot create {args.out!r}: {error.strerror or error}")
+        if not os.access(args.out, os.W_OK):
+            parser.error(f"argument --out: cannot write into {args.out!r} (no permission)")
     mode = "full" if args.full else "quick"
     print(f"attnkit benchmarks ({mode}, {device}, {args.dtype}) on {core.describe_machine(info)}", flush=True)
 
@@ -87,6 +94,10 @@ def main(argv=None) -> int:
     failed = [name for name, result in results.items() if result["error"]]
     for name in failed:
         print(f"{name} failed:\n{results[name]['traceback']}", file=sys.stderr)
+    differing = report.differing_rows(results)
+    if differing:
+        print(f"\nWARNING: {len(differing)} rows (max err marked (!)) compare different results, not the same "
+              f"work:\n  " + "\n  ".join(differing), flush=True)
 
     document = {"schema": 1, "machine": info, "device": str(device), "dtype": args.dtype, "mode": mode,
                 "seconds": round(elapsed, 2), "families": results}

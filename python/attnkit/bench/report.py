@@ -6,6 +6,9 @@ import os
 import re
 
 SPEEDUP = "speedup (>1: attnkit faster)"
+# A max err above this means the two sides computed different things (bf16 rounding stays near
+# 1e-2): the row's timings compare different work. Marked in the table and listed by the CLI.
+DIFFERS_ABOVE = 0.1
 
 
 def _missing(value) -> bool:
@@ -37,7 +40,7 @@ def format_table(rows: list) -> str:
     if has("ours_tflops") or has("baseline_tflops"):
         columns += [("attnkit TFLOP/s", lambda r: _num(r.get("ours_tflops"), ".1f"), "---:"),
                     ("baseline TFLOP/s", lambda r: _num(r.get("baseline_tflops"), ".1f"), "---:")]
-    columns.append(("max err", lambda r: _num(r.get("max_err"), ".1e"), "---:"))
+    columns.append(("max err", lambda r: _num(r.get("max_err"), ".1e") + (" (!)" if _differs(r) else ""), "---:"))
     if has("note"):
         columns.append(("note", lambda r: str(r.get("note") or ""), "---"))
     lines = ["| " + " | ".join(name for name, _, _ in columns) + " |",
@@ -45,6 +48,17 @@ def format_table(rows: list) -> str:
     for row in rows:
         lines.append("| " + " | ".join(cell(row).replace("|", "\\|") for _, cell, _ in columns) + " |")
     return "\n".join(lines)
+
+
+def _differs(row) -> bool:
+    error = row.get("max_err")
+    return not _missing(error) and error > DIFFERS_ABOVE
+
+
+def differing_rows(results: dict) -> list:
+    """"family: case (shape): max err" of every row whose sides disagree (see DIFFERS_ABOVE)."""
+    return [f"{name}: {row['case']} ({row['shape']}): max err {row['max_err']:.2g}"
+            for name, result in results.items() for row in result.get("rows") or [] if _differs(row)]
 
 
 def _speedup(row):
