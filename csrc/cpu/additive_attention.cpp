@@ -222,8 +222,8 @@ void check_inputs(const at::Tensor& qp, const at::Tensor& kp, const at::Tensor& 
   }
   if (mask) {
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->dim() == 2 &&
-                    mask->size(0) == qp.size(0) && mask->size(1) == kp.size(1),
-                "additive_attention: mask must be contiguous bool (B, Tk)");
+                    mask->size(0) == qp.size(0) && mask->size(1) == kp.size(1) && mask->device().is_cpu(),
+                "additive_attention: mask must be a contiguous bool (B, Tk) CPU tensor");
   }
 }
 
@@ -254,6 +254,20 @@ std::vector<at::Tensor> additive_attention_backward(const at::Tensor& grad_conte
                   lse.scalar_type() == qp.scalar_type() && delta.scalar_type() == qp.scalar_type() &&
                   lse.is_contiguous() && delta.is_contiguous(),
               "additive_attention_backward: grad_context, lse, delta must be contiguous in the inputs' dtype");
+  // The kernel reads them by (b, i) without bounds: their shapes and device are checked here.
+  TORCH_CHECK(grad_context.sizes() == at::IntArrayRef({B, Tq, values.size(2)}) && grad_context.device().is_cpu(),
+              "additive_attention_backward: grad_context must be a (B, Tq, Dv) CPU tensor");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, Tq}) && delta.sizes() == at::IntArrayRef({B, Tq}) &&
+                  lse.device().is_cpu() && delta.device().is_cpu(),
+              "additive_attention_backward: lse and delta must be (B, Tq) CPU tensors");
+  if (grad_weights) {
+    TORCH_CHECK(grad_weights->sizes() == at::IntArrayRef({B, Tq, Tk}) && grad_weights->device().is_cpu() &&
+                    grad_weights->scalar_type() == qp.scalar_type(),
+                "additive_attention_backward: grad_weights must be a (B, Tq, Tk) CPU tensor in the inputs' dtype");
+  }
+  if (B == 0 || Tq == 0 || Tk == 0) {  // nothing to sum over (and no thread share to divide by B)
+    return {at::zeros_like(qp), at::zeros_like(kp), at::zeros_like(values), at::zeros_like(v_a)};
+  }
   at::Tensor dp = at::bmm(grad_context, values.transpose(1, 2));
   if (grad_weights) dp.add_(*grad_weights);
   // Slice the keys only as far as needed to give every thread work (each slice holds its own d_qp).

@@ -163,8 +163,9 @@ Call prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
     sp.alibi = c.alibi.data_ptr<float>();
   }
   TORCH_CHECK(window_left >= -1 && window_right >= -1, "attention: window sides must be >= -1");
-  sp.left = window_left < 0 ? kUnbounded : window_left;
-  sp.right = window_right < 0 ? kUnbounded : window_right;
+  // A side past any length is unbounded too: near INT64_MAX it overflowed the tiles' key ranges.
+  sp.left = window_left < 0 || window_left > kUnbounded ? kUnbounded : window_left;
+  sp.right = window_right < 0 || window_right > kUnbounded ? kUnbounded : window_right;
   sp.bottom_right = bottom_right;
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "attention: softcap must be finite and >= 0");
   TORCH_CHECK(std::isfinite(scale), "attention: scale must be finite");

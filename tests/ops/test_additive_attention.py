@@ -252,3 +252,27 @@ def test_projected_keys_bad_shape_or_dtype():
         additive_attention(query, keys, values, w_q, w_k, v_a, projected_keys=(keys @ w_k.t())[:, :-1])
     with pytest.raises((TypeError, ValueError), match="projected_keys"):
         additive_attention(query, keys, values, w_q, w_k, v_a, projected_keys=(keys @ w_k.t()).float())
+
+
+def test_cpp_backward_checks_its_statistics_and_takes_an_empty_batch():
+    """The C++ backward read lse/delta/grad_context by (b, i) unchecked (an empty lse segfaulted, a
+    short one read past it) and divided by the batch (B = 0: SIGFPE)."""
+    ext, reason = attnkit._extensions.load("_C")
+    if ext is None:
+        pytest.skip(reason)
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    qp, kp, values, v_a = r(2, 3, 4), r(2, 5, 4), r(2, 5, 6), r(4)
+    _, _, lse = ext.additive_attention_forward(qp, kp, values, v_a, None)
+    grad_context, delta = r(2, 3, 6), r(2, 3)
+    for bad in (dict(lse=torch.empty(0)), dict(lse=lse.reshape(-1)[:1]), dict(delta=torch.empty(0)),
+                dict(grad_context=r(2, 1, 6))):
+        args = {**dict(grad_context=grad_context, delta=delta, lse=lse), **bad}
+        with pytest.raises(RuntimeError, match="additive_attention_backward"):
+            ext.additive_attention_backward(args["grad_context"], None, args["delta"], qp, kp, values, v_a, None,
+                                            args["lse"])
+    qp, kp, values = r(0, 3, 4), r(0, 5, 4), r(0, 5, 6)
+    _, _, lse = ext.additive_attention_forward(qp, kp, values, v_a, None)
+    grads = ext.additive_attention_backward(r(0, 3, 6), None, r(0, 3), qp, kp, values, v_a, None, lse)
+    assert [tuple(g.shape) for g in grads] == [(0, 3, 4), (0, 5, 4), (0, 5, 6), (4,)]
+    assert grads[3].abs().sum().item() == 0

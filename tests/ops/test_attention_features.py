@@ -155,3 +155,18 @@ def test_explain_on_cpu_says_why_each_backend_was_skipped():
     expected = "cpp" if attnkit.available_backends()["cpp"].available else "reference"
     assert decision.backend == expected
     assert all(decision.skipped[name] for name in attnkit.BACKENDS if name != expected)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_a_window_side_past_any_length_is_unbounded(backend, device):
+    """window_size=(-1, sys.maxsize) overflowed the cpp kernel's key ranges: every output was 0;
+    (2**63, 0) did not fit its int64 argument. Sides that no sequence reaches mean -1."""
+    import sys
+
+    with forced(OP, backend, device, torch.float32) as dev:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 2, n, 8, generator=gen).to(dev) for n in (5, 7, 7))
+        for window, same_as in (((-1, sys.maxsize), (-1, -1)), ((sys.maxsize, sys.maxsize), (-1, -1)),
+                                ((2**63, 0), (-1, 0))):
+            got = flash_attention(q, k, v, window_size=window)
+            torch.testing.assert_close(got, flash_attention(q, k, v, window_size=same_as))

@@ -52,7 +52,12 @@ def window(op: str, window_size: Sequence[int],
     for name, side in zip(names, (left, right)):
         if isinstance(side, bool) or not isinstance(side, int) or side < -1:
             raise ValueError(f"{op}: {name} must be an int >= -1 (-1 = unbounded), got {side!r}")
-    return int(left), int(right)
+    # A side no sequence reaches is unbounded: every backend then sees -1 (a side near 2^63 overflowed
+    # the cpp kernel's key ranges into an empty window, and 2^63 did not fit its int64 argument).
+    return tuple(-1 if side >= _UNBOUNDED_FROM else int(side) for side in (left, right))
+
+
+_UNBOUNDED_FROM = 2**31
 
 
 def _real(op: str, name: str, value, expected: str) -> float:
