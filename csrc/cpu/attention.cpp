@@ -99,7 +99,8 @@ Call prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   sp.group = sp.heads / sp.heads_kv;
   sp.dim = q.size(-1);
   sp.dim_v = v.size(-1);
-  TORCH_CHECK(k.size(-1) == sp.dim && sp.dim >= 1 && sp.dim_v >= 1, "attention: q and k need one head dim >= 1");
+  TORCH_CHECK(k.size(-1) == sp.dim && sp.dim >= 1, "attention: q and k need one head dim >= 1");
+  TORCH_CHECK(sp.dim_v >= 1, "attention: v needs a head dim >= 1");
   TORCH_CHECK(k.size(row_dim) == v.size(row_dim), "attention: k and v must have the same length");
   TORCH_CHECK(max_q >= 0 && max_k >= 0 && max_q < INT_MAX && max_k < INT_MAX, "attention: bad max_seqlen");
   if (sp.varlen) {

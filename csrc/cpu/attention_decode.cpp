@@ -181,6 +181,10 @@ std::vector<at::Tensor> attention_decode_forward(const at::Tensor& q, const at::
   TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
                   cache_seqlens.is_contiguous(),
               "attention_decode_forward: cache_seqlens must be contiguous int32 (B,)");
+  // As attention_forward's: the op checks these in Python, a direct call gets the same refusal.
+  TORCH_CHECK(std::isfinite(scale), "attention_decode_forward: scale must be finite");
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "attention_decode_forward: softcap must be finite and >= 0");
+  TORCH_CHECK(window_left >= -1, "attention_decode_forward: window_left must be >= -1 (-1 = unbounded)");
   const int32_t* lengths = cache_seqlens.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lengths[b] >= 0 && lengths[b] <= k_cache.size(2), "attention_decode_forward: cache_seqlens[", b,

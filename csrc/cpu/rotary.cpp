@@ -10,6 +10,7 @@
 #include "attnkit/rotary.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -176,6 +177,13 @@ void rotary_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   // Two empty tensors share a null data pointer: that is not writing in place.
   const bool inplace = x.numel() > 0 && out.data_ptr() == x.data_ptr();
   TORCH_CHECK(!inplace || out.strides() == x.strides(), "rotary: out must be x itself or not overlap it");
+  // Rows are read and written in one pass: an out that overlaps x partly, or itself, loses values.
+  if (!inplace && out.numel() > 0) {
+    TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes &&
+                    at::get_overlap_status(out, x) != at::MemOverlapStatus::Partial &&
+                    at::get_overlap_status(out, x) != at::MemOverlapStatus::Full,
+                "rotary: out must be x itself or not overlap it");
+  }
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.scalar_type() == sin.scalar_type() &&
                   (cos.dim() == 2 || cos.dim() == 3),
               "rotary: cos and sin must both be (S, R/2) or (B, S, R/2)");

@@ -132,3 +132,18 @@ def test_window_left_errors_name_it():
     q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 5, 16)
     with pytest.raises(ValueError, match="attention_decode: window_left must be an int >= -1"):
         attention_decode(q, k, k, torch.tensor([5], dtype=torch.int32), window_left=-2)
+
+
+def test_cpp_entry_point_checks_its_scalars():
+    """attention_decode_forward took window_left=-5, a NaN softcap and an infinite scale, which
+    attention_forward refuses; the op checks them in Python, a direct call now gets the same."""
+    ext, reason = attnkit._extensions.load("_C")
+    if ext is None:
+        pytest.skip(reason)
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 4, 8)
+    lengths = torch.tensor([4], dtype=torch.int32)
+    ext.attention_decode_forward(q, k, k, lengths, 0.3, 0.0, -1, None)
+    for scale, softcap, window, match in ((float("inf"), 0.0, -1, "scale"), (0.3, float("nan"), -1, "softcap"),
+                                          (0.3, -1.0, -1, "softcap"), (0.3, 0.0, -5, "window_left")):
+        with pytest.raises(RuntimeError, match=match):
+            ext.attention_decode_forward(q, k, k, lengths, scale, softcap, window, None)

@@ -344,3 +344,18 @@ BAD_INPUT = [
 def test_bad_input_names_the_argument(make, error, message):
     with pytest.raises(error, match=message):
         make()
+
+
+def test_cpp_entry_point_refuses_an_out_that_overlaps_x():
+    """rotary_apply read and wrote rows in one pass: an out sharing part of x's memory, or an
+    expanded out, silently got wrong values."""
+    ext, reason = attnkit._extensions.load("_C")
+    if ext is None:
+        pytest.skip(reason)
+    storage = torch.randn(2 * 4 * 2 * 8 + 8)
+    x = storage[: 2 * 4 * 2 * 8].view(2, 4, 2, 8)
+    cos, sin = torch.randn(4, 4), torch.randn(4, 4)
+    offsets = torch.zeros(2, dtype=torch.int32)
+    for out in (storage[8:].view(2, 4, 2, 8), torch.empty(1, 1, 1, 8).expand(2, 4, 2, 8)):
+        with pytest.raises(RuntimeError, match="out must be x itself or not overlap it"):
+            ext.rotary_apply(x, cos, sin, offsets, 0, False, False, out, None)
