@@ -179,9 +179,9 @@ void rotary_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   TORCH_CHECK(!inplace || out.strides() == x.strides(), "rotary: out must be x itself or not overlap it");
   // Rows are read and written in one pass: an out that overlaps x partly, or itself, loses values.
   if (!inplace && out.numel() > 0) {
-    TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes &&
-                    at::get_overlap_status(out, x) != at::MemOverlapStatus::Partial &&
-                    at::get_overlap_status(out, x) != at::MemOverlapStatus::Full,
+    const at::MemOverlapStatus with_x = at::get_overlap_status(out, x);
+    TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes && with_x != at::MemOverlapStatus::Partial &&
+                    with_x != at::MemOverlapStatus::Full,
                 "rotary: out must be x itself or not overlap it");
   }
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.scalar_type() == sin.scalar_type() &&
