@@ -129,3 +129,13 @@ def test_scalars_of_any_real_type_as_sdpa(case):
     got = attnkit.scaled_dot_product_attention(q, k, v, **{name: make(np)})
     want = F.scaled_dot_product_attention(q, k, v, **{name: make(np)})
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("flag", ["is_causal", "enable_gqa"])
+def test_flags_must_be_bool_as_sdpa(flag):
+    """SDPA refuses an int for its bool flags; the drop-in took enable_gqa=1 as True."""
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(TypeError, match=flag.replace("is_causal", "causal")):
+        attnkit.scaled_dot_product_attention(q, q, q, **{flag: 1})
+    with pytest.raises(TypeError):
+        F.scaled_dot_product_attention(q, q, q, **{flag: 1})

@@ -85,6 +85,8 @@ def scaled_dot_product_attention(
             raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() < 2:
             raise ValueError(f"{OP}: {name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
+    if not isinstance(enable_gqa, bool):  # is_causal is checked by flash_attention
+        raise TypeError(f"{OP}: enable_gqa must be a bool, got {type(enable_gqa).__name__}")
     if is_causal and attn_mask is not None:
         raise ValueError(f"{OP}: pass either attn_mask or is_causal=True, not both (as SDPA)")
     dtype = _autocast.lower_precision_dtype(query.device.type)

@@ -505,3 +505,26 @@ def test_drop_in_errors_are_runtime_errors_as_torchs(call):
     for nn in (torch.nn, attnkit.nn):
         with pytest.raises(RuntimeError):
             runs[call](nn)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_gru_bias_may_be_edited_in_place_before_backward(backend):
+    """torch.nn.GRU's backward needs no bias, so a hook or clamp_ may edit one between forward
+    and backward; the fused op saved the biases, and backward raised."""
+    torch.manual_seed(0)
+    ours = attnkit.nn.GRU(3, 4, num_layers=2, bidirectional=True)
+    theirs = torch.nn.GRU(3, 4, num_layers=2, bidirectional=True)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 3)
+    grads = []
+    for module in (theirs, ours):
+        leaf = x.clone().requires_grad_()
+        with attnkit.use_backend(backend):
+            out, h = module(leaf)
+        with torch.no_grad():
+            module.bias_hh_l0.add_(1.0)
+            module.bias_ih_l1_reverse.mul_(2.0)
+        (out.square().sum() + h.sum()).backward()
+        grads.append((leaf.grad, module.bias_hh_l0.grad, module.weight_hh_l1.grad))
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want)

@@ -189,6 +189,8 @@ def _(grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output, gate
 def _gru_setup_context(ctx, inputs, output):
     x, h0, w_ih, w_hh, b_ih, b_hh, lengths, _ = inputs
     out, _, gates = output
+    # Copies of the (3H) biases: torch.nn.GRU lets a bias be edited in place before backward
+    b_ih, b_hh = (None if b is None else b.detach().clone() for b in (b_ih, b_hh))
     ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, out, gates)
     ctx.mark_non_differentiable(gates)
     ctx.set_materialize_grads(False)  # as the LSTM's: no zero tensor the size of gates
