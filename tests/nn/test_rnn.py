@@ -528,3 +528,25 @@ def test_gru_bias_may_be_edited_in_place_before_backward(backend):
         grads.append((leaf.grad, module.bias_hh_l0.grad, module.weight_hh_l1.grad))
     for want, got in zip(*grads):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype,proj_size,num_layers", [(torch.float32, 2, 1), (torch.float64, 0, 2),
+                                                        (torch.float16, 0, 1)])
+def test_lstm_output_may_be_edited_in_place_where_torch_allows(dtype, proj_size, num_layers):
+    """torch.nn.LSTM's CPU path (all but oneDNN's float32/bfloat16 without projections) lets
+    `out.mul_(2)` precede backward; the fused op saved the output it returned, and raised."""
+    torch.manual_seed(0)
+    ours = attnkit.nn.LSTM(3, 4, num_layers=num_layers, proj_size=proj_size).to(dtype)
+    theirs = torch.nn.LSTM(3, 4, num_layers=num_layers, proj_size=proj_size).to(dtype)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 3, dtype=dtype)
+    grads = []
+    for module in (theirs, ours):
+        leaf = x.clone().requires_grad_()
+        out, (h, c) = module(leaf)
+        out.mul_(2)
+        (out.square().sum() + c.sum()).backward()
+        grads.append((out.detach(), leaf.grad, module.weight_hh_l0.grad))
+    tol = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float16 else {}
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want, **tol)

@@ -79,9 +79,17 @@ def _editable(output: Tensor) -> Tensor:
     """A GRU layer's output as the caller may edit it in place (F.relu(out, inplace=True),
     out += skip), as torch.nn.GRU allows: the fused op saved `output` itself for its backward,
     so the caller gets a copy when autograd recorded the call. (torch.nn.LSTM's output is
-    saved by torch itself, which raises there too: the LSTM returns its own.) Under
+    saved by torch's oneDNN path, which raises: see `_lstm_editable`.) Under
     torch.jit.trace always, as the ops' `save`: a traced graph must not depend on grad mode."""
     return output.clone() if output.requires_grad or torch.jit.is_tracing() else output
+
+
+def _lstm_editable(module: torch.nn.LSTM, output: Tensor) -> Tensor:
+    """An LSTM's output, editable in place where torch.nn.LSTM's is: its CPU path saves no
+    output except under oneDNN (float32 and bfloat16 without projections), which raises as
+    ours does; cuDNN raises too. Elsewhere a copy, as `_editable`."""
+    oneDNN = output.dtype in (torch.float32, torch.bfloat16) and module.proj_size == 0
+    return output if output.device.type != "cpu" or oneDNN else _editable(output)
 
 
 def _dropout(x: Tensor, p: float, batch_sizes: Optional[Tensor], lengths: Optional[Tensor]) -> Tensor:
@@ -201,6 +209,7 @@ class LSTM(torch.nn.LSTM):
             x = input.transpose(0, 1) if self.batch_first else input
             states = _one_layer_states(self, input, hx, 2)
             out, (h, c) = self._run_layer(x.contiguous(), states, self.all_weights[0], None)
+            out = _lstm_editable(self, out)
             return (out.transpose(0, 1) if self.batch_first else out), (h.unsqueeze(0), c.unsqueeze(0))
         if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
             got = f"{len(hx)} states" if isinstance(hx, (tuple, list)) else type(hx).__name__
@@ -244,6 +253,7 @@ class LSTM(torch.nn.LSTM):
             self.check_forward_args(input, hx, batch_sizes)
 
         output, (h_n, c_n) = _stack(self, self._run_layer, input, batch_sizes, list(hx))
+        output = _lstm_editable(self, output)
         hidden = (h_n, c_n)
         if isinstance(orig_input, PackedSequence):
             return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), self.permute_hidden(
