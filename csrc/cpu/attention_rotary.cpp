@@ -18,6 +18,9 @@ RopeTables tables_of(const at::Tensor& q, const c10::optional<at::Tensor>& cu_q,
   TORCH_CHECK(cu_q.has_value() == cu_k.has_value(), "attention: give both cu_seqlens_q and cu_seqlens_k or neither");
   TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.scalar_type() == sin.scalar_type(),
               "attention: rotary_cos and rotary_sin must both be (positions, rotary_dim / 2)");
+  TORCH_CHECK(at::isFloatingType(cos.scalar_type()), "attention: rotary_cos and rotary_sin must be floating point");
+  TORCH_CHECK(offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt,
+              "attention: rotary offsets must be int64 or int32");
   TORCH_CHECK(cos.device().is_cpu() && sin.device().is_cpu() && offsets.device().is_cpu(),
               "attention: rotary tables and offsets must be on the CPU");
   TORCH_CHECK(cos.size(1) >= 1 && 2 * cos.size(1) <= q.size(-1),

@@ -295,3 +295,19 @@ def test_empty_strided_queries_or_keys_with_fused_rope(dtype, empty):
     assert out.shape == (1, 2, sizes[0], 8)
     if sizes[0]:  # no keys: zeros, as every backend gives rows that see no key
         assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("table_dtype", [torch.int64, torch.bool, torch.complex64])
+def test_cpp_entry_points_refuse_tables_that_are_not_real_floats(table_dtype):
+    """attention_rotary_* converted int, bool and complex tables silently (complex dropping
+    its imaginary part); the op refuses them in Python, a direct call now gets the same."""
+    ext, reason = _extensions.load("_C")
+    if ext is None:
+        pytest.skip(reason)
+    q = torch.randn(1, 2, 3, 8)
+    table = torch.ones(4, 2, dtype=table_dtype)
+    base = (None, None, 3, 3, None, None, None, -1, 0, True, 0.0, 0.25, 0.0, 0)
+    with pytest.raises(RuntimeError, match="rotary_cos and rotary_sin must be floating point"):
+        ext.attention_rotary_forward(q, q, q, *base, table, table, torch.zeros(1, dtype=torch.int32), False)
+    with pytest.raises(RuntimeError, match="rotary offsets must be int64 or int32"):
+        ext.attention_rotary_forward(q, q, q, *base, *_tables(4, 4), torch.zeros(1), False)

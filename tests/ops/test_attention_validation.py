@@ -258,3 +258,16 @@ def test_host_block_arithmetic_matches_triton():
 
     assert [next_power_of_2(n) for n in range(1, 600)] == [triton.next_power_of_2(n) for n in range(1, 600)]
     assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 70))
+
+
+@pytest.mark.parametrize("max_seqlen", [2**27, 2**31, 2**63, 2**70])
+def test_varlen_max_seqlen_is_an_upper_bound_of_any_size(max_seqlen):
+    """max_seqlen only bounds the longest sequence (as FlashAttention's): cpp refused it from
+    2^31 ("bad max_seqlen"), pybind from 2^63, and a large one made cpp loop over empty blocks."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(5, 2, 8, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    want = flash_attention_varlen(q, k, v, cu, cu, 3, 3, causal=True)
+    got = flash_attention_varlen(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), q), torch.autograd.grad(want.sum(), q))

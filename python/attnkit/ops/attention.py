@@ -237,6 +237,9 @@ def flash_attention_varlen(
         out (total_q, H, Dv); with return_lse also lse (H, total_q) fp32 (fp64 for fp64 inputs).
     """
     check.varlen(OP_VARLEN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    # An upper bound, as FlashAttention's: no sequence is longer than all the tokens, and the
+    # kernels size their grids (and loops) by it
+    max_seqlen_q, max_seqlen_k = min(max_seqlen_q, q.shape[0]), min(max_seqlen_k, k.shape[0])
     softcap, scale, dropout_p = check.scalars(OP_VARLEN, softcap, scale, dropout_p, q.shape[-1])
     left, right = _window(OP_VARLEN, causal, window_size)
     batch = cu_seqlens_q.numel() - 1
