@@ -112,67 +112,99 @@ def test_patch_errors_and_root():
     assert [name for name, *_ in attnkit.patch(inside).replaced] == ["_orig_mod.0"]
 
 
-def test_patch_copies_hook_containers_of_recurrent_modules():
-    """The recurrent replacements shared the original's hook dicts: a hook registered
-    on the patched module fired on the original too, weight_norm on it broke the
-    original, and after unpatch the original kept the patched module's hooks."""
+_RUNS = {
+    "lstm": (lambda: torch.nn.LSTM(4, 5), lambda m, x: m(x)[0], (3, 2, 4), "weight_hh_l0"),
+    "gru": (lambda: torch.nn.GRU(4, 5), lambda m, x: m(x)[0], (3, 2, 4), "weight_hh_l0"),
+    "lstm_cell": (lambda: torch.nn.LSTMCell(4, 5), lambda m, x: m(x)[0], (2, 4), "weight_hh"),
+    "gru_cell": (lambda: torch.nn.GRUCell(4, 5), lambda m, x: m(x), (2, 4), "weight_hh"),
+    "mha": (lambda: torch.nn.MultiheadAttention(4, 2), lambda m, x: m(x, x, x)[0], (3, 2, 4), "in_proj_weight"),
+    "layer": (lambda: torch.nn.TransformerEncoderLayer(4, 2, 8, 0.0), lambda m, x: m(x), (3, 2, 4), None),
+}
+
+
+@pytest.mark.parametrize("kind", list(_RUNS))
+def test_patch_shares_hooks_and_unpatch_carries_changes_back(kind):
+    """A hook registered before patch and removed while patched kept running (the replacement
+    held a copy of the hook dict); what changed while patched (weight_norm, a replaced
+    Parameter) was dropped by unpatch, which gave back the original's stale weights."""
+    make, run, shape, weight = _RUNS[kind]
     torch.manual_seed(0)
-    originals = {"lstm": torch.nn.LSTM(4, 5), "gru": torch.nn.GRU(4, 5), "lstm_cell": torch.nn.LSTMCell(4, 5),
-                 "gru_cell": torch.nn.GRUCell(4, 5)}
-    model = torch.nn.ModuleDict(originals)
+    model = torch.nn.ModuleDict({"m": make()})
+    original = model["m"]
+    x = torch.randn(shape)
     calls = []
-    for name, module in originals.items():
-        module.register_forward_hook(lambda *_, name=name: calls.append(("before", name)))  # carried over
-    x = {"lstm": torch.randn(3, 2, 4), "gru": torch.randn(3, 2, 4), "lstm_cell": torch.randn(2, 4),
-         "gru_cell": torch.randn(2, 4)}
-    with torch.no_grad():
-        expected = {name: module(x[name]) for name, module in originals.items()}
-    calls.clear()
+    before = original.register_forward_hook(lambda *_: calls.append("before"))
     attnkit.patch(model)
-    for name, module in originals.items():
-        patched = model[name]
-        assert patched is not module and type(patched).__module__.startswith("attnkit.")
-        patched.register_forward_hook(lambda *_, name=name: calls.append(("patched", name)))
+    patched = model["m"]
+    assert patched is not original
+    during = patched.register_forward_hook(lambda *_: calls.append("during"))
+    before.remove()
+    with torch.no_grad():
+        run(patched, x)
+    assert calls == ["during"]
+    if weight is not None:
         with pytest.warns(FutureWarning):
-            torch.nn.utils.weight_norm(patched, "weight_hh_l0" if "cell" not in name else "weight_hh")
-        with torch.no_grad():
-            patched(x[name])
-        assert calls == [("before", name), ("patched", name)]
-        calls.clear()
-        with torch.no_grad():  # the original is untouched: its own parameters and hooks only
-            torch.testing.assert_close(module(x[name]), expected[name])
-        assert calls == [("before", name)]
-        calls.clear()
-    assert sorted(attnkit.unpatch(model)) == sorted(originals)
-    for name, module in originals.items():
-        assert model[name] is module
-        with torch.no_grad():
-            torch.testing.assert_close(model[name](x[name]), expected[name])
-        assert calls == [("before", name)]
-        calls.clear()
-
-
-def test_patch_copies_hook_containers_of_attention_modules():
-    """As the recurrent ones (nn._share): MultiheadAttention and the Transformer layers
-    copied only their parameter, buffer and module dicts and shared every hook dict."""
-    torch.manual_seed(0)
-    originals = {"mha": torch.nn.MultiheadAttention(8, 2), "layer": torch.nn.TransformerEncoderLayer(8, 2, 16, 0.0)}
-    model = torch.nn.ModuleDict(originals)
-    x = torch.randn(3, 2, 8)
-    run = {"mha": lambda m: m(x, x, x)[0], "layer": lambda m: m(x)}
+            torch.nn.utils.weight_norm(patched, weight)
+    name, param = next(iter(patched.named_parameters(recurse=False))) if kind != "layer" else \
+        ("linear1.weight", None)
+    if param is not None:  # a new Parameter object, as load_state_dict(assign=True) gives
+        setattr(patched, name, torch.nn.Parameter(param.detach() * 0.5))
     with torch.no_grad():
-        expected = {name: run[name](module) for name, module in originals.items()}
+        want = run(patched, x)
+    calls.clear()
+    assert attnkit.unpatch(model) == ["m"] and model["m"] is original
+    with torch.no_grad():
+        torch.testing.assert_close(run(original, x), want)
+    assert calls == ["during"]
+    during.remove()
+    with torch.no_grad():
+        run(original, x)
+    assert calls == ["during"]
+
+
+def test_patch_keeps_each_submodules_training_flag():
+    """patch and unpatch called the recursive train(flag): a user layer or dropout left in
+    eval inside a replaced encoder was switched to training."""
+    encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16), 2, enable_nested_tensor=False)
+    model = torch.nn.Sequential(encoder).train()
+    encoder.layers[1].eval()
+    encoder.layers[0].dropout.eval()
+    flags = {name: m.training for name, m in model.named_modules()}
     attnkit.patch(model)
-    for name, module in originals.items():
-        calls = []
-        patched = model[name]
-        assert patched is not module
-        patched.register_forward_hook(lambda *_: calls.append("patched"))
-        if name == "mha":  # replaces a Parameter of the module itself (the layer's are in shared submodules)
-            with pytest.warns(FutureWarning):
-                torch.nn.utils.weight_norm(patched, "in_proj_weight")
-        with torch.no_grad():
-            run[name](patched)
-            assert calls == ["patched"]
-            torch.testing.assert_close(run[name](module), expected[name])  # its own parameters, no hook
-        assert calls == ["patched"]
+    assert {name: m.training for name, m in model.named_modules()} == flags
+    model[0].layers[0].self_attn.eval()
+    flags.update({"0.layers.0.self_attn": False, "0.layers.0.self_attn.out_proj": False})
+    attnkit.unpatch(model)
+    assert {name: m.training for name, m in model.named_modules()} == flags
+
+
+def test_patch_keeps_a_tied_module_tied():
+    """An attention also reachable outside its encoder became two attnkit modules (the
+    encoder's from_torch built its own), so a hook on one missed the encoder's calls."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16, 0.0), 1,
+                                                     enable_nested_tensor=False)
+            self.attn = self.first.layers[0].self_attn
+            self.second = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16, 0.0), 1,
+                                                      enable_nested_tensor=False)
+            self.second.layers[0] = self.first.layers[0]
+
+    model = Model()
+    attnkit.patch(model)
+    assert type(model.attn) is attnkit.nn.MultiheadAttention
+    assert model.attn is model.first.layers[0].self_attn
+    assert model.second.layers[0] is model.first.layers[0]
+    attnkit.unpatch(model)
+    assert type(model.attn) is torch.nn.MultiheadAttention and model.attn is model.first.layers[0].self_attn
+
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "LSTMCell", "GRUCell", "MultiheadAttention", "TransformerEncoderLayer",
+                                  "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder", "Transformer"])
+def test_every_from_torch_exists_and_checks_its_argument(name):
+    """PatchReport sends a root cell to LSTMCell.from_torch, which did not exist; the
+    Transformer ones took any module and returned a broken object."""
+    with pytest.raises(TypeError, match=rf"{name}.from_torch: expected a torch.nn.{name}, got Linear"):
+        getattr(attnkit.nn, name).from_torch(torch.nn.Linear(4, 4))

@@ -4,17 +4,18 @@ attnkit drop-in, in place; `attnkit.unpatch(model)` and `attnkit.patched(model)`
 Each replacement is built by the drop-in's `from_torch` (or an equivalent share):
 a new module object holding the same Parameter objects (so weights, device, dtype,
 optimizers and hooks carry over) and the same training flag, set into the parent in
-place of the original. Every replacement holds copies of the original's hook and
-parameter containers (attnkit.nn._share): a hook, parameter or
-parametrization added to one module stays on that one, and unpatch puts back the
-original as it was (but for the values of the shared Parameters). Only exact torch.nn
-classes are replaced: a user subclass may override forward, so it is skipped (with
-the reason) and its children are visited.
+place of the original. Replacements share the originals' hook dicts and hold copies
+of their parameter and buffer dicts (attnkit.nn._share, `_tie`); unpatch carries back what
+changed while patched: each module's training flag, and Parameters and buffers that
+were replaced, added or deleted (load_state_dict(assign=True), to_empty, weight_norm).
+Only exact torch.nn classes are replaced: a user subclass may override forward, so it
+is skipped (with the reason) and its children are visited.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Type, Union
@@ -22,13 +23,9 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Ty
 import torch
 
 from . import nn as ak
-from .nn._share import shared
+from .nn._share import HOOK_CONTAINERS
 
 _ORIGINALS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
-
-
-def _share(cls):
-    return lambda module: shared(cls, module)
 
 
 def _supported() -> Dict[Type[torch.nn.Module], Callable[[torch.nn.Module], torch.nn.Module]]:
@@ -43,7 +40,7 @@ def _supported() -> Dict[Type[torch.nn.Module], Callable[[torch.nn.Module], torc
     for name in ("LSTM", "GRU", "LSTMCell", "GRUCell"):  # the recurrent drop-ins this install has
         ours = getattr(ak, name, None)
         if ours is not None:
-            table[getattr(torch.nn, name)] = getattr(ours, "from_torch", None) or _share(ours)
+            table[getattr(torch.nn, name)] = ours.from_torch
     return table
 
 
@@ -105,7 +102,7 @@ def _visit(parent: torch.nn.Module, prefix: str, table, chosen, report: PatchRep
             new = memo.get(id(child))
             if new is None:  # a module shared by several parents becomes one attnkit module
                 new = memo[id(child)] = chosen[cls](child)
-                new.train(child.training)
+                _tie(child, new, memo)
             parent._modules[name] = new
             _ORIGINALS[new] = child
             report.replaced.append((qualified, f"torch.nn.{cls.__name__}", f"{type(new).__module__}.{type(new).__name__}"))
@@ -119,9 +116,56 @@ def _visit(parent: torch.nn.Module, prefix: str, table, chosen, report: PatchRep
         _visit(child, qualified + ".", table, chosen, report, memo)
 
 
+def _tie(original: torch.nn.Module, new: torch.nn.Module, memo: Dict) -> None:
+    """Pairs `new` (built by a from_torch) and its inner replacements with their originals:
+    each shares its original's hook dicts (from_torch copies them, but a RemovableHandle
+    deletes its hook from the one dict it knows, so a copy would keep running a hook its
+    owner removed), and an inner original met again elsewhere (a tied attention, one
+    layer in two encoders) gets the same replacement."""
+    originals = dict(original.named_modules(remove_duplicate=False))
+    for name, sub in list(new.named_modules(remove_duplicate=False)):
+        inner = originals.get(name)
+        if inner is None or inner is sub:
+            continue
+        known = memo.setdefault(id(inner), sub)
+        if known is not sub:
+            parent, _, leaf = name.rpartition(".")
+            new.get_submodule(parent)._modules[leaf] = known
+        else:
+            sub.__dict__.update({key: inner.__dict__[key] for key in HOOK_CONTAINERS if key in inner.__dict__})
+
+
+def _carry_back(replacement: torch.nn.Module, original: torch.nn.Module) -> None:
+    """What changed on `replacement` and its submodules while patched, onto `original` and
+    its counterparts (the same qualified names; shared submodules are the same objects)."""
+    counterparts = dict(original.named_modules(remove_duplicate=False))
+    for name, module in replacement.named_modules(remove_duplicate=False):
+        target = counterparts.get(name)
+        if target is None or target is module:
+            continue
+        target.training = module.training
+        for key in ("_parameters", "_buffers", "_non_persistent_buffers_set"):
+            ours, theirs = module.__dict__[key], target.__dict__[key]
+            if _differs(ours, theirs):
+                theirs.clear()
+                theirs.update(ours)
+                if hasattr(target, "_init_flat_weights"):  # torch.nn RNNs cache their weights in a list
+                    target._init_flat_weights()
+
+
+def _differs(ours, theirs) -> bool:
+    if isinstance(ours, set):
+        return ours != theirs
+    return ours.keys() != theirs.keys() or any(theirs[key] is not value for key, value in ours.items())
+
+
 def unpatch(model: torch.nn.Module) -> List[str]:
-    """Puts back every original module that attnkit.patch replaced inside `model` (with the
-    attnkit module's training flag); returns their qualified names."""
+    """Puts back every original module that attnkit.patch replaced inside `model`, carrying
+    back what changed while patched (training flags, replaced Parameters and buffers);
+    returns their qualified names. A module parametrized while patched stays (warned): its
+    parametrization belongs to its class. The originals are known to this process for the
+    patched object itself: a copy or a reloaded patched model keeps its attnkit modules (load
+    its state_dict into the torch.nn model instead)."""
     restored: List[str] = []
 
     def visit(parent, prefix):
@@ -129,8 +173,11 @@ def unpatch(model: torch.nn.Module) -> List[str]:
             if child is None:
                 continue
             original = _ORIGINALS.get(child)
-            if original is not None:
-                original.train(child.training)
+            if original is not None and torch.nn.utils.parametrize.is_parametrized(child):
+                warnings.warn(f"attnkit.unpatch: {prefix + name} was parametrized while patched; it stays an "
+                              f"attnkit module (remove the parametrizations first to unpatch it)", stacklevel=3)
+            elif original is not None:
+                _carry_back(child, original)
                 parent._modules[name] = original
                 restored.append(prefix + name)
                 child = original
@@ -138,6 +185,7 @@ def unpatch(model: torch.nn.Module) -> List[str]:
 
     visit(model, "")
     return restored
+
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import _validate, ops
-from ._share import shared
+from ._share import check_from_torch, shared
 from .._autocast import cast_floating as _autocast
 from .._validate import PLAIN_TENSORS
 
@@ -343,6 +343,12 @@ class GRU(torch.nn.GRU):
 
 class GRUCell(torch.nn.GRUCell):
     """torch.nn.GRUCell as one step of the fused GRU op; same arguments and state_dict."""
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.GRUCell) -> "GRUCell":
+        """An attnkit.nn.GRUCell sharing `module`'s configuration and Parameter objects."""
+        check_from_torch(cls, module, torch.nn.GRUCell)
+        return shared(cls, module)
 
     @_validate.torch_compatible_errors
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:

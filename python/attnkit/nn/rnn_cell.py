@@ -11,10 +11,17 @@ import torch
 from torch import Tensor
 
 from .. import _validate, ops
+from ._share import check_from_torch, shared
 from .rnn import _autocast, _autocast_dtype, _call_cell
 
 
 class LSTMCell(torch.nn.LSTMCell):
+    @classmethod
+    def from_torch(cls, module: torch.nn.LSTMCell) -> "LSTMCell":
+        """An attnkit.nn.LSTMCell sharing `module`'s configuration and Parameter objects."""
+        check_from_torch(cls, module, torch.nn.LSTMCell)
+        return shared(cls, module)
+
     @_validate.torch_compatible_errors
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         if not isinstance(input, Tensor):

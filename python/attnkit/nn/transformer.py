@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
 from ..ops.attention_validation import cu_seqlens_checked_once
-from ._share import shared
+from ._share import check_from_torch, shared
 from .attention import MultiheadAttention
 
 
@@ -63,6 +63,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     @classmethod
     def from_torch(cls, layer: torch.nn.TransformerEncoderLayer) -> "TransformerEncoderLayer":
         """An attnkit layer sharing `layer`'s configuration and parameters (`layer` is untouched)."""
+        check_from_torch(cls, layer, torch.nn.TransformerEncoderLayer)
         new = shared(cls, layer)
         _swap_attention(new)
         return new
@@ -102,6 +103,7 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
 
     @classmethod
     def from_torch(cls, layer: torch.nn.TransformerDecoderLayer) -> "TransformerDecoderLayer":
+        check_from_torch(cls, layer, torch.nn.TransformerDecoderLayer)
         new = shared(cls, layer)
         _swap_attention(new)
         return new
@@ -137,6 +139,7 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
 
     @classmethod
     def from_torch(cls, encoder: torch.nn.TransformerEncoder) -> "TransformerEncoder":
+        check_from_torch(cls, encoder, torch.nn.TransformerEncoder)
         new = shared(cls, encoder)
         new._modules["layers"] = _adopt_layers(encoder.layers, torch.nn.TransformerEncoderLayer, TransformerEncoderLayer)
         new.use_nested_tensor = False
@@ -204,6 +207,7 @@ class TransformerDecoder(torch.nn.TransformerDecoder):
 
     @classmethod
     def from_torch(cls, decoder: torch.nn.TransformerDecoder) -> "TransformerDecoder":
+        check_from_torch(cls, decoder, torch.nn.TransformerDecoder)
         new = shared(cls, decoder)
         new._modules["layers"] = _adopt_layers(decoder.layers, torch.nn.TransformerDecoderLayer, TransformerDecoderLayer)
         return new
@@ -230,6 +234,7 @@ class Transformer(torch.nn.Transformer):
 
     @classmethod
     def from_torch(cls, model: torch.nn.Transformer) -> "Transformer":
+        check_from_torch(cls, model, torch.nn.Transformer)
         new = shared(cls, model)
         if type(model.encoder) is torch.nn.TransformerEncoder:
             new._modules["encoder"] = TransformerEncoder.from_torch(model.encoder)
