@@ -269,3 +269,35 @@ def test_attention_compiles_once_for_every_batch_size():
         q = _randn(batch, 2, 6, 8)
         torch.testing.assert_close(compiled(q), ops.flash_attention(q, q, q, causal=True))
     assert len(frames) <= 2  # one per batch size before (dynamo may specialize the first call)
+
+
+@pytest.mark.parametrize("kind", ["mha", "sdpa", "flash_attention"])
+def test_jit_trace_of_attention_runs_at_other_lengths(kind):
+    """torch.jit.trace froze the dense lengths passed to the custom op as ints, so a traced
+    attention failed at any other length ("dense max_seqlen must be Nq and Nk"); the SDPA
+    drop-in could not be traced at all (traced head counts, compared as tensors)."""
+    torch.manual_seed(0)
+    class SelfAttention(torch.nn.Module):
+        def __init__(self, attention):
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, x):
+            return self.attention(x, x, x, need_weights=False)[0]
+
+    if kind == "mha":
+        fn = SelfAttention(nn.MultiheadAttention(8, 2)).eval()
+        want_fn = SelfAttention(torch.nn.MultiheadAttention(8, 2)).eval()
+        want_fn.load_state_dict(fn.state_dict())
+        shapes = [(3, 2, 8), (6, 2, 8)]
+    else:
+        op = attnkit.scaled_dot_product_attention if kind == "sdpa" else \
+            (lambda q, k, v, is_causal: ops.flash_attention(q, k, v, causal=is_causal))
+        fn = lambda x: op(x, x, x, is_causal=True)  # noqa: E731
+        want_fn = lambda x: torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)  # noqa: E731
+        shapes = [(1, 2, 4, 8), (2, 2, 7, 8)]
+    with torch.no_grad():
+        traced = torch.jit.trace(fn, (torch.randn(shapes[0]),), check_trace=False)
+        for shape in shapes:
+            x = torch.randn(shape)
+            torch.testing.assert_close(traced(x), want_fn(x))

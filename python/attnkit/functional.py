@@ -36,7 +36,7 @@ def _heads(hq: int, hk: int, hv: int, enable_gqa: bool) -> Tuple[int, int]:
             if h == 0 or hq % h != 0:
                 raise ValueError(f"{OP}: query heads ({hq}) must be a multiple of {name} heads ({h}) with enable_gqa")
         return hq, hk if hk == hv else hq
-    heads = {h for h in (hq, hk, hv) if h != 1}
+    heads = {int(h) for h in (hq, hk, hv) if h != 1}  # int: torch.jit.trace gives sizes as tensors
     if len(heads) > 1:
         raise ValueError(f"{OP}: query, key and value have {hq}, {hk} and {hv} heads (dim -3), which do not "
                          f"broadcast; pass enable_gqa=True for GQA/MQA")

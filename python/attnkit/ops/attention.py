@@ -26,6 +26,8 @@ _ALIGNMENTS = ("bottom_right", "top_left")
 def _call(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, window_left, window_right, bottom_right, softcap, scale,
           dropout_p, seed, alibi_slopes, rotary_cos, rotary_sin, rotary_offsets, rotary_interleaved,
           mask_grad=False) -> AttentionCall:
+    if cu_q is None:  # dense: the lengths are q's and k's (torch.jit.trace froze the ints it was given)
+        max_q, max_k = q.shape[2], k.shape[2]
     return AttentionCall(q, k, v, cu_q, cu_k, max_q, max_k, mask, pad, (window_left, window_right), bottom_right,
                          softcap, scale, dropout_p, 0 if seed is None else int(seed), alibi_slopes, rotary_cos,
                          rotary_sin, rotary_offsets, rotary_interleaved, mask_grad)
