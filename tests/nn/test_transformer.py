@@ -285,3 +285,23 @@ def test_encoder_with_hooks_runs_them_on_padded_batches(where):
     assert out_calls == expected_calls == 2
     keep = ~pad
     torch.testing.assert_close(out[keep], expected[keep])
+
+
+def test_encoder_hands_a_users_layer_float_masks_as_torch():
+    """torch.nn.TransformerEncoder passes its layers float (0 / -inf) masks; the attnkit
+    encoder passed a user's layer the bool mask as given, which it added to its scores."""
+    seen = []
+
+    class AddsMask(torch.nn.TransformerEncoderLayer):
+        def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+            seen.append(src_key_padding_mask.dtype)
+            scores = src @ src.transpose(1, 2) + src_key_padding_mask[:, None, :]
+            return src + torch.softmax(scores, -1) @ src
+
+    torch.manual_seed(0)
+    theirs = torch.nn.TransformerEncoder(AddsMask(8, 2, 16, 0.0, batch_first=True), 2, enable_nested_tensor=False)
+    ours = ak.TransformerEncoder.from_torch(theirs)
+    x = torch.randn(2, 5, 8)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    torch.testing.assert_close(ours(x, src_key_padding_mask=pad), theirs(x, src_key_padding_mask=pad))
+    assert seen == [torch.float32] * 4

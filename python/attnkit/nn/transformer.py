@@ -55,6 +55,14 @@ def _canonical_masks(src: Tensor, mask: Optional[Tensor], pad: Optional[Tensor],
     return mask, pad
 
 
+def _float_masks(src: Tensor, mask: Optional[Tensor], pad: Optional[Tensor]):
+    """(mask, pad) as torch.nn.TransformerEncoder hands them to its layers: float, 0 / -inf."""
+    return (F._canonical_mask(mask=mask, mask_name="mask", other_type=None, other_name="", target_type=src.dtype,
+                              check_other=False),
+            F._canonical_mask(mask=pad, mask_name="src_key_padding_mask", other_type=F._none_or_dtype(mask),
+                              other_name="mask", target_type=src.dtype))
+
+
 class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -156,9 +164,13 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
         if self._packable(src, mask, src_key_padding_mask, is_causal):
             output = self._packed(src, mask, src_key_padding_mask, is_causal, batch_first)
         else:
-            output = src
+            output, float_masks = src, None
             for layer in self.layers:
-                output = layer(output, src_mask=layer_mask, is_causal=is_causal, src_key_padding_mask=layer_pad)
+                masks = (layer_mask, layer_pad)
+                if not isinstance(layer, TransformerEncoderLayer):  # a user's layer gets what torch's encoder passes
+                    float_masks = float_masks or _float_masks(src, mask, src_key_padding_mask)
+                    masks = float_masks
+                output = layer(output, src_mask=masks[0], is_causal=is_causal, src_key_padding_mask=masks[1])
         return output if self.norm is None else self.norm(output)
 
     def _packable(self, src, mask, pad, is_causal) -> bool:
