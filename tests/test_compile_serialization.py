@@ -301,3 +301,17 @@ def test_jit_trace_of_attention_runs_at_other_lengths(kind):
         for shape in shapes:
             x = torch.randn(shape)
             torch.testing.assert_close(traced(x), want_fn(x))
+
+
+def test_jit_script_of_a_patched_model_says_what_to_use():
+    """torch.jit.script of a patched model failed with TorchScript internals ("Couldn't find
+    method: 'forward__0'", "Lambda aren't supported")."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LSTM(4, 5))
+    attnkit.patch(model)
+    with pytest.raises(RuntimeError, match=r"attnkit.nn.LSTM cannot be compiled by torch.jit.script .* "
+                                           r"torch.jit.trace, or attnkit.unpatch\(model\) first"):
+        torch.jit.script(model)
+    attnkit.unpatch(model)
+    with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script"):
+        torch.jit.script(nn.MultiheadAttention(4, 2))
+    torch.jit.script(nn.ALiBi(2))  # scriptable, and stays so
