@@ -13,11 +13,13 @@ directly (inference): same kernels, same backward formula, same backend choice.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import weakref
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from ._dispatch import forced_as_forward, remember_forcing
@@ -28,13 +30,20 @@ from ._validate import PLAIN_TENSORS
 # distinct type instead of a generator step per argument (an op passes ~20).
 _PLAIN_TYPES = frozenset(PLAIN_TENSORS) | {type(None), bool, int, float, str, tuple, list, torch.dtype, torch.device}
 
+# Set while a backward runs on batched gradients (autograd.grad(is_grads_batched=True),
+# jacobian(vectorize=True)): torch's legacy vmap hands BatchedTensors that type() calls plain
+# torch.Tensors but that have no storage for the kernels; the custom ops loop over them.
+_batched_backward = contextvars.ContextVar("attnkit_batched_backward", default=False)
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
 
 def plain_call(args: Sequence[Any]) -> bool:
     """True when nothing but eager autograd would see a call with `args`: no
     compile, tracing, functorch transform or dispatch mode, and every tensor
     among them a plain one."""
     return (
-        not torch.compiler.is_compiling()
+        not _batched_backward.get()
+        and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._are_functorch_transforms_active()
@@ -61,10 +70,37 @@ def needs_grad(tensors: Iterable[Any]) -> bool:
 
 def call(kernels: Callable, custom_op: Callable, *args: Any) -> Any:
     """`kernels(*args)` where nothing but eager autograd sees the call, else `custom_op(*args)`."""
+    name = getattr(custom_op, "_name", None) or getattr(kernels, "__name__", "this op")
+    refuse_forward_ad(name, args)
     if plain_call(args):
         return kernels(*args)
-    refuse_differentiating_transforms(getattr(custom_op, "_name", None) or getattr(kernels, "__name__", "this op"))
+    refuse_differentiating_transforms(name)
     return custom_op(*args)
+
+
+def refuse_forward_ad(name: str, args: Sequence[Any]) -> None:
+    """NotImplementedError when an argument carries a forward-mode AD tangent (torch.autograd.forward_ad):
+    the kernels and the custom ops have no forward-mode formula and would drop it silently."""
+    if has_tangent(args):
+        name = name if name.startswith("attnkit") else f"attnkit {name}"
+        raise NotImplementedError(f"{name}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) "
+                                  f"is not implemented: the op would drop the tangent; use reverse mode "
+                                  f"(torch.autograd.grad)")
+
+
+def has_tangent(args: Sequence[Any]) -> bool:
+    """Whether a tensor among `args` carries a forward-mode AD tangent."""
+    if getattr(forward_ad, "_current_level", 0) < 0:  # no dual level entered: one attribute read
+        return False
+    return any(isinstance(arg, Tensor) and forward_ad.unpack_dual(arg).tangent is not None for arg in _flat(args))
+
+
+def _flat(values: Iterable[Any]) -> Iterator[Any]:
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            yield from _flat(value)
+        else:
+            yield value
 
 
 def refuse_differentiating_transforms(name: str) -> None:
@@ -102,13 +138,15 @@ def autograd_function(
     `once`: the formula calls kernels without an autograd formula of their own
     (no double backward, as through the custom op); else it is differentiable.
     The backward runs under the forward's backend forcing, as `register_autograd`'s."""
-    setup_context, backward = remember_forcing(setup_context), forced_as_forward(backward)
+    setup_context = remember_forcing(setup_context)
+    backward = _batched_grads_through_custom_ops(forced_as_forward(backward))
 
     def forward(ctx, *args):  # not forward + setup_context: apply() would then bind the arguments with inspect
         output = kernels(*args)
         setup_context(ctx, args, output)
-        if once:  # leaves (the weights) held, the rest weakly: a checkpointed region frees them
-            ctx.graph_links = [t if t.is_leaf else weakref.ref(t) for t in _differentiable_tensors(args)]
+        if once:  # leaves (the weights) and vectors (biases: unsaved, small) held, the rest weakly:
+            # a checkpointed region frees them, and the ops save those they need
+            ctx.graph_links = [t if t.is_leaf or t.dim() <= 1 else weakref.ref(t) for t in _differentiable_tensors(args)]
         return output
 
     backward = _first_order_only(name, backward) if once else backward
@@ -118,7 +156,23 @@ def autograd_function(
 
 def register_autograd(custom_op: Any, backward: Callable, setup_context: Callable) -> None:
     """custom_op.register_autograd, with the backward run under the forward's backend forcing."""
-    custom_op.register_autograd(forced_as_forward(backward), setup_context=remember_forcing(setup_context))
+    custom_op.register_autograd(_batched_grads_through_custom_ops(forced_as_forward(backward)),
+                                setup_context=remember_forcing(setup_context))
+
+
+def _batched_grads_through_custom_ops(backward: Callable) -> Callable:
+    """`backward`, calling the custom ops (not the kernels) when its gradients are legacy-vmap batched."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if not any(isinstance(g, Tensor) and _is_legacy_batched(g) for g in grads):
+            return backward(ctx, *grads)
+        token = _batched_backward.set(True)
+        try:
+            return backward(ctx, *grads)
+        finally:
+            _batched_backward.reset(token)
+
+    return wrapper
 
 
 def _first_order_only(name: str, backward: Callable) -> Callable:
@@ -130,8 +184,8 @@ def _first_order_only(name: str, backward: Callable) -> Callable:
     from the forward's differentiable inputs (and the incoming gradients): autograd.grad
     runs only the nodes that lead to its `inputs`, so a node on detached leaves alone
     never ran there and a gradient penalty w.r.t. the weights lost its term silently.
-    Non-leaf inputs are linked while alive only: holding them would keep what activation
-    checkpointing frees."""
+    Non-leaf inputs other than vectors are linked while alive only: holding them would keep
+    what activation checkpointing frees (an op saves those it needs, which keeps them alive)."""
     label = name.strip("_").removesuffix("Function")
     message = (f"attnkit {label}: its backward is not differentiable: second-order gradients (double backward, "
                f"create_graph=True) are not implemented").encode()

@@ -264,3 +264,17 @@ def test_queries_with_no_keys_at_all(backend, device):
     expected, _ = ref.attention(packed_q[2:].detach().transpose(0, 1)[None].double(),
                                 *(packed_kv.transpose(0, 1)[None].double(),) * 2)
     assert_close(out_v[2:], expected[0].transpose(0, 1), 1e-4, "out of the sequence with keys")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_varlen_cu_seqlens_may_be_strided_views(backend, device):
+    """Columns of one (B + 1, 2) table: Triton read cu_seqlens as contiguous (values off by 1e9
+    and more); cpp and the reference were right."""
+    with forced(OP, backend, device) as dev:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(n, 2, 16, generator=gen).to(dev).requires_grad_() for n in (7, 11, 11))
+        table = torch.tensor([[0, 0], [3, 5], [3, 7], [7, 11]], dtype=torch.int32, device=dev)
+        got = flash_attention_varlen(q, k, v, table[:, 0], table[:, 1], 4, 5, causal=True)
+        want = flash_attention_varlen(q, k, v, table[:, 0].contiguous(), table[:, 1].contiguous(), 4, 5, causal=True)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got.sum(), q), torch.autograd.grad(want.sum(), q))

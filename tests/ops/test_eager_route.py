@@ -281,3 +281,62 @@ def test_vmap_then_backward_through_frozen_weights_and_in_place_rotary():
     xs = torch.randn(3, 1, 4, 2, 8)
     rotated = torch.func.vmap(lambda a: attnkit.ops.apply_rotary(a.clone(), cos, sin, inplace=True))(xs)
     torch.testing.assert_close(rotated, attnkit.ops.apply_rotary(xs.flatten(0, 1), cos, sin).view_as(xs))
+
+
+@pytest.mark.parametrize("op", ["lstm_cell", "gru"])
+def test_second_order_gradients_raise_for_a_computed_bias(op):
+    """A bias computed in the graph (MAML's adapted bias) is not saved by the op, and was
+    linked to the raising node only while alive: freed, the meta-gradient came back
+    first-order only, without an error."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    gates = 4 if op == "lstm_cell" else 3
+    w_ih, w_hh = torch.randn(gates * 4, 3, dtype=torch.float64), torch.randn(gates * 4, 4, dtype=torch.float64)
+    base = torch.randn(gates * 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.zeros(2, 4, dtype=torch.float64)
+    if op == "lstm_cell":
+        out = lstm_cell(x, (h0, h0), w_ih, w_hh, base * 2, None)[0]
+    else:
+        out = gru(x[None], h0, w_ih, w_hh, base * 2, None)[0]
+    (grad,) = torch.autograd.grad(out.sum(), [x], create_graph=True)  # a constant incoming gradient
+    with pytest.raises(RuntimeError, match="backward is not differentiable: second-order gradients"):
+        torch.autograd.grad(grad.square().sum(), [base])
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_batched_gradients_run_through_the_custom_ops(backend):
+    """autograd.grad(is_grads_batched=True) (and jacobian(vectorize=True)) hands the backward
+    legacy-vmap BatchedTensors, which the cpp kernels took for plain tensors and crashed on
+    ("Cannot access data pointer of Tensor that doesn't have storage")."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 3, 8, requires_grad=True)
+    x = torch.randn(4, 2, 3, requires_grad=True)
+    lstm_module = attnkit.nn.LSTM(3, 5)
+    with attnkit.use_backend(backend):
+        for fn, inp in ((lambda q: flash_attention(q, q, q, causal=True), q), (lambda x: lstm_module(x)[0], x)):
+            out = fn(inp)
+            grads = torch.randn(3, *out.shape)
+            (batched,) = torch.autograd.grad(out, inp, grads, is_grads_batched=True, retain_graph=True)
+            for i in range(3):
+                (one,) = torch.autograd.grad(out, inp, grads[i], retain_graph=True)
+                torch.testing.assert_close(batched[i], one)
+
+
+def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
+    """A dual tensor does not require grad, so the ops ran their inference path and returned
+    an output without a tangent: a zero derivative. nn.Linear runs F.linear there, as torch."""
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(0)
+    q, x = torch.randn(1, 2, 3, 8), torch.randn(4, 2, 3)
+    linear_module, reference = attnkit.nn.Linear(3, 5), torch.nn.Linear(3, 5)
+    reference.load_state_dict(linear_module.state_dict())
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="attention_forward: forward-mode AD"):
+            flash_attention(fwAD.make_dual(q, torch.ones_like(q)), q, q)
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            attnkit.nn.GRU(3, 5)(fwAD.make_dual(x, torch.ones_like(x)))
+        with pytest.raises(NotImplementedError, match="apply_rotary: forward-mode AD"):
+            attnkit.ops.apply_rotary(fwAD.make_dual(q, torch.ones_like(q)), torch.randn(3, 4), torch.randn(3, 4))
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        got, want = (fwAD.unpack_dual(m(dual)).tangent for m in (linear_module, reference))
+        torch.testing.assert_close(got, want)

@@ -359,3 +359,17 @@ def test_cpp_entry_point_refuses_an_out_that_overlaps_x():
     for out in (storage[8:].view(2, 4, 2, 8), torch.empty(1, 1, 1, 8).expand(2, 4, 2, 8)):
         with pytest.raises(RuntimeError, match="out must be x itself or not overlap it"):
             ext.rotary_apply(x, cos, sin, offsets, 0, False, False, out, None)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_packed_cu_seqlens_may_be_a_strided_view(backend, device, inplace):
+    """Triton read a strided cu_seqlens as contiguous; in place it corrupted the heap."""
+    with forced(OP, backend, device) as dev:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(7, 2, 8, generator=gen).to(dev)
+        cos, sin = (torch.randn(6, 4, generator=gen).to(dev) for _ in range(2))
+        table = torch.tensor([[0, 9], [3, 9], [3, 9], [7, 9]], dtype=torch.int32, device=dev)
+        want = apply_rotary(x, cos, sin, cu_seqlens=table[:, 0].contiguous(), max_seqlen=4)
+        got = apply_rotary(x.clone(), cos, sin, cu_seqlens=table[:, 0], max_seqlen=4, inplace=inplace)
+        torch.testing.assert_close(got, want)

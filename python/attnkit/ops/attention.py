@@ -242,6 +242,7 @@ def flash_attention_varlen(
     # An upper bound, as FlashAttention's: no sequence is longer than all the tokens, and the
     # kernels size their grids (and loops) by it
     max_seqlen_q, max_seqlen_k = min(max_seqlen_q, q.shape[0]), min(max_seqlen_k, k.shape[0])
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # Triton reads them so
     softcap, scale, dropout_p = check.scalars(OP_VARLEN, softcap, scale, dropout_p, q.shape[-1])
     left, right = _window(OP_VARLEN, causal, window_size)
     batch = cu_seqlens_q.numel() - 1

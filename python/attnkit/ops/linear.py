@@ -61,8 +61,11 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     On CPU in float32 with at most 16 rows (the product of x's leading dims) it runs
     csrc/cpu/linear.cpp; everything else runs F.linear itself. Under autocast it
     computes in the autocast dtype, as F.linear (on autocast's lower-precision list).
-    Complex x and weight of one dtype, which no kernel here takes, run F.linear, as torch.nn.Linear."""
+    Complex x and weight of one dtype, which no kernel here takes, run F.linear, as torch.nn.Linear;
+    so do forward-mode AD tangents, which the kernel would drop."""
     if isinstance(x, Tensor) and x.is_complex() and isinstance(weight, Tensor) and weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    if _eager.has_tangent((x, weight, bias)):
         return F.linear(x, weight, bias)
     _validate.tensor(OP, "x", x)
     dtype = _autocast.lower_precision_dtype(x.device.type)

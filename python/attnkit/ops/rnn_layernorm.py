@@ -222,6 +222,7 @@ def layer_norm_lstm(
     g_c, be_c = _validated_ln(LSTM_OP, "ln_c", ln_c, H, x)
     zoneout = _validated_zoneout(LSTM_OP, zoneout, x, H)
     _eager.refuse_differentiating_transforms(LSTM_OP)
+    _eager.refuse_forward_ad(LSTM_OP, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, g_c, be_c))
     save = _eager.needs_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, g_c, be_c))
     output, h_n, c_n, *_ = _ln_lstm_forward(
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, g_c, be_c, lengths, zoneout, save
@@ -262,6 +263,7 @@ def layer_norm_gru(
     g_hh, be_hh = _validated_ln(GRU_OP, "ln_hh", ln_hh, 3 * H, x)
     zoneout = _validated_zoneout(GRU_OP, zoneout, x, H)
     _eager.refuse_differentiating_transforms(GRU_OP)
+    _eager.refuse_forward_ad(GRU_OP, (x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh))
     save = _eager.needs_grad((x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh))
     output, h_n, *_ = _ln_gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, lengths, zoneout, save)
     return output, h_n

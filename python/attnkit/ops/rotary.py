@@ -213,9 +213,11 @@ def apply_rotary(
         (fp64 for fp64 x): out[:R] = x cos + rotate_half(x) sin per pair.
     """
     _eager.refuse_differentiating_transforms("apply_rotary")
+    _eager.refuse_forward_ad("apply_rotary", (x, cos, sin))
     original = x
     x, cos, sin, offsets, offset, max_seqlen = _validated(x, cos, sin, interleaved, seqlen_offsets, inplace, layout,
                                                           cu_seqlens, max_seqlen)
+    cu_seqlens = None if cu_seqlens is None else cu_seqlens.contiguous()  # Triton reads it so
     if inplace and torch._C._are_functorch_transforms_active():  # the mutating op has no batching rule
         rotated = _rotary(x, cos, sin, offsets, offset, interleaved, False, cu_seqlens, max_seqlen)
         x.copy_(rotated)
