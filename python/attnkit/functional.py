@@ -94,6 +94,8 @@ def scaled_dot_product_attention(
         query, key, value, attn_mask = _autocast.cast_floating(dtype, (query, key, value, attn_mask))
         with _autocast.off(query.device.type, True):
             return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool) and not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{OP}: dropout_p must be in [0, 1], got {dropout_p}")
     if isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool) and dropout_p == 1.0:
         drop_all, dropout_p = True, 0.0  # every probability dropped: zeros, as SDPA
     else:

@@ -378,3 +378,37 @@ def test_from_torch_refuses_a_parametrized_module():
     torch.nn.utils.parametrizations.weight_norm(module, "in_proj_weight")
     with pytest.raises(TypeError, match="from_torch: the module has parametrizations"):
         MultiheadAttention.from_torch(module)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_autocast_with_bias_kv_and_float_masks_as_torch(need_weights):
+    """Under CPU autocast: add_bias_kv concatenated the float32 bias to bfloat16 keys (cat
+    promotes), and the kernel refused the mixed dtypes; a float mask made the returned
+    weights float32 (torch: bfloat16)."""
+    theirs, ours = pair(add_bias_kv=True)
+    q, k, v = inputs(grad=False)
+    mask = torch.randn(L, S)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_t, w_t = theirs(q, k, v, attn_mask=mask, need_weights=need_weights)
+        out_o, w_o = ours(q, k, v, attn_mask=mask, need_weights=need_weights)
+    assert out_o.dtype == out_t.dtype == torch.bfloat16
+    torch.testing.assert_close(out_o, out_t, atol=3e-2, rtol=3e-2)
+    if need_weights:
+        assert w_o.dtype == w_t.dtype == torch.bfloat16
+        torch.testing.assert_close(w_o, w_t, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_dropout_one_drops_everything_as_torch(need_weights):
+    """dropout=1.0 in training raised ("dropout_p must be in [0, 1)"), torch returns the output
+    projection's bias alone; so do the Transformer layers built on it."""
+    theirs, ours = pair(dropout=1.0)
+    q, k, v = inputs()
+    out_t = theirs(q, k, v, need_weights=need_weights)[0]
+    out_o = ours(q, k, v, need_weights=need_weights)[0]
+    torch.testing.assert_close(out_o, out_t)
+    torch.testing.assert_close(out_o, ours.out_proj.bias.expand_as(out_o))
+    (grad,) = torch.autograd.grad(out_o.sum(), q)
+    assert not grad.any()
+    layer = attnkit.nn.TransformerEncoderLayer(E, H, 32, dropout=1.0)
+    assert layer(q.detach()).shape == q.shape

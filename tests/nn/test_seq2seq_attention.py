@@ -206,3 +206,21 @@ def test_projected_keys_refused_by_multiplicative_scores(name):
     q, k, v, mask = inputs(DK if name == "general" else DQ)
     with pytest.raises(ValueError, match="projected_keys"):
         module(q, k, v, mask, projected_keys=k)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("cached_keys", [False, True])
+def test_autocast_forward_and_backward_inside_it(backend, cached_keys):
+    """Under CPU autocast: keys projected once (project_keys, in bfloat16) were refused for
+    not matching the float32 keys; the cpp backward inside the autocast block read autocast's
+    bfloat16 bmm as float32 ("expected scalar type Float"); the reference returned bfloat16."""
+    torch.manual_seed(0)
+    module = BahdanauAttention(DQ, DK, A)
+    q, k, v = torch.randn(B, TQ, DQ), torch.randn(B, TK, DK, requires_grad=True), torch.randn(B, TK, DV)
+    want, _ = module(q, k, v)
+    with attnkit.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        projected = module.project_keys(k) if cached_keys else None
+        context, weights = module(q, k, v, projected_keys=projected)
+        (grad,) = torch.autograd.grad(context.sum(), k)
+    assert context.dtype == weights.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(context, want, atol=3e-2, rtol=3e-2)

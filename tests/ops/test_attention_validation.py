@@ -104,7 +104,7 @@ def test_sdpa_dropin_errors():
                                              enable_gqa=True)
     with pytest.raises(ValueError, match=r"attn_mask of shape \(3, 5, 7\) cannot broadcast to the scores' shape"):
         attnkit.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 5, 7, dtype=torch.bool), enable_gqa=True)
-    with pytest.raises(ValueError, match="dropout_p must be in"):
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\], got 1.5"):  # 1.0 is SDPA's zeros
         attnkit.scaled_dot_product_attention(q, k, v, dropout_p=1.5, enable_gqa=True)
 
 

@@ -13,6 +13,7 @@ Gradients come back in the inputs' dtype.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, List, Mapping
 
 import torch
@@ -82,8 +83,10 @@ class Reference(Implementation):
     backend = "reference"
 
     def forward(self, qp, kp, values, v_a, mask, return_weights):
-        context, weights, lse = attend(qp, kp, values, v_a, mask)
-        return context, lse, weights if return_weights else None
+        # One dtype for the plain ops (under autocast the projections come in its dtype)
+        common = functools.reduce(torch.promote_types, (qp.dtype, kp.dtype, values.dtype, v_a.dtype))
+        context, weights, lse = attend(*(t.to(common) for t in (qp, kp, values, v_a)), mask)
+        return context.to(values.dtype), lse, weights.to(values.dtype) if return_weights else None
 
     def backward(self, grad_context, grad_weights, delta, qp, kp, values, v_a, mask, lse):
         stat, dtypes = lse.dtype, (qp.dtype, kp.dtype, values.dtype, v_a.dtype)

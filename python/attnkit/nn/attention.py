@@ -16,7 +16,9 @@ Differences from torch.nn.MultiheadAttention, all deliberate:
   add_bias_kv / add_zero_attn, as torch: need_weights=True or a key_padding_mask reads
   attn_mask (the causal one if none), padded so every query sees the extra keys; otherwise
   the causal mask spans all keys, extra ones included (torch's SDPA path).
-- Dropout draws from attnkit's Philox stream, not torch's.
+- Dropout in the kernel (need_weights=False) draws from attnkit's Philox stream, not
+  torch's; with need_weights=True the returned weights are dropped by F.dropout, as torch's
+  (the same seed gives the same output). dropout=1.0 drops everything, as torch.
 - NestedTensor input goes to torch's own forward (only its inference fast path takes it).
 
 Extras torch lacks (keyword-only): num_kv_heads (GQA: K/V projections produce
@@ -54,6 +56,16 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
     return mask
+
+
+def _kernel_p(dropout_p: float) -> float:
+    """The kernels take p < 1; dropout=1.0 (every weight dropped, which torch.nn allows) runs
+    them without dropout and `_all_dropped` zeroes the result."""
+    return 0.0 if dropout_p >= 1.0 else dropout_p
+
+
+def _all_dropped(out: Tensor, dropout_p: float) -> Tensor:
+    return out * 0.0 if dropout_p >= 1.0 else out  # zero values and gradients, on the graph
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -229,8 +241,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
         q, k, v = self._project(query, key, value, same_qkv, same_kv)
         if has_bias_kv:
-            k = torch.cat([k, self.bias_k.expand(batch, 1, -1)], dim=1)
-            v = torch.cat([v, self.bias_v.expand(batch, 1, -1)], dim=1)
+            # In k's dtype: under autocast the projections are in its dtype, the Parameters not
+            k = torch.cat([k, self.bias_k.to(k.dtype).expand(batch, 1, -1)], dim=1)
+            v = torch.cat([v, self.bias_v.to(v.dtype).expand(batch, 1, -1)], dim=1)
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(batch, 1, k.shape[-1])], dim=1)
             v = torch.cat([v, v.new_zeros(batch, 1, v.shape[-1])], dim=1)
@@ -264,10 +277,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 return self._output(out, batch, tgt_len), weights if need_weights else None
         cos, sin = self._rotary_tables(max(tgt_len, k.shape[2]), q.device)
         out = flash_attention(q, k, v, causal=is_causal, causal_alignment="top_left", attn_mask=mask,
-                              key_padding_mask=pad, window_size=self.window_size, dropout_p=dropout_p,
+                              key_padding_mask=pad, window_size=self.window_size, dropout_p=_kernel_p(dropout_p),
                               alibi_slopes=self._slopes(), rotary_cos=cos, rotary_sin=sin,
                               rotary_interleaved=self.rotary is not None and self.rotary.interleaved)
-        return self._output(out, batch, tgt_len), weights
+        return self._output(_all_dropped(out, dropout_p), batch, tgt_len), weights
 
     def _output(self, out: Tensor, batch: int, tgt_len: int) -> Tensor:
         out = out.transpose(1, 2).reshape(batch, tgt_len, self.embed_dim)
@@ -302,7 +315,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if self.alibi_slopes is not None:
             scores = scores - self._slopes().to(scores.dtype)[:, None, None] * rel.abs().to(scores.dtype)
         if mask is not None and mask.dtype != torch.bool:
-            scores = scores + mask
+            scores = scores + mask.to(scores.dtype)  # weights in q's dtype, as torch (autocast: its dtype)
         hidden = torch.zeros(n_q, n_k, dtype=torch.bool, device=q.device)
         left, right = self.window_size
         if causal:
@@ -334,10 +347,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         k = k.view(total, self.num_kv_heads, self.head_dim)
         v = v.view(total, self.num_kv_heads, self.head_dim)
         cos, sin = self._rotary_tables(max_seqlen, x.device)
+        dropout_p = self.dropout if self.training else 0.0
         out = flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
-                                     window_size=self.window_size, dropout_p=self.dropout if self.training else 0.0,
+                                     window_size=self.window_size, dropout_p=_kernel_p(dropout_p),
                                      alibi_slopes=self._slopes(), rotary_cos=cos, rotary_sin=sin,
                                      rotary_interleaved=self.rotary is not None and self.rotary.interleaved)
+        out = _all_dropped(out, dropout_p)
         return F.linear(out.reshape(total, self.embed_dim), self.out_proj.weight, self.out_proj.bias)
 
     def extra_repr(self) -> str:

@@ -193,7 +193,8 @@ class LSTM(torch.nn.LSTM):
 
     def _run_layer(self, x, state, weights, lengths):
         if torch._C._is_any_autocast_enabled():  # as torch.nn.RNNBase checks it: ~0.2 us
-            dtype = _autocast_dtype(x, None, lower_on_cpu=True)
+            # torch runs a packed LSTM composite (not oneDNN's op on the lower-precision list): as GRU
+            dtype = _autocast_dtype(x, state[1], lower_on_cpu=lengths is None)
             x, *state = _autocast(dtype, [x, *state])
             weights = _autocast(dtype, weights)
         w_ih, w_hh, *rest = weights

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .. import _dispatch, _eager, _validate
 from ..backends.additive_attention import ADDITIVE_ATTENTION, describe
+from .rnn import _autocast_off
 
 OP = "attnkit.ops.additive_attention"
 
@@ -32,7 +33,7 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 def _forward_kernels(qp: Tensor, kp: Tensor, values: Tensor, v_a: Tensor, mask: Optional[Tensor],
              return_weights: bool) -> Tuple[Tensor, Tensor, Tensor]:
     impl = ADDITIVE_ATTENTION.select(describe(v_a, values))
-    context, lse, weights = impl.forward(qp, kp, values, v_a, mask, return_weights)
+    context, lse, weights = _autocast_off(impl.forward, qp, kp, values, v_a, mask, return_weights)
     if weights is None:  # a custom op returns a fixed number of tensors: an empty one stands for "not asked"
         weights = qp.new_empty((0,), dtype=values.dtype)
     return context.contiguous(), lse.contiguous(), weights.contiguous()
@@ -52,7 +53,7 @@ def _(qp, kp, values, v_a, mask, return_weights):
 def _backward_kernels(grad_context: Tensor, grad_weights: Optional[Tensor], delta: Tensor, qp: Tensor, kp: Tensor,
                  values: Tensor, v_a: Tensor, mask: Optional[Tensor], lse: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = ADDITIVE_ATTENTION.select(describe(v_a, values))
-    grads = impl.backward(grad_context, grad_weights, delta, qp, kp, values, v_a, mask, lse)
+    grads = _autocast_off(impl.backward, grad_context, grad_weights, delta, qp, kp, values, v_a, mask, lse)
     return tuple(g.contiguous() for g in grads)
 
 
@@ -151,11 +152,12 @@ def additive_attention(
     _validated(query, keys, values, W_q, W_k, v_a, mask)
     if projected_keys is not None:
         _validate.tensor(OP, "projected_keys", projected_keys, ndim=3)
-        _validate.same_dtype_and_device(OP, [("keys", keys), ("projected_keys", projected_keys)])
+        if not torch.is_autocast_enabled(keys.device.type):  # under autocast keys @ W_k.T is in its dtype
+            _validate.same_dtype_and_device(OP, [("keys", keys), ("projected_keys", projected_keys)])
         _validate.shape(OP, "projected_keys", projected_keys, (keys.shape[0], keys.shape[1], v_a.shape[0]),
                         "(batch, key length, attention hidden size A): keys @ W_k.T")
     qp = query @ W_q.t()
-    kp = keys @ W_k.t() if projected_keys is None else projected_keys
+    kp = keys @ W_k.t() if projected_keys is None else projected_keys.to(qp.dtype)
     args = (qp.contiguous(), kp.contiguous(), values.contiguous(), v_a.contiguous(),
             None if mask is None else mask.contiguous(), return_weights)
     context, _, weights = _eager.forward(_AdditiveFunction, _forward_kernels, _forward, *args,
