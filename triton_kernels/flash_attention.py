@@ -23,7 +23,7 @@ Conventions (shared with the reference and every backend):
   stores the natural-log log-sum-exp, -inf for a row with no visible key,
   whose output and gradients are 0.
 - Dropout keeps probability (i, j) of head stream s = seed + b * H + h iff
-  philox(s, i * max_seqlen_k + j) >> 8 >= threshold (24-bit), see
+  philox(s, c0 = j, c1 = i) >> 8 >= threshold (24-bit), see
   attnkit.reference.attention.dropout_keep_mask.
 - The forward may load K and V tiles through host tensor descriptors (USE_TMA,
   an autotune candidate on sm_90 for dense inputs without RoPE), else pointers.
@@ -175,10 +175,14 @@ def _block_start(j, before, lo, run_lo, run_hi, BLOCK: tl.constexpr, CHECK_BOUND
 
 
 @triton.jit
-def _dropout_keep(seed_bh, queries, keys, max_seqlen_k, threshold):
+def _dropout_keep(seed_bh, queries, keys, threshold):
     """The keep mask at query and key positions (broadcast as in _tile_scores)."""
-    offsets = queries * max_seqlen_k + keys
-    bits = tl.randint(seed_bh, offsets.to(tl.int32)).to(tl.uint32, bitcast=True)
+    # Key and query index in two counter words (one i * max_k + j word repeats rows 2^32 / max_k apart)
+    cols = (keys + queries * 0).to(tl.int32)
+    rows = (queries + keys * 0).to(tl.int32)
+    zero = cols * 0
+    bits, _, _, _ = tl.philox(seed_bh, cols, rows, zero, zero)
+    bits = bits.to(tl.uint32, bitcast=True)
     return (bits >> 8).to(tl.int32) >= threshold
 
 
@@ -402,7 +406,7 @@ def _dkdv_blocks(
         dp_t = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         p_out_t = p_t
         if DROPOUT:
-            keep_t = _dropout_keep(seed_bh, offs_m[None, :], offs_n[:, None], max_k, drop_threshold)
+            keep_t = _dropout_keep(seed_bh, offs_m[None, :], offs_n[:, None], drop_threshold)
             p_out_t = tl.where(keep_t, p_t * drop_scale, 0.0)
             dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
         dv = _dot(p_out_t.to(do.dtype), do, dv, DOT_PRECISION, UPCAST)
@@ -569,7 +573,7 @@ def _dq_blocks(
 def _dp_minus_delta(dp, delta, offs_m, offs_n, seed_bh, max_k, drop_threshold, drop_scale, DROPOUT: tl.constexpr):
     """dP - delta of a tile, dP through the dropout mask (dropped entries 0, kept ones scaled)."""
     if DROPOUT:
-        keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], max_k, drop_threshold)
+        keep = _dropout_keep(seed_bh, offs_m[:, None], offs_n[None, :], drop_threshold)
         dp = tl.where(keep, dp * drop_scale, 0.0)
     return dp - delta[:, None]
 
@@ -655,7 +659,7 @@ def _dropout_keep_mask_kernel(OUT, H, max_q, max_k, seed, drop_threshold, BLOCK_
     pid_bh = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(seed + pid_bh, offs_m[:, None], offs_n[None, :], max_k, drop_threshold)
+    keep = _dropout_keep(seed + pid_bh, offs_m[:, None], offs_n[None, :], drop_threshold)
     ptrs = OUT + pid_bh * max_q * max_k + offs_m[:, None] * max_k + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.uint8), mask=(offs_m[:, None] < max_q) & (offs_n[None, :] < max_k))
 

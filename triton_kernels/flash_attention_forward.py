@@ -43,7 +43,7 @@ def _probabilities(x, shift, l_i, queries, keys, seed_bh, max_k, drop_threshold,
     alpha = tl.exp2(shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:  # the normalizer l_i counts every probability; only the output is dropped
-        keep = _dropout_keep(seed_bh, queries, keys, max_k, drop_threshold)
+        keep = _dropout_keep(seed_bh, queries, keys, drop_threshold)
         p = tl.where(keep, p * drop_scale, 0.0)
     return p, alpha, l_i
 

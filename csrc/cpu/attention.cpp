@@ -283,7 +283,7 @@ at::Tensor attention_dropout_keep_mask(int64_t batch, int64_t heads, int64_t max
   at::parallel_for(0, batch * heads * max_q, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       attn_rows::dropout_keep(p + row * max_k, static_cast<uint64_t>(seed) + uint64_t(row / max_q), row % max_q, 0,
-                              max_k, max_k, threshold);
+                              max_k, threshold);
     }
   });
   return keep.view(at::kBool);

@@ -65,7 +65,7 @@ struct BackwardTile {
       attn_rows::exp_shift_sum(row, cols, stat);
       if (sp.dropout) {
         T* out_row = ds.data() + r * BN;  // ds holds the dropped-out P until dS is formed
-        attn_rows::dropout_keep(keep.data(), stream_of(sp, b, h), m0 + r, n0, cols, sp.max_k, sp.threshold);
+        attn_rows::dropout_keep(keep.data(), stream_of(sp, b, h), m0 + r, n0, cols, sp.threshold);
         apply_dropout(dp.data() + r * BN, keep.data(), cols, T(sp.drop_scale));
         if (p_out) {
           std::copy(row, row + cols, out_row);

@@ -102,7 +102,7 @@ struct Tile {
       const float stat = *op.lse.at(b, h, i0 + r);
       attn_rows::exp_shift_sum(row, cols, std::isinf(stat) ? 0.0f : stat);  // an empty row: all -inf, P = 0
       if (sp.dropout) {
-        attn_rows::dropout_keep(keep.data(), stream_of(sp, b, h), m0 + r, n0, cols, sp.max_k, sp.threshold);
+        attn_rows::dropout_keep(keep.data(), stream_of(sp, b, h), m0 + r, n0, cols, sp.threshold);
         apply_dropout(dp.data() + r * BN, keep.data(), cols, float(sp.drop_scale));
         float* dropped = ds.data() + r * BN;
         std::copy(row, row + cols, dropped);

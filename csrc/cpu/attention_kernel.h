@@ -232,7 +232,7 @@ void online_softmax_tile(const Spec& sp, int64_t b, int64_t h, int64_t m0, int64
     }
     m[r] = m_new;
     if (sp.dropout) {
-      attn_rows::dropout_keep(keep, stream_of(sp, b, h), m0 + r, n0, cols, sp.max_k, sp.threshold);
+      attn_rows::dropout_keep(keep, stream_of(sp, b, h), m0 + r, n0, cols, sp.threshold);
       apply_dropout(row, keep, cols, acc_t(sp.drop_scale));
     }
     if constexpr (std::is_same_v<acc_t, float>) {

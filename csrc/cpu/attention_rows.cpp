@@ -226,11 +226,11 @@ ATTNKIT_SIMD_CLONES void round_to_bf16(const float* x, int64_t n, uint16_t* out)
   }
 }
 
-ATTNKIT_SIMD_CLONES void dropout_keep(uint8_t* keep, uint64_t seed, int64_t i, int64_t n0, int64_t n, int64_t max_k,
+ATTNKIT_SIMD_CLONES void dropout_keep(uint8_t* keep, uint64_t seed, int64_t i, int64_t n0, int64_t n,
                                       uint32_t threshold) {
-  const uint32_t base = static_cast<uint32_t>(static_cast<uint64_t>(i * max_k + n0));
+  const uint32_t base = static_cast<uint32_t>(n0), row = static_cast<uint32_t>(i);
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) keep[j] = (philox(seed, base + static_cast<uint32_t>(j)) >> 8) >= threshold;
+  for (int64_t j = 0; j < n; ++j) keep[j] = (philox(seed, base + static_cast<uint32_t>(j), row) >> 8) >= threshold;
 }
 
 }  // namespace attn_rows

@@ -39,9 +39,9 @@ void scale(float* x, int64_t n, float factor);
 // out = x rounded to bfloat16 (nearest, ties to even; the bits of c10::BFloat16(x)).
 void round_to_bf16(const float* x, int64_t n, uint16_t* out);
 
-// Triton's tl.randint(seed, offset): Philox 4x32-10, first output word.
-inline uint32_t philox(uint64_t seed, uint32_t offset) {
-  uint32_t c0 = offset, c1 = 0, c2 = 0, c3 = 0;
+// Triton's tl.philox(seed, c0, c1, 0, 0): Philox 4x32-10, first output word.
+inline uint32_t philox(uint64_t seed, uint32_t c0, uint32_t c1) {
+  uint32_t c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
     const uint64_t prod_b = uint64_t(0xCD9E8D57u) * c2;
@@ -59,8 +59,9 @@ inline uint32_t philox(uint64_t seed, uint32_t offset) {
 }
 
 // keep[j] = 1 iff element (i, n0 + j) of stream `seed` survives dropout:
-// philox(seed, i * max_k + n0 + j) >> 8 >= threshold (int32 offsets wrap, as in Triton).
-void dropout_keep(uint8_t* keep, uint64_t seed, int64_t i, int64_t n0, int64_t n, int64_t max_k, uint32_t threshold);
+// philox(seed, n0 + j, i) >> 8 >= threshold: the key and query index in two counter words, so no
+// two elements of a head share one, however long the sequences.
+void dropout_keep(uint8_t* keep, uint64_t seed, int64_t i, int64_t n0, int64_t n, uint32_t threshold);
 
 }  // namespace attn_rows
 }  // namespace cpu

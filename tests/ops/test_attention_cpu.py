@@ -163,6 +163,16 @@ def test_keep_mask_entry_point_matches_reference(seed):
     assert torch.equal(ext.attention_dropout_keep_mask(2, 3, 19, 37, 0.3, seed), ref.dropout_keep_mask(seed, 2, 3, 19, 37, 0.3))
 
 
+def test_keep_mask_rows_are_independent_past_two_to_the_32_elements():
+    """The counter was the one word i * max_k + j (mod 2^32): at max_k = 2^16 rows 0 and 2^16
+    shared their mask (measured: bit-identical outputs at Nq = 65537). The key and query index
+    are now two words; cpp and Triton draw the reference's bits (the tests above and
+    test_attention_features), so the reference's counters are checked here."""
+    cols = torch.arange(1 << 16)
+    rows = [ref.philox_randint(torch.tensor(7), cols, torch.tensor(i)) for i in (0, 1 << 16, 1)]
+    assert (rows[0] != rows[1]).float().mean() > 0.99 and (rows[0] != rows[2]).float().mean() > 0.99
+
+
 def test_entry_points_reject_bad_arguments():
     """The C++ functions check what they read (they are reachable without the op's validator)."""
     ext = _ext()

@@ -38,10 +38,9 @@ def _mul_hi_lo(a: int, b: Tensor) -> Tuple[Tensor, Tensor]:
     return a_hi * b_hi + (rest >> 32), rest & _MASK32
 
 
-def philox_randint(seed: Tensor, offsets: Tensor) -> Tensor:
-    """Triton's tl.randint(seed, offsets) for int32 offsets, as uint32 values in int64."""
-    c0 = offsets.to(torch.int64) & _MASK32
-    c1 = torch.zeros_like(c0)
+def philox_randint(seed: Tensor, c0: Tensor, c1: Tensor) -> Tensor:
+    """Triton's tl.philox(seed, c0, c1, 0, 0)'s first word for int32 counters, as uint32 values in int64."""
+    c0, c1 = torch.broadcast_tensors(c0.to(torch.int64) & _MASK32, c1.to(torch.int64) & _MASK32)
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     k0 = seed.to(torch.int64) & _MASK32
@@ -58,13 +57,13 @@ def philox_randint(seed: Tensor, offsets: Tensor) -> Tensor:
 def dropout_keep_mask(seed: int, batch: int, heads: int, max_q: int, max_k: int, dropout_p: float, device=None) -> Tensor:
     """The keep mask (B, H, max_q, max_k) every backend draws for `seed`:
     keep (i, j) of head stream s = seed + b * H + h iff
-    philox(s, i * max_k + j) >> 8 >= round(dropout_p * 2^24)."""
+    philox(s, c0 = j, c1 = i) >> 8 >= round(dropout_p * 2^24): the key and query index in
+    two counter words (one i * max_k + j word repeated rows 2^32 / max_k apart)."""
     threshold = int(round(dropout_p * (1 << 24)))
     rows = torch.arange(max_q, device=device, dtype=torch.int64)[:, None]
     cols = torch.arange(max_k, device=device, dtype=torch.int64)[None, :]
-    offsets = (rows * max_k + cols) & _MASK32  # int32 wrap-around, as the kernel's
     streams = seed + torch.arange(batch * heads, device=device, dtype=torch.int64).view(batch, heads, 1, 1)
-    bits = philox_randint(streams, offsets.expand(batch, heads, max_q, max_k))
+    bits = philox_randint(streams, cols.expand(batch, heads, max_q, max_k), rows)
     return (bits >> 8) >= threshold
 
 
