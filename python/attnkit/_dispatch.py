@@ -228,13 +228,18 @@ def forced_as_forward(backward: Callable) -> Callable:
         forcing = getattr(ctx, "attnkit_forcing", None)
         if not forcing:
             return backward(ctx, *grads)
-        token = _forced_by_context.set(forcing)
-        try:
-            return backward(ctx, *grads)
-        finally:
-            _forced_by_context.reset(token)
+        return call_with(_forced_by_context, forcing, backward, ctx, *grads)
 
     return wrapper
+
+
+def call_with(variable: contextvars.ContextVar, value: Any, function: Callable, *args: Any) -> Any:
+    """function(*args) with the context variable set to value, reset after."""
+    token = variable.set(value)
+    try:
+        return function(*args)
+    finally:
+        variable.reset(token)
 
 
 def _forced_by_env() -> Dict[str, str]:

@@ -22,7 +22,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from ._dispatch import forced_as_forward, remember_forcing
+from ._dispatch import call_with, forced_as_forward, remember_forcing
 from ._validate import PLAIN_TENSORS
 
 
@@ -166,11 +166,7 @@ def _batched_grads_through_custom_ops(backward: Callable) -> Callable:
     def wrapper(ctx, *grads):
         if not any(isinstance(g, Tensor) and _is_legacy_batched(g) for g in grads):
             return backward(ctx, *grads)
-        token = _batched_backward.set(True)
-        try:
-            return backward(ctx, *grads)
-        finally:
-            _batched_backward.reset(token)
+        return call_with(_batched_backward, True, backward, ctx, *grads)
 
     return wrapper
 
