@@ -70,12 +70,16 @@ def needs_grad(tensors: Iterable[Any]) -> bool:
 
 def call(kernels: Callable, custom_op: Callable, *args: Any) -> Any:
     """`kernels(*args)` where nothing but eager autograd sees the call, else `custom_op(*args)`."""
-    name = getattr(custom_op, "_name", None) or getattr(kernels, "__name__", "this op")
-    refuse_forward_ad(name, args)
+    if has_tangent(args):
+        refuse_forward_ad(_name(kernels, custom_op), args)
     if plain_call(args):
         return kernels(*args)
-    refuse_differentiating_transforms(name)
+    refuse_differentiating_transforms(_name(kernels, custom_op))
     return custom_op(*args)
+
+
+def _name(kernels: Callable, custom_op: Callable) -> str:
+    return getattr(custom_op, "_name", None) or getattr(kernels, "__name__", "this op")
 
 
 def refuse_forward_ad(name: str, args: Sequence[Any]) -> None:

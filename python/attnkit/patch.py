@@ -187,7 +187,6 @@ def unpatch(model: torch.nn.Module) -> List[str]:
     return restored
 
 
-
 @contextlib.contextmanager
 def patched(model: torch.nn.Module, *, modules: Optional[Iterable[Union[str, type]]] = None) -> Iterator[PatchReport]:
     """`with attnkit.patched(model) as report:` runs the block with the model patched."""
