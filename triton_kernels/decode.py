@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv, next_power_of_2
-from .flash_attention import LOG2E, _dot
+from .flash_attention import LOG2E, _dot, _tanh
 from .flash_attention_launch import _interpreting, _run
 
 
@@ -66,7 +66,7 @@ def _decode_partial(
                     mask=(offs_n[None, :] < hi) & (offs_d[:, None] < HEAD_DIM), other=0)
         s = _dot(q, k, tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE), DOT_PRECISION, UPCAST) * scale
         if SOFTCAP:
-            s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)
+            s = softcap * _tanh(s / softcap)
         rel = offs_n[None, :] - position[:, None]
         if ALIBI:
             s = s - slope[:, None] * tl.abs(rel).to(s.dtype)

@@ -170,3 +170,24 @@ def test_a_window_side_past_any_length_is_unbounded(backend, device):
                                 ((2**63, 0), (-1, 0))):
             got = flash_attention(q, k, v, window_size=window)
             torch.testing.assert_close(got, flash_attention(q, k, v, window_size=same_as))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("softcap", [1e4, 1e8])
+def test_a_large_softcap_is_no_cap(backend, device, softcap):
+    """Triton's tanh, 2 * sigmoid(2x) - 1, cancelled for small arguments: a softcap of 1e4 was
+    off by 4e-4 and one of 1e8 (a user switching capping off) zeroed every score. The decode
+    kernel shared it."""
+    with forced(OP, backend, device) as dev:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 2, n, 16, generator=gen).to(dev).requires_grad_() for n in (5, 7, 7))
+        got = flash_attention(q, k, v, causal=True, softcap=softcap)
+        want = flash_attention(q, k, v, causal=True)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for g, w in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        lengths = torch.tensor([7], dtype=torch.int32, device=dev)
+        with attnkit.use_backend(backend, op="attention_decode"):
+            step = attnkit.ops.attention_decode(q[:, :, :1].detach(), k.detach(), v.detach(), lengths, softcap=softcap)
+            plain = attnkit.ops.attention_decode(q[:, :, :1].detach(), k.detach(), v.detach(), lengths)
+        torch.testing.assert_close(step, plain, atol=1e-5, rtol=1e-5)
