@@ -240,3 +240,29 @@ def test_backward_runs_on_the_backend_forced_around_its_forward(op):
 @pytest.mark.parametrize("op", _FORCED_OPS)
 def test_backward_block_holds_where_the_forward_had_none(op):
     assert _backward_backend(*_op_call(op), backward_block="reference") == "reference"
+
+
+def test_explain_takes_the_alias_ops_with_their_own_arguments():
+    """explain refused apply_rotary, flash_attention_varlen and scaled_dot_product_attention,
+    which use_backend and last_dispatch take: a varlen call could not be explained."""
+    q = torch.randn(5, 3, 8)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    assert attnkit.explain("flash_attention_varlen", q, q, q, cu, cu, 3, 3, causal=True).backend == "cpp"
+    assert attnkit.explain("scaled_dot_product_attention", q[None], q[None], q[None], is_causal=True).backend == "cpp"
+    assert attnkit.explain("apply_rotary", torch.randn(1, 5, 2, 8), torch.randn(5, 4), torch.randn(5, 4)).backend == "cpp"
+    with pytest.raises(TypeError, match="these are not flash_attention_varlen's arguments"):
+        attnkit.explain("flash_attention_varlen", q, q, q)
+
+
+def test_linear_forced_to_cpp_runs_past_its_row_limit_and_explain_sees_autocast():
+    """Past 16 rows cpp is skipped for speed only, which forcing overrides (as for the RNNs);
+    it raised. Under autocast explain named cpp for a float32 x the op casts to bfloat16."""
+    x, w = torch.randn(40, 8), torch.randn(5, 8)
+    with attnkit.use_backend("cpp"):
+        y = attnkit.ops.linear(x, w)
+    assert attnkit.last_dispatch("linear").backend == "cpp"
+    torch.testing.assert_close(y, x @ w.T)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attnkit.explain("linear", x[:2], w).backend == "reference"
+        attnkit.ops.linear(x[:2], w)
+        assert attnkit.last_dispatch("linear").backend == "reference"

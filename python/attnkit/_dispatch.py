@@ -406,19 +406,21 @@ _DESCRIBERS: Dict[str, Callable[..., Dict[str, Any]]] = {}
 
 
 def register_describer(op: str, describe: Callable[..., Dict[str, Any]]) -> None:
+    """`describe(*args, **kwargs)`: the call of `op` (or of an alias, with its own arguments)
+    as the implementations' not_supported_reasons see it."""
     _DESCRIBERS[op] = describe
 
 
 def explain(op: str, *args: Any, **kwargs: Any) -> Decision:
     """The backend that a call of `op` with these arguments would run, and why
     the others would be skipped; runs nothing."""
-    op = _op_key(op, "attnkit.explain", aliases=False)  # the arguments are this op's
-    describe = _DESCRIBERS[op]
+    key = _op_key(op, "attnkit.explain")
+    describe = _DESCRIBERS[op if op in _DESCRIBERS else key]  # an alias takes its own arguments
     try:
         inspect.signature(describe).bind(*args, **kwargs)
     except TypeError as error:
         raise TypeError(f"attnkit.explain({op!r}, ...): these are not {op}'s arguments: {error}") from None
-    return _OPS[op].decide(describe(*args, **kwargs))
+    return _OPS[key].decide(describe(*args, **kwargs))
 
 
 def last_dispatch(op: str) -> Optional[Decision]:

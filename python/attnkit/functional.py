@@ -16,7 +16,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _autocast, _validate
+from . import _autocast, _dispatch, _validate
+from .backends.attention import describe
 from .ops.attention import flash_attention
 
 OP = "attnkit.scaled_dot_product_attention"
@@ -132,3 +133,14 @@ def scaled_dot_product_attention(
         out = out.masked_fill(torch.ones((), dtype=torch.bool, device=out.device), 0.0)
     shape = (*batch, heads, out.shape[-2], out.shape[-1])
     return out.reshape(shape[len(shape) - out_rank:])
+
+
+def _describe_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False) -> dict:
+    """The flash_attention call the drop-in makes, as the backends see it."""
+    batch = math.prod(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])) \
+        if max(query.dim(), key.dim(), value.dim()) > 3 else 1
+    return describe(query, value, varlen=False, batch=batch)
+
+
+_dispatch.register_describer("scaled_dot_product_attention", _describe_call)

@@ -44,8 +44,11 @@ class _Extension(Implementation):
         short = call["dtype"] in self.upcast and steps < UPCAST_MIN_STEPS and batch > UPCAST_ANY_STEPS_BATCH
         short = short and not self._native_bf16(call)  # no weights converted to float32 there
         if short and not _dispatch.forced_to(self.op, self.backend):  # a choice of speed: forcing it still works
+            native = (" (bfloat16 GEMMs run it at any length with even input and hidden sizes, no proj_size, on a "
+                      "CPU with AMX or AVX512-BF16)" if self.backend == "cpp" and call["dtype"] == torch.bfloat16 else "")
             return [f"{str(call['dtype']).replace('torch.', '')} runs the {self.backend} kernels in float32, which pays "
-                    f"from {UPCAST_MIN_STEPS} steps at batch > {UPCAST_ANY_STEPS_BATCH}; got {steps} steps, batch {batch}"]
+                    f"from {UPCAST_MIN_STEPS} steps at batch > {UPCAST_ANY_STEPS_BATCH}; got {steps} steps, batch "
+                    f"{batch}{native}"]
         return []
 
     def _ext(self):

@@ -261,7 +261,13 @@ def flash_attention_varlen(
 
 def _describe_call(q, k, v, **kwargs):
     check.dense(OP, q, k, v, kwargs.get("attn_mask"), kwargs.get("key_padding_mask"))
-    return describe(q, v, varlen=False, batch=q.shape[0])
+    return describe(q, v, varlen=False, rotary=kwargs.get("rotary_cos") is not None, batch=q.shape[0])
+
+
+def _describe_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs):
+    check.varlen(OP_VARLEN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return describe(q, v, varlen=True, rotary=kwargs.get("rotary_cos") is not None, batch=cu_seqlens_q.numel() - 1)
 
 
 _dispatch.register_describer("flash_attention", _describe_call)
+_dispatch.register_describer("flash_attention_varlen", _describe_varlen_call)

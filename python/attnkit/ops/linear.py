@@ -96,7 +96,10 @@ def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
 
 def _describe_call(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None):
     _check(x, weight, bias)
-    return {"device": x.device, "dtype": x.dtype, "rows": math.prod(x.shape[:-1])}
+    dtype = _autocast.lower_precision_dtype(x.device.type)  # the op casts to it first (float64 left alone)
+    if dtype is None or not x.is_floating_point() or x.dtype == torch.float64:
+        dtype = x.dtype
+    return {"device": x.device, "dtype": dtype, "rows": math.prod(x.shape[:-1])}
 
 
 _dispatch.register_describer("linear", _describe_call)

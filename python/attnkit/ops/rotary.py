@@ -240,3 +240,4 @@ def _describe_call(x, cos, sin, **kwargs) -> dict:
 
 
 _dispatch.register_describer("rotary", _describe_call)
+_dispatch.register_describer("apply_rotary", _describe_call)
