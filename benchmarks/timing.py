@@ -102,9 +102,18 @@ def within_budget(cases, rows: list, describe: Callable[[object], str]):
 
 
 def max_error(ours, theirs) -> float:
+    """The largest difference over the pairs of tensors; inf where one side is NaN or infinite and
+    the other is not there (a NaN compared as NaN would hide a broken kernel behind a number)."""
     if isinstance(ours, torch.Tensor):
         ours, theirs = [ours], [theirs]
-    return max([(a.double() - b.double()).abs().max().item() for a, b in zip(ours, theirs) if a.numel()] or [0.0])
+    return max([_pair_error(a, b) for a, b in zip(ours, theirs) if a.numel()] or [0.0])
+
+
+def _pair_error(a, b) -> float:
+    a, b = a.double(), b.double()
+    agree = (torch.isnan(a) & torch.isnan(b)) | (torch.isinf(a) & (a == b))
+    diff = (a - b).abs().masked_fill(agree, 0.0)
+    return float("inf") if torch.isnan(diff).any() else diff.max().item()
 
 
 def gradient_error(ours_step: Callable[[], object], theirs_step: Callable[[], object], ours_leaves, theirs_leaves=None,
@@ -124,8 +133,13 @@ def gradient_error(ours_step: Callable[[], object], theirs_step: Callable[[], ob
         found.append([torch.zeros_like(leaf) if leaf.grad is None else leaf.grad.clone() for leaf in leaves])
         for leaf in leaves:
             leaf.grad = None
-    scaled = [max_error(a, b) / max(1.0, b.abs().max().item()) for a, b in zip(*found) if a.numel()]
+    scaled = [max_error(a, b) / max(1.0, _finite_max(b)) for a, b in zip(*found) if a.numel()]
     return max([forward_error, *scaled])
+
+
+def _finite_max(t) -> float:
+    finite = t[torch.isfinite(t)]
+    return finite.abs().max().item() if finite.numel() else 0.0
 
 
 def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:

@@ -687,3 +687,38 @@ def test_fwd_bwd_rows_check_gradients_and_flag_differing_results(monkeypatch):
     assert "(!)" in report.format_table(rows)
     assert report.differing_rows({"lstm_cell": {"rows": rows}}) == [
         f"lstm_cell: fwd+bwd ({row['shape']}): max err {row['max_err']:.2g}" for row in rows if row["case"] == "fwd+bwd"]
+
+
+def test_a_nan_result_is_an_infinite_error_flagged_in_the_report():
+    """A NaN max err showed as "-" (not measured) and was saved as null, never flagged; a NaN
+    gradient hid behind a finite forward error (max() drops NaN after a number)."""
+    timing = core.timing_module()
+    ones, nan = torch.ones(3), torch.tensor([1.0, float("nan"), 1.0])
+    assert timing.max_error(nan, ones) == float("inf") and timing.max_error(nan, nan.clone()) == 0.0
+    assert timing.max_error([ones, nan], [ones, ones]) == float("inf")
+    assert timing.max_error(torch.tensor([float("inf")]), torch.tensor([float("inf")])) == 0.0
+    leaf = torch.ones(3, requires_grad=True)
+
+    def broken():
+        (leaf * float("nan")).sum().backward()
+
+    def honest():
+        leaf.sum().backward()
+
+    assert timing.gradient_error(broken, honest, [leaf], forward_error=1e-7) == float("inf")
+    row = core._complete_row(dict(case="fwd+bwd", shape="(3,)", ours_ms=1.0, baseline_ms=2.0, max_err=float("inf")), {})
+    assert json.loads(json.dumps(row))["max_err"] == "inf"
+    assert "inf (!)" in report.format_table([row])
+    assert report.differing_rows({"rnn": {"rows": [row]}}) == ["rnn: fwd+bwd ((3,)): max err inf"]
+
+
+def test_default_results_name_carries_the_dtype_and_families(tiny_lstm_cell, tmp_path, capsys):
+    """Every run of a day wrote <date>-<device>.json (and <family>-time.png): a second run with
+    another --dtype or --only replaced the first's results."""
+    assert cli.main(["--only", "lstm_cell", "--dtype", "float64", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert cli.main(["--only", "lstm_cell", "--out", str(tmp_path), "--no-progress", "--no-plots"]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    day = names[0][:10]
+    assert f"{day}-cpu-float64-lstm_cell.json" in names and f"{day}-cpu-lstm_cell.json" in names
+    if report_has_matplotlib():
+        assert "lstm_cell-float64-time.png" in names

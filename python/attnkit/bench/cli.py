@@ -45,7 +45,7 @@ def build_parser(families: list) -> argparse.ArgumentParser:
     parser.add_argument("--device", type=parse_device, default=None,
                         help="cpu, cuda or cuda:N (default: cuda if present)")
     parser.add_argument("--dtype", default="float32", choices=core.DTYPES, help="input dtype (default float32)")
-    parser.add_argument("--json", metavar="FILE", help="results file (default: <out>/<date>-<device>.json)")
+    parser.add_argument("--json", metavar="FILE", help="results file (default: <out>/<date>-<device>[-<dtype>][-<families>].json)")
     parser.add_argument("--out", default="bench-results", metavar="DIR", help="plots and default JSON (bench-results/)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
@@ -60,7 +60,10 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     names = list(dict.fromkeys(args.only or families))
     info = core.machine_info(device)
-    path = args.json or os.path.join(args.out, f"{info['date'][:10]}-{device.type}.json")
+    # Named by what ran: a second run of another dtype or family the same day must not overwrite the first
+    dtype_tag = dtype_suffix(args.dtype)
+    only_tag = "-" + "-".join(names) if args.only else ""
+    path = args.json or os.path.join(args.out, f"{info['date'][:10]}-{device.type}{dtype_tag}{only_tag}.json")
     # Checked before the families run: a bad path found at the end would lose their results.
     folder = os.path.dirname(path) or "."
     try:
@@ -105,12 +108,18 @@ def main(argv=None) -> int:
         json.dump(document, f, indent=1)
     print(f"\nwrote {path}")
     if not args.no_plots:
-        write_plots(results, args.out, f"{info['gpu'] or info['cpu']}, {args.dtype}")
+        write_plots(results, args.out, f"{info['gpu'] or info['cpu']}, {args.dtype}", dtype_tag)
     print(f"{len(names)} families in {elapsed:.1f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 
-def write_plots(results: dict, out_dir: str, device_label: str) -> list:
+def dtype_suffix(dtype: str) -> str:
+    """What the results' file names carry for `dtype` (none for float32)."""
+    return "" if dtype == "float32" else f"-{dtype}"
+
+
+def write_plots(results: dict, out_dir: str, device_label: str, suffix: str = "") -> list:
+    """<out_dir>/<family><suffix>-time.png (and -memory.png) per family with rows."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -120,7 +129,7 @@ def write_plots(results: dict, out_dir: str, device_label: str) -> list:
     paths = []
     for name, result in results.items():
         if result["rows"]:
-            paths += report.plot_family(name, result, out_dir, device_label)
+            paths += report.plot_family(name + suffix, result, out_dir, device_label)
     if paths:
         print("wrote " + ", ".join(paths))
     return paths

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import math
 import os
 import platform
 import subprocess
@@ -221,8 +222,10 @@ def run_family(name: str, device: torch.device, dtype: torch.dtype, quick: bool 
 
 
 def _complete_row(row: dict, peaks: dict) -> dict:
-    # NaN (a family's "not measured") becomes None: JSON has no NaN.
-    row = {key: None if isinstance(value, float) and value != value else value for key, value in row.items()}
+    # NaN (a family's "not measured") becomes None and an infinite error (a NaN result) "inf":
+    # JSON has neither.
+    row = {key: None if isinstance(value, float) and value != value else
+           "inf" if isinstance(value, float) and math.isinf(value) else value for key, value in row.items()}
     for side in ("ours", "baseline"):
         if f"{side}_peak_mb" not in row and row.get(f"{side}_ms") in peaks:
             row[f"{side}_peak_mb"] = peaks[row[f"{side}_ms"]]

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from . import core, family_worker, pytest_stream, report
+from . import cli, core, family_worker, pytest_stream, report
 
 
 def _tail(text: str, lines: int = 40) -> str:
@@ -364,7 +364,8 @@ def write_report(path, info, dry_run, steps, tests, bench_doc, bench_output):
                      f"--dtype {bench_doc['dtype']}`, {bench_doc['seconds']:.0f} s. Speedup > 1: attnkit faster.")
         for name, result in bench_doc["families"].items():
             lines += ["", "#" + report.format_family(name, result).rstrip()]  # one level below "Benchmarks"
-            plots = [p for p in (f"{name}-time.png", f"{name}-memory.png")
+            tag = cli.dtype_suffix(bench_doc["dtype"])
+            plots = [p for p in (f"{name}{tag}-time.png", f"{name}{tag}-memory.png")
                      if os.path.exists(os.path.join(os.path.dirname(path), p))]
             if plots and result["rows"]:
                 lines += [""] + [f"![{p}]({p})" for p in plots]

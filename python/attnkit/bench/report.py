@@ -20,6 +20,8 @@ def _ms(value) -> str:
 
 
 def _num(value, spec) -> str:
+    if isinstance(value, str):  # "inf": a NaN or infinite result on one side only
+        return value
     return "-" if _missing(value) else format(value, spec)
 
 
@@ -52,12 +54,12 @@ def format_table(rows: list) -> str:
 
 def _differs(row) -> bool:
     error = row.get("max_err")
-    return not _missing(error) and error > DIFFERS_ABOVE
+    return error == "inf" or error == float("inf") or (not _missing(error) and error > DIFFERS_ABOVE)
 
 
 def differing_rows(results: dict) -> list:
     """"family: case (shape): max err" of every row whose sides disagree (see DIFFERS_ABOVE)."""
-    return [f"{name}: {row['case']} ({row['shape']}): max err {row['max_err']:.2g}"
+    return [f"{name}: {row['case']} ({row['shape']}): max err {_num(row['max_err'], '.2g')}"
             for name, result in results.items() for row in result.get("rows") or [] if _differs(row)]
 
 
