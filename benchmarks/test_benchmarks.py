@@ -20,10 +20,24 @@ pytest.importorskip("pytest_benchmark")
 
 import torch  # noqa: E402
 
-from attnkit.bench import core  # noqa: E402
+from attnkit.bench import cli, core  # noqa: E402
 
-DEVICE = torch.device(os.environ.get("ATTNKIT_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
-DTYPE = getattr(torch, os.environ.get("ATTNKIT_BENCH_DTYPE", "float32"))
+
+def _environment():
+    """ATTNKIT_BENCH_DEVICE / _DTYPE checked as the CLI checks --device / --dtype: a clear usage
+    error naming the valid values, not a traceback at collection (or a GPU test per family)."""
+    device_name = os.environ.get("ATTNKIT_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = os.environ.get("ATTNKIT_BENCH_DTYPE", "float32")
+    try:
+        device = cli.parse_device(device_name)
+    except Exception as error:
+        raise pytest.UsageError(f"ATTNKIT_BENCH_DEVICE: {error}") from None
+    if dtype_name not in core.DTYPES:
+        raise pytest.UsageError(f"ATTNKIT_BENCH_DTYPE: unknown dtype {dtype_name!r}; one of {', '.join(core.DTYPES)}")
+    return device, getattr(torch, dtype_name)
+
+
+DEVICE, DTYPE = _environment()
 QUICK = os.environ.get("ATTNKIT_BENCH_FULL", "") in ("", "0")
 
 

@@ -100,8 +100,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; these matrices are small, and on a shared machine more threads "
                              "than free cores made each step ~10x slower")
-    parser.add_argument("--plot", default="seq2seq_reverse_attention.png", help="attention heatmap (PNG)")
+    parser.add_argument("--plot", default="seq2seq_reverse_attention.png",
+                        help="attention heatmap (PNG; needs matplotlib); '' for none")
     args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "symbols", "min_len", "test_size", "eval_every", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_len < args.min_len:
+        parser.error(f"--max-len ({args.max_len}) must be at least --min-len ({args.min_len})")
+    distinct = sum(args.symbols ** length for length in range(args.min_len, args.max_len + 1))
+    if 2 * args.test_size > distinct:  # training samples strings outside the held-out set: leave it most of them
+        parser.error(f"--test-size {args.test_size} leaves too few of the {distinct} distinct strings for training; "
+                     f"use at most {distinct // 2}, or more --symbols or a longer --max-len")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -130,8 +140,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     accuracy = exact_match(model, held_out)
     seconds = time.perf_counter() - start
     print(f"held-out exact match: {accuracy:.2%} of {len(held_out)} strings ({seconds:.0f} s)")
-    plot_attention(model, max(held_out[:20], key=len), args.plot)
-    print(f"attention heatmap: {args.plot}")
+    if args.plot:
+        try:
+            plot_attention(model, max(held_out[:20], key=len), args.plot)
+            print(f"attention heatmap: {args.plot}")
+        except ImportError:
+            print("attention heatmap skipped: matplotlib is not installed (pip install 'attnkit[bench]')")
     return {"accuracy": accuracy, "losses": losses, "seconds": seconds, "plot": args.plot}
 
 

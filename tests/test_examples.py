@@ -38,3 +38,27 @@ def test_seq2seq_reverse_held_out_strings_never_trained_on():
     src, tgt = example.batch([(0, 1, 1), (1,)])
     assert src.tolist() == [[3, 4, 4], [4, 0, 0]]
     assert tgt.tolist() == [[4, 4, 3, 2], [4, 2, 0, 0]]
+
+
+def test_seq2seq_reverse_refuses_arguments_it_cannot_run(capsys):
+    """A held-out set covering most strings made the training sampler loop forever (no output);
+    --steps 0, --eval-every 0 and --min-len above --max-len gave tracebacks."""
+    import pytest
+
+    example = load("seq2seq_reverse")
+    for argv, message in ((["--symbols", "4", "--min-len", "3", "--max-len", "4"], "leaves too few of the 320"),
+                          (["--steps", "0"], "--steps must be at least 1"),
+                          (["--eval-every", "0"], "--eval-every must be at least 1"),
+                          (["--min-len", "5", "--max-len", "3"], "--max-len (3) must be at least --min-len (5)")):
+        with pytest.raises(SystemExit):
+            example.main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_generate_cli_names_the_devices_it_has(capsys):
+    import pytest
+
+    from attnkit import generate
+    with pytest.raises(SystemExit):
+        generate.main(["--model", "unused", "--prompt-ids", "1", "--device", "foo"])
+    assert "unknown device 'foo'; valid here: cpu" in capsys.readouterr().err

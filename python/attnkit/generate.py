@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from .bench.cli import parse_device
 from .models import GPT2LMHeadModel
 
 
@@ -47,7 +48,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--eos-token-id", type=int, default=None, help="default: the config's eos_token_id")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--ids", action="store_true", help="print token ids even when a tokenizer is available")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=parse_device, default="cpu", help="cpu or cuda[:N] (where a GPU is)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="on a GPU, replay each decode step from a CUDA graph (not yet run on a GPU)")
     args = parser.parse_args(argv)
