@@ -266,3 +266,17 @@ def test_linear_forced_to_cpp_runs_past_its_row_limit_and_explain_sees_autocast(
         assert attnkit.explain("linear", x[:2], w).backend == "reference"
         attnkit.ops.linear(x[:2], w)
         assert attnkit.last_dispatch("linear").backend == "reference"
+
+
+def test_explain_checks_what_the_op_checks():
+    """explain answered "cpp" for attention_decode calls the op refuses (ZeroDivisionError at 0
+    key/value heads) and took any keyword for flash_attention (a misspelt casual=True too)."""
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(TypeError, match="these are not flash_attention's arguments: .*'casual'"):
+        attnkit.explain("flash_attention", q, q, q, casual=True)
+    lengths = torch.tensor([3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="must be a multiple of k_cache/v_cache heads"):
+        attnkit.explain("attention_decode", q[:, :, :1], torch.randn(1, 0, 3, 8), torch.randn(1, 0, 3, 8), lengths)
+    with pytest.raises(ValueError, match=r"cache_seqlens must be within \[0, 3\]"):
+        attnkit.explain("attention_decode", q[:, :, :1], q, q, lengths + 6)
+    assert attnkit.explain("attention_decode", q[:, :, :1], q, q, lengths).backend == "cpp"

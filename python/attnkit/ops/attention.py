@@ -9,6 +9,7 @@ run the same kernels and formula without their dispatch (attnkit._eager).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -259,12 +260,23 @@ def flash_attention_varlen(
     return _finish(out, lse, return_lse)
 
 
+def _bound(op, function, *args, **kwargs) -> None:
+    """explain's arguments checked against the op's signature: a misspelt keyword (casual=True) is an error."""
+    try:
+        inspect.signature(function).bind(*args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"attnkit.explain({op!r}, ...): these are not {op}'s arguments: {error}") from None
+
+
 def _describe_call(q, k, v, **kwargs):
+    _bound("flash_attention", flash_attention, q, k, v, **kwargs)
     check.dense(OP, q, k, v, kwargs.get("attn_mask"), kwargs.get("key_padding_mask"))
     return describe(q, v, varlen=False, rotary=kwargs.get("rotary_cos") is not None, batch=q.shape[0])
 
 
 def _describe_varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs):
+    _bound("flash_attention_varlen", flash_attention_varlen, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+           max_seqlen_k, **kwargs)
     check.varlen(OP_VARLEN, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return describe(q, v, varlen=True, rotary=kwargs.get("rotary_cos") is not None, batch=cu_seqlens_q.numel() - 1)
 

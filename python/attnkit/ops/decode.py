@@ -39,29 +39,12 @@ def _(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, alibi_slo
     return q.new_empty(q.shape[:-1] + (v_cache.shape[-1],)), q.new_empty(q.shape[:-1], dtype=stat_dtype)
 
 
-def attention_decode(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *, scale: Optional[float] = None,
-    softcap: float = 0.0, window_left: int = -1, alibi_slopes: Optional[Tensor] = None, return_lse: bool = False,
-) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    """Attention of new query tokens against a preallocated KV cache.
-
-    Args:
-        q: (B, H, Nq, D), the Nq newest tokens (usually 1); their keys/values already written
-            to the caches at positions cache_seqlens[b] - Nq .. cache_seqlens[b] - 1.
-        k_cache, v_cache: (B, H_kv, N_max, D) / (B, H_kv, N_max, Dv); H a multiple of H_kv.
-        cache_seqlens: int32 (B,): valid cache length per sequence (ragged batches), in
-            [0, N_max]: checked on the CPU; on a GPU (not checked, to avoid a sync per call)
-            a value outside counts as the nearest bound.
-        scale, softcap, alibi_slopes: as flash_attention. window_left: sliding window, -1 = none.
-        Query i attends to valid keys j <= cache_seqlens[b] - Nq + i (causal among new tokens).
-
-    Returns:
-        out (B, H, Nq, Dv); with return_lse also lse (B, H, Nq).
-    """
+def _check_tensors(q, k_cache, v_cache, cache_seqlens) -> None:
+    """The op's checks of its tensors (attention_decode and explain)."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         _validate.tensor(OP, name, t, ndim=4, dtypes=check.FLOAT_DTYPES)
     _validate.same_dtype_and_device(OP, [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)])
-    batch, heads, _, dim = q.shape
+    batch, heads = q.shape[:2]
     if k_cache.shape[0] != batch or v_cache.shape[0] != batch:
         raise ValueError(f"{OP}: q, k_cache, v_cache must have the same batch size, got {batch}, {k_cache.shape[0]}, "
                          f"{v_cache.shape[0]}")
@@ -81,6 +64,29 @@ def attention_decode(
         lengths = cache_seqlens.tolist()
         if lengths and (min(lengths) < 0 or max(lengths) > k_cache.shape[2]):
             raise ValueError(f"{OP}: cache_seqlens must be within [0, {k_cache.shape[2]}] (the cache length), got {lengths}")
+
+
+def attention_decode(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *, scale: Optional[float] = None,
+    softcap: float = 0.0, window_left: int = -1, alibi_slopes: Optional[Tensor] = None, return_lse: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Attention of new query tokens against a preallocated KV cache.
+
+    Args:
+        q: (B, H, Nq, D), the Nq newest tokens (usually 1); their keys/values already written
+            to the caches at positions cache_seqlens[b] - Nq .. cache_seqlens[b] - 1.
+        k_cache, v_cache: (B, H_kv, N_max, D) / (B, H_kv, N_max, Dv); H a multiple of H_kv.
+        cache_seqlens: int32 (B,): valid cache length per sequence (ragged batches), in
+            [0, N_max]: checked on the CPU; on a GPU (not checked, to avoid a sync per call)
+            a value outside counts as the nearest bound.
+        scale, softcap, alibi_slopes: as flash_attention. window_left: sliding window, -1 = none.
+        Query i attends to valid keys j <= cache_seqlens[b] - Nq + i (causal among new tokens).
+
+    Returns:
+        out (B, H, Nq, Dv); with return_lse also lse (B, H, Nq).
+    """
+    _check_tensors(q, k_cache, v_cache, cache_seqlens)
+    batch, heads, _, dim = q.shape
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
         raise NotImplementedError(f"{OP} is inference-only (no backward); use attnkit.ops.flash_attention to train")
     softcap, scale, _ = check.scalars(OP, softcap, scale, 0.0, dim)
@@ -97,7 +103,8 @@ def attention_decode(
     return (out, lse) if return_lse else out
 
 
-def _describe_call(q, k_cache, v_cache, cache_seqlens=None, **kwargs):
+def _describe_call(q, k_cache, v_cache, cache_seqlens, **kwargs):
+    _check_tensors(q, k_cache, v_cache, cache_seqlens)
     return _describe(q, k_cache, v_cache, kwargs.get("alibi_slopes"))
 
 
