@@ -362,9 +362,9 @@ def write_report(path, info, dry_run, steps, tests, bench_doc, bench_output):
     else:
         lines.append(f"`python -m attnkit.bench --{bench_doc['mode']} --device {bench_doc['device']} "
                      f"--dtype {bench_doc['dtype']}`, {bench_doc['seconds']:.0f} s. Speedup > 1: attnkit faster.")
+        tag = cli.dtype_suffix(bench_doc["dtype"])  # the plots' names carry it
         for name, result in bench_doc["families"].items():
             lines += ["", "#" + report.format_family(name, result).rstrip()]  # one level below "Benchmarks"
-            tag = cli.dtype_suffix(bench_doc["dtype"])
             plots = [p for p in (f"{name}{tag}-time.png", f"{name}{tag}-memory.png")
                      if os.path.exists(os.path.join(os.path.dirname(path), p))]
             if plots and result["rows"]:

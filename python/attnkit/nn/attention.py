@@ -42,7 +42,7 @@ from torch.nn import Parameter
 from ..backends.attention import MAX_HEAD_DIM
 from ..ops.attention import flash_attention, flash_attention_varlen
 from ..ops.rotary import apply_rotary
-from ._share import shared
+from ._share import check_from_torch, shared
 from .positional import RotaryEmbedding, alibi_slopes, refilled
 
 
@@ -124,9 +124,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     @classmethod
     def from_torch(cls, module: torch.nn.MultiheadAttention) -> "MultiheadAttention":
         """An attnkit MultiheadAttention sharing `module`'s configuration and Parameter objects."""
-        if not isinstance(module, torch.nn.MultiheadAttention):
-            raise TypeError(f"MultiheadAttention.from_torch: expected a torch.nn.MultiheadAttention, "
-                            f"got {type(module).__name__}")
+        check_from_torch(cls, module, torch.nn.MultiheadAttention)
         new = shared(cls, module)
         if not isinstance(module, MultiheadAttention):
             new._init_extras()

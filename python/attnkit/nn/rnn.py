@@ -187,8 +187,7 @@ class LSTM(torch.nn.LSTM):
     @classmethod
     def from_torch(cls, module: torch.nn.LSTM) -> "LSTM":
         """An attnkit.nn.LSTM sharing `module`'s configuration and Parameter objects."""
-        if not isinstance(module, torch.nn.LSTM):
-            raise TypeError(f"LSTM.from_torch: expected a torch.nn.LSTM, got {type(module).__name__}")
+        check_from_torch(cls, module, torch.nn.LSTM)
         return _adopt(cls, module)
 
     def _run_layer(self, x, state, weights, lengths):
@@ -276,8 +275,7 @@ class GRU(torch.nn.GRU):
     @classmethod
     def from_torch(cls, module: torch.nn.GRU) -> "GRU":
         """An attnkit.nn.GRU sharing `module`'s configuration and Parameter objects."""
-        if not isinstance(module, torch.nn.GRU):
-            raise TypeError(f"GRU.from_torch: expected a torch.nn.GRU, got {type(module).__name__}")
+        check_from_torch(cls, module, torch.nn.GRU)
         return _adopt(cls, module)
 
     def _run_layer(self, x, state, weights, lengths):
