@@ -286,6 +286,16 @@ def test_rows_without_a_time_are_tables_and_json_safe(tmp_path):
         assert [os.path.basename(p) for p in paths] == ["mixed-time.png", "mixed-memory.png"]
 
 
+def test_gpu_check_refuses_an_unwritable_out_before_any_step(tmp_path, capsys):
+    # It used to build and test for minutes, then die on writing the report.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--no-build", "--tests", "--out", str(blocker / "report")])
+    assert exit_info.value.code == 2
+    assert "--out" in (error := capsys.readouterr().err) and "is not a writable directory" in error
+
+
 def test_gpu_check_bench_step_survives_a_family_that_cannot_run(tmp_path):
     # A real subprocess per family; this one exits at argument parsing.
     status, taken, output, document = gpu_check.run_bench(str(tmp_path), 60, torch.device("cpu"), False,
