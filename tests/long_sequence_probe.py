@@ -166,19 +166,37 @@ def _graph_size(fn) -> int:
     return len(seen)
 
 
+def parse_spec(spec: str) -> tuple:
+    """'attention:N', 'attention:N:backward', 'lstm:T' or 'gru:T' -> (kind, size, backward);
+    argparse's type, so that a bad spec is a usage error before any run."""
+    kind, _, rest = spec.partition(":")
+    size, _, flag = rest.partition(":")
+    usable = kind in ("attention", "lstm", "gru") and size.isdigit() and int(size) > 0 and (
+        flag in ("", "backward") if kind == "attention" else flag == "")
+    if not usable:
+        raise argparse.ArgumentTypeError(
+            f"{spec!r}: expected attention:N, attention:N:backward, lstm:T or gru:T with N, T >= 1")
+    return kind, int(size), flag == "backward"
+
+
 def run_spec(spec: str) -> dict:
-    """'attention:N', 'attention:N:backward', 'lstm:T' or 'gru:T'."""
-    kind, size, *flags = spec.split(":")
+    kind, size, backward = parse_spec(spec)
     if kind == "attention":
-        return attention(int(size), 64, "backward" in flags)
-    return rnn(kind, int(size))
+        return attention(size, 64, backward)
+    return rnn(kind, size)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("specs", nargs="+", help="attention:N[:backward], lstm:T, gru:T (one JSON line each)")
+    parser.add_argument("specs", nargs="+", type=_checked_spec,
+                        help="attention:N[:backward], lstm:T, gru:T (one JSON line each)")
     for spec in parser.parse_args(argv).specs:
         print(json.dumps(dict(run_spec(spec), spec=spec)), flush=True)
+
+
+def _checked_spec(spec: str) -> str:
+    parse_spec(spec)
+    return spec
 
 
 if __name__ == "__main__":

@@ -167,3 +167,11 @@ def test_long_sequences_bounded_memory(spec):
         # step beyond them; one autograd node per layer, not per step.
         assert r["peak_mib"] <= 3 * r["activation_mib"] + 16, r
         assert r["autograd_nodes"] < 20, r
+
+
+def test_long_sequence_probe_refuses_a_bad_spec_before_any_run():
+    # A misspelt spec used to run the specs before it, then end in a traceback.
+    done = subprocess.run([sys.executable, str(PROBE), "lstm:3", "attention:8:forward"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "'attention:8:forward': expected attention:N, attention:N:backward" in done.stderr
