@@ -532,6 +532,35 @@ def test_gru_bias_may_be_edited_in_place_before_backward(backend):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("kind,with_state", [("LSTMCell", False), ("LSTMCell", True)])
+def test_weight_hh_may_be_edited_before_backward_where_the_state_needs_no_grad(backend, kind, with_state):
+    """One step from a state that needs no gradient: weight_hh enters only the state's gradient,
+    so torch lets it be edited in place before backward; the op saved it, and backward raised.
+    (GRU(Cell) still saves it: its reference backward recomputes the step from weight_hh.)"""
+    torch.manual_seed(0)
+    ours = getattr(attnkit.nn, kind)(3, 4)
+    theirs = getattr(torch.nn, kind)(3, 4)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 2, 3) if kind == "GRU" else torch.randn(2, 3)
+    state = None
+    if with_state:
+        state = (torch.randn(2, 4), torch.randn(2, 4)) if kind == "LSTMCell" else torch.randn(2, 4)
+    grads = []
+    for module in (theirs, ours):
+        leaf = x.clone().requires_grad_()
+        with attnkit.use_backend(backend):
+            out = module(leaf, state)
+        out = out[0] if isinstance(out, tuple) else out
+        weight_hh = module.weight_hh_l0 if kind == "GRU" else module.weight_hh
+        with torch.no_grad():
+            weight_hh.mul_(3.0)
+        out.square().sum().backward()
+        grads.append((leaf.grad, weight_hh.grad, module.parameters().__next__().grad))
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("dtype,proj_size,num_layers", [(torch.float32, 2, 1), (torch.float64, 0, 2),
                                                         (torch.float16, 0, 1)])
 def test_lstm_output_may_be_edited_in_place_where_torch_allows(dtype, proj_size, num_layers):

@@ -64,12 +64,18 @@ def _(grad_h, grad_c, x, h, c, w_ih, w_hh, gates, c_new):
 def _setup_context(ctx, inputs, output):
     x, h, c, w_ih, w_hh, _, _ = inputs
     _, c_new, gates = output
-    ctx.save_for_backward(x, h, c, w_ih, w_hh, gates, c_new)
+    state_needs_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    ctx.save_for_backward(x, h, c, w_ih, w_hh if state_needs_grad else None, gates, c_new)
+    # w_hh enters only the state's gradient (every backend's backward takes the saved gates), so
+    # torch.nn.LSTMCell lets weight_hh be edited in place before backward when the state needs none:
+    # held without the version check then, its edited values change nothing that is returned.
+    ctx.w_hh_unversioned = None if state_needs_grad else w_hh
     ctx.mark_non_differentiable(gates)
 
 
 def _backward(ctx, grad_h, grad_c, _grad_gates):
     x, h, c, w_ih, w_hh, gates, c_new = ctx.saved_tensors
+    w_hh = ctx.w_hh_unversioned if w_hh is None else w_hh
     # An output that did not reach the loss comes back as None.
     grad_h = torch.zeros_like(c_new) if grad_h is None else grad_h.contiguous()
     grad_c = torch.zeros_like(c_new) if grad_c is None else grad_c.contiguous()
