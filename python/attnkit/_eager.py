@@ -11,7 +11,6 @@ with autograd and 0.03-0.05 ms a training step (1 thread). There the ops call
 the same implementation through a torch.autograd.Function (training) or
 directly (inference): same kernels, same backward formula, same backend choice.
 """
-from __future__ import annotations
 
 import contextvars
 import functools
@@ -42,8 +41,8 @@ def plain_call(args: Sequence[Any]) -> bool:
     compile, tracing, functorch transform or dispatch mode, and every tensor
     among them a plain one."""
     return (
-        not _batched_backward.get()
-        and not torch.compiler.is_compiling()
+        not torch.compiler.is_compiling()  # first: dynamo before torch 2.7 cannot trace ContextVar.get
+        and not _batched_backward.get()
         and not torch.jit.is_tracing()
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._are_functorch_transforms_active()

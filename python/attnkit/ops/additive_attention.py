@@ -12,7 +12,6 @@ attnkit.backends.additive_attention); plain eager calls run the same kernels
 and formula without their dispatch (attnkit._eager), as a decoder's per-step
 calls are small.
 """
-from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 

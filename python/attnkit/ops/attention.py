@@ -7,7 +7,6 @@ Both are one pair of torch.library custom ops (`attnkit::attention_forward`,
 formula, so torch.compile traces them without graph breaks; plain eager calls
 run the same kernels and formula without their dispatch (attnkit._eager).
 """
-from __future__ import annotations
 
 import inspect
 from typing import Optional, Sequence, Tuple, Union

@@ -7,7 +7,7 @@ import contextlib
 import math
 import numbers
 import threading
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import ContextManager, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -218,13 +218,18 @@ def _read_cu_seqlens(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> List[int]:
 _checked_once = threading.local()
 
 
-@contextlib.contextmanager
-def cu_seqlens_checked_once() -> Iterator[None]:
+def cu_seqlens_checked_once() -> ContextManager[None]:
     """Inside the block, varlen calls do not read again cu_seqlens tensors whose values an
     earlier call of the block checked (the same tensors with the same totals and max_seqlen,
     and the same version where they keep one: inference tensors do not, so the block must
     not change them in place). For a model's layers, which pass the one tensor the model
-    built: each read is a GPU sync, 12 a forward for BERT-base."""
+    built: each read is a GPU sync, 12 a forward for BERT-base. A compiled graph reads none:
+    there the block is a null one (dynamo before torch 2.7 cannot trace a generator's)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _checked_once_block()
+
+
+@contextlib.contextmanager
+def _checked_once_block() -> Iterator[None]:
     previous = getattr(_checked_once, "seen", None)
     _checked_once.seen = {}
     try:

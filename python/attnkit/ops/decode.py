@@ -1,7 +1,6 @@
 """`attnkit.ops.attention_decode`: attention of the newest query tokens against a
 KV cache (generation), split over the keys ("flash-decoding") on GPUs.
 Inference only: it has no backward (use flash_attention to train)."""
-from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 

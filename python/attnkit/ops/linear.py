@@ -4,7 +4,6 @@ generation, beam search), which are bound by how fast W is read; other calls go
 to F.linear. A torch.library custom op with a fake implementation and an
 autograd formula, so it traces and trains like F.linear; plain eager calls skip
 its dispatch (attnkit._eager), which costs as much as a small decoding GEMV."""
-from __future__ import annotations
 
 import math
 from typing import Optional

@@ -7,7 +7,6 @@ The backend is chosen inside the op at run time (see attnkit._dispatch).
 Plain eager calls run the same kernels and formula without the custom op's
 dispatch (attnkit._eager), which cost about as much as a batch-1 step's kernel.
 """
-from __future__ import annotations
 
 from typing import Optional, Tuple
 

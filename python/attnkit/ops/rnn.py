@@ -8,7 +8,6 @@ backend is chosen inside the op at run time (see attnkit._dispatch). Plain
 eager calls run the same kernels and formulas without the custom op's
 dispatch (attnkit._eager): a torch.autograd.Function when training.
 """
-from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
 

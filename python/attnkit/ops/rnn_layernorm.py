@@ -9,7 +9,6 @@ does not change them: they run in their inputs' dtype (as layer_norm, on autocas
 list), their kernels' products included (under autocast those came back in the autocast
 dtype, which the kernels do not take).
 """
-from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 

@@ -9,7 +9,6 @@ form goes through a torch.autograd.Function that marks x dirty when autograd
 records it, and calls `attnkit::rotary_` directly otherwise (so torch.compile
 sees one mutating node).
 """
-from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
