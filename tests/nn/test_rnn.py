@@ -587,3 +587,43 @@ def test_lstm_output_may_be_edited_in_place_where_torch_allows(dtype, proj_size,
     tol = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float16 else {}
     for want, got in zip(*grads):
         torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "LayerNormLSTM"])
+def test_parametrized_weights_are_computed_once_a_forward_as_torch(kind):
+    """A parametrization runs once per weight and forward, as in torch.nn: _stack read
+    all_weights per layer and direction, which computes every weight at each read, so
+    spectral_norm's power iteration ran 3x as often and its outputs drifted from torch's."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    calls = {}
+
+    class Counted(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, weight):
+            calls[self.name] = calls.get(self.name, 0) + 1
+            return weight * 1.5
+
+    torch.manual_seed(0)
+    cls = getattr(attnkit.nn, kind)
+    ours = cls(4, 5, num_layers=2, bidirectional=True)
+    torch.nn.utils.parametrize.register_parametrization(ours, "weight_hh_l1_reverse", Counted("ours"))
+    x = torch.randn(3, 2, 4)
+    theirs = getattr(torch.nn, kind.replace("LayerNorm", ""))(4, 5, num_layers=2, bidirectional=True)
+    torch.nn.utils.parametrize.register_parametrization(theirs, "weight_hh_l1_reverse", Counted("theirs"))
+    theirs(x)
+    ours(x)
+    assert calls["ours"] == calls["theirs"]
+
+    if kind == "LayerNormLSTM":
+        return
+    ours, theirs = getattr(attnkit.nn, kind)(4, 5, num_layers=2), getattr(torch.nn, kind)(4, 5, num_layers=2)
+    theirs.load_state_dict(ours.state_dict())
+    for module in (ours, theirs):
+        torch.manual_seed(1)  # the same initial power-iteration vectors
+        spectral_norm(module, "weight_hh_l0")
+    for _ in range(3):  # training mode: each forward advances the power iteration
+        torch.testing.assert_close(ours(x)[0], theirs(x)[0], atol=1e-6, rtol=1e-6)

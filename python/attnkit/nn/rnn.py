@@ -52,6 +52,7 @@ def _stack(module, run_layer, input: Tensor, batch_sizes: Optional[Tensor], stat
     else:
         x, lengths = (input.transpose(0, 1) if module.batch_first else input), None
     directions = 2 if module.bidirectional else 1
+    weights = module._layer_weights()
     finals: List[List[Tensor]] = [[] for _ in states]
     layer_input = x
     for layer in range(module.num_layers):
@@ -59,7 +60,7 @@ def _stack(module, run_layer, input: Tensor, batch_sizes: Optional[Tensor], stat
         for direction in range(directions):
             index = layer * directions + direction
             seq = layer_input if direction == 0 else _reverse(layer_input, lengths)
-            out, final = run_layer(seq.contiguous(), [s[index] for s in states], module.all_weights[index], lengths)
+            out, final = run_layer(seq.contiguous(), [s[index] for s in states], weights[index], lengths)
             outputs.append(out if direction == 0 else _reverse(out, lengths))
             for kept, state in zip(finals, final):
                 kept.append(state)
@@ -73,6 +74,15 @@ def _stack(module, run_layer, input: Tensor, batch_sizes: Optional[Tensor], stat
         output = output.transpose(0, 1)
     # One layer and direction: a view, not torch.stack's copy (a few us of a batch-1 step).
     return output, [kept[0].unsqueeze(0) if len(kept) == 1 else torch.stack(kept) for kept in finals]
+
+
+def _layer_weights(module) -> List[List[Tensor]]:
+    """Each layer and direction's weights, taken from _flat_weights, which forward has just
+    refreshed: a parametrized weight (spectral_norm, orthogonal) is computed there once a
+    forward, as in torch.nn; all_weights computes every weight again at each access, and
+    spectral_norm's power iteration advanced with each."""
+    flat = iter(module._flat_weights)
+    return [[next(flat) for _ in names] for names in module._all_weights]
 
 
 def _editable(output: Tensor) -> Tensor:
@@ -190,6 +200,8 @@ class LSTM(torch.nn.LSTM):
         check_from_torch(cls, module, torch.nn.LSTM)
         return _adopt(cls, module)
 
+    _layer_weights = _layer_weights
+
     def _run_layer(self, x, state, weights, lengths):
         if torch._C._is_any_autocast_enabled():  # as torch.nn.RNNBase checks it: ~0.2 us
             # torch runs a packed LSTM composite (not oneDNN's op on the lower-precision list): as GRU
@@ -208,7 +220,7 @@ class LSTM(torch.nn.LSTM):
         if (hx is None or (type(hx) is tuple and len(hx) == 2)) and _one_layer_call(self, input, hx or ()):
             x = input.transpose(0, 1) if self.batch_first else input
             states = _one_layer_states(self, input, hx, 2)
-            out, (h, c) = self._run_layer(x.contiguous(), states, self.all_weights[0], None)
+            out, (h, c) = self._run_layer(x.contiguous(), states, self._layer_weights()[0], None)
             out = _lstm_editable(self, out)
             return (out.transpose(0, 1) if self.batch_first else out), (h.unsqueeze(0), c.unsqueeze(0))
         if hx is not None and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
@@ -278,6 +290,8 @@ class GRU(torch.nn.GRU):
         check_from_torch(cls, module, torch.nn.GRU)
         return _adopt(cls, module)
 
+    _layer_weights = _layer_weights
+
     def _run_layer(self, x, state, weights, lengths):
         if torch._C._is_any_autocast_enabled():
             dtype = _autocast_dtype(x, state[0], lower_on_cpu=False)
@@ -293,7 +307,7 @@ class GRU(torch.nn.GRU):
         self._update_flat_weights()  # as torch's: functional_call swaps the weights (its dtype check reads them)
         if _one_layer_call(self, input, (hx,)):
             x = input.transpose(0, 1) if self.batch_first else input
-            out, (h,) = self._run_layer(x.contiguous(), _one_layer_states(self, input, hx, 1), self.all_weights[0], None)
+            out, (h,) = self._run_layer(x.contiguous(), _one_layer_states(self, input, hx, 1), self._layer_weights()[0], None)
             out = _editable(out)
             return (out.transpose(0, 1) if self.batch_first else out), h.unsqueeze(0)
         orig_input = input

@@ -64,6 +64,9 @@ class _LayerNormMixin:
         base = super().all_weights
         return [list(ws) + [getattr(self, n) for n in names] for ws, names in zip(base, self._ln_names)]
 
+    def _layer_weights(self) -> List[List[Tensor]]:  # what _stack runs: all_weights, read once a forward
+        return [ws + [getattr(self, n) for n in names] for ws, names in zip(super()._layer_weights(), self._ln_names)]
+
     def _zoneout_mask(self, x: Tensor):
         if self.zoneout == 0:
             return None
