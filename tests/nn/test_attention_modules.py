@@ -412,3 +412,24 @@ def test_dropout_one_drops_everything_as_torch(need_weights):
     assert not grad.any()
     layer = attnkit.nn.TransformerEncoderLayer(E, H, 32, dropout=1.0)
     assert layer(q.detach()).shape == q.shape
+
+
+@pytest.mark.parametrize("extra", [dict(alibi=True), dict(rotary=True)])
+def test_meta_construction_then_load_with_assign_refills_computed_buffers(extra):
+    """load_state_dict(assign=True) after construction on meta (the fast-loading flow) left the
+    computed, unsaved buffers (ALiBi slopes, rotary inv_freq) on meta: forward then raised."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, 16)
+    loaded = attnkit.nn.MultiheadAttention(16, 4, **extra).eval()
+    with torch.device("meta"):
+        module = attnkit.nn.MultiheadAttention(16, 4, **extra)
+    module.load_state_dict(loaded.state_dict(), assign=True)
+    module.eval()
+    for got, want in zip(module(x, x, x), loaded(x, x, x)):
+        torch.testing.assert_close(got, want)
+
+    with torch.device("meta"):
+        rotary = attnkit.nn.RotaryEmbedding(8)
+    rotary.load_state_dict({}, assign=True)
+    q = torch.randn(1, 5, 2, 8)
+    torch.testing.assert_close(rotary(q)[0], attnkit.nn.RotaryEmbedding(8)(q)[0])

@@ -173,7 +173,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return self.rotary.cos_sin(length, device)
 
     def _slopes(self):
-        return None if self.alibi_slopes is None else self.alibi_slopes.float()
+        if self.alibi_slopes is None:
+            return None
+        if self.alibi_slopes.is_meta and not self.out_proj.weight.is_meta:
+            # load_state_dict(assign=True) after meta-device construction refills no computed buffer
+            self.alibi_slopes = alibi_slopes(self.num_heads, device=self.out_proj.weight.device)
+        return self.alibi_slopes.float()
 
     # -- forward --------------------------------------------------------------------------------
 

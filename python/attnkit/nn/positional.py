@@ -151,6 +151,9 @@ class RotaryEmbedding(nn.Module):
         """cos, sin tables (seq_len, dim / 2) for positions 0..seq_len-1, attention scaling included
         (HF's forward returns them repeated twice along the last dim)."""
         device = torch.device(device) if device is not None else self.inv_freq.device
+        if self.inv_freq.is_meta and device.type != "meta":
+            # load_state_dict(assign=True) after meta-device construction refills no computed buffer
+            self.inv_freq = self._inv_freq_now().to(device)
         if self.scaling == "dynamic_ntk":
             self._update_dynamic(seq_len)
         key = (device, dtype)
