@@ -305,3 +305,17 @@ def test_encoder_hands_a_users_layer_float_masks_as_torch():
     pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
     torch.testing.assert_close(ours(x, src_key_padding_mask=pad), theirs(x, src_key_padding_mask=pad))
     assert seen == [torch.float32] * 4
+
+
+def test_encoder_under_vmap_with_a_per_sample_padding_mask_matches_torch():
+    """vmap over samples with a bool src_key_padding_mask: the packed path's bool(pad.any())
+    raised under the transform; the dense path runs there, as torch's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 1, 8)  # two samples of (S, N, E) = (5, 1, 8)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    results = []
+    for nn, extra in ((torch.nn, {"enable_nested_tensor": False}), (attnkit.nn, {})):
+        torch.manual_seed(1)
+        encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, 0.0), 2, **extra).eval()
+        results.append(torch.func.vmap(lambda xi, pi: encoder(xi, src_key_padding_mask=pi[None]))(x, pad))
+    torch.testing.assert_close(results[1], results[0])

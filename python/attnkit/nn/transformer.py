@@ -176,7 +176,9 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
     def _packable(self, src, mask, pad, is_causal) -> bool:
         if pad is None or pad.dtype != torch.bool or src.dim() != 3 or src.is_nested or (mask is not None and not is_causal):
             return False
-        if torch.compiler.is_compiling():  # the packed length depends on the mask's values
+        # The packed length depends on the mask's values: not under compile, nor under a functorch
+        # transform (vmap over the batch: bool() of a batched tensor raises there).
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             return False
         if _global_hooks():
             return False
