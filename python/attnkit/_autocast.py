@@ -30,3 +30,13 @@ def cast_floating(dtype: Optional[torch.dtype], tensors: Iterable) -> list:
 def off(device_type: str, active: bool):
     """Autocast off for `device_type` inside the block where `active`, else nothing."""
     return torch.autocast(device_type, enabled=False) if active else contextlib.nullcontext()
+
+
+def without_autocast(device_type: str, kernel, *args):
+    """kernel(*args) with autocast off for `device_type`: a backend's ATen matmuls (the
+    plain-PyTorch reference's above all) would otherwise take some operands in the autocast
+    dtype, and a kernel runs one dtype throughout (the drop-ins cast to torch's autocast dtype first)."""
+    if not torch._C._is_any_autocast_enabled():
+        return kernel(*args)
+    with torch.autocast(device_type, enabled=False):
+        return kernel(*args)

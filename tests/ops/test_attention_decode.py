@@ -147,3 +147,17 @@ def test_cpp_entry_point_checks_its_scalars():
                                           (0.3, -1.0, -1, "softcap"), (0.3, 0.0, -5, "window_left")):
         with pytest.raises(RuntimeError, match=match):
             ext.attention_decode_forward(q, k, k, lengths, scale, softcap, window, None)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_autocast_leaves_the_kernel_in_its_inputs_dtype(backend, device):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 16, generator=gen).to(device)
+    k, v = (torch.randn(2, 2, 40, 16, generator=gen).to(device) for _ in range(2))
+    lengths = torch.tensor([7, 40], dtype=torch.int32, device=device)
+    with forced(OP, backend, device):
+        plain = attention_decode(q, k, v, lengths)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            under_autocast = attention_decode(q, k, v, lengths)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, plain, atol=1e-6, rtol=1e-6)

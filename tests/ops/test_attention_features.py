@@ -191,3 +191,27 @@ def test_a_large_softcap_is_no_cap(backend, device, softcap):
             step = attnkit.ops.attention_decode(q[:, :, :1].detach(), k.detach(), v.detach(), lengths, softcap=softcap)
             plain = attnkit.ops.attention_decode(q[:, :, :1].detach(), k.detach(), v.detach(), lengths)
         torch.testing.assert_close(step, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_autocast_leaves_the_kernels_in_their_inputs_dtype(backend, device):
+    """flash_attention (dense, varlen) computes in its inputs' dtype under autocast: the
+    reference backend's plain-PyTorch matmuls took autocast's bfloat16 (errors 6e-3 in float32)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 16, generator=gen).to(device).requires_grad_() for _ in range(3))
+    lengths = torch.tensor([0, 5, 17], dtype=torch.int32, device=device)
+    packed = [t.detach()[0].transpose(0, 1).contiguous().requires_grad_() for t in (q, k, v)]
+
+    def run():
+        out = flash_attention(q, k, v, causal=True)
+        packed_out = flash_attention_varlen(*packed, lengths, lengths, 12, 12)
+        grads = torch.autograd.grad(out.square().sum() + packed_out.square().sum(), [q, *packed])
+        return out, packed_out, *grads
+
+    with forced(OP, backend, device):
+        plain = run()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            under_autocast = run()
+    for got, want in zip(under_autocast, plain):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _eager
+from .._autocast import without_autocast
 from ..backends.attention import ATTENTION, AttentionCall, describe
 from . import attention_validation as check
 
@@ -43,7 +44,7 @@ def _attention_forward_kernels(
     call = _call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
                  window_left, window_right, bottom_right, softcap, scale, dropout_p, seed, alibi_slopes, rotary_cos,
                  rotary_sin, rotary_offsets, rotary_interleaved)
-    out, lse = ATTENTION.select(call.describe()).forward(call)
+    out, lse = without_autocast(q.device.type, ATTENTION.select(call.describe()).forward, call)
     return out.contiguous(), lse.contiguous()
 
 
@@ -71,7 +72,8 @@ def _attention_backward_kernels(
     call = _call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, key_padding_mask,
                  window_left, window_right, bottom_right, softcap, scale, dropout_p, seed, alibi_slopes, rotary_cos,
                  rotary_sin, rotary_offsets, rotary_interleaved, mask_grad)
-    dq, dk, dv, d_mask = ATTENTION.select(call.describe()).backward(call, grad_out, out, lse)
+    dq, dk, dv, d_mask = without_autocast(q.device.type, ATTENTION.select(call.describe()).backward, call, grad_out,
+                                          out, lse)
     d_mask = d_mask.to(attn_mask.dtype) if mask_grad else q.new_empty(0)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_mask
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _eager, _validate
+from .._autocast import without_autocast
 from ..backends.decode import DECODE
 from . import attention_validation as check
 
@@ -25,7 +26,8 @@ def _attention_decode_kernels(
     alibi_slopes: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     impl = DECODE.select(_describe(q, k_cache, v_cache, alibi_slopes))
-    out, lse = impl.forward(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, alibi_slopes)
+    out, lse = without_autocast(q.device.type, impl.forward, q, k_cache, v_cache, cache_seqlens, scale, softcap,
+                                window_left, alibi_slopes)
     return out.contiguous(), lse.contiguous()
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _eager, _validate
+from .._autocast import without_autocast
 from ..backends.rnn import GRU, LSTM
 
 LSTM_OP, GRU_OP = "attnkit.ops.lstm", "attnkit.ops.gru"
@@ -33,13 +34,8 @@ def _describe_call(x: Tensor, w_hh: Tensor, gates: int, proj: bool, save: bool) 
 
 
 def _autocast_off(kernel, *args):
-    """kernel(*args) with autocast off for the device of args[0]: the backends' ATen
-    matmuls would otherwise take some operands in the autocast dtype, and a kernel
-    runs one dtype throughout (attnkit.nn casts to torch.nn's autocast dtype first)."""
-    if not torch._C._is_any_autocast_enabled():
-        return kernel(*args)
-    with torch.autocast(args[0].device.type, enabled=False):
-        return kernel(*args)
+    """kernel(*args) with autocast off for the device of args[0] (_autocast.without_autocast)."""
+    return without_autocast(args[0].device.type, kernel, *args)
 
 
 def _zeros_if_none(grad, like):
