@@ -280,3 +280,17 @@ def test_explain_checks_what_the_op_checks():
     with pytest.raises(ValueError, match=r"cache_seqlens must be within \[0, 3\]"):
         attnkit.explain("attention_decode", q[:, :, :1], q, q, lengths + 6)
     assert attnkit.explain("attention_decode", q[:, :, :1], q, q, lengths).backend == "cpp"
+
+
+def test_triton_before_3_5_is_not_chosen_for_float64_attention(monkeypatch):
+    """tl.dot takes float64 from triton 3.5 on: an older one failed inside the kernel."""
+    from attnkit import backends
+
+    monkeypatch.setattr(backends, "_triton_version", lambda: (3, 2))
+    call = {"device": torch.device("cpu"), "dtype": torch.float64, "head_dim": 16, "head_dim_v": 16}
+    for op in ("flash_attention", "attention_decode"):
+        reasons = _dispatch._OPS[op].implementations["triton"].not_supported_reasons(call)
+        assert any("tl.dot takes float64 from triton 3.5 on, this is triton 3.2" in r for r in reasons), (op, reasons)
+        assert not any("float64" in r for r in _dispatch._OPS[op].implementations["triton"].not_supported_reasons(dict(call, dtype=torch.float32)))
+    monkeypatch.setattr(backends, "_triton_version", lambda: (3, 5))
+    assert not any("float64" in r for r in _dispatch._OPS["flash_attention"].implementations["triton"].not_supported_reasons(call))

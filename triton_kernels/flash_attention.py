@@ -159,7 +159,12 @@ def _key_blocks(m0, q_len, k_len, diag, window_left, window_right, BLOCK_M: tl.c
         hi = tl.minimum(m0 + BLOCK_M + diag + window_right, k_len)
         first_ok = m0 + BLOCK_M - 1 + diag - window_left  # the last query's window starts here
         end_ok = tl.minimum(end_ok, m0 + diag + window_right + 1)  # the first query's ends here
-    end_ok = tl.where((m0 + BLOCK_M > q_len) | (ROTARY_DIM > 0), 0, end_ok)  # a partial query block: all checked
+    # A partial query block, or RoPE: all checked. (The constexpr apart from the tensor
+    # condition: triton 3.2's interpreter cannot make an int1 tensor of a constexpr bool.)
+    if ROTARY_DIM > 0:
+        end_ok = 0
+    else:
+        end_ok = tl.where(m0 + BLOCK_M > q_len, 0, end_ok)
     run_lo, run_hi = _unchecked_range(lo, hi, first_ok, end_ok, BLOCK_N)
     return lo, run_lo, run_hi, hi
 
@@ -491,7 +496,10 @@ def _attn_bwd_dkdv(
         hi = tl.minimum(n0 + BLOCK_N - diag + window_left, q_len)
         first_ok = n0 + BLOCK_N - 1 - diag - window_right  # the first query whose window holds the last key
         end_ok = tl.minimum(end_ok, n0 + 1 - diag + window_left)  # the last query's holds the first
-    end_ok = tl.where((n0 + BLOCK_N > k_len) | (ROTARY_DIM > 0), 0, end_ok)  # a partial key block: all checked
+    if ROTARY_DIM > 0:  # a partial key block, or RoPE: all checked (as in _key_blocks)
+        end_ok = 0
+    else:
+        end_ok = tl.where(n0 + BLOCK_N > k_len, 0, end_ok)
     run_lo, run_hi = _unchecked_range(lo, hi, first_ok, end_ok, BLOCK_M)
     for g in range(0, GROUP):
         h = kvh * GROUP + g

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import _extensions
 from .._dispatch import Implementation, Op
+from . import triton_dot_refuses
 from ..reference import attention as ref
 
 MAX_HEAD_DIM = 256
@@ -74,7 +75,8 @@ class Triton(Implementation):
             return [f"head dim {head_dim} > {MAX_HEAD_DIM}"]
         if call.get("batch", 0) > MAX_GRID_AXIS:  # the sequences are the grid's z axis (CUDA's limit)
             return [f"{call['batch']} sequences > {MAX_GRID_AXIS}"]
-        return []
+        refused = triton_dot_refuses(call["dtype"])
+        return [refused] if refused else []
 
     @staticmethod
     def _kwargs(c: AttentionCall) -> dict:

@@ -8,6 +8,7 @@ import torch
 
 from .. import _extensions
 from .._dispatch import Implementation, Op
+from . import triton_dot_refuses
 from ..reference import attention as ref
 
 MAX_HEAD_DIM = 256
@@ -24,7 +25,8 @@ class Triton(Implementation):
             reasons.append(f"{call['rows']} query rows per KV head (GQA group x new tokens) > {MAX_ROWS}: use flash_attention")
         if max(call.get("head_dim", 0), call.get("head_dim_v", 0)) > MAX_HEAD_DIM:
             reasons.append(f"head dim > {MAX_HEAD_DIM}")
-        return reasons
+        refused = triton_dot_refuses(call["dtype"])
+        return reasons + ([refused] if refused else [])
 
     def forward(self, q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, alibi_slopes):
         from ..triton_kernels.decode import decode
