@@ -294,3 +294,33 @@ def test_triton_before_3_5_is_not_chosen_for_float64_attention(monkeypatch):
         assert not any("float64" in r for r in _dispatch._OPS[op].implementations["triton"].not_supported_reasons(dict(call, dtype=torch.float32)))
     monkeypatch.setattr(backends, "_triton_version", lambda: (3, 5))
     assert not any("float64" in r for r in _dispatch._OPS["flash_attention"].implementations["triton"].not_supported_reasons(call))
+
+
+def test_keep_backend_forcing_carries_a_block_into_checkpoint_recomputation():
+    """torch.utils.checkpoint recomputes the forward inside loss.backward(), outside the block:
+    the recomputation (and its backward) chose the default backend. keep_backend_forcing, as
+    the checkpoint's context_fn, runs it under the blocks around the checkpointed call."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 8, requires_grad=True) for _ in range(3))
+    # sin after: its backward unpacks first, and starts the recomputation outside the op's backward
+    attend = lambda q, k, v: attnkit.ops.flash_attention(q.sin(), k, v, causal=True).sin()  # noqa: E731
+    grad_out = torch.randn(1, 2, 9, 8)
+    with attnkit.use_backend("reference"):
+        want = torch.autograd.grad(attend(q, k, v), (q, k, v), grad_out)
+    seen = []
+    original = _dispatch.Op.select
+
+    def recording(self, call):
+        chosen = original(self, call)
+        seen.append(chosen.backend)
+        return chosen
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_dispatch.Op, "select", recording)
+        with attnkit.use_backend("reference"):
+            out = torch.utils.checkpoint.checkpoint(attend, q, k, v, use_reentrant=False,
+                                                    context_fn=attnkit.keep_backend_forcing)
+        got = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert seen and set(seen) == {"reference"}, seen
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -31,7 +31,7 @@ import functools
 import inspect
 import logging
 import os
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -198,6 +198,24 @@ def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
         yield
     finally:
         _forced_by_context.reset(token)
+
+
+def keep_backend_forcing() -> Tuple[ContextManager[None], ContextManager[None]]:
+    """`context_fn` for torch.utils.checkpoint.checkpoint(..., use_reentrant=False): the forward
+    it recomputes inside the backward runs under the `use_backend` blocks that were around the
+    checkpointed call (a block around the call does not reach the recomputation, which runs in
+    loss.backward(), and the recomputed ops' backward would follow it)."""
+    forcing = context_forcing()
+
+    @contextlib.contextmanager
+    def recomputing() -> Iterator[None]:
+        token = _forced_by_context.set(forcing)
+        try:
+            yield
+        finally:
+            _forced_by_context.reset(token)
+
+    return contextlib.nullcontext(), recomputing()
 
 
 def context_forcing() -> Mapping[str, str]:
