@@ -315,3 +315,25 @@ def test_jit_script_of_a_patched_model_says_what_to_use():
     with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script"):
         torch.jit.script(nn.MultiheadAttention(4, 2))
     torch.jit.script(nn.ALiBi(2))  # scriptable, and stays so
+
+
+def test_torch_export_of_a_model_with_drop_ins_matches_eager():
+    """README: torch.export works (the ops are custom ops with fake kernels)."""
+    torch.manual_seed(0)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(8, 8, batch_first=True)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            y, _ = self.lstm(x)
+            heads = x[:, None]
+            return self.mha(y, y, y, need_weights=False)[0] + ops.flash_attention(heads, heads, heads, causal=True)[:, 0]
+
+    model = Model().eval()
+    exported = torch.export.export(model, (torch.randn(2, 5, 8),))
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(exported.module()(x), model(x))
+    assert any("attnkit" in str(node.target) for node in exported.graph.nodes)

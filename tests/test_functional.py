@@ -91,8 +91,12 @@ def test_autocast_computes_in_its_dtype_as_sdpa(mask):
         assert attnkit.scaled_dot_product_attention(q.double(), k.double(), v.double()).dtype == torch.float64
     assert out.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected.float(), atol=4e-2, rtol=4e-2)
-    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
-    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    weights = torch.randn(out.shape)
+    grads = torch.autograd.grad((out.float() * weights).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected.float() * weights).sum(), (q, k, v))
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=4e-2, rtol=4e-2)
 
 
 @pytest.mark.parametrize("shapes", [((2, 3, 5, 0), (2, 3, 7, 0), (2, 3, 7, 4)), ((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 0)),

@@ -132,12 +132,25 @@ def test_padding_costs_no_attention_compute(tmp_path, monkeypatch):
     assert seen == [(24, [0, 16, 19, 24])] * 2
 
 
-def test_gradients_flow_in_training_mode(tmp_path):
-    checkpoint(tmp_path, transformers.BertForSequenceClassification, *SIZES[0])
+def test_training_gradients_match_transformers_with_padding(tmp_path):
+    """Every parameter's gradient (dropouts 0, a padded batch) against transformers', through
+    hf_mapping: the fused QKV against HF's query, key and value, the pooler and the classifier."""
+    hf = checkpoint(tmp_path, transformers.BertForSequenceClassification, *SIZES[0], hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0).train()
     ours = BertForSequenceClassification.from_pretrained(str(tmp_path)).train()
     ids, types, mask = batch([16, 8])
-    ours(ids, mask, types).sum().backward()
-    assert ours.bert.layers[0].qkv.weight.grad.abs().sum() > 0
+    weights = torch.randn(2, hf.config.num_labels)
+    (ours(ids, mask, types) * weights).sum().backward()
+    (hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits * weights).sum().backward()
+    theirs = dict(hf.named_parameters())
+    mapping, _, _ = ours.bert.hf_mapping(prefix="bert.")
+    mapping.update({"classifier.weight": ["classifier.weight"], "classifier.bias": ["classifier.bias"]})
+    named = dict(ours.named_parameters())
+    for name, hf_names in mapping.items():
+        parameter = named[name if name.startswith("classifier") else "bert." + name]
+        want = torch.cat([theirs[n].grad for n in hf_names])
+        torch.testing.assert_close(parameter.grad, want, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+    assert len(mapping) == len(named)
 
 
 def test_bad_input_errors(tmp_path):

@@ -69,13 +69,21 @@ def test_untied_lm_head(tmp_path):
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=ATOL, rtol=0)
 
 
-def test_training_step_has_gradients(tmp_path):
-    checkpoint(tmp_path, transformers.GPT2LMHeadModel, *SIZES[0])
+def test_training_step_gradients_match_transformers(tmp_path):
+    """Every parameter's gradient of a training step (dropouts 0) against transformers':
+    embeddings, the tied LM head, the blocks and the final LayerNorm."""
+    hf = checkpoint(tmp_path, transformers.GPT2LMHeadModel, *SIZES[0], resid_pdrop=0.0, embd_pdrop=0.0,
+                    attn_pdrop=0.0).train()
     ours = GPT2LMHeadModel.from_pretrained(str(tmp_path)).train()
     ids = torch.randint(0, 97, (2, 10))
-    logits = ours(ids[:, :-1])
-    torch.nn.functional.cross_entropy(logits.reshape(-1, 97), ids[:, 1:].reshape(-1)).backward()
-    assert ours.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
+    torch.nn.functional.cross_entropy(ours(ids[:, :-1]).reshape(-1, 97), ids[:, 1:].reshape(-1)).backward()
+    torch.nn.functional.cross_entropy(hf(ids[:, :-1]).logits.reshape(-1, 97), ids[:, 1:].reshape(-1)).backward()
+    theirs = dict(hf.named_parameters())
+    mapping, transposed, _ = ours.hf_mapping()  # HF's Conv1D weights are stored transposed
+    for name, parameter in ours.named_parameters():
+        (hf_name,) = mapping[name]
+        want = theirs[hf_name].grad.t() if name in transposed else theirs[hf_name].grad
+        torch.testing.assert_close(parameter.grad, want, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_bad_input_errors(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from attention_cases import Shape, Features, assert_close, case_params, ground_truth, make_inputs
-from helpers import ATTENTION_TOL, GRAD_TOL_FACTOR, backend_params, forced
+from helpers import ATTENTION_GRAD_TOL, ATTENTION_TOL, backend_params, forced
 
 import attnkit
 from attnkit.ops import flash_attention, flash_attention_varlen
@@ -31,7 +31,7 @@ def check_against_truth(q, k, v, kwargs, dtype, **extra):
     assert_close(out, out_t, TOL[dtype], "out")
     assert_close(lse, lse_t, TOL[dtype], "lse")
     for name, g, g_t in zip("qkv", grads, grads_t):
-        assert_close(g, g_t, TOL[dtype] * GRAD_TOL_FACTOR, f"d{name}")
+        assert_close(g, g_t, ATTENTION_GRAD_TOL[dtype], f"d{name}")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from attention_cases import (Features, Shape, assert_close, check_backend_matches_ground_truth, ground_truth,
                              make_inputs, run_with_grads)
-from helpers import ATTENTION_TOL, GRAD_TOL_FACTOR, forced, num_threads
+from helpers import ATTENTION_GRAD_TOL, ATTENTION_TOL, forced, num_threads
 
 from attnkit import _extensions
 from attnkit.ops import flash_attention, flash_attention_varlen
@@ -276,7 +276,7 @@ def test_bfloat16_backward_on_bfloat16_tiles(monkeypatch, shape, features, threa
     _, _, truth = ground_truth(q, k, v, kwargs, grad_out, dropout_p, keep)
     for name, g, g_truth in zip("qkv", tiles, truth):
         assert g.dtype == torch.bfloat16
-        assert_close(g, g_truth, ATTENTION_TOL[torch.bfloat16] * GRAD_TOL_FACTOR, f"d{name}")
+        assert_close(g, g_truth, ATTENTION_GRAD_TOL[torch.bfloat16], f"d{name}")
     assert not all(torch.equal(a, b) for a, b in zip(tiles, plain))
 
 
@@ -306,7 +306,7 @@ def test_bfloat16_tiles_mask_gradient(monkeypatch, threads):
     # Query i sees keys i + 210 .. i + 235 (bottom-right diagonal 230, window (20, 5)): none before 210.
     assert (tiles[3][..., :210] == 0).all() and (tiles[3][..., 210:] != 0).any()
     for name, got, want in zip(("dq", "dk", "dv", "d_mask"), tiles, plain):
-        assert_close(got, want, ATTENTION_TOL[torch.bfloat16] * GRAD_TOL_FACTOR, name)
+        assert_close(got, want, ATTENTION_GRAD_TOL[torch.bfloat16], name)
 
 
 def test_bfloat16_tiles_leave_odd_head_dims_to_the_float_kernel(monkeypatch):
@@ -353,4 +353,4 @@ def test_bfloat16_tiles_varlen_backward():
         truth = torch.autograd.grad(expected, rows, grad_out[start:end].transpose(0, 1)[None].double())
         for name, g, g_truth in zip("qkv", grads, truth):
             got = g[start:end].transpose(0, 1)[None]
-            assert_close(got, g_truth, ATTENTION_TOL[torch.bfloat16] * GRAD_TOL_FACTOR, f"d{name} [{start}:{end}]")
+            assert_close(got, g_truth, ATTENTION_GRAD_TOL[torch.bfloat16], f"d{name} [{start}:{end}]")

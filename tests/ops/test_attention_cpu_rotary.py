@@ -9,7 +9,7 @@ import pytest
 import torch
 from attention_cases import (Features, Shape, assert_close, check_backend_matches_ground_truth, ground_truth,
                              make_inputs, run_with_grads)
-from helpers import ATTENTION_TOL, GRAD_TOL_FACTOR, forced, num_threads
+from helpers import ATTENTION_GRAD_TOL, ATTENTION_TOL, forced, num_threads
 
 import attnkit
 from attnkit import _extensions
@@ -55,7 +55,7 @@ def test_table_dtypes(dtype, table_dtype):
     out_t, lse_t, grads_t = ground_truth(q, k, v, kwargs, grad_out)
     assert_close(out, out_t, TOL[dtype], "out")
     for name, g, g_t in zip("qkv", grads, grads_t):
-        assert_close(g, g_t, TOL[dtype] * GRAD_TOL_FACTOR, f"d{name}")
+        assert_close(g, g_t, ATTENTION_GRAD_TOL[dtype], f"d{name}")
 
 
 @pytest.mark.parametrize("interleaved,alignment", [(False, "bottom_right"), (True, "top_left")])
@@ -279,7 +279,7 @@ def test_bfloat16_tiles_varlen_rope_matches_the_float_tiles(monkeypatch, interle
         plain = run()
     assert not torch.equal(tiles[0], plain[0])
     for name, got, want in zip(("out", "dq", "dk", "dv"), tiles, plain):
-        assert_close(got, want, TOL[torch.bfloat16] * (1 if name == "out" else GRAD_TOL_FACTOR), name)
+        assert_close(got, want, (TOL if name == "out" else ATTENTION_GRAD_TOL)[torch.bfloat16], name)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

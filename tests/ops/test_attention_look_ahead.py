@@ -6,7 +6,7 @@ against the float64 reference."""
 import pytest
 import torch
 from attention_cases import Features, Shape, assert_close, ground_truth, make_inputs
-from helpers import ATTENTION_TOL, GRAD_TOL_FACTOR, forced
+from helpers import ATTENTION_GRAD_TOL, ATTENTION_TOL, forced
 
 from attnkit.ops import flash_attention
 from attnkit.reference import attention as ref
@@ -55,7 +55,7 @@ def _check(q, k, v, kwargs, dtype, **extra):
     if not extra:
         assert_close(lse, lse_t, ATTENTION_TOL[dtype], "lse")
     for name, g, g_t in zip("qkv", grads, grads_t):
-        assert_close(g, g_t, ATTENTION_TOL[dtype] * GRAD_TOL_FACTOR, f"d{name}")
+        assert_close(g, g_t, ATTENTION_GRAD_TOL[dtype], f"d{name}")
 
 
 @pytest.mark.parametrize("shape,features", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in CASES])

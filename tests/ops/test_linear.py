@@ -29,6 +29,8 @@ def test_values_match_f_linear(backend, device, lead, k, n, with_bias):
     b = torch.randn(n) if with_bias else None
     with forced(OP, backend, device, rows=x.numel() // k if k else 0):
         y = linear(x, w, b)
+        if x.numel():
+            assert attnkit.last_dispatch(OP).backend == backend
     expected = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert y.shape == expected.shape and y.dtype == x.dtype
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * k ** 0.5)

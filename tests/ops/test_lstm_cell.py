@@ -87,9 +87,12 @@ def test_half_precision_matches_float32_reference(backend, device, dtype):
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(h.float(), h_ref, atol=atol * 2, rtol=rtol * 2)
     torch.testing.assert_close(c.float(), c_ref, atol=atol * 2, rtol=rtol * 2)
+    # bf16 gradients on the CPU: 1e-2 measured (cpp), 3e-2 allowed (10x TOLERANCES let every
+    # gradient 15% off pass); the GPU keeps 10x until measured there.
+    grad_tol = 3e-2 if dtype == torch.bfloat16 and dev.type == "cpu" else atol * 10
     for g, r in zip(grads, grads_ref):
         assert g.dtype == dtype
-        torch.testing.assert_close(g.float(), r, atol=atol * 10, rtol=rtol * 10)
+        torch.testing.assert_close(g.float(), r, atol=grad_tol, rtol=grad_tol)
 
 
 @pytest.mark.parametrize("backend,device", backend_params(OP))

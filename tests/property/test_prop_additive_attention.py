@@ -4,7 +4,7 @@ without the weights returned, against attnkit.reference.additive_attention in fl
 context, weights and the gradients of all six inputs."""
 import torch
 from attention_cases import assert_close
-from helpers import ATTENTION_TOL, GRAD_TOL_FACTOR, forced
+from helpers import ATTENTION_GRAD_TOL, ATTENTION_TOL, forced
 from hypothesis import given
 from hypothesis import strategies as st
 from prop_common import examples, seeds
@@ -52,7 +52,7 @@ def check(backend, p, dtype):
     for name, o, o_t in zip(("context", "weights"), outs, outs_t):
         assert_close(o, o_t, tol, name)
     for name, g, g_t in zip(("query", "keys", "values", "W_q", "W_k", "v_a"), grads, grads_t):
-        assert_close(g, g_t, tol * GRAD_TOL_FACTOR, f"d{name}")
+        assert_close(g, g_t, ATTENTION_GRAD_TOL[dtype], f"d{name}")
 
 
 DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])

@@ -4,7 +4,7 @@ ALiBi, fused RoPE, bool/float masks with fully masked rows, key padding incl. wh
 entries, varlen splits incl. empty sequences) against the float64 reference."""
 import torch
 from attention_cases import assert_close, ground_truth
-from helpers import ATTENTION_TOL, GRAD_TOL_FACTOR, forced
+from helpers import ATTENTION_GRAD_TOL, ATTENTION_TOL, forced
 from hypothesis import given
 from hypothesis import strategies as st
 from prop_common import attention_problems, examples, seeds
@@ -30,7 +30,7 @@ def check_dense(backend, problem, dtype, with_grads):
     assert_close(out, out_t, tol, "out")
     assert_close(lse, lse_t, tol, "lse")
     for name, g, g_t in zip("qkv", grads, grads_t):
-        assert_close(g, g_t, tol * GRAD_TOL_FACTOR, f"d{name}")
+        assert_close(g, g_t, ATTENTION_GRAD_TOL[dtype], f"d{name}")
 
 
 @examples(40)
@@ -89,7 +89,7 @@ def check_varlen(backend, p, dtype):
     assert_close(out, ref.join_varlen(outs), tol, "out")
     assert_close(lse, torch.cat(lses, dim=1), tol, "lse")
     for name, g, g_t in (("dq", grads[0], dqs), ("dk", grads[1], dks), ("dv", grads[2], dvs)):
-        assert_close(g, ref.join_varlen(g_t), tol * GRAD_TOL_FACTOR, name)
+        assert_close(g, ref.join_varlen(g_t), ATTENTION_GRAD_TOL[dtype], name)
 
 
 @examples(25)
