@@ -224,3 +224,25 @@ def test_autocast_forward_and_backward_inside_it(backend, cached_keys):
         (grad,) = torch.autograd.grad(context.sum(), k)
     assert context.dtype == weights.dtype == torch.float32 and grad.dtype == torch.float32
     torch.testing.assert_close(context, want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("make", [lambda: attnkit.nn.BahdanauAttention(6, 5, 4),
+                                  lambda: attnkit.nn.LuongAttention(6, 5, "concat", 4),
+                                  lambda: attnkit.nn.LuongAttention(6, 5, "general")], ids=["bahdanau", "concat", "general"])
+def test_reset_parameters_after_meta_construction_initializes_every_parameter(make):
+    """to_empty() then reset_parameters() (the meta-device init flow): v had no reset and kept
+    whatever memory to_empty gave it."""
+    torch.manual_seed(0)
+    built = make()
+    with torch.device("meta"):
+        module = make()
+    module.to_empty(device="cpu")
+    for parameter in module.parameters():
+        parameter.data.fill_(float("nan"))
+    torch.manual_seed(0)
+    module.reset_parameters()
+    for (name, got), want in zip(module.named_parameters(), built.parameters()):
+        assert torch.isfinite(got).all(), name
+        bound = 1.0 / got.shape[-1] ** 0.5
+        assert got.abs().max() <= bound and got.std() > bound / 4, name
+        assert got.shape == want.shape

@@ -88,8 +88,19 @@ class _AdditiveParameters(nn.Module):
         self.query_proj = nn.Linear(query_size, attention_size, bias=False, device=device, dtype=dtype)
         self.key_proj = nn.Linear(key_size, attention_size, bias=False, device=device, dtype=dtype)
         self.v = nn.Parameter(torch.empty(attention_size, device=device, dtype=dtype))
-        bound = 1.0 / math.sqrt(attention_size)  # as a Linear(attention_size, 1) would be
+        self._reset_v()
+
+    def _reset_v(self) -> None:
+        bound = 1.0 / math.sqrt(self.v.shape[0])  # as a Linear(attention_size, 1) would be
         nn.init.uniform_(self.v, -bound, bound)
+
+    def reset_parameters(self) -> None:
+        """Every parameter as at construction: after to_empty() (meta-device construction), v
+        was left uninitialized, having no reset of its own."""
+        for child in self.children():
+            child.reset_parameters()
+        if getattr(self, "v", None) is not None:
+            self._reset_v()
 
     def project_keys(self, keys: Tensor) -> Tensor:
         """keys (B, Tk, Dk) -> W_k keys (B, Tk, A), for `forward(..., projected_keys=)`."""
