@@ -154,7 +154,8 @@ def test_triton_config_env_picks_a_fixed_config_or_names_what_is_wrong(monkeypat
         assert options == dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     # The dK/dV kernel has its own list, shorter: past its end it keeps its last entry.
     dkdv_configs = launch._configs(128, 2, dkdv=True)
-    assert dkdv_configs != launch._configs(128, 2) and len(dkdv_configs) <= count
+    key = lambda c: (sorted(c.kwargs.items()), c.num_warps, c.num_stages)  # noqa: E731  (no Config == before 3.3)
+    assert list(map(key, dkdv_configs)) != list(map(key, launch._configs(128, 2))) and len(dkdv_configs) <= count
     for index, expected in ((0, dkdv_configs[0]), (count - 1, dkdv_configs[-1])):
         monkeypatch.setenv("ATTNKIT_TRITON_CONFIG", str(index))
         kernel, options = launch._kernel(launch._attn_bwd_dkdv, 128, 2)
@@ -166,7 +167,12 @@ def test_triton_config_env_picks_a_fixed_config_or_names_what_is_wrong(monkeypat
     with pytest.raises(ValueError, match="ATTNKIT_TRITON_CONFIG must be a config index"):
         launch._kernel(launch._attn_fwd, 128, 2)
     monkeypatch.delenv("ATTNKIT_TRITON_CONFIG")
-    kernel, options = launch._kernel(launch._attn_fwd, 128, 2)
+    try:
+        kernel, options = launch._kernel(launch._attn_fwd, 128, 2)
+    except RuntimeError as error:  # triton 3.2's Autotuner asks for the GPU driver when built
+        if "active drivers" not in str(error) or torch.cuda.is_available():
+            raise
+        pytest.skip(f"the autotuned kernel: this Triton builds no Autotuner without a GPU ({error})")
     assert options == {} and kernel is not launch._attn_fwd  # autotuned
 
 
