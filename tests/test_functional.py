@@ -143,3 +143,18 @@ def test_flags_must_be_bool_as_sdpa(flag):
         attnkit.scaled_dot_product_attention(q, q, q, **{flag: 1})
     with pytest.raises(TypeError):
         F.scaled_dot_product_attention(q, q, q, **{flag: 1})
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_output_takes_the_query_layout_as_sdpa(layout):
+    """q a transposed view of (B, N, H, D) (MultiheadAttention, HF models): the output has that
+    layout too, as SDPA's, so that out.transpose(1, 2).reshape(B, N, H * D) copies nothing."""
+    torch.manual_seed(0)
+    shape = (2, 3, 7, 8) if layout == "bhnd" else (2, 7, 3, 8)
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    if layout == "bnhd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    got = attnkit.scaled_dot_product_attention(q, k, v, is_causal=True)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -433,3 +433,23 @@ def test_meta_construction_then_load_with_assign_refills_computed_buffers(extra)
     rotary.load_state_dict({}, assign=True)
     q = torch.randn(1, 5, 2, 8)
     torch.testing.assert_close(rotary(q)[0], attnkit.nn.RotaryEmbedding(8)(q)[0])
+
+
+def test_training_saves_no_more_than_torch_multihead_attention():
+    """The attention output was saved twice (by the op, and copied by the reshape before the
+    output projection, which saved the copy): 17% more saved memory than torch's."""
+    def saved_bytes(module, x):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x, x, x, need_weights=False)
+        return sum(storages.values())
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 32, requires_grad=True)
+    ours = saved_bytes(attnkit.nn.MultiheadAttention(32, 4, batch_first=True), x)
+    assert ours <= saved_bytes(torch.nn.MultiheadAttention(32, 4, batch_first=True), x)

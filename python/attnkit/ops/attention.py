@@ -45,7 +45,17 @@ def _attention_forward_kernels(
                  window_left, window_right, bottom_right, softcap, scale, dropout_p, seed, alibi_slopes, rotary_cos,
                  rotary_sin, rotary_offsets, rotary_interleaved)
     out, lse = without_autocast(q.device.type, ATTENTION.select(call.describe()).forward, call)
+    if cu_seqlens_q is None and _heads_inside_rows(q):
+        return out.transpose(1, 2).contiguous().transpose(1, 2), lse.contiguous()
     return out.contiguous(), lse.contiguous()
+
+
+def _heads_inside_rows(q: Tensor) -> bool:
+    """q (B, H, N, D) laid out as (B, N, H, D), a transposed view as MultiheadAttention and HF
+    models make it: the output takes that layout too, as SDPA's, so that the caller's
+    transpose(1, 2).reshape(B, N, H * Dv) is a view. (Else that reshape copies the output, and
+    training kept it twice: the op saves it, and the output projection saves the copy.)"""
+    return q.shape[1] > 1 and q.shape[2] > 1 and q.stride(1) < q.stride(2)
 
 
 _attention_forward = torch.library.custom_op("attnkit::attention_forward", _attention_forward_kernels, mutates_args=())
@@ -56,7 +66,11 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask
       window_left, window_right, bottom_right, softcap, scale, dropout_p, seed, *rest):
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else q.shape[:-1]
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(lse_shape, dtype=stat_dtype)
+    if cu_seqlens_q is None and _heads_inside_rows(q):
+        out = q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[-1])).transpose(1, 2)
+    else:
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    return out, q.new_empty(lse_shape, dtype=stat_dtype)
 
 
 def _attention_backward_kernels(
