@@ -69,3 +69,21 @@ def test_half_bias_gradient_is_summed_in_float32(backend, device, dtype):
             flash_attention(q, k, v, attn_mask=mask).float().square().sum().backward()
     assert bias.grad.dtype == dtype
     assert torch.equal(bias.grad, bias32.grad.to(dtype))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_a_huge_positive_finite_bias_is_a_softmax_as_sdpa(backend, device):
+    """An additive mask entry above 2e38 (finite in float32) went to +inf in Triton's base-2
+    scores, and the row to NaN (inf - inf); SDPA gives that key the row's whole weight."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 3, 8, generator=gen).to(device).requires_grad_() for _ in range(3))
+    mask = torch.zeros(1, 1, 3, 3, device=device)
+    mask[0, 0, 0, 1], mask[0, 0, 1, 2] = 3e38, 2.5e38
+    with forced(OP, backend, device):
+        out = flash_attention(q, k, v, attn_mask=mask)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
