@@ -104,7 +104,7 @@ def _tile_scores(
             # to -inf in base 2 and pass for a hidden key; -inf stays hidden.
             s = tl.where((s < MIN_FINITE_SCORE) & (s > float("-inf")), MIN_FINITE_SCORE, s)
             if s.dtype == tl.float32:  # and one above 2e38 to +inf, then NaN (inf - inf) in the softmax
-                s = tl.minimum(s, -MIN_FINITE_SCORE)
+                s = tl.where((s > -MIN_FINITE_SCORE) & (s < float("inf")), -MIN_FINITE_SCORE, s)  # inf, NaN kept
         s = s * LOG2E
     elif RAW_SCORES:  # the caller scales inside its exponent's FMA (see _score_scale)
         s = qk
