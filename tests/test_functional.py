@@ -158,3 +158,20 @@ def test_output_takes_the_query_layout_as_sdpa(layout):
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert got.stride() == want.stride()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_float_mask_of_another_dtype_than_query_is_refused_as_sdpa(mask_dtype):
+    q = torch.randn(1, 2, 3, 8)
+    mask = torch.zeros(3, 3, dtype=mask_dtype)
+    with pytest.raises(RuntimeError, match="dtype"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    with pytest.raises(RuntimeError, match="a float attn_mask must have query's dtype torch.float32"):
+        attnkit.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts both but a float64 mask, as SDPA's
+        if mask_dtype == torch.float64:
+            with pytest.raises(RuntimeError, match="dtype"):
+                attnkit.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+        else:
+            assert attnkit.scaled_dot_product_attention(q, q, q, attn_mask=mask).dtype == torch.bfloat16
+            assert F.scaled_dot_product_attention(q, q, q, attn_mask=mask).dtype == torch.bfloat16

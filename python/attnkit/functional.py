@@ -95,6 +95,10 @@ def scaled_dot_product_attention(
         query, key, value, attn_mask = _autocast.cast_floating(dtype, (query, key, value, attn_mask))
         with _autocast.off(query.device.type, True):
             return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if (isinstance(attn_mask, Tensor) and attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype
+            and attn_mask.is_floating_point()):  # as SDPA (ops.flash_attention takes any float mask)
+        raise TypeError(f"{OP}: a float attn_mask must have query's dtype {query.dtype}, got {attn_mask.dtype} "
+                        "(or pass a bool mask)")
     if isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool) and not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{OP}: dropout_p must be in [0, 1], got {dropout_p}")
     if isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool) and dropout_p == 1.0:
