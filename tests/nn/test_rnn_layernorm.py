@@ -184,3 +184,22 @@ def test_every_parameter_gets_its_own_gradient_tensor(cell):
     assert len({id(g) for g in grads}) == len(grads)
     expected = torch.autograd.grad(m(x)[0].sum(), params)
     assert all(torch.allclose(g, e) for g, e in zip(grads, expected))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_after_an_autocast_linear_runs_in_float32(cell):
+    """The usual model under CPU autocast: a Linear's bfloat16 output fed to a float32
+    LayerNormLSTM/GRU raised a dtype mismatch; it runs in float32 as layer_norm does,
+    zoneout (drawn in the input's dtype) and a two-layer stack included."""
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(4, 5)
+    m = CLASSES[cell](5, 7, num_layers=2, zoneout=0.25).eval()
+    x = torch.randn(6, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = proj(x)
+        assert y.dtype == torch.bfloat16
+        out, state = m(y)
+    expected, expected_state = m(y.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(state, expected_state, rtol=0, atol=0)

@@ -251,6 +251,30 @@ def test_autocast_leaves_the_ops_in_their_inputs_dtype(cell, backend, device, mo
     torch.testing.assert_close(grads, expected_grads, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_autocast_casts_half_inputs_to_float32_as_layer_norm(cell, half):
+    """Inside an autocast region a bfloat16 input (an autocast linear's output) with float32
+    parameters ran into the ops' dtype check; layer_norm there computes in float32. Now the
+    half tensors are cast to float32: the float32 run on the upcast values, gradients in the
+    inputs' own dtypes."""
+    args = make(cell, 4, 2, 3, 5, torch.float32)
+    x_half = args[0].detach().to(half).requires_grad_(True)
+    h0_half = args[1].detach().to(half).requires_grad_(True)
+    upcast = (x_half.detach().float().requires_grad_(True), h0_half.detach().float().requires_grad_(True), *args[2:])
+    expected = run_op(cell, upcast)
+    expected_grads = torch.autograd.grad(weighted_loss(expected), upcast[:2])
+    with attnkit.use_backend("cpp"), torch.autocast("cpu", dtype=half):
+        outs = run_op(cell, (x_half, h0_half, *args[2:]))
+        grads = torch.autograd.grad(weighted_loss(outs), (x_half, h0_half))
+    assert all(o.dtype == torch.float32 for o in outs)
+    assert [g.dtype for g in grads] == [half, half]
+    torch.testing.assert_close(outs, expected, rtol=0, atol=0)
+    torch.testing.assert_close(grads, [g.to(half) for g in expected_grads], rtol=0, atol=0)
+    with pytest.raises((TypeError, RuntimeError), match="dtype"):  # outside autocast: the mismatch is refused
+        run_op(cell, (x_half, h0_half, *args[2:]))
+
+
 def test_no_grad_saves_nothing():
     args = [a.detach() if isinstance(a, torch.Tensor) else a for a in make("lstm", 3, 2, 3, 4)]
     args = [tuple(t.detach() for t in a) if isinstance(a, tuple) else a for a in args]

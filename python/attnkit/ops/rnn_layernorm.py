@@ -4,10 +4,10 @@ zoneout (the math: attnkit.reference.rnn_layernorm; the kernels:
 csrc/cpu/rnn_layernorm.cpp). Stacks are attnkit.nn.LayerNormLSTM / LayerNormGRU.
 
 torch.library custom ops with fake implementations and autograd formulas, like
-attnkit.ops.lstm; the backend is chosen inside the op (see attnkit._dispatch). Autocast
-does not change them: they run in their inputs' dtype (as layer_norm, on autocast's float32
-list), their kernels' products included (under autocast those came back in the autocast
-dtype, which the kernels do not take).
+attnkit.ops.lstm; the backend is chosen inside the op (see attnkit._dispatch). Under autocast
+they compute in float32, as layer_norm (on autocast's float32 list): half inputs are cast to
+it, and the kernels, their products included, run with autocast off (its products came back
+in the autocast dtype, which the kernels do not take).
 """
 
 from typing import List, Optional, Sequence, Tuple
@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _eager, _validate
+from .. import _autocast, _dispatch, _eager, _validate
 from ..backends.rnn_layernorm import LAYER_NORM_GRU, LAYER_NORM_LSTM
 from .rnn import Lengths, _autocast_off, _describe_tensors, _distinct, _validated, _zeros_if_none
 
@@ -154,6 +154,21 @@ _eager.register_autograd(_ln_gru_forward, _ln_gru_autograd, _ln_gru_setup_contex
 # --------------------------------------------------------------------------- validation
 
 
+def _float32_under_autocast(input, *args) -> tuple:
+    """(input, *args) as autocast casts the arguments of layer_norm (on its float32 list):
+    float16/bfloat16 tensors, inside tuples too, in float32 where autocast is on for the
+    input's device; as they are elsewhere (and where input is no tensor: validation says so)."""
+    if not isinstance(input, Tensor) or _autocast.lower_precision_dtype(input.device.type) is None:
+        return (input, *args)
+
+    def cast(value):
+        if isinstance(value, (tuple, list)):
+            return type(value)(cast(v) for v in value)
+        return _autocast.cast_floating(torch.float32, [value])[0]
+
+    return tuple(cast(v) for v in (input, *args))
+
+
 def _validated_ln(op: str, name: str, params, size: int, like: Tensor) -> List[Tensor]:
     if not isinstance(params, (tuple, list)) or len(params) != 2:
         raise TypeError(f"{op}: {name} must be a (weight, bias) pair of tensors, got {type(params).__name__}")
@@ -212,6 +227,9 @@ def layer_norm_lstm(
     Returns:
         (output (T, B, hidden_size), (h_n, c_n)); output[t] is h_t after zoneout.
     """
+    input, hx, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c, zoneout = _float32_under_autocast(
+        input, hx, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, ln_c, zoneout
+    )
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, _, lengths = _validated(
         LSTM_OP, 4, input, hx, w_ih, w_hh, b_ih, b_hh, None, lengths
     )
@@ -256,6 +274,9 @@ def layer_norm_gru(
     Returns:
         (output (T, B, hidden_size), h_n (B, hidden_size)).
     """
+    input, hx, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, zoneout = _float32_under_autocast(
+        input, hx, w_ih, w_hh, b_ih, b_hh, ln_ih, ln_hh, zoneout
+    )
     x, h0, _, w_ih, w_hh, b_ih, b_hh, _, lengths = _validated(GRU_OP, 3, input, hx, w_ih, w_hh, b_ih, b_hh, None, lengths)
     H = w_hh.shape[1]
     g_ih, be_ih = _validated_ln(GRU_OP, "ln_ih", ln_ih, 3 * H, x)
