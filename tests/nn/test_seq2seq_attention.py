@@ -190,22 +190,30 @@ def test_exported():
     assert attnkit.nn.BahdanauAttention is BahdanauAttention and attnkit.nn.LuongAttention is LuongAttention
 
 
-@pytest.mark.parametrize("name", ["bahdanau", "concat"])
+@pytest.mark.parametrize("name", ["bahdanau", "dot", "general", "concat"])
 def test_projected_keys_match_projecting_every_call(name):
+    """Every score takes project_keys' output (LuongAttention's "dot"/"general" had no
+    project_keys: AttributeError), with the same values and gradients as without it."""
     module = modules()[name]
-    q, k, v, mask = inputs(DK)
+    q, k, v, mask = inputs(DQ if name == "dot" else DK)
+    k.requires_grad_(True)
     direct = module(q, k, v, mask)
+    direct_grads = torch.autograd.grad(sum(t.sum() for t in direct), [k, *module.parameters()])
     cached = module(q, k, v, mask, projected_keys=module.project_keys(k))
-    for a, b in zip(direct, cached):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    cached_grads = torch.autograd.grad(sum(t.sum() for t in cached), [k, *module.parameters()])
+    torch.testing.assert_close(direct, cached, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(direct_grads, cached_grads, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["dot", "general"])
-def test_projected_keys_refused_by_multiplicative_scores(name):
+def test_projected_keys_of_the_wrong_shape_or_dtype(name):
     module = modules()[name]
     q, k, v, mask = inputs(DK if name == "general" else DQ)
-    with pytest.raises(ValueError, match="projected_keys"):
-        module(q, k, v, mask, projected_keys=k)
+    projected = module.project_keys(k)
+    with pytest.raises(ValueError, match=r"projected_keys must have shape \(3, 6, 5\)"):
+        module(q, k, v, mask, projected_keys=projected[:, :-1])
+    with pytest.raises((TypeError, RuntimeError), match="projected_keys"):
+        module(q, k, v, mask, projected_keys=projected.float())
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])

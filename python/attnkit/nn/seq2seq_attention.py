@@ -183,21 +183,35 @@ class LuongAttention(_AdditiveParameters):
                                             query_size if attention_size is None else attention_size)
             self._init_additive(self.query_size, self.key_size, self.attention_size, device, dtype)
 
+    def project_keys(self, keys: Tensor) -> Tensor:
+        """keys (B, Tk, Dk) as `forward(..., projected_keys=)` takes them, for a decoder to
+        compute once per source: W_k keys (B, Tk, A) for "concat", W keys (B, Tk, Dq) for
+        "general", the keys themselves for "dot"."""
+        if self.score == "concat":
+            return super().project_keys(keys)
+        return keys @ self.proj.weight.t() if self.score == "general" else keys
+
     def forward(self, query: Tensor, keys: Tensor, values: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                 projected_keys: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """projected_keys: `project_keys(keys)` for score="concat" (computed once per source), or None."""
+        """projected_keys: `project_keys(keys)` (computed once per source), or None."""
         q, single = _check("LuongAttention", query, keys, values, mask, self.query_size, self.key_size)
         values = keys if values is None else values
-        if projected_keys is not None and self.score != "concat":
-            raise ValueError(f"LuongAttention: projected_keys is only used by score='concat', got score={self.score!r}")
         if self.score == "concat":
             context, weights = self._additive(q, keys, values, mask, projected_keys)
         else:
-            # general: q . (W k) = (q W) . k, so W meets the Tq queries, not the Tk keys.
-            if self.score == "general":
-                _validate.same_dtype_and_device("LuongAttention", [("query", query), ("proj.weight", self.proj.weight)])
-            q_k = q if self.score == "dot" else q @ self.proj.weight  # (B, Tq, Dk)
-            weights = masked_softmax(q_k @ keys.transpose(1, 2), mask)
+            if projected_keys is None:
+                if self.score == "general":
+                    _validate.same_dtype_and_device("LuongAttention",
+                                                    [("query", query), ("proj.weight", self.proj.weight)])
+                # general: q . (W k) = (q W) . k, so W meets the Tq queries, not the Tk keys.
+                q_k, k = (q if self.score == "dot" else q @ self.proj.weight), keys  # (B, Tq, Dk)
+            else:
+                _validate.tensor("LuongAttention", "projected_keys", projected_keys, ndim=3)
+                _validate.shape("LuongAttention", "projected_keys", projected_keys, (*keys.shape[:2], self.query_size),
+                                "batch, key length, query_size: project_keys(keys)")
+                _validate.same_dtype_and_device("LuongAttention", [("query", query), ("projected_keys", projected_keys)])
+                q_k, k = q, projected_keys
+            weights = masked_softmax(q_k @ k.transpose(1, 2), mask)
             context = weights @ values
         return (context.squeeze(1), weights.squeeze(1)) if single else (context, weights)
 
