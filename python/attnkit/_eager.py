@@ -108,13 +108,13 @@ def _flat(values: Iterable[Any]) -> Iterator[Any]:
 
 def refuse_differentiating_transforms(name: str) -> None:
     """NotImplementedError naming `name` under torch.func's grad / jvp transforms."""
-    if _differentiating_transform():
+    if differentiating_transform():
         raise NotImplementedError(
             f"attnkit {name}: torch.func's grad, jacrev, jacfwd and jvp transforms are not supported (the ops' "
             f"gradients are autograd formulas, not functorch rules); use torch.autograd.grad, or vmap alone")
 
 
-def _differentiating_transform() -> bool:
+def differentiating_transform() -> bool:
     """Whether a torch.func grad or jvp transform is active: there the custom op's autograd
     formula fails with a message about torch.autograd.Function internals (vmap alone works)."""
     if not torch._C._are_functorch_transforms_active():

@@ -265,6 +265,20 @@ def test_differentiating_transforms_refused_by_rotary_and_layer_norm_rnns_too():
             torch.randn(2, 1, 3))
 
 
+def test_linear_runs_f_linear_under_every_torch_func_transform():
+    """ops.linear is F.linear's drop-in: grad and jacrev raised (jacfwd and jvp worked through its
+    forward-AD route); they all run F.linear now, with F.linear's results."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
+    ours, theirs = (lambda x: attnkit.ops.linear(x, w, b)), (lambda x: torch.nn.functional.linear(x, w, b))
+    for transform in (torch.func.jacrev, torch.func.jacfwd):
+        torch.testing.assert_close(transform(ours)(x), transform(theirs)(x))
+    torch.testing.assert_close(torch.func.grad(lambda x: ours(x).square().sum())(x),
+                               torch.func.grad(lambda x: theirs(x).square().sum())(x))
+    tangent = torch.randn(3, 4)
+    torch.testing.assert_close(torch.func.jvp(ours, (x,), (tangent,)), torch.func.jvp(theirs, (x,), (tangent,)))
+
+
 def test_vmap_then_backward_through_frozen_weights_and_in_place_rotary():
     """Under vmap the unwrapped tensors say requires_grad=False while autograd records the op
     outside: the forward saved nothing and the backward failed ("gates must be 3-D")."""

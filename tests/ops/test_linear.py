@@ -143,3 +143,19 @@ def test_complex_tensors_run_as_torch_nn_linear():
     got, want = ours(x), theirs(x)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad(got.abs().sum(), x)[0], torch.autograd.grad(want.abs().sum(), x)[0])
+
+
+@pytest.mark.parametrize("weight_shape,bias_shape", [((5,), None), ((3, 5), ()), ((3, 5), (1,)), ((3, 5), (2, 3))],
+                         ids=["1-D weight", "0-D bias", "bias (1,)", "bias (rows, out)"])
+def test_shapes_f_linear_takes_run_as_f_linear(weight_shape, bias_shape):
+    """F.linear takes a 1-D weight and a bias that broadcasts to the output; the op refused them
+    ("weight must be 2-D", "bias must have shape"), values and gradients now F.linear's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, requires_grad=True)
+    weight = torch.randn(weight_shape, requires_grad=True)
+    bias = None if bias_shape is None else torch.randn(bias_shape, requires_grad=True)
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    got, want = linear(x, weight, bias), F.linear(x, weight, bias)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), leaves))

@@ -61,10 +61,13 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     csrc/cpu/linear.cpp; everything else runs F.linear itself. Under autocast it
     computes in the autocast dtype, as F.linear (on autocast's lower-precision list).
     Complex x and weight of one dtype, which no kernel here takes, run F.linear, as torch.nn.Linear;
-    so do forward-mode AD tangents, which the kernel would drop."""
+    so do forward-mode AD tangents, which the kernel would drop, torch.func's grad/jvp transforms
+    (whose rules the custom op lacks), and the shapes only F.linear takes (a 1-D weight, a bias
+    broadcast to the output other than (out_features,))."""
     if isinstance(x, Tensor) and x.is_complex() and isinstance(weight, Tensor) and weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
-    if _eager.has_tangent((x, weight, bias)):
+    if (_eager.has_tangent((x, weight, bias)) or _eager.differentiating_transform()
+            or _shapes_only_f_linear_takes(x, weight, bias)):
         return F.linear(x, weight, bias)
     _validate.tensor(OP, "x", x)
     dtype = _autocast.lower_precision_dtype(x.device.type)
@@ -77,6 +80,23 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     args = (x.reshape(rows, x.shape[-1]).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous())
     y = _eager.forward(_LinearFunction, _linear_kernels, _linear, *args, training=_eager.needs_grad(args))
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _shapes_only_f_linear_takes(x, weight, bias) -> bool:
+    """Whether F.linear takes these shapes but no kernel here does: a 1-D weight (a dot product
+    with x's last dim) or a bias broadcast to the output other than (out_features,). They are
+    rare, so F.linear runs them, as torch.nn.Linear; shapes neither takes get _check's errors."""
+    if not all(isinstance(t, Tensor) for t in (x, weight)) or not (bias is None or isinstance(bias, Tensor)):
+        return False
+    if weight.dim() == 1:
+        return x.dim() >= 1 and bias is None
+    if weight.dim() != 2 or x.dim() == 0 or bias is None or bias.shape == (weight.shape[0],):
+        return False
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    try:
+        return torch.broadcast_shapes(bias.shape, out_shape) == out_shape
+    except RuntimeError:
+        return False
 
 
 def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
