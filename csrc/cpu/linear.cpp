@@ -139,6 +139,11 @@ bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->de
 bool onednn_linear_available() { return onednn_linear_op().has_value(); }
 
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  // oneDNN has no primitive for an empty product (input_size 0 fails "could not create a primitive
+  // descriptor"); ATen's GEMMs return the bias, or zeros. A packed (reordered) weight is never empty.
+  if (x.numel() == 0 || weight.numel() == 0) {
+    return present(bias) ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  }
   torch::jit::Stack stack{x, weight, present(bias) ? c10::IValue(*bias) : c10::IValue(), "none",
                           c10::List<c10::optional<at::Scalar>>(), c10::IValue()};
   onednn_linear_op()->callBoxed(&stack);
@@ -153,7 +158,13 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c1
 // of BENCHMARKS.md oneDNN was 2.3x MKL.
 bool gemms_on_aten() {
   const char* forced = std::getenv("ATTNKIT_CPU_GEMM");
-  if (forced != nullptr && *forced != '\0') return std::strcmp(forced, "aten") == 0;
+  if (forced != nullptr && *forced != '\0') {
+    // A typo would otherwise pick oneDNN silently, and an A/B run would compare one route with itself.
+    const bool aten = std::strcmp(forced, "aten") == 0;
+    TORCH_CHECK(aten || std::strcmp(forced, "onednn") == 0,
+                "ATTNKIT_CPU_GEMM must be 'aten' or 'onednn' (or unset for the CPU's default), got '", forced, "'");
+    return aten;
+  }
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   static const bool yes = at::hasMKL() && __builtin_cpu_is("intel");
   return yes;

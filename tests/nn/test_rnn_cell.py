@@ -129,14 +129,21 @@ def test_cpu_autocast_follows_torch(dtype, state, batched):
 
 
 @pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell"])
-def test_empty_sizes_as_torch(cls):
-    """input_size 0 and hidden_size 0 are torch's cells' results too (GRUCell(5, 0) raised)."""
+@pytest.mark.parametrize("batch", [3, 20])
+@pytest.mark.parametrize("route", ["onednn", "aten"])
+def test_empty_sizes_as_torch(cls, batch, route, monkeypatch):
+    """input_size 0 and hidden_size 0 are torch's cells' results too (GRUCell(5, 0) raised), with
+    gradients, on both GEMM routes (oneDNN has no primitive for K = 0: from 16 rows it raised)."""
+    monkeypatch.setenv("ATTNKIT_CPU_GEMM", route)
     for input_size, hidden_size in ((5, 0), (0, 4)):
         torch.manual_seed(0)
         ours = getattr(attnkit.nn, cls)(input_size, hidden_size)
         theirs = getattr(torch.nn, cls)(input_size, hidden_size)
         theirs.load_state_dict(ours.state_dict())
-        x = torch.randn(3, input_size)
+        x = torch.randn(batch, input_size, requires_grad=True)
         got, expected = ours(x), theirs(x)
         got, expected = (got[0], expected[0]) if cls == "LSTMCell" else (got, expected)
         torch.testing.assert_close(got, expected)
+        if hidden_size:
+            grads = torch.autograd.grad(got.square().sum(), [x, *ours.parameters()])
+            torch.testing.assert_close(grads, torch.autograd.grad(expected.square().sum(), [x, *theirs.parameters()]))

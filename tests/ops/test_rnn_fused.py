@@ -327,3 +327,11 @@ def test_bfloat16_backward_checks_its_arguments():
         ext.rnn_backward_bf16(4, go, h0, h0, x, h0, h0, w_ih, w_hh, None, out, gates[:, :, :H].contiguous(), cs)
     with pytest.raises(RuntimeError, match="w_ih must have shape"):
         ext.rnn_backward_bf16(3, go, h0, None, x, h0, None, w_ih, w_hh[: 3 * H], None, out, gates, None)
+
+
+def test_unknown_gemm_route_is_refused(monkeypatch):
+    """A typo in ATTNKIT_CPU_GEMM selected oneDNN silently (an A/B run compared one route with itself)."""
+    monkeypatch.setenv("ATTNKIT_CPU_GEMM", "mkl")
+    args = make_gru(1, 20, 11, 13, torch.float32, "cpu")
+    with attnkit.use_backend("cpp"), pytest.raises(RuntimeError, match="ATTNKIT_CPU_GEMM must be 'aten' or 'onednn'"):
+        gru(*args)
