@@ -105,14 +105,14 @@ def test_varlen_triton_matches_per_sequence_reference(p):
 
 
 @st.composite
-def decode_problems(draw, max_n=48, alibi=True):
+def decode_problems(draw, max_n=48):
     batch = draw(st.integers(1, 3))
     n_max = draw(st.integers(1, max_n))
     return dict(batch=batch, heads_kv=draw(st.integers(1, 2)), group=draw(st.integers(1, 4)),
                 n_q=draw(st.integers(1, 3)), n_max=n_max, dim=draw(st.sampled_from((1, 8, 24, 40, 64))),
                 lengths=draw(st.lists(st.integers(0, n_max), min_size=batch, max_size=batch)),
                 softcap=draw(st.sampled_from([0.0, 2.0])), window_left=draw(st.integers(-1, n_max)),
-                alibi=draw(st.booleans()) if alibi else False, seed=draw(seeds))
+                alibi=draw(st.booleans()), seed=draw(seeds))
 
 
 def check_decode(backend, p, dtype):
@@ -135,7 +135,7 @@ def check_decode(backend, p, dtype):
 
 
 @examples(25)
-@given(p=decode_problems(alibi=False), dtype=ALL_DTYPES)  # cpp refuses ALiBi (reference runs it)
+@given(p=decode_problems(), dtype=ALL_DTYPES)
 def test_decode_cpp_matches_reference(p, dtype):
     check_decode("cpp", p, dtype)
 
