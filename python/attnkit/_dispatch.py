@@ -193,7 +193,14 @@ def use_backend(name: str, op: Optional[str] = None) -> Iterator[None]:
     key = _op_key(op, "attnkit.use_backend")
     forced = {} if key == _ALL_OPS else dict(_forced_by_context.get())
     forced[key] = _check_name(name)
-    token = _forced_by_context.set(forced)
+    with _forcing(forced):
+        yield
+
+
+@contextlib.contextmanager
+def _forcing(mapping: Mapping[str, str]) -> Iterator[None]:
+    """The `use_backend` blocks' forcing is `mapping` (op -> backend) inside the block."""
+    token = _forced_by_context.set(mapping)
     try:
         yield
     finally:
@@ -205,17 +212,7 @@ def keep_backend_forcing() -> Tuple[ContextManager[None], ContextManager[None]]:
     it recomputes inside the backward runs under the `use_backend` blocks that were around the
     checkpointed call (a block around the call does not reach the recomputation, which runs in
     loss.backward(), and the recomputed ops' backward would follow it)."""
-    forcing = context_forcing()
-
-    @contextlib.contextmanager
-    def recomputing() -> Iterator[None]:
-        token = _forced_by_context.set(forcing)
-        try:
-            yield
-        finally:
-            _forced_by_context.reset(token)
-
-    return contextlib.nullcontext(), recomputing()
+    return contextlib.nullcontext(), _forcing(context_forcing())
 
 
 def context_forcing() -> Mapping[str, str]:
