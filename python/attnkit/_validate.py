@@ -110,6 +110,12 @@ class DropInTypeError(TypeError, RuntimeError):
     """A TypeError that a drop-in raises where torch raises RuntimeError (see DropInValueError)."""
 
 
+class DropInShapeError(RuntimeError, AssertionError):
+    """A shape error where torch raises RuntimeError for some configurations and AssertionError
+    for others (nn.MultiheadAttention's key/value widths: packed vs separate projection
+    weights): an `except` written for either catches it."""
+
+
 def torch_compatible_errors(function: Callable) -> Callable:
     """Wraps a drop-in's forward (or function): its ValueError and TypeError for bad input
     are also RuntimeErrors, as torch's checks raise for the same input."""

@@ -236,6 +236,9 @@ def test_key_and_value_widths_are_checked_up_front(kw):
     if kw:
         with pytest.raises(RuntimeError, match=f"value with last dimension vdim={vdim}, but got {vdim - 1}"):
             ours(q, k, v[..., 1:])
+        # torch raises AssertionError with separate projection weights: caught as such too
+        with pytest.raises(AssertionError, match="value with last dimension"):
+            ours(q, k, v[..., 1:])
     with pytest.raises(AssertionError, match=f"embedding dimension of {E}, but got {E - 1}"):  # as torch
         ours(q[..., 1:], k, v)
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Parameter
 
+from .. import _validate
 from ..backends.attention import MAX_HEAD_DIM
 from ..ops.attention import flash_attention, flash_attention_varlen
 from ..ops.rotary import apply_rotary
@@ -220,10 +221,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                                      f"{tuple(value.shape[:2])}")
         elif key.shape != value.shape:
             raise AssertionError(f"key shape {tuple(key.shape)} does not match value shape {tuple(value.shape)}")
-        # Before the projections, which would fail with a bare matmul shape error.
+        # Before the projections, which would fail with a bare matmul shape error (torch's own check:
+        # RuntimeError with packed weights, AssertionError with separate ones; this is both).
         for name, tensor, dim_name, width in (("key", key, "kdim", self.kdim), ("value", value, "vdim", self.vdim)):
             if tensor.shape[-1] != width:
-                raise RuntimeError(f"MultiheadAttention: expected {name} with last dimension {dim_name}={width}, "
+                raise _validate.DropInShapeError(f"MultiheadAttention: expected {name} with last dimension {dim_name}={width}, "
                                    f"but got {tensor.shape[-1]}")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, src_len):
             raise AssertionError(f"Expected key_padding_mask of shape {(batch, src_len)} (N, S), "
