@@ -240,6 +240,33 @@ def test_transformer():
     assert_same(theirs, ours, [src, tgt], call)
 
 
+@pytest.mark.parametrize("memory_padding", ["none", "same", "equal", "less"])
+def test_transformer_packs_the_source_only_where_the_decoder_skips_the_padding(memory_padding, monkeypatch):
+    """src_key_padding_mask alone (the common call): the packed encoder's 0 at padded positions
+    reached the decoder, which attends to every memory position then (outputs off by ~0.8 from
+    torch's). It packs only where memory_key_padding_mask hides those positions too."""
+    calls = []
+    varlen = attnkit.nn.attention.flash_attention_varlen
+    monkeypatch.setattr(attnkit.nn.attention, "flash_attention_varlen", lambda *a, **k: calls.append(a) or varlen(*a, **k))
+    theirs, ours = build("Transformer", D, H, 2, 2, FF, dropout=0.0, batch_first=True)
+    src, tgt = seq(N + 1, batch_first=True), seq(N, batch_first=True)
+    pad = padding(N + 1)
+    memory = {"none": None, "same": pad, "equal": pad.clone(), "less": pad & (torch.arange(N + 1) < N)}[memory_padding]
+    call = dict(src_key_padding_mask=pad, memory_key_padding_mask=memory)
+    assert_same(theirs, ours, [src, tgt], call)
+    assert bool(calls) == (memory_padding in ("same", "equal"))
+
+
+def test_encoder_pack_padding_false_keeps_torchs_values_at_padded_positions():
+    theirs, ours = build("TransformerEncoder", torch.nn.TransformerEncoderLayer(**layer_args()), 2,
+                         enable_nested_tensor=False)
+    x, pad = seq(), padding()
+    expected = theirs(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(ours(x, src_key_padding_mask=pad, pack_padding=False), expected, atol=ATOL, rtol=ATOL)
+    packed = ours(x, src_key_padding_mask=pad)  # the default: padded positions 0
+    assert not torch.allclose(packed, expected, atol=1e-2) and packed[pad.T].abs().max() == 0
+
+
 def test_from_torch_shares_parameters():
     theirs = torch.nn.Transformer(D, H, 1, 1, FF, dropout=0.0)
     ours = ak.Transformer.from_torch(theirs)

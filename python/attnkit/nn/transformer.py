@@ -11,7 +11,8 @@ Padded batches: TransformerEncoder given a bool src_key_padding_mask with some
 padding (and no mask, or a causal one) packs the real tokens once, runs every layer
 on them (projections, feed-forward and flash_attention_varlen: no work on padding)
 and scatters back, so padded positions are 0 before the final norm, in training and
-eval, for any layout, norm_first and padding alignment. torch gives 0 there only on
+eval, for either batch_first, norm_first and padding alignment (pack_padding=False: dense;
+Transformer packs only where memory_key_padding_mask hides those positions too). torch gives 0 there only on
 its nested-tensor inference path (eval, no grad, batch_first, enable_nested_tensor,
 norm_first=False, relu/gelu, no mask, right-aligned padding), elsewhere values
 computed from the real keys. Outputs at real positions agree where torch's are
@@ -154,14 +155,17 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
         return new
 
     def forward(self, src: Tensor, mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
-                is_causal: Optional[bool] = None) -> Tensor:
+                is_causal: Optional[bool] = None, *, pack_padding: bool = True) -> Tensor:
+        """torch.nn.TransformerEncoder.forward; pack_padding=False runs the dense path even with a
+        bool padding mask, so that padded positions hold torch's values, not 0 (for a model that
+        reads them: attnkit.nn.Transformer does so when the decoder is not told to skip them)."""
         layer_mask, layer_pad = _canonical_masks(src, mask, src_key_padding_mask, "mask")
         batch_first = self.layers[0].self_attn.batch_first
         if is_causal is None and mask is not None:  # torch's detection compares against its float causal mask
             is_causal = _detect_is_causal_mask(F._canonical_mask(mask, "mask", None, "", src.dtype, False), None,
                                                _get_seq_len(src, batch_first))
         is_causal = bool(is_causal)
-        if self._packable(src, mask, src_key_padding_mask, is_causal):
+        if pack_padding and self._packable(src, mask, src_key_padding_mask, is_causal):
             output = self._packed(src, mask, src_key_padding_mask, is_causal, batch_first)
         else:
             output, float_masks = src, None
@@ -255,3 +259,40 @@ class Transformer(torch.nn.Transformer):
         if type(model.decoder) is torch.nn.TransformerDecoder:
             new._modules["decoder"] = TransformerDecoder.from_torch(model.decoder)
         return new
+
+    def forward(self, src: Tensor, tgt: Tensor, src_mask: Optional[Tensor] = None, tgt_mask: Optional[Tensor] = None,
+                memory_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
+                tgt_key_padding_mask: Optional[Tensor] = None, memory_key_padding_mask: Optional[Tensor] = None,
+                src_is_causal: Optional[bool] = None, tgt_is_causal: Optional[bool] = None,
+                memory_is_causal: bool = False) -> Tensor:
+        """torch.nn.Transformer.forward. The encoder packs a padded source (padded positions 0) only
+        where the decoder skips those positions too: with no memory_key_padding_mask (the common
+        call passing src_key_padding_mask alone) the decoder attends to them, and torch's values
+        there (computed from the real keys) change its output."""
+        is_batched = src.dim() == 3
+        if is_batched and src.size(0 if self.batch_first else 1) != tgt.size(0 if self.batch_first else 1):
+            raise RuntimeError("the batch number of src and tgt must be equal")
+        if src.size(-1) != self.d_model or tgt.size(-1) != self.d_model:
+            raise RuntimeError("the feature number of src and tgt must be equal to d_model")
+        encoder_kwargs = dict(mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
+        if isinstance(self.encoder, TransformerEncoder):
+            encoder_kwargs["pack_padding"] = _decoder_skips_padding(src_key_padding_mask, memory_key_padding_mask)
+        memory = self.encoder(src, **encoder_kwargs)
+        return self.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                            tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                            tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+
+
+def _decoder_skips_padding(src_pad: Optional[Tensor], memory_pad: Optional[Tensor]) -> bool:
+    """Whether memory_key_padding_mask hides every source position the bool src_key_padding_mask
+    pads (the same tensor, or bool with True wherever the source's is), so that the packed
+    encoder's 0 there reaches no output."""
+    if src_pad is None or memory_pad is None:
+        return src_pad is None
+    if memory_pad is src_pad:
+        return True
+    if src_pad.dtype != torch.bool or memory_pad.dtype != torch.bool or memory_pad.shape != src_pad.shape:
+        return False
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False  # reading values; the encoder does not pack there anyway
+    return not bool((src_pad & ~memory_pad).any())
