@@ -225,8 +225,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         # RuntimeError with packed weights, AssertionError with separate ones; this is both).
         for name, tensor, dim_name, width in (("key", key, "kdim", self.kdim), ("value", value, "vdim", self.vdim)):
             if tensor.shape[-1] != width:
-                raise _validate.DropInShapeError(f"MultiheadAttention: expected {name} with last dimension {dim_name}={width}, "
-                                   f"but got {tensor.shape[-1]}")
+                raise _validate.DropInShapeError(f"MultiheadAttention: expected {name} with last dimension "
+                                                 f"{dim_name}={width}, but got {tensor.shape[-1]}")
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, src_len):
             raise AssertionError(f"Expected key_padding_mask of shape {(batch, src_len)} (N, S), "
                                  f"but got {tuple(key_padding_mask.shape)}")

@@ -12,8 +12,8 @@ padding (and no mask, or a causal one) packs the real tokens once, runs every la
 on them (projections, feed-forward and flash_attention_varlen: no work on padding)
 and scatters back, so padded positions are 0 before the final norm, in training and
 eval, for either batch_first, norm_first and padding alignment (pack_padding=False: dense;
-Transformer packs only where memory_key_padding_mask hides those positions too). torch gives 0 there only on
-its nested-tensor inference path (eval, no grad, batch_first, enable_nested_tensor,
+Transformer packs only where memory_key_padding_mask hides those positions too). torch
+gives 0 there only on its nested-tensor inference path (eval, no grad, batch_first, enable_nested_tensor,
 norm_first=False, relu/gelu, no mask, right-aligned padding), elsewhere values
 computed from the real keys. Outputs at real positions agree where torch's are
 finite, and so do gradients when the loss ignores padded positions. Positions (RoPE,
