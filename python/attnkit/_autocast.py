@@ -40,3 +40,8 @@ def without_autocast(device_type: str, kernel, *args):
         return kernel(*args)
     with torch.autocast(device_type, enabled=False):
         return kernel(*args)
+
+
+def run_without_autocast(kernel, *args):
+    """without_autocast for the device of args[0] (the RNN and additive-attention kernels' input)."""
+    return without_autocast(args[0].device.type, kernel, *args)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .. import _dispatch, _eager, _validate
 from ..backends.additive_attention import ADDITIVE_ATTENTION, describe
-from .rnn import _autocast_off
+from .._autocast import run_without_autocast
 
 OP = "attnkit.ops.additive_attention"
 
@@ -32,7 +32,7 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 def _forward_kernels(qp: Tensor, kp: Tensor, values: Tensor, v_a: Tensor, mask: Optional[Tensor],
              return_weights: bool) -> Tuple[Tensor, Tensor, Tensor]:
     impl = ADDITIVE_ATTENTION.select(describe(v_a, values))
-    context, lse, weights = _autocast_off(impl.forward, qp, kp, values, v_a, mask, return_weights)
+    context, lse, weights = run_without_autocast(impl.forward, qp, kp, values, v_a, mask, return_weights)
     if weights is None:  # a custom op returns a fixed number of tensors: an empty one stands for "not asked"
         weights = qp.new_empty((0,), dtype=values.dtype)
     return context.contiguous(), lse.contiguous(), weights.contiguous()
@@ -52,7 +52,7 @@ def _(qp, kp, values, v_a, mask, return_weights):
 def _backward_kernels(grad_context: Tensor, grad_weights: Optional[Tensor], delta: Tensor, qp: Tensor, kp: Tensor,
                  values: Tensor, v_a: Tensor, mask: Optional[Tensor], lse: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = ADDITIVE_ATTENTION.select(describe(v_a, values))
-    grads = _autocast_off(impl.backward, grad_context, grad_weights, delta, qp, kp, values, v_a, mask, lse)
+    grads = run_without_autocast(impl.backward, grad_context, grad_weights, delta, qp, kp, values, v_a, mask, lse)
     return tuple(g.contiguous() for g in grads)
 
 

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from .. import _dispatch, _eager, _validate
 from ..backends.lstm_cell import LSTM_CELL
-from .rnn import _autocast_off, _bias_grads
+from .._autocast import run_without_autocast
+from .rnn import _bias_grads
 
 OP = "attnkit.ops.lstm_cell"
 
@@ -24,7 +25,7 @@ def _lstm_cell_forward_kernels(
     x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]
 ) -> Tuple[Tensor, Tensor, Tensor]:
     impl = LSTM_CELL.select(_describe_tensors(x))
-    return tuple(t.contiguous() for t in _autocast_off(impl.forward, x, h, c, w_ih, w_hh, b_ih, b_hh))
+    return tuple(t.contiguous() for t in run_without_autocast(impl.forward, x, h, c, w_ih, w_hh, b_ih, b_hh))
 
 
 _lstm_cell_forward = torch.library.custom_op("attnkit::lstm_cell_forward", _lstm_cell_forward_kernels, mutates_args=())
@@ -39,7 +40,7 @@ def _lstm_cell_backward_kernels(
     grad_h: Tensor, grad_c: Tensor, x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, gates: Tensor, c_new: Tensor
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = LSTM_CELL.select(_describe_tensors(x))
-    grads = _autocast_off(impl.backward, grad_h, grad_c, x, h, c, w_ih, w_hh, gates, c_new)
+    grads = run_without_autocast(impl.backward, grad_h, grad_c, x, h, c, w_ih, w_hh, gates, c_new)
     return tuple(g.contiguous() for g in grads)
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, _eager, _validate
-from .._autocast import without_autocast
+from .._autocast import run_without_autocast
 from ..backends.rnn import GRU, LSTM
 
 LSTM_OP, GRU_OP = "attnkit.ops.lstm", "attnkit.ops.gru"
@@ -31,11 +31,6 @@ def _describe_call(x: Tensor, w_hh: Tensor, gates: int, proj: bool, save: bool) 
     and the steps and input size, which decide whether float16/bfloat16 go to the cpp kernels."""
     return {**_describe_tensors(x), "steps": x.shape[0], "batch": x.shape[1], "input_size": x.shape[2],
             "hidden_size": w_hh.shape[0] // gates, "proj": proj, "save": save}
-
-
-def _autocast_off(kernel, *args):
-    """kernel(*args) with autocast off for the device of args[0] (_autocast.without_autocast)."""
-    return without_autocast(args[0].device.type, kernel, *args)
 
 
 def _zeros_if_none(grad, like):
@@ -76,7 +71,7 @@ def _lstm_forward_kernels(
     w_hr: Optional[Tensor], lengths: Optional[Tensor], save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = LSTM.select(_describe_call(x, w_hh, 4, w_hr is not None, save))
-    outputs = _autocast_off(impl.forward, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save)
+    outputs = run_without_autocast(impl.forward, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save)
     return tuple(t.contiguous() for t in outputs)
 
 
@@ -98,7 +93,7 @@ def _lstm_backward_kernels(
     output: Tensor, gates: Tensor, cs: Tensor, hc: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = LSTM.select(_describe_call(x, w_hh, 4, w_hr is not None, save=True))
-    grads = _autocast_off(
+    grads = run_without_autocast(
         impl.backward, grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, output, gates,
         cs, hc
     )
@@ -148,7 +143,8 @@ def _gru_forward_kernels(
     lengths: Optional[Tensor], save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     impl = GRU.select(_describe_call(x, w_hh, 3, False, save))
-    return tuple(t.contiguous() for t in _autocast_off(impl.forward, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save))
+    outputs = run_without_autocast(impl.forward, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save)
+    return tuple(t.contiguous() for t in outputs)
 
 
 _gru_forward = torch.library.custom_op("attnkit::gru_forward", _gru_forward_kernels, mutates_args=())
@@ -167,7 +163,8 @@ def _gru_backward_kernels(
     b_hh: Optional[Tensor], lengths: Optional[Tensor], output: Tensor, gates: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = GRU.select(_describe_call(x, w_hh, 3, False, save=True))
-    grads = _autocast_off(impl.backward, grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output, gates)
+    grads = run_without_autocast(impl.backward, grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output,
+                                 gates)
     return tuple(g.contiguous() for g in grads)
 
 

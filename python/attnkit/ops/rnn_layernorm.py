@@ -17,7 +17,8 @@ from torch import Tensor
 
 from .. import _autocast, _dispatch, _eager, _validate
 from ..backends.rnn_layernorm import LAYER_NORM_GRU, LAYER_NORM_LSTM
-from .rnn import Lengths, _autocast_off, _describe_tensors, _distinct, _validated, _zeros_if_none
+from .._autocast import run_without_autocast
+from .rnn import Lengths, _describe_tensors, _distinct, _validated, _zeros_if_none
 
 LSTM_OP, GRU_OP = "attnkit.ops.layer_norm_lstm", "attnkit.ops.layer_norm_gru"
 
@@ -34,8 +35,8 @@ def _ln_lstm_forward(
     lengths: Optional[Tensor], zoneout: Optional[Tensor], save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = LAYER_NORM_LSTM.select(_describe_tensors(x))
-    out = _autocast_off(impl.forward, x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, g_c, be_c, lengths,
-                        zoneout, save)
+    out = run_without_autocast(impl.forward, x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, g_c, be_c,
+                               lengths, zoneout, save)
     return tuple(t.contiguous() for t in out)
 
 
@@ -55,8 +56,9 @@ def _ln_lstm_backward(
     xhat: Tensor, hhat: Tensor, gates: Tensor, cs: Tensor, chat: Tensor, rstd: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = LAYER_NORM_LSTM.select(_describe_tensors(x))
-    grads = _autocast_off(impl.backward, grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih,
-                          g_hh, be_hh, g_c, be_c, lengths, zoneout, output, xhat, hhat, gates, cs, chat, rstd)
+    grads = run_without_autocast(impl.backward, grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih,
+                                 be_ih, g_hh, be_hh, g_c, be_c, lengths, zoneout, output, xhat, hhat, gates, cs, chat,
+                                 rstd)
     return tuple(g.contiguous() for g in grads)
 
 
@@ -100,7 +102,8 @@ def _ln_gru_forward(
     save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = LAYER_NORM_GRU.select(_describe_tensors(x))
-    out = _autocast_off(impl.forward, x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, lengths, zoneout, save)
+    out = run_without_autocast(impl.forward, x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, lengths, zoneout,
+                               save)
     return tuple(t.contiguous() for t in out)
 
 
@@ -119,8 +122,8 @@ def _ln_gru_backward(
     zoneout: Optional[Tensor], output: Tensor, xhat: Tensor, hhat: Tensor, gates: Tensor, rstd: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = LAYER_NORM_GRU.select(_describe_tensors(x))
-    grads = _autocast_off(impl.backward, grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh,
-                          lengths, zoneout, output, xhat, hhat, gates, rstd)
+    grads = run_without_autocast(impl.backward, grad_output, grad_hn, x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh,
+                                 be_hh, lengths, zoneout, output, xhat, hhat, gates, rstd)
     return tuple(g.contiguous() for g in grads)
 
 
