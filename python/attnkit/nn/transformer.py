@@ -180,9 +180,7 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
     def _packable(self, src, mask, pad, is_causal) -> bool:
         if pad is None or pad.dtype != torch.bool or src.dim() != 3 or src.is_nested or (mask is not None and not is_causal):
             return False
-        # The packed length depends on the mask's values: not under compile, nor under a functorch
-        # transform (vmap over the batch: bool() of a batched tensor raises there).
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        if not _mask_values_readable():  # the packed length depends on them
             return False
         if _global_hooks():
             return False
@@ -293,6 +291,13 @@ def _decoder_skips_padding(src_pad: Optional[Tensor], memory_pad: Optional[Tenso
         return True
     if src_pad.dtype != torch.bool or memory_pad.dtype != torch.bool or memory_pad.shape != src_pad.shape:
         return False
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return False  # reading values; the encoder does not pack there anyway
+    if not _mask_values_readable():
+        return False  # the encoder does not pack there anyway
     return not bool((src_pad & ~memory_pad).any())
+
+
+def _mask_values_readable() -> bool:
+    """Whether a mask's values may decide the path: not under compile (a graph break, or a
+    guard on data), nor under a functorch transform (vmap over the batch: bool() of a batched
+    tensor raises there)."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
