@@ -13,6 +13,21 @@ import torch
 # Interceptors installed by the runner (progress, peak memory) and by the
 # pytest-benchmark suite (which times one chosen call itself); innermost last.
 _interceptors: list = []
+_checks_skipped = False
+
+
+@contextlib.contextmanager
+def checks_skipped():
+    """Inside, gradient_error and rss_rise_mb_in_subprocess return NaN without running
+    anything: for the reruns of a family that only its timed calls matter to (those of
+    the pytest-benchmark suite, one for each call it times), where these checks took
+    most of each rerun (attention_cpu: 16 of 19 s on 2 cores)."""
+    global _checks_skipped
+    outer, _checks_skipped = _checks_skipped, True
+    try:
+        yield
+    finally:
+        _checks_skipped = outer
 
 
 @contextlib.contextmanager
@@ -124,6 +139,8 @@ def gradient_error(ours_step: Callable[[], object], theirs_step: Callable[[], ob
     counts as zeros), each relative to the baseline gradient's largest magnitude where that
     exceeds 1 (a weight gradient summed over a batch reaches hundreds). Without it a backward
     that computed nothing, or garbage, timed as a speedup with the forward's error beside it."""
+    if _checks_skipped:
+        return float("nan")
     theirs_leaves = ours_leaves if theirs_leaves is None else theirs_leaves
     found = []
     for step, leaves in ((ours_step, list(ours_leaves)), (theirs_step, list(theirs_leaves))):
@@ -176,10 +193,11 @@ def rss_rise_mb_in_subprocess(script: str, spec: dict) -> float:
     peak: runs `python script --peak <spec as JSON>`, whose main prints the
     figure as its last line."""
     import json
-    import os
     import subprocess
     import sys
 
+    if _checks_skipped:
+        return float("nan")
     done = subprocess.run([sys.executable, os.path.abspath(script), "--peak", json.dumps(spec)], capture_output=True,
                           text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     if done.returncode != 0:

@@ -213,6 +213,23 @@ def test_pytest_benchmark_bridge_times_each_call_on_the_family_inputs(tiny_lstm_
         core.call_case("lstm_cell", len(cases) + 1, torch.device("cpu"), torch.float32, timer)
 
 
+def test_pytest_benchmark_bridge_warms_up_and_skips_the_gradient_checks(tiny_lstm_cell, monkeypatch):
+    torch_cell, calls = torch.lstm_cell, []
+
+    def counted(*args):
+        calls.append(1)
+        return torch_cell(*args)
+
+    monkeypatch.setattr(torch, "lstm_cell", counted)
+    seen = []
+    core.call_case("lstm_cell", 2, torch.device("cpu"), torch.float32, lambda fn: seen.append(len(calls)) or fn())
+    # Before the timer: the family's error check, then median_pair_ms's 3 warm-up calls.
+    assert seen == [1 + 3]
+    # Then the timed call and the second shape's error check; no fwd+bwd step for gradient_error.
+    assert len(calls) == 4 + 1 + 1
+    assert core.timing_module()._checks_skipped is False
+
+
 def test_families_come_from_benchmarks_run_and_import_as_siblings():
     import attnkit.benchmarks.run as run
 

@@ -250,7 +250,7 @@ def enumerate_cases(name: str, device: torch.device, dtype: torch.dtype, quick: 
         calls += 1
         return float(calls)
 
-    with timing.intercept(count):
+    with timing.intercept(count), timing.checks_skipped():
         rows = load_family(name).run(device, dtype, quick=quick)
     labels = {}
     for row in rows:
@@ -268,8 +268,10 @@ class CaseSkipped(Exception):
 
 def call_case(name: str, index: int, device: torch.device, dtype: torch.dtype, timer, quick: bool = True):
     """Reruns the family with its timed calls skipped except the index-th,
-    which timer(fn) times instead (pytest-benchmark's fixture): inputs, grad
-    mode and closures are exactly those the family set up for that call."""
+    which timer(fn) times instead (pytest-benchmark's fixture) after the
+    family's warm-up calls: inputs, grad mode and closures are exactly those
+    the family set up for that call. The gradient and memory checks are
+    skipped (pytest-benchmark reports times only)."""
     timing = timing_module()
     calls, outcome = 0, {}
 
@@ -284,13 +286,15 @@ def call_case(name: str, index: int, device: torch.device, dtype: torch.dtype, t
                 return out
 
             try:
+                for _ in range(warmup):  # as median_ms: no Triton compile or first-call allocation in a round
+                    synchronized()
                 outcome["result"] = timer(synchronized)
             except Exception as exc:
                 outcome["error"] = exc
                 raise
         return float(calls)
 
-    with timing.intercept(take_over):
+    with timing.intercept(take_over), timing.checks_skipped():
         load_family(name).run(device, dtype, quick=quick)
     if "error" in outcome:
         raise CaseSkipped(f"{type(outcome['error']).__name__}: {outcome['error']}") from outcome["error"]
