@@ -175,3 +175,24 @@ def test_a_float_mask_of_another_dtype_than_query_is_refused_as_sdpa(mask_dtype)
         else:
             assert attnkit.scaled_dot_product_attention(q, q, q, attn_mask=mask).dtype == torch.bfloat16
             assert F.scaled_dot_product_attention(q, q, q, attn_mask=mask).dtype == torch.bfloat16
+
+
+def test_broadcast_shapes_as_torch():
+    """_validate.broadcast_shapes (plain Python for int sizes) against torch.broadcast_shapes,
+    zero sizes included, and torch's own for traced sizes."""
+    from attnkit._validate import broadcast_shapes
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3000):
+        count = int(torch.randint(1, 4, (), generator=gen))
+        shapes = [torch.Size(torch.randint(0, 4, (int(torch.randint(0, 5, (), generator=gen)),), generator=gen).tolist())
+                  for _ in range(count)]
+        try:
+            expected = tuple(torch.broadcast_shapes(*shapes))
+        except RuntimeError:
+            with pytest.raises(RuntimeError):
+                broadcast_shapes(*shapes)
+        else:
+            assert broadcast_shapes(*shapes) == expected, shapes
+    traced = torch.jit.trace(lambda x: x.new_zeros(broadcast_shapes(x.shape, (3, 1))), torch.zeros(1, 2))
+    assert traced(torch.zeros(1, 5)).shape == (3, 5)  # sizes as tensors while tracing: torch's, not frozen

@@ -14,6 +14,23 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+def broadcast_shapes(*shapes: Sequence[int]) -> tuple:
+    """torch.broadcast_shapes: in plain Python for an eager call's int sizes (torch's runs its
+    reference implementation, ~15 us a call: the drop-in SDPA's largest cost at small shapes);
+    torch's own for symbolic sizes (compile, export, tracing), whose comparisons would add guards."""
+    rank = max(map(len, shapes), default=0)
+    out = [1] * rank
+    for shape in shapes:
+        for i, size in enumerate(shape, rank - len(shape)):
+            if type(size) is not int:
+                return tuple(torch.broadcast_shapes(*shapes))
+            if size != 1:
+                if out[i] != 1 and out[i] != size:
+                    raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} do not broadcast (dim {i - rank})")
+                out[i] = size
+    return tuple(out)
+
+
 def tensor(op: str, name: str, value, ndim: Optional[int] = None, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")

@@ -111,14 +111,14 @@ def scaled_dot_product_attention(
     heads, kv_heads = _heads(q.shape[-3], k.shape[-3], v.shape[-3], enable_gqa)
     q, k, v = _as_heads(q, heads), _as_heads(k, kv_heads), _as_heads(v, kv_heads)
     try:
-        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+        batch = _validate.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
     except RuntimeError:
         raise ValueError(f"{OP}: the leading (batch) dims of query {tuple(query.shape)}, key {tuple(key.shape)} "
                          f"and value {tuple(value.shape)} do not broadcast") from None
     scores = (*batch, heads, q.shape[-2], k.shape[-2])
     if attn_mask is not None and isinstance(attn_mask, Tensor):
         try:  # the mask is added to the scores, so it broadcasts to their shape (as SDPA's math path)
-            if attn_mask.dim() > len(scores) or torch.broadcast_shapes(attn_mask.shape, scores) != scores:
+            if attn_mask.dim() > len(scores) or _validate.broadcast_shapes(attn_mask.shape, scores) != scores:
                 raise RuntimeError
         except RuntimeError:
             raise ValueError(f"{OP}: attn_mask of shape {tuple(attn_mask.shape)} cannot broadcast to the scores' "

@@ -133,7 +133,7 @@ def dense(op: str, q, k, v, attn_mask, key_padding_mask) -> Tuple[Optional[Tenso
         if attn_mask.device != q.device:
             raise RuntimeError(f"{op}: attn_mask is on {attn_mask.device} but q is on {q.device}")
         try:
-            if attn_mask.dim() > 4 or torch.broadcast_shapes(attn_mask.shape, target) != target:
+            if attn_mask.dim() > 4 or _validate.broadcast_shapes(attn_mask.shape, target) != target:
                 raise RuntimeError
         except RuntimeError:
             raise ValueError(
