@@ -14,6 +14,10 @@
 
 #include "simd.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace attnkit {
 namespace cpu {
 namespace {
@@ -136,7 +140,19 @@ bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->de
 
 }  // namespace
 
-bool onednn_linear_available() { return onednn_linear_op().has_value(); }
+// oneDNN splits its work for omp_get_max_threads() threads and assumes its parallel regions get
+// them all; OpenMP may grant fewer under OMP_DYNAMIC or an OMP_THREAD_LIMIT below that count, and
+// then its linear returns garbage (torch's own mkldnn linear as well: measured at 62 off and NaN).
+// ATen's GEMMs split by the team they get.
+bool openmp_teams_may_shrink() {
+#ifdef _OPENMP
+  return omp_get_dynamic() != 0 || omp_get_thread_limit() < omp_get_max_threads();
+#else
+  return false;
+#endif
+}
+
+bool onednn_linear_available() { return onednn_linear_op().has_value() && !openmp_teams_may_shrink(); }
 
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   // oneDNN has no primitive for an empty product (input_size 0 fails "could not create a primitive

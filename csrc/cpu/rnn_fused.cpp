@@ -146,6 +146,16 @@ int team_thread() {
 #endif
 }
 
+// Threads the team really has: OpenMP may grant fewer than num_threads asked for
+// (OMP_DYNAMIC, OMP_THREAD_LIMIT), and the work must still be covered.
+int team_granted() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
 // Threads of the team: each needs a few hundred thousand multiply-adds per
 // step to be worth a barrier, and at least one chunk (16 units backward).
 int team_size(int64_t B, int64_t H, int64_t G, int64_t parts) {
@@ -283,10 +293,13 @@ void forward_team(FusedForward f, int64_t G, const at::Tensor& w_ih, const at::T
   at::Tensor xp = at::empty({nt, xp_size + gh_size}, h.options());
 #pragma omp parallel num_threads(nt)
   {
-    const int tid = team_thread();
-    const int64_t k0 = std::min(chunks, tid * per_thread), k1 = std::min(chunks, k0 + per_thread);
-    float* mine = xp.data_ptr<float>() + tid * (xp_size + gh_size);
-    run(f, k0, k1, mine, gh_tile ? mine + xp_size : nullptr);
+    // Slots (chunks and buffer) as planned for nt threads; a smaller team takes several adjacent
+    // ones per thread (contiguous chunks, and the slots' buffers hold their projections end to end).
+    const int team = team_granted(), tid = team_thread();
+    const int64_t v0 = int64_t{tid} * nt / team, v1 = int64_t{tid + 1} * nt / team;
+    const int64_t k0 = std::min(chunks, v0 * per_thread), k1 = std::min(chunks, v1 * per_thread);
+    float* mine = xp.data_ptr<float>() + v0 * (xp_size + gh_size);
+    run(f, k0, k1, mine, gh_tile ? mine + (v1 - v0) * xp_size : nullptr);
     at::native::cpublas::brgemm_release(low);  // bfloat16: the AMX tile state too
   }
   h.copy_(h_bufs[T % 2]);
@@ -319,9 +332,10 @@ void backward_team(FusedBackward f, int64_t G, const at::Tensor& w_hh, bool tile
   at::Tensor tile_buf = tiles ? at::empty({nt, B * H}, w_hh.options()) : at::Tensor();
 #pragma omp parallel num_threads(nt)
   {
-    const int tid = team_thread();
+    const int team = team_granted(), tid = team_thread();  // team <= nt: OpenMP may grant fewer
     // Whole panels per thread.
-    const int64_t u0 = std::min(H, n_panels * tid / nt * kPanel), u1 = std::min(H, n_panels * (tid + 1) / nt * kPanel);
+    const int64_t u0 = std::min(H, n_panels * tid / team * kPanel);
+    const int64_t u1 = std::min(H, n_panels * (tid + 1) / team * kPanel);
     run(f, u0, u1, tiles ? tile_buf.data_ptr<float>() + tid * B * H : nullptr);
     at::native::cpublas::brgemm_release(f.w_hh_low != nullptr);
   }

@@ -14,7 +14,8 @@ at::Tensor linear_few_rows(const at::Tensor& x, const at::Tensor& weight, const 
 // oneDNN's linear (mkldnn::_linear_pointwise): x (M, K) fp32 contiguous, weight
 // (N, K) plain or reordered by mkldnn::_reorder_linear_weight. Its JIT runs
 // fp32 GEMMs about twice as fast as the MKL sgemm that at::addmm calls on the
-// AMD CPUs of BENCHMARKS.md. Check onednn_linear_available() first.
+// AMD CPUs of BENCHMARKS.md. Check onednn_linear_available() first: false also
+// where OpenMP may grant a smaller team than asked for, which oneDNN miscomputes.
 bool onednn_linear_available();
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
