@@ -11,6 +11,16 @@ from attnkit import _dispatch
 from attnkit.ops import lstm_cell
 
 
+def test_available_backends_gives_the_thread_count_of_now():
+    threads = torch.get_num_threads()
+    try:
+        attnkit.available_backends()  # probed (and cached) at the first count
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert attnkit.available_backends()["cpp"].reason.endswith(f", {torch.get_num_threads()} threads")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_available_backends_lists_every_backend_with_a_reason():
     status = attnkit.available_backends()
     assert list(status) == list(attnkit.BACKENDS)

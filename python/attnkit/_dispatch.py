@@ -84,7 +84,7 @@ def _probe_cpp() -> BackendStatus:
     ext, reason = _extensions.load("_C")
     if ext is None:
         return BackendStatus("cpp", False, reason)
-    return BackendStatus("cpp", True, f"attnkit._C, {ext.num_threads()} threads")
+    return BackendStatus("cpp", True, "attnkit._C")
 
 
 _PROBES: Dict[str, Callable[[], BackendStatus]] = {
@@ -138,7 +138,11 @@ def choice_depends_on_env(name: str) -> None:
 
 def available_backends() -> Dict[str, BackendStatus]:
     """Every backend with whether this install can run it, and why not."""
-    return {name: _status(name) for name in BACKENDS}
+    statuses = {name: _status(name) for name in BACKENDS}
+    cpp = statuses["cpp"]
+    if cpp.available:  # the count now, not at the (cached) probe: torch.set_num_threads changes it
+        statuses["cpp"] = dataclasses.replace(cpp, reason=f"{cpp.reason}, {torch.get_num_threads()} threads")
+    return statuses
 
 
 def refresh() -> None:
