@@ -60,6 +60,8 @@ class PatchReport:
 def _selected(table, modules) -> Dict:
     if modules is None:
         return table
+    if isinstance(modules, (str, type)):  # one name or class: not a string's letters
+        modules = [modules]
     chosen = {}
     for item in modules:
         cls = getattr(torch.nn, item, None) if isinstance(item, str) else item
@@ -166,6 +168,8 @@ def unpatch(model: torch.nn.Module) -> List[str]:
     parametrization belongs to its class. The originals are known to this process for the
     patched object itself: a copy or a reloaded patched model keeps its attnkit modules (load
     its state_dict into the torch.nn model instead)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"attnkit.unpatch: model must be a torch.nn.Module, got {type(model).__name__}")
     restored: List[str] = []
 
     def visit(parent, prefix):

@@ -120,6 +120,10 @@ class PretrainedMixin:
     @classmethod
     def from_hf(cls, hf_model, **kwargs):
         """Converts a loaded transformers model (its weights are copied)."""
+        if not callable(getattr(getattr(hf_model, "config", None), "to_dict", None)) or \
+                not callable(getattr(hf_model, "state_dict", None)):
+            raise TypeError(f"{cls.__name__}.from_hf: expected a loaded transformers model (with .config and "
+                            f".state_dict()), got {type(hf_model).__name__}")
         config = hf_model.config.to_dict()
         return cls._from_state(config, hf_model.state_dict(), f"{cls.__name__}.from_hf({type(hf_model).__name__})",
                                kwargs)

@@ -40,6 +40,8 @@ class Packing:
 
     @classmethod
     def for_ids(cls, input_ids: Tensor, attention_mask: Optional[Tensor]) -> "Packing":
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids (batch, length), got {type(input_ids).__name__}")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids.shape)}")
         return cls.from_mask(attention_mask, *input_ids.shape, input_ids.device)

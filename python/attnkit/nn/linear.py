@@ -8,9 +8,16 @@ from torch import Tensor
 
 from .. import _validate
 from ..ops import linear
+from ._share import check_from_torch, shared
 
 
 class Linear(nn.Linear):
+    @classmethod
+    def from_torch(cls, module: nn.Linear) -> "Linear":
+        """An attnkit.nn.Linear sharing `module`'s configuration and Parameter objects."""
+        check_from_torch(cls, module, nn.Linear)
+        return shared(cls, module)
+
     @_validate.torch_compatible_errors
     def forward(self, input: Tensor) -> Tensor:
         return linear(input, self.weight, self.bias)

@@ -52,6 +52,9 @@ class RotaryEmbedding(nn.Module):
         if self.scaling is not None and not (scaling_factor is None and self.scaling == "yarn"):
             if not isinstance(scaling_factor, (int, float)) or scaling_factor <= 0:
                 raise ValueError(f"RotaryEmbedding: scaling_factor must be a positive number, got {scaling_factor!r}")
+        for name, flag in (("interleaved", interleaved), ("truncate", truncate)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"RotaryEmbedding: {name} must be a bool, got {type(flag).__name__}")
         self.dim, self.base, self.factor, self.interleaved = dim, base, scaling_factor, interleaved
         self.max_position_embeddings = max_position_embeddings
         self.original_max_position_embeddings = original_max_position_embeddings or max_position_embeddings
@@ -182,6 +185,8 @@ class RotaryEmbedding(nn.Module):
         (an int or a (B,) int tensor, as a KV cache gives). Reading the largest position costs
         a device sync for tensor positions (needed to size the tables, and for dynamic NTK).
         """
+        if not isinstance(q, Tensor):
+            raise TypeError(f"RotaryEmbedding: q must be a torch.Tensor, got {type(q).__name__}")
         length = max_seqlen if cu_seqlens is not None else q.shape[2 if layout == "bhnd" else 1]
         if position_ids is not None:
             if cu_seqlens is not None:
@@ -298,6 +303,11 @@ class SinusoidalPositionalEncoding(nn.Module):
         self.register_buffer("pe", pe)
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        # A 2-D x would broadcast against the (N, 1, d_model) table into an (N, N, d_model) result.
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.pe.shape[-1]:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"SinusoidalPositionalEncoding: x must be "
+                             f"{'(B, N' if self.batch_first else '(N, B'}, d_model={self.pe.shape[-1]}), got {got}")
         seq_dim = 1 if self.batch_first else 0
         length = x.shape[seq_dim]
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
@@ -322,6 +332,8 @@ class LearnedPositionalEmbedding(nn.Embedding):
     def forward(self, input: Tensor, past_length: int = 0, position_ids: Optional[Tensor] = None) -> Tensor:
         """Embeddings of positions past_length .. past_length + N - 1, (1, N, dim), for an input
         (B, N, ...) such as input_ids; or of position_ids (B, N) when given, (B, N, dim)."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"LearnedPositionalEmbedding: input must be a torch.Tensor, got {type(input).__name__}")
         if position_ids is None:
             length = input.shape[1] if input.dim() > 1 else input.shape[0]
             if isinstance(past_length, bool) or not isinstance(past_length, int) or past_length < 0:
