@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -61,6 +62,20 @@ def _flat_batch(t: Tensor, batch: Sequence[int]) -> Tensor:
         return t  # the usual 4-D call: nothing to broadcast or flatten
     t = t.expand(*batch, *t.shape[-3:])
     return t.reshape(math.prod(batch), *t.shape[-3:]) if len(batch) != 1 else t
+
+
+_ARGUMENT_NAMES = {"q": "query", "k": "key", "v": "value", "causal": "is_causal"}
+
+
+def _in_drop_in_terms(error: Exception) -> Exception:
+    """flash_attention's argument error in this function's terms (query, not q), so that it names
+    what the caller passed; other errors as they are."""
+    prefix = "attnkit.ops.flash_attention: "
+    text = str(error)
+    if not text.startswith(prefix):
+        return error
+    text = re.sub(r"\b(q|k|v|causal)\b", lambda name: _ARGUMENT_NAMES[name.group(1)], text[len(prefix):])
+    return type(error)(f"{OP}: {text}")
 
 
 def _empty_head_dims(q, k, v, is_causal, attn_mask, scale, dropout_p) -> Tensor:
@@ -131,8 +146,11 @@ def scaled_dot_product_attention(
     elif q.shape[-1] == 0 or v.shape[-1] == 0:
         out = _empty_head_dims(q, k, v, is_causal, attn_mask, scale, dropout_p)
     else:
-        out = flash_attention(q, k, v, causal=is_causal, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p,
-                              causal_alignment="top_left")
+        try:
+            out = flash_attention(q, k, v, causal=is_causal, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p,
+                                  causal_alignment="top_left")
+        except (TypeError, ValueError) as error:
+            raise _in_drop_in_terms(error) from None
     if drop_all:
         out = out.masked_fill(torch.ones((), dtype=torch.bool, device=out.device), 0.0)
     shape = (*batch, heads, out.shape[-2], out.shape[-1])

@@ -220,6 +220,7 @@ def flash_attention(
     if causal_alignment not in _ALIGNMENTS:
         raise ValueError(f"{OP}: causal_alignment must be one of {_ALIGNMENTS}, got {causal_alignment!r}")
     left, right = _window(OP, causal, window_size)
+    check.flags(OP, return_lse=return_lse, deterministic=deterministic, rotary_interleaved=rotary_interleaved)
     slopes = check.alibi(OP, alibi_slopes, q.shape[0], q.shape[1], q.device)
     bottom_right = causal_alignment == "bottom_right"
     batch = q.shape[0]
@@ -261,6 +262,7 @@ def flash_attention_varlen(
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # Triton reads them so
     softcap, scale, dropout_p = check.scalars(OP_VARLEN, softcap, scale, dropout_p, q.shape[-1])
     left, right = _window(OP_VARLEN, causal, window_size)
+    check.flags(OP_VARLEN, return_lse=return_lse, deterministic=deterministic, rotary_interleaved=rotary_interleaved)
     batch = cu_seqlens_q.numel() - 1
     slopes = check.alibi(OP_VARLEN, alibi_slopes, batch, q.shape[1], q.device)
     lengths_q = lengths_k = []

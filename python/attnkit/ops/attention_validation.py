@@ -60,6 +60,13 @@ def window(op: str, window_size: Sequence[int],
 _UNBOUNDED_FROM = 2**31
 
 
+def flags(op: str, **named) -> None:
+    """TypeError for a flag that is not a bool (a string such as "no" is truthy)."""
+    for name, flag in named.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{op}: {name} must be a bool, got {type(flag).__name__}")
+
+
 def _real(op: str, name: str, value, expected: str) -> float:
     """value as a float: any real number (numpy's too) or a one-element tensor, as torch's SDPA takes."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and (value.is_floating_point() or

@@ -92,6 +92,7 @@ def attention_decode(
         raise NotImplementedError(f"{OP} is inference-only (no backward); use attnkit.ops.flash_attention to train")
     softcap, scale, _ = check.scalars(OP, softcap, scale, 0.0, dim)
     left, _ = check.window(OP, (window_left, -1), names=("window_left", "window_right"))
+    check.flags(OP, return_lse=return_lse)
     slopes = check.alibi(OP, alibi_slopes, batch, heads, q.device)
     if batch == 0 or q.shape[2] == 0:  # nothing to attend; the backends' loops and grids assume a query
         stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
