@@ -145,6 +145,12 @@ def test_complex_tensors_run_as_torch_nn_linear():
     torch.testing.assert_close(torch.autograd.grad(got.abs().sum(), x)[0], torch.autograd.grad(want.abs().sum(), x)[0])
 
 
+def test_integer_tensors_run_as_f_linear():
+    """F.linear takes integer x and weight of one dtype (README: other dtypes run F.linear); the op raised."""
+    x, weight, bias = torch.randint(-5, 5, (3, 4)), torch.randint(-5, 5, (6, 4)), torch.randint(-5, 5, (6,))
+    assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
+
+
 @pytest.mark.parametrize("weight_shape,bias_shape", [((5,), None), ((3, 5), ()), ((3, 5), (1,)), ((3, 5), (2, 3))],
                          ids=["1-D weight", "0-D bias", "bias (1,)", "bias (rows, out)"])
 def test_shapes_f_linear_takes_run_as_f_linear(weight_shape, bias_shape):

@@ -60,11 +60,11 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     On CPU in float32 with at most 16 rows (the product of x's leading dims) it runs
     csrc/cpu/linear.cpp; everything else runs F.linear itself. Under autocast it
     computes in the autocast dtype, as F.linear (on autocast's lower-precision list).
-    Complex x and weight of one dtype, which no kernel here takes, run F.linear, as torch.nn.Linear;
+    Complex or integer x and weight of one dtype, which no kernel here takes, run F.linear, as torch.nn.Linear;
     so do forward-mode AD tangents, which the kernel would drop, torch.func's grad/jvp transforms
     (whose rules the custom op lacks), and the shapes only F.linear takes (a 1-D weight, a bias
     broadcast to the output other than (out_features,))."""
-    if isinstance(x, Tensor) and x.is_complex() and isinstance(weight, Tensor) and weight.dtype == x.dtype:
+    if isinstance(x, Tensor) and not x.is_floating_point() and isinstance(weight, Tensor) and weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     if _eager.has_tangent((x, weight, bias)) or _eager.differentiating_transform():
         return F.linear(x, weight, bias)
