@@ -346,3 +346,12 @@ def test_encoder_under_vmap_with_a_per_sample_padding_mask_matches_torch():
         encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, 0.0), 2, **extra).eval()
         results.append(torch.func.vmap(lambda xi, pi: encoder(xi, src_key_padding_mask=pi[None]))(x, pad))
     torch.testing.assert_close(results[1], results[0])
+
+
+def test_layers_show_torch_signatures_in_help():
+    import inspect
+
+    for ours, theirs in ((attnkit.nn.TransformerEncoderLayer, torch.nn.TransformerEncoderLayer),
+                         (attnkit.nn.TransformerDecoderLayer, torch.nn.TransformerDecoderLayer)):
+        assert inspect.signature(ours) == inspect.signature(theirs)  # not (*args, **kwargs)
+        assert ours.__doc__.startswith(f"torch.nn.{theirs.__name__} (same arguments")

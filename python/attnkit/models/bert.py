@@ -107,6 +107,9 @@ class BertLayer(nn.Module):
 
 
 class BertModel(PretrainedMixin, nn.Module):
+    """BERT encoder (transformers' BertModel: same state_dict keys, outputs to float rounding) on attnkit
+    attention; padded batches run packed. Build from a BertConfig, or from_pretrained / from_hf."""
+
     config_class, model_type, base_prefix = BertConfig, "bert", "bert."
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
@@ -183,6 +186,8 @@ class BertModel(PretrainedMixin, nn.Module):
 
 
 class BertForMaskedLM(PretrainedMixin, nn.Module):
+    """BertModel with transformers' masked-LM head (tied to the word embeddings)."""
+
     config_class, model_type, base_prefix = BertConfig, "bert", "bert."
 
     def __init__(self, config: BertConfig):
@@ -230,6 +235,8 @@ class BertForMaskedLM(PretrainedMixin, nn.Module):
 
 
 class BertForSequenceClassification(PretrainedMixin, nn.Module):
+    """BertModel with transformers' pooled sequence-classification head."""
+
     config_class, model_type, base_prefix = BertConfig, "bert", "bert."
 
     def __init__(self, config: BertConfig):

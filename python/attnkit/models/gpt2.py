@@ -160,6 +160,9 @@ class Block(nn.Module):
 
 
 class GPT2Model(PretrainedMixin, nn.Module):
+    """GPT-2 decoder stack (transformers' GPT2Model: same state_dict keys, outputs to float rounding) on
+    attnkit attention, with a KV cache for decoding. Build from a GPT2Config, or from_pretrained / from_hf."""
+
     config_class, model_type, base_prefix = GPT2Config, "gpt2", "transformer."
 
     def __init__(self, config: GPT2Config):
@@ -246,6 +249,8 @@ class GPT2Model(PretrainedMixin, nn.Module):
 
 
 class GPT2LMHeadModel(PretrainedMixin, nn.Module):
+    """GPT2Model with the tied language-model head and generate() (greedy or sampled, KV-cached)."""
+
     config_class, model_type, base_prefix = GPT2Config, "gpt2", "transformer."
 
     def __init__(self, config: GPT2Config):

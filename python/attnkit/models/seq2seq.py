@@ -89,6 +89,9 @@ class BeamSearchOutput(NamedTuple):
 
 
 class Seq2Seq(nn.Module):
+    """RNN encoder-decoder with attention (see the module docstring): forward/loss with teacher
+    forcing, greedy_decode and beam_search. Built from a Seq2SeqConfig."""
+
     def __init__(self, config: Seq2SeqConfig):
         super().__init__()
         self.config = c = config

@@ -23,6 +23,7 @@ so their padded positions are not 0, even where torch's nested-tensor path gives
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Optional
 
@@ -65,9 +66,13 @@ def _float_masks(src: Tensor, mask: Optional[Tensor], pad: Optional[Tensor]):
 
 
 class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
+    """torch.nn.TransformerEncoderLayer (same arguments, parameters and state_dict) with attnkit attention."""
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         _swap_attention(self)
+
+    __init__.__signature__ = inspect.signature(torch.nn.TransformerEncoderLayer.__init__)  # for help()
 
     @classmethod
     def from_torch(cls, layer: torch.nn.TransformerEncoderLayer) -> "TransformerEncoderLayer":
@@ -104,11 +109,14 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
 
 
 class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
-    """torch.nn's forward (it has no fast path) with attnkit attention in both blocks."""
+    """torch.nn.TransformerDecoderLayer (same arguments, parameters and state_dict): torch.nn's
+    forward (it has no fast path) with attnkit attention in both blocks."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         _swap_attention(self)
+
+    __init__.__signature__ = inspect.signature(torch.nn.TransformerDecoderLayer.__init__)
 
     @classmethod
     def from_torch(cls, layer: torch.nn.TransformerDecoderLayer) -> "TransformerDecoderLayer":
