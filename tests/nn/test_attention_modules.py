@@ -456,3 +456,7 @@ def test_training_saves_no_more_than_torch_multihead_attention():
     x = torch.randn(2, 64, 32, requires_grad=True)
     ours = saved_bytes(attnkit.nn.MultiheadAttention(32, 4, batch_first=True), x)
     assert ours <= saved_bytes(torch.nn.MultiheadAttention(32, 4, batch_first=True), x)
+
+
+def test_help_shows_the_differences_from_torch():
+    assert "Differences from torch.nn.MultiheadAttention" in attnkit.nn.MultiheadAttention.__doc__  # not torch's own

@@ -70,6 +70,8 @@ def _all_dropped(out: Tensor, dropout_p: float) -> Tensor:
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
+    __doc__ = __doc__  # the module's: the deliberate differences from torch's and the extras
+
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *,
                  num_kv_heads: Optional[int] = None, window_size: Sequence[int] = (-1, -1), alibi: bool = False,
