@@ -138,8 +138,6 @@ const c10::optional<c10::OperatorHandle>& onednn_linear_op() {
 
 bool present(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-}  // namespace
-
 // oneDNN splits its work for omp_get_max_threads() threads and assumes its parallel regions get
 // them all; OpenMP may grant fewer under OMP_DYNAMIC or an OMP_THREAD_LIMIT below that count, and
 // then its linear returns garbage (torch's own mkldnn linear as well: measured at 62 off and NaN).
@@ -151,6 +149,8 @@ bool openmp_teams_may_shrink() {
   return false;
 #endif
 }
+
+}  // namespace
 
 bool onednn_linear_available() { return onednn_linear_op().has_value() && !openmp_teams_may_shrink(); }
 
