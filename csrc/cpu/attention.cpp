@@ -67,10 +67,16 @@ void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int
 
 }  // namespace
 
-// Makes rows addressable with a BLAS leading dimension: last dim contiguous and
-// rows not overlapping (an expanded k, say, is copied).
+// Makes rows addressable with a BLAS leading dimension: last dim contiguous, rows
+// not overlapping (an expanded k, say, is copied), and rows less than 2 GiB apart
+// (BLAS takes an int leading dimension and oneDNN's brgemm int byte strides: MKL
+// refused a float64 one of 2^31 and left the scores unwritten, brgemm threw bad_alloc).
 at::Tensor rows_ready(const at::Tensor& t, int64_t row_dim) {
-  if (t.stride(-1) != 1 || (t.size(row_dim) > 1 && t.stride(row_dim) < t.size(-1))) return t.contiguous();
+  const bool many = t.size(row_dim) > 1;
+  if (t.stride(-1) != 1 || (many && t.stride(row_dim) < t.size(-1)) ||
+      (many && t.stride(row_dim) >= (int64_t{1} << 31) / static_cast<int64_t>(t.element_size()))) {
+    return t.contiguous();
+  }
   return t;
 }
 

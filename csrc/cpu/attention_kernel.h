@@ -50,9 +50,10 @@ struct Rows {
 template <typename T>
 Rows<T> rows_of(const at::Tensor& t, bool varlen) {
   T* data = static_cast<T*>(t.data_ptr());
-  // BLAS wants a leading dim >= the row length; a single row's stride is free.
+  // BLAS wants a leading dim >= the row length; a single row's stride is free (and may be
+  // any size: the row length then, rows_ready keeps the others under 2 GiB).
   const int64_t row = varlen ? 0 : 2;
-  const int64_t sm = t.size(row) <= 1 ? std::max<int64_t>(t.stride(row), t.size(-1)) : t.stride(row);
+  const int64_t sm = t.size(row) <= 1 ? t.size(-1) : t.stride(row);
   if (varlen) return {data, 0, t.stride(1), sm};
   return {data, t.stride(0), t.stride(1), sm};
 }

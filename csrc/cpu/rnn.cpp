@@ -384,6 +384,12 @@ void rows_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, con
   }
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   constexpr int64_t kRows = 64;  // rows per brgemm call
+  // oneDNN's brgemm takes int byte strides and sizes: it threw bad_alloc on a B of 2^31 bytes (the
+  // small-batch backward's dW_ih at T B I = 2^29, K = T B). ATen's GEMM takes those.
+  constexpr int64_t kBrgemmElements = (int64_t{1} << 31) / sizeof(float);
+  if (k * ldb >= kBrgemmElements || kRows * lda >= kBrgemmElements || kRows * ldc >= kBrgemmElements) {
+    return gemm_aten(m, n, k, a, lda, b, ldb, add, c, ldc);
+  }
   at::parallel_for(0, (m + kRows - 1) / kRows, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t r = i0 * kRows; r < std::min(m, i1 * kRows); r += kRows) {
       at::native::cpublas::brgemm(std::min(kRows, m - r), n, k, lda, ldb, ldc, add, a + r * lda, b, c + r * ldc,

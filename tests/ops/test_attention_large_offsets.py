@@ -92,3 +92,28 @@ def test_rows_of_one_head_past_2_to_the_31_elements(backend, device):
         ref_grads = torch.autograd.grad(ref, leaves, grad.float())
         for got, want in zip((out, *grads), (ref, *ref_grads)):
             torch.testing.assert_close(got.float(), want, atol=4e-3, rtol=4e-3)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_2_gib_apart(backend, device, dtype):
+    """Query rows 2^31 bytes apart or more (a BLAS leading dimension past int, a brgemm stride
+    past its int bytes): the cpp backend threw bad_alloc in float32 and, in float64, MKL refused
+    the GEMM and left its scores unwritten (output 0.2-0.8 off). A single row's stride, whatever
+    it is, never reaches a GEMM."""
+    with forced(OP, backend, device, dtype) as dev:
+        gen = torch.Generator().manual_seed(3)
+        apart = 2**31 // torch.finfo(dtype).bits * 8  # elements in 2^31 bytes
+        q = torch.empty(2 * apart + 8, dtype=dtype, device=dev).as_strided((1, 1, 3, 8), (0, 0, apart, 1))
+        q.copy_(torch.randn(1, 1, 3, 8, generator=gen))
+        single = torch.randn(8, generator=gen).to(dev, dtype).as_strided((1, 1, 1, 8), (1, 1, 2**32 + 1, 1))
+        k, v = (torch.randn(1, 1, 5, 8, generator=gen).to(dev, dtype) for _ in range(2))
+        for query in (q, single):
+            query.requires_grad_()
+            out = flash_attention(query, k, v)
+            grads = torch.autograd.grad(out.square().sum(), query)
+            ref_query = query.detach().contiguous().double().requires_grad_()
+            ref = F.scaled_dot_product_attention(ref_query, k.double(), v.double())
+            ref_grads = torch.autograd.grad(ref.square().sum(), ref_query)
+            for got, want in zip((out, *grads), (ref, *ref_grads)):
+                torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
