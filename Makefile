@@ -55,7 +55,7 @@ ASAN_TESTS ?= tests/ops/test_attention.py tests/ops/test_attention_cpu.py tests/
 	tests/ops/test_attention_features.py tests/ops/test_attention_decode.py tests/ops/test_rnn.py tests/ops/test_rotary.py \
 	tests/ops/test_additive_attention.py tests/ops/test_linear.py tests/ops/test_rnn_fused.py \
 	tests/ops/test_lstm_cell.py tests/ops/test_lstm_cell_registration.py tests/ops/test_rnn_layernorm.py \
-	tests/ops/test_rnn_empty_input.py tests/test_fuzz_inputs.py tests/test_threads.py
+	tests/ops/test_rnn_empty_input.py tests/test_fuzz_inputs.py tests/test_threads.py tests/test_openmp_teams.py
 SANITIZER_ENV = LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
