@@ -160,7 +160,7 @@ def scaled_dot_product_attention(
 def _describe_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False) -> dict:
     """The flash_attention call the drop-in makes, as the backends see it."""
-    batch = math.prod(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])) \
+    batch = math.prod(_validate.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])) \
         if max(query.dim(), key.dim(), value.dim()) > 3 else 1
     return describe(query, value, varlen=False, batch=batch)
 

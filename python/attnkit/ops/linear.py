@@ -98,7 +98,7 @@ def _shapes_only_f_linear_takes(x, weight, bias) -> bool:
         return False
     out_shape = (*x.shape[:-1], weight.shape[0])
     try:
-        return torch.broadcast_shapes(bias.shape, out_shape) == out_shape
+        return _validate.broadcast_shapes(bias.shape, out_shape) == out_shape
     except RuntimeError:
         return False
 
