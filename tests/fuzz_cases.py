@@ -132,7 +132,7 @@ def _additive_bases():
 
 def _linear_bases():
     x, w, b = _randn(3, 6, seed=1), _randn(5, 6, seed=2), _randn(5, seed=3)
-    return [("bias", ops.linear, [x, w, b], {}, ["x", "weight", "bias"])]
+    return [("bias", ops.linear, [x, w, b], {}, ["input", "weight", "bias"])]
 
 
 OPS = {

@@ -2,6 +2,8 @@
 values on both backends over odd shapes (1 to 16 rows and past the cpp limit,
 feature counts that are not a multiple of the 16-lane vector or of the 4-row
 block), gradients, gradcheck, opcheck, dispatch and bad input."""
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,13 +108,19 @@ def test_nn_linear_is_a_drop_in():
     ((torch.randn(2, 5), torch.randn(3, 5), torch.randn(4)), ValueError, "bias"),
     ((torch.randn(2, 5), torch.randn(3, 5, 1)), ValueError, "weight must be 2-D"),
     ((torch.randn(2, 5), torch.randn(3, 5, dtype=torch.float64)), TypeError, "weight"),
-    (([1.0, 2.0], torch.randn(3, 2)), TypeError, "x must be a torch.Tensor"),
+    (([1.0, 2.0], torch.randn(3, 2)), TypeError, "input must be a torch.Tensor"),
     ((torch.tensor(1.0), torch.randn(3, 1)), ValueError, "at least 1 dimension"),
-    ((torch.randint(0, 3, (2, 5)), torch.randn(3, 5)), TypeError, "x has dtype"),
+    ((torch.randint(0, 3, (2, 5)), torch.randn(3, 5)), TypeError, "input has dtype"),
 ])
 def test_bad_input(args, error, match):
     with pytest.raises(error, match=match):
         linear(*args)
+
+
+def test_takes_f_linears_argument_names():
+    x, weight, bias = torch.randn(2, 5), torch.randn(3, 5), torch.randn(3)
+    torch.testing.assert_close(linear(input=x, weight=weight, bias=bias), F.linear(input=x, weight=weight, bias=bias))
+    assert list(inspect.signature(linear).parameters) == ["input", "weight", "bias"]  # F.linear's (a builtin)
 
 
 @pytest.mark.parametrize("rows", [1, 40])

@@ -53,22 +53,23 @@ _eager.register_autograd(_linear, _backward, _setup_context)
 _LinearFunction = _eager.autograd_function("_LinearFunction", _linear_kernels, _setup_context, _backward, once=False)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """As torch.nn.functional.linear: x (..., in_features), weight (out_features,
+def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """As torch.nn.functional.linear (same argument names): input (..., in_features), weight (out_features,
     in_features), bias (out_features,) or None; returns (..., out_features).
 
     On CPU in float32 with at most 16 rows (the product of x's leading dims) it runs
     csrc/cpu/linear.cpp; everything else runs F.linear itself. Under autocast it
     computes in the autocast dtype, as F.linear (on autocast's lower-precision list).
-    Complex or integer x and weight of one dtype, which no kernel here takes, run F.linear, as torch.nn.Linear;
+    Complex or integer input and weight of one dtype, which no kernel here takes, run F.linear, as torch.nn.Linear;
     so do forward-mode AD tangents, which the kernel would drop, torch.func's grad/jvp transforms
     (whose rules the custom op lacks), and the shapes only F.linear takes (a 1-D weight, a bias
     broadcast to the output other than (out_features,))."""
+    x = input
     if isinstance(x, Tensor) and not x.is_floating_point() and isinstance(weight, Tensor) and weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     if _eager.has_tangent((x, weight, bias)) or _eager.differentiating_transform():
         return F.linear(x, weight, bias)
-    _validate.tensor(OP, "x", x)
+    _validate.tensor(OP, "input", x)
     dtype = _autocast.lower_precision_dtype(x.device.type)
     if dtype is not None:
         x, weight, bias = _autocast.cast_floating(dtype, (x, weight, bias))
@@ -104,20 +105,21 @@ def _shapes_only_f_linear_takes(x, weight, bias) -> bool:
 
 
 def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
-    _validate.tensor(OP, "x", x)
+    _validate.tensor(OP, "input", x)
     _validate.tensor(OP, "weight", weight, ndim=2)
     if x.dim() == 0:
-        raise ValueError(f"{OP}: x must have at least 1 dimension (in_features), got a 0-D tensor")
+        raise ValueError(f"{OP}: input must have at least 1 dimension (in_features), got a 0-D tensor")
     if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{OP}: x has {x.shape[-1]} features (last dim) but weight is {tuple(weight.shape)}: "
+        raise ValueError(f"{OP}: input has {x.shape[-1]} features (last dim) but weight is {tuple(weight.shape)}: "
                          f"expected weight (out_features, {x.shape[-1]})")
     if bias is not None:
         _validate.tensor(OP, "bias", bias, ndim=1)
         _validate.shape(OP, "bias", bias, (weight.shape[0],), "out_features")
-    _validate.same_dtype_and_device(OP, (("x", x), ("weight", weight), ("bias", bias)))
+    _validate.same_dtype_and_device(OP, (("input", x), ("weight", weight), ("bias", bias)))
 
 
-def _describe_call(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None):
+def _describe_call(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None):
+    x = input
     _check(x, weight, bias)
     dtype = _autocast.lower_precision_dtype(x.device.type)  # the op casts to it first (float64 left alone)
     if dtype is None or not x.is_floating_point() or x.dtype == torch.float64:
