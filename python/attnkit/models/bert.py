@@ -38,6 +38,7 @@ class BertConfig:
     num_labels: int = 2  # BertForSequenceClassification
     classifier_dropout: Optional[float] = None
     tie_word_embeddings: bool = True
+    initializer_range: float = 0.02  # init_weights: the std of a model built from this config
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -118,6 +119,7 @@ class BertModel(PretrainedMixin, nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
+        self._init_own_weights()
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
@@ -200,6 +202,7 @@ class BertForMaskedLM(PretrainedMixin, nn.Module):
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.decoder.weight = self.bert.embeddings.word.weight
+        self._init_own_weights()
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:
@@ -246,6 +249,7 @@ class BertForSequenceClassification(PretrainedMixin, nn.Module):
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self._init_own_weights()
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None) -> Tensor:

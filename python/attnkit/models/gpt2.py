@@ -48,6 +48,7 @@ class GPT2Config:
     eos_token_id: Optional[int] = 50256
     pad_token_id: Optional[int] = None
     tie_word_embeddings: bool = True
+    initializer_range: float = 0.02  # init_weights: the std of a model built from this config
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -173,6 +174,13 @@ class GPT2Model(PretrainedMixin, nn.Module):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self._init_own_weights()
+
+    def _init_extra(self, std: float) -> None:
+        # GPT-2's scheme, as transformers': the residual projections scaled by 1 / sqrt(2 n_layer).
+        for block in self.h:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight.normal_(0.0, std / math.sqrt(2 * self.config.n_layer))
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None) -> Tensor:
@@ -260,6 +268,7 @@ class GPT2LMHeadModel(PretrainedMixin, nn.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        self._init_own_weights()
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None) -> Tensor:

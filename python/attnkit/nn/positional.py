@@ -289,18 +289,31 @@ class SinusoidalPositionalEncoding(nn.Module):
     """x + PE then dropout, PE(pos, 2i) = sin(pos / 10000^(2i / d)), PE(pos, 2i + 1) = cos(...)
     (Vaswani et al.), as the PyTorch transformer tutorial's PositionalEncoding, with the same
     `pe` buffer (max_len, 1, d_model). x is (N, B, d_model), or (B, N, d_model) with batch_first;
-    `offset` shifts the positions (incremental decoding)."""
+    `offset` shifts the positions (incremental decoding). The table is computed in float64 and
+    stored in `dtype` (default: torch's default dtype): computed in a bfloat16 default dtype,
+    positions and angles lost their low bits (sin/cos off by up to 2); reset_parameters()
+    refills it (after meta-device construction and to_empty)."""
 
-    def __init__(self, d_model: int, max_len: int = 5000, dropout: float = 0.1, batch_first: bool = False):
+    def __init__(self, d_model: int, max_len: int = 5000, dropout: float = 0.1, batch_first: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         self.dropout = nn.Dropout(p=dropout)
         self.batch_first = batch_first
-        position = torch.arange(max_len).unsqueeze(1)
-        div_term = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
-        pe = torch.zeros(max_len, 1, d_model)
+        self.register_buffer("pe", torch.empty(max_len, 1, d_model, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        max_len, _, d_model = self.pe.shape
+        if self.pe.is_meta:
+            return
+        f64 = dict(dtype=torch.float64, device="cpu")  # float64: not every device has it
+        position = torch.arange(max_len, **f64).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, d_model, 2, **f64) * (-math.log(10000.0) / d_model))
+        pe = torch.zeros(max_len, 1, d_model, **f64)
         pe[:, 0, 0::2] = torch.sin(position * div_term)
         pe[:, 0, 1::2] = torch.cos(position * div_term[: d_model // 2])  # odd d_model: one cos fewer
-        self.register_buffer("pe", pe)
+        with torch.no_grad():
+            self.pe.copy_(pe)
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         # A 2-D x would broadcast against the (N, 1, d_model) table into an (N, N, d_model) result.

@@ -32,7 +32,7 @@ def _reverse(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
     a length stay where they are); its own inverse."""
     if lengths is None:
         return x.flip(0)
-    steps = torch.arange(x.shape[0]).unsqueeze(1)
+    steps = torch.arange(x.shape[0], device=lengths.device).unsqueeze(1)  # not torch's default device
     index = torch.where(steps < lengths, lengths - 1 - steps, steps).to(x.device)
     return x.gather(0, index.unsqueeze(2).expand_as(x))
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
+from .. import _validate
 from ..ops.attention_validation import cu_seqlens_checked_once
 from ._share import check_from_torch, shared
 from .attention import MultiheadAttention
@@ -188,7 +189,7 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
     def _packable(self, src, mask, pad, is_causal) -> bool:
         if pad is None or pad.dtype != torch.bool or src.dim() != 3 or src.is_nested or (mask is not None and not is_causal):
             return False
-        if not _mask_values_readable():  # the packed length depends on them
+        if not _mask_values_readable(pad):  # the packed length depends on them
             return False
         if _global_hooks():
             return False
@@ -299,13 +300,16 @@ def _decoder_skips_padding(src_pad: Optional[Tensor], memory_pad: Optional[Tenso
         return True
     if src_pad.dtype != torch.bool or memory_pad.dtype != torch.bool or memory_pad.shape != src_pad.shape:
         return False
-    if not _mask_values_readable():
+    if not _mask_values_readable(src_pad, memory_pad):
         return False  # the encoder does not pack there anyway
     return not bool((src_pad & ~memory_pad).any())
 
 
-def _mask_values_readable() -> bool:
-    """Whether a mask's values may decide the path: not under compile (a graph break, or a
+def _mask_values_readable(*masks: Tensor) -> bool:
+    """Whether the masks' values may decide the path: not under compile (a graph break, or a
     guard on data), nor under a functorch transform (vmap over the batch: bool() of a batched
-    tensor raises there)."""
-    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+    tensor raises there), nor for masks without values (meta tensors, as in shape inference,
+    fake tensors, tensor subclasses): those take the dense path, as torch's modules run."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    return all(type(mask) in _validate.PLAIN_TENSORS and not mask.is_meta for mask in masks)

@@ -222,7 +222,7 @@ def _validated_lengths(op, lengths, T, B):
             values = [int(v) for v in lengths]
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{op}: lengths must be a tensor or sequence of integers ({exc})") from None
-        lengths = torch.tensor(values, dtype=torch.int64)
+        lengths = torch.tensor(values, dtype=torch.int64, device="cpu")  # the kernels read them on the host
     if lengths.dim() != 1 or lengths.shape[0] != B:
         raise ValueError(f"{op}: lengths must have shape ({B},) (one per batch row), got {tuple(lengths.shape)}")
     if values is not None and any(v < 0 or v > T for v in values):

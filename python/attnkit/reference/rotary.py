@@ -40,7 +40,7 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor] = None
         c = cos[offset:offset + seqlen, None, :].to(compute)  # (N, 1, R/2)
         s = sin[offset:offset + seqlen, None, :].to(compute)
     else:
-        shift = offsets.to(torch.int64)[:, None] if offsets is not None else torch.full((batch, 1), offset)
+        shift = offsets.to(torch.int64)[:, None] if offsets is not None else torch.full((batch, 1), offset, device=x.device)
         positions = torch.arange(seqlen, device=x.device)[None, :] + shift.to(x.device)  # (B, N)
         inside = ((positions >= 0) & (positions < seqlen_ro))[..., None]
         positions = positions.clamp(0, seqlen_ro - 1)
@@ -72,7 +72,7 @@ def table_grads(grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, offsets: Opti
     d_sin = (g1 * x0 - g0 * x1).sum(dim=2)
     if conjugate:
         d_sin = -d_sin
-    shift = offsets.to(torch.int64)[:, None] if offsets is not None else torch.full((batch, 1), offset)
+    shift = offsets.to(torch.int64)[:, None] if offsets is not None else torch.full((batch, 1), offset, device=x.device)
     positions = torch.arange(seqlen, device=x.device)[None, :] + shift.to(x.device)
     inside = ((positions >= 0) & (positions < seqlen_ro))[..., None]
     positions = positions.clamp(0, seqlen_ro - 1)
