@@ -407,6 +407,60 @@ void rows_gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, co
   gemm_aten(m, n, k, a, lda, b, ldb, add, c, ldc);
 }
 
+// rows_gemm for the weight gradients, whose K (T B, or B) and A's leading dimension
+// (transposed_stride(T B)) change with every sequence length and batch size. oneDNN's
+// brgemm JIT-compiles a kernel per (M, N, K, lda, ldb, ldc), which ATen caches per thread
+// and never frees: each new T B kept ~0.8 MB (a variable-length training run grew by
+// hundreds of MB). Here K runs in blocks of kLongK, each block of a row tile of A copied
+// into a buffer with rows kLongK apart, and the last block rounded up to a multiple of
+// kLongKStep with zeros in A and in a copy of B's last rows: the kernels depend on the
+// model's sizes only. The copies are one pass over A (~1% of the product's time).
+void rows_gemm_long_k(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                      bool add, float* c, int64_t ldc) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  constexpr int64_t kRows = 64, kLongK = 256, kLongKStep = 16;
+  constexpr int64_t kBrgemmElements = (int64_t{1} << 31) / sizeof(float);  // see rows_gemm
+  if (m == 0 || n == 0 || k == 0 || kLongK * ldb >= kBrgemmElements || kRows * ldc >= kBrgemmElements) {
+    return rows_gemm(m, n, k, a, lda, b, ldb, add, c, ldc);
+  }
+  const int64_t last0 = (k - 1) / kLongK * kLongK, last = k - last0;
+  const int64_t last_padded = (last + kLongKStep - 1) / kLongKStep * kLongKStep;
+  std::vector<float> b_last;  // B's last `last` rows, then zero rows up to last_padded (rows n apart)
+  if (last_padded != last) {
+    b_last.assign(last_padded * n, 0.0f);
+    for (int64_t r = 0; r < last; ++r) std::copy(b + (last0 + r) * ldb, b + (last0 + r) * ldb + n, b_last.data() + r * n);
+  }
+  at::parallel_for(0, (m + kRows - 1) / kRows, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> a_tile(kRows * kLongK, 0.0f);
+    for (int64_t r = i0 * kRows; r < std::min(m, i1 * kRows); r += kRows) {
+      const int64_t rows = std::min(kRows, m - r);
+      for (int64_t k0 = 0; k0 < k; k0 += kLongK) {
+        const int64_t width = std::min(kLongK, k - k0);
+        const bool padded = k0 == last0 && last_padded != last;
+        const int64_t width_padded = padded ? last_padded : width;
+        for (int64_t i = 0; i < rows; ++i) {
+          const float* src = a + (r + i) * lda + k0;
+          float* dst = a_tile.data() + i * kLongK;
+          std::copy(src, src + width, dst);
+          std::fill(dst + width, dst + width_padded, 0.0f);
+        }
+        const float* b_block = padded ? b_last.data() : b + k0 * ldb;
+        at::native::cpublas::brgemm(rows, n, width_padded, kLongK, padded ? n : ldb, ldc, add || k0 > 0, a_tile.data(),
+                                    b_block, c + r * ldc, /*is_vnni=*/false);
+      }
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  });
+#else
+  rows_gemm(m, n, k, a, lda, b, ldb, add, c, ldc);
+#endif
+}
+
+void rows_gemm_long_k(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb,
+                      bool add, double* c, int64_t ldc) {
+  gemm_aten(m, n, k, a, lda, b, ldb, add, c, ldc);
+}
+
 // Row stride of the gradients transposed (4H, T B) that the small-batch
 // backward loops write as the steps go (the weight gradients' A: no transpose
 // afterwards). Rows padded to an odd number of cache lines: at a stride of
@@ -476,10 +530,10 @@ std::vector<at::Tensor> small_batch_lstm_backward(const at::Tensor& grad_output,
     const scalar_t* gp_t = grad_pre_t.data_ptr<scalar_t>();
     scalar_t* dw_hh_p = dw_hh.data_ptr<scalar_t>();
     rows_gemm(TB, I, 4 * H, gp, 4 * H, w_ih.data_ptr<scalar_t>(), I, false, dx.data_ptr<scalar_t>(), I);
-    rows_gemm(4 * H, I, TB, gp_t, ld_t, x.data_ptr<scalar_t>(), I, false, dw_ih.data_ptr<scalar_t>(), I);
+    rows_gemm_long_k(4 * H, I, TB, gp_t, ld_t, x.data_ptr<scalar_t>(), I, false, dw_ih.data_ptr<scalar_t>(), I);
     // dW_hh = sum_t grad_pre[t]^T h_{t-1}: h0, then output[t - 1] (0 for stopped rows, whose grad_pre is 0).
-    rows_gemm(4 * H, H, B, gp_t, ld_t, h0.data_ptr<scalar_t>(), H, false, dw_hh_p, H);
-    if (T > 1) rows_gemm(4 * H, H, TB - B, gp_t + B, ld_t, output.data_ptr<scalar_t>(), H, true, dw_hh_p, H);
+    rows_gemm_long_k(4 * H, H, B, gp_t, ld_t, h0.data_ptr<scalar_t>(), H, false, dw_hh_p, H);
+    if (T > 1) rows_gemm_long_k(4 * H, H, TB - B, gp_t + B, ld_t, output.data_ptr<scalar_t>(), H, true, dw_hh_p, H);
   });
   return {dx, dh, dc, dw_ih, dw_hh, db, rnn::none_like(x)};
 }
@@ -536,11 +590,11 @@ std::vector<at::Tensor> small_batch_gru_backward(const at::Tensor& grad_output, 
     rows_gemm(TB, I, 3 * H, grad_gi.data_ptr<scalar_t>(), 3 * H, w_ih.data_ptr<scalar_t>(), I, false,
               dx.data_ptr<scalar_t>(), I);
     // dW_ih: r and z from the recurrent rows (the same gradients), n from the input-side rows.
-    rows_gemm(2 * H, I, TB, gt, ld_t, x_p, I, false, dw_ih_p, I);
-    rows_gemm(H, I, TB, gt + 3 * H * ld_t, ld_t, x_p, I, false, dw_ih_p + 2 * H * I, I);
+    rows_gemm_long_k(2 * H, I, TB, gt, ld_t, x_p, I, false, dw_ih_p, I);
+    rows_gemm_long_k(H, I, TB, gt + 3 * H * ld_t, ld_t, x_p, I, false, dw_ih_p + 2 * H * I, I);
     // dW_hh = sum_t grad_gh[t]^T h_{t-1}: h0, then output[t - 1] (0 for stopped rows, whose grad_gh is 0).
-    rows_gemm(3 * H, H, B, gt, ld_t, h0_p, H, false, dw_hh_p, H);
-    if (T > 1) rows_gemm(3 * H, H, TB - B, gt + B, ld_t, out_p, H, true, dw_hh_p, H);
+    rows_gemm_long_k(3 * H, H, B, gt, ld_t, h0_p, H, false, dw_hh_p, H);
+    if (T > 1) rows_gemm_long_k(3 * H, H, TB - B, gt + B, ld_t, out_p, H, true, dw_hh_p, H);
   });
   return {dx, dh, dw_ih, dw_hh, db_ih, db_hh};
 }

@@ -473,29 +473,42 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   }
   at::Tensor out = at::empty({M, N}, a.options());
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  // Each task owns a column panel of C; per block of K it first copies that
-  // block of B into a contiguous buffer (B's rows are N apart, often 4 KB: a
-  // power-of-two stride that maps a panel's rows onto a few cache sets), then
-  // runs it against every row tile of A.
-  constexpr int64_t kM = 64, kN = 64, kK = 256;
+  // K (T B) and A's leading dimension (K) change with every sequence length and batch
+  // size, and oneDNN's brgemm JIT-compiles a kernel per (M, N, K, lda, ldb, ldc) that
+  // ATen caches per thread and never frees (~0.8 MB kept per new T B). So K runs in
+  // blocks of kK, each block of A first copied with rows kK apart, the last block rounded
+  // up to a multiple of kKStep with zero columns in A and zero rows in B's panel: the
+  // kernels depend on M and N only. Then each task owns a column panel of C; per block
+  // it copies that block of B into a contiguous buffer (B's rows are N apart, often 4 KB:
+  // a power-of-two stride that maps a panel's rows onto a few cache sets) and runs it
+  // against every row tile of A.
+  constexpr int64_t kM = 64, kN = 64, kK = 256, kKStep = 16;
   const int64_t panels = (N + kN - 1) / kN;
   const float *a_p = a.data_ptr<float>(), *b_p = b.data_ptr<float>();
   float* c_p = out.data_ptr<float>();
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> panel(kK * kN);
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t n0 = p * kN, n = std::min(kN, N - n0);
-      for (int64_t k0 = 0; k0 < K; k0 += kK) {
-        const int64_t k = std::min(kK, K - k0);
+  std::vector<float> a_block(M * kK);
+  for (int64_t k0 = 0; k0 < K; k0 += kK) {
+    const int64_t k = std::min(kK, K - k0), k_padded = (k + kKStep - 1) / kKStep * kKStep;
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        std::copy(a_p + r * K + k0, a_p + r * K + k0 + k, a_block.data() + r * kK);
+        std::fill(a_block.data() + r * kK + k, a_block.data() + r * kK + k_padded, 0.0f);
+      }
+    });
+    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> panel(kK * kN);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t n0 = p * kN, n = std::min(kN, N - n0);
         for (int64_t r = 0; r < k; ++r) std::copy(b_p + (k0 + r) * N + n0, b_p + (k0 + r) * N + n0 + n, panel.data() + r * n);
+        std::fill(panel.data() + k * n, panel.data() + k_padded * n, 0.0f);
         for (int64_t m0 = 0; m0 < M; m0 += kM) {
-          at::native::cpublas::brgemm(std::min(kM, M - m0), n, k, K, n, N, k0 > 0, a_p + m0 * K + k0, panel.data(),
-                                      c_p + m0 * N + n0, false);
+          at::native::cpublas::brgemm(std::min(kM, M - m0), n, k_padded, kK, n, N, k0 > 0, a_block.data() + m0 * kK,
+                                      panel.data(), c_p + m0 * N + n0, false);
         }
       }
-    }
-    at::native::cpublas::brgemm_release(false);
-  });
+      at::native::cpublas::brgemm_release(false);
+    });
+  }
 #endif
   return out;
 }
