@@ -126,6 +126,25 @@ def test_tables_are_cached_per_device_and_dtype_and_grown():
     torch.testing.assert_close(longer[:10], cos, atol=0, rtol=0)
 
 
+def test_tables_follow_inv_freq_edited_or_replaced_after_a_call():
+    """HF's rotary modules read inv_freq at every call; the cached tables went stale."""
+    rope = RotaryEmbedding(8)
+    hf = LlamaRotaryEmbedding(LlamaConfig(hidden_size=8, num_attention_heads=1))
+    q = torch.randn(1, 6, 1, 8)
+    first, _ = rope(q)
+    with torch.no_grad():
+        rope.inv_freq.mul_(2)
+        hf.inv_freq.mul_(2)
+    cos = hf(q, torch.arange(6)[None])[0][0, :, :4]
+    torch.testing.assert_close(rope.cos_sin(6)[0], cos)
+    assert not torch.equal(rope(q)[0], first)
+    rope.inv_freq = torch.ones(4)
+    torch.testing.assert_close(rope.cos_sin(6)[0], torch.arange(6.0)[:, None].cos().expand(6, 4))
+    tables = rope._tables[(torch.device("cpu"), torch.float32)]
+    rope.cos_sin(6)
+    assert rope._tables[(torch.device("cpu"), torch.float32)] is tables  # unchanged inv_freq: kept
+
+
 def test_tables_survive_half_and_inference_mode():
     rope = RotaryEmbedding(16, scaling="dynamic_ntk", scaling_factor=2.0, max_position_embeddings=8)
     cos, sin = (t.clone() for t in rope.cos_sin(40))

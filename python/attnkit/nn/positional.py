@@ -159,6 +159,13 @@ class RotaryEmbedding(nn.Module):
             self.inv_freq = self._inv_freq_now().to(device)
         if self.scaling == "dynamic_ntk":
             self._update_dynamic(seq_len)
+        if not torch.compiler.is_compiling():  # dynamo cannot read _version; a graph is made for one inv_freq
+            # inv_freq replaced or edited in place (HF's rotary modules read it at every call): new tables.
+            source = (self.inv_freq, None if self.inv_freq.is_inference() else self.inv_freq._version)
+            if getattr(self, "_tables_source", None) is None or self._tables_source[0] is not source[0] or \
+                    self._tables_source[1] != source[1]:
+                self._tables.clear()
+                self._tables_source = source
         key = (device, dtype)
         cached = self._tables.get(key)
         # Tables made under inference_mode cannot be saved for a backward later: remake them.
