@@ -202,3 +202,39 @@ def test_t5_position_bias_values_and_gradients(calls):
     assert len(bias_grads) == 2 and all(grads[name].abs().sum() > 0 for name in bias_grads)
     for name, grad in results["eager"][1].items():
         torch.testing.assert_close(grads[name], grad, atol=ATOL, rtol=1e-3, msg=name)
+
+
+def test_per_query_sinks_as_eager():
+    """Inkling2 passes `sinks` (B, H, Q, 1), one sink logit a query (they were dropped)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    sinks = torch.randn(2, 4, 5, 1) * 2
+    module = torch.nn.Module()
+    module.is_causal = False
+    with torch.no_grad():
+        ours, _ = hf.attention_forward(module, q, k, v, None, scaling=0.3, sinks=sinks)
+    scores = torch.cat([q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.3, sinks], -1).softmax(-1)[..., :-1]
+    torch.testing.assert_close(ours, (scores @ v.repeat_interleave(2, 1)).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"sinks .* \(B, H, Q, 1\)"):
+        hf.attention_forward(module, q, k, v, None, sinks=sinks[..., 0])
+
+
+def test_head_dims_past_the_kernels_run_transformers_sdpa(calls):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=320, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids, mask = left_padded()
+    sdpa = run(model, "sdpa", input_ids=ids, attention_mask=mask).logits
+    ours = run(model, "attnkit", input_ids=ids, attention_mask=mask).logits  # raised NotImplementedError
+    assert not calls
+    torch.testing.assert_close(ours, sdpa, atol=ATOL, rtol=ATOL)
+
+
+def test_output_attentions_warns_as_sdpa():
+    model = tiny_llama()
+    ids, mask = left_padded()
+    hf._warned_output_attentions = False
+    with pytest.warns(UserWarning, match="output_attentions"):
+        out = run(model, "attnkit", input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert not any(a is not None for a in (out.attentions or ()))

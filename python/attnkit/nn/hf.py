@@ -19,15 +19,18 @@ a uniform average: those are padding positions.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import _autocast
+from ..backends.attention import MAX_HEAD_DIM
 from ..ops.attention import flash_attention
 
 NAME = "attnkit"
+_warned_output_attentions = False
 
 
 def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -37,8 +40,13 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     """transformers' attention-function signature: q (B, H, Q, D), k/v (B, H_kv, K, D) ->
     ((B, Q, H, D), None). K/V heads are never repeated (GQA in the kernel). T5's
     `position_bias` (its learned relative bias, (1 or B, H, Q, K)) joins the mask as an
-    additive one and gets its gradient from the kernel's backward. GPT-OSS's attention sinks
-    (`s_aux`, one logit a head) run in inference only."""
+    additive one and gets its gradient from the kernel's backward. Attention sinks (GPT-OSS's
+    `s_aux`, one logit a head; Inkling2's `sinks`, (B, H, Q, 1), one a query) run in inference
+    only. Head dims above the kernels' 256 run transformers' own SDPA attention, as "sdpa" would."""
+    _warn_output_attentions(kwargs)
+    if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
+        return _sdpa_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, softcap,
+                               sliding_window, **kwargs)
     dtype = _autocast.lower_precision_dtype(query.device.type)
     if dtype is not None:  # as autocast casts SDPA's inputs (RoPE leaves q, k in float32, v in bf16)
         query, key, value, attention_mask = _autocast.cast_floating(dtype, (query, key, value, attention_mask))
@@ -59,28 +67,70 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         attention_mask = _with_bias(position_bias[..., :kv_len], attention_mask)
-    sinks = kwargs.get("s_aux")
+    sinks, sinks_name = _sinks(kwargs)
     if sinks is not None and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, sinks)):
-        raise NotImplementedError("attnkit attention: attention sinks (s_aux, as GPT-OSS passes them) run in inference "
-                                  "only (torch.no_grad()): their gradient needs the log-sum-exp's, which the kernel "
-                                  "does not give")
+        raise NotImplementedError(f"attnkit attention: attention sinks ({sinks_name}, as GPT-OSS and Inkling2 pass "
+                                  "them) run in inference only (torch.no_grad()): their gradient needs the "
+                                  "log-sum-exp's, which the kernel does not give")
     # No mask: transformers' SDPA path calls SDPA with is_causal, whose diagonal is top-left (a
     # static cache's prompt pass has Q < K, the empty slots after the prompt).
     result = flash_attention(query, key, value, causal=causal, attn_mask=attention_mask, window_size=window,
                              softcap=float(softcap or 0.0), scale=scaling, dropout_p=float(dropout),
                              causal_alignment="top_left", return_lse=sinks is not None)
-    out = _with_sinks(*result, sinks) if sinks is not None else result
+    out = _with_sinks(*result, sinks, sinks_name) if sinks is not None else result
     return out.transpose(1, 2).contiguous(), None
 
 
-def _with_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:
+def _sinks(kwargs: dict) -> Tuple[Optional[Tensor], str]:
+    """(the sink logits, their argument's name): `s_aux` (heads,) or `sinks` (B, H, Q, 1)."""
+    given = [(kwargs[name], name) for name in ("s_aux", "sinks") if kwargs.get(name) is not None]
+    if len(given) > 1:
+        raise ValueError("attnkit attention: got both s_aux and sinks (attention sinks); pass one")
+    return given[0] if given else (None, "")
+
+
+def _with_sinks(out: Tensor, lse: Tensor, sinks: Tensor, name: str) -> Tensor:
     """A sink is one more logit s in each row's softmax, attached to no value: it scales the
     row's output by Z / (Z + e^s) = sigmoid(lse - s) (0 for a row that sees no key)."""
-    if sinks.shape != (out.shape[1],):
-        raise ValueError(f"attnkit attention: s_aux (attention sinks) must have shape (heads,) = ({out.shape[1]},), "
-                         f"got {tuple(sinks.shape)}")
-    factor = torch.sigmoid(lse - sinks.to(lse.dtype)[None, :, None])
+    batch, heads, rows = lse.shape
+    if name == "s_aux":
+        if sinks.shape != (heads,):
+            raise ValueError(f"attnkit attention: s_aux (attention sinks) must have shape (heads,) = ({heads},), "
+                             f"got {tuple(sinks.shape)}")
+        logits = sinks[None, :, None]
+    else:
+        if sinks.dim() != 4 or sinks.shape[-1] != 1 or any(
+                s not in (1, full) for s, full in zip(sinks.shape[:3], (batch, heads, rows))):
+            raise ValueError(f"attnkit attention: sinks (one sink logit a query) must have shape (B, H, Q, 1) = "
+                             f"({batch}, {heads}, {rows}, 1) or broadcast to it, got {tuple(sinks.shape)}")
+        logits = sinks[..., 0]
+    factor = torch.sigmoid(lse - logits.to(lse.dtype))
     return (out.to(factor.dtype) * factor[..., None]).to(out.dtype)
+
+
+def _sdpa_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, softcap, sliding_window,
+                    **kwargs) -> Tuple[Tensor, None]:
+    """transformers' SDPA attention, for head dims the kernels do not take (up to 256): what
+    attn_implementation="sdpa" runs, with the same masks (mask_function is its sdpa_mask)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if _sinks(kwargs)[0] is not None:
+        raise NotImplementedError(f"attnkit attention: head dims above {MAX_HEAD_DIM} (got {query.shape[-1]}) run "
+                                  "transformers' SDPA attention, which has no attention sinks")
+    if softcap:
+        kwargs["softcap"] = softcap  # transformers' SDPA refuses it, naming it
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def _warn_output_attentions(kwargs: dict) -> None:
+    """transformers' eager attention returns the weights; flash attention never forms them."""
+    global _warned_output_attentions
+    if kwargs.get("output_attentions") and not _warned_output_attentions:
+        _warned_output_attentions = True
+        warnings.warn("attnkit attention does not return attention weights (output_attentions=True): the "
+                      "attentions come back empty, as with attn_implementation='sdpa'; use 'eager' for them",
+                      stacklevel=3)
 
 
 def _with_bias(position_bias: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
