@@ -410,11 +410,11 @@ void rows_gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, co
 // rows_gemm for the weight gradients, whose K (T B, or B) and A's leading dimension
 // (transposed_stride(T B)) change with every sequence length and batch size. oneDNN's
 // brgemm JIT-compiles a kernel per (M, N, K, lda, ldb, ldc), which ATen caches per thread
-// and never frees: each new T B kept ~0.8 MB (a variable-length training run grew by
-// hundreds of MB). Here K runs in blocks of kLongK, each block of a row tile of A copied
-// into a buffer with rows kLongK apart, and the last block rounded up to a multiple of
-// kLongKStep with zeros in A and in a copy of B's last rows: the kernels depend on the
-// model's sizes only. The copies are one pass over A (~1% of the product's time).
+// and never frees: each new T B kept ~0.1-0.2 MB for good (BENCHMARKS.md, 2026-11-29). Here
+// K runs in blocks of kLongK, each block of a row tile of A copied into a buffer with rows
+// kLongK apart, and the last block rounded up to a multiple of kLongKStep with zeros in A and
+// in a copy of B's last rows: the kernels depend on the model's sizes only. The copies are
+// one more pass over A (training steps timed the same).
 void rows_gemm_long_k(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                       bool add, float* c, int64_t ldc) {
 #ifdef CPUBLAS_BRGEMM_F32F32F32

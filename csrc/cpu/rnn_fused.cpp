@@ -475,7 +475,7 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   // K (T B) and A's leading dimension (K) change with every sequence length and batch
   // size, and oneDNN's brgemm JIT-compiles a kernel per (M, N, K, lda, ldb, ldc) that
-  // ATen caches per thread and never frees (~0.8 MB kept per new T B). So K runs in
+  // ATen caches per thread and never frees (~0.2 MB kept per new T B). So K runs in
   // blocks of kK, each block of A first copied with rows kK apart, the last block rounded
   // up to a multiple of kKStep with zero columns in A and zero rows in B's panel: the
   // kernels depend on M and N only. Then each task owns a column panel of C; per block
