@@ -374,6 +374,12 @@ void gemm_aten(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S
   add ? C.addmm_(A, B) : C.copy_(at::mm(A, B));
 }
 
+// Rows of C per brgemm call of rows_gemm and rows_gemm_long_k. oneDNN's brgemm takes int byte
+// strides and sizes: it threw bad_alloc on a B of 2^31 bytes (the small-batch backward's dW_ih
+// at T B I = 2^29, K = T B); operands reaching kBrgemmElements go to ATen's GEMM, which takes them.
+constexpr int64_t kRows = 64;
+constexpr int64_t kBrgemmElements = (int64_t{1} << 31) / sizeof(float);
+
 void rows_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, bool add,
                float* c, int64_t ldc) {
   if (m == 0 || n == 0 || k == 0) {  // brgemm takes no empty product (bad_alloc); C += 0, or C = 0
@@ -383,10 +389,6 @@ void rows_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, con
     return;
   }
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  constexpr int64_t kRows = 64;  // rows per brgemm call
-  // oneDNN's brgemm takes int byte strides and sizes: it threw bad_alloc on a B of 2^31 bytes (the
-  // small-batch backward's dW_ih at T B I = 2^29, K = T B). ATen's GEMM takes those.
-  constexpr int64_t kBrgemmElements = (int64_t{1} << 31) / sizeof(float);
   if (k * ldb >= kBrgemmElements || kRows * lda >= kBrgemmElements || kRows * ldc >= kBrgemmElements) {
     return gemm_aten(m, n, k, a, lda, b, ldb, add, c, ldc);
   }
@@ -418,8 +420,7 @@ void rows_gemm(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, co
 void rows_gemm_long_k(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                       bool add, float* c, int64_t ldc) {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  constexpr int64_t kRows = 64, kLongK = 256, kLongKStep = 16;
-  constexpr int64_t kBrgemmElements = (int64_t{1} << 31) / sizeof(float);  // see rows_gemm
+  constexpr int64_t kLongK = 256, kLongKStep = 16;
   if (m == 0 || n == 0 || k == 0 || kLongK * ldb >= kBrgemmElements || kRows * ldc >= kBrgemmElements) {
     return rows_gemm(m, n, k, a, lda, b, ldb, add, c, ldc);
   }
