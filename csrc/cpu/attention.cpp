@@ -13,7 +13,8 @@
 //
 // Every tile product is a plain row-major A B (gemm_nn: oneDNN's brgemm, BLAS
 // for double): operands that would need a transpose (K^T, V^T, Q^T, dO^T) are
-// transposed once per call, O(N D). Statistics, accumulators and GEMMs are
+// transposed once per call, O(N D), into 64-column panels (Columns), so that no
+// GEMM's leading dim follows the sequence length. Statistics, accumulators and GEMMs are
 // float (double for double inputs); fp16/bf16 inputs are converted to float
 // once per call and the results back.
 //
@@ -29,6 +30,7 @@
 // their entry points); this one checks the arguments and prepares the call.
 #include "attnkit/attention.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -197,39 +199,6 @@ std::vector<int64_t> stat_shape(const Spec& sp, const at::Tensor& q) {
   return {sp.batch, sp.heads, sp.max_q};
 }
 
-namespace {
-
-// out = factor * view for a view (..., C, R) whose C values are contiguous (a head's rows as
-// columns) and a contiguous out of its shape: 32 x 32 blocks (whole cache lines both ways),
-// in parallel over every matrix's blocks. ATen's transposing copy_ and a separate mul_ took
-// 0.58 ms for the (4, 8, 256, 64) float K here, a sixth of that attention forward.
-template <typename T>
-void transpose_scaled(const at::Tensor& view, at::Tensor& out, T factor) {
-  const int64_t C = view.size(-2), R = view.size(-1), lds = view.stride(-1), outer = view.dim() - 2;
-  const int64_t mats = C * R == 0 ? 0 : view.numel() / (C * R);
-  constexpr int64_t kB = 32;
-  const int64_t bc = (C + kB - 1) / kB, per_mat = bc * ((R + kB - 1) / kB);
-  const T* src = view.data_ptr<T>();
-  T* dst = out.data_ptr<T>();
-  at::parallel_for(0, mats * per_mat, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t m = i / per_mat, block = i % per_mat;
-      int64_t offset = 0;
-      for (int64_t d = outer - 1, rest = m; d >= 0; --d) {  // the matrix's place in the leading dims
-        offset += (rest % view.size(d)) * view.stride(d);
-        rest /= view.size(d);
-      }
-      const int64_t r0 = (block / bc) * kB, c0 = (block % bc) * kB;
-      const int64_t r1 = std::min(R, r0 + kB), c1 = std::min(C, c0 + kB);
-      const T* s = src + offset + r0 * lds + c0;
-      T* d = dst + m * C * R + c0 * R + r0;
-      rope::transpose_scaled(s, lds, r1 - r0, c1 - c0, d, R, factor);
-    }
-  });
-}
-
-}  // namespace
-
 // A tensor of `sizes` in `options`: fresh (kNoScratch), or a view of buffer
 // `slot` of the calling thread, kept from call to call, for copies that live
 // only inside one call. Why: a float32 backward at B=4 H=8 N=256 D=64 allocates
@@ -253,28 +222,32 @@ at::Tensor scratch(at::IntArrayRef sizes, const at::TensorOptions& options, int 
   return buffer.narrow(0, 0, bytes).view(options.dtype().toScalarType()).view(sizes);
 }
 
-// factor * x^T per head in `dtype`, rows as columns: dense (B, H, D, N), varlen
-// (H, D, total). One O(N D) pass per call, so that tile products need no transposes.
-at::Tensor transposed(const at::Tensor& x, bool varlen, double factor, at::ScalarType dtype, int slot) {
-  const at::Tensor view = varlen ? x.permute({1, 2, 0}) : x.transpose(2, 3);
-  at::Tensor t = scratch(view.sizes(), x.options().dtype(dtype), slot);
-  if (x.scalar_type() == dtype && view.stride(-2) == 1 && (dtype == at::kFloat || dtype == at::kDouble)) {
-    AT_DISPATCH_FLOATING_TYPES(dtype, "attention_transposed", [&] {
-      transpose_scaled<scalar_t>(view, t, static_cast<scalar_t>(factor));
-    });
-    return t;
-  }
-  t.copy_(view);
-  if (factor != 1.0) t.mul_(factor);
-  return t;
-}
-
 at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
-// An empty tensor shaped as transposed(x) would make it.
-at::Tensor columns_like(const at::Tensor& x, bool varlen, at::ScalarType dtype, int slot) {
-  const at::Tensor view = varlen ? x.permute({1, 2, 0}) : x.transpose(2, 3);
-  return scratch(view.sizes(), x.options().dtype(dtype), slot);
+Columns columns_like(const Spec& sp, bool queries, const at::Tensor& x, at::ScalarType dtype, int slot) {
+  const std::vector<int64_t> first = panel_starts(sp, queries);
+  const int64_t heads = x.size(1), dim = x.size(-1), panel = dim * kPanel;
+  Columns c;
+  c.data = scratch({heads * first.back() * panel}, x.options().dtype(dtype), slot);
+  c.start = at::empty({sp.batch}, at::TensorOptions().dtype(at::kLong));
+  int64_t* start = c.start.data_ptr<int64_t>();
+  for (int64_t b = 0; b < sp.batch; ++b) start[b] = first[b] * panel;
+  c.head_stride = first.back() * panel;
+  c.panel_stride = panel;
+  return c;
+}
+
+Columns transposed(const Spec& sp, bool queries, const at::Tensor& x, double factor, at::ScalarType dtype, int slot) {
+  Columns c = columns_like(sp, queries, x, dtype, slot);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_transposed", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(dtype, "attention_transposed_to", [&] {
+      using A = scalar_t;
+      rows_to_columns<A>(sp, queries, rows_of<const T>(x, sp.varlen), x.size(1), x.size(-1), static_cast<A>(factor),
+                         panels_of<A>(c));
+    });
+  });
+  return c;
 }
 
 }  // namespace flash

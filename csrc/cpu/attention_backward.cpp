@@ -25,14 +25,13 @@ namespace {
 // ------------------------------------------------------------------ backward
 // In the accumulation type throughout (fp16/bf16 arrive converted). Every tile
 // product is a plain A B GEMM (gemm_nn) on operands transposed once per call
-// (Operands): dV and dK are accumulated transposed, dV^T += dO^T P and
-// dK^T += Q^T dS, so no tile is ever transposed.
+// (Operands, their columns in panels): dV and dK are accumulated transposed,
+// dV^T += dO^T P and dK^T += Q^T dS, so no tile is ever transposed.
 
 template <typename T>
 struct Operands {
-  Rows<const T> q, k, dout;         // rows, as given (k for dQ += dS K)
-  Rows<const T> qT, kT, vT, doutT;  // columns of the transposed copies (kT holds scale * K^T)
-  int64_t ld_q, ld_k, ld_v, ld_do;  // their leading dims
+  Rows<const T> q, k, dout;           // rows, as given (k for dQ += dS K)
+  Panels<const T> qT, kT, vT, doutT;  // the transposed copies (kT holds scale * K^T)
 };
 
 // What both backward kernels share: the buffers of one thread and the tile step.
@@ -48,16 +47,16 @@ struct BackwardTile {
       : sp(spec), op(ops), BN(blk.n), s(blk.m * blk.n), t(spec.softcap > 0 ? blk.m * blk.n : 0), dp(blk.m * blk.n),
         ds(blk.m * blk.n), keep(blk.n) {}
 
-  // P (in s) and dP (in dp, dropout applied) of a (rows x cols) tile, `kt`
-  // holding its scale * K^T columns (leading dim ld_kt); with `p_out`, also the
+  // P (in s) and dP (in dp, dropout applied) of a (rows x cols) tile, n0 on a panel's
+  // start, `kt` its scale * K^T columns (panels `kt_panel` apart); with `p_out`, also the
   // dropped-out P for the dV GEMM (returned).
   const T* probabilities(const Seq& sq, int64_t b, int64_t h, int64_t m0, int64_t rows, int64_t n0, int64_t cols,
-                         const T* kt, int64_t ld_kt, const Rows<T>& lse, bool p_out) {
-    const int64_t kvh = h / sp.group, i0 = sq.q_start + m0, j0 = sq.k_start + n0;
-    gemm_nn(rows, cols, sp.dim, op.q.at(b, h, i0), op.q.sm, kt, ld_kt, false, s.data(), BN);
+                         const T* kt, int64_t kt_panel, const Rows<T>& lse, bool p_out) {
+    const int64_t kvh = h / sp.group, i0 = sq.q_start + m0;
+    gemm_nn(rows, cols, sp.dim, op.q.at(b, h, i0), op.q.sm, kt, kPanel, false, s.data(), BN, kFixedK, kt_panel);
     tile_scores(sp, sq, b, h, m0, rows, n0, cols, s.data(), t.data(), BN);
-    gemm_nn(rows, cols, sp.dim_v, op.dout.at(b, h, i0), op.dout.sm, op.vT.at(b, kvh, j0), op.ld_v, false, dp.data(),
-            BN);
+    gemm_nn(rows, cols, sp.dim_v, op.dout.at(b, h, i0), op.dout.sm, op.vT.at(b, kvh, n0), kPanel, false, dp.data(),
+            BN, kFixedK, op.vT.stride);
     for (int64_t r = 0; r < rows; ++r) {
       T* row = s.data() + r * BN;
       T stat = *lse.at(b, h, i0 + r);
@@ -103,36 +102,42 @@ void backward_dkdv_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Ro
   at::parallel_for(0, sp.batch * sp.heads_kv * n_blocks, 1, [&](int64_t begin, int64_t end) {
     BackwardTile<T> tile(sp, op, blk);
     std::vector<T> dkT(D * BN), dvT(DV * BN), dk_tmp(D);  // (D x cols), leading dim BN
-    std::vector<T> k_tile(k_raw != nullptr ? BN * D : 0), kt_tile(k_raw != nullptr ? D * BN : 0);
+    std::vector<T> k_tile(k_raw != nullptr ? BN * D : 0), kt_tile(k_raw != nullptr ? D * BN : 0);  // kt_tile: panels
     for (int64_t task = begin; task < end; ++task) {
       const auto [b, kvh, first, last, sq] = sp.key_blocks(task, n_blocks, BN, dq_acc != nullptr);
       for (int64_t n0 = first; n0 < last; n0 += BN) {
         const int64_t cols = std::min(BN, sq.k_len - n0);
         const T* k_rows = op.k.at(b, kvh, sq.k_start + n0);
-        const T* kt = op.kT.at(b, kvh, sq.k_start + n0);
-        int64_t ld_k_rows = op.k.sm, ld_kt = op.ld_k;
+        const T* kt = k_raw != nullptr ? nullptr : op.kT.at(b, kvh, n0);  // op.kT is empty with k_raw
+        int64_t ld_k_rows = op.k.sm, kt_panel = op.kT.stride;
         if (k_raw != nullptr) {
-          rotate_block(*rope, k_raw->at(b, kvh, sq.k_start + n0), k_raw->sm, rope->offsets[b] + n0, cols, D,
-                       T(sp.scale), k_tile.data(), D, kt_tile.data(), BN);
-          k_rows = k_tile.data(), kt = kt_tile.data(), ld_k_rows = D, ld_kt = BN;
+          for (int64_t c0 = 0; c0 < cols; c0 += kPanel) {
+            rotate_block(*rope, k_raw->at(b, kvh, sq.k_start + n0 + c0), k_raw->sm, rope->offsets[b] + n0 + c0,
+                         std::min(kPanel, cols - c0), D, T(sp.scale), k_tile.data() + c0 * D, D,
+                         kt_tile.data() + c0 * D, kPanel);
+          }
+          k_rows = k_tile.data(), kt = kt_tile.data(), ld_k_rows = D, kt_panel = D * kPanel;
         }
         std::fill(dkT.begin(), dkT.end(), T(0));
         std::fill(dvT.begin(), dvT.end(), T(0));
-        const auto [q_lo, q_hi] = sp.query_range(sq, n0, cols);
+        const auto [q_first, q_hi] = sp.query_range(sq, n0, cols);
+        // Query blocks start on Q^T's and dO^T's panels; the queries before q_first see none of
+        // these keys (P = 0, tile_scores).
+        const int64_t q_lo = q_first < q_hi ? q_first / kPanel * kPanel : q_first;
         for (int64_t h = kvh * sp.group; h < (kvh + 1) * sp.group; ++h) {
           if (d_mask != nullptr) zero_unvisited_rows(*d_mask, b, h, q_lo, q_hi, sq.q_len, n0, cols);
           for (int64_t m0 = q_lo; m0 < q_hi; m0 += BM) {
             const int64_t rows = std::min(BM, q_hi - m0), i0 = sq.q_start + m0;
-            const T* p = tile.probabilities(sq, b, h, m0, rows, n0, cols, kt, ld_kt, lse, true);
-            gemm_nn(DV, cols, rows, op.doutT.at(b, h, i0), op.ld_do, p, BN, true, dvT.data(), BN);
+            const T* p = tile.probabilities(sq, b, h, m0, rows, n0, cols, kt, kt_panel, lse, true);
+            gemm_nn(DV, cols, rows, op.doutT.at(b, h, m0), kPanel, p, BN, true, dvT.data(), BN, kNoneFixed);
             const T* dst = tile.score_grad(sq, b, h, m0, rows, cols, delta);
             if (d_mask != nullptr) {
               mask_grad_tile<T>(tile.s.data(), tile.dp.data(), BN, {delta.data, delta.sb, delta.sh, delta.sm},
                                 sq.q_start + m0, *d_mask, b, h, m0, rows, n0, cols);
             }
-            gemm_nn(D, cols, rows, op.qT.at(b, h, i0), op.ld_q, dst, BN, true, dkT.data(), BN);
+            gemm_nn(D, cols, rows, op.qT.at(b, h, m0), kPanel, dst, BN, true, dkT.data(), BN, kNoneFixed);
             if (dq_acc != nullptr) {
-              gemm_nn(rows, D, cols, dst, BN, k_rows, ld_k_rows, true, dq_acc->at(b, h, i0), dq_acc->sm);
+              gemm_nn(rows, D, cols, dst, BN, k_rows, ld_k_rows, true, dq_acc->at(b, h, i0), dq_acc->sm, kFixedN);
             }
           }
         }
@@ -165,12 +170,13 @@ void backward_dq_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Rows
       const auto [b, h, kvh, m0, rows, sq] = sp.query_block(task, m_blocks, BM);
       if (rows == 0) continue;
       std::fill(dq_acc.begin(), dq_acc.end(), T(0));
-      const auto [k_lo, k_hi] = sp.key_range(sq, m0, rows);
+      const auto [k_first, k_hi] = sp.key_range(sq, m0, rows);
+      const int64_t k_lo = k_first < k_hi ? k_first / kPanel * kPanel : k_first;  // as the forward's tiles
       for (int64_t n0 = k_lo; n0 < k_hi; n0 += BN) {
         const int64_t cols = std::min(BN, k_hi - n0);
-        tile.probabilities(sq, b, h, m0, rows, n0, cols, op.kT.at(b, kvh, sq.k_start + n0), op.ld_k, lse, false);
+        tile.probabilities(sq, b, h, m0, rows, n0, cols, op.kT.at(b, kvh, n0), op.kT.stride, lse, false);
         const T* dst = tile.score_grad(sq, b, h, m0, rows, cols, delta);
-        gemm_nn(rows, D, cols, dst, BN, op.k.at(b, kvh, sq.k_start + n0), op.k.sm, true, dq_acc.data(), D);
+        gemm_nn(rows, D, cols, dst, BN, op.k.at(b, kvh, sq.k_start + n0), op.k.sm, true, dq_acc.data(), D, kFixedN);
       }
       for (int64_t r = 0; r < rows; ++r) {
         T* dq_row = dq.at(b, h, sq.q_start + m0 + r);
@@ -262,37 +268,37 @@ std::vector<at::Tensor> attention_backward_rope(
   // fp16/bf16 run as float (see attention_forward); the gradients are computed in acc and converted at the end.
   const at::Tensor doa = as_type(dout_r, acc), oa = as_type(out_r, acc);
   // The four transposed operands live only in this call: the calling thread's scratch buffers.
-  const at::Tensor vT = transposed(c.v, vl, 1.0, acc, 0), doT = transposed(dout_r, vl, 1.0, acc, 1);
+  const Columns vT = transposed(sp, false, c.v, 1.0, acc, 0), doT = transposed(sp, true, dout_r, 1.0, acc, 1);
   const auto acc_opts = q.options().dtype(acc);
   // One task per (batch, kv-head) when there are enough of them for the threads.
   const bool fused = sp.batch * sp.heads_kv >= 4 * at::get_num_threads();
   // Fused RoPE on that schedule: the dK/dV kernel rotates each key block itself
   // (k_raw), so rotated K and K^T are never materialized.
   const bool k_tiles = rope_tables != nullptr && fused;
-  at::Tensor qa, ka, qT, kT, k_raw;
+  at::Tensor qa, ka, k_raw;
+  Columns qT, kT;  // kT stays empty where the dK/dV kernel rotates each key block itself
   c10::optional<RopeIn> rin;
   if (rope_tables == nullptr) {
-    qa = as_type(c.q, acc), ka = as_type(c.k, acc), qT = transposed(c.q, vl, 1.0, acc, 2);
-    kT = transposed(c.k, vl, scale, acc, 3);
+    qa = as_type(c.q, acc), ka = as_type(c.k, acc), qT = transposed(sp, true, c.q, 1.0, acc, 2);
+    kT = transposed(sp, false, c.k, scale, acc, 3);
   } else {
     // Fused RoPE: one pass over q (and one over k) writes the rotated rows and
     // their transposes, where the plain backward converts and transposes.
     rin.emplace(*rope_tables, acc);
-    qa = at::empty(c.q.sizes(), acc_opts), qT = columns_like(c.q, vl, acc, 2);
+    qa = at::empty(c.q.sizes(), acc_opts), qT = columns_like(sp, true, c.q, acc, 2);
     if (k_tiles) {
-      ka = k_raw = as_type(c.k, acc), kT = k_raw;  // op.k/op.kT: placeholders, unread with k_raw
+      ka = k_raw = as_type(c.k, acc);  // op.k: a placeholder, unread with k_raw
     } else {
-      ka = at::empty(c.k.sizes(), acc_opts), kT = columns_like(c.k, vl, acc, 3);
+      ka = at::empty(c.k.sizes(), acc_opts), kT = columns_like(sp, false, c.k, acc, 3);
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_rope_operands_cpu", [&] {
       using A = acc_of<scalar_t>;
       const rope::Rope<A> r = rin->view<A>();
       const Rows<A> q_rows = rows_of<A>(qa, vl), k_rows = rows_of<A>(ka, vl);
-      rotate_to_columns<A>(sp, true, rows_of<const scalar_t>(c.q, vl), sp.heads, r, A(1), columns_of<A>(qT, vl),
-                           column_ld(qT), &q_rows);
+      rotate_to_columns<A>(sp, true, rows_of<const scalar_t>(c.q, vl), sp.heads, r, A(1), panels_of<A>(qT), &q_rows);
       if (!k_tiles) {
         rotate_to_columns<A>(sp, false, rows_of<const scalar_t>(c.k, vl), sp.heads_kv, r, A(scale),
-                             columns_of<A>(kT, vl), column_ld(kT), &k_rows);
+                             panels_of<A>(kT), &k_rows);
       }
     });
   }
@@ -303,9 +309,10 @@ std::vector<at::Tensor> attention_backward_rope(
   at::Tensor d_mask = mask_grad ? at::empty({sp.batch, sp.heads, sp.max_q, sp.max_k}, acc_opts) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(acc, "attention_backward_cpu", [&] {
     using T = scalar_t;
-    const Operands<T> op{rows_of<const T>(qa, vl),    rows_of<const T>(ka, vl),    rows_of<const T>(doa, vl),
-                         columns_of<const T>(qT, vl), columns_of<const T>(kT, vl), columns_of<const T>(vT, vl),
-                         columns_of<const T>(doT, vl), column_ld(qT), column_ld(kT), column_ld(vT), column_ld(doT)};
+    const Operands<T> op{rows_of<const T>(qa, vl),    rows_of<const T>(ka, vl),
+                         rows_of<const T>(doa, vl),   panels_of<const T>(qT),
+                         kT.data.defined() ? panels_of<const T>(kT) : Panels<const T>{},
+                         panels_of<const T>(vT),      panels_of<const T>(doT)};
     const Rows<const T> k_raw_rows = k_tiles ? rows_of<const T>(k_raw, vl) : Rows<const T>{};
     const auto lse_r = stats_of<T>(lse_c, vl), delta_r = stats_of<T>(delta, vl);
     backward_delta<T>(sp, rows_of<const T>(oa, vl), op.dout, delta_r);

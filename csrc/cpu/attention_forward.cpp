@@ -26,12 +26,12 @@ namespace {
 // ------------------------------------------------------------------ forward
 
 // In the accumulation type (fp16/bf16 inputs arrive converted to float). `kt`
-// holds scale * K^T, keys as columns, so that both tile products are plain A B
-// GEMMs (gemm_nn). With `rope`, each task rotates its Q tile (q in its own
+// holds scale * K^T, keys as columns in panels, so that both tile products are
+// plain A B GEMMs (gemm_nn). With `rope`, each task rotates its Q tile (q in its own
 // dtype, q_t) into a BM x D buffer once, before its key loop; kt arrives rotated.
 template <typename scalar_t, typename q_t = scalar_t>
-void forward_kernel(const Spec& sp, Rows<const q_t> q, const rope::Rope<scalar_t>* rope, Rows<const scalar_t> kt,
-                    int64_t ld_kt, Rows<const scalar_t> v, Rows<scalar_t> out, Rows<scalar_t> lse, Blocks blk) {
+void forward_kernel(const Spec& sp, Rows<const q_t> q, const rope::Rope<scalar_t>* rope, Panels<const scalar_t> kt,
+                    Rows<const scalar_t> v, Rows<scalar_t> out, Rows<scalar_t> lse, Blocks blk) {
   using acc_t = scalar_t;
   TORCH_INTERNAL_ASSERT(rope != nullptr || (std::is_same_v<q_t, acc_t>), "attention: q must arrive in acc_t");
   const int64_t BM = blk.m, BN = blk.n, D = sp.dim, DV = sp.dim_v;
@@ -56,15 +56,18 @@ void forward_kernel(const Spec& sp, Rows<const q_t> q, const rope::Rope<scalar_t
       }
       std::fill(m.begin(), m.end(), neg_inf);
       std::fill(l.begin(), l.end(), acc_t(0));
-      const auto [k_lo, k_hi] = sp.key_range(sq, m0, rows);
+      const auto [k_first, k_hi] = sp.key_range(sq, m0, rows);
+      // Tiles start on kt's panels; the keys before the window's first get -inf (tile_scores).
+      const int64_t k_lo = k_first < k_hi ? k_first / kPanel * kPanel : k_first;
       // The first tile's P V product writes acc (no zero fill, no rescale: see online_softmax_tile).
       for (int64_t n0 = k_lo; n0 < k_hi; n0 += BN) {
         const int64_t cols = std::min(BN, k_hi - n0);
-        gemm_nn(rows, cols, D, qt, ld_q, kt.at(b, kvh, sq.k_start + n0), ld_kt, false, s.data(), BN);
+        gemm_nn(rows, cols, D, qt, ld_q, kt.at(b, kvh, n0), kPanel, false, s.data(), BN, kFixedK, kt.stride);
         tile_scores(sp, sq, b, h, m0, rows, n0, cols, s.data(), static_cast<acc_t*>(nullptr), BN);  // no tanh kept
         online_softmax_tile(sp, b, h, m0, rows, n0, cols, s.data(), BN, m.data(), l.data(), acc.data(), DV,
                             keep.data());
-        gemm_nn(rows, DV, cols, s.data(), BN, v.at(b, kvh, sq.k_start + n0), v.sm, n0 != k_lo, acc.data(), DV);
+        gemm_nn(rows, DV, cols, s.data(), BN, v.at(b, kvh, sq.k_start + n0), v.sm, n0 != k_lo, acc.data(), DV,
+                kFixedN);
       }
       if (k_lo >= k_hi) std::fill(acc.begin(), acc.end(), acc_t(0));  // no visible key: the rows are 0
       for (int64_t r = 0; r < rows; ++r) {
@@ -118,24 +121,25 @@ std::vector<at::Tensor> attention_forward_rope(
   at::Tensor outa = q.scalar_type() == acc ? out : at::empty(out.sizes(), out.options().dtype(acc));
   if (rope_tables == nullptr) {
     // scale * K^T lives only in this call: a scratch buffer of the calling thread (attention.cpp).
-    const at::Tensor qa = as_type(c.q, acc), kt = transposed(c.k, vl, scale, acc, 3);
+    const at::Tensor qa = as_type(c.q, acc);
+    const Columns kt = transposed(sp, false, c.k, scale, acc, 3);
     AT_DISPATCH_FLOATING_TYPES(acc, "attention_forward_cpu", [&] {
-      forward_kernel<scalar_t>(sp, rows_of<const scalar_t>(qa, vl), nullptr, columns_of<const scalar_t>(kt, vl),
-                               column_ld(kt), rows_of<const scalar_t>(va, vl), rows_of<scalar_t>(outa, vl),
+      forward_kernel<scalar_t>(sp, rows_of<const scalar_t>(qa, vl), nullptr, panels_of<const scalar_t>(kt),
+                               rows_of<const scalar_t>(va, vl), rows_of<scalar_t>(outa, vl),
                                stats_of<scalar_t>(lse, vl), forward_blocks(sp));
     });
   } else {
     // Fused RoPE: k rotated while scale * K^T is formed, q tile by tile in the
     // kernel, straight from q's dtype (no rotated or converted copy of q).
     const RopeIn rin(*rope_tables, acc);
-    const at::Tensor kt = columns_like(c.k, vl, acc, 3);
+    const Columns kt = columns_like(sp, false, c.k, acc, 3);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_rope_forward_cpu", [&] {
       using A = acc_of<scalar_t>;
       const rope::Rope<A> r = rin.view<A>();
       rotate_to_columns<A>(sp, false, rows_of<const scalar_t>(c.k, vl), sp.heads_kv, r, A(scale),
-                           columns_of<A>(kt, vl), column_ld(kt), nullptr);
-      forward_kernel<A, scalar_t>(sp, rows_of<const scalar_t>(c.q, vl), &r, columns_of<const A>(kt, vl),
-                                  column_ld(kt), rows_of<const A>(va, vl), rows_of<A>(outa, vl), stats_of<A>(lse, vl),
+                           panels_of<A>(kt), nullptr);
+      forward_kernel<A, scalar_t>(sp, rows_of<const scalar_t>(c.q, vl), &r, panels_of<const A>(kt),
+                                  rows_of<const A>(va, vl), rows_of<A>(outa, vl), stats_of<A>(lse, vl),
                                   forward_blocks(sp));
     });
   }

@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 #include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "attention_kernel.h"
 
@@ -41,7 +43,7 @@ void aten_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, c
   }
 }
 
-// Unused where gemm_nn has brgemm.
+// Unused where piece() has brgemm.
 [[maybe_unused]] void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                            const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (sgemm_ == nullptr) return aten_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -67,14 +69,12 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const
   dgemm_(&tB, &tA, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
 }
 
-}  // namespace
-
 // C (m x n) = A B (+ C when `add`), row-major, no transposes, float. oneDNN's
 // batch-reduce GEMM where torch's headers declare it (CPUBLAS_BRGEMM_F32F32F32;
 // else BLAS): on the AMD EPYC of BENCHMARKS.md, 16.8 us vs MKL sgemm's 41 us for
 // a 64 x 512 x 64 tile, 1 thread (MKL seems to take a slower path off Intel CPUs).
-void gemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, bool add,
-             float* c, int64_t ldc) {
+void piece(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, bool add,
+           float* c, int64_t ldc) {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, /*is_vnni=*/false);
 #else
@@ -82,9 +82,83 @@ void gemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const
 #endif
 }
 
-void gemm_nn(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb, bool add,
-             double* c, int64_t ldc) {
+void piece(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb, bool add,
+           double* c, int64_t ldc) {
   gemm(false, false, m, n, k, 1.0, a, lda, b, ldb, add ? 1.0 : 0.0, c, ldc);
+}
+
+constexpr int64_t kPiece = 64;
+
+// The size of the next piece of a dim with `left` to go: 64, else a multiple of 16, else the rest.
+inline int64_t next_piece(int64_t left) { return left >= kPiece ? kPiece : left >= 16 ? left / 16 * 16 : left; }
+
+// Thread-local room for the zero-padded copies of a remainder's operands.
+template <typename T>
+T* remainder_room(int slot, int64_t elems) {
+  thread_local std::vector<T> room[2];
+  if (static_cast<int64_t>(room[slot].size()) < elems) room[slot].resize(elems);
+  return room[slot].data();
+}
+
+// C (m x n) (+)= A B with K cut into pieces of 16 and more; the last < 16 rows of B (and
+// columns of A) are copied, zero-padded, into a K = 16 product of their own. fixed_k: K whole.
+template <typename T>
+void k_pieces(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, bool add, T* c,
+              int64_t ldc, bool fixed_k) {
+  if (fixed_k) return piece(m, n, k, a, lda, b, ldb, add, c, ldc);
+  int64_t p0 = 0;
+  for (int64_t kp; p0 < k && (kp = next_piece(k - p0)) >= 16; p0 += kp) {
+    piece(m, n, kp, a + p0, lda, b + p0 * ldb, ldb, add || p0 > 0, c, ldc);
+  }
+  const int64_t rest = k - p0;
+  if (rest == 0) return;
+  T* a16 = remainder_room<T>(0, m * 16);
+  T* b16 = remainder_room<T>(1, 16 * n);
+  for (int64_t i = 0; i < m; ++i) {
+    std::copy(a + i * lda + p0, a + i * lda + k, a16 + i * 16);
+    std::fill(a16 + i * 16 + rest, a16 + i * 16 + 16, T(0));
+  }
+  for (int64_t p = 0; p < 16; ++p) {
+    if (p < rest) {
+      std::copy(b + (p0 + p) * ldb, b + (p0 + p) * ldb + n, b16 + p * n);
+    } else {
+      std::fill(b16 + p * n, b16 + (p + 1) * n, T(0));
+    }
+  }
+  piece(m, n, 16, a16, 16, b16, n, add || p0 > 0, c, ldc);
+}
+
+template <typename T>
+void tile_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, bool add, T* c,
+               int64_t ldc, int fixed, int64_t b_panel) {
+  TORCH_INTERNAL_ASSERT(b_panel == 0 || ldb == kPanel, "gemm_nn: panels have a leading dim of kPanel");
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {  // no product: C += 0, or C = 0 (brgemm takes no empty one)
+    for (int64_t i = 0; i < m && !add; ++i) std::fill(c + i * ldc, c + i * ldc + n, T(0));
+    return;
+  }
+  const int64_t n_step = (fixed & kFixedN) ? n : kPiece;
+  for (int64_t i0 = 0, mi; i0 < m; i0 += mi) {
+    mi = next_piece(m - i0);
+    for (int64_t j0 = 0; j0 < n; j0 += n_step) {
+      const T* bj = b_panel > 0 ? b + (j0 / kPanel) * b_panel : b + j0;
+      // A varying N is rounded up to 16: B and C have the room (see gemm_nn), C's extra columns scratch.
+      const int64_t nj = (fixed & kFixedN) ? n : std::min(kPiece, (n - j0 + 15) / 16 * 16);
+      k_pieces(mi, nj, k, a + i0 * lda, lda, bj, ldb, add, c + i0 * ldc + j0, ldc, fixed & kFixedK);
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, bool add,
+             float* c, int64_t ldc, int fixed, int64_t b_panel) {
+  tile_gemm(m, n, k, a, lda, b, ldb, add, c, ldc, fixed, b_panel);
+}
+
+void gemm_nn(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb, bool add,
+             double* c, int64_t ldc, int fixed, int64_t b_panel) {
+  tile_gemm(m, n, k, a, lda, b, ldb, add, c, ldc, fixed, b_panel);
 }
 
 // Ends a thread's brgemm use (frees hardware state on CPUs where it holds any).

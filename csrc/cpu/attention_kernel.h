@@ -29,11 +29,27 @@ constexpr int64_t kUnbounded = int64_t(1) << 40;  // a window side of -1
 
 // ------------------------------------------------------------------ GEMM on row-major tiles (attention_gemm.cpp)
 
-// C (m x n) = A B (+ C when `add`), row-major, no transposes.
+// Columns a panel of a transposed operand holds (Panels below): the tile GEMMs' leading
+// dimension there, whatever the sequence length.
+constexpr int64_t kPanel = 64;
+
+// Which of a tile GEMM's sizes are the head dim (a model's constant, passed whole); the others
+// follow the sequence lengths and are cut into pieces of a bounded set of sizes.
+enum GemmFixed : int { kNoneFixed = 0, kFixedN = 1, kFixedK = 2 };
+
+// C (m x n) = A B (+ C when `add`), row-major, no transposes. With b_panel > 0, B's columns
+// come in panels of kPanel (ldb == kPanel), column j at b + (j / kPanel) * b_panel + j % kPanel.
+// Why the pieces: oneDNN's brgemm JIT-compiles a kernel per (M, N, K, lda, ldb, ldc), which
+// ATen caches per thread for good (~20 KB each); sizes and leading dims taken from the
+// sequence lengths kept ~0.45 MB per new length. M runs in 64s, then a multiple of 16, then
+// the rest; K (unless fixed) in 64s, then a multiple of 16, then the rest zero-padded to 16 in
+// a copy; N (unless fixed) in 64s, the last rounded up to 16: B and C must have that room, and
+// C's columns past n are scratch. The pieces cost nothing measurable at full tiles (64 x 512 x
+// 64 in eight N = 64 calls: 15.9 vs 16.2 us); a few percent at tiles of ~50 (BENCHMARKS.md).
 void gemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, bool add,
-             float* c, int64_t ldc);
+             float* c, int64_t ldc, int fixed, int64_t b_panel = 0);
 void gemm_nn(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb, bool add,
-             double* c, int64_t ldc);
+             double* c, int64_t ldc, int fixed, int64_t b_panel = 0);
 // Ends a thread's brgemm use, once the thread's last gemm_nn is done.
 void gemm_nn_release();
 
@@ -57,6 +73,18 @@ Rows<T> rows_of(const at::Tensor& t, bool varlen) {
   if (varlen) return {data, 0, t.stride(1), sm};
   return {data, t.stride(0), t.stride(1), sm};
 }
+
+// Columns of a transposed operand (Columns, below), addressed from a sequence's start.
+template <typename T>
+struct Panels {
+  T* data;
+  const int64_t* start;
+  int64_t sh, stride;  // elements between heads, between panels
+  // Column j (from the sequence's start) of head h of sequence b.
+  T* at(int64_t b, int64_t h, int64_t j) const {
+    return data + start[b] + h * sh + (j / kPanel) * stride + j % kPanel;
+  }
+};
 
 // lse / delta: dense (B, H, Nq), varlen (H, total_q).
 template <typename T>
@@ -292,6 +320,15 @@ inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; 
 
 // ------------------------------------------------------------------ fused RoPE operands
 
+// rope::transpose_scaled in strips of 16 dims: the 16 rows of col that a strip's 8 x 8 blocks
+// fill (4 KB of a panel) stay in L1 between the blocks, where a whole panel (D rows) may not.
+template <typename A>
+void transpose_in_strips(const A* rows, int64_t rows_ld, int64_t n, int64_t dim, A* col, int64_t ld, A factor) {
+  for (int64_t d0 = 0; d0 < dim; d0 += 16) {
+    rope::transpose_scaled(rows + d0, rows_ld, n, std::min<int64_t>(16, dim - d0), col + d0 * ld, ld, factor);
+  }
+}
+
 // n rows of x (leading dim x_ld) from position `pos` on, rotated by `rope` into
 // `rows` (leading dim rows_ld) and, times `factor`, stored as columns into
 // `col` (leading dim ld). What the unfused form does in two passes (rotate,
@@ -300,32 +337,74 @@ template <typename A, typename T>
 void rotate_block(const rope::Rope<A>& rope, const T* x, int64_t x_ld, int64_t pos, int64_t n, int64_t D, A factor,
                   A* rows, int64_t rows_ld, A* col, int64_t ld) {
   for (int64_t j = 0; j < n; ++j) rope::row(rope, pos + j, false, x + j * x_ld, rows + j * rows_ld, D, A(1));
-  rope::transpose_scaled(rows, rows_ld, n, D, col, ld, factor);
+  transpose_in_strips(rows, rows_ld, n, D, col, ld, factor);
+}
+
+// The first panel of each sequence's columns (queries' or keys'), counted over the
+// sequences before it; B + 1 entries, the last the total.
+inline std::vector<int64_t> panel_starts(const Spec& sp, bool queries) {
+  std::vector<int64_t> first(sp.batch + 1, 0);
+  for (int64_t b = 0; b < sp.batch; ++b) {
+    const Seq sq = sp.seq(b);
+    first[b + 1] = first[b] + ((queries ? sq.q_len : sq.k_len) + kPanel - 1) / kPanel;
+  }
+  return first;
+}
+
+// fn(b, h, j0, n, tmp) for every panel of every (sequence, head), in parallel: the n <= kPanel
+// rows from j0 on of sequence b (queries or keys), tmp a thread's `scratch` elements of A.
+template <typename A, typename F>
+void for_each_panel(const Spec& sp, bool queries, int64_t heads, int64_t scratch, const F& fn) {
+  const std::vector<int64_t> first = panel_starts(sp, queries);
+  const int64_t panels = first.back();
+  at::parallel_for(0, heads * panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> tmp(scratch);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / panels, g = task % panels;
+      const int64_t b = std::upper_bound(first.begin(), first.end(), g) - first.begin() - 1;
+      const Seq sq = sp.seq(b);
+      const int64_t j0 = (g - first[b]) * kPanel;
+      fn(b, h, j0, std::min(kPanel, (queries ? sq.q_len : sq.k_len) - j0), tmp.data());
+    }
+  });
+}
+
+// factor * x (q's rows when `queries`, else k's or v's; `dim` wide) into `cols`, converted to A.
+template <typename A, typename T>
+void rows_to_columns(const Spec& sp, bool queries, Rows<const T> x, int64_t heads, int64_t dim, A factor,
+                     Panels<A> cols) {
+  constexpr bool same = std::is_same_v<A, T>;
+  for_each_panel<A>(sp, queries, heads, same ? 0 : kPanel * dim, [&](int64_t b, int64_t h, int64_t j0, int64_t n,
+                                                                     A* tmp) {
+    const Seq sq = sp.seq(b);
+    const T* src = x.at(b, h, (queries ? sq.q_start : sq.k_start) + j0);
+    if constexpr (same) {
+      transpose_in_strips<A>(src, x.sm, n, dim, cols.at(b, h, j0), kPanel, factor);
+    } else {
+      for (int64_t r = 0; r < n; ++r) {
+        for (int64_t d = 0; d < dim; ++d) tmp[r * dim + d] = static_cast<A>(src[r * x.sm + d]);
+      }
+      transpose_in_strips<A>(tmp, dim, n, dim, cols.at(b, h, j0), kPanel, factor);
+    }
+  });
 }
 
 // One pass over q or k (`queries`: positions i + diag + offset, else j + offset):
-// times `factor`, the transposes of the rotated rows laid out as transposed()
-// does into `cols`, and the rotated rows themselves into `rows` when given.
+// times `factor`, the transposes of the rotated rows into `cols`, and the rotated
+// rows themselves into `rows` when given.
 template <typename A, typename T>
 void rotate_to_columns(const Spec& sp, bool queries, Rows<const T> x, int64_t heads, const rope::Rope<A>& rope,
-                       A factor, Rows<A> cols, int64_t ld, const Rows<A>* rows) {
-  constexpr int64_t kChunk = 64;
+                       A factor, Panels<A> cols, const Rows<A>* rows) {
   const int64_t D = sp.dim;
-  at::parallel_for(0, sp.batch * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> tmp(rows == nullptr ? kChunk * D : 0);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / heads, h = task % heads;
-      const Seq sq = sp.seq(b);
-      const int64_t start = queries ? sq.q_start : sq.k_start, len = queries ? sq.q_len : sq.k_len;
-      const int64_t pos = (queries ? sq.diag : 0) + rope.offsets[b];
-      for (int64_t j0 = 0; j0 < len; j0 += kChunk) {
-        const int64_t i = start + j0;
-        rotate_block(rope, x.at(b, h, i), x.sm, pos + j0, std::min(kChunk, len - j0), D, factor,
-                     rows != nullptr ? rows->at(b, h, i) : tmp.data(), rows != nullptr ? rows->sm : D,
-                     cols.at(b, h, i), ld);
-      }
-    }
-  });
+  for_each_panel<A>(sp, queries, heads, rows == nullptr ? kPanel * D : 0,
+                    [&](int64_t b, int64_t h, int64_t j0, int64_t n, A* tmp) {
+                      const Seq sq = sp.seq(b);
+                      const int64_t i = (queries ? sq.q_start : sq.k_start) + j0;
+                      const int64_t pos = (queries ? sq.diag : 0) + rope.offsets[b] + j0;
+                      rotate_block(rope, x.at(b, h, i), x.sm, pos, n, D, factor,
+                                   rows != nullptr ? rows->at(b, h, i) : tmp, rows != nullptr ? rows->sm : D,
+                                   cols.at(b, h, j0), kPanel);
+                    });
 }
 
 // ------------------------------------------------------------------ tile sizes
@@ -336,15 +415,14 @@ void rotate_to_columns(const Spec& sp, bool queries, Rows<const T> x, int64_t he
 // buffers in L2. Rechecked with brgemm (1 thread, N = 512 and 4096): forward
 // 32..128 x 256..1024 and backward 32..128 x 64..256 within ~5-8 %, these best or tied.
 //
-// Cut to the call's lengths, in the multiples of 64 keys that the bfloat16 packing takes (16
+// Cut to the call's lengths, in powers of two from the 64 keys that the bfloat16 packing takes (16
 // queries): each thread's tile buffers (BM x BN, value-initialized) shrink with a short call
 // (128 KB zeroed per thread per call at N = 16 before). A length below the full block has one
 // block either way, so the tiles, and the results, are the same.
 inline Blocks fitted(const Spec& sp, int64_t bm, int64_t bn) {
-  const auto round_up = [](int64_t n, int64_t multiple) {
-    return std::max<int64_t>(multiple, (n + multiple - 1) / multiple * multiple);
-  };
-  return {std::min(bm, round_up(sp.max_q, 16)), std::min(bn, round_up(sp.max_k, 64))};
+  int64_t keys = 64;  // a power of two: BN is the tiles' leading dim, so a few values at any length (gemm_nn)
+  while (keys < std::min(bn, sp.max_k)) keys *= 2;
+  return {std::min(bm, std::max<int64_t>(16, (sp.max_q + 15) / 16 * 16)), std::min(bn, keys)};
 }
 
 inline Blocks forward_blocks(const Spec& sp) {
@@ -368,9 +446,28 @@ std::vector<int64_t> stat_shape(const Spec& sp, const at::Tensor& q);
 // Scratch slots for per-call operand copies: kNoScratch allocates a tensor; 0 ..
 // kScratchSlots - 1 lend one of the calling thread's kept buffers (scratch()).
 constexpr int kNoScratch = -1, kScratchSlots = 4;
-at::Tensor transposed(const at::Tensor& x, bool varlen, double factor, at::ScalarType dtype, int slot = kNoScratch);
 at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype);
-at::Tensor columns_like(const at::Tensor& x, bool varlen, at::ScalarType dtype, int slot = kNoScratch);
+
+// A transposed operand (K^T, V^T, Q^T, dO^T): each sequence's rows of a head as columns, in
+// panels of kPanel columns (dim x kPanel, leading dim kPanel), a sequence's first column at the
+// start of a panel. Laid out (heads, panels of all sequences, dim, kPanel): the tile GEMMs read
+// them with a leading dim of kPanel at any length (see gemm_nn).
+struct Columns {
+  at::Tensor data;
+  at::Tensor start;  // int64 (B,): sequence b's first panel of head 0, in elements
+  int64_t head_stride = 0, panel_stride = 0;
+};
+
+template <typename T>
+Panels<T> panels_of(const Columns& c) {
+  return {static_cast<T*>(c.data.data_ptr()), c.start.data_ptr<int64_t>(), c.head_stride, c.panel_stride};
+}
+
+// Room for the columns of x (q's rows when `queries`, else k's or v's) in `dtype`.
+Columns columns_like(const Spec& sp, bool queries, const at::Tensor& x, at::ScalarType dtype, int slot = kNoScratch);
+// factor * x^T as Columns in `dtype`: one O(N D) pass per call, so that no tile is transposed.
+Columns transposed(const Spec& sp, bool queries, const at::Tensor& x, double factor, at::ScalarType dtype,
+                   int slot = kNoScratch);
 
 // The forward with bfloat16 tile GEMMs (attention_forward_bf16.cpp) into out (q's shape, bfloat16)
 // and lse (float): false, nothing written, where it does not apply (inputs other than bfloat16, an
@@ -393,16 +490,6 @@ inline bool bf16_tiles_take(const Spec& sp, at::ScalarType dtype, bool backward)
 // fused kernels' positions into a fresh tensor of x's dtype (attention_rotary.cpp); `conjugate`
 // rotates back (dq, dk). The bfloat16 tiles take fused RoPE this way: q and k rotated once.
 at::Tensor rotated_copy(const Call& c, const RopeTables& rope, const at::Tensor& x, bool queries, bool conjugate);
-
-// Rows<> addressing column `key` of head (b, h) in transposed(), and its leading dim.
-template <typename T>
-Rows<T> columns_of(const at::Tensor& t, bool varlen) {
-  T* data = static_cast<T*>(t.data_ptr());
-  if (varlen) return {data, 0, t.stride(0), 1};
-  return {data, t.stride(0), t.stride(1), 1};
-}
-
-inline int64_t column_ld(const at::Tensor& t) { return t.stride(-2); }
 
 // The caller's RoPE tables in the accumulation type (positions x R/2: small).
 struct RopeIn {
