@@ -45,7 +45,8 @@ enum GemmFixed : int { kNoneFixed = 0, kFixedN = 1, kFixedK = 2 };
 // the rest; K (unless fixed) in 64s, then a multiple of 16, then the rest zero-padded to 16 in
 // a copy; N (unless fixed) in 64s, the last rounded up to 16: B and C must have that room, and
 // C's columns past n are scratch. The pieces cost nothing measurable at full tiles (64 x 512 x
-// 64 in eight N = 64 calls: 15.9 vs 16.2 us); a few percent at tiles of ~50 (BENCHMARKS.md).
+// 64 in eight N = 64 calls: 15.9 vs 16.2 us); small calls on two threads ran 1.15-1.24x slower
+// (BENCHMARKS.md, 2026-11-29).
 void gemm_nn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, bool add,
              float* c, int64_t ldc, int fixed, int64_t b_panel = 0);
 void gemm_nn(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb, bool add,
