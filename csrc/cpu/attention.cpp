@@ -239,13 +239,12 @@ Columns columns_like(const Spec& sp, bool queries, const at::Tensor& x, at::Scal
 
 Columns transposed(const Spec& sp, bool queries, const at::Tensor& x, double factor, at::ScalarType dtype, int slot) {
   Columns c = columns_like(sp, queries, x, dtype, slot);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_transposed", [&] {
-    using T = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(dtype, "attention_transposed_to", [&] {
-      using A = scalar_t;
-      rows_to_columns<A>(sp, queries, rows_of<const T>(x, sp.varlen), x.size(1), x.size(-1), static_cast<A>(factor),
-                         panels_of<A>(c));
-    });
+  // fp16/bf16 converted by ATen first (vectorized): element by element in the transpose, an
+  // fp16 forward+backward at (4, 8, 256, 64) ran ~1.2x slower.
+  const at::Tensor xa = as_type(x, dtype);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "attention_transposed", [&] {
+    rows_to_columns<scalar_t>(sp, queries, rows_of<const scalar_t>(xa, sp.varlen), x.size(1), x.size(-1),
+                              static_cast<scalar_t>(factor), panels_of<scalar_t>(c));
   });
   return c;
 }

@@ -370,23 +370,14 @@ void for_each_panel(const Spec& sp, bool queries, int64_t heads, int64_t scratch
   });
 }
 
-// factor * x (q's rows when `queries`, else k's or v's; `dim` wide) into `cols`, converted to A.
-template <typename A, typename T>
-void rows_to_columns(const Spec& sp, bool queries, Rows<const T> x, int64_t heads, int64_t dim, A factor,
+// factor * x (q's rows when `queries`, else k's or v's; `dim` wide) into `cols`.
+template <typename A>
+void rows_to_columns(const Spec& sp, bool queries, Rows<const A> x, int64_t heads, int64_t dim, A factor,
                      Panels<A> cols) {
-  constexpr bool same = std::is_same_v<A, T>;
-  for_each_panel<A>(sp, queries, heads, same ? 0 : kPanel * dim, [&](int64_t b, int64_t h, int64_t j0, int64_t n,
-                                                                     A* tmp) {
+  for_each_panel<A>(sp, queries, heads, 0, [&](int64_t b, int64_t h, int64_t j0, int64_t n, A*) {
     const Seq sq = sp.seq(b);
-    const T* src = x.at(b, h, (queries ? sq.q_start : sq.k_start) + j0);
-    if constexpr (same) {
-      transpose_in_strips<A>(src, x.sm, n, dim, cols.at(b, h, j0), kPanel, factor);
-    } else {
-      for (int64_t r = 0; r < n; ++r) {
-        for (int64_t d = 0; d < dim; ++d) tmp[r * dim + d] = static_cast<A>(src[r * x.sm + d]);
-      }
-      transpose_in_strips<A>(tmp, dim, n, dim, cols.at(b, h, j0), kPanel, factor);
-    }
+    transpose_in_strips<A>(x.at(b, h, (queries ? sq.q_start : sq.k_start) + j0), x.sm, n, dim, cols.at(b, h, j0),
+                           kPanel, factor);
   });
 }
 
