@@ -1,5 +1,9 @@
 """Test helpers shared by the suites (on sys.path through pytest's `pythonpath`)."""
 import contextlib
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -109,3 +113,31 @@ def forced(op: str, backend: str, device: str, dtype=torch.float32, **call):
         if reasons:
             pytest.skip(f"{backend} on {device}: {'; '.join(reasons)}")
         yield torch.device(device)
+
+
+_KEPT_MEMORY = """
+import ctypes, gc, sys, torch, attnkit
+def rss_mb():
+    gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+{setup}
+for n in {warm!r}:
+    step(n)
+before = rss_mb()
+for n in {measured!r}:
+    step(n)
+print(rss_mb() - before)
+"""
+
+
+def kept_memory_mb(setup: str, warm, measured, *args: str) -> float:
+    """MB of RSS that a fresh process keeps over the `measured` calls of the `step(n)` that
+    `setup` defines (with sys.argv[1:] = args), after the `warm` ones (the largest first, so
+    that buffers sized by the largest call stop growing). oneDNN's primitive caches (torch's,
+    up to 1024 entries each) are off: what is left is attnkit's own. Linux only (/proc, glibc)."""
+    script = _KEPT_MEMORY.format(setup=textwrap.dedent(setup), warm=list(warm), measured=list(measured))
+    env = dict(os.environ, ONEDNN_PRIMITIVE_CACHE_CAPACITY="0", LRU_CACHE_CAPACITY="1", OMP_NUM_THREADS="2")
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return float(done.stdout.strip().splitlines()[-1])

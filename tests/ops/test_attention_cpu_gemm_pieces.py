@@ -4,15 +4,12 @@ remainders (rows, keys and head dims off the multiples of 16 and 64, windows sta
 panel, packed sequences), and the memory the brgemm kernels keep. oneDNN's brgemm
 JIT-compiles a kernel per (M, N, K, lda, ldb, ldc), which ATen caches per thread and never
 frees; before the pieces, each new sequence length kept ~0.45 MB for good."""
-import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 from attention_cases import Features, Shape, check_backend_matches_ground_truth, make_inputs
-from helpers import forced
+from helpers import forced, kept_memory_mb
 
 from attnkit.ops import flash_attention_varlen
 from attnkit.reference import attention as ref
@@ -70,12 +67,7 @@ def test_packed_sequences_start_on_their_own_panels(dtype):
         torch.testing.assert_close(g, w, rtol=tol, atol=tol)
 
 
-_GROWTH = textwrap.dedent("""
-    import ctypes, gc, sys, torch, attnkit
-    def rss_mb():
-        gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+_STEP = """
     attnkit.set_backend("cpp", op="flash_attention")
     queries = sys.argv[1] == "one-query"
     def step(n):
@@ -85,24 +77,13 @@ _GROWTH = textwrap.dedent("""
             out = attnkit.ops.flash_attention(q, kv, kv, causal=not queries)
             if not queries:
                 out.sum().backward()
-    # Lengths 257..384 use every piece that 385..512 do (the same power-of-two key tiles), and
-    # more: the largest first, so that buffers sized by the largest call stop growing.
-    for n in [512] + list(range(257, 385)):
-        step(n)
-    before = rss_mb()
-    for n in range(385, 513):
-        step(n)
-    print(rss_mb() - before)
-""")
+"""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and glibc's malloc_trim")
 @pytest.mark.parametrize("kind", ["train", "one-query"])
 def test_new_sequence_lengths_keep_no_memory(kind):
     """128 new lengths after a warm-up over as many others: before, ~0.45 MB each (fwd+bwd)."""
-    env = dict(os.environ, ONEDNN_PRIMITIVE_CACHE_CAPACITY="0", LRU_CACHE_CAPACITY="1", OMP_NUM_THREADS="2")
-    done = subprocess.run([sys.executable, "-c", _GROWTH, kind], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    growth = float(done.stdout.strip().splitlines()[-1])
+    # Lengths 257..384 use every piece that 385..512 do (the same power-of-two key tiles), and more.
+    growth = kept_memory_mb(_STEP, [512] + list(range(257, 385)), range(385, 513), kind)
     assert growth < 6, f"{growth:.1f} MB kept over 128 sequence lengths"

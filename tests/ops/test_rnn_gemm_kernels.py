@@ -3,13 +3,11 @@ boundaries and rounded tails, and the memory they keep. oneDNN's brgemm JIT-comp
 kernel per (M, N, K, lda, ldb, ldc), which ATen caches per thread and never frees; with K
 and A's leading dimension taken from T B, every new length or batch size kept ~0.2 MB
 for good (csrc/cpu/rnn.cpp rows_gemm_long_k, rnn_fused.cpp mm)."""
-import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
+from helpers import kept_memory_mb
 
 import attnkit
 
@@ -31,23 +29,12 @@ def test_weight_gradients_across_k_blocks(kind, batch, steps):
         torch.testing.assert_close(p.grad, q.grad.float(), rtol=1e-4, atol=1e-4, msg=name)
 
 
-_GROWTH = textwrap.dedent("""
-    import ctypes, gc, os, sys, torch, attnkit
-    def rss_mb():
-        gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open(f"/proc/{os.getpid()}/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+_STEP = """
     batch = int(sys.argv[1])
     module = attnkit.nn.GRU(32, 64) if batch % 2 else attnkit.nn.LSTM(32, 64)
     def step(t):
         module(torch.randn(t, batch, 32, requires_grad=True))[0].sum().backward()
-    for t in [260] + list(range(5, 25)):  # the largest first: buffers sized by the largest call stop growing
-        step(t)
-    before = rss_mb()
-    for t in range(25, 225):
-        step(t)
-    print(rss_mb() - before)
-""")
+"""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and glibc's malloc_trim")
@@ -55,9 +42,5 @@ _GROWTH = textwrap.dedent("""
 def test_new_sequence_lengths_keep_no_memory(batch):
     """200 new T B values, each trained once. oneDNN's primitive caches (torch's, up to 1024
     entries by default) are off here: what is left is attnkit's own. Before: 18-46 MB."""
-    env = dict(os.environ, ONEDNN_PRIMITIVE_CACHE_CAPACITY="0", LRU_CACHE_CAPACITY="1", OMP_NUM_THREADS="2")
-    done = subprocess.run([sys.executable, "-c", _GROWTH, str(batch)], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    growth = float(done.stdout.strip().splitlines()[-1])
+    growth = kept_memory_mb(_STEP, [260] + list(range(5, 25)), range(25, 225), str(batch))
     assert growth < 8, f"{growth:.1f} MB kept over 200 sequence lengths"
