@@ -268,7 +268,7 @@ std::vector<at::Tensor> attention_backward_rope(
   // fp16/bf16 run as float (see attention_forward); the gradients are computed in acc and converted at the end.
   const at::Tensor doa = as_type(dout_r, acc), oa = as_type(out_r, acc);
   // The four transposed operands live only in this call: the calling thread's scratch buffers.
-  const Columns vT = transposed(sp, false, c.v, 1.0, acc, 0), doT = transposed(sp, true, dout_r, 1.0, acc, 1);
+  const Columns vT = transposed(sp, false, c.v, 1.0, acc, 0), doT = transposed(sp, true, doa, 1.0, acc, 1);
   const auto acc_opts = q.options().dtype(acc);
   // One task per (batch, kv-head) when there are enough of them for the threads.
   const bool fused = sp.batch * sp.heads_kv >= 4 * at::get_num_threads();
@@ -279,8 +279,8 @@ std::vector<at::Tensor> attention_backward_rope(
   Columns qT, kT;  // kT stays empty where the dK/dV kernel rotates each key block itself
   c10::optional<RopeIn> rin;
   if (rope_tables == nullptr) {
-    qa = as_type(c.q, acc), ka = as_type(c.k, acc), qT = transposed(sp, true, c.q, 1.0, acc, 2);
-    kT = transposed(sp, false, c.k, scale, acc, 3);
+    qa = as_type(c.q, acc), ka = as_type(c.k, acc), qT = transposed(sp, true, qa, 1.0, acc, 2);
+    kT = transposed(sp, false, ka, scale, acc, 3);
   } else {
     // Fused RoPE: one pass over q (and one over k) writes the rotated rows and
     // their transposes, where the plain backward converts and transposes.
