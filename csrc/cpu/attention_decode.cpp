@@ -11,8 +11,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <vector>
 
+#include "attention_rows.h"
 #include "simd.h"
 
 namespace attnkit {
@@ -30,16 +33,84 @@ struct Rows {  // the query rows of one task and what each of them sees
   const float* slope;  // per row, or nullptr
 };
 
-ATTNKIT_INLINE float dot(const float* a, const float* b, int64_t n) {
-  vf acc = vf{};
-  int64_t d = 0;
-  for (; d + W <= n; d += W) acc += load(a + d) * load(b + d);
-  float s = hsum(acc);
-  for (; d < n; ++d) s += a[d] * b[d];
-  return s;
+// Four sums of 16 lanes each, as one 4-vector: a pairwise tree, not hsum's lane-by-lane
+// chain, whose 16 dependent adds per key cost more than the key's FMAs at D = 64.
+typedef float vf4 __attribute__((vector_size(16)));
+typedef int vi4 __attribute__((vector_size(16)));
+
+ATTNKIT_INLINE vf4 fold(vf v) {
+  vf4 parts[4];
+  std::memcpy(parts, &v, sizeof(v));
+  return (parts[0] + parts[1]) + (parts[2] + parts[3]);
 }
 
-// scores (count, L) -> probabilities in place; out (count, Dv) = P V / l; lse (count,).
+ATTNKIT_INLINE vf4 sums4(vf a, vf b, vf c, vf d) {
+  const vf4 u0 = fold(a), u1 = fold(b), u2 = fold(c), u3 = fold(d);
+  const vf4 t0 = __builtin_shuffle(u0, u1, vi4{0, 4, 1, 5}) + __builtin_shuffle(u0, u1, vi4{2, 6, 3, 7});
+  const vf4 t1 = __builtin_shuffle(u2, u3, vi4{0, 4, 1, 5}) + __builtin_shuffle(u2, u3, vi4{2, 6, 3, 7});
+  return __builtin_shuffle(t0, t1, vi4{0, 1, 4, 5}) + __builtin_shuffle(t0, t1, vi4{2, 3, 6, 7});
+}
+
+// s[j] = q . k_j for j in [lo, hi), four keys at a time (independent FMA chains).
+ATTNKIT_INLINE void scores_of(const float* q, int64_t D, const float* k, int64_t k_stride, int64_t lo, int64_t hi,
+                              float* s) {
+  int64_t j = lo;
+  for (; j + 4 <= hi; j += 4) {
+    const float* k0 = k + j * k_stride;
+    vf a0{}, a1{}, a2{}, a3{};
+    int64_t d = 0;
+    for (; d + W <= D; d += W) {
+      const vf x = load(q + d);
+      a0 += x * load(k0 + d), a1 += x * load(k0 + k_stride + d);
+      a2 += x * load(k0 + 2 * k_stride + d), a3 += x * load(k0 + 3 * k_stride + d);
+    }
+    if (d < D) {
+      const vf x = load_tail(q + d, D - d, 0.f);
+      a0 += x * load_tail(k0 + d, D - d, 0.f), a1 += x * load_tail(k0 + k_stride + d, D - d, 0.f);
+      a2 += x * load_tail(k0 + 2 * k_stride + d, D - d, 0.f), a3 += x * load_tail(k0 + 3 * k_stride + d, D - d, 0.f);
+    }
+    const vf4 four = sums4(a0, a1, a2, a3);
+    std::memcpy(s + j, &four, sizeof(four));
+  }
+  for (; j < hi; ++j) {
+    const float* kj = k + j * k_stride;
+    vf a{};
+    int64_t d = 0;
+    for (; d + W <= D; d += W) a += load(q + d) * load(kj + d);
+    if (d < D) a += load_tail(q + d, D - d, 0.f) * load_tail(kj + d, D - d, 0.f);
+    const vf4 f = fold(a);
+    s[j] = (f[0] + f[2]) + (f[1] + f[3]);
+  }
+}
+
+// o += sum over j in [lo, hi) of p[j] v_j, four V rows per pass over o.
+ATTNKIT_INLINE void add_weighted_rows(const float* p, const float* v, int64_t v_stride, int64_t lo, int64_t hi,
+                                      float* o, int64_t Dv) {
+  int64_t j = lo;
+  for (; j + 4 <= hi; j += 4) {
+    const float* v0 = v + j * v_stride;
+    const vf p0 = splat(p[j]), p1 = splat(p[j + 1]), p2 = splat(p[j + 2]), p3 = splat(p[j + 3]);
+    int64_t d = 0;
+    for (; d + W <= Dv; d += W)
+      store(o + d, load(o + d) + (p0 * load(v0 + d) + p1 * load(v0 + v_stride + d)) +
+                       (p2 * load(v0 + 2 * v_stride + d) + p3 * load(v0 + 3 * v_stride + d)));
+    for (; d < Dv; ++d)
+      o[d] += (p[j] * v0[d] + p[j + 1] * v0[v_stride + d]) + (p[j + 2] * v0[2 * v_stride + d] + p[j + 3] * v0[3 * v_stride + d]);
+  }
+  for (; j < hi; ++j) {
+    const float* vj = v + j * v_stride;
+    const vf pj = splat(p[j]);
+    int64_t d = 0;
+    for (; d + W <= Dv; d += W) store(o + d, load(o + d) + pj * load(vj + d));
+    for (; d < Dv; ++d) o[d] += p[j] * vj[d];
+  }
+}
+
+// Keys per pass of a GQA group's rows: 256 rows of K (or V) at D = 128 are 128 KB, which
+// stay in L2 while each row of the group reads them, so a long cache is read from memory once.
+constexpr int64_t kKeyChunk = 256;
+
+// scores (count, L) -> exponentials in place; out (count, Dv) = P V; lse (count,).
 ATTNKIT_SIMD_CLONES
 void attend(const Rows& rows, const float* k, int64_t k_stride, const float* v, int64_t v_stride, float softcap,
             float* scores, int64_t L, float* out, float* lse) {
@@ -48,48 +119,46 @@ void attend(const Rows& rows, const float* k, int64_t k_stride, const float* v, 
   for (int64_t r = 0; r < rows.count; ++r) {
     if (rows.hi[r] > rows.lo[r]) first = std::min(first, rows.lo[r]), last = std::max(last, rows.hi[r]);
   }
-  for (int64_t j = first; j < last; ++j) {  // each cache row read once for the whole group
-    const float* kj = k + j * k_stride;
-    for (int64_t r = 0; r < rows.count; ++r)
-      if (j >= rows.lo[r] && j < rows.hi[r]) scores[r * L + j] = dot(rows.q + r * rows.D, kj, rows.D);
+  for (int64_t c = first; c < last; c += kKeyChunk) {
+    for (int64_t r = 0; r < rows.count; ++r) {
+      const int64_t lo = std::max(rows.lo[r], c), hi = std::min(rows.hi[r], c + kKeyChunk);
+      if (lo < hi) scores_of(rows.q + r * rows.D, rows.D, k, k_stride, lo, hi, scores + r * L);
+    }
   }
+  std::vector<float> sums(static_cast<size_t>(rows.count));
   for (int64_t r = 0; r < rows.count; ++r) {
     float* s = scores + r * L;
-    float* o = out + r * rows.Dv;
-    std::fill(o, o + rows.Dv, 0.f);
+    std::fill(out + r * rows.Dv, out + (r + 1) * rows.Dv, 0.f);
     const int64_t lo = rows.lo[r], hi = rows.hi[r];
+    sums[r] = 0;
     if (hi <= lo) {
       lse[r] = -inf;
       continue;
     }
-    float m = -inf;
-    for (int64_t j = lo; j < hi; ++j) {
-      float x = s[j];
-      if (softcap > 0) x = softcap * std::tanh(x / softcap);
-      if (rows.slope) x -= rows.slope[r] * static_cast<float>(std::abs(j - rows.pos[r]));
-      s[j] = x;
-      m = (x > m || std::isnan(x)) ? x : m;  // NaN wins, as in the reference
+    if (softcap > 0) attn_rows::softcap(s + lo, nullptr, hi - lo, softcap);
+    if (rows.slope) {
+      const float slope = rows.slope[r];
+      for (int64_t j = lo; j < hi; ++j) s[j] -= slope * static_cast<float>(std::abs(j - rows.pos[r]));
     }
+    const float m = attn_rows::row_max(s + lo, hi - lo);  // NaN wins, as in the reference
     const float shift = std::isinf(m) && m < 0 ? 0.f : m;
-    float l = 0;
-    for (int64_t j = lo; j < hi; ++j) l += (s[j] = std::exp(s[j] - shift));
-    lse[r] = shift + std::log(l);
-    if (l == 0) continue;  // every score -inf: nothing to average, output 0
-    const float inv = 1.f / l;
-    for (int64_t j = lo; j < hi; ++j) s[j] *= inv;
+    sums[r] = attn_rows::exp_shift_sum(s + lo, hi - lo, shift);
+    lse[r] = shift + std::log(sums[r]);
   }
-  // P V with V rows read once: out[r] += p[r][j] * v_j.
-  for (int64_t j = first; j < last; ++j) {
-    const float* vj = v + j * v_stride;
+  for (int64_t c = first; c < last; c += kKeyChunk) {
     for (int64_t r = 0; r < rows.count; ++r) {
-      if (j < rows.lo[r] || j >= rows.hi[r]) continue;
-      const float p = scores[r * L + j];
-      float* o = out + r * rows.Dv;
-      const vf pv = splat(p);
-      int64_t d = 0;
-      for (; d + W <= rows.Dv; d += W) store(o + d, load(o + d) + pv * load(vj + d));
-      for (; d < rows.Dv; ++d) o[d] += p * vj[d];
+      const int64_t lo = std::max(rows.lo[r], c), hi = std::min(rows.hi[r], c + kKeyChunk);
+      if (lo < hi && sums[r] != 0) add_weighted_rows(scores + r * L, v, v_stride, lo, hi, out + r * rows.Dv, rows.Dv);
     }
+  }
+  for (int64_t r = 0; r < rows.count; ++r) {
+    if (sums[r] == 0) continue;  // nothing visible, or every score -inf: output 0 (NaN stays NaN)
+    float* o = out + r * rows.Dv;
+    const float inv = 1.f / sums[r];
+    const vf vinv = splat(inv);
+    int64_t d = 0;
+    for (; d + W <= rows.Dv; d += W) store(o + d, load(o + d) * vinv);
+    for (; d < rows.Dv; ++d) o[d] *= inv;
   }
 }
 
@@ -114,19 +183,28 @@ template <typename scalar_t>
 void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int32_t* lengths,
             float scale, float softcap, int64_t window_left, const float* slopes, at::Tensor& out, at::Tensor& lse) {
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Dv = v.size(3), group = H / Hkv, count = group * Nq;
+  const int64_t Hkv = k.size(1), Dv = v.size(3), group = H / Hkv, rows_per_kv = group * Nq;
+  // A (sequence, KV head)'s rows are split into `parts` tasks only when there are fewer of
+  // those than threads (MQA at batch 1): each part then reads the cache rows again.
+  const int64_t kv_tasks = B * Hkv;
+  const int64_t parts = std::clamp<int64_t>((at::get_num_threads() + kv_tasks - 1) / kv_tasks, 1, rows_per_kv);
+  const int64_t per_part = (rows_per_kv + parts - 1) / parts;
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   float* lp = lse.data_ptr<float>();
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qf(count * D), outf(count * Dv), lsef(count), scores, k_scratch, v_scratch, slope(count);
-    std::vector<int64_t> lo(count), hi(count), pos(count);
+  at::parallel_for(0, kv_tasks * parts, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qf(per_part * D), outf(per_part * Dv), lsef(per_part), scores, k_scratch, v_scratch,
+        slope(per_part);
+    std::vector<int64_t> lo(per_part), hi(per_part), pos(per_part);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / Hkv, hk = t % Hkv, L = lengths[b];
-      for (int64_t r = 0; r < count; ++r) {  // row r: head hk * group + r / Nq, new token r % Nq
-        const int64_t h = hk * group + r / Nq, i = r % Nq;
+      const int64_t b = t / parts / Hkv, hk = t / parts % Hkv, L = lengths[b];
+      const int64_t r0 = t % parts * per_part, count = std::min(rows_per_kv, r0 + per_part) - r0;
+      if (count <= 0) continue;
+      // Local row r is the group's row r0 + r: head hk * group + (r0 + r) / Nq, new token (r0 + r) % Nq.
+      for (int64_t r = 0; r < count; ++r) {
+        const int64_t h = hk * group + (r0 + r) / Nq, i = (r0 + r) % Nq;
         const scalar_t* qrow = qp + b * q.stride(0) + h * q.stride(1) + i * q.stride(2);
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(qrow[d]) * scale;
         pos[r] = L - Nq + i;
@@ -136,7 +214,7 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       }
       // Only keys from the first any row sees on: with a sliding window, converting the whole
       // cache of a half-precision call cost ~45x the window's work (32k cache, window 64).
-      const int64_t first = *std::min_element(lo.begin(), lo.end()), span = L - first;
+      const int64_t first = *std::min_element(lo.begin(), lo.begin() + count), span = L - first;
       for (int64_t r = 0; r < count; ++r) lo[r] -= first, hi[r] -= first, pos[r] -= first;
       scores.resize(static_cast<size_t>(count * std::max<int64_t>(span, 1)));
       int64_t ks, vs;
@@ -147,7 +225,7 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       const Rows rows{count, D, Dv, qf.data(), lo.data(), hi.data(), pos.data(), slopes ? slope.data() : nullptr};
       attend(rows, kf, ks, vf_, vs, softcap, scores.data(), span, outf.data(), lsef.data());
       for (int64_t r = 0; r < count; ++r) {
-        const int64_t h = hk * group + r / Nq, i = r % Nq;
+        const int64_t h = hk * group + (r0 + r) / Nq, i = (r0 + r) % Nq;
         scalar_t* orow = op + ((b * H + h) * Nq + i) * Dv;
         for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<scalar_t>(outf[r * Dv + d]);
         lp[(b * H + h) * Nq + i] = lsef[r];

@@ -20,6 +20,10 @@ CASES = [  # (B, H, H_kv, Nq, N_max, D, lengths, options)
     (2, 4, 4, 2, 50, 32, [50, 23], dict(alibi=True, scale=0.3)),
     (2, 8, 2, 1, 300, 80, [300, 129], dict(alibi=True, softcap=5.0, window_left=100)),  # GQA 4, D = 80
     (1, 12, 12, 4, 20, 20, [3], dict(window_left=0)),  # each new token sees only itself; one row sees none
+    # Past the CPU kernel's 256-key passes; D with a tail of 8 (72), Dv != D, lengths not
+    # multiples of its 4-key blocks, rows whose windows start and end in different passes.
+    (2, 4, 2, 3, 600, 72, [600, 259], dict(dv=40)),
+    (1, 4, 1, 5, 530, 40, [527], dict(window_left=300, softcap=4.0)),
 ]
 
 
@@ -27,8 +31,9 @@ def make(case, dtype, device):
     batch, heads, heads_kv, n_q, n_max, dim, lengths, options = case
     gen = torch.Generator().manual_seed(batch * 100 + n_max)
     rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)  # noqa: E731
-    q, k, v = rand(batch, heads, n_q, dim), rand(batch, heads_kv, n_max, dim), rand(batch, heads_kv, n_max, dim)
-    kwargs = {key: value for key, value in options.items() if key != "alibi"}
+    dim_v = options.get("dv", dim)
+    q, k, v = rand(batch, heads, n_q, dim), rand(batch, heads_kv, n_max, dim), rand(batch, heads_kv, n_max, dim_v)
+    kwargs = {key: value for key, value in options.items() if key not in ("alibi", "dv")}
     if options.get("alibi"):
         kwargs["alibi_slopes"] = torch.rand(heads, generator=gen).to(device)
     return q, k, v, torch.tensor(lengths, dtype=torch.int32, device=device), kwargs
@@ -161,3 +166,27 @@ def test_autocast_leaves_the_kernel_in_its_inputs_dtype(backend, device):
             under_autocast = attention_decode(q, k, v, lengths)
     assert under_autocast.dtype == torch.float32
     torch.testing.assert_close(under_autocast, plain, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_cpu_rows_split_over_threads_give_the_same_result(threads):
+    """With fewer (sequence, KV head) pairs than threads (MQA at batch 1) the cpp kernel splits
+    a pair's query rows over tasks: each row is computed as it is unsplit, bit for bit."""
+    if "cpp" not in attnkit.available_backends() or not attnkit.available_backends()["cpp"].available:
+        pytest.skip("attnkit._C is not built")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 7, 3, 24, generator=gen), torch.randn(1, 1, 90, 24, generator=gen), torch.randn(1, 1, 90, 16, generator=gen)
+    lengths = torch.tensor([77], dtype=torch.int32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with attnkit.use_backend("cpp", op=OP):
+            whole = attention_decode(q, k, v, lengths, softcap=2.0, window_left=30)
+        torch.set_num_threads(threads)
+        with attnkit.use_backend("cpp", op=OP):
+            split = attention_decode(q, k, v, lengths, softcap=2.0, window_left=30)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(split, whole)
+    out_t, _ = ref.decode(q.double(), k.double(), v.double(), lengths, softcap=2.0, window_left=30)
+    assert_close(split, out_t, ATTENTION_TOL[torch.float32], "out")
