@@ -121,6 +121,10 @@ class Cpp(Implementation):
 
     def forward(self, c: AttentionCall):
         ext, _ = _extensions.load(self.extension)
+        if _decode_kernel_suits(c):
+            lengths = torch.full((c.q.shape[0],), c.k.shape[2], dtype=torch.int32)
+            return tuple(ext.attention_decode_forward(c.q, c.k, c.v, lengths, c.scale, c.softcap, c.window[0],
+                                                      c.alibi_slopes))
         kernel = ext.attention_forward if c.rotary_cos is None else ext.attention_rotary_forward
         return tuple(kernel(c.q, c.k, c.v, *self._args(c)))
 
@@ -129,6 +133,26 @@ class Cpp(Implementation):
         kernel = ext.attention_backward if c.rotary_cos is None else ext.attention_rotary_backward
         grads = tuple(kernel(grad_out, c.q, c.k, c.v, out, lse, *self._args(c), c.mask_grad))
         return grads if c.mask_grad else grads + (None,)
+
+
+def _decode_kernel_suits(c: AttentionCall) -> bool:
+    """Whether the cpp forward of this call runs the decoding kernel (csrc/cpu/attention_decode.cpp)
+    rather than the tiled one: a few queries against the keys, with what that kernel has (no
+    mask, dropout, RoPE or packing; float32, float16, bfloat16). Each of its rows reads its keys
+    once, with no K^T formed per call: measured here 1.5-15x faster than the tiles for one query,
+    and for up to 8 (bottom-right causal) while Nk >= 512 Nq; slower beyond. Its lse is the
+    tiles', so the backward is the same."""
+    n_q, n_k = c.q.shape[2], c.k.shape[2]
+    if c.varlen or not (n_q <= 2 or (n_q <= 8 and n_k >= 512 * n_q)):
+        return False
+    if c.attn_mask is not None or c.key_padding_mask is not None or c.dropout_p > 0 or c.rotary_cos is not None:
+        return False
+    if c.q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    left, right = c.window
+    if n_q == 1:  # bottom-right, one query sees every key up to its position: causal or not
+        return c.bottom_right or (left < 0 and right < 0 and c.alibi_slopes is None)  # top-left: at key 0
+    return c.bottom_right and right == 0  # the decoding kernel's rows are causal, bottom-right
 
 
 class Reference(Implementation):
