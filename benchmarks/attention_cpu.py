@@ -8,6 +8,11 @@ grad in the fwd+bwd rows (both sides compute its gradient; SDPA then runs its
 unfused math path, the only one with a bias gradient on the CPU). B=4, H=8, D=64.
 The fwd+bwd rows' max err covers the gradients of q, k, v (and the bias).
 
+Decoding (forward only): one new query against N cached keys, as a generation step
+makes it. flash_attention (what Hugging Face models call through attnkit's attention
+interface; B=4, H=8, D=64) and attention_decode on a GQA cache (B=1, H=32, H_kv=8,
+D=128, as Llama's), each against SDPA on the same tensors.
+
 Peak memory (`*_peak_mb`, vs SDPA for plain attention, vs the reference for
 the sliding window) is the rise of the process's peak resident set
 (VmHWM, reset through /proc/self/clear_refs) over one forward+backward call, in
@@ -23,7 +28,7 @@ import torch.nn.functional as F
 from timing import gradient_error, max_error, median_pair_ms, rss_rise_mb, rss_rise_mb_in_subprocess
 
 import attnkit
-from attnkit.ops import flash_attention
+from attnkit.ops import attention_decode, flash_attention
 
 TITLE = ("Flash attention (CPU): attnkit cpp vs SDPA (plain, causal, learned bias) and vs the materialized reference "
          "(window, softcap, ALiBi)")
@@ -31,6 +36,7 @@ BATCH, HEADS, DIM = 4, 8, 64
 QUICK_N, FULL_N = [256, 1024], [256, 512, 1024, 2048, 4096]
 QUICK_FEATURE_N, FULL_FEATURE_N = [1024], [1024, 2048]  # the reference needs ~10 (N, N) fp32 tensors per head
 QUICK_MEMORY_N, FULL_MEMORY_N = [2048], [1024, 2048, 4096, 8192]
+QUICK_DECODE_N, FULL_DECODE_N = [1024], [256, 1024, 4096, 16384]
 MEMORY_BATCH, MEMORY_HEADS = 1, 2  # keeps the reference's fwd+bwd at N = 8192 within a few GB
 FEATURES = {
     "plain": dict(),
@@ -83,6 +89,27 @@ def _pair(rows, case, shape, backend, ours, theirs, device, leaves, repeats=15, 
     t_ours, t_theirs = median_pair_ms(_fwd_bwd(ours), _fwd_bwd(theirs), device, warmup, repeats)
     rows.append(dict(case=f"{case} fwd+bwd", shape=shape, backend=backend, ours_ms=t_ours, baseline_ms=t_theirs,
                      max_err=error))
+
+
+def _decode_rows(rows, n, dtype, device):
+    """One query against n keys: flash_attention and attention_decode (GQA) vs SDPA, forward only."""
+    gen = torch.Generator().manual_seed(2)
+    for case, (batch, heads, heads_kv, dim) in (("one query vs SDPA", (BATCH, HEADS, HEADS, DIM)),
+                                                 ("decode GQA vs SDPA", (1, 32, 8, 128))):
+        q = torch.randn(batch, heads, 1, dim, generator=gen).to(dtype)
+        k, v = (torch.randn(batch, heads_kv, n, dim, generator=gen).to(dtype) for _ in range(2))
+        if heads == heads_kv:
+            op, ours = "flash_attention", lambda: flash_attention(q, k, v)  # noqa: E731
+        else:
+            lengths = torch.full((batch,), n, dtype=torch.int32)
+            op, ours = "attention_decode", lambda: attention_decode(q, k, v, lengths)  # noqa: E731
+        theirs = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=heads != heads_kv)  # noqa: E731
+        with torch.no_grad():
+            error = max_error(ours(), theirs())
+            backend = attnkit.last_dispatch(op).backend
+            t_ours, t_theirs = median_pair_ms(ours, theirs, device, warmup=3, repeats=max(5, min(50, 50 * 1024 // n)))
+        rows.append(dict(case=case, shape=f"B={batch} H={heads}/{heads_kv} N={n} D={dim}", backend=backend,
+                         ours_ms=t_ours, baseline_ms=t_theirs, max_err=error))
 
 
 def peak_mb(backend: str, n: int, dtype: torch.dtype, feature: str) -> float:
@@ -149,6 +176,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = True):
         _pair(rows, "learned bias vs SDPA", shape, backend, ours,
               lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), device, (q, k, v, bias), repeats=5,
               warmup=1, forward=forward)
+    for n in QUICK_DECODE_N if quick else FULL_DECODE_N:
+        _decode_rows(rows, n, dtype, device)
     for n in QUICK_MEMORY_N if quick else FULL_MEMORY_N:
         for feature, baseline in (("plain", "sdpa"), ("window 256", "reference")):
             ours_mb, base_mb = peak_mb("cpp", n, dtype, feature), peak_mb(baseline, n, dtype, feature)
