@@ -11,8 +11,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention_rows.h"
@@ -106,23 +108,57 @@ ATTNKIT_INLINE void add_weighted_rows(const float* p, const float* v, int64_t v_
   }
 }
 
+// The valid cache rows of one (sequence, KV head), in the tensor's dtype.
+struct Cache {
+  enum Type { kFloat, kHalf, kBFloat16 };
+  const void* data;  // the task's first row
+  int64_t stride;    // elements between rows
+  int64_t width;     // D or Dv
+  Type type;
+};
+
+// Rows [c, c + n) of `x` as float rows: in place for float32, else converted into `buf`
+// (n * width floats), a chunk at a time: a whole long cache converted up front was tens of MB
+// of fresh memory per task, faulted in on every call.
+template <typename T>
+ATTNKIT_INLINE void to_float_rows(const T* p, int64_t stride, int64_t n, int64_t width, float* buf) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t d = 0; d < width; ++d) buf[j * width + d] = static_cast<float>(p[j * stride + d]);
+}
+
+ATTNKIT_INLINE const float* chunk_of(const Cache& x, int64_t c, int64_t n, float* buf, int64_t* stride) {
+  if (x.type == Cache::kFloat) {
+    *stride = x.stride;
+    return static_cast<const float*>(x.data) + c * x.stride;
+  }
+  if (x.type == Cache::kBFloat16) {
+    to_float_rows(static_cast<const c10::BFloat16*>(x.data) + c * x.stride, x.stride, n, x.width, buf);
+  } else {
+    to_float_rows(static_cast<const c10::Half*>(x.data) + c * x.stride, x.stride, n, x.width, buf);
+  }
+  *stride = x.width;
+  return buf;
+}
+
 // Keys per pass of a GQA group's rows: 256 rows of K (or V) at D = 128 are 128 KB, which
 // stay in L2 while each row of the group reads them, so a long cache is read from memory once.
 constexpr int64_t kKeyChunk = 256;
 
 // scores (count, L) -> exponentials in place; out (count, Dv) = P V; lse (count,).
 ATTNKIT_SIMD_CLONES
-void attend(const Rows& rows, const float* k, int64_t k_stride, const float* v, int64_t v_stride, float softcap,
-            float* scores, int64_t L, float* out, float* lse) {
+void attend(const Rows& rows, const Cache& k, const Cache& v, float softcap, float* scores, int64_t L, float* out,
+            float* lse, float* chunk_buf) {
   const float inf = std::numeric_limits<float>::infinity();
   int64_t first = L, last = 0;  // the keys any row sees
   for (int64_t r = 0; r < rows.count; ++r) {
     if (rows.hi[r] > rows.lo[r]) first = std::min(first, rows.lo[r]), last = std::max(last, rows.hi[r]);
   }
   for (int64_t c = first; c < last; c += kKeyChunk) {
+    int64_t ks;
+    const float* kc = chunk_of(k, c, std::min(kKeyChunk, last - c), chunk_buf, &ks);
     for (int64_t r = 0; r < rows.count; ++r) {
       const int64_t lo = std::max(rows.lo[r], c), hi = std::min(rows.hi[r], c + kKeyChunk);
-      if (lo < hi) scores_of(rows.q + r * rows.D, rows.D, k, k_stride, lo, hi, scores + r * L);
+      if (lo < hi) scores_of(rows.q + r * rows.D, rows.D, kc, ks, lo - c, hi - c, scores + r * L + c);
     }
   }
   std::vector<float> sums(static_cast<size_t>(rows.count));
@@ -146,9 +182,12 @@ void attend(const Rows& rows, const float* k, int64_t k_stride, const float* v, 
     lse[r] = shift + std::log(sums[r]);
   }
   for (int64_t c = first; c < last; c += kKeyChunk) {
+    int64_t vs;
+    const float* vc = chunk_of(v, c, std::min(kKeyChunk, last - c), chunk_buf, &vs);
     for (int64_t r = 0; r < rows.count; ++r) {
       const int64_t lo = std::max(rows.lo[r], c), hi = std::min(rows.hi[r], c + kKeyChunk);
-      if (lo < hi && sums[r] != 0) add_weighted_rows(scores + r * L, v, v_stride, lo, hi, out + r * rows.Dv, rows.Dv);
+      if (lo < hi && sums[r] != 0)
+        add_weighted_rows(scores + r * L + c, vc, vs, lo - c, hi - c, out + r * rows.Dv, rows.Dv);
     }
   }
   for (int64_t r = 0; r < rows.count; ++r) {
@@ -162,23 +201,6 @@ void attend(const Rows& rows, const float* k, int64_t k_stride, const float* v, 
   }
 }
 
-// L cache rows of one (sequence, KV head) as float rows: the tensor itself when it is
-// float32, else converted into `scratch` (the task reads them all anyway).
-template <typename scalar_t>
-const float* float_rows(const scalar_t* base, int64_t row_stride, int64_t L, int64_t width,
-                        std::vector<float>& scratch, int64_t* out_stride) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    *out_stride = row_stride;
-    return base;
-  } else {
-    scratch.resize(static_cast<size_t>(L * width));
-    for (int64_t j = 0; j < L; ++j)
-      for (int64_t d = 0; d < width; ++d) scratch[j * width + d] = static_cast<float>(base[j * row_stride + d]);
-    *out_stride = width;
-    return scratch.data();
-  }
-}
-
 template <typename scalar_t>
 void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int32_t* lengths,
             float scale, float softcap, int64_t window_left, const float* slopes, at::Tensor& out, at::Tensor& lse) {
@@ -189,14 +211,17 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   const int64_t kv_tasks = B * Hkv;
   const int64_t parts = std::clamp<int64_t>((at::get_num_threads() + kv_tasks - 1) / kv_tasks, 1, rows_per_kv);
   const int64_t per_part = (rows_per_kv + parts - 1) / parts;
+  const Cache::Type type = std::is_same_v<scalar_t, float>        ? Cache::kFloat
+                           : std::is_same_v<scalar_t, c10::BFloat16> ? Cache::kBFloat16
+                                                                     : Cache::kHalf;
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   float* lp = lse.data_ptr<float>();
   at::parallel_for(0, kv_tasks * parts, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qf(per_part * D), outf(per_part * Dv), lsef(per_part), scores, k_scratch, v_scratch,
-        slope(per_part);
+    std::vector<float> qf(per_part * D), outf(per_part * Dv), lsef(per_part), scores, slope(per_part),
+        chunk_buf(std::is_same_v<scalar_t, float> ? 0 : kKeyChunk * std::max(D, Dv));
     std::vector<int64_t> lo(per_part), hi(per_part), pos(per_part);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / parts / Hkv, hk = t / parts % Hkv, L = lengths[b];
@@ -217,13 +242,10 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       const int64_t first = *std::min_element(lo.begin(), lo.begin() + count), span = L - first;
       for (int64_t r = 0; r < count; ++r) lo[r] -= first, hi[r] -= first, pos[r] -= first;
       scores.resize(static_cast<size_t>(count * std::max<int64_t>(span, 1)));
-      int64_t ks, vs;
-      const scalar_t* k_rows = kp + b * k.stride(0) + hk * k.stride(1) + first * k.stride(2);
-      const scalar_t* v_rows = vp + b * v.stride(0) + hk * v.stride(1) + first * v.stride(2);
-      const float* kf = float_rows(k_rows, k.stride(2), span, D, k_scratch, &ks);
-      const float* vf_ = float_rows(v_rows, v.stride(2), span, Dv, v_scratch, &vs);
+      const Cache kc{kp + b * k.stride(0) + hk * k.stride(1) + first * k.stride(2), k.stride(2), D, type};
+      const Cache vc{vp + b * v.stride(0) + hk * v.stride(1) + first * v.stride(2), v.stride(2), Dv, type};
       const Rows rows{count, D, Dv, qf.data(), lo.data(), hi.data(), pos.data(), slopes ? slope.data() : nullptr};
-      attend(rows, kf, ks, vf_, vs, softcap, scores.data(), span, outf.data(), lsef.data());
+      attend(rows, kc, vc, softcap, scores.data(), span, outf.data(), lsef.data(), chunk_buf.data());
       for (int64_t r = 0; r < count; ++r) {
         const int64_t h = hk * group + (r0 + r) / Nq, i = (r0 + r) % Nq;
         scalar_t* orow = op + ((b * H + h) * Nq + i) * Dv;
@@ -278,8 +300,10 @@ std::vector<at::Tensor> attention_decode_forward(const at::Tensor& q, const at::
   at::Tensor lse = at::empty({B, H, q.size(2)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_decode_forward", [&] {
-    decode<scalar_t>(q, k_cache, v_cache, lengths, static_cast<float>(scale), static_cast<float>(softcap),
-                     window_left, slopes, out, lse);
+    if constexpr (!std::is_same_v<scalar_t, double>) {  // refused above
+      decode<scalar_t>(q, k_cache, v_cache, lengths, static_cast<float>(scale), static_cast<float>(softcap),
+                       window_left, slopes, out, lse);
+    }
   });
   return {out, lse};
 }
