@@ -33,6 +33,23 @@ struct Rows {  // the query rows of one task and what each of them sees
   const int64_t* hi;   // one past the last visible key per row (hi <= lo: nothing visible)
   const int64_t* pos;  // the row's position (for ALiBi)
   const float* slope;  // per row, or nullptr
+  const uint8_t* blocked;  // (count, L): 1 where a mask hides the key, or nullptr
+};
+
+// The boolean masks flash_attention may hand over (attention_decode takes none).
+struct Masks {
+  const bool* keep = nullptr;  // (B, H, Nq, N) with these strides, True = attend
+  int64_t keep_stride[4] = {};
+  const bool* padding = nullptr;  // (B, N), True = padding
+  int64_t padding_stride = 0;
+
+  bool any() const { return keep != nullptr || padding != nullptr; }
+  // Whether key j of row (b, h, i) is hidden.
+  bool hides(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    if (padding != nullptr && padding[b * padding_stride + j]) return true;
+    return keep != nullptr &&
+           !keep[b * keep_stride[0] + h * keep_stride[1] + i * keep_stride[2] + j * keep_stride[3]];
+  }
 };
 
 // Four sums of 16 lanes each, as one 4-vector: a pairwise tree, not hsum's lane-by-lane
@@ -176,6 +193,10 @@ void attend(const Rows& rows, const Cache& k, const Cache& v, float softcap, flo
       const float slope = rows.slope[r];
       for (int64_t j = lo; j < hi; ++j) s[j] -= slope * static_cast<float>(std::abs(j - rows.pos[r]));
     }
+    if (rows.blocked) {  // after the bias, as the reference masks: a hidden key is -inf whatever its score
+      const uint8_t* blocked = rows.blocked + r * L;
+      for (int64_t j = lo; j < hi; ++j) s[j] = blocked[j] ? -inf : s[j];
+    }
     const float m = attn_rows::row_max(s + lo, hi - lo);  // NaN wins, as in the reference
     const float shift = std::isinf(m) && m < 0 ? 0.f : m;
     sums[r] = attn_rows::exp_shift_sum(s + lo, hi - lo, shift);
@@ -203,7 +224,8 @@ void attend(const Rows& rows, const Cache& k, const Cache& v, float softcap, flo
 
 template <typename scalar_t>
 void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int32_t* lengths,
-            float scale, float softcap, int64_t window_left, const float* slopes, at::Tensor& out, at::Tensor& lse) {
+            float scale, float softcap, int64_t window_left, const float* slopes, const Masks& masks,
+            at::Tensor& out, at::Tensor& lse) {
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Dv = v.size(3), group = H / Hkv, rows_per_kv = group * Nq;
   // A (sequence, KV head)'s rows are split into `parts` tasks only when there are fewer of
@@ -223,6 +245,7 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
     std::vector<float> qf(per_part * D), outf(per_part * Dv), lsef(per_part), scores, slope(per_part),
         chunk_buf(std::is_same_v<scalar_t, float> ? 0 : kKeyChunk * std::max(D, Dv));
     std::vector<int64_t> lo(per_part), hi(per_part), pos(per_part);
+    std::vector<uint8_t> blocked;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / parts / Hkv, hk = t / parts % Hkv, L = lengths[b];
       const int64_t r0 = t % parts * per_part, count = std::min(rows_per_kv, r0 + per_part) - r0;
@@ -244,7 +267,15 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       scores.resize(static_cast<size_t>(count * std::max<int64_t>(span, 1)));
       const Cache kc{kp + b * k.stride(0) + hk * k.stride(1) + first * k.stride(2), k.stride(2), D, type};
       const Cache vc{vp + b * v.stride(0) + hk * v.stride(1) + first * v.stride(2), v.stride(2), Dv, type};
-      const Rows rows{count, D, Dv, qf.data(), lo.data(), hi.data(), pos.data(), slopes ? slope.data() : nullptr};
+      if (masks.any()) {
+        blocked.resize(scores.size());
+        for (int64_t r = 0; r < count; ++r) {
+          const int64_t h = hk * group + (r0 + r) / Nq, i = (r0 + r) % Nq;
+          for (int64_t j = lo[r]; j < hi[r]; ++j) blocked[r * span + j] = masks.hides(b, h, i, first + j);
+        }
+      }
+      const Rows rows{count,      D,          Dv,         qf.data(), lo.data(), hi.data(), pos.data(),
+                      slopes ? slope.data() : nullptr, masks.any() ? blocked.data() : nullptr};
       attend(rows, kc, vc, softcap, scores.data(), span, outf.data(), lsef.data(), chunk_buf.data());
       for (int64_t r = 0; r < count; ++r) {
         const int64_t h = hk * group + (r0 + r) / Nq, i = (r0 + r) % Nq;
@@ -261,7 +292,9 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
 std::vector<at::Tensor> attention_decode_forward(const at::Tensor& q, const at::Tensor& k_cache,
                                                  const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                                  double scale, double softcap, int64_t window_left,
-                                                 const c10::optional<at::Tensor>& alibi_slopes) {
+                                                 const c10::optional<at::Tensor>& alibi_slopes,
+                                                 const c10::optional<at::Tensor>& keep_mask,
+                                                 const c10::optional<at::Tensor>& key_padding_mask) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
               "attention_decode_forward: q, k_cache, v_cache must be 4-D");
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
@@ -296,13 +329,30 @@ std::vector<at::Tensor> attention_decode_forward(const at::Tensor& q, const at::
                 "attention_decode_forward: alibi_slopes must be contiguous float32 (B, H)");
     slopes = alibi_slopes->data_ptr<float>();
   }
+  Masks masks;
+  if (keep_mask.has_value()) {
+    const at::Tensor& m = *keep_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && m.device().is_cpu() && m.size(0) == B &&
+                    m.size(1) == H && m.size(2) == q.size(2) && m.size(3) == k_cache.size(2),
+                "attention_decode_forward: keep_mask must be a CPU bool (B, H, Nq, N_max) tensor");
+    masks.keep = m.data_ptr<bool>();
+    for (int d = 0; d < 4; ++d) masks.keep_stride[d] = m.stride(d);
+  }
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& m = *key_padding_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 2 && m.device().is_cpu() && m.size(0) == B &&
+                    m.size(1) == k_cache.size(2) && m.stride(1) == 1,
+                "attention_decode_forward: key_padding_mask must be a CPU bool (B, N_max) tensor, rows contiguous");
+    masks.padding = m.data_ptr<bool>();
+    masks.padding_stride = m.stride(0);
+  }
   at::Tensor out = at::empty({B, H, q.size(2), v_cache.size(3)}, q.options());
   at::Tensor lse = at::empty({B, H, q.size(2)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_decode_forward", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {  // refused above
       decode<scalar_t>(q, k_cache, v_cache, lengths, static_cast<float>(scale), static_cast<float>(softcap),
-                       window_left, slopes, out, lse);
+                       window_left, slopes, masks, out, lse);
     }
   });
   return {out, lse};

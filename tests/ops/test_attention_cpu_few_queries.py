@@ -1,7 +1,7 @@
 """The cpp flash attention's few-query forward: calls with one or two queries (up to 8
-bottom-right causal ones against long keys) run the decoding kernel
-(csrc/cpu/attention_decode.cpp) instead of the tiles, and the tiled backward on its
-out and lse. Values and gradients against the float64 reference, for calls that take
+bottom-right causal ones against long keys), boolean masks and key padding included, run the
+decoding kernel (csrc/cpu/attention_decode.cpp) instead of the tiles, and the tiled backward
+on its out and lse. Values and gradients against the float64 reference, for calls that take
 that route and neighbours that must not."""
 import pytest
 import torch
@@ -9,6 +9,8 @@ from attention_cases import Features, Shape, check_backend_matches_ground_truth,
 from helpers import forced
 
 import attnkit.backends.attention as attention_backends
+from attnkit import _extensions
+from attnkit.ops import flash_attention
 
 OP = "flash_attention"
 
@@ -31,8 +33,14 @@ CASES = [
     (Shape(2, 2, 2, 2, 40, 16, 16), Features(window=(-1, 3)), {}, False),
     (Shape(2, 2, 2, 1, 40, 16, 16), Features(window=(-1, 3)), dict(causal_alignment="top_left"), False),
     (Shape(1, 2, 2, 5, 2000, 32, 32), Features(causal=True), {}, False),  # Nk < 512 Nq
-    (Shape(2, 2, 2, 1, 40, 16, 16), Features(padding=True), {}, False),
-    (Shape(2, 2, 2, 1, 40, 16, 16), Features(mask="bool"), {}, False),
+    # boolean masks and key padding go along; a float mask does not
+    (Shape(2, 2, 2, 1, 40, 16, 16), Features(padding=True), {}, True),
+    (Shape(2, 2, 2, 1, 40, 16, 16), Features(mask="bool"), {}, True),
+    (Shape(2, 4, 2, 1, 300, 64, 32), Features(mask="bool", padding=True, softcap=2.0, alibi="heads"), {}, True),
+    (Shape(3, 2, 1, 2, 29, 16, 16), Features(padding=True, pad_whole_sequence=True, causal=True), {}, True),
+    (Shape(1, 3, 3, 2, 18, 16, 16), Features(mask="bool-2d", causal=True), {}, True),
+    (Shape(2, 2, 2, 4, 2100, 32, 32), Features(causal=True, mask="bool", padding=True, window=(700, -1)), {}, True),
+    (Shape(2, 2, 2, 1, 40, 16, 16), Features(mask="float"), {}, False),
     (Shape(2, 2, 2, 1, 40, 16, 16), Features(rotary="half"), {}, False),
 ]
 
@@ -73,3 +81,38 @@ def test_float64_takes_the_tiles(routes):
         q, k, v, kwargs = make_inputs(Shape(1, 2, 2, 1, 40, 16, 16), Features(), torch.float64, "cpu")
         check_backend_matches_ground_truth(q, k, v, kwargs, torch.float64, "cpp")
     assert routes == [False]
+
+
+def test_a_fully_masked_row_gives_zero_and_zero_gradient(routes):
+    """A boolean mask that hides every key of one query: out 0, lse -inf, gradient 0, as the tiles
+    (SDPA gives NaN there)."""
+    with forced(OP, "cpp", "cpu"):
+        q, k, v, kwargs = make_inputs(Shape(2, 2, 2, 1, 33, 16, 16), Features(), torch.float32, "cpu")
+        mask = torch.ones(2, 1, 1, 33, dtype=torch.bool)
+        mask[1] = False
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out, lse = flash_attention(*leaves, attn_mask=mask, return_lse=True)
+        out.sum().backward()
+    assert routes == [True]
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isneginf(lse[1]).all()
+    assert torch.equal(leaves[0].grad[1], torch.zeros_like(leaves[0].grad[1]))
+    assert out[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad", ["keep shape", "keep dtype", "padding shape"])
+def test_decode_entry_point_checks_its_masks(bad):
+    ext, reason = _extensions.load("_C")
+    if ext is None:
+        pytest.skip(reason)
+    q, k = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 9, 16)
+    lengths = torch.full((2,), 9, dtype=torch.int32)
+    keep = torch.ones(2, 2, 1, 9, dtype=torch.bool)
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    if bad == "keep shape":
+        keep = keep[..., :8]
+    elif bad == "keep dtype":
+        keep = keep.float()
+    else:
+        padding = padding[:, :8]
+    with pytest.raises(RuntimeError, match="keep_mask" if bad.startswith("keep") else "key_padding_mask"):
+        ext.attention_decode_forward(q, k, k, lengths, 0.25, 0.0, -1, None, keep, padding)

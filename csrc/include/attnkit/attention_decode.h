@@ -4,7 +4,9 @@
 // multiple of H_kv; cache_seqlens int32 (B,); query i of sequence b sits at position
 // cache_seqlens[b] - Nq + i and sees keys j <= that position (and >= it - window_left
 // when window_left >= 0); alibi_slopes float32 (B, H) or none: score -= slope * |j - pos|,
-// after soft-capping. Rows that see no key give 0 and lse = -inf.
+// after soft-capping. keep_mask bool (B, H, Nq, N_max), any strides (an expanded view), False
+// hides a key; key_padding_mask bool (B, N_max), True hides it (flash_attention's few-query
+// forward passes them; the op attention_decode none). Rows that see no key give 0 and lse = -inf.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,7 +20,9 @@ namespace cpu {
 std::vector<at::Tensor> attention_decode_forward(const at::Tensor& q, const at::Tensor& k_cache,
                                                  const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                                  double scale, double softcap, int64_t window_left,
-                                                 const c10::optional<at::Tensor>& alibi_slopes);
+                                                 const c10::optional<at::Tensor>& alibi_slopes,
+                                                 const c10::optional<at::Tensor>& keep_mask,
+                                                 const c10::optional<at::Tensor>& key_padding_mask);
 
 }  // namespace cpu
 }  // namespace attnkit

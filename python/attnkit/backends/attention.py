@@ -124,7 +124,7 @@ class Cpp(Implementation):
         if _decode_kernel_suits(c):
             lengths = torch.full((c.q.shape[0],), c.k.shape[2], dtype=torch.int32)
             return tuple(ext.attention_decode_forward(c.q, c.k, c.v, lengths, c.scale, c.softcap, c.window[0],
-                                                      c.alibi_slopes))
+                                                      c.alibi_slopes, c.attn_mask, c.key_padding_mask))
         kernel = ext.attention_forward if c.rotary_cos is None else ext.attention_rotary_forward
         return tuple(kernel(c.q, c.k, c.v, *self._args(c)))
 
@@ -137,15 +137,17 @@ class Cpp(Implementation):
 
 def _decode_kernel_suits(c: AttentionCall) -> bool:
     """Whether the cpp forward of this call runs the decoding kernel (csrc/cpu/attention_decode.cpp)
-    rather than the tiled one: a few queries against the keys, with what that kernel has (no
-    mask, dropout, RoPE or packing; float32, float16, bfloat16). Each of its rows reads its keys
-    once, with no K^T formed per call: measured here 1.5-15x faster than the tiles for one query,
-    and for up to 8 (bottom-right causal) while Nk >= 512 Nq; slower beyond. Its lse is the
-    tiles', so the backward is the same."""
+    rather than the tiled one: a few queries against the keys, with what that kernel has (boolean
+    masks and key padding, no float mask, dropout, RoPE or packing; float32, float16, bfloat16).
+    Each of its rows reads its keys once, with no K^T formed per call: measured here 1.5-15x
+    faster than the tiles for one query, and for up to 8 (bottom-right causal) while Nk >= 512 Nq;
+    slower beyond. Its lse is the tiles', so the backward is the same."""
     n_q, n_k = c.q.shape[2], c.k.shape[2]
     if c.varlen or not (n_q <= 2 or (n_q <= 8 and n_k >= 512 * n_q)):
         return False
-    if c.attn_mask is not None or c.key_padding_mask is not None or c.dropout_p > 0 or c.rotary_cos is not None:
+    if c.attn_mask is not None and c.attn_mask.dtype != torch.bool:
+        return False
+    if c.dropout_p > 0 or c.rotary_cos is not None:
         return False
     if c.q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False

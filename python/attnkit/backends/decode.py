@@ -49,7 +49,7 @@ class Cpp(Implementation):
     def forward(self, q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left, alibi_slopes):
         ext, _ = _extensions.load("_C")
         return tuple(ext.attention_decode_forward(q, k_cache, v_cache, cache_seqlens, scale, softcap, window_left,
-                                                  alibi_slopes))
+                                                  alibi_slopes, None, None))
 
 
 class Reference(Implementation):
