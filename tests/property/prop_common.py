@@ -89,9 +89,10 @@ class AttentionProblem:
 
 
 @st.composite
-def attention_problems(draw, max_batch=3, max_kv_heads=2, max_group=3, max_n=40, dims=HEAD_DIMS, rotary=True):
+def attention_problems(draw, max_batch=3, max_kv_heads=2, max_group=3, max_n=40, dims=HEAD_DIMS, rotary=True,
+                       max_n_q=None):
     batch = draw(st.integers(1, max_batch))
-    n_q, n_k = draw(st.integers(1, max_n)), draw(st.integers(1, max_n))
+    n_q, n_k = draw(st.integers(1, max_n_q or max_n)), draw(st.integers(1, max_n))
     dim = draw(st.sampled_from(dims))
     side = st.integers(-1, max_n)
     mask = draw(st.sampled_from(["", "", "bool", "float", "bool-2d"]))
