@@ -33,22 +33,38 @@ struct Rows {  // the query rows of one task and what each of them sees
   const int64_t* hi;   // one past the last visible key per row (hi <= lo: nothing visible)
   const int64_t* pos;  // the row's position (for ALiBi)
   const float* slope;  // per row, or nullptr
-  const uint8_t* blocked;  // (count, L): 1 where a mask hides the key, or nullptr
+  const float* bias;       // (count, L): a float attn_mask's values, or nullptr
+  const uint8_t* blocked;  // (count, L): 1 where a mask or padding hides the key, or nullptr
 };
 
-// The boolean masks flash_attention may hand over (attention_decode takes none).
+// The masks flash_attention may hand over (attention_decode takes none).
 struct Masks {
-  const bool* keep = nullptr;  // (B, H, Nq, N) with these strides, True = attend
-  int64_t keep_stride[4] = {};
+  const void* mask = nullptr;  // attn_mask (B, H, Nq, N), these strides: bool (True = attend) or float (added)
+  at::ScalarType mask_type = at::kBool;
+  int64_t mask_stride[4] = {};
   const bool* padding = nullptr;  // (B, N), True = padding
   int64_t padding_stride = 0;
 
-  bool any() const { return keep != nullptr || padding != nullptr; }
-  // Whether key j of row (b, h, i) is hidden.
+  bool any() const { return mask != nullptr || padding != nullptr; }
+  bool additive() const { return mask != nullptr && mask_type != at::kBool; }
+  bool hides_any() const { return padding != nullptr || (mask != nullptr && mask_type == at::kBool); }
+  int64_t at(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    return b * mask_stride[0] + h * mask_stride[1] + i * mask_stride[2] + j * mask_stride[3];
+  }
+  // Whether key j of row (b, h, i) is hidden (a false bool mask entry, or padding).
   bool hides(int64_t b, int64_t h, int64_t i, int64_t j) const {
     if (padding != nullptr && padding[b * padding_stride + j]) return true;
-    return keep != nullptr &&
-           !keep[b * keep_stride[0] + h * keep_stride[1] + i * keep_stride[2] + j * keep_stride[3]];
+    return mask != nullptr && mask_type == at::kBool && !static_cast<const bool*>(mask)[at(b, h, i, j)];
+  }
+  // A float mask's value for key j of row (b, h, i), rounded to float as the reference adds it.
+  float bias(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    const int64_t o = at(b, h, i, j);
+    switch (mask_type) {
+      case at::kFloat: return static_cast<const float*>(mask)[o];
+      case at::kDouble: return static_cast<float>(static_cast<const double*>(mask)[o]);
+      case at::kHalf: return static_cast<float>(static_cast<const c10::Half*>(mask)[o]);
+      default: return static_cast<float>(static_cast<const c10::BFloat16*>(mask)[o]);
+    }
   }
 };
 
@@ -193,7 +209,11 @@ void attend(const Rows& rows, const Cache& k, const Cache& v, float softcap, flo
       const float slope = rows.slope[r];
       for (int64_t j = lo; j < hi; ++j) s[j] -= slope * static_cast<float>(std::abs(j - rows.pos[r]));
     }
-    if (rows.blocked) {  // after the bias, as the reference masks: a hidden key is -inf whatever its score
+    if (rows.bias) {
+      const float* bias = rows.bias + r * L;
+      for (int64_t j = lo; j < hi; ++j) s[j] += bias[j];
+    }
+    if (rows.blocked) {  // after the biases, as the reference masks: a hidden key is -inf whatever its score
       const uint8_t* blocked = rows.blocked + r * L;
       for (int64_t j = lo; j < hi; ++j) s[j] = blocked[j] ? -inf : s[j];
     }
@@ -246,6 +266,7 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
         chunk_buf(std::is_same_v<scalar_t, float> ? 0 : kKeyChunk * std::max(D, Dv));
     std::vector<int64_t> lo(per_part), hi(per_part), pos(per_part);
     std::vector<uint8_t> blocked;
+    std::vector<float> bias;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / parts / Hkv, hk = t / parts % Hkv, L = lengths[b];
       const int64_t r0 = t % parts * per_part, count = std::min(rows_per_kv, r0 + per_part) - r0;
@@ -267,15 +288,18 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       scores.resize(static_cast<size_t>(count * std::max<int64_t>(span, 1)));
       const Cache kc{kp + b * k.stride(0) + hk * k.stride(1) + first * k.stride(2), k.stride(2), D, type};
       const Cache vc{vp + b * v.stride(0) + hk * v.stride(1) + first * v.stride(2), v.stride(2), Dv, type};
-      if (masks.any()) {
-        blocked.resize(scores.size());
-        for (int64_t r = 0; r < count; ++r) {
-          const int64_t h = hk * group + (r0 + r) / Nq, i = (r0 + r) % Nq;
-          for (int64_t j = lo[r]; j < hi[r]; ++j) blocked[r * span + j] = masks.hides(b, h, i, first + j);
+      if (masks.hides_any()) blocked.resize(scores.size());
+      if (masks.additive()) bias.resize(scores.size());
+      for (int64_t r = 0; r < count && masks.any(); ++r) {
+        const int64_t h = hk * group + (r0 + r) / Nq, i = (r0 + r) % Nq;
+        for (int64_t j = lo[r]; j < hi[r]; ++j) {
+          if (masks.hides_any()) blocked[r * span + j] = masks.hides(b, h, i, first + j);
+          if (masks.additive()) bias[r * span + j] = masks.bias(b, h, i, first + j);
         }
       }
       const Rows rows{count,      D,          Dv,         qf.data(), lo.data(), hi.data(), pos.data(),
-                      slopes ? slope.data() : nullptr, masks.any() ? blocked.data() : nullptr};
+                      slopes ? slope.data() : nullptr, masks.additive() ? bias.data() : nullptr,
+                      masks.hides_any() ? blocked.data() : nullptr};
       attend(rows, kc, vc, softcap, scores.data(), span, outf.data(), lsef.data(), chunk_buf.data());
       for (int64_t r = 0; r < count; ++r) {
         const int64_t h = hk * group + (r0 + r) / Nq, i = (r0 + r) % Nq;
@@ -293,7 +317,7 @@ std::vector<at::Tensor> attention_decode_forward(const at::Tensor& q, const at::
                                                  const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                                  double scale, double softcap, int64_t window_left,
                                                  const c10::optional<at::Tensor>& alibi_slopes,
-                                                 const c10::optional<at::Tensor>& keep_mask,
+                                                 const c10::optional<at::Tensor>& attn_mask,
                                                  const c10::optional<at::Tensor>& key_padding_mask) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
               "attention_decode_forward: q, k_cache, v_cache must be 4-D");
@@ -330,13 +354,17 @@ std::vector<at::Tensor> attention_decode_forward(const at::Tensor& q, const at::
     slopes = alibi_slopes->data_ptr<float>();
   }
   Masks masks;
-  if (keep_mask.has_value()) {
-    const at::Tensor& m = *keep_mask;
-    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && m.device().is_cpu() && m.size(0) == B &&
-                    m.size(1) == H && m.size(2) == q.size(2) && m.size(3) == k_cache.size(2),
-                "attention_decode_forward: keep_mask must be a CPU bool (B, H, Nq, N_max) tensor");
-    masks.keep = m.data_ptr<bool>();
-    for (int d = 0; d < 4; ++d) masks.keep_stride[d] = m.stride(d);
+  if (attn_mask.has_value()) {
+    const at::Tensor& m = *attn_mask;
+    const auto type = m.scalar_type();
+    TORCH_CHECK((type == at::kBool || type == at::kFloat || type == at::kDouble || type == at::kHalf ||
+                 type == at::kBFloat16) &&
+                    m.dim() == 4 && m.device().is_cpu() && m.size(0) == B && m.size(1) == H &&
+                    m.size(2) == q.size(2) && m.size(3) == k_cache.size(2),
+                "attention_decode_forward: attn_mask must be a CPU bool or floating (B, H, Nq, N_max) tensor");
+    masks.mask = m.data_ptr();
+    masks.mask_type = type;
+    for (int d = 0; d < 4; ++d) masks.mask_stride[d] = m.stride(d);
   }
   if (key_padding_mask.has_value()) {
     const at::Tensor& m = *key_padding_mask;

@@ -1,5 +1,5 @@
 """The cpp flash attention's few-query forward: calls with one or two queries (up to 8
-bottom-right causal ones against long keys), boolean masks and key padding included, run the
+bottom-right causal ones against long keys), masks and key padding included, run the
 decoding kernel (csrc/cpu/attention_decode.cpp) instead of the tiles, and the tiled backward
 on its out and lse. Values and gradients against the float64 reference, for calls that take
 that route and neighbours that must not."""
@@ -33,14 +33,16 @@ CASES = [
     (Shape(2, 2, 2, 2, 40, 16, 16), Features(window=(-1, 3)), {}, False),
     (Shape(2, 2, 2, 1, 40, 16, 16), Features(window=(-1, 3)), dict(causal_alignment="top_left"), False),
     (Shape(1, 2, 2, 5, 2000, 32, 32), Features(causal=True), {}, False),  # Nk < 512 Nq
-    # boolean masks and key padding go along; a float mask does not
+    # masks and key padding go along
     (Shape(2, 2, 2, 1, 40, 16, 16), Features(padding=True), {}, True),
     (Shape(2, 2, 2, 1, 40, 16, 16), Features(mask="bool"), {}, True),
     (Shape(2, 4, 2, 1, 300, 64, 32), Features(mask="bool", padding=True, softcap=2.0, alibi="heads"), {}, True),
     (Shape(3, 2, 1, 2, 29, 16, 16), Features(padding=True, pad_whole_sequence=True, causal=True), {}, True),
     (Shape(1, 3, 3, 2, 18, 16, 16), Features(mask="bool-2d", causal=True), {}, True),
     (Shape(2, 2, 2, 4, 2100, 32, 32), Features(causal=True, mask="bool", padding=True, window=(700, -1)), {}, True),
-    (Shape(2, 2, 2, 1, 40, 16, 16), Features(mask="float"), {}, False),
+    (Shape(2, 2, 2, 1, 40, 16, 16), Features(mask="float"), {}, True),
+    (Shape(2, 4, 2, 2, 50, 32, 32), Features(mask="float", padding=True, causal=True, alibi="batch", softcap=3.0), {},
+     True),
     (Shape(2, 2, 2, 1, 40, 16, 16), Features(rotary="half"), {}, False),
 ]
 
@@ -99,6 +101,18 @@ def test_a_fully_masked_row_gives_zero_and_zero_gradient(routes):
     assert out[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_float_mask_of_another_dtype(dtype, routes):
+    """A float64 additive mask on float32/bfloat16 inputs, one row hidden by -inf: added in
+    float32 after the bias, as the reference adds it."""
+    with forced(OP, "cpp", "cpu", dtype):
+        q, k, v, kwargs = make_inputs(Shape(2, 3, 1, 2, 45, 24, 24), Features(causal=True), dtype, "cpu")
+        mask = torch.randn(2, 1, 2, 45, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+        mask[1, :, 0] = float("-inf")
+        check_backend_matches_ground_truth(q, k, v, dict(kwargs, attn_mask=mask), dtype, "cpp")
+    assert routes == [True]
+
+
 @pytest.mark.parametrize("bad", ["keep shape", "keep dtype", "padding shape"])
 def test_decode_entry_point_checks_its_masks(bad):
     ext, reason = _extensions.load("_C")
@@ -111,8 +125,8 @@ def test_decode_entry_point_checks_its_masks(bad):
     if bad == "keep shape":
         keep = keep[..., :8]
     elif bad == "keep dtype":
-        keep = keep.float()
+        keep = keep.int()
     else:
         padding = padding[:, :8]
-    with pytest.raises(RuntimeError, match="keep_mask" if bad.startswith("keep") else "key_padding_mask"):
+    with pytest.raises(RuntimeError, match="attn_mask" if bad.startswith("keep") else "key_padding_mask"):
         ext.attention_decode_forward(q, k, k, lengths, 0.25, 0.0, -1, None, keep, padding)

@@ -4,9 +4,10 @@
 // multiple of H_kv; cache_seqlens int32 (B,); query i of sequence b sits at position
 // cache_seqlens[b] - Nq + i and sees keys j <= that position (and >= it - window_left
 // when window_left >= 0); alibi_slopes float32 (B, H) or none: score -= slope * |j - pos|,
-// after soft-capping. keep_mask bool (B, H, Nq, N_max), any strides (an expanded view), False
-// hides a key; key_padding_mask bool (B, N_max), True hides it (flash_attention's few-query
-// forward passes them; the op attention_decode none). Rows that see no key give 0 and lse = -inf.
+// after soft-capping. attn_mask (B, H, Nq, N_max), any strides (an expanded view): bool, False
+// hides a key, or floating, added to the scores after ALiBi; key_padding_mask bool (B, N_max),
+// True hides a key (flash_attention's few-query forward passes them; the op attention_decode
+// none). Rows that see no key give 0 and lse = -inf.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,7 +22,7 @@ std::vector<at::Tensor> attention_decode_forward(const at::Tensor& q, const at::
                                                  const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                                  double scale, double softcap, int64_t window_left,
                                                  const c10::optional<at::Tensor>& alibi_slopes,
-                                                 const c10::optional<at::Tensor>& keep_mask,
+                                                 const c10::optional<at::Tensor>& attn_mask,
                                                  const c10::optional<at::Tensor>& key_padding_mask);
 
 }  // namespace cpu
