@@ -38,6 +38,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #if defined(__linux__)
@@ -207,14 +208,19 @@ std::vector<int64_t> stat_shape(const Spec& sp, const at::Tensor& q) {
 // `bytes` of fresh memory, on transparent huge pages where Linux gives them on request (its
 // usual setting, "madvise"). Why: K^T of a long sequence is tens of MB, faulted in 4 KB page
 // by page each call; with few queries those faults were most of a forward (12 heads, 16384
-// keys, D = 64, 16 queries: 21 ms, against 9-12 ms on huge pages).
+// keys, D = 64, 16 queries: 21 ms, against 9-12 ms on huge pages). ATTNKIT_CPU_HUGE_PAGES=0
+// turns it off (where the kernel's compaction for huge pages stalls).
 at::Tensor huge_page_buffer(int64_t bytes) {
   const auto options = at::TensorOptions().dtype(at::kByte);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool wanted = [] {
+    const char* value = std::getenv("ATTNKIT_CPU_HUGE_PAGES");
+    return value == nullptr || std::string(value) != "0";
+  }();
   constexpr size_t kHugePage = size_t(2) << 20;
   const size_t size = (static_cast<size_t>(bytes) + kHugePage - 1) / kHugePage * kHugePage;
   void* data = nullptr;
-  if (posix_memalign(&data, kHugePage, size) == 0) {
+  if (wanted && posix_memalign(&data, kHugePage, size) == 0) {
     madvise(data, size, MADV_HUGEPAGE);  // a hint: where refused, the pages stay 4 KB
     return at::from_blob(data, {bytes}, [](void* p) { std::free(p); }, options);
   }

@@ -2,6 +2,11 @@
 interpreter can afford (several tiles per row and column, both backward
 schedules), strided layouts, Philox bit equality, determinism and argument
 checks of the C++ entry points."""
+import hashlib
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from attention_cases import (Features, Shape, assert_close, check_backend_matches_ground_truth, ground_truth,
@@ -354,3 +359,25 @@ def test_bfloat16_tiles_varlen_backward():
         for name, g, g_truth in zip("qkv", grads, truth):
             got = g[start:end].transpose(0, 1)[None]
             assert_close(got, g_truth, ATTENTION_GRAD_TOL[torch.bfloat16], f"d{name} [{start}:{end}]")
+
+
+def test_huge_page_switch_gives_the_same_results():
+    """Operands past the 8 MB kept per thread go on transparent huge pages unless
+    ATTNKIT_CPU_HUGE_PAGES=0 (read once per process): both allocations, same bits."""
+    _ext()
+    script = (
+        "import hashlib, torch, attnkit\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "q, k, v = (torch.randn(1, 2, n, 128, generator=g).requires_grad_() for n in (64, 9000, 9000))\n"
+        "with attnkit.use_backend('cpp', op='flash_attention'):\n"
+        "    out = attnkit.ops.flash_attention(q, k, v, causal=True)\n"
+        "    out.square().sum().backward()\n"
+        "print(hashlib.sha256(b''.join(t.detach().numpy().tobytes() for t in (out, q.grad, k.grad, v.grad))).hexdigest())\n"
+    )
+    digests = []
+    for switch in ("1", "0"):
+        env = dict(os.environ, ATTNKIT_CPU_HUGE_PAGES=switch)
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        digests.append(run.stdout.strip().splitlines()[-1])
+    assert digests[0] == digests[1] and len(digests[0]) == len(hashlib.sha256().hexdigest())
