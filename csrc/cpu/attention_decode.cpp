@@ -32,9 +32,9 @@ struct Rows {  // the query rows of one task and what each of them sees
   const int64_t* lo;   // first visible key per row
   const int64_t* hi;   // one past the last visible key per row (hi <= lo: nothing visible)
   const int64_t* pos;  // the row's position (for ALiBi)
-  const float* slope;  // per row, or nullptr
-  const float* bias;       // (count, L): a float attn_mask's values, or nullptr
-  const uint8_t* blocked;  // (count, L): 1 where a mask or padding hides the key, or nullptr
+  const float* slope = nullptr;      // per row, or nullptr
+  const float* bias = nullptr;       // (count, L): a float attn_mask's values, or nullptr
+  const uint8_t* blocked = nullptr;  // (count, L): 1 where a mask or padding hides the key, or nullptr
 };
 
 // The masks flash_attention may hand over (attention_decode takes none).
@@ -288,18 +288,21 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       scores.resize(static_cast<size_t>(count * std::max<int64_t>(span, 1)));
       const Cache kc{kp + b * k.stride(0) + hk * k.stride(1) + first * k.stride(2), k.stride(2), D, type};
       const Cache vc{vp + b * v.stride(0) + hk * v.stride(1) + first * v.stride(2), v.stride(2), Dv, type};
-      if (masks.hides_any()) blocked.resize(scores.size());
-      if (masks.additive()) bias.resize(scores.size());
-      for (int64_t r = 0; r < count && masks.any(); ++r) {
-        const int64_t h = hk * group + (r0 + r) / Nq, i = (r0 + r) % Nq;
-        for (int64_t j = lo[r]; j < hi[r]; ++j) {
-          if (masks.hides_any()) blocked[r * span + j] = masks.hides(b, h, i, first + j);
-          if (masks.additive()) bias[r * span + j] = masks.bias(b, h, i, first + j);
+      if (masks.any()) {  // each row's visible keys only: attend reads no other entry
+        if (masks.hides_any()) blocked.resize(scores.size());
+        if (masks.additive()) bias.resize(scores.size());
+        for (int64_t r = 0; r < count; ++r) {
+          const int64_t h = hk * group + (r0 + r) / Nq, i = (r0 + r) % Nq;
+          for (int64_t j = lo[r]; j < hi[r]; ++j) {
+            if (masks.hides_any()) blocked[r * span + j] = masks.hides(b, h, i, first + j);
+            if (masks.additive()) bias[r * span + j] = masks.bias(b, h, i, first + j);
+          }
         }
       }
-      const Rows rows{count,      D,          Dv,         qf.data(), lo.data(), hi.data(), pos.data(),
-                      slopes ? slope.data() : nullptr, masks.additive() ? bias.data() : nullptr,
-                      masks.hides_any() ? blocked.data() : nullptr};
+      Rows rows{count, D, Dv, qf.data(), lo.data(), hi.data(), pos.data()};
+      rows.slope = slopes ? slope.data() : nullptr;
+      rows.bias = masks.additive() ? bias.data() : nullptr;
+      rows.blocked = masks.hides_any() ? blocked.data() : nullptr;
       attend(rows, kc, vc, softcap, scores.data(), span, outf.data(), lsef.data(), chunk_buf.data());
       for (int64_t r = 0; r < count; ++r) {
         const int64_t h = hk * group + (r0 + r) / Nq, i = (r0 + r) % Nq;
