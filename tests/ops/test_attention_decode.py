@@ -3,7 +3,7 @@ backend against the float64 reference, and against flash_attention on a full cac
 import pytest
 import torch
 from attention_cases import assert_close
-from helpers import ATTENTION_TOL, backend_params, forced
+from helpers import ATTENTION_TOL, backend_params, forced, num_threads
 
 import attnkit
 from attnkit.ops import attention_decode, flash_attention
@@ -177,16 +177,11 @@ def test_cpu_rows_split_over_threads_give_the_same_result(threads):
     gen = torch.Generator().manual_seed(3)
     q, k, v = torch.randn(1, 7, 3, 24, generator=gen), torch.randn(1, 1, 90, 24, generator=gen), torch.randn(1, 1, 90, 16, generator=gen)
     lengths = torch.tensor([77], dtype=torch.int32)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        with attnkit.use_backend("cpp", op=OP):
+    with attnkit.use_backend("cpp", op=OP):
+        with num_threads(1):
             whole = attention_decode(q, k, v, lengths, softcap=2.0, window_left=30)
-        torch.set_num_threads(threads)
-        with attnkit.use_backend("cpp", op=OP):
+        with num_threads(threads):
             split = attention_decode(q, k, v, lengths, softcap=2.0, window_left=30)
-    finally:
-        torch.set_num_threads(before)
     assert torch.equal(split, whole)
     out_t, _ = ref.decode(q.double(), k.double(), v.double(), lengths, softcap=2.0, window_left=30)
     assert_close(split, out_t, ATTENTION_TOL[torch.float32], "out")
