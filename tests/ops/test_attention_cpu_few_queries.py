@@ -86,8 +86,7 @@ def test_float64_takes_the_tiles(routes):
 
 
 def test_a_fully_masked_row_gives_zero_and_zero_gradient(routes):
-    """A boolean mask that hides every key of one query: out 0, lse -inf, gradient 0, as the tiles
-    (SDPA gives NaN there)."""
+    """A boolean mask that hides every key of one query: out 0, lse -inf, gradient 0, as the tiles."""
     with forced(OP, "cpp", "cpu"):
         q, k, v, kwargs = make_inputs(Shape(2, 2, 2, 1, 33, 16, 16), Features(), torch.float32, "cpu")
         mask = torch.ones(2, 1, 1, 33, dtype=torch.bool)
@@ -113,20 +112,20 @@ def test_a_float_mask_of_another_dtype(dtype, routes):
     assert routes == [True]
 
 
-@pytest.mark.parametrize("bad", ["keep shape", "keep dtype", "padding shape"])
+@pytest.mark.parametrize("bad", ["mask shape", "mask dtype", "padding shape"])
 def test_decode_entry_point_checks_its_masks(bad):
     ext, reason = _extensions.load("_C")
     if ext is None:
         pytest.skip(reason)
     q, k = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 9, 16)
     lengths = torch.full((2,), 9, dtype=torch.int32)
-    keep = torch.ones(2, 2, 1, 9, dtype=torch.bool)
+    mask = torch.ones(2, 2, 1, 9, dtype=torch.bool)
     padding = torch.zeros(2, 9, dtype=torch.bool)
-    if bad == "keep shape":
-        keep = keep[..., :8]
-    elif bad == "keep dtype":
-        keep = keep.int()
+    if bad == "mask shape":
+        mask = mask[..., :8]
+    elif bad == "mask dtype":
+        mask = mask.int()
     else:
         padding = padding[:, :8]
-    with pytest.raises(RuntimeError, match="attn_mask" if bad.startswith("keep") else "key_padding_mask"):
-        ext.attention_decode_forward(q, k, k, lengths, 0.25, 0.0, -1, None, keep, padding)
+    with pytest.raises(RuntimeError, match="attn_mask" if bad.startswith("mask") else "key_padding_mask"):
+        ext.attention_decode_forward(q, k, k, lengths, 0.25, 0.0, -1, None, mask, padding)
