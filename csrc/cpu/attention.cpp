@@ -210,7 +210,7 @@ std::vector<int64_t> stat_shape(const Spec& sp, const at::Tensor& q) {
 // by page each call; with few queries those faults were most of a forward (12 heads, 16384
 // keys, D = 64, 16 queries: 21 ms, against 9-12 ms on huge pages). ATTNKIT_CPU_HUGE_PAGES=0
 // turns it off (where the kernel's compaction for huge pages stalls).
-at::Tensor huge_page_buffer(int64_t bytes) {
+static at::Tensor huge_page_buffer(int64_t bytes) {
   const auto options = at::TensorOptions().dtype(at::kByte);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   static const bool wanted = [] {
