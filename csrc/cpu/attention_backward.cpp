@@ -123,7 +123,7 @@ void backward_dkdv_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Ro
         const auto [q_first, q_hi] = sp.query_range(sq, n0, cols);
         // Query blocks start on Q^T's and dO^T's panels; the queries before q_first see none of
         // these keys (P = 0, tile_scores).
-        const int64_t q_lo = q_first < q_hi ? q_first / kPanel * kPanel : q_first;
+        const int64_t q_lo = panel_start(q_first, q_hi);
         for (int64_t h = kvh * sp.group; h < (kvh + 1) * sp.group; ++h) {
           if (d_mask != nullptr) zero_unvisited_rows(*d_mask, b, h, q_lo, q_hi, sq.q_len, n0, cols);
           for (int64_t m0 = q_lo; m0 < q_hi; m0 += BM) {
@@ -171,7 +171,7 @@ void backward_dq_kernel(const Spec& sp, const Operands<T>& op, Rows<T> lse, Rows
       if (rows == 0) continue;
       std::fill(dq_acc.begin(), dq_acc.end(), T(0));
       const auto [k_first, k_hi] = sp.key_range(sq, m0, rows);
-      const int64_t k_lo = k_first < k_hi ? k_first / kPanel * kPanel : k_first;  // as the forward's tiles
+      const int64_t k_lo = panel_start(k_first, k_hi);  // as the forward's tiles
       for (int64_t n0 = k_lo; n0 < k_hi; n0 += BN) {
         const int64_t cols = std::min(BN, k_hi - n0);
         tile.probabilities(sq, b, h, m0, rows, n0, cols, op.kT.at(b, kvh, n0), op.kT.stride, lse, false);

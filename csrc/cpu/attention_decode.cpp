@@ -130,7 +130,8 @@ ATTNKIT_INLINE void add_weighted_rows(const float* p, const float* v, int64_t v_
       store(o + d, load(o + d) + (p0 * load(v0 + d) + p1 * load(v0 + v_stride + d)) +
                        (p2 * load(v0 + 2 * v_stride + d) + p3 * load(v0 + 3 * v_stride + d)));
     for (; d < Dv; ++d)
-      o[d] += (p[j] * v0[d] + p[j + 1] * v0[v_stride + d]) + (p[j + 2] * v0[2 * v_stride + d] + p[j + 3] * v0[3 * v_stride + d]);
+      o[d] += (p[j] * v0[d] + p[j + 1] * v0[v_stride + d]) +
+              (p[j + 2] * v0[2 * v_stride + d] + p[j + 3] * v0[3 * v_stride + d]);
   }
   for (; j < hi; ++j) {
     const float* vj = v + j * v_stride;
@@ -177,10 +178,11 @@ ATTNKIT_INLINE const float* chunk_of(const Cache& x, int64_t c, int64_t n, float
 // stay in L2 while each row of the group reads them, so a long cache is read from memory once.
 constexpr int64_t kKeyChunk = 256;
 
-// scores (count, L) -> exponentials in place; out (count, Dv) = P V; lse (count,).
+// scores (count, L) -> exponentials in place; out (count, Dv) = P V; lse (count,). chunk_buf:
+// kKeyChunk x max(D, Dv) floats for half-precision caches; sums: count floats.
 ATTNKIT_SIMD_CLONES
 void attend(const Rows& rows, const Cache& k, const Cache& v, float softcap, float* scores, int64_t L, float* out,
-            float* lse, float* chunk_buf) {
+            float* lse, float* chunk_buf, float* sums) {
   const float inf = std::numeric_limits<float>::infinity();
   int64_t first = L, last = 0;  // the keys any row sees
   for (int64_t r = 0; r < rows.count; ++r) {
@@ -194,7 +196,6 @@ void attend(const Rows& rows, const Cache& k, const Cache& v, float softcap, flo
       if (lo < hi) scores_of(rows.q + r * rows.D, rows.D, kc, ks, lo - c, hi - c, scores + r * L + c);
     }
   }
-  std::vector<float> sums(static_cast<size_t>(rows.count));
   for (int64_t r = 0; r < rows.count; ++r) {
     float* s = scores + r * L;
     std::fill(out + r * rows.Dv, out + (r + 1) * rows.Dv, 0.f);
@@ -262,7 +263,7 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   scalar_t* op = out.data_ptr<scalar_t>();
   float* lp = lse.data_ptr<float>();
   at::parallel_for(0, kv_tasks * parts, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qf(per_part * D), outf(per_part * Dv), lsef(per_part), scores, slope(per_part),
+    std::vector<float> qf(per_part * D), outf(per_part * Dv), lsef(per_part), sums(per_part), scores, slope(per_part),
         chunk_buf(std::is_same_v<scalar_t, float> ? 0 : kKeyChunk * std::max(D, Dv));
     std::vector<int64_t> lo(per_part), hi(per_part), pos(per_part);
     std::vector<uint8_t> blocked;
@@ -303,7 +304,7 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       rows.slope = slopes ? slope.data() : nullptr;
       rows.bias = masks.additive() ? bias.data() : nullptr;
       rows.blocked = masks.hides_any() ? blocked.data() : nullptr;
-      attend(rows, kc, vc, softcap, scores.data(), span, outf.data(), lsef.data(), chunk_buf.data());
+      attend(rows, kc, vc, softcap, scores.data(), span, outf.data(), lsef.data(), chunk_buf.data(), sums.data());
       for (int64_t r = 0; r < count; ++r) {
         const int64_t h = hk * group + (r0 + r) / Nq, i = (r0 + r) % Nq;
         scalar_t* orow = op + ((b * H + h) * Nq + i) * Dv;

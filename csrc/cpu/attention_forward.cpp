@@ -58,7 +58,7 @@ void forward_kernel(const Spec& sp, Rows<const q_t> q, const rope::Rope<scalar_t
       std::fill(l.begin(), l.end(), acc_t(0));
       const auto [k_first, k_hi] = sp.key_range(sq, m0, rows);
       // Tiles start on kt's panels; the keys before the window's first get -inf (tile_scores).
-      const int64_t k_lo = k_first < k_hi ? k_first / kPanel * kPanel : k_first;
+      const int64_t k_lo = panel_start(k_first, k_hi);
       // The first tile's P V product writes acc (no zero fill, no rescale: see online_softmax_tile).
       for (int64_t n0 = k_lo; n0 < k_hi; n0 += BN) {
         const int64_t cols = std::min(BN, k_hi - n0);

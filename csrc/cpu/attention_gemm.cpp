@@ -143,7 +143,7 @@ void tile_gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T
     for (int64_t j0 = 0; j0 < n; j0 += n_step) {
       const T* bj = b_panel > 0 ? b + (j0 / kPanel) * b_panel : b + j0;
       // A varying N is rounded up to 16: B and C have the room (see gemm_nn), C's extra columns scratch.
-      const int64_t nj = (fixed & kFixedN) ? n : std::min(kPiece, (n - j0 + 15) / 16 * 16);
+      const int64_t nj = (fixed & kFixedN) ? n : std::min(kPiece, round_up(n - j0, 16));
       k_pieces(mi, nj, k, a + i0 * lda, lda, bj, ldb, add, c + i0 * ldc + j0, ldc, fixed & kFixedK);
     }
   }

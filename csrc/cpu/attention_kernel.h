@@ -319,6 +319,11 @@ constexpr int64_t kBf16Cols = 64;
 
 inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
+// Where the tiles over the visible range [first, hi) of queries or keys start: on the panel
+// holding `first` (the transposed operands' panels), or at `first` when the range is empty. The
+// queries or keys between that start and `first` are masked in the tile (tile_scores).
+inline int64_t panel_start(int64_t first, int64_t hi) { return first < hi ? first / kPanel * kPanel : first; }
+
 // ------------------------------------------------------------------ fused RoPE operands
 
 // rope::transpose_scaled in strips of 16 dims: the 16 rows of col that a strip's 8 x 8 blocks
@@ -414,7 +419,7 @@ void rotate_to_columns(const Spec& sp, bool queries, Rows<const T> x, int64_t he
 inline Blocks fitted(const Spec& sp, int64_t bm, int64_t bn) {
   int64_t keys = 64;  // a power of two: BN is the tiles' leading dim, so a few values at any length (gemm_nn)
   while (keys < std::min(bn, sp.max_k)) keys *= 2;
-  return {std::min(bm, std::max<int64_t>(16, (sp.max_q + 15) / 16 * 16)), std::min(bn, keys)};
+  return {std::min(bm, std::max<int64_t>(16, round_up(sp.max_q, 16))), std::min(bn, keys)};
 }
 
 inline Blocks forward_blocks(const Spec& sp) {
