@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import _extensions
 from .._dispatch import Implementation, Op
 from . import triton_dot_refuses
+from .decode import CPP_DTYPES as decode_cpp_dtypes
 from ..reference import attention as ref
 
 MAX_HEAD_DIM = 256
@@ -147,7 +148,7 @@ def _decode_kernel_suits(c: AttentionCall) -> bool:
         return False
     if c.dropout_p > 0 or c.rotary_cos is not None:
         return False
-    if c.q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if c.q.dtype not in decode_cpp_dtypes:
         return False
     left, right = c.window
     if n_q == 1:  # bottom-right, one query sees every key up to its position: causal or not

@@ -35,6 +35,10 @@ class Triton(Implementation):
                       alibi_slopes=alibi_slopes)
 
 
+# What csrc/cpu/attention_decode.cpp takes (flash_attention's few-query route asks it too).
+CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class Cpp(Implementation):
     """csrc/cpu/attention_decode.cpp: one task per (sequence, KV head) reads its valid cache
     rows once for all the query rows of its GQA group (exact two-pass softmax)."""
@@ -42,7 +46,7 @@ class Cpp(Implementation):
     backend = "cpp"
 
     def not_supported_reasons(self, call: Mapping[str, Any]) -> List[str]:
-        if call["dtype"] not in (torch.float32, torch.float16, torch.bfloat16):
+        if call["dtype"] not in CPP_DTYPES:
             return [f"dtype {call['dtype']}: the cpp decode kernel takes float32/float16/bfloat16"]
         return []
 
