@@ -243,10 +243,13 @@ void attend(const Rows& rows, const Cache& k, const Cache& v, float softcap, flo
   }
 }
 
+// q (B, H, Nq, D), out (B, H, Nq, Dv) and lse (B, H, Nq) through their strides. Sequence b's
+// keys are rows [starts[b], starts[b] + lengths[b]) of dim 2 of k and v at batch 0 when starts is
+// given (a packed varlen cache), else rows [0, lengths[b]) at batch b.
 template <typename scalar_t>
 void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int32_t* lengths,
-            float scale, float softcap, int64_t window_left, const float* slopes, const Masks& masks,
-            at::Tensor& out, at::Tensor& lse) {
+            const int32_t* starts, float scale, float softcap, int64_t window_left, const float* slopes,
+            const Masks& masks, at::Tensor& out, at::Tensor& lse) {
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Dv = v.size(3), group = H / Hkv, rows_per_kv = group * Nq;
   // A (sequence, KV head)'s rows are split into `parts` tasks only when there are fewer of
@@ -287,8 +290,9 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       const int64_t first = *std::min_element(lo.begin(), lo.begin() + count), span = L - first;
       for (int64_t r = 0; r < count; ++r) lo[r] -= first, hi[r] -= first, pos[r] -= first;
       scores.resize(static_cast<size_t>(count * std::max<int64_t>(span, 1)));
-      const Cache kc{kp + b * k.stride(0) + hk * k.stride(1) + first * k.stride(2), k.stride(2), D, type};
-      const Cache vc{vp + b * v.stride(0) + hk * v.stride(1) + first * v.stride(2), v.stride(2), Dv, type};
+      const int64_t row0 = (starts ? starts[b] : 0) + first, kb = starts ? 0 : b;
+      const Cache kc{kp + kb * k.stride(0) + hk * k.stride(1) + row0 * k.stride(2), k.stride(2), D, type};
+      const Cache vc{vp + kb * v.stride(0) + hk * v.stride(1) + row0 * v.stride(2), v.stride(2), Dv, type};
       if (masks.any()) {  // each row's visible keys only: attend reads no other entry
         if (masks.hides_any()) blocked.resize(scores.size());
         if (masks.additive()) bias.resize(scores.size());
@@ -307,10 +311,49 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
       attend(rows, kc, vc, softcap, scores.data(), span, outf.data(), lsef.data(), chunk_buf.data(), sums.data());
       for (int64_t r = 0; r < count; ++r) {
         const int64_t h = hk * group + (r0 + r) / Nq, i = (r0 + r) % Nq;
-        scalar_t* orow = op + ((b * H + h) * Nq + i) * Dv;
+        scalar_t* orow = op + b * out.stride(0) + h * out.stride(1) + i * out.stride(2);
         for (int64_t d = 0; d < Dv; ++d) orow[d] = static_cast<scalar_t>(outf[r * Dv + d]);
-        lp[(b * H + h) * Nq + i] = lsef[r];
+        lp[b * lse.stride(0) + h * lse.stride(1) + i * lse.stride(2)] = lsef[r];
       }
+    }
+  });
+}
+
+}  // namespace
+
+namespace {
+
+// As attention_forward's: the ops check these in Python, a direct call gets the same refusal.
+void check_scalars(const char* op, double scale, double softcap, int64_t window_left) {
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite");
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), op, ": softcap must be finite and >= 0");
+  TORCH_CHECK(window_left >= -1, op, ": window_left must be >= -1 (-1 = unbounded)");
+}
+
+void check_dtypes(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op, ": tensors must be on the CPU");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k and v must share a dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+              ": dtype must be float32, float16 or bfloat16, got ", q.scalar_type());
+}
+
+const float* slopes_of(const char* op, const c10::optional<at::Tensor>& alibi_slopes, int64_t B, int64_t H) {
+  if (!alibi_slopes.has_value()) return nullptr;
+  TORCH_CHECK(alibi_slopes->scalar_type() == at::kFloat && alibi_slopes->is_contiguous() &&
+                  alibi_slopes->numel() == B * H && alibi_slopes->device().is_cpu(),
+              op, ": alibi_slopes must be contiguous float32 (B, H)");
+  return alibi_slopes->data_ptr<float>();
+}
+
+void run_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const int32_t* lengths,
+                const int32_t* starts, double scale, double softcap, int64_t window_left, const float* slopes,
+                const Masks& masks, at::Tensor& out, at::Tensor& lse) {
+  if (out.numel() == 0 && lse.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_decode_forward", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {  // refused by check_dtypes
+      decode<scalar_t>(q, k, v, lengths, starts, static_cast<float>(scale), static_cast<float>(softcap), window_left,
+                       slopes, masks, out, lse);
     }
   });
 }
@@ -325,13 +368,9 @@ std::vector<at::Tensor> attention_decode_forward(const at::Tensor& q, const at::
                                                  const c10::optional<at::Tensor>& key_padding_mask) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
               "attention_decode_forward: q, k_cache, v_cache must be 4-D");
-  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
-                  cache_seqlens.device().is_cpu(),
-              "attention_decode_forward: tensors must be on the CPU");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "attention_decode_forward: q, k_cache, v_cache must share a dtype");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "attention_decode_forward: dtype must be float32, float16 or bfloat16, got ", q.scalar_type());
+  constexpr const char* op = "attention_decode_forward";
+  check_dtypes(op, q, k_cache, v_cache);
+  TORCH_CHECK(cache_seqlens.device().is_cpu(), op, ": cache_seqlens must be on the CPU");
   const int64_t B = q.size(0), H = q.size(1), Hkv = k_cache.size(1);
   TORCH_CHECK(k_cache.size(0) == B && v_cache.size(0) == B && v_cache.size(1) == Hkv && Hkv > 0 && H % Hkv == 0,
               "attention_decode_forward: caches must be (B, H_kv, N, D) with H a multiple of H_kv");
@@ -342,21 +381,12 @@ std::vector<at::Tensor> attention_decode_forward(const at::Tensor& q, const at::
   TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B &&
                   cache_seqlens.is_contiguous(),
               "attention_decode_forward: cache_seqlens must be contiguous int32 (B,)");
-  // As attention_forward's: the op checks these in Python, a direct call gets the same refusal.
-  TORCH_CHECK(std::isfinite(scale), "attention_decode_forward: scale must be finite");
-  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "attention_decode_forward: softcap must be finite and >= 0");
-  TORCH_CHECK(window_left >= -1, "attention_decode_forward: window_left must be >= -1 (-1 = unbounded)");
+  check_scalars(op, scale, softcap, window_left);
   const int32_t* lengths = cache_seqlens.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lengths[b] >= 0 && lengths[b] <= k_cache.size(2), "attention_decode_forward: cache_seqlens[", b,
                 "] = ", lengths[b], " is outside [0, ", k_cache.size(2), "]");
-  const float* slopes = nullptr;
-  if (alibi_slopes.has_value()) {
-    TORCH_CHECK(alibi_slopes->scalar_type() == at::kFloat && alibi_slopes->is_contiguous() &&
-                    alibi_slopes->numel() == B * H && alibi_slopes->device().is_cpu(),
-                "attention_decode_forward: alibi_slopes must be contiguous float32 (B, H)");
-    slopes = alibi_slopes->data_ptr<float>();
-  }
+  const float* slopes = slopes_of(op, alibi_slopes, B, H);
   Masks masks;
   if (attn_mask.has_value()) {
     const at::Tensor& m = *attn_mask;
@@ -380,13 +410,53 @@ std::vector<at::Tensor> attention_decode_forward(const at::Tensor& q, const at::
   }
   at::Tensor out = at::empty({B, H, q.size(2), v_cache.size(3)}, q.options());
   at::Tensor lse = at::empty({B, H, q.size(2)}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_decode_forward", [&] {
-    if constexpr (!std::is_same_v<scalar_t, double>) {  // refused above
-      decode<scalar_t>(q, k_cache, v_cache, lengths, static_cast<float>(scale), static_cast<float>(softcap),
-                       window_left, slopes, masks, out, lse);
-    }
-  });
+  run_decode(q, k_cache, v_cache, lengths, nullptr, scale, softcap, window_left, slopes, masks, out, lse);
+  return {out, lse};
+}
+
+
+std::vector<at::Tensor> attention_decode_varlen_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                                        double scale, double softcap, int64_t window_left,
+                                                        const c10::optional<at::Tensor>& alibi_slopes) {
+  constexpr const char* op = "attention_decode_varlen_forward";
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, op, ": q, k, v must be 3-D (total, heads, head_dim)");
+  check_dtypes(op, q, k, v);
+  const int64_t H = q.size(1), Hkv = k.size(1), D = q.size(2), Dv = v.size(2);
+  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == Hkv && Hkv > 0 && H % Hkv == 0 && k.size(2) == D, op,
+              ": k must be (total_k, H_kv, D) and v (total_k, H_kv, Dv), H a multiple of H_kv");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, op, ": q, k, v need a unit last stride");
+  for (const at::Tensor* cu : {&cu_seqlens_q, &cu_seqlens_k}) {
+    TORCH_CHECK(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->is_contiguous() && cu->device().is_cpu() &&
+                    cu->numel() == cu_seqlens_q.numel() && cu->numel() >= 2,
+                op, ": cu_seqlens_q and cu_seqlens_k must be contiguous CPU int32 (B + 1,), B >= 1");
+  }
+  check_scalars(op, scale, softcap, window_left);
+  const int64_t B = cu_seqlens_q.numel() - 1, total_q = q.size(0), total_k = k.size(0);
+  TORCH_CHECK(total_q % B == 0, op, ": every sequence must have the same number of queries, got ", total_q,
+              " for ", B, " sequences");
+  const int64_t Nq = total_q / B;
+  const int32_t* cu_q = cu_seqlens_q.data_ptr<int32_t>();
+  const int32_t* cu_k = cu_seqlens_k.data_ptr<int32_t>();
+  std::vector<int32_t> lengths(B), starts(B);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(cu_q[b] == b * Nq && cu_q[b + 1] == (b + 1) * Nq, op, ": sequence ", b, " must have ", Nq,
+                " queries (cu_seqlens_q[", b, "] = ", cu_q[b], ", [", b + 1, "] = ", cu_q[b + 1], ")");
+    TORCH_CHECK(cu_k[0] == 0 && cu_k[b] <= cu_k[b + 1] && cu_k[b + 1] <= total_k, op,
+                ": cu_seqlens_k must rise from 0 to at most ", total_k, ", got ", cu_k[b], ", ", cu_k[b + 1],
+                " at ", b);
+    starts[b] = cu_k[b], lengths[b] = cu_k[b + 1] - cu_k[b];
+  }
+  const float* slopes = slopes_of(op, alibi_slopes, B, H);
+  // The dense kernel's (B, H, Nq, .) views of the packed tensors; k and v as one sequence of
+  // total_k rows, which `starts` cut.
+  const at::Tensor q4 = q.view({B, Nq, H, D}).permute({0, 2, 1, 3});
+  const at::Tensor k4 = k.unsqueeze(0).permute({0, 2, 1, 3}), v4 = v.unsqueeze(0).permute({0, 2, 1, 3});
+  at::Tensor out = at::empty({total_q, H, Dv}, q.options());
+  at::Tensor lse = at::empty({H, total_q}, q.options().dtype(at::kFloat));
+  at::Tensor out4 = out.view({B, Nq, H, Dv}).permute({0, 2, 1, 3});
+  at::Tensor lse3 = lse.view({H, B, Nq}).permute({1, 0, 2});
+  run_decode(q4, k4, v4, lengths.data(), starts.data(), scale, softcap, window_left, slopes, Masks{}, out4, lse3);
   return {out, lse};
 }
 

@@ -51,6 +51,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "attention of a few new tokens against a KV cache (CPU)", py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("scale"), py::arg("softcap"), py::arg("window_left"),
         py::arg("alibi_slopes"), py::arg("attn_mask") = py::none(), py::arg("key_padding_mask") = py::none());
+  m.def("attention_decode_varlen_forward", &attnkit::cpu::attention_decode_varlen_forward,
+        "attention of a few new tokens per packed sequence against its keys (CPU)", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("scale"), py::arg("softcap"),
+        py::arg("window_left"), py::arg("alibi_slopes"));
   m.def("linear_few_rows", &attnkit::cpu::linear_few_rows, "x W^T + b for a few rows of x (CPU, fp32)");
   m.def("num_threads", [] { return at::get_num_threads(); }, "threads at::parallel_for may use");
 }

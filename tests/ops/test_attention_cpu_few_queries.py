@@ -2,15 +2,17 @@
 bottom-right causal ones against long keys), masks and key padding included, run the
 decoding kernel (csrc/cpu/attention_decode.cpp) instead of the tiles, and the tiled backward
 on its out and lse. Values and gradients against the float64 reference, for calls that take
-that route and neighbours that must not."""
+that route and neighbours that must not; packed (varlen) calls whose sequences each have the
+same few queries too."""
 import pytest
 import torch
-from attention_cases import Features, Shape, check_backend_matches_ground_truth, make_inputs
-from helpers import forced
+from attention_cases import Features, Shape, assert_close, check_backend_matches_ground_truth, make_inputs
+from helpers import ATTENTION_GRAD_TOL, ATTENTION_TOL, forced
 
 import attnkit.backends.attention as attention_backends
 from attnkit import _extensions
-from attnkit.ops import flash_attention
+from attnkit.ops import flash_attention, flash_attention_varlen
+from attnkit.reference import attention as ref
 
 OP = "flash_attention"
 
@@ -129,3 +131,81 @@ def test_decode_entry_point_checks_its_masks(bad):
         padding = padding[:, :8]
     with pytest.raises(RuntimeError, match="attn_mask" if bad.startswith("mask") else "key_padding_mask"):
         ext.attention_decode_forward(q, k, k, lengths, 0.25, 0.0, -1, None, mask, padding)
+
+
+# (queries per sequence, key lengths, heads, kv heads, D, Dv, flash_attention_varlen kwargs, routed)
+VARLEN_CASES = [
+    ([1, 1, 1], [7, 300, 1], 4, 2, 64, 64, {}, True),
+    ([1, 1], [0, 33], 2, 2, 16, 16, {}, True),  # a sequence without keys: output 0, lse -inf
+    ([1, 1, 1, 1], [40, 3, 129, 64], 6, 2, 80, 48, dict(softcap=2.0, alibi=True), True),
+    ([1, 1], [90, 17], 4, 1, 32, 32, dict(causal=True, window_size=(20, 0)), True),
+    ([2, 2, 2], [1, 40, 65], 4, 2, 32, 32, dict(causal=True), True),  # the 1-key sequence's first query sees none
+    ([2, 2], [30, 41], 2, 2, 16, 16, {}, False),  # two queries, not causal
+    ([1, 2, 1], [30, 41, 9], 2, 2, 16, 16, dict(causal=True), False),  # uneven queries
+    ([1, 1], [20, 25], 2, 2, 16, 16, dict(dropout_p=0.1), False),
+]
+
+
+def _packed(lengths_q, lengths_k, heads, heads_kv, dim, dim_v, dtype, gen):
+    def cu(lengths):
+        return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+    q = torch.randn(sum(lengths_q), heads, dim, generator=gen).to(dtype)
+    k = torch.randn(sum(lengths_k), heads_kv, dim, generator=gen).to(dtype)
+    v = torch.randn(sum(lengths_k), heads_kv, dim_v, generator=gen).to(dtype)
+    return q, k, v, cu(lengths_q), cu(lengths_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=[f"{c[0]}-{c[1]}-{c[6]}" for c in VARLEN_CASES])
+def test_varlen_matches_reference(case, dtype, routes):
+    """Out, lse and gradients of packed sequences against the float64 reference per sequence."""
+    lengths_q, lengths_k, heads, heads_kv, dim, dim_v, kwargs, routed = case
+    gen = torch.Generator().manual_seed(len(lengths_k) + dim)
+    q, k, v, cu_q, cu_k = _packed(lengths_q, lengths_k, heads, heads_kv, dim, dim_v, dtype, gen)
+    kwargs = dict(kwargs)
+    slopes = torch.rand(len(lengths_q), heads, generator=gen) if kwargs.pop("alibi", False) else None
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    grad_out = torch.randn(q.shape[0], heads, dim_v, generator=gen).to(dtype)
+    with forced(OP, "cpp", "cpu", dtype):
+        out, lse = flash_attention_varlen(*leaves, cu_q, cu_k, max(lengths_q), max(lengths_k), alibi_slopes=slopes,
+                                          return_lse=True, generator=torch.Generator().manual_seed(0), **kwargs)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    assert routes == [routed]
+    if kwargs.get("dropout_p"):
+        return  # the route's refusal is the point; dropout's values are test_attention_cpu's
+    left, right = kwargs.get("window_size", (-1, -1))
+    window = (left, 0 if kwargs.get("causal") else right)
+    for b in range(len(lengths_q)):
+        (q0, q1), (k0, k1) = (cu_q[b : b + 2].tolist(), cu_k[b : b + 2].tolist())
+        rows = [t[lo:hi].detach().transpose(0, 1)[None].double().requires_grad_(True)
+                for t, lo, hi in ((q, q0, q1), (k, k0, k1), (v, k0, k1))]
+        expected, expected_lse = ref.attention(*rows, window=window, softcap=kwargs.get("softcap", 0.0),
+                                               alibi_slopes=None if slopes is None else slopes[b : b + 1])
+        truth = torch.autograd.grad(expected, rows, grad_out[q0:q1].transpose(0, 1)[None].double(), allow_unused=True)
+        assert_close(out[q0:q1].transpose(0, 1)[None], expected, ATTENTION_TOL[dtype], f"out [{b}]")
+        assert_close(lse[:, q0:q1][None], expected_lse, ATTENTION_TOL[dtype], f"lse [{b}]")
+        for name, g, lo, hi, g_truth in zip("qkv", grads, (q0, k0, k0), (q1, k1, k1), truth):
+            g_truth = torch.zeros_like(rows[0 if name == "q" else 1]) if g_truth is None else g_truth
+            assert_close(g[lo:hi].transpose(0, 1)[None], g_truth, ATTENTION_GRAD_TOL[dtype], f"d{name} [{b}]")
+
+
+@pytest.mark.parametrize("bad", ["uneven queries", "keys past the end", "falling keys", "dtype"])
+def test_varlen_decode_entry_point_checks_its_arguments(bad):
+    ext, reason = _extensions.load("_C")
+    if ext is None:
+        pytest.skip(reason)
+    q, k = torch.randn(2, 2, 16), torch.randn(9, 2, 16)
+    cu_q = torch.tensor([0, 1, 2], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 9], dtype=torch.int32)
+    match = "cu_seqlens_k"
+    if bad == "uneven queries":
+        q, cu_q, match = torch.randn(3, 2, 16), torch.tensor([0, 1, 3], dtype=torch.int32), "queries"
+    elif bad == "keys past the end":
+        cu_k = torch.tensor([0, 4, 10], dtype=torch.int32)
+    elif bad == "falling keys":
+        cu_k = torch.tensor([0, 5, 4], dtype=torch.int32)
+    else:
+        q, match = q.double(), "dtype"
+    with pytest.raises(RuntimeError, match=match):
+        ext.attention_decode_varlen_forward(q, k, k, cu_q, cu_k, 0.25, 0.0, -1, None)

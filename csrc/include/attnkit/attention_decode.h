@@ -25,5 +25,15 @@ std::vector<at::Tensor> attention_decode_forward(const at::Tensor& q, const at::
                                                  const c10::optional<at::Tensor>& attn_mask,
                                                  const c10::optional<at::Tensor>& key_padding_mask);
 
+// The same for packed variable-length sequences, each with the same number Nq of new queries
+// (flash_attention_varlen's one-token decoding step): q (total_q = B Nq, H, D), k (total_k,
+// H_kv, D), v (total_k, H_kv, Dv); cu_seqlens_q int32 (B + 1,) = 0, Nq, 2 Nq, ...; sequence b's
+// keys are rows cu_seqlens_k[b] .. cu_seqlens_k[b + 1]. Returns {out (total_q, H, Dv), lse (H,
+// total_q) float32}, flash_attention_varlen's layout.
+std::vector<at::Tensor> attention_decode_varlen_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                                        double scale, double softcap, int64_t window_left,
+                                                        const c10::optional<at::Tensor>& alibi_slopes);
+
 }  // namespace cpu
 }  // namespace attnkit
