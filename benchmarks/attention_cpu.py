@@ -11,7 +11,9 @@ The fwd+bwd rows' max err covers the gradients of q, k, v (and the bias).
 Decoding (forward only): one new query against N cached keys, as a generation step
 makes it. flash_attention (what Hugging Face models call through attnkit's attention
 interface; B=4, H=8, D=64) and attention_decode on a GQA cache (B=1, H=32, H_kv=8,
-D=128, as Llama's), each against SDPA on the same tensors.
+D=128, as Llama's), each against SDPA on the same tensors; and flash_attention_varlen
+with one query per packed sequence (4 sequences of N, N/2, 3N/4 and N/4 keys, H=8,
+D=64) against SDPA called per sequence on views of the same packed tensors.
 
 Peak memory (`*_peak_mb`, vs SDPA for plain attention, vs the reference for
 the sliding window) is the rise of the process's peak resident set
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from timing import gradient_error, max_error, median_pair_ms, rss_rise_mb, rss_rise_mb_in_subprocess
 
 import attnkit
-from attnkit.ops import attention_decode, flash_attention
+from attnkit.ops import attention_decode, flash_attention, flash_attention_varlen
 
 TITLE = ("Flash attention (CPU): attnkit cpp vs SDPA (plain, causal, learned bias) and vs the materialized reference "
          "(window, softcap, ALiBi)")
@@ -110,6 +112,26 @@ def _decode_rows(rows, n, dtype, device):
             t_ours, t_theirs = median_pair_ms(ours, theirs, device, warmup=3, repeats=max(5, min(50, 50 * 1024 // n)))
         rows.append(dict(case=case, shape=f"B={batch} H={heads}/{heads_kv} N={n} D={dim}", backend=backend,
                          ours_ms=t_ours, baseline_ms=t_theirs, max_err=error))
+    lengths = [n, n // 2, 3 * n // 4, max(1, n // 4)]
+    cu_k = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_q = torch.arange(len(lengths) + 1, dtype=torch.int32)
+    q = torch.randn(len(lengths), HEADS, DIM, generator=gen).to(dtype)
+    k, v = (torch.randn(sum(lengths), HEADS, DIM, generator=gen).to(dtype) for _ in range(2))
+    ours = lambda: flash_attention_varlen(q, k, v, cu_q, cu_k, 1, n)  # noqa: E731
+
+    def theirs():  # (1, H, n, D) views of each sequence's rows
+        outs = [F.scaled_dot_product_attention(q[b][None, :, None], k[lo:hi].transpose(0, 1)[None],
+                                               v[lo:hi].transpose(0, 1)[None])
+                for b, (lo, hi) in enumerate(zip(cu_k[:-1].tolist(), cu_k[1:].tolist()))]
+        return torch.cat([o[0].transpose(0, 1) for o in outs])
+
+    with torch.no_grad():
+        error = max_error(ours(), theirs())
+        backend = attnkit.last_dispatch("flash_attention").backend
+        t_ours, t_theirs = median_pair_ms(ours, theirs, device, warmup=3, repeats=max(5, min(50, 50 * 1024 // n)))
+    rows.append(dict(case="one query per packed sequence vs SDPA per sequence",
+                     shape=f"B={len(lengths)} H={HEADS} N={n},{n // 2},{3 * n // 4},{max(1, n // 4)} D={DIM}",
+                     backend=backend, ours_ms=t_ours, baseline_ms=t_theirs, max_err=error))
 
 
 def peak_mb(backend: str, n: int, dtype: torch.dtype, feature: str) -> float:
