@@ -209,3 +209,23 @@ def test_varlen_decode_entry_point_checks_its_arguments(bad):
         q, match = q.double(), "dtype"
     with pytest.raises(RuntimeError, match=match):
         ext.attention_decode_varlen_forward(q, k, k, cu_q, cu_k, 0.25, 0.0, -1, None)
+
+
+def test_varlen_reads_views_of_packed_projections(routes):
+    """q, k, v as slices of packed (total, 3, H, D) / (total, 2, H, D) projections (strided rows),
+    one query per sequence: read through their strides."""
+    gen = torch.Generator().manual_seed(3)
+    lengths_k = [5, 17, 1]
+    qkv = torch.randn(3, 3, 4, 32, generator=gen)
+    kv = torch.randn(sum(lengths_k), 2, 4, 32, generator=gen)
+    q, k, v = qkv[:, 0], kv[:, 0], kv[:, 1]
+    cu_q = torch.arange(4, dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 22, 23], dtype=torch.int32)
+    with forced(OP, "cpp", "cpu"):
+        out, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, 1, 17, return_lse=True)
+    assert routes == [True]
+    for b, (lo, hi) in enumerate(zip(cu_k[:-1].tolist(), cu_k[1:].tolist())):
+        rows = [t.transpose(0, 1)[None].double() for t in (q[b : b + 1], k[lo:hi], v[lo:hi])]
+        expected, expected_lse = ref.attention(*rows)
+        assert_close(out[b : b + 1].transpose(0, 1)[None], expected, ATTENTION_TOL[torch.float32], f"out [{b}]")
+        assert_close(lse[:, b : b + 1][None], expected_lse, ATTENTION_TOL[torch.float32], f"lse [{b}]")
