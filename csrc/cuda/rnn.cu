@@ -350,6 +350,7 @@ struct Kernels {
   }
   static at::Tensor matmul(const at::Tensor& a, const at::Tensor& w) { return at::mm(a, w); }
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
+  static at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b) { return at::mm(a.t(), b); }
   static void transpose_into(const at::Tensor& src, const at::Tensor& dst) { dst.copy_(src.t()); }
   static constexpr bool kPacksRunningRows = false;  // the backward's GEMMs run over every row
   static at::Tensor workspace(int, at::IntArrayRef sizes, const at::TensorOptions& opts) {

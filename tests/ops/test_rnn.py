@@ -517,8 +517,9 @@ def gradcheck_cpp(kind, T, B, lengths, lstm_bias):
 @pytest.mark.parametrize("B", [5, 20])
 def test_one_step_at_batch_5_and_up_cpp(kind, dtype, B):
     """T = 1 at batch 5+ (nn.GRUCell, a decoder's steps) runs the per-step path without the
-    fused team, and its gradients as four GEMMs on transposed views (rnn_sequence.h's
-    single_step_grads): values and every gradient vs the reference, rows of length 0 among them."""
+    fused team, and its gradients as GEMMs on (copies of) transposed operands (rnn_sequence.h's
+    single_step_grads; oneDNN from 16 rows in float32): values and every gradient vs the
+    reference, rows of length 0 among them."""
     for lengths in (None, [1, 0] * (B // 2) + [1] * (B % 2)):
         check_cpp_against_reference(kind, 1, B, 7, 19, dtype, lengths, seed=B)
 

@@ -133,13 +133,14 @@ bool pack_running(const c10::optional<at::Tensor>& lengths, const std::vector<in
 
 // dx, dW_ih, dW_hh of a single step (T = 1: nn.GRUCell, a decoder's steps) from the
 // gate gradients of its input side gi and recurrent side gh (B, G H; the same
-// tensor for the LSTM): four GEMMs on transposed views, without the sequence
+// tensor for the LSTM): three GEMMs (K::matmul, K::mm_tn), without the sequence
 // path's transposed copies of x, h0 and the weight gradients (GRUCell's training
 // step at (B, I, H) = (64, 256, 256) spent more in those than in its GEMMs).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> single_step_grads(const at::Tensor& gi, const at::Tensor& gh,
-                                                                        const at::Tensor& x, const at::Tensor& h0,
-                                                                        const at::Tensor& w_ih) {
-  return {at::mm(gi, w_ih).unsqueeze(0), at::mm(gi.t(), x[0]), at::mm(gh.t(), h0)};
+template <typename K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> single_step_grads(const at::Tensor& gi, const at::Tensor& gh,
+                                                                 const at::Tensor& x, const at::Tensor& h0,
+                                                                 const at::Tensor& w_ih) {
+  return {K::matmul(gi, w_ih).unsqueeze(0), K::mm_tn(gi, x[0]), K::mm_tn(gh, h0)};
 }
 
 template <typename K>
@@ -245,7 +246,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
   }
   if (T == 1 && !proj) {  // one step: see single_step_grads
     const at::Tensor gp = grad_pre[0];
-    auto [dx, dw_ih, dw_hh] = single_step_grads(gp, gp, x, h0, w_ih);
+    auto [dx, dw_ih, dw_hh] = single_step_grads<K>(gp, gp, x, h0, w_ih);
     return {dx, dh, dc, dw_ih, dw_hh, gp.sum(0), none_like(x)};
   }
   at::Tensor gp2 = grad_pre.view({T * B, 4 * H});
@@ -329,7 +330,7 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Te
     }
   }
   if (T == 1) {  // one step: see single_step_grads
-    auto [dx, dw_ih, dw_hh] = single_step_grads(dgi[0], dgh[0], x, h0, w_ih);
+    auto [dx, dw_ih, dw_hh] = single_step_grads<K>(dgi[0], dgh[0], x, h0, w_ih);
     return {dx, dh, dw_ih, dw_hh, dgi[0].sum(0), dgh[0].sum(0)};
   }
   at::Tensor dgi2 = dgi.view({T * B, 3 * H}), dgh2 = dgh.view({T * B, 3 * H});
