@@ -139,6 +139,7 @@ VARLEN_CASES = [
     ([1, 1], [0, 33], 2, 2, 16, 16, {}, True),  # a sequence without keys: output 0, lse -inf
     ([1, 1, 1, 1], [40, 3, 129, 64], 6, 2, 80, 48, dict(softcap=2.0, alibi=True), True),
     ([1, 1], [90, 17], 4, 1, 32, 32, dict(causal=True, window_size=(20, 0)), True),
+    ([1], [300], 4, 1, 32, 32, {}, True),  # one sequence, MQA: its rows split over the threads
     ([2, 2, 2], [1, 40, 65], 4, 2, 32, 32, dict(causal=True), True),  # the 1-key sequence's first query sees none
     ([2, 2], [30, 41], 2, 2, 16, 16, {}, False),  # two queries, not causal
     ([1, 2, 1], [30, 41, 9], 2, 2, 16, 16, dict(causal=True), False),  # uneven queries
