@@ -52,6 +52,7 @@ test: $(STAMP)
 ASAN_DIR ?= build/asan
 # Without TRITON_INTERPRET the Triton cases skip: only the C++ kernels run here.
 ASAN_TESTS ?= tests/ops/test_attention.py tests/ops/test_attention_cpu.py tests/ops/test_attention_cpu_rotary.py \
+	tests/ops/test_attention_cpu_few_queries.py \
 	tests/ops/test_attention_features.py tests/ops/test_attention_decode.py tests/ops/test_rnn.py tests/ops/test_rotary.py \
 	tests/ops/test_additive_attention.py tests/ops/test_linear.py tests/ops/test_rnn_fused.py \
 	tests/ops/test_lstm_cell.py tests/ops/test_lstm_cell_registration.py tests/ops/test_rnn_layernorm.py \
