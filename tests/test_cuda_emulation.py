@@ -43,9 +43,12 @@ def rand(*shape, dtype, scale=1.0, shift=0.0):
 
 
 def close(got, want, dtype, what):
+    # atol scaled by the output's magnitude (as helpers.ATTENTION_TOL): float32 gradients summed
+    # over the rows differ in their last bits between the kernels' tanh and reduction orders.
     rtol, atol = (1e-10, 1e-12) if dtype == torch.float64 else (2e-5, 2e-6)
     for i, (g, w) in enumerate(zip(got, want)):
-        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m: f"{what} output {i}: {m}")
+        scale = max(1.0, float(w.abs().max())) if w.numel() else 1.0
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what} output {i}: {m}")
 
 
 cases = 0

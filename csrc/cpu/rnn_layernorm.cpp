@@ -1,7 +1,8 @@
 // Layer-normalized LSTM / GRU with zoneout on the CPU (see attnkit/rnn_layernorm.h):
 // the per-row passes of attnkit/rnn_layernorm_sequence.h's time loops. Each
 // step's rows run in parallel (at::parallel_for); the unit loops take 8 floats at
-// a time through the gate-math templates (the tail and double unit by unit).
+// a time through the gate-math templates (the tail and double unit by unit), built
+// for AVX-512, AVX2 and any x86-64 (rnn_layernorm_rows.h), picked at run time.
 // float32 and float64 (gradcheck).
 #include "attnkit/rnn_layernorm.h"
 
@@ -13,261 +14,77 @@
 #include <type_traits>
 
 #include "attnkit/gate_math.h"
+#include "attnkit/linear.h"
 #include "attnkit/rnn_layernorm_sequence.h"
+#include "rnn_fused.h"
 
 namespace attnkit {
 namespace cpu {
 namespace {
 
-using rnn_ln::kEps;
+// The whole-sequence GEMMs (T B rows): oneDNN where it takes them, 2x the MKL sgemm that at::mm
+// runs on the AMD EPYC of BENCHMARKS.md (rnn.cpp's Kernels choose the same way).
+bool onednn_takes(const at::Tensor& a) {
+  return a.scalar_type() == at::kFloat && a.size(0) >= kFewRows && a.size(1) >= kFewRows && a.is_contiguous() &&
+         onednn_linear_available() && !gemms_on_aten();
+}
 
-inline bool active(const int64_t* len, int64_t b, int64_t t) { return len == nullptr || t < len[b]; }
+// a w^T, w (N, K) contiguous or the transposed view of a contiguous matrix.
+at::Tensor sequence_linear(const at::Tensor& a, const at::Tensor& w) {
+  return onednn_takes(a) ? onednn_linear(a, w, c10::nullopt) : at::mm(a, w.t());
+}
 
-int64_t grain(int64_t width) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, width)); }
+// a^T b: oneDNN on a's transposed copy.
+at::Tensor sequence_mm_tn(const at::Tensor& a, const at::Tensor& b) {
+  if (!onednn_takes(a)) return at::mm(a.t(), b);
+  at::Tensor a_t = at::empty({a.size(1), a.size(0)}, a.options());
+  transpose_into(a, a_t);
+  return onednn_linear(a_t, b.contiguous().t(), c10::nullopt);
+}
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-#include "rnn_units.h"
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define ATTNKIT_HAVE_X86_LN_ROWS 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx2,fma")
+namespace avx512 {
+#include "rnn_layernorm_rows.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "rnn_layernorm_rows.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+namespace generic {
+#include "rnn_layernorm_rows.h"
+}  // namespace generic
 
-// --------------------------------------------------------------------------- row layer norm
+enum class Isa { kGeneric, kAvx2, kAvx512 };
 
-// v (n) -> v_hat (may alias v); returns 1/std. Two passes in double: a row of
-// equal values gives v_hat = 0 and rstd = 1/sqrt(eps), finite.
-template <typename scalar_t>
-scalar_t ln_row(const scalar_t* v, scalar_t* v_hat, int64_t n) {
-  double mean = 0;
-  for (int64_t k = 0; k < n; ++k) mean += v[k];
-  mean /= n;
-  double var = 0;
-  for (int64_t k = 0; k < n; ++k) var += (v[k] - mean) * (v[k] - mean);
-  const double rstd = 1.0 / std::sqrt(var / n + kEps);
-  for (int64_t k = 0; k < n; ++k) v_hat[k] = static_cast<scalar_t>((v[k] - mean) * rstd);
-  return static_cast<scalar_t>(rstd);
+Isa isa() {
+#ifdef ATTNKIT_HAVE_X86_LN_ROWS
+  static const Isa best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? Isa::kAvx512
+                          : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")       ? Isa::kAvx2
+                                                                                                  : Isa::kGeneric;
+  return best;
+#else
+  return Isa::kGeneric;
+#endif
 }
 
-// Gradient of the LN input from d(v_hat) (= grad of the LN output * gamma):
-// dv = rstd * (dvh - mean(dvh) - v_hat * mean(dvh * v_hat)). dv may alias dvh.
-template <typename scalar_t>
-void ln_row_backward(const scalar_t* dvh, const scalar_t* v_hat, scalar_t rstd, scalar_t* dv, int64_t n) {
-  double s = 0, sv = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    s += dvh[k];
-    sv += dvh[k] * v_hat[k];
-  }
-  const double m = s / n, mv = sv / n;
-  for (int64_t k = 0; k < n; ++k) dv[k] = static_cast<scalar_t>(rstd * (dvh[k] - m - v_hat[k] * mv));
-}
-
-struct Rows {
-  static constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
-  static constexpr const char* kOp = "attnkit._C layer-norm rnn";
-
-  static void ln_rows(at::Tensor& v, at::Tensor& rstd, int64_t stride) {
-    const int64_t rows = v.size(0), n = v.size(1);
-    AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "ln_rows", [&] {
-      scalar_t* p = v.data_ptr<scalar_t>();
-      scalar_t* r = rstd.data_ptr<scalar_t>();
-      at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) r[row * stride] = ln_row(p + row * n, p + row * n, n);
-      });
-    });
-  }
-
-  static void ln_rows_backward(at::Tensor& d, const at::Tensor& vhat, const at::Tensor& rstd, int64_t stride) {
-    const int64_t rows = d.size(0), n = d.size(1);
-    AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "ln_rows_backward", [&] {
-      scalar_t* dp = d.data_ptr<scalar_t>();
-      const scalar_t* vh = vhat.data_ptr<scalar_t>();
-      const scalar_t* r = rstd.data_ptr<scalar_t>();
-      at::parallel_for(0, rows, grain(n), [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) ln_row_backward(dp + row * n, vh + row * n, r[row * stride], dp + row * n, n);
-      });
-    });
-  }
-
-  static void lstm_forward_step(rnn_ln::LstmStep& s) {
-    const int64_t B = s.h.size(0), H = s.h.size(1), G = 4 * H, t = s.t;
-    const bool save = s.hhat.defined();
-    const int64_t* len = rnn_ln::data_or_null<int64_t>(s.len);
-    AT_DISPATCH_FLOATING_TYPES(s.h.scalar_type(), "ln_lstm_forward", [&] {
-      const scalar_t *gi = s.g_ih.data_ptr<scalar_t>(), *gh = s.g_hh.data_ptr<scalar_t>();
-      const scalar_t *gc = s.g_c.data_ptr<scalar_t>(), *bc = s.be_c.data_ptr<scalar_t>(), *bs = s.bias.data_ptr<scalar_t>();
-      const scalar_t* zo = rnn_ln::data_or_null<scalar_t>(s.zoneout);
-      const scalar_t *xh = s.xhat.data_ptr<scalar_t>(), *ahp = s.ah.data_ptr<scalar_t>();
-      scalar_t *hp = s.h.data_ptr<scalar_t>(), *cp = s.c.data_ptr<scalar_t>(), *out = s.output.data_ptr<scalar_t>();
-      scalar_t* r = s.rstd.data_ptr<scalar_t>();
-      at::parallel_for(0, B, grain(G), [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          if (!active(len, b, t)) continue;  // state kept, output stays 0
-          const int64_t row = t * B + b;
-          scalar_t* sc = save ? nullptr : s.scratch.data_ptr<scalar_t>() + b * (2 * G + 2 * H);
-          scalar_t* hh = save ? s.hhat.data_ptr<scalar_t>() + row * G : sc;
-          scalar_t* ga = save ? s.gates.data_ptr<scalar_t>() + row * G : sc + G;
-          scalar_t* cn = save ? s.cs.data_ptr<scalar_t>() + row * H : sc + 2 * G;
-          scalar_t* ch = save ? s.chat.data_ptr<scalar_t>() + row * H : sc + 2 * G + H;
-          r[row * 3 + 1] = ln_row(ahp + b * G, hh, G);
-          const scalar_t* xr = xh + row * G;
-          for_units<scalar_t>(H, [&](auto lanes, int64_t j) {
-            using V = decltype(lanes);
-            V pre[4];
-            for (int q = 0; q < 4; ++q) {
-              const int64_t k = q * H + j;
-              pre[q] = ld<V>(gi + k) * ld<V>(xr + k) + ld<V>(gh + k) * ld<V>(hh + k) + ld<V>(bs + k);
-            }
-            const auto a = gates::lstm_activate<V>(pre[0], pre[1], pre[2], pre[3]);
-            st(ga + j, a.i), st(ga + H + j, a.f), st(ga + 2 * H + j, a.g), st(ga + 3 * H + j, a.o);
-            st(cn + j, gates::lstm_cell_state<V>(a, ld<V>(cp + b * H + j)));
-          });
-          r[row * 3 + 2] = ln_row(cn, ch, H);
-          const scalar_t* m = zo ? zo + row * H : nullptr;
-          for_units<scalar_t>(H, [&](auto lanes, int64_t j) {
-            using V = decltype(lanes);
-            const gates::LstmGates<V> a{ld<V>(ga + j), ld<V>(ga + H + j), ld<V>(ga + 2 * H + j), ld<V>(ga + 3 * H + j)};
-            const V h_new = gates::lstm_hidden_state<V>(a, ld<V>(gc + j) * ld<V>(ch + j) + ld<V>(bc + j));
-            V hs = ld<V>(hp + b * H + j);
-            if (m) {
-              const V mj = ld<V>(m + j);
-              hs = mj * hs + (1.0f - mj) * h_new;
-            } else {
-              hs = h_new;
-            }
-            st(hp + b * H + j, hs);
-            st(cp + b * H + j, ld<V>(cn + j));
-            st(out + row * H + j, hs);
-          });
-        }
-      });
-    });
-  }
-
-  static void lstm_backward_step(rnn_ln::LstmBackStep& s) {
-    const int64_t B = s.dh.size(0), H = s.dh.size(1), G = 4 * H, t = s.t;
-    const int64_t* len = rnn_ln::data_or_null<int64_t>(s.len);
-    AT_DISPATCH_FLOATING_TYPES(s.dh.scalar_type(), "ln_lstm_backward", [&] {
-      const scalar_t *gh = s.g_hh.data_ptr<scalar_t>(), *gc = s.g_c.data_ptr<scalar_t>(), *bc = s.be_c.data_ptr<scalar_t>();
-      const scalar_t* zo = rnn_ln::data_or_null<scalar_t>(s.zoneout);
-      const scalar_t *go = s.grad_output.data_ptr<scalar_t>(), *hh = s.hhat.data_ptr<scalar_t>();
-      const scalar_t *ga = s.gates.data_ptr<scalar_t>(), *csp = s.cs.data_ptr<scalar_t>(), *ch = s.chat.data_ptr<scalar_t>();
-      const scalar_t *c0p = s.c0.data_ptr<scalar_t>(), *r = s.rstd.data_ptr<scalar_t>();
-      scalar_t *dhp = s.dh.data_ptr<scalar_t>(), *dcp = s.dc.data_ptr<scalar_t>();
-      scalar_t *dp = s.dpre.data_ptr<scalar_t>(), *dap = s.dah.data_ptr<scalar_t>(), *dl = s.dlc.data_ptr<scalar_t>();
-      at::parallel_for(0, B, grain(G), [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          if (!active(len, b, t)) continue;  // dh, dc pass through; the output there is a constant 0
-          const int64_t row = t * B + b;
-          const scalar_t* g = ga + row * G;
-          const scalar_t* cprev = t > 0 ? csp + (row - B) * H : c0p + b * H;
-          const scalar_t* m = zo ? zo + row * H : nullptr;
-          scalar_t* d = dp + row * G;
-          scalar_t* dch = s.scratch.data_ptr<scalar_t>() + b * H;
-          for (int64_t j = 0; j < H; ++j) {
-            const scalar_t dht = dhp[b * H + j] + go[row * H + j];
-            const scalar_t mj = m ? m[j] : scalar_t(0);
-            const scalar_t dhn = (1 - mj) * dht;  // into o * tanh(LN_c(c))
-            dhp[b * H + j] = mj * dht;            // the zoned-out part; W_hh's part is added after
-            const scalar_t o = g[3 * H + j];
-            const scalar_t tl = gates::tanh_(gc[j] * ch[row * H + j] + bc[j]);
-            d[3 * H + j] = dhn * tl * o * (1 - o);
-            dl[row * H + j] = dhn * o * (1 - tl * tl);
-            dch[j] = dl[row * H + j] * gc[j];
-          }
-          ln_row_backward(dch, ch + row * H, r[row * 3 + 2], dch, H);
-          for (int64_t j = 0; j < H; ++j) {
-            const gates::LstmGates<scalar_t> a{g[j], g[H + j], g[2 * H + j], g[3 * H + j]};
-            // grad_h = 0: the o gate and tanh(LN_c) were handled above.
-            const auto u = gates::lstm_backward<scalar_t>(a, cprev[j], csp[row * H + j], 0, dch[j] + dcp[b * H + j]);
-            d[j] = u.pre_i, d[H + j] = u.pre_f, d[2 * H + j] = u.pre_g;
-            dcp[b * H + j] = u.c_prev;
-          }
-          scalar_t* da = dap + row * G;
-          for (int64_t k = 0; k < G; ++k) da[k] = d[k] * gh[k];
-          ln_row_backward(da, hh + row * G, r[row * 3 + 1], da, G);
-        }
-      });
-    });
-  }
-
-  static void gru_forward_step(rnn_ln::GruStep& s) {
-    const int64_t B = s.h.size(0), H = s.h.size(1), G = 3 * H, t = s.t;
-    const bool save = s.hhat.defined();
-    const int64_t* len = rnn_ln::data_or_null<int64_t>(s.len);
-    AT_DISPATCH_FLOATING_TYPES(s.h.scalar_type(), "ln_gru_forward", [&] {
-      const scalar_t *gi = s.g_ih.data_ptr<scalar_t>(), *gh = s.g_hh.data_ptr<scalar_t>();
-      const scalar_t *bi = s.bias_i.data_ptr<scalar_t>(), *bh = s.bias_h.data_ptr<scalar_t>();
-      const scalar_t* zo = rnn_ln::data_or_null<scalar_t>(s.zoneout);
-      const scalar_t *xh = s.xhat.data_ptr<scalar_t>(), *ahp = s.ah.data_ptr<scalar_t>();
-      scalar_t *hp = s.h.data_ptr<scalar_t>(), *out = s.output.data_ptr<scalar_t>(), *r = s.rstd.data_ptr<scalar_t>();
-      at::parallel_for(0, B, grain(G), [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          if (!active(len, b, t)) continue;
-          const int64_t row = t * B + b;
-          scalar_t* sc = save ? nullptr : s.scratch.data_ptr<scalar_t>() + b * (G + 4 * H);
-          scalar_t* hh = save ? s.hhat.data_ptr<scalar_t>() + row * G : sc;
-          scalar_t* ga = save ? s.gates.data_ptr<scalar_t>() + row * 4 * H : sc + G;
-          r[row * 2 + 1] = ln_row(ahp + b * G, hh, G);
-          const scalar_t* xr = xh + row * G;
-          const scalar_t* m = zo ? zo + row * H : nullptr;
-          for_units<scalar_t>(H, [&](auto lanes, int64_t j) {
-            using V = decltype(lanes);
-            V in[3], hid[3];
-            for (int q = 0; q < 3; ++q) {
-              const int64_t k = q * H + j;
-              in[q] = ld<V>(gi + k) * ld<V>(xr + k) + ld<V>(bi + k);
-              hid[q] = ld<V>(gh + k) * ld<V>(hh + k) + ld<V>(bh + k);
-            }
-            const auto a = gates::gru_activate<V>(in[0], in[1], in[2], hid[0], hid[1], hid[2]);
-            st(ga + j, a.r), st(ga + H + j, a.z), st(ga + 2 * H + j, a.n), st(ga + 3 * H + j, a.hn);
-            V hs = ld<V>(hp + b * H + j);
-            const V h_new = gates::gru_hidden_state<V>(a, hs);
-            if (m) {
-              const V mj = ld<V>(m + j);
-              hs = mj * hs + (1.0f - mj) * h_new;
-            } else {
-              hs = h_new;
-            }
-            st(hp + b * H + j, hs);
-            st(out + row * H + j, hs);
-          });
-        }
-      });
-    });
-  }
-
-  static void gru_backward_step(rnn_ln::GruBackStep& s) {
-    const int64_t B = s.dh.size(0), H = s.dh.size(1), G = 3 * H, t = s.t;
-    const int64_t* len = rnn_ln::data_or_null<int64_t>(s.len);
-    AT_DISPATCH_FLOATING_TYPES(s.dh.scalar_type(), "ln_gru_backward", [&] {
-      const scalar_t* gh = s.g_hh.data_ptr<scalar_t>();
-      const scalar_t* zo = rnn_ln::data_or_null<scalar_t>(s.zoneout);
-      const scalar_t *go = s.grad_output.data_ptr<scalar_t>(), *hh = s.hhat.data_ptr<scalar_t>();
-      const scalar_t *ga = s.gates.data_ptr<scalar_t>(), *outp = s.output.data_ptr<scalar_t>();
-      const scalar_t *h0p = s.h0.data_ptr<scalar_t>(), *r = s.rstd.data_ptr<scalar_t>();
-      scalar_t *dhp = s.dh.data_ptr<scalar_t>(), *di = s.dgi.data_ptr<scalar_t>(), *dg = s.dgh.data_ptr<scalar_t>();
-      scalar_t* dap = s.dah.data_ptr<scalar_t>();
-      at::parallel_for(0, B, grain(G), [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          if (!active(len, b, t)) continue;
-          const int64_t row = t * B + b;
-          const scalar_t* g = ga + row * 4 * H;
-          const scalar_t* hprev = t > 0 ? outp + (row - B) * H : h0p + b * H;
-          const scalar_t* m = zo ? zo + row * H : nullptr;
-          scalar_t *dir = di + row * G, *dgr = dg + row * G, *da = dap + row * G;
-          for (int64_t j = 0; j < H; ++j) {
-            const scalar_t dht = dhp[b * H + j] + go[row * H + j];
-            const scalar_t mj = m ? m[j] : scalar_t(0);
-            const gates::GruGates<scalar_t> a{g[j], g[H + j], g[2 * H + j], g[3 * H + j]};
-            const auto u = gates::gru_backward<scalar_t>(a, hprev[j], (1 - mj) * dht);
-            dir[j] = u.gi_r, dir[H + j] = u.gi_z, dir[2 * H + j] = u.gi_n;
-            dgr[j] = u.gi_r, dgr[H + j] = u.gi_z, dgr[2 * H + j] = u.gh_n;
-            dhp[b * H + j] = mj * dht + u.h_prev;
-          }
-          for (int64_t k = 0; k < G; ++k) da[k] = dgr[k] * gh[k];
-          ln_row_backward(da, hh + row * G, r[row * 2 + 1], da, G);
-        }
-      });
-    });
-  }
-};
+// loop<Rows>(args...) for the CPU's best Rows.
+#ifdef ATTNKIT_HAVE_X86_LN_ROWS
+#define ATTNKIT_LN_LOOP(loop, ...)                                                       \
+  (isa() == Isa::kAvx512 ? rnn_ln::loop<avx512::Rows>(__VA_ARGS__)                       \
+   : isa() == Isa::kAvx2 ? rnn_ln::loop<avx2::Rows>(__VA_ARGS__)                         \
+                         : rnn_ln::loop<generic::Rows>(__VA_ARGS__))
+#else
+#define ATTNKIT_LN_LOOP(loop, ...) (rnn_ln::loop<generic::Rows>(__VA_ARGS__))
+#endif
 
 }  // namespace
 
@@ -278,7 +95,7 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& h
                                         const at::Tensor& be_hh, const at::Tensor& g_c, const at::Tensor& be_c,
                                         const c10::optional<at::Tensor>& lengths,
                                         const c10::optional<at::Tensor>& zoneout, bool save) {
-  return rnn_ln::lstm_forward<Rows>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, g_c, be_c, lengths,
+  return ATTNKIT_LN_LOOP(lstm_forward, x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, g_c, be_c, lengths,
                                     zoneout, save);
 }
 
@@ -290,7 +107,7 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& grad_output, const at
                                          const c10::optional<at::Tensor>& zoneout, const at::Tensor& output,
                                          const at::Tensor& xhat, const at::Tensor& hhat, const at::Tensor& gates,
                                          const at::Tensor& cs, const at::Tensor& chat, const at::Tensor& rstd) {
-  return rnn_ln::lstm_backward<Rows>(grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, g_ih, g_hh, g_c, be_c,
+  return ATTNKIT_LN_LOOP(lstm_backward, grad_output, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, g_ih, g_hh, g_c, be_c,
                                      lengths, zoneout, output, xhat, hhat, gates, cs, chat, rstd);
 }
 
@@ -300,7 +117,7 @@ std::vector<at::Tensor> ln_gru_forward(const at::Tensor& x, const at::Tensor& h0
                                        const at::Tensor& be_ih, const at::Tensor& g_hh, const at::Tensor& be_hh,
                                        const c10::optional<at::Tensor>& lengths,
                                        const c10::optional<at::Tensor>& zoneout, bool save) {
-  return rnn_ln::gru_forward<Rows>(x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, lengths, zoneout, save);
+  return ATTNKIT_LN_LOOP(gru_forward, x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, be_ih, g_hh, be_hh, lengths, zoneout, save);
 }
 
 std::vector<at::Tensor> ln_gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_hn,
@@ -310,7 +127,7 @@ std::vector<at::Tensor> ln_gru_backward(const at::Tensor& grad_output, const at:
                                         const c10::optional<at::Tensor>& zoneout, const at::Tensor& output,
                                         const at::Tensor& xhat, const at::Tensor& hhat, const at::Tensor& gates,
                                         const at::Tensor& rstd) {
-  return rnn_ln::gru_backward<Rows>(grad_output, grad_hn, x, h0, w_ih, w_hh, g_ih, g_hh, lengths, zoneout, output,
+  return ATTNKIT_LN_LOOP(gru_backward, grad_output, grad_hn, x, h0, w_ih, w_hh, g_ih, g_hh, lengths, zoneout, output,
                                     xhat, hhat, gates, rstd);
 }
 

@@ -272,6 +272,11 @@ struct KernelRows {
   static constexpr c10::DeviceType kDevice = Launch::kDevice;
   static constexpr const char* kOp = Launch::kOp;
 
+  // The whole-sequence GEMMs: a w^T, a w, a^T b (cuBLAS through ATen takes the transposes as they are).
+  static at::Tensor linear(const at::Tensor& a, const at::Tensor& w) { return at::mm(a, w.t()); }
+  static at::Tensor matmul(const at::Tensor& a, const at::Tensor& w) { return at::mm(a, w); }
+  static at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b) { return at::mm(a.t(), b); }
+
   static void ln_rows(at::Tensor& v, at::Tensor& rstd, int64_t stride) {
     if (v.numel() == 0) return;
     AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "ln_rows_kernels", [&] {

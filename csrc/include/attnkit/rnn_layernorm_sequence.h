@@ -5,6 +5,7 @@
 // per-row passes:
 //
 //   Rows::kDevice, Rows::kOp                    the device type and the name errors give
+//   Rows::linear(a, w), matmul(a, w), mm_tn(a, b)  the whole-sequence GEMMs a w^T, a w, a^T b
 //   Rows::ln_rows(v, rstd, stride)              v (R, n) normalized in place, 1/std to rstd[r * stride]
 //   Rows::ln_rows_backward(d, vhat, rstd, stride)  d (R, n): gradient of LN's output -> of its input, in place
 //   Rows::lstm_forward_step(LstmStep) / lstm_backward_step(LstmBackStep)
@@ -142,7 +143,7 @@ inline at::Tensor kernel_lengths(const c10::optional<at::Tensor>& lengths, const
 template <typename Rows>
 at::Tensor input_projection_ln(const at::Tensor& x, const at::Tensor& w_ih, at::Tensor& rstd, int64_t stride) {
   const int64_t T = x.size(0), B = x.size(1), G = w_ih.size(0);
-  at::Tensor xhat = at::mm(x.view({T * B, x.size(2)}), w_ih.t());
+  at::Tensor xhat = Rows::linear(x.view({T * B, x.size(2)}), w_ih);
   Rows::ln_rows(xhat, rstd, stride);
   return xhat.view({T, B, G});
 }
@@ -157,7 +158,7 @@ std::vector<at::Tensor> input_projection_backward(const at::Tensor& dpre, const 
   at::Tensor dgamma = (dpre * xhat).sum(at::IntArrayRef{0, 1});
   at::Tensor dax = (dpre * g_ih).contiguous().view({T * B, G});
   Rows::ln_rows_backward(dax, xhat.view({T * B, G}), rstd, stride);
-  return {at::mm(dax, w_ih).view({T, B, x.size(2)}), at::mm(dax.t(), x.view({T * B, x.size(2)})), dgamma};
+  return {Rows::matmul(dax, w_ih).view({T, B, x.size(2)}), Rows::mm_tn(dax, x.view({T * B, x.size(2)})), dgamma};
 }
 
 // h_{t-1} for every step (T, B, H): h0, then the outputs. For a row running at
@@ -274,7 +275,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& grad_output, const at::T
   }
 
   const at::Tensor hprev = previous_states(h0, output);
-  at::Tensor dw_hh = at::mm(s.dah.view({T * B, G}).t(), hprev.view({T * B, H}));
+  at::Tensor dw_hh = Rows::mm_tn(s.dah.view({T * B, G}), hprev.view({T * B, H}));
   std::vector<at::Tensor> in = input_projection_backward<Rows>(s.dpre, x, w_ih, g_ih, xhat, rstd, 3);
   at::Tensor db = s.dpre.sum(at::IntArrayRef{0, 1});
   at::Tensor dg_hh = (s.dpre * hhat).sum(at::IntArrayRef{0, 1});
@@ -358,7 +359,7 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& grad_output, const at::Te
   }
 
   const at::Tensor hprev = previous_states(h0, output);
-  at::Tensor dw_hh = at::mm(s.dah.view({T * B, G}).t(), hprev.view({T * B, H}));
+  at::Tensor dw_hh = Rows::mm_tn(s.dah.view({T * B, G}), hprev.view({T * B, H}));
   std::vector<at::Tensor> in = input_projection_backward<Rows>(s.dgi, x, w_ih, g_ih, xhat, rstd, 2);
   return {in[0], s.dh, in[1], dw_hh, s.dgi.sum(at::IntArrayRef{0, 1}), s.dgh.sum(at::IntArrayRef{0, 1}), in[2],
           (s.dgh * hhat).sum(at::IntArrayRef{0, 1})};
