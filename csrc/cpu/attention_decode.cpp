@@ -319,10 +319,6 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   });
 }
 
-}  // namespace
-
-namespace {
-
 // As attention_forward's: the ops check these in Python, a direct call gets the same refusal.
 void check_scalars(const char* op, double scale, double softcap, int64_t window_left) {
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite");
@@ -413,7 +409,6 @@ std::vector<at::Tensor> attention_decode_forward(const at::Tensor& q, const at::
   run_decode(q, k_cache, v_cache, lengths, nullptr, scale, softcap, window_left, slopes, masks, out, lse);
   return {out, lse};
 }
-
 
 std::vector<at::Tensor> attention_decode_varlen_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,

@@ -230,9 +230,8 @@ struct Kernels {
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return cpu::mm(a, b); }
   // a^T b for a (M, K), b (M, N): a one-step backward's weight gradients. oneDNN on a's
   // transposed copy, 2x ATen's GEMM on the transposed view here (the copy 0.02 ms of 0.07 at
-  // (64, 768) x (64, 256)).
-  // One row: an outer product, written at memory speed by a broadcast multiply (6 us against 12 for
-  // ATen's K = 1 GEMM at 768 x 256, as lstm_cell.cpp's).
+  // (64, 768) x (64, 256)); one row, an outer product, as a broadcast multiply at memory speed
+  // (6 us against 12 for ATen's K = 1 GEMM at 768 x 256, as lstm_cell.cpp's).
   static at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b) {
     if (a.size(0) == 1) return a.t() * b;
     if (!onednn_takes(a) || gemms_on_aten() || a.size(1) < kOneDnnRows) return at::mm(a.t(), b);

@@ -29,9 +29,10 @@ bool onednn_takes(const at::Tensor& a) {
          onednn_linear_available() && !gemms_on_aten();
 }
 
-// a w^T, w (N, K) contiguous or the transposed view of a contiguous matrix.
+// a w^T; oneDNN takes w contiguous or as the transposed view of a contiguous matrix.
 at::Tensor sequence_linear(const at::Tensor& a, const at::Tensor& w) {
-  return onednn_takes(a) ? onednn_linear(a, w, c10::nullopt) : at::mm(a, w.t());
+  const bool plain = w.is_contiguous() || w.t().is_contiguous();
+  return plain && onednn_takes(a) ? onednn_linear(a, w, c10::nullopt) : at::mm(a, w.t());
 }
 
 // a^T b: oneDNN on a's transposed copy.
