@@ -1,5 +1,5 @@
 """attnkit.ops.lstm / gru / lstm_cell / linear / flash_attention / attention_decode /
-additive_attention take two routes to the same kernels (attnkit._eager): plain
+additive_attention / apply_rotary take two routes to the same kernels (attnkit._eager): plain
 eager calls skip the torch.library custom op, anything else (here a dispatch
 mode; torch.compile in test_rnn.py and test_compile_serialization.py) goes
 through it. Both must give the same outputs and gradients, and each must be
@@ -12,7 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnkit
 from attnkit import _eager
-from attnkit.ops import additive_attention, attention_decode, flash_attention, gru, linear, lstm, lstm_cell
+from attnkit.ops import (additive_attention, apply_rotary, attention_decode, flash_attention, gru, linear, lstm,
+                         lstm_cell)
 
 
 class PassThrough(TorchDispatchMode):
@@ -163,6 +164,31 @@ def test_additive_attention_routes_agree(backend):
             results.append((type(context.grad_fn).__name__, [context, weights, *grads]))
     (eager_node, eager), (op_node, op) = results
     assert "Function" in eager_node and "attnkit_additive_attention_forward" in op_node, (eager_node, op_node)
+    for a, b in zip(eager, op):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_rotary_routes_agree(backend):
+    """Out-of-place apply_rotary with per-sequence offsets and learned tables: outputs and the
+    gradients of x, cos and sin agree; the eager route's backward stays differentiable (a
+    rotation's backward is a rotation: double backward works, as through the custom op)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 2, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    angles = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    cos, sin = angles.cos().requires_grad_(True), angles.sin().requires_grad_(True)
+    offsets = torch.tensor([0, 2], dtype=torch.int32)
+    results = []
+    with forced("rotary", backend, "cpu", torch.float64):
+        for mode in (None, PassThrough):
+            with mode() if mode else torch.enable_grad():
+                out = apply_rotary(x, cos, sin, seqlen_offsets=offsets)
+            grads = torch.autograd.grad(weighted_loss([out]), [x, cos, sin])
+            results.append((type(out.grad_fn).__name__, [out, *grads]))
+        assert torch.autograd.gradgradcheck(lambda x: apply_rotary(x, cos.detach(), sin.detach(),
+                                                                   seqlen_offsets=offsets), (x,))
+    (eager_node, eager), (op_node, op) = results
+    assert "Function" in eager_node and "attnkit_rotary" in op_node, (eager_node, op_node)
     for a, b in zip(eager, op):
         assert torch.equal(a, b)
 

@@ -4,7 +4,8 @@ the dispatcher picks (Triton on GPUs).
 
 Two torch.library custom ops: `attnkit::rotary` (out of place, with a fake
 implementation and an autograd formula: the gradient of a rotation is the
-rotation by the opposite angle) and `attnkit::rotary_` (mutates x). The in-place
+rotation by the opposite angle; plain eager calls run its kernels and formula
+without the op's dispatch, attnkit._eager) and `attnkit::rotary_` (mutates x). The in-place
 form goes through a torch.autograd.Function that marks x dirty when autograd
 records it, and calls `attnkit::rotary_` directly otherwise (so torch.compile
 sees one mutating node).
@@ -23,9 +24,8 @@ OP = "attnkit.ops.apply_rotary"
 LAYOUTS = ("bnhd", "bhnd")
 
 
-@torch.library.custom_op("attnkit::rotary", mutates_args=())
-def _rotary(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor], offset: int, interleaved: bool,
-            conjugate: bool, cu_seqlens: Optional[Tensor], max_seqlen: int) -> Tensor:
+def _rotary_kernels(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor], offset: int, interleaved: bool,
+                    conjugate: bool, cu_seqlens: Optional[Tensor], max_seqlen: int) -> Tensor:
     if x.stride(-1) != 1 and x.shape[-1] > 1:
         # Strided head dims take the kernel's element-wise path: a copy first is ~4x faster for
         # the broadcast gradient of out.sum().backward() (0.34 -> 0.09 ms at (1, 512, 16, 64)).
@@ -34,6 +34,9 @@ def _rotary(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor], offs
     ROTARY.select(_describe_tensors(x)).apply(x, cos, sin, offsets, offset, interleaved, conjugate, out, cu_seqlens,
                                               max_seqlen)
     return out
+
+
+_rotary = torch.library.custom_op("attnkit::rotary", _rotary_kernels, mutates_args=())
 
 
 @_rotary.register_fake
@@ -54,10 +57,18 @@ def _table_grads(grad, x, cos, sin, offsets, offset, interleaved, conjugate, cu_
     return ref.varlen(ref.table_grads, cu_seqlens, x, cos, sin, offsets, offset, interleaved, conjugate, others=(grad,))
 
 
+def _rotated(*args) -> Tensor:
+    """attnkit::rotary, or the same kernels without its dispatch where only eager autograd sees the call
+    (attnkit._eager: the dispatch was ~40% of a one-token fwd+bwd), through _RotaryFunction when
+    autograd records it: a rotation's backward is a rotation, so double backward works either way."""
+    return _eager.forward(_RotaryFunction, _rotary_kernels, _rotary, *args,
+                          training=_eager.needs_grad(args[:3]))
+
+
 def _backward(ctx, grad):
     cos, sin, offsets, cu_seqlens, x = ctx.saved_tensors
     offset, interleaved, conjugate, max_seqlen = ctx.options
-    dx = _rotary(grad, cos, sin, offsets, offset, interleaved, not conjugate, cu_seqlens, max_seqlen)
+    dx = _rotated(grad, cos, sin, offsets, offset, interleaved, not conjugate, cu_seqlens, max_seqlen)
     d_cos = d_sin = None
     if ctx.table_grads:  # learned tables are rare and small: plain PyTorch, on every backend
         d_cos, d_sin = _table_grads(grad, x, cos, sin, offsets, offset, interleaved, conjugate, cu_seqlens)
@@ -65,6 +76,7 @@ def _backward(ctx, grad):
 
 
 _eager.register_autograd(_rotary, _backward, _setup_context)
+_RotaryFunction = _eager.autograd_function("_RotaryFunction", _rotary_kernels, _setup_context, _backward, once=False)
 
 
 @torch.library.custom_op("attnkit::rotary_", mutates_args=("x",))
@@ -94,7 +106,7 @@ class _RotaryInplace(torch.autograd.Function):
     def backward(ctx, grad):
         cos, sin, offsets, cu_seqlens = ctx.saved_tensors
         offset, interleaved, max_seqlen = ctx.options
-        return (_rotary(grad, cos, sin, offsets, offset, interleaved, True, cu_seqlens, max_seqlen),) + (None,) * 7
+        return (_rotated(grad, cos, sin, offsets, offset, interleaved, True, cu_seqlens, max_seqlen),) + (None,) * 7
 
 
 def _describe_tensors(x: Tensor) -> dict:
@@ -227,7 +239,7 @@ def apply_rotary(
         else:
             _rotary_(x, cos, sin, offsets, offset, interleaved, cu_seqlens, max_seqlen)
         return original
-    out = _rotary(x, cos, sin, offsets, offset, interleaved, False, cu_seqlens, max_seqlen)
+    out = _rotated(x, cos, sin, offsets, offset, interleaved, False, cu_seqlens, max_seqlen)
     return out.transpose(1, 2) if layout == "bhnd" else out
 
 
