@@ -352,8 +352,12 @@ def test_batched_gradients_run_through_the_custom_ops(backend):
     q = torch.randn(1, 2, 3, 8, requires_grad=True)
     x = torch.randn(4, 2, 3, requires_grad=True)
     lstm_module = attnkit.nn.LSTM(3, 5)
+    angles = torch.randn(3, 4)
+    rotary_cases = [(lambda q, inplace=inplace: apply_rotary(q * 1, angles.cos(), angles.sin(), inplace=inplace), q)
+                    for inplace in (False, True)]
     with attnkit.use_backend(backend):
-        for fn, inp in ((lambda q: flash_attention(q, q, q, causal=True), q), (lambda x: lstm_module(x)[0], x)):
+        for fn, inp in [(lambda q: flash_attention(q, q, q, causal=True), q), (lambda x: lstm_module(x)[0], x),
+                        *rotary_cases]:
             out = fn(inp)
             grads = torch.randn(3, *out.shape)
             (batched,) = torch.autograd.grad(out, inp, grads, is_grads_batched=True, retain_graph=True)

@@ -106,7 +106,9 @@ class _RotaryInplace(torch.autograd.Function):
     def backward(ctx, grad):
         cos, sin, offsets, cu_seqlens = ctx.saved_tensors
         offset, interleaved, max_seqlen = ctx.options
-        return (_rotated(grad, cos, sin, offsets, offset, interleaved, True, cu_seqlens, max_seqlen),) + (None,) * 7
+        # Through the custom op: this backward is not wrapped for legacy-vmap batched gradients
+        # (attnkit._eager), whose tensors the kernels cannot read.
+        return (_rotary(grad, cos, sin, offsets, offset, interleaved, True, cu_seqlens, max_seqlen),) + (None,) * 7
 
 
 def _describe_tensors(x: Tensor) -> dict:
