@@ -23,6 +23,7 @@
 #include "attnkit/rnn_sequence.h"
 #include "lstm_rows.h"
 #include "rnn_fused.h"
+#include "row_isa.h"
 
 namespace attnkit {
 namespace cpu {
@@ -35,8 +36,7 @@ namespace {
 
 // The row kernels three times: for AVX-512 and AVX2+FMA CPUs and for any
 // other CPU, picked at run time. GemvVec is the small-batch GEMV's vector.
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define ATTNKIT_HAVE_X86_ROWS 1
+#ifdef ATTNKIT_X86_ROW_BUILDS
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx2,fma")
 namespace avx512 {
@@ -62,25 +62,6 @@ typedef float GemvVec __attribute__((vector_size(32)));
 #include "rnn_small_batch.h"
 #include "rnn_small_batch_gru.h"
 }  // namespace generic
-
-enum class Isa { kGeneric, kAvx2, kAvx512 };
-
-Isa isa() {
-#ifdef ATTNKIT_HAVE_X86_ROWS
-  static const Isa best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? Isa::kAvx512
-                          : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")       ? Isa::kAvx2
-                                                                                                  : Isa::kGeneric;
-  return best;
-#else
-  return Isa::kGeneric;
-#endif
-}
-
-#ifdef ATTNKIT_HAVE_X86_ROWS
-#define ATTNKIT_ROWS(fn) (isa() == Isa::kAvx512 ? avx512::fn : isa() == Isa::kAvx2 ? avx2::fn : generic::fn)
-#else
-#define ATTNKIT_ROWS(fn) (generic::fn)
-#endif
 
 // Rows per task: small steps run on one thread, the fork/join costs more.
 int64_t grain_rows(int64_t units_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, units_per_row)); }
@@ -149,7 +130,7 @@ struct Kernels {
     const int64_t M = a.size(0), K = a.size(1), N = w.size(0);
     at::Tensor out = at::empty({M, N}, a.options());
     AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "attnkit_small_linear", [&] {
-      auto cols = ATTNKIT_ROWS(small_linear_cols<scalar_t>);
+      auto cols = ATTNKIT_PICK_ROWS(small_linear_cols<scalar_t>);
       const scalar_t *a_p = a.data_ptr<scalar_t>(), *w_p = w.data_ptr<scalar_t>();
       const scalar_t* b_p = rnn::present(bias) ? bias->data_ptr<scalar_t>() : nullptr;
       scalar_t* o_p = out.data_ptr<scalar_t>();
@@ -166,7 +147,7 @@ struct Kernels {
     const int64_t B = c.size(0), H = c.size(1);
     const int64_t* lp = ptr<int64_t>(len);
     AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "attnkit_lstm_forward_step", [&] {
-      auto row = ATTNKIT_ROWS(lstm_forward_row<scalar_t>);
+      auto row = ATTNKIT_PICK_ROWS(lstm_forward_row<scalar_t>);
       scalar_t *pre_p = ptr<scalar_t>(pre), *c_p = ptr<scalar_t>(c), *h_p = ptr<scalar_t>(h);
       const scalar_t* gh_p = ptr<scalar_t>(gh);
       scalar_t *out_p = ptr<scalar_t>(out), *cs_p = ptr<scalar_t>(cs), *hc_p = ptr<scalar_t>(hc);
@@ -228,17 +209,8 @@ struct Kernels {
 
   // a b (row-major, contiguous): the weight gradients' GEMMs.
   static at::Tensor mm(const at::Tensor& a, const at::Tensor& b) { return cpu::mm(a, b); }
-  // a^T b for a (M, K), b (M, N): a one-step backward's weight gradients. oneDNN on a's
-  // transposed copy, 2x ATen's GEMM on the transposed view here (the copy 0.02 ms of 0.07 at
-  // (64, 768) x (64, 256)); one row, an outer product, as a broadcast multiply at memory speed
-  // (6 us against 12 for ATen's K = 1 GEMM at 768 x 256, as lstm_cell.cpp's).
-  static at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b) {
-    if (a.size(0) == 1) return a.t() * b;
-    if (!onednn_takes(a) || gemms_on_aten() || a.size(1) < kOneDnnRows) return at::mm(a.t(), b);
-    at::Tensor a_t = at::empty({a.size(1), a.size(0)}, a.options());
-    cpu::transpose_into(a, a_t);
-    return onednn_linear(a_t, b.contiguous().t(), c10::nullopt);
-  }
+  // a^T b: a one-step backward's weight gradients (rnn_fused.h).
+  static at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b) { return cpu::mm_tn(a, b); }
   static void transpose_into(const at::Tensor& src, const at::Tensor& dst) { cpu::transpose_into(src, dst); }
   // The backward's GEMMs after the time loop take PackedSequence rows only (rnn_fused.h).
   static constexpr bool kPacksRunningRows = true;
@@ -262,7 +234,7 @@ struct Kernels {
     const int64_t B = dc.size(0), H = dc.size(1);
     const int64_t* lp = ptr<int64_t>(len);
     AT_DISPATCH_FLOATING_TYPES(dc.scalar_type(), "attnkit_lstm_backward_step", [&] {
-      auto row = ATTNKIT_ROWS(lstm_backward_row<scalar_t>);
+      auto row = ATTNKIT_PICK_ROWS(lstm_backward_row<scalar_t>);
       const scalar_t *g_p = ptr<scalar_t>(gates), *cp_p = ptr<scalar_t>(c_prev), *cn_p = ptr<scalar_t>(c_new);
       const scalar_t* dh_p = ptr<scalar_t>(dh);
       scalar_t *dc_p = ptr<scalar_t>(dc), *gp_p = ptr<scalar_t>(gpre);
@@ -284,7 +256,7 @@ struct Kernels {
     const int64_t B = h.size(0), H = h.size(1);
     const int64_t* lp = ptr<int64_t>(len);
     AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "attnkit_gru_forward_step", [&] {
-      auto row = ATTNKIT_ROWS(gru_forward_row<scalar_t>);
+      auto row = ATTNKIT_PICK_ROWS(gru_forward_row<scalar_t>);
       const scalar_t *gi_p = ptr<scalar_t>(gi), *gh_p = ptr<scalar_t>(gh);
       scalar_t *h_p = ptr<scalar_t>(h), *out_p = ptr<scalar_t>(out), *g_p = ptr<scalar_t>(gates);
       at::parallel_for(0, B, grain_rows(4 * H), [&](int64_t begin, int64_t end) {
@@ -306,7 +278,7 @@ struct Kernels {
     const int64_t B = dh.size(0), H = dh.size(1);
     const int64_t* lp = ptr<int64_t>(len);
     AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "attnkit_gru_backward_step", [&] {
-      auto row = ATTNKIT_ROWS(gru_backward_row<scalar_t>);
+      auto row = ATTNKIT_PICK_ROWS(gru_backward_row<scalar_t>);
       const scalar_t *g_p = ptr<scalar_t>(gates), *hp_p = ptr<scalar_t>(h_prev), *go_p = ptr<scalar_t>(grad_out);
       scalar_t *dh_p = ptr<scalar_t>(dh), *dgi_p = ptr<scalar_t>(dgi), *dgh_p = ptr<scalar_t>(dgh);
       at::parallel_for(0, B, grain_rows(4 * H), [&](int64_t begin, int64_t end) {
@@ -507,7 +479,7 @@ std::vector<at::Tensor> small_batch_lstm_forward(const at::Tensor& x, const at::
   at::Tensor c = c0.clone();
   at::Tensor cs = save ? at::empty({T, B, H}, x.options()) : rnn::none_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attnkit_lstm_forward_small_batch", [&] {
-    ATTNKIT_ROWS(lstm_forward_small_batch<scalar_t>)(
+    ATTNKIT_PICK_ROWS(lstm_forward_small_batch<scalar_t>)(
         gates.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), h_bufs.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
         output.data_ptr<scalar_t>(), ptr<scalar_t>(cs), rnn::present(lengths) ? lengths->data_ptr<int64_t>() : nullptr,
         T, B, H, small_batch_threads(B, H));
@@ -537,7 +509,7 @@ std::vector<at::Tensor> small_batch_lstm_backward(const at::Tensor& grad_output,
   at::Tensor dx = at::empty({T, B, I}, x.options());
   at::Tensor dw_ih = at::empty({4 * H, I}, x.options()), dw_hh = at::empty({4 * H, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attnkit_lstm_backward_small_batch", [&] {
-    ATTNKIT_ROWS(lstm_backward_small_batch<scalar_t>)(
+    ATTNKIT_PICK_ROWS(lstm_backward_small_batch<scalar_t>)(
         gates.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(),
         w_hh.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), grad_pre.data_ptr<scalar_t>(),
         grad_pre_t.data_ptr<scalar_t>(), ld_t, db.data_ptr<scalar_t>(),
@@ -567,7 +539,7 @@ std::vector<at::Tensor> small_batch_gru_forward(const at::Tensor& x, const at::T
   h_bufs[0].copy_(h0);
   at::Tensor gates = save ? at::empty({T, B, 4 * H}, x.options()) : rnn::none_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attnkit_gru_forward_small_batch", [&] {
-    ATTNKIT_ROWS(gru_forward_small_batch<scalar_t>)(
+    ATTNKIT_PICK_ROWS(gru_forward_small_batch<scalar_t>)(
         gi.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), rnn::present(b_hh) ? b_hh->data_ptr<scalar_t>() : nullptr,
         h_bufs.data_ptr<scalar_t>(),
         output.data_ptr<scalar_t>(), save ? gates.data_ptr<scalar_t>() : nullptr,
@@ -598,7 +570,7 @@ std::vector<at::Tensor> small_batch_gru_backward(const at::Tensor& grad_output, 
     const scalar_t *h0_p = h0.data_ptr<scalar_t>(), *out_p = output.data_ptr<scalar_t>();
     const scalar_t *x_p = x.data_ptr<scalar_t>(), *gt = grad_t.data_ptr<scalar_t>();
     scalar_t *dw_ih_p = dw_ih.data_ptr<scalar_t>(), *dw_hh_p = dw_hh.data_ptr<scalar_t>();
-    ATTNKIT_ROWS(gru_backward_small_batch<scalar_t>)(
+    ATTNKIT_PICK_ROWS(gru_backward_small_batch<scalar_t>)(
         gates.data_ptr<scalar_t>(), h0_p, out_p, grad_output.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
         dh.data_ptr<scalar_t>(), grad_gi.data_ptr<scalar_t>(), grad_gh.data_ptr<scalar_t>(),
         grad_t.data_ptr<scalar_t>(), ld_t, db_ih.data_ptr<scalar_t>(), db_hh.data_ptr<scalar_t>(),
@@ -626,7 +598,7 @@ void check_cpu(const at::Tensor& x) {
 void lstm_rows_forward(at::Tensor& pre, const at::Tensor& gh, at::Tensor& c, at::Tensor& h) {
   const int64_t B = c.size(0), H = c.size(1);
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "attnkit_lstm_rows_forward", [&] {
-    auto row = ATTNKIT_ROWS(lstm_forward_row<scalar_t>);
+    auto row = ATTNKIT_PICK_ROWS(lstm_forward_row<scalar_t>);
     scalar_t *pre_p = pre.data_ptr<scalar_t>(), *c_p = c.data_ptr<scalar_t>(), *h_p = h.data_ptr<scalar_t>();
     const scalar_t* gh_p = gh.data_ptr<scalar_t>();
     at::parallel_for(0, B, grain_rows(4 * H), [&](int64_t begin, int64_t end) {
@@ -641,7 +613,7 @@ void lstm_rows_backward(const at::Tensor& gates, const at::Tensor& c_prev, const
                         const at::Tensor& dh, at::Tensor& dc, at::Tensor& gpre) {
   const int64_t B = dc.size(0), H = dc.size(1);
   AT_DISPATCH_FLOATING_TYPES(dc.scalar_type(), "attnkit_lstm_rows_backward", [&] {
-    auto row = ATTNKIT_ROWS(lstm_backward_row<scalar_t>);
+    auto row = ATTNKIT_PICK_ROWS(lstm_backward_row<scalar_t>);
     const scalar_t *g_p = gates.data_ptr<scalar_t>(), *cp_p = c_prev.data_ptr<scalar_t>();
     const scalar_t *cn_p = c_new.data_ptr<scalar_t>(), *dh_p = dh.data_ptr<scalar_t>();
     scalar_t *dc_p = dc.data_ptr<scalar_t>(), *gp_p = gpre.data_ptr<scalar_t>();

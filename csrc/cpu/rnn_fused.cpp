@@ -16,6 +16,7 @@
 // W_hh[:, own units] (every thread reads all of gp_{t+1}, hence the barrier;
 // the GRU adds it onto the part through z), then the gate backward on the own units.
 #include "rnn_fused.h"
+#include "row_isa.h"
 
 // Without AVX the generic copy's 16-lane vectors are emulated and inlined
 // (gate_math.h's templates instantiate for them): the vector-ABI note gcc
@@ -102,7 +103,7 @@ struct FusedBackward {
   at::BFloat16* grad_pre_low = nullptr;
 };
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && defined(CPUBLAS_BRGEMM_F32F32F32)
+#if defined(ATTNKIT_X86_ROW_BUILDS) && defined(CPUBLAS_BRGEMM_F32F32F32)
 #define ATTNKIT_HAVE_X86_FUSED 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx2,fma")
@@ -127,10 +128,7 @@ namespace generic {
 #endif
 
 #ifdef ATTNKIT_HAVE_X86_FUSED
-#define ATTNKIT_FUSED(fn)                                                                                  \
-  (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? avx512::fn                   \
-   : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")       ? avx2::fn                     \
-                                                                            : generic::fn)
+#define ATTNKIT_FUSED(fn) ATTNKIT_PICK_ROWS(fn)
 #elif defined(CPUBLAS_BRGEMM_F32F32F32)
 #define ATTNKIT_FUSED(fn) (generic::fn)
 #else
@@ -463,6 +461,17 @@ std::vector<at::Tensor> rnn_forward_bf16(int64_t gates, const at::Tensor& x, con
 #else
   return {};
 #endif
+}
+
+at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b) {
+  if (a.size(0) == 1) return a.t() * b;
+  if (a.scalar_type() != at::kFloat || !a.is_contiguous() || a.size(0) < kFewRows || a.size(1) < kFewRows ||
+      !onednn_linear_available() || gemms_on_aten()) {
+    return at::mm(a.t(), b);
+  }
+  at::Tensor a_t = at::empty({a.size(1), a.size(0)}, a.options());
+  transpose_into(a, a_t);
+  return onednn_linear(a_t, b.contiguous().t(), c10::nullopt);
 }
 
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {

@@ -76,6 +76,14 @@ std::vector<at::Tensor> rnn_backward_bf16(int64_t gates, const at::Tensor& grad_
 // gemms_on_aten() says MKL is the faster one.
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b);
 
+// a^T b for a (M, K), b (M, N): the weight gradients of a one-step RNN backward and of the
+// LayerNorm RNNs. Float from 16 rows and columns: oneDNN on a's transposed copy (transpose_into),
+// 2x the MKL sgemm that at::mm runs on the transposed view on the AMD EPYC of BENCHMARKS.md (the
+// copy 0.02 ms of 0.07 at (64, 768) x (64, 256)); one row, an outer product, as a broadcast
+// multiply at memory speed (6 us against 12 for ATen's K = 1 GEMM at 768 x 256, as lstm_cell.cpp's);
+// at::mm otherwise, and where linear.h's gemms_on_aten() says MKL is the faster one.
+at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b);
+
 // dst = src^T for 2-D src (r, c) and dst (c, r): blocked for float with unit
 // inner strides (ATen's transposing copy_ ran at ~1 GB/s here), copy_ otherwise.
 void transpose_into(const at::Tensor& src, const at::Tensor& dst);

@@ -17,13 +17,15 @@
 #include "attnkit/linear.h"
 #include "attnkit/rnn_layernorm_sequence.h"
 #include "rnn_fused.h"
+#include "row_isa.h"
 
 namespace attnkit {
 namespace cpu {
 namespace {
 
-// The whole-sequence GEMMs (T B rows): oneDNN where it takes them, 2x the MKL sgemm that at::mm
-// runs on the AMD EPYC of BENCHMARKS.md (rnn.cpp's Kernels choose the same way).
+// The whole-sequence input projection and dx (T B rows): oneDNN where it takes them, 2x the MKL
+// sgemm that at::mm runs on the AMD EPYC of BENCHMARKS.md (rnn.cpp's Kernels choose the same way;
+// the weight gradients' a^T b is rnn_fused.h's mm_tn).
 bool onednn_takes(const at::Tensor& a) {
   return a.scalar_type() == at::kFloat && a.size(0) >= kFewRows && a.size(1) >= kFewRows && a.is_contiguous() &&
          onednn_linear_available() && !gemms_on_aten();
@@ -35,18 +37,9 @@ at::Tensor sequence_linear(const at::Tensor& a, const at::Tensor& w) {
   return plain && onednn_takes(a) ? onednn_linear(a, w, c10::nullopt) : at::mm(a, w.t());
 }
 
-// a^T b: oneDNN on a's transposed copy.
-at::Tensor sequence_mm_tn(const at::Tensor& a, const at::Tensor& b) {
-  if (!onednn_takes(a)) return at::mm(a.t(), b);
-  at::Tensor a_t = at::empty({a.size(1), a.size(0)}, a.options());
-  transpose_into(a, a_t);
-  return onednn_linear(a_t, b.contiguous().t(), c10::nullopt);
-}
-
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define ATTNKIT_HAVE_X86_LN_ROWS 1
+#ifdef ATTNKIT_X86_ROW_BUILDS
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx2,fma")
 namespace avx512 {
@@ -64,24 +57,11 @@ namespace generic {
 #include "rnn_layernorm_rows.h"
 }  // namespace generic
 
-enum class Isa { kGeneric, kAvx2, kAvx512 };
-
-Isa isa() {
-#ifdef ATTNKIT_HAVE_X86_LN_ROWS
-  static const Isa best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? Isa::kAvx512
-                          : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")       ? Isa::kAvx2
-                                                                                                  : Isa::kGeneric;
-  return best;
-#else
-  return Isa::kGeneric;
-#endif
-}
-
 // loop<Rows>(args...) for the CPU's best Rows.
-#ifdef ATTNKIT_HAVE_X86_LN_ROWS
+#ifdef ATTNKIT_X86_ROW_BUILDS
 #define ATTNKIT_LN_LOOP(loop, ...)                                                       \
-  (isa() == Isa::kAvx512 ? rnn_ln::loop<avx512::Rows>(__VA_ARGS__)                       \
-   : isa() == Isa::kAvx2 ? rnn_ln::loop<avx2::Rows>(__VA_ARGS__)                         \
+  (row_isa() == RowIsa::kAvx512 ? rnn_ln::loop<avx512::Rows>(__VA_ARGS__)                       \
+   : row_isa() == RowIsa::kAvx2 ? rnn_ln::loop<avx2::Rows>(__VA_ARGS__)                         \
                          : rnn_ln::loop<generic::Rows>(__VA_ARGS__))
 #else
 #define ATTNKIT_LN_LOOP(loop, ...) (rnn_ln::loop<generic::Rows>(__VA_ARGS__))

@@ -56,13 +56,21 @@ void ln_row_backward(const scalar_t* dvh, const scalar_t* v_hat, scalar_t rstd, 
   for (int64_t k = 0; k < n; ++k) dv[k] = static_cast<scalar_t>(rstd * (dvh[k] - m - v_hat[k] * mv));
 }
 
+// h_t of units j.. with zoneout: m h_{t-1} + (1 - m) h' where the step has a mask row m, else h'.
+template <typename V, typename S>
+inline V zoned_out(const S* m, int64_t j, V h_prev, V h_new) {
+  if (m == nullptr) return h_new;
+  const V mj = ld<V>(m + j);
+  return mj * h_prev + (1.0f - mj) * h_new;
+}
+
 struct Rows {
   static constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
   static constexpr const char* kOp = "attnkit._C layer-norm rnn";
 
   static at::Tensor linear(const at::Tensor& a, const at::Tensor& w) { return sequence_linear(a, w); }
   static at::Tensor matmul(const at::Tensor& a, const at::Tensor& w) { return sequence_linear(a, w.t()); }
-  static at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b) { return sequence_mm_tn(a, b); }
+  static at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b) { return cpu::mm_tn(a, b); }
 
   static void ln_rows(at::Tensor& v, at::Tensor& rstd, int64_t stride) {
     const int64_t rows = v.size(0), n = v.size(1);
@@ -126,13 +134,7 @@ struct Rows {
             using V = decltype(lanes);
             const gates::LstmGates<V> a{ld<V>(ga + j), ld<V>(ga + H + j), ld<V>(ga + 2 * H + j), ld<V>(ga + 3 * H + j)};
             const V h_new = gates::lstm_hidden_state<V>(a, ld<V>(gc + j) * ld<V>(ch + j) + ld<V>(bc + j));
-            V hs = ld<V>(hp + b * H + j);
-            if (m) {
-              const V mj = ld<V>(m + j);
-              hs = mj * hs + (1.0f - mj) * h_new;
-            } else {
-              hs = h_new;
-            }
+            const V hs = zoned_out(m, j, ld<V>(hp + b * H + j), h_new);
             st(hp + b * H + j, hs);
             st(cp + b * H + j, ld<V>(cn + j));
             st(out + row * H + j, hs);
@@ -223,14 +225,8 @@ struct Rows {
             }
             const auto a = gates::gru_activate<V>(in[0], in[1], in[2], hid[0], hid[1], hid[2]);
             st(ga + j, a.r), st(ga + H + j, a.z), st(ga + 2 * H + j, a.n), st(ga + 3 * H + j, a.hn);
-            V hs = ld<V>(hp + b * H + j);
-            const V h_new = gates::gru_hidden_state<V>(a, hs);
-            if (m) {
-              const V mj = ld<V>(m + j);
-              hs = mj * hs + (1.0f - mj) * h_new;
-            } else {
-              hs = h_new;
-            }
+            const V h_prev = ld<V>(hp + b * H + j);
+            const V hs = zoned_out(m, j, h_prev, gates::gru_hidden_state<V>(a, h_prev));
             st(hp + b * H + j, hs);
             st(out + row * H + j, hs);
           });
