@@ -82,3 +82,17 @@ def test_the_autotuning_key_holds_every_feature_flag(kernel):
              if "constexpr" in str(p.annotation)}
     assert flags - _NOT_TUNING_KEYS <= set(flash_attention_launch._TUNE_KEY)
     assert "SOFTCAP" in flags  # the signature was read
+
+
+def test_wide_offsets_reads_the_strides_only_of_tensors_in_large_storages():
+    """int64 offsets exactly where an element lies 2^31 - 1 or more past the tensor's start,
+    whichever path (the storage's size, or the strides of a view into a larger one) decides."""
+    wide = flash_attention_launch._wide_offsets
+    small = torch.empty(4, 16, dtype=torch.float16)
+    large = torch.empty(2**31 + 64, dtype=torch.bool)  # pages are committed only when touched
+    assert not wide(None, small, small.t())
+    assert not wide(large[:64].view(4, 16), large[2**31:].view(4, 16))  # small views of a large storage
+    assert wide(large.as_strided((2, 16), (2**31 - 1, 1)))  # its second row 2^31 - 1 past the first
+    assert not wide(large.as_strided((2, 16), (2**31 - 17, 1)))  # its last element at 2^31 - 2
+    assert wide(small, large.as_strided((3, 4), (2**30, 1)))
+    assert not wide(large.as_strided((0, 16), (2**31, 1)))  # no elements
