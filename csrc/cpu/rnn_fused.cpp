@@ -56,6 +56,12 @@ constexpr int64_t kChunk = 16;
 // panel stays in L2 while the GEMM walks gp's rows (W_hh's own rows, H apart,
 // map a panel onto a few cache sets when H is a power of two).
 constexpr int64_t kPanel = 64;
+// Past kDhLongK (G H) the dh product runs in K blocks of kDhBlockK, each over all of the thread's
+// panels: a whole panel (G H x 64 floats, 1 MB at H = 1024) beside gp's rows overflowed L2 and
+// both came from L3 again for every panel. The LSTM backward's time loop at H = 1024, (B, T) =
+// (128, 64): 265 -> 205 ms; (16, 64): 35 -> 23; H = 2048 about halved; H <= 768 level (BENCHMARKS.md).
+constexpr int64_t kDhLongK = 2048;
+constexpr int64_t kDhBlockK = 512;
 
 // G gates a unit: 4 (LSTM: i, f, g, o), 3 (GRU: r, z, n).
 struct FusedForward {

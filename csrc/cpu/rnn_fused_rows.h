@@ -180,16 +180,22 @@ inline void fused_dh_gemm(const FusedBackward& f, int64_t t, int64_t u0, int64_t
   if (m == 0) return;
   const float* gp = f.grad_pre + t * B * K;
   float* dst = f.unsorted && !kAdd ? tile : f.dh;  // sorted: rows past m stopped at t and keep their dh
-  for (int64_t p0 = u0; p0 < u1; p0 += kPanel) {
-    const int64_t n = std::min(kPanel, u1 - p0);
+  // Float operands past kDhLongK in K blocks (see kDhBlockK); bfloat16 ones whole (VNNI pairs along K).
+  const int64_t kb = f.grad_pre_low == nullptr && K > kDhLongK ? kDhBlockK : K;
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
+    const int64_t k = std::min(kb, K - k0);
+    for (int64_t p0 = u0; p0 < u1; p0 += kPanel) {
+      const int64_t n = std::min(kPanel, u1 - p0);
 #ifdef CPUBLAS_BRGEMM_BF16BF16F32
-    if (f.grad_pre_low != nullptr) {
-      at::native::cpublas::brgemm(m, n, K, K, ldb_low(n), H, kAdd, f.grad_pre_low + (t % 2) * B * K,
-                                  f.w_hh_low + K * p0, dst + p0);
-      continue;
-    }
+      if (f.grad_pre_low != nullptr) {
+        at::native::cpublas::brgemm(m, n, K, K, ldb_low(n), H, kAdd, f.grad_pre_low + (t % 2) * B * K,
+                                    f.w_hh_low + K * p0, dst + p0);
+        continue;
+      }
 #endif
-    at::native::cpublas::brgemm(m, n, K, K, n, H, kAdd, gp, f.w_hh + K * p0, dst + p0, false);
+      at::native::cpublas::brgemm(m, n, k, K, n, H, kAdd || k0 > 0, gp + k0, f.w_hh + K * p0 + k0 * n, dst + p0,
+                                  false);
+    }
   }
   if (kAdd || !f.unsorted) return;
   for (int64_t b = 0; b < m; ++b) {

@@ -335,3 +335,41 @@ def test_unknown_gemm_route_is_refused(monkeypatch):
     args = make_gru(1, 20, 11, 13, torch.float32, "cpu")
     with attnkit.use_backend("cpp"), pytest.raises(RuntimeError, match="ATTNKIT_CPU_GEMM must be 'aten' or 'onednn'"):
         gru(*args)
+
+
+@pytest.mark.parametrize("kind,H", [("LSTM", 520), ("GRU", 700)], ids=str)
+@pytest.mark.parametrize("lengths", [None, [3, 3, 2, 2, 1, 0], [1, 3, 0, 2, 3, 2]], ids=["full", "sorted", "unsorted"])
+def test_dh_product_in_k_blocks_matches_float64_reference(kind, H, lengths, threads):
+    """G H past 2048 (rnn_fused.cpp's kDhLongK): the backward's dh product runs in K blocks of 512,
+    LSTM 4 x 520 = 2080 as four and one of 32, GRU 3 x 700 = 2100 as four and one of 52; the last
+    panels 8 and 60 columns wide. Weights scaled 1 / sqrt(H), so that the gates do not saturate and
+    dh carries the gradients; float32 against the reference in float64 (dropping the last K block
+    puts the gradients 5e-2..2e-1 off)."""
+    T, B, I = 3, 6, 5
+    gates = 4 if kind == "LSTM" else 3
+    gen = torch.Generator().manual_seed(H)
+    scale = H**-0.5
+    values = [torch.randn(T, B, I, generator=gen, dtype=torch.float64)]
+    values += [torch.randn(B, H, generator=gen, dtype=torch.float64) for _ in range(2 if kind == "LSTM" else 1)]
+    values += [torch.randn(gates * H, n, generator=gen, dtype=torch.float64) * scale for n in (I, H)]
+    values += [torch.randn(gates * H, generator=gen, dtype=torch.float64) * scale for _ in range(2)]
+    lengths = None if lengths is None else torch.tensor(lengths)
+
+    def run(dtype, backend):
+        leaves = [v.to(dtype).requires_grad_(True) for v in values]
+        with attnkit.use_backend(backend):
+            if kind == "LSTM":
+                out, (h, c) = lstm(leaves[0], (leaves[1], leaves[2]), *leaves[3:], lengths=lengths)
+                outs = (out, h, c)
+            else:
+                outs = gru(leaves[0], leaves[1], *leaves[2:], lengths=lengths)
+        return outs, torch.autograd.grad(weighted_loss(outs), leaves)
+
+    outs, grads = run(torch.float32, "cpp")
+    outs_ref, grads_ref = run(torch.float64, "reference")
+    atol, rtol = TOLERANCES[torch.float32]
+    for o, r in zip(outs, outs_ref):
+        torch.testing.assert_close(o.double(), r, atol=atol, rtol=rtol)
+    for g, r in zip(grads, grads_ref):
+        scale = max(1.0, r.abs().max().item())
+        torch.testing.assert_close(g.double(), r, atol=atol * RNN_GRAD_FACTOR * scale, rtol=rtol * RNN_GRAD_FACTOR)
