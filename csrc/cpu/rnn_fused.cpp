@@ -493,11 +493,14 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   // ATen caches per thread and never frees (~0.2 MB kept per new T B). So K runs in
   // blocks of kK, each block of A first copied with rows kK apart, the last block rounded
   // up to a multiple of kKStep with zero columns in A and zero rows in B's panel: the
-  // kernels depend on M and N only. Then each task owns a column panel of C; per block
-  // it copies that block of B into a contiguous buffer (B's rows are N apart, often 4 KB:
-  // a power-of-two stride that maps a panel's rows onto a few cache sets) and runs it
-  // against every row tile of A.
-  constexpr int64_t kM = 64, kN = 64, kK = 256, kKStep = 16;
+  // kernels depend on M and N only (kK / kKStep of them at most). Then each task owns a column
+  // panel of C; per block it copies that block of B into a contiguous buffer (B's rows are N
+  // apart, often 4 KB: a power-of-two stride that maps a panel's rows onto a few cache sets)
+  // and runs it against every row tile of A. Each block reads and writes all of C (32 MB at
+  // H = 1024): blocks of 1024 pass over it a quarter as often as blocks of 256 did (the
+  // [dW_ih | dW_hh] product at (B, T, H) = (128, 64, 1024): 357-374 -> 308-347 ms; (64, 100,
+  // 512) 65-68 -> 60-61; (64, 32, 2048) 370-398 -> 343-356; level at (32, 128, 256) and (8, 256, 256)).
+  constexpr int64_t kM = 64, kN = 64, kK = 1024, kKStep = 64;
   const int64_t panels = (N + kN - 1) / kN;
   const float *a_p = a.data_ptr<float>(), *b_p = b.data_ptr<float>();
   float* c_p = out.data_ptr<float>();

@@ -13,11 +13,12 @@ import attnkit
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-@pytest.mark.parametrize("batch,steps", [(2, 129), (3, 100), (1, 257), (8, 33), (6, 47), (5, 1)],
+@pytest.mark.parametrize("batch,steps", [(2, 129), (3, 100), (1, 257), (8, 33), (6, 47), (5, 1), (8, 129), (5, 410)],
                          ids=lambda v: str(v))
 def test_weight_gradients_across_k_blocks(kind, batch, steps):
-    """T B around and past the 256-row K blocks, and tails off the 16-row rounding; batch <= 4
-    and > 4 run different backward loops."""
+    """T B around and past the K blocks (batch <= 4: rows_gemm_long_k's 256 rows; batch > 4:
+    mm's 1024, 8 x 129 = 1032 and 5 x 410 = 2050 past one and two of them), and tails off the
+    rounding (16 and 64 rows); batch <= 4 and > 4 run different backward loops."""
     torch.manual_seed(batch * 1000 + steps)
     ours = getattr(attnkit.nn, kind)(24, 40)
     theirs = getattr(torch.nn, kind)(24, 40).double()
