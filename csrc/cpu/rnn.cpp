@@ -365,6 +365,7 @@ void gemm_aten(int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S
 // strides and sizes: it threw bad_alloc on a B of 2^31 bytes (the small-batch backward's dW_ih
 // at T B I = 2^29, K = T B); operands reaching kBrgemmElements go to ATen's GEMM, which takes them.
 constexpr int64_t kRows = 64;
+constexpr int64_t kRowsLongK = 512, kRowsBlockK = 256;
 constexpr int64_t kBrgemmElements = (int64_t{1} << 31) / sizeof(float);
 
 void rows_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, bool add,
@@ -379,10 +380,17 @@ void rows_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, con
   if (k * ldb >= kBrgemmElements || kRows * lda >= kBrgemmElements || kRows * ldc >= kBrgemmElements) {
     return gemm_aten(m, n, k, a, lda, b, ldb, add, c, ldc);
   }
+  // Past kRowsLongK, K in blocks of kRowsBlockK: a row tile of A with all of K (64 x 4096 floats,
+  // 1 MB, the small-batch backward's dx at H = 1024) beside B's columns overflowed L2. That dx at
+  // (B, T, H) = (4, 512, 1024): 150-154 -> 54 ms; (2, 512, 1024) 69-73 -> 28-30; (4, 256, 512)
+  // 6.5-7.2 -> 4.7.
+  const int64_t kb = k > kRowsLongK ? kRowsBlockK : k;
   at::parallel_for(0, (m + kRows - 1) / kRows, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t r = i0 * kRows; r < std::min(m, i1 * kRows); r += kRows) {
-      at::native::cpublas::brgemm(std::min(kRows, m - r), n, k, lda, ldb, ldc, add, a + r * lda, b, c + r * ldc,
-                                  /*is_vnni=*/false);
+      for (int64_t k0 = 0; k0 < k; k0 += kb) {
+        at::native::cpublas::brgemm(std::min(kRows, m - r), n, std::min(kb, k - k0), lda, ldb, ldc, add || k0 > 0,
+                                    a + r * lda + k0, b + k0 * ldb, c + r * ldc, /*is_vnni=*/false);
+      }
     }
     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
   });

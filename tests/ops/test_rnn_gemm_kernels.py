@@ -45,3 +45,23 @@ def test_new_sequence_lengths_keep_no_memory(batch):
     entries by default) are off here: what is left is attnkit's own. Before: 18-46 MB."""
     growth = kept_memory_mb(_STEP, [260] + list(range(5, 25)), range(25, 225), str(batch))
     assert growth < 8, f"{growth:.1f} MB kept over 200 sequence lengths"
+
+
+@pytest.mark.parametrize("kind,hidden", [("LSTM", 150), ("GRU", 200)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_input_gradient_across_k_blocks_at_small_batch(kind, hidden, batch):
+    """Batch 1..4: dx = grad_pre W_ih (rnn.cpp rows_gemm) runs K = G H in blocks of 256 past 512:
+    4 x 150 = 3 x 200 = 600 as 256, 256 and 88. Against torch.nn in float64, every gradient."""
+    torch.manual_seed(hidden + batch)
+    ours = getattr(attnkit.nn, kind)(24, hidden)
+    theirs = getattr(torch.nn, kind)(24, hidden).double()
+    theirs.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    x = torch.randn(7, batch, 24)
+    grads = []
+    for module, inp in ((ours, x), (theirs, x.double())):
+        inp = inp.clone().requires_grad_()
+        module(inp)[0].pow(2).sum().backward()
+        grads.append(inp.grad)
+    torch.testing.assert_close(grads[0], grads[1].float(), rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad.float(), rtol=1e-4, atol=1e-4, msg=name)
