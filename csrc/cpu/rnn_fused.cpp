@@ -186,6 +186,24 @@ bool applies(const at::Tensor& t, int64_t B) {
 // The backward's dh product on bfloat16 operands needs VNNI pairs along K = G H and the bf16 brgemm.
 bool bf16_dh_possible(int64_t K) { return K % 2 == 0 && rnn_forward_bf16_available(); }
 
+// dst[c * ldd + r] = src[r * lds + c] for r < R, c < C, on the calling thread.
+void transpose_tile(int64_t R, int64_t C, const float* src, int64_t lds, float* dst, int64_t ldd) {
+#ifdef ATTNKIT_FBGEMM_TRANSPOSE
+  // fbgemm's 8 x 8 / 16 x 16 register shuffles (AVX2 / AVX-512; it picks by the CPU itself):
+  // 2.1-2.4x the scalar blocks below in transpose_into ((8192, 2048): 18.1 -> 8.5 ms, 2 threads).
+  fbgemm::transpose_simd<float>(R, C, src, lds, dst, ldd);
+#else
+  constexpr int64_t kB = 32;  // 32 x 32 blocks: both sides touch whole cache lines
+  for (int64_t r0 = 0; r0 < R; r0 += kB) {
+    for (int64_t c0 = 0; c0 < C; c0 += kB) {
+      for (int64_t c = c0; c < std::min(C, c0 + kB); ++c) {
+        for (int64_t r = r0; r < std::min(R, r0 + kB); ++r) dst[c * ldd + r] = src[r * lds + c];
+      }
+    }
+  }
+#endif
+}
+
 // w (G H, K) -> per chunk of units, the (K, G * units) matrix of its gate columns side by side.
 at::Tensor pack_gate_columns(const at::Tensor& w, int64_t H, int64_t G) {
   const int64_t K = w.size(1);
@@ -197,19 +215,13 @@ at::Tensor pack_gate_columns(const at::Tensor& w, int64_t H, int64_t G) {
       const int64_t units = std::min(kChunk, H - u0);
       float* chunk = dst + G * u0 * K;
       const int64_t width = G * units;
-      // Row (g, u) of w is column g * units + u of the chunk, written kBlock rows of the chunk at a
-      // time: those (kBlock, width) floats stay in L1 while every row adds its column. (Whole rows
-      // of w at once, the stores walked all K rows of the chunk per row: at (H, K) = (256, 256),
-      // batch 32, the two packs took ~1.2 ms of every call, most of a one-step call.)
-      constexpr int64_t kBlock = 16;
-      for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
-        const int64_t k1 = std::min(K, k0 + kBlock);
+      // Gate g's (units, K) rows of w are the chunk's columns g * units ..: transposed 64 columns of
+      // w at a time, so that the (64, width) rows of the chunk written stay in L1. (The scalar
+      // column stores before took 360-400 us of a 10.8 ms forward at (B, T, H) = (32, 128, 256).)
+      for (int64_t c0 = 0; c0 < K; c0 += 64) {
         for (int64_t g = 0; g < G; ++g) {
-          for (int64_t u = 0; u < units; ++u) {
-            const float* row = src + (g * H + u0 + u) * K;
-            float* column = chunk + g * units + u;
-            for (int64_t k = k0; k < k1; ++k) column[k * width] = row[k];
-          }
+          transpose_tile(units, std::min<int64_t>(64, K - c0), src + (g * H + u0) * K + c0, K,
+                         chunk + c0 * width + g * units, width);
         }
       }
     }
@@ -487,6 +499,56 @@ at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b) {
   return onednn_linear(a_t, b.contiguous().t(), c10::nullopt);
 }
 
+at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (!kHaveBrgemm || x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || !x.is_contiguous() ||
+      !w.is_contiguous() || (has_bias && (bias->scalar_type() != at::kFloat || !bias->is_contiguous())) ||
+      M < kLinearTileRows || K == 0 || N == 0 || gemms_on_aten()) {
+    return at::Tensor();
+  }
+  at::Tensor out = at::empty({M, N}, x.options());
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  // W^T a panel of kN columns at a time, (K, n) contiguous, transposed by the task that uses it
+  // into a buffer of its own (in cache for the tiles after it). Row tiles of kM, the last one
+  // through a zero-padded kM-row copy: the brgemm kernels, which oneDNN JIT-compiles per shape and
+  // ATen keeps per thread for good, depend on (K, N) only, not on the number of rows (which
+  // changes with every sequence length and batch size). Tasks go by blocks of kBlockTiles row
+  // tiles (kM kBlockTiles rows of x stay in L2), then panels, then the block's tiles.
+  constexpr int64_t kM = 64, kN = 64, kBlockTiles = 4;
+  const int64_t panels = (N + kN - 1) / kN, tiles = (M + kM - 1) / kM;
+  const int64_t blocks = (tiles + kBlockTiles - 1) / kBlockTiles;
+  const float *x_p = x.data_ptr<float>(), *w_p = w.data_ptr<float>();
+  const float* b_p = has_bias ? bias->data_ptr<float>() : nullptr;
+  float* out_p = out.data_ptr<float>();
+  at::parallel_for(0, blocks * panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> panel(K * kN), a_pad, c_pad;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task / panels, p = task % panels;
+      const int64_t n0 = p * kN, n = std::min(kN, N - n0);
+      transpose_tile(n, K, w_p + n0 * K, K, panel.data(), n);
+      for (int64_t m0 = block * kBlockTiles * kM; m0 < std::min(M, (block + 1) * kBlockTiles * kM); m0 += kM) {
+        const int64_t rows = std::min(kM, M - m0);
+        float* c = out_p + m0 * N + n0;
+        if (rows == kM) {
+          for (int64_t r = 0; r < kM && b_p != nullptr; ++r) std::copy(b_p + n0, b_p + n0 + n, c + r * N);
+          at::native::cpublas::brgemm(kM, n, K, K, n, N, b_p != nullptr, x_p + m0 * K, panel.data(), c, false);
+          continue;
+        }
+        a_pad.assign(kM * K, 0.0f);
+        std::copy(x_p + m0 * K, x_p + (m0 + rows) * K, a_pad.data());
+        c_pad.resize(kM * n);
+        for (int64_t r = 0; r < kM && b_p != nullptr; ++r) std::copy(b_p + n0, b_p + n0 + n, c_pad.data() + r * n);
+        at::native::cpublas::brgemm(kM, n, K, K, n, n, b_p != nullptr, a_pad.data(), panel.data(), c_pad.data(), false);
+        for (int64_t r = 0; r < rows; ++r) std::copy(c_pad.data() + r * n, c_pad.data() + (r + 1) * n, c + r * N);
+      }
+    }
+    at::native::cpublas::brgemm_release(false);
+  });
+#endif
+  return out;
+}
+
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if (!kHaveBrgemm || a.scalar_type() != at::kFloat || !a.is_contiguous() || !b.is_contiguous() || K == 0 ||
@@ -635,33 +697,15 @@ void transpose_into(const at::Tensor& src, const at::Tensor& dst) {
   const float* s = src.data_ptr<float>();
   float* d = dst.data_ptr<float>();
   const int64_t lds = src.stride(0), ldd = dst.stride(0);
-#ifdef ATTNKIT_FBGEMM_TRANSPOSE
-  // fbgemm's 8 x 8 / 16 x 16 register shuffles (AVX2 / AVX-512) on 64 x 64 tiles: 2.1-2.4x the
-  // scalar blocks below ((8192, 2048): 18.1 -> 8.5 ms, (4096, 1024) 4.4 -> 2.0, 2 threads): the
-  // weight gradients' transposes at H = 1024 and up, the inputs' before their GEMM. (It picks its
-  // AVX-512 / AVX2 / scalar code by the CPU itself.)
+  // 64 x 64 tiles (16 KB each side) split across the threads.
   constexpr int64_t kTile = 64;
   const int64_t tile_cols = (C + kTile - 1) / kTile;
   at::parallel_for(0, ((R + kTile - 1) / kTile) * tile_cols, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r0 = (i / tile_cols) * kTile, c0 = (i % tile_cols) * kTile;
-      fbgemm::transpose_simd<float>(std::min(kTile, R - r0), std::min(kTile, C - c0), s + r0 * lds + c0, lds,
-                                    d + c0 * ldd + r0, ldd);
+      transpose_tile(std::min(kTile, R - r0), std::min(kTile, C - c0), s + r0 * lds + c0, lds, d + c0 * ldd + r0, ldd);
     }
   });
-#else
-  constexpr int64_t kB = 32;  // 32 x 32 blocks: both sides touch whole cache lines
-  const int64_t bc = (C + kB - 1) / kB;
-  at::parallel_for(0, ((R + kB - 1) / kB) * bc, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r0 = (i / bc) * kB, c0 = (i % bc) * kB;
-      const int64_t r1 = std::min(R, r0 + kB), c1 = std::min(C, c0 + kB);
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t r = r0; r < r1; ++r) d[c * ldd + r] = s[r * lds + c];
-      }
-    }
-  });
-#endif
 }
 
 }  // namespace cpu

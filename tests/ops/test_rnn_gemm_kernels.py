@@ -65,3 +65,30 @@ def test_input_gradient_across_k_blocks_at_small_batch(kind, hidden, batch):
     torch.testing.assert_close(grads[0], grads[1].float(), rtol=1e-4, atol=1e-5)
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(p.grad, q.grad.float(), rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("batch,steps,input_size,hidden,bias", [
+    (1, 63, 33, 20, True),  # 63 rows: below the brgemm tiles (Kernels::linear)
+    (1, 64, 33, 20, True),  # one whole 64-row tile; G H = 80 / 60 columns: a 64 + 16 panel / one 60-wide
+    (3, 22, 33, 20, False),  # 66 rows: a whole tile and a zero-padded one
+    (2, 129, 70, 48, True),  # 258 rows: past the first block of 4 tiles; K = 70
+    (4, 300, 16, 40, True),  # 1200 rows: five blocks
+    (6, 5, 70, 20, True),  # batch 5+: the fused loop's packed weights, K = 64 + 6, units 16 + 4
+    (9, 3, 130, 36, False),
+], ids=lambda v: str(v))
+def test_input_projections_match_float64(kind, batch, steps, input_size, hidden, bias):
+    """The forward's input projections x W_ih^T + b: batch 1..4 on brgemm tiles of 64 rows by
+    64 columns (rnn_fused.cpp linear_tiles) from T B = 64 rows, batch 5+ in the fused loop on
+    weights packed by chunk of 16 units (pack_gate_columns). Against torch.nn in float64."""
+    torch.manual_seed(batch * 100 + steps)
+    ours = getattr(attnkit.nn, kind)(input_size, hidden, bias=bias)
+    theirs = getattr(torch.nn, kind)(input_size, hidden, bias=bias).double()
+    theirs.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    x = torch.randn(steps, batch, input_size)
+    with torch.no_grad():
+        out, state = ours(x)
+        ref_out, ref_state = theirs(x.double())
+    torch.testing.assert_close(out, ref_out.float(), rtol=1e-5, atol=2e-6)
+    for got, want in zip(state if kind == "LSTM" else (state,), ref_state if kind == "LSTM" else (ref_state,)):
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=2e-6)
