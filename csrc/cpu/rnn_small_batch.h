@@ -121,21 +121,44 @@ void pack_column_panels(S* P, const S* w_hh, int64_t K, int64_t H, int64_t u0, i
 
 // out[m, v0 L .. (v0 + V) L) of one panel of G vectors, m < M: each k
 // broadcasts a[m, k] against V vectors of the panel row (no horizontal sums).
-template <int M, int V, int G>
+// S sets of accumulators take k, k + 1, .. k + S - 1 in turn, summed at the end:
+// M V chains of K dependent FMAs (4 for the LSTM at batch 1, 3 for the GRU) are
+// fewer than two FMA pipes keep in flight (8). At batch 1, (T, H) = (256, 128),
+// builds alternating: LSTM forward 0.356-0.371 -> 0.341-0.346 ms, GRU
+// 0.282-0.288 -> 0.277-0.279, training steps 1-2% faster.
+template <int M, int V, int G, int S>
 inline __attribute__((always_inline)) void panel_block(const float* a, int64_t lda, const float* panel, int64_t K,
                                                        float* out, int64_t ldo, int v0) {
-  GemvVec acc[M][V] = {};
-  for (int64_t k = 0; k < K; ++k) {
+  GemvVec acc[S][M][V] = {};
+  const auto fma_row = [&](GemvVec(&sum)[M][V], int64_t k) __attribute__((always_inline)) {
     GemvVec w[V];
     for (int v = 0; v < V; ++v) w[v] = ld<GemvVec>(panel + k * G * kGemvLanes + (v0 + v) * kGemvLanes);
     for (int m = 0; m < M; ++m) {
       const float am = a[m * lda + k];
-      for (int v = 0; v < V; ++v) acc[m][v] += am * w[v];
+      for (int v = 0; v < V; ++v) sum[m][v] += am * w[v];
+    }
+  };
+  int64_t k = 0;
+  for (; k + S <= K; k += S) {
+    for (int s = 0; s < S; ++s) fma_row(acc[s], k + s);
+  }
+  for (; k < K; ++k) fma_row(acc[0], k);
+  for (int s = 1; s < S; ++s) {
+    for (int m = 0; m < M; ++m) {
+      for (int v = 0; v < V; ++v) acc[0][m][v] += acc[s][m][v];
     }
   }
   for (int m = 0; m < M; ++m) {
-    for (int v = 0; v < V; ++v) st(out + m * ldo + (v0 + v) * kGemvLanes, acc[m][v]);
+    for (int v = 0; v < V; ++v) st(out + m * ldo + (v0 + v) * kGemvLanes, acc[0][m][v]);
   }
+}
+
+// Accumulator sets for M V chains (panel_block): enough for 8 chains where
+// they, the V panel vectors and the broadcast fit AVX2's 16 registers.
+constexpr int accumulator_sets(int chains, int V) {
+  int sets = 1;
+  while (sets * chains < 8 && (sets + 1) * chains + V + 1 <= 16) ++sets;
+  return sets;
 }
 
 // M rows of a panel of G vectors: all G at once while the accumulators, the G
@@ -147,11 +170,11 @@ template <int M, int G>
 inline __attribute__((always_inline)) void panel_rows(const float* a, int64_t lda, const float* panel, int64_t K,
                                                       float* out, int64_t ldo) {
   if constexpr (M * G + G + 1 <= 16) {
-    panel_block<M, G, G>(a, lda, panel, K, out, ldo, 0);
+    panel_block<M, G, G, accumulator_sets(M * G, G)>(a, lda, panel, K, out, ldo, 0);
   } else {
     static_assert(G % 2 == 0, "a panel too wide for the registers splits in halves");
-    panel_block<M, G / 2, G>(a, lda, panel, K, out, ldo, 0);
-    panel_block<M, G / 2, G>(a, lda, panel, K, out, ldo, G / 2);
+    panel_block<M, G / 2, G, 1>(a, lda, panel, K, out, ldo, 0);
+    panel_block<M, G / 2, G, 1>(a, lda, panel, K, out, ldo, G / 2);
   }
 }
 
