@@ -522,7 +522,7 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w, const c10::opt
   const float* b_p = has_bias ? bias->data_ptr<float>() : nullptr;
   float* out_p = out.data_ptr<float>();
   at::parallel_for(0, blocks * panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> panel(K * kN), a_pad, c_pad;
+    std::vector<float> panel(K * std::min(kN, N)), a_pad, c_pad;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task / panels, p = task % panels;
       const int64_t n0 = p * kN, n = std::min(kN, N - n0);
