@@ -1,5 +1,6 @@
 """The CPU LSTM/GRU backward's weight-gradient GEMMs (K = T B): values across K block
-boundaries and rounded tails, and the memory they keep. oneDNN's brgemm JIT-compiles a
+boundaries and rounded tails, and the memory they keep; the forward's input projections
+across their tile edges. oneDNN's brgemm JIT-compiles a
 kernel per (M, N, K, lda, ldb, ldc), which ATen caches per thread and never frees; with K
 and A's leading dimension taken from T B, every new length or batch size kept ~0.2 MB
 for good (csrc/cpu/rnn.cpp rows_gemm_long_k, rnn_fused.cpp mm)."""
