@@ -527,20 +527,24 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w, const c10::opt
       const int64_t block = task / panels, p = task % panels;
       const int64_t n0 = p * kN, n = std::min(kN, N - n0);
       transpose_tile(n, K, w_p + n0 * K, K, panel.data(), n);
+      // c (kM rows, ldc apart) = bias + a (kM rows of K) W^T's panel.
+      const auto tile = [&](const float* a, float* c, int64_t ldc) {
+        for (int64_t r = 0; r < kM && b_p != nullptr; ++r) std::copy(b_p + n0, b_p + n0 + n, c + r * ldc);
+        at::native::cpublas::brgemm(kM, n, K, K, n, ldc, b_p != nullptr, a, panel.data(), c, false);
+      };
       for (int64_t m0 = block * kBlockTiles * kM; m0 < std::min(M, (block + 1) * kBlockTiles * kM); m0 += kM) {
         const int64_t rows = std::min(kM, M - m0);
-        float* c = out_p + m0 * N + n0;
         if (rows == kM) {
-          for (int64_t r = 0; r < kM && b_p != nullptr; ++r) std::copy(b_p + n0, b_p + n0 + n, c + r * N);
-          at::native::cpublas::brgemm(kM, n, K, K, n, N, b_p != nullptr, x_p + m0 * K, panel.data(), c, false);
+          tile(x_p + m0 * K, out_p + m0 * N + n0, N);
           continue;
         }
         a_pad.assign(kM * K, 0.0f);
         std::copy(x_p + m0 * K, x_p + (m0 + rows) * K, a_pad.data());
         c_pad.resize(kM * n);
-        for (int64_t r = 0; r < kM && b_p != nullptr; ++r) std::copy(b_p + n0, b_p + n0 + n, c_pad.data() + r * n);
-        at::native::cpublas::brgemm(kM, n, K, K, n, n, b_p != nullptr, a_pad.data(), panel.data(), c_pad.data(), false);
-        for (int64_t r = 0; r < rows; ++r) std::copy(c_pad.data() + r * n, c_pad.data() + (r + 1) * n, c + r * N);
+        tile(a_pad.data(), c_pad.data(), n);
+        for (int64_t r = 0; r < rows; ++r) {
+          std::copy(c_pad.data() + r * n, c_pad.data() + (r + 1) * n, out_p + (m0 + r) * N + n0);
+        }
       }
     }
     at::native::cpublas::brgemm_release(false);
