@@ -65,10 +65,15 @@ typedef int vint8 __attribute__((vector_size(32)));
 typedef float vfloat16 __attribute__((vector_size(64)));
 typedef int vint16 __attribute__((vector_size(64)));
 
-// e^x for x in [-88, 88]: below about -87.7 (where e^x is a denormal) 2^n has a zero exponent
-// field and the result is 0.
+// e^x for x <= 0, as the gates take it (e^-|x|): nothing can overflow, NaN carries through the
+// polynomial, and the clamp at -88 gives 0 below -87.7 (where 2^n's exponent field is 0; e^x
+// there is a denormal), so sigmoid(-inf) is 0 and 0 * inf NaN, as torch's. (A general e^x,
+// clamped at both ends and selecting inf, 0 and NaN afterwards, put five more compares and
+// selects on the chain that each step's gate math waits on: the LSTM forward's gate passes at
+// (32, 128, 256) took 2.95-2.98 Mcycles a thread against 2.37-2.46.)
 template <typename V, typename VI>
-inline __attribute__((always_inline)) V exp_in_range(V x) {
+inline __attribute__((always_inline)) V vec_exp_nonpositive(V x) {
+  x = x < -88.0f ? V{} - 88.0f : x;
   const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
   const V r = x - n * 0.693359375f + n * 2.12194440e-4f;                // x - n ln 2, two parts
   const V p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
@@ -77,16 +82,6 @@ inline __attribute__((always_inline)) V exp_in_range(V x) {
   V scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   return (p * r * r + r + 1.0f) * scale;
-}
-
-// e^x for x <= 0, as the gates take it (e^-|x|): nothing can overflow, NaN carries through the
-// polynomial, and the clamp at -88 gives 0 below -87.7, so sigmoid(-inf) is 0 and 0 * inf NaN, as
-// torch's. (A general e^x, clamped at both ends and selecting inf, 0 and NaN afterwards, put five
-// more compares and selects on the chain that each step's gate math waits on: the LSTM forward's
-// gate passes at (32, 128, 256) took 2.95-2.98 Mcycles a thread against 2.37-2.46.)
-template <typename V, typename VI>
-inline __attribute__((always_inline)) V vec_exp_nonpositive(V x) {
-  return exp_in_range<V, VI>(x < -88.0f ? V{} - 88.0f : x);
 }
 
 template <typename V, typename VI>
