@@ -487,12 +487,9 @@ std::vector<at::Tensor> small_batch_lstm_forward(const at::Tensor& x, const at::
                                                  const c10::optional<at::Tensor>& lengths, bool save) {
   rnn::check_forward(x, h0, &c0, w_ih, w_hh, b_ih, b_hh, c10::nullopt, lengths, 4);
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
-  c10::optional<at::Tensor> bias;
-  if (rnn::present(b_ih) || rnn::present(b_hh)) {
-    bias = rnn::present(b_ih) && rnn::present(b_hh) ? *b_ih + *b_hh : (rnn::present(b_ih) ? *b_ih : *b_hh);
-  }
-  // The input projection of every step (one GEMM), turned into the activated gates in place.
-  at::Tensor gates = small_batch_projection(x.view({T * B, I}), w_ih, bias).view({T, B, 4 * H});
+  // The input projection of every step (one GEMM), turned into the activated gates in place;
+  // the biases start each step's recurrent product instead.
+  at::Tensor gates = small_batch_projection(x.view({T * B, I}), w_ih, c10::nullopt).view({T, B, 4 * H});
   at::Tensor output = at::empty({T, B, H}, x.options());
   at::Tensor h_bufs = at::empty({2, B, H}, x.options());
   h_bufs[0].copy_(h0);
@@ -500,7 +497,8 @@ std::vector<at::Tensor> small_batch_lstm_forward(const at::Tensor& x, const at::
   at::Tensor cs = save ? at::empty({T, B, H}, x.options()) : rnn::none_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attnkit_lstm_forward_small_batch", [&] {
     ATTNKIT_PICK_ROWS(lstm_forward_small_batch<scalar_t>)(
-        gates.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), h_bufs.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
+        gates.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), ptr<scalar_t>(b_ih.value_or(at::Tensor())),
+        ptr<scalar_t>(b_hh.value_or(at::Tensor())), h_bufs.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
         output.data_ptr<scalar_t>(), ptr<scalar_t>(cs), rnn::present(lengths) ? lengths->data_ptr<int64_t>() : nullptr,
         T, B, H, small_batch_threads(B, H));
   });

@@ -128,8 +128,13 @@ void pack_column_panels(S* P, const S* w_hh, int64_t K, int64_t H, int64_t u0, i
 // 0.282-0.288 -> 0.277-0.279, training steps 1-2% faster.
 template <int M, int V, int G, int S>
 inline __attribute__((always_inline)) void panel_block(const float* a, int64_t lda, const float* panel, int64_t K,
-                                                       float* out, int64_t ldo, int v0) {
+                                                       float* out, int64_t ldo, int v0, const float* init) {
   GemvVec acc[S][M][V] = {};
+  if (init != nullptr) {
+    for (int m = 0; m < M; ++m) {
+      for (int v = 0; v < V; ++v) acc[0][m][v] = ld<GemvVec>(init + (v0 + v) * kGemvLanes);
+    }
+  }
   const auto fma_row = [&](GemvVec(&sum)[M][V], int64_t k) __attribute__((always_inline)) {
     GemvVec w[V];
     for (int v = 0; v < V; ++v) w[v] = ld<GemvVec>(panel + k * G * kGemvLanes + (v0 + v) * kGemvLanes);
@@ -168,31 +173,33 @@ constexpr int accumulator_sets(int chains, int V) {
 // blocks cost the LSTM ~3%.
 template <int M, int G>
 inline __attribute__((always_inline)) void panel_rows(const float* a, int64_t lda, const float* panel, int64_t K,
-                                                      float* out, int64_t ldo) {
+                                                      float* out, int64_t ldo, const float* init) {
   if constexpr (M * G + G + 1 <= 16) {
-    panel_block<M, G, G, accumulator_sets(M * G, G)>(a, lda, panel, K, out, ldo, 0);
+    panel_block<M, G, G, accumulator_sets(M * G, G)>(a, lda, panel, K, out, ldo, 0, init);
   } else {
     static_assert(G % 2 == 0, "a panel too wide for the registers splits in halves");
-    panel_block<M, G / 2, G, 1>(a, lda, panel, K, out, ldo, 0);
-    panel_block<M, G / 2, G, 1>(a, lda, panel, K, out, ldo, G / 2);
+    panel_block<M, G / 2, G, 1>(a, lda, panel, K, out, ldo, 0, init);
+    panel_block<M, G / 2, G, 1>(a, lda, panel, K, out, ldo, G / 2, init);
   }
 }
 
-// out[m, c] = sum_k a[m, k] panel(k, c) for m < M (<= 4) and the panel's G kGemvLanes columns.
+// out[m, c] = init[c] + sum_k a[m, k] panel(k, c) for m < M (<= 4) and the panel's G
+// kGemvLanes columns; init null: zeros.
 template <int G, typename S>
 inline __attribute__((always_inline)) void panel_product(const S* a, int64_t M, int64_t lda, const S* panel,
-                                                         int64_t K, S* out, int64_t ldo) {
+                                                         int64_t K, S* out, int64_t ldo, const S* init = nullptr) {
   constexpr int64_t W = G * kGemvLanes;
   if constexpr (std::is_same_v<S, float>) {
     switch (M) {
-      case 1: panel_rows<1, G>(a, lda, panel, K, out, ldo); break;
-      case 2: panel_rows<2, G>(a, lda, panel, K, out, ldo); break;
-      case 3: panel_rows<3, G>(a, lda, panel, K, out, ldo); break;
-      default: panel_rows<4, G>(a, lda, panel, K, out, ldo); break;
+      case 1: panel_rows<1, G>(a, lda, panel, K, out, ldo, init); break;
+      case 2: panel_rows<2, G>(a, lda, panel, K, out, ldo, init); break;
+      case 3: panel_rows<3, G>(a, lda, panel, K, out, ldo, init); break;
+      default: panel_rows<4, G>(a, lda, panel, K, out, ldo, init); break;
     }
   } else {
     for (int64_t m = 0; m < M; ++m) {
       S acc[W] = {};
+      if (init != nullptr) std::copy(init, init + W, acc);
       for (int64_t k = 0; k < K; ++k) {
         const S am = a[m * lda + k];
         for (int64_t c = 0; c < W; ++c) acc[c] += am * panel[k * W + c];
@@ -259,15 +266,18 @@ inline Slice team_slice(int64_t H) {
 // step multiplies h_{t-1} by each of the thread's panels, then for units
 // j0 .. j0 + w of row b (r = t B + b, o = b H + j0) calls
 // cell(r, o, j0, w, gh, h_prev + o, h_next + o), gh the row's product (G
-// vectors of kGemvLanes, one per gate). len: per-row lengths or null; a
+// vectors of kGemvLanes, one per gate). bias_a, bias_b: (G H) each, or null:
+// their sum starts each product, so the input projections (one GEMM for all
+// steps) need no bias rows (the batch-1 LSTM forward's kernels at (T, H) =
+// (256, 128): 0.319-0.327 -> 0.312-0.320 ms). len: per-row lengths or null; a
 // stopped row keeps its state, outputs 0 and gets stopped(r, o, j0, w).
 // The callbacks capture by value and each thread gets its own copy of them
 // and of the sizes (firstprivate), kept in registers: st()'s memcpy stores may
 // alias any memory, and reloading captured references after them cost the
 // LSTM forward 0.7% more instructions (callgrind, AVX2 path, B = 1, H = 128).
 template <int G, typename S, typename Cell, typename Stopped>
-void forward_time_loop(const S* w_hh, S* h_bufs, S* out, const int64_t* len, int64_t T, int64_t B, int64_t H,
-                       int threads, Cell cell, Stopped stopped) {
+void forward_time_loop(const S* w_hh, const S* bias_a, const S* bias_b, S* h_bufs, S* out, const int64_t* len,
+                       int64_t T, int64_t B, int64_t H, int threads, Cell cell, Stopped stopped) {
   constexpr int64_t L = kGemvLanes, W = G * L;
   StepBarrier barrier;
 #pragma omp parallel num_threads(threads) firstprivate(cell, stopped, h_bufs, out, len, T, B, H)
@@ -276,13 +286,25 @@ void forward_time_loop(const S* w_hh, S* h_bufs, S* out, const int64_t* len, int
     const int64_t u0 = s.u0, n = s.n;
     std::vector<S> panels((n + L - 1) / L * H * W), gh(B * W);
     pack_gate_panels<G>(panels.data(), w_hh, H, u0, n);
+    const bool biased = bias_a != nullptr || bias_b != nullptr;
+    std::vector<S> bias(biased ? (n + L - 1) / L * W : 0);  // panel p's G vectors, as its columns
+    for (int64_t p = 0; biased && p * L < n; ++p) {
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t l = 0; l < std::min(L, n - p * L); ++l) {
+          const int64_t row = g * H + u0 + p * L + l;
+          bias[p * W + g * L + l] = (bias_a != nullptr ? bias_a[row] : S(0)) +
+                                    (bias_b != nullptr ? bias_b[row] : S(0));
+        }
+      }
+    }
     for (int64_t t = 0; t < T; ++t) {
       const S* h_prev = h_bufs + (t & 1) * B * H;
       S* h_next = h_bufs + ((t + 1) & 1) * B * H;
       for (int64_t p = 0; p * L < n; ++p) {
         const int64_t j0 = u0 + p * L, w = std::min(L, n - p * L);
         // Stopped rows get a product too (their h is finite): cheaper than compacting the batch.
-        panel_product<G>(h_prev, B, H, panels.data() + p * H * W, H, gh.data(), W);
+        const S* bias_p = biased ? bias.data() + p * W : nullptr;
+        panel_product<G>(h_prev, B, H, panels.data() + p * H * W, H, gh.data(), W, bias_p);
         for (int64_t b = 0; b < B; ++b) {
           const int64_t o = b * H + j0, r = t * B + b;
           if (len != nullptr && t >= len[b]) {  // stopped: keep the state, output 0
@@ -332,14 +354,14 @@ void backward_time_loop(const S* w_hh, int64_t K, const int64_t* len, int64_t T,
   }
 }
 
-// LSTM forward. w_hh (4H, H). pre (T, B, 4H): input projections (biases in)
-// in, activated gates out; h_bufs, out, len as in forward_time_loop; c (B, H):
+// LSTM forward. w_hh (4H, H); b_ih, b_hh (4H) or null. pre (T, B, 4H): input
+// projections (without the biases) in, activated gates out; h_bufs, out, len as in forward_time_loop; c (B, H):
 // c0 in, c_T out; cs (T, B, H) or null.
 template <typename S>
-void lstm_forward_small_batch(S* pre, const S* w_hh, S* h_bufs, S* c, S* out, S* cs, const int64_t* len, int64_t T,
-                              int64_t B, int64_t H, int threads) {
+void lstm_forward_small_batch(S* pre, const S* w_hh, const S* b_ih, const S* b_hh, S* h_bufs, S* c, S* out, S* cs,
+                              const int64_t* len, int64_t T, int64_t B, int64_t H, int threads) {
   forward_time_loop<4>(
-      w_hh, h_bufs, out, len, T, B, H, threads,
+      w_hh, b_ih, b_hh, h_bufs, out, len, T, B, H, threads,
       [=](int64_t r, int64_t o, int64_t j0, int64_t w, const S* gh, const S*, S* h) {
         S* cs_row = cs != nullptr ? cs + r * H + j0 : nullptr;
         // The gate math right after the panel's product (its latency overlaps the next panel's loads).

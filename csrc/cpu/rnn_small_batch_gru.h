@@ -14,7 +14,7 @@ template <typename S>
 void gru_forward_small_batch(const S* gi, const S* w_hh, const S* b_hh, S* h_bufs, S* out, S* gates,
                              const int64_t* len, int64_t T, int64_t B, int64_t H, int threads) {
   forward_time_loop<3>(
-      w_hh, h_bufs, out, len, T, B, H, threads,
+      w_hh, static_cast<const S*>(nullptr), static_cast<const S*>(nullptr), h_bufs, out, len, T, B, H, threads,
       [=](int64_t r, int64_t, int64_t j0, int64_t w, const S* gh, const S* h_prev, S* h) {
         gru_forward_row<S, kGemvLanes == 16>(gi + r * 3 * H + j0, gh, kGemvLanes, b_hh != nullptr ? b_hh + j0 : nullptr,
                                              h_prev, h, out + r * H + j0,

@@ -482,6 +482,21 @@ def test_small_batch_every_size_cpp(kind, dtype, B, threads):
                 check_cpp_against_reference(kind, T, B, 6, H, dtype, lengths, seed=B + H, grad_scale=grad_scale)
 
 
+@pytest.mark.parametrize("biases", ["b_ih", "b_hh", "both", "none"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_small_batch_lstm_biases_cpp(biases, B):
+    """The small-batch LSTM forward starts each step's recurrent product with b_ih + b_hh
+    (its input projection takes none): each bias alone, both and neither, H = 37 (a vector
+    tail in each thread's slice), values and every gradient vs the reference."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = make_lstm(6, B, 5, 37, 37, torch.float32, "cpu", seed=B)
+    b_ih, b_hh = (b_ih if biases in ("b_ih", "both") else None), (b_hh if biases in ("b_hh", "both") else None)
+    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    for threads in (1, 2):
+        with num_threads(threads), attnkit.use_backend("cpp"):
+            out, (h, c) = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+        check_against((out, h, c), reference.lstm(*args, None, None)[:3], args, torch.float32)
+
+
 @pytest.mark.parametrize(
     "kind,B,lengths",
     [("lstm", 2, None), ("lstm", 2, [4, 2]), ("gru", 1, None), ("gru", 1, [2]), ("gru", 3, None),
