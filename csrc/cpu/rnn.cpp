@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -480,6 +481,21 @@ at::Tensor small_batch_projection(const at::Tensor& x, const at::Tensor& w, cons
   return Kernels::linear(x, w, bias);
 }
 
+// The small-batch forwards' state pair h_bufs (2, B, H), h0 in slot 0, and the final state
+// taken out of slot T % 2 as a tensor of its own (a view would differ from the fake output's
+// storage offset): memcpy, where a slot's view and copy_ or clone took ~1 us each.
+at::Tensor state_pair(const at::Tensor& h0) {
+  at::Tensor bufs = at::empty({2, h0.size(0), h0.size(1)}, h0.options());
+  std::memcpy(bufs.data_ptr(), h0.data_ptr(), h0.nbytes());
+  return bufs;
+}
+
+at::Tensor final_state(const at::Tensor& bufs, int64_t T) {
+  at::Tensor h = at::empty({bufs.size(1), bufs.size(2)}, bufs.options());
+  std::memcpy(h.data_ptr(), static_cast<const char*>(bufs.data_ptr()) + (T % 2) * h.nbytes(), h.nbytes());
+  return h;
+}
+
 std::vector<at::Tensor> small_batch_lstm_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                                  const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                  const c10::optional<at::Tensor>& b_ih,
@@ -491,9 +507,9 @@ std::vector<at::Tensor> small_batch_lstm_forward(const at::Tensor& x, const at::
   // the biases start each step's recurrent product instead.
   at::Tensor gates = small_batch_projection(x.view({T * B, I}), w_ih, c10::nullopt).view({T, B, 4 * H});
   at::Tensor output = at::empty({T, B, H}, x.options());
-  at::Tensor h_bufs = at::empty({2, B, H}, x.options());
-  h_bufs[0].copy_(h0);
-  at::Tensor c = c0.clone();
+  at::Tensor h_bufs = state_pair(h0);
+  at::Tensor c = at::empty_like(c0);
+  std::memcpy(c.data_ptr(), c0.data_ptr(), c0.nbytes());
   at::Tensor cs = save ? at::empty({T, B, H}, x.options()) : rnn::none_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attnkit_lstm_forward_small_batch", [&] {
     ATTNKIT_PICK_ROWS(lstm_forward_small_batch<scalar_t>)(
@@ -502,8 +518,7 @@ std::vector<at::Tensor> small_batch_lstm_forward(const at::Tensor& x, const at::
         output.data_ptr<scalar_t>(), ptr<scalar_t>(cs), rnn::present(lengths) ? lengths->data_ptr<int64_t>() : nullptr,
         T, B, H, small_batch_threads(B, H));
   });
-  // A tensor of its own: a view into h_bufs would differ from the fake output (storage offset).
-  return {output, h_bufs[T % 2].clone(), c, save ? gates : rnn::none_like(x), cs, rnn::none_like(x)};
+  return {output, final_state(h_bufs, T), c, save ? gates : rnn::none_like(x), cs, rnn::none_like(x)};
 }
 
 std::vector<at::Tensor> small_batch_lstm_backward(const at::Tensor& grad_output, const at::Tensor& grad_hn,
@@ -553,8 +568,7 @@ std::vector<at::Tensor> small_batch_gru_forward(const at::Tensor& x, const at::T
   // The input projection of every step (one GEMM); b_hh stays apart: its n part sits inside the reset product.
   const at::Tensor gi = small_batch_projection(x.view({T * B, I}), w_ih, b_ih);
   at::Tensor output = at::empty({T, B, H}, x.options());
-  at::Tensor h_bufs = at::empty({2, B, H}, x.options());
-  h_bufs[0].copy_(h0);
+  at::Tensor h_bufs = state_pair(h0);
   at::Tensor gates = save ? at::empty({T, B, 4 * H}, x.options()) : rnn::none_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attnkit_gru_forward_small_batch", [&] {
     ATTNKIT_PICK_ROWS(gru_forward_small_batch<scalar_t>)(
@@ -563,7 +577,7 @@ std::vector<at::Tensor> small_batch_gru_forward(const at::Tensor& x, const at::T
         output.data_ptr<scalar_t>(), save ? gates.data_ptr<scalar_t>() : nullptr,
         rnn::present(lengths) ? lengths->data_ptr<int64_t>() : nullptr, T, B, H, small_batch_threads(B, H));
   });
-  return {output, h_bufs[T % 2].clone(), gates};
+  return {output, final_state(h_bufs, T), gates};
 }
 
 std::vector<at::Tensor> small_batch_gru_backward(const at::Tensor& grad_output, const at::Tensor& grad_hn,
