@@ -170,6 +170,13 @@ def test_functional_call_and_swapped_parameters_are_used(kind, config):
     ours.weight_hh_l0 = new_weight
     theirs.weight_hh_l0 = torch.nn.Parameter(new_weight.detach().clone())
     torch.testing.assert_close(flatten(ours(x, hx)), flatten(theirs(x, hx)))
+    for module in (ours, theirs):  # WeightDrop (AWD-LSTM): the Parameter deleted, a plain tensor set in its place
+        del module.weight_hh_l0
+        module.weight_hh_l0 = new_weight.detach() * 0.5
+    torch.testing.assert_close(flatten(ours(x, hx)), flatten(theirs(x, hx)))
+    for module in (ours, theirs):  # and a Parameter swapped in the dict itself, as torch.func's accessor can
+        module._parameters["weight_ih_l0"] = torch.nn.Parameter(module.weight_ih_l0.detach() * -1)
+    torch.testing.assert_close(flatten(ours(x, hx)), flatten(theirs(x, hx)))
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
