@@ -85,8 +85,9 @@ class _LstmExtension(_Extension):
     op = "lstm"
 
     def forward(self, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, save):
-        if self._native_bf16(dict(dtype=x.dtype, save=save, proj=w_hr is not None, batch=x.shape[1],
-                                  input_size=x.shape[2], hidden_size=c0.shape[1])):
+        if x.dtype == torch.bfloat16 and self._native_bf16(dict(
+                dtype=x.dtype, save=save, proj=w_hr is not None, batch=x.shape[1], input_size=x.shape[2],
+                hidden_size=c0.shape[1])):  # the dtype first: building the dict took ~0.5 us a call
             result = self._ext().rnn_forward_bf16(4, x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, save)
             if result:  # saved gates and cs rounded to x's dtype, as the float32 path returns them
                 out, h_n, c_n, *saved = result
@@ -108,8 +109,8 @@ class _GruExtension(_Extension):
     op = "gru"
 
     def forward(self, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, save):
-        if self._native_bf16(dict(dtype=x.dtype, save=save, batch=x.shape[1], input_size=x.shape[2],
-                                  hidden_size=h0.shape[1])):
+        if x.dtype == torch.bfloat16 and self._native_bf16(dict(dtype=x.dtype, save=save, batch=x.shape[1],
+                                                                input_size=x.shape[2], hidden_size=h0.shape[1])):
             result = self._ext().rnn_forward_bf16(3, x, h0, None, w_ih, w_hh, b_ih, b_hh, lengths, save)
             if result:
                 return result[0], result[1], result[2].to(x.dtype) if save else _empty(x)
