@@ -537,7 +537,9 @@ std::vector<at::Tensor> small_batch_lstm_backward(const at::Tensor& grad_output,
   at::Tensor grad_pre = at::empty({T, B, 4 * H}, x.options());
   const int64_t ld_t = transposed_stride(TB, x.element_size());
   at::Tensor grad_pre_t = at::empty({4 * H, ld_t}, x.options());
-  at::Tensor db = at::zeros({4 * H}, x.options());  // summed into by the threads
+  // Summed into by the threads, step after step: in float64 (T B float32 terms summed in float32
+  // one after the other erred by 3e-4 of the largest at T B = 20000, torch's sum(0) by 5e-5).
+  at::Tensor db = at::zeros({4 * H}, x.options().dtype(at::kDouble));
   at::Tensor dh = grad_hn.clone(), dc = grad_cn.clone();
   at::Tensor dx = at::empty({T, B, I}, x.options());
   at::Tensor dw_ih = at::empty({4 * H, I}, x.options()), dw_hh = at::empty({4 * H, H}, x.options());
@@ -545,7 +547,7 @@ std::vector<at::Tensor> small_batch_lstm_backward(const at::Tensor& grad_output,
     ATTNKIT_PICK_ROWS(lstm_backward_small_batch<scalar_t>)(
         gates.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(),
         w_hh.data_ptr<scalar_t>(), dh.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), grad_pre.data_ptr<scalar_t>(),
-        grad_pre_t.data_ptr<scalar_t>(), ld_t, db.data_ptr<scalar_t>(),
+        grad_pre_t.data_ptr<scalar_t>(), ld_t, db.data_ptr<double>(),
         rnn::present(lengths) ? lengths->data_ptr<int64_t>() : nullptr, T, B, H, small_batch_threads(B, H));
     const scalar_t* gp = grad_pre.data_ptr<scalar_t>();
     const scalar_t* gp_t = grad_pre_t.data_ptr<scalar_t>();
@@ -556,7 +558,7 @@ std::vector<at::Tensor> small_batch_lstm_backward(const at::Tensor& grad_output,
     rows_gemm_long_k(4 * H, H, B, gp_t, ld_t, h0.data_ptr<scalar_t>(), H, false, dw_hh_p, H);
     if (T > 1) rows_gemm_long_k(4 * H, H, TB - B, gp_t + B, ld_t, output.data_ptr<scalar_t>(), H, true, dw_hh_p, H);
   });
-  return {dx, dh, dc, dw_ih, dw_hh, db, rnn::none_like(x)};
+  return {dx, dh, dc, dw_ih, dw_hh, db.to(x.scalar_type()), rnn::none_like(x)};
 }
 
 std::vector<at::Tensor> small_batch_gru_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
@@ -594,7 +596,8 @@ std::vector<at::Tensor> small_batch_gru_backward(const at::Tensor& grad_output, 
   at::Tensor grad_gh = at::empty({T, B, 3 * H}, x.options());
   const int64_t ld_t = transposed_stride(TB, x.element_size());
   at::Tensor grad_t = at::empty({4 * H, ld_t}, x.options());  // rows: recurrent r, z, n, then input-side n
-  at::Tensor db_ih = at::zeros({3 * H}, x.options()), db_hh = at::zeros({3 * H}, x.options());
+  at::Tensor db_ih = at::zeros({3 * H}, x.options().dtype(at::kDouble));  // float64 sums, as the LSTM's db
+  at::Tensor db_hh = at::zeros({3 * H}, x.options().dtype(at::kDouble));
   at::Tensor dh = grad_hn.clone();
   at::Tensor dx = at::empty({T, B, I}, x.options());
   at::Tensor dw_ih = at::empty({3 * H, I}, x.options()), dw_hh = at::empty({3 * H, H}, x.options());
@@ -605,7 +608,7 @@ std::vector<at::Tensor> small_batch_gru_backward(const at::Tensor& grad_output, 
     ATTNKIT_PICK_ROWS(gru_backward_small_batch<scalar_t>)(
         gates.data_ptr<scalar_t>(), h0_p, out_p, grad_output.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
         dh.data_ptr<scalar_t>(), grad_gi.data_ptr<scalar_t>(), grad_gh.data_ptr<scalar_t>(),
-        grad_t.data_ptr<scalar_t>(), ld_t, db_ih.data_ptr<scalar_t>(), db_hh.data_ptr<scalar_t>(),
+        grad_t.data_ptr<scalar_t>(), ld_t, db_ih.data_ptr<double>(), db_hh.data_ptr<double>(),
         rnn::present(lengths) ? lengths->data_ptr<int64_t>() : nullptr, T, B, H, small_batch_threads(B, H));
     rows_gemm(TB, I, 3 * H, grad_gi.data_ptr<scalar_t>(), 3 * H, w_ih.data_ptr<scalar_t>(), I, false,
               dx.data_ptr<scalar_t>(), I);
@@ -616,7 +619,7 @@ std::vector<at::Tensor> small_batch_gru_backward(const at::Tensor& grad_output, 
     rows_gemm_long_k(3 * H, H, B, gt, ld_t, h0_p, H, false, dw_hh_p, H);
     if (T > 1) rows_gemm_long_k(3 * H, H, TB - B, gt + B, ld_t, out_p, H, true, dw_hh_p, H);
   });
-  return {dx, dh, dw_ih, dw_hh, db_ih, db_hh};
+  return {dx, dh, dw_ih, dw_hh, db_ih.to(x.scalar_type()), db_hh.to(x.scalar_type())};
 }
 
 void check_cpu(const at::Tensor& x) {

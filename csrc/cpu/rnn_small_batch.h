@@ -377,11 +377,11 @@ void lstm_forward_small_batch(S* pre, const S* w_hh, const S* b_ih, const S* b_h
 // c0 (B, H); dh / dc (B, H): dL/dh_T, dL/dc_T in, dL/dh_0, dL/dc_0 out;
 // grad_pre (T, B, 4H) and its transpose grad_pre_t (4H, T B; row stride ld_t),
 // for the weight gradients, get d(pre-activations); db (4H, zeros in) their
-// sum over time and batch; w_hh (4H, H). dh_{t-1} = grad_pre[t] W_hh.
+// sum over time and batch, in float64; w_hh (4H, H). dh_{t-1} = grad_pre[t] W_hh.
 template <typename S>
 void lstm_backward_small_batch(const S* gates, const S* cs, const S* c0, const S* grad_output, const S* w_hh, S* dh,
-                               S* dc, S* grad_pre, S* grad_pre_t, int64_t ld_t, S* db, const int64_t* len, int64_t T,
-                               int64_t B, int64_t H, int threads) {
+                               S* dc, S* grad_pre, S* grad_pre_t, int64_t ld_t, double* db, const int64_t* len,
+                               int64_t T, int64_t B, int64_t H, int threads) {
   const auto step = [=](int64_t t, const Slice& s) {
     const int64_t u0 = s.u0, u1 = s.u1;
     for (int64_t b = 0; b < B; ++b) {

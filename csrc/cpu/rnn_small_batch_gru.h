@@ -30,10 +30,10 @@ void gru_forward_small_batch(const S* gi, const S* w_hh, const S* b_hh, S* h_buf
 // + grad_gh[t] W_hh. grad_t (4H, T B; row stride ld_t) gets them transposed
 // for the weight gradients: rows 0..3H the recurrent side (r, z, n), rows
 // 3H..4H the input side of n (r and z are the same on both sides). db_ih,
-// db_hh (3H, zeros in): their sums over time and batch.
+// db_hh (3H, zeros in): their sums over time and batch, in float64.
 template <typename S>
 void gru_backward_small_batch(const S* gates, const S* h0, const S* output, const S* grad_output, const S* w_hh, S* dh,
-                              S* grad_gi, S* grad_gh, S* grad_t, int64_t ld_t, S* db_ih, S* db_hh,
+                              S* grad_gi, S* grad_gh, S* grad_t, int64_t ld_t, double* db_ih, double* db_hh,
                               const int64_t* len, int64_t T, int64_t B, int64_t H, int threads) {
   const auto step = [=](int64_t t, const Slice& s) {
     const int64_t u0 = s.u0, u1 = s.u1;
