@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import attnkit
+from attnkit import _dispatch
 from attnkit.bench import cli, core, family_worker, gpu_check, report
 
 TINY = [(2, 8, 8), (4, 8, 8)]  # lstm_cell (batch, input, hidden): the cheapest family
@@ -636,6 +637,8 @@ def test_attention_benchmark_compares_the_warp_specialized_forward(monkeypatch):
     launch = pytest.importorskip("attnkit.triton_kernels.flash_attention_launch")
     if launch.TensorDescriptor is None or not launch._WS_SUPPORTED:
         pytest.skip("this Triton has no host tensor descriptors or no warp_specialize")
+    if not _dispatch.interpreter_active():  # the CPU tensors below run Triton's kernels only there
+        pytest.skip("triton on cpu: TRITON_INTERPRET is not 1 (make test sets it)")
     from attnkit.triton_kernels import flash_attention_ws
 
     attention = core.load_family("attention")
