@@ -567,15 +567,15 @@ std::vector<at::Tensor> small_batch_gru_forward(const at::Tensor& x, const at::T
                                                 const c10::optional<at::Tensor>& lengths, bool save) {
   rnn::check_forward(x, h0, nullptr, w_ih, w_hh, b_ih, b_hh, c10::nullopt, lengths, 3);
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
-  // The input projection of every step (one GEMM); b_hh stays apart: its n part sits inside the reset product.
-  const at::Tensor gi = small_batch_projection(x.view({T * B, I}), w_ih, b_ih);
+  // The input projection of every step (one GEMM); the biases go in the time loop.
+  const at::Tensor gi = small_batch_projection(x.view({T * B, I}), w_ih, c10::nullopt);
   at::Tensor output = at::empty({T, B, H}, x.options());
   at::Tensor h_bufs = state_pair(h0);
   at::Tensor gates = save ? at::empty({T, B, 4 * H}, x.options()) : rnn::none_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attnkit_gru_forward_small_batch", [&] {
     ATTNKIT_PICK_ROWS(gru_forward_small_batch<scalar_t>)(
-        gi.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), rnn::present(b_hh) ? b_hh->data_ptr<scalar_t>() : nullptr,
-        h_bufs.data_ptr<scalar_t>(),
+        gi.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), ptr<scalar_t>(b_ih.value_or(at::Tensor())),
+        ptr<scalar_t>(b_hh.value_or(at::Tensor())), h_bufs.data_ptr<scalar_t>(),
         output.data_ptr<scalar_t>(), save ? gates.data_ptr<scalar_t>() : nullptr,
         rnn::present(lengths) ? lengths->data_ptr<int64_t>() : nullptr, T, B, H, small_batch_threads(B, H));
   });

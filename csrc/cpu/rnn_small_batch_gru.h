@@ -5,20 +5,22 @@
 // backward_time_loop. Included three times by csrc/cpu/rnn.cpp (no include
 // guard on purpose), after rnn_rows.h and rnn_small_batch.h.
 
-// Forward. gi (T, B, 3H): input projections, b_ih in; w_hh (3H, H); b_hh
-// (3H) or null, added to the recurrent products as the per-step path's
-// linear(h, w_hh, b_hh) does; h_bufs, out, len as in forward_time_loop;
+// Forward. gi (T, B, 3H): input projections, without b_ih; w_hh (3H, H);
+// b_ih, b_hh (3H) or null: b_hh starts the recurrent products (the per-step
+// path's linear(h, w_hh, b_hh)), b_ih is added to gi in the gate math (its n
+// part sits outside the reset product), so the projection needs no bias rows
+// (as the LSTM's); h_bufs, out, len as in forward_time_loop;
 // gates (T, B, 4H: r, z, n, hn) or null. A stopped row leaves its gates
 // unwritten (the backward does not read them), as the per-step path does.
 template <typename S>
-void gru_forward_small_batch(const S* gi, const S* w_hh, const S* b_hh, S* h_bufs, S* out, S* gates,
+void gru_forward_small_batch(const S* gi, const S* w_hh, const S* b_ih, const S* b_hh, S* h_bufs, S* out, S* gates,
                              const int64_t* len, int64_t T, int64_t B, int64_t H, int threads) {
   forward_time_loop<3>(
-      w_hh, static_cast<const S*>(nullptr), static_cast<const S*>(nullptr), h_bufs, out, len, T, B, H, threads,
+      w_hh, b_hh, static_cast<const S*>(nullptr), h_bufs, out, len, T, B, H, threads,
       [=](int64_t r, int64_t, int64_t j0, int64_t w, const S* gh, const S* h_prev, S* h) {
-        gru_forward_row<S, kGemvLanes == 16>(gi + r * 3 * H + j0, gh, kGemvLanes, b_hh != nullptr ? b_hh + j0 : nullptr,
-                                             h_prev, h, out + r * H + j0,
-                                             gates != nullptr ? gates + r * 4 * H + j0 : nullptr, H, w);
+        gru_forward_units<S, kGemvLanes == 16>(gi + r * 3 * H + j0, H, b_ih != nullptr ? b_ih + j0 : nullptr, gh,
+                                               kGemvLanes, static_cast<const S*>(nullptr), h_prev, h, out + r * H + j0,
+                                               gates != nullptr ? gates + r * 4 * H + j0 : nullptr, H, w);
       },
       [](int64_t, int64_t, int64_t, int64_t) {});
 }

@@ -503,19 +503,29 @@ def test_small_batch_bias_gradients_over_long_sequences_cpp(kind):
         assert ((g.double() - g64).abs().max() / g64.abs().max()).item() < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("biases", ["b_ih", "b_hh", "both", "none"])
 @pytest.mark.parametrize("B", [1, 3])
-def test_small_batch_lstm_biases_cpp(biases, B):
-    """The small-batch LSTM forward starts each step's recurrent product with b_ih + b_hh
-    (its input projection takes none): each bias alone, both and neither, H = 37 (a vector
-    tail in each thread's slice), values and every gradient vs the reference."""
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = make_lstm(6, B, 5, 37, 37, torch.float32, "cpu", seed=B)
+def test_small_batch_biases_cpp(kind, biases, B):
+    """The small-batch forwards' input projections take no bias: the LSTM starts each step's
+    recurrent product with b_ih + b_hh, the GRU with b_hh and adds b_ih in its gate math.
+    Each bias alone, both and neither, H = 37 (a vector tail in each thread's slice), values
+    and every gradient vs the reference."""
+    if kind == "lstm":
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, _ = make_lstm(6, B, 5, 37, 37, torch.float32, "cpu", seed=B)
+    else:
+        x, h0, w_ih, w_hh, b_ih, b_hh = make_gru(6, B, 5, 37, torch.float32, "cpu", seed=B)
     b_ih, b_hh = (b_ih if biases in ("b_ih", "both") else None), (b_hh if biases in ("b_hh", "both") else None)
-    args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     for threads in (1, 2):
         with num_threads(threads), attnkit.use_backend("cpp"):
-            out, (h, c) = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
-        check_against((out, h, c), reference.lstm(*args, None, None)[:3], args, torch.float32)
+            if kind == "lstm":
+                args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+                out, (h, c) = lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+                outs, ref = (out, h, c), reference.lstm(*args, None, None)[:3]
+            else:
+                args = (x, h0, w_ih, w_hh, b_ih, b_hh)
+                outs, ref = gru(*args), reference.gru(*args, None)[:2]
+        check_against(outs, ref, args, torch.float32)
 
 
 @pytest.mark.parametrize(
