@@ -469,16 +469,16 @@ int64_t transposed_stride(int64_t TB, int64_t element_size) {
   return ld_t;
 }
 
-// The small-batch forwards' input projections, x (T B, I) W_ih^T + bias: brgemm tiles where they
-// apply and the weight is at most 4 MB (the batch-1 LSTM forward at (T, H) = (256, 128): 80-82 -> 73-74 us
-// of 340; level at H = 1024, slower at H = 2048, where the tiles' per-call transpose of W_ih
-// outweighs oneDNN's), else Kernels::linear.
-at::Tensor small_batch_projection(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+// The small-batch forwards' input projections, x (T B, I) W_ih^T (the time loops add the biases):
+// brgemm tiles where they apply and the weight is at most 4 MB (the batch-1 LSTM forward at (T, H) =
+// (256, 128): 80-82 -> 73-74 us of 340; level at H = 1024, slower at H = 2048, where the tiles'
+// per-call transpose of W_ih outweighs oneDNN's), else Kernels::linear.
+at::Tensor small_batch_projection(const at::Tensor& x, const at::Tensor& w) {
   if (w.numel() <= (int64_t{1} << 20)) {
-    at::Tensor out = linear_tiles(x, w, bias);
+    at::Tensor out = linear_tiles(x, w);
     if (out.defined()) return out;
   }
-  return Kernels::linear(x, w, bias);
+  return Kernels::linear(x, w, c10::nullopt);
 }
 
 // The small-batch forwards' state pair h_bufs (2, B, H), h0 in slot 0, and the final state
@@ -505,7 +505,7 @@ std::vector<at::Tensor> small_batch_lstm_forward(const at::Tensor& x, const at::
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
   // The input projection of every step (one GEMM), turned into the activated gates in place;
   // the biases start each step's recurrent product instead.
-  at::Tensor gates = small_batch_projection(x.view({T * B, I}), w_ih, c10::nullopt).view({T, B, 4 * H});
+  at::Tensor gates = small_batch_projection(x.view({T * B, I}), w_ih).view({T, B, 4 * H});
   at::Tensor output = at::empty({T, B, H}, x.options());
   at::Tensor h_bufs = state_pair(h0);
   at::Tensor c = at::empty_like(c0);
@@ -568,7 +568,7 @@ std::vector<at::Tensor> small_batch_gru_forward(const at::Tensor& x, const at::T
   rnn::check_forward(x, h0, nullptr, w_ih, w_hh, b_ih, b_hh, c10::nullopt, lengths, 3);
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = w_hh.size(1);
   // The input projection of every step (one GEMM); the biases go in the time loop.
-  const at::Tensor gi = small_batch_projection(x.view({T * B, I}), w_ih, c10::nullopt);
+  const at::Tensor gi = small_batch_projection(x.view({T * B, I}), w_ih);
   at::Tensor output = at::empty({T, B, H}, x.options());
   at::Tensor h_bufs = state_pair(h0);
   at::Tensor gates = save ? at::empty({T, B, 4 * H}, x.options()) : rnn::none_like(x);

@@ -499,12 +499,10 @@ at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b) {
   return onednn_linear(a_t, b.contiguous().t(), c10::nullopt);
 }
 
-at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const bool has_bias = bias.has_value() && bias->defined();
   if (!kHaveBrgemm || x.scalar_type() != at::kFloat || w.scalar_type() != at::kFloat || !x.is_contiguous() ||
-      !w.is_contiguous() || (has_bias && (bias->scalar_type() != at::kFloat || !bias->is_contiguous())) ||
-      M < kLinearTileRows || K == 0 || N == 0 || gemms_on_aten()) {
+      !w.is_contiguous() || M < kLinearTileRows || K == 0 || N == 0 || gemms_on_aten()) {
     return at::Tensor();
   }
   at::Tensor out = at::empty({M, N}, x.options());
@@ -519,7 +517,6 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w, const c10::opt
   const int64_t panels = (N + kN - 1) / kN, tiles = (M + kM - 1) / kM;
   const int64_t blocks = (tiles + kBlockTiles - 1) / kBlockTiles;
   const float *x_p = x.data_ptr<float>(), *w_p = w.data_ptr<float>();
-  const float* b_p = has_bias ? bias->data_ptr<float>() : nullptr;
   float* out_p = out.data_ptr<float>();
   at::parallel_for(0, blocks * panels, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> panel(K * std::min(kN, N)), a_pad, c_pad;
@@ -527,10 +524,9 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w, const c10::opt
       const int64_t block = task / panels, p = task % panels;
       const int64_t n0 = p * kN, n = std::min(kN, N - n0);
       transpose_tile(n, K, w_p + n0 * K, K, panel.data(), n);
-      // c (kM rows, ldc apart) = bias + a (kM rows of K) W^T's panel.
+      // c (kM rows, ldc apart) = a (kM rows of K) W^T's panel.
       const auto tile = [&](const float* a, float* c, int64_t ldc) {
-        for (int64_t r = 0; r < kM && b_p != nullptr; ++r) std::copy(b_p + n0, b_p + n0 + n, c + r * ldc);
-        at::native::cpublas::brgemm(kM, n, K, K, n, ldc, b_p != nullptr, a, panel.data(), c, false);
+        at::native::cpublas::brgemm(kM, n, K, K, n, ldc, false, a, panel.data(), c, false);
       };
       for (int64_t m0 = block * kBlockTiles * kM; m0 < std::min(M, (block + 1) * kBlockTiles * kM); m0 += kM) {
         const int64_t rows = std::min(kM, M - m0);

@@ -70,12 +70,12 @@ std::vector<at::Tensor> rnn_backward_bf16(int64_t gates, const at::Tensor& grad_
                                           const c10::optional<at::Tensor>& lengths, const at::Tensor& output,
                                           const at::Tensor& saved_gates, const c10::optional<at::Tensor>& cs);
 
-// x w^T + bias for float x (M, K) and w (N, K), both contiguous, bias (N) contiguous or absent: a
-// whole sequence's input projections (M = T B rows) on brgemm tiles, W^T packed per call. Undefined
-// where it does not apply (other types or layouts, fewer than kLinearTileRows rows, no brgemm,
-// gemms_on_aten()): the caller picks another route.
+// x w^T for float x (M, K) and w (N, K), both contiguous: a whole sequence's input projections
+// (M = T B rows) on brgemm tiles, W^T packed per call. Undefined where it does not apply (other
+// types or layouts, fewer than kLinearTileRows rows, no brgemm, gemms_on_aten()): the caller picks
+// another route.
 constexpr int64_t kLinearTileRows = 64;
-at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
+at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w);
 
 // a b for contiguous row-major a (M, K), b (K, N): tiles through oneDNN's
 // brgemm for float (MKL's sgemm, which at::mm calls, runs 2-3x slower on the

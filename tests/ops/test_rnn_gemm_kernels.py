@@ -79,7 +79,8 @@ def test_input_gradient_across_k_blocks_at_small_batch(kind, hidden, batch):
     (9, 3, 130, 36, False),
 ], ids=lambda v: str(v))
 def test_input_projections_match_float64(kind, batch, steps, input_size, hidden, bias):
-    """The forward's input projections x W_ih^T + b: batch 1..4 on brgemm tiles of 64 rows by
+    """The forward's input projections x W_ih^T (+ b, which the batch 1..4 loops add to the
+    recurrent products): batch 1..4 on brgemm tiles of 64 rows by
     64 columns (rnn_fused.cpp linear_tiles) from T B = 64 rows, batch 5+ in the fused loop on
     weights packed by chunk of 16 units (pack_gate_columns). Against torch.nn in float64."""
     torch.manual_seed(batch * 100 + steps)
